@@ -1,0 +1,128 @@
+"""The attention layer shared by every layer type (spec §2.1, 2.2, 2.5-2.7, §3).
+
+    u (B, T, d) -> low-rank query c^Q = q_norm(wq_a u) -> q = wq_b c^Q, per-head weightless RMSNorm, RoPE (last r)
+                -> one shared K = V entry per token: k = kv_norm(wkv u), RoPE
+                -> compressed entries from the layer's compressor (CSA / HCA, subclasses)
+                -> one softmax over window + compressed entries with the sink (core.sink_attention)
+                -> de-rotate the output's RoPE dims at the query position
+                -> grouped low-rank output projection wo_a (block-diagonal over head groups) then wo_b
+
+Layer types: "dense" attends to every earlier token (the baseline arm), "swa" to the last `window` tokens only;
+CSA and HCA (csa.py, hca.py) add compressed entries by overriding `compressed`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..layers import Linear, RMSNorm, rms_norm
+from ..rope import RotaryTable
+from .core import sink_attention, window_mask
+
+
+class Attention(nn.Module):
+    layer_type = "dense"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, layer_type: str = "dense"):
+        super().__init__()
+        self.cfg, self.layer_idx, self.layer_type = cfg, layer_idx, layer_type
+        d, H, c, r = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, c, r
+        self.scale = 1.0 / math.sqrt(c)                               # 1/sqrt(c), no YaRN mscale (spec §2.5)
+        q8 = "fp8" if cfg.quant != "none" else None
+        # queries (spec §2.1)
+        if cfg.q_lora_rank > 0:
+            self.wq_a = Linear(d, cfg.q_lora_rank, q8)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = Linear(cfg.q_lora_rank, H * c, q8)
+        else:
+            self.wq = Linear(d, H * c, q8)
+        # the shared K = V entry (spec §2.2)
+        self.wkv = Linear(d, c, q8)
+        self.kv_norm = RMSNorm(c, cfg.norm_eps) if cfg.qk_norm else None
+        # sink logit per head (spec §2.5)
+        self.attn_sink = nn.Parameter(torch.zeros(H)) if cfg.attn_sink else None
+        # output projection (spec §2.7)
+        if cfg.o_groups > 0:
+            g = cfg.o_groups
+            self.wo_a = Linear(H * c // g, g * cfg.o_lora_rank)       # stored [g*d_g, H*c/g], viewed [g, d_g, H*c/g]
+            self.wo_b = Linear(g * cfg.o_lora_rank, d, q8)
+        else:
+            self.wo = Linear(H * c, d, q8)
+        # RoPE table: compressed layers use compress_rope_theta + YaRN, dense / SWA layers rope_theta (spec §2.6)
+        compressed = layer_type in ("csa", "hca")
+        yarn = dict(factor=cfg.yarn_factor, original_seq_len=cfg.yarn_original_seq_len,
+                    beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow) if compressed else None
+        self.rope = RotaryTable(r, cfg.max_seq_len, cfg.compress_rope_theta if compressed else cfg.rope_theta, yarn)
+        self._aux: dict = {}
+
+    # --- pieces ---------------------------------------------------------------------------------------------
+    def query_latent(self, u: torch.Tensor) -> torch.Tensor | None:
+        """c^Q (B, T, d_c), shared with the indexer; None without a low-rank query."""
+        return self.q_norm(self.wq_a(u)) if self.cfg.q_lora_rank > 0 else None
+
+    def queries(self, u: torch.Tensor, cq: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        B, T, _ = u.shape
+        q = (self.wq_b(cq) if cq is not None else self.wq(u)).view(B, T, self.n_heads, self.head_dim)
+        if self.cfg.qk_norm:
+            q = rms_norm(q, self.cfg.norm_eps)                          # per-head weightless RMSNorm
+        return self.rope(q, pos)                                        # (B, T, H, c)
+
+    def window_kv(self, u: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        kv = self.wkv(u)
+        if self.kv_norm is not None:
+            kv = self.kv_norm(kv)
+        kv = self.rope(kv, pos)                                         # (B, T, c)
+        if self.cfg.quant != "none":                                    # FP8 non-RoPE dims, blocks of 64 (spec §2.2)
+            from ..quant import fake_quant_kv
+            kv = fake_quant_kv(kv, self.rope_dim)
+        return kv
+
+    def compressed(self, u, cq, q, kv, pos):
+        """Compressed entries and their visibility: (entries (B, S, c), mask (B, T, S) bool) or None."""
+        return None
+
+    def output(self, o: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        B, T = o.shape[:2]
+        if self.cfg.output_rope:
+            o = self.rope(o, pos, inverse=True)                         # de-rotate at the query position
+        if self.cfg.o_groups > 0:
+            g = self.cfg.o_groups
+            o = o.reshape(B, T, g, -1)                                  # consecutive heads per group
+            w = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)      # (g, d_g, H*c/g)
+            o = torch.einsum("btgi,gdi->btgd", o, w.to(o.dtype)).flatten(2)
+            return self.wo_b(o)
+        return self.wo(o.flatten(2))
+
+    def window_size(self) -> int | None:
+        if self.layer_type == "dense":
+            return None
+        return self.cfg.window
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = u.shape
+        pos = torch.arange(T, device=u.device)
+        cq = self.query_latent(u)
+        q = self.queries(u, cq, pos)
+        kv = self.window_kv(u, pos)
+        wmask = window_mask(T, self.window_size(), u.device)[None].expand(B, T, T)
+        if self.layer_type != "dense" and not self.cfg.window_branch and self.layer_type != "swa":
+            wmask = torch.zeros_like(wmask)
+        comp = self.compressed(u, cq, q, kv, pos)
+        if comp is not None:
+            entries, cmask = comp
+            kv_all, mask = torch.cat([kv, entries.to(kv.dtype)], 1), torch.cat([wmask, cmask], -1)
+        else:
+            kv_all, mask = kv, wmask
+        if comp is None and self.attn_sink is None and self.layer_type == "dense":
+            # plain causal MQA: the fused SDPA path gives the same numbers as the reference without the T x T matrix
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), kv[:, None].expand(-1, self.n_heads, -1, -1),
+                kv[:, None].expand(-1, self.n_heads, -1, -1), is_causal=True, scale=self.scale).transpose(1, 2)
+        else:
+            o = sink_attention(q, kv_all, mask, self.attn_sink, self.scale)
+        return self.output(o, pos)

@@ -1,0 +1,68 @@
+"""Small building blocks shared by every mechanism: RMSNorm and the linear layer that QAT hooks into."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (spec §0). `weight=False` gives RMSNorm_1."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim (RMSNorm_1)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose weight and input can be fake-quantised for QAT (spec §8.4).
+
+    `quant` is set by the model from `ModelConfig.quant` and the layer's role: None (plain), "fp8" (128x128 weight
+    blocks, 1x128 activation blocks) or "fp4" (MXFP4 weights, FP8 activations). Masters stay fp32; gradients pass
+    straight through (dsv4_lab.quant).
+    """
+
+    def __init__(self, in_features: int, out_features: int, quant: str | None = None):
+        super().__init__(in_features, out_features, bias=False)
+        self.quant = quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant:
+            from .quant import qat_linear
+            return qat_linear(x, self.weight, self.quant)
+        return F.linear(x, self.weight)
+
+
+class SwiGLU(nn.Module):
+    """W2(SiLU(W1 x) * W3 x), with the optional V4 clamp (spec §5.3): up in [-L, L], gate <= L, L=0 off."""
+
+    def __init__(self, dim: int, inter: int, limit: float = 0.0, quant: str | None = None):
+        super().__init__()
+        self.w1 = Linear(dim, inter, quant)
+        self.w3 = Linear(dim, inter, quant)
+        self.w2 = Linear(inter, dim, quant)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = self.w1(x).float(), self.w3(x).float()
+        if self.limit > 0:
+            up = up.clamp(-self.limit, self.limit)
+            gate = gate.clamp(max=self.limit)
+        h = F.silu(gate) * up
+        if weight is not None:               # routing weight applied before W2 (spec §5.3)
+            h = h * weight
+        return self.w2(h.to(x.dtype))

@@ -1,0 +1,124 @@
+"""DSV4LM: the whole model, every component a toggle of ModelConfig (spec §1.1).
+
+    ids (B, T) -> embedding (B, T, d) -> residual state X ((B, T, d) plain, (B, T, n_hc, d) hc/mhc)
+      -> L x Block: [attn site: X -> pre -> attn_norm -> Attention -> post]  [ffn site: ... -> FFN / MoE -> post]
+      -> hc_head collapse (hc/mhc) -> final RMSNorm -> head -> logits (B, T, V)
+    (+ MTP depth D on the final state, spec §9)
+
+With every toggle off (layer_types all "dense", residual="plain", ffn="dense", mtp_depth=0) this is a plain
+pre-norm decoder with MQA attention and SwiGLU: the dense baseline arm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import build_attention
+from .config import ModelConfig
+from .ffn import build_ffn
+from .layers import Linear, RMSNorm
+from .residual import build_head_collapse, build_residual, expand_streams
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor                      # (B, T, V)
+    loss: torch.Tensor | None = None          # total training loss: lm_loss + weighted auxiliary losses
+    lm_loss: torch.Tensor | None = None       # next-token cross-entropy of the main head
+    aux: dict = field(default_factory=dict)   # auxiliary losses ("*_loss", already weighted) and metrics
+    state: torch.Tensor | None = None         # final residual state before the head collapse (for MTP)
+
+
+class Block(nn.Module):
+    """Attention sub-layer then FFN sub-layer, each wrapped by its own residual site (spec §1.2)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_res = build_residual(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg, layer_idx)
+        self.ffn_res = build_residual(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = build_ffn(cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        u, ctx = self.attn_res.pre(x)
+        if cache is None:
+            y = self.attn(self.attn_norm(u), input_ids)
+        else:
+            y = self.attn(self.attn_norm(u), input_ids, cache=cache)
+        x = self.attn_res.post(y, x, ctx)
+        u, ctx = self.ffn_res.pre(x)
+        return self.ffn_res.post(self.ffn(self.ffn_norm(u), input_ids), x, ctx)
+
+
+class DSV4LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.hc_head = build_head_collapse(cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = Linear(cfg.d_model, cfg.vocab_size)            # not tied to the embedding (spec §1.1)
+        self.mtp = None
+        if cfg.mtp_depth > 0:
+            from .mtp import MTP
+            self.mtp = MTP(cfg)
+        self.apply(self._init_weights)
+        for m in self.modules():                                   # mechanism-specific inits (mHC, sinks, ...)
+            if m is not self and hasattr(m, "reset_parameters_v4"):
+                m.reset_parameters_v4()
+
+    def _init_weights(self, m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+
+    def num_params(self, exclude_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.embed.weight.numel() if exclude_embedding else 0)
+
+    def hidden_to_logits(self, state: torch.Tensor, hc_head: nn.Module | None = None,
+                         norm: nn.Module | None = None) -> torch.Tensor:
+        hc_head = self.hc_head if hc_head is None else hc_head
+        z = hc_head(state) if hc_head is not None else state      # (B, T, d)
+        return self.head((norm or self.norm)(z)).float()
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
+                **kw) -> LMOutput:
+        """input_ids (B, T) int64; targets (B, T) with -100 = ignore. Returns LMOutput."""
+        if cache is not None:
+            from .inference.cache import forward_with_cache
+            return forward_with_cache(self, input_ids, cache, **kw)
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = expand_streams(self.cfg, self.embed(input_ids))
+        for blk in self.blocks:
+            x = blk(x, input_ids)
+        logits = self.hidden_to_logits(x)
+        out = LMOutput(logits=logits, state=x)
+        if self.mtp is not None and targets is not None:
+            self.mtp(self, x, input_ids, targets)                  # records its loss in self.mtp._aux
+        out.aux = self.collect_aux()
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            out.loss = out.lm_loss + sum((v for k, v in out.aux.items() if k.endswith("_loss")),
+                                         torch.zeros((), device=logits.device))
+        return out
+
+    def collect_aux(self) -> dict:
+        """Gather and clear what sub-modules recorded in `_aux` during forward (losses end in `_loss`)."""
+        aux: dict = {}
+        for name, m in self.named_modules():
+            d = getattr(m, "_aux", None)
+            if d:
+                for k, v in d.items():
+                    key = k if k.endswith("_loss") else f"{name}.{k}"
+                    aux[key] = aux[key] + v if key in aux and k.endswith("_loss") else v
+                m._aux = {}
+        return aux

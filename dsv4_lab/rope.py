@@ -1,0 +1,62 @@
+"""Partial, interleaved rotary embeddings with optional YaRN (spec §2.6).
+
+RoPE acts on the *last* `rope_head_dim` dims of a head; dims (2k, 2k+1) of that slice form the complex number
+x_2k + i x_2k+1, rotated by exp(i * pos * theta_k), theta_k = base^(-2k/r). The same table serves queries, window
+KV, compressed KV (at the position of the first token of their block) and the indexer of a layer. The attention
+output is de-rotated with the conjugate rotation at the query position (`inverse=True`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def yarn_inv_freq(rope_dim: int, base: float, factor: float = 1.0, original_seq_len: int = 65536,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """(rope_dim/2,) fp32 inverse frequencies; YaRN when factor > 1 (spec §2.6, REF precompute_freqs_cis)."""
+    inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.int64).float() / rope_dim))
+    if factor <= 1.0:
+        return inv
+
+    def corr_dim(beta):  # dimension index whose wavelength spans original_seq_len / beta rotations
+        return rope_dim * math.log(original_seq_len / (beta * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(corr_dim(beta_fast)), 0)
+    hi = min(math.ceil(corr_dim(beta_slow)), rope_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    return inv * ((1 - ramp) + ramp / factor)
+
+
+class RotaryTable(torch.nn.Module):
+    """cos/sin of shape (max_len, rope_dim/2), fp32, built as HF/REF do: fp32(pos) * fp32(inv_freq)."""
+
+    def __init__(self, rope_dim: int, max_len: int, base: float, yarn: dict | None = None):
+        super().__init__()
+        self.rope_dim = rope_dim
+        inv = yarn_inv_freq(rope_dim, base, **(yarn or {})) if rope_dim else torch.zeros(0)
+        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (max_len, r/2)
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate the last `rope_dim` dims of x (..., T, [H,] D) at integer positions pos (T,) or (B, T)."""
+        return apply_rope(x, self.cos[pos], self.sin[pos], inverse)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x: (B, T, D) or (B, T, H, D); cos/sin: (T, r/2) or (B, T, r/2). Interleaved pairs on the last r dims."""
+    r = cos.shape[-1] * 2
+    if r == 0:
+        return x
+    if x.dim() == 4:                       # broadcast over heads
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if inverse:
+        sin = -sin
+    nope, rope = x[..., :-r], x[..., -r:]
+    xr = rope.float().unflatten(-1, (r // 2, 2))            # (..., r/2, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((nope, out.to(x.dtype)), dim=-1)
