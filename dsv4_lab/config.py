@@ -307,7 +307,7 @@ class TrainConfig:
     max_steps: int = 200                  # the horizon: fixes the LR schedule, never early stopping
     lr: float = 3e-3
     min_lr_ratio: float = 0.1             # final LR = lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = -1                # linear warm-up steps; -1 = max_steps // 10
     schedule: str = "cosine"              # cosine (warm-up + cosine) | wsd (warm-up, stable, decay)
     wsd_decay_frac: float = 0.2           # fraction of max_steps spent in the WSD decay
     optimizer: str = "adamw"              # adamw | muon (spec §7)
@@ -340,8 +340,10 @@ class TrainConfig:
                   "ckpt_interval", "task_n_pairs", "task_n_queries", "task_n_needles"]:
             if getattr(self, k) <= 0:
                 raise _err(k, getattr(self, k), "a positive integer")
+        if self.warmup_steps == -1:
+            self.warmup_steps = self.max_steps // 10
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise _err("warmup_steps", self.warmup_steps, f"an integer in [0, max_steps={self.max_steps}]")
+            raise _err("warmup_steps", self.warmup_steps, f"-1 (auto) or an integer in [0, max_steps={self.max_steps}]")
         if not self.lr > 0:
             raise _err("lr", self.lr, "a positive number")
         if not 0 <= self.min_lr_ratio <= 1:

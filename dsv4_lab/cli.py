@@ -1,0 +1,55 @@
+"""Command line: `python -m dsv4_lab <command> key=value ...` (also the `dsv4-lab` console script).
+
+    train      preset=tiny max_steps=40 run_dir=runs/x seed=1 lr=3e-3 layer_types=csa,hca ...
+    reproduce  the lab's main job at CPU defaults: train the tiny arms, write runs/, regenerate figures/
+    figures    regenerate figures/ from the saved run records only
+    config     print the resolved config of the given overrides as JSON
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from .config import ConfigError, parse_overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "train":
+            mc, tc = parse_overrides(rest)
+            from .train import train
+            last = train(mc, tc)
+            print(json.dumps(last))
+            _exit_distributed()
+            return 0
+        if cmd == "config":
+            mc, tc = parse_overrides(rest)
+            print(json.dumps({"model": mc.to_dict(), "train": tc.to_dict()}, indent=2))
+            return 0
+        if cmd == "reproduce":
+            from .reproduce import reproduce
+            return reproduce(rest)
+        if cmd == "figures":
+            from .reproduce import make_figures
+            make_figures(rest[0] if rest else "runs", "figures")
+            return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"error: unknown command {cmd!r}; commands: train, reproduce, figures, config", file=sys.stderr)
+    return 2
+
+
+def _exit_distributed():
+    """Under torchrun, leave at once after the process group is destroyed: avoids a known abort at interpreter
+    shutdown ("terminate called without an active exception", toolchain.md)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

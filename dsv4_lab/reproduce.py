@@ -1,0 +1,53 @@
+"""`make reproduce`: the lab's main job at CPU defaults (<= 20 minutes on 2 cores).
+
+It trains the tiny arms of `ablations/reproduce.json` (the dense baseline and the tiny DeepSeek-V4 lab model, on
+the stdlib byte corpus), writes their run records under runs/reproduce/, then regenerates every figure in
+figures/ from saved records. Re-running skips finished runs and resumes interrupted ones.
+
+    python -m dsv4_lab reproduce [root=runs] [sweep=ablations/reproduce.json]
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .sweep import load_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_figures(runs_root: str = "runs", out: str = "figures") -> list[Path]:
+    from .figures.loss_curves import plot_loss_curves
+    made = []
+    for group in sorted(Path(runs_root).glob("*")):
+        dirs = sorted(d for d in group.glob("*") if (d / "metrics.jsonl").exists())
+        if dirs:
+            made.append(plot_loss_curves(dirs, Path(out) / f"loss_{group.name}.png", title=f"{group.name}"))
+    try:
+        from .figures.efficiency import plot_efficiency
+    except ImportError:
+        plot_efficiency = None
+    if plot_efficiency is not None:
+        res = plot_efficiency(out_dir=out)
+        made += [Path(p) for p in (res if isinstance(res, (list, tuple)) else [])]
+    return made
+
+
+def reproduce(args: list[str]) -> int:
+    kv = dict(a.split("=", 1) for a in args)
+    root = kv.get("root", "runs")
+    sweep_path = Path(kv.get("sweep", ROOT / "ablations" / "reproduce.json"))
+    t0 = time.time()
+    sweep = load_sweep(sweep_path)
+    print(f"[reproduce] sweep {sweep['name']}: {len(sweep['arms'])} arms x {len(sweep.get('seeds', [0]))} seeds",
+          flush=True)
+    results = run_sweep(sweep, root)
+    for r in results:
+        last = r["last"]
+        print(f"[reproduce] {r['arm']:>12} seed {r['seed']}: val_loss {last.get('val_loss', float('nan')):.4f} "
+              f"({r['run_dir']})", flush=True)
+    figs = make_figures(root, str(ROOT / "figures") if kv.get("figures") is None else kv["figures"])
+    for f in figs:
+        print(f"[reproduce] figure {f}")
+    print(f"[reproduce] done in {time.time() - t0:.0f} s")
+    return 0

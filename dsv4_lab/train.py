@@ -1,0 +1,277 @@
+"""The training loop: one process or `torchrun --nproc_per_node=N` (DDP; gloo on CPU, NCCL on GPU).
+
+    python -m dsv4_lab train preset=tiny max_steps=40 run_dir=runs/x seed=1 lr=3e-3
+
+Writes `run_dir/config.json`, `env.json`, `metrics.jsonl` (one object per logged step: step, train_loss, lr,
+tokens, flops, and val_loss on eval steps) and `ckpt.pt`. A killed run restarted with the same run_dir resumes
+from its last checkpoint and sees the same batches it would have seen (batches are a pure function of
+(seed, step, rank)); a finished run is skipped. The LR schedule's horizon is `max_steps`, never early stopping.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig, TrainConfig
+from .data import Batches
+from .model import DSV4LM
+from .runlog import MetricsLog, environment, load_json, save_json, save_torch
+
+
+# --------------------------------------------------------------------------------------------------------------
+# learning-rate schedule (horizon fixed by the config)
+# --------------------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Warm-up, then cosine to lr*min_lr_ratio, or WSD (warm-up, stable, linear decay over the last fraction)."""
+    lo = tc.lr * tc.min_lr_ratio
+    if tc.warmup_steps and step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.schedule == "cosine":
+        span = max(tc.max_steps - tc.warmup_steps, 1)
+        frac = min((step - tc.warmup_steps) / span, 1.0)
+        return lo + 0.5 * (tc.lr - lo) * (1 + math.cos(math.pi * frac))
+    decay_start = int(tc.max_steps * (1 - tc.wsd_decay_frac))
+    if step < decay_start:
+        return tc.lr
+    frac = (step - decay_start) / max(tc.max_steps - decay_start, 1)
+    return tc.lr - (tc.lr - lo) * min(frac, 1.0)
+
+
+def lr_decay_started(step: int, tc: TrainConfig) -> bool:
+    """True once the LR starts to decay (MTP weight 0.3 -> 0.1 then, spec §4)."""
+    if step < tc.warmup_steps:
+        return False
+    return tc.schedule == "cosine" or step >= int(tc.max_steps * (1 - tc.wsd_decay_frac))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------------------------
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig):
+    """AdamW or Muon + AdamW split (dsv4_lab.optim, spec §7); plain AdamW if that module is absent."""
+    try:
+        from .optim import build_optimizer as build
+    except ImportError:
+        build = None
+    if build is not None:
+        return build(model, tc)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": other, "weight_decay": 0.0}],
+                             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, model: torch.nn.Module) -> tuple[float, str]:
+    """Training FLOPs per token (forward + backward = 3x forward) and how they were counted."""
+    try:
+        from .accounting import prefill_flops
+        return 3.0 * prefill_flops(cfg, seq_len) / seq_len, "3 x accounting.prefill_flops / seq_len"
+    except Exception:
+        n = sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith("embed"))
+        attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len   # 2*2*H*c*T/2 fwd, x3
+        return 6.0 * n + attn, "6N + causal attention (dense estimate)"
+
+
+def resolve_device(tc: TrainConfig, local_rank: int = 0) -> torch.device:
+    if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def call_step_hooks(model: torch.nn.Module, step: int, loss: float) -> None:
+    for m in model.modules():
+        fn = getattr(m, "on_train_step", None)
+        if fn is not None and m is not model:
+            fn(step, loss)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches, n: int, device, amp) -> dict:
+    was = model.training
+    model.eval()
+    losses, accs = [], []
+    for i in range(n):
+        x, y = (t.to(device) for t in batches.val_batch(i))
+        with amp():
+            out = model(x, y)
+        losses.append(out.lm_loss.item())
+        if batches.is_task:
+            from .data.synthetic import answer_accuracy
+            accs.append(answer_accuracy(out.logits, y))
+    model.train(was)
+    res = {"val_loss": sum(losses) / len(losses)}
+    if accs:
+        for k in accs[0]:
+            res[f"val_{k}"] = sum(a[k] for a in accs) / len(accs)
+    return res
+
+
+def _config_record(mc: ModelConfig, tc: TrainConfig) -> dict:
+    return {"model": mc.to_dict(), "train": tc.to_dict()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------------------
+
+def train(mc: ModelConfig, tc: TrainConfig) -> dict:
+    """Train (or resume, or skip if finished) and return the last metrics record."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world, local_rank = 0, 1, 0
+    if distributed:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = tc.device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if tc.batch_size % world:
+        raise ValueError(f"batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
+    device = resolve_device(tc, local_rank)
+    run_dir = Path(tc.run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    ckpt_path = run_dir / "ckpt.pt"
+    record = _config_record(mc, tc)
+
+    # a finished or interrupted run with the same config: skip or resume; a different config: refuse
+    if (run_dir / "config.json").exists():
+        old = load_json(run_dir / "config.json")
+        if old != json_roundtrip(record):
+            raise ValueError(f"{run_dir} holds a run with a different config; use another run_dir "
+                             f"(differences: {_diff(old, json_roundtrip(record))})")
+
+    torch.manual_seed(tc.seed)
+    model = DSV4LM(mc).to(device)
+    opt = build_optimizer(model, tc)
+    start_step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_step = ck["step"] + 1
+        torch.set_rng_state(ck["rng_cpu"])
+        if start_step >= tc.max_steps:
+            last = metrics.read()
+            if distributed:
+                dist.destroy_process_group()
+            return last[-1] if last else {}
+    if rank == 0:
+        save_json(record, run_dir / "config.json")
+        env = environment(device)
+        env["world_size"] = world
+        if start_step:
+            env["resumed_from_step"] = start_step
+        save_json(env, run_dir / ("env.json" if not start_step else f"env.resume{start_step}.json"))
+        if start_step:
+            metrics.truncate_after(start_step - 1)
+        elif metrics.path.exists():
+            metrics.path.unlink()
+    ddp_model = model
+    if distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=mc.ffn == "moe" or "csa" in mc.layer_types)
+
+    per_rank = tc.batch_size // world
+    batches = Batches(tc.data, tc.seq_len, per_rank, tc.seed, rank, tc.task_n_pairs, tc.task_n_queries,
+                      tc.task_n_needles)
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    fpt, flops_method = flops_per_token(mc, tc.seq_len, model)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    fwd = torch.compile(ddp_model) if tc.compile else ddp_model
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (tc.progress and rank == 0),
+               desc=f"train {run_dir.name}", dynamic_ncols=True)
+    model.train()
+    last: dict = {}
+    t0 = time.time()
+    indexer_stage = None
+    for step in range(start_step, tc.max_steps):
+        if mc.indexer_warmup_steps and "csa" in mc.layer_types:
+            want = "warmup" if step < mc.indexer_warmup_steps else "sparse"
+            if want != indexer_stage:
+                from .attention.indexer_training import set_indexer_stage
+                set_indexer_stage(model, want)
+                indexer_stage = want
+        if model.mtp is not None and hasattr(model.mtp, "set_loss_weight"):
+            model.mtp.set_loss_weight(mc.mtp_loss_weight_decay if lr_decay_started(step, tc) else mc.mtp_loss_weight)
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        x, y = (t.to(device) for t in batches.train_batch(step))
+        with amp():
+            out = fwd(x, y)
+        out.loss.backward()
+        gnorm = None
+        if tc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.detach()
+        if distributed:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss_f = loss.item()
+        call_step_hooks(model, step, loss_f)
+        if not math.isfinite(loss_f):
+            raise FloatingPointError(f"training loss became {loss_f} at step {step} (run_dir={run_dir})")
+
+        is_last = step == tc.max_steps - 1
+        rec = None
+        if step % tc.log_interval == 0 or is_last or (step + 1) % tc.eval_interval == 0:
+            rec = {"step": step, "train_loss": loss_f, "lm_loss": out.lm_loss.item(), "lr": lr,
+                   "tokens": (step + 1) * tokens_per_step, "flops": (step + 1) * tokens_per_step * fpt,
+                   "time_s": time.time() - t0}
+            if gnorm is not None:
+                rec["grad_norm"] = gnorm
+            for k, v in out.aux.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    rec[k] = v.item()
+                elif isinstance(v, (int, float)):
+                    rec[k] = v
+        if (step + 1) % tc.eval_interval == 0 or is_last:
+            ev = evaluate(model, batches, tc.eval_batches, device, amp)
+            if distributed:
+                t = torch.tensor([ev[k] for k in sorted(ev)], device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.AVG)
+                ev = dict(zip(sorted(ev), t.tolist()))
+            rec.update(ev)
+        if rec is not None and rank == 0:
+            metrics.append(rec)
+            last = rec
+            bar.set_postfix(loss=f"{loss_f:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+        if ((step + 1) % tc.ckpt_interval == 0 or is_last) and rank == 0:
+            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "rng_cpu": torch.get_rng_state(), "flops_method": flops_method}, ckpt_path)
+        bar.update(1)
+    bar.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def json_roundtrip(obj):
+    import json
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    out = []
+    for sec in ("model", "train"):
+        for k in sorted(set(a.get(sec, {})) | set(b.get(sec, {}))):
+            if a.get(sec, {}).get(k) != b.get(sec, {}).get(k):
+                out.append(f"{sec}.{k}: {a.get(sec, {}).get(k)!r} -> {b.get(sec, {}).get(k)!r}")
+    return out[:10]

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+# Tests are sized for 2 CPU cores; keep intra-op threads low so parallel helpers do not thrash.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Cache the byte corpus once per session in a temporary folder unless the user set one."""
+    if "DSV4_DATA_CACHE" not in os.environ:
+        os.environ["DSV4_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    yield
