@@ -16,10 +16,13 @@ from .sweep import load_sweep, run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_figures(runs_root: str = "runs", out: str = "figures") -> list[Path]:
+def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str] | None = None) -> list[Path]:
+    """Loss curves of every sweep group under runs_root (or only `groups`), then the efficiency figures."""
     from .figures.loss_curves import plot_loss_curves
     made = []
     for group in sorted(Path(runs_root).glob("*")):
+        if groups is not None and group.name not in groups:
+            continue
         dirs = sorted(d for d in group.glob("*") if (d / "metrics.jsonl").exists())
         if dirs:
             made.append(plot_loss_curves(dirs, Path(out) / f"loss_{group.name}.png", title=f"{group.name}"))
@@ -46,7 +49,7 @@ def reproduce(args: list[str]) -> int:
         last = r["last"]
         print(f"[reproduce] {r['arm']:>12} seed {r['seed']}: val_loss {last.get('val_loss', float('nan')):.4f} "
               f"({r['run_dir']})", flush=True)
-    figs = make_figures(root, str(ROOT / "figures") if kv.get("figures") is None else kv["figures"])
+    figs = make_figures(root, kv.get("figures", str(ROOT / "figures")), groups=[sweep["name"]])
     for f in figs:
         print(f"[reproduce] figure {f}")
     print(f"[reproduce] done in {time.time() - t0:.0f} s")

@@ -1,10 +1,11 @@
 """Loss curves of a set of runs, read from their metrics.jsonl (train loss and validation loss vs step and vs
-training FLOPs). Writes a PNG and the CSV it was drawn from."""
+training FLOPs). Writes a PNG, the CSV it was drawn from, and `<name>.runs.json` with each run's config.json
+and env.json (git commit, versions, device), so a committed figure carries the records that made it."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..runlog import load_json, read_metrics
+from ..runlog import load_json, read_metrics, save_json
 
 
 def collect(run_dirs) -> list[dict]:
@@ -31,6 +32,10 @@ def plot_loss_curves(run_dirs, out_png, title: str = "") -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     df.to_csv(out_png.with_suffix(".csv"), index=False)
+    records = {}
+    for rd in map(Path, run_dirs):
+        records[rd.name] = {f: load_json(rd / f"{f}.json") for f in ("config", "env") if (rd / f"{f}.json").exists()}
+    save_json(records, out_png.with_suffix(".runs.json"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run, g in df.groupby("run", sort=True) if len(df) else []:
         g = g.sort_values("step")
