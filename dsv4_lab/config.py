@@ -315,6 +315,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
+    ns_schedule: str = "v4"               # Muon Newton-Schulz: v4 (8 + 2 hybrid steps) | keller5 (spec §7)
+    muon_momentum: float = 0.95           # Muon mu, Nesterov (spec §7)
+    muon_rms_scale: float = 0.18          # Muon update RMS gamma: NS(.) * sqrt(max(n, m)) * gamma (spec §7)
+    muon_adam_eps: float = 1e-20          # eps of the AdamW part when optimizer=muon (paper §2.4, spec §7)
     grad_clip: float = 1.0                # 0 = off
     eval_interval: int = 50               # steps between validations (and always at the last step)
     eval_batches: int = 4
@@ -346,12 +350,17 @@ class TrainConfig:
             raise _err("warmup_steps", self.warmup_steps, f"-1 (auto) or an integer in [0, max_steps={self.max_steps}]")
         if not self.lr > 0:
             raise _err("lr", self.lr, "a positive number")
+        if not 0 <= self.muon_momentum < 1:
+            raise _err("muon_momentum", self.muon_momentum, "a number in [0, 1)")
+        if not self.muon_rms_scale > 0 or not self.muon_adam_eps > 0:
+            k = "muon_rms_scale" if not self.muon_rms_scale > 0 else "muon_adam_eps"
+            raise _err(k, getattr(self, k), "a positive number")
         if not 0 <= self.min_lr_ratio <= 1:
             raise _err("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         if not 0 < self.wsd_decay_frac <= 1:
             raise _err("wsd_decay_frac", self.wsd_decay_frac, "a number in (0, 1]")
         choices = {"data": ("stdlib", "shakespeare", "retrieval", "mrcr"), "schedule": ("cosine", "wsd"),
-                   "optimizer": ("adamw", "muon"), "device": ("auto", "cpu", "cuda"),
+                   "optimizer": ("adamw", "muon"), "ns_schedule": ("v4", "keller5"), "device": ("auto", "cpu", "cuda"),
                    "dtype": ("auto", "fp32", "bf16")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
