@@ -1,0 +1,277 @@
+"""Muon, the hybrid Newton-Schulz schedule and the paper's parameter split (spec §7, paper §2.4)."""
+import copy
+import math
+
+import pytest
+import torch
+
+from dsv4_lab import DSV4LM, ModelConfig, TrainConfig
+from dsv4_lab.optim import Muon, MuonWithAdamW, build_optimizer, newton_schulz, param_split
+from dsv4_lab.optim.newton_schulz import SCHEDULES
+
+torch.set_num_threads(1)
+WELL_CONDITIONED = [(64, 128), (128, 64), (96, 256), (32, 512)]     # random rectangular: sigma_min / ||G||_F > 1e-2
+
+
+def svals(X):
+    return torch.linalg.svdvals(X.double())
+
+
+# --- Newton-Schulz -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", WELL_CONDITIONED)
+def test_v4_schedule_singular_values_at_one(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    s32 = svals(newton_schulz(G, "v4", dtype=torch.float32))
+    s16 = svals(newton_schulz(G, "v4", dtype=torch.bfloat16))
+    assert (s32 - 1).abs().max() < 2e-3                               # fp32: within 1 +/- 0.002
+    assert (s16 - 1).abs().max() < 1e-2                               # bf16 (the GPU path): within 1 +/- 0.01
+
+
+def test_v4_schedule_is_polar_factor():
+    G = torch.randn(48, 160, generator=torch.Generator().manual_seed(1))
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    assert (newton_schulz(G, "v4").double() - U @ Vh).abs().max() < 2e-3
+
+
+def test_keller5_leaves_a_band_that_the_last_two_steps_remove():
+    # what the two (2, -1.5, 0.5) steps are for: 5 Keller steps leave singular values spread over ~[0.68, 1.14]
+    G = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    s = svals(newton_schulz(G, "keller5"))
+    assert s.min() < 0.8 and s.max() > 1.1
+    s8 = svals(newton_schulz(G, [SCHEDULES["v4"][0]] * 8))
+    assert (s8 - 1).abs().max() > 0.1                                  # 8 Keller steps alone: still a band
+    assert (svals(newton_schulz(G, "v4")) - 1).abs().max() < 2e-3
+
+
+def test_v4_schedule_limit_tiny_singular_values():
+    # Honest limit: a singular value below ~2e-5 * ||G||_F is not lifted to 1 in 10 steps (3.4445^8 ~ 2e4 gain).
+    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
+    V, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(4)))
+    S = torch.ones(64)
+    S[-1], S[-2], S[-3] = 1e-7, 1e-4, 4e-4                      # ||G||_F ~ 8
+    s = svals(newton_schulz(U @ torch.diag(S) @ V.T, "v4"))          # sorted descending
+    assert s[-1] < 0.1                                                 # 1.2e-8 relative: stays ~0
+    assert 0.3 < s[-2] < 0.95                                          # 1.2e-5 relative: only part way
+    assert (s[:-2] - 1).abs().max() < 2e-3                             # 5e-5 relative: lifted to 1
+
+
+def test_batched_and_tall_are_independent_matrices():
+    g = torch.Generator().manual_seed(5)
+    G = torch.randn(3, 2, 40, 24, generator=g)
+    out = newton_schulz(G)
+    for i in range(3):
+        for j in range(2):
+            assert torch.allclose(out[i, j], newton_schulz(G[i, j]), atol=1e-5)
+    assert torch.allclose(newton_schulz(G[0, 0].T), out[0, 0].T, atol=1e-5)
+
+
+def test_schedule_argument():
+    G = torch.randn(16, 32, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(newton_schulz(G, SCHEDULES["v4"]), newton_schulz(G, "v4"))
+    assert torch.equal(newton_schulz(torch.zeros(8, 8)), torch.zeros(8, 8))       # eps: zero in, zero out
+    with pytest.raises(ValueError, match="ns_schedule"):
+        newton_schulz(G, "v5")
+    with pytest.raises(ValueError, match="ns_schedule"):
+        newton_schulz(G, [(1.0, 2.0)])
+
+
+# --- Muon ------------------------------------------------------------------------------------------------------------
+
+def _one_step(shape, groups=None, lr=0.02, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(*shape, generator=g) * 0.02)
+    if groups is not None:
+        p._muon_groups = groups
+    w0 = p.detach().clone()
+    p.grad = torch.randn(*shape, generator=g)
+    Muon([p], lr=lr, weight_decay=0.0, **kw).step()
+    return (w0 - p.detach()) / lr                                      # the update O
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (256, 64), (4, 32, 96)])
+def test_update_rms_is_rms_scale(shape):
+    O = _one_step(shape)
+    rms = O.pow(2).mean(dim=(-2, -1)).sqrt()                           # per matrix (per expert for 3-D)
+    assert torch.allclose(rms, torch.full_like(rms, 0.18), atol=2e-3)
+    O = _one_step(shape, rms_scale=0.3)
+    assert abs(O.pow(2).mean().sqrt().item() - 0.3) < 3e-3
+
+
+def test_stacked_experts_equal_separate_matrices():
+    O3 = _one_step((3, 24, 40), seed=1)
+    g = torch.Generator().manual_seed(1)
+    torch.randn(3, 24, 40, generator=g)
+    G = torch.randn(3, 24, 40, generator=g)
+    for e in range(3):
+        ref = newton_schulz(G[e]) * math.sqrt(40) * 0.18
+        assert torch.allclose(O3[e], ref, atol=1e-5)
+
+
+def test_grouped_rows_are_independent_matrices():
+    g_, dg, k = 4, 16, 48                                              # wo_a-like [g*d_g, H*c/g]
+    O = _one_step((g_ * dg, k), groups=g_, seed=2)
+    for blk in O.view(g_, dg, k):
+        s = svals(blk / (math.sqrt(max(dg, k)) * 0.18))
+        assert (s - 1).abs().max() < 2e-3                             # each block orthogonal on its own
+    whole = svals(O / (math.sqrt(g_ * dg + 0 * k) * 0.18))
+    assert (whole - 1).abs().max() > 0.05                              # ... which the whole matrix is not
+    O = _one_step((24, 32), groups=(4, 4, 16), seed=3)                 # mHC pre/post/res row blocks
+    for blk, n in zip(torch.split(O, [4, 4, 16]), (4, 4, 16)):
+        assert (svals(blk / (math.sqrt(32) * 0.18)) - 1).abs().max() < 2e-3
+    with pytest.raises(ValueError, match="_muon_groups"):
+        _one_step((10, 8), groups=3)
+
+
+def test_momentum_nesterov_and_decoupled_weight_decay():
+    g = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(16, 24, generator=g))
+    grads = [torch.randn(16, 24, generator=g) for _ in range(3)]
+    opt = Muon([p], lr=0.05, momentum=0.9, weight_decay=0.2)
+    W, M = p.detach().clone(), torch.zeros(16, 24)
+    for G in grads:
+        p.grad = G.clone()
+        opt.step()
+        M = 0.9 * M + G
+        O = newton_schulz(0.9 * M + G) * math.sqrt(24) * 0.18
+        W = W * (1 - 0.05 * 0.2) - 0.05 * O
+        assert torch.allclose(p.detach(), W, atol=1e-5)
+
+
+def test_matches_torch_muon_with_shared_coefficients():
+    # torch.optim.Muon: 5 steps of (3.4445, -4.775, 2.0315) in bf16, EMA momentum buf = lerp(buf, g, 1 - mu) and
+    # update lerp(g, buf, mu) = (1 - mu) * (our mu M + G): a scale NS's Frobenius normalisation removes; with
+    # adjust_lr_fn="match_rms_adamw" it scales by 0.2 sqrt(max(A, B)) = our rms_scale 0.2. Same decoupled decay.
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    g = torch.Generator().manual_seed(8)
+    W0 = torch.randn(64, 96, generator=g) * 0.02
+    grads = [torch.randn(64, 96, generator=g) for _ in range(3)]
+
+    def run(make):
+        p = torch.nn.Parameter(W0.clone())
+        opt = make(p)
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+        return p.detach() - W0
+
+    theirs = run(lambda p: torch.optim.Muon([p], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+    ours = run(lambda p: Muon([p], lr=0.01, weight_decay=0.1, ns_schedule="keller5", rms_scale=0.2,
+                              ns_dtype=torch.bfloat16))
+    plain = run(lambda p: Muon([p], lr=0.01, weight_decay=0.1, ns_schedule="keller5", rms_scale=0.2,
+                               ns_dtype=torch.bfloat16, nesterov=False))
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(ours, theirs) < 0.05                                    # bf16 rounding differences only
+    assert rel(plain, theirs) > 3 * rel(ours, theirs)                  # the comparison can tell a difference
+
+
+# --- parameter split and the optimizer object -----------------------------------------------------------------------
+
+ADAMW_SUFFIXES = ("embed.weight", "head.weight", "norm.weight", "attn_sink")          # paper §2.4 list, tiny model
+MUON_SUFFIXES = ("wq_a.weight", "wq_b.weight", "wkv.weight", "wo_a.weight", "wo_b.weight", "w1.weight", "w2.weight",
+                 "w3.weight")
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return DSV4LM(ModelConfig.from_preset("tiny", **kw))
+
+
+def test_split_matches_paper_on_plain_tiny_model():
+    model = _tiny(residual="plain")
+    split = param_split(model)
+    assert set(split) == {n for n, _ in model.named_parameters()}
+    for name, where in split.items():
+        expected = "adamw" if name.endswith(ADAMW_SUFFIXES) else "muon" if name.endswith(MUON_SUFFIXES) else None
+        assert expected is not None, f"test does not know {name}; extend the lists"
+        assert where == expected, name
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"))
+    assert isinstance(opt, MuonWithAdamW)
+    ids = [id(p) for gr in opt.param_groups for p in gr["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())   # every parameter exactly once
+    assert opt.adamw.defaults["eps"] == 1e-20 and opt.adamw.defaults["betas"] == (0.9, 0.95)
+    assert model.blocks[0].attn.wo_a.weight._muon_groups == model.cfg.o_groups
+
+
+def test_split_mhc_static_biases_and_gates_go_to_adamw():
+    try:
+        model = _tiny(residual="mhc")
+    except (ImportError, NotImplementedError, AttributeError) as e:
+        pytest.skip(f"mHC not available yet: {e}")
+    split = param_split(model)
+    hc = [n for n in split if ".hc" in n or "hc_" in n or "_res." in n]
+    if not hc:
+        pytest.skip("residual=mhc built no mHC parameters yet")
+    for name in hc:
+        leaf = name.rsplit(".", 1)[-1]
+        if "base" in leaf or "scale" in leaf:
+            assert split[name] == "adamw", name
+        elif leaf.endswith("fn"):
+            assert split[name] == "muon", name
+
+
+def test_override_attribute_and_bias_like_matrices():
+    model = _tiny()
+    model.blocks[0].attn.wkv.weight._optimizer = "adamw"
+    model.register_parameter("ape", torch.nn.Parameter(torch.zeros(4, 8)))
+    split = param_split(model)
+    assert split["blocks.0.attn.wkv.weight"] == "adamw" and split["ape"] == "adamw"
+    model.norm.weight._optimizer = "muon"
+    with pytest.raises(ValueError, match="_optimizer"):
+        param_split(model)
+
+
+def test_adamw_arm_is_the_plain_baseline():
+    model = _tiny()
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", adam_eps=1e-8))
+    assert type(opt) is torch.optim.AdamW and opt.defaults["eps"] == 1e-8
+    decay, nodecay = opt.param_groups
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in nodecay["params"])
+    assert decay["weight_decay"] == 0.1 and nodecay["weight_decay"] == 0.0
+
+
+def _train_steps(model, opt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        x = torch.randint(0, 16, (2, 33), generator=g)
+        out = model(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    tc = TrainConfig(optimizer="muon", lr=1e-2)
+    a = _tiny()
+    oa = build_optimizer(a, tc)
+    _train_steps(a, oa, 2)
+    b = _tiny()
+    b.load_state_dict(a.state_dict())
+    ob = build_optimizer(b, tc)
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))      # as from disk: no shared buffers
+    _train_steps(a, oa, 2, seed=1)
+    _train_steps(b, ob, 2, seed=1)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
+    with pytest.raises(ValueError, match="muon"):
+        ob.load_state_dict(torch.optim.AdamW(b.parameters()).state_dict())
+
+
+def test_lr_set_through_param_groups_reaches_both_parts():
+    model = _tiny()
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"))
+    for gr in opt.param_groups:
+        gr["lr"] = 0.0 * gr.get("lr_mult", 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train_steps(model, opt, 1)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_muon_trains_tiny_model():
+    model = _tiny()
+    losses = _train_steps(model, build_optimizer(model, TrainConfig(optimizer="muon", lr=3e-3)), 15)
+    assert losses[-1] < losses[0] - 1.0
