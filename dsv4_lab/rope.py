@@ -56,7 +56,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     if inverse:
         sin = -sin
     nope, rope = x[..., :-r], x[..., -r:]
-    xr = rope.float().unflatten(-1, (r // 2, 2))            # (..., r/2, 2)
+    ct = torch.promote_types(x.dtype, torch.float32)         # fp32 at least; fp64 stays fp64 (tests)
+    cos, sin = cos.to(ct), sin.to(ct)
+    xr = rope.to(ct).unflatten(-1, (r // 2, 2))              # (..., r/2, 2)
     x0, x1 = xr[..., 0], xr[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
     return torch.cat((nope, out.to(x.dtype)), dim=-1)

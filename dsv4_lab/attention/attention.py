@@ -102,16 +102,32 @@ class Attention(nn.Module):
             return None
         return self.cfg.window
 
+    def window_entries_mask(self, B: int, T: int, device) -> torch.Tensor:
+        """(B, T, T) bool: which uncompressed entries each query sees (spec §2.5); all False when a compressed
+        layer runs with window_branch=False (lab_guide §3.4)."""
+        wmask = window_mask(T, self.window_size(), device)[None].expand(B, T, T)
+        if self.layer_type in ("csa", "hca") and not self.cfg.window_branch:
+            wmask = torch.zeros_like(wmask)
+        return wmask
+
+    # hooks for layers that need the attention probabilities of their compressed entries (CSA indexer loss)
+    def wants_compressed_probs(self) -> bool:
+        return False
+
+    def on_compressed_probs(self, p: torch.Tensor, cmask: torch.Tensor) -> None:
+        """p (B, H, T, S): attention probabilities of the compressed columns; cmask (B, T, S) their mask."""
+
     # --- forward --------------------------------------------------------------------------------------------
-    def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        if cache is not None:                      # decode / chunked prefill with the KV cache (spec §6)
+            from ..inference.cache import cached_attention
+            return cached_attention(self, u, cache)
         B, T, _ = u.shape
         pos = torch.arange(T, device=u.device)
         cq = self.query_latent(u)
         q = self.queries(u, cq, pos)
         kv = self.window_kv(u, pos)
-        wmask = window_mask(T, self.window_size(), u.device)[None].expand(B, T, T)
-        if self.layer_type != "dense" and not self.cfg.window_branch and self.layer_type != "swa":
-            wmask = torch.zeros_like(wmask)
+        wmask = self.window_entries_mask(B, T, u.device)
         comp = self.compressed(u, cq, q, kv, pos)
         if comp is not None:
             entries, cmask = comp
@@ -123,6 +139,9 @@ class Attention(nn.Module):
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), kv[:, None].expand(-1, self.n_heads, -1, -1),
                 kv[:, None].expand(-1, self.n_heads, -1, -1), is_causal=True, scale=self.scale).transpose(1, 2)
+        elif comp is not None and self.wants_compressed_probs():
+            o, p = sink_attention(q, kv_all, mask, self.attn_sink, self.scale, return_probs=True)
+            self.on_compressed_probs(p[..., T:], cmask)
         else:
             o = sink_attention(q, kv_all, mask, self.attn_sink, self.scale)
         return self.output(o, pos)

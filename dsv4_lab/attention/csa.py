@@ -1,0 +1,94 @@
+"""CSA: compressed sparse attention (spec §2).
+
+The shared V4 layer (attention.py: low-rank q, shared K = V window entries, sink, output de-rotation, grouped
+output projection) plus
+
+    entries  C^Comp = compressor(u)           (B, S, c), S = floor(T/m), m = csa_ratio, overlapping (spec §2.3)
+    visible  s < floor((t+1)/m)                                                                   (spec §2.4)
+    selected S_t = indexer top-k of the visible entries (index_mode: learned | oracle | random | all)
+    attend   one softmax with the sink over window entries W_t and selected entries S_t             (spec §2.5)
+
+Indexer training (spec §10, V3.2 recipe; indexer_training.py): while training with indexer_loss_weight > 0 and
+index_mode = "learned", the layer records self._aux["indexer_loss"] = weight * KL(p || softmax(I)) over the compressed
+entries it attended (all visible ones in the "warmup" stage, the selected set in the "sparse" stage), p = the
+attention probabilities summed over heads, L1-normalised, detached. The indexer reads detached inputs, so the KL
+trains only the indexer and the (non-differentiable) selection gives the indexer no LM-loss gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .attention import Attention
+from .compressor import Compressor
+from .core import sink_attention
+from .indexer import (Indexer, oracle_scores, random_scores, selection_mask, topk_select, visible_entries)
+from .indexer_training import indexer_kl_loss
+
+
+class CSAttention(Attention):
+    layer_type = "csa"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx, "csa")
+        self.m = cfg.csa_ratio
+        self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps)
+        self.indexer = Indexer(cfg)
+        self.index_mode = cfg.index_mode
+        self.indexer_stage = "sparse"         # "warmup": attend to every visible entry (set_indexer_stage, spec §10)
+        self.probe = False                    # True: also compute learned / oracle / random picks into probe_out
+        self.probe_out: dict | None = None
+        self._pending_scores = None
+
+    def _kl_active(self) -> bool:
+        return (self.training and torch.is_grad_enabled() and self.cfg.indexer_loss_weight > 0
+                and self.index_mode == "learned")
+
+    def compressed_entries(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, S, c) main compressed entries, FP8-simulated like the window KV when quant != none (spec §2.3)."""
+        entries = self.compressor(u, self.rope)
+        if self.cfg.quant != "none":
+            from ..quant import fake_quant_kv
+            entries = fake_quant_kv(entries, self.rope_dim)
+        return entries
+
+    def compressed(self, u, cq, q, kv, pos):
+        B, T, _ = u.shape
+        entries = self.compressed_entries(u)                                  # (B, S, c)
+        S = entries.shape[1]
+        visible = visible_entries(pos, S, self.m)                             # (T, S)
+        vis_b = visible[None].expand(B, T, S)
+        mode = self.index_mode
+        dense = self.indexer_stage == "warmup" or mode == "all"
+        self._pending_scores = None
+        scores = {}
+        if (mode == "learned" and (not dense or self._kl_active())) or self.probe:
+            latent = cq if cq is not None else u                              # u without a low-rank query
+            scores["learned"] = self.indexer(u.detach(), latent.detach(), pos, self.rope)   # (B, T, S)
+        if (mode == "oracle" and not dense) or self.probe:
+            with torch.no_grad():                                             # dense pass over all visible entries
+                wmask = self.window_entries_mask(B, T, u.device)
+                _, p = sink_attention(q, torch.cat([kv, entries.to(kv.dtype)], 1), torch.cat([wmask, vis_b], -1),
+                                      self.attn_sink, self.scale, return_probs=True)
+                scores["oracle"] = oracle_scores(p[..., T:])
+        if (mode == "random" and not dense) or self.probe:
+            scores["random"] = random_scores(B, T, S, u.device)
+        if dense:
+            cmask = vis_b
+        else:
+            cmask = selection_mask(topk_select(scores[mode], visible, self.cfg.index_topk), S)
+        if self.probe:
+            self.probe_out = {k: topk_select(v.detach(), visible, self.cfg.index_topk) for k, v in scores.items()}
+            self.probe_out["visible"] = visible
+            self.probe_out["scores"] = {k: v.detach() for k, v in scores.items()}
+        if "learned" in scores and self._kl_active():
+            self._pending_scores = scores["learned"]
+        return entries, cmask
+
+    def wants_compressed_probs(self) -> bool:
+        return self._pending_scores is not None
+
+    def on_compressed_probs(self, p: torch.Tensor, cmask: torch.Tensor) -> None:
+        loss = indexer_kl_loss(self._pending_scores, p, cmask)
+        self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
+        self._pending_scores = None

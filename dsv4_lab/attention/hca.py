@@ -1,0 +1,37 @@
+"""HCA: heavily compressed attention (spec §3).
+
+The shared V4 layer (attention.py) plus m' = hca_ratio non-overlapping compressed entries, attended densely:
+
+    entries  C^Comp_i = RoPE_{i m'}(RMSNorm_w(sum_rho softmax_rho(Z_{i m'+rho} + B_rho) C_{i m'+rho}))   (B, S, c)
+    visible  s < floor((t+1)/m')           no indexer, no top-k: every visible entry is attended
+    attend   one softmax with the sink over the window entries and all visible entries (spec §2.5)
+"""
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .attention import Attention
+from .compressor import Compressor
+from .indexer import visible_entries
+
+
+class HCAttention(Attention):
+    layer_type = "hca"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx, "hca")
+        self.m = cfg.hca_ratio
+        self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.hca_ratio, overlap=False, eps=cfg.norm_eps)
+
+    def compressed_entries(self, u):
+        """(B, S, c), FP8-simulated like the window KV when quant != none."""
+        entries = self.compressor(u, self.rope)
+        if self.cfg.quant != "none":
+            from ..quant import fake_quant_kv
+            entries = fake_quant_kv(entries, self.rope_dim)
+        return entries
+
+    def compressed(self, u, cq, q, kv, pos):
+        B, T, _ = u.shape
+        entries = self.compressed_entries(u)
+        visible = visible_entries(pos, entries.shape[1], self.m)             # (T, S)
+        return entries, visible[None].expand(B, T, -1)
