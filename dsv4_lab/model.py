@@ -78,6 +78,12 @@ class DSV4LM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
 
+    def new_cache(self, batch_size: int, max_len: int, storage: str = "fp32", device=None):
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (spec §6, inference/cache.py);
+        then `model(ids_chunk, cache=cache)` prefills / decodes. storage: fp32 | bf16 | paper (FP8 + BF16 + FP4)."""
+        from .inference.cache import KVCache
+        return KVCache(self, batch_size, max_len, storage, device)
+
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - (self.embed.weight.numel() if exclude_embedding else 0)
