@@ -57,6 +57,7 @@ CONFIGS = {
     "csa-no-overlap": dict(layer_types=["csa", "hca"], compressor_overlap=False),
     "csa-all-no-window": dict(layer_types=["csa", "hca"], index_mode="all", window_branch=False),
     "flash-mix-plainq": dict(layer_types="flash:4", q_lora_rank=0, o_groups=0),
+    "qat-fp4": dict(layer_types=["csa", "hca", "swa"], quant="fp4"),
     "mhc+moe-hash": dict(layer_types="flash:4", residual="mhc", ffn="moe", n_hash_layers=2),
 }
 

@@ -70,12 +70,13 @@ def measure_cache_bytes(cfg: ModelConfig, lengths, storage: str = "fp32") -> lis
 
     from ..model import DSV4LM
     out = []
+    with torch.device("meta"):                                   # shapes only: no weights are materialised
+        model = DSV4LM(cfg.replace(max_seq_len=max(max(lengths), cfg.max_seq_len)))
     for n in lengths:
-        model = DSV4LM(cfg.replace(max_seq_len=max(n, cfg.max_seq_len)))
-        cache = model.new_cache(1, n, storage=storage)
+        cache = model.new_cache(1, n, storage=storage, device="cpu")
         out.append({"context_len": n, "measured_cache_bytes": cache.nbytes(include_state=True),
                     "analytic_cache_bytes": acc.kv_cache_bytes(model.cfg, n, storage, include_state=True)})
-        del model, cache
+        del cache
     return out
 
 

@@ -212,7 +212,7 @@ class KVCache:
             rows.append({"layer": i, "type": lc.layer_type,
                          "window_or_tokens": lc.window if lc.window is not None else lc.n_tokens,
                          "window_bytes": lc.main.nbytes(),
-                         "compressed_entries": lc.comp and lc.block_table.numel() * lc.per_block,
+                         "compressed_entries": lc.block_table.numel() * lc.per_block if lc.comp else 0,
                          "compressed_bytes": lc.comp.nbytes() if lc.comp else 0,
                          "index_bytes": lc.index.nbytes() if lc.index else 0,
                          "state_bytes": sum(s.nbytes() for s in lc.states.values())})

@@ -62,7 +62,7 @@ def cached_compressed(attn, lc, u: torch.Tensor, cq, q, pos: torch.Tensor, p0: i
     S = (p0 + T) // m                                                      # entries after this chunk
     pooled, first = feed_compressor(attn.compressor, lc.states["main"], u, p0)
     new = attn.compressor.finish(pooled, attn.rope, first)
-    if cfg.quant != "none":                                                # FP8 non-RoPE dims, as the full forward
+    if cfg.quant != "none" and new.shape[1]:                               # FP8 non-RoPE dims, as the full forward
         from ..quant import fake_quant_kv
         new = fake_quant_kv(new, attn.rope_dim)
     entries = _append_entries(lc.comp, lc, new, first, S)
@@ -74,7 +74,9 @@ def cached_compressed(attn, lc, u: torch.Tensor, cq, q, pos: torch.Tensor, p0: i
                                   "'learned' and 'all' are (oracle / random are study selectors, not decoders)")
     idx = attn.indexer
     ipooled, _ = feed_compressor(idx.compressor, lc.states["index"], u, p0)
-    ikeys_new = idx._rotate_quant(idx.compressor.finish(ipooled, attn.rope, first))
+    ikeys_new = idx.compressor.finish(ipooled, attn.rope, first)
+    if ikeys_new.shape[1]:
+        ikeys_new = idx._rotate_quant(ikeys_new)                           # Hadamard (+ MXFP4 when quant=fp4)
     ikeys = _append_entries(lc.index, lc, ikeys_new, first, S)             # (B, S, c_I)
     latent = cq if cq is not None else u
     scores = index_scores(idx.queries(latent, pos, attn.rope), ikeys, idx.head_weights(u))
