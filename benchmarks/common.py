@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing (kernels.md §9.1): environment record, medians via do_bench / CUDA-graph replay,
+ceilings measured in the same run, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def env_info() -> dict:
+    import triton
+    info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sm_count=p.multi_processor_count, mem_gb=round(p.total_memory / 2**30, 1))
+    try:
+        info["clocks"] = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                                         "--format=csv,noheader"], capture_output=True, text=True,
+                                        timeout=10).stdout.strip()
+    except Exception as e:                                            # pragma: no cover
+        info["clocks"] = f"n/a ({e})"
+    return info
+
+
+def bench(fn, warmup=25, rep=100) -> dict:
+    """Median / p10 / p90 milliseconds with triton.testing.do_bench (L2 flushed between reps)."""
+    from triton.testing import do_bench
+    q = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.1, 0.9])
+    return {"ms": q[0], "p10_ms": q[1], "p90_ms": q[2]}
+
+
+def bench_graph(fn, reps=50) -> dict:
+    """CUDA-graph replay median (decode-size kernels: launch overhead excluded), ms."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
+
+
+_CEIL: dict = {}
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (read + write) and bf16 GEMM rate measured now (METHOD.md: use measured ceilings)."""
+    if _CEIL:
+        return _CEIL
+    x = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)          # 1 GiB
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))["ms"]
+    _CEIL["copy_tb_s"] = 2 * x.numel() * 2 / (t * 1e-3) / 1e12
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = bench(lambda: a @ a)["ms"]
+    _CEIL["bf16_gemm_tflops"] = 2 * 8192**3 / (t * 1e-3) / 1e12
+    del x, y, a
+    torch.cuda.empty_cache()
+    return _CEIL
+
+
+def save(name: str, payload: dict, out_dir: str | None = None) -> str:
+    payload = {"env": env_info(), "ceilings": ceilings(), **payload}
+    dirs = [RESULTS] + ([out_dir] if out_dir else [])
+    path = None
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+    return path
+
+
+def safe(fn, *a, **k):
+    """Run one measurement; an exception becomes {'error': ...} (the JSON keeps the failure)."""
+    try:
+        return fn(*a, **k)
+    except Exception as e:                                            # noqa: BLE001
+        torch.cuda.empty_cache()
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}

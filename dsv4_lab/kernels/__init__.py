@@ -1,0 +1,37 @@
+"""Triton kernels for the hot paths, each beside its naive PyTorch twin (kernels.md; issue 7).
+
+    dsv4_lab/kernels/<op>/naive.py    the readable reference (any device, autograd by PyTorch)
+    dsv4_lab/kernels/<op>/triton.py   the Triton kernel(s) with the same functional interface
+    dsv4_lab/kernels/<op>/__init__.py the dispatcher `<op>(..., impl="auto"|"triton"|"torch")`
+
+ops: sparse_attn (CSA core), hca_attn (HCA core), indexer_topk (lightning-indexer scores + top-k, forward only),
+mhc (fused mHC pre / post), fake_quant (FP8 block / MXFP4, bit-exact with dsv4_lab.quant).
+
+`ModelConfig.kernels` = auto | triton | torch picks the path; `use_triton(cfg, tensor)` is the single rule:
+auto = Triton on CUDA tensors (when triton imports), torch elsewhere; triton = always (CUDA, or the CPU interpreter
+with TRITON_INTERPRET=1); torch = never.
+"""
+from __future__ import annotations
+
+from ._common import HAVE_TRITON, INTERPRET
+
+
+def resolve_impl(impl: str, tensor) -> str:
+    """'auto' | 'triton' | 'torch' -> 'triton' | 'torch' for this tensor."""
+    if impl == "torch":
+        return "torch"
+    if impl == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError("kernels='triton' but triton does not import; allowed: kernels='torch' or 'auto'")
+        return "triton"
+    if impl == "auto":
+        return "triton" if (HAVE_TRITON and (tensor.is_cuda or INTERPRET)) else "torch"
+    raise ValueError(f"kernels={impl!r} is not allowed: one of auto, triton, torch")
+
+
+def use_triton(cfg, tensor) -> bool:
+    """True when the model should call the Triton kernels for `tensor` under `cfg.kernels` (auto|triton|torch)."""
+    return resolve_impl(getattr(cfg, "kernels", "auto"), tensor) == "triton"
+
+
+__all__ = ["use_triton", "resolve_impl", "HAVE_TRITON", "INTERPRET"]

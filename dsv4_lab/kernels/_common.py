@@ -1,0 +1,51 @@
+"""Shared helpers of the Triton kernels (kernels.md §7).
+
+* `INTERPRET` is read once, when this module is imported. Triton decides at `@triton.jit` decoration time whether a
+  kernel runs compiled or in the CPU interpreter, so TRITON_INTERPRET=1 must be set before any kernel module is
+  imported (the CPU tests run the kernels in a subprocess for that reason: tests/test_kernels_interpret.py).
+* Interpreter traps handled by every kernel here: bf16 is cast to fp32 right after loading and `tl.dot` gets fp32
+  operands when interpreting (`dot_dtype`), one autotune config when interpreting (`configs`), every store is
+  masked, no `make_block_ptr`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:                                                                # triton is optional (non-Linux installs)
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except Exception:                                                   # pragma: no cover
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_dtype(t: torch.Tensor):
+    """Operand dtype of tl.dot: the input's 16-bit type on the GPU (tensor cores), fp32 in the interpreter."""
+    if INTERPRET or t.dtype == torch.float32 or t.dtype == torch.float64:
+        return tl.float32
+    return tl.bfloat16 if t.dtype == torch.bfloat16 else tl.float16
+
+
+def configs(gpu_configs: list, interp_config):
+    """Autotune configs: the list on the GPU, exactly one when interpreting (more fail: '0 active drivers')."""
+    return [interp_config] if INTERPRET else gpu_configs
+
+
+def check_device(*ts: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    for t in ts:
+        if t is None:
+            continue
+        if not (t.is_cuda or INTERPRET):
+            raise RuntimeError(f"Triton kernel got a tensor on {t.device}: allowed are CUDA tensors, or CPU tensors with "
+                               "TRITON_INTERPRET=1 set before the kernel modules are imported")

@@ -1,0 +1,25 @@
+"""Lightning-indexer scores + top-k (spec §2.4), forward only (selection is non-differentiable).
+
+    indexer_topk(qI, kI, w, k, ratio, q_offset=0, impl="auto", return_scores=False)
+
+qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compressed indexer keys; w (B, T, HI) head
+weights (scaling included). Returns idx (B, T, k) int32, sorted by score, lower index first among ties, -1 where
+fewer than k entries are visible (entry s visible to position t iff s < floor((t + 1) / ratio)).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import resolve_impl
+from .naive import indexer_scores, indexer_topk_naive
+
+
+@torch.no_grad()
+def indexer_topk(qI, kI, w, k: int, ratio: int, q_offset: int = 0, impl: str = "auto", return_scores: bool = False):
+    if resolve_impl(impl, qI) == "triton":
+        from .triton import indexer_topk_triton
+        return indexer_topk_triton(qI, kI, w, k, ratio, q_offset, return_scores)
+    return indexer_topk_naive(qI, kI, w, k, ratio, q_offset, return_scores=return_scores)
+
+
+__all__ = ["indexer_topk", "indexer_topk_naive", "indexer_scores"]

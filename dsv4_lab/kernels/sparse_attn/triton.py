@@ -1,0 +1,238 @@
+"""CSA core attention in Triton: forward and backward (same interface as naive.py).
+
+Design (kernels.md §2.2-2.3): query-major, one program per (query token, batch); all H heads of the token are the
+M rows of every tl.dot (padded to >= 16). One online softmax (exp2 domain) runs first over the window rows
+(contiguous) then over the selected compressed rows (pointer gather of BLOCK_K indices at a time, -1 / out-of-range
+masked); the sink initialises (m, l) = (sink, 1), so it only enlarges the denominator.
+
+Backward: one program per query recomputes p from the saved lse, writes dQ, and adds dK/dV of every entry it used
+(K = V, so d(entry) = p^T dO + scale * dS^T Q) with fp32 atomics into one-head fp32 buffers (kernels.md §2.2: the
+attention-gym fast path; non-deterministic summation order). d(sink_h) = -sum_t exp(sink_h - lse) * delta.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._common import check_device, configs, dot_dtype, next_pow2, tl, triton
+
+LOG2E = 1.4426950408889634
+
+
+def _fwd_configs():
+    return configs([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+                    for bk in (32, 64) for w in (4,) for s in (2, 3)],
+                   triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1))
+
+
+@triton.jit
+def _load_rows(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
+    ptrs = ptr_base + rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
+    return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["H", "D", "W", "K_SEL"])
+@triton.jit
+def _sparse_fwd(Q, KV, C, IDX, SINK, O, LSE,
+                T, Tk, S, q_offset, qk_scale,                      # qk_scale = scale * log2(e)
+                sqb, sqt, sqh, skb, skt, scb, scs, sib, sit, sob, sot, soh, slb, slt,
+                H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, K_SEL: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                HAS_SINK: tl.constexpr, DOT_DT: tl.constexpr):
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pos = q_offset + t
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_h < H
+    q = tl.load(Q + b * sqb + t * sqt + offs_h[:, None] * sqh + offs_d[None, :],
+                mask=hmask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    qd = (q * qk_scale).to(DOT_DT)
+    if HAS_SINK:
+        m_i = tl.load(SINK + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.minimum(m_i, 1e30)
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+    else:
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # --- window rows pos-W+1 .. pos (contiguous) ---
+    for jb in range(0, W, BLOCK_W):
+        j = pos - W + 1 + jb + tl.arange(0, BLOCK_W)
+        valid = (j >= 0) & (j <= pos) & (j < Tk) & (jb + tl.arange(0, BLOCK_W) < W)
+        e = _load_rows(KV + b * skb, j, skt, offs_d, valid, D)
+        ed = e.to(DOT_DT)
+        s = tl.dot(qd, tl.trans(ed))
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), ed)
+        m_i = m_new
+    # --- selected compressed rows (gather) ---
+    for kb in range(0, K_SEL, BLOCK_K):
+        offs_k = kb + tl.arange(0, BLOCK_K)
+        sidx = tl.load(IDX + b * sib + t * sit + offs_k, mask=offs_k < K_SEL, other=-1)
+        valid = (sidx >= 0) & (sidx < S)
+        e = _load_rows(C + b * scb, sidx, scs, offs_d, valid, D)
+        ed = e.to(DOT_DT)
+        s = tl.dot(qd, tl.trans(ed))
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), ed)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b * sob + t * sot + offs_h[:, None] * soh + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=hmask[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE + b * slb + t * slt + offs_h, lse, mask=hmask)
+
+
+@triton.jit
+def _bwd_block(qd, dod, q_dt, lse2, delta, e, valid, hmask, scale, DOT_DT: tl.constexpr):
+    """One block of entries: returns (dS @ E (for dQ), d(entries) (BLOCK_N, BLOCK_D) fp32)."""
+    ed = e.to(DOT_DT)
+    s = tl.dot(qd, tl.trans(ed))                                   # log2-domain scores
+    keep = hmask[:, None] & valid[None, :]
+    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(dod, tl.trans(ed))
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(DOT_DT), ed)
+    de = tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
+    return dq, de
+
+
+@triton.jit
+def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DKV, DC, DELTA,
+                T, Tk, S, q_offset, scale,
+                sqb, sqt, sqh, skb, skt, scb, scs, sib, sit, sob, sot, soh, slb, slt,
+                H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, K_SEL: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_DT: tl.constexpr):
+    # DQ has q's strides (fp32); DKV (B, Tk, D) and DC (B, S, D) are contiguous fp32; DELTA has LSE's strides
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pos = q_offset + t
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_h < H
+    dmask = offs_d < D
+    hd = hmask[:, None] & dmask[None, :]
+    qo = b * sqb + t * sqt + offs_h[:, None] * sqh + offs_d[None, :]
+    oo = b * sob + t * sot + offs_h[:, None] * soh + offs_d[None, :]
+    q = tl.load(Q + qo, mask=hd, other=0.0).to(tl.float32)
+    o = tl.load(O + oo, mask=hd, other=0.0).to(tl.float32)
+    do = tl.load(DO + oo, mask=hd, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + b * slb + t * slt + offs_h, mask=hmask, other=0.0)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + b * slb + t * slt + offs_h, delta, mask=hmask)
+    lse2 = lse * 1.4426950408889634
+    qd = (q * (scale * 1.4426950408889634)).to(DOT_DT)
+    dod = do.to(DOT_DT)
+    q_dt = q.to(DOT_DT)
+    dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for jb in range(0, W, BLOCK_W):
+        j = pos - W + 1 + jb + tl.arange(0, BLOCK_W)
+        valid = (j >= 0) & (j <= pos) & (j < Tk) & (jb + tl.arange(0, BLOCK_W) < W)
+        e = _load_rows(KV + b * skb, j, skt, offs_d, valid, D)
+        dqb, de = _bwd_block(qd, dod, q_dt, lse2, delta, e, valid, hmask, scale, DOT_DT)
+        dq += dqb
+        tl.atomic_add(DKV + b * Tk * D + j.to(tl.int64)[:, None] * D + offs_d[None, :], de,
+                      mask=valid[:, None] & dmask[None, :])
+    for kb in range(0, K_SEL, BLOCK_K):
+        offs_k = kb + tl.arange(0, BLOCK_K)
+        sidx = tl.load(IDX + b * sib + t * sit + offs_k, mask=offs_k < K_SEL, other=-1)
+        valid = (sidx >= 0) & (sidx < S)
+        e = _load_rows(C + b * scb, sidx, scs, offs_d, valid, D)
+        dqb, de = _bwd_block(qd, dod, q_dt, lse2, delta, e, valid, hmask, scale, DOT_DT)
+        dq += dqb
+        tl.atomic_add(DC + b * S * D + sidx.to(tl.int64)[:, None] * D + offs_d[None, :], de,
+                      mask=valid[:, None] & dmask[None, :])
+    tl.store(DQ + qo, dq * scale, mask=hd)
+
+
+def _prep(q, kv, comp, idx):
+    B, T, H, D = q.shape
+    assert kv.dim() == 3 and comp.dim() == 3 and idx.dim() == 3, "kv (B, Tk, D), comp (B, S, D), idx (B, T, K)"
+    assert kv.shape[0] == B and comp.shape[0] == B and idx.shape[:2] == (B, T), "batch / length mismatch"
+    assert kv.shape[2] == D and comp.shape[2] == D, f"entry dim must be D = {D}"
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    kv = kv.contiguous()
+    comp = comp.contiguous()
+    idx = idx.to(torch.int32).contiguous()
+    return q, kv, comp, idx
+
+
+def sparse_attn_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_offset: int = 0):
+    check_device(q, kv, comp, idx, sink)
+    q, kv, comp, idx = _prep(q, kv, comp, idx)
+    B, T, H, D = q.shape
+    Tk, S, K = kv.shape[1], comp.shape[1], idx.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
+    BH, BD = max(16, next_pow2(H)), max(16, next_pow2(D))
+    BW = min(64, max(16, next_pow2(window))) if window > 0 else 16
+    sink_t = sink.float().contiguous() if sink is not None else lse
+    if T == 0:
+        return o, lse
+    _sparse_fwd[(T, B)](q, kv, comp, idx, sink_t, o, lse, T, Tk, S, q_offset, scale * LOG2E,
+                        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
+                        comp.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1), o.stride(2),
+                        lse.stride(0), lse.stride(1),
+                        H=H, D=D, W=window, K_SEL=K, BLOCK_H=BH, BLOCK_D=BD, BLOCK_W=BW,
+                        HAS_SINK=sink is not None, DOT_DT=dot_dtype(q))
+    return o, lse
+
+
+def sparse_attn_bwd(do, q, kv, comp, idx, sink, o, lse, scale: float, window: int, q_offset: int = 0):
+    q, kv, comp, idx = _prep(q, kv, comp, idx)
+    do = do.contiguous()
+    o = o.contiguous()
+    B, T, H, D = q.shape
+    Tk, S, K = kv.shape[1], comp.shape[1], idx.shape[2]
+    dq = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32)
+    dkv = torch.zeros(B, Tk, D, device=q.device, dtype=torch.float32)
+    dc = torch.zeros(B, S, D, device=q.device, dtype=torch.float32)
+    delta = torch.empty_like(lse)
+    BH, BD = max(16, next_pow2(H)), max(16, next_pow2(D))
+    BW = min(64, max(16, next_pow2(window))) if window > 0 else 16
+    if T > 0:
+        _sparse_bwd[(T, B)](q, kv, comp, idx, o, do, lse, dq, dkv, dc, delta, T, Tk, S, q_offset, scale,
+                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
+                            comp.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1), o.stride(2),
+                            lse.stride(0), lse.stride(1),
+                            H=H, D=D, W=window, K_SEL=K, BLOCK_H=BH, BLOCK_D=BD, BLOCK_W=BW,
+                            BLOCK_K=16 if BD > 128 else 32, DOT_DT=dot_dtype(q), num_warps=4)
+    dsink = None
+    if sink is not None:
+        dsink = -(torch.exp(sink.float().view(1, 1, H) - lse) * delta).sum((0, 1))
+        dsink = dsink.to(sink.dtype)
+    return dq.to(q.dtype), dkv.to(kv.dtype), dc.to(comp.dtype), dsink
+
+
+class SparseAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, comp, idx, sink, scale, window, q_offset):
+        o, lse = sparse_attn_fwd(q, kv, comp, idx, sink, scale, window, q_offset)
+        ctx.save_for_backward(q, kv, comp, idx, sink, o, lse)
+        ctx.cfg = (scale, window, q_offset)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, kv, comp, idx, sink, o, lse = ctx.saved_tensors
+        dq, dkv, dc, dsink = sparse_attn_bwd(do, q, kv, comp, idx, sink, o, lse, *ctx.cfg)
+        return dq, dkv, dc, None, dsink, None, None, None
+
+
+def sparse_attn_triton(q, kv, comp, idx, sink, scale: float, window: int, q_offset: int = 0,
+                       return_lse: bool = False):
+    o, lse = SparseAttnFn.apply(q, kv, comp, idx, sink, scale, window, q_offset)
+    return (o, lse) if return_lse else o
