@@ -1,0 +1,292 @@
+"""DeepSeekMoE as in V4 (spec §5): shared expert + routed experts, sqrt(softplus) router with an aux-loss-free
+bias, hash routing in the first layers, SwiGLU clamping, and anticipatory routing (spec §10).
+
+    x (B, T, d) = ffn_norm(u)
+    s = score(W_g x)  (N, N_r) fp32, score = sqrt(softplus) | sigmoid                                   (spec §5.1.1-2)
+    K = TopK(s + b)            score layers (layer >= n_hash_layers), b = e_score_correction_bias       (spec §5.1.3)
+      = tid2eid[token id]      hash layers (layer < n_hash_layers), a fixed seeded table [V, K_r]      (spec §5.2)
+    w_k = route_scale * s_k / sum_{k' in K} s_k'     from the UNBIASED scores, also in hash layers      (spec §5.1.4)
+    y = sum_k E_k(x; w_k) + E_shared(x)        E = SwiGLU, w_k multiplies the intermediate before W2    (spec §5.3)
+
+Clamp (spec §5.3): routed experts clip up to [-L, L] and gate to <= L (L = swiglu_limit, 0 = off); the shared
+expert is not clamped (REF) unless shared_expert_clamp=True (HF-compat, hf_oracle 9c).
+
+Aux-loss-free balancing (spec §5.1.5): the bias changes the selection only. Expert loads (tokens routed to each
+expert) are counted in every training forward and accumulated; `on_train_step` applies
+b_e += gamma * sign(mean load - load_e) (gamma = bias_update_speed; under-loaded experts go up) and resets the count.
+Sequence-wise balance loss (spec §5.1.6, V3 form): alpha * sum_e f_e P_e per sequence, averaged over the batch,
+recorded as _aux["balance_loss"] (score layers only: hash selections cannot be balanced by a loss).
+
+Hash table (spec §5.2; the real hash is UNCONFIRMED): `balanced_tid2eid` deals a seeded random permutation of the
+experts round-robin, K_r consecutive slots per token, so every token gets K_r distinct experts and every expert
+serves floor or ceil(V K_r / N_r) token ids; then the rows are shuffled over token ids. Seed = hash_seed, layer.
+
+Anticipatory routing (spec §10; no public implementation: this is our design, UNCONFIRMED details in App. D.4)
+------------------------------------------------------------------------------------------------------------
+Paper: at step t the features use theta_t but the routing indices come from theta_{t - Delta}; V4 fetches step t's
+data at step t - Delta, runs a forward with the then-current weights and caches the indices. Used dynamically:
+a loss-spike detector switches it on for a while, then training reverts to normal routing.
+
+What we do, per score-routed MoE layer:
+  * a ring buffer holds copies of this layer's router parameters (W_g, b) of the last Delta + 1 versions; it is
+    pushed in `on_train_step` after every optimizer step (parameters version t+1 after step t), so at the forward of
+    step t its oldest entry is exactly (W_g, b)_{t - Delta} (or the oldest available early in training);
+  * indices = TopK(score(W_g^{t-Delta} x) + b^{t-Delta}); weights = current scores gathered at those indices
+    (renormalised, times route_scale), like hash routing: only the index choice is frozen, so the gate still
+    learns and gradients are unchanged in form. Delta = 0 is exactly normal routing.
+  * Why a router snapshot instead of the paper's full lagged forward: it needs no data prefetch and no second model
+    copy (the training loop stays untouched), it is exact for the router parameters, and it isolates the mechanism
+    the paper credits (routing decisions that cannot chase the current, possibly diverging, weights). It differs
+    from the paper in one way: the router's input x is computed with the current upstream weights, not
+    theta_{t - Delta}. The full variant would cost one extra forward per step (the paper reports ~20 % overhead).
+  * modes: off (no snapshots, normal routing), always (on every step), auto (snapshots always kept; a loss
+    > spike_factor x running median of the last 100 losses, after 10 steps of history, switches routing on for
+    anticipatory_period steps, then off). The paper's "short rollback" is left to the training loop (not done).
+  * overhead: wall-clock seconds spent on snapshots and lagged scoring are accumulated in `anticipatory_time_s`
+    and reported as _aux["anticipatory_overhead_s"] (per forward) and "anticipatory_active" (0/1).
+
+Statistics for notebooks: `stats` (last forward: per-expert load, and with `probe = True` the max |pre-activation|
+of the routed experts' gate/up branches and the fraction of clamped entries); metrics in _aux: "load_max_over_mean".
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import SwiGLU
+
+
+def balanced_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int) -> torch.Tensor:
+    """[V, k] int64 table: k distinct experts per token id, every expert used floor/ceil(V k / N) times."""
+    if k > n_experts:
+        raise ValueError(f"n_activated_experts = {k} is not allowed: at most n_routed_experts = {n_experts}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_experts, generator=g)
+    slots = torch.arange(vocab_size * k).view(vocab_size, k) % n_experts      # k consecutive slots are distinct
+    rows = perm[slots]
+    return rows[torch.randperm(vocab_size, generator=g)].long()
+
+
+def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"score_func = {kind!r} is not allowed: one of ('sqrtsoftplus', 'sigmoid')")
+
+
+class SpikeDetector:
+    """loss > factor x median of the last `window` losses (after `min_history` losses) = a spike."""
+
+    def __init__(self, factor: float, window: int = 100, min_history: int = 10):
+        self.factor, self.min_history = factor, min_history
+        self.losses: collections.deque = collections.deque(maxlen=window)
+
+    def __call__(self, loss: float) -> bool:
+        spike = (len(self.losses) >= self.min_history and
+                 loss > self.factor * statistics.median(self.losses))
+        self.losses.append(loss)
+        return spike
+
+
+class Router(nn.Module):
+    """The gate (spec §5.1 / §5.2). weight [N_r, d] (fp32 math); e_score_correction_bias [N_r] (score layers, not
+    trained by gradient: a Parameter with requires_grad=False so checkpoints and parameter counts carry it);
+    tid2eid [V, K_r] int64 buffer (hash layers)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_experts, self.k = cfg.n_routed_experts, cfg.n_activated_experts
+        self.is_hash = layer_idx < cfg.n_hash_layers
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
+        if self.is_hash:
+            self.register_buffer("tid2eid", balanced_tid2eid(cfg.vocab_size, cfg.n_routed_experts,
+                                                             cfg.n_activated_experts, cfg.hash_seed * 1000 + layer_idx))
+        else:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+        # anticipatory routing state (score layers)
+        self.anticipatory = cfg.anticipatory if not self.is_hash else "off"
+        self.delta = cfg.anticipatory_delta
+        self._snapshots: collections.deque = collections.deque(maxlen=self.delta + 1)
+        self.active_until = -1                   # auto mode: anticipatory routing on while step < active_until
+        self.step = 0
+        self.anticipatory_time_s = 0.0
+        self._fwd_overhead = 0.0
+        self.detector = SpikeDetector(cfg.spike_factor)
+        self.reset_parameters_v4()
+
+    @torch.no_grad()
+    def reset_parameters_v4(self):
+        nn.init.normal_(self.weight, 0.0, self.cfg.init_std)
+        if not self.is_hash:
+            self.e_score_correction_bias.zero_()
+        self._snapshots.clear()
+
+    def scores(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        ct = torch.promote_types(x.dtype, torch.float32)
+        w = self.weight if weight is None else weight
+        return score_fn(F.linear(x.to(ct), w.to(ct)), self.cfg.score_func)        # (N, N_r)
+
+    def anticipatory_active(self) -> bool:
+        if self.anticipatory == "always":
+            return True
+        return self.anticipatory == "auto" and self.step < self.active_until
+
+    @torch.no_grad()
+    def _lagged_indices(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta == 0:                                    # Delta = 0: the current parameters (exactly)
+            w, b = self.weight, self.e_score_correction_bias
+        else:
+            if not self._snapshots:
+                self.push_snapshot()
+            w, b = self._snapshots[0]
+        return torch.topk(self.scores(x, w) + b.to(torch.promote_types(x.dtype, torch.float32)), self.k,
+                          dim=-1).indices
+
+    @torch.no_grad()
+    def push_snapshot(self):
+        if self.delta > 0:
+            self._snapshots.append((self.weight.detach().clone(), self.e_score_correction_bias.detach().clone()))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
+        """x (N, d), input_ids (N,) -> weights (N, K) fp32, indices (N, K) int64, scores (N, N_r) fp32."""
+        s = self.scores(x)
+        self._fwd_overhead = 0.0
+        if self.is_hash:
+            if input_ids is None:
+                raise ValueError(f"layer {self.layer_idx} is hash-routed (n_hash_layers={self.cfg.n_hash_layers}) "
+                                 "and needs input_ids")
+            idx = self.tid2eid[input_ids.reshape(-1)].long()
+        elif self.anticipatory != "off" and self.anticipatory_active():
+            t0 = time.perf_counter()
+            idx = self._lagged_indices(x)
+            self._fwd_overhead = time.perf_counter() - t0
+            self.anticipatory_time_s += self._fwd_overhead
+        else:
+            with torch.no_grad():
+                idx = torch.topk(s + self.e_score_correction_bias.to(s.dtype), self.k, dim=-1).indices
+        w = s.gather(1, idx)
+        w = w / w.sum(-1, keepdim=True) * self.cfg.route_scale                     # bias never enters the weights
+        return w, idx, s
+
+    def after_step(self, step: int, loss: float) -> None:
+        """Called by MoE.on_train_step after the bias update: spike detection and the snapshot of version step+1."""
+        self.step = step + 1                                   # the next forward is step + 1
+        if self.anticipatory == "off" or self.is_hash:
+            return
+        t0 = time.perf_counter()
+        if self.anticipatory == "auto" and self.detector(loss):
+            self.active_until = self.step + self.cfg.anticipatory_period
+        self.push_snapshot()
+        self.anticipatory_time_s += time.perf_counter() - t0
+
+
+class MoE(nn.Module):
+    """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (spec §5). Experts are a ModuleList of SwiGLU, looped."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        q_routed = {"none": None, "fp8": "fp8", "fp4": "fp4"}[cfg.quant]         # QAT roles (spec §8.2)
+        q_shared = None if cfg.quant == "none" else "fp8"
+        self.gate = Router(cfg, layer_idx)
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.moe_inter_dim, cfg.swiglu_limit, q_routed)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_expert = None
+        if cfg.n_shared_experts > 0:
+            self.shared_expert = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_inter_dim,
+                                        cfg.swiglu_limit if cfg.shared_expert_clamp else 0.0, q_shared)
+        self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.probe = False
+        self.stats: dict = {}
+        self._aux: dict = {}
+
+    # --- the aux-loss-free bias (spec §5.1.5) ---------------------------------------------------------------
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        if self.gate.is_hash or self.cfg.bias_update_speed == 0 or self.load_accum.sum() == 0:
+            return
+        load = self.load_accum
+        self.gate.e_score_correction_bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+        self.load_accum.zero_()
+
+    def on_train_step(self, step: int, loss: float) -> None:
+        """After every optimizer step (training loop): bias update, then the router's snapshot / spike detector."""
+        self.update_bias()
+        self.gate.after_step(step, loss)
+
+    # --- sequence-wise balance loss (spec §5.1.6) -----------------------------------------------------------
+    def balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        Nr, K = self.cfg.n_routed_experts, self.cfg.n_activated_experts
+        chosen = torch.zeros(B * T, Nr, device=scores.device, dtype=scores.dtype).scatter_(1, idx, 1.0)
+        f = chosen.view(B, T, Nr).sum(1) * (Nr / (K * T))                            # (B, N_r)
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, Nr).mean(1)          # (B, N_r)
+        return self.cfg.balance_loss_weight * (f * p).sum(-1).mean()
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        w, idx, s = self.gate(flat, input_ids)                                     # (N, K), (N, K), (N, N_r)
+        y = torch.zeros_like(flat)
+        for e in torch.unique(idx).tolist():                                       # experts that got tokens
+            tok, kpos = torch.where(idx == e)
+            y.index_add_(0, tok, self.experts[e](flat[tok], w[tok, kpos, None]).to(y.dtype))
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(flat)
+        with torch.no_grad():
+            load = torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts).to(self.load_accum.dtype)
+        if self.training and not self.gate.is_hash:
+            self.load_accum += load
+            if self.cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
+                self._aux["balance_loss"] = self.balance_loss(s, idx, B, T)
+        self._aux["load_max_over_mean"] = (load.max() / load.mean()).item()
+        if self.gate.anticipatory != "off":
+            self._aux["anticipatory_active"] = float(self.gate.anticipatory_active())
+            self._aux["anticipatory_overhead_s"] = self.gate._fwd_overhead
+        self.stats = {"load": load, "indices": idx.detach()}
+        if self.probe:
+            self.stats.update(self._activation_stats(flat.detach(), idx))
+        return y.view(B, T, d)
+
+    @torch.no_grad()
+    def _activation_stats(self, flat: torch.Tensor, idx: torch.Tensor) -> dict:
+        """max |gate/up pre-activation| over routed experts (before the clamp) and the fraction clamped."""
+        L = self.cfg.swiglu_limit
+        amax, n_clamped, n_total = 0.0, 0, 0
+        for e in torch.unique(idx).tolist():
+            tok = torch.where(idx == e)[0]
+            g, u = self.experts[e].w1(flat[tok]).float(), self.experts[e].w3(flat[tok]).float()
+            amax = max(amax, g.abs().max().item(), u.abs().max().item())
+            if L > 0:
+                n_clamped += int((g > L).sum() + (u.abs() > L).sum())
+            n_total += g.numel() + u.numel()
+        out = {"max_preact": amax, "clamp_frac": n_clamped / max(n_total, 1)}
+        if self.shared_expert is not None:
+            g, u = self.shared_expert.w1(flat).float(), self.shared_expert.w3(flat).float()
+            out["shared_max_preact"] = max(g.abs().max().item(), u.abs().max().item())
+        self._aux["max_preact"] = amax
+        return out
+
+
+def set_moe_probe(model: nn.Module, on: bool = True) -> None:
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.probe = on
+
+
+def router_stats(model: nn.Module) -> list[dict]:
+    """Per MoE layer (forward order): name, hash or not, last-forward load (N_r,), bias, activation stats."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, MoE) and m.stats:
+            out.append({"name": name, "hash": m.gate.is_hash, **m.stats,
+                        "bias": None if m.gate.is_hash else m.gate.e_score_correction_bias.detach().clone()})
+    return out

@@ -1,0 +1,160 @@
+"""mHC / HC residual streams (spec §1): Sinkhorn exactly as the reference, doubly-stochastic comb, spectral norm,
+orientation of the residual mix, and the off-equivalences with the plain residual."""
+import math
+
+import pytest
+import torch
+
+from dsv4_lab import DSV4LM, ModelConfig
+from dsv4_lab.mhc import (HyperConnection, HyperHead, composite_gain, mixing_probes, set_probe, sinkhorn,
+                          sinkhorn_residual, spectral_norm)
+
+
+def loop_sinkhorn(B, iters, eps):
+    """Spelled-out reference on one n x n matrix with python loops (spec §1.2 step 4)."""
+    n = len(B)
+    P = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        z = sum(math.exp(B[i][j]) for j in range(n))
+        for j in range(n):
+            P[i][j] = math.exp(B[i][j]) / z + eps
+
+    def cols(P):
+        s = [sum(P[i][j] for i in range(n)) + eps for j in range(n)]
+        return [[P[i][j] / s[j] for j in range(n)] for i in range(n)]
+
+    def rows(P):
+        s = [sum(P[i]) + eps for i in range(n)]
+        return [[P[i][j] / s[i] for j in range(n)] for i in range(n)]
+    P = cols(P)
+    for _ in range(iters - 1):
+        P = cols(rows(P))
+    return torch.tensor(P, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sharp", [1.0, 6.0])
+def test_sinkhorn_matches_loop_reference_and_is_doubly_stochastic(sharp):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 4, 4, generator=g, dtype=torch.float64) * sharp
+    P = sinkhorn(logits, 20, 1e-6)
+    for b in range(6):
+        ref = loop_sinkhorn(logits[b].tolist(), 20, 1e-6)
+        assert torch.allclose(P[b], ref, atol=1e-12)
+    assert (P.sum(-2) - 1).abs().max() < 1e-5                  # columns, the last normalisation
+    assert (P > 0).all()
+    # the iteration count is visible: 19 or 21 iterations give a different matrix at sharp logits
+    if sharp > 1:
+        assert (sinkhorn(logits, 19, 1e-6) - P).abs().max() > 1e-6
+    # fp32 as used by the model: columns within 1e-5
+    P32 = sinkhorn(logits.float(), 20, 1e-6)
+    assert (P32.sum(-2) - 1).abs().max() < 1e-5
+
+
+def _rand_site(residual, n=4, d=16, seed=0, sharp=1.0):
+    cfg = ModelConfig.from_preset("tiny", residual=residual, hc_mult=n, d_model=d)
+    site = HyperConnection(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        site.fn.copy_(torch.randn(site.fn.shape, generator=g) / math.sqrt(n * d))
+        site.base.copy_(torch.randn(site.base.shape, generator=g) * sharp)
+        site.scale.copy_(torch.rand(3, generator=g) + 0.5)
+    return site
+
+
+def test_mhc_comb_doubly_stochastic_and_spectral_norm_at_most_one():
+    site = _rand_site("mhc", sharp=3.0)
+    X = torch.randn(2, 7, 4, 16)
+    A, C, P = site.maps(X)
+    assert (P.sum(-2) - 1).abs().max() < 1e-5                 # columns exact, rows approximately (20 iterations)
+    assert sinkhorn_residual(P).max() < 1e-2
+    assert spectral_norm(P).max() <= 1 + 1e-4
+    assert ((A > 0) & (A < 1 + 1e-5)).all() and ((C > 0) & (C < 2)).all()
+
+
+def test_hc_is_unconstrained():
+    """Same parameters, no constraint: the comb can leave the Birkhoff polytope and the gain can exceed 1."""
+    site = _rand_site("hc", sharp=1.0)
+    _, _, P = site.maps(torch.randn(2, 7, 4, 16))
+    assert sinkhorn_residual(P).max() > 0.1
+    assert spectral_norm(P).max() > 1.05
+    m = _rand_site("mhc")
+    assert [n for n, _ in site.named_parameters()] == [n for n, _ in m.named_parameters()]
+
+
+def test_post_uses_column_j_and_pre_collapses():
+    site = _rand_site("mhc", sharp=2.0)
+    X, y = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 16)
+    u, ctx = site.pre(X)
+    A, C, P = site.maps(X)
+    assert torch.allclose(u, sum(A[..., i, None] * X[:, :, i] for i in range(4)), atol=1e-6)
+    out = site.post(y, X, ctx)
+    for j in range(4):
+        ref = C[..., j, None] * y + sum(P[..., i, j, None] * X[:, :, i] for i in range(4))
+        assert torch.allclose(out[:, :, j], ref, atol=1e-6)
+    # the transpose would be a different map (P is not symmetric)
+    wrong = C[..., 0, None] * y + sum(P[..., 0, i, None] * X[:, :, i] for i in range(4))
+    assert (out[:, :, 0] - wrong).abs().max() > 1e-4
+
+
+def test_init_is_near_identity_residual():
+    cfg = ModelConfig.from_preset("tiny", residual="mhc")
+    site = HyperConnection(cfg)
+    X = torch.randn(2, 3, 1, cfg.d_model).expand(-1, -1, 4, -1)      # identical streams (spec §1.1)
+    A, C, P = site.maps(X)
+    assert torch.allclose(A, torch.full_like(A, 0.25), atol=0.02)
+    assert torch.allclose(C, torch.ones_like(C), atol=0.02)
+    assert torch.allclose(P, torch.eye(4).expand_as(P), atol=0.1)
+    assert torch.allclose(site.scale, torch.full((3,), cfg.hc_alpha_init))
+
+
+def _copy_plain_into(model, plain):
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(("_res." in k) or k.startswith("hc_head") for k in missing)
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_one_stream_without_dynamics_is_the_plain_residual(residual):
+    """n_hc = 1, alpha = 0, pre/head gates saturated: x' = x + F(norm(x)) exactly (hc) or up to eps (mhc)."""
+    torch.manual_seed(0)
+    plain = DSV4LM(ModelConfig.from_preset("tiny", layer_types=["dense", "swa"])).eval()
+    model = DSV4LM(ModelConfig.from_preset("tiny", layer_types=["dense", "swa"], residual=residual, hc_mult=1)).eval()
+    _copy_plain_into(model, plain)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HyperConnection):
+                m.scale.zero_()
+                if residual == "mhc":
+                    m.base[0] = 30.0                             # sigmoid(30) = 1 in fp32: A = 1 + eps
+            if isinstance(m, HyperHead):
+                m.hc_scale.zero_()
+                m.hc_base.fill_(30.0)
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        a, b = plain(ids).logits, model(ids).logits
+    assert (a - b).abs().max() / a.abs().max() < 1e-5
+    # the toggle is not vacuous: with a live dynamic part the models differ
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HyperConnection):
+                m.scale.fill_(1.0)
+                m.fn.normal_(0, 1.0)
+        c = model(ids).logits
+    assert (a - c).abs().max() / a.abs().max() > 1e-3
+
+
+def test_probes_through_depth_and_gradients():
+    torch.manual_seed(0)
+    model = DSV4LM(ModelConfig.from_preset("tiny", layer_types=["dense"] * 3, residual="mhc"))
+    set_probe(model, True)
+    ids = torch.randint(0, 256, (2, 12))
+    out = model(ids, ids.roll(-1, 1))
+    probes = mixing_probes(model)
+    assert [p["name"] for p in probes] == [f"blocks.{i}.{s}_res" for i in range(3) for s in ("attn", "ffn")]
+    assert all(p["spectral_norm_max"] <= 1 + 1e-4 for p in probes)
+    assert composite_gain(probes).max() <= 1 + 1e-3
+    out.loss.backward()
+    site = model.blocks[1].ffn_res
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (site.fn, site.base, site.scale))
+    set_probe(model, False)
+    model(ids)
+    assert model.blocks[0].attn_res.probe_out is None

@@ -1,0 +1,98 @@
+"""MTP (spec §9): V3 target alignment, causality of the extra depth, SWA-only block without YaRN, shared
+embedding/head, loss weight setter, off = no MTP."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv4_lab import DSV4LM, ModelConfig
+from dsv4_lab.mtp import acceptance_rate
+from dsv4_lab.rope import RotaryTable
+
+
+def build(**kw):
+    torch.manual_seed(0)
+    base = dict(layer_types=["swa", "csa"], residual="mhc", mtp_depth=1, window=8, index_topk=2, vocab_size=64)
+    return DSV4LM(ModelConfig.from_preset("tiny", **{**base, **kw}))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_loss_uses_v3_targets(depth):
+    model = build(mtp_depth=depth).eval()
+    ids = torch.randint(0, 64, (2, 17))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    out = model(ids, targets)
+    logits = model.mtp.predict(model, out.state, ids)
+    assert len(logits) == depth
+    ces = []
+    for k, lg in enumerate(logits, start=1):
+        assert lg.shape == (2, 17 - k, 64)
+        # logits^k at position i predicts token i+k+1
+        tgt = torch.full((2, 17 - k), -100)
+        for i in range(17 - k):
+            if i + k + 1 < 17:
+                tgt[:, i] = ids[:, i + k + 1]
+        ce = F.cross_entropy(lg.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        assert torch.allclose(out.aux[f"mtp.ce_{k}"], ce, atol=1e-6)
+        ces.append(ce)
+    assert torch.allclose(out.aux["mtp_loss"], model.cfg.mtp_loss_weight * sum(ces) / depth, atol=1e-6)
+    assert torch.allclose(out.loss, out.lm_loss + out.aux["mtp_loss"], atol=1e-6)
+
+
+def test_mtp_position_i_sees_tokens_up_to_i_plus_1():
+    model = build(layer_types=["swa", "dense"]).eval()
+    ids = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        base = model.mtp.predict(model, model(ids).state, ids)[0]
+        i = 6
+        for j, expect_change in [(i + 1, True), (i + 2, False), (15, False)]:
+            ids2 = ids.clone()
+            ids2[0, j] = (ids[0, j] + 1) % 64
+            lg = model.mtp.predict(model, model(ids2).state, ids2)[0]
+            changed = (lg[0, i] - base[0, i]).abs().max() > 1e-5
+            assert changed == expect_change, j
+            assert torch.allclose(lg[0, : i], base[0, : i], atol=1e-5) or j <= i
+
+
+def test_mtp_block_is_swa_without_yarn_and_shares_embedding_and_head():
+    model = build(layer_types=["csa", "hca"], ffn="moe", n_hash_layers=2, hca_ratio=8)
+    blk = model.mtp.layers[0].block
+    assert blk.attn.layer_type == "swa"
+    ref = RotaryTable(model.cfg.rope_head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
+    assert torch.equal(blk.attn.rope.cos, ref.cos)
+    assert not blk.ffn.gate.is_hash                                  # score-routed (layer index L >= n_hash)
+    names = [n for n, _ in model.mtp.named_parameters()]
+    assert not any("embed" in n or n.startswith("head") for n in names)
+    assert any(n.startswith("layers.0.hc_head.") for n in names) and "layers.0.norm.weight" in names
+    ids = torch.randint(0, 64, (2, 24))
+    out = model(ids, ids.roll(-1, 1))
+    model.zero_grad()
+    out.aux["mtp_loss"].backward()
+    assert model.embed.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn_res.fn.grad.abs().sum() > 0          # MTP trains the trunk through the state
+
+
+def test_loss_weight_setter_and_off():
+    model = build().eval()
+    ids = torch.randint(0, 64, (2, 12))
+    a = model(ids, ids.roll(-1, 1)).aux["mtp_loss"]
+    model.mtp.set_loss_weight(0.1)
+    b = model(ids, ids.roll(-1, 1)).aux["mtp_loss"]
+    assert torch.allclose(b, a * (0.1 / 0.3), rtol=1e-5)
+    with pytest.raises(ValueError, match="MTP loss weight"):
+        model.mtp.set_loss_weight(-1)
+    off = build(mtp_depth=0).eval()
+    out = off(ids, ids.roll(-1, 1))
+    assert off.mtp is None and "mtp_loss" not in out.aux and torch.equal(out.loss, out.lm_loss)
+    # the main logits do not depend on the MTP module
+    torch.manual_seed(0)
+    plain = build(mtp_depth=0).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("mtp.") for k in unexpected)
+    assert torch.equal(plain(ids).logits, model(ids).logits)
+
+
+def test_acceptance_rate_in_range():
+    model = build()
+    r = acceptance_rate(model, torch.randint(0, 64, (2, 16)))
+    assert 0.0 <= r <= 1.0 and model.training
