@@ -56,29 +56,15 @@ def lr_decay_started(step: int, tc: TrainConfig) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig):
-    """AdamW or Muon + AdamW split (dsv4_lab.optim, spec §7); plain AdamW if that module is absent."""
-    try:
-        from .optim import build_optimizer as build
-    except ImportError:
-        build = None
-    if build is not None:
-        return build(model, tc)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps)
+    """AdamW, or the paper's Muon + AdamW split (dsv4_lab.optim, spec §7)."""
+    from .optim import build_optimizer as build
+    return build(model, tc)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, model: torch.nn.Module) -> tuple[float, str]:
-    """Training FLOPs per token (forward + backward = 3x forward) and how they were counted."""
-    try:
-        from .accounting import prefill_flops
-        return 3.0 * prefill_flops(cfg, seq_len) / seq_len, "3 x accounting.prefill_flops / seq_len"
-    except Exception:
-        n = sum(p.numel() for n_, p in model.named_parameters() if not n_.startswith("embed"))
-        attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len   # 2*2*H*c*T/2 fwd, x3
-        return 6.0 * n + attn, "6N + causal attention (dense estimate)"
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, str]:
+    """Training FLOPs per token (forward + backward = 3x forward, plain FLOPs) and how they were counted."""
+    from .accounting import prefill_flops
+    return 3.0 * prefill_flops(cfg, seq_len) / seq_len, "3 x accounting.prefill_flops(plain) / seq_len, no MTP"
 
 
 def resolve_device(tc: TrainConfig, local_rank: int = 0) -> torch.device:
@@ -188,7 +174,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
                       tc.task_n_needles)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    fpt, flops_method = flops_per_token(mc, tc.seq_len, model)
+    fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
     fwd = torch.compile(ddp_model) if tc.compile else ddp_model
 
