@@ -99,7 +99,7 @@ def decode(N):
     return out
 
 
-def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192, 32768), naive_Ns=(8192,), decode_Ns=(131072, 1048576)):
+def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192,), naive_Ns=(8192,), decode_Ns=(131072, 1048576)):
     res = {"shapes": {"H": H, "D": D, "m": M, "topk": K, "window": W, "HI": HI, "DI": DI, "B": 1, "dtype": "bf16"},
            "indexer": {}, "sparse": {}, "fwd_bwd": {}, "decode": {}, "csa_prefill": {}}
     for N in Ns:
@@ -112,13 +112,16 @@ def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192, 32768), naive_Ns=
         res["csa_prefill"][f"triton_{N}"] = {"ms": a + b} if a and b else {"error": "component missing"}
         print("csa", N, res["indexer"][f"fused_{N}"], res["indexer"][f"torch_topk_{N}"], res["sparse"][f"triton_{N}"],
               flush=True)
+        save("csa", res, out_dir)
         torch.cuda.empty_cache()
-    for N in bwd_Ns:
-        res["fwd_bwd"][f"triton_{N}"] = safe(sparse_fwd_bwd, N)
-        print("csa fwd+bwd", N, res["fwd_bwd"][f"triton_{N}"], flush=True)
     for N in decode_Ns:
         res["decode"][f"{N}"] = safe(decode, N)
         print("csa decode", N, res["decode"][f"{N}"], flush=True)
+        save("csa", res, out_dir)
+    for N in bwd_Ns:
+        res["fwd_bwd"][f"triton_{N}"] = safe(sparse_fwd_bwd, N)
+        print("csa fwd+bwd", N, res["fwd_bwd"][f"triton_{N}"], flush=True)
+        save("csa", res, out_dir)
     save("csa", res, out_dir)
     return res
 

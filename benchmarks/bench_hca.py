@@ -3,6 +3,8 @@ raw)), the naive PyTorch path, and dense SDPA (bench_dense.py). H 16, d 128, win
 Work = 4 H d per visible (query, entry) pair (window + compressed)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from common import bench, bench_graph, safe, save
@@ -90,22 +92,30 @@ def decode(N):
     return r
 
 
-def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192, 32768), naive_Ns=(8192,), decode_Ns=(131072, 1048576)):
+def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192,), naive_Ns=(8192,), decode_Ns=(131072, 1048576),
+         flex_Ns=(8192, 32768, 131072)):
     res = {"shapes": {"H": H, "D": D, "window": W, "ratio": R, "B": 1, "dtype": "bf16"},
            "prefill": {}, "fwd_bwd": {}, "decode": {}}
     for N in Ns:
         res["prefill"][f"triton_{N}"] = safe(ours_fwd, N)
-        res["prefill"][f"flex_{N}"] = safe(flex_fwd, N)
         if N in naive_Ns:
             res["prefill"][f"naive_{N}"] = safe(naive_fwd, N)
         print("hca", N, {k: v.get("ms") for k, v in res["prefill"].items() if k.endswith(str(N))}, flush=True)
+        save("hca", res, out_dir)
         torch.cuda.empty_cache()
-    for N in bwd_Ns:
-        res["fwd_bwd"][f"triton_{N}"] = safe(ours_fwd_bwd, N)
-        print("hca fwd+bwd", N, res["fwd_bwd"][f"triton_{N}"], flush=True)
     for N in decode_Ns:
         res["decode"][f"triton_{N}"] = safe(decode, N)
         print("hca decode", N, res["decode"][f"triton_{N}"], flush=True)
+        save("hca", res, out_dir)
+    for N in flex_Ns:
+        t0 = time.time()
+        res["prefill"][f"flex_{N}"] = safe(flex_fwd, N)
+        print("hca flex", N, res["prefill"][f"flex_{N}"], f"{time.time() - t0:.1f} s", flush=True)
+        save("hca", res, out_dir)
+    for N in bwd_Ns:
+        res["fwd_bwd"][f"triton_{N}"] = safe(ours_fwd_bwd, N)
+        print("hca fwd+bwd", N, res["fwd_bwd"][f"triton_{N}"], flush=True)
+        save("hca", res, out_dir)
     save("hca", res, out_dir)
     return res
 

@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 ORDER = ["fake_quant", "mhc", "dense", "hca", "csa"]
+RUN_ORDER = ["hca", "csa", "mhc", "fake_quant", "dense"]
 
 
 def _load(name):
@@ -107,7 +108,7 @@ def main():
     if not a.summary_only:
         import importlib
         import traceback
-        for name in ORDER:
+        for name in RUN_ORDER:
             if a.only and name not in a.only:
                 continue
             t0 = time.time()

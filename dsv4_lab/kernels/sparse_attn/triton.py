@@ -20,7 +20,7 @@ LOG2E = 1.4426950408889634
 
 def _fwd_configs():
     return configs([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-                    for bk in (32, 64) for w in (4,) for s in (2, 3)],
+                    for bk in (32, 64) for w in (4,) for s in (2,)],
                    triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1))
 
 
