@@ -13,7 +13,8 @@ expert is not clamped (REF) unless shared_expert_clamp=True (HF-compat, hf_oracl
 
 Aux-loss-free balancing (spec §5.1.5): the bias changes the selection only. Expert loads (tokens routed to each
 expert) are counted in every training forward and accumulated; `on_train_step` applies
-b_e += gamma * sign(mean load - load_e) (gamma = bias_update_speed; under-loaded experts go up) and resets the count.
+b_e += gamma * sign(mean load - load_e) (gamma = bias_update_speed; under-loaded experts go up) and resets the count;
+under DDP the counts are all-reduced first, so every rank keeps the same bias.
 Sequence-wise balance loss (spec §5.1.6, V3 form): alpha * sum_e f_e P_e per sequence, averaged over the batch,
 recorded as _aux["balance_loss"] (score layers only: hash selections cannot be balanced by a loss).
 
@@ -211,7 +212,12 @@ class MoE(nn.Module):
     # --- the aux-loss-free bias (spec §5.1.5) ---------------------------------------------------------------
     @torch.no_grad()
     def update_bias(self) -> None:
-        if self.gate.is_hash or self.cfg.bias_update_speed == 0 or self.load_accum.sum() == 0:
+        if self.gate.is_hash or self.cfg.bias_update_speed == 0:
+            return
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():        # global loads: every rank keeps the same bias
+            dist.all_reduce(self.load_accum)
+        if self.load_accum.sum() == 0:
             return
         load = self.load_accum
         self.gate.e_score_correction_bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
