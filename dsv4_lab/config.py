@@ -2,7 +2,7 @@
 
 Every field carries its anchor in ../shared/design/v4_spec.md ("spec §x"). A toggle changes exactly one thing and
 its "off" value is the plain baseline. Presets: `tiny` (CPU / CI, seconds per step), `small` (one GPU, ~10-30M
-parameters), `flash` and `pro` (the paper's full shapes, spec §4, for accounting only; never instantiated in tests).
+parameters), `tiny-dense` (the baseline arm at tiny size), `flash` and `pro` (the paper's full shapes, spec §4, for accounting only; never instantiated in tests).
 
     cfg = ModelConfig.from_preset("tiny", layer_types=["swa", "csa", "hca", "csa"], index_topk=3)
     model_cfg, train_cfg = parse_overrides(["preset=tiny", "max_steps=40", "lr=3e-3"])
@@ -166,15 +166,18 @@ class ModelConfig:
         if name not in MODEL_PRESETS:
             raise _err("preset", name, f"one of {sorted(MODEL_PRESETS)}")
         base = dict(MODEL_PRESETS[name])
+        if "n_layers" in overrides and "layer_types" not in overrides and "layer_types" in base:
+            overrides = dict(overrides)
+            base["layer_types"] = _resize_schedule(base["layer_types"], _coerce("n_layers", overrides.pop("n_layers"), int))
         return cls.from_dict({**base, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        d.pop("n_layers", None) if "layer_types" in d else None
         if "n_layers" in d:                      # n_layers=N re-sizes a single-type or Flash/Pro-like schedule
             n = _coerce("n_layers", d.pop("n_layers"), int)
-            d["layer_types"] = _resize_schedule(d.get("layer_types", cls().layer_types), n)
+            types = parse_layer_types(d.get("layer_types", cls.__dataclass_fields__["layer_types"].default_factory()))
+            d["layer_types"] = types if len(types) == n else _resize_schedule(types, n)
         _check_keys(cls, d)
         return cls(**{k: _coerce(k, v, _field_type(cls, k)) for k, v in d.items()})
 
@@ -269,8 +272,11 @@ def _resize_schedule(types, n: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 MODEL_PRESETS: dict[str, dict] = {
-    # CPU / CI: seconds per step at seq 128
-    "tiny": dict(),
+    # CPU / CI, seconds per step at seq 128: DeepSeek-V4 in miniature (window-only layer, then CSA / HCA / CSA;
+    # mHC residual; DeepSeekMoE with one hash-routed layer; MTP depth 1)
+    "tiny": dict(layer_types=["swa", "csa", "hca", "csa"], residual="mhc", ffn="moe", n_hash_layers=1, mtp_depth=1),
+    # the baseline arm of the same size: dense causal attention, plain residual, dense SwiGLU, no MTP
+    "tiny-dense": dict(layer_types=["dense"] * 4, residual="plain", ffn="dense", n_hash_layers=0, mtp_depth=0),
     # one GPU, ~10-30M parameters
     "small": dict(
         d_model=384, layer_types=["dense"] * 8, max_seq_len=65536, n_heads=8, head_dim=128, rope_head_dim=64,

@@ -65,7 +65,7 @@ def _try_build(cfg):
 ])
 def test_analytic_params_equal_the_real_model(over):
     """The Appendix C formulas, generalised to the lab toggles, count exactly the parameters the model allocates."""
-    cfg = ModelConfig.from_preset("tiny", **over)
+    cfg = ModelConfig.from_preset("tiny-dense", **over)
     model = _try_build(cfg)
     real = sum(p.numel() for p in model.parameters())
     assert params(cfg)["total"] == real
@@ -132,7 +132,7 @@ def test_swa_is_about_8x_compressed_volume_pro():
 @pytest.mark.parametrize("weighting", ["plain", "fp8_equiv"])
 def test_prefill_is_sum_of_decode(over, weighting):
     """The closed-form causal sums equal the brute-force sum of per-token decode FLOPs."""
-    cfg = ModelConfig.from_preset("tiny", **over)
+    cfg = ModelConfig.from_preset("tiny-dense", **over)
     for n in (1, 3, 4, 17, 64, 200):
         brute = sum(decode_flops(cfg, t, weighting) for t in range(1, n + 1))
         assert abs(prefill_flops(cfg, n, weighting) - brute) <= 1e-9 * brute
@@ -140,7 +140,7 @@ def test_prefill_is_sum_of_decode(over, weighting):
 
 def test_core_attention_entries_match_masks():
     """The K(n) used for the core attention equals the number of entries the masks of spec §2.5 admit."""
-    cfg = ModelConfig.from_preset("tiny", layer_types=["dense", "swa", "csa", "hca"], window=8, csa_ratio=4,
+    cfg = ModelConfig.from_preset("tiny-dense", layer_types=["dense", "swa", "csa", "hca"], window=8, csa_ratio=4,
                                   hca_ratio=8, index_topk=3)
     for n in range(1, 60):
         t = n - 1                                                   # 0-based position of the decoded token
@@ -167,7 +167,7 @@ def test_weighting_changes_only_the_weights():
 
 
 def test_kv_grows_as_spec_says():
-    cfg = ModelConfig.from_preset("tiny", layer_types=["swa", "csa", "hca", "dense"], window=16, csa_ratio=4,
+    cfg = ModelConfig.from_preset("tiny-dense", layer_types=["swa", "csa", "hca", "dense"], window=16, csa_ratio=4,
                                   hca_ratio=16)
     E, EI = entry_bytes(cfg, "fp32")
     kv = lambda n: kv_cache_bytes(cfg, n, "fp32")

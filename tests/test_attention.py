@@ -30,7 +30,7 @@ TYPES = ["dense", "swa", "csa", "hca"]
 def make_cfg(**kw):
     base = dict(layer_types=TYPES, window=8, csa_ratio=4, hca_ratio=8, index_n_heads=16, index_topk=3,
                 yarn_original_seq_len=64, max_seq_len=128)
-    return ModelConfig.from_preset("tiny", **{**base, **kw})
+    return ModelConfig.from_preset("tiny-dense", **{**base, **kw})
 
 
 def randomise(mod: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -548,7 +548,7 @@ def test_hf_parity_attention_layers(hf, index_heads, topk):
 
 def test_tiny_mixed_model_learns():
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", layer_types=["dense", "swa", "csa", "hca"], csa_ratio=4, hca_ratio=16,
+    cfg = ModelConfig.from_preset("tiny-dense", layer_types=["dense", "swa", "csa", "hca"], csa_ratio=4, hca_ratio=16,
                                   window=8, index_topk=3)
     m = DSV4LM(cfg)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)

@@ -63,10 +63,20 @@ def test_overrides_share_one_namespace_and_coerce_types():
 def test_layer_type_strings():
     assert ModelConfig.from_preset("tiny", layer_types="swa*3").layer_types == ["swa"] * 3
     assert ModelConfig.from_preset("tiny", layer_types="flash:4").layer_types == ["swa", "swa", "csa", "hca"]
-    assert ModelConfig.from_preset("tiny", n_layers=5).n_layers == 5
+    assert ModelConfig.from_preset("tiny-dense", n_layers=5).n_layers == 5
 
 
 def test_warmup_auto():
     assert TrainConfig(max_steps=50).warmup_steps == 5
     with pytest.raises(ConfigError, match="warmup_steps"):
         TrainConfig(max_steps=10, warmup_steps=11)
+
+
+def test_n_layers_resizes_or_conflicts():
+    assert ModelConfig.from_preset("tiny-dense", n_layers=6).layer_types == ["dense"] * 6
+    assert ModelConfig.from_preset("flash", n_layers=6).layer_types == ["swa", "swa", "csa", "hca", "csa", "hca"]
+    with pytest.raises(ConfigError, match="n_layers"):
+        ModelConfig.from_preset("tiny", n_layers=5)            # a mixed schedule cannot be resized implicitly
+    with pytest.raises(ConfigError, match="n_layers"):
+        ModelConfig.from_preset("tiny", layer_types="csa,hca", n_layers=3)
+    assert ModelConfig.from_preset("tiny", layer_types="csa,hca", n_layers=2).n_layers == 2

@@ -51,7 +51,7 @@ def test_sinkhorn_matches_loop_reference_and_is_doubly_stochastic(sharp):
 
 
 def _rand_site(residual, n=4, d=16, seed=0, sharp=1.0):
-    cfg = ModelConfig.from_preset("tiny", residual=residual, hc_mult=n, d_model=d)
+    cfg = ModelConfig.from_preset("tiny-dense", residual=residual, hc_mult=n, d_model=d)
     site = HyperConnection(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_post_uses_column_j_and_pre_collapses():
 
 
 def test_init_is_near_identity_residual():
-    cfg = ModelConfig.from_preset("tiny", residual="mhc")
+    cfg = ModelConfig.from_preset("tiny-dense", residual="mhc")
     site = HyperConnection(cfg)
     X = torch.randn(2, 3, 1, cfg.d_model).expand(-1, -1, 4, -1)      # identical streams (spec §1.1)
     A, C, P = site.maps(X)
@@ -116,8 +116,8 @@ def _copy_plain_into(model, plain):
 def test_one_stream_without_dynamics_is_the_plain_residual(residual):
     """n_hc = 1, alpha = 0, pre/head gates saturated: x' = x + F(norm(x)) exactly (hc) or up to eps (mhc)."""
     torch.manual_seed(0)
-    plain = DSV4LM(ModelConfig.from_preset("tiny", layer_types=["dense", "swa"])).eval()
-    model = DSV4LM(ModelConfig.from_preset("tiny", layer_types=["dense", "swa"], residual=residual, hc_mult=1)).eval()
+    plain = DSV4LM(ModelConfig.from_preset("tiny-dense", layer_types=["dense", "swa"])).eval()
+    model = DSV4LM(ModelConfig.from_preset("tiny-dense", layer_types=["dense", "swa"], residual=residual, hc_mult=1)).eval()
     _copy_plain_into(model, plain)
     with torch.no_grad():
         for m in model.modules():
@@ -144,7 +144,7 @@ def test_one_stream_without_dynamics_is_the_plain_residual(residual):
 
 def test_probes_through_depth_and_gradients():
     torch.manual_seed(0)
-    model = DSV4LM(ModelConfig.from_preset("tiny", layer_types=["dense"] * 3, residual="mhc"))
+    model = DSV4LM(ModelConfig.from_preset("tiny-dense", layer_types=["dense"] * 3, residual="mhc"))
     set_probe(model, True)
     ids = torch.randint(0, 256, (2, 12))
     out = model(ids, ids.roll(-1, 1))

@@ -13,7 +13,7 @@ from dsv4_lab.moe import MoE, balanced_tid2eid, router_stats, set_moe_probe
 
 def cfg_(**kw):
     base = dict(ffn="moe", d_model=32, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=16, vocab_size=64)
-    return ModelConfig.from_preset("tiny", **{**base, **kw})
+    return ModelConfig.from_preset("tiny-dense", **{**base, **kw})
 
 
 def swiglu_ref(ex, x, limit):
@@ -117,7 +117,7 @@ def test_clamp_only_on_routed_experts_unless_hf_flag(shared_clamp):
 
 
 def test_dense_ffn_is_plain_swiglu():
-    cfg = ModelConfig.from_preset("tiny")
+    cfg = ModelConfig.from_preset("tiny-dense")
     f = DenseFFN(cfg)
     x = torch.randn(3, 5, cfg.d_model) * 50
     assert torch.allclose(f(x), swiglu_ref(f.mlp, x, 0.0), atol=1e-4)

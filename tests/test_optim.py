@@ -175,7 +175,7 @@ MUON_SUFFIXES = ("wq_a.weight", "wq_b.weight", "wkv.weight", "wo_a.weight", "wo_
 
 def _tiny(**kw):
     torch.manual_seed(0)
-    return DSV4LM(ModelConfig.from_preset("tiny", **kw))
+    return DSV4LM(ModelConfig.from_preset("tiny-dense", **kw))
 
 
 def test_split_matches_paper_on_plain_tiny_model():

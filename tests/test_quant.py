@@ -236,16 +236,16 @@ def test_fake_quant_kv_leaves_rope_dims():
 
 
 def test_quant_none_builds_no_quantised_linear():
-    model = DSV4LM(ModelConfig.from_preset("tiny", quant="none"))
+    model = DSV4LM(ModelConfig.from_preset("tiny-dense", quant="none"))
     assert all(not m.quant for m in model.modules() if isinstance(m, Linear))
-    model = DSV4LM(ModelConfig.from_preset("tiny", quant="fp8"))
+    model = DSV4LM(ModelConfig.from_preset("tiny-dense", quant="fp8"))
     assert any(m.quant == "fp8" for m in model.modules() if isinstance(m, Linear))
 
 
 @pytest.mark.parametrize("quant", ["fp8", "fp4"])
 def test_qat_tiny_model_trains(quant):
     torch.manual_seed(0)
-    model = DSV4LM(ModelConfig.from_preset("tiny", quant=quant))
+    model = DSV4LM(ModelConfig.from_preset("tiny-dense", quant=quant))
     if quant == "fp4" and not any(m.quant == "fp4" for m in model.modules() if isinstance(m, Linear)):
         for m in model.modules():                                     # no routed experts in this model yet:
             if isinstance(m, Linear) and m.quant:                     # put the FFN / projections on the FP4 path

@@ -14,7 +14,7 @@ from dsv4_lab.runlog import read_metrics
 from dsv4_lab.train import lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["preset=tiny", "progress=false", "seq_len=64", "batch_size=4", "log_interval=1"]
+FAST = ["preset=tiny-dense", "progress=false", "seq_len=64", "batch_size=4", "log_interval=1"]
 
 
 def _run(tmp, *extra):
@@ -23,7 +23,7 @@ def _run(tmp, *extra):
 
 
 def test_40_step_run_writes_records_and_loss_falls(tmp_path):
-    _run(tmp_path, "max_steps=40", "eval_interval=20", "lr=3e-3")
+    _run(tmp_path, "preset=tiny", "max_steps=40", "eval_interval=20", "lr=3e-3")   # the V4 tiny model
     for f in ("config.json", "env.json", "metrics.jsonl", "ckpt.pt"):
         assert (tmp_path / f).exists(), f
     recs = read_metrics(tmp_path)
@@ -38,9 +38,10 @@ def test_40_step_run_writes_records_and_loss_falls(tmp_path):
     assert cfg["train"]["max_steps"] == 40 and cfg["model"]["d_model"] > 0
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny"])
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, preset):
     ref = tmp_path / "ref"
-    _run(ref, "max_steps=24", "ckpt_interval=8", "eval_interval=8")
+    _run(ref, f"preset={preset}", "max_steps=24", "ckpt_interval=8", "eval_interval=8")
     broken = tmp_path / "broken"
     import dsv4_lab.data as data
     orig = data.Batches.train_batch
@@ -52,10 +53,10 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.Batches, "train_batch", crash)
     with pytest.raises(KeyboardInterrupt):
-        _run(broken, "max_steps=24", "ckpt_interval=8", "eval_interval=8")
+        _run(broken, f"preset={preset}", "max_steps=24", "ckpt_interval=8", "eval_interval=8")
     assert max(r["step"] for r in read_metrics(broken)) == 12
     monkeypatch.setattr(data.Batches, "train_batch", orig)
-    _run(broken, "max_steps=24", "ckpt_interval=8", "eval_interval=8")
+    _run(broken, f"preset={preset}", "max_steps=24", "ckpt_interval=8", "eval_interval=8")
     a, b = read_metrics(ref), read_metrics(broken)
     assert [r["step"] for r in b] == list(range(24))          # one record per step, nothing duplicated
     for ra, rb in zip(a, b):
@@ -111,9 +112,10 @@ def test_torchrun_two_processes_cpu(tmp_path):
     rd = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        "-m", "dsv4_lab", "train", *FAST, f"run_dir={rd}", "max_steps=8", "eval_interval=4"],
+                        "-m", "dsv4_lab", "train", *FAST, "preset=tiny", f"run_dir={rd}", "max_steps=6",
+                        "eval_interval=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = read_metrics(rd)
-    assert [x["step"] for x in recs] == list(range(8)) and "val_loss" in recs[-1]
+    assert [x["step"] for x in recs] == list(range(6)) and "val_loss" in recs[-1]
     assert json.loads((rd / "env.json").read_text())["world_size"] == 2
