@@ -1,5 +1,6 @@
-"""Inference: the heterogeneous KV cache (cache.py, spec §6) and generation (generate.py)."""
+"""Inference: the heterogeneous KV cache (cache.py, spec §6) and generation (generate.py), MTP self-speculative decoding (speculative.py)."""
 from .cache import KVCache, forward_with_cache
 from .generate import generate
+from .speculative import speculative_generate
 
-__all__ = ["KVCache", "forward_with_cache", "generate"]
+__all__ = ["KVCache", "forward_with_cache", "generate", "speculative_generate"]
