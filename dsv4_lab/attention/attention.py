@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..kernels import use_triton
 from ..layers import Linear, RMSNorm, rms_norm
 from ..rope import RotaryTable
 from .core import sink_attention, window_mask
@@ -117,6 +118,11 @@ class Attention(nn.Module):
     def on_compressed_probs(self, p: torch.Tensor, cmask: torch.Tensor) -> None:
         """p (B, H, T, S): attention probabilities of the compressed columns; cmask (B, T, S) their mask."""
 
+    # fused kernels (dsv4_lab/kernels; issue 7): the same core attention through the Triton path
+    def kernel_core(self, q: torch.Tensor, kv: torch.Tensor, comp) -> torch.Tensor | None:
+        """o (B, T, H, c) from the layer's kernel, or None where no kernel applies (then the reference runs)."""
+        return None
+
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         if cache is not None:                      # decode / chunked prefill with the KV cache (spec §6)
@@ -142,6 +148,8 @@ class Attention(nn.Module):
         elif comp is not None and self.wants_compressed_probs():
             o, p = sink_attention(q, kv_all, mask, self.attn_sink, self.scale, return_probs=True)
             self.on_compressed_probs(p[..., T:], cmask)
+        elif use_triton(self.cfg, q) and (o_k := self.kernel_core(q, kv, comp)) is not None:
+            o = o_k
         else:
             o = sink_attention(q, kv_all, mask, self.attn_sink, self.scale)
         return self.output(o, pos)

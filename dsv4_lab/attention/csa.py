@@ -39,6 +39,7 @@ class CSAttention(Attention):
         self.probe = False                    # True: also compute learned / oracle / random picks into probe_out
         self.probe_out: dict | None = None
         self._pending_scores = None
+        self._last_idx = None                 # (B, T, K) top-k picks of the last forward (for the sparse kernel)
 
     def _kl_active(self) -> bool:
         return (self.training and torch.is_grad_enabled() and self.cfg.indexer_loss_weight > 0
@@ -73,10 +74,13 @@ class CSAttention(Attention):
                 scores["oracle"] = oracle_scores(p[..., T:])
         if (mode == "random" and not dense) or self.probe:
             scores["random"] = random_scores(B, T, S, u.device)
+        self._last_idx = None
         if dense:
             cmask = vis_b
         else:
-            cmask = selection_mask(topk_select(scores[mode], visible, self.cfg.index_topk), S)
+            idx = topk_select(scores[mode], visible, self.cfg.index_topk)       # (B, T, K), -1 = none
+            cmask = selection_mask(idx, S)
+            self._last_idx = idx
         if self.probe:
             self.probe_out = {k: topk_select(v.detach(), visible, self.cfg.index_topk) for k, v in scores.items()}
             self.probe_out["visible"] = visible
@@ -92,3 +96,14 @@ class CSAttention(Attention):
         loss = indexer_kl_loss(self._pending_scores, p, cmask)
         self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
         self._pending_scores = None
+
+    def kernel_core(self, q, kv, comp):
+        """Triton sparse kernel (dsv4_lab/kernels/sparse_attn) over the window + the top-k picks + sink. Not used
+        where the layer attends to every visible entry (warm-up stage, mode "all") or needs the attention
+        probabilities (indexer KL while training): those run the reference path."""
+        idx = self._last_idx
+        if comp is None or idx is None or not self.cfg.window_branch or idx.shape[-1] == 0:
+            return None
+        from ..kernels.sparse_attn import sparse_attn
+        return sparse_attn(q, kv, comp[0].to(kv.dtype), idx, self.attn_sink, self.scale, self.cfg.window,
+                           impl=self.cfg.kernels)

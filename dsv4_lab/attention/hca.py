@@ -35,3 +35,11 @@ class HCAttention(Attention):
         entries = self.compressed_entries(u)
         visible = visible_entries(pos, entries.shape[1], self.m)             # (T, S)
         return entries, visible[None].expand(B, T, -1)
+
+    def kernel_core(self, q, kv, comp):
+        """Triton HCA kernel (dsv4_lab/kernels/hca_attn): window + every visible entry + sink in one softmax."""
+        if comp is None or not self.cfg.window_branch or comp[0].shape[1] == 0:
+            return None
+        from ..kernels.hca_attn import hca_attn
+        return hca_attn(q, kv, comp[0].to(kv.dtype), self.attn_sink, self.scale, self.cfg.window, self.m,
+                        impl=self.cfg.kernels)
