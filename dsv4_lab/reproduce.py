@@ -36,6 +36,39 @@ def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str
     return made
 
 
+def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prompt_len: int = 64,
+                        new_tokens: int = 48) -> Path | None:
+    """MTP self-speculative decoding on the trained runs that have MTP: acceptance rate on validation prompts.
+    Writes <out>/speculative.json (with each run's config and env) and returns its path."""
+    import torch
+
+    from .config import ModelConfig
+    from .data import Batches
+    from .inference.speculative import speculative_generate
+    from .model import DSV4LM
+    from .runlog import environment, load_json, save_json
+    rows = []
+    for rd in map(Path, run_dirs):
+        if not (rd / "ckpt.pt").exists():
+            continue
+        cfg = load_json(rd / "config.json")
+        mc = ModelConfig.from_dict(cfg["model"])
+        if mc.mtp_depth < 1:
+            continue
+        model = DSV4LM(mc)
+        model.load_state_dict(torch.load(rd / "ckpt.pt", map_location="cpu", weights_only=False)["model"])
+        x, _ = Batches(cfg["train"]["data"], prompt_len, n_prompts, seed=123).val_batch(0)
+        ids, stats = speculative_generate(model, x, new_tokens)
+        rows.append({"run": str(rd), "prompts": n_prompts, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                     **stats, "config": cfg, "env": load_json(rd / "env.json")})
+    if not rows:
+        return None
+    path = Path(out) / "speculative.json"
+    save_json({"what": "MTP self-speculative greedy decoding on validation prompts (dsv4_lab/inference/speculative.py)",
+               "measured_with": environment("cpu"), "runs": rows}, path)
+    return path
+
+
 def reproduce(args: list[str]) -> int:
     kv = dict(a.split("=", 1) for a in args)
     root = kv.get("root", "runs")
@@ -50,6 +83,13 @@ def reproduce(args: list[str]) -> int:
         print(f"[reproduce] {r['arm']:>12} seed {r['seed']}: val_loss {last.get('val_loss', float('nan')):.4f} "
               f"({r['run_dir']})", flush=True)
     figs = make_figures(root, kv.get("figures", str(ROOT / "figures")), groups=[sweep["name"]])
+    spec = measure_speculative([r["run_dir"] for r in results], kv.get("figures", str(ROOT / "figures")))
+    if spec is not None:
+        import json
+        for row in json.loads(spec.read_text())["runs"]:
+            print(f"[reproduce] speculative decoding {row['run']}: acceptance {row['acceptance_rate']:.2f}, "
+                  f"{row['tokens_per_main_call']:.2f} tokens per main-model call")
+        figs.append(spec)
     for f in figs:
         print(f"[reproduce] figure {f}")
     print(f"[reproduce] done in {time.time() - t0:.0f} s")
