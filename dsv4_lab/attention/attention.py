@@ -76,11 +76,19 @@ class Attention(nn.Module):
         kv = self.wkv(u)
         if self.kv_norm is not None:
             kv = self.kv_norm(kv)
-        kv = self.rope(kv, pos)                                         # (B, T, c)
-        if self.cfg.quant != "none":                                    # FP8 non-RoPE dims, blocks of 64 (spec §2.2)
-            from ..quant import fake_quant_kv
-            kv = fake_quant_kv(kv, self.rope_dim)
-        return kv
+        return self.kv_qat(self.rope(kv, pos))                          # (B, T, c)
+
+    def kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
+        """KV entries as stored: FP8 E4M3 on the non-RoPE dims (blocks of 64), RoPE dims kept, when quant != none
+        (spec §2.2, §6.3); unchanged otherwise."""
+        if self.cfg.quant == "none":
+            return kv
+        from ..quant import fake_quant_kv
+        return fake_quant_kv(kv, self.rope_dim)
+
+    def compressed_entries(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, S, c) compressed entries of a CSA / HCA layer's `compressor`, stored like the window KV (spec §2.3)."""
+        return self.kv_qat(self.compressor(u, self.rope))
 
     def compressed(self, u, cq, q, kv, pos):
         """Compressed entries and their visibility: (entries (B, S, c), mask (B, T, S) bool) or None."""

@@ -45,14 +45,6 @@ class CSAttention(Attention):
         return (self.training and torch.is_grad_enabled() and self.cfg.indexer_loss_weight > 0
                 and self.index_mode == "learned")
 
-    def compressed_entries(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, S, c) main compressed entries, FP8-simulated like the window KV when quant != none (spec §2.3)."""
-        entries = self.compressor(u, self.rope)
-        if self.cfg.quant != "none":
-            from ..quant import fake_quant_kv
-            entries = fake_quant_kv(entries, self.rope_dim)
-        return entries
-
     def compressed(self, u, cq, q, kv, pos):
         B, T, _ = u.shape
         entries = self.compressed_entries(u)                                  # (B, S, c)

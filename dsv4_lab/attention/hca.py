@@ -22,14 +22,6 @@ class HCAttention(Attention):
         self.m = cfg.hca_ratio
         self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.hca_ratio, overlap=False, eps=cfg.norm_eps)
 
-    def compressed_entries(self, u):
-        """(B, S, c), FP8-simulated like the window KV when quant != none."""
-        entries = self.compressor(u, self.rope)
-        if self.cfg.quant != "none":
-            from ..quant import fake_quant_kv
-            entries = fake_quant_kv(entries, self.rope_dim)
-        return entries
-
     def compressed(self, u, cq, q, kv, pos):
         B, T, _ = u.shape
         entries = self.compressed_entries(u)

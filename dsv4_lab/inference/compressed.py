@@ -62,9 +62,8 @@ def cached_compressed(attn, lc, u: torch.Tensor, cq, q, pos: torch.Tensor, p0: i
     S = (p0 + T) // m                                                      # entries after this chunk
     pooled, first = feed_compressor(attn.compressor, lc.states["main"], u, p0)
     new = attn.compressor.finish(pooled, attn.rope, first)
-    if cfg.quant != "none" and new.shape[1]:                               # FP8 non-RoPE dims, as the full forward
-        from ..quant import fake_quant_kv
-        new = fake_quant_kv(new, attn.rope_dim)
+    if new.shape[1]:                                                       # stored as the full forward does
+        new = attn.kv_qat(new)
     entries = _append_entries(lc.comp, lc, new, first, S)
     visible = visible_entries(pos, S, m)                                   # (T, S)
     if attn.layer_type == "hca" or cfg.index_mode == "all" or getattr(attn, "indexer_stage", "") == "warmup":
