@@ -22,7 +22,7 @@ HF_LAYER_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attentio
                   "hca": "heavily_compressed_attention"}
 OUR_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
 
-# ours -> HF names inside one attention layer (same table as tests/test_attention.py)
+# ours -> HF names inside one attention layer (also used by the per-layer parity test in tests/test_attention.py)
 ATTN_NAMES = {"wq_a": "q_a_proj", "q_norm": "q_a_norm", "wq_b": "q_b_proj", "wkv": "kv_proj", "kv_norm": "kv_norm",
               "wo_a": "o_a_proj", "wo_b": "o_b_proj", "attn_sink": "sinks",
               "compressor.wkv": "compressor.kv_proj", "compressor.wgate": "compressor.gate_proj",
@@ -35,7 +35,7 @@ ATTN_NAMES = {"wq_a": "q_a_proj", "q_norm": "q_a_norm", "wq_b": "q_b_proj", "wkv
               "indexer.compressor.norm": "compressor.indexer.kv_norm"}
 
 
-def _attn_name(n: str) -> str:
+def attn_name_to_hf(n: str) -> str:
     for k in sorted(ATTN_NAMES, key=len, reverse=True):
         if n == k or n.startswith(k + "."):
             return ATTN_NAMES[k] + n[len(k):]
@@ -146,7 +146,7 @@ def hf_name(name: str) -> str | None:
     if sub == "ffn_norm":
         return pre + "post_attention_layernorm." + rest
     if sub == "attn":
-        return pre + "self_attn." + _attn_name(rest)
+        return pre + "self_attn." + attn_name_to_hf(rest)
     if sub == "ffn" and parts[3] == "gate":                      # weight, e_score_correction_bias, tid2eid
         return pre + "mlp." + rest
     if sub == "ffn" and parts[3] == "shared_expert":

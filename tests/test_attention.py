@@ -475,25 +475,9 @@ def test_qat_hooks():
 # (e) parity with HF transformers deepseek_v4 (hf_oracle.md §E)
 # ------------------------------------------------------------------------------------------------------------
 
-HF_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
-# ours -> HF parameter names of one attention layer
-HF_NAMES = {"wq_a": "q_a_proj", "q_norm": "q_a_norm", "wq_b": "q_b_proj", "wkv": "kv_proj", "kv_norm": "kv_norm",
-            "wo_a": "o_a_proj", "wo_b": "o_b_proj", "attn_sink": "sinks",
-            "compressor.wkv": "compressor.kv_proj", "compressor.wgate": "compressor.gate_proj",
-            "compressor.ape": "compressor.position_bias", "compressor.norm": "compressor.kv_norm",
-            "indexer.wq_b": "compressor.indexer.q_b_proj",
-            "indexer.weights_proj": "compressor.indexer.scorer.weights_proj",
-            "indexer.compressor.wkv": "compressor.indexer.kv_proj",
-            "indexer.compressor.wgate": "compressor.indexer.gate_proj",
-            "indexer.compressor.ape": "compressor.indexer.position_bias",
-            "indexer.compressor.norm": "compressor.indexer.kv_norm"}
-
-
-def to_hf_name(n: str) -> str:
-    for k in sorted(HF_NAMES, key=len, reverse=True):
-        if n == k or n.startswith(k + "."):
-            return HF_NAMES[k] + n[len(k):]
-    raise KeyError(n)
+# the ours -> HF tables live in dsv4_lab/interop.py (the full-model parity test checks them end to end)
+from dsv4_lab.interop import HF_LAYER_TYPES as HF_TYPES  # noqa: E402
+from dsv4_lab.interop import attn_name_to_hf as to_hf_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
