@@ -11,7 +11,6 @@ Weights go through the in-memory state_dict (11f). Parity holds in fp32 only (11
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

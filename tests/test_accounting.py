@@ -5,7 +5,6 @@ Tolerances: a [CALC] value printed with k significant digits is matched to half 
 recomputed ratios (26.8 %, 10.5 %, ...) to +-0.05 point.
 """
 import pytest
-import torch
 
 from dsv4_lab import ModelConfig
 from dsv4_lab.accounting import (decode_flops, efficiency_table, entry_bytes, gqa_kv_bytes, kv_cache_bytes,

@@ -1,6 +1,5 @@
 """DeepSeekMoE (spec §5) and anticipatory routing (spec §10): routing against per-token references, the bias
 changes selection only, hash routing, clamp placement, bias update, balance loss, QAT roles, lagged routing."""
-import math
 
 import pytest
 import torch
@@ -212,12 +211,12 @@ def test_anticipatory_routes_with_the_old_parameters():
     versions = []                                               # (W, b) used by the forward of each step
     for step, x in enumerate(xs):
         versions.append((moe.gate.weight.detach().clone(), moe.gate.e_score_correction_bias.detach().clone()))
-        y = moe(x)
+        moe(x)
         W, b = versions[max(step - delta, 0)]
         flat = x.view(-1, 32)
         expect = torch.topk(F.softplus(flat @ W.T).sqrt() + b, 2, -1).indices
         assert torch.equal(moe.stats["indices"].sort(-1).values, expect.sort(-1).values), step
-        # weights: current scores at those indices (and the output equals routing with them)
+        # weights: current scores at those indices
         s = F.softplus(flat @ moe.gate.weight.T).sqrt()
         w, idx, _ = moe.gate(flat, None)
         assert torch.allclose(w, s.gather(1, idx) / s.gather(1, idx).sum(-1, keepdim=True) * moe.cfg.route_scale)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4_lab import ConfigError, parse_overrides
+from dsv4_lab import parse_overrides
 from dsv4_lab.runlog import read_metrics
 from dsv4_lab.train import lr_at, train
 
