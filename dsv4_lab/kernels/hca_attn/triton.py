@@ -187,6 +187,9 @@ def _blocks(H, D, window):
 
 
 def hca_attn_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0):
+    from .triton_decode import hca_attn_decode_fwd, use_decode_path    # few queries, no grad: split-KV decode
+    if use_decode_path(q, kv, comp):
+        return hca_attn_decode_fwd(q, kv, comp, sink, scale, window, ratio, q_offset)
     check_device(q, kv, comp, sink)
     q, kv, comp = _prep(q, kv, comp)
     B, T, H, D = q.shape

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
-from ..sparse_attn.triton_decode import _online_block, _store_partial, combine, num_sms, plan_splits
+from ..sparse_attn.triton_decode import (_online_block, _store_partial, combine, num_sms, plan_splits,  # noqa: F401
+                                         use_decode_path)
 
 LOG2E = 1.4426950408889634
 

@@ -170,6 +170,9 @@ def _prep(q, kv, comp, idx):
 
 
 def sparse_attn_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_offset: int = 0):
+    from .triton_decode import sparse_attn_decode_fwd, use_decode_path  # few queries, no grad: split-KV decode
+    if use_decode_path(q, kv, comp):
+        return sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale, window, q_offset)
     check_device(q, kv, comp, idx, sink)
     q, kv, comp, idx = _prep(q, kv, comp, idx)
     B, T, H, D = q.shape
