@@ -181,6 +181,54 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
             assert (i_t[:, 0] == -1).all() or R == 1, "query 0 sees no compressed entry"
 
 
+# ------------------------------------------------------------------------------------------------ indexer_methods
+def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
+    """Triton score kernel + every indexer top-k method (indexer_topk/triton.py) vs the naive twin. Dyadic inputs keep
+    every score exact in any order and dtype (bf16 too), so scores must match exactly; `radix` and `stream` must give
+    the naive lower-index-first lists exactly; `torch` / `split_torch` (torch.topk, ties unspecified) must give the
+    same values, distinct visible picks whose recomputed scores equal the reported ones, and -1 exactly at -inf."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
+    g = torch.Generator().manual_seed(7)
+    # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems, split, methods)
+    if not big:
+        shapes = [(2, 29, 3, 20, 7, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),   # < k visible
+                  (1, 37, 4, 16, 50, 6, 2, 5, 200, 8, ("radix", "torch", "split_torch")),     # query chunks, splits
+                  (2, 2, 3, 16, 300, 7, 4, 1198, 1 << 28, 32, ("radix", "torch", "split_torch"))]   # decode
+    else:
+        shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch", "stream")),
+                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "torch", "split_torch")),
+                  (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28, 8192, ("radix", "torch", "split_torch", "stream")),
+                  (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28, 4096, ("radix", "torch", "split_torch"))]
+    for (B, T, HI, DI, S, k, R, off, ce, split, methods) in shapes:
+        qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
+        kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
+        w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
+        t0 = T // 3
+        sc = indexer_scores_triton(qI, kI, w, R, off, t0, T)
+        ref = indexer_scores(qI, kI, w, R, off, t0, T)
+        Sp = max(0, min(S, (off + T) // R))
+        assert sc.shape == (B, T - t0, Sp), f"score shape {tuple(sc.shape)} vs {(B, T - t0, Sp)}"
+        assert torch.equal(sc, ref[..., :Sp]), "score kernel differs from indexer_scores"
+        assert (ref[..., Sp:] == float("-inf")).all(), "entries beyond S' must be invisible to the whole chunk"
+        full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) reference scores
+        i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
+        for m in methods:
+            i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
+                                           chunk_elems=ce, split=split)
+            assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{m}: {i_t.dtype} {tuple(i_t.shape)}"
+            assert torch.equal(v_t, v_r), f"{m}: top-k values differ"
+            if m in ("radix", "stream"):
+                assert torch.equal(i_t, i_r), f"{m}: indices differ at {int((i_t != i_r).sum())} slots"
+                continue
+            miss = i_t < 0
+            assert torch.equal(miss, v_t == float("-inf")), f"{m}: -1 slots do not match -inf scores"
+            got = torch.gather(full, 2, i_t.long().clamp_min(0))
+            assert torch.equal(torch.where(miss, v_t, got), v_t), f"{m}: picks' scores differ from reported values"
+            srt = torch.sort(torch.where(miss, -1 - torch.arange(k, device=i_t.device), i_t.long()), -1).values
+            assert (srt[..., 1:] != srt[..., :-1]).all(), f"{m}: repeated picks"
+
+
 # ------------------------------------------------------------------------------------------------ fake_quant
 def case_fake_quant(device="cpu", big=False, dtype=torch.float32):
     from dsv4_lab.kernels.fake_quant.naive import fake_quant_naive
@@ -212,7 +260,8 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
     from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
     from dsv4_lab.kernels.mhc.triton import mhc_post_triton, mhc_pre_triton
     g = torch.Generator().manual_seed(5)
-    for (B, T, n, d) in ([(2, 9, 4, 40), (1, 5, 3, 24)] if not big else [(2, 2048, 4, 384), (1, 333, 4, 1024)]):
+    for (B, T, n, d) in ([(2, 9, 4, 40), (1, 5, 3, 24), (1, 3, 2, 16)] if not big else
+                         [(2, 2048, 4, 384), (1, 333, 4, 1024), (1, 77, 2, 256)]):
         G = 2 + n
         x0 = torch.randn(B, T, n, d, generator=g).to(device)
         fn0 = (torch.randn(G * n, n * d, generator=g) * 0.05).to(device)
@@ -237,10 +286,116 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
         tol = 1e-5 if device == "cpu" else 1e-4
         for nm, a, r, y in zip(["u", "coef", "post", "dx", "dfn", "dscale", "dbase", "dy"], got, ref, yard):
             _check(f"mhc {nm}", a, r, y, tol)
+        if device == "cpu":
+            # the GPU's projection (W = bf16 hi + lo, x split too when fp32), emulated with fp32 dots of the
+            # bf16-rounded parts: ~1e-6 off; W rounded to bf16 alone would be ~2e-4 off at these shapes
+            from dsv4_lab.kernels.mhc.triton import mhc_pre_fwd
+            u_s, c_s = mhc_pre_fwd(x0, fn0, sc0, base0, dot="bf16x3")
+            _check("mhc u (bf16x3)", u_s, ref[0].detach(), tol=2e-5)
+            _check("mhc coef (bf16x3)", c_s, ref[1].detach(), tol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------ split-KV decode
+def _decode_inputs(g, device, dtype, B, T, H, D, Tk, S):
+    """fp32 inputs (drawn on the GPU at GPU sizes: 1M-row caches) and the kernel's copies in `dtype`."""
+    mk = (lambda *s: torch.randn(*s, generator=g, device=device)) if device != "cpu" else \
+        (lambda *s: torch.randn(*s, generator=g))
+    q, kv, comp = mk(B, T, H, D), mk(B, Tk, D), mk(B, S, D)
+    return (q, kv, comp), (q.to(dtype), kv.to(dtype), comp.to(dtype))
+
+
+def _decode_check(name, o, lse, ref_fn, yard_fn, dtype, device):
+    o_r, l_r = ref_fn()
+    tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 2e-3
+    yo, yl = yard_fn() if dtype != torch.float32 else (None, None)
+    _check(f"{name} o", o, o_r, yo, tol)
+    inf_t, inf_r = torch.isinf(lse), torch.isinf(l_r)
+    assert torch.equal(inf_t, inf_r), f"{name}: lse -inf pattern differs"
+    _check(f"{name} lse", lse[~inf_t], l_r[~inf_r], None if yl is None else yl[~inf_r], tol)
+
+
+def case_sparse_decode(device="cpu", big=False, dtype=torch.float32):
+    """Split-KV (flash-decoding) sparse forward (sparse_attn/triton_decode.py) vs the naive twin, fp64 reference:
+    decode at a q_offset, B = 2, T = 1 and 3, -1 / out-of-range / repeated picks, sink random / -inf / None,
+    window 0, caches shorter than the window, one split, more splits requested than blocks, nothing visible;
+    and the dispatch: sparse_attn_fwd without grad returns the split path's result bit for bit."""
+    from dsv4_lab.kernels.sparse_attn.naive import sparse_attn_naive
+    from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd
+    from dsv4_lab.kernels.sparse_attn.triton_decode import sparse_attn_decode_fwd, use_decode_path
+    g = torch.Generator(device=device if big else "cpu").manual_seed(11)
+    # (B, T, H, D, Tk, S, K, W, sink, num_splits)
+    shapes = [(2, 1, 3, 24, 40, 9, 7, 5, "rand", None), (2, 3, 16, 32, 50, 20, 37, 8, "-inf", 3),
+              (1, 1, 4, 16, 30, 5, 6, 0, None, 1), (2, 3, 4, 16, 3, 5, 40, 4, "rand", 100),
+              (1, 2, 2, 16, 6, 4, 5, 0, None, None)] if not big else \
+        [(1, 1, 16, 128, 1 << 20, 1 << 18, 512, 128, "rand", None), (64, 1, 16, 128, 1 << 17, 1 << 15, 512, 128,
+                                                                     "rand", None),
+         (2, 16, 16, 128, 1 << 20, 1 << 18, 512, 128, "rand", None)]
+    for n, (B, T, H, D, Tk, S, K, W, sk, ns) in enumerate(shapes):
+        (q, kv, comp), (qd, kvd, cd) = _decode_inputs(g, device if big else "cpu", dtype, B, T, H, D, Tk, S)
+        q, kv, comp, qd, kvd, cd = [t.to(device) for t in (q, kv, comp, qd, kvd, cd)]
+        idx = torch.randint(-1, S + 2, (B, T, K), generator=g, device=g.device).to(device)   # -1 and S+1 masked
+        idx[..., 1] = idx[..., 0]                                                          # repeated pick
+        if n == 4:
+            idx.fill_(-1)                                                                  # nothing visible at all
+        sink = torch.randn(H, generator=g, device=g.device).to(device) if sk else None
+        if sk == "-inf":
+            sink[::2] = float("-inf")
+        q_off, sc = Tk - T, D ** -0.5
+        o, lse = sparse_attn_decode_fwd(qd, kvd, cd, idx, sink, sc, W, q_off, num_splits=ns)
+        _decode_check(f"sparse decode {n}", o, lse,
+                      lambda: sparse_attn_naive(q.double(), kv.double(), comp.double(), idx,
+                                                None if sink is None else sink.double(), sc, W, q_off, return_lse=True),
+                      lambda: sparse_attn_naive(qd, kvd, cd, idx, sink, sc, W, q_off, return_lse=True), dtype, device)
+        if n == 4:
+            assert (o == 0).all() and torch.isinf(lse).all(), "nothing visible, no sink: o = 0, lse = -inf"
+        if ns is None:
+            assert use_decode_path(qd, kvd, cd) and not use_decode_path(qd.requires_grad_(True), kvd, cd)
+            qd.requires_grad_(False)
+            o2, l2 = sparse_attn_fwd(qd, kvd, cd, idx, sink, sc, W, q_off)
+            assert torch.equal(o2, o) and torch.equal(l2, lse), "sparse_attn_fwd did not take the split-KV path"
+
+
+def case_hca_decode(device="cpu", big=False, dtype=torch.float32):
+    """Split-KV (flash-decoding) HCA forward (hca_attn/triton_decode.py) vs the naive twin, fp64 reference: decode at
+    a q_offset, B = 2, T = 1, 3, 5 (several query blocks of one program when H is small), odd entry counts, sink
+    random / -inf / None, window 0, fewer visible entries than one split, nothing visible; the dispatch: hca_attn_fwd
+    without grad returns the split path's result bit for bit."""
+    from dsv4_lab.kernels.hca_attn.naive import hca_attn_naive
+    from dsv4_lab.kernels.hca_attn.triton import hca_attn_fwd
+    from dsv4_lab.kernels.hca_attn.triton_decode import hca_attn_decode_fwd, use_decode_path
+    g = torch.Generator(device=device if big else "cpu").manual_seed(12)
+    # (B, T, H, D, Tk, W, R, sink, num_splits)
+    shapes = [(2, 1, 3, 24, 43, 6, 4, "rand", None), (2, 3, 16, 32, 50, 5, 4, "-inf", 3),
+              (1, 1, 4, 16, 30, 0, 4, None, 1), (2, 3, 4, 16, 9, 4, 8, "rand", 100),
+              (1, 5, 2, 16, 5, 3, 3, None, 2), (2, 1, 2, 16, 3, 0, 4, None, None)] if not big else \
+        [(1, 1, 16, 128, 1 << 20, 128, 128, "rand", None), (64, 1, 16, 128, 1 << 17, 128, 128, "rand", None),
+         (2, 16, 16, 128, 1 << 20, 128, 128, "rand", None), (1, 3, 16, 128, 131071, 128, 128, "-inf", None)]
+    for n, (B, T, H, D, Tk, W, R, sk, ns) in enumerate(shapes):
+        S = Tk // R
+        (q, kv, comp), (qd, kvd, cd) = _decode_inputs(g, device if big else "cpu", dtype, B, T, H, D, Tk, S)
+        q, kv, comp, qd, kvd, cd = [t.to(device) for t in (q, kv, comp, qd, kvd, cd)]
+        sink = torch.randn(H, generator=g, device=g.device).to(device) if sk else None
+        if sk == "-inf":
+            sink[::2] = float("-inf")
+        q_off, sc = Tk - T, D ** -0.5
+        o, lse = hca_attn_decode_fwd(qd, kvd, cd, sink, sc, W, R, q_off, num_splits=ns)
+        _decode_check(f"hca decode {n}", o, lse,
+                      lambda: hca_attn_naive(q.double(), kv.double(), comp.double(),
+                                             None if sink is None else sink.double(), sc, W, R, q_off, return_lse=True),
+                      lambda: hca_attn_naive(qd, kvd, cd, sink, sc, W, R, q_off, return_lse=True), dtype, device)
+        if n == 5 and not big:
+            assert (o == 0).all() and torch.isinf(lse).all(), "nothing visible, no sink: o = 0, lse = -inf"
+        if ns is None:
+            assert use_decode_path(qd, kvd, cd) and not use_decode_path(qd, kvd.requires_grad_(True), cd)
+            kvd.requires_grad_(False)
+            o2, l2 = hca_attn_fwd(qd, kvd, cd, sink, sc, W, R, q_off)
+            assert torch.equal(o2, o) and torch.equal(l2, lse), "hca_attn_fwd did not take the split-KV path"
 
 
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
-         "fake_quant": case_fake_quant, "mhc": case_mhc}
+         "indexer_methods": case_indexer_methods,
+         "fake_quant": case_fake_quant, "mhc": case_mhc,
+         "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode}
 
 
 def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):
