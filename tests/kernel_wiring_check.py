@@ -10,13 +10,14 @@ from dsv4_lab import DSV4LM, ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
-base = dict(layer_types=["csa", "hca"], d_model=32, n_heads=3, head_dim=16, rope_head_dim=8, q_lora_rank=16,
+base = dict(layer_types=["swa", "csa", "hca"], d_model=32, n_heads=3, head_dim=16, rope_head_dim=8, q_lora_rank=16,
             o_groups=1, o_lora_rank=16, window=5, hca_ratio=8, index_n_heads=16, index_head_dim=8, index_topk=3,
             indexer_loss_weight=0.0, residual="plain", ffn="dense", mtp_depth=0, n_hash_layers=0, max_seq_len=64)
 import dsv4_lab.kernels.hca_attn.triton as hca_t  # noqa: E402
+import dsv4_lab.kernels.indexer_topk.triton as ix_t  # noqa: E402
 import dsv4_lab.kernels.sparse_attn.triton as sp_t  # noqa: E402
 
-calls = {"csa": 0, "hca": 0}
+calls = {"csa": 0, "hca": 0, "indexer": 0}
 _sp, _hca = sp_t.sparse_attn_triton, hca_t.hca_attn_triton
 
 
@@ -28,18 +29,32 @@ def count(name, fn):
 
 
 sp_t.sparse_attn_triton, hca_t.hca_attn_triton = count("csa", _sp), count("hca", _hca)
-ref = DSV4LM(ModelConfig.from_preset("tiny", kernels="torch", **base))
-tri = DSV4LM(ModelConfig.from_preset("tiny", kernels="triton", **base))
-tri.load_state_dict(ref.state_dict())
-ids = torch.randint(0, 256, (2, 27))
-worst = 0.0
-for m in (ref, tri):
-    m.zero_grad()
-out_r, out_t = ref(ids, ids), tri(ids, ids)
-out_r.loss.backward()
-out_t.loss.backward()
-worst = (out_r.logits - out_t.logits).abs().max().item()
-gworst = max((p.grad - q.grad).abs().max().item() for p, q in zip(ref.parameters(), tri.parameters())
-             if p.grad is not None)
-print(f"max |logits diff| {worst:.2e}, max |grad diff| {gworst:.2e}, kernel calls {calls}")
-sys.exit(0 if worst < 1e-4 and gworst < 1e-4 and calls["csa"] == 1 and calls["hca"] == 1 else 1)
+ix_t.indexer_topk_triton = count("indexer", ix_t.indexer_topk_triton)
+
+
+def compare(**over):
+    ref = DSV4LM(ModelConfig.from_preset("tiny", kernels="torch", **{**base, **over}))
+    tri = DSV4LM(ModelConfig.from_preset("tiny", kernels="triton", **{**base, **over}))
+    tri.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 256, (2, 27))
+    out_r, out_t = ref(ids, ids), tri(ids, ids)
+    out_r.loss.backward()
+    out_t.loss.backward()
+    worst = max((out_r.logits - out_t.logits).abs().max().item(), abs(out_r.loss.item() - out_t.loss.item()))
+    gworst, missing = 0.0, 0
+    for (n, p), q in zip(ref.named_parameters(), tri.parameters()):
+        if p.grad is None or q.grad is None:
+            missing += (p.grad is None) != (q.grad is None)
+            continue
+        gworst = max(gworst, (p.grad - q.grad).abs().max().item())
+    return worst, gworst, missing
+
+
+ok = True
+for over in ({}, {"indexer_loss_weight": 1.0}):       # without / with the sparse-stage indexer KL
+    worst, gworst, missing = compare(**over)
+    print(f"{over}: max |logits or loss diff| {worst:.2e}, max |grad diff| {gworst:.2e}, grads missing on one side "
+          f"{missing}")
+    ok &= worst < 1e-4 and gworst < 1e-4 and missing == 0
+print(f"kernel calls {calls}")
+sys.exit(0 if ok and calls["csa"] == 4 and calls["hca"] == 2 and calls["indexer"] == 2 else 1)

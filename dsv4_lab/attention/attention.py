@@ -128,8 +128,16 @@ class Attention(nn.Module):
 
     # fused kernels (dsv4_lab/kernels; issue 7): the same core attention through the Triton path
     def kernel_core(self, q: torch.Tensor, kv: torch.Tensor, comp) -> torch.Tensor | None:
-        """o (B, T, H, c) from the layer's kernel, or None where no kernel applies (then the reference runs)."""
-        return None
+        """o (B, T, H, c) from the layer's kernel, or None where no kernel applies (then the reference runs).
+        Here: the window-only layer ("swa") is the CSA kernel with no picks (every index -1: window + sink only);
+        dense layers with a sink keep the reference (O(T^2) memory: use attn_sink=false for long dense runs)."""
+        if self.layer_type != "swa" or comp is not None:
+            return None
+        from ..kernels.sparse_attn import sparse_attn
+        B, T = q.shape[:2]
+        none = torch.full((B, T, 1), -1, dtype=torch.int32, device=q.device)       # (B, T, 1): no compressed pick
+        return sparse_attn(q, kv, kv[:, :1], none, self.attn_sink, self.scale, self.cfg.window,
+                           impl=self.cfg.kernels)
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -141,23 +149,27 @@ class Attention(nn.Module):
         cq = self.query_latent(u)
         q = self.queries(u, cq, pos)
         kv = self.window_kv(u, pos)
-        wmask = self.window_entries_mask(B, T, u.device)
-        comp = self.compressed(u, cq, q, kv, pos)
-        if comp is not None:
-            entries, cmask = comp
-            kv_all, mask = torch.cat([kv, entries.to(kv.dtype)], 1), torch.cat([wmask, cmask], -1)
-        else:
-            kv_all, mask = kv, wmask
+        comp = self.compressed(u, cq, q, kv, pos)       # (entries (B, S, c), mask (B, T, S) or a callable making it)
         if comp is None and self.attn_sink is None and self.layer_type == "dense":
             # plain causal MQA: the fused SDPA path gives the same numbers as the reference without the T x T matrix
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), kv[:, None].expand(-1, self.n_heads, -1, -1),
                 kv[:, None].expand(-1, self.n_heads, -1, -1), is_causal=True, scale=self.scale).transpose(1, 2)
-        elif comp is not None and self.wants_compressed_probs():
-            o, p = sink_attention(q, kv_all, mask, self.attn_sink, self.scale, return_probs=True)
-            self.on_compressed_probs(p[..., T:], cmask)
-        elif use_triton(self.cfg, q) and (o_k := self.kernel_core(q, kv, comp)) is not None:
-            o = o_k
+        elif not (comp is not None and self.wants_compressed_probs()) and use_triton(self.cfg, q) and \
+                (o_k := self.kernel_core(q, kv, comp)) is not None:
+            o = o_k                                     # no (T, T) mask is ever built on this path
         else:
-            o = sink_attention(q, kv_all, mask, self.attn_sink, self.scale)
+            # the reference: one softmax over [window entries | compressed entries] with explicit masks
+            wmask = self.window_entries_mask(B, T, u.device)                  # (B, T, T)
+            if comp is not None:
+                entries, cmask = comp
+                cmask = cmask() if callable(cmask) else cmask                 # (B, T, S)
+                kv_all, mask = torch.cat([kv, entries.to(kv.dtype)], 1), torch.cat([wmask, cmask], -1)
+            else:
+                kv_all, mask = kv, wmask
+            if comp is not None and self.wants_compressed_probs():
+                o, p = sink_attention(q, kv_all, mask, self.attn_sink, self.scale, return_probs=True)
+                self.on_compressed_probs(p[..., T:], cmask)
+            else:
+                o = sink_attention(q, kv_all, mask, self.attn_sink, self.scale)
         return self.output(o, pos)

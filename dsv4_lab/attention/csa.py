@@ -19,11 +19,13 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..kernels import use_triton
+from ..kernels.indexer_topk import indexer_topk
 from .attention import Attention
 from .compressor import Compressor
 from .core import sink_attention
 from .indexer import (Indexer, oracle_scores, random_scores, selection_mask, topk_select, visible_entries)
-from .indexer_training import indexer_kl_loss
+from .indexer_training import indexer_kl_loss, sparse_indexer_kl_loss
 
 
 class CSAttention(Attention):
@@ -40,6 +42,7 @@ class CSAttention(Attention):
         self.probe_out: dict | None = None
         self._pending_scores = None
         self._last_idx = None                 # (B, T, K) top-k picks of the last forward (for the sparse kernel)
+        self._sparse_kl = None                # (qI, kI, w) while the kernel path computes the sparse-stage KL
 
     def _kl_active(self) -> bool:
         return (self.training and torch.is_grad_enabled() and self.cfg.indexer_loss_weight > 0
@@ -49,11 +52,29 @@ class CSAttention(Attention):
         B, T, _ = u.shape
         entries = self.compressed_entries(u)                                  # (B, S, c)
         S = entries.shape[1]
-        visible = visible_entries(pos, S, self.m)                             # (T, S)
-        vis_b = visible[None].expand(B, T, S)
         mode = self.index_mode
         dense = self.indexer_stage == "warmup" or mode == "all"
         self._pending_scores = None
+        self._sparse_kl = None
+        if (mode == "learned" and not dense and not self.probe and S > 0 and self.cfg.window_branch
+                and use_triton(self.cfg, u)):
+            # kernel path (issue 7): fused indexer scores + top-k, no (B, T, S) score matrix or mask is built; the
+            # picks feed the sparse kernel (kernel_core), which also computes the sparse-stage KL when it is active
+            # (indexer_training.sparse_indexer_kl_loss). The indexer reads detached inputs (spec §10).
+            kl = self._kl_active()
+            with torch.set_grad_enabled(kl and torch.is_grad_enabled()):
+                ud = u.detach()
+                latent = (cq if cq is not None else u).detach()
+                qI = self.indexer.queries(latent, pos, self.rope)              # (B, T, n_I, c_I)
+                kI = self.indexer.keys(ud, self.rope)                          # (B, S, c_I)
+                w = self.indexer.head_weights(ud)                              # (B, T, n_I)
+            idx = indexer_topk(qI.detach(), kI.detach().to(qI.dtype), w.detach(), min(self.cfg.index_topk, S),
+                               self.m, impl=self.cfg.kernels)                  # (B, T, K) int32, -1 = none
+            self._last_idx = idx
+            self._sparse_kl = (qI, kI, w) if kl else None
+            return entries, (lambda: selection_mask(idx.long(), S))           # mask only if the reference runs
+        visible = visible_entries(pos, S, self.m)                             # (T, S)
+        vis_b = visible[None].expand(B, T, S)
         scores = {}
         if (mode == "learned" and (not dense or self._kl_active())) or self.probe:
             latent = cq if cq is not None else u                              # u without a low-rank query
@@ -90,12 +111,22 @@ class CSAttention(Attention):
         self._pending_scores = None
 
     def kernel_core(self, q, kv, comp):
-        """Triton sparse kernel (dsv4_lab/kernels/sparse_attn) over the window + the top-k picks + sink. Not used
-        where the layer attends to every visible entry (warm-up stage, mode "all") or needs the attention
-        probabilities (indexer KL while training): those run the reference path."""
+        """Triton sparse kernel (dsv4_lab/kernels/sparse_attn) over the window + the top-k picks + sink; while the
+        indexer KL is active it also returns the softmax's lse, from which the sparse-stage KL is computed over the
+        picks. Not used where the layer attends to every visible entry (warm-up stage, mode "all") or for oracle /
+        random / probe selection: those run the reference path."""
         idx = self._last_idx
         if comp is None or idx is None or not self.cfg.window_branch or idx.shape[-1] == 0:
             return None
         from ..kernels.sparse_attn import sparse_attn
-        return sparse_attn(q, kv, comp[0].to(kv.dtype), idx, self.attn_sink, self.scale, self.cfg.window,
-                           impl=self.cfg.kernels)
+        entries = comp[0].to(kv.dtype)
+        if self._sparse_kl is None:
+            return sparse_attn(q, kv, entries, idx, self.attn_sink, self.scale, self.cfg.window,
+                               impl=self.cfg.kernels)
+        o, lse = sparse_attn(q, kv, entries, idx, self.attn_sink, self.scale, self.cfg.window,
+                             impl=self.cfg.kernels, return_lse=True)          # lse (B, T, H) incl. the sink
+        qI, kI, w = self._sparse_kl
+        self._sparse_kl = None
+        loss = sparse_indexer_kl_loss(q.detach(), entries.detach(), idx, lse.detach(), self.scale, qI, kI, w)
+        self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
+        return o

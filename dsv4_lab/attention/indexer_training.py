@@ -33,13 +33,48 @@ def indexer_kl_loss(scores: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -
     Returns mean over rows with >= 1 attended entry of KL(p_norm || softmax_mask(I)); 0 if no such row.
     """
     ct = torch.promote_types(scores.dtype, torch.float32)
-    target = p.detach().to(ct).sum(1) * mask                                  # (B, T, S)
+    kl_sum, n_rows = _masked_kl(scores.to(ct), p.detach().to(ct).sum(1), mask)
+    return kl_sum / n_rows.clamp_min(1)
+
+
+def _masked_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    """Sum over rows with >= 1 entry in `mask` of KL(target / sum || softmax_mask(scores)), and the row count.
+    scores, target, mask (..., E): target >= 0 unnormalised (detached), mask bool."""
+    target = target * mask
     tot = target.sum(-1, keepdim=True)
-    rows = tot.squeeze(-1) > 0                                                # (B, T)
+    rows = tot.squeeze(-1) > 0
     target = target / tot.clamp_min(1e-30)
-    logq = F.log_softmax(scores.to(ct).masked_fill(~mask, -1e9), dim=-1)       # finite on empty rows
-    kl = (torch.xlogy(target, target) - target * logq).sum(-1)               # (B, T)
-    return (kl * rows).sum() / rows.sum().clamp_min(1)
+    logq = F.log_softmax(scores.masked_fill(~mask, -1e9), dim=-1)             # finite on empty rows
+    kl = (torch.xlogy(target, target) - target * logq).sum(-1)
+    return (kl * rows).sum(), rows.sum()
+
+
+def sparse_indexer_kl_loss(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 4096) -> torch.Tensor:
+    """The "sparse"-stage KL from the picks alone (the kernel path: no (B, T, S) matrix), equal to indexer_kl_loss
+    over the selection mask.
+
+    q (B, T, H, c) main queries; comp (B, S, c) compressed entries; idx (B, T, K) picks (-1 = none); lse (B, T, H)
+    the main softmax's log-normaliser (window + picks + sink, as returned by the sparse kernel); qI (B, T, n_I, c_I),
+    kI (B, S, c_I), w (B, T, n_I) the indexer's tensors (differentiable). p of a pick = sum_h exp(scale q_h.c_s -
+    lse_h) (detached); I of a pick = sum_h w_h ReLU(qI_h . kI_s). Queries are processed `chunk` at a time.
+    """
+    B, T = idx.shape[:2]
+    S = comp.shape[1]
+    b = torch.arange(B, device=idx.device)[:, None, None]
+    kl_sum, n_rows = q.new_zeros((), dtype=torch.float32), 0
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        s = idx[:, t0:t1].long()                                              # (B, Tq, K)
+        valid = (s >= 0) & (s < S)
+        s = s.clamp(0, max(S - 1, 0))
+        with torch.no_grad():
+            z = torch.einsum("bthd,btkd->bthk", q[:, t0:t1].float(), comp[b, s].float()) * scale
+            p = torch.exp(z - lse[:, t0:t1, :, None].float()).sum(2)           # (B, Tq, K)
+        logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].float(), kI[b, s].float()).relu()
+        scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].float())   # (B, Tq, K)
+        a, n = _masked_kl(scores, p, valid)
+        kl_sum, n_rows = kl_sum + a, n_rows + n
+    return kl_sum / max(int(n_rows), 1)
 
 
 def _csa_layers(model: nn.Module):
