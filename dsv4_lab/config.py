@@ -2,7 +2,7 @@
 
 Every field carries its anchor in ../shared/design/v4_spec.md ("spec §x"). A toggle changes exactly one thing and
 its "off" value is the plain baseline. Presets: `tiny` (CPU / CI, seconds per step), `small` (one GPU, ~10-30M
-parameters), `tiny-dense` (the baseline arm at tiny size), `flash` and `pro` (the paper's full shapes, spec §4, for accounting only; never instantiated in tests).
+parameters), `tiny-dense` / `small-dense` (the baseline arms of the same sizes), `flash` and `pro` (the paper's full shapes, spec §4, for accounting only; never instantiated in tests).
 
     cfg = ModelConfig.from_preset("tiny", layer_types=["swa", "csa", "hca", "csa"], index_topk=3)
     model_cfg, train_cfg = parse_overrides(["preset=tiny", "max_steps=40", "lr=3e-3"])
@@ -276,12 +276,19 @@ MODEL_PRESETS: dict[str, dict] = {
     "tiny": dict(layer_types=["swa", "csa", "hca", "csa"], residual="mhc", ffn="moe", n_hash_layers=1, mtp_depth=1),
     # the baseline arm of the same size: dense causal attention, plain residual, dense SwiGLU, no MTP
     "tiny-dense": dict(layer_types=["dense"] * 4, residual="plain", ffn="dense", n_hash_layers=0, mtp_depth=0),
-    # one GPU, ~10-30M parameters
+    # one GPU, ~10-30M parameters: DeepSeek-V4 at lab size (Flash-like schedule swa, swa, csa, hca, ...; mHC; MoE
+    # with one hash-routed layer; MTP depth 1); the attention shapes of kernels.md (H 8 x 128, H_I 4 x 64, k 512)
     "small": dict(
+        d_model=384, layer_types=flash_layer_types(8), max_seq_len=65536, n_heads=8, head_dim=128,
+        rope_head_dim=64, q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128, csa_ratio=4, hca_ratio=128,
+        index_n_heads=4, index_head_dim=64, index_topk=512, d_ff=1024, residual="mhc", ffn="moe",
+        n_routed_experts=16, n_activated_experts=2, moe_inter_dim=256, n_hash_layers=1, mtp_depth=1),
+    # the baseline arm of the same size: dense causal attention (SDPA; no sink), plain residual, dense SwiGLU, no MTP
+    "small-dense": dict(
         d_model=384, layer_types=["dense"] * 8, max_seq_len=65536, n_heads=8, head_dim=128, rope_head_dim=64,
-        q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128, csa_ratio=4, hca_ratio=128,
-        index_n_heads=4, index_head_dim=64, index_topk=512, d_ff=1024, n_routed_experts=16,
-        n_activated_experts=2, moe_inter_dim=256),
+        q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128, csa_ratio=4, hca_ratio=128, index_n_heads=4,
+        index_head_dim=64, index_topk=512, attn_sink=False, d_ff=1024, residual="plain",
+        ffn="dense", n_hash_layers=0, mtp_depth=0),
     # full paper shapes, accounting only (spec §4)
     "flash": dict(
         vocab_size=129280, d_model=4096, layer_types=flash_layer_types(43), max_seq_len=1048576, n_heads=64,
