@@ -1,10 +1,23 @@
-"""Fused mHC pre and post in Triton (same interface as naive.py; kernels.md §4, T8).
+"""Fused mHC pre and post in Triton (same interface as naive.py; kernels.md §4, T8; spec §1.2).
 
-pre  (one program per BT tokens): pass 1 streams vec(x) once, accumulating sum(x^2) and the (2 + n) n mixes with
-     one fp32 tl.dot (3-pass tf32, ~fp32 accuracy) against W; then rho, the static/dynamic affine, sigmoid, and the whole
-     Sinkhorn (iters row/column normalisations) run in registers on a (BT, G, n) tile; pass 2 re-reads the BT
-     tokens' streams (L2-hot) to form u = sum_i A_i x_i. Writes u (x's dtype) and coef (fp32, 24 per token).
+pre (one program per BT tokens; grid = ceil(tokens / BT)):
+  pass 1  streams vec(x) of the BT tokens once, chunk by chunk (BC channels of one stream at a time, channel-chunk
+          major so the last chunks read are the first re-read in pass 2), accumulating sum(x^2) and the
+          (2 + n) n mixes as tl.dot([BT, BC] x [BC, 2H]) into a [BT, 2H] fp32 tile, H = NP^2, NP = max(4, pow2(n)).
+          Column layout of that tile: [0, H) = res logits (i, j) at i NP + j, [H, 2H) = pre (row 0) / post (row 1).
+  epilogue rho, the static/dynamic affine, sigmoid, and the whole Sinkhorn (iters row/column normalisations) on a
+          [BT, NP, NP] register tile; coef (fp32, (2 + n) n per token) is written once.
+  pass 2  re-reads the BT tokens' streams in reverse chunk order (L2-hot: the program's footprint is BT n d x 2 bytes)
+          to form u = sum_i A_i x_i.
+  Projection precision ("fp32 compute", spec §1.2): the fp32 W chunk is split in registers into bf16 hi + lo
+  (W = hi + lo + O(2^-17 |W|)); bf16 x is exact in bf16, so x W = x hi + x lo with two bf16 MMAs (fp32 accumulate):
+  ~fp32 accuracy at the cost of one tf32 MMA, more accurate than the reference's single-pass tf32 GEMM. fp32 / fp16 x
+  are split too (3 MMAs, the lo x lo term dropped). Under the interpreter the dot is plain fp32 (`dot="auto"`), or the
+  split is emulated with fp32 dots of the bf16-rounded parts (`dot="bf16x3"`, to test the split arithmetic on CPU).
 post (one program per BT tokens x BD channels): x'_j = C_j y + sum_i P_ij x_i, reading x and y once.
+
+Bytes (bench_mhc.py, kernels.md §4 cost model): pre reads n d x + writes d u (+ (2 + n) n fp32 coef); post reads
+n d x + d y (+ coef) and writes n d x'; 28 d bytes per token and site for bf16 streams, plus the coef.
 
 Backward (autograd.Function): recompute-based. The backward re-runs the naive PyTorch twin under autograd on the
 saved inputs and back-propagates through it (one extra forward in fp32; documented trade-off: no Triton backward
@@ -14,47 +27,99 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, configs, next_pow2, tl, triton
 from .naive import mhc_post_naive, mhc_pre_naive
+
+SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = hi + lo | x and W both split
+
+
+def _pre_configs():
+    return configs([triton.Config({"BT": 16, "BC": 128}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 32, "BC": 128}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 32, "BC": 64}, num_warps=4, num_stages=4),
+                    triton.Config({"BT": 64, "BC": 64}, num_warps=8, num_stages=3)],
+                   triton.Config({"BT": 16, "BC": 32}, num_warps=4, num_stages=1))
 
 
 @triton.jit
+def _dot(a, b, acc, EMUL: tl.constexpr):
+    """acc + a b; EMUL: fp32 operands (the interpreter multiplies bf16 bit patterns, kernels.md §7)."""
+    if EMUL:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _split_bf16(v):
+    """fp32 v -> (hi, lo) bf16 with v = hi + lo + O(2^-17 |v|)."""
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT"])
+@triton.jit
 def _mhc_pre_kernel(X, FN, SC, BASE, U, COEF, NTOK, norm_eps, eps,
-                    N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr, GP: tl.constexpr,
-                    ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
-    NC: tl.constexpr = GP * NP
+                    N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+                    SPLIT: tl.constexpr, EMUL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    H: tl.constexpr = NP * NP
+    NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
+    GN: tl.constexpr = (2 + N) * N
+    NDC: tl.constexpr = (D + BC - 1) // BC
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = tok < NTOK
-    tok64 = tok.to(tl.int64)
+    xrow = tok.to(tl.int64) * ND                                               # (BT,)
+    # accumulator column c -> W row: c < H: res (i, j) = (c // NP, c % NP); c >= H: row (c - H) // NP = 0 pre, 1 post
     c = tl.arange(0, NC)
-    cg = c // NP
+    hc = c // H
+    ci = (c % H) // NP
     cj = c % NP
-    cvalid = (cg < G) & (cj < N)
-    wrow = cg * N + cj
-    mix = tl.zeros([BT, NC], tl.float32)
+    wrow = tl.where(hc == 0, 2 * N + ci * N + cj, ci * N + cj)
+    wvalid = (cj < N) & (((hc == 0) & (ci < N)) | ((hc == 1) & (ci < 2)))
+    cols = tl.arange(0, BC)
+    acc = tl.zeros([BT, NC], tl.float32)
     ss = tl.zeros([BT], tl.float32)
-    for k0 in range(0, ND, BC):
-        k = k0 + tl.arange(0, BC)
-        kmask = k < ND
-        xv = tl.load(X + tok64[:, None] * ND + k[None, :], mask=tmask[:, None] & kmask[None, :],
-                     other=0.0).to(tl.float32)
-        wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=cvalid[:, None] & kmask[None, :], other=0.0)
-        ss += tl.sum(xv * xv, 1)
-        mix += tl.dot(xv, tl.trans(wv.to(tl.float32)), input_precision="tf32x3")     # ~fp32 accuracy
+    for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
+        dd = (t // N) * BC + cols
+        k = (t % N) * D + dd
+        km = dd < D
+        xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
+                     eviction_policy="evict_last")                            # (BT, BC)
+        wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0,
+                     eviction_policy="evict_last")                            # (NC, BC) fp32, coalesced along k
+        xf = xv.to(tl.float32)
+        ss += tl.sum(xf * xf, 1)
+        wt = tl.trans(wv)                                                     # (BC, NC)
+        if SPLIT == 0:
+            acc = tl.dot(xf, wt, acc, input_precision="ieee")
+        else:
+            whi, wlo = _split_bf16(wt)
+            if SPLIT == 1:
+                xb = xv.to(tl.bfloat16)                                       # bf16 x: exact
+            else:
+                xb, xl = _split_bf16(xf)
+                acc = _dot(xl, whi, acc, EMUL)
+            acc = _dot(xb, wlo, acc, EMUL)
+            acc = _dot(xb, whi, acc, EMUL)
     rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
-    a_c = tl.load(SC + tl.minimum(cg, 2))
-    b_c = tl.load(BASE + wrow, mask=cvalid, other=0.0)
-    z = mix * rho[:, None] * a_c[None, :] + b_c[None, :]
-    z3 = tl.reshape(z, [BT, GP, NP])
-    g3 = tl.reshape(cg, [1, GP, NP])
-    j3 = tl.reshape(cj, [1, GP, NP])
-    sig = 1.0 / (1.0 + tl.exp(-z3))
-    res = (g3 >= 2) & (g3 < G) & (j3 < N)
-    zr = tl.where(res, z3, float("-inf"))
-    mx = tl.max(zr, 2)
+    a_c = tl.load(SC + tl.where(hc == 0, 2, tl.minimum(ci, 1)))               # alpha_res / alpha_pre / alpha_post
+    b_c = tl.load(BASE + wrow, mask=wvalid, other=0.0)
+    z = (acc * rho[:, None]) * a_c[None, :] + b_c[None, :]                    # (BT, NC)
+    z3 = tl.reshape(z, [BT, 2, H])
+    h3 = tl.reshape(hc, [1, 2, H])
+    zr = tl.reshape(tl.sum(tl.where(h3 == 0, z3, 0.0), 1), [BT, NP, NP])      # res logits (i, j)
+    zp = tl.reshape(tl.sum(tl.where(h3 == 1, z3, 0.0), 1), [BT, NP, NP])      # row 0 pre, row 1 post
+    ii = tl.arange(0, NP)[None, :, None]
+    jj = tl.arange(0, NP)[None, None, :]
+    # Sinkhorn (spec §1.2 step 4): softmax over j + eps, column-normalise, then (ITERS - 1) x (row, column)
+    res = (ii < N) & (jj < N)
+    zm = tl.where(res, zr, float("-inf"))
+    mx = tl.max(zm, 2)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    e = tl.where(res, tl.exp(z3 - mx[:, :, None]), 0.0)
+    e = tl.where(res, tl.exp(zm - mx[:, :, None]), 0.0)
     se = tl.sum(e, 2)
     se = tl.where(se == 0.0, 1.0, se)
     P = tl.where(res, e / se[:, :, None] + eps, 0.0)
@@ -62,20 +127,24 @@ def _mhc_pre_kernel(X, FN, SC, BASE, U, COEF, NTOK, norm_eps, eps,
     for _ in range(ITERS - 1):
         P = P / (tl.sum(P, 2)[:, :, None] + eps)
         P = P / (tl.sum(P, 1)[:, None, :] + eps)
-    coef = tl.where(g3 == 0, sig + eps, tl.where(g3 == 1, 2.0 * sig, P))
-    cv3 = (g3 < G) & (j3 < N)
-    tl.store(COEF + tok64[:, None, None] * (G * N) + g3 * N + j3, coef, mask=tmask[:, None, None] & cv3)
-    A = tl.sum(tl.where(g3 == 0, coef, 0.0), 1)                                # (BT, NP)
-    jj = tl.arange(0, NP)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
+    sig = 1.0 / (1.0 + tl.exp(-zp))
+    AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
+    cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
+    tm3 = tmask[:, None, None]
+    tl.store(cbase + ii * N + jj, AC, mask=tm3 & (ii < 2) & (jj < N))
+    tl.store(cbase + 2 * N + ii * N + jj, P, mask=tm3 & res)
+    A = tl.sum(tl.where(ii == 0, AC, 0.0), 1)                                 # (BT, NP)
+    jn = tl.arange(0, NP)[None, :]
+    for q in range(0, NDC):                                                   # pass 2, reverse chunk order
+        dd = (NDC - 1 - q) * BC + cols
         dm = tmask[:, None] & (dd[None, :] < D)
-        u = tl.zeros([BT, BD], tl.float32)
+        u = tl.zeros([BT, BC], tl.float32)
         for i in tl.static_range(N):
-            a_i = tl.sum(tl.where(jj[None, :] == i, A, 0.0), 1)
-            xi = tl.load(X + tok64[:, None] * ND + i * D + dd[None, :], mask=dm, other=0.0).to(tl.float32)
+            a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
+            xi = tl.load(X + xrow[:, None] + i * D + dd[None, :], mask=dm, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
             u += a_i[:, None] * xi
-        tl.store(U + tok64[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
+        tl.store(U + tok.to(tl.int64)[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
 
 
 @triton.jit
@@ -101,21 +170,31 @@ def _mhc_post_kernel(Y, X, COEF, OUT, NTOK,
              mask=dm[:, None, :] & (j3 < N))
 
 
-def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
+def _split_mode(x, dot: str) -> tuple[int, bool]:
+    """(SPLIT, EMUL) for the projection dot; see the module docstring."""
+    if dot not in ("auto", "fp32", "bf16x3"):
+        raise ValueError(f"mhc_pre: dot={dot!r} is not allowed: 'auto', 'fp32' (plain fp32 dot) or 'bf16x3'")
+    if dot == "fp32" or (dot == "auto" and INTERPRET):
+        return SPLIT_FP32, False
+    return (SPLIT_W if x.dtype == torch.bfloat16 else SPLIT_XW), INTERPRET
+
+
+def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, dot: str = "auto"):
     check_device(x, fn)
     B, T, n, d = x.shape
     G = 2 + n
-    assert fn.shape == (G * n, n * d), f"fn must be ({G * n}, {n * d}), got {tuple(fn.shape)}"
+    if fn.shape != (G * n, n * d):
+        raise ValueError(f"mhc_pre: fn.shape = {tuple(fn.shape)} is not allowed: ({G * n}, {n * d}) for x "
+                         f"{tuple(x.shape)}")
+    split, emul = _split_mode(x, dot)
     xc = x.contiguous()
     ntok = B * T
     u = torch.empty(B, T, d, device=x.device, dtype=x.dtype)
     coef = torch.empty(B, T, G * n, device=x.device, dtype=torch.float32)
-    BT = 64
     if ntok:
-        _mhc_pre_kernel[(triton.cdiv(ntok, BT),)](
+        _mhc_pre_kernel[lambda META: (triton.cdiv(ntok, META["BT"]),)](
             xc, fn.float().contiguous(), scale.float().contiguous(), base.float().contiguous(), u, coef, ntok,
-            norm_eps, eps, N=n, D=d, G=G, NP=next_pow2(n), GP=next_pow2(G), ITERS=iters, BT=BT,
-            BC=64, BD=min(128, max(16, next_pow2(d))), num_warps=4)
+            norm_eps, eps, N=n, D=d, NP=max(4, next_pow2(n)), ITERS=iters, SPLIT=split, EMUL=emul)
     return u, coef
 
 
