@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from common import bench, bench_graph, safe, save
+from common import bench, bench_graph, ceilings, safe, save
 from dsv4_lab.kernels.hca_attn.naive import hca_attn_naive
 from dsv4_lab.kernels.hca_attn.triton import hca_attn_fwd, hca_attn_triton
 
@@ -78,17 +78,21 @@ def flex_fwd(N):
     return r
 
 
-def decode(N):
+def decode(N, B=1, path="split"):
+    """One decode token per sequence at position N - 1, CUDA-graph replay. path 'split' = what hca_attn_fwd takes for
+    few queries without grad (split-KV, hca_attn/triton_decode.py); 'query' = triton.py's query-major kernel (forced
+    by q.requires_grad). bytes = compressed entries + window rows, read once per batch element (kernels.md §8.4)."""
     g = dict(device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(1, 1, H, D, **g)
-    kv = torch.randn(1, N, D, **g)
-    comp = torch.randn(1, N // R, D, **g)
+    q = torch.randn(B, 1, H, D, **g, requires_grad=path == "query")
+    kv = torch.randn(B, N, D, **g)
+    comp = torch.randn(B, N // R, D, **g)
     sink = torch.randn(H, device="cuda")
-    hca_attn_fwd(q, kv, comp, sink, D ** -0.5, W, R, q_offset=N - 1)
-    r = bench_graph(lambda: hca_attn_fwd(q, kv, comp, sink, D ** -0.5, W, R, q_offset=N - 1))
-    r["us"] = r["ms"] * 1e3
-    r["bytes"] = (N // R + W) * D * 2
+    fn = lambda: hca_attn_fwd(q, kv, comp, sink, D ** -0.5, W, R, q_offset=N - 1)  # noqa: E731
+    fn()
+    r = bench_graph(fn)
+    r.update(us=r["ms"] * 1e3, B=B, path=path, bytes=B * (N // R + W) * D * 2)
     r["tb_s"] = r["bytes"] / (r["ms"] * 1e-3) / 1e12
+    r["pct_copy"] = 100 * r["tb_s"] / ceilings()["copy_tb_s"]
     return r
 
 
@@ -103,9 +107,16 @@ def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192,), naive_Ns=(8192,
         print("hca", N, {k: v.get("ms") for k, v in res["prefill"].items() if k.endswith(str(N))}, flush=True)
         save("hca", res, out_dir)
         torch.cuda.empty_cache()
-    for N in decode_Ns:
-        res["decode"][f"triton_{N}"] = safe(decode, N)
-        print("hca decode", N, res["decode"][f"triton_{N}"], flush=True)
+    for N in decode_Ns:                  # split_* / query_kernel_*: B = 1; split_b64_*: B = 64; triton_*: best at B = 1
+        dec = res["decode"]
+        dec[f"split_{N}"] = safe(decode, N, 1, "split")
+        dec[f"query_kernel_{N}"] = safe(decode, N, 1, "query")
+        dec[f"split_b64_{N}"] = safe(decode, N, 64, "split")
+        torch.cuda.empty_cache()
+        ok = [dec[k] for k in (f"split_{N}", f"query_kernel_{N}") if "us" in dec[k]]
+        dec[f"triton_{N}"] = min(ok, key=lambda r: r["us"]) if ok else dec[f"split_{N}"]
+        print("hca decode", N, {k: v.get("us", v.get("error")) for k, v in dec.items() if k.endswith(f"_{N}")},
+              "B=64", dec[f"split_b64_{N}"].get("tb_s"), "TB/s", flush=True)
         save("hca", res, out_dir)
     for N in flex_Ns:
         t0 = time.time()
