@@ -192,9 +192,9 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems, split, methods)
     if not big:
-        shapes = [(2, 29, 3, 20, 7, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),   # < k visible
-                  (1, 37, 4, 16, 50, 6, 2, 5, 200, 8, ("radix", "torch", "split_torch")),     # query chunks, splits
-                  (2, 2, 3, 16, 300, 7, 4, 1198, 1 << 28, 32, ("radix", "torch", "split_torch"))]   # decode
+        shapes = [(2, 13, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),   # < k visible
+                  (1, 15, 4, 16, 30, 6, 2, 5, 60, 8, ("radix", "torch", "split_torch")),      # query chunks, splits
+                  (2, 2, 3, 16, 100, 5, 4, 398, 1 << 28, 16, ("radix", "torch", "split_torch"))]    # decode
     else:
         shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch", "stream")),
                   (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "torch", "split_torch")),
@@ -333,6 +333,8 @@ def case_sparse_decode(device="cpu", big=False, dtype=torch.float32):
     for n, (B, T, H, D, Tk, S, K, W, sk, ns) in enumerate(shapes):
         (q, kv, comp), (qd, kvd, cd) = _decode_inputs(g, device if big else "cpu", dtype, B, T, H, D, Tk, S)
         q, kv, comp, qd, kvd, cd = [t.to(device) for t in (q, kv, comp, qd, kvd, cd)]
+        if n == 1:                                                  # batched cache slices (B, :Tk): not contiguous
+            kvd, cd = torch.cat([kvd, kvd * 0 + 9], 1)[:, :Tk], torch.cat([cd, cd * 0 + 9], 1)[:, :S]
         idx = torch.randint(-1, S + 2, (B, T, K), generator=g, device=g.device).to(device)   # -1 and S+1 masked
         idx[..., 1] = idx[..., 0]                                                          # repeated pick
         if n == 4:
@@ -374,6 +376,8 @@ def case_hca_decode(device="cpu", big=False, dtype=torch.float32):
         S = Tk // R
         (q, kv, comp), (qd, kvd, cd) = _decode_inputs(g, device if big else "cpu", dtype, B, T, H, D, Tk, S)
         q, kv, comp, qd, kvd, cd = [t.to(device) for t in (q, kv, comp, qd, kvd, cd)]
+        if n == 1:                                                  # batched cache slices (B, :Tk): not contiguous
+            kvd, cd = torch.cat([kvd, kvd * 0 + 9], 1)[:, :Tk], torch.cat([cd, cd * 0 + 9], 1)[:, :S]
         sink = torch.randn(H, generator=g, device=g.device).to(device) if sk else None
         if sk == "-inf":
             sink[::2] = float("-inf")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
 
 NEG_INF_KEY = -2139095041 * (1 << 32)          # key of a -inf score: below every finite score's key
 
@@ -21,6 +21,7 @@ NEG_INF_KEY = -2139095041 * (1 << 32)          # key of a -inf score: below ever
 @triton.jit
 def _keys(sc, s):
     bits = sc.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)                             # -0.0 ties with +0.0 (as in torch)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)                     # monotone signed-int image of the float
     return ordered.to(tl.int64) * 4294967296 + (4294967295 - s.to(tl.int64))
 
@@ -83,7 +84,7 @@ def _indexer_topk_fwd(QI, KI, WT, IDX, VAL, T, S, q_offset,
     tl.store(VAL + off, val, mask=om)
 
 
-def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False):
+def _indexer_topk_stream(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False):
     check_device(qI, kI, w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -104,4 +105,301 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             idx.stride(0), idx.stride(1),
             HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), K_TOP=k, KP=KP, BS=BS, BQ=BQ, RATIO=ratio,
             DOT_DT=dot_dtype(qI))
+    return (idx, val) if return_scores else idx
+
+
+# ================================================================================================ score kernel
+# I[t, s] = sum_h w[t, h] ReLU(qI[t, h] . kI[s]) for one query chunk [t0, t1) over the chunk's visible key range
+# [0, S'), S' = floor((q_offset + t1) / ratio) clipped to S. One program: BLOCK_M queries x all HI heads (BLOCK_M * HIP
+# rows of one tl.dot, bf16 operands on the GPU, fp32 accumulate) against BLOCK_N keys; ReLU * w * sum over heads in
+# registers. Key tiles entirely beyond the query tile's causal frontier are not computed, only filled with -inf.
+# The grid is (key tiles, query tiles, B) with the key tiles fastest, so at decode (one query) the S keys are spread
+# over all SMs (kernels.md §8.4: the key stream is the cost).
+def _score_configs():
+    gpu = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 4, 3))]
+    return configs(gpu, triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO"])
+@triton.jit
+def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
+                        sqb, sqt, sqh, skb, sks, swb, swt, sob, sot,
+                        HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr):
+    R: tl.constexpr = BLOCK_M * HIP
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    im = m0 + tl.arange(0, BLOCK_M)                                            # chunk-local query rows
+    s = n0 + tl.arange(0, BLOCK_N)
+    nvis_m = tl.minimum((q_offset + t0 + im + 1) // RATIO, Sp)                  # (BLOCK_M,) visible per query
+    nvis_last = tl.minimum((q_offset + t0 + tl.minimum(m0 + BLOCK_M, Tq)) // RATIO, Sp)
+    off = b * sob + im.to(tl.int64)[:, None] * sot + s[None, :]
+    omask = (im < Tq)[:, None] & (s < Sp)[None, :]
+    if n0 < nvis_last:
+        r = tl.arange(0, R)
+        tr = t0 + m0 + r // HIP
+        hr = r % HIP
+        rmask = (m0 + r // HIP < Tq) & (hr < HI)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < DI
+        q = tl.load(QI + b * sqb + tr.to(tl.int64)[:, None] * sqt + hr[:, None] * sqh + offs_d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        kt = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
+                     mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
+        wr = tl.load(WT + b * swb + tr.to(tl.int64) * swt + hr, mask=rmask, other=0.0).to(tl.float32)
+        logit = tl.dot(q.to(DOT_DT), tl.trans(kt.to(DOT_DT)))                  # (R, BLOCK_N) fp32
+        logit = tl.maximum(logit, 0.0) * wr[:, None]
+        sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
+        sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
+        tl.store(OUT + off, sc, mask=omask)
+    else:
+        tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=omask)
+
+
+def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
+    return max(0, min(S, (q_offset + t1) // ratio))
+
+
+def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
+                          s1: int | None = None, out: torch.Tensor | None = None):
+    """(B, t1 - t0, S') fp32 scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf.
+
+    S' = s1 if given, else the chunk's visible range floor((q_offset + t1) / ratio) (clipped to S): the keys beyond it
+    are invisible to every query of the chunk and are neither read nor written. `out` may be a preallocated buffer
+    of at least that size (reused across chunks)."""
+    check_device(qI, kI, w)
+    B, T, HI, DI = qI.shape
+    S = kI.shape[1]
+    assert kI.shape == (B, S, DI) and w.shape == (B, T, HI), "qI (B, T, HI, DI), kI (B, S, DI), w (B, T, HI)"
+    t1 = T if t1 is None else t1
+    Tq = t1 - t0
+    Sp = _visible(ratio, q_offset, t1, S) if s1 is None else min(int(s1), S)
+    if out is None:
+        out = torch.empty(B, Tq, Sp, dtype=torch.float32, device=qI.device)
+    else:
+        out = out.view(-1)[: B * Tq * Sp].view(B, Tq, Sp)
+    if Tq <= 0 or Sp <= 0:
+        return out
+    qI = qI if qI.stride(-1) == 1 else qI.contiguous()
+    kI = kI if kI.stride(-1) == 1 else kI.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    HIP = next_pow2(HI)
+    # rows of the dot = BLOCK_M * HIP: >= 16 (min dot size); 128 for prefill tiles, 16 when decoding a few queries
+    BLOCK_M = max(1, (128 if Tq > 16 else 16) // HIP)
+    grid = lambda META: (triton.cdiv(Sp, META["BLOCK_N"]), triton.cdiv(Tq, BLOCK_M), B)   # noqa: E731
+    _indexer_scores_fwd[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
+                              qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
+                              w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+                              HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
+                              DOT_DT=dot_dtype(qI))
+    return out
+
+
+# ================================================================================================ radix top-k
+# Exact top-k of fp32 rows by radix select (kernels.md §3): 4 passes of an 8-bit histogram over the order-preserving
+# bits of the scores find the k-th largest value v*; a compaction pass writes every entry > v* and the first
+# (lowest-index) entries == v* in index order; the k picks are then sorted by (score desc, index asc) with tl.sort on
+# packed int64 keys. So ties follow the naive twin's rule exactly (lower index first), deterministically.
+# One program owns one column chunk [c*C, c*C + C) of one row and writes its top-K; with one chunk per row this is
+# the whole top-k (prefill rows), with many chunks it is stage 1 of a two-stage top-k (decode: one very long row is
+# split over many programs; stage 2 runs the same kernel over the chunks' candidates, HAS_IDX=True). Exact: the union
+# of per-chunk top-k's contains the row's top-k.
+@triton.jit
+def _ordered(v):
+    bits = v.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)                             # -0.0 ties with +0.0 (as in torch)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)                                 # monotone signed-int image of fp32
+
+
+@triton.jit
+def _radix_pass(VROW, c0, c1, pref, krem, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    hist = tl.zeros([256], tl.int32)
+    for st in range(c0, c1, BLOCK):
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < c1
+        u = _ordered(tl.load(VROW + offs, mask=m, other=0.0)) ^ -2147483648    # unsigned-order bits
+        if SHIFT < 24:
+            m = m & ((u >> (SHIFT + 8)) == (pref >> (SHIFT + 8)))           # inside the bin chosen so far
+        dig = (u >> SHIFT) & 255
+        hist += tl.histogram(dig, 256, mask=m)
+    bins = tl.arange(0, 256)
+    cge = tl.cumsum(hist, 0, reverse=True)                                  # entries in bins >= b
+    bstar = tl.max(tl.where(cge >= krem, bins, 0), 0)
+    above = tl.sum(tl.where(bins > bstar, hist, 0), 0)
+    return pref | (bstar << SHIFT), krem - above
+
+
+@triton.jit
+def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor,
+                    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
+                    SORT: tl.constexpr):
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    c0 = c * C
+    c1 = tl.minimum(c0 + C, L)
+    n = tl.maximum(c1 - c0, 0)
+    ksel = tl.minimum(n, K)
+    vrow = VAL + row * svr
+    pref = tl.zeros([], tl.int32)
+    krem = ksel
+    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 24, BLOCK)
+    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 16, BLOCK)
+    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 8, BLOCK)
+    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 0, BLOCK)
+    thr = pref ^ -2147483648                                                # k-th largest, signed-ordered
+    n_gt = ksel - krem
+    obase = row * sor + c.to(tl.int64) * K
+    ngt_seen = tl.zeros([], tl.int32)
+    neq_seen = tl.zeros([], tl.int32)
+    for st in range(c0, c1, BLOCK):                                          # compaction in index order
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < c1
+        v = tl.load(vrow + offs, mask=m, other=0.0)
+        o = _ordered(v)
+        gt = m & (o > thr)
+        eq = m & (o == thr)
+        gpos = ngt_seen + tl.cumsum(gt.to(tl.int32), 0) - 1
+        epos = neq_seen + tl.cumsum(eq.to(tl.int32), 0) - 1
+        sel = gt | (eq & (epos < krem))
+        pos = tl.where(gt, gpos, n_gt + epos)
+        if HAS_IDX:
+            src = tl.load(IDXIN + row * sir + offs, mask=sel, other=-1)
+        else:
+            src = offs
+        tl.store(OIDX + obase + pos, src.to(tl.int32), mask=sel)
+        tl.store(OVAL + obase + pos, v, mask=sel)
+        ngt_seen += tl.sum(gt.to(tl.int32), 0)
+        neq_seen += tl.sum(eq.to(tl.int32), 0)
+    j = tl.arange(0, KP)
+    if not SORT:                                                             # stage 1: picks stay in index order
+        tl.store(OIDX + obase + j, tl.full([KP], -1, tl.int32), mask=(j >= ksel) & (j < K))
+        tl.store(OVAL + obase + j, tl.full([KP], float("-inf"), tl.float32), mask=(j >= ksel) & (j < K))
+        return
+    tl.debug_barrier()                                                       # the picks are re-read by other threads
+    jm = j < ksel
+    v = tl.load(OVAL + obase + j, mask=jm, other=float("-inf"), volatile=True)
+    ix = tl.load(OIDX + obase + j, mask=jm, other=0, volatile=True)
+    key = _ordered(v).to(tl.int64) * 4294967296 + (4294967295 - tl.maximum(ix, 0).to(tl.int64))
+    key = tl.where(jm, key, -9223372036854775807)
+    key = tl.sort(key, descending=True)
+    o = (key >> 32).to(tl.int32)
+    vs = (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    ixs = (4294967295 - (key & 4294967295)).to(tl.int32)
+    ok = (j < ksel) & (vs != float("-inf"))
+    tl.debug_barrier()
+    tl.store(OIDX + obase + j, tl.where(ok, ixs, -1), mask=j < K)
+    tl.store(OVAL + obase + j, tl.where(ok, vs, float("-inf")), mask=j < K)
+
+
+def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: bool = True):
+    """Top-k of each row of val (R, L) fp32 (last dim contiguous) by radix select. chunk=None: one program per row,
+    returns (vals, idx) (R, k); else each chunk of `chunk` columns gives its own top-k: (R, ceil(L/chunk), k).
+    idx_in (R, L) int32: source indices to report instead of column positions. -1 / -inf for missing slots.
+    sort=False leaves each chunk's picks in index order (stage 1 of the two-stage top-k)."""
+    check_device(val)
+    R, L = val.shape
+    assert val.stride(-1) == 1 and (idx_in is None or (idx_in.shape == val.shape and idx_in.stride(-1) == 1))
+    C = L if chunk is None else int(chunk)
+    nch = max(1, triton.cdiv(L, C)) if L > 0 else 1
+    oval = torch.empty(R, nch, k, dtype=torch.float32, device=val.device)
+    oidx = torch.empty(R, nch, k, dtype=torch.int32, device=val.device)
+    if R > 0 and k > 0:
+        KP = next_pow2(k)
+        BLOCK = 64 if INTERPRET else min(4096, max(256, next_pow2(C)))
+        _radix_topk_fwd[(nch, R)](val, idx_in if idx_in is not None else oidx, oval, oidx, L, max(C, 1),
+                                  val.stride(0), idx_in.stride(0) if idx_in is not None else 0, oidx.stride(0),
+                                  K=k, KP=KP, BLOCK=BLOCK, HAS_IDX=idx_in is not None, SORT=sort,
+                                  num_warps=8 if KP >= 512 else 4)
+    return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
+
+
+# ================================================================================================ indexer + top-k
+METHODS = ("radix", "torch", "split_torch", "stream")
+AUTO = {"prefill": "radix", "decode": "radix"}      # set from benchmarks/results/csa.json (bench_csa.py)
+DECODE_T = 16                                        # T <= DECODE_T queries: decode methods (split the key range)
+
+
+def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
+    return max(1, min(rows, max_elems // max(Sp, 1)))
+
+
+def _topk_torch(sc, k):
+    kk = min(k, sc.shape[-1])
+    v, i = torch.topk(sc, kk, dim=-1)
+    i = torch.where(v == float("-inf"), -1, i).to(torch.int32)
+    return v, i
+
+
+def _topk_split_torch(sc, k, chunk):
+    """Two-stage exact top-k of rows (R, L): torch.topk per chunk of `chunk` columns, then of the candidates."""
+    R, L = sc.shape
+    if L <= chunk or L <= k:
+        return _topk_torch(sc, k)
+    n = triton.cdiv(L, chunk)
+    if n * chunk != L:
+        sc = torch.nn.functional.pad(sc, (0, n * chunk - L), value=float("-inf"))
+    v, i = torch.topk(sc.view(R, n, chunk), min(k, chunk), dim=-1)                     # (R, n, k)
+    i = i + (torch.arange(n, device=sc.device) * chunk)[None, :, None]
+    v2, j = torch.topk(v.reshape(R, -1), k, dim=-1)
+    i2 = torch.gather(i.reshape(R, -1), 1, j)
+    return v2, torch.where(v2 == float("-inf"), -1, i2).to(torch.int32)
+
+
+def _topk_radix(sc, k, split):
+    R, L = sc.shape
+    if split is None or L <= max(split, 4 * k):
+        return radix_topk_triton(sc, k)
+    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False)                      # (R, n, k) candidates
+    return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1))
+
+
+def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
+                        method: str = "auto", chunk_elems: int = 1 << 28, split: int | None = None):
+    """Lightning-indexer top-k. method (kernels.md §3; measured by benchmarks/bench_csa.py):
+      radix        Triton scores per query chunk (only the chunk's visible key range) + Triton radix-select top-k;
+                   at decode (T <= DECODE_T) the row is split into `split`-column chunks (default 8192): per-chunk
+                   top-k over many programs, then the top-k of the candidates. Ties: lower index first (exact twin).
+      torch        Triton scores per query chunk + torch.topk (decode: torch.topk of the whole row).
+      split_torch  Triton scores + two-stage torch.topk (per `split` chunk, then of the candidates).
+      stream       the fused streaming kernel (scores never leave registers; bitonic merge per key tile).
+      auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"].
+    torch.topk's order among equal scores is unspecified, so `torch`/`split_torch` may order ties (and pick among
+    ties at the k-th value) differently from the naive twin; `radix` and `stream` follow the lower-index rule.
+    Query chunks hold at most `chunk_elems` fp32 scores (1 GiB by default); the [T, S] matrix is never built."""
+    B, T, HI, DI = qI.shape
+    S = kI.shape[1]
+    decode = T <= DECODE_T
+    if method == "auto":
+        method = AUTO["decode" if decode else "prefill"]
+    if method not in METHODS:
+        raise ValueError(f"indexer_topk_triton: method={method!r}; allowed: auto, {', '.join(METHODS)}")
+    if method == "stream":
+        return _indexer_topk_stream(qI, kI, w, k, ratio, q_offset, return_scores)
+    check_device(qI, kI, w)
+    idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
+    val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
+    split = (8192 if decode else None) if split is None else split
+    if T > 0 and k > 0:
+        Smax = _visible(ratio, q_offset, T, S)
+        rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
+        buf = torch.empty(B * rows * max(Smax, 1), dtype=torch.float32, device=qI.device) if Smax > 0 else None
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            Sp = _visible(ratio, q_offset, t1, S)
+            if Sp == 0:
+                continue                                        # nothing visible: the -1 / -inf prefill stands
+            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf).view(B * (t1 - t0), Sp)
+            if method == "radix":
+                v, i = _topk_radix(sc, k, split)
+            elif method == "torch":
+                v, i = _topk_torch(sc, k)
+            else:
+                v, i = _topk_split_torch(sc, k, split or 8192)
+            kk = v.shape[-1]
+            idx[:, t0:t1, :kk] = i.view(B, t1 - t0, kk)
+            val[:, t0:t1, :kk] = v.view(B, t1 - t0, kk)
     return (idx, val) if return_scores else idx
