@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
-from ..sparse_attn.triton_decode import (_online_block, _store_partial, combine, num_sms, plan_splits,  # noqa: F401
-                                         use_decode_path)
+from ..sparse_attn.triton_decode import _online_block, _store_partial, combine, num_sms, plan_splits, use_decode_path
 
 LOG2E = 1.4426950408889634
 
@@ -92,7 +91,8 @@ def hca_attn_decode_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int
     if next_pow2(H) > 64:
         raise ValueError(f"hca_attn triton: n_heads = {H} is not allowed: at most 64")
     q = q.contiguous() if q.stride(-1) != 1 else q
-    kv, comp = kv.contiguous(), comp.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()      # row strides are kernel arguments: a batched cache
+    comp = comp if comp.stride(-1) == 1 else comp.contiguous()    # slice (B, :N) is used in place, not copied
     Tk, S = kv.shape[1], comp.shape[1]
     o = torch.empty_like(q)
     lse = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
@@ -122,3 +122,6 @@ def hca_attn_decode_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int
                         num_warps=4, num_stages=2)
     combine(pm, pl, pacc, sink, o, lse, T, NQB, NS, H, HP, BT, D, BM, BD)
     return o, lse
+
+
+__all__ = ["hca_attn_decode_fwd", "use_decode_path"]

@@ -186,7 +186,8 @@ def sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_
     assert kv.shape[0] == B and comp.shape[0] == B and idx.shape[:2] == (B, T), "batch / length mismatch"
     assert kv.shape[2] == D and comp.shape[2] == D, f"entry dim must be D = {D}"
     q = q.contiguous() if q.stride(-1) != 1 else q
-    kv, comp = kv.contiguous(), comp.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()      # row strides are kernel arguments: a batched cache
+    comp = comp if comp.stride(-1) == 1 else comp.contiguous()    # slice (B, :N) is used in place, not copied
     idx = idx.to(torch.int32).contiguous()
     Tk, S, K = kv.shape[1], comp.shape[1], idx.shape[2]
     o = torch.empty_like(q)
