@@ -215,15 +215,19 @@ def sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_
     return o, lse
 
 
-DECODE_MAX_QUERIES = 64   # B * T at or below which sparse_attn_fwd takes this path (see use_decode_path)
+DECODE_MAX_QUERIES = 64   # B * T at or below which hca_attn_fwd / sparse_attn_fwd take the split path ...
+DECODE_MAX_T = 16         # ... or T (queries per sequence: decode, MTP / speculative verification) at or below this
 
 
 def use_decode_path(q, *entries) -> bool:
-    """Dispatch rule of sparse_attn_fwd / hca_attn_fwd: few queries (B * T <= 64: triton.py's one-program-per-query
-    grid would leave most of the 132 SMs idle) and no activation that requires grad (training keeps the tuned
-    prefill kernel; the sink is a Parameter that requires grad even under no_grad, so it is not looked at). The
-    split path's lse is exact, so the backward would be correct either way."""
+    """Dispatch rule of sparse_attn_fwd / hca_attn_fwd: few queries and no activation that requires grad.
+    Few queries = B * T <= 64 (triton.py's grid has then <= 64 programs on 132 SMs, each walking all its entries in
+    sequence: 1 program for 8192 entries at 1M, B = 1) or T <= 16 at any batch (decode: with B * T >= 4 x SMs the
+    planner gives 1 split per query, i.e. triton.py's grid plus a combine pass over 8 KB of partials per query,
+    while at B of 64-256 the query-major HCA grid is still B programs of N / 128 entries each).
+    Training keeps the tuned query-major kernels (q / kv / comp require grad); the sink is a Parameter that requires
+    grad even under no_grad, so it is not looked at. The split path's lse is exact, so a backward would be correct."""
     B, T = q.shape[0], q.shape[1]
-    if B * T == 0 or B * T > DECODE_MAX_QUERIES:
+    if B * T == 0 or (B * T > DECODE_MAX_QUERIES and T > DECODE_MAX_T):
         return False
     return not (q.requires_grad or any(e is not None and e.requires_grad for e in entries))
