@@ -1,6 +1,6 @@
 """Fused mHC pre and post in Triton (same interface as naive.py; kernels.md §4, T8; spec §1.2).
 
-pre (one program per BT tokens; grid = ceil(tokens / BT)):
+pre (persistent: CPS programs per SM, each walking blocks of BT tokens):
   pass 1  streams vec(x) of the BT tokens once, chunk by chunk (BC channels of one stream at a time, channel-chunk
           major so the last chunks read are the first re-read in pass 2), accumulating sum(x^2) and the
           (2 + n) n mixes as tl.dot([BT, BC] x [BC, 2H]) into a [BT, 2H] fp32 tile, H = NP^2, NP = max(4, pow2(n)).
@@ -9,8 +9,9 @@ pre (one program per BT tokens; grid = ceil(tokens / BT)):
           [BT, NP, NP] register tile; coef (fp32, (2 + n) n per token) is written once.
   pass 2  re-reads the BT tokens' streams in reverse chunk order (L2-hot: the program's footprint is BT n d x 2 bytes)
           to form u = sum_i A_i x_i.
-  Projection precision ("fp32 compute", spec §1.2): the fp32 W chunk is split in registers into bf16 hi + lo
-  (W = hi + lo + O(2^-17 |W|)); bf16 x is exact in bf16, so x W = x hi + x lo with two bf16 MMAs (fp32 accumulate):
+  Projection precision ("fp32 compute", spec §1.2): one small launch splits fp32 W into bf16 hi + lo
+  (W = hi + lo + O(2^-17 |W|), rows already in the accumulator's order); bf16 x is exact in bf16, so
+  x W = x hi + x lo with two bf16 MMAs (fp32 accumulate), whose operands go straight to shared memory (pipelined):
   ~fp32 accuracy at the cost of one tf32 MMA, more accurate than the reference's single-pass tf32 GEMM. fp32 / fp16 x
   are split too (3 MMAs, the lo x lo term dropped). Under the interpreter the dot is plain fp32 (`dot="auto"`), or the
   split is emulated with fp32 dots of the bf16-rounded parts (`dot="bf16x3"`, to test the split arithmetic on CPU).
@@ -34,11 +35,15 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 
 
 def _pre_configs():
-    return configs([triton.Config({"BT": 16, "BC": 128}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 32, "BC": 128}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 32, "BC": 64}, num_warps=4, num_stages=4),
-                    triton.Config({"BT": 64, "BC": 64}, num_warps=8, num_stages=3)],
-                   triton.Config({"BT": 16, "BC": 32}, num_warps=4, num_stages=1))
+    # CPS = programs per SM of the persistent grid: it bounds the x bytes in flight between pass 1 and the L2-hot
+    # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the 50 MB L2) while BC x stages sets the
+    # bytes in flight per program
+    return configs([triton.Config({"BT": 16, "BC": 128, "CPS": 2}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 16, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 32, "BC": 128, "CPS": 1}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=4),
+                    triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3)],
+                   triton.Config({"BT": 16, "BC": 32, "CPS": 1}, num_warps=4, num_stages=1))
 
 
 @triton.jit
@@ -59,19 +64,36 @@ def _split_bf16(v):
     return hi, lo
 
 
+@triton.jit
+def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr):
+    """fn (G n, n d) fp32 -> WH, WL (2 NP^2, n d) bf16: rows in the pre kernel's accumulator order, fn = WH + WL +
+    O(2^-17 |fn|), zero rows for padding. One launch per forward (fn changes every optimizer step)."""
+    H: tl.constexpr = NP * NP
+    ND: tl.constexpr = N * D
+    c = tl.arange(0, 2 * H)
+    hc = c // H
+    ci = (c % H) // NP
+    cj = c % NP
+    wrow = tl.where(hc == 0, 2 * N + ci * N + cj, ci * N + cj)
+    wvalid = (cj < N) & (((hc == 0) & (ci < N)) | ((hc == 1) & (ci < 2)))
+    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    km = k < ND
+    w = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
+    hi, lo = _split_bf16(w)
+    tl.store(WH + c[:, None] * ND + k[None, :], hi, mask=km[None, :])
+    tl.store(WL + c[:, None] * ND + k[None, :], lo, mask=km[None, :])
+
+
 @triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT"])
 @triton.jit
-def _mhc_pre_kernel(X, FN, SC, BASE, U, COEF, NTOK, norm_eps, eps,
+def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
-                    SPLIT: tl.constexpr, EMUL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                    SPLIT: tl.constexpr, EMUL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
     GN: tl.constexpr = (2 + N) * N
     NDC: tl.constexpr = (D + BC - 1) // BC
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    tmask = tok < NTOK
-    xrow = tok.to(tl.int64) * ND                                               # (BT,)
     # accumulator column c -> W row: c < H: res (i, j) = (c // NP, c % NP); c >= H: row (c - H) // NP = 0 pre, 1 post
     c = tl.arange(0, NC)
     hc = c // H
@@ -80,71 +102,77 @@ def _mhc_pre_kernel(X, FN, SC, BASE, U, COEF, NTOK, norm_eps, eps,
     wrow = tl.where(hc == 0, 2 * N + ci * N + cj, ci * N + cj)
     wvalid = (cj < N) & (((hc == 0) & (ci < N)) | ((hc == 1) & (ci < 2)))
     cols = tl.arange(0, BC)
-    acc = tl.zeros([BT, NC], tl.float32)
-    ss = tl.zeros([BT], tl.float32)
-    for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
-        dd = (t // N) * BC + cols
-        k = (t % N) * D + dd
-        km = dd < D
-        xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
-                     eviction_policy="evict_last")                            # (BT, BC)
-        wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0,
-                     eviction_policy="evict_last")                            # (NC, BC) fp32, coalesced along k
-        xf = xv.to(tl.float32)
-        ss += tl.sum(xf * xf, 1)
-        wt = tl.trans(wv)                                                     # (BC, NC)
-        if SPLIT == 0:
-            acc = tl.dot(xf, wt, acc, input_precision="ieee")
-        else:
-            whi, wlo = _split_bf16(wt)
-            if SPLIT == 1:
-                xb = xv.to(tl.bfloat16)                                       # bf16 x: exact
-            else:
-                xb, xl = _split_bf16(xf)
-                acc = _dot(xl, whi, acc, EMUL)
-            acc = _dot(xb, wlo, acc, EMUL)
-            acc = _dot(xb, whi, acc, EMUL)
-    rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
-    a_c = tl.load(SC + tl.where(hc == 0, 2, tl.minimum(ci, 1)))               # alpha_res / alpha_pre / alpha_post
-    b_c = tl.load(BASE + wrow, mask=wvalid, other=0.0)
-    z = (acc * rho[:, None]) * a_c[None, :] + b_c[None, :]                    # (BT, NC)
-    z3 = tl.reshape(z, [BT, 2, H])
-    h3 = tl.reshape(hc, [1, 2, H])
-    zr = tl.reshape(tl.sum(tl.where(h3 == 0, z3, 0.0), 1), [BT, NP, NP])      # res logits (i, j)
-    zp = tl.reshape(tl.sum(tl.where(h3 == 1, z3, 0.0), 1), [BT, NP, NP])      # row 0 pre, row 1 post
     ii = tl.arange(0, NP)[None, :, None]
     jj = tl.arange(0, NP)[None, None, :]
-    # Sinkhorn (spec §1.2 step 4): softmax over j + eps, column-normalise, then (ITERS - 1) x (row, column)
-    res = (ii < N) & (jj < N)
-    zm = tl.where(res, zr, float("-inf"))
-    mx = tl.max(zm, 2)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    e = tl.where(res, tl.exp(zm - mx[:, :, None]), 0.0)
-    se = tl.sum(e, 2)
-    se = tl.where(se == 0.0, 1.0, se)
-    P = tl.where(res, e / se[:, :, None] + eps, 0.0)
-    P = P / (tl.sum(P, 1)[:, None, :] + eps)
-    for _ in range(ITERS - 1):
-        P = P / (tl.sum(P, 2)[:, :, None] + eps)
-        P = P / (tl.sum(P, 1)[:, None, :] + eps)
-    sig = 1.0 / (1.0 + tl.exp(-zp))
-    AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
-    cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
-    tm3 = tmask[:, None, None]
-    tl.store(cbase + ii * N + jj, AC, mask=tm3 & (ii < 2) & (jj < N))
-    tl.store(cbase + 2 * N + ii * N + jj, P, mask=tm3 & res)
-    A = tl.sum(tl.where(ii == 0, AC, 0.0), 1)                                 # (BT, NP)
     jn = tl.arange(0, NP)[None, :]
-    for q in range(0, NDC):                                                   # pass 2, reverse chunk order
-        dd = (NDC - 1 - q) * BC + cols
-        dm = tmask[:, None] & (dd[None, :] < D)
-        u = tl.zeros([BT, BC], tl.float32)
-        for i in tl.static_range(N):
-            a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
-            xi = tl.load(X + xrow[:, None] + i * D + dd[None, :], mask=dm, other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
-            u += a_i[:, None] * xi
-        tl.store(U + tok.to(tl.int64)[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
+    a_c = tl.load(SC + tl.where(hc == 0, 2, tl.minimum(ci, 1)))               # alpha_res / alpha_pre / alpha_post
+    b_c = tl.load(BASE + wrow, mask=wvalid, other=0.0)
+    h3 = tl.reshape(hc, [1, 2, H])
+    res = (ii < N) & (jj < N)
+    for tb in range(tl.program_id(0), tl.cdiv(NTOK, BT), tl.num_programs(0)):   # persistent over token blocks
+        tok = tb * BT + tl.arange(0, BT)
+        tmask = tok < NTOK
+        xrow = tok.to(tl.int64) * ND                                           # (BT,)
+        acc = tl.zeros([BT, NC], tl.float32)
+        ss = tl.zeros([BT], tl.float32)
+        for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
+            dd = (t // N) * BC + cols
+            k = (t % N) * D + dd
+            km = dd < D
+            xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
+                         eviction_policy="evict_last")                            # (BT, BC)
+            xf = xv.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            if SPLIT == 0:
+                wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
+                acc = tl.dot(xf, tl.trans(wv), acc, input_precision="ieee")      # (NC, BC) fp32 rows of W
+            else:
+                # WH / WL: (NC, ND) bf16 in the accumulator's column order; padding rows masked (no traffic)
+                wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+                wm = wvalid[:, None] & km[None, :]
+                whi = tl.trans(tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+                wlo = tl.trans(tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+                if SPLIT == 1:
+                    xb = xv.to(tl.bfloat16)                                       # bf16 x: exact
+                else:
+                    xb, xl = _split_bf16(xf)
+                    acc = _dot(xl, whi, acc, EMUL)
+                acc = _dot(xb, wlo, acc, EMUL)
+                acc = _dot(xb, whi, acc, EMUL)
+        rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
+        z = (acc * rho[:, None]) * a_c[None, :] + b_c[None, :]                    # (BT, NC)
+        z3 = tl.reshape(z, [BT, 2, H])
+        zr = tl.reshape(tl.sum(tl.where(h3 == 0, z3, 0.0), 1), [BT, NP, NP])      # res logits (i, j)
+        zp = tl.reshape(tl.sum(tl.where(h3 == 1, z3, 0.0), 1), [BT, NP, NP])      # row 0 pre, row 1 post
+        # Sinkhorn (spec §1.2 step 4): softmax over j + eps, column-normalise, then (ITERS - 1) x (row, column)
+        zm = tl.where(res, zr, float("-inf"))
+        mx = tl.max(zm, 2)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.where(res, tl.exp(zm - mx[:, :, None]), 0.0)
+        se = tl.sum(e, 2)
+        se = tl.where(se == 0.0, 1.0, se)
+        P = tl.where(res, e / se[:, :, None] + eps, 0.0)
+        P = P / (tl.sum(P, 1)[:, None, :] + eps)
+        for _ in range(ITERS - 1):
+            P = P / (tl.sum(P, 2)[:, :, None] + eps)
+            P = P / (tl.sum(P, 1)[:, None, :] + eps)
+        sig = 1.0 / (1.0 + tl.exp(-zp))
+        AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
+        cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
+        tm3 = tmask[:, None, None]
+        tl.store(cbase + ii * N + jj, AC, mask=tm3 & (ii < 2) & (jj < N))
+        tl.store(cbase + 2 * N + ii * N + jj, P, mask=tm3 & res)
+        A = tl.sum(tl.where(ii == 0, AC, 0.0), 1)                                 # (BT, NP)
+        for q in range(0, NDC):                                                   # pass 2, reverse chunk order
+            dd = (NDC - 1 - q) * BC + cols
+            dm = tmask[:, None] & (dd[None, :] < D)
+            u = tl.zeros([BT, BC], tl.float32)
+            for i in tl.static_range(N):
+                a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
+                xi = tl.load(X + xrow[:, None] + i * D + dd[None, :], mask=dm, other=0.0,
+                             eviction_policy="evict_first").to(tl.float32)
+                u += a_i[:, None] * xi
+            tl.store(U + tok.to(tl.int64)[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
 
 
 @triton.jit
@@ -170,6 +198,19 @@ def _mhc_post_kernel(Y, X, COEF, OUT, NTOK,
              mask=dm[:, None, :] & (j3 < N))
 
 
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of the device (the persistent grid's size unit); 1 under the interpreter, so the
+    CPU tests walk several token blocks per program."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
 def _split_mode(x, dot: str) -> tuple[int, bool]:
     """(SPLIT, EMUL) for the projection dot; see the module docstring."""
     if dot not in ("auto", "fp32", "bf16x3"):
@@ -191,10 +232,19 @@ def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps
     ntok = B * T
     u = torch.empty(B, T, d, device=x.device, dtype=x.dtype)
     coef = torch.empty(B, T, G * n, device=x.device, dtype=torch.float32)
+    NP = max(4, next_pow2(n))
+    fn32 = fn.float().contiguous()
+    if split == SPLIT_FP32:
+        wh = wl = fn32                                                        # unused
+    else:
+        wh = torch.empty(2 * NP * NP, n * d, device=x.device, dtype=torch.bfloat16)
+        wl = torch.empty_like(wh)
+        _mhc_split_w_kernel[(triton.cdiv(n * d, 256),)](fn32, wh, wl, N=n, D=d, NP=NP, BK=256, num_warps=4)
     if ntok:
-        _mhc_pre_kernel[lambda META: (triton.cdiv(ntok, META["BT"]),)](
-            xc, fn.float().contiguous(), scale.float().contiguous(), base.float().contiguous(), u, coef, ntok,
-            norm_eps, eps, N=n, D=d, NP=max(4, next_pow2(n)), ITERS=iters, SPLIT=split, EMUL=emul)
+        sms = _sm_count(x.device)
+        _mhc_pre_kernel[lambda META: (min(triton.cdiv(ntok, META["BT"]), META["CPS"] * sms),)](
+            xc, fn32, wh, wl, scale.float().contiguous(), base.float().contiguous(), u, coef, ntok,
+            norm_eps, eps, N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul)
     return u, coef
 
 
