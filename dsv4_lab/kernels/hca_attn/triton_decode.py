@@ -26,7 +26,7 @@ from ..sparse_attn.triton_decode import _online_block, _store_partial, combine, 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "Tk", "S", "WB", "q_offset", "CHUNK", "NSC", "NS", "NQB"])  # growing context
 def _hca_split(Q, KV, C, PM, PL, PACC,
                T, Tk, S, W, WB, q_offset, qk_scale, CHUNK, NSC, NS, NQB,
                sqb, sqt, sqh, skb, skt, scb, scs,

@@ -17,7 +17,8 @@ visible and there is no sink), so a backward pass could use it exactly like trit
 
 Split count: CHUNK = BLOCK_N * blocks-per-split, picked so that (B * T) * NS ~ 4 x SMs programs (capped by the
 number of entry blocks: at B = 1 one block per program), CHUNK and NS are runtime arguments (no recompile when the
-context grows); only the power-of-two bucket of NS is a compile-time constant of `_combine`.
+context grows: the kernels also do not specialise on the lengths' divisibility by 16, which would otherwise recompile
+them every few decode steps); only the power-of-two bucket of NS is a compile-time constant of `_combine`.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def _store_partial(PM, PL, PACC, g, sp, NS, m_i, l_i, acc, BLOCK_M: tl.constexpr
     tl.store(PACC + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=rm[:, None] & (offs_d[None, :] < BLOCK_D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NQB", "NS"])                 # no recompiles as the context grows
 def _combine(PM, PL, PACC, SINK, O, LSE,
              T, NQB, NS,
              sob, sot, soh, slb, slt,
@@ -131,7 +132,7 @@ def combine(pm, pl, pacc, sink, o, lse, T, NQB, NS, H, HP, BT, D, BLOCK_M, BLOCK
                            SB=16 if INTERPRET else 32, HAS_SINK=sink is not None, num_warps=4, num_stages=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "Tk", "S", "q_offset", "CHUNK", "NSK", "NS"])
 def _sparse_split(Q, KV, C, IDX, PM, PL, PACC,
                   T, Tk, S, K_SEL, W, q_offset, qk_scale, CHUNK, NSK, NS,
                   sqb, sqt, sqh, skb, skt, scb, scs, sib, sit,
