@@ -193,7 +193,7 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems, split, methods)
     if not big:
         shapes = [(2, 13, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),   # < k visible
-                  (1, 15, 4, 16, 30, 6, 2, 5, 60, 8, ("radix", "torch", "split_torch")),      # query chunks, splits
+                  (1, 24, 4, 16, 40, 6, 1, 8, 400, 8, ("radix", "torch", "split_torch")),     # query chunks, skips
                   (2, 2, 3, 16, 100, 5, 4, 398, 1 << 28, 16, ("radix", "torch", "split_torch"))]    # decode
     else:
         shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch", "stream")),
@@ -214,8 +214,10 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
         full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) reference scores
         i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
         for m in methods:
+            ws = torch.full((B * T * S + 64,), float("nan"), device=device)       # unwritten score slots: NaN
+            ws[1::2] = float("inf")
             i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
-                                           chunk_elems=ce, split=split)
+                                           chunk_elems=ce, split=split, workspace=ws)
             assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{m}: {i_t.dtype} {tuple(i_t.shape)}"
             assert torch.equal(v_t, v_r), f"{m}: top-k values differ"
             if m in ("radix", "stream"):

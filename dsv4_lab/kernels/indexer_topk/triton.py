@@ -118,7 +118,7 @@ def _indexer_topk_stream(qI, kI, w, k: int, ratio: int, q_offset: int = 0, retur
 def _score_configs():
     gpu = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
            for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 4, 3))]
-    return configs(gpu, triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1))
+    return configs(gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
 @triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO"])
@@ -126,7 +126,8 @@ def _score_configs():
 def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
                         sqb, sqt, sqh, skb, sks, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr,
+                        FILL: tl.constexpr):
     R: tl.constexpr = BLOCK_M * HIP
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -157,7 +158,8 @@ def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
         sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
         tl.store(OUT + off, sc, mask=omask)
     else:
-        tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=omask)
+        if FILL:                                   # FILL=False: the reader stops at each row's frontier (radix)
+            tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=omask)
 
 
 def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
@@ -165,12 +167,13 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
-                          s1: int | None = None, out: torch.Tensor | None = None):
+                          s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True):
     """(B, t1 - t0, S') fp32 scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf.
 
     S' = s1 if given, else the chunk's visible range floor((q_offset + t1) / ratio) (clipped to S): the keys beyond it
     are invisible to every query of the chunk and are neither read nor written. `out` may be a preallocated buffer
-    of at least that size (reused across chunks)."""
+    of at least that size (reused across chunks). fill=False leaves the key tiles that lie wholly beyond a query
+    tile's causal frontier unwritten (for readers that stop at each row's frontier, as the radix top-k does)."""
     check_device(qI, kI, w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -189,13 +192,14 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     w = w if w.stride(-1) == 1 else w.contiguous()
     HIP = next_pow2(HI)
     # rows of the dot = BLOCK_M * HIP: >= 16 (min dot size); 128 for prefill tiles, 16 when decoding a few queries
-    BLOCK_M = max(1, (128 if Tq > 16 else 16) // HIP)
+    # (interpreter: 16 rows, so tiny tests have several query tiles and exercise the causal tile skipping)
+    BLOCK_M = max(1, (128 if Tq > 16 and not INTERPRET else 16) // HIP)
     grid = lambda META: (triton.cdiv(Sp, META["BLOCK_N"]), triton.cdiv(Tq, BLOCK_M), B)   # noqa: E731
     _indexer_scores_fwd[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
                               qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
                               w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                               HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-                              DOT_DT=dot_dtype(qI))
+                              DOT_DT=dot_dtype(qI), FILL=fill)
     return out
 
 
@@ -234,17 +238,20 @@ def _radix_pass(VROW, c0, c1, pref, krem, SHIFT: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor,
+def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor, Tq, q0,
                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
-                    SORT: tl.constexpr):
+                    SORT: tl.constexpr, RATIO: tl.constexpr):
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    Lr = L
+    if RATIO > 0:                                    # row = b * Tq + i holds the query at position q0 + i
+        Lr = tl.minimum(L, ((q0 + row % Tq + 1) // RATIO).to(tl.int32))
     c0 = c * C
-    c1 = tl.minimum(c0 + C, L)
+    c1 = tl.minimum(c0 + C, Lr)
     n = tl.maximum(c1 - c0, 0)
     ksel = tl.minimum(n, K)
     vrow = VAL + row * svr
-    pref = tl.zeros([], tl.int32)
+    pref = ksel * 0
     krem = ksel
     pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 24, BLOCK)
     pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 16, BLOCK)
@@ -253,8 +260,8 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor,
     thr = pref ^ -2147483648                                                # k-th largest, signed-ordered
     n_gt = ksel - krem
     obase = row * sor + c.to(tl.int64) * K
-    ngt_seen = tl.zeros([], tl.int32)
-    neq_seen = tl.zeros([], tl.int32)
+    ngt_seen = ksel * 0
+    neq_seen = ksel * 0
     for st in range(c0, c1, BLOCK):                                          # compaction in index order
         offs = st + tl.arange(0, BLOCK)
         m = offs < c1
@@ -275,31 +282,34 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor,
         ngt_seen += tl.sum(gt.to(tl.int32), 0)
         neq_seen += tl.sum(eq.to(tl.int32), 0)
     j = tl.arange(0, KP)
-    if not SORT:                                                             # stage 1: picks stay in index order
+    if SORT:
+        tl.debug_barrier()                                                   # the picks are re-read by other threads
+        jm = j < ksel
+        v = tl.load(OVAL + obase + j, mask=jm, other=float("-inf"), volatile=True)
+        ix = tl.load(OIDX + obase + j, mask=jm, other=0, volatile=True)
+        key = _ordered(v).to(tl.int64) * 4294967296 + (4294967295 - tl.maximum(ix, 0).to(tl.int64))
+        key = tl.where(jm, key, -9223372036854775807)
+        key = tl.sort(key, descending=True)
+        o = (key >> 32).to(tl.int32)
+        vs = (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        ixs = (4294967295 - (key & 4294967295)).to(tl.int32)
+        ok = jm & (vs != float("-inf"))
+        tl.debug_barrier()
+        tl.store(OIDX + obase + j, tl.where(ok, ixs, -1), mask=j < K)
+        tl.store(OVAL + obase + j, tl.where(ok, vs, float("-inf")), mask=j < K)
+    else:                                                                    # stage 1: picks stay in index order
         tl.store(OIDX + obase + j, tl.full([KP], -1, tl.int32), mask=(j >= ksel) & (j < K))
         tl.store(OVAL + obase + j, tl.full([KP], float("-inf"), tl.float32), mask=(j >= ksel) & (j < K))
-        return
-    tl.debug_barrier()                                                       # the picks are re-read by other threads
-    jm = j < ksel
-    v = tl.load(OVAL + obase + j, mask=jm, other=float("-inf"), volatile=True)
-    ix = tl.load(OIDX + obase + j, mask=jm, other=0, volatile=True)
-    key = _ordered(v).to(tl.int64) * 4294967296 + (4294967295 - tl.maximum(ix, 0).to(tl.int64))
-    key = tl.where(jm, key, -9223372036854775807)
-    key = tl.sort(key, descending=True)
-    o = (key >> 32).to(tl.int32)
-    vs = (o ^ ((o >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    ixs = (4294967295 - (key & 4294967295)).to(tl.int32)
-    ok = (j < ksel) & (vs != float("-inf"))
-    tl.debug_barrier()
-    tl.store(OIDX + obase + j, tl.where(ok, ixs, -1), mask=j < K)
-    tl.store(OVAL + obase + j, tl.where(ok, vs, float("-inf")), mask=j < K)
 
 
-def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: bool = True):
+def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: bool = True,
+                      frontier: tuple[int, int, int] | None = None):
     """Top-k of each row of val (R, L) fp32 (last dim contiguous) by radix select. chunk=None: one program per row,
     returns (vals, idx) (R, k); else each chunk of `chunk` columns gives its own top-k: (R, ceil(L/chunk), k).
     idx_in (R, L) int32: source indices to report instead of column positions. -1 / -inf for missing slots.
-    sort=False leaves each chunk's picks in index order (stage 1 of the two-stage top-k)."""
+    sort=False leaves each chunk's picks in index order (stage 1 of the two-stage top-k).
+    frontier=(Tq, q0, ratio): row r = b * Tq + i only reads its visible columns [0, (q0 + i + 1) // ratio) (the rest
+    of the row may be garbage); None: every row reads all L columns."""
     check_device(val)
     R, L = val.shape
     assert val.stride(-1) == 1 and (idx_in is None or (idx_in.shape == val.shape and idx_in.stride(-1) == 1))
@@ -307,12 +317,14 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
     nch = max(1, triton.cdiv(L, C)) if L > 0 else 1
     oval = torch.empty(R, nch, k, dtype=torch.float32, device=val.device)
     oidx = torch.empty(R, nch, k, dtype=torch.int32, device=val.device)
+    Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     if R > 0 and k > 0:
         KP = next_pow2(k)
         BLOCK = 64 if INTERPRET else min(4096, max(256, next_pow2(C)))
         _radix_topk_fwd[(nch, R)](val, idx_in if idx_in is not None else oidx, oval, oidx, L, max(C, 1),
                                   val.stride(0), idx_in.stride(0) if idx_in is not None else 0, oidx.stride(0),
-                                  K=k, KP=KP, BLOCK=BLOCK, HAS_IDX=idx_in is not None, SORT=sort,
+                                  Tq, q0, K=k, KP=KP, BLOCK=BLOCK, HAS_IDX=idx_in is not None, SORT=sort,
+                                  RATIO=ratio,
                                   num_warps=8 if KP >= 512 else 4)
     return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
 
@@ -349,16 +361,17 @@ def _topk_split_torch(sc, k, chunk):
     return v2, torch.where(v2 == float("-inf"), -1, i2).to(torch.int32)
 
 
-def _topk_radix(sc, k, split):
+def _topk_radix(sc, k, split, frontier):
     R, L = sc.shape
     if split is None or L <= max(split, 4 * k):
-        return radix_topk_triton(sc, k)
-    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False)                      # (R, n, k) candidates
+        return radix_topk_triton(sc, k, frontier=frontier)
+    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False, frontier=frontier)   # (R, n, k) candidates
     return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1))
 
 
 def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
-                        method: str = "auto", chunk_elems: int = 1 << 28, split: int | None = None):
+                        method: str = "auto", chunk_elems: int = 1 << 28, split: int | None = None,
+                        workspace: torch.Tensor | None = None):
     """Lightning-indexer top-k. method (kernels.md §3; measured by benchmarks/bench_csa.py):
       radix        Triton scores per query chunk (only the chunk's visible key range) + Triton radix-select top-k;
                    at decode (T <= DECODE_T) the row is split into `split`-column chunks (default 8192): per-chunk
@@ -369,7 +382,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"].
     torch.topk's order among equal scores is unspecified, so `torch`/`split_torch` may order ties (and pick among
     ties at the k-th value) differently from the naive twin; `radix` and `stream` follow the lower-index rule.
-    Query chunks hold at most `chunk_elems` fp32 scores (1 GiB by default); the [T, S] matrix is never built."""
+    Query chunks hold at most `chunk_elems` fp32 scores (1 GiB by default); the [T, S] matrix is never built.
+    workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
     decode = T <= DECODE_T
@@ -386,15 +400,18 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     if T > 0 and k > 0:
         Smax = _visible(ratio, q_offset, T, S)
         rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
-        buf = torch.empty(B * rows * max(Smax, 1), dtype=torch.float32, device=qI.device) if Smax > 0 else None
+        need = B * rows * max(Smax, 1)
+        buf = workspace if workspace is not None and workspace.numel() >= need else \
+            torch.empty(need, dtype=torch.float32, device=qI.device)
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             Sp = _visible(ratio, q_offset, t1, S)
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
-            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf).view(B * (t1 - t0), Sp)
-            if method == "radix":
-                v, i = _topk_radix(sc, k, split)
+            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=method != "radix")
+            sc = sc.view(B * (t1 - t0), Sp)
+            if method == "radix":                               # reads each row up to its own causal frontier
+                v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio))
             elif method == "torch":
                 v, i = _topk_torch(sc, k)
             else:
