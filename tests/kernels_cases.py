@@ -237,24 +237,30 @@ def case_fake_quant(device="cpu", big=False, dtype=torch.float32):
     from dsv4_lab.kernels.fake_quant.triton import fake_quant_triton
     from dsv4_lab.quant import fake_quant_fp8_ref, fake_quant_fp8_weight_ref, fake_quant_mxfp4_ref
     g = torch.Generator().manual_seed(4)
-    shape = (2, 19, 300) if not big else (64, 1024, 1000)
-    x = torch.randn(*shape, generator=g) * torch.logspace(-8, 4, shape[-1])
-    x[0, 0, :5] = 0.0
-    x[0, 1, 3] = -0.0
-    x[0, 2, :40] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, -0.25, -5, 7, 6.5, 1e-9] * 3 + [0.0] * 4)
-    for dt in (torch.float32, torch.bfloat16):
-        xd = x.to(device, dt)
-        iv = torch.int16 if dt == torch.bfloat16 else torch.int32
-        cases = [("fp8", 128, False, lambda t: fake_quant_fp8_ref(t, 128)),
-                 ("fp8", 64, False, lambda t: fake_quant_fp8_ref(t, 64)),
-                 ("fp4", 32, False, fake_quant_mxfp4_ref),
-                 ("fp8", 16 if not big else 128, True,
-                  lambda t: fake_quant_fp8_weight_ref(t, 16 if not big else 128))]
-        for fmt, blk, tile, ref in cases:
-            r = ref(xd).view(iv)
-            assert torch.equal(fake_quant_triton(xd, fmt, blk, tile).view(iv), r), f"triton {fmt}/{blk}/{tile}/{dt}"
-            if not big:
-                assert torch.equal(fake_quant_naive(xd, fmt, blk, tile).view(iv), r), f"naive {fmt}/{blk}/{tile}"
+    # K % block != 0 (partial last groups: the kernel's index path) and K % 128 == 0 (contiguous groups)
+    for shape in ([(2, 19, 300), (3, 5, 256)] if not big else [(64, 1024, 1000), (8, 512, 4096)]):
+        x = torch.randn(*shape, generator=g) * torch.logspace(-8, 4, shape[-1])
+        x[0, 0, :5] = 0.0
+        x[0, 1, 3] = -0.0
+        x[0, 2, :40] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, -0.25, -5, 7, 6.5, 1e-9] * 3 + [0.0] * 4)
+        for dt in (torch.float32, torch.bfloat16):
+            xd = x.to(device, dt)
+            iv = torch.int16 if dt == torch.bfloat16 else torch.int32
+            cases = [("fp8", 128, False, lambda t: fake_quant_fp8_ref(t, 128)),
+                     ("fp8", 64, False, lambda t: fake_quant_fp8_ref(t, 64)),
+                     ("fp4", 32, False, fake_quant_mxfp4_ref),
+                     ("fp8", 16 if not big else 128, True,
+                      lambda t: fake_quant_fp8_weight_ref(t, 16 if not big else 128))]
+            for fmt, blk, tile, ref in cases:
+                r = ref(xd).view(iv)
+                tag = f"{fmt}/{blk}/{tile}/{dt}/{tuple(shape)}"
+                assert torch.equal(fake_quant_triton(xd, fmt, blk, tile).view(iv), r), f"triton {tag}"
+                if not tile:                # the old per-row kernel and a small-program config (many programs)
+                    assert torch.equal(fake_quant_triton(xd, fmt, blk, variant="rows").view(iv), r), f"rows {tag}"
+                    assert torch.equal(fake_quant_triton(xd, fmt, blk, epp=4 * blk, num_warps=4).view(iv), r), \
+                        f"epp {tag}"
+                if not big:
+                    assert torch.equal(fake_quant_naive(xd, fmt, blk, tile).view(iv), r), f"naive {tag}"
 
 
 # ------------------------------------------------------------------------------------------------ mhc
