@@ -92,3 +92,26 @@ def test_model_kernel_path_matches_reference_on_gpu(layers):
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, atol=5e-3, rtol=5e-2, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mhc_pre_every_autotune_config(dtype):
+    """Every config of the mHC pre kernel's autotune list (the cases only see the tuner's winner) against the naive
+    twin in fp64 on the same inputs, at a token count where each persistent program walks several token blocks
+    (> CPS x SMs x BT) and the last block is partial. coef: the bf16 hi/lo split projection is ~1e-6 off; u: bf16
+    outputs carry their own rounding (~1e-3), fp32 outputs ~1e-6."""
+    from dsv4_lab.kernels.mhc import triton as mt
+    from dsv4_lab.kernels.mhc.naive import mhc_pre_naive
+    g = torch.Generator(device="cuda").manual_seed(21)
+    n, d, T = 4, 384, 20003
+    x = torch.randn(1, T, n, d, device="cuda", generator=g).to(dtype)
+    fn = torch.randn((2 + n) * n, n * d, device="cuda", generator=g) * 0.02
+    sc = torch.tensor([0.5, 0.7, 0.9], device="cuda")
+    base = torch.randn(fn.shape[0], device="cuda", generator=g)
+    u_r, c_r = mhc_pre_naive(x.double(), fn.double(), sc.double(), base.double())      # fp64 reference
+    for cfg in mt._mhc_pre_kernel.configs:
+        u, c = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg)
+        ec = kc.rel(c, c_r)
+        eu = kc.rel(u, u_r)
+        assert ec < 1e-5, f"{cfg}: coef rel err {ec:.2e}"
+        assert eu < (4e-3 if dtype == torch.bfloat16 else 1e-5), f"{cfg}: u rel err {eu:.2e}"

@@ -220,7 +220,10 @@ def _split_mode(x, dot: str) -> tuple[int, bool]:
     return (SPLIT_W if x.dtype == torch.bfloat16 else SPLIT_XW), INTERPRET
 
 
-def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, dot: str = "auto"):
+def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, dot: str = "auto",
+                config=None):
+    """config: one triton.Config of the autotune list to launch instead of the tuned choice (GPU tests of every
+    config; benchmarks)."""
     check_device(x, fn)
     B, T, n, d = x.shape
     G = 2 + n
@@ -242,9 +245,13 @@ def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps
         _mhc_split_w_kernel[(triton.cdiv(n * d, 256),)](fn32, wh, wl, N=n, D=d, NP=NP, BK=256, num_warps=4)
     if ntok:
         sms = _sm_count(x.device)
-        _mhc_pre_kernel[lambda META: (min(triton.cdiv(ntok, META["BT"]), META["CPS"] * sms),)](
-            xc, fn32, wh, wl, scale.float().contiguous(), base.float().contiguous(), u, coef, ntok,
-            norm_eps, eps, N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul)
+        args = (xc, fn32, wh, wl, scale.float().contiguous(), base.float().contiguous(), u, coef, ntok, norm_eps, eps)
+        meta = dict(N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul)
+        if config is None:
+            _mhc_pre_kernel[lambda META: (min(triton.cdiv(ntok, META["BT"]), META["CPS"] * sms),)](*args, **meta)
+        else:
+            kw = config.all_kwargs()
+            _mhc_pre_kernel.fn[(min(triton.cdiv(ntok, kw["BT"]), kw["CPS"] * sms),)](*args, **meta, **kw)
     return u, coef
 
 
