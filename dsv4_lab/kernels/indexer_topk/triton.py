@@ -374,8 +374,9 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                         workspace: torch.Tensor | None = None):
     """Lightning-indexer top-k. method (kernels.md §3; measured by benchmarks/bench_csa.py):
       radix        Triton scores per query chunk (only the chunk's visible key range) + Triton radix-select top-k;
-                   at decode (T <= DECODE_T) the row is split into `split`-column chunks (default 8192): per-chunk
-                   top-k over many programs, then the top-k of the candidates. Ties: lower index first (exact twin).
+                   rows longer than max(split, 4k) are split into `split`-column chunks (default 8192 at decode,
+                   65536 in prefill): per-chunk top-k over many programs, then the top-k of the candidates.
+                   Ties: lower index first (exact twin).
       torch        Triton scores per query chunk + torch.topk (decode: torch.topk of the whole row).
       split_torch  Triton scores + two-stage torch.topk (per `split` chunk, then of the candidates).
       stream       the fused streaming kernel (scores never leave registers; bitonic merge per key tile).
@@ -396,7 +397,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     check_device(qI, kI, w)
     idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
     val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
-    split = (8192 if decode else None) if split is None else split
+    split = (8192 if decode else 65536) if split is None else split      # prefill: only rows > 64K are split
     if T > 0 and k > 0:
         Smax = _visible(ratio, q_offset, T, S)
         rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
@@ -415,7 +416,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             elif method == "torch":
                 v, i = _topk_torch(sc, k)
             else:
-                v, i = _topk_split_torch(sc, k, split or 8192)
+                v, i = _topk_split_torch(sc, k, split)
             kk = v.shape[-1]
             idx[:, t0:t1, :kk] = i.view(B, t1 - t0, kk)
             val[:, t0:t1, :kk] = v.view(B, t1 - t0, kk)
