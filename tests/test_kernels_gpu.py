@@ -115,3 +115,56 @@ def test_mhc_pre_every_autotune_config(dtype):
         eu = kc.rel(u, u_r)
         assert ec < 1e-5, f"{cfg}: coef rel err {ec:.2e}"
         assert eu < (4e-3 if dtype == torch.bfloat16 else 1e-5), f"{cfg}: u rel err {eu:.2e}"
+
+
+def _dyadic_indexer_inputs(B, T, HI, DI, S, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qI = (torch.randint(-3, 4, (B, T, HI, DI), device="cuda", generator=g).float() / 4).to(dtype)
+    kI = (torch.randint(-3, 4, (B, S, DI), device="cuda", generator=g).float() / 4).to(dtype)
+    w = (torch.randint(-2, 3, (B, T, HI), device="cuda", generator=g).float() / 2).to(dtype)
+    return qI, kI, w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_indexer_scores_every_autotune_config(dtype):
+    """Every config of the indexer score kernel's autotune list (prefill tiles and decode tiles), exact on dyadic
+    inputs against indexer_scores, incl. partial tiles (T, S' not multiples of the tiles)."""
+    from dsv4_lab.kernels.indexer_topk import triton as it
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
+    qI, kI, w = _dyadic_indexer_inputs(2, 1000, 4, 64, 333, dtype, 31)
+    for (t0, t1, off) in ((0, 1000, 300), (997, 1000, 300), (0, 3, 5000)):
+        ref = indexer_scores(qI, kI, w, 4, off, t0, t1)
+        for cfg in it._indexer_scores_fwd.configs:
+            sc = it.indexer_scores_triton(qI, kI, w, 4, off, t0, t1, config=cfg)
+            assert torch.equal(sc, ref[..., :sc.shape[-1]]), f"{cfg} rows {t0}:{t1}"
+
+
+def test_indexer_radix_long_rows_and_decode_graph():
+    """Radix top-k where prefill rows exceed the 64K split (two-stage in prefill), and 1M-context decode (S = 256K)
+    replayed from a CUDA graph: index lists equal the naive twin's exactly (dyadic inputs, lower-index ties)."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
+    qI, kI, w = _dyadic_indexer_inputs(1, 40, 4, 64, 100_100, torch.bfloat16, 32)
+    i_r, v_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True)
+    for m in ("radix", "torch", "split_torch"):
+        i_t, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method=m)
+        assert torch.equal(v_t, v_r), m
+        if m == "radix":
+            assert torch.equal(i_t, i_r), m
+    N = 1 << 20
+    qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 33)
+    i_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=N - 1)
+    for split in (4096, 8192, 16384):
+        fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method="radix", split=split)  # noqa
+        assert torch.equal(fn(), i_r), f"split {split}"
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            out = fn()
+        gr.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, i_r), f"graph replay, split {split}"

@@ -167,13 +167,14 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
-                          s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True):
+                          s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None):
     """(B, t1 - t0, S') fp32 scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf.
 
     S' = s1 if given, else the chunk's visible range floor((q_offset + t1) / ratio) (clipped to S): the keys beyond it
     are invisible to every query of the chunk and are neither read nor written. `out` may be a preallocated buffer
     of at least that size (reused across chunks). fill=False leaves the key tiles that lie wholly beyond a query
-    tile's causal frontier unwritten (for readers that stop at each row's frontier, as the radix top-k does)."""
+    tile's causal frontier unwritten (for readers that stop at each row's frontier, as the radix top-k does).
+    config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config)."""
     check_device(qI, kI, w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -195,11 +196,15 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     # (interpreter: 16 rows, so tiny tests have several query tiles and exercise the causal tile skipping)
     BLOCK_M = max(1, (128 if Tq > 16 and not INTERPRET else 16) // HIP)
     grid = lambda META: (triton.cdiv(Sp, META["BLOCK_N"]), triton.cdiv(Tq, BLOCK_M), B)   # noqa: E731
-    _indexer_scores_fwd[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
-                              qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
-                              w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-                              HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-                              DOT_DT=dot_dtype(qI), FILL=fill)
+    kern, extra = _indexer_scores_fwd, {}
+    if config is not None:
+        kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
+    kern[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
+               qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
+               w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+               HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
+               DOT_DT=dot_dtype(qI), FILL=fill, **extra)
     return out
 
 
