@@ -36,7 +36,7 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 
 def _pre_configs():
     # CPS = programs per SM of the persistent grid: it bounds the x bytes in flight between pass 1 and the L2-hot
-    # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the 50 MB L2) while BC x stages sets the
+    # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the ~50 MB L2) while BC x stages sets the
     # bytes in flight per program
     return configs([triton.Config({"BT": 16, "BC": 128, "CPS": 2}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 16, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
