@@ -194,10 +194,10 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     if not big:
         shapes = [(2, 13, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),   # < k visible
                   (1, 24, 4, 16, 40, 6, 1, 8, 400, 8, ("radix", "torch", "split_torch")),     # query chunks, skips
-                  (2, 2, 3, 16, 100, 5, 4, 398, 1 << 28, 16, ("radix", "torch", "split_torch"))]    # decode
+                  (2, 2, 3, 16, 100, 5, 4, 398, 1 << 28, 16, ("radix", "radix:0", "torch", "split_torch"))]
     else:
         shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch", "stream")),
-                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "torch", "split_torch")),
+                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "torch", "split_torch")),
                   (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28, 8192, ("radix", "torch", "split_torch", "stream")),
                   (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28, 4096, ("radix", "torch", "split_torch"))]
     for (B, T, HI, DI, S, k, R, off, ce, split, methods) in shapes:
@@ -213,11 +213,13 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
         assert (ref[..., Sp:] == float("-inf")).all(), "entries beyond S' must be invisible to the whole chunk"
         full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) reference scores
         i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
-        for m in methods:
+        for m in methods:                               # "radix:0": radix without the candidate shortcut
+            m, _, cap = m.partition(":")
             ws = torch.full((B * T * S + 64,), float("nan"), device=device)       # unwritten score slots: NaN
             ws[1::2] = float("inf")
             i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
-                                           chunk_elems=ce, split=split, workspace=ws)
+                                           chunk_elems=ce, split=split, workspace=ws,
+                                           radix_cap=int(cap) if cap else None)
             assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{m}: {i_t.dtype} {tuple(i_t.shape)}"
             assert torch.equal(v_t, v_r), f"{m}: top-k values differ"
             if m in ("radix", "stream"):

@@ -209,10 +209,14 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 
 # ================================================================================================ radix top-k
-# Exact top-k of fp32 rows by radix select (kernels.md §3): 4 passes of an 8-bit histogram over the order-preserving
-# bits of the scores find the k-th largest value v*; a compaction pass writes every entry > v* and the first
-# (lowest-index) entries == v* in index order; the k picks are then sorted by (score desc, index asc) with tl.sort on
-# packed int64 keys. So ties follow the naive twin's rule exactly (lower index first), deterministically.
+# Exact top-k of fp32 rows by radix select (kernels.md §3) over the order-preserving bits of the scores: three
+# histogram passes of 11 / 11 / 10 bits find the k-th largest value v*; a compaction pass writes every entry > v* and
+# the first (lowest-index) entries == v* in index order; the k picks are then sorted by (score desc, index asc) with
+# tl.sort on packed int64 keys. So ties follow the naive twin's rule exactly (lower index first), deterministically.
+# Candidate shortcut (CAP > 0): after the first pass, the entries in or above the threshold bin (bins are ~25 % wide
+# in value, so typically k + a few hundred) are compacted, in index order, into a per-program scratch of CAP slots
+# when they fit; the remaining passes and the final compaction then read only those: 2 reads of the row instead of 4.
+# When they do not fit (e.g. many equal scores), the passes read the row again.
 # One program owns one column chunk [c*C, c*C + C) of one row and writes its top-K; with one chunk per row this is
 # the whole top-k (prefill rows), with many chunks it is stage 1 of a two-stage top-k (decode: one very long row is
 # split over many programs; stage 2 runs the same kernel over the chunks' candidates, HAS_IDX=True). Exact: the union
@@ -225,29 +229,61 @@ def _ordered(v):
 
 
 @triton.jit
-def _radix_pass(VROW, c0, c1, pref, krem, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    hist = tl.zeros([256], tl.int32)
+def _radix_pass(VROW, c0, c1, pref, krem, SHIFT: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr,
+                VOLATILE: tl.constexpr):
+    """Histogram of bits [SHIFT, SHIFT + NBITS) of the entries whose higher bits equal pref's; picks the bin holding
+    the krem-th largest. Returns (pref with that bin's bits set, krem minus the entries above the bin, bin count)."""
+    NB: tl.constexpr = 1 << NBITS
+    hist = tl.zeros([NB], tl.int32)
     for st in range(c0, c1, BLOCK):
         offs = st + tl.arange(0, BLOCK)
         m = offs < c1
-        u = _ordered(tl.load(VROW + offs, mask=m, other=0.0)) ^ -2147483648    # unsigned-order bits
-        if SHIFT < 24:
-            m = m & ((u >> (SHIFT + 8)) == (pref >> (SHIFT + 8)))           # inside the bin chosen so far
-        dig = (u >> SHIFT) & 255
-        hist += tl.histogram(dig, 256, mask=m)
-    bins = tl.arange(0, 256)
+        u = _ordered(tl.load(VROW + offs, mask=m, other=0.0, volatile=VOLATILE)) ^ -2147483648   # unsigned order
+        if SHIFT + NBITS < 32:
+            m = m & ((u >> (SHIFT + NBITS)) == (pref >> (SHIFT + NBITS)))  # inside the bin chosen so far
+        dig = (u >> SHIFT) & (NB - 1)
+        hist += tl.histogram(dig, NB, mask=m)
+    bins = tl.arange(0, NB)
     cge = tl.cumsum(hist, 0, reverse=True)                                  # entries in bins >= b
     bstar = tl.max(tl.where(cge >= krem, bins, 0), 0)
     above = tl.sum(tl.where(bins > bstar, hist, 0), 0)
-    return pref | (bstar << SHIFT), krem - above
+    inbin = tl.sum(tl.where(bins == bstar, hist, 0), 0)
+    return pref | (bstar << SHIFT), krem - above, inbin
 
 
 @triton.jit
-def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor, Tq, q0,
+def _compact(VROW, IROW, c0, c1, thr, krem, n_gt, OIDX, OVAL, obase, HAS_I: tl.constexpr, BLOCK: tl.constexpr,
+             VOLATILE: tl.constexpr):
+    """Write every entry > thr and the first krem entries == thr (index order) to slots [0, n_gt + krem)."""
+    ngt_seen = krem * 0
+    neq_seen = krem * 0
+    for st in range(c0, c1, BLOCK):
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < c1
+        v = tl.load(VROW + offs, mask=m, other=0.0, volatile=VOLATILE)
+        o = _ordered(v)
+        gt = m & (o > thr)
+        eq = m & (o == thr)
+        gpos = ngt_seen + tl.cumsum(gt.to(tl.int32), 0) - 1
+        epos = neq_seen + tl.cumsum(eq.to(tl.int32), 0) - 1
+        sel = gt | (eq & (epos < krem))
+        pos = tl.where(gt, gpos, n_gt + epos)
+        if HAS_I:
+            src = tl.load(IROW + offs, mask=sel, other=-1, volatile=VOLATILE)
+        else:
+            src = offs
+        tl.store(OIDX + obase + pos, src.to(tl.int32), mask=sel)
+        tl.store(OVAL + obase + pos, v, mask=sel)
+        ngt_seen += tl.sum(gt.to(tl.int32), 0)
+        neq_seen += tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq, q0,
                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
-                    SORT: tl.constexpr, RATIO: tl.constexpr):
-    c = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+                    SORT: tl.constexpr, RATIO: tl.constexpr, CAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     Lr = L
     if RATIO > 0:                                    # row = b * Tq + i holds the query at position q0 + i
         Lr = tl.minimum(L, ((q0 + row % Tq + 1) // RATIO).to(tl.int32))
@@ -256,36 +292,36 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor, Tq, q0,
     n = tl.maximum(c1 - c0, 0)
     ksel = tl.minimum(n, K)
     vrow = VAL + row * svr
-    pref = ksel * 0
-    krem = ksel
-    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 24, BLOCK)
-    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 16, BLOCK)
-    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 8, BLOCK)
-    pref, krem = _radix_pass(vrow, c0, c1, pref, krem, 0, BLOCK)
-    thr = pref ^ -2147483648                                                # k-th largest, signed-ordered
-    n_gt = ksel - krem
+    irow = IDXIN + row * sir
     obase = row * sor + c.to(tl.int64) * K
-    ngt_seen = ksel * 0
-    neq_seen = ksel * 0
-    for st in range(c0, c1, BLOCK):                                          # compaction in index order
-        offs = st + tl.arange(0, BLOCK)
-        m = offs < c1
-        v = tl.load(vrow + offs, mask=m, other=0.0)
-        o = _ordered(v)
-        gt = m & (o > thr)
-        eq = m & (o == thr)
-        gpos = ngt_seen + tl.cumsum(gt.to(tl.int32), 0) - 1
-        epos = neq_seen + tl.cumsum(eq.to(tl.int32), 0) - 1
-        sel = gt | (eq & (epos < krem))
-        pos = tl.where(gt, gpos, n_gt + epos)
-        if HAS_IDX:
-            src = tl.load(IDXIN + row * sir + offs, mask=sel, other=-1)
-        else:
-            src = offs
-        tl.store(OIDX + obase + pos, src.to(tl.int32), mask=sel)
-        tl.store(OVAL + obase + pos, v, mask=sel)
-        ngt_seen += tl.sum(gt.to(tl.int32), 0)
-        neq_seen += tl.sum(eq.to(tl.int32), 0)
+    pref, krem, inbin = _radix_pass(vrow, c0, c1, ksel * 0, ksel, 21, 11, BLOCK, False)
+    ncand = ksel - krem + inbin                                             # entries in or above the bin
+    if ncand <= CAP:
+        sbase = row * ssr + c.to(tl.int64) * CAP
+        lo = pref ^ -2147483648                                             # bin start, signed-ordered
+        seen = ksel * 0
+        for st in range(c0, c1, BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < c1
+            v = tl.load(vrow + offs, mask=m, other=0.0)
+            cand = m & (_ordered(v) >= lo)
+            pos = seen + tl.cumsum(cand.to(tl.int32), 0) - 1
+            if HAS_IDX:
+                src = tl.load(irow + offs, mask=cand, other=-1)
+            else:
+                src = offs
+            tl.store(SI + sbase + pos, src.to(tl.int32), mask=cand)
+            tl.store(SV + sbase + pos, v, mask=cand)
+            seen += tl.sum(cand.to(tl.int32), 0)
+        tl.debug_barrier()                                                   # scratch is re-read by other threads
+        pref, krem, inbin = _radix_pass(SV + sbase, 0, ncand, pref, krem, 10, 11, BLOCK_C, True)
+        pref, krem, inbin = _radix_pass(SV + sbase, 0, ncand, pref, krem, 0, 10, BLOCK_C, True)
+        _compact(SV + sbase, SI + sbase, 0, ncand, pref ^ -2147483648, krem, ksel - krem, OIDX, OVAL, obase,
+                 True, BLOCK_C, True)
+    else:
+        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 10, 11, BLOCK, False)
+        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 0, 10, BLOCK, False)
+        _compact(vrow, irow, c0, c1, pref ^ -2147483648, krem, ksel - krem, OIDX, OVAL, obase, HAS_IDX, BLOCK, False)
     j = tl.arange(0, KP)
     if SORT:
         tl.debug_barrier()                                                   # the picks are re-read by other threads
@@ -308,13 +344,14 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, L, C, svr, sir, sor, Tq, q0,
 
 
 def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: bool = True,
-                      frontier: tuple[int, int, int] | None = None):
+                      frontier: tuple[int, int, int] | None = None, cap: int | None = None):
     """Top-k of each row of val (R, L) fp32 (last dim contiguous) by radix select. chunk=None: one program per row,
     returns (vals, idx) (R, k); else each chunk of `chunk` columns gives its own top-k: (R, ceil(L/chunk), k).
     idx_in (R, L) int32: source indices to report instead of column positions. -1 / -inf for missing slots.
     sort=False leaves each chunk's picks in index order (stage 1 of the two-stage top-k).
     frontier=(Tq, q0, ratio): row r = b * Tq + i only reads its visible columns [0, (q0 + i + 1) // ratio) (the rest
-    of the row may be garbage); None: every row reads all L columns."""
+    of the row may be garbage); None: every row reads all L columns.
+    cap: candidate scratch slots per program (default 4 * next_pow2(k), at least 1024; 0 = always re-read the row)."""
     check_device(val)
     R, L = val.shape
     assert val.stride(-1) == 1 and (idx_in is None or (idx_in.shape == val.shape and idx_in.stride(-1) == 1))
@@ -325,11 +362,17 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     if R > 0 and k > 0:
         KP = next_pow2(k)
+        cap = max(1024, 4 * KP) if cap is None else int(cap)
+        if INTERPRET and cap:
+            cap = max(16, next_pow2(cap))
+        sv = torch.empty(R * nch * max(cap, 1), dtype=torch.float32, device=val.device)
+        si = torch.empty(R * nch * max(cap, 1), dtype=torch.int32, device=val.device)
         BLOCK = 64 if INTERPRET else min(4096, max(256, next_pow2(C)))
-        _radix_topk_fwd[(nch, R)](val, idx_in if idx_in is not None else oidx, oval, oidx, L, max(C, 1),
+        BLOCK_C = 64 if INTERPRET else min(2048, max(256, next_pow2(cap)))
+        _radix_topk_fwd[(R, nch)](val, idx_in if idx_in is not None else oidx, oval, oidx, sv, si, L, max(C, 1),
                                   val.stride(0), idx_in.stride(0) if idx_in is not None else 0, oidx.stride(0),
-                                  Tq, q0, K=k, KP=KP, BLOCK=BLOCK, HAS_IDX=idx_in is not None, SORT=sort,
-                                  RATIO=ratio,
+                                  nch * max(cap, 1), Tq, q0, K=k, KP=KP, BLOCK=BLOCK, HAS_IDX=idx_in is not None,
+                                  SORT=sort, RATIO=ratio, CAP=cap, BLOCK_C=BLOCK_C,
                                   num_warps=8 if KP >= 512 else 4)
     return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
 
@@ -366,17 +409,17 @@ def _topk_split_torch(sc, k, chunk):
     return v2, torch.where(v2 == float("-inf"), -1, i2).to(torch.int32)
 
 
-def _topk_radix(sc, k, split, frontier):
+def _topk_radix(sc, k, split, frontier, cap):
     R, L = sc.shape
     if split is None or L <= max(split, 4 * k):
-        return radix_topk_triton(sc, k, frontier=frontier)
-    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False, frontier=frontier)   # (R, n, k) candidates
-    return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1))
+        return radix_topk_triton(sc, k, frontier=frontier, cap=cap)
+    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False, frontier=frontier, cap=cap)   # (R, n, k) candidates
+    return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1), cap=cap)
 
 
 def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
                         method: str = "auto", chunk_elems: int = 1 << 28, split: int | None = None,
-                        workspace: torch.Tensor | None = None):
+                        workspace: torch.Tensor | None = None, radix_cap: int | None = None):
     """Lightning-indexer top-k. method (kernels.md §3; measured by benchmarks/bench_csa.py):
       radix        Triton scores per query chunk (only the chunk's visible key range) + Triton radix-select top-k;
                    rows longer than max(split, 4k) are split into `split`-column chunks (default 8192 at decode,
@@ -389,7 +432,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     torch.topk's order among equal scores is unspecified, so `torch`/`split_torch` may order ties (and pick among
     ties at the k-th value) differently from the naive twin; `radix` and `stream` follow the lower-index rule.
     Query chunks hold at most `chunk_elems` fp32 scores (1 GiB by default); the [T, S] matrix is never built.
-    workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
+    workspace: an fp32 buffer for the score chunks (allocated per call if None or too small).
+    radix_cap: candidate scratch slots of the radix kernel (radix_topk_triton's cap; 0 = no candidate shortcut)."""
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
     decode = T <= DECODE_T
@@ -417,7 +461,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=method != "radix")
             sc = sc.view(B * (t1 - t0), Sp)
             if method == "radix":                               # reads each row up to its own causal frontier
-                v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio))
+                v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio), radix_cap)
             elif method == "torch":
                 v, i = _topk_torch(sc, k)
             else:
