@@ -1,4 +1,6 @@
-"""Adds HCA fwd+bwd and the FlexAttention baseline to benchmarks/results/hca.json (run 3; flex compile is slow)."""
+"""Adds HCA fwd+bwd and the FlexAttention baseline to an existing benchmarks/results/hca.json (run 3 used it when
+the old create_block_mask-based Flex baseline did not finish compiling; bench_hca.py now does both itself, Flex
+through flex_hca.py with a per-shape time cap)."""
 import json
 import os
 import sys
