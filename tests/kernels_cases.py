@@ -192,9 +192,9 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems, split, methods)
     if not big:
-        shapes = [(2, 13, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),   # < k visible
+        shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),    # < k visible
                   (1, 24, 4, 16, 40, 6, 1, 8, 400, 8, ("radix", "torch", "split_torch")),     # query chunks, skips
-                  (2, 2, 3, 16, 100, 5, 4, 398, 1 << 28, 16, ("radix", "radix:0", "torch", "split_torch"))]
+                  (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28, 32, ("radix", "torch", "split_torch"))]    # decode
     else:
         shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch", "stream")),
                   (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "torch", "split_torch")),
@@ -231,6 +231,20 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
             assert torch.equal(torch.where(miss, v_t, got), v_t), f"{m}: picks' scores differ from reported values"
             srt = torch.sort(torch.where(miss, -1 - torch.arange(k, device=i_t.device), i_t.long()), -1).values
             assert (srt[..., 1:] != srt[..., :-1]).all(), f"{m}: repeated picks"
+    # radix select on raw rows, each branch: candidates fit after pass 1 (spread values), only after pass 2 (one
+    # binade: same top 8 bits), never (heavy ties: the passes re-read the row); vs a stable sort (lower index first)
+    from dsv4_lab.kernels.indexer_topk.triton import radix_topk_triton
+    R, L, k, cap = (1, 90, 5, 24) if not big else (64, 32768, 512, 2048)
+    spread = torch.randn(R, L, generator=g) * torch.logspace(-20, 20, L)[torch.randperm(L, generator=g)]
+    binade = 1 + torch.rand(R, L, generator=g)
+    ties = torch.randint(-2, 3, (R, L), generator=g).float()
+    ties[0, ::3] = float("-inf")
+    for nm, x in (("spread", spread), ("binade", binade), ("ties", ties)):
+        x = x.to(device)
+        v, i = radix_topk_triton(x, k, cap=cap)
+        vr, ir = torch.sort(x, dim=-1, descending=True, stable=True)
+        vr, ir = vr[:, :k], torch.where(vr[:, :k] == float("-inf"), -1, ir[:, :k]).int()
+        assert torch.equal(v, vr) and torch.equal(i, ir), f"radix_topk_triton on {nm} rows"
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant

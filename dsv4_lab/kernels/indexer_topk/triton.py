@@ -209,14 +209,14 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 
 # ================================================================================================ radix top-k
-# Exact top-k of fp32 rows by radix select (kernels.md §3) over the order-preserving bits of the scores: three
-# histogram passes of 11 / 11 / 10 bits find the k-th largest value v*; a compaction pass writes every entry > v* and
-# the first (lowest-index) entries == v* in index order; the k picks are then sorted by (score desc, index asc) with
-# tl.sort on packed int64 keys. So ties follow the naive twin's rule exactly (lower index first), deterministically.
-# Candidate shortcut (CAP > 0): after the first pass, the entries in or above the threshold bin (bins are ~25 % wide
-# in value, so typically k + a few hundred) are compacted, in index order, into a per-program scratch of CAP slots
-# when they fit; the remaining passes and the final compaction then read only those: 2 reads of the row instead of 4.
-# When they do not fit (e.g. many equal scores), the passes read the row again.
+# Exact top-k of fp32 rows by radix select (kernels.md §3) over the order-preserving bits of the scores: 8-bit
+# histogram passes find the k-th largest value v*; a compaction writes every entry > v* and the first (lowest-index)
+# entries == v* in index order; the k picks are then sorted by (score desc, index asc) with tl.sort on packed int64
+# keys. So ties follow the naive twin's rule exactly (lower index first), deterministically.
+# Candidate shortcut: after the first pass over the row (and a second one if needed), the entries in or above the
+# chosen bin are compacted, in index order, into a per-program scratch of CAP slots when they fit (typically k + a few
+# hundred after the second pass); the exact select then restarts on those only: 2-3 reads of the row instead of 5.
+# When they do not fit (e.g. many equal scores), the remaining passes read the row again.
 # One program owns one column chunk [c*C, c*C + C) of one row and writes its top-K; with one chunk per row this is
 # the whole top-k (prefill rows), with many chunks it is stage 1 of a two-stage top-k (decode: one very long row is
 # split over many programs; stage 2 runs the same kernel over the chunks' candidates, HAS_IDX=True). Exact: the union
@@ -294,8 +294,12 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq
     vrow = VAL + row * svr
     irow = IDXIN + row * sir
     obase = row * sor + c.to(tl.int64) * K
-    pref, krem, inbin = _radix_pass(vrow, c0, c1, ksel * 0, ksel, 21, 11, BLOCK, False)
+    # 8-bit digits: tl.histogram costs ~(bins / 32) x bits ALU ops per element (warp ballots), so 8 bits, not 11
+    pref, krem, inbin = _radix_pass(vrow, c0, c1, ksel * 0, ksel, 24, 8, BLOCK, False)
     ncand = ksel - krem + inbin                                             # entries in or above the bin
+    if ncand > CAP:                                                         # too many: refine the bin once more
+        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 16, 8, BLOCK, False)
+        ncand = ksel - krem + inbin
     if ncand <= CAP:
         sbase = row * ssr + c.to(tl.int64) * CAP
         lo = pref ^ -2147483648                                             # bin start, signed-ordered
@@ -304,7 +308,7 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
             v = tl.load(vrow + offs, mask=m, other=0.0)
-            cand = m & (_ordered(v) >= lo)
+            cand = m & (_ordered(v) >= lo)                                  # exactly ncand entries, index order
             pos = seen + tl.cumsum(cand.to(tl.int32), 0) - 1
             if HAS_IDX:
                 src = tl.load(irow + offs, mask=cand, other=-1)
@@ -314,13 +318,16 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq
             tl.store(SV + sbase + pos, v, mask=cand)
             seen += tl.sum(cand.to(tl.int32), 0)
         tl.debug_barrier()                                                   # scratch is re-read by other threads
-        pref, krem, inbin = _radix_pass(SV + sbase, 0, ncand, pref, krem, 10, 11, BLOCK_C, True)
-        pref, krem, inbin = _radix_pass(SV + sbase, 0, ncand, pref, krem, 0, 10, BLOCK_C, True)
-        _compact(SV + sbase, SI + sbase, 0, ncand, pref ^ -2147483648, krem, ksel - krem, OIDX, OVAL, obase,
+        # exact select restarted on the candidates (they hold the whole top-ksel)
+        p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, ksel * 0, ksel, 24, 8, BLOCK_C, True)
+        p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, p2, k2, 16, 8, BLOCK_C, True)
+        p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, p2, k2, 8, 8, BLOCK_C, True)
+        p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, p2, k2, 0, 8, BLOCK_C, True)
+        _compact(SV + sbase, SI + sbase, 0, ncand, p2 ^ -2147483648, k2, ksel - k2, OIDX, OVAL, obase,
                  True, BLOCK_C, True)
     else:
-        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 10, 11, BLOCK, False)
-        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 0, 10, BLOCK, False)
+        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 8, 8, BLOCK, False)
+        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 0, 8, BLOCK, False)
         _compact(vrow, irow, c0, c1, pref ^ -2147483648, krem, ksel - krem, OIDX, OVAL, obase, HAS_IDX, BLOCK, False)
     j = tl.arange(0, KP)
     if SORT:
