@@ -3,7 +3,8 @@ prefill = compressor + best indexer method + sparse attention; CSA decode (CUDA-
 sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): radix (Triton scores per query chunk + Triton radix-select
-top-k; decode: two-stage over `split`-column chunks), torch (Triton scores + torch.topk), split_torch (Triton scores +
+top-k; decode: two-stage over `split`-column chunks), radix_gmax (radix with the group-max prefilter: one gather pass
+instead of histogram passes over the row), torch (Triton scores + torch.topk), split_torch (Triton scores +
 two-stage torch.topk), fused = the old streaming kernel (method="stream"; prefill only at 8K/32K, it is slow),
 torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). Work: indexer 2*HI*DI FLOP per
 visible (query, entry) pair (kernels.md §9.1); gather bandwidth counts each loaded 256-B row once per query."""
@@ -22,7 +23,7 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-PREFILL_METHODS = ("radix", "torch", "split_torch")
+PREFILL_METHODS = ("radix", "radix_gmax", "torch", "split_torch")
 DECODE_METHODS = {"radix_s4096": dict(method="radix", split=4096), "radix_s8192": dict(method="radix", split=8192),
                   "radix_s16384": dict(method="radix", split=16384), "torch": dict(method="torch"),
                   "split_torch": dict(method="split_torch", split=8192), "fused": dict(method="stream")}

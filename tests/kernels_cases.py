@@ -192,12 +192,15 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems, split, methods)
     if not big:
-        shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch")),    # < k visible
-                  (1, 24, 4, 16, 40, 6, 1, 8, 400, 8, ("radix", "torch", "split_torch")),     # query chunks, skips
+        shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "radix_gmax", "torch", "split_torch")),
+                  (1, 24, 4, 16, 40, 6, 1, 8, 400, 8, ("radix", "radix_gmax", "torch")),       # chunks, skips
                   (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28, 32, ("radix", "torch", "split_torch"))]    # decode
     else:
-        shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "torch", "split_torch", "stream")),
-                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "torch", "split_torch")),
+        shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "radix_gmax", "torch", "split_torch",
+                                                                     "stream")),
+                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "radix_gmax", "torch",
+                                                                 "split_torch")),
+                  (1, 2048, 4, 64, 32768, 512, 4, 120000, 1 << 26, None, ("radix", "radix_gmax", "torch")),
                   (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28, 8192, ("radix", "torch", "split_torch", "stream")),
                   (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28, 4096, ("radix", "torch", "split_torch"))]
     for (B, T, HI, DI, S, k, R, off, ce, split, methods) in shapes:

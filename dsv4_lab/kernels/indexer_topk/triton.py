@@ -123,11 +123,11 @@ def _score_configs():
 
 @triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO"])
 @triton.jit
-def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
-                        sqb, sqt, sqh, skb, sks, swb, swt, sob, sot,
+def _indexer_scores_fwd(QI, KI, WT, OUT, GM, Tq, Sp, t0, q_offset,
+                        sqb, sqt, sqh, skb, sks, swb, swt, sob, sot, sgb, sgt,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr,
-                        FILL: tl.constexpr):
+                        FILL: tl.constexpr, GROUP: tl.constexpr):
     R: tl.constexpr = BLOCK_M * HIP
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -157,6 +157,12 @@ def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
         sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
         sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
         tl.store(OUT + off, sc, mask=omask)
+        if GROUP > 0:                              # max of every GROUP consecutive entries (radix prefilter)
+            NG: tl.constexpr = BLOCK_N // GROUP
+            gm = tl.max(tl.reshape(sc, [BLOCK_M, NG, GROUP]), 2)
+            gi = n0 // GROUP + tl.arange(0, NG)
+            tl.store(GM + b * sgb + im.to(tl.int64)[:, None] * sgt + gi[None, :], gm,
+                     mask=(im < Tq)[:, None] & (gi < (Sp + GROUP - 1) // GROUP)[None, :])
     else:
         if FILL:                                   # FILL=False: the reader stops at each row's frontier (radix)
             tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=omask)
@@ -167,14 +173,17 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
-                          s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None):
+                          s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None,
+                          gmax: torch.Tensor | None = None, group: int = 0):
     """(B, t1 - t0, S') fp32 scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf.
 
     S' = s1 if given, else the chunk's visible range floor((q_offset + t1) / ratio) (clipped to S): the keys beyond it
     are invisible to every query of the chunk and are neither read nor written. `out` may be a preallocated buffer
     of at least that size (reused across chunks). fill=False leaves the key tiles that lie wholly beyond a query
     tile's causal frontier unwritten (for readers that stop at each row's frontier, as the radix top-k does).
-    config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config)."""
+    config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config).
+    group > 0: also write gmax (B, t1 - t0, ceil(S' / group)) (a flat buffer of at least that size), the max of every
+    `group` consecutive scores (group a power of two <= 32; groups in skipped tiles are left unwritten)."""
     check_device(qI, kI, w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -200,11 +209,14 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     if config is not None:
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
-    kern[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
+    G = -(-Sp // group) if group else 0
+    gm = gmax.view(-1)[: B * Tq * G].view(B, Tq, G) if group else out
+    kern[grid](qI, kI, w, out, gm, Tq, Sp, t0, q_offset,
                qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
-               w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+               w.stride(0), w.stride(1), out.stride(0), out.stride(1), gm.stride(0) if group else 0,
+               gm.stride(1) if group else 0,
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-               DOT_DT=dot_dtype(qI), FILL=fill, **extra)
+               DOT_DT=dot_dtype(qI), FILL=fill, GROUP=group, **extra)
     return out
 
 
@@ -279,9 +291,32 @@ def _compact(VROW, IROW, c0, c1, thr, krem, n_gt, OIDX, OVAL, obase, HAS_I: tl.c
 
 
 @triton.jit
-def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq, q0,
+def _gather(VROW, IROW, c0, c1, lo, SV, SI, sbase, HAS_I: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """Copy the entries with ordered key >= lo, in index order, to the first CAP scratch slots; returns how many there
+    are (more than CAP means the scratch holds only a prefix and must not be used)."""
+    seen = c0 * 0
+    for st in range(c0, c1, BLOCK):
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < c1
+        v = tl.load(VROW + offs, mask=m, other=0.0)
+        cand = m & (_ordered(v) >= lo)
+        pos = seen + tl.cumsum(cand.to(tl.int32), 0) - 1
+        keep = cand & (pos < CAP)
+        if HAS_I:
+            src = tl.load(IROW + offs, mask=keep, other=-1)
+        else:
+            src = offs
+        tl.store(SI + sbase + pos, src.to(tl.int32), mask=keep)
+        tl.store(SV + sbase + pos, v, mask=keep)
+        seen += tl.sum(cand.to(tl.int32), 0)
+    return seen
+
+
+@triton.jit
+def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, L, C, svr, sir, sor, ssr, sgr, Tq, q0,
                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
-                    SORT: tl.constexpr, RATIO: tl.constexpr, CAP: tl.constexpr, BLOCK_C: tl.constexpr):
+                    SORT: tl.constexpr, RATIO: tl.constexpr, CAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                    GROUP: tl.constexpr, GP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     Lr = L
@@ -294,29 +329,27 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq
     vrow = VAL + row * svr
     irow = IDXIN + row * sir
     obase = row * sor + c.to(tl.int64) * K
-    # 8-bit digits: tl.histogram costs ~(bins / 32) x bits ALU ops per element (warp ballots), so 8 bits, not 11
-    pref, krem, inbin = _radix_pass(vrow, c0, c1, ksel * 0, ksel, 24, 8, BLOCK, False)
-    ncand = ksel - krem + inbin                                             # entries in or above the bin
-    if ncand > CAP:                                                         # too many: refine the bin once more
-        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 16, 8, BLOCK, False)
-        ncand = ksel - krem + inbin
+    sbase = row * ssr + c.to(tl.int64) * CAP
+    pref = ksel * 0
+    krem = ksel
+    ncand = ksel * 0 + (CAP + 1)
+    if GP > 0:                                      # group-max prefilter (one chunk per row, GM from the scores)
+        G = (c1 - c0 + GROUP - 1) // GROUP
+        gi = tl.arange(0, GP)
+        gs = tl.sort(tl.load(GM + row * sgr + gi, mask=gi < G, other=float("-inf")), descending=True)
+        t0v = tl.sum(tl.where(gi == ksel - 1, gs, 0.0), 0)                  # ksel-th largest group max
+        t0v = tl.where((ksel <= G) & (ksel > 0), t0v, float("-inf"))     # >= ksel entries are >= t0v
+        ncand = _gather(vrow, irow, c0, c1, _ordered(t0v), SV, SI, sbase, HAS_IDX, BLOCK, CAP)
+    if ncand > CAP:
+        # 8-bit digits: tl.histogram costs ~(bins / 32) x bits ALU ops per element (warp ballots), so 8 bits, not 11
+        pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 24, 8, BLOCK, False)
+        ncand = ksel - krem + inbin                                         # entries in or above the bin
+        if ncand > CAP:                                                     # too many: refine the bin once more
+            pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 16, 8, BLOCK, False)
+            ncand = ksel - krem + inbin
+        if ncand <= CAP:
+            ncand = _gather(vrow, irow, c0, c1, pref ^ -2147483648, SV, SI, sbase, HAS_IDX, BLOCK, CAP)
     if ncand <= CAP:
-        sbase = row * ssr + c.to(tl.int64) * CAP
-        lo = pref ^ -2147483648                                             # bin start, signed-ordered
-        seen = ksel * 0
-        for st in range(c0, c1, BLOCK):
-            offs = st + tl.arange(0, BLOCK)
-            m = offs < c1
-            v = tl.load(vrow + offs, mask=m, other=0.0)
-            cand = m & (_ordered(v) >= lo)                                  # exactly ncand entries, index order
-            pos = seen + tl.cumsum(cand.to(tl.int32), 0) - 1
-            if HAS_IDX:
-                src = tl.load(irow + offs, mask=cand, other=-1)
-            else:
-                src = offs
-            tl.store(SI + sbase + pos, src.to(tl.int32), mask=cand)
-            tl.store(SV + sbase + pos, v, mask=cand)
-            seen += tl.sum(cand.to(tl.int32), 0)
         tl.debug_barrier()                                                   # scratch is re-read by other threads
         # exact select restarted on the candidates (they hold the whole top-ksel)
         p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, ksel * 0, ksel, 24, 8, BLOCK_C, True)
@@ -351,14 +384,18 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, L, C, svr, sir, sor, ssr, Tq
 
 
 def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: bool = True,
-                      frontier: tuple[int, int, int] | None = None, cap: int | None = None):
+                      frontier: tuple[int, int, int] | None = None, cap: int | None = None,
+                      gmax: torch.Tensor | None = None, group: int = 0):
     """Top-k of each row of val (R, L) fp32 (last dim contiguous) by radix select. chunk=None: one program per row,
     returns (vals, idx) (R, k); else each chunk of `chunk` columns gives its own top-k: (R, ceil(L/chunk), k).
     idx_in (R, L) int32: source indices to report instead of column positions. -1 / -inf for missing slots.
     sort=False leaves each chunk's picks in index order (stage 1 of the two-stage top-k).
     frontier=(Tq, q0, ratio): row r = b * Tq + i only reads its visible columns [0, (q0 + i + 1) // ratio) (the rest
     of the row may be garbage); None: every row reads all L columns.
-    cap: candidate scratch slots per program (default 4 * next_pow2(k), at least 1024; 0 = always re-read the row)."""
+    cap: candidate scratch slots per program (default 4 * next_pow2(k), at least 1024; 0 = always re-read the row).
+    gmax (R, >= ceil(L / group)): max of every `group` consecutive entries of each row (indexer_scores_triton's
+    group output; one chunk per row only): the k-th largest group max t0 bounds the k-th largest entry from below, so
+    the entries >= t0 (typically k + a few percent) are gathered in one pass and the histogram passes are skipped."""
     check_device(val)
     R, L = val.shape
     assert val.stride(-1) == 1 and (idx_in is None or (idx_in.shape == val.shape and idx_in.stride(-1) == 1))
@@ -376,16 +413,20 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
         si = torch.empty(R * nch * max(cap, 1), dtype=torch.int32, device=val.device)
         BLOCK = 64 if INTERPRET else min(4096, max(256, next_pow2(C)))
         BLOCK_C = 64 if INTERPRET else min(2048, max(256, next_pow2(cap)))
-        _radix_topk_fwd[(R, nch)](val, idx_in if idx_in is not None else oidx, oval, oidx, sv, si, L, max(C, 1),
+        use_g = gmax is not None and group > 0 and nch == 1
+        GP = next_pow2(-(-L // group)) if use_g else 0
+        _radix_topk_fwd[(R, nch)](val, idx_in if idx_in is not None else oidx, oval, oidx, sv, si,
+                                  gmax if use_g else val, L, max(C, 1),
                                   val.stride(0), idx_in.stride(0) if idx_in is not None else 0, oidx.stride(0),
-                                  nch * max(cap, 1), Tq, q0, K=k, KP=KP, BLOCK=BLOCK, HAS_IDX=idx_in is not None,
-                                  SORT=sort, RATIO=ratio, CAP=cap, BLOCK_C=BLOCK_C,
+                                  nch * max(cap, 1), gmax.stride(0) if use_g else 0, Tq, q0, K=k, KP=KP, BLOCK=BLOCK,
+                                  HAS_IDX=idx_in is not None, SORT=sort, RATIO=ratio, CAP=cap, BLOCK_C=BLOCK_C,
+                                  GROUP=group if use_g else 1, GP=GP,
                                   num_warps=8 if KP >= 512 else 4)
     return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
 
 
 # ================================================================================================ indexer + top-k
-METHODS = ("radix", "torch", "split_torch", "stream")
+METHODS = ("radix", "radix_gmax", "torch", "split_torch", "stream")
 AUTO = {"prefill": "radix", "decode": "radix"}      # set from benchmarks/results/csa.json (bench_csa.py)
 DECODE_T = 16                                        # T <= DECODE_T queries: decode methods (split the key range)
 
@@ -416,10 +457,10 @@ def _topk_split_torch(sc, k, chunk):
     return v2, torch.where(v2 == float("-inf"), -1, i2).to(torch.int32)
 
 
-def _topk_radix(sc, k, split, frontier, cap):
+def _topk_radix(sc, k, split, frontier, cap, gmax=None, group=0):
     R, L = sc.shape
     if split is None or L <= max(split, 4 * k):
-        return radix_topk_triton(sc, k, frontier=frontier, cap=cap)
+        return radix_topk_triton(sc, k, frontier=frontier, cap=cap, gmax=gmax, group=group)
     v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False, frontier=frontier, cap=cap)   # (R, n, k) candidates
     return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1), cap=cap)
 
@@ -432,6 +473,9 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                    rows longer than max(split, 4k) are split into `split`-column chunks (default 8192 at decode,
                    65536 in prefill): per-chunk top-k over many programs, then the top-k of the candidates.
                    Ties: lower index first (exact twin).
+      radix_gmax   radix whose score kernel also writes the max of every `group` entries (group ~ S'/(2k)); the
+                   k-th largest group max bounds the k-th score from below, so one gather pass finds the candidates
+                   and the histogram passes over the row are skipped (falls back to them when > cap candidates).
       torch        Triton scores per query chunk + torch.topk (decode: torch.topk of the whole row).
       split_torch  Triton scores + two-stage torch.topk (per `split` chunk, then of the candidates).
       stream       the fused streaming kernel (scores never leave registers; bitonic merge per key tile).
@@ -458,6 +502,10 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         Smax = _visible(ratio, q_offset, T, S)
         rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
         need = B * rows * max(Smax, 1)
+        group = 0
+        if method == "radix_gmax":
+            group = min(16 if INTERPRET else 32, next_pow2(-(-max(Smax, 1) // (2 * next_pow2(k)))))
+            gbuf = torch.empty(B * rows * -(-max(Smax, 1) // group), dtype=torch.float32, device=qI.device)
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
         for t0 in range(0, T, rows):
@@ -465,10 +513,13 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             Sp = _visible(ratio, q_offset, t1, S)
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
-            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=method != "radix")
+            radix = method in ("radix", "radix_gmax")
+            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not radix,
+                                       gmax=gbuf if group else None, group=group)
             sc = sc.view(B * (t1 - t0), Sp)
-            if method == "radix":                               # reads each row up to its own causal frontier
-                v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio), radix_cap)
+            if radix:                                           # reads each row up to its own causal frontier
+                gm = gbuf[: B * (t1 - t0) * -(-Sp // group)].view(B * (t1 - t0), -1) if group else None
+                v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio), radix_cap, gm, group)
             elif method == "torch":
                 v, i = _topk_torch(sc, k)
             else:
