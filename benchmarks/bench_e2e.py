@@ -65,7 +65,7 @@ def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float) 
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "layer_types": list(cfg.layer_types)}
 
 
-def main(out_dir=None, ctxs=(4096, 16384, 65536), warmup=2, steps=4, guard_s=60.0):
+def main(out_dir=None, ctxs=(4096, 16384, 65536), warmup=2, steps=3, guard_s=40.0):
     res = {"what": "training throughput, small preset, one GPU (bench_e2e.py docstring)",
            "tokens_per_step": TOKENS_PER_STEP, "arms": {k: dict(v) for k, v in ARMS.items()}, "runs": {}}
     for ctx in ctxs:

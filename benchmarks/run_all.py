@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 ORDER = ["fake_quant", "mhc", "dense", "hca", "csa"]
-RUN_ORDER = ["hca", "csa", "mhc", "fake_quant", "dense", "e2e"]
+RUN_ORDER = ["hca", "e2e", "csa", "mhc", "fake_quant", "dense"]
 
 
 def _load(name):
