@@ -55,7 +55,8 @@ def test_block_tables_classify_blocks_exactly(N, H, D, W, R):
     assert torch.equal(partial, (cnt > 0) & ~full), "partial blocks"
     # the BlockMask carries exactly these blocks
     bm, _ = flex_hca.hca_block_mask(N, S, W, R, "cpu")
-    for num, idx, tab in ((bm.kv_num_blocks, bm.kv_indices, partial), (bm.full_kv_num_blocks, bm.full_kv_indices, full)):
+    for num, idx, tab in ((bm.kv_num_blocks, bm.kv_indices, partial),
+                          (bm.full_kv_num_blocks, bm.full_kv_indices, full)):
         for i in range(nq):
             got = sorted(idx[0, 0, i, :num[0, 0, i]].tolist())
             assert got == tab[i].nonzero().flatten().tolist(), f"query block {i}"

@@ -37,7 +37,8 @@ def _worker():
         q = torch.randn(B, T, H, D, generator=g)
         kv = torch.randn(B, Tk, D, generator=g)
         comp = torch.randn(B, Tk // R, D, generator=g)
-        sink = None if sk is None else (torch.randn(H, generator=g) if sk == "rand" else torch.full((H,), -float("inf")))
+        sink = None if sk is None else \
+            (torch.randn(H, generator=g) if sk == "rand" else torch.full((H,), -float("inf")))
         sc = D ** -0.5
         o, lse = hca_attn_fwd(q, kv, comp, sink, sc, W, R, off, cfg=cfg)
         ro, rl = hca_attn_naive(q.double(), kv.double(), comp.double(), None if sink is None else sink.double(), sc, W,
