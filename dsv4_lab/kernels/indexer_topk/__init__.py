@@ -5,6 +5,9 @@
 qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compressed indexer keys; w (B, T, HI) head
 weights (scaling included). Returns idx (B, T, k) int32, sorted by score, lower index first among ties, -1 where
 fewer than k entries are visible (entry s visible to position t iff s < floor((t + 1) / ratio)).
+impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the method for prefill and for decode
+(T <= triton.DECODE_T); its "radix" methods keep the lower-index tie rule exactly, the torch.topk-based ones
+("torch", "split_torch") may order equal scores differently (triton.py docstring).
 """
 from __future__ import annotations
 

@@ -348,6 +348,7 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, L, C, svr, sir, sor, ssr
             pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 16, 8, BLOCK, False)
             ncand = ksel - krem + inbin
         if ncand <= CAP:
+            tl.debug_barrier()                                               # after the speculative gather's writes
             ncand = _gather(vrow, irow, c0, c1, pref ^ -2147483648, SV, SI, sbase, HAS_IDX, BLOCK, CAP)
     if ncand <= CAP:
         tl.debug_barrier()                                                   # scratch is re-read by other threads
@@ -411,7 +412,7 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
             cap = max(16, next_pow2(cap))
         sv = torch.empty(R * nch * max(cap, 1), dtype=torch.float32, device=val.device)
         si = torch.empty(R * nch * max(cap, 1), dtype=torch.int32, device=val.device)
-        BLOCK = 64 if INTERPRET else min(4096, max(256, next_pow2(C)))
+        BLOCK = 64 if INTERPRET else 4096                               # one compiled variant for all row lengths
         BLOCK_C = 64 if INTERPRET else min(2048, max(256, next_pow2(cap)))
         use_g = gmax is not None and group > 0 and nch == 1
         GP = next_pow2(-(-L // group)) if use_g else 0
