@@ -313,10 +313,10 @@ def _gather(VROW, IROW, c0, c1, lo, SV, SI, sbase, HAS_I: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, L, C, svr, sir, sor, ssr, sgr, Tq, q0,
+def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, THR, L, C, svr, sir, sor, ssr, sgr, sthr, Tq, q0,
                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_IDX: tl.constexpr,
                     SORT: tl.constexpr, RATIO: tl.constexpr, CAP: tl.constexpr, BLOCK_C: tl.constexpr,
-                    GROUP: tl.constexpr, GP: tl.constexpr):
+                    GROUP: tl.constexpr, GP: tl.constexpr, GM_MAX: tl.constexpr, WRITE_THR: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     Lr = L
@@ -336,9 +336,13 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, L, C, svr, sir, sor, ssr
     if GP > 0:                                      # group-max prefilter (one chunk per row, GM from the scores)
         G = (c1 - c0 + GROUP - 1) // GROUP
         gi = tl.arange(0, GP)
-        gs = tl.sort(tl.load(GM + row * sgr + gi, mask=gi < G, other=float("-inf")), descending=True)
-        t0v = tl.sum(tl.where(gi == ksel - 1, gs, 0.0), 0)                  # ksel-th largest group max
-        t0v = tl.where((ksel <= G) & (ksel > 0), t0v, float("-inf"))     # >= ksel entries are >= t0v
+        gmv = tl.load(GM + row * sgr + gi, mask=gi < G, other=float("-inf"))
+        if GM_MAX:                               # GM = stage-1 chunks' k-th values: one chunk alone has K >= it
+            t0v = tl.max(gmv, 0)
+        else:
+            gs = tl.sort(gmv, descending=True)
+            t0v = tl.sum(tl.where(gi == ksel - 1, gs, 0.0), 0)              # ksel-th largest group max
+            t0v = tl.where((ksel <= G) & (ksel > 0), t0v, float("-inf"))  # >= ksel entries are >= t0v
         ncand = _gather(vrow, irow, c0, c1, _ordered(t0v), SV, SI, sbase, HAS_IDX, BLOCK, CAP)
     if ncand > CAP:
         # 8-bit digits: tl.histogram costs ~(bins / 32) x bits ALU ops per element (warp ballots), so 8 bits, not 11
@@ -357,12 +361,16 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, L, C, svr, sir, sor, ssr
         p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, p2, k2, 16, 8, BLOCK_C, True)
         p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, p2, k2, 8, 8, BLOCK_C, True)
         p2, k2, inbin = _radix_pass(SV + sbase, 0, ncand, p2, k2, 0, 8, BLOCK_C, True)
-        _compact(SV + sbase, SI + sbase, 0, ncand, p2 ^ -2147483648, k2, ksel - k2, OIDX, OVAL, obase,
-                 True, BLOCK_C, True)
+        tho = p2 ^ -2147483648
+        _compact(SV + sbase, SI + sbase, 0, ncand, tho, k2, ksel - k2, OIDX, OVAL, obase, True, BLOCK_C, True)
     else:
         pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 8, 8, BLOCK, False)
         pref, krem, inbin = _radix_pass(vrow, c0, c1, pref, krem, 0, 8, BLOCK, False)
-        _compact(vrow, irow, c0, c1, pref ^ -2147483648, krem, ksel - krem, OIDX, OVAL, obase, HAS_IDX, BLOCK, False)
+        tho = pref ^ -2147483648
+        _compact(vrow, irow, c0, c1, tho, krem, ksel - krem, OIDX, OVAL, obase, HAS_IDX, BLOCK, False)
+    if WRITE_THR:                                # this chunk's k-th largest value (-inf if it holds fewer than K)
+        tv = (tho ^ ((tho >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        tl.store(THR + row * sthr + c, tl.where(ksel == K, tv, float("-inf")))
     j = tl.arange(0, KP)
     if SORT:
         tl.debug_barrier()                                                   # the picks are re-read by other threads
@@ -386,7 +394,8 @@ def _radix_topk_fwd(VAL, IDXIN, OVAL, OIDX, SV, SI, GM, L, C, svr, sir, sor, ssr
 
 def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: bool = True,
                       frontier: tuple[int, int, int] | None = None, cap: int | None = None,
-                      gmax: torch.Tensor | None = None, group: int = 0):
+                      gmax: torch.Tensor | None = None, group: int = 0, gmax_is_max: bool = False,
+                      thr_out: torch.Tensor | None = None):
     """Top-k of each row of val (R, L) fp32 (last dim contiguous) by radix select. chunk=None: one program per row,
     returns (vals, idx) (R, k); else each chunk of `chunk` columns gives its own top-k: (R, ceil(L/chunk), k).
     idx_in (R, L) int32: source indices to report instead of column positions. -1 / -inf for missing slots.
@@ -396,7 +405,9 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
     cap: candidate scratch slots per program (default 4 * next_pow2(k), at least 1024; 0 = always re-read the row).
     gmax (R, >= ceil(L / group)): max of every `group` consecutive entries of each row (indexer_scores_triton's
     group output; one chunk per row only): the k-th largest group max t0 bounds the k-th largest entry from below, so
-    the entries >= t0 (typically k + a few percent) are gathered in one pass and the histogram passes are skipped."""
+    the entries >= t0 (typically k + a few percent) are gathered in one pass and the histogram passes are skipped.
+    gmax_is_max: gmax holds the stage-1 chunks' k-th largest values instead (group = k): t0 = their max.
+    thr_out (R, nch) fp32: receives each chunk's k-th largest value (-inf where the chunk has fewer than k)."""
     check_device(val)
     R, L = val.shape
     assert val.stride(-1) == 1 and (idx_in is None or (idx_in.shape == val.shape and idx_in.stride(-1) == 1))
@@ -413,15 +424,17 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
         sv = torch.empty(R * nch * max(cap, 1), dtype=torch.float32, device=val.device)
         si = torch.empty(R * nch * max(cap, 1), dtype=torch.int32, device=val.device)
         BLOCK = 64 if INTERPRET else 4096                               # one compiled variant for all row lengths
-        BLOCK_C = 64 if INTERPRET else min(2048, max(256, next_pow2(cap)))
+        BLOCK_C = 64 if INTERPRET else min(1024, max(256, next_pow2(cap)))
         use_g = gmax is not None and group > 0 and nch == 1
         GP = next_pow2(-(-L // group)) if use_g else 0
+        wt = thr_out is not None
         _radix_topk_fwd[(R, nch)](val, idx_in if idx_in is not None else oidx, oval, oidx, sv, si,
-                                  gmax if use_g else val, L, max(C, 1),
+                                  gmax if use_g else val, thr_out if wt else val, L, max(C, 1),
                                   val.stride(0), idx_in.stride(0) if idx_in is not None else 0, oidx.stride(0),
-                                  nch * max(cap, 1), gmax.stride(0) if use_g else 0, Tq, q0, K=k, KP=KP, BLOCK=BLOCK,
+                                  nch * max(cap, 1), gmax.stride(0) if use_g else 0, thr_out.stride(0) if wt else 0,
+                                  Tq, q0, K=k, KP=KP, BLOCK=BLOCK,
                                   HAS_IDX=idx_in is not None, SORT=sort, RATIO=ratio, CAP=cap, BLOCK_C=BLOCK_C,
-                                  GROUP=group if use_g else 1, GP=GP,
+                                  GROUP=group if use_g else 1, GP=GP, GM_MAX=bool(gmax_is_max), WRITE_THR=wt,
                                   num_warps=8 if KP >= 512 else 4)
     return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
 
@@ -462,8 +475,11 @@ def _topk_radix(sc, k, split, frontier, cap, gmax=None, group=0):
     R, L = sc.shape
     if split is None or L <= max(split, 4 * k):
         return radix_topk_triton(sc, k, frontier=frontier, cap=cap, gmax=gmax, group=group)
-    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False, frontier=frontier, cap=cap)   # (R, n, k) candidates
-    return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1), cap=cap)
+    n = triton.cdiv(L, split)
+    thr = torch.empty(R, n, dtype=torch.float32, device=sc.device)
+    v1, i1 = radix_topk_triton(sc, k, chunk=split, sort=False, frontier=frontier, cap=cap, thr_out=thr)  # (R, n, k)
+    # stage 2: the best chunk's k-th value bounds the row's k-th value from below -> one gather, no histograms
+    return radix_topk_triton(v1.view(R, -1), k, idx_in=i1.view(R, -1), cap=cap, gmax=thr, group=k, gmax_is_max=True)
 
 
 def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
