@@ -25,7 +25,8 @@ import torch
 
 pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "fake_quant", "mhc", "sparse_decode", "hca_decode"]
+CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "fake_quant", "mhc", "sparse_decode",
+         "hca_decode"]
 
 
 @pytest.fixture(scope="module")
