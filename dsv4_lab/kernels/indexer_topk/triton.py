@@ -435,7 +435,7 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
                                   Tq, q0, K=k, KP=KP, BLOCK=BLOCK,
                                   HAS_IDX=idx_in is not None, SORT=sort, RATIO=ratio, CAP=cap, BLOCK_C=BLOCK_C,
                                   GROUP=group if use_g else 1, GP=GP, GM_MAX=bool(gmax_is_max), WRITE_THR=wt,
-                                  num_warps=16 if KP >= 512 else 4)     # BLOCK 4096: 128 regs, no spills
+                                  num_warps=16)        # BLOCK 4096: <= 128 regs (4 or 8 warps spill, aot_check)
     return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
 
 
