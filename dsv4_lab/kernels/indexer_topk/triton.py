@@ -1,6 +1,12 @@
-"""Fused lightning-indexer scores + streaming top-k in Triton (same interface as naive.py; forward only).
+"""Lightning-indexer scores + top-k in Triton (spec §2.4; same interface as naive.py; forward only). Entry point:
+indexer_topk_triton(..., method=) (its docstring lists the methods; AUTO picks one for prefill and for decode).
 
-One program owns BQ queries x all HI indexer heads (BQ * HIP rows of the score tl.dot). It walks the visible
+  indexer_scores_triton  score kernel: (query chunk x visible key range) fp32 scores, causal tile skipping
+  radix_topk_triton      exact radix-select top-k of fp32 rows (one or two stages), lower-index ties
+  _indexer_topk_stream   method="stream": the first, fused streaming kernel (measured 865 ms at 128K on the H200,
+                         kept for comparison), described next.
+
+Streaming kernel: one program owns BQ queries x all HI indexer heads (BQ * HIP rows of the score tl.dot). It walks the visible
 compressed entries BS at a time, forms I = sum_h w_h ReLU(q_h . k) in registers, packs each score with its index
 into one int64 key (order-preserving fp32 bits << 32 | (2^32 - 1 - s), so equal scores prefer the lower index:
 the same tie rule as the naive twin's stable sort), and merges the chunk into a running, sorted top-KP list with
