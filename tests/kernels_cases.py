@@ -198,8 +198,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     else:
         shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "radix_gmax", "torch", "split_torch",
                                                                      "stream")),
-                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "radix_gmax", "torch",
-                                                                 "split_torch")),
+                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "radix_gmax", "radix_gmax:0",
+                                                                 "torch", "split_torch")),
                   (1, 2048, 4, 64, 32768, 512, 4, 120000, 1 << 26, None, ("radix", "radix_gmax", "torch")),
                   (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28, 8192, ("radix", "torch", "split_torch", "stream")),
                   (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28, 4096, ("radix", "torch", "split_torch"))]
@@ -216,7 +216,7 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
         assert (ref[..., Sp:] == float("-inf")).all(), "entries beyond S' must be invisible to the whole chunk"
         full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) reference scores
         i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
-        for m in methods:                               # "radix:0": radix without the candidate shortcut
+        for m in methods:                               # "radix:0": radix with cap 0 (no candidate shortcut)
             m, _, cap = m.partition(":")
             ws = torch.full((B * T * S + 64,), float("nan"), device=device)       # unwritten score slots: NaN
             ws[1::2] = float("inf")
