@@ -172,7 +172,9 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
         qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
         kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
         w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
-        i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True)
+        # method="radix": the Triton top-k with the declared tie rule (the default, "torch", leaves tie order to
+        # torch.topk and is checked on values in case_indexer_methods)
+        i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method="radix")
         i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
         assert i_t.shape == i_r.shape == (B, T, k), f"shape {tuple(i_t.shape)}"
         assert torch.equal(v_t, v_r), f"indexer scores differ (max {(v_t - v_r).abs().nan_to_num().max()})"

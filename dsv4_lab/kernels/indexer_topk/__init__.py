@@ -7,7 +7,8 @@ weights (scaling included). Returns idx (B, T, k) int32, sorted by score, lower 
 fewer than k entries are visible (entry s visible to position t iff s < floor((t + 1) / ratio)).
 impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the method for prefill and for decode
 (T <= triton.DECODE_T); its "radix" methods keep the lower-index tie rule exactly, the torch.topk-based ones
-("torch", "split_torch") may order equal scores differently (triton.py docstring).
+("torch", "split_torch") may order equal scores differently (triton.py docstring). Default (measured fastest on
+the H200): "torch", i.e. Triton scores + torch.topk.
 """
 from __future__ import annotations
 

@@ -447,7 +447,11 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
 
 # ================================================================================================ indexer + top-k
 METHODS = ("radix", "radix_gmax", "torch", "split_torch", "stream")
-AUTO = {"prefill": "radix", "decode": "radix"}      # set from benchmarks/results/csa.json (bench_csa.py)
+# set from benchmarks/results/csa.json (H200, 2026-11-29): Triton scores + torch.topk was the fastest measured at
+# 32K / 128K prefill (5.0 / 41.3 ms vs radix 8.1 / 67.7, radix_gmax 8.1 / 58.2) and at 1M decode (103 us vs radix
+# 113 us); at 8K all are within 0.3 ms. In the model-level GPU test the radix path also dropped 0.26 % of the picks
+# where k >= the visible count (not reproduced under the interpreter): see benchmarks/README.md
+AUTO = {"prefill": "torch", "decode": "torch"}
 DECODE_T = 16                                        # T <= DECODE_T queries: decode methods (split the key range)
 
 
