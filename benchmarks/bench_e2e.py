@@ -32,12 +32,13 @@ ARMS = {
 }
 
 
-def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float) -> dict:
+def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float, tokens: int = TOKENS_PER_STEP,
+            profile: bool = False) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("small", max_seq_len=max(ctx, 4096), **overrides)
     model = DSV4LM(cfg).cuda().train()
     opt = build_optimizer(model, TrainConfig())
-    B = max(1, TOKENS_PER_STEP // ctx)
+    B = max(1, tokens // ctx)
     ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device="cuda")
     x, y = ids[:, :-1], ids[:, 1:]
     torch.cuda.reset_peak_memory_stats()
@@ -59,7 +60,23 @@ def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float) 
             return {"error": f"time guard: step {i} took {dt:.1f} s > {guard_s} s", "step_s": dt, "batch": B}
     times.sort()
     med = times[len(times) // 2]
-    return {"batch": B, "ctx": ctx, "tokens_per_step": B * ctx, "step_ms": med * 1e3,
+    top = None
+    if profile:                                      # one more step under the profiler: where the GPU time goes
+        try:
+            from torch.profiler import ProfilerActivity, profile as prof
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(x, y)
+                out.loss.backward()
+                opt.step()
+                torch.cuda.synchronize()
+            ev = sorted(p.key_averages(), key=lambda e: -e.device_time_total)
+            tot = sum(e.device_time_total for e in ev)
+            top = [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count,
+                    "frac": e.device_time_total / max(tot, 1)} for e in ev[:25]]
+        except Exception as e:                                             # noqa: BLE001
+            top = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
+    return {"profile_top_kernels": top, "batch": B, "ctx": ctx, "tokens_per_step": B * ctx, "step_ms": med * 1e3,
             "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
             "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(lambda v: v == v, losses)),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "layer_types": list(cfg.layer_types)}
@@ -94,11 +111,36 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), warmup=2, steps=3, guard_s=40.
     return res
 
 
+def extra(out_dir=None):
+    """Follow-ups of the main table: the reference path at a batch that fits (4K, one sequence per step, both paths
+    at that batch), the Triton path without the indexer KL, and a profile of one Triton-path step at 16K."""
+    res = {"what": "bench_e2e.extra: reference path at batch 1, KL off, profile", "runs": {}}
+    plan = [("v4-torch_b1_4096", dict(kernels="torch"), 4096, 4096, False),
+            ("v4-triton_b1_4096", dict(kernels="triton"), 4096, 4096, False),
+            ("v4-triton-nokl_16384", dict(kernels="triton", indexer_loss_weight=0.0), 16384, TOKENS_PER_STEP, False),
+            ("v4-triton_16384_profiled", dict(kernels="triton"), 16384, TOKENS_PER_STEP, True)]
+    for key, over, ctx, tokens, prof in plan:
+        t0 = time.time()
+        try:
+            r = run_arm(over, ctx, 1, 3, 40.0, tokens=tokens, profile=prof)
+        except Exception as e:                                             # noqa: BLE001
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        r["wall_s"] = time.time() - t0
+        res["runs"][key] = r
+        print("e2e-extra", key, {k: v for k, v in r.items() if k != "profile_top_kernels"}, flush=True)
+        for row in (r.get("profile_top_kernels") or [])[:15]:
+            print("   ", row, flush=True)
+        torch.cuda.empty_cache()
+        save("e2e_extra", res, out_dir)
+    return res
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, nargs="*", default=[4096, 16384, 65536])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--extra", action="store_true", help="run extra() instead of the main table")
     a = ap.parse_args()
     print(env_info())
-    main(a.out, tuple(a.ctx), steps=a.steps)
+    extra(a.out) if a.extra else main(a.out, tuple(a.ctx), steps=a.steps)
