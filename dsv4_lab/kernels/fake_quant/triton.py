@@ -37,20 +37,7 @@ def _fake_quant_kernel(X, Y, R, K, inv_qmax,
         amax = tl.full([TR], 0.0, tl.float32) + amax
     else:
         amax = tl.max(ax, 1)                                                    # (TR,)
-    r = tl.maximum(amax, FLOOR) * inv_qmax
-    rb = r.to(tl.int32, bitcast=True)
-    e = ((rb >> 23) & 0xFF) - 127 + ((rb & 0x7FFFFF) != 0).to(tl.int32)       # ceil(log2 r), exact
-    inv_s = ((127 - e) << 23).to(tl.float32, bitcast=True)                      # 2^-e
-    s = ((e + 127) << 23).to(tl.float32, bitcast=True)                          # 2^e
-    y = xf * inv_s[:, None]
-    a = tl.minimum(tl.abs(y), QMAX)
-    ea = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    u = tl.maximum(ea, EMIN) - MANT
-    c = (((u + 150) << 23) | 4194304).to(tl.float32, bitcast=True)              # 1.5 * 2^(u + 23)
-    rr = (a + c) - c
-    sign = (y.to(tl.int32, bitcast=True) >> 31) << 31                          # x's sign bit (keeps -0.0)
-    q = (rr.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    out = q * s[:, None]
+    out = _quant_tile(xf, amax, inv_qmax, QMAX, FLOOR, MANT, EMIN)
     tl.store(Y + pb * syb + rows.to(tl.int64)[:, None] * syr + cols[None, :], out.to(Y.dtype.element_ty), mask=m)
 
 
