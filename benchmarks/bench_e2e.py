@@ -116,7 +116,7 @@ def extra(out_dir=None):
     at that batch), the Triton path without the indexer KL, and a profile of one Triton-path step at 16K."""
     res = {"what": "bench_e2e.extra: reference path at batch 1, KL off, profile", "runs": {}}
     plan = [("v4-torch_b1_4096", dict(kernels="torch"), 4096, 4096, False),
-            ("v4-triton_b1_4096", dict(kernels="triton"), 4096, 4096, False),
+            ("v4-triton_b1_4096", dict(kernels="triton"), 4096, 4096, True),
             ("v4-triton-nokl_16384", dict(kernels="triton", indexer_loss_weight=0.0), 16384, TOKENS_PER_STEP, False),
             ("v4-triton_16384_profiled", dict(kernels="triton"), 16384, TOKENS_PER_STEP, True)]
     for key, over, ctx, tokens, prof in plan:
