@@ -8,7 +8,9 @@ Three arms at context 4K / 16K / 64K, the same number of tokens per optimizer st
               PyTorch's fused SDPA kernel runs): the dense-attention baseline of the same size
 One step = forward + backward + AdamW step under bf16 autocast (as dsv4_lab.train does on CUDA). Random token ids
 (throughput does not depend on the data). Reported: median step time over `steps` timed steps after `warmup`
-steps, tokens/s, peak memory; an arm that runs out of memory or exceeds the time guard is recorded as such.
+steps, tokens/s, peak memory. An arm that runs out of memory is retried with half the sequences per forward/backward
+(gradient accumulation: same tokens per optimizer step) down to one; one that still does not fit, or exceeds the time
+guard, is recorded as such.
 
     python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--steps 4]
 """
@@ -33,12 +35,13 @@ ARMS = {
 
 
 def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float, tokens: int = TOKENS_PER_STEP,
-            profile: bool = False) -> dict:
+            profile: bool = False, micro: int | None = None) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("small", max_seq_len=max(ctx, 4096), **overrides)
     model = DSV4LM(cfg).cuda().train()
     opt = build_optimizer(model, TrainConfig())
     B = max(1, tokens // ctx)
+    mb = min(B, micro or B)                          # sequences per forward/backward (gradient accumulation below)
     ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device="cuda")
     x, y = ids[:, :-1], ids[:, 1:]
     torch.cuda.reset_peak_memory_stats()
@@ -46,9 +49,10 @@ def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float, 
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x, y)
-        out.loss.backward()
+        for j in range(0, B, mb):                    # one optimizer step over all B sequences
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x[j:j + mb], y[j:j + mb])
+            (out.loss * (x[j:j + mb].shape[0] / B)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -76,7 +80,7 @@ def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float, 
                     "frac": e.device_time_total / max(tot, 1)} for e in ev[:25]]
         except Exception as e:                                             # noqa: BLE001
             top = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
-    return {"profile_top_kernels": top, "batch": B, "ctx": ctx, "tokens_per_step": B * ctx, "step_ms": med * 1e3,
+    return {"profile_top_kernels": top, "batch": B, "micro_batch": mb, "ctx": ctx, "tokens_per_step": B * ctx, "step_ms": med * 1e3,
             "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
             "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(lambda v: v == v, losses)),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "layer_types": list(cfg.layer_types)}
@@ -89,12 +93,23 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), warmup=2, steps=3, guard_s=40.
         for arm, over in ARMS.items():
             key = f"{arm}_{ctx}"
             t0 = time.time()
-            try:
-                r = run_arm(over, ctx, warmup, steps, guard_s)
-            except torch.cuda.OutOfMemoryError as e:
-                r = {"error": f"OutOfMemoryError: {str(e)[:200]}"}
-            except Exception as e:                                         # noqa: BLE001
-                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            micro, tried = None, []
+            while True:          # out of memory: halve the micro-batch (gradient accumulation, same tokens per step)
+                try:
+                    r = run_arm(over, ctx, warmup, steps, guard_s, micro=micro)
+                except torch.cuda.OutOfMemoryError as e:
+                    r = {"error": f"OutOfMemoryError: {str(e)[:200]}"}
+                except Exception as e:                                     # noqa: BLE001
+                    r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                B = max(1, TOKENS_PER_STEP // ctx)
+                mb = micro or B
+                if "OutOfMemoryError" not in r.get("error", "") or mb == 1:
+                    break
+                tried.append(mb)
+                micro = mb // 2
+                torch.cuda.empty_cache()
+            if tried:
+                r["oom_at_micro_batch"] = tried
             r["wall_s"] = time.time() - t0
             res["runs"][key] = r
             print("e2e", key, r, flush=True)

@@ -78,7 +78,7 @@ def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = bench(lambda: a @ a)["ms"]
     _CEIL["bf16_gemm_tflops"] = 2 * 8192**3 / (t * 1e-3) / 1e12
-    del x, y, a
+    x = y = a = None                                                           # free the buffers
     torch.cuda.empty_cache()
     return _CEIL
 

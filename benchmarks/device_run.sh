@@ -2,7 +2,7 @@
 # One device call (the `device` tool's `run`): GPU tests, then the named benchmark families, time-capped so the
 # call ends inside its limit; every result and log comes back in $OUT/results.tgz.
 #   bash benchmarks/device_run.sh "<pytest -k expression or ->" <family> [family ...]
-#   env: TEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150)
+#   env: TEST_TIMEOUT (s, default 150; TEST_JOBS parallel, default 4; PER_TEST s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,9 +10,21 @@ K=$1; shift
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "$K" != "-" ]; then
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 tests/test_kernels_gpu.py tests/test_hca_prefill_gpu.py \
-    ${K:+-k "$K"} > "$OUT/gpu_tests.log" 2>&1
-  echo "gpu tests rc=$?"; tail -c 2500 "$OUT/gpu_tests.log"
+  # one pytest process per test, TEST_JOBS at a time (Triton compiles are CPU-bound; the GPU has room for several),
+  # each capped at PER_TEST s, the whole step at TEST_TIMEOUT s: a slow case cannot hide the others' results
+  python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_kernels_gpu.py tests/test_hca_prefill_gpu.py \
+    ${K:+-k "$K"} 2>/dev/null | grep "::" > "$OUT/gpu_test_ids.txt"
+  : > "$OUT/gpu_tests.log"
+  export OUT
+  timeout "${TEST_TIMEOUT:-150}" xargs -a "$OUT/gpu_test_ids.txt" -d '\n' -P "${TEST_JOBS:-4}" -I{} bash -c '
+    t0=$(date +%s); timeout '"${PER_TEST:-240}"' python3 -m pytest -q -p no:cacheprovider -rfE "$1" > "$OUT/t.$$.log" 2>&1
+    rc=$?; case $rc in 0) r=PASS;; 5) r=NONE;; 124) r=TIMEOUT;; *) r=FAIL;; esac
+    grep -q " skipped" "$OUT/t.$$.log" && [ $rc = 0 ] && r=SKIP
+    echo "$r $(( $(date +%s) - t0 ))s $1" >> "$OUT/gpu_tests.log"
+    [ $r = FAIL ] && tail -c 3000 "$OUT/t.$$.log" >> "$OUT/gpu_test_failures.log"; rm -f "$OUT/t.$$.log"' _ {}
+  echo "gpu tests rc=$? ($(wc -l < "$OUT/gpu_test_ids.txt") collected)"
+  sort "$OUT/gpu_tests.log"; cut -d" " -f1 "$OUT/gpu_tests.log" | sort | uniq -c
+  [ -f "$OUT/gpu_test_failures.log" ] && tail -c 3000 "$OUT/gpu_test_failures.log"
 fi
 if [ $# -gt 0 ]; then
   timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/run_all.py --only "$@" > "$OUT/bench.log" 2>&1

@@ -106,7 +106,7 @@ def build_summary(out_dir=None) -> dict:
     s.update(gpu=env.get("gpu"), torch=env.get("torch"), triton=env.get("triton"), ceilings=ceil)
     e2e, extra = _load("e2e"), _load("e2e_extra")
     if e2e:
-        keep = ("batch", "ctx", "step_ms", "tokens_per_s", "peak_mem_gb", "error")
+        keep = ("batch", "micro_batch", "oom_at_micro_batch", "ctx", "step_ms", "tokens_per_s", "peak_mem_gb", "error")
         s["e2e_training"] = {"what": e2e.get("what"), "tokens_per_step": e2e.get("tokens_per_step"),
                              "runs": {k: {a: b for a, b in v.items() if a in keep} for k, v in e2e["runs"].items()},
                              "speedup_triton_vs_dense": e2e.get("speedup_triton_vs_dense"),
