@@ -322,6 +322,13 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
             u_s, c_s = mhc_pre_fwd(x0, fn0, sc0, base0, dot="bf16x3")
             _check("mhc u (bf16x3)", u_s, ref[0].detach(), tol=2e-5)
             _check("mhc coef (bf16x3)", c_s, ref[1].detach(), tol=2e-5)
+        # the other way of forming u (mix="split": coef kernel without pass 2 + the elementwise mix launch)
+        from dsv4_lab.kernels.mhc import triton as mt
+        other = "split" if mt.PRE_MIX == "fused" else "fused"
+        u_m, c_m = mt.mhc_pre_fwd(x0.to(dtype), fn0, sc0, base0, mix=other)
+        _check(f"mhc u (mix={other})", u_m, ref[0].detach(), yard[0].detach() if yard[0] is not None else None, tol)
+        _check(f"mhc coef (mix={other})", c_m, ref[1].detach(), yard[1].detach() if yard[1] is not None else None,
+               tol)
 
 
 # ------------------------------------------------------------------------------------------------ split-KV decode

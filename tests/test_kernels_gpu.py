@@ -129,12 +129,13 @@ def test_mhc_pre_every_autotune_config(dtype):
     sc = torch.tensor([0.5, 0.7, 0.9], device="cuda")
     base = torch.randn(fn.shape[0], device="cuda", generator=g)
     u_r, c_r = mhc_pre_naive(x.double(), fn.double(), sc.double(), base.double())      # fp64 reference
-    for cfg in mt._mhc_pre_kernel.configs:
-        u, c = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg)
-        ec = kc.rel(c, c_r)
-        eu = kc.rel(u, u_r)
-        assert ec < 1e-5, f"{cfg}: coef rel err {ec:.2e}"
-        assert eu < (4e-3 if dtype == torch.bfloat16 else 1e-5), f"{cfg}: u rel err {eu:.2e}"
+    for mix in ("fused", "split"):
+        for cfg in mt._mhc_pre_kernel.configs:
+            u, c = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix)
+            ec = kc.rel(c, c_r)
+            eu = kc.rel(u, u_r)
+            assert ec < 1e-5, f"{mix} {cfg}: coef rel err {ec:.2e}"
+            assert eu < (4e-3 if dtype == torch.bfloat16 else 1e-5), f"{mix} {cfg}: u rel err {eu:.2e}"
 
 
 def _dyadic_indexer_inputs(B, T, HI, DI, S, dtype, seed):

@@ -9,6 +9,11 @@ pre (persistent: CPS programs per SM, each walking blocks of BT tokens):
           [BT, NP, NP] register tile; coef (fp32, (2 + n) n per token) is written once.
   pass 2  re-reads the BT tokens' streams in reverse chunk order (L2-hot: the program's footprint is BT n d x 2 bytes)
           to form u = sum_i A_i x_i.
+  mix="split" (PRE_MIX): pass 2 is left out and a second, elementwise launch (`_mhc_mix_kernel`, grid over tokens x
+          channels like post) forms u from x and the coef. x is then read twice from HBM (18 d bytes per token instead
+          of 10 d), but pass 1 runs free of the L2-footprint bound on the persistent grid (more programs per SM). Run
+          8 measured the fused pre at 26 % of copy bandwidth (latency-bound pass 1, one 8-warp program per SM), which
+          a two-read design at copy speed would beat; bench_mhc.py measures both and PRE_MIX follows the measurement.
   Projection precision ("fp32 compute", spec §1.2): one small launch splits fp32 W into bf16 hi + lo
   (W = hi + lo + O(2^-17 |W|), rows already in the accumulator's order); bf16 x is exact in bf16, so
   x W = x hi + x lo with two bf16 MMAs (fp32 accumulate), whose operands go straight to shared memory (pipelined):
@@ -32,6 +37,7 @@ from .._common import INTERPRET, check_device, configs, next_pow2, tl, triton
 from .naive import mhc_post_naive, mhc_pre_naive
 
 SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = hi + lo | x and W both split
+PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
 
 
 def _pre_configs():
@@ -42,7 +48,11 @@ def _pre_configs():
                     triton.Config({"BT": 16, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 32, "BC": 128, "CPS": 1}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=4),
-                    triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3)],
+                    triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
+                    # more programs per SM (mix="split" has no L2-hot second pass to protect)
+                    triton.Config({"BT": 64, "BC": 64, "CPS": 2}, num_warps=4, num_stages=4),
+                    triton.Config({"BT": 64, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 128, "BC": 64, "CPS": 2}, num_warps=8, num_stages=3)],
                    triton.Config({"BT": 16, "BC": 32, "CPS": 1}, num_warps=4, num_stages=1))
 
 
@@ -84,11 +94,12 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
     tl.store(WL + c[:, None] * ND + k[None, :], lo, mask=km[None, :])
 
 
-@triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT"])
+@triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX"])
 @triton.jit
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
-                    SPLIT: tl.constexpr, EMUL: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr):
+                    SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
@@ -162,17 +173,37 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, NTOK, norm_eps, eps,
         tm3 = tmask[:, None, None]
         tl.store(cbase + ii * N + jj, AC, mask=tm3 & (ii < 2) & (jj < N))
         tl.store(cbase + 2 * N + ii * N + jj, P, mask=tm3 & res)
-        A = tl.sum(tl.where(ii == 0, AC, 0.0), 1)                                 # (BT, NP)
-        for q in range(0, NDC):                                                   # pass 2, reverse chunk order
-            dd = (NDC - 1 - q) * BC + cols
-            dm = tmask[:, None] & (dd[None, :] < D)
-            u = tl.zeros([BT, BC], tl.float32)
-            for i in tl.static_range(N):
-                a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
-                xi = tl.load(X + xrow[:, None] + i * D + dd[None, :], mask=dm, other=0.0,
-                             eviction_policy="evict_first").to(tl.float32)
-                u += a_i[:, None] * xi
-            tl.store(U + tok.to(tl.int64)[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
+        if MIX:
+            A = tl.sum(tl.where(ii == 0, AC, 0.0), 1)                             # (BT, NP)
+            for q in range(0, NDC):                                               # pass 2, reverse chunk order
+                dd = (NDC - 1 - q) * BC + cols
+                dm = tmask[:, None] & (dd[None, :] < D)
+                u = tl.zeros([BT, BC], tl.float32)
+                for i in tl.static_range(N):
+                    a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
+                    xi = tl.load(X + xrow[:, None] + i * D + dd[None, :], mask=dm, other=0.0,
+                                 eviction_policy="evict_first").to(tl.float32)
+                    u += a_i[:, None] * xi
+                tl.store(U + tok.to(tl.int64)[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def _mhc_mix_kernel(X, COEF, U, NTOK, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr,
+                    BT: tl.constexpr, BD: tl.constexpr):
+    """mix="split": u = sum_i A_i x_i from x (BT tokens x BD channels of every stream) and coef[:, :N] = A."""
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = tok < NTOK
+    tok64 = tok.to(tl.int64)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = tmask[:, None] & (dd[None, :] < D)
+    jj = tl.arange(0, NP)
+    A = tl.load(COEF + tok64[:, None] * (G * N) + jj[None, :], mask=tmask[:, None] & (jj[None, :] < N), other=0.0)
+    u = tl.zeros([BT, BD], tl.float32)
+    for i in tl.static_range(N):
+        a_i = tl.sum(tl.where(jj[None, :] == i, A, 0.0), 1)                       # (BT,)
+        xi = tl.load(X + tok64[:, None] * (N * D) + i * D + dd[None, :], mask=dm, other=0.0).to(tl.float32)
+        u += a_i[:, None] * xi
+    tl.store(U + tok64[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
 
 
 @triton.jit
@@ -221,9 +252,13 @@ def _split_mode(x, dot: str) -> tuple[int, bool]:
 
 
 def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, dot: str = "auto",
-                config=None):
+                config=None, mix: str | None = None):
     """config: one triton.Config of the autotune list to launch instead of the tuned choice (GPU tests of every
-    config; benchmarks)."""
+    config; benchmarks). mix: "fused" (u in the pre kernel's L2-hot second pass) or "split" (u by a second launch);
+    None = PRE_MIX."""
+    mix = PRE_MIX if mix is None else mix
+    if mix not in ("fused", "split"):
+        raise ValueError(f"mhc_pre: mix={mix!r} is not allowed: 'fused' or 'split'")
     check_device(x, fn)
     B, T, n, d = x.shape
     G = 2 + n
@@ -246,12 +281,16 @@ def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps
     if ntok:
         sms = _sm_count(x.device)
         args = (xc, fn32, wh, wl, scale.float().contiguous(), base.float().contiguous(), u, coef, ntok, norm_eps, eps)
-        meta = dict(N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul)
+        meta = dict(N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul, MIX=mix == "fused")
         if config is None:
             _mhc_pre_kernel[lambda META: (min(triton.cdiv(ntok, META["BT"]), META["CPS"] * sms),)](*args, **meta)
         else:
             kw = config.all_kwargs()
             _mhc_pre_kernel.fn[(min(triton.cdiv(ntok, kw["BT"]), kw["CPS"] * sms),)](*args, **meta, **kw)
+        if mix == "split":
+            BT, BD = 16, min(128, max(16, next_pow2(d)))
+            _mhc_mix_kernel[(triton.cdiv(ntok, BT), triton.cdiv(d, BD))](xc, coef, u, ntok, N=n, D=d, G=G,
+                                                                        NP=next_pow2(n), BT=BT, BD=BD, num_warps=4)
     return u, coef
 
 
