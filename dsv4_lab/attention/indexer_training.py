@@ -40,7 +40,7 @@ def indexer_kl_loss(scores: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -
 def _masked_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     """Sum over rows with >= 1 entry in `mask` of KL(target / sum || softmax_mask(scores)), and the row count.
     scores, target, mask (..., E): target >= 0 unnormalised (detached), mask bool."""
-    target = target * mask
+    target = torch.where(mask, target, 0.0)                                   # not target * mask: inf * 0 = nan
     tot = target.sum(-1, keepdim=True)
     rows = tot.squeeze(-1) > 0
     target = target / tot.clamp_min(1e-30)
@@ -49,38 +49,19 @@ def _masked_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     return (kl * rows).sum(), rows.sum()
 
 
-def sparse_indexer_kl_loss(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 4096) -> torch.Tensor:
+def sparse_indexer_kl_loss(q, comp, idx, lse, scale: float, qI, kI, w, impl: str = "torch") -> torch.Tensor:
     """The "sparse"-stage KL from the picks alone (the kernel path: no (B, T, S) matrix), equal to indexer_kl_loss
     over the selection mask.
 
     q (B, T, H, c) main queries; comp (B, S, c) compressed entries; idx (B, T, K) picks (-1 = none); lse (B, T, H)
     the main softmax's log-normaliser (window + picks + sink, as returned by the sparse kernel); qI (B, T, n_I, c_I),
     kI (B, S, c_I), w (B, T, n_I) the indexer's tensors (differentiable). p of a pick = sum_h exp(scale q_h.c_s -
-    lse_h) (detached); I of a pick = sum_h w_h ReLU(qI_h . kI_s). Queries are processed `chunk` at a time.
+    lse_h) (detached); I of a pick = sum_h w_h ReLU(qI_h . kI_s). The math lives in dsv4_lab/kernels/sparse_kl
+    (naive.py: the torch gathers; triton.py: fused, fwd + bwd); impl = auto | triton | torch picks the path
+    (kernels.resolve_impl).
     """
-    B, T = idx.shape[:2]
-    S = comp.shape[1]
-    base = (torch.arange(B, device=idx.device) * S)[:, None, None]
-    comp_rows, kI_rows = comp.reshape(B * S, -1), kI.reshape(B * S, -1)
-    kl_sum, n_rows = q.new_zeros((), dtype=torch.float32), 0
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        s = idx[:, t0:t1].long()                                              # (B, Tq, K)
-        valid = (s >= 0) & (s < S)
-        rows = (base + s.clamp(0, max(S - 1, 0))).flatten()                   # rows of the flattened (B*S, .)
-        Tq, K = s.shape[1], s.shape[2]
-        # index_select: its backward is one index_add (atomic adds); advanced indexing kI[b, s] backpropagates
-        # through a sorting index_put that took 58 % of a 16K training step's GPU time on the H200 (bench_e2e)
-        with torch.no_grad():
-            ec = comp_rows.index_select(0, rows).view(B, Tq, K, -1)
-            z = torch.einsum("bthd,btkd->bthk", q[:, t0:t1].float(), ec.float()) * scale
-            p = torch.exp(z - lse[:, t0:t1, :, None].float()).sum(2)           # (B, Tq, K)
-        kg = kI_rows.index_select(0, rows).view(B, Tq, K, -1)
-        logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].float(), kg.float()).relu()
-        scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].float())   # (B, Tq, K)
-        a, n = _masked_kl(scores, p, valid)
-        kl_sum, n_rows = kl_sum + a, n_rows + n
-    return kl_sum / max(int(n_rows), 1)
+    from ..kernels.sparse_kl import sparse_kl
+    return sparse_kl(q, comp, idx, lse, scale, qI, kI, w, impl=impl)
 
 
 def _csa_layers(model: nn.Module):

@@ -1,0 +1,47 @@
+"""Sparse-stage indexer KL loss, naive PyTorch twin of triton.py (spec §10, V3.2 recipe; indexer_training.py).
+
+For query row (b, t) with picks s_k = idx[b, t, k], k < K (valid iff 0 <= s_k < S; -1 = none):
+    p_k = sum_h exp(scale q[b,t,h] . comp[b,s_k] - lse[b,t,h])      (detached target; lse of the main softmax)
+    I_k = sum_j w[b,t,j] ReLU(qI[b,t,j] . kI[b,s_k])                 (the indexer's score; differentiable)
+    row kept iff P = sum_{valid k} p_k > 0;  KL_row = KL(p / P || softmax_valid(I))
+    loss = sum of kept rows' KL / max(#kept rows, 1)
+A repeated pick is counted once per occurrence (a gather). Equal to indexer_training.indexer_kl_loss over the
+selection mask (without repeats).
+
+Shapes: q (B, T, H, c); comp (B, S, c); idx (B, T, K) integer; lse (B, T, H) fp32; qI (B, T, n_I, c_I);
+kI (B, S, c_I); w (B, T, n_I). Returns a 0-d fp32 loss, differentiable w.r.t. qI, kI, w (q, comp, lse detached).
+Queries are processed `chunk` at a time: the gathered (B, chunk, K, c) and (B, chunk, K, c_I) fp32 tensors are what
+triton.py never builds.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...attention.indexer_training import _masked_kl
+
+
+def sparse_kl_naive(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 4096) -> torch.Tensor:
+    B, T = idx.shape[:2]
+    S = comp.shape[1]
+    base = (torch.arange(B, device=idx.device) * S)[:, None, None]
+    comp_rows, kI_rows = comp.reshape(B * S, -1), kI.reshape(B * S, -1)
+    kl_sum = q.new_zeros((), dtype=torch.float32)
+    n_rows = torch.zeros((), dtype=torch.long, device=q.device)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        s = idx[:, t0:t1].long()                                              # (B, Tq, K)
+        valid = (s >= 0) & (s < S)
+        rows = (base + s.clamp(0, max(S - 1, 0))).flatten()                   # rows of the flattened (B*S, .)
+        Tq, K = s.shape[1], s.shape[2]
+        # index_select: its backward is one index_add (atomic adds); advanced indexing kI[b, s] backpropagates
+        # through a sorting index_put that took 58 % of a 16K training step's GPU time on the H200 (bench_e2e)
+        with torch.no_grad():
+            ec = comp_rows.index_select(0, rows).view(B, Tq, K, -1)
+            z = torch.einsum("bthd,btkd->bthk", q[:, t0:t1].float(), ec.float()) * scale
+            p = torch.exp(z - lse[:, t0:t1, :, None].float()).sum(2)           # (B, Tq, K)
+        kg = kI_rows.index_select(0, rows).view(B, Tq, K, -1)
+        logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].float(), kg.float()).relu()
+        scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].float())   # (B, Tq, K)
+        a, n = _masked_kl(scores, p, valid)
+        kl_sum, n_rows = kl_sum + a, n_rows + n
+    return kl_sum / n_rows.clamp_min(1)                                       # no host sync
