@@ -432,10 +432,81 @@ def case_hca_decode(device="cpu", big=False, dtype=torch.float32):
             assert torch.equal(o2, o) and torch.equal(l2, lse), "hca_attn_fwd did not take the split-KV path"
 
 
+# ------------------------------------------------------------------------------------------------ sparse_kl
+def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
+    """Sparse-stage indexer KL (kernels/sparse_kl): loss and the qI / kI / w gradients vs the naive twin (fp64).
+    lse is a real log-normaliser (logsumexp over the valid picks plus some window / sink mass), so the target
+    p sums to < 1 per head as in the model. Tiny shapes: odd T, non-power-of-two H / c / n_I / c_I, K not a multiple
+    of the interpreter's BLOCK_K (16) and K < 16, -1 and >= S picks, repeated picks, a row with no valid pick (and
+    -inf lse), rows whose target underflows to all zero (huge lse), a forward without grad (no p buffer)."""
+    from dsv4_lab.kernels.sparse_kl.naive import sparse_kl_naive
+    from dsv4_lab.kernels.sparse_kl.triton import sparse_kl_triton
+    g = torch.Generator().manual_seed(13)
+    shapes = [(2, 13, 3, 24, 5, 20, 9, 37), (1, 7, 5, 40, 3, 12, 4, 5)] if not big else \
+        [(2, 2048, 8, 128, 4, 64, 1024, 512)]
+    for (B, T, H, c, nI, cI, S, K) in shapes:
+        q = torch.randn(B, T, H, c, generator=g)
+        comp = torch.randn(B, S, c, generator=g)
+        qI = torch.randn(B, T, nI, cI, generator=g)
+        kI = torch.randn(B, S, cI, generator=g)
+        w = torch.randn(B, T, nI, generator=g) * (nI * cI) ** -0.5
+        idx = torch.randint(0, S, (B, T, K), generator=g)
+        idx[..., ::5] = -1                                              # no pick
+        idx[..., 1] = S + 2                                             # out of range
+        idx[..., 2] = idx[..., 3]                                       # repeated pick (counted twice)
+        sc = c ** -0.5
+        extra = torch.randn(B, T, H, generator=g).to(device).double()
+        with torch.no_grad():                                           # lse = log(sum over picks + extra mass)
+            s = idx.to(device).long()
+            valid = (s >= 0) & (s < S)
+            ec = comp.to(device)[torch.arange(B, device=device)[:, None, None], s.clamp(0, S - 1)]   # (B, T, K, c)
+            z = torch.einsum("bthd,btkd->bthk", q.to(device).double(), ec.double()) * sc
+            lse = torch.logaddexp(torch.logsumexp(z.masked_fill(~valid[:, :, None], -1e300), -1), extra).float()
+            del ec, z
+        if not big:
+            idx[0, 4] = -1                                              # a row with no valid pick ...
+            lse[0, 4, 0] = float("-inf")                                # ... and a head without any entry
+            lse[B - 1, T - 2] = 1e4                                     # target underflows to all zero
+        ts = [t.to(device) for t in (q, comp, qI, kI, w)]
+        idx_d, lse_d = idx.to(device), lse
+        leaf = [t.to(dtype).requires_grad_(True) for t in ts[2:]]
+        l_t = sparse_kl_triton(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *leaf)
+        gr_t = torch.autograd.grad(l_t, leaf)
+        ref_in = [t.double().requires_grad_(True) for t in ts[2:]]
+        l_r = sparse_kl_naive(ts[0].double(), ts[1].double(), idx_d, lse_d.double(), sc, *ref_in)
+        gr_r = torch.autograd.grad(l_r, ref_in)
+        yard, gr_y = None, [None] * 3
+        if dtype != torch.float32:
+            yin = [t.to(dtype).requires_grad_(True) for t in ts[2:]]
+            yard = sparse_kl_naive(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *yin)
+            gr_y = torch.autograd.grad(yard, yin)
+        tol = 1e-5 if dtype == torch.float32 and device == "cpu" else (2e-4 if dtype == torch.float32 else 2e-3)
+        assert l_t.dim() == 0 and l_t.dtype == torch.float32, f"loss {tuple(l_t.shape)} {l_t.dtype}"
+        _check("sparse_kl loss", l_t, l_r, yard, tol)
+        for nm, a, r, y in zip(["dqI", "dkI", "dw"], gr_t, gr_r, gr_y):
+            assert a.dtype == dtype, f"sparse_kl {nm} dtype {a.dtype}"
+            _check(f"sparse_kl {nm}", a, r, y, tol * 4)
+        with torch.no_grad():                                           # forward only: no p buffer
+            l_ng = sparse_kl_triton(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *[t.detach() for t in leaf])
+        assert torch.equal(l_ng, l_t.detach()), "sparse_kl forward differs without grad"
+    # every row's target all zero: loss 0, gradients 0
+    if not big:
+        B, T, H, c, nI, cI, S, K = 1, 3, 2, 16, 2, 16, 4, 3
+        qI = torch.randn(B, T, nI, cI, generator=g).to(device).requires_grad_(True)
+        kI = torch.randn(B, S, cI, generator=g).to(device).requires_grad_(True)
+        w = torch.randn(B, T, nI, generator=g).to(device).requires_grad_(True)
+        idx = torch.randint(-1, S, (B, T, K), generator=g).to(device)
+        lse = torch.full((B, T, H), 1e4, device=device)
+        l_t = sparse_kl_triton(torch.randn(B, T, H, c, device=device), torch.randn(B, S, c, device=device), idx, lse,
+                               0.25, qI, kI, w)
+        grads = torch.autograd.grad(l_t, [qI, kI, w])
+        assert l_t.item() == 0.0 and all((x == 0).all() for x in grads), "no kept row: loss and grads must be 0"
+
+
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
          "indexer_methods": case_indexer_methods,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
-         "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode}
+         "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl}
 
 
 def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):

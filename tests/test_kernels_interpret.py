@@ -26,7 +26,7 @@ import torch
 pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "fake_quant", "mhc", "sparse_decode",
-         "hca_decode"]
+         "hca_decode", "sparse_kl"]
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,15 @@ def test_torch_path_of_dispatchers_runs_on_cpu():
     from dsv4_lab.kernels.indexer_topk import indexer_topk
     from dsv4_lab.kernels.mhc import mhc_post, mhc_pre
     from dsv4_lab.kernels.sparse_attn import sparse_attn
+    from dsv4_lab.kernels.sparse_kl import sparse_kl
     q, kv, comp = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.randn(1, 2, 16)
     idx = torch.tensor([[[0, -1]] * 8])
     assert sparse_attn(q, kv, comp, idx, None, 0.25, 4, impl="torch").shape == q.shape
     assert hca_attn(q, kv, comp, torch.zeros(2), 0.25, 4, 4, impl="torch").shape == q.shape
+    qI, kI, w = torch.randn(1, 8, 2, 4), torch.randn(1, 2, 4, requires_grad=True), torch.ones(1, 8, 2)
+    kl = sparse_kl(q, comp, idx, torch.zeros(1, 8, 2), 0.25, qI, kI, w, impl="torch")
+    kl.backward()
+    assert kl.dim() == 0 and kI.grad.shape == kI.shape
     assert indexer_topk(torch.randn(1, 8, 2, 4), torch.randn(1, 2, 4), torch.ones(1, 8, 2), 3, 4,
                         impl="torch").shape == (1, 8, 3)
     x = torch.randn(3, 64, requires_grad=True)
