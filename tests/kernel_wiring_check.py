@@ -16,8 +16,9 @@ base = dict(layer_types=["swa", "csa", "hca"], d_model=32, n_heads=3, head_dim=1
 import dsv4_lab.kernels.hca_attn.triton as hca_t  # noqa: E402
 import dsv4_lab.kernels.indexer_topk.triton as ix_t  # noqa: E402
 import dsv4_lab.kernels.sparse_attn.triton as sp_t  # noqa: E402
+import dsv4_lab.kernels.sparse_kl.triton as kl_t  # noqa: E402
 
-calls = {"csa": 0, "hca": 0, "indexer": 0}
+calls = {"csa": 0, "hca": 0, "indexer": 0, "kl": 0}
 _sp, _hca = sp_t.sparse_attn_triton, hca_t.hca_attn_triton
 
 
@@ -30,6 +31,7 @@ def count(name, fn):
 
 sp_t.sparse_attn_triton, hca_t.hca_attn_triton = count("csa", _sp), count("hca", _hca)
 ix_t.indexer_topk_triton = count("indexer", ix_t.indexer_topk_triton)
+kl_t.sparse_kl_triton = count("kl", kl_t.sparse_kl_triton)
 
 
 def compare(**over):
@@ -57,4 +59,5 @@ for over in ({}, {"indexer_loss_weight": 1.0}):       # without / with the spars
           f"{missing}")
     ok &= worst < 1e-4 and gworst < 1e-4 and missing == 0
 print(f"kernel calls {calls}")
-sys.exit(0 if ok and calls["csa"] == 4 and calls["hca"] == 2 and calls["indexer"] == 2 else 1)
+sys.exit(0 if ok and calls["csa"] == 4 and calls["hca"] == 2 and calls["indexer"] == 2
+         and calls["kl"] == 1 else 1)

@@ -127,6 +127,7 @@ class CSAttention(Attention):
                              impl=self.cfg.kernels, return_lse=True)          # lse (B, T, H) incl. the sink
         qI, kI, w = self._sparse_kl
         self._sparse_kl = None
-        loss = sparse_indexer_kl_loss(q.detach(), entries.detach(), idx, lse.detach(), self.scale, qI, kI, w)
+        loss = sparse_indexer_kl_loss(q.detach(), entries.detach(), idx, lse.detach(), self.scale, qI, kI, w,
+                                      impl=self.cfg.kernels)                # Triton: kernels/sparse_kl
         self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
         return o
