@@ -267,5 +267,26 @@ def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192,), naive_Ns=(8192,
     return res
 
 
+def decode_only(out_dir=None, decode_Ns=(131072, 1048576), note=""):
+    """Re-measure only the decode section and keep the rest of the saved csa.json (its env moves to env_rest)."""
+    import json
+    import os
+    from common import RESULTS
+    old = json.load(open(os.path.join(RESULTS, "csa.json")))
+    res = {k: v for k, v in old.items() if k not in ("env", "ceilings")}
+    res["env_rest"], res["ceilings_rest"] = old.get("env"), old.get("ceilings")
+    res["decode"], res["decode_note"] = {}, note
+    for N in decode_Ns:
+        res["decode"][f"{N}"] = safe(decode, N)
+        print("csa decode", N, res["decode"][f"{N}"], flush=True)
+        torch.cuda.empty_cache()
+    save("csa", res, out_dir)
+    return res
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if "--decode-only" in sys.argv:
+        decode_only(note=" ".join(a for a in sys.argv[1:] if a != "--decode-only"))
+    else:
+        main()

@@ -236,6 +236,13 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
             assert torch.equal(torch.where(miss, v_t, got), v_t), f"{m}: picks' scores differ from reported values"
             srt = torch.sort(torch.where(miss, -1 - torch.arange(k, device=i_t.device), i_t.long()), -1).values
             assert (srt[..., 1:] != srt[..., :-1]).all(), f"{m}: repeated picks"
+            if m == "torch":                            # without scores: torch.topk(sorted=False), any order
+                i_u = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, method=m, chunk_elems=ce, split=split)
+                mu = i_u < 0
+                vu = torch.where(mu, float("-inf"), torch.gather(full, 2, i_u.long().clamp_min(0)))
+                assert torch.equal(vu.sort(-1, descending=True).values, v_r), f"{m} unordered: pick scores differ"
+                su = torch.sort(torch.where(mu, -1 - torch.arange(k, device=i_u.device), i_u.long()), -1).values
+                assert (su[..., 1:] != su[..., :-1]).all(), f"{m} unordered: repeated picks"
     # radix select on raw rows, each branch: candidates fit after pass 1 (spread values), only after pass 2 (one
     # binade: same top 8 bits), never (heavy ties: the passes re-read the row); vs a stable sort (lower index first)
     from dsv4_lab.kernels.indexer_topk.triton import radix_topk_triton

@@ -459,9 +459,12 @@ def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
     return max(1, min(rows, max_elems // max(Sp, 1)))
 
 
-def _topk_torch(sc, k):
+def _topk_torch(sc, k, ordered: bool = True):
+    """torch.topk of rows (R, L); ordered=False leaves the k picks in torch's unsorted order (the sparse kernels do not
+    need them in order; benchmarks/probe_topk.py, run 11: 67 vs 85 us on the 1M-context decode row, 6-10 % less in
+    prefill)."""
     kk = min(k, sc.shape[-1])
-    v, i = torch.topk(sc, kk, dim=-1)
+    v, i = torch.topk(sc, kk, dim=-1, sorted=ordered)
     i = torch.where(v == float("-inf"), -1, i).to(torch.int32)
     return v, i
 
@@ -503,7 +506,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       radix_gmax   radix whose score kernel also writes the max of every `group` entries (group ~ S'/(2k)); the
                    k-th largest group max bounds the k-th score from below, so one gather pass finds the candidates
                    and the histogram passes over the row are skipped (falls back to them when > cap candidates).
-      torch        Triton scores per query chunk + torch.topk (decode: torch.topk of the whole row).
+      torch        Triton scores per query chunk + torch.topk (decode: torch.topk of the whole row); without
+                   return_scores the picks come in torch.topk(sorted=False) order (same set).
       split_torch  Triton scores + two-stage torch.topk (per `split` chunk, then of the candidates).
       stream       the fused streaming kernel (scores never leave registers; bitonic merge per key tile).
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"].
@@ -547,8 +551,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             if radix:                                           # reads each row up to its own causal frontier
                 gm = gbuf[: B * (t1 - t0) * -(-Sp // group)].view(B * (t1 - t0), -1) if group else None
                 v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio), radix_cap, gm, group)
-            elif method == "torch":
-                v, i = _topk_torch(sc, k)
+            elif method == "torch":                             # picks in score order only when scores are returned
+                v, i = _topk_torch(sc, k, ordered=return_scores)
             else:
                 v, i = _topk_split_torch(sc, k, split)
             kk = v.shape[-1]
