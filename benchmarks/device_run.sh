@@ -11,7 +11,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,nohead
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "$K" != "-" ]; then
   # one pytest process per test, TEST_JOBS at a time (Triton compiles are CPU-bound; the GPU has room for several),
-  # each capped at PER_TEST s, the whole step at TEST_TIMEOUT s: a slow case cannot hide the others' results
+  # each capped at PER_TEST s, the whole step at TEST_TIMEOUT s: a slow case cannot hide the others' results. A case
+  # still running when the step's cap hits gets no line in gpu_tests.log; its own $OUT/t.<pid>.log comes back instead
   python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_kernels_gpu.py tests/test_hca_prefill_gpu.py \
     ${K:+-k "$K"} 2>/dev/null | grep "::" > "$OUT/gpu_test_ids.txt"
   : > "$OUT/gpu_tests.log"

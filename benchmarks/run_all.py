@@ -63,20 +63,16 @@ def build_summary(out_dir=None) -> dict:
     put("csa_prefill_128k_breakdown_ms", lambda: {k: R["csa"]["csa_prefill"][f"triton_{N}"][k] for k in
                                                   ("compressor_ms", "indexer_ms", "indexer_method", "sparse_ms")},
         "CSA 128K not measured")
-    put("csa_prefill_32k_speedup_vs_sdpa_flash",
-        lambda: R["dense"]["prefill"]["sdpa_flash_32768"]["ms"] / R["csa"]["csa_prefill"]["triton_32768"]["ms"],
-        "dense or CSA 32K prefill not measured")
-    put("csa_prefill_8k_speedup_vs_sdpa_flash",
-        lambda: R["dense"]["prefill"]["sdpa_flash_8192"]["ms"] / R["csa"]["csa_prefill"]["triton_8192"]["ms"],
-        "dense or CSA 8K prefill not measured")
+    for n in (32768, 8192):
+        put(f"csa_prefill_{n // 1024}k_speedup_vs_sdpa_flash",
+            lambda n=n: R["dense"]["prefill"][f"sdpa_flash_{n}"]["ms"] / R["csa"]["csa_prefill"][f"triton_{n}"]["ms"],
+            f"dense or CSA {n // 1024}K prefill not measured")
     put("hca_prefill_128k_ms", lambda: R["hca"]["prefill"][f"triton_{N}"]["ms"], "HCA 128K not measured")
     put("hca_prefill_128k_flex_ms", lambda: R["hca"]["prefill"][f"flex_{N}"]["ms"], "Flex 128K not measured")
-    put("hca_prefill_32k_speedup_vs_flex",
-        lambda: R["hca"]["prefill"]["flex_32768"]["ms"] / R["hca"]["prefill"]["triton_32768"]["ms"],
-        "Flex or HCA 32K not measured")
-    put("hca_prefill_8k_speedup_vs_flex",
-        lambda: R["hca"]["prefill"]["flex_8192"]["ms"] / R["hca"]["prefill"]["triton_8192"]["ms"],
-        "Flex or HCA 8K not measured")
+    for n in (32768, 8192):
+        put(f"hca_prefill_{n // 1024}k_speedup_vs_flex",
+            lambda n=n: R["hca"]["prefill"][f"flex_{n}"]["ms"] / R["hca"]["prefill"][f"triton_{n}"]["ms"],
+            f"Flex or HCA {n // 1024}K not measured")
     put("sparse_attn_128k_gather_tb_s", lambda: R["csa"]["sparse"][f"triton_{N}"]["gather_tb_s"],
         "sparse attention 128K not measured")
     put("indexer_128k_scores_tflops", lambda: R["csa"]["indexer"][f"scores_{N}"]["tflops"], "scores not measured")

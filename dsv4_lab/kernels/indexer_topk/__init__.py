@@ -8,7 +8,8 @@ fewer than k entries are visible (entry s visible to position t iff s < floor((t
 impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the method for prefill and for decode
 (T <= triton.DECODE_T); its "radix" methods keep the lower-index tie rule exactly, the torch.topk-based ones
 ("torch", "split_torch") may order equal scores differently (triton.py docstring). Default (measured fastest on
-the H200): "torch", i.e. Triton scores + torch.topk.
+the H200): "torch", i.e. Triton scores + torch.topk, which without return_scores returns the same set of picks in
+torch.topk(sorted=False) order, so its -1 slots may sit anywhere in a row (every consumer masks them per slot).
 """
 from __future__ import annotations
 
