@@ -1,13 +1,13 @@
 """CSA (T2-T6): compressor, indexer score kernel, every indexer + top-k method, the sparse attention kernel; CSA
 prefill = compressor + best indexer method + sparse attention; CSA decode (CUDA-graph replay) = best indexer method +
-sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (kernels.md §8.5).
+sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): radix (Triton scores per query chunk + Triton radix-select
 top-k; decode: two-stage over `split`-column chunks), radix_gmax (radix with the group-max prefilter: one gather pass
 instead of histogram passes over the row), torch (Triton scores + torch.topk), split_torch (Triton scores +
 two-stage torch.topk), fused = the old streaming kernel (method="stream"; prefill only at 8K/32K, it is slow),
 torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). Work: indexer 2*HI*DI FLOP per
-visible (query, entry) pair (kernels.md §9.1); gather bandwidth counts each loaded 256-B row once per query."""
+visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each loaded 256-B row once per query."""
 from __future__ import annotations
 
 import time
@@ -83,7 +83,7 @@ def indexer_naive(N):
 
 
 def agreement(N):
-    """Correctness gate (kernels.md §9.1 item 6) on random bf16 inputs: every method's top-k values vs radix
+    """Correctness gate (docs/kernels.md §9.1 item 6) on random bf16 inputs: every method's top-k values vs radix
     (same score kernel -> identical fp32 scores; the streaming kernel accumulates differently -> ulp-level)."""
     qI, kI, w = indexer_inputs(N)
     i0, v0 = indexer_topk_triton(qI, kI, w, K, M, method="radix", return_scores=True)
@@ -109,7 +109,7 @@ def compressor(N):
         with torch.no_grad():
             out[f"{name}_ms"] = bench(lambda: comp(u, rope), warmup=3, rep=50)["ms"]
     out["ms"] = out["main_ms"] + out["indexer_ms"]
-    out["note"] = "dsv4_lab.attention.compressor.Compressor (projections in fp32 as spec §2.3), rope dim 64"
+    out["note"] = "dsv4_lab.attention.compressor.Compressor (projections in fp32 as docs §2.3), rope dim 64"
     return out
 
 

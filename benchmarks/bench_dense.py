@@ -1,4 +1,4 @@
-"""Dense causal MQA baselines (kernels.md §9.1 item 4): SDPA FLASH_ATTENTION (= FA2) and CUDNN_ATTENTION,
+"""Dense causal MQA baselines (docs/kernels.md §9.1 item 4): SDPA FLASH_ATTENTION (= FA2) and CUDNN_ATTENTION,
 16 query heads x d 128, one KV head (enable_gqa), bf16, B = 1; prefill at N and decode (1 query over N keys)."""
 from __future__ import annotations
 

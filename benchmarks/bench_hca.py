@@ -136,7 +136,7 @@ def flex_fwd(N):
 def decode(N, B=1, path="split"):
     """One decode token per sequence at position N - 1, CUDA-graph replay. path 'split' = what hca_attn_fwd takes for
     few queries without grad (split-KV, hca_attn/triton_decode.py); 'query' = triton.py's query-major kernel (forced
-    by q.requires_grad). bytes = compressed entries + window rows, read once per batch element (kernels.md §8.4)."""
+    by q.requires_grad). bytes = compressed entries + window rows, read once per batch element (docs/kernels.md §8.4)."""
     g = dict(device="cuda", dtype=torch.bfloat16)
     q = torch.randn(B, 1, H, D, **g, requires_grad=path == "query")
     kv = torch.randn(B, N, D, **g)

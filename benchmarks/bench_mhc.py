@@ -1,6 +1,6 @@
 """mHC pre + post (T8): fused Triton kernels vs the eager naive twin; bandwidth vs the copy ceiling.
 
-Compulsory bytes per token (kernels.md §4 cost model, 28 d per site for bf16 streams, plus the fp32 coef):
+Compulsory bytes per token (docs/kernels.md §4 cost model, 28 d per site for bf16 streams, plus the fp32 coef):
 pre reads n d x + writes d u (+ (2 + n) n fp32 coef); post reads n d x + d y (+ coef) and writes n d x'.
 Re-reads (the pre kernel's L2-hot second pass over x, the W chunks every token block reads) are not counted.
 `pre_triton` times the library call (the small W hi/lo split launch included). The pre kernel is autotuned on its
@@ -43,7 +43,7 @@ def one(T, n, d):
                                         for k, v in getattr(_mhc_pre_kernel, "configs_timings", {}).items()}}
         except Exception as e:                                        # noqa: BLE001
             m["pre_autotune"] = {"error": f"{type(e).__name__}: {e}"}
-        # correctness gate (kernels.md §9.1 item 6): vs the naive twin on the same bf16 inputs (fp32 compute)
+        # correctness gate (docs/kernels.md §9.1 item 6): vs the naive twin on the same bf16 inputs (fp32 compute)
         m["u_rel_err_vs_naive"], m["coef_rel_err_vs_naive"] = _rel(u, un), _rel(coef, cn)
         assert m["coef_rel_err_vs_naive"] < 1e-4 and m["u_rel_err_vs_naive"] < 1e-2, f"mHC mismatch: {m}"
         p = bench(lambda: mhc_pre_fwd(x, fn, sc, base, mix=mix))

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing (kernels.md §9.1): environment record, medians via do_bench / CUDA-graph replay,
+"""Shared benchmark plumbing (docs/kernels.md §9.1): environment record, medians via do_bench / CUDA-graph replay,
 ceilings measured in the same run, JSON output."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FlexAttention baseline for HCA prefill (kernels.md §9.2 T1): the same mask over concat(compressed, raw) KV.
+"""FlexAttention baseline for HCA prefill (docs/kernels.md §9.2 T1): the same mask over concat(compressed, raw) KV.
 
 What it computes (B, H query heads, one shared K = V head, prefill q_offset = 0, T = N queries):
     KV = concat(comp (S = N // R rows), zeros (Sp - S rows, Sp = S rounded up to 128), kv (N rows))   # (B, 1, Sp+N, D)

@@ -1,4 +1,4 @@
-"""Run every kernel benchmark on the GPU and build benchmarks/results/summary.json (kernels.md §9).
+"""Run every kernel benchmark on the GPU and build benchmarks/results/summary.json (docs/kernels.md §9).
 
     python benchmarks/run_all.py [--out DIR] [--only dense hca ...]
     python benchmarks/run_all.py --summary-only        # rebuild summary.json from the saved results (CPU is fine)

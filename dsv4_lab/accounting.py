@@ -5,7 +5,7 @@
     decode_flops(ModelConfig.from_preset("tiny", layer_types="flash:4"), 512, breakdown=True)
 
 `model` is a `ModelConfig` (any preset, any toggles) or a name: "v3.2" (Appendix B shapes), "v4-flash" / "v4-pro"
-(= the "flash" / "pro" presets, spec §4), or any preset name. Nothing here instantiates a model.
+(= the "flash" / "pro" presets, docs §4), or any preset name. Nothing here instantiates a model.
 
 Accounting model (spec A.2, a [CALC] reconstruction that reproduces every headline number):
 * Dense part = every weight matrix touched by one token (attention projections, compressors, indexer projections,
@@ -122,20 +122,20 @@ def _attention_params(cfg: ModelConfig) -> int:
 
 
 def _compressor_params(d: int, c: int, m: int, overlap: bool) -> int:
-    """m*2c + 2*d*2c + c with overlap (CSA, spec §2.3); m*c + 2*d*c + c without (HCA, spec §3)."""
+    """m*2c + 2*d*2c + c with overlap (CSA, docs §2.3); m*c + 2*d*c + c without (HCA, docs §3)."""
     w = 2 * c if overlap else c
     return m * w + 2 * d * w + c
 
 
 def _indexer_params(cfg: ModelConfig) -> int:
-    """d_c * H_I * c_I (wq_b on the shared latent) + H_I * d (weights_proj) + own compressor (spec §2.4)."""
+    """d_c * H_I * c_I (wq_b on the shared latent) + H_I * d (weights_proj) + own compressor (docs §2.4)."""
     HI, cI, d = cfg.index_n_heads, cfg.index_head_dim, cfg.d_model
     latent = cfg.q_lora_rank if cfg.q_lora_rank > 0 else d
     return latent * HI * cI + HI * d + _compressor_params(d, cI, cfg.csa_ratio, cfg.compressor_overlap)
 
 
 def _mhc_params(cfg: ModelConfig) -> int:
-    """Two sites per block: W (n(2+n), n d), S (n(2+n)), alpha (3)  (spec §1.3); 0 for the plain residual."""
+    """Two sites per block: W (n(2+n), n d), S (n(2+n)), alpha (3)  (docs §1.3); 0 for the plain residual."""
     if cfg.residual == "plain":
         return 0
     n = cfg.hc_mult
@@ -197,7 +197,7 @@ def _v32_layer_params(s: V32Shapes, dense_ffn: bool) -> dict[str, tuple[int, int
 def params(model, include_mtp: bool = False) -> dict:
     """Parameter counts from the shapes. Returns {"total", "active", "embedding", "mtp_total", "mtp_active",
     "groups": {group: {"total", "active"}}}. "active" = parameters touched by one token, excluding the embedding
-    (the convention of spec §4: Flash 13.3B, Pro 48.9B, V3.2 37.5B); "total" includes embedding and head.
+    (the convention of docs §4: Flash 13.3B, Pro 48.9B, V3.2 37.5B); "total" includes embedding and head.
     include_mtp adds the MTP module(s) to total and active."""
     m = resolve(model)
     groups: dict[str, list[int]] = {}
@@ -221,7 +221,7 @@ def params(model, include_mtp: bool = False) -> dict:
         hh = _hc_head_params(m)
         add({"head": (V * d + d + hh, V * d + d + hh)})                      # head, final norm, hc_head
         emb = V * d
-        # MTP (spec §9, App. C): one SWA-only block with a score-routed MoE + e_proj/h_proj + enorm/hnorm/norm + hc_head
+        # MTP (docs §9, App. C): one SWA-only block with a score-routed MoE + e_proj/h_proj + enorm/hnorm/norm + hc_head
         blk = layer_params(m, "swa")
         blk_t = sum(t for t, _ in blk.values()) + 2 * d * d + 3 * d + hh
         blk_a = sum(a for _, a in blk.values()) + 2 * d * d + 3 * d + hh
@@ -341,11 +341,11 @@ def prefill_flops(model, n: int, weighting: str = "plain", breakdown: bool = Fal
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# KV cache bytes (spec §6, A.2)
+# KV cache bytes (docs §6, A.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 def entry_bytes(cfg: ModelConfig, storage: str = "paper") -> tuple[int, int]:
-    """(E, E_I): bytes of one main KV entry and of one indexer key (spec §6.3).
+    """(E, E_I): bytes of one main KV entry and of one indexer key (docs §6.3).
 
     paper: (c - r) FP8 E4M3 + one UE8M0 byte per 64 of them + r BF16; indexer c^I/2 (packed E2M1) + one UE8M0
     byte per 32.  bf16 / fp32: every dim at 2 / 4 bytes."""
@@ -359,7 +359,7 @@ def entry_bytes(cfg: ModelConfig, storage: str = "paper") -> tuple[int, int]:
 
 
 def state_bytes(cfg: ModelConfig, layer_type: str) -> int:
-    """Per-request compressor state of one layer: fp32 (kv, score) rows (spec §6.1); CSA overlap: 2m rows x 2c
+    """Per-request compressor state of one layer: fp32 (kv, score) rows (docs §6.1); CSA overlap: 2m rows x 2c
     channels, plus the indexer's 2m x 2c^I; HCA: m' x c."""
     def comp(m, c, overlap):
         rows, ch = (2 * m, 2 * c) if overlap else (m, c)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_distributed():
     """Under torchrun, leave at once after the process group is destroyed: avoids a known abort at interpreter
-    shutdown ("terminate called without an active exception", toolchain.md)."""
+    shutdown ("terminate called without an active exception", docs/toolchain.md)."""
     import os
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()

@@ -1,8 +1,8 @@
-"""One flat dataclass config for the model and one for training (lab_guide.md §2).
+"""One flat dataclass config for the model and one for training (docs/methodology.md §2).
 
-Every field carries its anchor in ../shared/design/v4_spec.md ("spec §x"). A toggle changes exactly one thing and
+Every field carries its anchor in docs/architecture.md ("docs §x"). A toggle changes exactly one thing and
 its "off" value is the plain baseline. Presets: `tiny` (CPU / CI, seconds per step), `small` (one GPU, ~10-30M
-parameters), `tiny-dense` / `small-dense` (the baseline arms of the same sizes), `flash` and `pro` (the paper's full shapes, spec §4, for accounting only; never instantiated in tests).
+parameters), `tiny-dense` / `small-dense` (the baseline arms of the same sizes), `flash` and `pro` (the paper's full shapes, docs §4, for accounting only; never instantiated in tests).
 
     cfg = ModelConfig.from_preset("tiny", layer_types=["swa", "csa", "hca", "csa"], index_topk=3)
     model_cfg, train_cfg = parse_overrides(["preset=tiny", "max_steps=40", "lr=3e-3"])
@@ -29,16 +29,16 @@ def _err(name: str, value, allowed: str) -> ConfigError:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer schedules (spec §4)
+# Layer schedules (docs §4)
 # ---------------------------------------------------------------------------------------------------------------
 
 def flash_layer_types(n_layers: int) -> list[str]:
-    """Flash-like schedule (spec §4): layers 0-1 window-only, then CSA on even and HCA on odd layers."""
+    """Flash-like schedule (docs §4): layers 0-1 window-only, then CSA on even and HCA on odd layers."""
     return ["swa" if i < 2 else ("csa" if i % 2 == 0 else "hca") for i in range(n_layers)]
 
 
 def pro_layer_types(n_layers: int) -> list[str]:
-    """Pro-like schedule (spec §4): layers 0-1 HCA, then CSA on even and HCA on odd layers."""
+    """Pro-like schedule (docs §4): layers 0-1 HCA, then CSA on even and HCA on odd layers."""
     return ["hca" if i < 2 else ("csa" if i % 2 == 0 else "hca") for i in range(n_layers)]
 
 
@@ -73,86 +73,86 @@ def parse_layer_types(value, n_layers: int | None = None) -> list[str]:
 
 @dataclass
 class ModelConfig:
-    # --- global shapes (spec §4) ---
+    # --- global shapes (docs §4) ---
     vocab_size: int = 256                 # byte-level lab vocabulary (V4: 129 280)
     d_model: int = 64                     # hidden size d ("dim")
     layer_types: list = field(default_factory=lambda: ["dense"] * 2)
-    # one entry per layer from LAYER_TYPES; its length is the number of layers (spec §4 `compress_ratios`):
+    # one entry per layer from LAYER_TYPES; its length is the number of layers (docs §4 `compress_ratios`):
     # "dense" = full causal attention over uncompressed entries (the baseline arm), "swa" = window only,
     # "csa" = window + overlapping m-compressor + indexer top-k, "hca" = window + all m'-compressed entries
     max_seq_len: int = 512                # longest position the RoPE tables / caches are built for
-    norm_eps: float = 1e-6                # every RMSNorm (spec §0)
-    init_std: float = 0.02                # N(0, std) for linear weights (UNCONFIRMED, spec §10 / App. D.2)
+    norm_eps: float = 1e-6                # every RMSNorm (docs §0)
+    init_std: float = 0.02                # N(0, std) for linear weights (UNCONFIRMED, docs §10 / App. D.2)
 
-    # --- attention, shared by all layer types (spec §2.1, 2.2, 2.5-2.7) ---
+    # --- attention, shared by all layer types (docs §2.1, 2.2, 2.5-2.7) ---
     n_heads: int = 4                      # query heads n_h
     head_dim: int = 32                    # c (V4: 512); one shared K = V head (MQA)
-    rope_head_dim: int = 16               # r, the *last* r dims of a head are RoPE'd, interleaved pairs (spec §2.6)
+    rope_head_dim: int = 16               # r, the *last* r dims of a head are RoPE'd, interleaved pairs (docs §2.6)
     q_lora_rank: int = 32                 # d_c of the low-rank query (wq_a -> q_norm -> wq_b); 0 = plain wq (off)
-    qk_norm: bool = True                  # per-head weightless q RMSNorm + kv_norm (spec §2.1-2.2); False = off
-    attn_sink: bool = True                # learned per-head sink logit in the softmax denominator (spec §2.5)
-    output_rope: bool = True              # de-rotate the output's RoPE dims at the query position (spec §2.6)
-    o_groups: int = 2                     # g of the grouped low-rank output projection (spec §2.7); 0 = plain wo
-    o_lora_rank: int = 32                 # d_g per group (spec §2.7)
-    window: int = 16                      # n_win: window entries t-n_win+1..t incl. t (spec §2.5; V4 128)
-    window_branch: bool = True            # keep the window branch in CSA/HCA layers (lab_guide §3.4); False = off
-    rope_theta: float = 10000.0           # base for dense / SWA-only layers and the MTP block, no YaRN (spec §2.6)
-    compress_rope_theta: float = 160000.0  # base for CSA / HCA layers (spec §2.6)
-    yarn_factor: float = 16.0             # YaRN on CSA / HCA layers (spec §2.6); 1 = off
-    yarn_original_seq_len: int = 65536    # L0 of YaRN (spec §2.6)
+    qk_norm: bool = True                  # per-head weightless q RMSNorm + kv_norm (docs §2.1-2.2); False = off
+    attn_sink: bool = True                # learned per-head sink logit in the softmax denominator (docs §2.5)
+    output_rope: bool = True              # de-rotate the output's RoPE dims at the query position (docs §2.6)
+    o_groups: int = 2                     # g of the grouped low-rank output projection (docs §2.7); 0 = plain wo
+    o_lora_rank: int = 32                 # d_g per group (docs §2.7)
+    window: int = 16                      # n_win: window entries t-n_win+1..t incl. t (docs §2.5; V4 128)
+    window_branch: bool = True            # keep the window branch in CSA/HCA layers (docs/methodology.md §3.4); False = off
+    rope_theta: float = 10000.0           # base for dense / SWA-only layers and the MTP block, no YaRN (docs §2.6)
+    compress_rope_theta: float = 160000.0  # base for CSA / HCA layers (docs §2.6)
+    yarn_factor: float = 16.0             # YaRN on CSA / HCA layers (docs §2.6); 1 = off
+    yarn_original_seq_len: int = 65536    # L0 of YaRN (docs §2.6)
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
 
-    # --- compressors (spec §2.3, §3) ---
-    csa_ratio: int = 4                    # m of CSA (spec §2.3)
-    hca_ratio: int = 16                   # m' of HCA (spec §3; V4 128, tiny presets 8-16)
+    # --- compressors (docs §2.3, §3) ---
+    csa_ratio: int = 4                    # m of CSA (docs §2.3)
+    hca_ratio: int = 16                   # m' of HCA (docs §3; V4 128, tiny presets 8-16)
     compressor_overlap: bool = True       # CSA's two-series 8-slot overlapping pool; False = plain m-token pool
 
-    # --- lightning indexer (spec §2.4, §10) ---
+    # --- lightning indexer (docs §2.4, §10) ---
     index_n_heads: int = 4                # n_h^I (V4 64)
     index_head_dim: int = 16              # c^I (V4 128)
     index_topk: int = 4                   # top-k compressed entries per query (Flash 512, Pro 1024)
     index_mode: str = "learned"           # learned | oracle (true top-k of main scores) | random | all
-    index_hadamard: bool = True           # Hadamard rotation of indexer q and k (spec §2.4); False = off
-    indexer_loss_weight: float = 1.0      # weight of the KL indexer loss (V3.2 recipe, spec §10); 0 = off
-    indexer_warmup_steps: int = 0         # steps of the dense warm-up stage (main model frozen, spec §10)
+    index_hadamard: bool = True           # Hadamard rotation of indexer q and k (docs §2.4); False = off
+    indexer_loss_weight: float = 1.0      # weight of the KL indexer loss (V3.2 recipe, docs §10); 0 = off
+    indexer_warmup_steps: int = 0         # steps of the dense warm-up stage (main model frozen, docs §10)
 
-    # --- residual stream (spec §1) ---
+    # --- residual stream (docs §1) ---
     residual: str = "plain"               # plain | hc | mhc
     hc_mult: int = 4                      # n_hc streams
-    hc_sinkhorn_iters: int = 20           # T of the Sinkhorn projection (spec §1.2)
-    hc_eps: float = 1e-6                  # eps of pre, Sinkhorn and hc_head (spec §1.2)
-    hc_alpha_init: float = 0.01           # alpha^{pre,post,res} init (UNCONFIRMED, spec §1.4)
-    hc_res_diag_init: float = 4.0         # diagonal of S^res at init so P ~ I (UNCONFIRMED, spec §1.4)
-    hc_fn_init_std: float = 0.02          # std of the 24-way projection W (spec §1.4)
+    hc_sinkhorn_iters: int = 20           # T of the Sinkhorn projection (docs §1.2)
+    hc_eps: float = 1e-6                  # eps of pre, Sinkhorn and hc_head (docs §1.2)
+    hc_alpha_init: float = 0.01           # alpha^{pre,post,res} init (UNCONFIRMED, docs §1.4)
+    hc_res_diag_init: float = 4.0         # diagonal of S^res at init so P ~ I (UNCONFIRMED, docs §1.4)
+    hc_fn_init_std: float = 0.02          # std of the 24-way projection W (docs §1.4)
 
-    # --- feed-forward: dense SwiGLU or DeepSeekMoE (spec §5) ---
+    # --- feed-forward: dense SwiGLU or DeepSeekMoE (docs §5) ---
     ffn: str = "dense"                    # dense | moe
     d_ff: int = 128                       # intermediate size of the dense SwiGLU FFN
     n_routed_experts: int = 8             # N_r
     n_activated_experts: int = 2          # K_r
     n_shared_experts: int = 1             # shared experts (0 = off)
     moe_inter_dim: int = 32               # I, routed and shared experts
-    score_func: str = "sqrtsoftplus"      # sqrtsoftplus | sigmoid (spec §5.1)
+    score_func: str = "sqrtsoftplus"      # sqrtsoftplus | sigmoid (docs §5.1)
     route_scale: float = 1.5              # routed weights sum to route_scale (Flash 1.5, Pro 2.5)
-    n_hash_layers: int = 0                # first MoE layers routed by the fixed tid2eid table (spec §5.2)
-    hash_seed: int = 0                    # seed of the balanced tid2eid table (UNCONFIRMED hash, spec §5.2)
-    swiglu_limit: float = 10.0            # clamp of routed experts before SiLU (spec §5.3); 0 = off
-    shared_expert_clamp: bool = False     # HF-compat: HF also clamps the shared expert (hf_oracle 9c); spec: False
-    bias_update_speed: float = 1e-3       # aux-loss-free bias step gamma (spec §5.1.5); 0 = off
-    balance_loss_weight: float = 1e-4     # sequence-wise balance loss alpha (spec §5.1.6); 0 = off
-    anticipatory: str = "off"             # off | always | auto (spec §10)
+    n_hash_layers: int = 0                # first MoE layers routed by the fixed tid2eid table (docs §5.2)
+    hash_seed: int = 0                    # seed of the balanced tid2eid table (UNCONFIRMED hash, docs §5.2)
+    swiglu_limit: float = 10.0            # clamp of routed experts before SiLU (docs §5.3); 0 = off
+    shared_expert_clamp: bool = False     # HF-compat: HF also clamps the shared expert (docs/hf_parity.md 9c); spec: False
+    bias_update_speed: float = 1e-3       # aux-loss-free bias step gamma (docs §5.1.5); 0 = off
+    balance_loss_weight: float = 1e-4     # sequence-wise balance loss alpha (docs §5.1.6); 0 = off
+    anticipatory: str = "off"             # off | always | auto (docs §10)
     anticipatory_delta: int = 1           # Delta t: steps between the routing parameters and the current ones
     anticipatory_period: int = 50         # steps anticipatory routing stays on after a detected spike (auto)
     spike_factor: float = 1.5             # a loss > spike_factor x running median counts as a spike (auto)
 
-    # --- multi-token prediction (spec §9) ---
+    # --- multi-token prediction (docs §9) ---
     mtp_depth: int = 0                    # 0 = off
-    mtp_loss_weight: float = 0.3          # lambda, 0.3 then mtp_loss_weight_decay from the LR decay (spec §4)
+    mtp_loss_weight: float = 0.3          # lambda, 0.3 then mtp_loss_weight_decay from the LR decay (docs §4)
     mtp_loss_weight_decay: float = 0.1
 
-    # --- low precision and kernels (spec §8) ---
-    quant: str = "none"                   # none | fp8 | fp4 (QAT fake-quantisation, spec §8.4)
+    # --- low precision and kernels (docs §8) ---
+    quant: str = "none"                   # none | fp8 | fp4 (QAT fake-quantisation, docs §8.4)
     kernels: str = "auto"                 # auto (Triton on CUDA, torch on CPU) | triton | torch
 
     # ------------------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def _resize_schedule(types, n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Presets (spec §4 for flash / pro)
+# Presets (docs §4 for flash / pro)
 # ---------------------------------------------------------------------------------------------------------------
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -277,7 +277,7 @@ MODEL_PRESETS: dict[str, dict] = {
     # the baseline arm of the same size: dense causal attention, plain residual, dense SwiGLU, no MTP
     "tiny-dense": dict(layer_types=["dense"] * 4, residual="plain", ffn="dense", n_hash_layers=0, mtp_depth=0),
     # one GPU, ~10-30M parameters: DeepSeek-V4 at lab size (Flash-like schedule swa, swa, csa, hca, ...; mHC; MoE
-    # with one hash-routed layer; MTP depth 1); the attention shapes of kernels.md (H 8 x 128, H_I 4 x 64, k 512)
+    # with one hash-routed layer; MTP depth 1); the attention shapes of docs/kernels.md (H 8 x 128, H_I 4 x 64, k 512)
     "small": dict(
         d_model=384, layer_types=flash_layer_types(8), max_seq_len=65536, n_heads=8, head_dim=128,
         rope_head_dim=64, q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128, csa_ratio=4, hca_ratio=128,
@@ -289,7 +289,7 @@ MODEL_PRESETS: dict[str, dict] = {
         q_lora_rank=256, o_groups=4, o_lora_rank=256, window=128, csa_ratio=4, hca_ratio=128, index_n_heads=4,
         index_head_dim=64, index_topk=512, attn_sink=False, d_ff=1024, residual="plain",
         ffn="dense", n_hash_layers=0, mtp_depth=0),
-    # full paper shapes, accounting only (spec §4)
+    # full paper shapes, accounting only (docs §4)
     "flash": dict(
         vocab_size=129280, d_model=4096, layer_types=flash_layer_types(43), max_seq_len=1048576, n_heads=64,
         head_dim=512, rope_head_dim=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024, window=128, csa_ratio=4,
@@ -322,15 +322,15 @@ class TrainConfig:
     warmup_steps: int = -1                # linear warm-up steps; -1 = max_steps // 10
     schedule: str = "cosine"              # cosine (warm-up + cosine) | wsd (warm-up, stable, decay)
     wsd_decay_frac: float = 0.2           # fraction of max_steps spent in the WSD decay
-    optimizer: str = "adamw"              # adamw | muon (spec §7)
+    optimizer: str = "adamw"              # adamw | muon (docs §7)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    ns_schedule: str = "v4"               # Muon Newton-Schulz: v4 (8 + 2 hybrid steps) | keller5 (spec §7)
-    muon_momentum: float = 0.95           # Muon mu, Nesterov (spec §7)
-    muon_rms_scale: float = 0.18          # Muon update RMS gamma: NS(.) * sqrt(max(n, m)) * gamma (spec §7)
-    muon_adam_eps: float = 1e-20          # eps of the AdamW part when optimizer=muon (paper §2.4, spec §7)
+    ns_schedule: str = "v4"               # Muon Newton-Schulz: v4 (8 + 2 hybrid steps) | keller5 (docs §7)
+    muon_momentum: float = 0.95           # Muon mu, Nesterov (docs §7)
+    muon_rms_scale: float = 0.18          # Muon update RMS gamma: NS(.) * sqrt(max(n, m)) * gamma (docs §7)
+    muon_adam_eps: float = 1e-20          # eps of the AdamW part when optimizer=muon (paper §2.4, docs §7)
     grad_clip: float = 1.0                # 0 = off
     eval_interval: int = 50               # steps between validations (and always at the last step)
     eval_batches: int = 4

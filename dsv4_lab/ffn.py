@@ -1,4 +1,4 @@
-"""Feed-forward sub-layer: the dense SwiGLU baseline or DeepSeekMoE (spec §5, moe.py)."""
+"""Feed-forward sub-layer: the dense SwiGLU baseline or DeepSeekMoE (docs §5, moe.py)."""
 from __future__ import annotations
 
 import torch.nn as nn

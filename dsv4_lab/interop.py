@@ -1,9 +1,9 @@
-"""Conversion between HF transformers `DeepseekV4ForCausalLM` and DSV4LM (hf_oracle.md §E).
+"""Conversion between HF transformers `DeepseekV4ForCausalLM` and DSV4LM (docs/hf_parity.md §E).
 
     model = from_hf(hf_model)            # config mapped, every weight and buffer copied (tid2eid, bias included)
     hf_model = to_hf(model)              # the reverse (needs transformers; fp32)
 
-HF-compat settings that `from_hf` sets (hf_oracle.md §A): shared_expert_clamp=True (HF clamps the shared expert,
+HF-compat settings that `from_hf` sets (docs/hf_parity.md §A): shared_expert_clamp=True (HF clamps the shared expert,
 9c), quant="none" (HF has no FP8/FP4 simulation, 3d), mtp_depth=0 (HF has no MTP, 10), index_hadamard=False (HF has
 none; harmless without FP4, 3c), anticipatory="off", YaRN taken from the HF config's "compress" rope parameters (5c:
 absent there = no YaRN, yarn_factor=1). HF's flatten-RMS eps is rms_norm_eps, which is our norm_eps (8).
@@ -208,5 +208,5 @@ def from_hf(hf_model, max_seq_len: int | None = None) -> DSV4LM:
         g = blk.ffn.gate
         if g.is_hash and not g.tid2eid.any():
             raise ValueError("HF tid2eid is all zero (a fresh HF model): every token would go to expert 0; "
-                             "load a checkpoint or fill it before converting (hf_oracle 9b)")
+                             "load a checkpoint or fill it before converting (docs/hf_parity.md 9b)")
     return model.eval()

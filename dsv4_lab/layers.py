@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (spec §0). `weight=False` gives RMSNorm_1."""
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (docs §0). `weight=False` gives RMSNorm_1."""
 
     def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True):
         super().__init__()
@@ -29,7 +29,7 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose weight and input can be fake-quantised for QAT (spec §8.4).
+    """nn.Linear without bias whose weight and input can be fake-quantised for QAT (docs §8.4).
 
     `quant` is set by the model from `ModelConfig.quant` and the layer's role: None (plain), "fp8" (128x128 weight
     blocks, 1x128 activation blocks) or "fp4" (MXFP4 weights, FP8 activations). Masters stay fp32; gradients pass
@@ -48,7 +48,7 @@ class Linear(nn.Linear):
 
 
 class SwiGLU(nn.Module):
-    """W2(SiLU(W1 x) * W3 x), with the optional V4 clamp (spec §5.3): up in [-L, L], gate <= L, L=0 off."""
+    """W2(SiLU(W1 x) * W3 x), with the optional V4 clamp (docs §5.3): up in [-L, L], gate <= L, L=0 off."""
 
     def __init__(self, dim: int, inter: int, limit: float = 0.0, quant: str | None = None):
         super().__init__()
@@ -63,6 +63,6 @@ class SwiGLU(nn.Module):
             up = up.clamp(-self.limit, self.limit)
             gate = gate.clamp(max=self.limit)
         h = F.silu(gate) * up
-        if weight is not None:               # routing weight applied before W2 (spec §5.3)
+        if weight is not None:               # routing weight applied before W2 (docs §5.3)
             h = h * weight
         return self.w2(h.to(x.dtype))

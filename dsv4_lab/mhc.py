@@ -1,4 +1,4 @@
-"""Hyper-connections: n_hc residual streams mixed around every sub-layer (spec §1; PAPER §2.2).
+"""Hyper-connections: n_hc residual streams mixed around every sub-layer (docs §1; PAPER §2.2).
 
 Residual state X (B, T, n, d), n = hc_mult. One residual site (attention or FFN) computes, per token, in fp32:
 
@@ -6,7 +6,7 @@ Residual state X (B, T, n, d), n = hc_mult. One residual site (attention or FFN)
     mu = rho * v W^T   (n(2+n),)  layout [0:n] pre | [n:2n] post | [2n:] res row-major  one fused projection (§1.2.2)
     A~ = a_pre mu_pre + S_pre,  C~ = a_post mu_post + S_post,  B~ = a_res Mat(mu_res) + S_res   static + dynamic (§1.2.3)
 
-    residual="mhc" (manifold-constrained, spec §1.2.4):
+    residual="mhc" (manifold-constrained, docs §1.2.4):
         A = sigmoid(A~) + eps,  C = 2 sigmoid(C~),  P = sinkhorn(B~)  (softmax + eps, column norm, 19 x (row, column))
     residual="hc" (unconstrained hyper-connections, Zhu et al. 2024 as restated in the mHC paper):
         the same fused projection and static/dynamic split, but the dynamic part goes through tanh (HC's choice) and
@@ -18,9 +18,9 @@ Residual state X (B, T, n, d), n = hc_mult. One residual site (attention or FFN)
     pre  (collapse):  u = sum_i A_i x_i                                (B, T, d), the sub-layer input before its norm
     post (expand):    x'_j = C_j y + sum_i P_ij x_i                    output stream j uses COLUMN j of P (B = P^T)
 
-Final collapse (`HyperHead`, spec §1.1.4): z = sum_i a_i x_i, a = sigmoid(a_head (x^ W_head^T) + s_head) + eps.
+Final collapse (`HyperHead`, docs §1.1.4): z = sum_i a_i x_i, a = sigmoid(a_head (x^ W_head^T) + s_head) + eps.
 
-Initialisation (spec §1.4, UNCONFIRMED; config fields hc_alpha_init, hc_res_diag_init, hc_fn_init_std):
+Initialisation (docs §1.4, UNCONFIRMED; config fields hc_alpha_init, hc_res_diag_init, hc_fn_init_std):
     W ~ N(0, hc_fn_init_std), a = hc_alpha_init (all three), and static biases chosen so the block starts near a
     plain residual on identical streams:
       mhc: S_pre = -ln(n-1) (A ~ 1/n; 0 when n = 1), S_post = 0 (C ~ 1), S_res = hc_res_diag_init * I (P ~ I)
@@ -44,7 +44,7 @@ from .config import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sinkhorn projection (spec §1.2 step 4) and probes
+# Sinkhorn projection (docs §1.2 step 4) and probes
 # ---------------------------------------------------------------------------------------------------------------
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:
@@ -80,7 +80,7 @@ def spectral_norm(P: torch.Tensor) -> torch.Tensor:
 class HyperConnection(nn.Module):
     """One hc / mhc residual site with the interface of residual.py: `pre(X) -> (u, ctx)`, `post(y, X, ctx)`.
 
-    Parameters (spec §1.3, names as REF/HF): fn [n(2+n), n d] (W^pre; W^post; W^res stacked), base [n(2+n)] (S),
+    Parameters (docs §1.3, names as REF/HF): fn [n(2+n), n d] (W^pre; W^post; W^res stacked), base [n(2+n)] (S),
     scale [3] (alpha^pre, alpha^post, alpha^res)."""
 
     def __init__(self, cfg: ModelConfig, constrained: bool | None = None):
@@ -123,7 +123,7 @@ class HyperConnection(nn.Module):
         a = self.scale.to(ct)
         mu_res = mu_res.unflatten(-1, (n, n))                                     # [i, j] at 2n + n i + j
         s_res = s_res.view(n, n)
-        if self.constrained:                                                      # mHC (spec §1.2.4)
+        if self.constrained:                                                      # mHC (docs §1.2.4)
             A = torch.sigmoid(a[0] * mu_pre + s_pre) + self.eps
             C = 2 * torch.sigmoid(a[1] * mu_post + s_post)
             P = sinkhorn(a[2] * mu_res + s_res, self.iters, self.eps)
@@ -150,7 +150,7 @@ class HyperConnection(nn.Module):
 
 
 class HyperHead(nn.Module):
-    """Final collapse of the streams before the last RMSNorm (spec §1.1 step 4); also MTP's own copy (spec §9).
+    """Final collapse of the streams before the last RMSNorm (docs §1.1 step 4); also MTP's own copy (docs §9).
     Same for hc and mhc (no Sinkhorn, no post). Parameters hc_fn [n, n d], hc_base [n], hc_scale [1]."""
 
     def __init__(self, cfg: ModelConfig):

@@ -1,9 +1,9 @@
-"""DSV4LM: the whole model, every component a toggle of ModelConfig (spec §1.1).
+"""DSV4LM: the whole model, every component a toggle of ModelConfig (docs §1.1).
 
     ids (B, T) -> embedding (B, T, d) -> residual state X ((B, T, d) plain, (B, T, n_hc, d) hc/mhc)
       -> L x Block: [attn site: X -> pre -> attn_norm -> Attention -> post]  [ffn site: ... -> FFN / MoE -> post]
       -> hc_head collapse (hc/mhc) -> final RMSNorm -> head -> logits (B, T, V)
-    (+ MTP depth D on the final state, spec §9)
+    (+ MTP depth D on the final state, docs §9)
 
 With every toggle off (layer_types all "dense", residual="plain", ffn="dense", mtp_depth=0) this is a plain
 pre-norm decoder with MQA attention and SwiGLU: the dense baseline arm.
@@ -33,7 +33,7 @@ class LMOutput:
 
 
 class Block(nn.Module):
-    """Attention sub-layer then FFN sub-layer, each wrapped by its own residual site (spec §1.2)."""
+    """Attention sub-layer then FFN sub-layer, each wrapped by its own residual site (docs §1.2)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -64,7 +64,7 @@ class DSV4LM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.hc_head = build_head_collapse(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = Linear(cfg.d_model, cfg.vocab_size)            # not tied to the embedding (spec §1.1)
+        self.head = Linear(cfg.d_model, cfg.vocab_size)            # not tied to the embedding (docs §1.1)
         self.mtp = None
         if cfg.mtp_depth > 0:
             from .mtp import MTP
@@ -79,7 +79,7 @@ class DSV4LM(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
 
     def new_cache(self, batch_size: int, max_len: int, storage: str = "fp32", device=None):
-        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (spec §6, inference/cache.py);
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (docs §6, inference/cache.py);
         then `model(ids_chunk, cache=cache)` prefills / decodes. storage: fp32 | bf16 | paper (FP8 + BF16 + FP4)."""
         from .inference.cache import KVCache
         return KVCache(self, batch_size, max_len, storage, device)

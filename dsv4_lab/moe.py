@@ -1,28 +1,28 @@
-"""DeepSeekMoE as in V4 (spec §5): shared expert + routed experts, sqrt(softplus) router with an aux-loss-free
-bias, hash routing in the first layers, SwiGLU clamping, and anticipatory routing (spec §10).
+"""DeepSeekMoE as in V4 (docs §5): shared expert + routed experts, sqrt(softplus) router with an aux-loss-free
+bias, hash routing in the first layers, SwiGLU clamping, and anticipatory routing (docs §10).
 
     x (B, T, d) = ffn_norm(u)
-    s = score(W_g x)  (N, N_r) fp32, score = sqrt(softplus) | sigmoid                                   (spec §5.1.1-2)
-    K = TopK(s + b)            score layers (layer >= n_hash_layers), b = e_score_correction_bias       (spec §5.1.3)
-      = tid2eid[token id]      hash layers (layer < n_hash_layers), a fixed seeded table [V, K_r]      (spec §5.2)
-    w_k = route_scale * s_k / sum_{k' in K} s_k'     from the UNBIASED scores, also in hash layers      (spec §5.1.4)
-    y = sum_k E_k(x; w_k) + E_shared(x)        E = SwiGLU, w_k multiplies the intermediate before W2    (spec §5.3)
+    s = score(W_g x)  (N, N_r) fp32, score = sqrt(softplus) | sigmoid                                   (docs §5.1.1-2)
+    K = TopK(s + b)            score layers (layer >= n_hash_layers), b = e_score_correction_bias       (docs §5.1.3)
+      = tid2eid[token id]      hash layers (layer < n_hash_layers), a fixed seeded table [V, K_r]      (docs §5.2)
+    w_k = route_scale * s_k / sum_{k' in K} s_k'     from the UNBIASED scores, also in hash layers      (docs §5.1.4)
+    y = sum_k E_k(x; w_k) + E_shared(x)        E = SwiGLU, w_k multiplies the intermediate before W2    (docs §5.3)
 
-Clamp (spec §5.3): routed experts clip up to [-L, L] and gate to <= L (L = swiglu_limit, 0 = off); the shared
-expert is not clamped (REF) unless shared_expert_clamp=True (HF-compat, hf_oracle 9c).
+Clamp (docs §5.3): routed experts clip up to [-L, L] and gate to <= L (L = swiglu_limit, 0 = off); the shared
+expert is not clamped (REF) unless shared_expert_clamp=True (HF-compat, docs/hf_parity.md 9c).
 
-Aux-loss-free balancing (spec §5.1.5): the bias changes the selection only. Expert loads (tokens routed to each
+Aux-loss-free balancing (docs §5.1.5): the bias changes the selection only. Expert loads (tokens routed to each
 expert) are counted in every training forward and accumulated; `on_train_step` applies
 b_e += gamma * sign(mean load - load_e) (gamma = bias_update_speed; under-loaded experts go up) and resets the count;
 under DDP the counts are all-reduced first, so every rank keeps the same bias.
-Sequence-wise balance loss (spec §5.1.6, V3 form): alpha * sum_e f_e P_e per sequence, averaged over the batch,
+Sequence-wise balance loss (docs §5.1.6, V3 form): alpha * sum_e f_e P_e per sequence, averaged over the batch,
 recorded as _aux["balance_loss"] (score layers only: hash selections cannot be balanced by a loss).
 
-Hash table (spec §5.2; the real hash is UNCONFIRMED): `balanced_tid2eid` deals a seeded random permutation of the
+Hash table (docs §5.2; the real hash is UNCONFIRMED): `balanced_tid2eid` deals a seeded random permutation of the
 experts round-robin, K_r consecutive slots per token, so every token gets K_r distinct experts and every expert
 serves floor or ceil(V K_r / N_r) token ids; then the rows are shuffled over token ids. Seed = hash_seed, layer.
 
-Anticipatory routing (spec §10; no public implementation: this is our design, UNCONFIRMED details in App. D.4)
+Anticipatory routing (docs §10; no public implementation: this is our design, UNCONFIRMED details in App. D.4)
 ------------------------------------------------------------------------------------------------------------
 Paper: at step t the features use theta_t but the routing indices come from theta_{t - Delta}; V4 fetches step t's
 data at step t - Delta, runs a forward with the then-current weights and caches the indices. Used dynamically:
@@ -97,7 +97,7 @@ class SpikeDetector:
 
 
 class Router(nn.Module):
-    """The gate (spec §5.1 / §5.2). weight [N_r, d] (fp32 math); e_score_correction_bias [N_r] (score layers, not
+    """The gate (docs §5.1 / §5.2). weight [N_r, d] (fp32 math); e_score_correction_bias [N_r] (score layers, not
     trained by gradient: a Parameter with requires_grad=False so checkpoints and parameter counts carry it);
     tid2eid [V, K_r] int64 buffer (hash layers)."""
 
@@ -190,12 +190,12 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (spec §5). Experts are a ModuleList of SwiGLU, looped."""
+    """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (docs §5). Experts are a ModuleList of SwiGLU, looped."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        q_routed = {"none": None, "fp8": "fp8", "fp4": "fp4"}[cfg.quant]         # QAT roles (spec §8.2)
+        q_routed = {"none": None, "fp8": "fp8", "fp4": "fp4"}[cfg.quant]         # QAT roles (docs §8.2)
         q_shared = None if cfg.quant == "none" else "fp8"
         self.gate = Router(cfg, layer_idx)
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.moe_inter_dim, cfg.swiglu_limit, q_routed)
@@ -209,7 +209,7 @@ class MoE(nn.Module):
         self.stats: dict = {}
         self._aux: dict = {}
 
-    # --- the aux-loss-free bias (spec §5.1.5) ---------------------------------------------------------------
+    # --- the aux-loss-free bias (docs §5.1.5) ---------------------------------------------------------------
     @torch.no_grad()
     def update_bias(self) -> None:
         if self.gate.is_hash or self.cfg.bias_update_speed == 0:
@@ -228,7 +228,7 @@ class MoE(nn.Module):
         self.update_bias()
         self.gate.after_step(step, loss)
 
-    # --- sequence-wise balance loss (spec §5.1.6) -----------------------------------------------------------
+    # --- sequence-wise balance loss (docs §5.1.6) -----------------------------------------------------------
     def balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
         Nr, K = self.cfg.n_routed_experts, self.cfg.n_activated_experts
         chosen = torch.zeros(B * T, Nr, device=scores.device, dtype=scores.dtype).scatter_(1, idx, 1.0)

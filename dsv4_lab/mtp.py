@@ -1,10 +1,10 @@
-"""Multi-token prediction (spec §9; V3 report, V4 "without modification"; REF `MTPBlock`).
+"""Multi-token prediction (docs §9; V3 report, V4 "without modification"; REF `MTPBlock`).
 
 Depth k = 1..D (D = mtp_depth, 0 = off), token alignment per V3 (App. D.9):
 
     h^0 = the main model's final residual state X (B, T, [n_hc,] d), before hc_head
     position i at depth k combines h^{k-1}_i with the embedding of token t_{i+k} and predicts t_{i+k+1}:
-        x_i = e_proj(enorm(Emb(t_{i+k}))) + h_proj(hnorm(h^{k-1}_i))     per stream j for hc/mhc (spec §9)
+        x_i = e_proj(enorm(Emb(t_{i+k}))) + h_proj(hnorm(h^{k-1}_i))     per stream j for hc/mhc (docs §9)
         h^k = Block_k(x)           one full block: attention SWA-only (rope_theta, no YaRN), FFN as the main model
                                    (MoE score-routed: its layer index is L + k - 1 >= n_hash_layers)
         logits^k_i = head(norm_k(hc_head_k(h^k_i)))           own hc_head and final norm, SHARED embedding and head
@@ -32,7 +32,7 @@ class MTPBlock(nn.Module):
         from .model import Block
         d = cfg.d_model
         layer_idx = cfg.n_layers + depth - 1
-        # the block sees a config whose schedule has one more, SWA-only, entry (spec §4 compress_ratios[L] = 0)
+        # the block sees a config whose schedule has one more, SWA-only, entry (docs §4 compress_ratios[L] = 0)
         bcfg = cfg.replace(layer_types=list(cfg.layer_types) + ["swa"] * depth, mtp_depth=0)
         self.enorm, self.hnorm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         q8 = "fp8" if cfg.quant != "none" else None
@@ -57,7 +57,7 @@ class MTP(nn.Module):
         self._aux: dict = {}
 
     def set_loss_weight(self, w: float) -> None:
-        """lambda: 0.3 for most of training, mtp_loss_weight_decay (0.1) from the start of the LR decay (spec §4)."""
+        """lambda: 0.3 for most of training, mtp_loss_weight_decay (0.1) from the start of the LR decay (docs §4)."""
         if w < 0:
             raise ValueError(f"MTP loss weight = {w!r} is not allowed: a number >= 0")
         self.loss_weight = float(w)

@@ -1,4 +1,4 @@
-"""Residual connections around a sub-layer (spec §1). `plain` is the ordinary pre-norm residual
+"""Residual connections around a sub-layer (docs §1). `plain` is the ordinary pre-norm residual
 x' = x + F(norm(x)); `hc` / `mhc` (hyper-connections, mhc.py) keep n_hc streams.
 
 Every residual site exposes the same two steps so the Block is written once:
@@ -30,14 +30,14 @@ def build_residual(cfg: ModelConfig) -> nn.Module:
 
 
 def expand_streams(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
-    """Embedding -> residual state: (B, T, d) for plain, n_hc identical copies (B, T, n_hc, d) otherwise (spec §1.1)."""
+    """Embedding -> residual state: (B, T, d) for plain, n_hc identical copies (B, T, n_hc, d) otherwise (docs §1.1)."""
     if cfg.residual == "plain":
         return x
     return x.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
 
 
 def build_head_collapse(cfg: ModelConfig) -> nn.Module | None:
-    """The final hc_head collapse of the streams (spec §1.1 step 4); None for plain."""
+    """The final hc_head collapse of the streams (docs §1.1 step 4); None for plain."""
     if cfg.residual == "plain":
         return None
     from .mhc import HyperHead

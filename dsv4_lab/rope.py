@@ -1,4 +1,4 @@
-"""Partial, interleaved rotary embeddings with optional YaRN (spec §2.6).
+"""Partial, interleaved rotary embeddings with optional YaRN (docs §2.6).
 
 RoPE acts on the *last* `rope_head_dim` dims of a head; dims (2k, 2k+1) of that slice form the complex number
 x_2k + i x_2k+1, rotated by exp(i * pos * theta_k), theta_k = base^(-2k/r). The same table serves queries, window
@@ -14,7 +14,7 @@ import torch
 
 def yarn_inv_freq(rope_dim: int, base: float, factor: float = 1.0, original_seq_len: int = 65536,
                   beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
-    """(rope_dim/2,) fp32 inverse frequencies; YaRN when factor > 1 (spec §2.6, REF precompute_freqs_cis)."""
+    """(rope_dim/2,) fp32 inverse frequencies; YaRN when factor > 1 (docs §2.6, REF precompute_freqs_cis)."""
     inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.int64).float() / rope_dim))
     if factor <= 1.0:
         return inv

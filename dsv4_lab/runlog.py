@@ -1,4 +1,4 @@
-"""Run records (lab_guide.md §2 "numbers come with the code and log that made them").
+"""Run records (docs/methodology.md §2 "numbers come with the code and log that made them").
 
 Every run directory holds `config.json` (model + train config), `env.json` (git commit, versions, device),
 `metrics.jsonl` (one JSON object per logged step) and `ckpt.pt`. Writes are atomic (temp file + rename) so a

@@ -1,4 +1,4 @@
-"""Honest statistics for ablations (lab_guide.md §3.9): per-arm mean and spread over seeds, and a verdict that
+"""Honest statistics for ablations (docs/methodology.md §3.9): per-arm mean and spread over seeds, and a verdict that
 calls an effect real only when it exceeds about twice the seed-to-seed spread. A null result is reported as null.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def lr_decay_started(step: int, tc: TrainConfig) -> bool:
-    """True once the LR starts to decay (MTP weight 0.3 -> 0.1 then, spec §4)."""
+    """True once the LR starts to decay (MTP weight 0.3 -> 0.1 then, docs §4)."""
     if step < tc.warmup_steps:
         return False
     return tc.schedule == "cosine" or step >= int(tc.max_steps * (1 - tc.wsd_decay_frac))
@@ -56,7 +56,7 @@ def lr_decay_started(step: int, tc: TrainConfig) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig):
-    """AdamW, or the paper's Muon + AdamW split (dsv4_lab.optim, spec §7)."""
+    """AdamW, or the paper's Muon + AdamW split (dsv4_lab.optim, docs §7)."""
     from .optim import build_optimizer as build
     return build(model, tc)
 

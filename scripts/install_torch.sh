@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install PyTorch into the given venv *before* the project (toolchain.md: an unpinned `torch` resolved by pip
+# Install PyTorch into the given venv *before* the project (docs/toolchain.md: an unpinned `torch` resolved by pip
 # pulls a multi-GB CUDA build). Where there is no NVIDIA GPU we take the CPU build of 2.13.0.
 set -euo pipefail
 PY=${1:-.venv/bin/python}

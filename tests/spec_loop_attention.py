@@ -1,4 +1,4 @@
-"""A deliberately slow, per-query reference of one V4 attention layer, written straight from v4_spec.md §2-§3.
+"""A deliberately slow, per-query reference of one V4 attention layer, written straight from docs §2-§3.
 
 It reads only the parameters of a dsv4_lab attention module (by name) and recomputes everything in fp64 with
 Python loops over queries, blocks, slots and entries: its own RoPE/YaRN angles, its own Hadamard matrix, its own
@@ -19,7 +19,7 @@ def _rms(x, w=None, eps=1e-6):
 
 
 def _theta(r, base, yarn):
-    """theta_k = base^(-2k/r), YaRN-corrected (spec §2.6)."""
+    """theta_k = base^(-2k/r), YaRN-corrected (docs §2.6)."""
     th = [base ** (-2 * k / r) for k in range(r // 2)]
     if yarn is None or yarn["factor"] <= 1:
         return th
@@ -60,7 +60,7 @@ def _hadamard(n):
 
 
 def _compress(P, prefix, u, m, overlap, c, eps):
-    """List of pooled+normed entries (before RoPE), one per complete block (spec §2.3 / §3)."""
+    """List of pooled+normed entries (before RoPE), one per complete block (docs §2.3 / §3)."""
     Wkv, Wz, ape, nw = (P[prefix + "wkv.weight"], P[prefix + "wgate.weight"], P[prefix + "ape"],
                         P[prefix + "norm.weight"])
     T = u.shape[0]
@@ -103,7 +103,7 @@ def spec_attention(module, u: torch.Tensor) -> torch.Tensor:
                 beta_slow=cfg.yarn_beta_slow) if comp else None
     theta = _theta(r, cfg.compress_rope_theta if comp else cfg.rope_theta, yarn)
 
-    # queries (spec §2.1) and window entries (spec §2.2)
+    # queries (docs §2.1) and window entries (docs §2.2)
     latent, q, k = [], [], []
     for t in range(T):
         if cfg.q_lora_rank > 0:
@@ -121,7 +121,7 @@ def spec_attention(module, u: torch.Tensor) -> torch.Tensor:
             kt = _rms(kt, P["kv_norm.weight"], eps)
         k.append(_rope(kt, t, theta))
 
-    # compressed entries (spec §2.3, §3)
+    # compressed entries (docs §2.3, §3)
     if comp:
         m = cfg.csa_ratio if kind == "csa" else cfg.hca_ratio
         overlap = cfg.compressor_overlap if kind == "csa" else False
@@ -130,7 +130,7 @@ def spec_attention(module, u: torch.Tensor) -> torch.Tensor:
         m, ent = 1, []
     S = len(ent)
 
-    # indexer (spec §2.4)
+    # indexer (docs §2.4)
     if kind == "csa":
         nI, cI = cfg.index_n_heads, cfg.index_head_dim
         Hd = _hadamard(cI) if cfg.index_hadamard else torch.eye(cI, dtype=D)
@@ -170,8 +170,8 @@ def spec_attention(module, u: torch.Tensor) -> torch.Tensor:
             for x, v in zip(kappa, z):
                 o[h] += math.exp(v - mx) / den * x
         if cfg.output_rope:
-            o = _rope(o, t, theta, inverse=True)              # de-rotate at the query position (spec §2.6)
-        if cfg.o_groups > 0:                                  # grouped output projection (spec §2.7)
+            o = _rope(o, t, theta, inverse=True)              # de-rotate at the query position (docs §2.6)
+        if cfg.o_groups > 0:                                  # grouped output projection (docs §2.7)
             g, dg = cfg.o_groups, cfg.o_lora_rank
             WA = P["wo_a.weight"].view(g, dg, -1)
             og = o.reshape(g, -1)

@@ -17,7 +17,7 @@ def near(x, ref, half_unit):
     return abs(x - ref) <= half_unit * (1 + 1e-9)
 
 
-# --- parameter counts derived from the shapes (spec §4, §2.8, §9, App. B/C) ---------------------------------------
+# --- parameter counts derived from the shapes (docs §4, §2.8, §9, App. B/C) ---------------------------------------
 
 @pytest.mark.parametrize("name,total,t_tol,active,a_tol,mtp,m_tol", [
     ("v4-flash", 284.3 * B, 0.05 * B, 13.27 * B, 0.005 * B, 6.6 * B, 0.05 * B),
@@ -108,7 +108,7 @@ def test_flops_ratio_at_other_lengths(n, pro, flash):
 
 
 def test_entry_bytes_and_gqa_baseline():
-    assert entry_bytes(ModelConfig.from_preset("flash")) == (583, 68)             # spec §6.3
+    assert entry_bytes(ModelConfig.from_preset("flash")) == (583, 68)             # docs §6.3
     assert entry_bytes(ModelConfig.from_preset("flash"), "bf16") == (1024, 256)
     assert gqa_kv_bytes(1, 1) == 2 * 8 * 128 * 2
 
@@ -138,7 +138,7 @@ def test_prefill_is_sum_of_decode(over, weighting):
 
 
 def test_core_attention_entries_match_masks():
-    """The K(n) used for the core attention equals the number of entries the masks of spec §2.5 admit."""
+    """The K(n) used for the core attention equals the number of entries the masks of docs §2.5 admit."""
     cfg = ModelConfig.from_preset("tiny-dense", layer_types=["dense", "swa", "csa", "hca"], window=8, csa_ratio=4,
                                   hca_ratio=8, index_topk=3)
     for n in range(1, 60):

@@ -1,9 +1,9 @@
-"""Hybrid attention (issue 3): CSA, HCA, sliding window, lightning indexer, exact to v4_spec.md §2-§4 and §10.
+"""Hybrid attention (issue 3): CSA, HCA, sliding window, lightning indexer, exact to docs §2-§4 and §10.
 
 (a) causality of every layer type at lengths that are not multiples of m / m'   (b) vectorised == per-query spec
 loop (tests/spec_loop_attention.py)   (c) gradients reach the query's own incomplete block only via the window
 branch   (d) -1 / invisible picks and fewer visible entries than k   (e) parity with HF transformers deepseek_v4
-(hf_oracle.md §E)   + toggles ("off" == plain version), indexer training stages and recall, QAT hook points, a tiny
+(docs/hf_parity.md §E)   + toggles ("off" == plain version), indexer training stages and recall, QAT hook points, a tiny
 mixed model that learns.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def make_cfg(**kw):
 
 
 def randomise(mod: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (sinks, ape and norm gains included, hf_oracle §E)."""
+    """Random weights everywhere (sinks, ape and norm gains included, docs/hf_parity.md §E)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in mod.named_parameters():
@@ -116,7 +116,7 @@ def test_spec_loop_sensitive():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# (c) the recency hole: own incomplete block reachable only through the window branch (lab_guide §3.4)
+# (c) the recency hole: own incomplete block reachable only through the window branch (docs/methodology.md §3.4)
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])
@@ -355,7 +355,7 @@ def test_ratios(csa_ratio, hca_ratio):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# indexer training (spec §10)
+# indexer training (docs §10)
 # ------------------------------------------------------------------------------------------------------------
 
 def test_indexer_kl_loss_values():
@@ -452,7 +452,7 @@ def test_indexer_recall_bounds_and_oracle_identity():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# QAT hook points (spec §8.2)
+# QAT hook points (docs §8.2)
 # ------------------------------------------------------------------------------------------------------------
 
 def test_qat_hooks():
@@ -472,7 +472,7 @@ def test_qat_hooks():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# (e) parity with HF transformers deepseek_v4 (hf_oracle.md §E)
+# (e) parity with HF transformers deepseek_v4 (docs/hf_parity.md §E)
 # ------------------------------------------------------------------------------------------------------------
 
 # the ours -> HF tables live in dsv4_lab/interop.py (the full-model parity test checks them end to end)
@@ -512,7 +512,7 @@ def test_hf_parity_attention_layers(hf, index_heads, topk):
     pos = torch.arange(T)[None].expand(B, T)
     pe = {"main": rot(x, pos, "main"), "compress": rot(x, pos, "compress")}
     i = torch.arange(T)
-    win = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)     # HF's sliding mask (hf_oracle A.1)
+    win = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)     # HF's sliding mask (docs/hf_parity.md A.1)
     amask = torch.zeros(B, 1, T, T).masked_fill(~win, float("-inf"))
     for li, kind in enumerate(types):
         ours = randomise(build_attention(cfg, li), seed=li).eval()

@@ -1,7 +1,7 @@
-"""Decode with the heterogeneous KV cache (dsv4_lab/inference, spec §6): the cached forward over any chunking equals
+"""Decode with the heterogeneous KV cache (dsv4_lab/inference, docs §6): the cached forward over any chunking equals
 the full forward; the cache allocates exactly the bytes accounting.kv_cache_bytes predicts; generation.
 
-Parity configs follow hf_oracle.md H1: index_topk >= #entries, or 16 index heads, so the top-k has no exact ties.
+Parity configs follow docs/hf_parity.md H1: index_topk >= #entries, or 16 index heads, so the top-k has no exact ties.
 """
 import pytest
 import torch
@@ -100,7 +100,7 @@ def test_allocated_bytes_equal_accounting(over, storage):
 
 
 def test_paper_storage_formats():
-    """FP8 E4M3 + UE8M0/64 on the non-RoPE dims with BF16 RoPE dims; MXFP4 indexer keys (spec §6.3)."""
+    """FP8 E4M3 + UE8M0/64 on the non-RoPE dims with BF16 RoPE dims; MXFP4 indexer keys (docs §6.3)."""
     from dsv4_lab.inference.cache import EntryStore
     from dsv4_lab.quant import fake_quant_fp8, fake_quant_mxfp4_ref
     x = torch.randn(5, 3, 96) * torch.logspace(-2, 2, 96)

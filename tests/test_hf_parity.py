@@ -1,4 +1,4 @@
-"""Full-model parity with HF transformers DeepseekV4ForCausalLM (hf_oracle.md §E): fp32 logits within 1e-4
+"""Full-model parity with HF transformers DeepseekV4ForCausalLM (docs/hf_parity.md §E): fp32 logits within 1e-4
 relative on tiny configs mixing SWA / CSA / HCA layers and hash / score MoE, batch 2, lengths that are not
 multiples of the compression ratios, random tid2eid and every HF placeholder parameter randomised, plus a case
 with expert pre-activations far beyond the clamp (shared-expert clamp flag exercised)."""
@@ -39,7 +39,7 @@ def hf_config(layers, mlp, hca, iheads, topk, scoring):
 
 @torch.no_grad()
 def randomised_hf(cfg, seed=0, expert_scale=1.0):
-    """HF model with every placeholder replaced by random values (hf_oracle §A 11d, §E.2)."""
+    """HF model with every placeholder replaced by random values (docs/hf_parity.md §A 11d, §E.2)."""
     torch.manual_seed(seed)
     hf = DeepseekV4ForCausalLM(cfg).float().eval()
     for name, p in hf.named_parameters():

@@ -1,6 +1,6 @@
 """The kernel cases of tests/kernels_cases.py at real sizes on a CUDA GPU, fp32 and bf16 (skipped without CUDA).
 
-bf16 tolerance rule (kernels.md §9.1 item 6): the kernel's error against an fp64 reference must be within 2x the
+bf16 tolerance rule (docs/kernels.md §9.1 item 6): the kernel's error against an fp64 reference must be within 2x the
 error of the naive twin run in bf16, plus 2e-3.
 """
 from __future__ import annotations

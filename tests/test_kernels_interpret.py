@@ -1,4 +1,4 @@
-"""Triton kernels vs their naive twins on CPU under TRITON_INTERPRET=1 (kernels.md §7, T11).
+"""Triton kernels vs their naive twins on CPU under TRITON_INTERPRET=1 (docs/kernels.md §7, T11).
 
 Why a subprocess: Triton decides interpreted-vs-compiled when a `@triton.jit` function is *decorated*, i.e. when the
 kernel module is first imported. Setting TRITON_INTERPRET here would be too late if any other test module (or

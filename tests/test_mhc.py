@@ -1,4 +1,4 @@
-"""mHC / HC residual streams (spec §1): Sinkhorn exactly as the reference, doubly-stochastic comb, spectral norm,
+"""mHC / HC residual streams (docs §1): Sinkhorn exactly as the reference, doubly-stochastic comb, spectral norm,
 orientation of the residual mix, and the off-equivalences with the plain residual."""
 import math
 
@@ -11,7 +11,7 @@ from dsv4_lab.mhc import (HyperConnection, HyperHead, composite_gain, mixing_pro
 
 
 def loop_sinkhorn(B, iters, eps):
-    """Spelled-out reference on one n x n matrix with python loops (spec §1.2 step 4)."""
+    """Spelled-out reference on one n x n matrix with python loops (docs §1.2 step 4)."""
     n = len(B)
     P = [[0.0] * n for _ in range(n)]
     for i in range(n):
@@ -99,7 +99,7 @@ def test_post_uses_column_j_and_pre_collapses():
 def test_init_is_near_identity_residual():
     cfg = ModelConfig.from_preset("tiny-dense", residual="mhc")
     site = HyperConnection(cfg)
-    X = torch.randn(2, 3, 1, cfg.d_model).expand(-1, -1, 4, -1)      # identical streams (spec §1.1)
+    X = torch.randn(2, 3, 1, cfg.d_model).expand(-1, -1, 4, -1)      # identical streams (docs §1.1)
     A, C, P = site.maps(X)
     assert torch.allclose(A, torch.full_like(A, 0.25), atol=0.02)
     assert torch.allclose(C, torch.ones_like(C), atol=0.02)

@@ -1,4 +1,4 @@
-"""DeepSeekMoE (spec §5) and anticipatory routing (spec §10): routing against per-token references, the bias
+"""DeepSeekMoE (docs §5) and anticipatory routing (docs §10): routing against per-token references, the bias
 changes selection only, hash routing, clamp placement, bias update, balance loss, QAT roles, lagged routing."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""MTP (spec §9): V3 target alignment, causality of the extra depth, SWA-only block without YaRN, shared
+"""MTP (docs §9): V3 target alignment, causality of the extra depth, SWA-only block without YaRN, shared
 embedding/head, loss weight setter, off = no MTP."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Muon, the hybrid Newton-Schulz schedule and the paper's parameter split (spec §7, paper §2.4)."""
+"""Muon, the hybrid Newton-Schulz schedule and the paper's parameter split (docs §7, paper §2.4)."""
 import copy
 import math
 

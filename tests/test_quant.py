@@ -1,4 +1,4 @@
-"""FP8 / MXFP4 fake quantisers, packing, FP4 -> FP8 absorption and QAT wiring (spec §8, §2.2, §6.3)."""
+"""FP8 / MXFP4 fake quantisers, packing, FP4 -> FP8 absorption and QAT wiring (docs §8, §2.2, §6.3)."""
 import math
 
 import numpy as np
@@ -176,10 +176,10 @@ def test_against_torchao_mx_formats():
     assert torch.equal(mx.to_dtype(d, s, torch.float8_e4m3fn, 32, torch.float32), fake_quant_fp8_ref(x, 32))
 
 
-# --- FP4 -> FP8 absorption (spec §8.3) -------------------------------------------------------------------------------
+# --- FP4 -> FP8 absorption (docs §8.3) -------------------------------------------------------------------------------
 
 def test_exactness_condition_by_enumeration():
-    # [CALC] of spec §8.3, recomputed: v * 2^k is an E4M3 value for every E2M1 v iff k in [-8, 6]
+    # [CALC] of docs §8.3, recomputed: v * 2^k is an E4M3 value for every E2M1 v iff k in [-8, 6]
     grid = set(E4M3)
     ok = [k for k in range(-16, 12) if all(v * 2.0 ** k in grid for v in E2M1_GRID)]
     assert ok == list(range(-8, 7))

@@ -1,4 +1,4 @@
-"""Attention layers by type (spec §2-§4): dense (baseline), swa (window only), csa, hca."""
+"""Attention layers by type (docs §2-§4): dense (baseline), swa (window only), csa, hca."""
 from ..config import ModelConfig
 from .attention import Attention
 

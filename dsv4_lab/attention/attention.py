@@ -1,4 +1,4 @@
-"""The attention layer shared by every layer type (spec §2.1, 2.2, 2.5-2.7, §3).
+"""The attention layer shared by every layer type (docs §2.1, 2.2, 2.5-2.7, §3).
 
     u (B, T, d) -> low-rank query c^Q = q_norm(wq_a u) -> q = wq_b c^Q, per-head weightless RMSNorm, RoPE (last r)
                 -> one shared K = V entry per token: k = kv_norm(wkv u), RoPE
@@ -32,28 +32,28 @@ class Attention(nn.Module):
         self.cfg, self.layer_idx, self.layer_type = cfg, layer_idx, layer_type
         d, H, c, r = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         self.n_heads, self.head_dim, self.rope_dim = H, c, r
-        self.scale = 1.0 / math.sqrt(c)                               # 1/sqrt(c), no YaRN mscale (spec §2.5)
+        self.scale = 1.0 / math.sqrt(c)                               # 1/sqrt(c), no YaRN mscale (docs §2.5)
         q8 = "fp8" if cfg.quant != "none" else None
-        # queries (spec §2.1)
+        # queries (docs §2.1)
         if cfg.q_lora_rank > 0:
             self.wq_a = Linear(d, cfg.q_lora_rank, q8)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
             self.wq_b = Linear(cfg.q_lora_rank, H * c, q8)
         else:
             self.wq = Linear(d, H * c, q8)
-        # the shared K = V entry (spec §2.2)
+        # the shared K = V entry (docs §2.2)
         self.wkv = Linear(d, c, q8)
         self.kv_norm = RMSNorm(c, cfg.norm_eps) if cfg.qk_norm else None
-        # sink logit per head (spec §2.5)
+        # sink logit per head (docs §2.5)
         self.attn_sink = nn.Parameter(torch.zeros(H)) if cfg.attn_sink else None
-        # output projection (spec §2.7)
+        # output projection (docs §2.7)
         if cfg.o_groups > 0:
             g = cfg.o_groups
             self.wo_a = Linear(H * c // g, g * cfg.o_lora_rank)       # stored [g*d_g, H*c/g], viewed [g, d_g, H*c/g]
             self.wo_b = Linear(g * cfg.o_lora_rank, d, q8)
         else:
             self.wo = Linear(H * c, d, q8)
-        # RoPE table: compressed layers use compress_rope_theta + YaRN, dense / SWA layers rope_theta (spec §2.6)
+        # RoPE table: compressed layers use compress_rope_theta + YaRN, dense / SWA layers rope_theta (docs §2.6)
         compressed = layer_type in ("csa", "hca")
         yarn = dict(factor=cfg.yarn_factor, original_seq_len=cfg.yarn_original_seq_len,
                     beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow) if compressed else None
@@ -80,14 +80,14 @@ class Attention(nn.Module):
 
     def kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
         """KV entries as stored: FP8 E4M3 on the non-RoPE dims (blocks of 64), RoPE dims kept, when quant != none
-        (spec §2.2, §6.3); unchanged otherwise."""
+        (docs §2.2, §6.3); unchanged otherwise."""
         if self.cfg.quant == "none":
             return kv
         from ..quant import fake_quant_kv
         return fake_quant_kv(kv, self.rope_dim)
 
     def compressed_entries(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, S, c) compressed entries of a CSA / HCA layer's `compressor`, stored like the window KV (spec §2.3)."""
+        """(B, S, c) compressed entries of a CSA / HCA layer's `compressor`, stored like the window KV (docs §2.3)."""
         return self.kv_qat(self.compressor(u, self.rope))
 
     def compressed(self, u, cq, q, kv, pos):
@@ -112,8 +112,8 @@ class Attention(nn.Module):
         return self.cfg.window
 
     def window_entries_mask(self, B: int, T: int, device) -> torch.Tensor:
-        """(B, T, T) bool: which uncompressed entries each query sees (spec §2.5); all False when a compressed
-        layer runs with window_branch=False (lab_guide §3.4)."""
+        """(B, T, T) bool: which uncompressed entries each query sees (docs §2.5); all False when a compressed
+        layer runs with window_branch=False (docs/methodology.md §3.4)."""
         wmask = window_mask(T, self.window_size(), device)[None].expand(B, T, T)
         if self.layer_type in ("csa", "hca") and not self.cfg.window_branch:
             wmask = torch.zeros_like(wmask)
@@ -141,7 +141,7 @@ class Attention(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        if cache is not None:                      # decode / chunked prefill with the KV cache (spec §6)
+        if cache is not None:                      # decode / chunked prefill with the KV cache (docs §6)
             from ..inference.cache import cached_attention
             return cached_attention(self, u, cache)
         B, T, _ = u.shape

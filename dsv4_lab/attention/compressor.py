@@ -1,9 +1,9 @@
-"""Token-level KV compressors of CSA (m = 4, overlapping) and HCA (m' non-overlapping) (spec §2.3, §3).
+"""Token-level KV compressors of CSA (m = 4, overlapping) and HCA (m' non-overlapping) (docs §2.3, §3).
 
 Every token s gives a value C_s = wkv u_s and a score Z_s = wgate u_s (computed in fp32). Block i holds tokens
 i*m .. i*m+m-1; `ape` B[rho] is added to the score of the token at position rho inside its own block.
 
-Overlapping (CSA, spec §2.3): wkv / wgate / ape have 2c channels. The first half [0, c) is the "b" series that feeds
+Overlapping (CSA, docs §2.3): wkv / wgate / ape have 2c channels. The first half [0, c) is the "b" series that feeds
 the NEXT entry, the second half [c, 2c) the "a" series that feeds the token's own entry. Entry i pools 2m = 8 slots,
 independently for every channel ch (the gates are vectors):
 
@@ -11,11 +11,11 @@ independently for every channel ch (the gates are vectors):
     C~_{i, ch} = sum_rho w^b_rho C^b_{m(i-1)+rho, ch} + sum_rho w^a_rho C^a_{mi+rho, ch}
 
 For i = 0 the b slots have score -inf and value 0 (or come from a decode cache, `prev`).
-Non-overlapping (HCA, spec §3; also CSA with compressor_overlap=False, the plain m-token pool): c channels,
+Non-overlapping (HCA, docs §3; also CSA with compressor_overlap=False, the plain m-token pool): c channels,
 C~_i = sum_rho softmax_rho(Z_{mi+rho} + B_rho) C_{mi+rho}, per channel.
 
 Then C^Comp_i = RMSNorm_w(C~_i), RoPE on its last r dims at position i*m (the block's first token). Only complete
-blocks are compressed: the trailing T mod m tokens are never used here (a decode cache holds them, spec §6).
+blocks are compressed: the trailing T mod m tokens are never used here (a decode cache holds them, docs §6).
 
 The pieces are plain functions on already-projected inputs (`pool_overlap`, `pool_plain`) so a KV cache can reuse
 them; `Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
@@ -31,7 +31,7 @@ from ..layers import Linear, RMSNorm
 
 def pool_overlap(C: torch.Tensor, Z: torch.Tensor, prev_C: torch.Tensor | None = None,
                  prev_Z: torch.Tensor | None = None) -> torch.Tensor:
-    """Overlapping 2m-slot per-channel softmax pool (spec §2.3).
+    """Overlapping 2m-slot per-channel softmax pool (docs §2.3).
 
     C, Z: (B, n, m, 2c) values and scores of n complete blocks, Z already including `ape`.
     prev_C, prev_Z: (B, m, c) the b-series rows of the block before block 0 (decode cache); None = -inf / 0.
@@ -55,7 +55,7 @@ def pool_overlap(C: torch.Tensor, Z: torch.Tensor, prev_C: torch.Tensor | None =
 
 
 def pool_plain(C: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """Non-overlapping m-slot per-channel softmax pool (spec §3). C, Z: (B, n, m, c), Z incl. ape -> (B, n, c)."""
+    """Non-overlapping m-slot per-channel softmax pool (docs §3). C, Z: (B, n, m, c), Z incl. ape -> (B, n, c)."""
     return (torch.softmax(Z, dim=2) * C).sum(2)
 
 
@@ -66,13 +66,13 @@ class Compressor(nn.Module):
         super().__init__()
         self.c, self.m, self.overlap = c, m, overlap
         k = 2 if overlap else 1
-        self.wkv = Linear(d, k * c)                 # bf16 in REF checkpoints, computed in fp32; never QAT'd (spec §8.2)
+        self.wkv = Linear(d, k * c)                 # bf16 in REF checkpoints, computed in fp32; never QAT'd (docs §8.2)
         self.wgate = Linear(d, k * c)
         self.ape = nn.Parameter(torch.zeros(m, k * c))   # learned slot bias B (init UNCONFIRMED; zeros as HF)
         self.norm = RMSNorm(c, eps)
 
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (spec §2.3). Z excludes ape."""
+        """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (docs §2.3). Z excludes ape."""
         ct = torch.promote_types(u.dtype, torch.float32)
         with torch.autocast(device_type=u.device.type, enabled=False):
             C = F.linear(u.to(ct), self.wkv.weight.to(ct))
@@ -92,7 +92,7 @@ class Compressor(nn.Module):
         return pool_plain(C, Z)
 
     def finish(self, pooled: torch.Tensor, rope, first_block: int = 0) -> torch.Tensor:
-        """RMSNorm_w then RoPE at position i*m of entry i (spec §2.3). pooled (B, n, c) -> (B, n, c)."""
+        """RMSNorm_w then RoPE at position i*m of entry i (docs §2.3). pooled (B, n, c) -> (B, n, c)."""
         n = pooled.shape[1]
         x = self.norm(pooled)
         pos = (torch.arange(n, device=pooled.device) + first_block) * self.m

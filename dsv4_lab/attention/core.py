@@ -1,4 +1,4 @@
-"""Core attention of every V4 layer (spec §2.5): one softmax over window entries and compressed entries together,
+"""Core attention of every V4 layer (docs §2.5): one softmax over window entries and compressed entries together,
 with a learned per-head sink logit that only enlarges the denominator. K = V (shared single head, MQA).
 
 This is the readable reference (and the CPU path). It materialises a (B, H, T, T + S) score matrix, so it is for
@@ -25,7 +25,7 @@ def window_mask(T: int, window: int | None, device=None, q_offset: int = 0, T_k:
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor | None,
                    scale: float, return_probs: bool = False):
-    """o_{t,h} = sum_j p_{h,j} kv_j,  p = exp(z) / (sum exp(z) + exp(sink_h)),  z = q.kv * scale  (spec §2.5).
+    """o_{t,h} = sum_j p_{h,j} kv_j,  p = exp(z) / (sum exp(z) + exp(sink_h)),  z = q.kv * scale  (docs §2.5).
 
     q: (B, T, H, D); kv: (B, N, D) entries (window and compressed, concatenated); mask: (B or 1, T, N) bool,
     True = visible; sink: (H,) logits or None (off). Rows with nothing visible and no sink give 0.

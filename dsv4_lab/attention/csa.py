@@ -1,14 +1,14 @@
-"""CSA: compressed sparse attention (spec §2).
+"""CSA: compressed sparse attention (docs §2).
 
 The shared V4 layer (attention.py: low-rank q, shared K = V window entries, sink, output de-rotation, grouped
 output projection) plus
 
-    entries  C^Comp = compressor(u)           (B, S, c), S = floor(T/m), m = csa_ratio, overlapping (spec §2.3)
-    visible  s < floor((t+1)/m)                                                                   (spec §2.4)
+    entries  C^Comp = compressor(u)           (B, S, c), S = floor(T/m), m = csa_ratio, overlapping (docs §2.3)
+    visible  s < floor((t+1)/m)                                                                   (docs §2.4)
     selected S_t = indexer top-k of the visible entries (index_mode: learned | oracle | random | all)
-    attend   one softmax with the sink over window entries W_t and selected entries S_t             (spec §2.5)
+    attend   one softmax with the sink over window entries W_t and selected entries S_t             (docs §2.5)
 
-Indexer training (spec §10, V3.2 recipe; indexer_training.py): while training with indexer_loss_weight > 0 and
+Indexer training (docs §10, V3.2 recipe; indexer_training.py): while training with indexer_loss_weight > 0 and
 index_mode = "learned", the layer records self._aux["indexer_loss"] = weight * KL(p || softmax(I)) over the compressed
 entries it attended (all visible ones in the "warmup" stage, the selected set in the "sparse" stage), p = the
 attention probabilities summed over heads, L1-normalised, detached. The indexer reads detached inputs, so the KL
@@ -37,7 +37,7 @@ class CSAttention(Attention):
         self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps)
         self.indexer = Indexer(cfg)
         self.index_mode = cfg.index_mode
-        self.indexer_stage = "sparse"         # "warmup": attend to every visible entry (set_indexer_stage, spec §10)
+        self.indexer_stage = "sparse"         # "warmup": attend to every visible entry (set_indexer_stage, docs §10)
         self.probe = False                    # True: also compute learned / oracle / random picks into probe_out
         self.probe_out: dict | None = None
         self._pending_scores = None
@@ -60,7 +60,7 @@ class CSAttention(Attention):
                 and use_triton(self.cfg, u)):
             # kernel path (issue 7): fused indexer scores + top-k, no (B, T, S) score matrix or mask is built; the
             # picks feed the sparse kernel (kernel_core), which also computes the sparse-stage KL when it is active
-            # (indexer_training.sparse_indexer_kl_loss). The indexer reads detached inputs (spec §10).
+            # (indexer_training.sparse_indexer_kl_loss). The indexer reads detached inputs (docs §10).
             kl = self._kl_active()
             with torch.set_grad_enabled(kl and torch.is_grad_enabled()):
                 ud = u.detach()

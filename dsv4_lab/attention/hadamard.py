@@ -1,8 +1,8 @@
-"""Normalised Sylvester Walsh-Hadamard rotation of the indexer q and k (spec §2.4).
+"""Normalised Sylvester Walsh-Hadamard rotation of the indexer q and k (docs §2.4).
 
 H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]]; the rotation is x -> x H_n / sqrt(n). H_n / sqrt(n) is symmetric and
 orthonormal, so (q H)(k H)^T = q k^T: the rotation only spreads outliers over all dims before the FP4 quantisation
-(spec §8). n must be a power of two (config.validate checks index_head_dim).
+(docs §8). n must be a power of two (config.validate checks index_head_dim).
 """
 from __future__ import annotations
 

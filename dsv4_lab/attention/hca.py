@@ -1,10 +1,10 @@
-"""HCA: heavily compressed attention (spec §3).
+"""HCA: heavily compressed attention (docs §3).
 
 The shared V4 layer (attention.py) plus m' = hca_ratio non-overlapping compressed entries, attended densely:
 
     entries  C^Comp_i = RoPE_{i m'}(RMSNorm_w(sum_rho softmax_rho(Z_{i m'+rho} + B_rho) C_{i m'+rho}))   (B, S, c)
     visible  s < floor((t+1)/m')           no indexer, no top-k: every visible entry is attended
-    attend   one softmax with the sink over the window entries and all visible entries (spec §2.5)
+    attend   one softmax with the sink over the window entries and all visible entries (docs §2.5)
 """
 from __future__ import annotations
 

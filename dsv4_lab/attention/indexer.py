@@ -1,4 +1,4 @@
-"""Lightning indexer of CSA: which compressed entries each query attends to (spec §2.4).
+"""Lightning indexer of CSA: which compressed entries each query attends to (docs §2.4).
 
     keys    K^I_s = Hadamard(RoPE_{s*m}(RMSNorm_w(compressor_I(u))))        (B, S, c_I)   own overlapping compressor
     queries q^I_t = Hadamard(RoPE_t(wq_b c^Q_t))                             (B, T, n_I, c_I)   reuses the main latent
@@ -7,11 +7,11 @@
     visible s < floor((t+1)/m)   (the block ending exactly at t is visible; invisible entries score -inf)
     select  S_t = TopK_s(I_{t,s}),  K = min(index_topk, S); a pick that is not visible becomes -1 (ignored)
 
-With cfg.quant == "fp4", q^I and K^I go through MXFP4 fake quantisation after the Hadamard rotation (spec §8.2).
+With cfg.quant == "fp4", q^I and K^I go through MXFP4 fake quantisation after the Hadamard rotation (docs §8.2).
 Without a low-rank query (q_lora_rank = 0) there is no latent c^Q: the indexer's wq_b then reads the block input u
 (d -> n_I c_I) -- our choice, documented here; it keeps "no separate down-projection" of the spec.
 
-Modes (cfg.index_mode, spec §10 / lab_guide §3.10): "learned" (the scores above), "oracle" (top-k of the main
+Modes (cfg.index_mode, docs §10 / docs/methodology.md §3.10): "learned" (the scores above), "oracle" (top-k of the main
 attention's own probabilities over all visible entries, summed over heads: the best a selector could do),
 "random" (uniformly random visible entries), "all" (every visible entry, HCA-like dense; the warm-up stage).
 The functions below take already-projected tensors so a decode cache can reuse them.
@@ -28,7 +28,7 @@ from .hadamard import hadamard_rotate
 
 
 def visible_entries(pos: torch.Tensor, S: int, m: int) -> torch.Tensor:
-    """(T, S) bool: compressed entry s is visible to the query at position t iff s < floor((t+1)/m) (spec §2.4)."""
+    """(T, S) bool: compressed entry s is visible to the query at position t iff s < floor((t+1)/m) (docs §2.4)."""
     return torch.arange(S, device=pos.device)[None, :] < torch.div(pos[:, None] + 1, m, rounding_mode="floor")
 
 
@@ -40,7 +40,7 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
 
 def topk_select(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k entry indices per query, K = min(k, S); picks that are not visible become -1 (spec §2.4).
+    """Top-k entry indices per query, K = min(k, S); picks that are not visible become -1 (docs §2.4).
 
     scores (B, T, S); visible (T, S) or (B, T, S) bool -> (B, T, K) int64.
     """
@@ -69,14 +69,14 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim = nI, cI
         latent = cfg.q_lora_rank if cfg.q_lora_rank > 0 else cfg.d_model     # u when there is no c^Q (see above)
         self.wq_b = Linear(latent, nI * cI, "fp8" if cfg.quant != "none" else None)
-        self.weights_proj = Linear(cfg.d_model, nI)                           # bf16 in REF, never QAT'd (spec §8.2)
+        self.weights_proj = Linear(cfg.d_model, nI)                           # bf16 in REF, never QAT'd (docs §8.2)
         self.compressor = Compressor(cfg.d_model, cI, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps)
         self.weight_scale = cI ** -0.5 * nI ** -0.5
 
     def _rotate_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.index_hadamard:
             x = hadamard_rotate(x)
-        if self.cfg.quant == "fp4":                                           # MXFP4 q / k after Hadamard (spec §8.2)
+        if self.cfg.quant == "fp4":                                           # MXFP4 q / k after Hadamard (docs §8.2)
             from ..quant import fake_quant_mxfp4
             x = fake_quant_mxfp4(x)
         return x

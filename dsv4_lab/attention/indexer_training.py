@@ -1,4 +1,4 @@
-"""Training the lightning indexer: the V3.2 KL recipe (spec §10; UNCONFIRMED for V4, App. D.5) and its recall.
+"""Training the lightning indexer: the V3.2 KL recipe (docs §10; UNCONFIRMED for V4, App. D.5) and its recall.
 
     p_{t,:}  = main attention probabilities over the compressed entries the query attended, summed over heads,
                L1-normalised over those entries, detached (the target)
@@ -14,7 +14,7 @@ Stages (set_indexer_stage, called by the training loop):
     over the selected set. The indexer reads detached inputs, so the KL never trains the model and, the selection
     being non-differentiable, the LM loss never trains the indexer.
 
-Recall (lab_guide §3.10): fraction of the oracle's top-k (top-k of the dense attention probabilities over all visible
+Recall (docs/methodology.md §3.10): fraction of the oracle's top-k (top-k of the dense attention probabilities over all visible
 entries) that a selector also picks, counted over queries with more visible entries than k (otherwise every
 selector picks everything).
 """
@@ -70,7 +70,7 @@ def _csa_layers(model: nn.Module):
 
 
 def set_indexer_stage(model: nn.Module, stage: str) -> None:
-    """Switch every CSA layer of `model` to the "warmup" or "sparse" indexer stage (spec §10)."""
+    """Switch every CSA layer of `model` to the "warmup" or "sparse" indexer stage (docs §10)."""
     if stage not in STAGES:
         raise ValueError(f"indexer stage = {stage!r} is not allowed: one of {STAGES}")
     layers = _csa_layers(model)

@@ -1,4 +1,4 @@
-"""Synthetic long-range tasks whose dependency distance is far beyond the attention window (lab_guide §3.5).
+"""Synthetic long-range tasks whose dependency distance is far beyond the attention window (docs/methodology.md §3.5).
 
 Byte vocabulary layout (V = 256): 0 BOS, 1 SEP, 2 QUERY, 3-10 needle types, 11-26 ordinals, 32-127 filler,
 128-191 keys, 192-255 values / needle contents.

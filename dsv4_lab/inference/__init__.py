@@ -1,4 +1,4 @@
-"""Inference: the heterogeneous KV cache (cache.py, spec §6) and generation (generate.py), MTP self-speculative decoding (speculative.py)."""
+"""Inference: the heterogeneous KV cache (cache.py, docs §6) and generation (generate.py), MTP self-speculative decoding (speculative.py)."""
 from .cache import KVCache, forward_with_cache
 from .generate import generate
 from .speculative import speculative_generate

@@ -1,10 +1,10 @@
-"""The heterogeneous KV cache of DeepSeek-V4 decode (spec §6) and the cached forward pass.
+"""The heterogeneous KV cache of DeepSeek-V4 decode (docs §6) and the cached forward pass.
 
     cache = model.new_cache(batch_size, max_len, storage="fp32")   # "fp32" | "bf16" | "paper"
     out = model(prompt_ids, cache=cache)                             # prefill (any chunk size)
     out = model(next_ids[:, None], cache=cache)                      # then one token at a time
 
-Layout (the paper's Fig. 6, spec §6.1):
+Layout (the paper's Fig. 6, docs §6.1):
 
     state cache (fixed size per request, like an SSM state)     block cache (grows with the sequence)
     ------------------------------------------------------      ---------------------------------------------------
@@ -14,7 +14,7 @@ Layout (the paper's Fig. 6, spec §6.1):
       score incl. `ape` (CSA: 2m rows x 2c ch, prev + current    logical block j to a physical block of a shared pool
       block; its indexer 2m x 2c^I; HCA m' x c)                  ("dense" lab layers keep every token: n entries)
 
-Storage formats (`storage`, spec §6.3): "fp32" / "bf16" keep every value at 4 / 2 bytes; "paper" stores main
+Storage formats (`storage`, docs §6.3): "fp32" / "bf16" keep every value at 4 / 2 bytes; "paper" stores main
 entries as FP8 E4M3 on the c - r non-RoPE dims with one UE8M0 byte per 64, the r RoPE dims in BF16, and indexer keys
 as packed MXFP4 (E2M1 pairs per byte + one E8M0 byte per 32). Compressor states stay fp32 (as in the reference).
 Every key the attention reads, old or new, goes through the same storage round trip, so results do not depend on
@@ -36,7 +36,7 @@ STORAGES = ("fp32", "bf16", "paper")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Entry storage: rows of c values in one of the formats (spec §6.3)
+# Entry storage: rows of c values in one of the formats (docs §6.3)
 # ---------------------------------------------------------------------------------------------------------------
 
 class EntryStore:
@@ -72,7 +72,7 @@ class EntryStore:
         if self.kind == "main":
             from ..quant.fp8 import fp8_quantize
             nope, rope = x[..., : self.dim - self.rope_dim], x[..., self.dim - self.rope_dim:]
-            q, e = fp8_quantize(nope, 64)                                   # E4M3 + UE8M0 per 64 (spec §6.3)
+            q, e = fp8_quantize(nope, 64)                                   # E4M3 + UE8M0 per 64 (docs §6.3)
             return {"nope": q, "scale": (e + 127).to(torch.uint8), "rope": rope.to(torch.bfloat16)}
         from ..quant.mxfp4 import e2m1_codes, mxfp4_parts
         q, e = mxfp4_parts(x)                                               # E2M1 grid values, E8M0 per 32
@@ -115,7 +115,7 @@ class EntryStore:
 # ---------------------------------------------------------------------------------------------------------------
 
 class CompressorState:
-    """The uncompressed tail of one compressor (spec §6.1): fp32 (kv, score) rows; score starts at -inf.
+    """The uncompressed tail of one compressor (docs §6.1): fp32 (kv, score) rows; score starts at -inf.
     overlap (CSA): rows [0, m) = previous complete block, [m, 2m) = current block, channels 2c; else m rows x c."""
 
     def __init__(self, B: int, m: int, ch: int, overlap: bool, device=None):
@@ -242,7 +242,7 @@ def _window_keys(attn, lc: LayerCache, kv: torch.Tensor, p0: int):
 def cached_attention(attn, u: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Attention of layer attn.layer_idx for a chunk u (B, T, d), reading and updating `cache`.
 
-    Same math as Attention.forward (spec §2.5): one softmax over window (or all earlier, for "dense") entries and
+    Same math as Attention.forward (docs §2.5): one softmax over window (or all earlier, for "dense") entries and
     the compressed entries with the sink, then de-rotation and the output projection."""
     from ..attention.core import sink_attention
     lc = cache.layers[attn.layer_idx]

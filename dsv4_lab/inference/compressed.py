@@ -1,4 +1,4 @@
-"""The compressed branch of a cached CSA / HCA step (spec §6.2): feed the chunk through the compressor states,
+"""The compressed branch of a cached CSA / HCA step (docs §6.2): feed the chunk through the compressor states,
 emit the entries of every block completed in this chunk into the block cache, and build the mask of compressed
 entries each query attends to (CSA: the indexer's top-k; HCA: all visible).
 
@@ -17,7 +17,7 @@ def feed_compressor(comp, st, u: torch.Tensor, p0: int) -> tuple[torch.Tensor, i
     """Push the chunk u (B, T, d) at positions p0.. through compressor `comp` with state `st` (CompressorState).
 
     Returns (pooled (B, n_new, c) before norm/RoPE, index of the first new entry). The state afterwards holds the
-    (kv, score + ape) rows of the incomplete block and, with overlap, the last complete block (spec §6.1)."""
+    (kv, score + ape) rows of the incomplete block and, with overlap, the last complete block (docs §6.1)."""
     m = comp.m
     B, T, _ = u.shape
     C, Z = comp.project(u)                                                 # (B, T, k*c) fp32

@@ -1,5 +1,5 @@
 """Autoregressive generation with the KV cache: greedy / temperature + top-k sampling, and MTP self-speculative
-decoding (speculative.py) when the model has an MTP module (spec §9).
+decoding (speculative.py) when the model has an MTP module (docs §9).
 
     out = generate(model, prompt_ids, max_new_tokens=32)                    # greedy, (B, P + 32)
     out = generate(model, prompt_ids, 32, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))

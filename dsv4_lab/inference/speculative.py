@@ -1,4 +1,4 @@
-"""MTP self-speculative greedy decoding (spec §9): the depth-1 MTP module drafts token p+2 while the main model
+"""MTP self-speculative greedy decoding (docs §9): the depth-1 MTP module drafts token p+2 while the main model
 emits token p+1; one cached forward of both tokens verifies the draft.
 
     ids, stats = speculative_generate(model, prompt_ids, max_new_tokens=32)

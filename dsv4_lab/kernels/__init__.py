@@ -1,4 +1,4 @@
-"""Triton kernels for the hot paths, each beside its naive PyTorch twin (kernels.md; issue 7).
+"""Triton kernels for the hot paths, each beside its naive PyTorch twin (docs/kernels.md).
 
     dsv4_lab/kernels/<op>/naive.py    the readable reference (any device, autograd by PyTorch)
     dsv4_lab/kernels/<op>/triton.py   the Triton kernel(s) with the same functional interface

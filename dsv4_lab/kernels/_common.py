@@ -1,4 +1,4 @@
-"""Shared helpers of the Triton kernels (kernels.md §7).
+"""Shared helpers of the Triton kernels (docs/kernels.md §7).
 
 * `INTERPRET` is read once, when this module is imported. Triton decides at `@triton.jit` decoration time whether a
   kernel runs compiled or in the CPU interpreter, so TRITON_INTERPRET=1 must be set before any kernel module is

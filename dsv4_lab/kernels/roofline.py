@@ -1,7 +1,7 @@
-"""Roofline points from the saved kernel benchmarks (benchmarks/results/*.json; kernels.md §8-9).
+"""Roofline points from the saved kernel benchmarks (benchmarks/results/*.json; docs/kernels.md §8-9).
 
 Each point: (name, intensity FLOP/byte, achieved TFLOP/s, achieved TB/s) with useful FLOPs and compulsory bytes
-counted as in kernels.md §9.1 (attention 4 H d per visible pair; bytes = Q/O once + each K = V row once per use).
+counted as in docs/kernels.md §9.1 (attention 4 H d per visible pair; bytes = Q/O once + each K = V row once per use).
 """
 from __future__ import annotations
 

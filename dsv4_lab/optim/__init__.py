@@ -1,20 +1,20 @@
-"""Optimizers (spec §7): Muon with the hybrid Newton-Schulz schedule, and the paper's Muon / AdamW parameter split.
+"""Optimizers (docs §7): Muon with the hybrid Newton-Schulz schedule, and the paper's Muon / AdamW parameter split.
 
     opt = build_optimizer(model, train_cfg)     # train_cfg.optimizer = "adamw" | "muon"
     for g in opt.param_groups: g["lr"] = lr * g.get("lr_mult", 1.0)
     opt.step(); opt.zero_grad(set_to_none=True); opt.state_dict(); opt.load_state_dict(sd)
 
-Parameter split (paper §2.4, spec §7, `param_split`), first rule that matches wins:
+Parameter split (paper §2.4, docs §7, `param_split`), first rule that matches wins:
   1. `p._optimizer = "adamw" | "muon"` set by the owning module (explicit override);
   2. every parameter with ndim < 2 -> AdamW: RMSNorm weights, attention sinks, mHC static biases `*base*` and gating
      factors `*scale*`, MoE biases, ...;
   3. the embedding (any nn.Embedding weight) and the prediction head (`head.weight`, also an MTP block's own head)
      -> AdamW;
   4. bias-like matrices, matched on the parameter's own name: `ape` (compressor slot biases), `*sink*`, `*base*`,
-     `*scale*`, `*bias*` -> AdamW (UNCONFIRMED in the paper, spec §7: best guess);
+     `*scale*`, `*bias*` -> AdamW (UNCONFIRMED in the paper, docs §7: best guess);
   5. everything else with ndim >= 2 -> Muon (attention projections, FFN / expert matrices, gate, mHC `hc_*_fn`).
 
-Muon matrices split into independent blocks (spec §7 "logically independent", UNCONFIRMED): `wo_a` into o_groups
+Muon matrices split into independent blocks (docs §7 "logically independent", UNCONFIRMED): `wo_a` into o_groups
 row blocks; mHC's stacked `hc_*_fn` of n_hc*(2+n_hc) rows into (n_hc, n_hc, n_hc^2) rows = W^pre, W^post, W^res
 (reference layout); stacked 3-D expert weights per expert. See muon.py.
 
@@ -22,7 +22,7 @@ optimizer = "adamw" (the baseline arm) gives torch.optim.AdamW over every parame
 betas (beta1, beta2), eps adam_eps. optimizer = "muon" gives `MuonWithAdamW`: Muon (lr, momentum muon_momentum,
 Nesterov, decoupled weight_decay, ns_schedule, rms_scale muon_rms_scale) + AdamW for the rest with the same betas,
 weight decay on its ndim >= 2 members (embedding, head, ape) and eps = muon_adam_eps (paper: 1e-20). Both share
-the same LR schedule (the 0.18 RMS rescale is what lets Muon reuse AdamW's LR, spec §7).
+the same LR schedule (the 0.18 RMS rescale is what lets Muon reuse AdamW's LR, docs §7).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from .newton_schulz import SCHEDULES, newton_schulz
 __all__ = ["newton_schulz", "Muon", "MuonWithAdamW", "build_optimizer", "param_split", "SCHEDULES",
            "orthogonal_update"]
 
-PAPER_ADAMW_EPS = 1e-20                      # paper §2.4 / spec §7 (AdamW eps alongside Muon)
+PAPER_ADAMW_EPS = 1e-20                      # paper §2.4 / docs §7 (AdamW eps alongside Muon)
 _BIAS_LIKE = re.compile(r"(^ape$|sink|base|scale|bias)")
 
 
@@ -68,7 +68,7 @@ def param_split(model: nn.Module) -> dict[str, str]:
 
 
 def _set_muon_groups(model: nn.Module) -> None:
-    """Default row splits for matrices that are several logically independent matrices (spec §2.7, §1.3)."""
+    """Default row splits for matrices that are several logically independent matrices (docs §2.7, §1.3)."""
     cfg = getattr(model, "cfg", None)
     for name, p in model.named_parameters():
         if hasattr(p, "_muon_groups") or p.ndim < 2:

@@ -1,4 +1,4 @@
-"""Muon with V4's hybrid Newton-Schulz schedule and RMS-matched updates (spec §7, paper §2.4 Algorithm 1).
+"""Muon with V4's hybrid Newton-Schulz schedule and RMS-matched updates (docs §7, paper §2.4 Algorithm 1).
 
 Per logically independent matrix W (n x m), per step:
 
@@ -8,18 +8,18 @@ Per logically independent matrix W (n x m), per step:
                                                       update RMS is rms_scale (0.18): AdamW's LR can be reused
     W   <- W (1 - lr wd) - lr O                       decoupled weight decay, wd = 0.1
 
-Which matrices are "logically independent" (spec §7, UNCONFIRMED part):
+Which matrices are "logically independent" (docs §7, UNCONFIRMED part):
   * a 2-D parameter (n, m) is one matrix;
   * a parameter with more dims (..., n, m), e.g. stacked routed-expert weights (E, out, in), is a batch of
     independent matrices: every leading index is orthogonalised on its own (never one E*out x in matrix);
   * a parameter may carry `p._muon_groups`, which splits its rows (dim -2):
       - an int g: the rows are g equal blocks, e.g. the grouped output projection `wo_a` stored [g*d_g, H*c/g] is
-        g independent [d_g, H*c/g] matrices (spec §2.7);
-      - a tuple of row counts, e.g. (n_hc, n_hc, n_hc*n_hc) for mHC's stacked W^pre / W^post / W^res (spec §1.3).
+        g independent [d_g, H*c/g] matrices (docs §2.7);
+      - a tuple of row counts, e.g. (n_hc, n_hc, n_hc*n_hc) for mHC's stacked W^pre / W^post / W^res (docs §1.3).
     `build_optimizer` (optim/__init__.py) sets the attribute for `wo_a` and mHC's `hc_*_fn` when the owning
     module has not set it itself.
 
-Matrices of the same shape are stacked and orthogonalised in one batched call (kernels.md §5: small NS calls are
+Matrices of the same shape are stacked and orthogonalised in one batched call (docs/kernels.md §5: small NS calls are
 launch-bound). Momentum and the update are computed in fp32 whatever the parameter dtype.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hybrid Newton-Schulz orthogonalisation for Muon (spec §7, paper §2.4 Algorithm 1).
+"""Hybrid Newton-Schulz orthogonalisation for Muon (docs §7, paper §2.4 Algorithm 1).
 
     M_0 = G / (||G||_F + eps)
     M_k = a M + b (M M^T) M + c (M M^T)^2 M          (one "quintic" step with coefficients (a, b, c))
@@ -21,7 +21,7 @@ KELLER = (3.4445, -4.7750, 2.0315)      # modded-nanogpt / torch.optim.Muon defa
 FIXED_POINT = (2.0, -1.5, 0.5)          # p(1) = 1, p'(1) = 0
 
 SCHEDULES: dict[str, list[tuple[float, float, float]]] = {
-    "v4": [KELLER] * 8 + [FIXED_POINT] * 2,     # spec §7: 8 + 2 = 10 steps
+    "v4": [KELLER] * 8 + [FIXED_POINT] * 2,     # docs §7: 8 + 2 = 10 steps
     "keller5": [KELLER] * 5,                    # modded-nanogpt / torch.optim.Muon: 5 steps
 }
 

@@ -1,4 +1,4 @@
-"""Low precision (spec §8): FP8 E4M3 and MXFP4 fake quantisers, packed MXFP4, FP4 -> FP8 tile absorption, QAT.
+"""Low precision (docs §8): FP8 E4M3 and MXFP4 fake quantisers, packed MXFP4, FP4 -> FP8 tile absorption, QAT.
 
 One idea per file: fp8.py (E4M3 + UE8M0 block scales), mxfp4.py (E2M1 + E8M0 per 32, packing), fp4_to_fp8.py
 (lossless 128 x 128 absorption and its condition), qat.py (what the model calls). Exact rounding rules are in each

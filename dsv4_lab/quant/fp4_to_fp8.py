@@ -1,4 +1,4 @@
-"""Lossless FP4 -> FP8 absorption of MXFP4 weights into 128 x 128 FP8 tiles (spec §8.3; REF convert.py
+"""Lossless FP4 -> FP8 absorption of MXFP4 weights into 128 x 128 FP8 tiles (docs §8.3; REF convert.py
 `cast_e2m1fn_to_e4m3fn`; paper §5.2.1).
 
 A weight [R, K] in MXFP4 has one scale 2^{e_i} per 1 x 32 sub-block. Per 128 x 128 tile (128 rows x 4 sub-blocks):
@@ -24,7 +24,7 @@ from .mxfp4 import MX_BLOCK, e2m1_values, mxfp4_parts, mxfp4_unpack
 
 TILE = 128
 SUB = TILE // MX_BLOCK            # 4 sub-blocks of 32 per tile column
-MAX_LOG2_RATIO = 14               # s_max / s_min <= 2^14 (spec §8.3)
+MAX_LOG2_RATIO = 14               # s_max / s_min <= 2^14 (docs §8.3)
 
 
 @dataclass
@@ -32,7 +32,7 @@ class FP4ToFP8:
     fp8: torch.Tensor             # (..., R, K) torch.float8_e4m3fn: the values v * 2^{k_i}
     tile_scales: torch.Tensor     # (..., ceil(R/128), ceil(K/128)) uint8 E8M0 bytes e_S + 127
     log2_ratio: torch.Tensor      # (..., nR, nC) int: log2(s_max / s_min) over the tile's sub-blocks
-    condition_ok: torch.Tensor    # (..., nR, nC) bool: log2_ratio <= 14 (the spec §8.3 sufficient condition)
+    condition_ok: torch.Tensor    # (..., nR, nC) bool: log2_ratio <= 14 (the docs §8.3 sufficient condition)
     exact: torch.Tensor           # (..., nR, nC) bool: FP8 tile dequantises to exactly the FP4 values
 
     @property
@@ -90,7 +90,7 @@ def dequantize_fp8_tiles(fp8: torch.Tensor, tile_scales: torch.Tensor) -> torch.
 
 def fp4_to_fp8_lossless(codes: torch.Tensor, scales: torch.Tensor) -> FP4ToFP8:
     """Packed MXFP4 weight (codes (..., R, K/2) uint8, scales (..., R, K/32) uint8 E8M0, from mxfp4_quantize) ->
-    FP8 E4M3 with one E8M0 scale per 128 x 128 tile, plus the per-tile lossless report (spec §8.3)."""
+    FP8 E4M3 with one E8M0 scale per 128 x 128 tile, plus the per-tile lossless report (docs §8.3)."""
     q = e2m1_values(mxfp4_unpack(codes))
     e = scales.to(torch.int32) - 127
     v8, e_S, ratio = convert_parts(q, e)
@@ -104,7 +104,7 @@ def fp4_to_fp8_lossless(codes: torch.Tensor, scales: torch.Tensor) -> FP4ToFP8:
 
 
 def fake_quant_mxfp4_fp8_weight_ref(w: torch.Tensor) -> torch.Tensor:
-    """The QAT weight path of routed experts (spec §8.4): MXFP4 (1 x 32 along the input dim) then the FP4 -> FP8
+    """The QAT weight path of routed experts (docs §8.4): MXFP4 (1 x 32 along the input dim) then the FP4 -> FP8
     128 x 128 tile conversion; equals fake_quant_mxfp4(w) wherever the tile condition holds. No autograd."""
     if w.ndim < 2:
         raise ValueError(f"a weight (..., out, in) is needed, got shape {tuple(w.shape)}")

@@ -1,4 +1,4 @@
-"""FP8 E4M3 fake quantisation with power-of-two (UE8M0) block scales (spec §8.1, §8.2, §6.3; REF `act_quant`).
+"""FP8 E4M3 fake quantisation with power-of-two (UE8M0) block scales (docs §8.1, §8.2, §6.3; REF `act_quant`).
 
 Exact rules (a Triton kernel must reproduce these bit for bit; all arithmetic in fp32):
 

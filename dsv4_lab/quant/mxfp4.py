@@ -1,4 +1,4 @@
-"""MXFP4: E2M1 values with one E8M0 power-of-two scale per 32 elements (spec §8.1; REF `fp4_act_quant`).
+"""MXFP4: E2M1 values with one E8M0 power-of-two scale per 32 elements (docs §8.1; REF `fp4_act_quant`).
 
 Exact rules (all arithmetic in fp32; a Triton kernel must reproduce them bit for bit):
 
@@ -15,7 +15,7 @@ Exact rules (all arithmetic in fp32; a Triton kernel must reproduce them bit for
                (ties: .25->0, .75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4). The sign is x's sign bit.
     output     q * 2^e in x's dtype (exact in bf16)
 
-Codes (spec §8.1): code = sign << 3 | index of |q| in the magnitude list; packed two per byte along the last dim,
+Codes (docs §8.1): code = sign << 3 | index of |q| in the magnitude list; packed two per byte along the last dim,
 low nibble = even element, high nibble = odd element (torch.float4_e2m1fn_x2 layout). Scales: uint8 = e + 127.
 """
 from __future__ import annotations

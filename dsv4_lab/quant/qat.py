@@ -1,4 +1,4 @@
-"""Quantisation-aware training entry points used by the model (spec §8.2, §8.4, §2.2, §6.3).
+"""Quantisation-aware training entry points used by the model (docs §8.2, §8.4, §2.2, §6.3).
 
     qat_linear(x, w, "fp8")   y = FP8(x; 1 x 128 along K) @ FP8(w; 128 x 128 tiles)^T        (V3-style FP8 linears)
     qat_linear(x, w, "fp4")   y = FP8(x; 1 x 128) @ FP8tiles(MXFP4(w; 1 x 32 along K))^T    (routed experts)
@@ -6,7 +6,7 @@
                               are returned untouched (the reference keeps them BF16)
 
 Masters stay fp32; every fake quantiser passes the gradient straight through, so dL/dw is the gradient w.r.t. the
-quantised weight (spec §8.4) and dL/dx w.r.t. the quantised activation. The quantised values are exact in bf16, so
+quantised weight (docs §8.4) and dL/dx w.r.t. the quantised activation. The quantised values are exact in bf16, so
 the same numbers come out under bf16 autocast.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .fp8 import fake_quant_fp8, fake_quant_fp8_weight
 QAT_KINDS = ("fp8", "fp4")
 ACT_BLOCK = 128          # activations: 1 x 128 along K
 WEIGHT_TILE = 128        # FP8 weights: 128 x 128
-KV_BLOCK = 64            # KV entries: 64 per scale (spec §2.2)
+KV_BLOCK = 64            # KV entries: 64 per scale (docs §2.2)
 
 
 def qat_weight(w: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""FP8 / MXFP4 fake quantisation (spec §8.1), bit-exact with dsv4_lab.quant's reference functions.
+"""FP8 / MXFP4 fake quantisation (docs §8.1), bit-exact with dsv4_lab.quant's reference functions.
 
     fake_quant(x, fmt="fp8"|"fp4", block=128, tile=False, impl="auto")       -> same shape and dtype as x
     fake_quant(x, "fp8", 128)            = dsv4_lab.quant.fake_quant_fp8_ref(x, 128)   (1 x 128 activations)

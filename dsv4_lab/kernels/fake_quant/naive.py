@@ -1,6 +1,6 @@
 """FP8 (E4M3, UE8M0 block scales) and MXFP4 (E2M1, E8M0 per 32) fake quantisation, naive twin of triton.py.
 
-Written from spec §8.1 (the rules are restated in dsv4_lab/quant/fp8.py and mxfp4.py; tests check this twin and
+Written from docs §8.1 (the rules are restated in dsv4_lab/quant/fp8.py and mxfp4.py; tests check this twin and
 the Triton kernel against those reference functions bit for bit):
 
     amax = max(max|x| over the block, floor)          floor = 1e-4 (FP8) / 6 * 2^-126 (FP4)
@@ -11,7 +11,7 @@ the Triton kernel against those reference functions bit for bit):
 Blocks run along the last dim (`block` elements; a partial last block is its own block), or over 2-D tiles of the
 last two dims (`tile=True`, block x block, the FP8 weight format). Rounding is done by the "magic number" trick
 (|y| + 1.5 * 2^(u + 23)) - 1.5 * 2^(u + 23) with u = log2 of the grid spacing at |y|, which is exact fp32 RNE and
-needs no float8 dtype, so the same arithmetic runs in the Triton interpreter (kernels.md §7 rule 3).
+needs no float8 dtype, so the same arithmetic runs in the Triton interpreter (docs/kernels.md §7 rule 3).
 """
 from __future__ import annotations
 

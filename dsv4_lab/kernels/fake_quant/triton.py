@@ -1,4 +1,4 @@
-"""FP8 / MXFP4 fake quantisation in Triton, bit-exact with naive.py and dsv4_lab.quant (spec §8.1).
+"""FP8 / MXFP4 fake quantisation in Triton, bit-exact with naive.py and dsv4_lab.quant (docs §8.1).
 
 1-D blocks (FP8 1 x 128 / 1 x 64, MXFP4 1 x 32; `_fake_quant_groups_kernel`): the tensor is a flat list of
 R x ceil(K / BLOCK) groups (a partial last block of a row is its own group); one program owns GB consecutive groups
@@ -8,7 +8,7 @@ K % BLOCK == 0 (16-byte vector loads, no per-row strides), one scale per tile ro
 scale. (That kernel also ran the 1-D blocks before, one (TR, BLOCK) tile of TR rows of one column block per program;
 `variant="rows"` keeps it for the benchmark's same-run comparison.)
 All arithmetic is fp32 with integer bit operations for the scale exponent and the magic-number RNE (exact in the
-interpreter too, kernels.md §7 rule 3). Purely bandwidth-bound: reads and writes each element once.
+interpreter too, docs/kernels.md §7 rule 3). Purely bandwidth-bound: reads and writes each element once.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _fake_quant_kernel(X, Y, R, K, inv_qmax,
 @triton.jit
 def _quant_tile(xf, amax, inv_qmax, QMAX: tl.constexpr, FLOOR: tl.constexpr, MANT: tl.constexpr,
                 EMIN: tl.constexpr):
-    """xf (GB, BLOCK) fp32, amax (GB,) -> fake-quantised fp32 (spec §8.1; naive.py's rules, bit for bit)."""
+    """xf (GB, BLOCK) fp32, amax (GB,) -> fake-quantised fp32 (docs §8.1; naive.py's rules, bit for bit)."""
     r = tl.maximum(amax, FLOOR) * inv_qmax
     rb = r.to(tl.int32, bitcast=True)
     e = ((rb >> 23) & 0xFF) - 127 + ((rb & 0x7FFFFF) != 0).to(tl.int32)       # ceil(log2 r), exact

@@ -1,4 +1,4 @@
-"""HCA core attention: all block-causally visible compressed entries + window + sink in one softmax (spec §3).
+"""HCA core attention: all block-causally visible compressed entries + window + sink in one softmax (docs §3).
 
     hca_attn(q, kv, comp, sink, scale, window, ratio, q_offset=0, impl="auto", return_lse=False)
 

@@ -1,4 +1,4 @@
-"""HCA core attention, naive PyTorch twin of triton.py (spec §3, §2.5; kernels.md §2.3).
+"""HCA core attention, naive PyTorch twin of triton.py (docs §3, §2.5; docs/kernels.md §2.3).
 
 Query i at absolute position t = q_offset + i attends, in one softmax with the per-head sink, to
     window entries      kv[j],   j in [t - window + 1, t] ∩ [0, Tk)

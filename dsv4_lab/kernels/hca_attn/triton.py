@@ -1,6 +1,6 @@
 """HCA core attention in Triton: forward and backward (same interface as naive.py).
 
-Design (kernels.md §2.3): dense FlashAttention-style tiles. One program owns BT consecutive queries x all heads
+Design (docs/kernels.md §2.3): dense FlashAttention-style tiles. One program owns BT consecutive queries x all heads
 (BLOCK_M = BT * HP rows, HP = next_pow2(H)), so the M dimension of every tl.dot is 64-128 rows even with one KV
 head. It streams the compressed entries 0 .. floor((t_last + 1) / ratio) - 1 (block-causal s < floor((t + 1) /
 ratio): mask-free tiles while every row sees them, then a masked tail), then the window rows t0 - W + 1 .. t_last

@@ -1,6 +1,6 @@
-"""HCA core attention, flash-decoding (split-KV) forward for few queries (decode; kernels.md §2.3, §8.4; T7).
+"""HCA core attention, flash-decoding (split-KV) forward for few queries (decode; docs/kernels.md §2.3, §8.4; T7).
 
-Same semantics as naive.py / triton.py (spec §3): query t = q_offset + i attends, in one softmax whose denominator
+Same semantics as naive.py / triton.py (docs §3): query t = q_offset + i attends, in one softmax whose denominator
 also holds exp(sink_h), to the window rows kv[t - W + 1 .. t] and to every compressed entry s < floor((t + 1) / m').
 
 Why a second kernel: triton.py gives one program BT consecutive queries x all heads and walks every visible

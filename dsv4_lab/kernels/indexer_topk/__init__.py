@@ -1,4 +1,4 @@
-"""Lightning-indexer scores + top-k (spec §2.4), forward only (selection is non-differentiable).
+"""Lightning-indexer scores + top-k (docs §2.4), forward only (selection is non-differentiable).
 
     indexer_topk(qI, kI, w, k, ratio, q_offset=0, impl="auto", return_scores=False)
 

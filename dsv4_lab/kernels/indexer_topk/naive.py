@@ -1,9 +1,9 @@
-"""Lightning-indexer scores + top-k, naive PyTorch twin of triton.py (spec §2.4; kernels.md §3). Forward only.
+"""Lightning-indexer scores + top-k, naive PyTorch twin of triton.py (docs §2.4; docs/kernels.md §3). Forward only.
 
     I[t, s] = sum_h w[t, h] * ReLU(qI[t, h] . kI[s])          (w already holds the 1/sqrt(c^I n^I_h) factors)
     entry s is a candidate for the query at position t = q_offset + i iff s < floor((t + 1) / ratio)
     idx[t] = the k candidates with the largest I[t, s], sorted by score (descending); ties go to the LOWER index
-             (declared tie rule, kernels.md §9.1); slots beyond the number of candidates are -1.
+             (declared tie rule, docs/kernels.md §9.1); slots beyond the number of candidates are -1.
 
 Shapes: qI (B, T, HI, DI); kI (B, S, DI); w (B, T, HI). Returns idx (B, T, k) int32 (and the scores of the picks,
 fp32, -inf for -1 slots, when return_scores). Queries are processed `chunk` at a time, so the [T, S] score matrix

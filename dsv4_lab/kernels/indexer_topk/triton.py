@@ -1,4 +1,4 @@
-"""Lightning-indexer scores + top-k in Triton (spec §2.4; same interface as naive.py; forward only). Entry point:
+"""Lightning-indexer scores + top-k in Triton (docs §2.4; same interface as naive.py; forward only). Entry point:
 indexer_topk_triton(..., method=) (its docstring lists the methods; AUTO picks one for prefill and for decode).
 
   indexer_scores_triton  score kernel: (query chunk x visible key range) fp32 scores, causal tile skipping
@@ -10,7 +10,7 @@ Streaming kernel: one program owns BQ queries x all HI indexer heads (BQ * HIP r
 compressed entries BS at a time, forms I = sum_h w_h ReLU(q_h . k) in registers, packs each score with its index
 into one int64 key (order-preserving fp32 bits << 32 | (2^32 - 1 - s), so equal scores prefer the lower index:
 the same tie rule as the naive twin's stable sort), and merges the chunk into a running, sorted top-KP list with
-tl.topk over the concatenation. The [T, S] score matrix never touches memory (kernels.md §3, T4/T5): memory
+tl.topk over the concatenation. The [T, S] score matrix never touches memory (docs/kernels.md §3, T4/T5): memory
 traffic is the keys (re-read from L2 per query block), q, w and the k outputs.
 
 A chunk is skipped without the merge when none of its keys beats the current k-th best of any query in the block.
@@ -120,7 +120,7 @@ def _indexer_topk_stream(qI, kI, w, k: int, ratio: int, q_offset: int = 0, retur
 # rows of one tl.dot, bf16 operands on the GPU, fp32 accumulate) against BLOCK_N keys; ReLU * w * sum over heads in
 # registers. Key tiles entirely beyond the query tile's causal frontier are not computed, only filled with -inf.
 # The grid is (key tiles, query tiles, B) with the key tiles fastest, so at decode (one query) the S keys are spread
-# over all SMs (kernels.md §8.4: the key stream is the cost).
+# over all SMs (docs/kernels.md §8.4: the key stream is the cost).
 def _score_configs():
     gpu = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
            for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3))]     # no spills (aot_check.py)
@@ -227,7 +227,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 
 # ================================================================================================ radix top-k
-# Exact top-k of fp32 rows by radix select (kernels.md §3) over the order-preserving bits of the scores: 8-bit
+# Exact top-k of fp32 rows by radix select (docs/kernels.md §3) over the order-preserving bits of the scores: 8-bit
 # histogram passes find the k-th largest value v*; a compaction writes every entry > v* and the first (lowest-index)
 # entries == v* in index order; the k picks are then sorted by (score desc, index asc) with tl.sort on packed int64
 # keys. So ties follow the naive twin's rule exactly (lower index first), deterministically.
@@ -498,7 +498,7 @@ def _topk_radix(sc, k, split, frontier, cap, gmax=None, group=0):
 def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
                         method: str = "auto", chunk_elems: int = 1 << 28, split: int | None = None,
                         workspace: torch.Tensor | None = None, radix_cap: int | None = None):
-    """Lightning-indexer top-k. method (kernels.md §3; measured by benchmarks/bench_csa.py):
+    """Lightning-indexer top-k. method (docs/kernels.md §3; measured by benchmarks/bench_csa.py):
       radix        Triton scores per query chunk (only the chunk's visible key range) + Triton radix-select top-k;
                    rows longer than max(split, 4k) are split into `split`-column chunks (default 8192 at decode,
                    65536 in prefill): per-chunk top-k over many programs, then the top-k of the candidates.

@@ -1,4 +1,4 @@
-"""Fused mHC (spec §1.2): pre = RMS + (2 + n) n-way projection + sigmoid + Sinkhorn + pre-mix; post = post-mix +
+"""Fused mHC (docs §1.2): pre = RMS + (2 + n) n-way projection + sigmoid + Sinkhorn + pre-mix; post = post-mix +
 residual mix.
 
     u, coef = mhc_pre(x, fn, scale, base, iters=20, eps=1e-6, norm_eps=1e-6, impl="auto")

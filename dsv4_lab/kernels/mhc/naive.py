@@ -1,4 +1,4 @@
-"""mHC pre / post (spec §1.2), naive PyTorch twin of triton.py. Everything in fp32.
+"""mHC pre / post (docs §1.2), naive PyTorch twin of triton.py. Everything in fp32.
 
 pre:  x (B, T, n, d) -> v = vec(x), rho = 1 / sqrt(mean(v^2) + norm_eps)
       mu = rho * v W^T  (24 = (2 + n) n mixes; layout [0:n] pre, [n:2n] post, [2n:] res row-major n x n)

@@ -1,4 +1,4 @@
-"""Fused mHC pre and post in Triton (same interface as naive.py; kernels.md §4, T8; spec §1.2).
+"""Fused mHC pre and post in Triton (same interface as naive.py; docs/kernels.md §4, T8; docs §1.2).
 
 pre (persistent: CPS programs per SM, each walking blocks of BT tokens):
   pass 1  streams vec(x) of the BT tokens once, chunk by chunk (BC channels of one stream at a time, channel-chunk
@@ -14,7 +14,7 @@ pre (persistent: CPS programs per SM, each walking blocks of BT tokens):
           of 10 d), but pass 1 runs free of the L2-footprint bound on the persistent grid (more programs per SM). Run
           8 measured the fused pre at 26 % of copy bandwidth (latency-bound pass 1, one 8-warp program per SM), which
           a two-read design at copy speed would beat; bench_mhc.py measures both and PRE_MIX follows the measurement.
-  Projection precision ("fp32 compute", spec §1.2): one small launch splits fp32 W into bf16 hi + lo
+  Projection precision ("fp32 compute", docs §1.2): one small launch splits fp32 W into bf16 hi + lo
   (W = hi + lo + O(2^-17 |W|), rows already in the accumulator's order); bf16 x is exact in bf16, so
   x W = x hi + x lo with two bf16 MMAs (fp32 accumulate), whose operands go straight to shared memory (pipelined):
   ~fp32 accuracy at the cost of one tf32 MMA, more accurate than the reference's single-pass tf32 GEMM. fp32 / fp16 x
@@ -22,7 +22,7 @@ pre (persistent: CPS programs per SM, each walking blocks of BT tokens):
   split is emulated with fp32 dots of the bf16-rounded parts (`dot="bf16x3"`, to test the split arithmetic on CPU).
 post (one program per BT tokens x BD channels): x'_j = C_j y + sum_i P_ij x_i, reading x and y once.
 
-Bytes (bench_mhc.py, kernels.md §4 cost model): pre reads n d x + writes d u (+ (2 + n) n fp32 coef); post reads
+Bytes (bench_mhc.py, docs/kernels.md §4 cost model): pre reads n d x + writes d u (+ (2 + n) n fp32 coef); post reads
 n d x + d y (+ coef) and writes n d x'; 28 d bytes per token and site for bf16 streams, plus the coef.
 
 Backward (autograd.Function): recompute-based. The backward re-runs the naive PyTorch twin under autograd on the
@@ -58,7 +58,7 @@ def _pre_configs():
 
 @triton.jit
 def _dot(a, b, acc, EMUL: tl.constexpr):
-    """acc + a b; EMUL: fp32 operands (the interpreter multiplies bf16 bit patterns, kernels.md §7)."""
+    """acc + a b; EMUL: fp32 operands (the interpreter multiplies bf16 bit patterns, docs/kernels.md §7)."""
     if EMUL:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -155,7 +155,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, NTOK, norm_eps, eps,
         z3 = tl.reshape(z, [BT, 2, H])
         zr = tl.reshape(tl.sum(tl.where(h3 == 0, z3, 0.0), 1), [BT, NP, NP])      # res logits (i, j)
         zp = tl.reshape(tl.sum(tl.where(h3 == 1, z3, 0.0), 1), [BT, NP, NP])      # row 0 pre, row 1 post
-        # Sinkhorn (spec §1.2 step 4): softmax over j + eps, column-normalise, then (ITERS - 1) x (row, column)
+        # Sinkhorn (docs §1.2 step 4): softmax over j + eps, column-normalise, then (ITERS - 1) x (row, column)
         zm = tl.where(res, zr, float("-inf"))
         mx = tl.max(zm, 2)
         mx = tl.where(mx == float("-inf"), 0.0, mx)

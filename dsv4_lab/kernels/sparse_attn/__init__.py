@@ -1,4 +1,4 @@
-"""CSA core attention: window + top-k selected compressed entries + sink in one softmax (spec §2.5).
+"""CSA core attention: window + top-k selected compressed entries + sink in one softmax (docs §2.5).
 
     sparse_attn(q, kv, comp, idx, sink, scale, window, q_offset=0, impl="auto", return_lse=False)
 

@@ -1,7 +1,7 @@
-"""CSA core attention, naive PyTorch twin of triton.py (spec §2.5; kernels.md §2.3).
+"""CSA core attention, naive PyTorch twin of triton.py (docs §2.5; docs/kernels.md §2.3).
 
 For query i (absolute position t = q_offset + i) the candidate set is the union of
-    window entries     kv[j],   j in [t - window + 1, t] ∩ [0, Tk)                    (uncompressed, spec §2.2)
+    window entries     kv[j],   j in [t - window + 1, t] ∩ [0, Tk)                    (uncompressed, docs §2.2)
     selected entries   comp[s], s = idx[i, k] for k < K, kept iff 0 <= s < S          (-1 / out of range = masked)
 and o_{t,h} = sum_j p_{h,j} e_j with p = exp(z) / (sum exp(z) + exp(sink_h)), z = scale * q_{t,h} . e_j (K = V).
 A repeated index is counted once per occurrence (a gather). Equal to core.sink_attention over the concatenated

@@ -1,12 +1,12 @@
 """CSA core attention in Triton: forward and backward (same interface as naive.py).
 
-Design (kernels.md §2.2-2.3): query-major, one program per (query token, batch); all H heads of the token are the
+Design (docs/kernels.md §2.2-2.3): query-major, one program per (query token, batch); all H heads of the token are the
 M rows of every tl.dot (padded to >= 16). One online softmax (exp2 domain) runs first over the window rows
 (contiguous) then over the selected compressed rows (pointer gather of BLOCK_K indices at a time, -1 / out-of-range
 masked); the sink initialises (m, l) = (sink, 1), so it only enlarges the denominator.
 
 Backward: one program per query recomputes p from the saved lse, writes dQ, and adds dK/dV of every entry it used
-(K = V, so d(entry) = p^T dO + scale * dS^T Q) with fp32 atomics into one-head fp32 buffers (kernels.md §2.2: the
+(K = V, so d(entry) = p^T dO + scale * dS^T Q) with fp32 atomics into one-head fp32 buffers (docs/kernels.md §2.2: the
 attention-gym fast path; non-deterministic summation order). d(sink_h) = -sum_t exp(sink_h - lse) * delta.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""CSA core attention, flash-decoding (split-KV) forward for few queries (decode; kernels.md §2.2, §8.4; T6).
+"""CSA core attention, flash-decoding (split-KV) forward for few queries (decode; docs/kernels.md §2.2, §8.4; T6).
 
-Same semantics as naive.py / triton.py (spec §2.5): query t = q_offset + i attends, in one softmax whose denominator
+Same semantics as naive.py / triton.py (docs §2.5): query t = q_offset + i attends, in one softmax whose denominator
 also holds exp(sink_h), to the window rows kv[t - W + 1 .. t] and the picks comp[idx[i, k]] (-1 / out of range
 masked, a repeated index counted once per occurrence).
 

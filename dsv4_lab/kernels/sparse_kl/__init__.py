@@ -1,4 +1,4 @@
-"""Sparse-stage indexer KL loss over the top-k picks (spec §10; indexer_training.sparse_indexer_kl_loss).
+"""Sparse-stage indexer KL loss over the top-k picks (docs §10; indexer_training.sparse_indexer_kl_loss).
 
     sparse_kl(q, comp, idx, lse, scale, qI, kI, w, impl="auto")
 

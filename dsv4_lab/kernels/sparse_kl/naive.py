@@ -1,4 +1,4 @@
-"""Sparse-stage indexer KL loss, naive PyTorch twin of triton.py (spec §10, V3.2 recipe; indexer_training.py).
+"""Sparse-stage indexer KL loss, naive PyTorch twin of triton.py (docs §10, V3.2 recipe; indexer_training.py).
 
 For query row (b, t) with picks s_k = idx[b, t, k], k < K (valid iff 0 <= s_k < S; -1 = none):
     p_k = sum_h exp(scale q[b,t,h] . comp[b,s_k] - lse[b,t,h])      (detached target; lse of the main softmax)

@@ -1,4 +1,4 @@
-"""Sparse-stage indexer KL loss in Triton: forward and backward (same interface as naive.py; spec §10).
+"""Sparse-stage indexer KL loss in Triton: forward and backward (same interface as naive.py; docs §10).
 
 Design: one program per query row (t, b); the K picks are walked BLOCK_K at a time, each block gathering its comp
 rows (BLOCK_K, c) and kI rows (BLOCK_K, c_I) by pointer (-1 / >= S masked), so the gathered (B, T, K, c) and
