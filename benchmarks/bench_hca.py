@@ -2,9 +2,8 @@
 raw)), the naive PyTorch path, and dense SDPA (bench_dense.py). H 16, d 128, window 128, m' 128, bf16, B = 1.
 Work = 4 H d per visible (query, entry) pair (window + compressed).
 
-prefill keys: triton_N = the library's kernel (autotuned), triton_v1_N = the frozen pre-tuning kernel
-(hca_fwd_v1.py) in the same run, triton_cfg_<name>_N = one fixed configuration of the current kernel (which config
-wins), flex_N = FlexAttention (flex_hca.py; ms without the sink pass, sink_ms with it, compile_s;
+prefill keys: triton_N = the library's kernel (autotuned), triton_cfg_<name>_N = one fixed configuration of the
+current kernel (which config wins), flex_N = FlexAttention (flex_hca.py; ms without the sink pass, sink_ms with it, compile_s;
 each shape compiled in a subprocess cut off after FLEX_TIMEOUT_S), naive_N. max_abs_err_vs_naive on the first
 queries and on the last 2048 (the latter reach the mask-free compressed loop)."""
 from __future__ import annotations
@@ -64,13 +63,10 @@ def _check(fn, q, kv, comp, sink, n=2048):
     return max((o[:, :n].float() - ref_a).abs().max().item(), (o[:, N - n:].float() - ref_b).abs().max().item())
 
 
-def ours_fwd(N, cfg=None, impl="lib", check=False):
-    """impl 'lib' = hca_attn_fwd (autotuned, or one fixed cfg), 'v1' = the frozen pre-tuning kernel."""
+def ours_fwd(N, cfg=None, check=False):
+    """hca_attn_fwd, autotuned or with one fixed cfg."""
     q, kv, comp, sink = inputs(N)
-    if impl == "v1":
-        from hca_fwd_v1 import hca_attn_fwd_v1 as fn
-    else:
-        fn = (lambda *a: hca_attn_fwd(*a, cfg=cfg)) if cfg is not None else hca_attn_fwd
+    fn = (lambda *a: hca_attn_fwd(*a, cfg=cfg)) if cfg is not None else hca_attn_fwd
     t0 = time.time()
     fn(q, kv, comp, sink, D ** -0.5, W, R)
     torch.cuda.synchronize()
@@ -159,7 +155,6 @@ def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192, 32768), naive_Ns=
     ceilings()                           # also warms the GPU up (the first timed kernel ran at idle clocks before)
     for N in Ns:
         pre[f"triton_{N}"] = safe(ours_fwd, N, check=N in check_Ns)
-        pre[f"triton_v1_{N}"] = safe(ours_fwd, N, impl="v1", check=N in check_Ns)
         if N in cfg_Ns:
             for name, cfg in FWD_CFGS.items():
                 pre[f"triton_cfg_{name}_{N}"] = safe(ours_fwd, N, cfg=cfg)

@@ -21,7 +21,7 @@ LOG2E = 1.4426950408889634
 
 
 def _fwd_configs():
-    # few configs: each costs a compile (seconds) per key on the GPU. H200 runs 2026-11-29 (H 16, d 128, bf16):
+    # few configs: each costs a compile (seconds) per key on the GPU. On an H200 (H 16, d 128, bf16):
     # BLOCK_M 64 (4 tokens x 16 heads), BLOCK_S 64, 4 warps, 2-3 stages won at 8K-128K (1.85 ms at 128K) over
     # BLOCK_S 128 (+8 %), BLOCK_M 128 with 4 or 8 warps (+13-22 %) and BLOCK_M 256 (+30 %); BLOCK_M 128 / 8 warps
     # stays for head counts where 64 rows hold few tokens

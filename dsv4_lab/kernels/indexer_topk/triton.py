@@ -123,7 +123,7 @@ def _indexer_topk_stream(qI, kI, w, k: int, ratio: int, q_offset: int = 0, retur
 # over all SMs (docs/kernels.md §8.4: the key stream is the cost).
 def _score_configs():
     gpu = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3))]     # no spills (aot_check.py)
+           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3))]     # none spills registers
     return configs(gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
@@ -441,13 +441,13 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
                                   Tq, q0, K=k, KP=KP, BLOCK=BLOCK,
                                   HAS_IDX=idx_in is not None, SORT=sort, RATIO=ratio, CAP=cap, BLOCK_C=BLOCK_C,
                                   GROUP=group if use_g else 1, GP=GP, GM_MAX=bool(gmax_is_max), WRITE_THR=wt,
-                                  num_warps=16)        # BLOCK 4096: <= 128 regs (4 or 8 warps spill, aot_check)
+                                  num_warps=16)        # BLOCK 4096: <= 128 regs (4 or 8 warps spill)
     return (oval[:, 0], oidx[:, 0]) if chunk is None else (oval, oidx)
 
 
 # ================================================================================================ indexer + top-k
 METHODS = ("radix", "radix_gmax", "torch", "split_torch", "stream")
-# set from benchmarks/results/csa.json (H200, 2026-11-29): Triton scores + torch.topk was the fastest measured at
+# set from benchmarks/results/csa.json (H200): Triton scores + torch.topk was the fastest measured at
 # 32K / 128K prefill (5.0 / 41.3 ms vs radix 8.1 / 67.7, radix_gmax 8.1 / 58.2) and at 1M decode (103 us vs radix
 # 113 us); at 8K all are within 0.3 ms. In the model-level GPU test the radix path also dropped 0.26 % of the picks
 # where k >= the visible count (not reproduced under the interpreter): see benchmarks/README.md
@@ -461,8 +461,8 @@ def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
 
 def _topk_torch(sc, k, ordered: bool = True):
     """torch.topk of rows (R, L); ordered=False leaves the k picks in torch's unsorted order (the sparse kernels do not
-    need them in order; benchmarks/probe_topk.py, run 11: 67 vs 85 us on the 1M-context decode row, 6-10 % less in
-    prefill)."""
+    need them in order; on an H200 unsorted takes 67 vs 85 us on the 1M-context decode row, 6-10 % less in prefill:
+    benchmarks/README.md)."""
     kk = min(k, sc.shape[-1])
     v, i = torch.topk(sc, kk, dim=-1, sorted=ordered)
     i = torch.where(v == float("-inf"), -1, i).to(torch.int32)

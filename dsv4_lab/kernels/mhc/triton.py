@@ -44,10 +44,8 @@ def _pre_configs():
     # CPS = programs per SM of the persistent grid: it bounds the x bytes in flight between pass 1 and the L2-hot
     # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the ~50 MB L2) while BC x stages sets the
     # bytes in flight per program.
-    # Removed after run 11 (H200): (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and
-    # (128, 64, 2, 8 w, 3 s), meant for mix="split": with bf16 x the GPU test of every config saw coef off by ~7e-4
-    # (not ~1e-6) for the first, and bench_mhc's correctness gate failed for the tuned pick, the second (d 1024) and
-    # the third (d 384). Cause not found.
+    # Not listed on purpose: (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and (128, 64, 2, 8 w,
+    # 3 s) give coef / u off by ~7e-4 (not ~1e-6) with bf16 x on an H200 (benchmarks/README.md, history).
     return configs([triton.Config({"BT": 16, "BC": 128, "CPS": 2}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 16, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 32, "BC": 128, "CPS": 1}, num_warps=4, num_stages=3),
