@@ -7,7 +7,7 @@ K = V, z = scale * q . e, p = exp(z) / (sum exp(z) + exp(sink)). Equal to core.s
 concat(kv, comp) with that mask (tested).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); sink (H,) or None.
-Returns o (B, T, H, D) in q's dtype (and lse (B, T, H) fp32).
+Returns o (B, T, H, D) in q's dtype (and lse (B, T, H) fp32; fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -43,6 +43,6 @@ def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_o
         o = torch.einsum("bthn,btnd->bthd", p[..., :W], Ew.to(ct)) + \
             torch.einsum("bths,bsd->bthd", p[..., W:W + S], comp.to(ct))
         outs.append(o.to(q.dtype))
-        lses.append(lse.float())
+        lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)
     o = torch.cat(outs, 1)
     return (o, torch.cat(lses, 1)) if return_lse else o

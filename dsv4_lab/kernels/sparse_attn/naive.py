@@ -8,7 +8,8 @@ A repeated index is counted once per occurrence (a gather). Equal to core.sink_a
 entries with the corresponding mask (tests/test_kernels_interpret.py checks it).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); idx (B, T, K) integer; sink (H,) fp32 or None.
-Returns o (B, T, H, D) in q's dtype and lse (B, T, H) fp32 = log(sum exp(z) + exp(sink)) (natural log).
+Returns o (B, T, H, D) in q's dtype and lse (B, T, H) = log(sum exp(z) + exp(sink)) (natural log), fp32 (fp64
+for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -52,6 +53,6 @@ def sparse_attn_naive(q, kv, comp, idx, sink, scale: float, window: int, q_offse
         if sink is not None:
             p = p[..., :-1]
         outs.append(torch.einsum("bthn,btnd->bthd", p, E.to(ct)).to(q.dtype))
-        lses.append(lse.float())
+        lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)
     o = torch.cat(outs, 1)
     return (o, torch.cat(lses, 1)) if return_lse else o

@@ -9,7 +9,8 @@ A repeated pick is counted once per occurrence (a gather). Equal to indexer_trai
 selection mask (without repeats).
 
 Shapes: q (B, T, H, c); comp (B, S, c); idx (B, T, K) integer; lse (B, T, H) fp32; qI (B, T, n_I, c_I);
-kI (B, S, c_I); w (B, T, n_I). Returns a 0-d fp32 loss, differentiable w.r.t. qI, kI, w (q, comp, lse detached).
+kI (B, S, c_I); w (B, T, n_I). Returns a 0-d loss, differentiable w.r.t. qI, kI, w (q, comp, lse detached),
+computed in fp32 (bf16 / fp32 inputs) or fp64 (fp64 inputs: the tests' reference is fp64 throughout).
 Queries are processed `chunk` at a time: the gathered (B, chunk, K, c) and (B, chunk, K, c_I) fp32 tensors are what
 triton.py never builds.
 """
@@ -25,7 +26,8 @@ def sparse_kl_naive(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 409
     S = comp.shape[1]
     base = (torch.arange(B, device=idx.device) * S)[:, None, None]
     comp_rows, kI_rows = comp.reshape(B * S, -1), kI.reshape(B * S, -1)
-    kl_sum = q.new_zeros((), dtype=torch.float32)
+    ct = torch.promote_types(q.dtype, torch.float32)                         # fp32 at least, fp64 in tests
+    kl_sum = q.new_zeros((), dtype=ct)
     n_rows = torch.zeros((), dtype=torch.long, device=q.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -37,11 +39,11 @@ def sparse_kl_naive(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 409
         # through a sorting index_put that took 58 % of a 16K training step's GPU time on the H200 (bench_e2e)
         with torch.no_grad():
             ec = comp_rows.index_select(0, rows).view(B, Tq, K, -1)
-            z = torch.einsum("bthd,btkd->bthk", q[:, t0:t1].float(), ec.float()) * scale
-            p = torch.exp(z - lse[:, t0:t1, :, None].float()).sum(2)           # (B, Tq, K)
+            z = torch.einsum("bthd,btkd->bthk", q[:, t0:t1].to(ct), ec.to(ct)) * scale
+            p = torch.exp(z - lse[:, t0:t1, :, None].to(ct)).sum(2)           # (B, Tq, K)
         kg = kI_rows.index_select(0, rows).view(B, Tq, K, -1)
-        logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].float(), kg.float()).relu()
-        scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].float())   # (B, Tq, K)
+        logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].to(ct), kg.to(ct)).relu()
+        scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].to(ct))   # (B, Tq, K)
         a, n = _masked_kl(scores, p, valid)
         kl_sum, n_rows = kl_sum + a, n_rows + n
     return kl_sum / n_rows.clamp_min(1)                                       # no host sync
