@@ -29,8 +29,13 @@ Initialisation (docs §1.4, UNCONFIRMED; config fields hc_alpha_init, hc_res_dia
 
 Probes (for notebooks): set `site.probe = True` (or `set_probe(model, True)`) and each forward stores in
 `site.probe_out`: P (B, T, n, n), its per-token spectral norm and Sinkhorn residual (max |row/column sum - 1|).
-`mixing_probes(model)` gathers them per layer. `sinkhorn` is a standalone function (kernel target,
-dsv4_lab/kernels/mhc).
+`mixing_probes(model)` gathers them per layer. `sinkhorn` is a standalone function (defined once, in
+kernels/mhc/naive.py).
+
+Paths (cfg.kernels, dsv4_lab.kernels.use_triton): residual="mhc" on the Triton path runs the fused kernels of
+kernels/mhc (pre: coefficients + Sinkhorn + collapse; post: expand + residual mix; both with Triton backward
+kernels); elsewhere, and always for "hc", the maps come from the naive twin kernels/mhc/naive.py (mhc) or the tanh
+maps below (hc) under PyTorch autograd.
 """
 from __future__ import annotations
 
@@ -41,25 +46,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels import use_triton
+from .kernels.mhc import mhc_post, mhc_pre
+from .kernels.mhc.naive import mhc_maps_naive, sinkhorn
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sinkhorn projection (docs §1.2 step 4) and probes
 # ---------------------------------------------------------------------------------------------------------------
-
-def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:
-    """(..., n, n) logits B~ -> P with columns summing to 1 (up to eps) and rows approximately 1.
-
-    Exactly the reference order (REF `hc_split_sinkhorn`, HF M:984-990): P = softmax over the last index + eps,
-    column-normalise, then (iters - 1) x (row-normalise, column-normalise). 20 row and 20 column normalisations in
-    all (the softmax is the first row normalisation), ending on columns."""
-    P = torch.softmax(logits, dim=-1) + eps
-    P = P / (P.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        P = P / (P.sum(dim=-1, keepdim=True) + eps)
-        P = P / (P.sum(dim=-2, keepdim=True) + eps)
-    return P
-
 
 def sinkhorn_residual(P: torch.Tensor) -> torch.Tensor:
     """(..., n, n) -> (...,) max |row sum - 1| and |column sum - 1|: distance from doubly stochastic."""
@@ -112,8 +106,11 @@ class HyperConnection(nn.Module):
             res.copy_(torch.eye(n).flatten())
 
     def maps(self, X: torch.Tensor):
-        """X (B, T, n, d) -> A (B, T, n), C (B, T, n), P (B, T, n, n) in fp32 (fp64 stays fp64)."""
-        n = self.n
+        """X (B, T, n, d) -> A (B, T, n), C (B, T, n), P (B, T, n, n) in fp32 (fp64 stays fp64).
+        mhc: the naive twin of the fused kernels (kernels/mhc/naive.py), the one reference of these maps."""
+        if self.constrained:                                                      # mHC (docs §1.2.4)
+            return mhc_maps_naive(X, self.fn, self.scale, self.base, self.iters, self.eps, self.norm_eps)
+        n = self.n                                                                # HC: tanh dynamic, unconstrained
         ct = torch.promote_types(X.dtype, torch.float32)
         v = X.flatten(2).to(ct)                                                   # (B, T, n d)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.norm_eps)      # weightless flatten-RMS
@@ -121,28 +118,34 @@ class HyperConnection(nn.Module):
         mu_pre, mu_post, mu_res = mu.split([n, n, n * n], dim=-1)
         s_pre, s_post, s_res = self.base.to(ct).split([n, n, n * n])
         a = self.scale.to(ct)
-        mu_res = mu_res.unflatten(-1, (n, n))                                     # [i, j] at 2n + n i + j
-        s_res = s_res.view(n, n)
-        if self.constrained:                                                      # mHC (docs §1.2.4)
-            A = torch.sigmoid(a[0] * mu_pre + s_pre) + self.eps
-            C = 2 * torch.sigmoid(a[1] * mu_post + s_post)
-            P = sinkhorn(a[2] * mu_res + s_res, self.iters, self.eps)
-        else:                                                                     # HC: tanh dynamic, unconstrained
-            A = a[0] * torch.tanh(mu_pre) + s_pre
-            C = a[1] * torch.tanh(mu_post) + s_post
-            P = a[2] * torch.tanh(mu_res) + s_res
+        A = a[0] * torch.tanh(mu_pre) + s_pre
+        C = a[1] * torch.tanh(mu_post) + s_post
+        P = a[2] * torch.tanh(mu_res.unflatten(-1, (n, n))) + s_res.view(n, n)   # [i, j] at 2n + n i + j
         return A, C, P
 
-    def pre(self, X: torch.Tensor):
-        A, C, P = self.maps(X)
+    def _probe(self, A, C, P):
         if self.probe:
-            self.probe_out = {"P": P.detach(), "spectral_norm": spectral_norm(P.detach()),
-                              "sinkhorn_residual": sinkhorn_residual(P.detach()),
+            P = P.detach()
+            self.probe_out = {"P": P, "spectral_norm": spectral_norm(P), "sinkhorn_residual": sinkhorn_residual(P),
                               "A": A.detach(), "C": C.detach()}
+
+    def pre(self, X: torch.Tensor):
+        if self.constrained and use_triton(self.cfg, X):
+            # fused Triton pre (coefficients + Sinkhorn + collapse) and post, forward and backward (kernels/mhc);
+            # Xa is X passed through the pre kernel so post's dX reaches the pre backward, which sums both
+            n = self.n
+            u, coef, Xa = mhc_pre(X, self.fn, self.scale, self.base, self.iters, self.eps, self.norm_eps,
+                                  impl="triton", alias=True)
+            self._probe(coef[..., :n], coef[..., n:2 * n], coef[..., 2 * n:].unflatten(-1, (n, n)))
+            return u, ("kernel", coef, Xa)
+        A, C, P = self.maps(X)
+        self._probe(A, C, P)
         u = (A.unsqueeze(-1) * X.to(A.dtype)).sum(2)                              # (B, T, d)
         return u.to(X.dtype), (C, P)
 
     def post(self, y: torch.Tensor, X: torch.Tensor, ctx) -> torch.Tensor:
+        if isinstance(ctx[0], str):                                               # ("kernel", coef, Xa)
+            return mhc_post(y, ctx[2], ctx[1], impl="triton")
         C, P = ctx
         # x'_j = C_j y + sum_i P_ij x_i  (column j of P; paper B = P^T), computed in fp32 like REF
         out = C.unsqueeze(-1) * y.to(C.dtype).unsqueeze(2) + torch.einsum("btij,btid->btjd", P, X.to(P.dtype))

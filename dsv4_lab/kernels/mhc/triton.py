@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, configs, next_pow2, tl, triton
-from .naive import mhc_post_naive, mhc_pre_naive
 
 SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = hi + lo | x and W both split
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
@@ -92,11 +91,11 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
     tl.store(WL + c[:, None] * ND + k[None, :], lo, mask=km[None, :])
 
 
-@triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX"])
+@triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
 @triton.jit
-def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, NTOK, norm_eps, eps,
+def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
-                    SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr,
+                    SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
@@ -149,6 +148,10 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, NTOK, norm_eps, eps,
                 acc = _dot(xb, wlo, acc, EMUL)
                 acc = _dot(xb, whi, acc, EMUL)
         rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
+        if SAVE:                                                                  # for the backward: mu, rho
+            tl.store(MU + tok.to(tl.int64)[:, None] * GN + wrow[None, :], acc * rho[:, None],
+                     mask=tmask[:, None] & wvalid[None, :])
+            tl.store(RHO + tok, rho, mask=tmask)
         z = (acc * rho[:, None]) * a_c[None, :] + b_c[None, :]                    # (BT, NC)
         z3 = tl.reshape(z, [BT, 2, H])
         zr = tl.reshape(tl.sum(tl.where(h3 == 0, z3, 0.0), 1), [BT, NP, NP])      # res logits (i, j)
@@ -227,6 +230,221 @@ def _mhc_post_kernel(Y, X, COEF, OUT, NTOK,
              mask=dm[:, None, :] & (j3 < N))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Backward kernels (docs §1.2; per token, c = mix index, g = its group pre / post / res, a_g = scale[g]):
+#   post:  dy = sum_j C_j dx'_j,  dx_i = sum_j P_ij dx'_j,  dC_j = <dx'_j, y>,  dP_ij = <x_i, dx'_j>
+#   pre:   dA_i = <du, x_i> (+ dcoef_A);  dz_pre = dA sig (1 - sig), dz_post = dC 2 sig (1 - sig), dz_res = Sinkhorn^T
+#          dmu = a_g dz;  dbase = sum_tokens dz;  dscale_g = sum_tokens sum_{c in g} dz_c mu_c
+#          dx = dXa + A (x) du + rho dmu W - (rho^2 / (n d)) <dmu, mu> vec(x)      (rho = 1/sqrt(mean v^2 + eps))
+#          dW = sum_tokens (rho dmu)^T vec(x)                                       (_mhc_dw_kernel)
+#   Sinkhorn^T: every normalisation P' = P / (s + eps) (s = sum over the normalised axis) has the adjoint
+#          dP = (dP' - sum_axis(dP' P')) / (s + eps); the softmax + eps step has dz = p (dp - sum_j dp p).
+#          The backward kernel recomputes the 2 ITERS - 1 normalisation inputs from the saved mu, parks them in a
+#          per-program scratch (L1/L2-hot, 2 ITERS - 1 tiles of BT n^2 fp32) and walks them in reverse.
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mhc_post_bwd_kernel(Y, X, COEF, DOUT, DY, DX, DCOEF, NTOK,
+                         N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr,
+                         BT: tl.constexpr, BD: tl.constexpr):
+    """One program per BT tokens, walking all D channels (dC, dP reduce over channels in registers: no atomics)."""
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = tok < NTOK
+    tok64 = tok.to(tl.int64)
+    jj = tl.arange(0, NP)
+    jm = tmask[:, None] & (jj[None, :] < N)
+    j3 = jj[None, :, None]
+    i3 = tl.arange(0, NP)[None, :, None]
+    jk = tl.arange(0, NP)[None, None, :]
+    Cj = tl.load(COEF + tok64[:, None] * (G * N) + N + jj[None, :], mask=jm, other=0.0)          # (BT, NP)
+    dC = tl.zeros([BT, NP], tl.float32)
+    dP = tl.zeros([BT, NP, NP], tl.float32)                                                     # [t, i, j]
+    for q in range(0, (D + BD - 1) // BD):
+        dd = q * BD + tl.arange(0, BD)
+        dm = tmask[:, None] & (dd[None, :] < D)
+        dm3 = dm[:, None, :] & (j3 < N)
+        y = tl.load(Y + tok64[:, None] * D + dd[None, :], mask=dm, other=0.0).to(tl.float32)
+        g = tl.load(DOUT + tok64[:, None, None] * (N * D) + j3 * D + dd[None, None, :], mask=dm3,
+                    other=0.0).to(tl.float32)                                                   # (BT, NP j, BD)
+        tl.store(DY + tok64[:, None] * D + dd[None, :], tl.sum(Cj[:, :, None] * g, 1).to(DY.dtype.element_ty),
+                 mask=dm)
+        dC += tl.sum(g * y[:, None, :], 2)
+        for i in tl.static_range(N):
+            Pi = tl.load(COEF + tok64[:, None] * (G * N) + 2 * N + i * N + jj[None, :], mask=jm, other=0.0)
+            xi = tl.load(X + tok64[:, None] * (N * D) + i * D + dd[None, :], mask=dm, other=0.0).to(tl.float32)
+            tl.store(DX + tok64[:, None] * (N * D) + i * D + dd[None, :],
+                     tl.sum(Pi[:, :, None] * g, 1).to(DX.dtype.element_ty), mask=dm)
+            dP += tl.where(i3 == i, tl.sum(g * xi[:, None, :], 2)[:, None, :], 0.0)
+    cb = DCOEF + tok64[:, None] * (G * N)
+    tl.store(cb + jj[None, :], tl.zeros([BT, NP], tl.float32), mask=jm)                        # dA: post has none
+    tl.store(cb + N + jj[None, :], dC, mask=jm)
+    tl.store(cb[:, :, None] + 2 * N + i3 * N + jk, dP, mask=tmask[:, None, None] & (i3 < N) & (jk < N))
+
+
+@triton.jit
+def _mhc_pre_bwd_kernel(X, DU, DXIN, DCOEF, MU, RHO, SC, BASE, FN, WH, WL, DX, DMUS, DBASE, DSCC, SCR, NTOK, eps,
+                        N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
+                        SPLIT: tl.constexpr, EMUL: tl.constexpr, HAS_DXIN: tl.constexpr,
+                        BT: tl.constexpr, BC: tl.constexpr):
+    """Persistent over blocks of BT tokens. pass 1: dA = <du, x_i>; epilogue: maps from the saved mu, Sinkhorn^T,
+    dz, dmu (written for _mhc_dw_kernel), dbase / dscale partials (fp32 atomics, one per block and mix); pass 2
+    (L2-hot re-read of x and du): dx. Column layout of the [BT, NC] tiles as in _mhc_pre_kernel."""
+    H: tl.constexpr = NP * NP
+    NC: tl.constexpr = 2 * H
+    ND: tl.constexpr = N * D
+    GN: tl.constexpr = (2 + N) * N
+    NDC: tl.constexpr = (D + BC - 1) // BC
+    SL: tl.constexpr = 2 * ITERS - 1                                             # normalisations after the softmax
+    c = tl.arange(0, NC)
+    hc = c // H
+    ci = (c % H) // NP
+    cj = c % NP
+    wrow = tl.where(hc == 0, 2 * N + ci * N + cj, ci * N + cj)
+    wvalid = (cj < N) & (((hc == 0) & (ci < N)) | ((hc == 1) & (ci < 2)))
+    cols = tl.arange(0, BC)
+    tt = tl.arange(0, BT)[:, None, None]
+    ii = tl.arange(0, NP)[None, :, None]
+    jj = tl.arange(0, NP)[None, None, :]
+    jn = tl.arange(0, NP)[None, :]
+    a_c = tl.load(SC + tl.where(hc == 0, 2, tl.minimum(ci, 1)))
+    b_c = tl.load(BASE + wrow, mask=wvalid, other=0.0)
+    h3 = tl.reshape(hc, [1, 2, H])
+    res = (ii < N) & (jj < N)
+    acm = (ii < 2) & (jj < N)
+    scr = SCR + tl.program_id(0).to(tl.int64) * (SL * BT * H) + tt * H + ii * NP + jj    # (BT, NP, NP) slot 0
+    for tb in range(tl.program_id(0), tl.cdiv(NTOK, BT), tl.num_programs(0)):
+        tok = tb * BT + tl.arange(0, BT)
+        tmask = tok < NTOK
+        tok64 = tok.to(tl.int64)
+        xrow = tok64 * ND
+        # pass 1: dA_i = <du, x_i>
+        dA = tl.zeros([BT, NP], tl.float32)
+        for q in range(0, NDC):
+            dd = q * BC + cols
+            dm = tmask[:, None] & (dd[None, :] < D)
+            du = tl.load(DU + tok64[:, None] * D + dd[None, :], mask=dm, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            for i in tl.static_range(N):
+                xi = tl.load(X + xrow[:, None] + i * D + dd[None, :], mask=dm, other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
+                dA += tl.where(jn == i, tl.sum(du * xi, 1)[:, None], 0.0)
+        # maps from the saved mu (exactly the forward kernel's epilogue), Sinkhorn inputs parked in the scratch
+        mu = tl.load(MU + tok64[:, None] * GN + wrow[None, :], mask=tmask[:, None] & wvalid[None, :], other=0.0)
+        rho = tl.load(RHO + tok, mask=tmask, other=0.0)
+        z = mu * a_c[None, :] + b_c[None, :]
+        z3 = tl.reshape(z, [BT, 2, H])
+        zr = tl.reshape(tl.sum(tl.where(h3 == 0, z3, 0.0), 1), [BT, NP, NP])
+        zp = tl.reshape(tl.sum(tl.where(h3 == 1, z3, 0.0), 1), [BT, NP, NP])
+        zm = tl.where(res, zr, float("-inf"))
+        mx = tl.max(zm, 2)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.where(res, tl.exp(zm - mx[:, :, None]), 0.0)
+        se = tl.sum(e, 2)
+        se = tl.where(se == 0.0, 1.0, se)
+        sm = e / se[:, :, None]                                                    # softmax over j
+        P = tl.where(res, sm + eps, 0.0)
+        tl.debug_barrier()                                                         # the previous block's reads done
+        tl.store(scr, P)
+        P = P / (tl.sum(P, 1)[:, None, :] + eps)
+        for k in range(ITERS - 1):
+            tl.store(scr + (1 + 2 * k) * (BT * H), P)
+            P = P / (tl.sum(P, 2)[:, :, None] + eps)
+            tl.store(scr + (2 + 2 * k) * (BT * H), P)
+            P = P / (tl.sum(P, 1)[:, None, :] + eps)
+        tl.debug_barrier()                                                         # scratch written by every thread
+        cb = DCOEF + tok64[:, None, None] * GN
+        gP = tl.load(cb + 2 * N + ii * N + jj, mask=tmask[:, None, None] & res, other=0.0)
+        for kk in range(ITERS - 1):                                                # reverse: (row, column) pairs
+            k = ITERS - 2 - kk
+            Pin = tl.load(scr + (2 + 2 * k) * (BT * H))                            # column step
+            r = tl.sum(Pin, 1)[:, None, :] + eps
+            gP = tl.where(res, (gP - tl.sum(gP * (Pin / r), 1)[:, None, :]) / r, 0.0)
+            Pin = tl.load(scr + (1 + 2 * k) * (BT * H))                            # row step
+            r = tl.sum(Pin, 2)[:, :, None] + eps
+            gP = tl.where(res, (gP - tl.sum(gP * (Pin / r), 2)[:, :, None]) / r, 0.0)
+        Pin = tl.load(scr)                                                         # first column step
+        r = tl.sum(Pin, 1)[:, None, :] + eps
+        gP = tl.where(res, (gP - tl.sum(gP * (Pin / r), 1)[:, None, :]) / r, 0.0)
+        dzr = tl.where(res, sm * (gP - tl.sum(gP * sm, 2)[:, :, None]), 0.0)      # softmax
+        sig = 1.0 / (1.0 + tl.exp(-zp))
+        gAC = tl.load(cb + ii * N + jj, mask=tmask[:, None, None] & acm, other=0.0)
+        gAC += tl.where(ii == 0, dA[:, None, :], 0.0)
+        dzp = tl.where(acm, gAC * tl.where(ii == 0, 1.0, 2.0) * sig * (1.0 - sig), 0.0)
+        dz = tl.reshape(tl.where(h3 == 0, tl.reshape(dzr, [BT, 1, H]), tl.reshape(dzp, [BT, 1, H])), [BT, NC])
+        dz = tl.where(tmask[:, None] & wvalid[None, :], dz, 0.0)
+        tl.atomic_add(DBASE + wrow, tl.sum(dz, 0), mask=wvalid)
+        tl.atomic_add(DSCC + wrow, tl.sum(dz * mu, 0), mask=wvalid)
+        dmus = dz * a_c[None, :] * rho[:, None]                                    # rho dmu (BT, NC)
+        tl.store(DMUS + tok64[:, None] * NC + c[None, :], dmus, mask=tmask[:, None])
+        kv = tl.sum(dmus * mu, 1) * rho / ND                                       # rho^2 <dmu, mu> / (n d)
+        A = tl.sum(tl.where(ii == 0, sig + eps, 0.0), 1)                           # (BT, NP)
+        if SPLIT != 0:
+            ghi, glo = _split_bf16(dmus)
+        # pass 2: dx = dXa + A_i du + rho dmu W - kv x (re-reads x and du, L2-hot)
+        for t in range(0, NDC * N):
+            i = t % N
+            dd = (t // N) * BC + cols
+            km = dd < D
+            k = i * D + dd
+            dm = tmask[:, None] & km[None, :]
+            if SPLIT == 0:
+                wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
+                proj = tl.dot(dmus, wv, input_precision="ieee")                    # (BT, BC)
+            else:
+                wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+                wm = wvalid[:, None] & km[None, :]
+                whi = tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last")
+                wlo = tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last")
+                proj = tl.zeros([BT, BC], tl.float32)
+                proj = _dot(glo, whi, proj, EMUL)
+                proj = _dot(ghi, wlo, proj, EMUL)
+                proj = _dot(ghi, whi, proj, EMUL)
+            xi = tl.load(X + xrow[:, None] + k[None, :], mask=dm, other=0.0, eviction_policy="evict_first")
+            du = tl.load(DU + tok64[:, None] * D + dd[None, :], mask=dm, other=0.0).to(tl.float32)
+            a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
+            dx = a_i[:, None] * du + proj - kv[:, None] * xi.to(tl.float32)
+            if HAS_DXIN:
+                dx += tl.load(DXIN + xrow[:, None] + k[None, :], mask=dm, other=0.0).to(tl.float32)
+            tl.store(DX + xrow[:, None] + k[None, :], dx.to(DX.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def _mhc_dw_kernel(DMUS, X, DW, NTOK, N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+                   SPLIT: tl.constexpr, EMUL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """dW (G n, n d) += sum over this program's token blocks of (rho dmu)^T vec(x): grid (n d / BK, token splits),
+    a [NC, BK] fp32 tile in registers, one fp32 atomic add per program at the end. Same precision split as the
+    forward projection (bf16 hi + lo of the fp32 operand; bf16 x exact)."""
+    H: tl.constexpr = NP * NP
+    NC: tl.constexpr = 2 * H
+    ND: tl.constexpr = N * D
+    c = tl.arange(0, NC)
+    hc = c // H
+    ci = (c % H) // NP
+    cj = c % NP
+    wrow = tl.where(hc == 0, 2 * N + ci * N + cj, ci * N + cj)
+    wvalid = (cj < N) & (((hc == 0) & (ci < N)) | ((hc == 1) & (ci < 2)))
+    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    km = k < ND
+    acc = tl.zeros([NC, BK], tl.float32)
+    for tb in range(tl.program_id(1), tl.cdiv(NTOK, BT), tl.num_programs(1)):
+        tok = (tb * BT + tl.arange(0, BT)).to(tl.int64)
+        tmask = tok < NTOK
+        g = tl.trans(tl.load(DMUS + tok[:, None] * NC + c[None, :], mask=tmask[:, None], other=0.0))  # (NC, BT)
+        xv = tl.load(X + tok[:, None] * ND + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0)
+        if SPLIT == 0:
+            acc = tl.dot(g, xv.to(tl.float32), acc, input_precision="ieee")
+        else:
+            ghi, glo = _split_bf16(g)
+            if SPLIT == 1:
+                xb = xv.to(tl.bfloat16)
+            else:
+                xb, xl = _split_bf16(xv.to(tl.float32))
+                acc = _dot(ghi, xl, acc, EMUL)
+            acc = _dot(glo, xb, acc, EMUL)
+            acc = _dot(ghi, xb, acc, EMUL)
+    tl.atomic_add(DW + wrow[:, None] * ND + k[None, :], acc, mask=wvalid[:, None] & km[None, :])
+
+
 _SMS: dict = {}
 
 
@@ -249,11 +467,22 @@ def _split_mode(x, dot: str) -> tuple[int, bool]:
     return (SPLIT_W if x.dtype == torch.bfloat16 else SPLIT_XW), INTERPRET
 
 
+def _split_w(fn32, n, d, NP, split):
+    """fn (G n, n d) fp32 -> (WH, WL) bf16 in the accumulator's row order (SPLIT_FP32: fn itself, unused)."""
+    if split == SPLIT_FP32:
+        return fn32, fn32
+    wh = torch.empty(2 * NP * NP, n * d, device=fn32.device, dtype=torch.bfloat16)
+    wl = torch.empty_like(wh)
+    _mhc_split_w_kernel[(triton.cdiv(n * d, 256),)](fn32, wh, wl, N=n, D=d, NP=NP, BK=256, num_warps=4)
+    return wh, wl
+
+
 def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, dot: str = "auto",
-                config=None, mix: str | None = None):
-    """config: one triton.Config of the autotune list to launch instead of the tuned choice (GPU tests of every
-    config; benchmarks). mix: "fused" (u in the pre kernel's L2-hot second pass) or "split" (u by a second launch);
-    None = PRE_MIX."""
+                config=None, mix: str | None = None, save: bool = False):
+    """-> (u, coef), or (u, coef, mu, rho) with save=True (mu (B, T, G n) fp32 = rho v W^T, rho (B, T) fp32: what
+    the backward needs). config: one triton.Config of the autotune list to launch instead of the tuned choice (GPU
+    tests of every config; benchmarks). mix: "fused" (u in the pre kernel's L2-hot second pass) or "split" (u by a
+    second launch); None = PRE_MIX."""
     mix = PRE_MIX if mix is None else mix
     if mix not in ("fused", "split"):
         raise ValueError(f"mhc_pre: mix={mix!r} is not allowed: 'fused' or 'split'")
@@ -268,18 +497,16 @@ def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps
     ntok = B * T
     u = torch.empty(B, T, d, device=x.device, dtype=x.dtype)
     coef = torch.empty(B, T, G * n, device=x.device, dtype=torch.float32)
+    mu = torch.empty(B, T, G * n, device=x.device, dtype=torch.float32) if save else coef
+    rho = torch.empty(B, T, device=x.device, dtype=torch.float32) if save else coef
     NP = max(4, next_pow2(n))
     fn32 = fn.float().contiguous()
-    if split == SPLIT_FP32:
-        wh = wl = fn32                                                        # unused
-    else:
-        wh = torch.empty(2 * NP * NP, n * d, device=x.device, dtype=torch.bfloat16)
-        wl = torch.empty_like(wh)
-        _mhc_split_w_kernel[(triton.cdiv(n * d, 256),)](fn32, wh, wl, N=n, D=d, NP=NP, BK=256, num_warps=4)
+    wh, wl = _split_w(fn32, n, d, NP, split)
     if ntok:
         sms = _sm_count(x.device)
-        args = (xc, fn32, wh, wl, scale.float().contiguous(), base.float().contiguous(), u, coef, ntok, norm_eps, eps)
-        meta = dict(N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul, MIX=mix == "fused")
+        args = (xc, fn32, wh, wl, scale.float().contiguous(), base.float().contiguous(), u, coef, mu, rho, ntok,
+                norm_eps, eps)
+        meta = dict(N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul, MIX=mix == "fused", SAVE=save)
         if config is None:
             _mhc_pre_kernel[lambda META: (min(triton.cdiv(ntok, META["BT"]), META["CPS"] * sms),)](*args, **meta)
         else:
@@ -289,7 +516,7 @@ def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps
             BT, BD = 16, min(128, max(16, next_pow2(d)))
             _mhc_mix_kernel[(triton.cdiv(ntok, BT), triton.cdiv(d, BD))](xc, coef, u, ntok, N=n, D=d, G=G,
                                                                         NP=next_pow2(n), BT=BT, BD=BD, num_warps=4)
-    return u, coef
+    return (u, coef, mu, rho) if save else (u, coef)
 
 
 def mhc_post_fwd(y, x, coef):
@@ -305,27 +532,85 @@ def mhc_post_fwd(y, x, coef):
     return out
 
 
+# backward launch parameters (not autotuned; bench_mhc.py times them): pre bwd BT tokens x BC channels per step,
+# BWD_CPS programs per SM; dW: BK channels per program, token splits so that about DW_WAVES programs per SM run
+BWD_BT, BWD_BC, BWD_CPS, BWD_WARPS = 16, 64, 4, 4
+DW_BT, DW_BK, DW_WAVES = 64, 128, 4
+POST_BWD_BT, POST_BWD_BD = 16, 128
+
+
+def mhc_post_bwd(y, x, coef, dout):
+    """-> dy (B, T, d) in y's dtype, dx (B, T, n, d) in x's dtype, dcoef (B, T, G n) fp32 (zero in the A slots)."""
+    check_device(y, x, coef, dout)
+    B, T, n, d = x.shape
+    ntok = B * T
+    dy = torch.empty(B, T, d, device=x.device, dtype=y.dtype)
+    dx = torch.empty(B, T, n, d, device=x.device, dtype=x.dtype)
+    dcoef = torch.empty(B, T, (2 + n) * n, device=x.device, dtype=torch.float32)
+    BD = min(POST_BWD_BD, max(16, next_pow2(d)))
+    if ntok:
+        _mhc_post_bwd_kernel[(triton.cdiv(ntok, POST_BWD_BT),)](
+            y.contiguous(), x.contiguous(), coef.float().contiguous(), dout.contiguous(), dy, dx, dcoef, ntok,
+            N=n, D=d, G=2 + n, NP=next_pow2(n), BT=POST_BWD_BT, BD=BD, num_warps=4)
+    return dy, dx, dcoef
+
+
+def mhc_pre_bwd(x, fn, scale, base, mu, rho, du, dcoef, dxin=None, iters: int = 20, eps: float = 1e-6,
+                dot: str = "auto"):
+    """Gradients of (u, coef) = mhc_pre(x, fn, scale, base) from the saved mu, rho: du (B, T, d), dcoef (B, T, G n)
+    (either may be None = zero), dxin (B, T, n, d) or None: a gradient already flowing into x (post's, through the
+    alias of mhc_pre_triton), summed into dx in the same pass. -> dx (x's dtype), dfn, dscale, dbase (fp32)."""
+    check_device(x, fn, mu)
+    B, T, n, d = x.shape
+    G, NP = 2 + n, max(4, next_pow2(n))
+    ntok, dev = B * T, x.device
+    split, emul = _split_mode(x, dot)
+    fn32 = fn.float().contiguous()
+    wh, wl = _split_w(fn32, n, d, NP, split)
+    du = torch.zeros(B, T, d, device=dev, dtype=x.dtype) if du is None else du.contiguous()
+    dcoef = torch.zeros(B, T, G * n, device=dev) if dcoef is None else dcoef.float().contiguous()
+    dx = torch.empty(B, T, n, d, device=dev, dtype=x.dtype)
+    dfn = torch.zeros(G * n, n * d, device=dev)
+    dbase = torch.zeros(G * n, device=dev)
+    dscc = torch.zeros(G * n, device=dev)                      # per mix: sum over tokens of dz mu
+    if ntok:
+        xc = x.contiguous()
+        dmus = torch.empty(ntok, 2 * NP * NP, device=dev)         # rho dmu in the accumulator's column order
+        nprog = min(triton.cdiv(ntok, BWD_BT), BWD_CPS * _sm_count(dev))
+        scr = torch.empty(nprog * (2 * iters - 1) * BWD_BT * NP * NP, device=dev)
+        BC = min(BWD_BC, max(16, next_pow2(d)))
+        _mhc_pre_bwd_kernel[(nprog,)](
+            xc, du, dxin.contiguous() if dxin is not None else xc, dcoef, mu, rho, scale.float().contiguous(),
+            base.float().contiguous(), fn32, wh, wl, dx, dmus, dbase, dscc, scr, ntok, eps,
+            N=n, D=d, NP=NP, ITERS=iters, SPLIT=split, EMUL=emul, HAS_DXIN=dxin is not None, BT=BWD_BT, BC=BC,
+            num_warps=BWD_WARPS)
+        BK = min(DW_BK, max(16, next_pow2(n * d)))
+        nk = triton.cdiv(n * d, BK)
+        splits = max(1, min(triton.cdiv(ntok, DW_BT), DW_WAVES * _sm_count(dev) // nk))
+        _mhc_dw_kernel[(nk, splits)](dmus, xc, dfn, ntok, N=n, D=d, NP=NP, SPLIT=split, EMUL=emul, BT=DW_BT, BK=BK,
+                                     num_warps=4)
+    else:
+        dx.zero_() if dxin is None else dx.copy_(dxin)
+    dscale = torch.stack([dscc[:n].sum(), dscc[n:2 * n].sum(), dscc[2 * n:].sum()])
+    return dx, dfn, dscale, dbase
+
+
 class MHCPreFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fn, scale, base, iters, eps, norm_eps):
-        u, coef = mhc_pre_fwd(x, fn, scale, base, iters, eps, norm_eps)
-        ctx.save_for_backward(x, fn, scale, base)
-        ctx.cfg = (iters, eps, norm_eps)
-        return u, coef
+    """(x, fn, scale, base) -> (u, coef, xa); xa is x itself (a view) for mhc_post, so that post's dx arrives here
+    as xa's gradient and the pre backward kernel writes dx_pre + dx_post in one pass (no separate autograd sum)."""
 
     @staticmethod
-    def backward(ctx, du, dcoef):
-        x, fn, scale, base = ctx.saved_tensors
-        with torch.enable_grad():
-            ins = [t.detach().requires_grad_(True) for t in (x, fn, scale, base)]
-            u, coef = mhc_pre_naive(*ins, *ctx.cfg)                      # recompute (see module docstring)
-            outs, gouts = [], []
-            for o, g in ((u, du), (coef, dcoef)):
-                if g is not None:
-                    outs.append(o)
-                    gouts.append(g)
-            grads = torch.autograd.grad(outs, ins, gouts, allow_unused=True)
-        return (*grads, None, None, None)
+    def forward(ctx, x, fn, scale, base, iters, eps, norm_eps):
+        u, coef, mu, rho = mhc_pre_fwd(x, fn, scale, base, iters, eps, norm_eps, save=True)
+        ctx.save_for_backward(x, fn, scale, base, mu, rho)
+        ctx.cfg = (iters, eps)
+        return u, coef, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, du, dcoef, dxa):
+        x, fn, scale, base, mu, rho = ctx.saved_tensors
+        dx, dfn, dscale, dbase = mhc_pre_bwd(x, fn, scale, base, mu, rho, du, dcoef, dxa, *ctx.cfg)
+        return dx, dfn.to(fn.dtype), dscale.to(scale.dtype), dbase.to(base.dtype), None, None, None
 
 
 class MHCPostFn(torch.autograd.Function):
@@ -337,14 +622,15 @@ class MHCPostFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         y, x, coef = ctx.saved_tensors
-        with torch.enable_grad():
-            ins = [t.detach().requires_grad_(True) for t in (y, x, coef)]
-            out = mhc_post_naive(*ins)
-            return torch.autograd.grad(out, ins, dout, allow_unused=True)
+        dy, dx, dcoef = mhc_post_bwd(y, x, coef, dout)
+        return dy, dx, dcoef.to(coef.dtype)
 
 
-def mhc_pre_triton(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
-    return MHCPreFn.apply(x, fn, scale, base, iters, eps, norm_eps)
+def mhc_pre_triton(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6,
+                   alias: bool = False):
+    """-> (u, coef), or (u, coef, xa) with alias=True: pass xa (not x) to mhc_post_triton (MHCPreFn)."""
+    u, coef, xa = MHCPreFn.apply(x, fn, scale, base, iters, eps, norm_eps)
+    return (u, coef, xa) if alias else (u, coef)
 
 
 def mhc_post_triton(y, x, coef):
