@@ -16,9 +16,10 @@ __all__ = ["Batches", "load_stdlib", "load_shakespeare", "synthetic"]
 
 class Batches:
     def __init__(self, data: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 task_n_pairs: int = 8, task_n_queries: int = 4, task_n_needles: int = 3):
+                 task_n_pairs: int = 8, task_n_queries: int = 4, task_n_needles: int = 3, task_n_near: int = 0):
         self.data, self.seq_len, self.batch_size, self.seed, self.rank = data, seq_len, batch_size, seed, rank
-        self.task = dict(n_pairs=task_n_pairs, n_queries=task_n_queries, n_needles=task_n_needles)
+        self.task = dict(n_pairs=task_n_pairs, n_queries=task_n_queries, n_needles=task_n_needles,
+                         n_near=task_n_near)
         self.meta: dict = {"corpus": data}
         if data in ("stdlib", "shakespeare"):
             self.train, self.val, self.meta = load_stdlib() if data == "stdlib" else load_shakespeare()
@@ -43,7 +44,7 @@ class Batches:
         key = ((self.seed * 7919 + stream) * 1_000_003 + index) * 131 + self.rank
         if self.data == "retrieval":
             return synthetic.retrieval_batch(self.batch_size, self.seq_len, self.task["n_pairs"],
-                                             self.task["n_queries"], seed=key, index=0)
+                                             self.task["n_queries"], seed=key, index=0, n_near=self.task["n_near"])
         if self.data == "mrcr":
             return synthetic.mrcr_batch(self.batch_size, self.seq_len, self.task["n_needles"], seed=key, index=0)
         g = torch.Generator().manual_seed(key)

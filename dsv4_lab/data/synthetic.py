@@ -5,6 +5,8 @@ Byte vocabulary layout (V = 256): 0 BOS, 1 SEP, 2 QUERY, 3-10 needle types, 11-2
 
 * Multi-key associative retrieval (`retrieval`): BOS, n key-value pairs, filler, SEP, then n_queries queries
   `k v` asking for earlier pairs. The filler length sets the dependency distance (default: fill the sequence).
+  With n_near > 0 the last n_near pairs sit after the filler, just before SEP, so queries about them have a
+  short dependency distance (inside a small attention window) and the others a long one.
 * MRCR-like multi-needle (`mrcr`): filler text with needles `TYPE c1..cL` of several types inserted at random
   places; several needles share one type. The query `QUERY TYPE ORDINAL` asks for the content of the ORDINAL-th
   needle of that TYPE; the answer is its L content tokens.
@@ -29,11 +31,14 @@ def _gen(seed: int, index: int) -> torch.Generator:
 
 
 def retrieval_batch(batch: int, seq_len: int, n_pairs: int = 8, n_queries: int = 4, distance: int | None = None,
-                    seed: int = 0, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets), each (batch, seq_len). Answer distance >= the filler length."""
+                    seed: int = 0, index: int = 0, n_near: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets), each (batch, seq_len). Answer distance >= the filler length, except for queries
+    about the n_near pairs placed after the filler (distance <= 2 (n_near + n_queries))."""
     used = 1 + 2 * n_pairs + 1 + 2 * n_queries
     if n_queries > n_pairs or n_pairs > KEYS[1] - KEYS[0]:
         raise ValueError(f"task_n_queries={n_queries} must be <= task_n_pairs={n_pairs} <= {KEYS[1] - KEYS[0]}")
+    if not 0 <= n_near <= n_pairs:
+        raise ValueError(f"task_n_near={n_near} must be in [0, task_n_pairs={n_pairs}]")
     if seq_len < used + 1:
         raise ValueError(f"seq_len={seq_len} too short for {n_pairs} pairs and {n_queries} queries (need > {used})")
     fill = seq_len + 1 - used if distance is None else min(distance, seq_len + 1 - used)
@@ -43,8 +48,9 @@ def retrieval_batch(batch: int, seq_len: int, n_pairs: int = 8, n_queries: int =
     for b in range(batch):
         keys = KEYS[0] + torch.randperm(KEYS[1] - KEYS[0], generator=g)[:n_pairs]
         vals = torch.randint(*VALUES, (n_pairs,), generator=g)
-        s = [BOS] + torch.stack([keys, vals], 1).flatten().tolist()
-        s += torch.randint(*FILLER, (fill,), generator=g).tolist() + [SEP]
+        kv = torch.stack([keys, vals], 1).flatten().tolist()
+        far, near = kv[: 2 * (n_pairs - n_near)], kv[2 * (n_pairs - n_near):]
+        s = [BOS] + far + torch.randint(*FILLER, (fill,), generator=g).tolist() + near + [SEP]
         pick = torch.randperm(n_pairs, generator=g)[:n_queries]
         ans_pos = []
         for i in pick.tolist():
@@ -95,10 +101,43 @@ def mrcr_batch(batch: int, seq_len: int, n_needles: int = 3, n_types: int = 3, n
 
 
 @torch.no_grad()
-def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Token accuracy over answer positions and exact-match over sequences (all answer tokens right)."""
+def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor | None = None,
+                    window: int | None = None) -> dict:
+    """Token accuracy over answer positions and exact-match over sequences (all answer tokens right); with inputs
+    and the attention window also the token accuracy split by dependency distance: answer_acc_near (distance <=
+    window) and answer_acc_far (> window), with their answer counts (nan accuracy when a bucket is empty)."""
     mask = targets != -100
     correct = (logits.argmax(-1) == targets) & mask
     tok = correct.sum().item() / max(mask.sum().item(), 1)
     seq_ok = ((correct | ~mask).all(-1) & mask.any(-1)).float()
-    return {"answer_acc": tok, "exact_match": seq_ok.sum().item() / max(mask.any(-1).sum().item(), 1)}
+    out = {"answer_acc": tok, "exact_match": seq_ok.sum().item() / max(mask.any(-1).sum().item(), 1)}
+    if inputs is not None and window is not None:
+        far = answer_distances(inputs, targets) > window
+        for name, sel in (("near", mask & ~far), ("far", mask & far)):
+            n = sel.sum().item()
+            out[f"answer_acc_{name}"] = (correct & sel).sum().item() / n if n else float("nan")
+            out[f"n_answers_{name}"] = n
+    return out
+
+
+def answer_distances(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) dependency distance of every answer position (0 elsewhere): how far back the model must look.
+
+    retrieval: the query key sits at the answer position p (input p = key, target p = value); its pair is the
+    first earlier occurrence of that key (keys are unique per sequence): distance = p - that position.
+    mrcr: the query `QUERY TYPE ORDINAL` asks for the ORDINAL-th needle of TYPE; every answer token of the
+    sequence gets distance = (position of QUERY) - (position of that needle's TYPE token)."""
+    dist = torch.zeros_like(targets)
+    for b in range(inputs.shape[0]):
+        x = inputs[b].tolist()
+        answers = (targets[b] != -100).nonzero().flatten().tolist()
+        if QUERY in x:
+            qp = x.index(QUERY)
+            ty, ordinal = x[qp + 1], x[qp + 2] - ORDINALS[0]
+            needle = [i for i in range(qp) if x[i] == ty][ordinal]
+            for p in answers:
+                dist[b, p] = qp - needle
+        else:
+            for p in answers:
+                dist[b, p] = p - x.index(x[p])
+    return dist

@@ -1,0 +1,77 @@
+"""The per-question metrics (dsv4_lab/metrics.py) and the distance split of the synthetic tasks."""
+import math
+
+import pytest
+import torch
+
+from dsv4_lab.data import synthetic
+from dsv4_lab.metrics import amax_gain, diverged, run_metrics, spikes, step_losses
+
+
+def test_spike_definition():
+    flat = [2.0] * 40
+    assert spikes(flat) == {"spike_count": 0, "largest_jump": 0.0}
+    # two separate events (one two steps long) above 1.2 x the running median of 2.0
+    bumpy = flat[:25] + [2.5, 2.6] + flat[:10] + [3.0] + flat[:5]
+    s = spikes(bumpy)
+    assert s["spike_count"] == 2 and s["largest_jump"] == pytest.approx(1.0)
+    assert spikes(flat[:25] + [2.39] + flat[:5])["spike_count"] == 0          # 2.39 < 1.2 x 2.0
+    assert diverged([5.5] + [2.0] * 30) is False and diverged([5.5] + [6.0] * 30) is True
+    assert diverged([5.5, float("nan")]) is True
+
+
+def test_amax_gain_of_residual_maps():
+    B, T, n = 1, 3, 4
+    eye = torch.eye(n).expand(B, T, n, n)
+    assert amax_gain([eye] * 5) == pytest.approx(1.0)
+    ds = torch.full((B, T, n, n), 1.0 / n)                       # doubly stochastic: every row/column sums to 1
+    assert amax_gain([ds, eye, ds]) == pytest.approx(1.0)
+    # an unconstrained map with row sums 1.5 compounds through depth: 1.5^4
+    hc = eye * 1.5
+    assert amax_gain([hc] * 4) == pytest.approx(1.5 ** 4)
+
+
+def test_step_losses_and_run_metrics_from_records():
+    recs = [{"step": 0, "losses": [5.0], "grad_norm_max": 3.0},
+            {"step": 2, "losses": [4.0, 3.0], "grad_norm_max": 7.0, "val_loss": 3.1, "hc_composite_gain": 1.2}]
+    assert step_losses(recs) == [5.0, 4.0, 3.0]
+    m = run_metrics(recs)
+    assert m["max_grad_norm"] == 7.0 and m["val_loss"] == 3.1 and m["hc_composite_gain_max"] == 1.2
+    assert m["diverged"] == 0.0 and m["spike_count"] == 0
+
+
+def test_retrieval_near_pairs_and_distance_split():
+    window = 16
+    x, y = synthetic.retrieval_batch(64, 128, n_pairs=6, n_queries=3, n_near=2, seed=3)
+    d = synthetic.answer_distances(x, y)
+    mask = y != -100
+    near, far = (d[mask] <= window), (d[mask] > window)
+    assert near.any() and far.any()
+    assert d[mask][near].max() <= 2 * (2 + 3) and d[mask][far].min() > 64        # two clearly separated groups
+    # n_near = 0 keeps the old sequences exactly (same random draws)
+    a, _ = synthetic.retrieval_batch(2, 128, n_pairs=6, n_queries=3, seed=5)
+    b, _ = synthetic.retrieval_batch(2, 128, n_pairs=6, n_queries=3, seed=5, n_near=0)
+    assert torch.equal(a, b)
+    # an oracle that answers only the near queries: near accuracy 1, far accuracy 0
+    logits = torch.zeros(64, 128, 256)
+    sel = mask & (d <= window)
+    logits[sel, y[sel]] = 10.0
+    acc = synthetic.answer_accuracy(logits, y, x, window)
+    assert acc["answer_acc_near"] == 1.0 and acc["answer_acc_far"] == 0.0
+    assert acc["n_answers_near"] + acc["n_answers_far"] == mask.sum().item()
+    with pytest.raises(ValueError, match="task_n_near"):
+        synthetic.retrieval_batch(1, 128, n_pairs=4, n_queries=2, n_near=5)
+
+
+def test_mrcr_distance_is_query_to_needle():
+    x, y = synthetic.mrcr_batch(8, 200, n_needles=3, n_types=2, needle_len=3, seed=2)
+    d = synthetic.answer_distances(x, y)
+    for b in range(8):
+        s = x[b].tolist()
+        qp = s.index(synthetic.QUERY)
+        needle = qp - d[b][y[b] != -100][0].item()
+        assert s[needle] == s[qp + 1]                                   # the asked needle's TYPE token
+        ans = y[b][y[b] != -100].tolist()
+        assert s[needle + 1: needle + 4] == ans                          # its content is the answer
+    acc = synthetic.answer_accuracy(torch.zeros(8, 200, 256), y, x, 10_000)
+    assert math.isnan(acc["answer_acc_far"]) and acc["n_answers_far"] == 0
