@@ -292,12 +292,32 @@ def case_fake_quant(device="cpu", big=False, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------------ mhc
+def _mhc_tol(n, d, ntok, iters, split_dot):
+    """Error model of the fused mHC kernels (fp32 compute) against the fp64 naive twin, norm-wise relative.
+    Each output is a chain of <= L = 4 iters dependent fp32 operations (the Sinkhorn normalisations and their
+    adjoints, each O(1) roundings) fed by dot products of length <= K = n d (projection, dx) or B T (dW, dscale,
+    dbase: sums over tokens). With independent roundings the error grows like u sqrt(K + L) (probabilistic bound,
+    u = 2^-24); split_dot adds the relative error of the bf16 hi + lo split of each fp32 operand of the GPU's tensor
+    core dots (2^-17, first order per product, not growing with K). lambda = 16 covers the bound's constant and the
+    conditioning of the Sinkhorn adjoint at the tests' logits (|z| <~ 4): errors seen are ~1e-7 on CPU."""
+    import math
+    return 16 * ((2.0 ** -17 if split_dot else 0.0) + 2.0 ** -24 * math.sqrt(n * d + 4 * iters + ntok))
+
+
 def case_mhc(device="cpu", big=False, dtype=torch.float32):
+    """Fused mHC pre + post (Triton forward and backward kernels) vs the naive twin in fp64: u, coef, post's output
+    and the gradients for x, fn, scale, base, y, through the model's wiring (mhc_pre(alias=True): post's dx reaches
+    the pre backward kernel) and without it; a loss that also reads coef (dcoef in the A slots); odd shapes, n = 1..4,
+    and a case with eps = norm_eps = 1e-2 and 3 Sinkhorn iterations, where a misplaced eps is a 1e-2 effect."""
+    from dsv4_lab.kernels.mhc import triton as mt
     from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
     from dsv4_lab.kernels.mhc.triton import mhc_post_triton, mhc_pre_triton
     g = torch.Generator().manual_seed(5)
-    for (B, T, n, d) in ([(2, 9, 4, 40), (1, 5, 3, 24), (1, 3, 2, 16)] if not big else
-                         [(2, 2048, 4, 384), (1, 333, 4, 1024), (1, 77, 2, 256)]):
+    # (B, T, n, d, iters, eps)
+    shapes = [(2, 9, 4, 40, 20, 1e-6), (1, 5, 3, 24, 20, 1e-6), (1, 3, 2, 16, 20, 1e-6), (1, 4, 1, 8, 20, 1e-6),
+              (1, 6, 4, 24, 3, 1e-2)] if not big else \
+        [(4, 4096, 4, 384, 20, 1e-6), (1, 333, 4, 1024, 20, 1e-6), (1, 77, 2, 256, 20, 1e-6)]
+    for si, (B, T, n, d, iters, eps) in enumerate(shapes):
         G = 2 + n
         x0 = torch.randn(B, T, n, d, generator=g).to(device)
         fn0 = (torch.randn(G * n, n * d, generator=g) * 0.05).to(device)
@@ -306,33 +326,40 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
         y0 = torch.randn(B, T, d, generator=g).to(device)
         gu = torch.randn(B, T, d, generator=g).to(device)
         go = torch.randn(B, T, n, d, generator=g).to(device)
+        gc = torch.randn(B, T, G * n, generator=g).to(device)
 
-        def run(pre, post, dt, ft):
+        def run(pre, post, dt, ft, alias):
             ins = [x0.to(dt), fn0.to(ft), sc0.to(ft), base0.to(ft), y0.to(dt)]
             ins = [t.requires_grad_(True) for t in ins]
-            u, coef = pre(*ins[:4])
-            out = post(ins[4], ins[0], coef)
-            loss = (u.to(ft) * gu.to(ft)).sum() + (out.to(ft) * go.to(ft)).sum()
+            u, coef, *xa = pre(*ins[:4], iters, eps, eps, **({"alias": True} if alias else {}))
+            out = post(ins[4], xa[0] if alias else ins[0], coef)
+            loss = (u.to(ft) * gu.to(ft)).sum() + (out.to(ft) * go.to(ft)).sum() + (coef.to(ft) * gc.to(ft)).sum()
             return [u, coef, out] + list(torch.autograd.grad(loss, ins))
 
-        got = run(mhc_pre_triton, mhc_post_triton, dtype, torch.float32)
-        ref = run(mhc_pre_naive, mhc_post_naive, torch.float64, torch.float64)
-        yard = run(mhc_pre_naive, mhc_post_naive, dtype, torch.float32) if dtype != torch.float32 else \
+        ref = run(mhc_pre_naive, mhc_post_naive, torch.float64, torch.float64, False)
+        yard = run(mhc_pre_naive, mhc_post_naive, dtype, torch.float32, False) if dtype != torch.float32 else \
             [None] * len(ref)
-        tol = 1e-5 if device == "cpu" else 1e-4
-        for nm, a, r, y in zip(["u", "coef", "post", "dx", "dfn", "dscale", "dbase", "dy"], got, ref, yard):
-            _check(f"mhc {nm}", a, r, y, tol)
-        if device == "cpu":
-            # the GPU's projection (W = bf16 hi + lo, x split too when fp32), emulated with fp32 dots of the
-            # bf16-rounded parts: ~1e-6 off; W rounded to bf16 alone would be ~2e-4 off at these shapes
-            from dsv4_lab.kernels.mhc.triton import mhc_pre_fwd
-            u_s, c_s = mhc_pre_fwd(x0, fn0, sc0, base0, dot="bf16x3")
-            _check("mhc u (bf16x3)", u_s, ref[0].detach(), tol=2e-5)
-            _check("mhc coef (bf16x3)", c_s, ref[1].detach(), tol=2e-5)
+        tol = _mhc_tol(n, d, B * T, iters, device != "cpu")
+        for alias in ((True, False) if device == "cpu" and si == 0 else (True,)):
+            got = run(mhc_pre_triton, mhc_post_triton, dtype, torch.float32, alias)
+            for nm, a, r, y in zip(["u", "coef", "post", "dx", "dfn", "dscale", "dbase", "dy"], got, ref, yard):
+                _check(f"mhc {nm} {(B, T, n, d)} alias={alias}", a, r, y, tol)
+        if device == "cpu" and si == 0:
+            # the GPU's split projection (W = bf16 hi + lo, x split too when fp32; in the backward rho dmu split
+            # too), emulated with fp32 dots of the bf16-rounded parts: forward and the pre backward kernels
+            ins = [t.double().requires_grad_(True) for t in (x0, fn0, sc0, base0)]
+            u_r, c_r = mhc_pre_naive(*ins, iters, eps, eps)
+            gr = torch.autograd.grad((u_r * gu.double()).sum() + (c_r * gc.double()).sum(), ins)
+            tol_s = _mhc_tol(n, d, B * T, iters, True)
+            u_s, c_s, mu, rho = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="bf16x3", save=True)
+            _check("mhc u (bf16x3)", u_s, u_r.detach(), tol=tol_s)
+            _check("mhc coef (bf16x3)", c_s, c_r.detach(), tol=tol_s)
+            gs = mt.mhc_pre_bwd(x0, fn0, sc0, base0, mu, rho, gu, gc, None, iters, eps, dot="bf16x3")
+            for nm, a, r in zip(["dx", "dfn", "dscale", "dbase"], gs, gr):
+                _check(f"mhc pre {nm} (bf16x3)", a, r, tol=tol_s)
         # the other way of forming u (mix="split": coef kernel without pass 2 + the elementwise mix launch)
-        from dsv4_lab.kernels.mhc import triton as mt
         other = "split" if mt.PRE_MIX == "fused" else "fused"
-        u_m, c_m = mt.mhc_pre_fwd(x0.to(dtype), fn0, sc0, base0, mix=other)
+        u_m, c_m = mt.mhc_pre_fwd(x0.to(dtype), fn0, sc0, base0, iters, eps, eps, mix=other)
         _check(f"mhc u (mix={other})", u_m, ref[0].detach(), yard[0].detach() if yard[0] is not None else None, tol)
         _check(f"mhc coef (mix={other})", c_m, ref[1].detach(), yard[1].detach() if yard[1] is not None else None,
                tol)
