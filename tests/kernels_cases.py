@@ -259,6 +259,80 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
         assert torch.equal(v, vr) and torch.equal(i, ir), f"radix_topk_triton on {nm} rows"
 
 
+# ------------------------------------------------------------------------------------------------ indexer_select
+def _check_picks(name, x, n, k, v, i):
+    """Picks (v, i) (R, k) of rows x (R, L) whose first n[r] entries are visible: the k largest values as torch.topk
+    finds them on the same rows (any order, any choice among ties), distinct visible indices whose entries hold the
+    reported values, -1 exactly where the value is -inf (a row with fewer than k visible entries)."""
+    xf = x.float()
+    for r in range(x.shape[0]):
+        kk = min(k, int(n[r]))
+        ref = torch.topk(xf[r, : int(n[r])], kk).values
+        ref = torch.cat([ref, torch.full((k - kk,), float("-inf"), device=x.device)])
+        assert torch.equal(torch.sort(v[r], descending=True).values, ref), f"{name}: row {r} values differ"
+        ok = i[r] >= 0
+        assert torch.equal(ok, v[r] != float("-inf")), f"{name}: row {r} -1 slots do not match -inf values"
+        ii = i[r][ok].long()
+        assert bool((ii < int(n[r])).all()), f"{name}: row {r} picks an invisible column"
+        assert torch.equal(xf[r, ii], v[r][ok]), f"{name}: row {r} picks' values differ from reported ones"
+        assert torch.unique(ii).numel() == ii.numel(), f"{name}: row {r} repeated picks"
+
+
+def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
+    """Split-row radix select (indexer_topk/select.py) vs torch.topk on the same rows: fp32 and bf16 rows, heavy ties
+    at the k-th value, -inf entries, rows with fewer visible entries than k (causal frontier; NaN garbage after it,
+    never read), odd lengths, one and several programs per row; then the select / select_bf16 / torch_bf16 indexer
+    methods vs the naive twin's scores (exact fp32 sums on dyadic inputs; bf16 = those sums rounded once)."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk.select import radix_select
+    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
+    g = torch.Generator().manual_seed(11)
+    # (R, L, k, programs, frontier)
+    shapes = [(3, 301, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None)] \
+        if not big else [(2, 262144, 512, None, None), (8, 32771, 512, None, None), (64, 4099, 512, 1, (64, 2000, 4))]
+    for (R, L, k, P, fr) in shapes:
+        n = torch.full((R,), L) if fr is None else \
+            torch.clamp((fr[1] + torch.arange(R) % fr[0] + 1) // fr[2], max=L)
+        rows = {"randn": torch.randn(R, L, generator=g) * 3,
+                "ties": torch.randint(-2, 3, (R, L), generator=g).float(),
+                "binade": 1 + torch.rand(R, L, generator=g)}
+        rows["ties"][0, ::3] = float("-inf")
+        for nm, x in rows.items():
+            for dt in (torch.float32, torch.bfloat16):
+                xd = x.to(device, dt)
+                for r in range(R):
+                    xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
+                v, i = radix_select(xd, k, frontier=fr, programs=P)
+                _check_picks(f"radix_select {nm} {dt} {(R, L, k, P)}", xd, n, k, v, i)
+    # indexer methods: (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems)
+    shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400), (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] \
+        if not big else [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28), (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28),
+                         (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28)]
+    for (B, T, HI, DI, S, k, ratio, off, ce) in shapes:
+        qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
+        kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
+        w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
+        full = indexer_scores(qI, kI, w, ratio, off)                               # (B, T, S) exact fp32 sums
+        n = torch.clamp((off + torch.arange(T) + 1) // ratio, max=S).repeat(B)
+        for m in ("select", "select_bf16", "torch_bf16"):
+            ref = full if m == "select" else full.bfloat16().float()
+            for rs in (True, False):
+                i_t, v_t = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True, method=m,
+                                               chunk_elems=ce) if rs else (None, None)
+                if not rs:
+                    i_t = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, method=m, chunk_elems=ce)
+                    v_t = torch.where(i_t < 0, float("-inf"), torch.gather(ref, 2, i_t.long().clamp_min(0)))
+                assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{m}: {i_t.dtype} {tuple(i_t.shape)}"
+                _check_picks(f"{m} return_scores={rs}", ref.reshape(B * T, S), n, k, v_t.reshape(B * T, k),
+                             i_t.reshape(B * T, k))
+                if rs:
+                    assert bool((v_t[..., 1:] <= v_t[..., :-1]).all() | (v_t[..., 1:] == float("-inf")).all()), \
+                        f"{m}: returned scores not sorted"
+        i_r, v_r = indexer_topk_naive(qI, kI, w, k, ratio, q_offset=off, return_scores=True)
+        assert torch.equal(indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True,
+                                               method="select", chunk_elems=ce)[1], v_r), "select vs naive values"
+
+
 # ------------------------------------------------------------------------------------------------ fake_quant
 def case_fake_quant(device="cpu", big=False, dtype=torch.float32):
     from dsv4_lab.kernels.fake_quant.naive import fake_quant_naive
@@ -538,7 +612,7 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
 
 
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
-         "indexer_methods": case_indexer_methods,
+         "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl}
 

@@ -162,7 +162,7 @@ def _indexer_scores_fwd(QI, KI, WT, OUT, GM, Tq, Sp, t0, q_offset,
         logit = tl.maximum(logit, 0.0) * wr[:, None]
         sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
         sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
-        tl.store(OUT + off, sc, mask=omask)
+        tl.store(OUT + off, sc.to(OUT.dtype.element_ty), mask=omask)          # fp32, or bf16 (rounded once)
         if GROUP > 0:                              # max of every GROUP consecutive entries (radix prefilter)
             NG: tl.constexpr = BLOCK_N // GROUP
             gm = tl.max(tl.reshape(sc, [BLOCK_M, NG, GROUP]), 2)
@@ -171,7 +171,8 @@ def _indexer_scores_fwd(QI, KI, WT, OUT, GM, Tq, Sp, t0, q_offset,
                      mask=(im < Tq)[:, None] & (gi < (Sp + GROUP - 1) // GROUP)[None, :])
     else:
         if FILL:                                   # FILL=False: the reader stops at each row's frontier (radix)
-            tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=omask)
+            tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32).to(OUT.dtype.element_ty),
+                     mask=omask)
 
 
 def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
@@ -180,8 +181,9 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
                           s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None,
-                          gmax: torch.Tensor | None = None, group: int = 0):
-    """(B, t1 - t0, S') fp32 scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf.
+                          gmax: torch.Tensor | None = None, group: int = 0, dtype: torch.dtype = torch.float32):
+    """(B, t1 - t0, S') scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf; `dtype` fp32,
+    or bf16 (the fp32 sum over heads rounded once to nearest: half the bytes written and read by the top-k).
 
     S' = s1 if given, else the chunk's visible range floor((q_offset + t1) / ratio) (clipped to S): the keys beyond it
     are invisible to every query of the chunk and are neither read nor written. `out` may be a preallocated buffer
@@ -198,9 +200,9 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     Tq = t1 - t0
     Sp = _visible(ratio, q_offset, t1, S) if s1 is None else min(int(s1), S)
     if out is None:
-        out = torch.empty(B, Tq, Sp, dtype=torch.float32, device=qI.device)
+        out = torch.empty(B, Tq, Sp, dtype=dtype, device=qI.device)
     else:
-        out = out.view(-1)[: B * Tq * Sp].view(B, Tq, Sp)
+        out = out.view(dtype).view(-1)[: B * Tq * Sp].view(B, Tq, Sp)
     if Tq <= 0 or Sp <= 0:
         return out
     qI = qI if qI.stride(-1) == 1 else qI.contiguous()
@@ -446,7 +448,7 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
 
 
 # ================================================================================================ indexer + top-k
-METHODS = ("radix", "radix_gmax", "torch", "split_torch", "stream")
+METHODS = ("select", "select_bf16", "torch_bf16", "radix", "radix_gmax", "torch", "split_torch", "stream")
 # set from benchmarks/results/csa.json (H200): Triton scores + torch.topk was the fastest measured at
 # 32K / 128K prefill (5.0 / 41.3 ms vs radix 8.1 / 67.7, radix_gmax 8.1 / 58.2) and at 1M decode (103 us vs radix
 # 113 us); at 8K all are within 0.3 ms. In the model-level GPU test the radix path also dropped 0.26 % of the picks
@@ -506,13 +508,21 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       radix_gmax   radix whose score kernel also writes the max of every `group` entries (group ~ S'/(2k)); the
                    k-th largest group max bounds the k-th score from below, so one gather pass finds the candidates
                    and the histogram passes over the row are skipped (falls back to them when > cap candidates).
+      select       Triton fp32 scores per query chunk + the split-row radix select (select.py: each row over many
+                   programs at decode, one per row in prefill; 8-bit digits, one launch per digit + one to emit).
+                   Same values as torch.topk; which of several entries tied at the k-th value is taken varies.
+      select_bf16  select on bf16 scores (the fp32 sum over heads rounded once, docs §2.4 precision note): half the
+                   score bytes, two digit launches instead of four. Picks = the top-k of the bf16-rounded scores.
+      torch_bf16   Triton bf16 scores + torch.topk of the bf16 rows.
       torch        Triton scores per query chunk + torch.topk (decode: torch.topk of the whole row); without
                    return_scores the picks come in torch.topk(sorted=False) order (same set).
       split_torch  Triton scores + two-stage torch.topk (per `split` chunk, then of the candidates).
       stream       the fused streaming kernel (scores never leave registers; bitonic merge per key tile).
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"].
     torch.topk's order among equal scores is unspecified, so `torch`/`split_torch` may order ties (and pick among
-    ties at the k-th value) differently from the naive twin; `radix` and `stream` follow the lower-index rule.
+    ties at the k-th value) differently from the naive twin, as may `select*`; `radix` and `stream` follow the
+    lower-index rule. Without return_scores the `select*` and `torch*` picks come unsorted (same set); with it they
+    are sorted by score.
     Query chunks hold at most `chunk_elems` fp32 scores (1 GiB by default); the [T, S] matrix is never built.
     workspace: an fp32 buffer for the score chunks (allocated per call if None or too small).
     radix_cap: candidate scratch slots of the radix kernel (radix_topk_triton's cap; 0 = no candidate shortcut)."""
@@ -539,20 +549,30 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             gbuf = torch.empty(B * rows * -(-max(Smax, 1) // group), dtype=torch.float32, device=qI.device)
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
+        sdt = torch.bfloat16 if method.endswith("_bf16") else torch.float32
+        sel_ws = torch.empty(B * rows * (4 * 256 + 2), dtype=torch.int32, device=qI.device) \
+            if method.startswith("select") else None
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             Sp = _visible(ratio, q_offset, t1, S)
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
-            radix = method in ("radix", "radix_gmax")
+            radix = method in ("radix", "radix_gmax", "select", "select_bf16")
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not radix,
-                                       gmax=gbuf if group else None, group=group)
+                                       gmax=gbuf if group else None, group=group, dtype=sdt)
             sc = sc.view(B * (t1 - t0), Sp)
-            if radix:                                           # reads each row up to its own causal frontier
+            if method.startswith("select"):                     # reads each row up to its own causal frontier
+                from .select import radix_select
+                v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws)
+                if return_scores:
+                    v, o = torch.sort(v, dim=-1, descending=True)
+                    i = torch.gather(i, 1, o)
+            elif radix:                                           # reads each row up to its own causal frontier
                 gm = gbuf[: B * (t1 - t0) * -(-Sp // group)].view(B * (t1 - t0), -1) if group else None
                 v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio), radix_cap, gm, group)
-            elif method == "torch":                             # picks in score order only when scores are returned
+            elif method in ("torch", "torch_bf16"):             # picks in score order only when scores are returned
                 v, i = _topk_torch(sc, k, ordered=return_scores)
+                v = v.float()
             else:
                 v, i = _topk_split_torch(sc, k, split)
             kk = v.shape[-1]

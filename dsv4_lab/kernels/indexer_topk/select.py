@@ -1,0 +1,186 @@
+"""Split-row radix select: exact top-k of fp32 or bf16 rows, each row spread over many programs (docs/kernels.md §3).
+
+    radix_select(val, k, frontier=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32), picks unsorted
+
+Keys: u = the order-preserving unsigned image of the fp32 value (bf16 values are widened to fp32 exactly, so only
+their top 16 bits differ). The threshold key (the k-th largest) is found 8 bits at a time, one launch per digit:
+
+    launch 0    zero a per-row workspace: NL histograms of 256 bins + 2 slot counters        (torch.zero_)
+    launch l    every program of the row rebuilds the prefix of digits 0..l-1 from the histograms already complete
+                (the same arithmetic in every program, so no program waits for another), then adds its chunk's
+                256-bin histogram of digit l, over the entries whose top 8l bits equal that prefix, into the row's
+                global histogram l (fp32 rows: l = 0..3; bf16 rows: l = 0..1, their low 16 bits are all equal)
+    emit        every program rebuilds the full threshold t (8 NL bits) and r = how many picks have key == t; its
+                entries with key > t take slots [0, k - r) and its entries == t slots [k - r, k), each through one
+                atomic ticket per block of entries (a slot counter per row, two per row in all)
+
+Exact: the picks' values are the row's k largest (same multiset as torch.topk on the same row); WHICH of several
+entries equal to the k-th value are taken depends on the order the programs reach the tie counter (ties unspecified,
+like torch.topk). Picks of value -inf report index -1. No host synchronisation: the launches have fixed grids and
+every data-dependent choice is made on the device, so the sequence can be captured in a CUDA graph.
+
+Each launch reads its chunk of the row once (L2-resident at decode: a 256K-entry row is 1 MB of fp32). Rows with
+n <= k visible entries take all of them in index order (slots >= n: -1). frontier=(Tq, q0, ratio): row r = b Tq + i
+only has n_r = min(L, (q0 + i + 1) // ratio) visible entries (the columns after them are never read: the score
+kernel may leave them unwritten); None: every row has L.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._common import INTERPRET, check_device, tl, triton
+
+INT_MIN = -2147483648
+
+
+@triton.jit
+def _ukey(v):
+    """Order-preserving int32 image of fp32 v with the sign bit flipped: compared on 8-bit digits it orders as an
+    unsigned integer (digit d = (u >> s) & 255)."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)                              # -0.0 ties with +0.0 (as in torch)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ -2147483648
+
+
+@triton.jit
+def _row_len(row, L, Tq, q0, RATIO: tl.constexpr):
+    if RATIO > 0:
+        return tl.minimum((q0 + row % Tq + 1) // RATIO, L)
+    return L
+
+
+@triton.jit
+def _prefix(HIST, hbase, k, LEVELS: tl.constexpr):
+    """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
+    their places, how many of the k picks still lie in the bin the prefix names)."""
+    bins = tl.arange(0, 256)
+    pref = k * 0
+    krem = k
+    for l in tl.static_range(LEVELS):
+        h = tl.load(HIST + hbase + l * 256 + bins, volatile=True)
+        cge = tl.cumsum(h, 0, reverse=True)                                    # entries in bins >= b
+        b = tl.max(tl.where(cge >= krem, bins, 0), 0)
+        krem = krem - tl.sum(tl.where(bins > b, h, 0), 0)
+        pref = pref | (b << (24 - 8 * l))
+    return pref, krem
+
+
+@triton.jit
+def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.constexpr, RATIO: tl.constexpr,
+                BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    row = tl.program_id(1)
+    n = _row_len(row, L, Tq, q0, RATIO)
+    c0 = p * C
+    if (n > k) & (c0 < n):
+        hbase = row.to(tl.int64) * (NL * 256)
+        pref, krem = _prefix(HIST, hbase, k, LEVEL)
+        SH: tl.constexpr = 24 - 8 * LEVEL
+        hist = tl.zeros([256], tl.int32)
+        vrow = VAL + row.to(tl.int64) * sv
+        c1 = tl.minimum(c0 + C, n)
+        for st in range(c0, c1, BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < c1
+            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
+            if LEVEL > 0:
+                m = m & ((u >> (SH + 8)) == (pref >> (SH + 8)))                # inside the bin chosen so far
+            hist += tl.histogram((u >> SH) & 255, 256, mask=m)
+        bins = tl.arange(0, 256)
+        tl.atomic_add(HIST + hbase + LEVEL * 256 + bins, hist, mask=hist > 0)
+
+
+@triton.jit
+def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr, RATIO: tl.constexpr,
+          BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    row = tl.program_id(1)
+    n = _row_len(row, L, Tq, q0, RATIO)
+    c0 = p * C
+    vrow = VAL + row.to(tl.int64) * sv
+    obase = row.to(tl.int64) * so
+    if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
+        for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < k
+            v = tl.load(vrow + offs, mask=m & (offs < n), other=float("-inf")).to(tl.float32)
+            ok = (offs < n) & (v != float("-inf"))
+            tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
+            tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
+    elif c0 < n:
+        pref, krem = _prefix(HIST, row.to(tl.int64) * (NL * 256), k, NL)
+        SH: tl.constexpr = 32 - 8 * NL
+        tpre = pref >> SH                                                     # threshold prefix (8 NL bits)
+        n_gt = k - krem
+        cbase = row.to(tl.int64) * 2
+        c1 = tl.minimum(c0 + C, n)
+        for st in range(c0, c1, BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < c1
+            v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
+            u = _ukey(v) >> SH
+            if NL == 4:                        # full 32-bit keys: compare as unsigned (flip the sign bit back)
+                a = u ^ -2147483648
+                t = tpre ^ -2147483648
+            else:                              # <= 24 bits after the shift: the arithmetic shift kept the order
+                a = u & ((1 << (8 * NL)) - 1)
+                t = tpre & ((1 << (8 * NL)) - 1)
+            gt = m & (a > t)
+            eq = m & (a == t)
+            ngt = tl.sum(gt.to(tl.int32), 0)
+            neq = tl.sum(eq.to(tl.int32), 0)
+            if ngt > 0:
+                base = tl.atomic_add(CNT + cbase, ngt)                         # ticket: this block's first slot
+                pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
+                tl.store(OVAL + obase + pos, v, mask=gt)
+                tl.store(OIDX + obase + pos, tl.where(v == float("-inf"), -1, offs), mask=gt)
+            if neq > 0:
+                base = tl.atomic_add(CNT + cbase + 1, neq)
+                pos = base + tl.cumsum(eq.to(tl.int32), 0) - 1
+                take = eq & (pos < krem)
+                tl.store(OVAL + obase + n_gt + pos, v, mask=take)
+                tl.store(OIDX + obase + n_gt + pos, tl.where(v == float("-inf"), -1, offs), mask=take)
+
+
+def default_programs(R: int, L: int, sms: int = 132) -> int:
+    """Programs per row: enough to fill the GPU when there are few rows (decode), one per row when there are many
+    (prefill), never chunks under 2048 entries."""
+    return max(1, min(triton.cdiv(L, 2048), triton.cdiv(4 * sms, max(R, 1))))
+
+
+def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
+                 programs: int | None = None, workspace: torch.Tensor | None = None):
+    """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
+    each (R, k), picks in no particular order (see the module docstring); -inf / -1 where a row has fewer than k
+    visible entries. workspace: an int32 buffer of >= R * (NL * 256 + 2) elements (allocated if None)."""
+    check_device(val)
+    R, L = val.shape
+    if val.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"radix_select: val.dtype={val.dtype}; allowed: torch.float32, torch.bfloat16")
+    if not 0 < k <= L:
+        raise ValueError(f"radix_select: k={k}; allowed: 1 <= k <= L = {L}")
+    assert val.stride(-1) == 1, "radix_select: the last dim of val must be contiguous"
+    NL = 2 if val.dtype == torch.bfloat16 else 4
+    oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
+    oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
+    if R == 0:
+        return oval, oidx
+    need = R * (NL * 256 + 2)
+    ws = workspace[:need] if workspace is not None and workspace.numel() >= need else \
+        torch.empty(need, dtype=torch.int32, device=val.device)
+    ws.zero_()
+    hist, cnt = ws[: R * NL * 256], ws[R * NL * 256:]
+    BLOCK = 64 if INTERPRET else 2048
+    P = default_programs(R, L) if programs is None else max(1, int(programs))
+    C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
+    P = triton.cdiv(L, C)
+    Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
+    for lev in range(NL):
+        _hist_level[(P, R)](val, hist, L, C, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, RATIO=ratio, BLOCK=BLOCK,
+                            num_warps=8)
+    _emit[(P, R)](val, hist, cnt, oval, oidx, L, C, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,
+                   RATIO=ratio, BLOCK=BLOCK, num_warps=8)
+    return oval, oidx
+
+
+__all__ = ["radix_select", "default_programs"]
