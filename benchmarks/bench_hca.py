@@ -40,7 +40,7 @@ def inputs(N, grad=False):
 
 
 # fixed configurations of the current prefill kernel timed next to the autotuned one (BLOCK_M 64 = 4 tokens x 16
-# heads). First H200 run, 2026-11-29: m64_s64_w4_st3 best at 32K / 128K; BLOCK_M 128 with BLOCK_S 128 (2 or 3
+# heads). On the H200: m64_s64_w4_st3 best at 32K / 128K; BLOCK_M 128 with BLOCK_S 128 (2 or 3
 # stages) and BLOCK_M 256 were 8-30 % slower and are no longer timed.
 FWD_CFGS = {
     "m64_s64_w4_st3": dict(BLOCK_M=64, BLOCK_S=64, BLOCK_J=64, num_warps=4, num_stages=3),

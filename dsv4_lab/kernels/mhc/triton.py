@@ -11,8 +11,8 @@ pre (persistent: CPS programs per SM, each walking blocks of BT tokens):
           to form u = sum_i A_i x_i.
   mix="split" (PRE_MIX): pass 2 is left out and a second, elementwise launch (`_mhc_mix_kernel`, grid over tokens x
           channels like post) forms u from x and the coef. x is then read twice from HBM (18 d bytes per token instead
-          of 10 d), but pass 1 runs free of the L2-footprint bound on the persistent grid (more programs per SM). Run
-          8 measured the fused pre at 26 % of copy bandwidth (latency-bound pass 1, one 8-warp program per SM), which
+          of 10 d), but pass 1 runs free of the L2-footprint bound on the persistent grid (more programs per SM). On
+          an H200 the fused pre reached 26 % of copy bandwidth (latency-bound pass 1, one 8-warp program per SM), which
           a two-read design at copy speed would beat; bench_mhc.py measures both and PRE_MIX follows the measurement.
   Projection precision ("fp32 compute", docs §1.2): one small launch splits fp32 W into bf16 hi + lo
   (W = hi + lo + O(2^-17 |W|), rows already in the accumulator's order); bf16 x is exact in bf16, so
