@@ -3,6 +3,8 @@
     train      preset=tiny max_steps=40 run_dir=runs/x seed=1 lr=3e-3 layer_types=csa,hca ...
     reproduce  the lab's main job at CPU defaults: train the tiny arms, write runs/, regenerate figures/
     figures    regenerate figures/ from the saved run records only
+    sweep      ablations/<name>.json [--scale cpu|gpu] [--jobs N] [--dry-run]: every arm x seed of an ablation
+    summarize  [runs_root ...]: rebuild ablations/results/{summary,verdicts}.csv from run records, print verdicts
     config     print the resolved config of the given overrides as JSON
 """
 from __future__ import annotations
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "reproduce":
             from .reproduce import reproduce
             return reproduce(rest)
+        if cmd == "sweep":
+            from .sweep import run_sweep_cli
+            return run_sweep_cli(rest)
+        if cmd == "summarize":
+            from .summarize import summarize_cli
+            return summarize_cli(rest)
         if cmd == "figures":
             from .reproduce import make_figures
             make_figures(rest[0] if rest else "runs", "figures")
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"error: unknown command {cmd!r}; commands: train, reproduce, figures, config", file=sys.stderr)
+    print(f"error: unknown command {cmd!r}; commands: train, sweep, summarize, reproduce, figures, config", file=sys.stderr)
     return 2
 
 
