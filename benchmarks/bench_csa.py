@@ -6,8 +6,14 @@ Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): radix (Triton scores 
 top-k; decode: two-stage over `split`-column chunks), radix_gmax (radix with the group-max prefilter: one gather pass
 instead of histogram passes over the row), torch (Triton scores + torch.topk), split_torch (Triton scores +
 two-stage torch.topk), fused = the old streaming kernel (method="stream"; prefill only at 8K/32K, it is slow),
-torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). Work: indexer 2*HI*DI FLOP per
-visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each loaded 256-B row once per query."""
+torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only), select / select_bf16 (the
+split-row radix select of indexer_topk/select.py on fp32 / bf16 scores), torch_bf16 (bf16 scores + torch.topk).
+Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each
+loaded 256-B row once per query. bf16-score methods report their recall of the fp32-score picks (docs §2.4).
+
+Each family (topk_row, decode_N, prefill_N, fwd_bwd) runs in its own subprocess with a time cap (FAMILY_CAP_S, env
+CSA_FAMILY_CAP_S) and its results are merged into csa.json as soon as it ends, so a capped device call keeps what
+finished. SDPA-flash (dense causal MQA, as bench_dense.py) and torch.topk are measured inside the same families."""
 from __future__ import annotations
 
 import time
@@ -23,10 +29,14 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-PREFILL_METHODS = ("radix", "radix_gmax", "torch", "split_torch")
-DECODE_METHODS = {"radix_s4096": dict(method="radix", split=4096), "radix_s8192": dict(method="radix", split=8192),
+PREFILL_METHODS = ("select_bf16", "select", "torch_bf16", "torch", "radix", "radix_gmax", "split_torch")
+BF16_METHODS = ("select_bf16", "torch_bf16")
+DECODE_METHODS = {"select_bf16": dict(method="select_bf16"), "select": dict(method="select"),
+                  "torch_bf16": dict(method="torch_bf16"),
+                  "radix_s4096": dict(method="radix", split=4096), "radix_s8192": dict(method="radix", split=8192),
                   "radix_s16384": dict(method="radix", split=16384), "torch": dict(method="torch"),
                   "split_torch": dict(method="split_torch", split=8192), "fused": dict(method="stream")}
+FAMILY_CAP_S = 150
 
 
 def indexer_inputs(N, T=None):
@@ -72,7 +82,23 @@ def indexer_method(N, method):
     r = _tflops(bench(lambda: indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws, split=split),
                       warmup=3, rep=50), N)
     r["method"] = method if split is None else f"{method} (split {split})"
+    if method in BF16_METHODS:
+        r["recall_vs_fp32"] = recall(indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws),
+                                     indexer_topk_triton(qI, kI, w, K, M, method="torch", workspace=ws))
     return r
+
+
+def recall(idx, ref):
+    """|picks ∩ reference picks| / |reference picks| over all rows (-1 slots excluded): (B, T, K) int32 each."""
+    B, T, k = ref.shape
+    S = int(max(idx.max(), ref.max())) + 2
+    a = torch.zeros(B * T, S, dtype=torch.bool, device=ref.device)
+    b = torch.zeros_like(a)
+    rows = torch.arange(B * T, device=ref.device)[:, None]
+    a[rows, idx.view(B * T, k).long().clamp_min(-1) + 1] = True
+    b[rows, ref.view(B * T, k).long().clamp_min(-1) + 1] = True
+    a[:, 0] = b[:, 0] = False
+    return float((a & b).sum() / b.sum().clamp_min(1))
 
 
 def indexer_naive(N):
@@ -108,8 +134,15 @@ def compressor(N):
         rope = RotaryTable(min(64, c), N, 10000.0).cuda()
         with torch.no_grad():
             out[f"{name}_ms"] = bench(lambda: comp(u, rope), warmup=3, rep=50)["ms"]
+            uf = u.float()                                  # fp32 input: the projections cast to fp32 (old path)
+            out[f"{name}_fp32_ms"] = bench(lambda: comp(uf, rope), warmup=3, rep=50)["ms"]
+            out[f"{name}_max_rel_diff_vs_fp32"] = float((comp(u, rope).float() - comp(uf, rope).float()).abs().max()
+                                                        / comp(uf, rope).float().abs().max())
     out["ms"] = out["main_ms"] + out["indexer_ms"]
-    out["note"] = "dsv4_lab.attention.compressor.Compressor (projections in fp32 as docs §2.3), rope dim 64"
+    out["fp32_path_ms"] = out["main_fp32_ms"] + out["indexer_fp32_ms"]
+    out["note"] = ("dsv4_lab.attention.compressor.Compressor, rope dim 64; ms: bf16 u and weights -> bf16-operand "
+                   "GEMMs with fp32 accumulation and output (docs §2.3 fp32 compute up to summation order); "
+                   "fp32_path_ms: the same module fed fp32 u (fp32 GEMMs)")
     return out
 
 
@@ -148,23 +181,6 @@ def sparse_naive(N):
     return bench(lambda: sparse_attn_naive(q, kv, comp, idx, sink, D ** -0.5, W, chunk=2048), warmup=2, rep=50)
 
 
-def prefill_1m(t_128k_ms, budget_s=8.0):
-    """One timed 1M prefill indexer run (radix), only if the 128K time x 64 (quadratic) fits the budget."""
-    N = 1 << 20
-    est = t_128k_ms * 64 / 1e3
-    if est > budget_s:
-        return {"skipped": f"estimated {est:.1f} s per run from 128K x 64 > {budget_s} s"}
-    qI, kI, w = indexer_inputs(N)
-    ws = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    indexer_topk_triton(qI, kI, w, K, M, method="radix", workspace=ws)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    indexer_topk_triton(qI, kI, w, K, M, method="radix", workspace=ws)
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t) * 1e3
-    return _tflops({"ms": ms, "note": "single timed run after one warm-up", "method": "radix"}, N)
-
-
 def decode(N):
     S = N // M
     qI, kI, w = indexer_inputs(N, T=1)
@@ -183,10 +199,13 @@ def decode(N):
         def one(kw=kw):
             return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, **kw)
         try:
-            same = torch.equal(torch.sort(one(), -1).values, torch.sort(i_ref, -1).values)   # index sets (random
-            r = bench_graph(one, reps=50)                                                      # data: no ties)
+            if kw["method"] in BF16_METHODS:                                   # bf16 scores: recall of fp32 picks
+                out[f"indexer_{name}_recall_vs_fp32"] = recall(one(), i_ref)
+            else:
+                same = torch.equal(torch.sort(one(), -1).values, torch.sort(i_ref, -1).values)   # index sets
+                out[f"indexer_{name}_matches_naive_set"] = same                                  # (no ties)
+            r = bench_graph(one, reps=50)
             out[f"indexer_{name}_us"] = r["ms"] * 1e3
-            out[f"indexer_{name}_matches_naive_set"] = same
             if best is None or r["ms"] * 1e3 < out[f"indexer_{best}_us"]:
                 best = name
         except Exception as e:                                                 # noqa: BLE001
@@ -209,61 +228,147 @@ def decode(N):
     return out
 
 
-def main(out_dir=None, Ns=(8192, 32768, 131072), bwd_Ns=(8192,), naive_Ns=(8192, 32768), stream_Ns=(8192, 32768),
-         decode_Ns=(131072, 1048576), try_1m=True):
+def sdpa_flash(N):
+    """Dense causal MQA by SDPA FLASH_ATTENTION (H 16 x d 128, one KV head, bf16, B 1), as bench_dense.prefill."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(1, H, N, D, **BF)
+    k = torch.randn(1, 1, N, D, **BF)
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+    return bench(run, warmup=5, rep=60 if N <= 32768 else 200)
+
+
+def topk_row(L=262144):
+    """One decode row of L = 256K scores, k = 512: torch.topk (sorted / unsorted, fp32 / bf16 row) vs radix_select
+    (indexer_topk/select.py) on the same rows, CUDA-graph replay; values checked against torch.topk."""
+    from dsv4_lab.kernels.indexer_topk.select import radix_select
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, L, device="cuda", generator=g)
+    xb = x.bfloat16()
+    ws = torch.empty(4 * 256 + 2, dtype=torch.int32, device="cuda")
+    out = {"L": L, "k": K}
+    for nm, row in (("fp32", x), ("bf16", xb)):
+        ref = torch.topk(row.float(), K).values
+        v, _ = radix_select(row, K, workspace=ws)
+        out[f"select_{nm}_values_match_torch_topk"] = bool(torch.equal(torch.sort(v, -1, descending=True).values,
+                                                                       ref))
+        out[f"select_{nm}_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws))["ms"] * 1e3
+        out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
+        out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
+    for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
+        out[f"select_fp32_p{P}_us"] = bench_graph(lambda P=P: radix_select(x, K, programs=P, workspace=ws))["ms"] * 1e3
+    out["note"] = "select_* = radix_select (fp32: 4 digit launches; bf16: 2) incl. the workspace zeroing launch"
+    return out
+
+
+def prefill_family(N):
+    """SDPA-flash, compressor, indexer (scores + every method), sparse attention and CSA prefill at one N."""
+    res = {"indexer": {}, "compressor": {}, "sparse": {}, "csa_prefill": {}, "dense": {}, "agreement": {}}
+    ix = res["indexer"]
+    res["dense"][f"sdpa_flash_{N}"] = safe(sdpa_flash, N)
+    if N == 8192:
+        res["agreement"][f"{N}"] = safe(agreement, N)
+    ix[f"scores_{N}"] = safe(scores_only, N)
+    for m in PREFILL_METHODS:
+        ix[f"{m}_{N}"] = safe(indexer_method, N, m)
+        torch.cuda.empty_cache()
+    if N <= 32768:
+        ix[f"fused_{N}"] = safe(indexer_method, N, "stream")
+        ix[f"torch_topk_{N}"] = safe(indexer_naive, N)
+    cands = {m: ix[f"{m}_{N}"]["ms"] for m in PREFILL_METHODS + ("fused", "torch_topk")
+             if "ms" in ix.get(f"{m}_{N}", {})}
+    if cands:
+        b = min(cands, key=cands.get)
+        ix[f"best_{N}"] = {"method": b, "ms": cands[b]}
+        c32 = {m: t for m, t in cands.items() if m not in BF16_METHODS}
+        if c32:
+            b32 = min(c32, key=c32.get)
+            ix[f"best_fp32_scores_{N}"] = {"method": b32, "ms": c32[b32]}
+    res["compressor"][f"{N}"] = safe(compressor, N)
+    res["sparse"][f"triton_{N}"] = safe(sparse_fwd, N)
+    if N == 8192:
+        res["sparse"][f"naive_{N}"] = safe(sparse_naive, N)
+    comp, sp = res["compressor"][f"{N}"], res["sparse"][f"triton_{N}"]
+    dense = res["dense"][f"sdpa_flash_{N}"]
+    for tag, best in (("triton", ix.get(f"best_{N}", {})), ("triton_fp32_scores", ix.get(f"best_fp32_scores_{N}", {}))):
+        if "ms" in best and "ms" in comp and "ms" in sp:
+            r = {"ms": comp["ms"] + best["ms"] + sp["ms"], "compressor_ms": comp["ms"], "indexer_ms": best["ms"],
+                 "indexer_method": best["method"], "sparse_ms": sp["ms"],
+                 "ms_without_compressor": best["ms"] + sp["ms"]}
+            if "recall_vs_fp32" in ix[f"{best['method']}_{N}"]:
+                r["indexer_recall_vs_fp32"] = ix[f"{best['method']}_{N}"]["recall_vs_fp32"]
+            if "ms" in dense:
+                r["sdpa_flash_ms"] = dense["ms"]
+                r["speedup_vs_sdpa_flash"] = dense["ms"] / r["ms"]
+            res["csa_prefill"][f"{tag}_{N}"] = r
+        else:
+            res["csa_prefill"][f"{tag}_{N}"] = {"error": "component missing"}
+    return res
+
+
+def _family(name):
+    if name == "topk_row":
+        return {"topk_row": {"262144": safe(topk_row)}}
+    if name.startswith("decode_"):
+        N = int(name.split("_")[1])
+        return {"decode": {f"{N}": safe(decode, N)}}
+    if name.startswith("prefill_"):
+        return prefill_family(int(name.split("_")[1]))
+    if name == "fwd_bwd":
+        return {"fwd_bwd": {"triton_8192": safe(sparse_fwd_bwd, 8192)}}
+    raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, decode_N, prefill_N, fwd_bwd")
+
+
+FAMILIES = ("topk_row", "decode_1048576", "prefill_8192", "prefill_131072", "decode_131072", "prefill_32768",
+            "fwd_bwd")
+
+
+def _merge(dst, src):
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def main(out_dir=None, families=FAMILIES, cap_s=None):
+    """Every family in its own subprocess (time cap each), merged into csa.json after each one ends."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    cap_s = int(os.environ.get("CSA_FAMILY_CAP_S", FAMILY_CAP_S)) if cap_s is None else cap_s
     t_start = time.time()
     res = {"shapes": {"H": H, "D": D, "m": M, "topk": K, "window": W, "HI": HI, "DI": DI, "B": 1, "d_model": DM,
                       "dtype": "bf16"},
            "indexer": {}, "compressor": {}, "sparse": {}, "fwd_bwd": {}, "decode": {}, "csa_prefill": {},
-           "agreement": {}, "auto": dict(itk.AUTO)}
-    for N in Ns:
-        ix = res["indexer"]
-        if N == Ns[0]:
-            res["agreement"][f"{N}"] = safe(agreement, N)
-        ix[f"scores_{N}"] = safe(scores_only, N)
-        for m in PREFILL_METHODS:
-            ix[f"{m}_{N}"] = safe(indexer_method, N, m)
-        if N in stream_Ns:
-            ix[f"fused_{N}"] = safe(indexer_method, N, "stream")
-        if N in naive_Ns:
-            ix[f"torch_topk_{N}"] = safe(indexer_naive, N)
-        cands = {m: ix[f"{m}_{N}"]["ms"] for m in PREFILL_METHODS + ("fused", "torch_topk")   # any measured path
-                 if "ms" in ix.get(f"{m}_{N}", {})}
-        if cands:
-            b = min(cands, key=cands.get)
-            ix[f"best_{N}"] = {"method": b, "ms": cands[b]}
-        res["compressor"][f"{N}"] = safe(compressor, N)
-        res["sparse"][f"triton_{N}"] = safe(sparse_fwd, N)
-        if N in naive_Ns[:1]:
-            res["sparse"][f"naive_{N}"] = safe(sparse_naive, N)
-        best, comp, sp = ix.get(f"best_{N}", {}), res["compressor"][f"{N}"], res["sparse"][f"triton_{N}"]
-        if "ms" in best and "ms" in comp and "ms" in sp:
-            res["csa_prefill"][f"triton_{N}"] = {"ms": comp["ms"] + best["ms"] + sp["ms"], "compressor_ms": comp["ms"],
-                                                 "indexer_ms": best["ms"], "indexer_method": best["method"],
-                                                 "sparse_ms": sp["ms"],
-                                                 "ms_without_compressor": best["ms"] + sp["ms"]}
-        else:
-            res["csa_prefill"][f"triton_{N}"] = {"error": "component missing"}
-        print("csa", N, {k: v for k, v in ix.items() if k.endswith(f"_{N}")}, res["compressor"][f"{N}"],
-              res["sparse"][f"triton_{N}"], res["csa_prefill"][f"triton_{N}"], f"t={time.time() - t_start:.0f}s",
-              flush=True)
+           "dense": {}, "topk_row": {}, "agreement": {}, "auto": dict(itk.AUTO), "families": {}}
+    for fam in families:
+        t0 = time.time()
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            part = f.name
+        try:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--family", fam, "--part", part],
+                               timeout=cap_s, capture_output=True, text=True)
+            status = "ok" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-400:]}"
+            if p.returncode == 0:
+                _merge(res, json.load(open(part)))
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {cap_s} s"
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+        res["families"][fam] = {"status": status, "seconds": round(time.time() - t0, 1)}
+        print("csa", fam, status, f"t={time.time() - t_start:.0f}s",
+              {k: v for k, v in res["csa_prefill"].items() if fam.endswith(k.split("_")[-1])},
+              res["decode"].get(fam.split("_")[-1], {}).get("csa_decode_us"), res["topk_row"].get("262144", {})
+              if fam == "topk_row" else "", flush=True)
+        res["seconds"] = round(time.time() - t_start, 1)
         save("csa", res, out_dir)
-        torch.cuda.empty_cache()
-    for N in decode_Ns:
-        res["decode"][f"{N}"] = safe(decode, N)
-        print("csa decode", N, res["decode"][f"{N}"], f"t={time.time() - t_start:.0f}s", flush=True)
-        save("csa", res, out_dir)
-        torch.cuda.empty_cache()
-    for N in bwd_Ns:
-        res["fwd_bwd"][f"triton_{N}"] = safe(sparse_fwd_bwd, N)
-        print("csa fwd+bwd", N, res["fwd_bwd"][f"triton_{N}"], flush=True)
-        save("csa", res, out_dir)
-    t128 = res["indexer"].get("radix_131072", {}).get("ms")
-    if try_1m and t128:
-        res["indexer"]["radix_1048576"] = safe(prefill_1m, t128)
-        print("csa indexer 1M prefill", res["indexer"]["radix_1048576"], f"t={time.time() - t_start:.0f}s", flush=True)
-    res["seconds"] = round(time.time() - t_start, 1)
-    save("csa", res, out_dir)
     return res
 
 
@@ -285,8 +390,19 @@ def decode_only(out_dir=None, decode_Ns=(131072, 1048576), note=""):
 
 
 if __name__ == "__main__":
-    import sys
-    if "--decode-only" in sys.argv:
-        decode_only(note=" ".join(a for a in sys.argv[1:] if a != "--decode-only"))
+    import argparse
+    import json
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", help="run one family and write its part to --part (used by main)")
+    ap.add_argument("--part")
+    ap.add_argument("--decode-only", nargs="*")
+    ap.add_argument("--families", nargs="*", help=f"subset of {', '.join(FAMILIES)}")
+    a = ap.parse_args()
+    if a.family:
+        r = _family(a.family)
+        with open(a.part, "w") as f:
+            json.dump(r, f)
+    elif a.decode_only is not None:
+        decode_only(note=" ".join(a.decode_only))
     else:
-        main()
+        main(families=tuple(a.families) if a.families else FAMILIES)

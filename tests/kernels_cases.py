@@ -305,9 +305,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 v, i = radix_select(xd, k, frontier=fr, programs=P)
                 _check_picks(f"radix_select {nm} {dt} {(R, L, k, P)}", xd, n, k, v, i)
     # indexer methods: (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems)
-    shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400), (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] \
-        if not big else [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28), (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28),
-                         (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28)]
+    shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
+              (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] if not big else \
+        [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28), (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28),
+         (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28)]
     for (B, T, HI, DI, S, k, ratio, off, ce) in shapes:
         qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
         kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)

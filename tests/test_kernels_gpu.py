@@ -189,3 +189,54 @@ def test_indexer_radix_long_rows_and_decode_graph():
         gr.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, i_r), f"graph replay, split {split}"
+
+
+def test_indexer_select_decode_graph_and_long_prefill_rows():
+    """Split-row radix select (indexer_topk/select.py) in the 1M-context decode step (S = 256K, one row over ~128
+    programs) replayed from a CUDA graph (no host sync inside): the picks' scores equal the naive twin's top-k values
+    (fp32 scores) or the top-k of the bf16-rounded scores (select_bf16), replay after replay; and prefill rows beyond
+    64K entries (one program per row)."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
+    N = 1 << 20
+    qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
+    full = indexer_scores(qI, kI, w, 4, N - 1)                                    # (1, 1, S) exact fp32 sums
+    for m in ("select", "select_bf16"):
+        ref = full if m == "select" else full.bfloat16().float()
+        want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
+        fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m)  # noqa: E731
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            out = fn()
+        for rep in range(3):
+            gr.replay()
+            torch.cuda.synchronize()
+            assert (out >= 0).all() and torch.unique(out).numel() == 512, f"{m} replay {rep}: bad picks"
+            got = torch.gather(ref, 2, out.long()).sort(-1, descending=True).values
+            assert torch.equal(got, want), f"{m} replay {rep}: pick scores differ from the top-k"
+    qI, kI, w = _dyadic_indexer_inputs(1, 24, 4, 64, 100_100, torch.bfloat16, 35)
+    _, v_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True)
+    _, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method="select")
+    assert torch.equal(v_t, v_r), "select on 100K-entry prefill rows"
+
+
+def test_compressor_bf16_operands_match_fp32_compute():
+    """Compressor.project with bf16 u and weights on CUDA (bf16-operand GEMMs, fp32 accumulation and output) vs the
+    same projections in fp64: bf16 x bf16 products are exact, so only the fp32 summation order differs
+    (error model: |err| <= d * 2^-24 * sum |u_i w_i| ~ 1e-4 relative at d = 1024, worst case)."""
+    from dsv4_lab.attention.compressor import Compressor
+    torch.manual_seed(0)
+    comp = Compressor(1024, 128, 4, overlap=True).to("cuda", torch.bfloat16)
+    u = torch.randn(2, 4096, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        C, Z = comp.project(u)
+        assert C.dtype == Z.dtype == torch.float32
+        for out, wt in ((C, comp.wkv.weight), (Z, comp.wgate.weight)):
+            ref = u.double() @ wt.double().t()
+            bound = 1024 * 2.0 ** -24 * (u.double().abs() @ wt.double().abs().t())
+            assert ((out.double() - ref).abs() <= bound).all(), "bf16-operand projection outside the fp32 error bound"

@@ -72,11 +72,23 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(c, eps)
 
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (docs §2.3). Z excludes ape."""
+        """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (docs §2.3). Z excludes ape.
+
+        When u and both weights are bf16 on a CUDA device (bf16 checkpoints, inference) the GEMMs run on bf16
+        operands with fp32 accumulation and fp32 output: every product of two bf16 numbers is exact in fp32, so this
+        is the spec's fp32 computation up to the order of the fp32 sums, at tensor-core speed. Otherwise (fp32
+        master weights in training, CPU, any gradient needed) the operands are cast to fp32 first."""
+        wk, wg = self.wkv.weight, self.wgate.weight
+        if (u.is_cuda and u.dtype == wk.dtype == wg.dtype == torch.bfloat16
+                and not (torch.is_grad_enabled() and (u.requires_grad or wk.requires_grad or wg.requires_grad))):
+            u2 = u.reshape(-1, u.shape[-1])
+            C = torch.mm(u2, wk.t(), out_dtype=torch.float32).view(*u.shape[:-1], -1)
+            Z = torch.mm(u2, wg.t(), out_dtype=torch.float32).view(*u.shape[:-1], -1)
+            return C, Z
         ct = torch.promote_types(u.dtype, torch.float32)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            C = F.linear(u.to(ct), self.wkv.weight.to(ct))
-            Z = F.linear(u.to(ct), self.wgate.weight.to(ct))
+            C = F.linear(u.to(ct), wk.to(ct))
+            Z = F.linear(u.to(ct), wg.to(ct))
         return C, Z
 
     def pool(self, C: torch.Tensor, Z: torch.Tensor, prev=None) -> torch.Tensor:
