@@ -145,3 +145,24 @@ def test_forbidden_pattern_catches_examples():
     for s in ["see shared" + "/design/x.md", "/" + "work/main/x", "/" + "home/alice/x", "cd /" + "root/x"]:
         assert _FORBIDDEN.search(s), s
     assert not _FORBIDDEN.search("docs/architecture.md §2.3 and benchmarks/results/x.json")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_in_docs_resolve():
+    """[text](file.md#anchor) links in docs/ and the README point at an existing file and heading."""
+    bad = []
+    for md in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)\s]+))?\)", md.read_text(encoding="utf-8")):
+            path = (md.parent / target).resolve() if target else md
+            if not path.exists():
+                bad.append(f"{md.relative_to(ROOT)}: {target} does not exist")
+            elif anchor and path.suffix == ".md":
+                slugs = {_slug(re.sub(r"^#+", "", line)) for line in path.read_text(encoding="utf-8").splitlines()
+                         if line.startswith("#")}
+                if anchor not in slugs:
+                    bad.append(f"{md.relative_to(ROOT)}: no heading #{anchor} in {target or md.name}")
+    assert not bad, "\n".join(bad)
