@@ -13,6 +13,9 @@ import json
 import sys
 
 from .config import ConfigError, parse_overrides
+from .runlog import RunError
+
+EXPECTED_ERRORS = (ConfigError, RunError)   # bad input: one line on stderr, exit 2; anything else is a bug
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             mc, tc = parse_overrides(rest)
             from .train import train
             last = train(mc, tc)
-            print(json.dumps(last))
+            if last:                                   # other DDP ranks return {}: rank 0 prints the result
+                print(json.dumps(last))
             _exit_distributed()
             return 0
         if cmd == "config":
@@ -46,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             from .reproduce import make_figures
             make_figures(rest[0] if rest else "runs", "figures")
             return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(f"error: unknown command {cmd!r}; commands: train, sweep, summarize, reproduce, figures, config", file=sys.stderr)
     return 2

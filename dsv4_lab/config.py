@@ -360,8 +360,20 @@ class TrainConfig:
             self.warmup_steps = self.max_steps // 10
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise _err("warmup_steps", self.warmup_steps, f"-1 (auto) or an integer in [0, max_steps={self.max_steps}]")
-        if not self.lr > 0:
-            raise _err("lr", self.lr, "a positive number")
+        if not str(self.run_dir).strip():
+            raise _err("run_dir", self.run_dir, "a directory path, e.g. run_dir=runs/my_run")
+        if self.seed < 0:
+            raise _err("seed", self.seed, "an integer >= 0")
+        if not 0 < self.lr <= 1:
+            raise _err("lr", self.lr, "a number in (0, 1] (AdamW and Muon steps of more than 1 per weight diverge)")
+        for k in ("weight_decay", "grad_clip"):
+            if getattr(self, k) < 0:
+                raise _err(k, getattr(self, k), "a number >= 0")
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                raise _err(k, getattr(self, k), "a number in [0, 1)")
+        if not self.adam_eps > 0:
+            raise _err("adam_eps", self.adam_eps, "a positive number")
         if not 0 <= self.muon_momentum < 1:
             raise _err("muon_momentum", self.muon_momentum, "a number in [0, 1)")
         if not self.muon_rms_scale > 0 or not self.muon_adam_eps > 0:
@@ -409,7 +421,20 @@ def parse_overrides(args: list[str] | dict) -> tuple[ModelConfig, TrainConfig]:
                           "Known keys are the fields of ModelConfig and TrainConfig, plus 'preset'.")
     model = ModelConfig.from_preset(preset, **{k: v for k, v in kv.items() if k in mkeys})
     train = TrainConfig.from_dict({k: v for k, v in kv.items() if k in tkeys})
+    check_train_pair(model, train)
     return model, train
+
+
+BYTE_VOCAB = 256      # every data source (dsv4_lab/data) emits byte ids 0..255
+
+
+def check_train_pair(model: "ModelConfig", train: "TrainConfig") -> None:
+    """Constraints between the model and the training config."""
+    if train.seq_len > model.max_seq_len:
+        raise _err("seq_len", train.seq_len, f"at most max_seq_len = {model.max_seq_len} (or raise max_seq_len)")
+    if model.vocab_size < BYTE_VOCAB:
+        raise _err("vocab_size", model.vocab_size,
+                   f">= {BYTE_VOCAB} for data={train.data!r} (byte ids 0..{BYTE_VOCAB - 1})")
 
 
 def _field_type(cls, name):
@@ -445,7 +470,7 @@ def _coerce(name, value, typ):
                 return int(f)
             if typ is float:
                 return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise _err(name, value, f"a value of type {typ.__name__}") from None
         return value
     return value
@@ -469,5 +494,5 @@ def _check_types(obj):
         elif typ is list:
             ok = isinstance(v, list)
         if not ok:
-            raise _err(f.name, v, f"a value of type {typ.__name__}")
+            raise _err(f.name, v, f"a {'finite ' if typ is float else ''}value of type {typ.__name__}")
 

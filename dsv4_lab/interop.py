@@ -6,7 +6,10 @@
 HF-compat settings that `from_hf` sets (docs/hf_parity.md §A): shared_expert_clamp=True (HF clamps the shared expert,
 9c), quant="none" (HF has no FP8/FP4 simulation, 3d), mtp_depth=0 (HF has no MTP, 10), index_hadamard=False (HF has
 none; harmless without FP4, 3c), anticipatory="off", YaRN taken from the HF config's "compress" rope parameters (5c:
-absent there = no YaRN, yarn_factor=1). HF's flatten-RMS eps is rms_norm_eps, which is our norm_eps (8).
+absent there = no YaRN, yarn_factor=1). Our RoPE has no YaRN attention factor (docs §2.6: cos/sin are not scaled),
+so an HF config whose compress rope scales cos/sin by attention_factor != 1 (HF derives 0.1 ln(factor) + 1 when
+`rope_parameters` comes nested as {main, compress} without the key) is refused, as is a non-default main rope; the
+RoPE bases are read from those nested dicts, which is where HF reads them. HF's flatten-RMS eps is rms_norm_eps, which is our norm_eps (8).
 Weights go through the in-memory state_dict (11f). Parity holds in fp32 only (11a).
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .model import DSV4LM
 
 HF_LAYER_TYPES = {"swa": "sliding_attention", "csa": "compressed_sparse_attention",
@@ -57,8 +60,20 @@ def config_from_hf(hc, max_seq_len: int | None = None) -> ModelConfig:
                          "(our n_hash_layers routes the first layers)")
     if hc.scoring_func not in ("sqrtsoftplus", "sigmoid"):
         raise ValueError(f"HF scoring_func = {hc.scoring_func!r} is not allowed: sqrtsoftplus or sigmoid")
-    comp = (hc.rope_parameters or {}).get("compress", {})
+    rp = hc.rope_parameters or {}
+    main, comp = rp.get("main", {}), rp.get("compress", {})
+    if main.get("rope_type", "default") != "default":
+        raise ConfigError(f"HF rope_parameters['main'] rope_type = {main.get('rope_type')!r} is not allowed: "
+                          "'default' (sliding-window layers use plain RoPE, docs §2.6)")
+    if comp.get("rope_type", "default") not in ("default", "yarn"):
+        raise ConfigError(f"HF rope_parameters['compress'] rope_type = {comp.get('rope_type')!r} is not allowed: "
+                          "'default' or 'yarn'")
     yarn = comp.get("rope_type", "default") == "yarn"
+    factor = hf_attention_factor(hc, "compress") if yarn else 1.0
+    if abs(factor - 1.0) > 1e-12:
+        raise ConfigError(f"HF rope_parameters['compress'] gives YaRN attention_factor = {factor:.6g} (cos/sin "
+                          "scaled): not allowed, our RoPE has no such factor (docs §2.6); set "
+                          "rope_parameters['compress']['attention_factor'] = 1.0 as the V4 reference does")
     rates = hc.compress_rates
     T = max_seq_len or min(hc.max_position_embeddings, 4096)
     return ModelConfig(
@@ -66,8 +81,8 @@ def config_from_hf(hc, max_seq_len: int | None = None) -> ModelConfig:
         max_seq_len=T, norm_eps=hc.rms_norm_eps, init_std=hc.initializer_range,
         n_heads=hc.num_attention_heads, head_dim=hc.head_dim, rope_head_dim=hc.qk_rope_head_dim,
         q_lora_rank=hc.q_lora_rank, qk_norm=True, attn_sink=True, output_rope=True, o_groups=hc.o_groups,
-        o_lora_rank=hc.o_lora_rank, window=hc.sliding_window, window_branch=True, rope_theta=float(hc.rope_theta),
-        compress_rope_theta=float(hc.compress_rope_theta),
+        o_lora_rank=hc.o_lora_rank, window=hc.sliding_window, window_branch=True, rope_theta=float(main.get("rope_theta", hc.rope_theta)),
+        compress_rope_theta=float(comp.get("rope_theta", hc.compress_rope_theta)),
         yarn_factor=float(comp.get("factor", 1.0)) if yarn else 1.0,
         yarn_original_seq_len=int(comp.get("original_max_position_embeddings", 65536)),
         yarn_beta_fast=float(comp.get("beta_fast", 32.0)), yarn_beta_slow=float(comp.get("beta_slow", 1.0)),
@@ -80,6 +95,15 @@ def config_from_hf(hc, max_seq_len: int | None = None) -> ModelConfig:
         n_shared_experts=1, moe_inter_dim=hc.moe_intermediate_size, score_func=hc.scoring_func,
         route_scale=float(hc.routed_scaling_factor), n_hash_layers=n_hash, swiglu_limit=float(hc.swiglu_limit),
         shared_expert_clamp=True, anticipatory="off", mtp_depth=0, quant="none")
+
+
+def hf_attention_factor(hc, layer_type: str) -> float:
+    """The factor HF multiplies this rope type's cos and sin by, computed by HF's own rope init function."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope_type = hc.rope_parameters[layer_type].get("rope_type", "default")
+    if rope_type == "default":
+        return 1.0
+    return float(ROPE_INIT_FUNCTIONS[rope_type](hc, "cpu", layer_type=layer_type)[1])
 
 
 def config_to_hf(cfg: ModelConfig):

@@ -40,13 +40,11 @@ def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prom
                         new_tokens: int = 48) -> Path | None:
     """MTP self-speculative decoding on the trained runs that have MTP: acceptance rate on validation prompts.
     Writes <out>/speculative.json (with each run's config and env) and returns its path."""
-    import torch
-
     from .config import ModelConfig
     from .data import Batches
     from .inference.speculative import speculative_generate
     from .model import DSV4LM
-    from .runlog import environment, load_json, save_json
+    from .runlog import environment, load_checkpoint, load_json, save_json
     rows = []
     for rd in map(Path, run_dirs):
         if not (rd / "ckpt.pt").exists():
@@ -56,7 +54,7 @@ def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prom
         if mc.mtp_depth < 1:
             continue
         model = DSV4LM(mc)
-        model.load_state_dict(torch.load(rd / "ckpt.pt", map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(rd / "ckpt.pt", map_location="cpu")["model"])
         x, _ = Batches(cfg["train"]["data"], prompt_len, n_prompts, seed=123).val_batch(0)
         ids, stats = speculative_generate(model, x, new_tokens)
         rows.append({"run": str(rd), "prompts": n_prompts, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -69,8 +67,32 @@ def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prom
     return path
 
 
+REPRODUCE_KEYS = ("root", "sweep", "figures")
+
+
+def parse_args(args: list[str]) -> dict:
+    """`key=value` arguments of `reproduce`; ConfigError naming a malformed or unknown one, or a missing sweep file."""
+    from .config import ConfigError
+    kv = {}
+    for a in args:
+        k, eq, v = a.partition("=")
+        if not eq:
+            raise ConfigError(f"reproduce argument {a!r} is not of the form key=value "
+                              f"(keys: {', '.join(REPRODUCE_KEYS)})")
+        if k.strip() not in REPRODUCE_KEYS:
+            raise ConfigError(f"unknown reproduce key {k.strip()!r}; allowed keys: {', '.join(REPRODUCE_KEYS)}")
+        if not v.strip():
+            raise ConfigError(f"reproduce key '{k.strip()}' is empty; give a path")
+        kv[k.strip()] = v.strip()
+    sweep = Path(kv.get("sweep", ROOT / "ablations" / "reproduce.json"))
+    if not sweep.is_file():
+        raise ConfigError(f"reproduce sweep={str(sweep)!r}: no such file (a sweep definition, e.g. "
+                          "ablations/reproduce.json)")
+    return kv
+
+
 def reproduce(args: list[str]) -> int:
-    kv = dict(a.split("=", 1) for a in args)
+    kv = parse_args(args)
     root = kv.get("root", "runs")
     sweep_path = Path(kv.get("sweep", ROOT / "ablations" / "reproduce.json"))
     t0 = time.time()

@@ -3,13 +3,21 @@
 Every run directory holds `config.json` (model + train config), `env.json` (git commit, versions, device),
 `metrics.jsonl` (one JSON object per logged step) and `ckpt.pt`. Writes are atomic (temp file + rename) so a
 kill never leaves half a file; `metrics.jsonl` is appended line by line and trimmed back to the checkpoint on
-resume, so a resumed run has exactly one record per step.
+resume, so a resumed run has exactly one record per step (a last line cut by a kill is dropped with a warning).
+
+`ckpt.pt` is one header line `DSV4LAB-CKPT 1 sha256=<hex> bytes=<n>` followed by a `torch.save` payload that
+holds only tensors, numbers, strings, lists and dicts; it is loaded with `torch.load(weights_only=True)`, so a
+checkpoint received from someone else cannot run code. A damaged, truncated or foreign file raises `RunError`
+naming it.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,6 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+
+
+class RunError(ValueError):
+    """A run directory or one of its files cannot be used; the message names the path and what to do."""
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -44,19 +56,118 @@ def load_json(path):
         return json.load(fh)
 
 
-def save_torch(obj, path) -> None:
-    """torch.save through a temporary file + rename."""
+def load_run_config(path) -> dict:
+    """A run's config.json -> {"model": {...}, "train": {...}}; RunError naming the file if it is not one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        d = load_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path} cannot be read as JSON ({_one_line(e)}); restore it or use another run_dir") from None
+    if not (isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("train"), dict)):
+        raise RunError(f"{path} is not a dsv4-lab run config (an object with 'model' and 'train' objects); "
+                       "restore it or use another run_dir")
+    return d
+
+
+def check_run_dir(run_dir, record: dict) -> bool:
+    """Validate run_dir before anything is written; True if it holds this very run (resume or skip).
+
+    Refused (RunError): a path that is a file or lies under one, an unwritable parent, a ckpt.pt or metrics.jsonl
+    without config.json (their configuration is unknown), a damaged config.json, another run's config.json. A
+    config.json alone (a run that stopped before its first record) is taken over by the new config."""
+    p = Path(run_dir)
+    if not str(run_dir).strip():
+        raise RunError("run_dir is empty; give a directory, e.g. run_dir=runs/my_run")
+    if p.exists() and not p.is_dir():
+        raise RunError(f"run_dir {p} exists and is not a directory; use another run_dir")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise RunError(f"run_dir {p} cannot be created: {anc} is a file, not a directory; use another run_dir")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise RunError(f"run_dir {p} cannot be written ({anc} is not writable); use another run_dir")
+    cfg = p / "config.json"
+    data = [f for f in ("ckpt.pt", "metrics.jsonl") if (p / f).exists()]
+    if not cfg.exists():
+        if data:
+            raise RunError(f"run_dir {p} holds {' and '.join(data)} but no config.json, so the configuration they "
+                           f"belong to is unknown; restore {cfg} or use another run_dir (or delete {p})")
+        return False
+    old = load_run_config(cfg)
+    if old != json.loads(json.dumps(record, default=str)):
+        if not data:
+            return False
+        raise RunError(f"{p} holds a run with a different config; use another run_dir "
+                       f"(differences: {'; '.join(config_diff(old, record))})")
+    return True
+
+
+def config_diff(a: dict, b: dict, limit: int = 6) -> list[str]:
+    """'section.key: old -> new' for the first `limit` fields that differ between two run configs."""
+    b = json.loads(json.dumps(b, default=str))
+    out = []
+    for sec in ("model", "train"):
+        sa, sb = a.get(sec, {}), b.get(sec, {})
+        for k in sorted(set(sa) | set(sb)):
+            if sa.get(k) != sb.get(k):
+                out.append(f"{sec}.{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
+    return out[:limit]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints: header line with the payload's sha256, weights-only payload
+# --------------------------------------------------------------------------------------------------------------
+
+CKPT_MAGIC = b"DSV4LAB-CKPT 1"
+_HEADER = re.compile(rb"DSV4LAB-CKPT 1 sha256=([0-9a-f]{64}) bytes=([0-9]+)\n")
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Header + torch.save(obj) written atomically. obj must hold only weights_only-loadable values."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    header = CKPT_MAGIC + f" sha256={hashlib.sha256(payload).hexdigest()} bytes={len(payload)}\n".encode()
+    atomic_write_bytes(path, header + payload)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Verify the header's size and sha256, then torch.load(weights_only=True). A file without the header (a
+    plain torch.save from an earlier dsv4-lab) is still loaded weights-only, without a checksum to check."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunError(f"checkpoint {path} cannot be read ({_one_line(e)})") from None
+    what = "checkpoint"
+    if data.startswith(CKPT_MAGIC):
+        m = _HEADER.match(data[:200])
+        if m is None:
+            raise RunError(f"checkpoint {path} has a damaged header; delete it (the run restarts from step 0) "
+                           "or use another run_dir")
+        payload, want_sha, want_n = data[m.end():], m.group(1).decode(), int(m.group(2))
+        if len(payload) != want_n:
+            raise RunError(f"checkpoint {path} is truncated ({len(payload)} of {want_n} payload bytes); delete it "
+                           "(the run restarts from step 0) or use another run_dir")
+        if hashlib.sha256(payload).hexdigest() != want_sha:
+            raise RunError(f"checkpoint {path} fails its sha256 check (the file is damaged); delete it "
+                           "(the run restarts from step 0) or use another run_dir")
+    else:
+        payload, what = data, "file (no dsv4-lab checkpoint header)"
+    try:
+        ck = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:                    # any unpickling / zip error: the file is not a loadable checkpoint
+        raise RunError(f"{what} {path} cannot be loaded as a weights-only checkpoint ({type(e).__name__}: "
+                       f"{_one_line(e)[:160]}); delete it (the run restarts from step 0) or use another run_dir") from None
+    if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("step"), int)):
+        raise RunError(f"{what} {path} is not a dsv4-lab checkpoint (needs 'model' and 'step'); delete it or use "
+                       "another run_dir")
+    return ck
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def git_commit(root: str | Path | None = None) -> dict:
@@ -109,20 +220,44 @@ class MetricsLog:
             fh.flush()
 
     def read(self) -> list[dict]:
+        """The records, in step order. A bad last line (cut by a kill) is dropped with a warning on stderr; a bad
+        line before it, or steps out of order, raise RunError naming the file and line."""
         if not self.path.exists():
             return []
+        try:
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        except OSError as e:
+            raise RunError(f"{self.path} cannot be read ({_one_line(e)})") from None
+        numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
         out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:       # a line cut by a kill
-                pass
+        for j, (lineno, line) in enumerate(numbered):
+            rec, why = _parse_record(line)
+            if rec is not None and out and rec["step"] <= out[-1]["step"]:
+                rec, why = None, f"step {rec['step']} after step {out[-1]['step']}"
+            if rec is None:
+                if j == len(numbered) - 1:
+                    print(f"warning: {self.path}: dropped its last line {lineno} ({why}: cut by a kill?)",
+                          file=sys.stderr)
+                    break
+                raise RunError(f"{self.path} line {lineno} is not a metrics record ({why}); the file is damaged: "
+                               "delete the run_dir and rerun, or use another run_dir")
+            out.append(rec)
         return out
 
     def truncate_after(self, step: int) -> None:
         """Keep only records with record['step'] <= step (used when resuming from a checkpoint)."""
         recs = [r for r in self.read() if r.get("step", -1) <= step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in recs).encode())
+
+
+def _parse_record(line: str):
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "not JSON"
+    if not isinstance(rec, dict) or type(rec.get("step")) is not int or rec["step"] < 0:
+        return None, "not an object with an integer 'step' >= 0"
+    return rec, ""
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -6,9 +6,14 @@ Writes `run_dir/config.json`, `env.json`, `metrics.jsonl` (one object per logged
 tokens, flops, and val_loss on eval steps) and `ckpt.pt`. A killed run restarted with the same run_dir resumes
 from its last checkpoint and sees the same batches it would have seen (batches are a pure function of
 (seed, step, rank)); a finished run is skipped. The LR schedule's horizon is `max_steps`, never early stopping.
+
+Bad input stops before anything is written (ConfigError / RunError, one line naming the field or file): the run
+dir, its config.json (required to resume), the checkpoint (checksum, weights-only load, same config) and the data
+are all checked first. A non-finite loss stops the run naming the step; the checkpoint written before it stays.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
 from .data import Batches
 from .model import DSV4LM
-from .runlog import MetricsLog, environment, load_json, save_json, save_torch
+from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
+                     save_checkpoint, save_json)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,7 +76,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, str]:
 def resolve_device(tc: TrainConfig, local_rank: int = 0) -> torch.device:
     if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' but no CUDA device is available")
+            raise ConfigError("config field 'device' = 'cuda' is not allowed: no CUDA device is available "
+                              "(use device=auto or device=cpu)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -107,6 +114,67 @@ def _config_record(mc: ModelConfig, tc: TrainConfig) -> dict:
     return {"model": mc.to_dict(), "train": tc.to_dict()}
 
 
+def _resume(ckpt_path: Path, record: dict, model, opt, device, max_steps: int) -> int:
+    """Load ckpt.pt into model + optimizer + CPU RNG; the step to continue from. RunError naming the file if it
+    is damaged (runlog.load_checkpoint) or belongs to another configuration."""
+    ck = load_checkpoint(ckpt_path, map_location=device)
+    if "config" in ck:
+        try:
+            theirs = json.loads(ck["config"])
+        except (TypeError, json.JSONDecodeError):
+            raise RunError(f"checkpoint {ckpt_path} holds a damaged config record; delete it or use another run_dir")
+        if theirs != json_roundtrip(record):
+            raise RunError(f"checkpoint {ckpt_path} was written by another configuration than its config.json "
+                           f"({'; '.join(config_diff(theirs, record))}); delete it or use another run_dir")
+    if not 0 <= ck["step"] < max_steps:
+        raise RunError(f"checkpoint {ckpt_path} is at step {ck['step']}, outside this run's 0..{max_steps - 1}; "
+                       "delete it or use another run_dir")
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng_cpu"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise RunError(f"checkpoint {ckpt_path} does not fit this model and optimizer ({type(e).__name__}: {msg}); "
+                       "delete it or use another run_dir") from None
+    return ck["step"] + 1
+
+
+def _final_record(metrics: MetricsLog, max_steps: int) -> dict:
+    """The record of a finished run's last step; RunError if metrics.jsonl lost it (never an earlier record)."""
+    recs = metrics.read()
+    if not recs or recs[-1]["step"] != max_steps - 1:
+        have = f"its last record is step {recs[-1]['step']}" if recs else "it holds no record"
+        raise RunError(f"{metrics.path}: the run finished (ckpt.pt is at step {max_steps - 1}) but {have}, not the "
+                       f"final step {max_steps - 1} (file emptied or its last line cut); the result is lost: "
+                       "rerun in another run_dir")
+    return recs[-1]
+
+
+class _NoBar:
+    def set_postfix(self, *a, **k):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """tqdm, imported only when the bar is on: the notebook widget only where ipywidgets is installed (without
+    it tqdm.auto warns "IProgress not found" in Jupyter), the text bar otherwise."""
+    if not enabled:
+        return _NoBar()
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm.std import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------------------
@@ -123,64 +191,65 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     if tc.batch_size % world:
-        raise ValueError(f"batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
+        raise ConfigError(f"config field 'batch_size' = {tc.batch_size} is not allowed: a multiple of the number "
+                          f"of processes ({world})")
+    check_train_pair(mc, tc)
     device = resolve_device(tc, local_rank)
     run_dir = Path(tc.run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     ckpt_path = run_dir / "ckpt.pt"
     record = _config_record(mc, tc)
 
-    # a finished or interrupted run with the same config: skip or resume; a different config: refuse
-    if (run_dir / "config.json").exists():
-        old = load_json(run_dir / "config.json")
-        if old != json_roundtrip(record):
-            raise ValueError(f"{run_dir} holds a run with a different config; use another run_dir "
-                             f"(differences: {_diff(old, json_roundtrip(record))})")
-
+    # everything is checked before anything is written: a finished or interrupted run with the same config is
+    # skipped or resumed; another config, a checkpoint without config.json or a damaged file are refused
+    same_run = check_run_dir(run_dir, record)
     torch.manual_seed(tc.seed)
     model = DSV4LM(mc).to(device)
     opt = build_optimizer(model, tc)
     start_step = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start_step = ck["step"] + 1
-        torch.set_rng_state(ck["rng_cpu"])
+    if same_run and ckpt_path.exists():
+        start_step = _resume(ckpt_path, record, model, opt, device, tc.max_steps)
         if start_step >= tc.max_steps:
-            last = metrics.read()
             if distributed:
                 dist.destroy_process_group()
-            return last[-1] if last else {}
+            return _final_record(metrics, tc.max_steps)
+    per_rank = tc.batch_size // world
+    try:                                           # the data source can make this run's batches
+        batches = Batches(tc.data, tc.seq_len, per_rank, tc.seed, rank, tc.task_n_pairs, tc.task_n_queries,
+                          tc.task_n_needles)
+        batches.train_batch(start_step)
+        batches.val_batch(0)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"config field 'data' = {tc.data!r} cannot make batches of seq_len={tc.seq_len}: "
+                          f"{' '.join(str(e).split())}") from None
     if rank == 0:
-        save_json(record, run_dir / "config.json")
-        env = environment(device)
-        env["world_size"] = world
-        if start_step:
-            env["resumed_from_step"] = start_step
-        save_json(env, run_dir / ("env.json" if not start_step else f"env.resume{start_step}.json"))
-        if start_step:
-            metrics.truncate_after(start_step - 1)
-        elif metrics.path.exists():
-            metrics.path.unlink()
+        try:
+            if start_step:
+                metrics.truncate_after(start_step - 1)
+            elif metrics.path.exists():
+                metrics.path.unlink()
+            save_json(record, run_dir / "config.json")
+            env = environment(device)
+            env["world_size"] = world
+            if start_step:
+                env["resumed_from_step"] = start_step
+            save_json(env, run_dir / ("env.json" if not start_step else f"env.resume{start_step}.json"))
+        except OSError as e:
+            raise RunError(f"run_dir {run_dir} cannot be written ({e.strerror or e}); use another run_dir") from None
     ddp_model = model
     if distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None,
             find_unused_parameters=mc.ffn == "moe" or "csa" in mc.layer_types)
 
-    per_rank = tc.batch_size // world
-    batches = Batches(tc.data, tc.seq_len, per_rank, tc.seed, rank, tc.task_n_pairs, tc.task_n_queries,
-                      tc.task_n_needles)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
     fwd = torch.compile(ddp_model) if tc.compile else ddp_model
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (tc.progress and rank == 0),
-               desc=f"train {run_dir.name}", dynamic_ncols=True)
+    bar = progress_bar(tc.progress and rank == 0, tc.max_steps, start_step, f"train {run_dir.name}")
+    last_ckpt = start_step - 1                     # step of the last good checkpoint on disk, -1 = none
     model.train()
     last: dict = {}
     t0 = time.time()
@@ -212,7 +281,10 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         loss_f = loss.item()
         call_step_hooks(model, step, loss_f)
         if not math.isfinite(loss_f):
-            raise FloatingPointError(f"training loss became {loss_f} at step {step} (run_dir={run_dir})")
+            kept = (f"its last good checkpoint (step {last_ckpt}) stays in {ckpt_path}" if last_ckpt >= 0
+                    else "no checkpoint was written yet")
+            raise RunError(f"training loss became {loss_f} at step {step}; the run stopped and {kept}; lower lr "
+                           f"(now {tc.lr}) or change the config, and use another run_dir")
 
         is_last = step == tc.max_steps - 1
         rec = None
@@ -239,8 +311,10 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
             last = rec
             bar.set_postfix(loss=f"{loss_f:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
         if ((step + 1) % tc.ckpt_interval == 0 or is_last) and rank == 0:
-            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "rng_cpu": torch.get_rng_state(), "flops_method": flops_method}, ckpt_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                             "rng_cpu": torch.get_rng_state(), "flops_method": flops_method,
+                             "config": json.dumps(json_roundtrip(record), sort_keys=True)}, ckpt_path)
+            last_ckpt = step
         bar.update(1)
     bar.close()
     if distributed:
@@ -250,14 +324,4 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
 
 
 def json_roundtrip(obj):
-    import json
     return json.loads(json.dumps(obj, default=str))
-
-
-def _diff(a: dict, b: dict) -> list[str]:
-    out = []
-    for sec in ("model", "train"):
-        for k in sorted(set(a.get(sec, {})) | set(b.get(sec, {}))):
-            if a.get(sec, {}).get(k) != b.get(sec, {}).get(k):
-                out.append(f"{sec}.{k}: {a.get(sec, {}).get(k)!r} -> {b.get(sec, {}).get(k)!r}")
-    return out[:10]
