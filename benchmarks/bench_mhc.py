@@ -1,75 +1,179 @@
-"""mHC pre + post (T8): fused Triton kernels vs the eager naive twin; bandwidth vs the copy ceiling.
+"""mHC pre + post (T8): fused Triton kernels, forward and forward + backward, vs the eager naive twin; bandwidth vs
+the copy ceiling.
 
-Compulsory bytes per token (docs/kernels.md §4 cost model, 28 d per site for bf16 streams, plus the fp32 coef):
-pre reads n d x + writes d u (+ (2 + n) n fp32 coef); post reads n d x + d y (+ coef) and writes n d x'.
-Re-reads (the pre kernel's L2-hot second pass over x, the W chunks every token block reads) are not counted.
-`pre_triton` times the library call (the small W hi/lo split launch included). The pre kernel is autotuned on its
-first call per (n, d, dtype); `pre_autotune` records every config's median ms from that tuning and the winner.
+Shapes: the `small` preset's residual (n = 4 streams, d = 384, bf16) at the end-to-end benchmark's 65,536 tokens per
+step (16 x 4096); a d = 1024 row beside it (the size the older runs reported).
+
+Compulsory bytes per token (docs/kernels.md §4 cost model; G n = (2 + n) n fp32 coefficients):
+  forward   pre reads n d x, writes d u (+ G n coef); post reads n d x + d y (+ coef), writes n d x'.
+            28 d bytes per site for bf16 streams, plus the coef.
+  backward  post reads y, x, dx' (+ coef), writes dy, dx (+ dcoef); pre reads x, du, post's dx (summed in the same
+            pass) (+ dcoef), writes dx: 54 d bytes for bf16 streams, plus the coef-sized vectors.
+Not counted: the pre kernel's L2-hot re-reads of x, W read by every token block, the forward's saved mu / rho
+(G n + 1 fp32 per token, written only when a gradient is needed), the dW kernel's re-read of x (n d) and its
+(rho dmu) vectors. `pre_triton` times the library call (the small W hi/lo split launch included). The pre kernel is
+autotuned on its first call per (n, d, dtype); `pre_autotune` records every config's median ms and the winner.
 Both ways of forming u are timed (`modes`: "fused" = the pre kernel's L2-hot second pass, "split" = a second launch);
-the headline pre / fused numbers are the faster mode's (`best_mix`), which mhc/triton.py's PRE_MIX should name
-(`library_default_mix` records what it named during the run).
-Keys read by run_all.py: runs[*].d, runs[*].fused_fraction_of_copy_bw."""
+the headline forward numbers are the faster mode's (`best_mix`), which mhc/triton.py's PRE_MIX should name
+(`library_default_mix` records what it named during the run). The backward launch parameters (mhc/triton.py BWD_*,
+DW_*) are swept (`bwd_sweep`, each one gated for correctness) and the fastest is used for the fwd + bwd figure
+(`bwd_best`; `library_default_bwd` = what triton.py named during the run).
+
+Keys: mhc_fused_fraction_of_copy_bw (forward, small shapes), mhc_fused_fwd_bwd_fraction_of_copy_bw (forward +
+backward, small shapes), runs[*] per shape (run_all.py reads the two top-level keys)."""
 from __future__ import annotations
 
 import torch
 
 from common import bench, ceilings, safe, save
+from dsv4_lab.kernels.mhc import triton as mt
 from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
-from dsv4_lab.kernels.mhc.triton import PRE_MIX, _mhc_pre_kernel, mhc_post_fwd, mhc_pre_fwd
+
+SMALL = (65536, 4, 384)                              # tokens per step, n = hc_mult, d = d_model of preset=small
+BWD_SWEEP = [dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=64, BWD_CPS=2, BWD_WARPS=4),
+             dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=128, BWD_CPS=2, BWD_WARPS=8),
+             dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2)]
+DW_SWEEP = [dict(DW_BT=64, DW_BK=128, DW_WAVES=4), dict(DW_BT=128, DW_BK=128, DW_WAVES=2),
+            dict(DW_BT=64, DW_BK=256, DW_WAVES=4)]
 
 
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def one(T, n, d):
-    x = torch.randn(1, T, n, d, device="cuda", dtype=torch.bfloat16)
-    fn = torch.randn((2 + n) * n, n * d, device="cuda") * 0.02
-    sc = torch.tensor([0.5, 0.7, 0.9], device="cuda")
-    base = torch.randn(fn.shape[0], device="cuda")
-    y = torch.randn(1, T, d, device="cuda", dtype=torch.bfloat16)
-    G = fn.shape[0]
-    pre_b = T * (n * d * 2 + d * 2 + G * 4)
-    post_b = T * (2 * n * d * 2 + d * 2 + G * 4)
-    cbw = ceilings()["copy_tb_s"]
-    r = {"T": T, "n": n, "d": d, "bytes_per_token": {"pre": pre_b // T, "post": post_b // T}, "modes": {}}
+def _set(params: dict) -> dict:
+    old = {k: getattr(mt, k) for k in params}
+    for k, v in params.items():
+        setattr(mt, k, v)
+    return old
+
+
+def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw):
     un, cn = mhc_pre_naive(x, fn, sc, base)
     for mix in ("fused", "split"):                 # how u is formed (mhc/triton.py docstring); PRE_MIX = the winner
         m = r["modes"][mix] = {}
-        u, coef = mhc_pre_fwd(x, fn, sc, base, mix=mix)       # first call per mode: autotunes the pre kernel
+        u, coef = mt.mhc_pre_fwd(x, fn, sc, base, mix=mix)    # first call per mode: autotunes the pre kernel
         try:
-            m["pre_autotune"] = {"best": str(_mhc_pre_kernel.best_config),
+            m["pre_autotune"] = {"best": str(mt._mhc_pre_kernel.best_config),
                                  "ms": {str(k): (v[0] if isinstance(v, (list, tuple)) else v)
-                                        for k, v in getattr(_mhc_pre_kernel, "configs_timings", {}).items()}}
+                                        for k, v in getattr(mt._mhc_pre_kernel, "configs_timings", {}).items()}}
         except Exception as e:                                        # noqa: BLE001
             m["pre_autotune"] = {"error": f"{type(e).__name__}: {e}"}
         # correctness gate (docs/kernels.md §9.1 item 6): vs the naive twin on the same bf16 inputs (fp32 compute)
         m["u_rel_err_vs_naive"], m["coef_rel_err_vs_naive"] = _rel(u, un), _rel(coef, cn)
         assert m["coef_rel_err_vs_naive"] < 1e-4 and m["u_rel_err_vs_naive"] < 1e-2, f"mHC mismatch: {m}"
-        p = bench(lambda: mhc_pre_fwd(x, fn, sc, base, mix=mix))
+        p = bench(lambda: mt.mhc_pre_fwd(x, fn, sc, base, mix=mix))
         m["pre_triton"] = dict(p, tb_s=pre_b / (p["ms"] * 1e-3) / 1e12)
     del un, cn
     best = min(r["modes"], key=lambda k: r["modes"][k]["pre_triton"]["ms"])
-    r["best_mix"], r["library_default_mix"] = best, PRE_MIX
+    r["best_mix"], r["library_default_mix"] = best, mt.PRE_MIX
     r.update({k: r["modes"][best][k] for k in ("pre_autotune", "u_rel_err_vs_naive", "coef_rel_err_vs_naive")})
-    r["post_rel_err_vs_naive"] = _rel(mhc_post_fwd(y, x, coef), mhc_post_naive(y, x, coef))
+    r["post_rel_err_vs_naive"] = _rel(mt.mhc_post_fwd(y, x, coef), mhc_post_naive(y, x, coef))
     p = r["modes"][best]["pre_triton"]
-    q = bench(lambda: mhc_post_fwd(y, x, coef))
+    q = bench(lambda: mt.mhc_post_fwd(y, x, coef))
     r["pre_triton"] = p
     r["post_triton"] = dict(q, tb_s=post_b / (q["ms"] * 1e-3) / 1e12)
     tot = (pre_b + post_b) / ((p["ms"] + q["ms"]) * 1e-3) / 1e12
     r["fused_tb_s"] = tot
     r["fused_fraction_of_copy_bw"] = tot / cbw
     r["pre_fraction_of_copy_bw"] = r["pre_triton"]["tb_s"] / cbw
+    r["post_fraction_of_copy_bw"] = r["post_triton"]["tb_s"] / cbw
     pn = bench(lambda: mhc_pre_naive(x, fn, sc, base), warmup=3, rep=50)
     qn = bench(lambda: mhc_post_naive(y, x, coef), warmup=3, rep=50)
     r["pre_naive"], r["post_naive"] = pn, qn
     r["speedup_vs_naive"] = (pn["ms"] + qn["ms"]) / (p["ms"] + q["ms"])
+    return best
+
+
+def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw):
+    """Training step of one site: pre (saving mu, rho) -> post -> backward of both, as the model runs it
+    (mhc_pre_triton(alias=True): post's dx reaches the pre backward kernel)."""
+    T, n, d = r["T"], r["n"], r["d"]
+    gu = torch.randn(1, T, d, device="cuda", dtype=x.dtype)
+    go = torch.randn(1, T, n, d, device="cuda", dtype=x.dtype)
+    ins = [t.detach().clone().requires_grad_(True) for t in (x, fn, sc, base, y)]
+
+    def step(pre, post, **kw):
+        u, coef, *xa = pre(*ins[:4], **kw)
+        out = post(ins[4], xa[0] if xa else ins[0], coef)
+        return torch.autograd.grad([u, out], ins, [gu, go])
+
+    ref = step(mhc_pre_naive, mhc_post_naive)                           # fp32 compute on the same bf16 inputs
+    old_mix = _set({"PRE_MIX": mix})
+    names = ["dx", "dfn", "dscale", "dbase", "dy"]
+    lims = [2e-2, 1e-3, 1e-3, 1e-3, 2e-2]                               # bf16 dx / dy carry their own rounding
+
+    def gate(tag):
+        got = step(mt.mhc_pre_triton, mt.mhc_post_triton, alias=True)
+        errs = {nm: _rel(a, b) for nm, a, b in zip(names, got, ref)}
+        assert all(errs[nm] < lim for nm, lim in zip(names, lims)), f"mHC backward mismatch ({tag}): {errs}"
+        return errs
+
+    # the kernels alone (forward saved once)
+    u, coef, mu, rho = mt.mhc_pre_fwd(x, fn, sc, base, save=True)
+    out = mt.mhc_post_fwd(y, x, coef)
+    sweep, best = [], None
+    for bp in BWD_SWEEP:
+        for dp in DW_SWEEP:
+            old = _set({**bp, **dp})
+            try:
+                e = {"params": {**bp, **dp}, "rel_err": gate(str(bp | dp))}
+                _, dxp, dcoef = mt.mhc_post_bwd(y, x, coef, go)
+                e["pre_bwd"] = bench(lambda: mt.mhc_pre_bwd(x, fn, sc, base, mu, rho, gu, dcoef, dxp))
+            except Exception as ex:                                     # noqa: BLE001
+                e = {"params": {**bp, **dp}, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+            _set(old)
+            sweep.append(e)
+            if "pre_bwd" in e and (best is None or e["pre_bwd"]["ms"] < best["pre_bwd"]["ms"]):
+                best = e
+    r["bwd_sweep"] = sweep
+    r["library_default_bwd"] = {k: getattr(mt, k) for k in (*BWD_SWEEP[0], *DW_SWEEP[0])}
+    assert best is not None, f"no backward configuration ran: {sweep}"
+    r["bwd_best"] = best["params"]
+    old = _set(best["params"])
+    try:
+        r["bwd_rel_err_vs_naive"] = gate("best")
+        r["post_bwd_triton"] = bench(lambda: mt.mhc_post_bwd(y, x, coef, go))
+        r["pre_fwd_save_triton"] = bench(lambda: mt.mhc_pre_fwd(x, fn, sc, base, save=True))
+        r["pre_bwd_triton"] = best["pre_bwd"]
+        f = bench(lambda: step(mt.mhc_pre_triton, mt.mhc_post_triton, alias=True))
+    finally:
+        _set(old)
+        _set(old_mix)
+    r["fwd_bwd_triton"] = f
+    r["fwd_bwd_tb_s"] = (fwd_b + bwd_b) / (f["ms"] * 1e-3) / 1e12
+    r["fwd_bwd_fraction_of_copy_bw"] = r["fwd_bwd_tb_s"] / cbw
+    r["bwd_kernels_fraction_of_copy_bw"] = \
+        bwd_b / ((r["post_bwd_triton"]["ms"] + r["pre_bwd_triton"]["ms"]) * 1e-3) / 1e12 / cbw
+    fn_ = bench(lambda: step(mhc_pre_naive, mhc_post_naive), warmup=3, rep=30)
+    r["fwd_bwd_naive"] = fn_
+    r["fwd_bwd_speedup_vs_naive"] = fn_["ms"] / f["ms"]
+
+
+def one(T, n, d, backward=True):
+    x = torch.randn(1, T, n, d, device="cuda", dtype=torch.bfloat16)
+    fn = torch.randn((2 + n) * n, n * d, device="cuda") * 0.02
+    sc = torch.tensor([0.5, 0.7, 0.9], device="cuda")
+    base = torch.randn(fn.shape[0], device="cuda")
+    y = torch.randn(1, T, d, device="cuda", dtype=torch.bfloat16)
+    Gn = fn.shape[0]
+    pre_b = T * (n * d * 2 + d * 2 + Gn * 4)
+    post_b = T * (2 * n * d * 2 + d * 2 + Gn * 4)
+    bwd_b = T * ((3 * n * d * 2 + 2 * d * 2 + 2 * Gn * 4) + (3 * n * d * 2 + d * 2 + Gn * 4))
+    cbw = ceilings()["copy_tb_s"]
+    r = {"T": T, "n": n, "d": d, "bytes_per_token": {"pre": pre_b // T, "post": post_b // T, "bwd": bwd_b // T},
+         "modes": {}}
+    mix = _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw)
+    if backward:
+        _backward(r, x, fn, sc, base, y, mix, pre_b + post_b, bwd_b, cbw)
     return r
 
 
 def main(out_dir=None):
-    res = {"runs": [safe(one, 65536, 4, 1024), safe(one, 65536, 4, 384)]}
+    small = safe(one, *SMALL)
+    res = {"runs": [small, safe(one, 65536, 4, 1024, backward=False)],
+           "mhc_fused_fraction_of_copy_bw": small.get("fused_fraction_of_copy_bw"),
+           "mhc_fused_fwd_bwd_fraction_of_copy_bw": small.get("fwd_bwd_fraction_of_copy_bw")}
     print("mhc", res, flush=True)
     save("mhc", res, out_dir)
     return res

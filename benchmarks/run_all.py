@@ -98,9 +98,10 @@ def build_summary(out_dir=None) -> dict:
         "CSA decode 1M not measured")
     put("hca_decode_1m_us", lambda: R["hca"]["decode"]["triton_1048576"]["us"], "HCA decode 1M not measured")
     put("dense_decode_1m_cudnn_us", lambda: R["dense"]["decode"]["cudnn_1048576"]["us"], "dense decode not measured")
-    put("mhc_fused_fraction_of_copy_bw",
-        lambda: next(r for r in R["mhc"]["runs"] if r.get("d") == 1024)["fused_fraction_of_copy_bw"],
-        "mHC not measured")
+    put("mhc_fused_fraction_of_copy_bw", lambda: R["mhc"]["mhc_fused_fraction_of_copy_bw"],
+        "mHC not measured")                                   # forward, preset=small shapes (bench_mhc.py)
+    put("mhc_fused_fwd_bwd_fraction_of_copy_bw", lambda: R["mhc"]["mhc_fused_fwd_bwd_fraction_of_copy_bw"],
+        "mHC backward not measured")
     put("fake_quant_tb_s", lambda: next(r for r in R["fake_quant"]["runs"]
                                         if r.get("fmt") == "fp8" and not r.get("tile"))["triton"]["tb_s"],
         "fake_quant not measured")
