@@ -429,7 +429,13 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
             u_s, c_s, mu, rho = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="bf16x3", save=True)
             _check("mhc u (bf16x3)", u_s, u_r.detach(), tol=tol_s)
             _check("mhc coef (bf16x3)", c_s, c_r.detach(), tol=tol_s)
-            gs = mt.mhc_pre_bwd(x0, fn0, sc0, base0, mu, rho, gu, gc, None, iters, eps, dot="bf16x3")
+            # one persistent program walking both token blocks (scratch reused), dW split over 2 token ranges
+            old = (mt.BWD_CPS, mt.DW_BT)
+            mt.BWD_CPS, mt.DW_BT = 1, 16
+            try:
+                gs = mt.mhc_pre_bwd(x0, fn0, sc0, base0, mu, rho, gu, gc, None, iters, eps, dot="bf16x3")
+            finally:
+                mt.BWD_CPS, mt.DW_BT = old
             for nm, a, r in zip(["dx", "dfn", "dscale", "dbase"], gs, gr):
                 _check(f"mhc pre {nm} (bf16x3)", a, r, tol=tol_s)
         # the other way of forming u (mix="split": coef kernel without pass 2 + the elementwise mix launch)

@@ -25,9 +25,15 @@ post (one program per BT tokens x BD channels): x'_j = C_j y + sum_i P_ij x_i, r
 Bytes (bench_mhc.py, docs/kernels.md §4 cost model): pre reads n d x + writes d u (+ (2 + n) n fp32 coef); post reads
 n d x + d y (+ coef) and writes n d x'; 28 d bytes per token and site for bf16 streams, plus the coef.
 
-Backward (autograd.Function): recompute-based. The backward re-runs the naive PyTorch twin under autograd on the
-saved inputs and back-propagates through it (one extra forward in fp32; documented trade-off: no Triton backward
-kernel for mHC yet).
+Backward (Triton; formulas above the backward kernels): the training forward also writes mu = rho v W^T and rho
+(G n + 1 fp32 per token). post: one pass per token block (dy, dx, dC, dP; the channel reductions in registers). pre:
+a persistent kernel re-derives the maps from mu, runs the Sinkhorn adjoint over the 2 iters - 1 normalisation inputs
+parked in a per-program scratch, and writes dx = post's dx + A du + the projection / RMS terms in one more (L2-hot)
+pass over x; dW = sum over tokens of (rho dmu)^T vec(x) by a split-K dot kernel with one fp32 atomic add per
+program; dbase / dscale by per-block fp32 atomics (run-to-run bit differences in those three, not in dx).
+MHCPreFn returns x itself as a third output (xa) for mhc_post: post's dx then arrives in the pre backward as xa's
+gradient and is summed in the same pass (one extra read of n d instead of autograd's separate sum: two reads and
+one write).
 """
 from __future__ import annotations
 
