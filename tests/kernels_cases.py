@@ -288,7 +288,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
     g = torch.Generator().manual_seed(11)
     # (R, L, k, programs, frontier)
-    shapes = [(3, 301, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None)] \
+    shapes = [(2, 203, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None)] \
         if not big else [(2, 262144, 512, None, None), (8, 32771, 512, None, None), (64, 4099, 512, 1, (64, 2000, 4))]
     for (R, L, k, P, fr) in shapes:
         n = torch.full((R,), L) if fr is None else \
@@ -297,13 +297,13 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 "ties": torch.randint(-2, 3, (R, L), generator=g).float(),
                 "binade": 1 + torch.rand(R, L, generator=g)}
         rows["ties"][0, ::3] = float("-inf")
-        for nm, x in rows.items():
-            for dt in (torch.float32, torch.bfloat16):
+        for j, (nm, x) in enumerate(rows.items()):
+            for dt, db in ((torch.float32, (4, 8)[j % 2]), (torch.bfloat16, (8, 4)[j % 2])):   # both digit widths
                 xd = x.to(device, dt)
                 for r in range(R):
                     xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
-                v, i = radix_select(xd, k, frontier=fr, programs=P)
-                _check_picks(f"radix_select {nm} {dt} {(R, L, k, P)}", xd, n, k, v, i)
+                v, i = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db)
+                _check_picks(f"radix_select {nm} {dt} digits {db} {(R, L, k, P)}", xd, n, k, v, i)
     # indexer methods: (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems)
     shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
               (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] if not big else \

@@ -3,14 +3,15 @@
     radix_select(val, k, frontier=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32), picks unsorted
 
 Keys: u = the order-preserving unsigned image of the fp32 value (bf16 values are widened to fp32 exactly, so only
-their top 16 bits differ). The threshold key (the k-th largest) is found 8 bits at a time, one launch per digit:
+their top 16 bits differ). The threshold key (the k-th largest) is found DB bits at a time (a digit), one launch per
+digit, NL = 32 / DB digits for fp32 rows, 16 / DB for bf16 rows (their low 16 bits are all equal):
 
-    launch 0    zero a per-row workspace: NL histograms of 256 bins + 2 slot counters        (torch.zero_)
+    launch 0    zero a per-row workspace: NL histograms of 2^DB bins + 2 slot counters       (torch.zero_)
     launch l    every program of the row rebuilds the prefix of digits 0..l-1 from the histograms already complete
                 (the same arithmetic in every program, so no program waits for another), then adds its chunk's
-                256-bin histogram of digit l, over the entries whose top 8l bits equal that prefix, into the row's
-                global histogram l (fp32 rows: l = 0..3; bf16 rows: l = 0..1, their low 16 bits are all equal)
-    emit        every program rebuilds the full threshold t (8 NL bits) and r = how many picks have key == t; its
+                2^DB-bin histogram of digit l, over the entries whose top DB*l bits equal that prefix, into the
+                row's global histogram l
+    emit        every program rebuilds the full threshold t (DB NL bits) and r = how many picks have key == t; its
                 entries with key > t take slots [0, k - r) and its entries == t slots [k - r, k), each through one
                 atomic ticket per block of entries (a slot counter per row, two per row in all)
 
@@ -19,7 +20,11 @@ entries equal to the k-th value are taken depends on the order the programs reac
 like torch.topk). Picks of value -inf report index -1. No host synchronisation: the launches have fixed grids and
 every data-dependent choice is made on the device, so the sequence can be captured in a CUDA graph.
 
-Each launch reads its chunk of the row once (L2-resident at decode: a 256K-entry row is 1 MB of fp32). Rows with
+Digit width: tl.histogram costs about (bins / 32 + 1) x DB warp instructions per 32 entries (warp ballots), so
+8-bit digits (256 bins) cost ~7x the ALU of 4-bit ones per pass. Decode (few rows, latency-bound: every launch
+counts) takes DB = 8 (2 launches for bf16 rows); prefill (many rows, ALU-bound) DB = 4 (4 launches for bf16 rows,
+each a bandwidth-bound read). Each launch reads its chunk of the row once (L2-resident at decode: a 256K-entry row is
+1 MB of fp32). Rows with
 n <= k visible entries take all of them in index order (slots >= n: -1). frontier=(Tq, q0, ratio): row r = b Tq + i
 only has n_r = min(L, (q0 + i + 1) // ratio) visible entries (the columns after them are never read: the score
 kernel may leave them unwritten); None: every row has L.
@@ -50,33 +55,35 @@ def _row_len(row, L, Tq, q0, RATIO: tl.constexpr):
 
 
 @triton.jit
-def _prefix(HIST, hbase, k, LEVELS: tl.constexpr):
+def _prefix(HIST, hbase, k, LEVELS: tl.constexpr, DB: tl.constexpr):
     """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
     their places, how many of the k picks still lie in the bin the prefix names)."""
-    bins = tl.arange(0, 256)
+    NB: tl.constexpr = 1 << DB
+    bins = tl.arange(0, NB)
     pref = k * 0
     krem = k
     for l in tl.static_range(LEVELS):
-        h = tl.load(HIST + hbase + l * 256 + bins, volatile=True)
+        h = tl.load(HIST + hbase + l * NB + bins, volatile=True)
         cge = tl.cumsum(h, 0, reverse=True)                                    # entries in bins >= b
         b = tl.max(tl.where(cge >= krem, bins, 0), 0)
         krem = krem - tl.sum(tl.where(bins > b, h, 0), 0)
-        pref = pref | (b << (24 - 8 * l))
+        pref = pref | (b << (32 - DB * (l + 1)))
     return pref, krem
 
 
 @triton.jit
-def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.constexpr, RATIO: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.constexpr, DB: tl.constexpr,
+                RATIO: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0)
     row = tl.program_id(1)
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     if (n > k) & (c0 < n):
-        hbase = row.to(tl.int64) * (NL * 256)
-        pref, krem = _prefix(HIST, hbase, k, LEVEL)
-        SH: tl.constexpr = 24 - 8 * LEVEL
-        hist = tl.zeros([256], tl.int32)
+        NB: tl.constexpr = 1 << DB
+        hbase = row.to(tl.int64) * (NL * NB)
+        pref, krem = _prefix(HIST, hbase, k, LEVEL, DB)
+        SH: tl.constexpr = 32 - DB * (LEVEL + 1)
+        hist = tl.zeros([NB], tl.int32)
         vrow = VAL + row.to(tl.int64) * sv
         c1 = tl.minimum(c0 + C, n)
         for st in range(c0, c1, BLOCK):
@@ -84,15 +91,15 @@ def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.cons
             m = offs < c1
             u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
             if LEVEL > 0:
-                m = m & ((u >> (SH + 8)) == (pref >> (SH + 8)))                # inside the bin chosen so far
-            hist += tl.histogram((u >> SH) & 255, 256, mask=m)
-        bins = tl.arange(0, 256)
-        tl.atomic_add(HIST + hbase + LEVEL * 256 + bins, hist, mask=hist > 0)
+                m = m & ((u >> (SH + DB)) == (pref >> (SH + DB)))              # inside the bin chosen so far
+            hist += tl.histogram((u >> SH) & (NB - 1), NB, mask=m)
+        bins = tl.arange(0, NB)
+        tl.atomic_add(HIST + hbase + LEVEL * NB + bins, hist, mask=hist > 0)
 
 
 @triton.jit
-def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr, RATIO: tl.constexpr,
-          BLOCK: tl.constexpr):
+def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
+          RATIO: tl.constexpr, BLOCK: tl.constexpr):
     p = tl.program_id(0)
     row = tl.program_id(1)
     n = _row_len(row, L, Tq, q0, RATIO)
@@ -108,9 +115,9 @@ def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr,
             tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
             tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
     elif c0 < n:
-        pref, krem = _prefix(HIST, row.to(tl.int64) * (NL * 256), k, NL)
-        SH: tl.constexpr = 32 - 8 * NL
-        tpre = pref >> SH                                                     # threshold prefix (8 NL bits)
+        pref, krem = _prefix(HIST, row.to(tl.int64) * (NL * (1 << DB)), k, NL, DB)
+        SH: tl.constexpr = 32 - DB * NL
+        tpre = pref >> SH                                                     # threshold prefix (DB NL bits)
         n_gt = k - krem
         cbase = row.to(tl.int64) * 2
         c1 = tl.minimum(c0 + C, n)
@@ -119,12 +126,12 @@ def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr,
             m = offs < c1
             v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
             u = _ukey(v) >> SH
-            if NL == 4:                        # full 32-bit keys: compare as unsigned (flip the sign bit back)
+            if SH == 0:                        # full 32-bit keys: compare as signed (flip the sign bit back)
                 a = u ^ -2147483648
                 t = tpre ^ -2147483648
-            else:                              # <= 24 bits after the shift: the arithmetic shift kept the order
-                a = u & ((1 << (8 * NL)) - 1)
-                t = tpre & ((1 << (8 * NL)) - 1)
+            else:                              # < 32 bits after the shift: mask to the unsigned prefix
+                a = u & ((1 << (32 - SH)) - 1)
+                t = tpre & ((1 << (32 - SH)) - 1)
             gt = m & (a > t)
             eq = m & (a == t)
             ngt = tl.sum(gt.to(tl.int32), 0)
@@ -149,10 +156,13 @@ def default_programs(R: int, L: int, sms: int = 132) -> int:
 
 
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
-                 programs: int | None = None, workspace: torch.Tensor | None = None):
+                 programs: int | None = None, workspace: torch.Tensor | None = None, digit_bits: int | None = None,
+                 block: int | None = None, num_warps: int = 8):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k), picks in no particular order (see the module docstring); -inf / -1 where a row has fewer than k
-    visible entries. workspace: an int32 buffer of >= R * (NL * 256 + 2) elements (allocated if None)."""
+    visible entries. workspace: an int32 buffer of >= workspace_size(R) elements (allocated if None).
+    digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
+    block: entries per loop step of a program (default 2048; 64 in the interpreter)."""
     check_device(val)
     R, L = val.shape
     if val.dtype not in (torch.float32, torch.bfloat16):
@@ -160,27 +170,35 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     if not 0 < k <= L:
         raise ValueError(f"radix_select: k={k}; allowed: 1 <= k <= L = {L}")
     assert val.stride(-1) == 1, "radix_select: the last dim of val must be contiguous"
-    NL = 2 if val.dtype == torch.bfloat16 else 4
+    P = default_programs(R, L) if programs is None else max(1, int(programs))
+    DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
+    if DB not in (4, 8):
+        raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
+    NL = (16 if val.dtype == torch.bfloat16 else 32) // DB
     oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
     oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
     if R == 0:
         return oval, oidx
-    need = R * (NL * 256 + 2)
+    need = R * (NL * (1 << DB) + 2)
     ws = workspace[:need] if workspace is not None and workspace.numel() >= need else \
         torch.empty(need, dtype=torch.int32, device=val.device)
     ws.zero_()
-    hist, cnt = ws[: R * NL * 256], ws[R * NL * 256:]
-    BLOCK = 64 if INTERPRET else 2048
-    P = default_programs(R, L) if programs is None else max(1, int(programs))
+    hist, cnt = ws[: R * NL * (1 << DB)], ws[R * NL * (1 << DB):]
+    BLOCK = 64 if INTERPRET else (2048 if block is None else int(block))
     C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
     P = triton.cdiv(L, C)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     for lev in range(NL):
-        _hist_level[(P, R)](val, hist, L, C, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, RATIO=ratio, BLOCK=BLOCK,
-                            num_warps=8)
-    _emit[(P, R)](val, hist, cnt, oval, oidx, L, C, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,
-                   RATIO=ratio, BLOCK=BLOCK, num_warps=8)
+        _hist_level[(P, R)](val, hist, L, C, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB, RATIO=ratio,
+                            BLOCK=BLOCK, num_warps=num_warps)
+    _emit[(P, R)](val, hist, cnt, oval, oidx, L, C, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL, DB=DB,
+                   RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
     return oval, oidx
 
 
-__all__ = ["radix_select", "default_programs"]
+def workspace_size(R: int) -> int:
+    """int32 workspace elements radix_select needs for R rows, any dtype and digit width."""
+    return R * (max(8 * 16, 4 * 256) + 2)
+
+
+__all__ = ["radix_select", "default_programs", "workspace_size"]

@@ -550,8 +550,9 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
         sdt = torch.bfloat16 if method.endswith("_bf16") else torch.float32
-        sel_ws = torch.empty(B * rows * (4 * 256 + 2), dtype=torch.int32, device=qI.device) \
-            if method.startswith("select") else None
+        if method.startswith("select"):
+            from .select import radix_select, workspace_size
+            sel_ws = torch.empty(workspace_size(B * rows), dtype=torch.int32, device=qI.device)
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             Sp = _visible(ratio, q_offset, t1, S)
@@ -562,7 +563,6 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                                        gmax=gbuf if group else None, group=group, dtype=sdt)
             sc = sc.view(B * (t1 - t0), Sp)
             if method.startswith("select"):                     # reads each row up to its own causal frontier
-                from .select import radix_select
                 v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws)
                 if return_scores:
                     v, o = torch.sort(v, dim=-1, descending=True)
