@@ -12,8 +12,8 @@ Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.
 loaded 256-B row once per query. bf16-score methods report their recall of the fp32-score picks (docs §2.4).
 
 Each family (topk_row, decode_N, prefill_N, fwd_bwd) runs in its own subprocess with a time cap (FAMILY_CAP_S, env
-CSA_FAMILY_CAP_S) and its results are merged into csa.json as soon as it ends, so a capped device call keeps what
-finished. SDPA-flash (dense causal MQA, as bench_dense.py) and torch.topk are measured inside the same families."""
+CSA_FAMILY_CAP_S; env CSA_FAMILIES picks and orders them) and its results are merged into csa.json as soon as it
+ends, so a capped device call keeps what finished. SDPA-flash (dense causal MQA, as bench_dense.py) and torch.topk are measured inside the same families."""
 from __future__ import annotations
 
 import time
@@ -264,6 +264,32 @@ def topk_row(L=262144):
     return out
 
 
+def topk_rows_prefill(R=2048, L=32768):
+    """Prefill-like rows (R x L bf16 scores, k = 512; the last 2K rows of a 128K prefill): torch.topk (fp32 / bf16,
+    unsorted) vs radix_select with one program per row at digit widths 4 / 8, blocks and warps (do_bench)."""
+    from dsv4_lab.kernels.indexer_topk.select import radix_select, workspace_size
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(R, L, device="cuda", generator=g).bfloat16()
+    xf = x.float()
+    ws = torch.empty(workspace_size(R), dtype=torch.int32, device="cuda")
+    out = {"R": R, "L": L, "k": K, "bytes_bf16": R * L * 2}
+    out["torch_topk_unsorted_bf16_ms"] = bench(lambda: torch.topk(x, K, sorted=False), warmup=3, rep=30)["ms"]
+    out["torch_topk_unsorted_fp32_ms"] = bench(lambda: torch.topk(xf, K, sorted=False), warmup=3, rep=30)["ms"]
+    ref = torch.topk(xf[:8], K).values
+    for db in (4, 8):
+        for blk, nw in ((2048, 8), (4096, 8), (1024, 4), (4096, 16)):
+            def run(db=db, blk=blk, nw=nw):
+                return radix_select(x, K, programs=1, workspace=ws, digit_bits=db, block=blk, num_warps=nw)
+            try:
+                v, _ = run()
+                ok = torch.equal(torch.sort(v[:8], -1, descending=True).values, ref)
+                out[f"select_bf16_d{db}_b{blk}_w{nw}_ms"] = bench(run, warmup=3, rep=30)["ms"]
+                out[f"select_bf16_d{db}_b{blk}_w{nw}_values_ok"] = ok
+            except Exception as e:                                             # noqa: BLE001
+                out[f"select_bf16_d{db}_b{blk}_w{nw}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def prefill_family(N):
     """SDPA-flash, compressor, indexer (scores + every method), sparse attention and CSA prefill at one N."""
     res = {"indexer": {}, "compressor": {}, "sparse": {}, "csa_prefill": {}, "dense": {}, "agreement": {}}
@@ -311,7 +337,7 @@ def prefill_family(N):
 
 def _family(name):
     if name == "topk_row":
-        return {"topk_row": {"262144": safe(topk_row)}}
+        return {"topk_row": {"262144": safe(topk_row), "prefill_rows": safe(topk_rows_prefill)}}
     if name.startswith("decode_"):
         N = int(name.split("_")[1])
         return {"decode": {f"{N}": safe(decode, N)}}
@@ -342,6 +368,8 @@ def main(out_dir=None, families=FAMILIES, cap_s=None):
     import sys
     import tempfile
     cap_s = int(os.environ.get("CSA_FAMILY_CAP_S", FAMILY_CAP_S)) if cap_s is None else cap_s
+    if os.environ.get("CSA_FAMILIES"):                      # e.g. CSA_FAMILIES="topk_row decode_1048576"
+        families = tuple(os.environ["CSA_FAMILIES"].split())
     t_start = time.time()
     res = {"shapes": {"H": H, "D": D, "m": M, "topk": K, "window": W, "HI": HI, "DI": DI, "B": 1, "d_model": DM,
                       "dtype": "bf16"},
