@@ -391,13 +391,13 @@ def _mhc_pre_bwd_kernel(X, DU, DXIN, DCOEF, MU, RHO, SC, BASE, FN, WH, WL, DX, D
             i = t % N
             dd = (t // N) * BC + cols
             km = dd < D
-            k = i * D + dd
+            kx = i * D + dd
             dm = tmask[:, None] & km[None, :]
             if SPLIT == 0:
-                wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
+                wv = tl.load(FN + wrow[:, None] * ND + kx[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
                 proj = tl.dot(dmus, wv, input_precision="ieee")                    # (BT, BC)
             else:
-                wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+                wp = kx[None, :] + c.to(tl.int64)[:, None] * ND
                 wm = wvalid[:, None] & km[None, :]
                 whi = tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last")
                 wlo = tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last")
@@ -405,13 +405,13 @@ def _mhc_pre_bwd_kernel(X, DU, DXIN, DCOEF, MU, RHO, SC, BASE, FN, WH, WL, DX, D
                 proj = _dot(glo, whi, proj, EMUL)
                 proj = _dot(ghi, wlo, proj, EMUL)
                 proj = _dot(ghi, whi, proj, EMUL)
-            xi = tl.load(X + xrow[:, None] + k[None, :], mask=dm, other=0.0, eviction_policy="evict_first")
+            xi = tl.load(X + xrow[:, None] + kx[None, :], mask=dm, other=0.0, eviction_policy="evict_first")
             du = tl.load(DU + tok64[:, None] * D + dd[None, :], mask=dm, other=0.0).to(tl.float32)
             a_i = tl.sum(tl.where(jn == i, A, 0.0), 1)
             dx = a_i[:, None] * du + proj - kv[:, None] * xi.to(tl.float32)
             if HAS_DXIN:
-                dx += tl.load(DXIN + xrow[:, None] + k[None, :], mask=dm, other=0.0).to(tl.float32)
-            tl.store(DX + xrow[:, None] + k[None, :], dx.to(DX.dtype.element_ty), mask=dm)
+                dx += tl.load(DXIN + xrow[:, None] + kx[None, :], mask=dm, other=0.0).to(tl.float32)
+            tl.store(DX + xrow[:, None] + kx[None, :], dx.to(DX.dtype.element_ty), mask=dm)
 
 
 @triton.jit
