@@ -157,12 +157,13 @@ def default_programs(R: int, L: int, sms: int = 132) -> int:
 
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  programs: int | None = None, workspace: torch.Tensor | None = None, digit_bits: int | None = None,
-                 block: int | None = None, num_warps: int = 8):
+                 block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k), picks in no particular order (see the module docstring); -inf / -1 where a row has fewer than k
     visible entries. workspace: an int32 buffer of >= workspace_size(R) elements (allocated if None).
     digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
-    block: entries per loop step of a program (default 2048; 64 in the interpreter)."""
+    block: entries per loop step of a program (default 2048; 64 in the interpreter).
+    out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride)."""
     check_device(val)
     R, L = val.shape
     if val.dtype not in (torch.float32, torch.bfloat16):
@@ -175,8 +176,13 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     if DB not in (4, 8):
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
     NL = (16 if val.dtype == torch.bfloat16 else 32) // DB
-    oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
-    oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
+    if out is None:
+        oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
+        oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
+    else:
+        oval, oidx = out
+        assert oval.shape == oidx.shape == (R, k) and oval.stride() == oidx.stride() and oval.stride(-1) == 1, \
+            "radix_select: out must be two (R, k) views with the same strides, last dim contiguous"
     if R == 0:
         return oval, oidx
     need = R * (NL * (1 << DB) + 2)

@@ -536,12 +536,18 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     if method == "stream":
         return _indexer_topk_stream(qI, kI, w, k, ratio, q_offset, return_scores)
     check_device(qI, kI, w)
-    idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
-    val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
+    Smax = _visible(ratio, q_offset, T, S)
+    rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
+    # select in one query chunk with >= k visible entries fills every slot itself: no -1 prefill, no copy (decode)
+    direct = method.startswith("select") and not return_scores and rows >= T and Smax >= k > 0
+    if direct:
+        idx = torch.empty((B, T, k), dtype=torch.int32, device=qI.device)
+        val = torch.empty((B, T, k), dtype=torch.float32, device=qI.device)
+    else:
+        idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
+        val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     split = (8192 if decode else 65536) if split is None else split      # prefill: only rows > 64K are split
     if T > 0 and k > 0:
-        Smax = _visible(ratio, q_offset, T, S)
-        rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
         need = B * rows * max(Smax, 1)
         group = 0
         if method == "radix_gmax":
@@ -563,7 +569,10 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                                        gmax=gbuf if group else None, group=group, dtype=sdt)
             sc = sc.view(B * (t1 - t0), Sp)
             if method.startswith("select"):                     # reads each row up to its own causal frontier
-                v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws)
+                v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws,
+                                    out=(val.view(B * T, k), idx.view(B * T, k)) if direct else None)
+                if direct:
+                    continue
                 if return_scores:
                     v, o = torch.sort(v, dim=-1, descending=True)
                     i = torch.gather(i, 1, o)
