@@ -25,8 +25,8 @@ import torch
 
 pytest.importorskip("triton")
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "fake_quant", "mhc", "sparse_decode",
-         "hca_decode", "sparse_kl"]
+CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "fake_quant", "mhc",
+         "sparse_decode", "hca_decode", "sparse_kl"]
 
 
 @pytest.fixture(scope="module")
