@@ -95,12 +95,19 @@ def check_run_dir(run_dir, record: dict) -> bool:
                            f"belong to is unknown; restore {cfg} or use another run_dir (or delete {p})")
         return False
     old = load_run_config(cfg)
-    if old != json.loads(json.dumps(record, default=str)):
+    if not same_config(old, record):
         if not data:
             return False
         raise RunError(f"{p} holds a run with a different config; use another run_dir "
                        f"(differences: {'; '.join(config_diff(old, record))})")
     return True
+
+
+NOT_COMPARED = ("run_dir", "progress")     # train fields that do not change a run: a moved run dir still resumes
+
+
+def same_config(a: dict, b: dict) -> bool:
+    return not config_diff(a, b)
 
 
 def config_diff(a: dict, b: dict, limit: int = 6) -> list[str]:
@@ -110,7 +117,7 @@ def config_diff(a: dict, b: dict, limit: int = 6) -> list[str]:
     for sec in ("model", "train"):
         sa, sb = a.get(sec, {}), b.get(sec, {})
         for k in sorted(set(sa) | set(sb)):
-            if sa.get(k) != sb.get(k):
+            if sa.get(k) != sb.get(k) and not (sec == "train" and k in NOT_COMPARED):
                 out.append(f"{sec}.{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
     return out[:limit]
 

@@ -27,7 +27,7 @@ from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
 from .data import Batches
 from .model import DSV4LM
 from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
-                     save_checkpoint, save_json)
+                     same_config, save_checkpoint, save_json)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _resume(ckpt_path: Path, record: dict, model, opt, device, max_steps: int) -
             theirs = json.loads(ck["config"])
         except (TypeError, json.JSONDecodeError):
             raise RunError(f"checkpoint {ckpt_path} holds a damaged config record; delete it or use another run_dir")
-        if theirs != json_roundtrip(record):
+        if not isinstance(theirs, dict) or not same_config(theirs, record):
             raise RunError(f"checkpoint {ckpt_path} was written by another configuration than its config.json "
                            f"({'; '.join(config_diff(theirs, record))}); delete it or use another run_dir")
     if not 0 <= ck["step"] < max_steps:
