@@ -145,6 +145,7 @@ class ModelConfig:
     anticipatory_delta: int = 1           # Delta t: steps between the routing parameters and the current ones
     anticipatory_period: int = 50         # steps anticipatory routing stays on after a detected spike (auto)
     spike_factor: float = 1.5             # a loss > spike_factor x running median counts as a spike (auto)
+    moe_dispatch: str = "grouped"         # grouped (tokens sorted by expert, 2 grouped GEMMs) | loop (per-expert reference)
 
     # --- multi-token prediction (docs §9) ---
     mtp_depth: int = 0                    # 0 = off
@@ -236,7 +237,7 @@ class ModelConfig:
         choices = {"index_mode": ("learned", "oracle", "random", "all"), "residual": ("plain", "hc", "mhc"),
                    "ffn": ("dense", "moe"), "score_func": ("sqrtsoftplus", "sigmoid"),
                    "anticipatory": ("off", "always", "auto"), "quant": ("none", "fp8", "fp4"),
-                   "kernels": ("auto", "triton", "torch")}
+                   "kernels": ("auto", "triton", "torch"), "moe_dispatch": ("grouped", "loop")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise _err(k, getattr(self, k), f"one of {allowed}")

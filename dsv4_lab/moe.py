@@ -82,6 +82,35 @@ def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"score_func = {kind!r} is not allowed: one of ('sqrtsoftplus', 'sigmoid')")
 
 
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (M, k) rows sorted by group, w (G, n, k), groups (M,) each row's group, offs (G,) int32 cumulative row ends
+    -> (M, n): row r of group g = x_r w_g^T.
+
+    Compute dtype: the autocast dtype when autocast is on, else x's. Paths:
+      * F.grouped_mm / torch._grouped_mm (one grouped GEMM) for bf16 (CUDA sm90+: the CUTLASS kernel, no host sync;
+        torch.compile traces it), and in eager mode also for fp32 / fp16 (CPU kernel; on CUDA torch's own per-group
+        fallback, which reads offs on the host). Needs k and n multiples of 16 bytes.
+      * otherwise a padded batched GEMM: rows scattered into a (G, M, k) buffer (M = every row could be in one
+        group), one bmm, rows gathered back. Static shapes and no host sync (torch.compile's fp32 / fp64 path), at
+        G times the FLOPs: for CPU-sized tests."""
+    dev = x.device.type
+    ct = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x, w = x.to(ct), w.to(ct)
+    align = 16 // x.element_size()
+    aligned = x.shape[1] % align == 0 and w.shape[1] % align == 0
+    eager_ok = ct in (torch.float32, torch.float16) and not torch.compiler.is_compiling()
+    if _GROUPED_MM is not None and aligned and (ct == torch.bfloat16 or eager_ok):
+        return _GROUPED_MM(x, w.transpose(-2, -1), offs=offs)
+    M, G = x.shape[0], w.shape[0]
+    starts = offs.long() - torch.diff(offs.long(), prepend=offs.new_zeros(1).long())      # (G,) first row of each
+    pos = torch.arange(M, device=x.device) - starts[groups]                                 # row within its group
+    buf = x.new_zeros(G, M, x.shape[1]).index_put((groups, pos), x)                         # (G, M, k)
+    return torch.bmm(buf, w.transpose(-2, -1))[groups, pos]                                 # (M, n)
+
+
 class SpikeDetector:
     """loss > factor x median of the last `window` losses (after `min_history` losses) = a spike."""
 
@@ -190,7 +219,9 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (docs §5). Experts are a ModuleList of SwiGLU, looped."""
+    """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (docs §5). Experts are a ModuleList of SwiGLU (the state
+    dict keeps one module per expert); moe_dispatch="grouped" stacks their weights per forward for two grouped
+    GEMMs, "loop" calls them one by one (the reference)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -241,19 +272,20 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         w, idx, s = self.gate(flat, input_ids)                                     # (N, K), (N, K), (N, N_r)
-        y = torch.zeros_like(flat)
-        for e in torch.unique(idx).tolist():                                       # experts that got tokens
-            tok, kpos = torch.where(idx == e)
-            y.index_add_(0, tok, self.experts[e](flat[tok], w[tok, kpos, None]).to(y.dtype))
+        if self.cfg.moe_dispatch == "loop":
+            y = self._routed_loop(flat, w, idx)
+        else:
+            y = self._routed_grouped(flat, w, idx)
         if self.shared_expert is not None:
             y = y + self.shared_expert(flat)
-        with torch.no_grad():
-            load = torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts).to(self.load_accum.dtype)
+        with torch.no_grad():                      # per-expert loads without bincount (a host sync on CUDA)
+            load = torch.zeros(self.cfg.n_routed_experts, dtype=self.load_accum.dtype, device=idx.device)
+            load = load.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=load.dtype))
         if self.training and not self.gate.is_hash:
             self.load_accum += load
             if self.cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
                 self._aux["balance_loss"] = self.balance_loss(s, idx, B, T)
-        self._aux["load_max_over_mean"] = (load.max() / load.mean()).item()
+        self._aux["load_max_over_mean"] = load.max() / load.mean()                 # 0-d tensor: no host sync
         if self.gate.anticipatory != "off":
             self._aux["anticipatory_active"] = float(self.gate.anticipatory_active())
             self._aux["anticipatory_overhead_s"] = self.gate._fwd_overhead
@@ -261,6 +293,61 @@ class MoE(nn.Module):
         if self.probe:
             self.stats.update(self._activation_stats(flat.detach(), idx))
         return y.view(B, T, d)
+
+    def _routed_loop(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The readable reference: one SwiGLU call per expert that got tokens (a host sync per forward)."""
+        y = torch.zeros_like(flat)
+        for e in torch.unique(idx).tolist():                                       # experts that got tokens
+            tok, kpos = torch.where(idx == e)
+            y.index_add_(0, tok, self.experts[e](flat[tok], w[tok, kpos, None]).to(y.dtype))
+        return y
+
+    def _routed_grouped(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sort the N K (token, expert) pairs by expert, then one grouped GEMM for gate/up and one for down:
+
+            order = argsort(idx.flatten(), stable)   (N K,)   slot j = (token order_j // K, expert idx_flat[order_j])
+            offs  = cumsum(tokens per expert)         (N_r,) int32, end of each expert's rows
+            h     = [W1_e; W3_e] x_j  for the rows j of expert e       (N K, 2 I)  grouped GEMM
+            y_t  += W2_e (w_j SwiGLU_clamp(h_j))                        (N K, d) -> index_add over tokens
+
+        Same math as `_routed_loop` (weights before W2, clamp on the routed experts, QAT fake-quantisers per row /
+        per expert weight); shapes are static and no value leaves the device, so torch.compile keeps one graph.
+        An expert with no tokens gets a zero weight gradient (the loop leaves it None)."""
+        N, K = idx.shape
+        e_flat = idx.flatten()                                                     # (N K,)
+        order = torch.argsort(e_flat, stable=True)
+        tok, grp = order // K, e_flat[order]                                       # token and expert of each row
+        counts = torch.zeros(self.cfg.n_routed_experts, dtype=torch.int32, device=idx.device)
+        counts = counts.index_add_(0, e_flat, torch.ones_like(e_flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)                          # (N_r,)
+        ws = w.flatten()[order]                                                    # (N K,) routing weights
+        q = self.experts[0].w1.quant
+        w13 = torch.stack([torch.cat([self._w(e.w1), self._w(e.w3)], 0) for e in self.experts])  # (N_r, 2I, d)
+        w2 = torch.stack([self._w(e.w2) for e in self.experts])                    # (N_r, d, I)
+        xs = flat[tok]                                                             # (N K, d)
+        if q:
+            from .quant.qat import ACT_BLOCK, fake_quant_fp8
+            xs = fake_quant_fp8(xs, ACT_BLOCK)
+        h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I)
+        h = h.to(torch.promote_types(h.dtype, torch.float32))                     # SwiGLU in fp32 at least
+        gate, up = h.chunk(2, dim=-1)
+        L = self.experts[0].limit
+        if L > 0:
+            up = up.clamp(-L, L)
+            gate = gate.clamp(max=L)
+        h = (F.silu(gate) * up * ws[:, None]).to(flat.dtype)                       # routing weight before W2
+        if q:
+            h = fake_quant_fp8(h, ACT_BLOCK)
+        out = grouped_linear(h, w2, grp, offs)                                     # (N K, d)
+        return torch.zeros_like(flat).index_add_(0, tok, out.to(flat.dtype))
+
+    @staticmethod
+    def _w(lin: nn.Module) -> torch.Tensor:
+        """An expert weight as its forward uses it (QAT fake-quantised when the layer has a quant role)."""
+        if lin.quant:
+            from .quant.qat import qat_weight
+            return qat_weight(lin.weight, lin.quant)
+        return lin.weight
 
     @torch.no_grad()
     def _activation_stats(self, flat: torch.Tensor, idx: torch.Tensor) -> dict:

@@ -258,3 +258,159 @@ def test_router_stats_and_model_level_on_train_step():
         if hasattr(m, "on_train_step"):
             m.on_train_step(0, out.loss.item())
     assert model.blocks[1].ffn.gate.e_score_correction_bias.abs().sum() > 0
+
+
+# --- grouped dispatch (tokens sorted by expert, grouped GEMMs) against the per-expert loop ----------------------------
+# Error model: in fp64 the grouped path and the per-token fp64 reference below differ only in summation order
+# (|diff| ~ 1e-15 max|y|; FP8 fake-quantisers round the same fp64 values, a flip needs a value within ~1e-15 of a
+# rounding boundary). An fp32 run against the fp64 reference: each output chains two dot products of lengths d and I
+# (gamma_k <= k u, u = 2^-24) through SwiGLU (|silu'| <= 1.1) and sums K + 1 <= 3 terms of similar size, so
+# |err| <= 10 (d + I) u max|y| with room to spare.
+U32 = 2.0 ** -24
+
+
+def routed_ref(moe, flat, w, idx):
+    """Per token, in the inputs' dtype: sum_k w_k W2_e (SiLU(clamp(W1_e x)) * clamp(W3_e x)), QAT as the layer's role."""
+    from dsv4_lab.quant.qat import ACT_BLOCK, fake_quant_fp8, qat_weight
+    q, L = moe.experts[0].w1.quant, moe.experts[0].limit
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for k in range(idx.shape[1]):
+            ex = moe.experts[int(idx[t, k])]
+            W1, W3, W2 = (qat_weight(m.weight, q) if q else m.weight for m in (ex.w1, ex.w3, ex.w2))
+            x = fake_quant_fp8(flat[t:t + 1], ACT_BLOCK) if q else flat[t:t + 1]
+            g, u = x @ W1.T, x @ W3.T
+            if L > 0:
+                g, u = g.clamp(max=L), u.clamp(-L, L)
+            h = F.silu(g) * u * w[t, k]
+            out[t] += ((fake_quant_fp8(h, ACT_BLOCK) if q else h) @ W2.T)[0]
+    return out
+
+
+def _grads(moe, *ts):
+    """Gradients of the routed experts' weights (None -> 0: the loop leaves experts without tokens untouched)."""
+    out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in moe.experts.parameters()]
+    return out + [t.grad.clone() for t in ts]
+
+
+def _run(moe, fn, flat, w, idx):
+    moe.zero_grad(set_to_none=True)
+    flat, w = flat.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = fn(flat, w, idx)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
+    return y.detach(), _grads(moe, flat, w)
+
+
+def _close(a, b, tol):
+    return (a.double() - b.double()).abs().max() <= tol * max(b.double().abs().max(), 1e-30)
+
+
+@pytest.mark.parametrize("case", ["default", "one_token", "empty_experts", "all_one_expert", "fp8", "unaligned",
+                                  "no_clamp", "hash"])
+def test_grouped_dispatch_matches_reference(case):
+    torch.manual_seed(0)
+    kw = dict(n_routed_experts=8, n_activated_experts=2, swiglu_limit=0.5)
+    d, N, layer = 32, 10, 3
+    if case == "empty_experts":
+        kw.update(n_routed_experts=16)
+        N = 3                                               # at most 6 of 16 experts get a token
+    if case == "one_token":
+        N = 1
+    if case == "fp8":
+        kw.update(quant="fp8")
+    if case == "no_clamp":
+        kw.update(swiglu_limit=0.0)
+    if case == "hash":
+        kw.update(n_hash_layers=1)
+        layer = 0
+    if case == "unaligned":
+        d = 30                                              # rows of 30 fp32 = 120 bytes: the padded-bmm path
+        kw.update(moe_inter_dim=14)
+    cfg = cfg_(**{"d_model": d, **kw})
+    moe = MoE(cfg, layer)
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.mul_(20.0)                                    # pre-activations of a few units: the clamp acts
+    x, ids = torch.randn(N, d), torch.randint(0, 64, (N,))
+    with torch.no_grad():
+        w, idx, _ = moe.gate(x, ids)
+    if case == "all_one_expert":
+        idx = torch.stack([torch.full((N,), 5), torch.full((N,), 2)], 1)
+    moe64 = MoE(cfg, layer).double()
+    moe64.load_state_dict(moe.state_dict())
+    y_ref, g_ref = _run(moe64, lambda *a: routed_ref(moe64, *a), x.double(), w.double(), idx)
+    y64, g64 = _run(moe64, moe64._routed_grouped, x.double(), w.double(), idx)
+    assert _close(y64, y_ref, 1e-12) and all(_close(a, b, 1e-12) for a, b in zip(g64, g_ref))
+    if case != "fp8":                   # fp32 vs fp64 moves FP8 roundings: the fp64 comparison above covers QAT
+        tol = 10 * (d + cfg.moe_inter_dim) * U32
+        y32, g32 = _run(moe, moe._routed_grouped, x, w, idx)
+        assert _close(y32, y_ref, tol) and all(_close(a, b, tol) for a, b in zip(g32, g_ref))
+        yl, gl = _run(moe, moe._routed_loop, x, w, idx)          # the loop reference agrees to the same bound
+        assert _close(yl, y_ref, tol) and all(_close(a, b, tol) for a, b in zip(gl, g_ref))
+    if case == "empty_experts":                             # experts without tokens: zero gradient
+        unused = [e for e in range(16) if not (idx == e).any()]
+        assert len(unused) >= 10 and all(moe64.experts[e].w1.weight.grad.abs().sum() == 0 for e in unused)
+
+
+def _aten_ops(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Rec(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    with Rec() as r:
+        fn()
+    return r.ops
+
+
+def test_grouped_dispatch_has_no_host_sync():
+    """No op whose output size or value must reach the host (what breaks torch.compile graphs and stalls CUDA):
+    .item() / .tolist() (_local_scalar_dense), nonzero (torch.where), unique, bincount. The loop path is the control."""
+    torch.manual_seed(0)
+    sync_ops = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "bincount"}
+    for dispatch, expect_sync in (("grouped", False), ("loop", True)):
+        moe = MoE(cfg_(moe_dispatch=dispatch), 3).train()
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        ops = _aten_ops(lambda: moe(x).square().sum().backward())
+        assert bool(ops & sync_ops) == expect_sync, (dispatch, ops & sync_ops)
+
+
+def test_model_loss_and_grads_same_with_either_dispatch():
+    torch.manual_seed(0)
+    cfg = cfg_(layer_types=["dense"] * 2, n_hash_layers=1)
+    a = DSV4LM(cfg).train()
+    b = DSV4LM(cfg.replace(moe_dispatch="loop")).train()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 64, (2, 12))
+    la, lb = a(ids, ids.roll(-1, 1)).loss, b(ids, ids.roll(-1, 1)).loss
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) <= 1e-5 * abs(lb.item())
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        gp = torch.zeros_like(p) if p.grad is None else p.grad
+        gq = torch.zeros_like(q) if q.grad is None else q.grad
+        assert torch.allclose(gp, gq, rtol=1e-4, atol=1e-6 * (gq.abs().max() + 1e-12)), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the bf16 grouped GEMM kernel (sm90+)")
+@pytest.mark.parametrize("n_tok", [1, 7, 517])
+def test_grouped_dispatch_cuda_bf16_matches_loop(n_tok):
+    """bf16 under autocast on the GPU (torch's CUTLASS grouped GEMM): odd per-expert counts, empty experts. Both paths
+    round their GEMM outputs to bf16 (u = 2^-8) at the same places; tolerance 4 u max|y| (several roundings)."""
+    torch.manual_seed(0)
+    moe = MoE(cfg_(d_model=384, moe_inter_dim=256, n_routed_experts=16, swiglu_limit=10.0), 3).cuda()
+    x = torch.randn(1, n_tok, 384, device="cuda")
+    flat = x.view(-1, 384)
+    with torch.no_grad():
+        w, idx, _ = moe.gate(flat, None)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ref, g_ref = _run(moe, moe._routed_loop, flat, w, idx)
+        y, g = _run(moe, moe._routed_grouped, flat, w, idx)
+    tol = 4 * 2.0 ** -8
+    assert _close(y, y_ref, tol) and all(_close(a, b, tol) for a, b in zip(g, g_ref))
