@@ -240,3 +240,42 @@ def test_compressor_bf16_operands_match_fp32_compute():
             ref = u.double() @ wt.double().t()
             bound = 1024 * 2.0 ** -24 * (u.double().abs() @ wt.double().abs().t())
             assert ((out.double() - ref).abs() <= bound).all(), "bf16-operand projection outside the fp32 error bound"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mhc_site_kernel_path_small_preset(dtype):
+    """One mHC residual site of preset=small (n 4, d 384) at 2 x 4096 tokens, residual streams in `dtype`:
+    kernels="triton" (fused pre / post forward, Triton backward, post's dx summed inside the pre backward) against the
+    naive-twin path in fp64 on u, the site's output and the gradients for X, fn, scale, base, with y = tanh(u) as a
+    differentiable stand-in for the sub-layer. fp32 within the error model (kernels_cases._mhc_tol, split dots);
+    bf16 within 2x the bf16 naive path's own error plus that tolerance (docs/kernels.md §9.1 item 6)."""
+    from dsv4_lab import ModelConfig
+    from dsv4_lab.mhc import HyperConnection
+    B, T = 2, 4096
+    torch.manual_seed(0)
+    proto = HyperConnection(ModelConfig.from_preset("small"))
+    n, d = proto.n, proto.cfg.d_model
+    with torch.no_grad():                                    # live dynamic maps (the init is near identity)
+        proto.fn.normal_(0, 2.0 / (n * d) ** 0.5)
+        proto.scale.fill_(1.0)
+        proto.base.normal_(0, 1.0)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    X0 = torch.randn(B, T, n, d, device="cuda", generator=g)
+    go = torch.randn(B, T, n, d, device="cuda", generator=g)
+
+    def run(kernels, xdt, pdt):
+        site = HyperConnection(ModelConfig.from_preset("small", kernels=kernels))
+        site.load_state_dict(proto.state_dict())
+        site = site.to("cuda", pdt)
+        X = X0.to(xdt).requires_grad_(True)
+        u, ctx = site.pre(X)
+        out = site.post(torch.tanh(u.float()).to(xdt), X, ctx)
+        grads = torch.autograd.grad((out.to(pdt) * go.to(pdt)).sum(), [X, site.fn, site.scale, site.base])
+        return [u, out, *grads]
+
+    ref = run("torch", torch.float64, torch.float64)
+    yard = run("torch", dtype, torch.float32) if dtype != torch.float32 else [None] * len(ref)
+    got = run("triton", dtype, torch.float32)
+    tol = kc._mhc_tol(n, d, B * T, proto.iters, True)
+    for nm, a, r, y in zip(["u", "out", "dX", "dfn", "dscale", "dbase"], got, ref, yard):
+        kc._check(f"mhc site {nm}", a, r, y, tol)
