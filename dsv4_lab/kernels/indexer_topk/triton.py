@@ -181,7 +181,8 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
                           s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None,
-                          gmax: torch.Tensor | None = None, group: int = 0, dtype: torch.dtype = torch.float32):
+                          gmax: torch.Tensor | None = None, group: int = 0, dtype: torch.dtype = torch.float32,
+                          pad: int = 1):
     """(B, t1 - t0, S') scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf; `dtype` fp32,
     or bf16 (the fp32 sum over heads rounded once to nearest: half the bytes written and read by the top-k).
 
@@ -191,7 +192,9 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     tile's causal frontier unwritten (for readers that stop at each row's frontier, as the radix top-k does).
     config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config).
     group > 0: also write gmax (B, t1 - t0, ceil(S' / group)) (a flat buffer of at least that size), the max of every
-    `group` consecutive scores (group a power of two <= 32; groups in skipped tiles are left unwritten)."""
+    `group` consecutive scores (group a power of two <= 32; groups in skipped tiles are left unwritten).
+    pad: rows of `out` start every ceil(S' / pad) * pad elements (pad 64: aligned rows, so readers load whole
+    16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows."""
     check_device(qI, kI, w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -199,10 +202,11 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     t1 = T if t1 is None else t1
     Tq = t1 - t0
     Sp = _visible(ratio, q_offset, t1, S) if s1 is None else min(int(s1), S)
+    Spad = -(-Sp // pad) * pad
     if out is None:
-        out = torch.empty(B, Tq, Sp, dtype=dtype, device=qI.device)
+        out = torch.empty(B, Tq, Spad, dtype=dtype, device=qI.device)[..., :Sp]
     else:
-        out = out.view(dtype).view(-1)[: B * Tq * Sp].view(B, Tq, Sp)
+        out = out.view(dtype).view(-1)[: B * Tq * Spad].view(B, Tq, Spad)[..., :Sp]
     if Tq <= 0 or Sp <= 0:
         return out
     qI = qI if qI.stride(-1) == 1 else qI.contiguous()
@@ -548,7 +552,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     split = (8192 if decode else 65536) if split is None else split      # prefill: only rows > 64K are split
     if T > 0 and k > 0:
-        need = B * rows * max(Smax, 1)
+        pad = 64 if method.startswith("select") else 1          # aligned rows: vector loads in the select
+        need = B * rows * -(-max(Smax, 1) // pad) * pad
         group = 0
         if method == "radix_gmax":
             group = min(16 if INTERPRET else 32, next_pow2(-(-max(Smax, 1) // (2 * next_pow2(k)))))
@@ -566,8 +571,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                 continue                                        # nothing visible: the -1 / -inf prefill stands
             radix = method in ("radix", "radix_gmax", "select", "select_bf16")
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not radix,
-                                       gmax=gbuf if group else None, group=group, dtype=sdt)
-            sc = sc.view(B * (t1 - t0), Sp)
+                                       gmax=gbuf if group else None, group=group, dtype=sdt, pad=pad)
+            sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
             if method.startswith("select"):                     # reads each row up to its own causal frontier
                 v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws,
                                     out=(val.view(B * T, k), idx.view(B * T, k)) if direct else None)
