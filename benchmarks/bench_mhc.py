@@ -1,12 +1,14 @@
 """mHC pre + post (T8): fused Triton kernels, forward and forward + backward, vs the eager naive twin; bandwidth vs
 the copy ceiling.
 
-Shapes: the `small` preset's residual (n = 4 streams, d = 384, bf16) at the end-to-end benchmark's 65,536 tokens per
-step (16 x 4096); a d = 1024 row beside it (the size the older runs reported).
+Shapes: the `small` preset's residual (n = 4 streams, d = 384) at the end-to-end benchmark's 65,536 tokens per step
+(16 x 4096), bf16 streams (the headline keys) and fp32 streams (what the model carries under bf16 autocast: the
+embedding, hence the residual state, is fp32; library-default backward parameters); a bf16 d = 1024 forward row
+(the size the older runs reported).
 
 Compulsory bytes per token (docs/kernels.md §4 cost model; G n = (2 + n) n fp32 coefficients):
   forward   pre reads n d x, writes d u (+ G n coef); post reads n d x + d y (+ coef), writes n d x'.
-            28 d bytes per site for bf16 streams, plus the coef.
+            28 d bytes per site for bf16 streams (x 2 for fp32), plus the coef.
   backward  post reads y, x, dx' (+ coef), writes dy, dx (+ dcoef); pre reads x, du, post's dx (summed in the same
             pass) (+ dcoef), writes dx: 54 d bytes for bf16 streams, plus the coef-sized vectors.
 Not counted: the pre kernel's L2-hot re-reads of x, W read by every token block, the forward's saved mu / rho
@@ -85,7 +87,7 @@ def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw):
     return best
 
 
-def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw):
+def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
     """Training step of one site: pre (saving mu, rho) -> post -> backward of both, as the model runs it
     (mhc_pre_triton(alias=True): post's dx reaches the pre backward kernel)."""
     T, n, d = r["T"], r["n"], r["d"]
@@ -113,8 +115,8 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw):
     u, coef, mu, rho = mt.mhc_pre_fwd(x, fn, sc, base, save=True)
     out = mt.mhc_post_fwd(y, x, coef)
     sweep, best = [], None
-    for bp in BWD_SWEEP:
-        for dp in DW_SWEEP:
+    for bp in (BWD_SWEEP if sweep_bwd else [{k: getattr(mt, k) for k in BWD_SWEEP[0]}]):
+        for dp in (DW_SWEEP if sweep_bwd else [{k: getattr(mt, k) for k in DW_SWEEP[0]}]):
             old = _set({**bp, **dp})
             try:
                 e = {"params": {**bp, **dp}, "rel_err": gate(str(bp | dp))}
@@ -150,28 +152,30 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw):
     r["fwd_bwd_speedup_vs_naive"] = fn_["ms"] / f["ms"]
 
 
-def one(T, n, d, backward=True):
-    x = torch.randn(1, T, n, d, device="cuda", dtype=torch.bfloat16)
+def one(T, n, d, dtype=torch.bfloat16, backward=True, sweep_bwd=True):
+    x = torch.randn(1, T, n, d, device="cuda", dtype=dtype)
     fn = torch.randn((2 + n) * n, n * d, device="cuda") * 0.02
     sc = torch.tensor([0.5, 0.7, 0.9], device="cuda")
     base = torch.randn(fn.shape[0], device="cuda")
-    y = torch.randn(1, T, d, device="cuda", dtype=torch.bfloat16)
-    Gn = fn.shape[0]
-    pre_b = T * (n * d * 2 + d * 2 + Gn * 4)
-    post_b = T * (2 * n * d * 2 + d * 2 + Gn * 4)
-    bwd_b = T * ((3 * n * d * 2 + 2 * d * 2 + 2 * Gn * 4) + (3 * n * d * 2 + d * 2 + Gn * 4))
+    y = torch.randn(1, T, d, device="cuda", dtype=dtype)
+    Gn, e = fn.shape[0], x.element_size()
+    pre_b = T * (n * d * e + d * e + Gn * 4)
+    post_b = T * (2 * n * d * e + d * e + Gn * 4)
+    bwd_b = T * ((3 * n * d * e + 2 * d * e + 2 * Gn * 4) + (3 * n * d * e + d * e + Gn * 4))
     cbw = ceilings()["copy_tb_s"]
-    r = {"T": T, "n": n, "d": d, "bytes_per_token": {"pre": pre_b // T, "post": post_b // T, "bwd": bwd_b // T},
+    r = {"T": T, "n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "bytes_per_token": {"pre": pre_b // T, "post": post_b // T, "bwd": bwd_b // T},
          "modes": {}}
     mix = _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw)
     if backward:
-        _backward(r, x, fn, sc, base, y, mix, pre_b + post_b, bwd_b, cbw)
+        _backward(r, x, fn, sc, base, y, mix, pre_b + post_b, bwd_b, cbw, sweep_bwd)
     return r
 
 
 def main(out_dir=None):
     small = safe(one, *SMALL)
-    res = {"runs": [small, safe(one, 65536, 4, 1024, backward=False)],
+    # fp32 streams: what the model carries under bf16 autocast (fp32 embedding -> fp32 residual state)
+    res = {"runs": [small, safe(one, *SMALL, dtype=torch.float32, sweep_bwd=False),
+                    safe(one, 65536, 4, 1024, backward=False)],
            "mhc_fused_fraction_of_copy_bw": small.get("fused_fraction_of_copy_bw"),
            "mhc_fused_fwd_bwd_fraction_of_copy_bw": small.get("fwd_bwd_fraction_of_copy_bw")}
     print("mhc", res, flush=True)
