@@ -552,7 +552,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     split = (8192 if decode else 65536) if split is None else split      # prefill: only rows > 64K are split
     if T > 0 and k > 0:
-        pad = 64 if method.startswith("select") else 1          # aligned rows: vector loads in the select
+        pad = 64 if method in ("select", "select_bf16", "radix", "radix_gmax") else 1   # aligned rows: vector loads
         need = B * rows * -(-max(Smax, 1) // pad) * pad
         group = 0
         if method == "radix_gmax":
