@@ -457,7 +457,11 @@ METHODS = ("select", "select_bf16", "torch_bf16", "radix", "radix_gmax", "torch"
 # 32K / 128K prefill (5.0 / 41.3 ms vs radix 8.1 / 67.7, radix_gmax 8.1 / 58.2) and at 1M decode (103 us vs radix
 # 113 us); at 8K all are within 0.3 ms. In the model-level GPU test the radix path also dropped 0.26 % of the picks
 # where k >= the visible count (not reproduced under the interpreter): see benchmarks/README.md
+# Not yet measured on the GPU: select / select_bf16 / torch_bf16 (bench_csa.py measures all methods side by side);
+# the methods that lose to the winner then leave the package (their numbers stay in benchmarks/README.md).
+# "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
 AUTO = {"prefill": "torch", "decode": "torch"}
+FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch"}
 DECODE_T = 16                                        # T <= DECODE_T queries: decode methods (split the key range)
 
 
@@ -522,7 +526,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                    return_scores the picks come in torch.topk(sorted=False) order (same set).
       split_torch  Triton scores + two-stage torch.topk (per `split` chunk, then of the candidates).
       stream       the fused streaming kernel (scores never leave registers; bitonic merge per key tile).
-      auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"].
+      auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin).
     torch.topk's order among equal scores is unspecified, so `torch`/`split_torch` may order ties (and pick among
     ties at the k-th value) differently from the naive twin, as may `select*`; `radix` and `stream` follow the
     lower-index rule. Without return_scores the `select*` and `torch*` picks come unsorted (same set); with it they
@@ -535,6 +539,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     decode = T <= DECODE_T
     if method == "auto":
         method = AUTO["decode" if decode else "prefill"]
+        if qI.dtype == torch.float32:                               # fp32 model: keep fp32 scores (exact twin)
+            method = FP32_TWIN.get(method, method)
     if method not in METHODS:
         raise ValueError(f"indexer_topk_triton: method={method!r}; allowed: auto, {', '.join(METHODS)}")
     if method == "stream":
