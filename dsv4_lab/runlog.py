@@ -161,12 +161,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             raise RunError(f"checkpoint {path} fails its sha256 check (the file is damaged); delete it "
                            "(the run restarts from step 0) or use another run_dir")
     else:
-        payload, what = data, "file (no dsv4-lab checkpoint header)"
+        payload, what = data, "checkpoint (no dsv4-lab header)"
     try:
         ck = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:                    # any unpickling / zip error: the file is not a loadable checkpoint
-        raise RunError(f"{what} {path} cannot be loaded as a weights-only checkpoint ({type(e).__name__}: "
-                       f"{_one_line(e)[:160]}); delete it (the run restarts from step 0) or use another run_dir") from None
+        first = _one_line(e).split(". ")[0][:120]
+        raise RunError(f"{what} {path} cannot be loaded weights-only ({type(e).__name__}: {first}); delete it "
+                       "(the run restarts from step 0) or use another run_dir") from None
     if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("step"), int)):
         raise RunError(f"{what} {path} is not a dsv4-lab checkpoint (needs 'model' and 'step'); delete it or use "
                        "another run_dir")

@@ -168,8 +168,8 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path, caps
     else:
         data = buf.getvalue()                              # a plain torch.save, as an older dsv4-lab wrote
     (run_copy / "ckpt.pt").write_bytes(data)
-    assert_one_line_error(*run_cli(capsys, "train", *FAST, f"run_dir={run_copy}"), "ckpt.pt", "weights-only")
-    with pytest.raises(RunError, match="weights-only"):
+    assert_one_line_error(*run_cli(capsys, "train", *FAST, f"run_dir={run_copy}"), "ckpt.pt", "loaded weights-only")
+    with pytest.raises(RunError, match="loaded weights-only"):
         load_checkpoint(run_copy / "ckpt.pt")
     assert not marker.exists()
 
