@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             from .summarize import summarize_cli
             return summarize_cli(rest)
         if cmd == "figures":
+            from pathlib import Path
+
             from .reproduce import make_figures
+            if len(rest) > 1 or (rest and not Path(rest[0]).is_dir()):
+                raise ConfigError(f"figures takes one existing runs directory (default runs), got {rest}")
             make_figures(rest[0] if rest else "runs", "figures")
             return 0
     except EXPECTED_ERRORS as e:

@@ -332,6 +332,11 @@ def test_progress_off_never_imports_tqdm_and_on_does_not_warn(capsys, tmp_path, 
     assert type(bar).__module__ == "tqdm.std"
 
 
+def test_figures_needs_an_existing_runs_dir(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "figures", str(tmp_path / "nope")), "figures", "nope")
+    assert_one_line_error(*run_cli(capsys, "figures", str(tmp_path), "extra"), "figures")
+
+
 def test_unexpected_bug_still_tracebacks(monkeypatch, tmp_path):
     import dsv4_lab.train as train_mod
 
