@@ -210,6 +210,12 @@ def test_bad_config_values_fail_before_anything_is_written(capsys, tmp_path, ove
     assert not rd.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device=cuda is valid where a GPU exists")
+def test_device_cuda_without_gpu(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "train", *FAST, "device=cuda", f"run_dir={tmp_path / 'r'}"), "device")
+    assert not (tmp_path / "r").exists()
+
+
 def test_refused_seq_len_does_not_block_the_corrected_rerun(capsys, tmp_path):
     rd = tmp_path / "run"
     assert_one_line_error(*run_cli(capsys, "train", *FAST, "seq_len=1000", f"run_dir={rd}"), "seq_len")
