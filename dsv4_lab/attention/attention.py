@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..kernels import use_triton
 from ..layers import Linear, RMSNorm, rms_norm
 from ..rope import RotaryTable
-from .core import sink_attention, window_mask
+from .core import dense_causal_attention, sink_attention, window_mask
 
 
 class Attention(nn.Module):
@@ -130,7 +130,7 @@ class Attention(nn.Module):
     def kernel_core(self, q: torch.Tensor, kv: torch.Tensor, comp) -> torch.Tensor | None:
         """o (B, T, H, c) from the layer's kernel, or None where no kernel applies (then the reference runs).
         Here: the window-only layer ("swa") is the CSA kernel with no picks (every index -1: window + sink only);
-        dense layers with a sink keep the reference (O(T^2) memory: use attn_sink=false for long dense runs)."""
+        dense layers never get here (fused SDPA with the sink as a virtual key, core.dense_causal_attention)."""
         if self.layer_type != "swa" or comp is not None:
             return None
         from ..kernels.sparse_attn import sparse_attn
@@ -150,11 +150,9 @@ class Attention(nn.Module):
         q = self.queries(u, cq, pos)
         kv = self.window_kv(u, pos)
         comp = self.compressed(u, cq, q, kv, pos)       # (entries (B, S, c), mask (B, T, S) or a callable making it)
-        if comp is None and self.attn_sink is None and self.layer_type == "dense":
-            # plain causal MQA: the fused SDPA path gives the same numbers as the reference without the T x T matrix
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), kv[:, None].expand(-1, self.n_heads, -1, -1),
-                kv[:, None].expand(-1, self.n_heads, -1, -1), is_causal=True, scale=self.scale).transpose(1, 2)
+        if comp is None and self.layer_type == "dense":
+            # causal MQA (the sink folded in as a virtual key): fused SDPA, the reference's numbers without (T, T)
+            o = dense_causal_attention(q, kv, self.attn_sink, self.scale)
         elif not (comp is not None and self.wants_compressed_probs()) and use_triton(self.cfg, q) and \
                 (o_k := self.kernel_core(q, kv, comp)) is not None:
             o = o_k                                     # no (T, T) mask is ever built on this path
