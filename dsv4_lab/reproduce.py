@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str] | None = None) -> list[Path]:
-    """Loss curves of every sweep group under runs_root (or only `groups`), then the efficiency figures."""
+    """Loss curves of every sweep group under runs_root (or only `groups`; run dirs at any depth, tuning runs
+    left out), the efficiency figures, and the ablation figures from the committed ablations/results/*.csv."""
     from .figures.loss_curves import plot_loss_curves
     made = []
     for group in sorted(Path(runs_root).glob("*")):
         if groups is not None and group.name not in groups:
             continue
-        dirs = sorted(d for d in group.glob("*") if (d / "metrics.jsonl").exists())
+        dirs = sorted(m.parent for m in group.rglob("metrics.jsonl") if m.parent.parent.name != "select")
         if dirs:
             made.append(plot_loss_curves(dirs, Path(out) / f"loss_{group.name}.png", title=f"{group.name}"))
     try:
@@ -33,6 +34,8 @@ def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str
     if plot_efficiency is not None:
         res = plot_efficiency(out_dir=out)
         made += [Path(p) for p in (res if isinstance(res, (list, tuple)) else [])]
+    from .figures.ablation import plot_all           # ablation_<name>.png from the committed ablations/results
+    made += plot_all(ROOT / "ablations" / "results", out, ROOT / "ablations")
     return made
 
 

@@ -9,7 +9,8 @@ curves.csv (long): ablation, arm, seed, scale, step, tokens, metric, value: trai
 verdicts.csv: ablation, scale, metric, primary, arm, baseline, n_seeds, mean_diff, ci_low, ci_high, p, p_holm,
     verdict, budget_type, method, direction: each non-baseline arm against the sweep's baseline on the sweep's
     metric and its secondary metrics, paired over seeds, Holm across the arms (dsv4_lab/stats.py).
-Only finished runs count. The three files are written together, atomically, after all are built. Figures are
+Only finished runs count, and runs that diverged (diverged.json: stopped on a non-finite loss), which give
+diverged = 1 and their stability metrics only; their seed then drops out of the loss comparisons. The three files are written together, atomically, after all are built. Figures are
 written only with --figures DIR (or by `make reproduce`, which regenerates them from the committed CSVs).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .stats import compare_arms
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_COLS = ["ablation", "arm", "seed", "scale", "phase", "steps", "tokens", "flops", "device", "metric", "value"]
 CURVE_COLS = ["ablation", "arm", "seed", "scale", "step", "tokens", "metric", "value"]
+DIVERGED_KEEP = ("spike_count", "largest_jump", "max_grad_norm", "hc_composite_gain_max")
 VERDICT_COLS = ["ablation", "scale", "metric", "primary", "arm", "baseline", "n_seeds", "mean_diff", "ci_low",
                 "ci_high", "p", "p_holm", "verdict", "budget_type", "method", "direction"]
 
@@ -46,15 +48,19 @@ def collect(roots) -> tuple[list[dict], list[dict]]:
             if not (rd / "config.json").exists() or not recs:
                 continue
             steps = load_json(rd / "config.json")["train"]["max_steps"]
-            if recs[-1].get("step") != steps - 1:
+            diverged = (rd / "diverged.json").exists()
+            if recs[-1].get("step") != steps - 1 and not diverged:
                 continue                                            # unfinished: not a result
             last = recs[-1]
             key = {"ablation": info["ablation"], "arm": info["arm"], "seed": info["seed"], "scale": info["scale"]}
             common = {**key, "phase": info["phase"], "steps": steps, "tokens": last.get("tokens"),
                       "flops": last.get("flops"), "device": _device(rd)}
-            for m, v in sorted(run_metrics(recs).items()):
+            ms = run_metrics(recs)
+            if diverged:          # stopped on a non-finite loss: only whole-run stability metrics are meaningful
+                ms = {k: v for k, v in ms.items() if k in DIVERGED_KEEP} | {"diverged": 1.0}
+            for m, v in sorted(ms.items()):
                 summary.append({**common, "metric": m, "value": v})
-            if info["phase"] != "eval":
+            if info["phase"] != "eval" or diverged:
                 continue
             for r in recs:
                 ls = r.get("losses") or []

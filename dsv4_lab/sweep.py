@@ -16,7 +16,8 @@ each with sweep.json (which ablation / arm / seed / scale / phase it is) and run
 
 Every run of every arm is resolved and validated before the first one starts (a bad key in the last arm stops
 the sweep with exit code 2 before anything trains). A run is finished when its metrics.jsonl reaches the last
-step and its checkpoint exists; finished runs are skipped. A killed sweep restarted with the same command loses
+step and its checkpoint exists; finished runs are skipped, and so are runs that
+diverged (a non-finite loss stopped them: diverged.json, reported as diverged = 1). A killed sweep restarted with the same command loses
 nothing: finished runs are skipped, interrupted ones resume from their checkpoint (train.py). --jobs N runs N
 at once: with several GPUs one job per GPU in turn (N > #GPUs puts several on one GPU), on CPU each job gets
 cores // N threads.
@@ -163,6 +164,16 @@ def is_finished(run_dir, max_steps: int) -> bool:
     return bool(recs) and recs[-1].get("step") == max_steps - 1 and (Path(run_dir) / "ckpt.pt").exists()
 
 
+def is_diverged(run_dir) -> bool:
+    """The run stopped on a non-finite loss (train.py); diverged.json holds the message. A result, not a failure:
+    it is not rerun (delete diverged.json to retry) and summarize reports it as diverged = 1."""
+    return (Path(run_dir) / "diverged.json").exists()
+
+
+def is_done(run: dict) -> bool:
+    return is_finished(run["kv"]["run_dir"], run["max_steps"]) or is_diverged(run["kv"]["run_dir"])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # executing runs
 # --------------------------------------------------------------------------------------------------------------
@@ -193,6 +204,12 @@ def execute(run: dict, slot: int, jobs: int, n_gpus: int, log=print) -> int:
            "-k", "python3", "--cwd", str(ROOT / "notebooks"), "--no-progress-bar", "--log-level", "WARNING"]
     with open(rd / "run.log", "ab") as fh:
         p = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    tail = (rd / "run.log").read_text(errors="replace")[-20000:] if p.returncode else ""
+    if p.returncode and "training loss became" in tail:
+        msg = next(ln for ln in reversed(tail.splitlines()) if "training loss became" in ln)
+        save_json({"message": msg.strip()[:500]}, rd / "diverged.json")
+        log(f"[sweep {run['ablation']}] {run['arm']} seed {run['seed']}: diverged (non-finite loss), kept as a result")
+        return 0
     if p.returncode:
         log(f"[sweep {run['ablation']}] {run['arm']} seed {run['seed']}: FAILED (exit {p.returncode}), see {rd / 'run.log'}")
     return p.returncode
@@ -201,7 +218,7 @@ def execute(run: dict, slot: int, jobs: int, n_gpus: int, log=print) -> int:
 def run_all(runs: list[dict], jobs: int = 1, stop_at: float | None = None, desc: str = "sweep") -> list[dict]:
     """Run the unfinished ones, `jobs` at a time; no new run starts after time.time() >= stop_at. Returns the
     runs that failed."""
-    todo = [r for r in runs if not is_finished(r["kv"]["run_dir"], r["max_steps"])]
+    todo = [r for r in runs if not is_done(r)]
     if not todo:
         return []
     from tqdm.std import tqdm
@@ -224,7 +241,7 @@ def run_all(runs: list[dict], jobs: int = 1, stop_at: float | None = None, desc:
                 r, slot = pending.pop(f)
                 free.append(slot)
                 with lock:
-                    if f.result() != 0 or not is_finished(r["kv"]["run_dir"], r["max_steps"]):
+                    if f.result() != 0 or not is_done(r):
                         failed.append(r)
                     bar.update(1)
     bar.close()
@@ -232,7 +249,8 @@ def run_all(runs: list[dict], jobs: int = 1, stop_at: float | None = None, desc:
 
 
 def choose(sweep: dict, runs: list[dict]) -> dict:
-    """Per arm, the tune value with the best mean metric over the selection seeds (finished runs only)."""
+    """Per arm, the tune value with the best mean metric over the selection seeds (finished runs only; a value
+    whose runs all diverged is never chosen)."""
     from .metrics import run_metrics
     t, m = sweep["tune"], sweep["metric"]
     sign = 1.0 if m["direction"] == "lower" else -1.0
@@ -241,7 +259,7 @@ def choose(sweep: dict, runs: list[dict]) -> dict:
         scores = {}
         for v in t["grid"][arm]:
             vals = [run_metrics(read_metrics(r["kv"]["run_dir"])).get(m["name"]) for r in runs
-                    if r["family"] == arm and r["kv"][t["key"]] == v]
+                    if r["family"] == arm and r["kv"][t["key"]] == v and not is_diverged(r["kv"]["run_dir"])]
             vals = [x for x in vals if x is not None and math.isfinite(x)]
             if vals:
                 scores[v] = sum(vals) / len(vals)
@@ -280,17 +298,17 @@ def run_sweep_cli(args: list[str]) -> int:
     stop_at = t0 + a.stop_after if a.stop_after is not None else None
     sweep = load_sweep(a.sweep)
     sel, ev = plan(sweep, a.scale, a.root)
-    n_done = sum(is_finished(r["kv"]["run_dir"], r["max_steps"]) for r in sel + ev)
+    n_done = sum(is_done(r) for r in sel + ev)
     print(f"[sweep {sweep['name']}] scale {a.scale}: {len(sweep['arms'])} arms, {len(sel)} selection + {len(ev)} "
           f"evaluation runs, {n_done} finished, all configs valid; jobs {a.jobs}", flush=True)
     if a.dry_run:
         for r in sel + ev:
-            state = "finished" if is_finished(r["kv"]["run_dir"], r["max_steps"]) else "to run"
+            state = "diverged" if is_diverged(r["kv"]["run_dir"]) else "finished" if is_done(r) else "to run"
             print(f"  {r['phase']:>6} {r['arm']:>24} seed {r['seed']:>3}  {r['kv']['run_dir']}  ({state})")
         return 0
     failed = run_all(sel, a.jobs, stop_at, f"{sweep['name']} select") if sel else []
     if sel:
-        if failed or not all(is_finished(r["kv"]["run_dir"], r["max_steps"]) for r in sel):
+        if failed or not all(is_done(r) for r in sel):
             print(f"[sweep {sweep['name']}] selection incomplete ({len(failed)} failed); evaluation not started",
                   flush=True)
             return 1
@@ -299,7 +317,7 @@ def run_sweep_cli(args: list[str]) -> int:
         ev = eval_runs(sweep, a.scale, a.root, chosen)
         validate(sweep, ev)
     failed += run_all(ev, a.jobs, stop_at, f"{sweep['name']} eval")
-    left = sum(not is_finished(r["kv"]["run_dir"], r["max_steps"]) for r in ev)
+    left = sum(not is_done(r) for r in ev)
     print(f"[sweep {sweep['name']}] {len(ev) - left}/{len(ev)} evaluation runs finished, {len(failed)} failed, "
           f"{time.time() - t0:.0f} s", flush=True)
     return 1 if failed or left else 0

@@ -1,28 +1,118 @@
+"""The sweep runner (dsv4_lab/sweep.py): sweep files, validation of every run first, skip, kill-and-resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from dsv4_lab.cli import main
 from dsv4_lab.config import parse_overrides
-from dsv4_lab.sweep import load_sweep, run_sweep, sweep_runs
+from dsv4_lab.metrics import step_losses
+from dsv4_lab.runlog import read_metrics, save_json
+from dsv4_lab.sweep import choose, is_finished, load_sweep, plan, run_sweep, selection_runs, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = sorted(p for p in (ROOT / "ablations").glob("*.json") if p.stem != "reproduce")
+TINY = {"preset": "tiny-dense", "max_steps": 6, "seq_len": 32, "batch_size": 2, "layer_types": "dense*1",
+        "eval_interval": 3, "eval_batches": 1, "ckpt_interval": 2, "log_interval": 1}
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "ablations").glob("*.json")), ids=lambda p: p.stem)
-def test_every_sweep_definition_resolves_to_valid_configs(path):
-    sweep = load_sweep(path)
-    runs = sweep_runs(sweep, "runs")
-    assert runs and len({kv["run_dir"] for _, _, kv in runs}) == len(runs)
-    for _, _, kv in runs:
-        parse_overrides(dict(kv))
-    if path.stem != "reproduce":
-        assert len(sweep["seeds"]) >= 3 and "question" in sweep and "budget" in sweep
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_every_ablation_states_its_question_and_validates(path, tmp_path):
+    sw = load_sweep(path)
+    for k in ("question", "budget_type", "budget", "metric", "baseline", "claim_boundary", "scales"):
+        assert k in sw, k
+    for scale in ("cpu", "gpu"):
+        sel, ev = plan(sw, scale, str(tmp_path))               # every config of every arm resolves
+        assert len({r["kv"]["run_dir"] for r in sel + ev}) == len(sel + ev)
+        seeds = {a: {r["seed"] for r in ev if r["arm"] == a} for a in sw["arms"]}
+        assert all(len(s) >= 5 for s in seeds.values()), seeds
+    if "tune" in sw:                                           # room for an interior optimum on every arm
+        assert all(len(g) >= 3 for g in sw["tune"]["grid"].values())
+    # confounds ruled out by construction: one schedule horizon, QK-norm and the window branch in every arm
+    for r in plan(sw, "cpu", str(tmp_path))[1]:
+        mc, tc = parse_overrides(dict(r["kv"]))
+        assert mc.qk_norm and mc.window_branch and tc.max_steps == plan(sw, "cpu", str(tmp_path))[1][0]["max_steps"]
 
 
-def test_sweep_skips_finished_runs(tmp_path, capsys):
-    sweep = {"name": "t", "base": {"preset": "tiny", "max_steps": 3, "seq_len": 32, "batch_size": 2,
-                                   "layer_types": "dense*1"}, "arms": {"a": {}}, "seeds": [0]}
-    r1 = run_sweep(sweep, str(tmp_path), progress=False)
-    r2 = run_sweep(sweep, str(tmp_path), progress=False)
+def _write(tmp_path, arms, seeds=(0, 1), base=None):
+    sw = {"name": "t", "question": "q", "budget_type": "equal tokens", "budget": "6 steps", "claim_boundary": "-",
+          "metric": {"name": "val_loss", "direction": "lower"}, "baseline": next(iter(arms)), "seeds": list(seeds),
+          "base": {**TINY, **(base or {})}, "arms": arms}
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(sw))
+    return p
+
+
+def test_bad_key_in_last_arm_stops_before_any_run(tmp_path, capsys):
+    p = _write(tmp_path, {"a": {}, "b": {"lr": 0.01}, "c": {"n_layer": 2}})
+    assert main(["sweep", str(p), "--root", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'c'" in err and "n_layer" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()                   # nothing trained, nothing written
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(p.read_text()), "baseline": "zz"}))
+    assert main(["sweep", str(bad), "--dry-run"]) == 2 and "baseline" in capsys.readouterr().err
+
+
+def test_tune_picks_the_best_value_per_arm_on_selection_seeds(tmp_path):
+    sw = load_sweep(_write(tmp_path, {"a": {}, "b": {}}))
+    sw["tune"] = {"key": "lr", "grid": {"a": [0.001, 0.01, 0.1], "b": [0.001, 0.01, 0.1]}, "seeds": [100, 101]}
+    runs = selection_runs(sw, "cpu", str(tmp_path / "runs"))
+    assert len(runs) == 12 and all("select" in r["kv"]["run_dir"] for r in runs)
+    loss = {("a", 0.001): 3.0, ("a", 0.01): 2.0, ("a", 0.1): 2.5, ("b", 0.001): 2.2, ("b", 0.01): 2.4, ("b", 0.1): 9}
+    for r in runs:
+        rd = Path(r["kv"]["run_dir"])
+        rd.mkdir(parents=True)
+        (rd / "metrics.jsonl").write_text(json.dumps({"step": 5, "val_loss": loss[(r["family"], r["kv"]["lr"])]}))
+    assert choose(sw, runs) == {"a": 0.01, "b": 0.001}
+
+
+def _state(run_dirs):
+    return {rd: (rd / "run.ipynb").stat().st_mtime_ns for rd in run_dirs if is_finished(rd, TINY["max_steps"])}
+
+
+def test_killed_sweep_resumes_with_nothing_lost_or_run_twice(tmp_path):
+    p = _write(tmp_path, {"a": {}, "b": {"lr": 0.01}}, seeds=(0, 1))
+    root = tmp_path / "runs"
+    dirs = [Path(kv["run_dir"]) for _, _, kv in sweep_runs(load_sweep(p), str(root))]
+    cmd = [sys.executable, "-m", "dsv4_lab", "sweep", str(p), "--root", str(root)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # kill the whole process group (runner, papermill, kernel) once a run has finished and the next has started
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            done = _state(dirs)
+            if done and any(read_metrics(d) and d not in done for d in dirs):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _state(dirs)
+    assert 0 < len(before) < len(dirs)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(is_finished(d, TINY["max_steps"]) for d in dirs)
+    after = _state(dirs)
+    assert all(after[d] == before[d] for d in before)          # finished runs were not run again
+    for d in dirs:                                             # one record per logged step, every step's loss once
+        recs = read_metrics(d)
+        assert [x["step"] for x in recs] == list(range(TINY["max_steps"]))
+        assert len(step_losses(recs)) == TINY["max_steps"]
+        assert json.loads((d / "sweep.json").read_text())["arm"] in ("a", "b")
+
+
+def test_in_process_sweep_skips_finished_runs(tmp_path, capsys):
+    sw = load_sweep(_write(tmp_path, {"a": {}}, seeds=(0,), base={"max_steps": 3}))
+    r1 = run_sweep(sw, str(tmp_path), progress=False)
+    r2 = run_sweep(sw, str(tmp_path), progress=False)
     assert "skipped" in capsys.readouterr().out
     assert r1[0]["last"] == r2[0]["last"] and r1[0]["last"]["step"] == 2
