@@ -345,6 +345,7 @@ class TrainConfig:
     task_n_pairs: int = 8                 # key-value pairs per retrieval sequence
     task_n_queries: int = 4               # queries per sequence
     task_n_needles: int = 3               # MRCR-like: needles per sequence
+    task_n_near: int = 0                  # retrieval: pairs placed just before the queries (short distance)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -357,6 +358,8 @@ class TrainConfig:
                   "ckpt_interval", "task_n_pairs", "task_n_queries", "task_n_needles"]:
             if getattr(self, k) <= 0:
                 raise _err(k, getattr(self, k), "a positive integer")
+        if self.task_n_near < 0 or self.task_n_near > self.task_n_pairs:
+            raise _err("task_n_near", self.task_n_near, f"an integer in [0, task_n_pairs={self.task_n_pairs}]")
         if self.warmup_steps == -1:
             self.warmup_steps = self.max_steps // 10
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:

@@ -3,7 +3,9 @@
     python -m dsv4_lab train preset=tiny max_steps=40 run_dir=runs/x seed=1 lr=3e-3
 
 Writes `run_dir/config.json`, `env.json`, `metrics.jsonl` (one object per logged step: step, train_loss, lr,
-tokens, flops, and val_loss on eval steps) and `ckpt.pt`. A killed run restarted with the same run_dir resumes
+tokens, flops, and val_loss on eval steps; `losses` = the train loss of every step since the previous record and
+`grad_norm_max` = their largest pre-clip gradient norm, so spikes can be counted, dsv4_lab/metrics.py) and
+`ckpt.pt`; checkpoint steps are always logged, so a resumed run's per-step losses have no gap. A killed run restarted with the same run_dir resumes
 from its last checkpoint and sees the same batches it would have seen (batches are a pure function of
 (seed, step, rank)); a finished run is skipped. The LR schedule's horizon is `max_steps`, never early stopping.
 
@@ -90,7 +92,7 @@ def call_step_hooks(model: torch.nn.Module, step: int, loss: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Batches, n: int, device, amp) -> dict:
+def evaluate(model: torch.nn.Module, batches: Batches, n: int, device, amp, window: int | None = None) -> dict:
     was = model.training
     model.eval()
     losses, accs = [], []
@@ -101,12 +103,17 @@ def evaluate(model: torch.nn.Module, batches: Batches, n: int, device, amp) -> d
         losses.append(out.lm_loss.item())
         if batches.is_task:
             from .data.synthetic import answer_accuracy
-            accs.append(answer_accuracy(out.logits, y))
-    model.train(was)
+            accs.append(answer_accuracy(out.logits, y, x, window))
     res = {"val_loss": sum(losses) / len(losses)}
     if accs:
         for k in accs[0]:
-            res[f"val_{k}"] = sum(a[k] for a in accs) / len(accs)
+            vals = [a[k] for a in accs if not math.isnan(a[k])]
+            res[f"val_{k}"] = sum(vals) / len(vals) if vals else float("nan")
+    from .metrics import composite_mapping_gain
+    gain = composite_mapping_gain(model, batches.val_batch(0)[0][:1].to(device), amp)
+    if gain is not None:
+        res["hc_composite_gain"] = gain
+    model.train(was)
     return res
 
 
@@ -216,7 +223,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     per_rank = tc.batch_size // world
     try:                                           # the data source can make this run's batches
         batches = Batches(tc.data, tc.seq_len, per_rank, tc.seed, rank, tc.task_n_pairs, tc.task_n_queries,
-                          tc.task_n_needles)
+                          tc.task_n_needles, tc.task_n_near)
         batches.train_batch(start_step)
         batches.val_batch(0)
     except (ValueError, RuntimeError) as e:
@@ -254,6 +261,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     last: dict = {}
     t0 = time.time()
     indexer_stage = None
+    step_losses: list[float] = []          # train loss of every step since the last record
+    step_gnorms: list[float] = []
     for step in range(start_step, tc.max_steps):
         if mc.indexer_warmup_steps and "csa" in mc.layer_types:
             want = "warmup" if step < mc.indexer_warmup_steps else "sparse"
@@ -270,9 +279,9 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         with amp():
             out = fwd(x, y)
         out.loss.backward()
-        gnorm = None
-        if tc.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+        # the pre-clip global gradient norm, also without clipping (max_norm=inf scales by 1)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = out.loss.detach()
@@ -280,6 +289,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         loss_f = loss.item()
         call_step_hooks(model, step, loss_f)
+        step_losses.append(loss_f)
+        step_gnorms.append(gnorm)
         if not math.isfinite(loss_f):
             kept = (f"its last good checkpoint (step {last_ckpt}) stays in {ckpt_path}" if last_ckpt >= 0
                     else "no checkpoint was written yet")
@@ -288,19 +299,22 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
 
         is_last = step == tc.max_steps - 1
         rec = None
-        if step % tc.log_interval == 0 or is_last or (step + 1) % tc.eval_interval == 0:
+        if (step % tc.log_interval == 0 or is_last or (step + 1) % tc.eval_interval == 0
+                or (step + 1) % tc.ckpt_interval == 0):
             rec = {"step": step, "train_loss": loss_f, "lm_loss": out.lm_loss.item(), "lr": lr,
                    "tokens": (step + 1) * tokens_per_step, "flops": (step + 1) * tokens_per_step * fpt,
                    "time_s": time.time() - t0}
-            if gnorm is not None:
-                rec["grad_norm"] = gnorm
+            rec["grad_norm"] = gnorm
+            rec["losses"] = [round(v, 5) for v in step_losses]
+            rec["grad_norm_max"] = max(step_gnorms)
+            step_losses, step_gnorms = [], []
             for k, v in out.aux.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     rec[k] = v.item()
                 elif isinstance(v, (int, float)):
                     rec[k] = v
         if (step + 1) % tc.eval_interval == 0 or is_last:
-            ev = evaluate(model, batches, tc.eval_batches, device, amp)
+            ev = evaluate(model, batches, tc.eval_batches, device, amp, getattr(mc, "window", None))
             if distributed:
                 t = torch.tensor([ev[k] for k in sorted(ev)], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.AVG)
