@@ -607,8 +607,11 @@ class MHCPreFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fn, scale, base, iters, eps, norm_eps):
-        u, coef, mu, rho = mhc_pre_fwd(x, fn, scale, base, iters, eps, norm_eps, save=True)
-        ctx.save_for_backward(x, fn, scale, base, mu, rho)
+        if any(ctx.needs_input_grad[:4]):                     # training: keep mu, rho for the backward kernels
+            u, coef, mu, rho = mhc_pre_fwd(x, fn, scale, base, iters, eps, norm_eps, save=True)
+            ctx.save_for_backward(x, fn, scale, base, mu, rho)
+        else:                                                 # inference: nothing saved, no extra writes
+            u, coef = mhc_pre_fwd(x, fn, scale, base, iters, eps, norm_eps)
         ctx.cfg = (iters, eps)
         return u, coef, x.view_as(x)
 
