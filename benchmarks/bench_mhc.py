@@ -17,9 +17,9 @@ Not counted: the pre kernel's L2-hot re-reads of x, W read by every token block,
 autotuned on its first call per (n, d, dtype); `pre_autotune` records every config's median ms and the winner.
 Both ways of forming u are timed (`modes`: "fused" = the pre kernel's L2-hot second pass, "split" = a second launch);
 the headline forward numbers are the faster mode's (`best_mix`), which mhc/triton.py's PRE_MIX should name
-(`library_default_mix` records what it named during the run). The backward launch parameters (mhc/triton.py BWD_*,
-DW_*) are swept (`bwd_sweep`, each one gated for correctness) and the fastest is used for the fwd + bwd figure
-(`bwd_best`; `library_default_bwd` = what triton.py named during the run).
+(`library_default_mix` records what it named during the run). The backward launch parameters (mhc/triton.py POST_BWD_*,
+BWD_*, DW_*) are swept (`post_bwd_sweep`, `bwd_sweep`, each one gated for correctness) and the fastest are used for
+the fwd + bwd figure (`post_bwd_best`, `bwd_best`; `library_default_*` = what triton.py named during the run).
 
 Keys: mhc_fused_fraction_of_copy_bw (forward, small shapes), mhc_fused_fwd_bwd_fraction_of_copy_bw (forward +
 backward, small shapes), runs[*] per shape (run_all.py reads the two top-level keys)."""
@@ -35,6 +35,10 @@ SMALL = (65536, 4, 384)                              # tokens per step, n = hc_m
 BWD_SWEEP = [dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=64, BWD_CPS=2, BWD_WARPS=4),
              dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=128, BWD_CPS=2, BWD_WARPS=8),
              dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2)]
+POST_BWD_SWEEP = [dict(POST_BWD_BT=16, POST_BWD_BD=128, POST_BWD_WARPS=4),
+                  dict(POST_BWD_BT=16, POST_BWD_BD=64, POST_BWD_WARPS=4),
+                  dict(POST_BWD_BT=32, POST_BWD_BD=64, POST_BWD_WARPS=8),
+                  dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=4)]
 DW_SWEEP = [dict(DW_BT=64, DW_BK=128, DW_WAVES=4), dict(DW_BT=128, DW_BK=128, DW_WAVES=2),
             dict(DW_BT=64, DW_BK=256, DW_WAVES=4)]
 
@@ -114,6 +118,27 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
     # the kernels alone (forward saved once)
     u, coef, mu, rho = mt.mhc_pre_fwd(x, fn, sc, base, save=True)
     out = mt.mhc_post_fwd(y, x, coef)
+    # post backward alone, gated against the naive post under autograd (fp32 compute, same inputs)
+    pins = [t.detach().clone().requires_grad_(True) for t in (y, x, coef)]
+    pref = torch.autograd.grad(mhc_post_naive(*pins), pins, go)
+    psweep, pbest = [], None
+    for pp in (POST_BWD_SWEEP if sweep_bwd else [{k: getattr(mt, k) for k in POST_BWD_SWEEP[0]}]):
+        old = _set(pp)
+        try:
+            errs = {nm: _rel(a, b) for nm, a, b in zip(("dy", "dx", "dcoef"), mt.mhc_post_bwd(y, x, coef, go), pref)}
+            assert errs["dy"] < 2e-2 and errs["dx"] < 2e-2 and errs["dcoef"] < 1e-4, f"post bwd mismatch {errs}"
+            e = {"params": pp, "rel_err": errs, "post_bwd": bench(lambda: mt.mhc_post_bwd(y, x, coef, go))}
+        except Exception as ex:                                         # noqa: BLE001
+            e = {"params": pp, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+        _set(old)
+        psweep.append(e)
+        if "post_bwd" in e and (pbest is None or e["post_bwd"]["ms"] < pbest["post_bwd"]["ms"]):
+            pbest = e
+    r["post_bwd_sweep"] = psweep
+    r["library_default_post_bwd"] = {k: getattr(mt, k) for k in POST_BWD_SWEEP[0]}
+    assert pbest is not None, f"no post backward configuration ran: {psweep}"
+    r["post_bwd_best"] = pbest["params"]
+    old_post = _set(pbest["params"])
     sweep, best = [], None
     for bp in (BWD_SWEEP if sweep_bwd else [{k: getattr(mt, k) for k in BWD_SWEEP[0]}]):
         for dp in (DW_SWEEP if sweep_bwd else [{k: getattr(mt, k) for k in DW_SWEEP[0]}]):
@@ -141,6 +166,7 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
         f = bench(lambda: step(mt.mhc_pre_triton, mt.mhc_post_triton, alias=True))
     finally:
         _set(old)
+        _set(old_post)
         _set(old_mix)
     r["fwd_bwd_triton"] = f
     r["fwd_bwd_tb_s"] = (fwd_b + bwd_b) / (f["ms"] * 1e-3) / 1e12

@@ -539,10 +539,11 @@ def mhc_post_fwd(y, x, coef):
 
 
 # backward launch parameters (not autotuned; bench_mhc.py times them): pre bwd BT tokens x BC channels per step,
-# BWD_CPS programs per SM; dW: BK channels per program, token splits so that about DW_WAVES programs per SM run
+# BWD_CPS programs per SM; dW: BK channels per program, token splits so that about DW_WAVES programs per SM run;
+# post bwd: BT tokens per program, BD channels per step
 BWD_BT, BWD_BC, BWD_CPS, BWD_WARPS = 16, 64, 4, 4
 DW_BT, DW_BK, DW_WAVES = 64, 128, 4
-POST_BWD_BT, POST_BWD_BD = 16, 128
+POST_BWD_BT, POST_BWD_BD, POST_BWD_WARPS = 16, 128, 4
 
 
 def mhc_post_bwd(y, x, coef, dout):
@@ -557,7 +558,7 @@ def mhc_post_bwd(y, x, coef, dout):
     if ntok:
         _mhc_post_bwd_kernel[(triton.cdiv(ntok, POST_BWD_BT),)](
             y.contiguous(), x.contiguous(), coef.float().contiguous(), dout.contiguous(), dy, dx, dcoef, ntok,
-            N=n, D=d, G=2 + n, NP=next_pow2(n), BT=POST_BWD_BT, BD=BD, num_warps=4)
+            N=n, D=d, G=2 + n, NP=next_pow2(n), BT=POST_BWD_BT, BD=BD, num_warps=POST_BWD_WARPS)
     return dy, dx, dcoef
 
 
