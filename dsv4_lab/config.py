@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -441,8 +442,13 @@ def check_train_pair(model: "ModelConfig", train: "TrainConfig") -> None:
                    f">= {BYTE_VOCAB} for data={train.data!r} (byte ids 0..{BYTE_VOCAB - 1})")
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)          # slow (evaluates every annotation): once per class
+
+
 def _field_type(cls, name):
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     return hints.get(name, str)
 
 
