@@ -1,161 +1,378 @@
-"""End-to-end training throughput of the `small` preset on one GPU (issue 7 item 8).
+"""End-to-end training throughput: DeepSeek-V4 (`small`) against the dense baseline (`small-dense`) on one GPU.
 
-Three arms at context 4K / 16K / 64K, the same number of tokens per optimizer step (65536 = batch x context):
-  v4-triton   preset small (DeepSeek-V4 at lab size: swa, swa, csa, hca, ...; mHC; MoE; MTP 1; indexer KL on),
-              kernels=triton: SWA / CSA / HCA core attention and the CSA indexer top-k through the Triton kernels
-  v4-torch    the same model, kernels=torch: the PyTorch reference path (explicit (T, T + S) masks)
-  dense-sdpa  the same model with every attention layer dense causal MQA (layer_types=dense*8, attn_sink=false so
-              PyTorch's fused SDPA kernel runs): the dense-attention baseline of the same size
-One step = forward + backward + AdamW step under bf16 autocast (as dsv4_lab.train does on CUDA). Random token ids
-(throughput does not depend on the data). Reported: median step time over `steps` timed steps after `warmup`
-steps, tokens/s, peak memory. An arm that runs out of memory is retried with half the sequences per forward/backward
-(gradient accumulation: same tokens per optimizer step) down to one; one that still does not fit, or exceeds the time
-guard, is recorded as such.
+Two arms, each at its best settings, at context 4K / 16K / 64K with 65,536 tokens per optimizer step
+(batch = 65536 / context):
+  v4     preset small: swa, swa, csa, hca, ... (Triton kernels), mHC, MoE (grouped dispatch), MTP 1, indexer KL
+  dense  preset small-dense: dense causal MQA through fused SDPA, plain residual, dense SwiGLU, no MTP
+"Best settings": every arm is measured eager and compiled (dsv4_lab/compilation.py, the `compile` field of
+training); the faster one is its number, and `e2e_best_settings` says which. One step = forward + backward + AdamW
+step under bf16 autocast, as dsv4_lab.train does on CUDA; random token ids. Reported per measurement: median step
+time over `steps` timed steps after `warmup` steps (the first compiled step includes compilation), tokens/s, peak
+memory of the timed steps. An arm that runs out of memory is retried with half the sequences per forward/backward
+(gradient accumulation: same tokens per step) down to one sequence.
 
-    python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--steps 4]
+Robust and resumable: every (arm, context, mode) runs in its own subprocess with a wall-clock cap; each result is
+merged into benchmarks/results/e2e.json as it arrives, and the summary keys into benchmarks/results/summary.json:
+    e2e_tokens_per_s   {"v4": {"4096": .., "16384": .., "65536": ..}, "dense": {...}}   best mode per arm
+    e2e_peak_mem_gb    same shape (of the best mode)
+    e2e_v4_over_dense  {"4096": r, ...}
+    e2e_best_settings  {"v4": {"4096": "compiled" | "eager"}, ...}
+    e2e_v4_breakdown   GPU time of one V4 step by component (attention, KL, mHC, MoE, MTP, optimizer, other)
+A second call skips what is already measured (--fresh starts over), so a time-capped device call returns partial
+results instead of nothing.
+
+    python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--arms v4 dense] [--modes compiled eager]
+                                   [--steps 6] [--warmup 3] [--cap 300] [--fresh] [--budget 560]
+    python benchmarks/bench_e2e.py --breakdown-only [--profile-ctx 16384]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
-import torch
-
-from common import env_info, save
-from dsv4_lab import DSV4LM, ModelConfig
-from dsv4_lab.config import TrainConfig
-from dsv4_lab.train import build_optimizer
-
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+RESULTS = os.path.join(HERE, "results")
 TOKENS_PER_STEP = 65536
-ARMS = {
-    "v4-triton": dict(kernels="triton"),
-    "v4-torch": dict(kernels="torch"),
-    "dense-sdpa": dict(layer_types="dense*8", attn_sink=False),
-}
+ARMS = {"v4": "small", "dense": "small-dense"}
+MODES = ("compiled", "eager")
 
 
-def run_arm(overrides: dict, ctx: int, warmup: int, steps: int, guard_s: float, tokens: int = TOKENS_PER_STEP,
-            profile: bool = False, micro: int | None = None) -> dict:
+# --------------------------------------------------------------------------------------------------------------
+# one measurement (child process)
+# --------------------------------------------------------------------------------------------------------------
+
+def _model(preset: str, ctx: int, compiled: bool):
+    import torch
+
+    from dsv4_lab import DSV4LM, ModelConfig
+    from dsv4_lab.compilation import compile_model
+    from dsv4_lab.config import TrainConfig
+    from dsv4_lab.train import build_optimizer
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("small", max_seq_len=max(ctx, 4096), **overrides)
+    cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096))
     model = DSV4LM(cfg).cuda().train()
     opt = build_optimizer(model, TrainConfig())
-    B = max(1, tokens // ctx)
-    mb = min(B, micro or B)                          # sequences per forward/backward (gradient accumulation below)
-    ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device="cuda")
-    x, y = ids[:, :-1], ids[:, 1:]
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for j in range(0, B, mb):                    # one optimizer step over all B sequences
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(x[j:j + mb], y[j:j + mb])
-            (out.loss * (x[j:j + mb].shape[0] / B)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        losses.append(out.loss.item())
-        if i >= warmup:
-            times.append(dt)
-        if dt > guard_s:
-            return {"error": f"time guard: step {i} took {dt:.1f} s > {guard_s} s", "step_s": dt, "batch": B}
+    fwd = compile_model(model) if compiled else model
+    return cfg, model, fwd, opt
+
+
+def _step(fwd, opt, x, y, mb):
+    import torch
+    B = x.shape[0]
+    for j in range(0, B, mb):                        # one optimizer step over all B sequences
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fwd(x[j:j + mb], y[j:j + mb])
+        (out.loss * (x[j:j + mb].shape[0] / B)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
+def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guard_s: float) -> dict:
+    import torch
+    B = max(1, TOKENS_PER_STEP // ctx)
+    mb, tried = B, []
+    while True:
+        try:
+            cfg, model, fwd, opt = _model(preset, ctx, compiled)
+            ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device="cuda")
+            x, y = ids[:, :-1], ids[:, 1:]
+            times, losses, first_s = [], [], None
+            for i in range(warmup + steps):
+                if i == warmup:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = _step(fwd, opt, x, y, mb)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                first_s = dt if first_s is None else first_s
+                losses.append(out.loss.item())
+                if i >= warmup:
+                    times.append(dt)
+                if i > 0 and dt > guard_s:
+                    return {"error": f"time guard: step {i} took {dt:.1f} s > {guard_s} s", "batch": B,
+                            "micro_batch": mb}
+            break
+        except torch.cuda.OutOfMemoryError as e:
+            model = fwd = opt = None
+            torch.cuda.empty_cache()
+            tried.append(mb)
+            if mb == 1:
+                return {"error": f"OutOfMemoryError at micro-batch 1: {str(e)[:200]}", "oom_at_micro_batch": tried}
+            mb //= 2
     times.sort()
     med = times[len(times) // 2]
-    top = None
-    if profile:                                      # one more step under the profiler: where the GPU time goes
-        try:
-            from torch.profiler import ProfilerActivity, profile as prof
-            with prof(activities=[ProfilerActivity.CUDA]) as p:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = model(x, y)
-                out.loss.backward()
-                opt.step()
-                torch.cuda.synchronize()
-            ev = sorted(p.key_averages(), key=lambda e: -e.device_time_total)
-            tot = sum(e.device_time_total for e in ev)
-            top = [{"kernel": e.key[:120], "ms": e.device_time_total / 1e3, "calls": e.count,
-                    "frac": e.device_time_total / max(tot, 1)} for e in ev[:25]]
-        except Exception as e:                                             # noqa: BLE001
-            top = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
-    return {"profile_top_kernels": top, "batch": B, "micro_batch": mb, "ctx": ctx, "tokens_per_step": B * ctx, "step_ms": med * 1e3,
-            "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "loss_first": losses[0], "loss_last": losses[-1], "finite": all(map(lambda v: v == v, losses)),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "layer_types": list(cfg.layer_types)}
+    r = {"preset": preset, "mode": "compiled" if compiled else "eager", "ctx": ctx, "batch": B, "micro_batch": mb,
+         "tokens_per_step": B * ctx, "step_ms": med * 1e3, "step_ms_all": [t * 1e3 for t in times],
+         "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+         "first_step_s": first_s, "loss_first": losses[0], "loss_last": losses[-1],
+         "finite": all(v == v for v in losses), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+         "layer_types": list(cfg.layer_types)}
+    if tried:
+        r["oom_at_micro_batch"] = tried
+    return r
 
 
-def main(out_dir=None, ctxs=(4096, 16384, 65536), warmup=2, steps=3, guard_s=40.0):
-    res = {"what": "training throughput, small preset, one GPU (bench_e2e.py docstring)",
-           "tokens_per_step": TOKENS_PER_STEP, "arms": {k: dict(v) for k, v in ARMS.items()}, "runs": {}}
-    for ctx in ctxs:
-        for arm, over in ARMS.items():
-            key = f"{arm}_{ctx}"
-            t0 = time.time()
-            micro, tried = None, []
-            while True:          # out of memory: halve the micro-batch (gradient accumulation, same tokens per step)
-                try:
-                    r = run_arm(over, ctx, warmup, steps, guard_s, micro=micro)
-                except torch.cuda.OutOfMemoryError as e:
-                    r = {"error": f"OutOfMemoryError: {str(e)[:200]}"}
-                except Exception as e:                                     # noqa: BLE001
-                    r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                B = max(1, TOKENS_PER_STEP // ctx)
-                mb = micro or B
-                if "OutOfMemoryError" not in r.get("error", "") or mb == 1:
-                    break
-                tried.append(mb)
-                micro = mb // 2
-                torch.cuda.empty_cache()
-            if tried:
-                r["oom_at_micro_batch"] = tried
-            r["wall_s"] = time.time() - t0
-            res["runs"][key] = r
-            print("e2e", key, r, flush=True)
-            torch.cuda.empty_cache()
-            save("e2e", res, out_dir)
-    for ctx in ctxs:
-        a, d = res["runs"].get(f"v4-triton_{ctx}", {}), res["runs"].get(f"dense-sdpa_{ctx}", {})
-        n = res["runs"].get(f"v4-torch_{ctx}", {})
-        if "tokens_per_s" in a and "tokens_per_s" in d:
-            res.setdefault("speedup_triton_vs_dense", {})[str(ctx)] = a["tokens_per_s"] / d["tokens_per_s"]
-        if "tokens_per_s" in a and "tokens_per_s" in n:
-            res.setdefault("speedup_triton_vs_torch", {})[str(ctx)] = a["tokens_per_s"] / n["tokens_per_s"]
-    save("e2e", res, out_dir)
-    return res
+# --------------------------------------------------------------------------------------------------------------
+# per-component breakdown of one V4 step (child process)
+# --------------------------------------------------------------------------------------------------------------
+
+COMPONENTS = ("mtp", "kl", "mhc", "moe", "attention", "optimizer")      # innermost-first priority, then "other"
 
 
-def extra(out_dir=None):
-    """Follow-ups of the main table: the reference path at a batch that fits (4K, one sequence per step, both paths
-    at that batch), the Triton path without the indexer KL, and a profile of one Triton-path step at 16K."""
-    res = {"what": "bench_e2e.extra: reference path at batch 1, KL off, profile", "runs": {}}
-    plan = [("v4-torch_b1_4096", dict(kernels="torch"), 4096, 4096, False),
-            ("v4-triton_b1_4096", dict(kernels="triton"), 4096, 4096, True),
-            ("v4-triton-nokl_16384", dict(kernels="triton", indexer_loss_weight=0.0), 16384, TOKENS_PER_STEP, False),
-            ("v4-triton_16384_profiled", dict(kernels="triton"), 16384, TOKENS_PER_STEP, True)]
-    for key, over, ctx, tokens, prof in plan:
-        t0 = time.time()
-        try:
-            r = run_arm(over, ctx, 1, 3, 40.0, tokens=tokens, profile=prof)
-        except Exception as e:                                             # noqa: BLE001
-            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        r["wall_s"] = time.time() - t0
-        res["runs"][key] = r
-        print("e2e-extra", key, {k: v for k, v in r.items() if k != "profile_top_kernels"}, flush=True)
-        for row in (r.get("profile_top_kernels") or [])[:15]:
-            print("   ", row, flush=True)
-        torch.cuda.empty_cache()
-        save("e2e_extra", res, out_dir)
+def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
+    """Device time of one eager V4 step by component from the torch profiler. Forward ops are labelled by the
+    record_function range they run in (module forward hooks; MTP wins over what it contains, then KL, mHC, MoE,
+    attention); a backward node gets the label of the forward op with the same autograd sequence number; the
+    optimizer step is one range; the rest (embedding, head, loss, norms, ...) is "other"."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from dsv4_lab import DSV4LM, ModelConfig
+    from dsv4_lab.attention import csa as csa_mod
+    from dsv4_lab.attention.attention import Attention
+    from dsv4_lab.config import TrainConfig
+    from dsv4_lab.moe import MoE
+    from dsv4_lab.train import build_optimizer
+    torch.manual_seed(0)
+    preset = "small" if device == "cuda" else "tiny"
+    cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096) if device == "cuda" else 512)
+    model = DSV4LM(cfg).to(device).train()
+    opt = build_optimizer(model, TrainConfig())
+    B = max(1, (TOKENS_PER_STEP if device == "cuda" else 2 * ctx) // ctx)
+    ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device=device)
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def label(fn, name):
+        def wrapped(*a, **k):
+            with record_function(f"e2e::{name}"):
+                return fn(*a, **k)
+        return wrapped
+
+    for m in model.modules():                        # label every component's forward
+        if isinstance(m, Attention):
+            m.forward = label(m.forward, "attention")
+        elif isinstance(m, MoE):
+            m.forward = label(m.forward, "moe")
+        if hasattr(m, "pre") and hasattr(m, "post") and type(m).__name__ != "Block":
+            m.pre, m.post = label(m.pre, "mhc"), label(m.post, "mhc")
+    if model.hc_head is not None:
+        model.hc_head.forward = label(model.hc_head.forward, "mhc")
+    if model.mtp is not None:
+        model.mtp.forward = label(model.mtp.forward, "mtp")
+    for fname in ("indexer_kl_loss", "sparse_indexer_kl_loss"):
+        setattr(csa_mod, fname, label(getattr(csa_mod, fname), "kl"))
+    amp = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):                               # warm-up (Triton compiles, allocator)
+        with amp:
+            out = model(x, y)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        with amp:
+            out = model(x, y)
+        out.loss.backward()
+        with record_function("e2e::optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+    from torch.autograd import DeviceType
+    evs = [e for e in prof.events() if e.device_type == DeviceType.CPU]   # kernels count via their CPU op
+    dev = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    ranges = [(e.name[5:], e.time_range.start, e.time_range.end, e.thread) for e in evs if e.name.startswith("e2e::")]
+
+    def comp_of(e):
+        hit = {name for name, s, t, th in ranges if th == e.thread and s <= e.time_range.start and e.time_range.end <= t}
+        return next((c for c in COMPONENTS if c in hit), None)
+
+    seq_comp, totals = {}, {c: 0.0 for c in COMPONENTS + ("other",)}
+    bwd = [e for e in evs if e.name.startswith("autograd::engine::evaluate_function")]
+    bwd_ids = set()
+    for e in bwd:                                    # every op under a backward node belongs to that node
+        stack = list(e.cpu_children)
+        while stack:
+            c = stack.pop()
+            bwd_ids.add(id(c))
+            stack.extend(c.cpu_children)
+    for e in evs:
+        if e.name.startswith("autograd::engine") or id(e) in bwd_ids:
+            continue
+        c = comp_of(e)
+        if c is not None and getattr(e, "sequence_nr", -1) is not None and e.sequence_nr >= 0:
+            seq_comp.setdefault(e.sequence_nr, c)
+        totals[c or "other"] += dev(e)
+    for e in bwd:                                    # backward node -> its forward op's component
+        t = dev(e) + sum(dev(c) for c in _subtree(e))
+        totals[seq_comp.get(e.sequence_nr, "other")] += t
+    tot = sum(totals.values())
+    return {"ctx": ctx, "batch": B, "preset": preset, "mode": "compiled" if compiled else "eager",
+            "time": "device (CUDA kernel) time" if device == "cuda" else "CPU self time (CPU smoke run)",
+            "ms": {k: v / 1e3 for k, v in totals.items()}, "frac": {k: v / max(tot, 1e-9) for k, v in totals.items()},
+            "total_ms": tot / 1e3}
+
+
+def _subtree(e):
+    out, stack = [], list(e.cpu_children)
+    while stack:
+        c = stack.pop()
+        out.append(c)
+        stack.extend(c.cpu_children)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the driver: subprocess per measurement, results merged as they arrive
+# --------------------------------------------------------------------------------------------------------------
+
+def _load(path, default):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)                            # never a half-written file
+
+
+def summary_keys(runs: dict, ctxs) -> dict:
+    """The summary.json keys from the per-measurement runs: best mode per (arm, context)."""
+    tps, mem, best = {}, {}, {}
+    for arm in ARMS:
+        for ctx in ctxs:
+            cands = [runs.get(f"{arm}_{ctx}_{m}", {}) for m in MODES]
+            cands = [r for r in cands if "tokens_per_s" in r]
+            if not cands:
+                continue
+            r = max(cands, key=lambda r: r["tokens_per_s"])
+            tps.setdefault(arm, {})[str(ctx)] = r["tokens_per_s"]
+            mem.setdefault(arm, {})[str(ctx)] = r["peak_mem_gb"]
+            best.setdefault(arm, {})[str(ctx)] = r["mode"]
+    ratio = {c: tps["v4"][c] / tps["dense"][c] for c in tps.get("v4", {}) if c in tps.get("dense", {})}
+    return {"e2e_tokens_per_s": tps, "e2e_peak_mem_gb": mem, "e2e_v4_over_dense": ratio, "e2e_best_settings": best}
+
+
+def _merge_summary(keys: dict):
+    path = os.path.join(RESULTS, "summary.json")
+    s = _load(path, {})
+    s.update(keys)
+    _write(path, s)
+
+
+def _child(args_list, cap):
+    """Run this file with args_list in a subprocess, capped at `cap` s; its JSON result or an error record."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), *args_list, "--child-out", out],
+                           timeout=cap, capture_output=True, text=True)
+        r = _load(out, None)
+        if r is None:
+            r = {"error": f"child rc={p.returncode}: {(p.stderr or p.stdout)[-600:]}"}
+    except subprocess.TimeoutExpired:
+        r = {"error": f"wall-clock cap: {cap} s"}
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(out)
+    r["wall_s"] = time.time() - t0
+    return r
+
+
+def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=tuple(ARMS), modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
+         budget=None, profile_ctx=16384, breakdown_only=False):
+    from common import env_info
+    t_start = time.time()
+    path = os.path.join(RESULTS, "e2e.json")
+    res = {} if fresh else _load(path, {})
+    if res.get("format") != 2:                       # results of the earlier three-arm table are not reused
+        res = {}
+    res.update({"format": 2, "what": "training throughput, small (V4) vs small-dense, best of eager / compiled "
+                                     "(bench_e2e.py docstring)", "tokens_per_step": TOKENS_PER_STEP,
+                "arms": dict(ARMS), "env": env_info()})
+    runs = res.setdefault("runs", {})
+    plan = [] if breakdown_only else [(a, c, m) for c in ctxs for a in arms for m in modes]
+    for arm, ctx, mode in plan:
+        key = f"{arm}_{ctx}_{mode}"
+        if key in runs and "tokens_per_s" in runs[key]:
+            continue                                 # measured by an earlier call
+        left = None if budget is None else budget - (time.time() - t_start)
+        if left is not None and left < 30:
+            print("e2e budget spent; skipping", key, flush=True)
+            continue
+        this_cap = cap if left is None else min(cap, left - 5)
+        r = _child(["--measure", ARMS[arm], str(ctx), mode, str(warmup), str(steps)], this_cap)
+        runs[key] = r
+        print("e2e", key, {k: v for k, v in r.items() if k not in ("step_ms_all", "layer_types", "traceback")}, flush=True)
+        res["summary"] = summary_keys(runs, ctxs)
+        _write(path, res)
+        _merge_summary(res["summary"])
+    if "breakdown" not in res or "error" in res.get("breakdown", {}) or breakdown_only:
+        left = None if budget is None else budget - (time.time() - t_start)
+        if left is None or left > 60:
+            r = _child(["--breakdown", str(profile_ctx)], cap if left is None else min(cap, left - 5))
+            res["breakdown"] = r
+            print("e2e breakdown", {k: v for k, v in r.items() if k != "traceback"}, flush=True)
+    res["summary"] = summary_keys(runs, ctxs)
+    if "ms" in res.get("breakdown", {}):
+        res["summary"]["e2e_v4_breakdown"] = res["breakdown"]
+    _write(path, res)
+    _merge_summary(res["summary"])
+    if out_dir:
+        _write(os.path.join(out_dir, "e2e.json"), res)
     return res
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, nargs="*", default=[4096, 16384, 65536])
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--extra", action="store_true", help="run extra() instead of the main table")
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cap", type=float, default=300.0, help="wall-clock cap of one measurement (s)")
+    ap.add_argument("--budget", type=float, default=None, help="stop starting measurements after this many s")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--profile-ctx", type=int, default=16384)
+    ap.add_argument("--breakdown-only", action="store_true")
+    ap.add_argument("--measure", nargs=5, metavar=("PRESET", "CTX", "MODE", "WARMUP", "STEPS"))
+    ap.add_argument("--breakdown", type=int, metavar="CTX")
+    ap.add_argument("--breakdown-device", default="cuda")
+    ap.add_argument("--child-out")
     a = ap.parse_args()
-    print(env_info())
-    extra(a.out) if a.extra else main(a.out, tuple(a.ctx), steps=a.steps)
+    if a.measure or a.breakdown:
+        sys.path.insert(0, os.path.dirname(HERE))
+        try:
+            if a.measure:
+                p, c, m, w, s = a.measure
+                r = measure(p, int(c), m == "compiled", int(w), int(s), guard_s=60.0)
+            else:
+                r = breakdown(a.breakdown, device=a.breakdown_device)
+        except Exception as e:                                            # noqa: BLE001
+            import traceback
+            r = {"error": f"{type(e).__name__}: {str(e)[:400]}", "traceback": traceback.format_exc()[-1500:]}
+        if a.child_out:
+            _write(a.child_out, r)
+        else:
+            print(json.dumps(r, indent=1))
+    else:
+        main(None, tuple(a.ctx), tuple(a.arms), tuple(a.modes), a.warmup, a.steps, a.cap, a.fresh, a.budget,
+             a.profile_ctx, a.breakdown_only)

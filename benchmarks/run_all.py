@@ -118,6 +118,7 @@ def build_summary(out_dir=None) -> dict:
                              "speedup_triton_vs_dense": e2e.get("speedup_triton_vs_dense"),
                              "extra": {k: {a: b for a, b in v.items() if a in keep}
                                        for k, v in (extra or {}).get("runs", {}).items()}}
+        s.update(e2e.get("summary", {}))     # e2e_tokens_per_s, e2e_peak_mem_gb, e2e_v4_over_dense, ... (bench_e2e)
     else:
         s["e2e_training"] = None
         reasons["e2e_training"] = "not measured (see benchmarks/README.md)"
