@@ -340,7 +340,7 @@ class TrainConfig:
     ckpt_interval: int = 50               # steps between checkpoints (and always at the last step)
     device: str = "auto"                  # auto | cpu | cuda
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: bool = False                 # torch.compile the model
+    compile: str = "auto"                 # auto (torch.compile on CUDA, eager on CPU) | true | false (compilation.py)
     progress: bool = True                 # tqdm progress bar
     # synthetic long-range tasks (dsv4_lab/data/synthetic.py)
     task_n_pairs: int = 8                 # key-value pairs per retrieval sequence
@@ -354,6 +354,8 @@ class TrainConfig:
         return cls(**{k: _coerce(k, v, _field_type(cls, k)) for k, v in d.items()})
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):    # compile=True / False from Python code
+            self.compile = "true" if self.compile else "false"
         _check_types(self)
         for k in ["seq_len", "batch_size", "max_steps", "eval_interval", "eval_batches", "log_interval",
                   "ckpt_interval", "task_n_pairs", "task_n_queries", "task_n_needles"]:
@@ -390,7 +392,7 @@ class TrainConfig:
             raise _err("wsd_decay_frac", self.wsd_decay_frac, "a number in (0, 1]")
         choices = {"data": ("stdlib", "shakespeare", "retrieval", "mrcr"), "schedule": ("cosine", "wsd"),
                    "optimizer": ("adamw", "muon"), "ns_schedule": ("v4", "keller5"), "device": ("auto", "cpu", "cuda"),
-                   "dtype": ("auto", "fp32", "bf16")}
+                   "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "true", "false")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise _err(k, getattr(self, k), f"one of {allowed}")

@@ -253,7 +253,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
-    fwd = torch.compile(ddp_model) if tc.compile else ddp_model
+    from .compilation import compile_model, wants_compile
+    fwd = compile_model(ddp_model) if wants_compile(tc.compile, device) else ddp_model   # compile=auto: CUDA only
 
     bar = progress_bar(tc.progress and rank == 0, tc.max_steps, start_step, f"train {run_dir.name}")
     last_ckpt = start_step - 1                     # step of the last good checkpoint on disk, -1 = none

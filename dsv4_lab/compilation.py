@@ -1,0 +1,42 @@
+"""torch.compile for training (TrainConfig.compile = auto | true | false).
+
+    auto   compile on CUDA (fused elementwise glue, fewer launches: the lab model's step is launch-bound), eager on
+           CPU (compiling costs minutes there and gains little at CPU test sizes)
+    true   compile on any device;  false  never
+
+Settings made before compiling:
+  * Inductor types Python-float launch arguments of hand-written Triton kernels (the attention scale, eps, ...) as
+    fp64, where Triton itself uses fp32; an fp64 scalar then promotes the kernel's fp32 arithmetic, and a loop that
+    accumulates into an fp32 variable fails to compile ("Loop-carried variable ... fp32 ... re-assigned to fp64").
+    `_use_fp64_for_unbacked_floats = False` restores Triton's fp32 (the compiled kernels then compute exactly as in
+    eager mode). Where the installed torch lacks the switch, it has no fp64 typing either.
+  * a recompile limit above the number of layers: per-layer resume frames after a graph break are guarded per
+    module instance.
+"""
+from __future__ import annotations
+
+import torch
+
+CHOICES = ("auto", "true", "false")
+
+
+def wants_compile(setting: str, device: torch.device) -> bool:
+    if setting not in CHOICES:
+        raise ValueError(f"compile = {setting!r} is not allowed: one of {CHOICES}")
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def configure() -> None:
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+    if hasattr(inductor_config, "_use_fp64_for_unbacked_floats"):
+        inductor_config._use_fp64_for_unbacked_floats = False
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+
+
+def compile_model(model: torch.nn.Module, **kw) -> torch.nn.Module:
+    """torch.compile(model) after `configure()`; kw go to torch.compile (backend, fullgraph, ...)."""
+    configure()
+    return torch.compile(model, **kw)
