@@ -34,9 +34,10 @@ def test_every_ablation_states_its_question_and_validates(path, tmp_path):
     if "tune" in sw:                                           # room for an interior optimum on every arm
         assert all(len(g) >= 3 for g in sw["tune"]["grid"].values())
     # confounds ruled out by construction: one schedule horizon, QK-norm and the window branch in every arm
-    for r in plan(sw, "cpu", str(tmp_path))[1]:
+    ev = plan(sw, "cpu", str(tmp_path))[1]
+    for r in ev:
         mc, tc = parse_overrides(dict(r["kv"]))
-        assert mc.qk_norm and mc.window_branch and tc.max_steps == plan(sw, "cpu", str(tmp_path))[1][0]["max_steps"]
+        assert mc.qk_norm and mc.window_branch and tc.max_steps == ev[0]["max_steps"]
 
 
 def _write(tmp_path, arms, seeds=(0, 1), base=None):
