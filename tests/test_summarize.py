@@ -1,0 +1,67 @@
+"""summarize: run records -> summary / curves / verdicts CSVs and figures (dsv4_lab/summarize.py)."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dsv4_lab.cli import main
+from dsv4_lab.runlog import save_json
+from dsv4_lab.summarize import SUMMARY_COLS, VERDICT_COLS
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = {"name": "toy", "question": "does b lower the loss?", "budget_type": "equal tokens", "budget": "10 steps",
+         "claim_boundary": "a toy", "metric": {"name": "val_loss", "direction": "lower"},
+         "secondary": [{"name": "spike_count", "direction": "lower"}], "baseline": "a", "seeds": [0, 1, 2, 3, 4],
+         "base": {}, "arms": {"a": {}, "b": {}, "c": {}}}
+
+
+def _fake_run(root, arm, seed, val_loss, steps=10, finished=True):
+    rd = root / "toy" / "cpu" / f"{arm}-s{seed}"
+    save_json({"ablation": "toy", "scale": "cpu", "phase": "eval", "arm": arm, "family": arm, "seed": seed}, rd / "sweep.json")
+    save_json({"model": {}, "train": {"max_steps": steps}}, rd / "config.json")
+    last = steps - 1 if finished else steps // 2
+    recs = [{"step": s, "losses": [3.0 - 0.1 * s], "tokens": 64 * (s + 1), "flops": 1e6 * (s + 1)} for s in range(last + 1)]
+    recs[-1]["val_loss"] = val_loss
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_summarize_builds_csvs_and_verdicts(tmp_path, capsys):
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "toy.json").write_text(json.dumps(SWEEP))
+    rng = np.random.default_rng(0)
+    for s in range(5):
+        base = 2.0 + rng.normal(0, 0.3)                       # seed effect shared by the arms (paired)
+        _fake_run(tmp_path / "runs", "a", s, base)
+        _fake_run(tmp_path / "runs", "b", s, base - 0.2 + rng.normal(0, 0.01))
+        _fake_run(tmp_path / "runs", "c", s, base + rng.normal(0, 0.01))
+    _fake_run(tmp_path / "runs", "c", 9, 0.0, finished=False)  # unfinished: not a result
+    out = tmp_path / "res"
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(out), "--sweeps", str(tmp_path / "abl")]) == 0
+    table = capsys.readouterr().out
+    assert "b vs a" in table and "better" in table
+    summary, verdicts = _rows(out / "summary.csv"), _rows(out / "verdicts.csv")
+    assert list(summary[0]) == SUMMARY_COLS and list(verdicts[0]) == VERDICT_COLS
+    assert {r["seed"] for r in summary if r["arm"] == "c"} == {"0", "1", "2", "3", "4"}
+    v = {(r["arm"], r["metric"]): r for r in verdicts}
+    assert v[("b", "val_loss")]["verdict"] == "better" and v[("b", "val_loss")]["n_seeds"] == "5"
+    assert v[("c", "val_loss")]["verdict"] == "null"
+    assert float(v[("b", "val_loss")]["ci_high"]) < 0 < float(v[("c", "val_loss")]["ci_high"])
+    assert not (tmp_path / "figures").exists()                 # no figure unless asked
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(out), "--sweeps", str(tmp_path / "abl"),
+                 "--figures", str(tmp_path / "figures")]) == 0
+    assert (tmp_path / "figures" / "ablation_toy.png").stat().st_size > 10_000
+
+
+def test_summarize_bad_root_and_reproduce_typo_write_nothing(tmp_path, capsys):
+    assert main(["summarize", str(tmp_path / "nope"), "--out", str(tmp_path / "res")]) == 2
+    assert not (tmp_path / "res").exists()
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()}
+    assert main(["reproduce", "sweeps=ablations/csa_vs_hca.json"]) == 2
+    assert "sweeps" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()} == before
