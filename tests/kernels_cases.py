@@ -304,6 +304,30 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
                 v, i = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db)
                 _check_picks(f"radix_select {nm} {dt} digits {db} {(R, L, k, P)}", xd, n, k, v, i)
+    # gmax_select (prefill rows): exact twin of a stable descending sort (lower index first among ties), sorted
+    # output; cap small enough that the tie rows overflow it and take the histogram fallback
+    from dsv4_lab.kernels.indexer_topk.gmax_select import gmax_select
+    shapes = [(2, 203, 7, 4, None, 16), (2, 257, 20, 8, None, 32), (6, 97, 5, 2, (3, 7, 4), None)] if not big else \
+        [(64, 32771, 512, 32, None, None), (64, 4099, 512, 4, (64, 2000, 4), None), (4, 9000, 512, 8, None, 1024)]
+    for (R, L, k, grp, fr, cap) in shapes:
+        n = torch.full((R,), L) if fr is None else \
+            torch.clamp((fr[1] + torch.arange(R) % fr[0] + 1) // fr[2], max=L)
+        ties = torch.randint(-2, 3, (R, L), generator=g).float()
+        ties[0, ::3] = float("-inf")
+        for nm, x in (("randn", torch.randn(R, L, generator=g)), ("ties", ties)):
+            for dt in (torch.float32, torch.bfloat16):
+                xd = x.to(device, dt)
+                xs = xd.float().clone()
+                for r in range(R):
+                    xs[r, int(n[r]):] = float("-inf")
+                G = -(-L // grp)
+                gm = torch.nn.functional.pad(xs, (0, G * grp - L), value=float("-inf")).view(R, G, grp).amax(-1)
+                for r in range(R):
+                    xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
+                v, i = gmax_select(xd, gm.contiguous(), grp, k, frontier=fr, cap=cap)
+                vr, ir = torch.sort(xs, dim=-1, descending=True, stable=True)
+                vr, ir = vr[:, :k], torch.where(vr[:, :k] == float("-inf"), -1, ir[:, :k]).int()
+                assert torch.equal(v, vr) and torch.equal(i, ir), f"gmax_select {nm} {dt} {(R, L, k, grp, cap)}"
     # indexer methods: (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems)
     shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
               (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] if not big else \
@@ -315,8 +339,8 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
         full = indexer_scores(qI, kI, w, ratio, off)                               # (B, T, S) exact fp32 sums
         n = torch.clamp((off + torch.arange(T) + 1) // ratio, max=S).repeat(B)
-        for m in ("select", "select_bf16", "torch_bf16"):
-            ref = full if m == "select" else full.bfloat16().float()
+        for m in ("gmax", "gmax_bf16", "select", "select_bf16", "torch_bf16"):
+            ref = full if m in ("select", "gmax") else full.bfloat16().float()
             for rs in (True, False):
                 i_t, v_t = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True, method=m,
                                                chunk_elems=ce) if rs else (None, None)
@@ -332,6 +356,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         i_r, v_r = indexer_topk_naive(qI, kI, w, k, ratio, q_offset=off, return_scores=True)
         assert torch.equal(indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True,
                                                method="select", chunk_elems=ce)[1], v_r), "select vs naive values"
+        for rs in (True, False):                         # gmax: the naive twin's lists exactly (lower index first)
+            out = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=rs, method="gmax",
+                                      chunk_elems=ce)
+            assert torch.equal(out[0] if rs else out, i_r), f"gmax vs naive indices (return_scores={rs})"
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant

@@ -452,7 +452,8 @@ def radix_topk_triton(val, k: int, chunk: int | None = None, idx_in=None, sort: 
 
 
 # ================================================================================================ indexer + top-k
-METHODS = ("select", "select_bf16", "torch_bf16", "radix", "radix_gmax", "torch", "split_torch", "stream")
+METHODS = ("gmax", "gmax_bf16", "select", "select_bf16", "torch_bf16", "radix", "radix_gmax", "torch", "split_torch",
+           "stream")
 # set from benchmarks/results/csa.json (H200): Triton scores + torch.topk was the fastest measured at
 # 32K / 128K prefill (5.0 / 41.3 ms vs radix 8.1 / 67.7, radix_gmax 8.1 / 58.2) and at 1M decode (103 us vs radix
 # 113 us); at 8K all are within 0.3 ms. In the model-level GPU test the radix path also dropped 0.26 % of the picks
@@ -461,7 +462,7 @@ METHODS = ("select", "select_bf16", "torch_bf16", "radix", "radix_gmax", "torch"
 # the methods that lose to the winner then leave the package (their numbers stay in benchmarks/README.md).
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
 AUTO = {"prefill": "torch", "decode": "torch"}
-FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch"}
+FP32_TWIN = {"gmax_bf16": "gmax", "select_bf16": "select", "torch_bf16": "torch"}
 DECODE_T = 16                                        # T <= DECODE_T queries: decode methods (split the key range)
 
 
@@ -516,6 +517,10 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       radix_gmax   radix whose score kernel also writes the max of every `group` entries (group ~ S'/(2k)); the
                    k-th largest group max bounds the k-th score from below, so one gather pass finds the candidates
                    and the histogram passes over the row are skipped (falls back to them when > cap candidates).
+      gmax         Triton fp32 scores + group maxima per query chunk, then gmax_select.py: the k-th largest group
+                   max bounds the k-th score from below, one compare-and-compact pass gathers the ~1.4k entries
+                   above it, a sort of those gives the picks (sorted; ties: lower index, exact twin). Prefill.
+      gmax_bf16    gmax on bf16 scores (group maxima stay fp32 and are rounded when compared).
       select       Triton fp32 scores per query chunk + the split-row radix select (select.py: each row over many
                    programs at decode, one per row in prefill; 8-bit digits, one launch per digit + one to emit).
                    Same values as torch.topk; which of several entries tied at the k-th value is taken varies.
@@ -549,7 +554,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     Smax = _visible(ratio, q_offset, T, S)
     rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
     # select in one query chunk with >= k visible entries fills every slot itself: no -1 prefill, no copy (decode)
-    direct = method.startswith("select") and not return_scores and rows >= T and Smax >= k > 0
+    own = ("select", "select_bf16", "gmax", "gmax_bf16")                # Triton selects that write into idx
+    direct = method in own and rows >= T and Smax >= k > 0 and not (return_scores and method.startswith("select"))
     if direct:
         idx = torch.empty((B, T, k), dtype=torch.int32, device=qI.device)
         val = torch.empty((B, T, k), dtype=torch.float32, device=qI.device)
@@ -558,11 +564,13 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     split = (8192 if decode else 65536) if split is None else split      # prefill: only rows > 64K are split
     if T > 0 and k > 0:
-        pad = 64 if method in ("select", "select_bf16", "radix", "radix_gmax") else 1   # aligned rows: vector loads
+        radix = method in own + ("radix", "radix_gmax")     # read each row up to its own causal frontier
+        pad = 64 if radix else 1                                # aligned rows: vector loads
         need = B * rows * -(-max(Smax, 1) // pad) * pad
         group = 0
-        if method == "radix_gmax":
-            group = min(16 if INTERPRET else 32, next_pow2(-(-max(Smax, 1) // (2 * next_pow2(k)))))
+        if method in ("radix_gmax", "gmax", "gmax_bf16"):
+            from .gmax_select import gmax_group, gmax_select
+            group = gmax_group(Smax, k)
             gbuf = torch.empty(B * rows * -(-max(Smax, 1) // group), dtype=torch.float32, device=qI.device)
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
@@ -575,11 +583,16 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             Sp = _visible(ratio, q_offset, t1, S)
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
-            radix = method in ("radix", "radix_gmax", "select", "select_bf16")
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not radix,
                                        gmax=gbuf if group else None, group=group, dtype=sdt, pad=pad)
             sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
-            if method.startswith("select"):                     # reads each row up to its own causal frontier
+            gm = gbuf[: B * (t1 - t0) * -(-Sp // group)].view(B * (t1 - t0), -1) if group else None
+            if method.startswith("gmax"):                       # sorted picks
+                v, i = gmax_select(sc, gm, group, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio),
+                                   out=(val.view(B * T, k), idx.view(B * T, k)) if direct else None)
+                if direct:
+                    continue
+            elif method.startswith("select"):
                 v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws,
                                     out=(val.view(B * T, k), idx.view(B * T, k)) if direct else None)
                 if direct:
@@ -587,8 +600,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                 if return_scores:
                     v, o = torch.sort(v, dim=-1, descending=True)
                     i = torch.gather(i, 1, o)
-            elif radix:                                           # reads each row up to its own causal frontier
-                gm = gbuf[: B * (t1 - t0) * -(-Sp // group)].view(B * (t1 - t0), -1) if group else None
+            elif radix:
                 v, i = _topk_radix(sc, k, split, (t1 - t0, q_offset + t0, ratio), radix_cap, gm, group)
             elif method in ("torch", "torch_bf16"):             # picks in score order only when scores are returned
                 v, i = _topk_torch(sc, k, ordered=return_scores)
