@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kernels import use_triton
 from .kernels.mhc import mhc_post, mhc_pre
-from .kernels.mhc.naive import mhc_maps_naive, sinkhorn
+from .kernels.mhc.naive import mhc_collapse_naive, mhc_maps_naive, sinkhorn
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,26 +130,24 @@ class HyperConnection(nn.Module):
                               "A": A.detach(), "C": C.detach()}
 
     def pre(self, X: torch.Tensor):
+        """X (B, T, n, d) -> u (B, T, d), ctx = (path, coef [A, C, P] (B, T, (2 + n) n), X as post must read it)."""
+        n = self.n
         if self.constrained and use_triton(self.cfg, X):
             # fused Triton pre (coefficients + Sinkhorn + collapse) and post, forward and backward (kernels/mhc);
             # Xa is X passed through the pre kernel so post's dX reaches the pre backward, which sums both
-            n = self.n
             u, coef, Xa = mhc_pre(X, self.fn, self.scale, self.base, self.iters, self.eps, self.norm_eps,
                                   impl="triton", alias=True)
             self._probe(coef[..., :n], coef[..., n:2 * n], coef[..., 2 * n:].unflatten(-1, (n, n)))
-            return u, ("kernel", coef, Xa)
+            return u, ("triton", coef, Xa)
         A, C, P = self.maps(X)
         self._probe(A, C, P)
-        u = (A.unsqueeze(-1) * X.to(A.dtype)).sum(2)                              # (B, T, d)
-        return u.to(X.dtype), (C, P)
+        coef = torch.cat([A, C, P.flatten(-2)], -1)
+        return mhc_collapse_naive(X, coef), ("torch", coef, X)
 
     def post(self, y: torch.Tensor, X: torch.Tensor, ctx) -> torch.Tensor:
-        if isinstance(ctx[0], str):                                               # ("kernel", coef, Xa)
-            return mhc_post(y, ctx[2], ctx[1], impl="triton")
-        C, P = ctx
-        # x'_j = C_j y + sum_i P_ij x_i  (column j of P; paper B = P^T), computed in fp32 like REF
-        out = C.unsqueeze(-1) * y.to(C.dtype).unsqueeze(2) + torch.einsum("btij,btid->btjd", P, X.to(P.dtype))
-        return out.to(X.dtype)
+        """x'_j = C_j y + sum_i P_ij x_i (column j of P; paper B = P^T), computed in fp32 like REF."""
+        path, coef, Xp = ctx
+        return mhc_post(y, Xp, coef, impl=path)
 
 
 class HyperHead(nn.Module):

@@ -14,7 +14,7 @@ in one pass. The torch path is the naive twin (naive.py) under PyTorch autograd 
 from __future__ import annotations
 
 from .. import resolve_impl
-from .naive import mhc_coef_naive, mhc_maps_naive, mhc_post_naive, mhc_pre_naive, sinkhorn
+from .naive import mhc_coef_naive, mhc_collapse_naive, mhc_maps_naive, mhc_post_naive, mhc_pre_naive, sinkhorn
 
 
 def mhc_pre(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, impl: str = "auto",
@@ -33,4 +33,5 @@ def mhc_post(y, x, coef, impl: str = "auto"):
     return mhc_post_naive(y, x, coef)
 
 
-__all__ = ["mhc_pre", "mhc_post", "mhc_pre_naive", "mhc_post_naive", "mhc_coef_naive", "mhc_maps_naive", "sinkhorn"]
+__all__ = ["mhc_pre", "mhc_post", "mhc_pre_naive", "mhc_post_naive", "mhc_coef_naive", "mhc_collapse_naive",
+           "mhc_maps_naive", "sinkhorn"]

@@ -59,11 +59,15 @@ def mhc_coef_naive(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_
     return torch.cat([A, C, P.flatten(-2)], -1)
 
 
-def mhc_pre_naive(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
+def mhc_collapse_naive(x, coef):
+    """u = sum_i A_i x_i (B, T, d) in x's dtype, A = coef[..., :n] (any [A, C, P] coef, also HC's tanh maps)."""
     n = x.shape[2]
+    return (coef[..., :n, None] * x.to(coef.dtype)).sum(2).to(x.dtype)
+
+
+def mhc_pre_naive(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
     coef = mhc_coef_naive(x, fn, scale, base, iters, eps, norm_eps)
-    u = (coef[..., :n, None] * x.to(coef.dtype)).sum(2).to(x.dtype)            # (B, T, d)
-    return u, coef
+    return mhc_collapse_naive(x, coef), coef
 
 
 def mhc_post_naive(y, x, coef):
