@@ -112,7 +112,7 @@ def _run(sweep, scale, root, phase, arm, seed, kv, label=None) -> dict:
     name = f"{label or arm}-s{seed}"
     rd = sub / "select" / name if phase == "select" else sub / name
     return {"ablation": sweep["name"], "scale": scale, "phase": phase, "arm": label or arm, "family": arm,
-            "seed": seed, "kv": {**kv, "seed": seed, "run_dir": str(rd)}}
+            "seed": seed, "kv": {**kv, "seed": seed, "run_dir": str(rd.resolve()), "progress": False}}
 
 
 def selection_runs(sweep: dict, scale: str = "cpu", root: str = "runs") -> list[dict]:
@@ -199,7 +199,7 @@ def execute(run: dict, slot: int, jobs: int, n_gpus: int, log=print) -> int:
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.setdefault("MPLBACKEND", "Agg")
-    params = {"overrides": {**run["kv"], "run_dir": str(rd.resolve()), "progress": False}}
+    params = {"overrides": run["kv"]}                   # exactly the validated config (plan / validate)
     cmd = [sys.executable, "-m", "papermill", str(RUN_NOTEBOOK), str(rd / "run.ipynb"), "-y", json.dumps(params),
            "-k", "python3", "--cwd", str(ROOT / "notebooks"), "--no-progress-bar", "--log-level", "WARNING"]
     with open(rd / "run.log", "ab") as fh:
@@ -327,10 +327,12 @@ def run_sweep(sweep: dict, root: str = "runs", progress: bool = True, scale: str
     """In-process runs without papermill (make reproduce's small smoke sweep): train() each run in turn."""
     from .train import train
     sel, ev = plan(sweep, scale, root)
+    for r in sel + ev:
+        r["kv"]["progress"] = progress
+    validate(sweep, sel + ev)
     results = []
     for r in sel + ev:
         mc, tc = parse_overrides(dict(r["kv"]))
-        tc.progress = progress
         if is_finished(tc.run_dir, tc.max_steps):
             print(f"[sweep {sweep['name']}] {r['arm']} seed {r['seed']}: finished, skipped", flush=True)
         else:
