@@ -20,6 +20,9 @@ the headline forward numbers are the faster mode's (`best_mix`), which mhc/trito
 (`library_default_mix` records what it named during the run). The backward launch parameters (mhc/triton.py POST_BWD_*,
 BWD_*, DW_*) are swept (`post_bwd_sweep`, `bwd_sweep`, each one gated for correctness) and the fastest are used for
 the fwd + bwd figure (`post_bwd_best`, `bwd_best`; `library_default_*` = what triton.py named during the run).
+On the small bf16 row every pre config (the autotune list and PRE_CANDIDATE_CONFIGS, both mixes) is also launched
+explicitly, gated and timed (`pre_config_sweep`, `pre_best_correct_config`,
+`fused_fraction_of_copy_bw_best_pre_config`): a candidate joins the autotune list only after it measured correct.
 
 Keys: mhc_fused_fraction_of_copy_bw (forward, small shapes), mhc_fused_fwd_bwd_fraction_of_copy_bw (forward +
 backward, small shapes), runs[*] per shape (run_all.py reads the two top-level keys)."""
@@ -54,7 +57,7 @@ def _set(params: dict) -> dict:
     return old
 
 
-def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw):
+def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw, sweep_pre):
     un, cn = mhc_pre_naive(x, fn, sc, base)
     for mix in ("fused", "split"):                 # how u is formed (mhc/triton.py docstring); PRE_MIX = the winner
         m = r["modes"][mix] = {}
@@ -70,6 +73,8 @@ def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw):
         assert m["coef_rel_err_vs_naive"] < 1e-4 and m["u_rel_err_vs_naive"] < 1e-2, f"mHC mismatch: {m}"
         p = bench(lambda: mt.mhc_pre_fwd(x, fn, sc, base, mix=mix))
         m["pre_triton"] = dict(p, tb_s=pre_b / (p["ms"] * 1e-3) / 1e12)
+    if sweep_pre:
+        _pre_config_sweep(r, x, fn, sc, base, un, cn)
     del un, cn
     best = min(r["modes"], key=lambda k: r["modes"][k]["pre_triton"]["ms"])
     r["best_mix"], r["library_default_mix"] = best, mt.PRE_MIX
@@ -89,6 +94,27 @@ def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw):
     r["pre_naive"], r["post_naive"] = pn, qn
     r["speedup_vs_naive"] = (pn["ms"] + qn["ms"]) / (p["ms"] + q["ms"])
     return best
+
+
+def _pre_config_sweep(r, x, fn, sc, base, un, cn):
+    """Every config of the pre kernel's autotune list and of mhc/triton.py PRE_CANDIDATE_CONFIGS, launched
+    explicitly in both mix modes: gated against the naive twin (a wrong config is recorded, not fatal) and timed."""
+    listed = [str(c) for c in mt._mhc_pre_kernel.configs]
+    out = []
+    for mix in ("fused", "split"):
+        for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
+            e = {"mix": mix, "config": str(cfg), "in_autotune_list": str(cfg) in listed}
+            try:
+                u, coef = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix)
+                e["u_rel_err"], e["coef_rel_err"] = _rel(u, un), _rel(coef, cn)
+                e["correct"] = e["coef_rel_err"] < 1e-4 and e["u_rel_err"] < 1e-2
+                e["ms"] = bench(lambda: mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix))["ms"]
+            except Exception as ex:                                     # noqa: BLE001
+                e["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            out.append(e)
+    r["pre_config_sweep"] = out
+    ok = [e for e in out if e.get("correct")]
+    r["pre_best_correct_config"] = min(ok, key=lambda e: e["ms"]) if ok else None
 
 
 def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
@@ -178,7 +204,7 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
     r["fwd_bwd_speedup_vs_naive"] = fn_["ms"] / f["ms"]
 
 
-def one(T, n, d, dtype=torch.bfloat16, backward=True, sweep_bwd=True):
+def one(T, n, d, dtype=torch.bfloat16, backward=True, sweep_bwd=True, sweep_pre=False):
     x = torch.randn(1, T, n, d, device="cuda", dtype=dtype)
     fn = torch.randn((2 + n) * n, n * d, device="cuda") * 0.02
     sc = torch.tensor([0.5, 0.7, 0.9], device="cuda")
@@ -191,14 +217,17 @@ def one(T, n, d, dtype=torch.bfloat16, backward=True, sweep_bwd=True):
     cbw = ceilings()["copy_tb_s"]
     r = {"T": T, "n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "bytes_per_token": {"pre": pre_b // T, "post": post_b // T, "bwd": bwd_b // T},
          "modes": {}}
-    mix = _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw)
+    mix = _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw, sweep_pre)
+    if sweep_pre and r.get("pre_best_correct_config"):                  # the same forward with the fastest correct
+        ms = r["pre_best_correct_config"]["ms"] + r["post_triton"]["ms"]   # pre config (not yet the library's)
+        r["fused_fraction_of_copy_bw_best_pre_config"] = (pre_b + post_b) / (ms * 1e-3) / 1e12 / cbw
     if backward:
         _backward(r, x, fn, sc, base, y, mix, pre_b + post_b, bwd_b, cbw, sweep_bwd)
     return r
 
 
 def main(out_dir=None):
-    small = safe(one, *SMALL)
+    small = safe(one, *SMALL, sweep_pre=True)
     # fp32 streams: what the model carries under bf16 autocast (fp32 embedding -> fp32 residual state)
     res = {"runs": [small, safe(one, *SMALL, dtype=torch.float32, sweep_bwd=False),
                     safe(one, 65536, 4, 1024, backward=False)],

@@ -59,6 +59,22 @@ def _pre_configs():
                    triton.Config({"BT": 16, "BC": 32, "CPS": 1}, num_warps=4, num_stages=1))
 
 
+def _pre_candidate_configs():
+    # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
+    # twin and times it, so that a config only joins _pre_configs after it measured correct and faster. Deeper
+    # pipelines / wider chunks keep more x bytes in flight per SM in pass 1 (latency-bound with 2 chunks of
+    # 64 x 64 in flight); every one keeps BT / num_warps <= 8 (each config removed after run 11 had 16).
+    return [] if INTERPRET else [
+        triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=4),
+        triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=6),
+        triton.Config({"BT": 32, "BC": 128, "CPS": 2}, num_warps=4, num_stages=4),
+        triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=6)]
+
+
+PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
+
+
 @triton.jit
 def _dot(a, b, acc, EMUL: tl.constexpr):
     """acc + a b; EMUL: fp32 operands (the interpreter multiplies bf16 bit patterns, docs/kernels.md §7)."""
