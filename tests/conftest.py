@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Tests are sized for 2 CPU cores; keep intra-op threads low so parallel helpers do not thrash.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Intra-op threads, set once for the whole session: OMP_NUM_THREADS if given, else min(2, cores) (tests are sized
+# for 2 cores). No test module changes it; subprocess workers set their own.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(autouse=True)

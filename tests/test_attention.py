@@ -456,7 +456,7 @@ def test_indexer_recall_bounds_and_oracle_identity():
 # ------------------------------------------------------------------------------------------------------------
 
 def test_qat_hooks():
-    quant = pytest.importorskip("dsv4_lab.quant")
+    import dsv4_lab.quant as quant
     cfg = make_cfg(quant="fp4")
     mod = randomise(build_attention(cfg, 2)).eval()                # csa, fp32
     u = torch.randn(1, 21, cfg.d_model)
@@ -482,8 +482,7 @@ from dsv4_lab.interop import attn_name_to_hf as to_hf_name  # noqa: E402
 
 @pytest.fixture(scope="module")
 def hf():
-    pytest.importorskip("transformers")
-    from transformers import DeepseekV4Config
+    from transformers import DeepseekV4Config                   # the pinned dev extra (pyproject): required
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M
     return DeepseekV4Config, M
 

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM   # the pinned dev extra (pyproject): required
 
-from dsv4_lab.interop import from_hf, to_hf  # noqa: E402
+from dsv4_lab.interop import from_hf, to_hf
 
 S, C, H = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
