@@ -47,12 +47,16 @@ def _worker():
         fin = torch.isfinite(rl)
         el = (lse.double()[fin] - rl[fin]).abs().max().item() if fin.any() else 0.0
         same_inf = torch.equal(torch.isfinite(lse), fin)
+        # fp32 kernel vs fp64 twin: each output sums <= W + S + D <= 121 products of softmax weights with |v| <= 5
+        # (unit normals), rounding ~u32 each: random-walk sqrt(121) x u32 x 5 = 3.3e-6, worst case 121 u32 x 5 =
+        # 3.6e-5; lse sums the same terms. 2e-5 sits between the two (the margins table measures it).
         ok = eo < 2e-5 and el < 2e-5 and same_inf
         print(f"case {i} {'ok' if ok else 'FAIL'} out {eo:.2e} lse {el:.2e} inf-pattern {same_inf}", flush=True)
 
 
 def test_hca_prefill_stages_match_naive_interpreted():
-    pytest.importorskip("triton")
+    if sys.platform != "linux":                                  # triton is a Linux-only dependency (pyproject)
+        pytest.skip(f"triton is not installed on {sys.platform} (a Linux-only dependency)")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                        timeout=600)
