@@ -6,8 +6,9 @@ Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): radix (Triton scores 
 top-k; decode: two-stage over `split`-column chunks), radix_gmax (radix with the group-max prefilter: one gather pass
 instead of histogram passes over the row), torch (Triton scores + torch.topk), split_torch (Triton scores +
 two-stage torch.topk), fused = the old streaming kernel (method="stream"; prefill only at 8K/32K, it is slow),
-torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only), select / select_bf16 (the
-split-row radix select of indexer_topk/select.py on fp32 / bf16 scores), torch_bf16 (bf16 scores + torch.topk).
+torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only), gmax / gmax_bf16 (group-max
+threshold + one compact pass + candidate sort, indexer_topk/gmax_select.py), select / select_bf16 (the split-row
+radix select of indexer_topk/select.py) on fp32 / bf16 scores, torch_bf16 (bf16 scores + torch.topk).
 Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each
 loaded 256-B row once per query. bf16-score methods report their recall of the fp32-score picks (docs §2.4).
 
@@ -29,8 +30,9 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-PREFILL_METHODS = ("select_bf16", "select", "torch_bf16", "torch", "radix", "radix_gmax", "split_torch")
-BF16_METHODS = ("select_bf16", "torch_bf16")
+PREFILL_METHODS = ("gmax_bf16", "gmax", "select_bf16", "select", "torch_bf16", "torch", "radix", "radix_gmax",
+                   "split_torch")
+BF16_METHODS = ("gmax_bf16", "select_bf16", "torch_bf16")
 DECODE_METHODS = {"select_bf16": dict(method="select_bf16"), "select": dict(method="select"),
                   "torch_bf16": dict(method="torch_bf16"),
                   "radix_s4096": dict(method="radix", split=4096), "radix_s8192": dict(method="radix", split=8192),

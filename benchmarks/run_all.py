@@ -85,8 +85,8 @@ def build_summary(out_dir=None) -> dict:
         "sparse attention 128K not measured")
     put("indexer_128k_scores_tflops", lambda: R["csa"]["indexer"][f"scores_{N}"]["tflops"], "scores not measured")
     put("indexer_128k_ms_by_method", lambda: {m: R["csa"]["indexer"][f"{m}_{N}"]["ms"]
-                                              for m in ("select_bf16", "select", "torch_bf16", "torch", "radix",
-                                                        "radix_gmax", "split_torch")
+                                              for m in ("gmax_bf16", "gmax", "select_bf16", "select",
+                                                        "torch_bf16", "torch", "radix", "radix_gmax", "split_torch")
                                               if "ms" in R["csa"]["indexer"].get(f"{m}_{N}", {})},
         "indexer 128K not measured")
     put("indexer_32k_old_paths_ms", lambda: {"naive_fp32_einsum_torch_topk": R["csa"]["indexer"]["torch_topk_32768"]["ms"],
