@@ -268,7 +268,8 @@ def topk_row(L=262144):
 
 def topk_rows_prefill(R=2048, L=32768):
     """Prefill-like rows (R x L bf16 scores, k = 512; the last 2K rows of a 128K prefill): torch.topk (fp32 / bf16,
-    unsorted) vs radix_select with one program per row at digit widths 4 / 8, blocks and warps (do_bench)."""
+    unsorted) vs gmax_select (group maxima given) and radix_select with one program per row at digit widths 4 / 8,
+    blocks and warps (do_bench)."""
     from dsv4_lab.kernels.indexer_topk.select import radix_select, workspace_size
     g = torch.Generator(device="cuda").manual_seed(6)
     x = torch.randn(R, L, device="cuda", generator=g).bfloat16()
@@ -278,6 +279,16 @@ def topk_rows_prefill(R=2048, L=32768):
     out["torch_topk_unsorted_bf16_ms"] = bench(lambda: torch.topk(x, K, sorted=False), warmup=3, rep=30)["ms"]
     out["torch_topk_unsorted_fp32_ms"] = bench(lambda: torch.topk(xf, K, sorted=False), warmup=3, rep=30)["ms"]
     ref = torch.topk(xf[:8], K).values
+    from dsv4_lab.kernels.indexer_topk.gmax_select import gmax_group, gmax_select
+    grp = gmax_group(L, K)
+    gm = xf.view(R, L // grp, grp).amax(-1)                         # what the score kernel's group output holds
+    for nm, rows in (("bf16", x), ("fp32", xf)):
+        try:
+            v, _ = gmax_select(rows, gm, grp, K)
+            out[f"gmax_{nm}_values_ok"] = torch.equal(v[:8], ref)
+            out[f"gmax_{nm}_ms"] = bench(lambda rows=rows: gmax_select(rows, gm, grp, K), warmup=3, rep=30)["ms"]
+        except Exception as e:                                             # noqa: BLE001
+            out[f"gmax_{nm}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     for db in (4, 8):
         for blk, nw in ((2048, 8), (4096, 8), (1024, 4), (4096, 16)):
             def run(db=db, blk=blk, nw=nw):
