@@ -69,6 +69,11 @@ def rel_gap(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+# Error model of the 1e-4 bar (as tests/test_decode.py TOL_CACHED): two fp32 implementations of the same function
+# reorder ~30 sequential reductions of length K <= 128: K u32 = 7.6e-6 each, sqrt(30) x that = 4.2e-5 of the
+# logits' scale; 1e-4 leaves 2.4x for the max over all logits. Routing / top-k decisions: index heads and k are
+# chosen so that no near tie exists (docs/hf_parity.md H1); a changed routing detail moves the gap above 1e-3.
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_model_logits_match_hf(case):
     layers, mlp, hca, iheads, topk, T, scoring = CASES[case]
