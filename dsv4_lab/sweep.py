@@ -160,8 +160,12 @@ def validate(sweep: dict, runs: list[dict]) -> None:
 
 
 def is_finished(run_dir, max_steps: int) -> bool:
+    """The last step is logged and its checkpoint written; a finished run whose checkpoint was dropped to keep the
+    committed records small carries `finished.json` instead (ablations/README.md)."""
     recs = read_metrics(run_dir)
-    return bool(recs) and recs[-1].get("step") == max_steps - 1 and (Path(run_dir) / "ckpt.pt").exists()
+    rd = Path(run_dir)
+    return bool(recs) and recs[-1].get("step") == max_steps - 1 and ((rd / "ckpt.pt").exists()
+                                                                     or (rd / "finished.json").exists())
 
 
 def is_diverged(run_dir) -> bool:
