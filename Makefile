@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv install reproduce test test-fast notebooks lab clean
+.PHONY: venv install reproduce test test-fast test-lab notebooks lab clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,23 @@ venv install: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m dsv4_lab reproduce
 
-## The whole suite: unit tests, torchrun, parity, kernel interpreter tests, then every notebook (papermill + nbval).
+## The whole suite: unit tests, torchrun, parity, kernel interpreter tests (not the browser test, see test-lab), then
+## the committed notebooks: executed and clean (--check), and re-run by nbval, which compares the cells marked
+## `# NBVAL_CHECK_OUTPUT` with their committed outputs.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
-	$(PY) scripts/run_notebooks.py --out build/notebooks
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax build/notebooks
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab
+	$(PY) scripts/run_notebooks.py --check
+	env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
 
+## Re-execute every notebook at its CI setting and write it back with its outputs and figures; then commit notebooks/.
 notebooks: $(STAMP)
-	$(PY) scripts/run_notebooks.py --out build/notebooks
+	$(PY) scripts/run_notebooks.py
+
+## Browser test (run before each release): JupyterLab + Debian's chromium (apt-get installs it if missing) run
+## every notebook through Run > Run All Cells and fail on an error, a warning or a missing figure.
+test-lab: $(STAMP)
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	env -u MPLBACKEND $(PY) -m pytest -q -s -p no:cacheprovider tests/lab
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --allow-root notebooks/
