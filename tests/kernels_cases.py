@@ -301,7 +301,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
             torch.clamp((fr[1] + torch.arange(R) % fr[0] + 1) // fr[2], max=L)
         rows = {"randn": torch.randn(R, L, generator=g) * 3,
                 "ties": torch.randint(-2, 3, (R, L), generator=g).float(),
-                "binade": 1 + torch.rand(R, L, generator=g)}
+                **({"binade": 1 + torch.rand(R, L, generator=g)} if big else {})}
         rows["ties"][0, ::3] = float("-inf")
         for j, (nm, x) in enumerate(rows.items()):
             for dt, db in ((torch.float32, (4, 8)[j % 2]), (torch.bfloat16, (8, 4)[j % 2])):   # both digit widths
@@ -345,9 +345,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
         full = indexer_scores(qI, kI, w, ratio, off)                               # (B, T, S) exact fp32 sums
         n = torch.clamp((off + torch.arange(T) + 1) // ratio, max=S).repeat(B)
-        for m in ("gmax", "gmax_bf16", "select", "select_bf16", "torch_bf16"):
+        for m in ("gmax_bf16", "select", "select_bf16", "torch_bf16"):   # gmax: exact lists, checked below
             ref = full if m in ("select", "gmax") else full.bfloat16().float()
-            for rs in (True, False):
+            for rs in ((True, False) if m == "select_bf16" else (True,)):
                 i_t, v_t = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True, method=m,
                                                chunk_elems=ce) if rs else (None, None)
                 if not rs:
@@ -362,7 +362,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         i_r, v_r = indexer_topk_naive(qI, kI, w, k, ratio, q_offset=off, return_scores=True)
         assert torch.equal(indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True,
                                                method="select", chunk_elems=ce)[1], v_r), "select vs naive values"
-        for rs in (True, False):                         # gmax: the naive twin's lists exactly (lower index first)
+        for rs in (False,) if not big else (True, False):   # gmax: the naive twin's lists exactly (lower first)
             out = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=rs, method="gmax",
                                       chunk_elems=ce)
             assert torch.equal(out[0] if rs else out, i_r), f"gmax vs naive indices (return_scores={rs})"

@@ -43,7 +43,7 @@ def _fallback_threshold(vrow, n, k, NL: tl.constexpr, BLOCK: tl.constexpr):
     pref = k * 0
     krem = k
     for l in tl.static_range(NL):
-        SH: tl.constexpr = 24 - 8 * l
+        SH = 24 - 8 * l                                    # a constexpr: l comes from static_range
         hist = tl.zeros([256], tl.int32)
         for st in range(0, n, BLOCK):
             offs = st + tl.arange(0, BLOCK)
