@@ -10,6 +10,8 @@ impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the met
 ("torch", "split_torch") may order equal scores differently (triton.py docstring). Default (measured fastest on
 the H200): "torch", i.e. Triton scores + torch.topk, which without return_scores returns the same set of picks in
 torch.topk(sorted=False) order, so its -1 slots may sit anywhere in a row (every consumer masks them per slot).
+Candidate methods not yet measured on the GPU: gmax / gmax_bf16 (gmax_select.py, prefill) and select / select_bf16
+(select.py, split-row radix select for decode), bf16 = scores rounded to bf16 before the selection (docs §2.4).
 """
 from __future__ import annotations
 
