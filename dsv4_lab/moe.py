@@ -322,7 +322,8 @@ class MoE(nn.Module):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)                          # (N_r,)
         ws = w.flatten()[order]                                                    # (N K,) routing weights
         q = self.experts[0].w1.quant
-        w13 = torch.stack([torch.cat([self._w(e.w1), self._w(e.w3)], 0) for e in self.experts])  # (N_r, 2I, d)
+        w13 = torch.cat([torch.stack([self._w(e.w1) for e in self.experts]),             # (N_r, 2I, d): 3 copies,
+                         torch.stack([self._w(e.w3) for e in self.experts])], 1)          # not one per expert
         w2 = torch.stack([self._w(e.w2) for e in self.experts])                    # (N_r, d, I)
         xs = flat[tok]                                                             # (N K, d)
         if q:
