@@ -13,7 +13,7 @@ Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.
 loaded 256-B row once per query. bf16-score methods report their recall of the fp32-score picks (docs §2.4).
 
 Each family (topk_row, decode_N, prefill_N, fwd_bwd) runs in its own subprocess with a time cap (FAMILY_CAP_S, env
-CSA_FAMILY_CAP_S; env CSA_FAMILIES picks and orders them) and its results are merged into csa.json as soon as it
+CSA_FAMILY_CAP_S; env CSA_FAMILIES picks and orders them, merging into the saved csa.json) and its results are merged into csa.json as soon as it
 ends, so a capped device call keeps what finished. SDPA-flash (dense causal MQA, as bench_dense.py) and torch.topk are measured inside the same families."""
 from __future__ import annotations
 
@@ -388,6 +388,13 @@ def main(out_dir=None, families=FAMILIES, cap_s=None):
                       "dtype": "bf16"},
            "indexer": {}, "compressor": {}, "sparse": {}, "fwd_bwd": {}, "decode": {}, "csa_prefill": {},
            "dense": {}, "topk_row": {}, "agreement": {}, "auto": dict(itk.AUTO), "families": {}}
+    if os.environ.get("CSA_FAMILIES"):                      # a subset: keep the other families' saved results
+        from common import RESULTS
+        path = os.path.join(RESULTS, "csa.json")
+        if os.path.exists(path):
+            old = {k: v for k, v in json.load(open(path)).items() if k not in ("env", "ceilings", "auto")}
+            _merge(old, res)
+            res = old
     for fam in families:
         t0 = time.time()
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
