@@ -152,7 +152,7 @@ def _final_record(metrics: MetricsLog, max_steps: int) -> dict:
     recs = metrics.read()
     if not recs or recs[-1]["step"] != max_steps - 1:
         have = f"its last record is step {recs[-1]['step']}" if recs else "it holds no record"
-        raise RunError(f"{metrics.path}: the run finished (ckpt.pt is at step {max_steps - 1}) but {have}, not the "
+        raise RunError(f"{metrics.path}: the run finished (step {max_steps - 1}) but {have}, not the "
                        f"final step {max_steps - 1} (file emptied or its last line cut); the result is lost: "
                        "rerun in another run_dir")
     return recs[-1]
@@ -216,10 +216,10 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     start_step = 0
     if same_run and ckpt_path.exists():
         start_step = _resume(ckpt_path, record, model, opt, device, tc.max_steps)
-        if start_step >= tc.max_steps:
-            if distributed:
-                dist.destroy_process_group()
-            return _final_record(metrics, tc.max_steps)
+    if start_step >= tc.max_steps or (same_run and not ckpt_path.exists() and (run_dir / "finished.json").exists()):
+        if distributed:                            # finished (a sweep may drop the checkpoint, keep finished.json)
+            dist.destroy_process_group()
+        return _final_record(metrics, tc.max_steps)
     per_rank = tc.batch_size // world
     try:                                           # the data source can make this run's batches
         batches = Batches(tc.data, tc.seq_len, per_rank, tc.seed, rank, tc.task_n_pairs, tc.task_n_queries,

@@ -81,6 +81,16 @@ def test_metrics_last_line_cut_on_finished_run_is_reported_not_step0(capsys, run
     assert "warning: " in err and "dropped its last line" in err and '"step": 0' not in out
 
 
+def test_finished_run_without_checkpoint_is_not_retrained(capsys, run_copy):
+    (run_copy / "ckpt.pt").unlink()                       # a sweep's committed record: finished.json, no ckpt.pt
+    (run_copy / "finished.json").write_text("{}")
+    before = files_of(run_copy)
+    rc, out, err = run_cli(capsys, "train", *FAST, f"run_dir={run_copy}")
+    assert rc == 0 and json.loads(out)["step"] == 2 and files_of(run_copy) == before
+    (run_copy / "metrics.jsonl").write_text("")
+    assert_one_line_error(*run_cli(capsys, "train", *FAST, f"run_dir={run_copy}"), "metrics.jsonl")
+
+
 def test_empty_metrics_file_never_prints_empty_result(capsys, run_copy):
     (run_copy / "metrics.jsonl").write_text("")
     rc, out, err = run_cli(capsys, "train", *FAST, f"run_dir={run_copy}")
