@@ -1,4 +1,4 @@
-"""FLOPs and KV-cache accounting: per decoded token, per prefilled sequence, and cache bytes (spec Appendix A-C).
+"""FLOPs and KV-cache accounting: per decoded token, per prefilled sequence, and cache bytes (docs §A, §B, §C).
 
     decode_flops("v4-pro", 10**6) / decode_flops("v3.2", 10**6)          # 0.268  (paper: 27 %)
     kv_cache_bytes("v4-flash", 10**6) / kv_cache_bytes("v3.2", 10**6)    # 0.073  (paper: 7 %)
@@ -7,19 +7,19 @@
 `model` is a `ModelConfig` (any preset, any toggles) or a name: "v3.2" (Appendix B shapes), "v4-flash" / "v4-pro"
 (= the "flash" / "pro" presets, docs §4), or any preset name. Nothing here instantiates a model.
 
-Accounting model (spec A.2, a [CALC] reconstruction that reproduces every headline number):
+Accounting model (docs §A.2, a [CALC] reconstruction that reproduces every headline number):
 * Dense part = every weight matrix touched by one token (attention projections, compressors, indexer projections,
   mHC mixing, gate, shared + activated routed experts, head): 2 FLOPs per active parameter. Active parameters are
   derived from the shapes with the Appendix C formulas (`params`), never hard-coded.
 * Core attention per layer at context n: 2 * n_h * K(n) * (c + c)  (QK^T and PV over K entries; V4: K = shared K=V
   entries of the window plus the selected / all visible compressed entries; V3.2: MLA in absorbed mode, 576 + 512).
 * Indexer per CSA layer: 2 * n_h^I * c^I * floor(n/m) (V4, over compressed keys); V3.2: 2 * 64 * 128 * n.
-* Weighting: "fp8_equiv" = equivalent FP8 FLOPs, BF16 x2, FP8 x1, FP4 x0.5 (spec A.2, paper §1 "measured in
+* Weighting: "fp8_equiv" = equivalent FP8 FLOPs, BF16 x2, FP8 x1, FP4 x0.5 (docs §A.2, paper §1 "measured in
   equivalent FP8 FLOPs"); the dense part counts as FP8 (FP4 x FP8 expert GEMMs run at FP8 peak, paper §1), the core
   attention as BF16, the V4 indexer QK path as FP4 and V3.2's as FP8. "plain" = every FLOP x1.
 * Not counted (all O(d) or O(c) per token, < 0.1 % at paper shapes): norms, RoPE, softmax / sink, the compressors'
   per-channel softmax pooling, mHC Sinkhorn and mixing, routing top-k, indexer top-k and ReLU/weighting.
-* KV bytes per layer (spec A.2 / §6.3): SWA-only window*E; CSA window*E + floor(n/m)(E + E_I); HCA
+* KV bytes per layer (docs §A.2 / §6.3): SWA-only window*E; CSA window*E + floor(n/m)(E + E_I); HCA
   window*E + floor(n/m')E; lab "dense" layers n*E. "paper" storage: E = (c - r) FP8 + 2r BF16 + one UE8M0 byte per
   64 FP8 values (= 583 B at c=512, r=64), E_I = c^I/2 (MXFP4) + one UE8M0 byte per 32 (= 68 B). V3.2: n(656 + 132).
   The per-request compressor states (fp32 (kv, score) rows, §6.1) are excluded unless include_state=True.
@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from .config import ModelConfig
 
 WEIGHTINGS = {
-    "fp8_equiv": {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5},     # spec A.2
+    "fp8_equiv": {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5},     # docs §A.2
     "plain": {"bf16": 1.0, "fp8": 1.0, "fp4": 1.0},
 }
 STORAGES = ("paper", "bf16", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DeepSeek-V3.2 baseline shapes (spec Appendix B) — MLA, not expressible as a ModelConfig
+# DeepSeek-V3.2 baseline shapes (docs §B) — MLA, not expressible as a ModelConfig
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class V32Shapes:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 2048             # tokens, not blocks
-    kv_entry_bytes: int = 656          # FlashMLA FP8 latent: 512 FP8 + 4 fp32 scales + 64 BF16 RoPE (spec A.2)
+    kv_entry_bytes: int = 656          # FlashMLA FP8 latent: 512 FP8 + 4 fp32 scales + 64 BF16 RoPE (docs §A.2)
     index_key_bytes: int = 132         # FP8 indexer key (128) + fp32 scale
 
 
@@ -105,7 +105,7 @@ def _preset_of(cfg: ModelConfig) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parameters (spec Appendix C, generalised to the lab toggles)
+# Parameters (docs §C, generalised to the lab toggles)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -160,7 +160,7 @@ def _ffn_params(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def layer_params(cfg: ModelConfig, layer_type: str) -> dict[str, tuple[int, int]]:
-    """{group: (total, active)} for one block of the given type (spec Appendix C)."""
+    """{group: (total, active)} for one block of the given type (docs §C)."""
     attn = _attention_params(cfg)
     out = {"attention": (attn, attn)}
     if layer_type == "csa":
@@ -326,7 +326,7 @@ def _flops(m, n: int, weighting: str, prefill: bool) -> dict:
 def decode_flops(model, context_len: int, weighting: str = "fp8_equiv", breakdown: bool = False):
     """FLOPs to decode one token whose context (itself included) has context_len tokens.
 
-    weighting: "fp8_equiv" (spec A.2: BF16 x2, FP8 x1, FP4 x0.5; the paper's unit) or "plain".
+    weighting: "fp8_equiv" (docs §A.2: BF16 x2, FP8 x1, FP4 x0.5; the paper's unit) or "plain".
     breakdown=True returns {"dense", "core_attn", "indexer", "total", "dense_groups", "weighting"}."""
     out = _flops(resolve(model), int(context_len), weighting, prefill=False)
     return out if breakdown else out["total"]
@@ -417,7 +417,7 @@ def kv_cache_bytes(model, context_len: int, storage: str = "paper", include_stat
 
 def gqa_kv_bytes(context_len: int, n_layers: int, n_kv_heads: int = 8, head_dim: int = 128,
                  bytes_per_value: int = 2) -> int:
-    """The paper's baseline (spec A.1, §2.3.4): BF16 GQA with 8 KV heads of dim 128, K and V cached, same depth."""
+    """The paper's baseline (docs §A.1): BF16 GQA with 8 KV heads of dim 128, K and V cached, same depth."""
     return 2 * n_kv_heads * head_dim * bytes_per_value * int(context_len) * n_layers
 
 
@@ -427,7 +427,7 @@ def n_layers(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The headline table (spec A.2)
+# The headline table (docs §A.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 def efficiency_table(context_len: int = 10**6, models=("v3.2", "v4-pro", "v4-flash"),

@@ -34,7 +34,7 @@ def test_v4_param_counts_match_spec_calc(name, total, t_tol, active, a_tol, mtp,
 
 def test_v32_param_counts_match_paper():
     p = params("v3.2")
-    assert near(p["active"], 37.5 * B, 0.05 * B)           # spec A.2 "V3.2 37.5B" (excl. embedding)
+    assert near(p["active"], 37.5 * B, 0.05 * B)           # docs §A.2 "V3.2 37.5B" (excl. embedding)
     assert 671 * B <= p["total"] < 672 * B                   # "671B total"
 
 
@@ -67,7 +67,7 @@ def test_analytic_params_equal_the_real_model(over):
     assert params(cfg)["total"] == real
 
 
-# --- the headline claims at 1M context (spec A.1, A.2) --------------------------------------------------------------
+# --- the headline claims at 1M context (docs §A.1, A.2) --------------------------------------------------------------
 
 def test_flops_at_1m_reproduce_paper():
     rows = {r["model"]: r for r in efficiency_table(10**6)}
@@ -111,7 +111,7 @@ def test_entry_bytes_and_gqa_baseline():
 
 
 def test_swa_is_about_8x_compressed_volume_pro():
-    """spec A.2 sanity check: Pro's per-token SWA bytes ~7.9x its compressed main-entry bytes (§3.5.2)."""
+    """docs §A.2 sanity check: Pro's per-token SWA bytes ~7.9x its compressed main-entry bytes (§3.5.2)."""
     swa = 61 * 583
     comp = 30 * 583 / 4 + 31 * 583 / 128
     assert near(swa / comp, 7.9, 0.05)

@@ -1,4 +1,4 @@
-"""The paper's teaser (FLOPs per token and accumulated KV cache vs context length, spec Appendix A) for V3.2 /
+"""The paper's teaser (FLOPs per token and accumulated KV cache vs context length, docs §A) for V3.2 /
 V4-Flash / V4-Pro, and the same curves for the lab presets with measured points.
 
     from dsv4_lab.figures.efficiency import plot_efficiency
@@ -201,10 +201,10 @@ def plot_efficiency(out_dir: str = "figures", measure: bool = True) -> list[Path
 
     # ---- what it was drawn from -----------------------------------------------------------------------------------
     info = {
-        "analytic": "all curves: dsv4_lab.accounting (FLOPs from shapes, spec App. A-C; KV bytes from storage format)",
+        "analytic": "all curves: dsv4_lab.accounting (FLOPs from shapes, docs §A, §B, §C; KV bytes from storage format)",
         "measured": "lab 'measured cache' markers = bytes allocated by dsv4_lab.inference.cache (batch 1); "
                     "'ms per decoded token' = CPU wall-clock, tiny preset, 1 thread, fp32, random weights",
-        "flops_unit_paper": "equivalent FP8 FLOPs (BF16 x2, FP8 x1, FP4 x0.5), spec A.2",
+        "flops_unit_paper": "equivalent FP8 FLOPs (BF16 x2, FP8 x1, FP4 x0.5), docs §A.2",
         "flops_unit_lab": "plain FLOPs",
         "table_1M": table,
         "lab_configs": {k: v.to_dict() for k, v in lab_models().items()},
