@@ -3,7 +3,8 @@
     python scripts/tolerance_margins.py --seeds 20        # the table committed in tests/README.md
     python scripts/tolerance_margins.py --quick           # 2 seeds
 
-The comparisons are the tests' own `check_*` functions (tests/test_decode.py, tests/test_optim.py) and the kernel
+The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
+test_hf_parity.py, test_mtp.py) and the kernel
 interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded); each returns (name, error, tolerance)
 with the error model written beside the tolerance. Prints a markdown table sorted by worst ratio and exits 1 if any
 comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad arguments.
@@ -32,6 +33,23 @@ def seeded_checks():
     out.append(("decode lossy", D.check_lossy_storage))
     out += [(f"NS {sh}", lambda s, sh=sh: O.check_ns_singular_values(sh, s)) for sh in O.WELL_CONDITIONED]
     out.append(("Muon vs torch", lambda s: O.check_muon_vs_torch(8 + s)))
+    import test_attention as A
+    out += [(f"attention causality {k} T={T}", lambda s, k=k, T=T: A.check_causality(k, T, s))
+            for k in A.TYPES for T in (23, 45)]
+    out.append(("attention causality full model", A.check_causality_full_model))
+    out += [(f"attention spec loop {A.variant_id(kw)}", lambda s, kw=kw: A.check_spec_loop(kw, s))
+            for kw in A.SPEC_VARIANTS]
+    out.append(("attention spec loop no entries", A.check_no_visible_entries))
+    out += [(f"attention spec loop ratios {c}/{h}", lambda s, c=c, h=h: A.check_ratios(c, h, s)) for c, h in A.RATIOS]
+    out += [(f"attention HF heads={h} k={k}", lambda s, h=h, k=k: A.check_hf_parity_attention_layers(h, k, s))
+            for h, k in ((16, 3), (4, 64))]
+    import test_hf_parity as HF
+    out += [(f"HF parity {c}", lambda s, c=c: HF.check_logits_match_hf(c, s)) for c in HF.CASES]
+    out.append(("HF parity shared clamp", lambda s: HF.check_shared_expert_clamp(1 + s)))
+    out.append(("HF parity round trip", lambda s: HF.check_to_hf_round_trip(2 + s)))
+    import test_mtp as MT
+    out += [(f"MTP ce depth {d}", lambda s, d=d: MT.check_mtp_ce(d, s)) for d in (1, 2)]
+    out.append(("MTP loss weight", lambda s: MT.check_loss_weight(s)[0]))
     return out
 
 
