@@ -4,7 +4,7 @@
     python scripts/tolerance_margins.py --quick           # 2 seeds
 
 The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
-test_hf_parity.py, test_mtp.py) and the kernel
+test_hf_parity.py, test_mtp.py, test_mhc.py) and the kernel
 interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded); each returns (name, error, tolerance)
 with the error model written beside the tolerance. Prints a markdown table sorted by worst ratio and exits 1 if any
 comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad arguments.
@@ -50,6 +50,11 @@ def seeded_checks():
     import test_mtp as MT
     out += [(f"MTP ce depth {d}", lambda s, d=d: MT.check_mtp_ce(d, s)) for d in (1, 2)]
     out.append(("MTP loss weight", lambda s: MT.check_loss_weight(s)[0]))
+    import test_mhc as MH
+    out += [(f"mHC sinkhorn x{sh:g}", lambda s, sh=sh: MH.check_sinkhorn(sh, 1 + s)) for sh in MH.SHARPS]
+    out.append(("mHC comb", MH.check_comb))
+    out.append(("mHC post/pre", MH.check_post_pre))
+    out += [(f"mHC one stream {r}", lambda s, r=r: MH.check_one_stream(r, s)) for r in ("hc", "mhc")]
     return out
 
 

@@ -65,3 +65,15 @@ def replayed_quantizers(match: float = 1e-5):
         yield book
     finally:
         QAT.fake_quant_fp8, Q.fake_quant_mxfp4 = saved
+
+
+# ------------------------------------------------------------------------------------------------ allclose as a row
+def close_err(a, b, atol: float, rtol: float = 1e-5):
+    """(error, tolerance) of torch.allclose(a, b, atol=atol, rtol=rtol) (rtol defaults to allclose's 1e-5): |a - b|
+    and the bound atol + rtol |b| at the element where their ratio is largest, so err <= tol iff allclose(a, b)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    a, b = torch.broadcast_tensors(a, b)
+    d = (a - b).abs().flatten()
+    lim = (atol + rtol * b.abs()).flatten()
+    i = (d / lim).argmax()
+    return d[i].item(), lim[i].item()
