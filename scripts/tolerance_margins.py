@@ -4,7 +4,8 @@
     python scripts/tolerance_margins.py --quick           # 2 seeds
 
 The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
-test_hf_parity.py, test_mtp.py, test_mhc.py) and the kernel
+test_hf_parity.py, test_mtp.py, test_mhc.py,
+test_moe.py) and the kernel
 interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded); each returns (name, error, tolerance)
 with the error model written beside the tolerance. Prints a markdown table sorted by worst ratio and exits 1 if any
 comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad arguments.
@@ -55,6 +56,10 @@ def seeded_checks():
     out.append(("mHC comb", MH.check_comb))
     out.append(("mHC post/pre", MH.check_post_pre))
     out += [(f"mHC one stream {r}", lambda s, r=r: MH.check_one_stream(r, s)) for r in ("hc", "mhc")]
+    import test_moe as MO
+    out += [(f"MoE per-token {MO.variant_id(kw)}", lambda s, kw=kw: MO.check_per_token_reference(kw, s))
+            for kw in MO.REF_VARIANTS]
+    out += [(f"MoE grouped {c}", lambda s, c=c: MO.check_grouped_dispatch(c, s)) for c in MO.GROUPED_CASES]
     return out
 
 
