@@ -7,21 +7,13 @@ import torch.nn.functional as F
 from dsv4_lab import DSV4LM, ModelConfig
 from dsv4_lab.mtp import acceptance_rate
 from dsv4_lab.rope import RotaryTable
+from numerics import close_err
 
 
 def build(seed=0, **kw):
     torch.manual_seed(seed)
     base = dict(layer_types=["swa", "csa"], residual="mhc", mtp_depth=1, window=8, index_topk=2, vocab_size=64)
     return DSV4LM(ModelConfig.from_preset("tiny", **{**base, **kw}))
-
-
-def close_err(a, b, atol, rtol=1e-5):
-    """(error, tolerance) of torch.allclose(a, b, atol, rtol) (its default rtol 1e-5): worst |a - b| and the bound
-    atol + rtol |b| at that element; err <= tol iff allclose."""
-    d = (a - b).abs()
-    lim = atol + rtol * b.abs()
-    i = (d / lim).flatten().argmax()
-    return d.flatten()[i].item(), lim.flatten()[i].item()
 
 
 def check_mtp_ce(depth: int, seed: int = 0):
@@ -49,7 +41,8 @@ def check_mtp_ce(depth: int, seed: int = 0):
         ces.append(ce)
     out_rows.append((f"MTP depth {depth} mtp_loss",
                      *close_err(out.aux["mtp_loss"], model.cfg.mtp_loss_weight * sum(ces) / depth, 1e-6)))
-    out_rows.append((f"MTP depth {depth} loss = lm + mtp", *close_err(out.loss, out.lm_loss + out.aux["mtp_loss"], 1e-6)))
+    out_rows.append((f"MTP depth {depth} loss = lm + mtp",
+                     *close_err(out.loss, out.lm_loss + out.aux["mtp_loss"], 1e-6)))
     return out_rows
 
 
