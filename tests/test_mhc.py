@@ -75,21 +75,36 @@ def _rand_site(residual, n=4, d=16, seed=0, sharp=1.0):
 
 
 def check_comb(seed: int = 0):
-    """[(name, error, tolerance)]: the mHC comb's column sums (< 1e-5), Sinkhorn residual (< 1e-2) and spectral norm
-    above 1 (<= 1e-4)."""
+    """[(name, error, tolerance)] for the mHC comb P, with claims that hold for every input, not only a lucky one:
+    - column sums exact (the last Sinkhorn step normalises columns): |sum_i P_ij - 1| <= 1e-5 (fp32 sums of 4 terms
+      plus eps, a few u32);
+    - gain bounded by the marginals (Schur test): ||P||_2 <= sqrt(max row sum * max column sum); computed in fp64 on
+      the fp32 P, returned in fp32: 1e-6 covers the final rounding (u32 * ~1);
+    - Sinkhorn converges monotonically: after a column step, the l1 error of the row sums never grows from one
+      iteration to the next. Proof: with columns normalised and row sums r_i, the next row step gives column sums
+      c_j = sum_i P_ij / r_i, so sum_j |c_j - 1| = sum_j |sum_i P_ij (1/r_i - 1)| <= sum_i |1 - r_i|, and the column
+      step after it does the same for the rows. Checked in fp64 for iters 1..20 on logits of scale 3 (where 20
+      iterations do NOT reach a small residual: the residual's size is a convergence-rate question, not asserted
+      here); tolerance 1e-12 (fp64 rounding of sums of 4 terms). The error reported is the largest increase."""
+    from dsv4_lab.kernels.mhc.naive import sinkhorn
     torch.manual_seed(seed)                    # seed 0: the test's input (conftest seeds 0; the site's init draws)
     site = _rand_site("mhc", sharp=3.0, seed=seed)
     X = torch.randn(2, 7, 4, 16)
     A, C, P = site.maps(X)
     assert ((A > 0) & (A < 1 + 1e-5)).all() and ((C > 0) & (C < 2)).all()
-    return [("mHC comb column sums", (P.sum(-2) - 1).abs().max().item(), 1e-5),   # columns exact, rows approximately
-            ("mHC comb Sinkhorn residual", sinkhorn_residual(P).max().item(), 1e-2),    # (20 iterations)
-            ("mHC comb spectral norm - 1", spectral_norm(P).max().item() - 1, 1e-4)]
+    Pd = P.double()
+    schur = torch.sqrt(Pd.sum(-1).amax(-1) * Pd.sum(-2).amax(-1))
+    logits = 3.0 * torch.randn(2, 7, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    l1 = [(sinkhorn(logits, t).sum(-1) - 1).abs().sum(-1) for t in range(1, 21)]
+    growth = max((b - a).max().item() for a, b in zip(l1, l1[1:]))
+    return [("mHC comb column sums", (P.sum(-2) - 1).abs().max().item(), 1e-5),
+            ("mHC comb spectral norm - Schur bound", (spectral_norm(P).double() - schur).max().item(), 1e-6),
+            ("mHC Sinkhorn l1 row error growth per iteration", growth, 1e-12)]
 
 
-def test_mhc_comb_doubly_stochastic_and_spectral_norm_at_most_one():
+def test_mhc_comb_columns_exact_gain_bounded_sinkhorn_monotone():
     for what, err, tol in check_comb():
-        assert err <= tol if "spectral" in what else err < tol, (what, err, tol)
+        assert err <= tol, (what, err, tol)
 
 
 def test_hc_is_unconstrained():
