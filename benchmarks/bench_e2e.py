@@ -246,11 +246,8 @@ def _load(path, default):
 
 
 def _write(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)                            # never a half-written file
+    from dsv4_lab.runlog import atomic_write_bytes    # never a half-written file
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 ALL_CTXS = (4096, 16384, 65536)
