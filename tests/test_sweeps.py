@@ -73,12 +73,15 @@ def test_tune_picks_the_best_value_per_arm_on_selection_seeds(tmp_path):
     assert choose(sw, runs) == {"a": 0.01, "b": 0.001}
 
 
-def _state(run_dirs):
-    return {rd: (rd / "run.ipynb").stat().st_mtime_ns for rd in run_dirs if is_finished(rd, TINY["max_steps"])}
+def _state(run_dirs, max_steps=TINY["max_steps"]):
+    return {rd: (rd / "run.ipynb").stat().st_mtime_ns for rd in run_dirs if is_finished(rd, max_steps)}
 
 
 def test_killed_sweep_resumes_with_nothing_lost_or_run_twice(tmp_path):
-    p = _write(tmp_path, {"a": {}, "b": {"lr": 0.01}}, seeds=(0, 1))
+    # runs long enough (60 steps) that one is always mid-flight for a while when the previous has finished: with 6
+    # steps a run could start and finish between two polls, and the sweep then ended before it could be killed
+    steps = 60
+    p = _write(tmp_path, {"a": {}, "b": {"lr": 0.01}}, seeds=(0, 1), base={"max_steps": steps})
     root = tmp_path / "runs"
     dirs = [Path(kv["run_dir"]) for _, _, kv in sweep_runs(load_sweep(p), str(root))]
     cmd = [sys.executable, "-m", "dsv4_lab", "sweep", str(p), "--root", str(root)]
@@ -87,7 +90,7 @@ def test_killed_sweep_resumes_with_nothing_lost_or_run_twice(tmp_path):
         # kill the whole process group (runner, papermill, kernel) once a run has finished and the next has started
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            done = _state(dirs)
+            done = _state(dirs, steps)
             if done and any(read_metrics(d) and d not in done for d in dirs):
                 break
             time.sleep(0.2)
@@ -97,17 +100,17 @@ def test_killed_sweep_resumes_with_nothing_lost_or_run_twice(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    before = _state(dirs)
+    before = _state(dirs, steps)
     assert 0 < len(before) < len(dirs)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert all(is_finished(d, TINY["max_steps"]) for d in dirs)
-    after = _state(dirs)
+    assert all(is_finished(d, steps) for d in dirs)
+    after = _state(dirs, steps)
     assert all(after[d] == before[d] for d in before)          # finished runs were not run again
     for d in dirs:                                             # one record per logged step, every step's loss once
         recs = read_metrics(d)
-        assert [x["step"] for x in recs] == list(range(TINY["max_steps"]))
-        assert len(step_losses(recs)) == TINY["max_steps"]
+        assert [x["step"] for x in recs] == list(range(steps))
+        assert len(step_losses(recs)) == steps
         assert json.loads((d / "sweep.json").read_text())["arm"] in ("a", "b")
 
 
