@@ -35,7 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .config import ConfigError, parse_overrides
-from .runlog import load_json, read_metrics, save_json
+from .runlog import load_json, read_metrics, same_config, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_NOTEBOOK = ROOT / "notebooks" / "run.ipynb"
@@ -152,9 +152,8 @@ def validate(sweep: dict, runs: list[dict]) -> None:
             raise SweepError(f"sweep {sweep.get('_path', sweep['name'])}: arm '{r['arm']}' seed {r['seed']}: {e}") from None
         r["max_steps"] = tc.max_steps
         cfg = Path(tc.run_dir) / "config.json"
-        if cfg.exists():
-            mine = json.loads(json.dumps({"model": mc.to_dict(), "train": tc.to_dict()}, default=str))
-            if load_json(cfg) != mine:
+        if cfg.exists():              # run_dir / progress do not count: committed records carry relative paths
+            if not same_config(load_json(cfg), {"model": mc.to_dict(), "train": tc.to_dict()}):
                 raise SweepError(f"sweep {sweep['name']}: arm '{r['arm']}' seed {r['seed']}: {tc.run_dir} holds a run "
                                  "of a different config; delete it or use another --root")
 
