@@ -48,7 +48,7 @@ MODES = ("compiled", "eager")
 # one measurement (child process)
 # --------------------------------------------------------------------------------------------------------------
 
-def _model(preset: str, ctx: int, compiled: bool):
+def _model(preset: str, ctx: int, compiled: bool, device: str = "cuda"):
     import torch
 
     from dsv4_lab import DSV4LM, ModelConfig
@@ -57,7 +57,7 @@ def _model(preset: str, ctx: int, compiled: bool):
     from dsv4_lab.train import build_optimizer
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096))
-    model = DSV4LM(cfg).cuda().train()
+    model = DSV4LM(cfg).to(device).train()
     opt = build_optimizer(model, TrainConfig())
     fwd = compile_model(model) if compiled else model
     return cfg, model, fwd, opt
@@ -66,8 +66,8 @@ def _model(preset: str, ctx: int, compiled: bool):
 def _step(fwd, opt, x, y, mb):
     import torch
     B = x.shape[0]
-    for j in range(0, B, mb):                        # one optimizer step over all B sequences
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for j in range(0, B, mb):                        # one optimizer step over all B sequences (fp32 on CPU, as train)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext():
             out = fwd(x[j:j + mb], y[j:j + mb])
         (out.loss * (x[j:j + mb].shape[0] / B)).backward()
     opt.step()
@@ -75,24 +75,27 @@ def _step(fwd, opt, x, y, mb):
     return out
 
 
-def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guard_s: float) -> dict:
+def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guard_s: float, device: str = "cuda",
+            tokens_per_step: int = TOKENS_PER_STEP) -> dict:
     import torch
-    B = max(1, TOKENS_PER_STEP // ctx)
+    B = max(1, tokens_per_step // ctx)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     mb, tried = B, []
     while True:
         try:
-            cfg, model, fwd, opt = _model(preset, ctx, compiled)
-            ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device="cuda")
+            cfg, model, fwd, opt = _model(preset, ctx, compiled, device)
+            ids = torch.randint(0, cfg.vocab_size, (B, ctx + 1), device=device)
             x, y = ids[:, :-1], ids[:, 1:]
             times, losses, first_s = [], [], None
             for i in range(warmup + steps):
-                if i == warmup:
+                if i == warmup and cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 out = _step(fwd, opt, x, y, mb)
-                torch.cuda.synchronize()
+                sync()
                 dt = time.perf_counter() - t0
                 first_s = dt if first_s is None else first_s
                 losses.append(out.loss.item())
@@ -104,7 +107,8 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
             break
         except torch.cuda.OutOfMemoryError as e:
             model = fwd = opt = None
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
             tried.append(mb)
             if mb == 1:
                 return {"error": f"OutOfMemoryError at micro-batch 1: {str(e)[:200]}", "oom_at_micro_batch": tried}
@@ -113,7 +117,7 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
     med = times[len(times) // 2]
     r = {"preset": preset, "mode": "compiled" if compiled else "eager", "ctx": ctx, "batch": B, "micro_batch": mb,
          "tokens_per_step": B * ctx, "step_ms": med * 1e3, "step_ms_all": [t * 1e3 for t in times],
-         "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+         "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
          "first_step_s": first_s, "loss_first": losses[0], "loss_last": losses[-1],
          "finite": all(v == v for v in losses), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
          "layer_types": list(cfg.layer_types)}
