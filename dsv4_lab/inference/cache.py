@@ -192,6 +192,7 @@ class KVCache:
         device = device if device is not None else next(model.parameters()).device
         self.cfg, self.B, self.max_len, self.storage = cfg, batch_size, max_len, storage
         self.length = 0                                                    # tokens already in the cache
+        self.token_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # ids at 0..length-1
         self.block = block_tokens(cfg)
         n_blocks = -(-max_len // self.block)
         # block table: logical block j of request b -> physical block j * B + b (requests interleave in the pool;
@@ -282,6 +283,7 @@ def forward_with_cache(model, input_ids: torch.Tensor, cache: KVCache, last_only
     x = expand_streams(model.cfg, model.embed(input_ids))
     for blk in model.blocks:
         x = blk(x, input_ids, cache=cache)
+    cache.token_ids[:, cache.length:cache.length + T] = input_ids           # kept for the prefix store
     cache.length += T
     logits = model.hidden_to_logits(x[:, -1:] if last_only else x)
     aux = model.collect_aux()                                              # clear what modules recorded
