@@ -60,6 +60,12 @@ def seeded_checks():
     out += [(f"MoE per-token {MO.variant_id(kw)}", lambda s, kw=kw: MO.check_per_token_reference(kw, s))
             for kw in MO.REF_VARIANTS]
     out += [(f"MoE grouped {c}", lambda s, c=c: MO.check_grouped_dispatch(c, s)) for c in MO.GROUPED_CASES]
+    out.append(("MoE bias weights", MO.check_bias_weights))
+    out += [(f"MoE clamp shared={c}", lambda s, c=c: MO.check_clamp(c, s)) for c in (False, True)]
+    out.append(("MoE dense SwiGLU", MO.check_dense_swiglu))
+    out.append(("MoE balance loss", lambda s: MO.check_balance_loss(s)[0]))
+    out.append(("MoE anticipatory", lambda s: MO.check_anticipatory(s)[0]))
+    out.append(("MoE either dispatch", MO.check_either_dispatch))
     return out
 
 
