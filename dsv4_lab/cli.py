@@ -5,6 +5,7 @@
     figures    regenerate figures/ from the saved run records only
     sweep      ablations/<name>.json [--scale cpu|gpu] [--jobs N] [--dry-run]: every arm x seed of an ablation
     summarize  [runs_root ...]: rebuild ablations/results/{summary,verdicts}.csv from run records, print verdicts
+    longctx    run|collect|figure: long-context quality vs context length (dsv4_lab/longctx.py)
     config     print the resolved config of the given overrides as JSON
 """
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "sweep":
             from .sweep import run_sweep_cli
             return run_sweep_cli(rest)
+        if cmd == "longctx":
+            from .longctx import longctx_cli
+            return longctx_cli(rest)
         if cmd == "summarize":
             from .summarize import summarize_cli
             return summarize_cli(rest)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    print(f"error: unknown command {cmd!r}; commands: train, sweep, summarize, reproduce, figures, config", file=sys.stderr)
+    print(f"error: unknown command {cmd!r}; commands: train, sweep, summarize, longctx, reproduce, figures, config", file=sys.stderr)
     return 2
 
 
