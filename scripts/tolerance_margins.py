@@ -51,6 +51,7 @@ def seeded_checks():
     import test_mtp as MT
     out += [(f"MTP ce depth {d}", lambda s, d=d: MT.check_mtp_ce(d, s)) for d in (1, 2)]
     out.append(("MTP loss weight", lambda s: MT.check_loss_weight(s)[0]))
+    out.append(("MTP position", MT.check_mtp_position))
     import test_mhc as MH
     out += [(f"mHC sinkhorn x{sh:g}", lambda s, sh=sh: MH.check_sinkhorn(sh, 1 + s)) for sh in MH.SHARPS]
     out.append(("mHC comb", MH.check_comb))
