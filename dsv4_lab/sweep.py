@@ -35,7 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .config import ConfigError, parse_overrides
-from .runlog import load_json, read_metrics, same_config, save_json
+from .runlog import load_json, read_metrics, config_diff, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_NOTEBOOK = ROOT / "notebooks" / "run.ipynb"
@@ -153,9 +153,10 @@ def validate(sweep: dict, runs: list[dict]) -> None:
         r["max_steps"] = tc.max_steps
         cfg = Path(tc.run_dir) / "config.json"
         if cfg.exists():              # run_dir / progress do not count: committed records carry relative paths
-            if not same_config(load_json(cfg), {"model": mc.to_dict(), "train": tc.to_dict()}):
+            diff = config_diff(load_json(cfg), {"model": mc.to_dict(), "train": tc.to_dict()}, limit=3)
+            if diff:
                 raise SweepError(f"sweep {sweep['name']}: arm '{r['arm']}' seed {r['seed']}: {tc.run_dir} holds a run "
-                                 "of a different config; delete it or use another --root")
+                                 f"of a different config ({'; '.join(diff)}); delete it or use another --root")
 
 
 def is_finished(run_dir, max_steps: int) -> bool:

@@ -60,6 +60,17 @@ def test_bad_key_in_last_arm_stops_before_any_run(tmp_path, capsys):
     assert main(["sweep", str(bad), "--dry-run"]) == 2 and "baseline" in capsys.readouterr().err
 
 
+def test_run_dir_holding_another_config_is_refused_naming_the_field(tmp_path, capsys):
+    p = _write(tmp_path, {"a": {}}, seeds=(0,))
+    rd = tmp_path / "runs" / "t" / "cpu" / "a-s0"
+    mc, tc = parse_overrides({**TINY, "lr": 0.5, "run_dir": str(rd)})
+    rd.mkdir(parents=True)
+    save_json({"model": mc.to_dict(), "train": tc.to_dict()}, rd / "config.json")
+    assert main(["sweep", str(p), "--root", str(tmp_path / "runs"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "train.lr: 0.5 ->" in err and err.count("\n") == 1
+
+
 def test_tune_picks_the_best_value_per_arm_on_selection_seeds(tmp_path):
     sw = load_sweep(_write(tmp_path, {"a": {}, "b": {}}))
     sw["tune"] = {"key": "lr", "grid": {"a": [0.001, 0.01, 0.1], "b": [0.001, 0.01, 0.1]}, "seeds": [100, 101]}
