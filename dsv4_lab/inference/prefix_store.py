@@ -311,7 +311,8 @@ def _window_history(model, ids: torch.Tensor, storage: str, policy: str, every: 
             snaps.append([(_read(lc.main, _ring_rows(lc)[0]), _read_states(lc, 0)) for lc in scratch.layers])
         p = e
     if policy == "checkpoint":
-        return snaps + [[(_read(lc.main, _ring_rows(lc)[row]), _read_states(lc, row)) for lc in live.layers]]
+        end = [[(_read(lc.main, _ring_rows(lc)[row]), _read_states(lc, row)) for lc in live.layers]]
+        return snaps + (end if n else [])
     out, tail = {}, torch.arange(max(0, n - W), n, device=ids.device)
     for i in windowed:
         lc = live.layers[i]
@@ -347,11 +348,12 @@ def save_prefix(model, cache, path, policy: str = "full", every: int | None = No
         elif policy == "full":
             tensors.update({f"L{i}.win.{k}": v for k, v in hist[i].items()})
         elif policy == "checkpoint":
+            stack = lambda xs, like: torch.stack(xs) if xs else like.new_zeros((0, *like.shape))
             for k in lc.main.t:
-                tensors[f"L{i}.ring.{k}"] = torch.stack([snap[i][0][k] for snap in hist])
-            for name in lc.states:
-                tensors[f"L{i}.state.{name}.kv"] = torch.stack([snap[i][1][name][0] for snap in hist])
-                tensors[f"L{i}.state.{name}.score"] = torch.stack([snap[i][1][name][1] for snap in hist])
+                tensors[f"L{i}.ring.{k}"] = stack([snap[i][0][k] for snap in hist], lc.main.t[k][_ring_rows(lc)[row]])
+            for name, st in lc.states.items():
+                tensors[f"L{i}.state.{name}.kv"] = stack([snap[i][1][name][0] for snap in hist], st.kv[row])
+                tensors[f"L{i}.state.{name}.score"] = stack([snap[i][1][name][1] for snap in hist], st.score[row])
     layout = _layout(cfg, n, policy, every, cache.storage)
     assert [x[0] for x in layout] == list(tensors), "prefix_store layout and saved tensors disagree"
     chunks = []
