@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The GPU tier of the five named ablations (issue 17 item 1), resumable, in chunks, several runs per GPU:
+#
+#     ablations/run_gpu_tier.sh [MINUTES]          # default 9; JOBS=N runs per GPU (default 6); RUN_S (default 240)
+#     ablations/run_gpu_tier.sh estimate           # the cost table below, computed from the sweep files; no GPU
+#     ablations/run_gpu_tier.sh smoke              # 30 steps of every distinct arm config: ms/step on this GPU
+#
+# Runs the sweeps below at --scale gpu under runs/ (JOBS processes share each GPU: the lab's tiny models are
+# launch-bound, one alone leaves the GPU mostly idle). No new run starts after MINUTES minus one run's length
+# (RUN_S), so a chunk ends about MINUTES after it began; runs in flight finish first. Re-running the same command
+# continues where the last chunk stopped: finished and diverged runs are skipped, interrupted ones resume from their
+# checkpoint. Before starting it copies the committed records (ablations/records/<sweep>/gpu/) into runs/ (never
+# over a run dir that exists), and after the chunk it copies every finished run's records, without checkpoints,
+# into $ARCHIVE/<sweep>/gpu/ (default: $OUT/records when $OUT is set): commit those into ablations/records/ to carry
+# the tier across machines. It prints the device seconds each sweep used in this chunk and the verdicts of the runs
+# under runs/ (into runs/gpu_tier_results/, not the committed CSVs). Exit 0 once all five sweeps are done, 3 while
+# runs are left. MINUTES must stay under the device's per-command limit (10 minutes) and RUN_S cover one packed run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+SWEEPS=${SWEEPS:-"csa_vs_hca mhc_vs_hc muon_vs_adamw fp4_vs_fp8 anticipatory"}
+ARG=${1:-9}
+JOBS=${JOBS:-6}
+RUN_S=${RUN_S:-240}
+ARCHIVE=${ARCHIVE:-${OUT:+$OUT/records}}
+
+if [ "$ARG" = "estimate" ]; then
+    # Per-run cost: start-up (papermill + imports + Triton JIT, STARTUP_S) + steps x max(launch-bound step time,
+    # FLOP-bound step time). Launch-bound: MS_PER_LAYER ms per layer and step (tiny widths: 15-30 ms per 4-layer
+    # step, i.e. 3.75-7.5 ms per layer). FLOP-bound: training FLOPs (3 x accounting.prefill_flops, plain) at the
+    # rate V4 `small` reached on the H200 at 4K (136 k tokens/s x its FLOPs per token = 18.5 TFLOP/s). Packing
+    # JOBS runs per GPU gives AGG x the throughput of one run alone (1.3-3x assumed).
+    SWEEPS="$SWEEPS" "$PY" - <<'PY'
+import os
+from dsv4_lab.accounting import prefill_flops
+from dsv4_lab.config import parse_overrides
+from dsv4_lab.sweep import load_sweep, plan
+rate = 136e3 * 3 * prefill_flops("small", 4096) / 4096
+startup = float(os.environ.get("STARTUP_S", 30))
+tot = {}
+print(f"{'sweep':<15}{'runs':>5}{'steps':>7}{'tok/step':>9}{'GFLOP/step':>11}{'FLOP ms':>8}"
+      f"{'launch ms':>11}{'s/run alone':>13}{'GPU-min: low':>14}{'mid':>6}{'high':>6}")
+for name in os.environ["SWEEPS"].split():
+    sw = load_sweep(f"ablations/{name}.json")
+    sel, ev = plan(sw, "gpu", "/tmp/gpu-tier-estimate")
+    mc, tc = parse_overrides(dict(ev[0]["kv"]))
+    tok = tc.batch_size * tc.seq_len
+    flop_ms = 1e3 * 3 * prefill_flops(mc, tc.seq_len) / tc.seq_len * tok / rate
+    lo_ms, hi_ms = 3.75 * mc.n_layers, 7.5 * mc.n_layers
+    if tc.optimizer == "muon" or "tune" in sw:
+        hi_ms *= 1.3                       # Muon's Newton-Schulz adds batched small GEMMs per step
+    n = len(sel) + len(ev)
+    s_lo = startup + tc.max_steps * max(lo_ms, flop_ms) / 1e3
+    s_hi = startup + tc.max_steps * max(hi_ms, flop_ms) / 1e3
+    s_mid = (s_lo + s_hi) / 2
+    g = (n * s_lo / 3 / 60, n * s_mid / 2 / 60, n * s_hi / 1.3 / 60)   # packing gain 3x, 2x, 1.3x
+    tot[name] = g
+    print(f"{name:<15}{n:>5}{tc.max_steps:>7}{tok:>9}{1e-9 * 3 * prefill_flops(mc, tc.seq_len) / tc.seq_len * tok:>11.1f}"
+          f"{flop_ms:>8.2f}{f'{lo_ms:.0f}-{hi_ms:.0f}':>11}{f'{s_lo:.0f}-{s_hi:.0f}':>13}{g[0]:>14.1f}{g[1]:>6.1f}{g[2]:>6.1f}")
+lo, mid, hi = (sum(g[i] for g in tot.values()) for i in (0, 1, 2))
+print(f"{'total':<15}{'':>64}{lo:>14.0f}{mid:>6.0f}{hi:>6.0f}")
+PY
+    exit 0
+fi
+
+if [ "$ARG" = "smoke" ]; then
+    # 30 steps of each distinct arm config of each sweep (seed 0), JOBS at once, under runs/gpu_smoke/; prints
+    # ms/step (from the last record's time_s) so the estimate above can be replaced by a measurement.
+    SWEEPS="$SWEEPS" JOBS="$JOBS" "$PY" - <<'PY'
+import json, os, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+from dsv4_lab.sweep import load_sweep, eval_runs
+runs = []
+for name in os.environ["SWEEPS"].split():
+    sw = load_sweep(f"ablations/{name}.json")
+    for r in eval_runs(sw, "gpu", "runs/gpu_smoke"):
+        if r["seed"] == 0:
+            kv = {**r["kv"], "max_steps": 30, "warmup_steps": 5, "eval_interval": 30, "ckpt_interval": 30,
+                  "log_interval": 10}
+            runs.append((f"{name}/{r['arm']}", kv))
+def one(item):
+    label, kv = item
+    args = [f"{k}={v}" for k, v in kv.items()]
+    p = subprocess.run([sys.executable, "-m", "dsv4_lab", "train", *args], capture_output=True, text=True)
+    if p.returncode:
+        return label, f"FAILED: {(p.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    recs = [json.loads(l) for l in open(os.path.join(kv["run_dir"], "metrics.jsonl"))]
+    a, b = recs[1], recs[-1]                   # skip step 0 (JIT); time_s is wall time since the loop began
+    return label, f"{1e3 * (b['time_s'] - a['time_s']) / (b['step'] - a['step']):.1f} ms/step, loss {b['train_loss']:.3f}"
+with ThreadPoolExecutor(int(os.environ["JOBS"])) as ex:
+    for label, res in ex.map(one, runs):
+        print(f"[gpu smoke] {label:<28} {res}", flush=True)
+PY
+    exit $?
+fi
+
+MINUTES=$ARG
+deadline=$(( $(date +%s) + MINUTES * 60 - RUN_S ))
+for s in $SWEEPS; do                                # committed records first (never over an existing run dir)
+    [ -d "ablations/records/$s/gpu" ] || continue
+    for rd in ablations/records/$s/gpu/*/ ablations/records/$s/gpu/select/*/; do
+        [ -d "$rd" ] || continue
+        dst="runs/${rd#ablations/records/}"
+        [ -e "$dst" ] || { mkdir -p "$(dirname "$dst")"; cp -r "$rd" "$dst"; }
+    done
+done
+complete=0
+for s in $SWEEPS; do
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -le 0 ]; then
+        echo "[gpu tier] chunk time used up before $s; run the same command again to continue"
+        break
+    fi
+    t0=$(date +%s)
+    if "$PY" -m dsv4_lab sweep "ablations/$s.json" --scale gpu --jobs "$JOBS" --root runs --stop-after "$left"; then
+        complete=$(( complete + 1 ))
+    fi
+    echo "[gpu tier] $s: $(( $(date +%s) - t0 )) s of device time in this chunk"
+done
+if [ -n "$ARCHIVE" ]; then                          # finished runs' records, without checkpoints
+    "$PY" - "$ARCHIVE" $SWEEPS <<'PY'
+import json, shutil, sys
+from pathlib import Path
+archive, names = Path(sys.argv[1]), sys.argv[2:]
+n = 0
+for name in names:
+    for sj in Path("runs", name, "gpu").rglob("sweep.json"):
+        rd = sj.parent
+        m = rd / "metrics.jsonl"
+        if not m.exists() or not (rd / "config.json").exists():
+            continue
+        steps = json.loads((rd / "config.json").read_text())["train"]["max_steps"]
+        lines = m.read_text().strip().splitlines()
+        if not (rd / "diverged.json").exists() and not (lines and json.loads(lines[-1]).get("step") == steps - 1):
+            continue
+        dst = archive / rd.relative_to("runs")
+        shutil.copytree(rd, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt.pt"))
+        if not (rd / "diverged.json").exists():
+            (dst / "finished.json").write_text("{}\n")
+        n += 1
+print(f"[gpu tier] {n} finished run records -> {archive}")
+PY
+fi
+n=$(echo $SWEEPS | wc -w)
+# the verdicts of the GPU runs here, into a scratch folder (the committed ablations/results/*.csv are rebuilt from
+# ablations/records once the archived records are copied there: ablations/README.md "GPU tier")
+"$PY" -m dsv4_lab summarize runs --out runs/gpu_tier_results
+if [ "$complete" -eq "$n" ]; then
+    echo "[gpu tier] all $n sweeps complete"
+    exit 0
+fi
+echo "[gpu tier] $complete/$n sweeps complete; run the same command again to continue"
+exit 3
