@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str] | None = None) -> list[Path]:
     """Loss curves of every sweep group under runs_root (or only `groups`; run dirs at any depth, tuning runs
-    left out), the efficiency figures, and the ablation figures from the committed ablations/results/*.csv."""
+    left out), the efficiency figures (analytic, and measured from benchmarks/results/efficiency_measured.json when
+    it is there), and the ablation figures from the committed ablations/results/*.csv."""
     from .figures.loss_curves import plot_loss_curves
     made = []
     for group in sorted(Path(runs_root).glob("*")):
@@ -34,6 +35,8 @@ def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str
     if plot_efficiency is not None:
         res = plot_efficiency(out_dir=out)
         made += [Path(p) for p in (res if isinstance(res, (list, tuple)) else [])]
+    from .figures.efficiency_measured import plot_efficiency_measured   # GPU-measured curves, from the committed JSON
+    made += plot_efficiency_measured(ROOT / "benchmarks" / "results" / "efficiency_measured.json", out)
     from .figures.ablation import plot_all           # ablation_<name>.png from the committed ablations/results
     made += plot_all(ROOT / "ablations" / "results", out, ROOT / "ablations")
     return made
