@@ -34,8 +34,11 @@ VERDICT_COLS = ["ablation", "scale", "metric", "primary", "arm", "baseline", "n_
 
 
 def _device(rd: Path) -> str:
+    """The GPU's name for a run trained on CUDA, else `cpu x<threads>`."""
     env = load_json(rd / "env.json") if (rd / "env.json").exists() else {}
-    return env.get("gpu") or f"cpu x{env.get('torch_threads', '?')}"
+    if str(env.get("device", "cuda")).startswith("cuda") and env.get("gpu"):
+        return env["gpu"]
+    return f"cpu x{env.get('torch_threads', '?')}"
 
 
 def collect(roots) -> tuple[list[dict], list[dict]]:

@@ -16,9 +16,11 @@ SWEEP = {"name": "toy", "question": "does b lower the loss?", "budget_type": "eq
          "base": {}, "arms": {"a": {}, "b": {}, "c": {}}}
 
 
-def _fake_run(root, arm, seed, val_loss, steps=10, finished=True):
-    rd = root / "toy" / "cpu" / f"{arm}-s{seed}"
-    save_json({"ablation": "toy", "scale": "cpu", "phase": "eval", "arm": arm, "family": arm, "seed": seed}, rd / "sweep.json")
+def _fake_run(root, arm, seed, val_loss, steps=10, finished=True, scale="cpu", env=None):
+    rd = root / "toy" / scale / f"{arm}-s{seed}"
+    save_json({"ablation": "toy", "scale": scale, "phase": "eval", "arm": arm, "family": arm, "seed": seed}, rd / "sweep.json")
+    if env is not None:
+        save_json(env, rd / "env.json")
     save_json({"model": {}, "train": {"max_steps": steps}}, rd / "config.json")
     last = steps - 1 if finished else steps // 2
     recs = [{"step": s, "losses": [3.0 - 0.1 * s], "tokens": 64 * (s + 1), "flops": 1e6 * (s + 1)} for s in range(last + 1)]
@@ -65,3 +67,24 @@ def test_summarize_bad_root_and_reproduce_typo_write_nothing(tmp_path, capsys):
     assert main(["reproduce", "sweeps=ablations/csa_vs_hca.json"]) == 2
     assert "sweeps" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()} == before
+
+
+def test_gpu_tier_rows_carry_scale_and_gpu_name(tmp_path, capsys):
+    """Both tiers in one summary: scale and device per row, verdicts per scale, one figure per tier."""
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "toy.json").write_text(json.dumps(SWEEP))
+    rng = np.random.default_rng(1)
+    cpu_env = {"device": "cpu", "torch_threads": 1}
+    gpu_env = {"device": "cuda:0", "gpu": "NVIDIA H200", "torch_threads": 16}
+    for s in range(3):
+        for arm, shift in (("a", 0.0), ("b", -0.3), ("c", 0.0)):
+            _fake_run(tmp_path / "runs", arm, s, 2.0 + shift + rng.normal(0, 0.01), env=cpu_env)
+            _fake_run(tmp_path / "runs", arm, s, 1.5 + rng.normal(0, 0.01), scale="gpu", env=gpu_env)
+    out = tmp_path / "res"
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(out), "--sweeps", str(tmp_path / "abl"),
+                 "--figures", str(tmp_path / "fig")]) == 0
+    summary = _rows(out / "summary.csv")
+    assert {(r["scale"], r["device"]) for r in summary} == {("cpu", "cpu x1"), ("gpu", "NVIDIA H200")}
+    v = {(r["scale"], r["arm"], r["metric"]): r["verdict"] for r in _rows(out / "verdicts.csv")}
+    assert v[("cpu", "b", "val_loss")] == "better" and v[("gpu", "b", "val_loss")] == "null"
+    assert (tmp_path / "fig" / "ablation_toy.png").exists() and (tmp_path / "fig" / "ablation_toy_gpu.png").exists()

@@ -82,15 +82,18 @@ def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts
     return out_png
 
 
-def plot_all(results_dir="ablations/results", out_dir="figures", sweeps_dir="ablations", scale: str = "cpu") -> list[Path]:
-    """One figure per ablation that has results; ablations without results are skipped (no empty figure)."""
+def plot_all(results_dir="ablations/results", out_dir="figures", sweeps_dir="ablations",
+             scales: tuple[str, ...] = ("cpu", "gpu")) -> list[Path]:
+    """One figure per ablation and tier that has results (ablation_<name>.png for the CPU tier,
+    ablation_<name>_gpu.png for the GPU tier); ablations without results are skipped (no empty figure)."""
     from ..summarize import load_sweeps, read_csv
     res = Path(results_dir)
     summary, curves, ver = (read_csv(res / f) for f in ("summary.csv", "curves.csv", "verdicts.csv"))
     made = []
     for name, sw in load_sweeps(sweeps_dir).items():
-        if "metric" in sw:
-            p = plot_ablation(sw, summary, curves, ver, Path(out_dir) / f"ablation_{name}.png", scale)
+        for scale in scales if "metric" in sw else ():
+            png = Path(out_dir) / (f"ablation_{name}.png" if scale == "cpu" else f"ablation_{name}_{scale}.png")
+            p = plot_ablation(sw, summary, curves, ver, png, scale)
             if p is not None:
                 made.append(p)
     return made
