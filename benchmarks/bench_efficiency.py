@@ -4,19 +4,20 @@ dsv4_lab/figures/efficiency_measured.py (`make reproduce` redraws it from the co
 
 The H200 command (one device call, ~8 minutes; resumable: a second call measures only what is missing):
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_efficiency.py --budget 450 --train-mode v4=eager dense=compiled \\
-        --eager-above 16384 --commit <git sha of the checkout>; tail -40 benchmarks/results/efficiency_measured.log
+    PYTHONPATH=$PWD timeout 570 python3 benchmarks/bench_efficiency.py --budget 450 --train-mode v4=eager \\
+        dense=compiled --eager-above 16384 --commit <git sha of the checkout>;
+    cp benchmarks/results/efficiency_measured.json benchmarks/results/efficiency_measured.log $OUT/
 
 `--plan` prints the points and their expected cost without measuring. Expected costs (s, H200, cold caches), from
 bench_e2e runs 15-16 and issue 15's table where measured (training), from a model of the cached reference decode
 path otherwise (kv / forward / prefill / decode: guesses until this script's first run replaces them):
 
-    group            points                                             expected s
-    v4 inference     kv x6, forward 4K-128K, prefill 4K-64K, decode x6    ~ 90
-    dense inference  kv x6, forward 4K-128K, prefill 4K-64K, decode x6    ~ 60
-    v4 train eager   4K 16K 64K 128K  (136 k tok/s at 4K; first step ~50 s of Triton JIT + autotune)  ~ 110
-    dense train      4K 16K compiled (1063 k tok/s at 4K, ~60 s compile each), 64K 128K eager        ~ 170
-    total                                                                                           ~ 430
+    group            points                                                          expected s
+    v4 inference     kv x6 (4K-1M), forward / prefill 4K-128K, decode x6 (4K-1M)        ~ 78  (45 of Triton JIT)
+    dense inference  same points                                                        ~ 41
+    v4 train eager   4K 16K 64K 128K (136 k tok/s at 4K; first step ~50 s JIT + autotune) ~ 120
+    dense train      4K 16K compiled (1063 k tok/s at 4K; ~60 s compile each), 64K 128K eager ~ 184
+    total (+ ~10 s of driver start-up)                                                    ~ 422
 
 What is measured (one record per (arm, measurement, context) point):
   kv       bytes the KV cache holds for one sequence of ctx tokens (storage --storage): every tensor the cache
@@ -74,7 +75,7 @@ TINY_ARMS = {"v4": "tiny", "dense": "tiny-dense"}
 KINDS = ("kv", "train", "forward", "prefill", "decode")
 FAMILY = {"kv": "inference", "forward": "inference", "prefill": "inference", "decode": "inference", "train": "train"}
 GPU_CTX = {"kv": (4096, 16384, 65536, 131072, 262144, 1048576), "train": (4096, 16384, 65536, 131072),
-           "forward": (4096, 16384, 65536, 131072), "prefill": (4096, 16384, 65536),
+           "forward": (4096, 16384, 65536, 131072), "prefill": (4096, 16384, 65536, 131072),
            "decode": (4096, 16384, 65536, 131072, 262144, 1048576)}
 TINY_CTX = {"kv": (32, 64, 128), "train": (32, 64), "forward": (32, 64), "prefill": (32, 64), "decode": (32, 64, 128)}
 FORMAT = 1
@@ -153,7 +154,7 @@ def expected_s(p: dict, s: dict, first_in_child: bool, first_of_arm_kind: bool) 
         return start + 4.0 + steps + compile_s
     if kind == "forward":
         one = n / (3 * _nearest(TPS[(arm, "eager")], n))
-        return start + 4 * one + (20.0 if arm == "v4" and first_of_arm_kind else 1.0)
+        return start + 4 * one + (45.0 if arm == "v4" and first_of_arm_kind else 1.0)   # V4: Triton JIT
     if kind == "prefill":                                                 # (n^2 / 2) x heads x ~24 B of scores
         quad = (8 * 8 if arm == "dense" else 3 * 12 / 4) * n * n / 2 * 24 / 2e12
         return start + quad + n / s["prefill_chunk"] * (0.01 if arm == "dense" else 0.03) + 1.0
@@ -693,4 +694,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))                # `timeout`: the child is killed too
     sys.exit(main())
