@@ -12,7 +12,8 @@
 # checkpoint. Before starting it copies the committed records (ablations/records/<sweep>/gpu/) into runs/ (never
 # over a run dir that exists), and after the chunk it copies every finished run's records, without checkpoints,
 # into $ARCHIVE/<sweep>/gpu/ (default: $OUT/records when $OUT is set): commit those into ablations/records/ to carry
-# the tier across machines. It prints the device seconds each sweep used in this chunk and the verdicts of the runs
+# the tier across machines. It prints the device seconds each sweep used in this chunk (and writes them to
+# $ARCHIVE/device_seconds/<chunk>.csv, summed per sweep by notebook 09) and the verdicts of the runs
 # under runs/ (into runs/gpu_tier_results/, not the committed CSVs). Exit 0 once all five sweeps are done, 3 while
 # runs are left. MINUTES must stay under the device's per-command limit (10 minutes) and RUN_S cover one packed run.
 set -uo pipefail
@@ -106,6 +107,8 @@ for s in $SWEEPS; do                                # committed records first (n
     done
 done
 complete=0
+chunk=$(date -u +%Y%m%dT%H%M%SZ)
+gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 for s in $SWEEPS; do
     left=$(( deadline - $(date +%s) ))
     if [ "$left" -le 0 ]; then
@@ -116,7 +119,14 @@ for s in $SWEEPS; do
     if "$PY" -m dsv4_lab sweep "ablations/$s.json" --scale gpu --jobs "$JOBS" --root runs --stop-after "$left"; then
         complete=$(( complete + 1 ))
     fi
-    echo "[gpu tier] $s: $(( $(date +%s) - t0 )) s of device time in this chunk"
+    used=$(( $(date +%s) - t0 ))
+    echo "[gpu tier] $s: $used s of device time in this chunk"
+    if [ -n "$ARCHIVE" ]; then                      # device seconds per sweep and chunk (notebook 09 sums them)
+        mkdir -p "$ARCHIVE/device_seconds"
+        f="$ARCHIVE/device_seconds/$chunk.csv"
+        [ -e "$f" ] || echo "sweep,chunk,seconds,jobs,device" > "$f"
+        echo "$s,$chunk,$used,$JOBS,$gpu" >> "$f"
+    fi
 done
 if [ -n "$ARCHIVE" ]; then                          # finished runs' records, without checkpoints
     "$PY" - "$ARCHIVE" $SWEEPS <<'PY'
