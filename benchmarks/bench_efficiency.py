@@ -79,6 +79,7 @@ GPU_CTX = {"kv": (4096, 16384, 65536, 131072, 262144, 1048576), "train": (4096, 
            "decode": (4096, 16384, 65536, 131072, 262144, 1048576)}
 TINY_CTX = {"kv": (32, 64, 128), "train": (32, 64), "forward": (32, 64), "prefill": (32, 64), "decode": (32, 64, 128)}
 FORMAT = 1
+STARTUP_CAP_S = 300.0                  # a child's imports, model build and warm-up (V4: Triton JIT of the cached path)
 
 
 class BadInput(ValueError):
@@ -140,35 +141,51 @@ def _nearest(table: dict, ctx: int) -> float:
     return table[min(table, key=lambda c: abs(c - ctx))]
 
 
-def expected_s(p: dict, s: dict, first_in_child: bool, first_of_arm_kind: bool) -> float:
+def startup_s(s: dict) -> float:
+    """A new child: python + torch (+ CUDA) imports and the model build."""
+    return 8.0 if s["device"] == "cuda" else 4.0
+
+
+def expected_s(p: dict, s: dict, first_of_arm_kind: bool) -> float:
+    """Expected seconds of one point inside a running child."""
     n, arm, kind = p["ctx"], p["arm"], p["kind"]
-    start = 8.0 if first_in_child else 0.0                                # python + torch + CUDA + model build
     if s["device"] != "cuda":
-        return start / 2 + {"train": 15.0, "forward": 2.0, "prefill": 2.0, "decode": 2.0, "kv": 0.5}[kind]
+        return {"train": 15.0, "forward": 2.0, "prefill": 2.0, "decode": 2.0, "kv": 0.5}[kind]
     if kind == "kv":
-        return start + 1.0
+        return 1.0
     if kind == "train":
         tokens = max(n, s["tokens_per_step"])
         steps = (s["train_warmup"] + s["train_steps"]) * tokens / _nearest(TPS[(arm, p["mode"])], n)
         compile_s = 60.0 if p["mode"] == "compiled" else (50.0 if arm == "v4" and first_of_arm_kind else 8.0)
-        return start + 4.0 + steps + compile_s
+        return 4.0 + steps + compile_s
     if kind == "forward":
         one = n / (3 * _nearest(TPS[(arm, "eager")], n))
-        return start + 4 * one + (45.0 if arm == "v4" and first_of_arm_kind else 1.0)   # V4: Triton JIT
+        return 4 * one + (45.0 if arm == "v4" and first_of_arm_kind else 1.0)   # V4: Triton JIT
     if kind == "prefill":                                                 # (n^2 / 2) x heads x ~24 B of scores
         quad = (8 * 8 if arm == "dense" else 3 * 12 / 4) * n * n / 2 * 24 / 2e12
-        return start + quad + n / s["prefill_chunk"] * (0.01 if arm == "dense" else 0.03) + 1.0
+        return quad + n / s["prefill_chunk"] * (0.01 if arm == "dense" else 0.03) + 1.0
     ms = 2.5 + 13 * n / 2**20 if arm == "dense" else 6.0 + 1.5 * n / 2**20  # decode ms per token
-    return start + (s["decode_warm"] + s["decode_steps"]) * ms / 1e3 + 1.0
+    return (s["decode_warm"] + s["decode_steps"]) * ms / 1e3 + 1.0
 
 
 def costed(plan: list[dict], s: dict) -> list[tuple[dict, float]]:
-    out, prev, seen = [], None, set()
+    """(point, expected s) in plan order, without child start-up."""
+    out, seen = [], set()
     for p in plan:
-        group = (p["arm"], FAMILY[p["kind"]])
-        out.append((p, expected_s(p, s, group != prev, (p["arm"], p["kind"]) not in seen)))
-        prev = group
+        out.append((p, expected_s(p, s, (p["arm"], p["kind"]) not in seen)))
         seen.add((p["arm"], p["kind"]))
+    return out
+
+
+def groups_of(todo: list) -> list[list]:
+    """Consecutive (point, cost) pairs of one (arm, family): one child process each."""
+    out = []
+    for pc in todo:
+        g = (pc[0]["arm"], FAMILY[pc[0]["kind"]])
+        if out and (out[-1][0][0]["arm"], FAMILY[out[-1][0][0]["kind"]]) == g:
+            out[-1].append(pc)
+        else:
+            out.append([pc])
     return out
 
 
@@ -481,15 +498,11 @@ class Driver:
 
     def run(self, plan):
         todo = costed(self.todo(plan), self.s)
+        groups = groups_of(todo)
+        total = sum(c for _, c in todo) + len(groups) * startup_s(self.s)
         self.log(f"{len(plan) - len(todo)} of {len(plan)} points already measured; {len(todo)} to go, expected "
-                 f"{sum(c for _, c in todo):.0f} s" + (f", budget {self.a.budget:.0f} s" if self.a.budget else ""))
-        while todo:
-            group = [todo[0]]
-            for pc in todo[1:]:
-                if (pc[0]["arm"], FAMILY[pc[0]["kind"]]) != (group[0][0]["arm"], FAMILY[group[0][0]["kind"]]):
-                    break
-                group.append(pc)
-            todo = todo[len(group):]
+                 f"{total:.0f} s" + (f", budget {self.a.budget:.0f} s" if self.a.budget is not None else ""))
+        for group in groups:
             self.run_group(group)
         n_ok = sum(1 for r in self.res["points"].values() if r.get("status") == "ok")
         self.log(f"done: {n_ok} of {len(self.res['points'])} recorded points ok; {self.path}")
@@ -499,25 +512,25 @@ class Driver:
         such, the child killed, and the rest of the group continues in a new child."""
         while group:
             left = self.left()
-            fits, acc = [], 0.0
+            fits, acc = [], startup_s(self.s)
             for p, c in group:
-                first = not fits
-                c = c if not first or c >= 8.0 else c + 8.0                   # a new child pays the start-up
                 if left is not None and acc + c > left:
                     break
                 fits.append((p, c))
                 acc += c
             if not fits:
                 for p, c in group:
-                    self.log(f"budget: skipping {p['key']} (expected {c:.0f} s, {max(left or 0, 0):.0f} s left)")
+                    self.log(f"budget: skipping {p['key']} (expected {c:.0f} s + start-up, "
+                             f"{max(left or 0, 0):.0f} s left)")
                 return
             done = self.child([p for p, _ in fits], {p["key"]: c for p, c in fits})
-            group = [(p, c) for p, c in group if p["key"] not in done and p["key"] not in self.res["points"]]
-            if len(done) == 0 and group and group[0][0]["key"] not in self.res["points"]:
-                return                                                    # the child made no progress: stop
+            if not done:
+                return                                                    # no progress (logged by child())
+            group = [(p, c) for p, c in group if p["key"] not in done]
 
-    def cap(self, key: str, expected: float) -> float:
-        cap = self.a.cap if self.a.cap else max(60.0, 3 * expected)
+    def cap(self, key: str | None, expected: float) -> float:
+        """Wall-clock cap of point `key` (None: a child's start-up, which has no --cap), never past the budget."""
+        cap = self.a.cap if self.a.cap and key is not None else max(60.0, 3 * expected)
         left = self.left()
         return cap if left is None else max(1.0, min(cap, left))
 
@@ -533,7 +546,7 @@ class Driver:
         errf = tempfile.TemporaryFile()
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec], env=env,
                                 stdout=errf, stderr=subprocess.STDOUT, start_new_session=True)
-        done, pos, cur, started = set(), 0, None, None
+        done, pos, cur, started, killed = set(), 0, None, time.time(), False
         self.log(f"child {proc.pid}: {', '.join(p['key'] for p in points)}")
         try:
             while True:
@@ -550,31 +563,38 @@ class Driver:
                     elif ev["event"] == "done":
                         self.record(ev["key"], ev["record"])
                         done.add(ev["key"])
-                        cur = None
+                        cur, started = None, time.time()
                     elif ev["event"] == "crash":                           # outside a point: all of them
-                        for k in [cur] if cur is not None else [p["key"] for p in points]:
+                        for k in [cur] if cur is not None else [p["key"] for p in points if p["key"] not in done]:
                             self.record(k, {"status": "error", "error": ev["error"], "traceback": ev["traceback"]})
                             done.add(k)
                         cur = None
                 if rc is not None:
                     break
-                if cur is not None and time.time() - started > self.cap(cur, expected[cur]):
+                cap = self.cap(cur, expected[cur]) if cur is not None else self.cap(None, STARTUP_CAP_S / 3)
+                if time.time() - started > cap:                            # a point, or the start-up, overran
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+                    killed = True
                     left = self.left()
                     if left is not None and left <= 1.0:
-                        self.log(f"budget spent during {cur}: not recorded, measured by a later call")
+                        self.log(f"budget spent during {cur or 'child start-up'}: not recorded, "
+                                 "measured by a later call")
+                    elif cur is None:
+                        self.log(f"child start-up over {cap:.0f} s: killed")
                     else:
-                        self.record(cur, {"status": "error", "error": f"wall-clock cap: "
-                                                                     f"{self.cap(cur, expected[cur]):.0f} s"})
+                        self.record(cur, {"status": "error", "error": f"wall-clock cap: {cap:.0f} s"})
                         done.add(cur)
                     break
                 time.sleep(0.2)
-            if proc.returncode not in (0, None) and cur is not None and cur not in done:
+            if proc.returncode not in (0, None) and not killed:
                 errf.seek(0)
                 tail = errf.read().decode(errors="replace")[-600:]
-                self.record(cur, {"status": "error", "error": f"child rc={proc.returncode}: {tail}"})
-                done.add(cur)
+                if cur is not None and cur not in done:
+                    self.record(cur, {"status": "error", "error": f"child rc={proc.returncode}: {tail}"})
+                    done.add(cur)
+                elif not done:
+                    self.log(f"child {proc.pid} ended rc={proc.returncode} before its first point: {tail}")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -679,9 +699,11 @@ def main(argv=None) -> int:
         plan = build_plan(a, s)
         if a.plan:
             total = 0.0
-            for p, c in costed(plan, s):
-                total += c
-                print(f"{p['key']:<24} {p.get('mode', ''):<9} expected {c:6.1f} s   cumulative {total:6.0f} s")
+            for group in groups_of(costed(plan, s)):
+                for i, (p, c) in enumerate(group):
+                    c += startup_s(s) if i == 0 else 0.0
+                    total += c
+                    print(f"{p['key']:<24} {p.get('mode', ''):<9} expected {c:6.1f} s   cumulative {total:6.0f} s")
             return 0
         d = Driver(a, s)
         d.header()

@@ -243,10 +243,11 @@ def plot_efficiency_measured(json_path, out_dir: str = "figures") -> list[Path]:
     ticks = sorted({p["ctx"] for p in m["points"]})
     for a, (t, yl) in zip(ax, titles):
         a.set(xscale="log", xlabel="context length (tokens)", title=t, ylabel=yl)
-        a.set_xticks(ticks)
-        a.set_xlim(min(ticks) / 1.25, max(ticks) * 1.25)
-        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _ctx_label(v)))
-        a.xaxis.set_minor_formatter(NullFormatter())
+        if ticks:
+            a.set_xticks(ticks)
+            a.set_xlim(min(ticks) / 1.25, max(ticks) * 1.25)
+            a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _ctx_label(v)))
+            a.xaxis.set_minor_formatter(NullFormatter())
         a.grid(alpha=0.3, which="both")
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
