@@ -55,14 +55,14 @@ def _row_len(row, L, Tq, q0, RATIO: tl.constexpr):
 
 
 @triton.jit
-def _prefix(HIST, hbase, k, LEVELS: tl.constexpr, DB: tl.constexpr):
+def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
     """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
     their places, how many of the k picks still lie in the bin the prefix names)."""
     NB: tl.constexpr = 1 << DB
     bins = tl.arange(0, NB)
     pref = k * 0
     krem = k
-    for l in tl.static_range(LEVELS):
+    for l in range(LEVELS):
         h = tl.load(HIST + hbase + l * NB + bins, volatile=True)
         cge = tl.cumsum(h, 0, reverse=True)                                    # entries in bins >= b
         b = tl.max(tl.where(cge >= krem, bins, 0), 0)
@@ -72,8 +72,8 @@ def _prefix(HIST, hbase, k, LEVELS: tl.constexpr, DB: tl.constexpr):
 
 
 @triton.jit
-def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.constexpr, DB: tl.constexpr,
-                RATIO: tl.constexpr, BLOCK: tl.constexpr):
+def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL, NL, DB: tl.constexpr, RATIO: tl.constexpr,
+                BLOCK: tl.constexpr):
     p = tl.program_id(0)
     row = tl.program_id(1)
     n = _row_len(row, L, Tq, q0, RATIO)
@@ -82,7 +82,8 @@ def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.cons
         NB: tl.constexpr = 1 << DB
         hbase = row.to(tl.int64) * (NL * NB)
         pref, krem = _prefix(HIST, hbase, k, LEVEL, DB)
-        SH: tl.constexpr = 32 - DB * (LEVEL + 1)
+        SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
+        HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
         hist = tl.zeros([NB], tl.int32)
         vrow = VAL + row.to(tl.int64) * sv
         c1 = tl.minimum(c0 + C, n)
@@ -90,8 +91,7 @@ def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL: tl.constexpr, NL: tl.cons
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
             u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
-            if LEVEL > 0:
-                m = m & ((u >> (SH + DB)) == (pref >> (SH + DB)))              # inside the bin chosen so far
+            m = m & ((LEVEL == 0) | ((u >> HS) == (pref >> HS)))                 # inside the bin chosen so far
             hist += tl.histogram((u >> SH) & (NB - 1), NB, mask=m)
         bins = tl.arange(0, NB)
         tl.atomic_add(HIST + hbase + LEVEL * NB + bins, hist, mask=hist > 0)
