@@ -10,7 +10,8 @@ the prefix, with the paper's three policies for the window (SWA) part.
 What a file holds (docs §6.4). Always: the prefix's token ids and every CSA / HCA compressed entry (main and
 indexer) of its complete blocks, in the cache's storage format, bit for bit. The window part by policy:
   full        the window entry of every position, every layer (n rows per layer);
-  checkpoint  the state cache (window ring + compressor tails, fixed size) at every multiple of `every` and at n;
+  checkpoint  the state cache (window ring + the compressor tail rows in use) at every multiple of `every` and
+              at n;
   zero        nothing.
 Lab "dense" layers keep every token; they are stored whole and only policy "full" accepts them.
 
@@ -108,6 +109,16 @@ def _state_shapes(cfg: ModelConfig, layer_type: str) -> dict[str, tuple[int, int
     return out
 
 
+def _tail_rows(cfg: ModelConfig, layer_type: str, c: int) -> list[int]:
+    """Rows of a compressor state that hold data at length c (the others are kv 0, score -inf): with overlap, rows
+    [0, m) = the last complete block (once there is one) and [m, m + c % m) = the incomplete one; else [0, c % m).
+    As many rows as positions tail_start(c)..c-1."""
+    m = _ratio(cfg, layer_type)
+    if layer_type == "csa" and cfg.compressor_overlap:
+        return (list(range(m)) if c >= m else []) + list(range(m, m + c % m))
+    return list(range(c % m))
+
+
 def _ring_rows(lc) -> torch.Tensor:
     """(B, W) rows of the window rings in slot order (slot p % W holds position p)."""
     return lc.ring_rows(torch.arange(lc.window, device=lc.block_table.device))
@@ -189,8 +200,9 @@ def _layout(cfg: ModelConfig, n: int, policy: str, every: int | None, storage: s
             out += [(f"L{i}.win.{p}", d, [n, w]) for p, (d, w) in _parts(cfg, storage, "main").items()]
         elif policy == "checkpoint":
             out += [(f"L{i}.ring.{p}", d, [ncp, cfg.window, w]) for p, (d, w) in _parts(cfg, storage, "main").items()]
-            for name, (rows, ch) in _state_shapes(cfg, t).items():
-                out += [(f"L{i}.state.{name}.{a}", "float32", [ncp, rows, ch]) for a in ("kv", "score")]
+            used = sum(len(_tail_rows(cfg, t, c)) for c in checkpoints(n, every)) if ncp else 0
+            for name, (rows, ch) in _state_shapes(cfg, t).items():             # the used rows of each checkpoint
+                out += [(f"L{i}.state.{name}.{a}", "float32", [used, ch]) for a in ("kv", "score")]
     return out
 
 
@@ -351,9 +363,11 @@ def save_prefix(model, cache, path, policy: str = "full", every: int | None = No
             stack = lambda xs, like: torch.stack(xs) if xs else like.new_zeros((0, *like.shape))
             for k in lc.main.t:
                 tensors[f"L{i}.ring.{k}"] = stack([snap[i][0][k] for snap in hist], lc.main.t[k][_ring_rows(lc)[row]])
+            cps = checkpoints(n, every)
             for name, st in lc.states.items():
-                tensors[f"L{i}.state.{name}.kv"] = stack([snap[i][1][name][0] for snap in hist], st.kv[row])
-                tensors[f"L{i}.state.{name}.score"] = stack([snap[i][1][name][1] for snap in hist], st.score[row])
+                for j, a in enumerate(("kv", "score")):
+                    tensors[f"L{i}.state.{name}.{a}"] = torch.cat(
+                        [st.kv[row, :0]] + [snap[i][1][name][j][_tail_rows(cfg, t, c)] for c, snap in zip(cps, hist)])
     layout = _layout(cfg, n, policy, every, cache.storage)
     assert [x[0] for x in layout] == list(tensors), "prefix_store layout and saved tensors disagree"
     chunks = []
@@ -470,8 +484,16 @@ def load_prefix(model, path, batch_size: int = 1, n_tokens: int | None = None, m
             c = checkpoints(n, every).index(s)
             _write(lc.main, _ring_rows(lc),
                    {key: v[c] for key, v in parts(f"L{i}.ring").items()})
-            _write_states(lc, {name: (T[f"L{i}.state.{name}.kv"][c], T[f"L{i}.state.{name}.score"][c])
-                               for name in lc.states})
+            cps = checkpoints(n, every)
+            off = sum(len(_tail_rows(cfg, t, x)) for x in cps[:c])
+            used = _tail_rows(cfg, t, s)
+            states = {}
+            for name, (rows, ch) in _state_shapes(cfg, t).items():
+                kv, score = torch.zeros(rows, ch), torch.full((rows, ch), float("-inf"))
+                kv[used] = T[f"L{i}.state.{name}.kv"][off:off + len(used)]
+                score[used] = T[f"L{i}.state.{name}.score"][off:off + len(used)]
+                states[name] = (kv, score)
+            _write_states(lc, states)
     _set_length(cache, s, ids)
     if k > s:
         was_training = model.training
