@@ -97,7 +97,8 @@ def settings_of(a) -> dict:
             "tokens_per_step": 65536 if not a.tiny else 64, "train_warmup": a.warmup, "train_steps": a.steps,
             "train_mode": a.train_mode if gpu else {arm: "eager" for arm in a.train_mode},   # compile=auto: CPU eager
             "eager_above": a.eager_above, "amp": "bf16" if gpu else "none",
-            "storage": a.storage or ("bf16" if gpu else "fp32"), "prefill_chunk": a.prefill_chunk or (4096 if gpu else 16),
+            "storage": a.storage or ("bf16" if gpu else "fp32"),
+            "prefill_chunk": a.prefill_chunk or (4096 if gpu else 16),
             "decode_warm": a.decode_warm, "decode_steps": a.decode_steps}
 
 
@@ -123,8 +124,6 @@ def build_plan(a, s: dict) -> list[dict]:
                         p = {"arm": arm, "kind": kind, "ctx": ctx, "key": key(arm, kind, ctx)}
                         if kind == "train":
                             p["mode"] = train_mode(s, arm, ctx)
-                        if kind == "decode":
-                            p["after_prefill"] = "prefill" in a.kinds and ctx in ctxs["prefill"]
                         plan.append(p)
     return plan
 
@@ -132,7 +131,7 @@ def build_plan(a, s: dict) -> list[dict]:
 # Expected seconds of one point (for --budget and the per-point cap). Training: bench_e2e runs 15-16 and issue 15's
 # table (H200); the rest: a model of the cached reference path (guesses until measured).
 TPS = {("v4", "eager"): {4096: 136e3, 16384: 130e3, 65536: 125e3, 131072: 110e3},
-       ("v4", "compiled"): {4096: 200e3, 16384: 190e3, 65536: 180e3, 131072: 160e3},
+       ("v4", "compiled"): {4096: 200e3, 16384: 190e3, 65536: 180e3, 131072: 160e3},      # guess: never finished
        ("dense", "compiled"): {4096: 1063e3, 16384: 432e3, 65536: 140e3, 131072: 73e3},
        ("dense", "eager"): {4096: 425e3, 16384: 278e3, 65536: 118e3, 131072: 60e3}}
 

@@ -210,7 +210,8 @@ def plot_efficiency_measured(json_path, out_dir: str = "figures") -> list[Path]:
         ax[2].plot(x, y, "s--", color=c, mfc="none", label=f"{lab}, forward (kernels, no cache)")
         for fill, mfc in (("prefill", c), ("synthetic", "none")):
             x, y = _series(m, arm, "decode", lambda p: p["ms_per_token"], lambda p, f=fill: p["cache_fill"] == f)
-            ax[3].plot(x, y, "o", color=c, mfc=mfc, label=f"{lab}, cache {'after prefill' if fill == 'prefill' else 'filled synthetically'}")
+            how = "after prefill" if fill == "prefill" else "filled synthetically"
+            ax[3].plot(x, y, "o", color=c, mfc=mfc, label=f"{lab}, cache {how}")
         x, y = _series(m, arm, "decode", lambda p: p["ms_per_token"])
         ax[3].plot(x, y, "-", color=c, lw=0.8)
         x, y = _series(m, arm, "kv", lambda p: p["bytes_tensors"] / 2**20)
@@ -260,9 +261,9 @@ def plot_efficiency_measured(json_path, out_dir: str = "figures") -> list[Path]:
     missing = [f"{p['arm']} {p['kind']} {p['ctx']}: {p.get('reason') or p.get('error', '')}"[:90]
                for p in m["points"] if p["status"] != "ok"]
     env = m["env"]
-    fig.suptitle(f"Measured efficiency vs context, {m['settings'].get('arms', {}).get('v4', 'v4')} vs "
-                 f"{m['settings'].get('arms', {}).get('dense', 'dense')} on {env.get('gpu', m['settings'].get('device', '?'))}"
-                 f" (commit {str(env.get('commit', '?'))[:12]}); lines without markers: dsv4_lab.accounting",
+    where = env.get("gpu", m["settings"].get("device", "?"))
+    fig.suptitle(f"Measured efficiency vs context, {presets.get('v4', 'v4')} vs {presets.get('dense', 'dense')} on "
+                 f"{where} (commit {str(env.get('commit', '?'))[:12]}); lines without markers: dsv4_lab.accounting",
                  fontsize=10)
     if missing:
         fig.text(0.01, 0.005, "not measured: " + "; ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""),
@@ -317,8 +318,8 @@ def companion(m: dict, rows: list[dict]) -> str:
                     f"{worst['arm']} at {worst['ctx']})."]
     bad = [p for p in m["points"] if p["status"] != "ok"]
     if bad:
-        out += ["", "Not measured:"] + [f"- {p['arm']} {p['kind']} {p['ctx']}: "
-                                         f"{(p.get('reason') or p.get('error', '')).splitlines()[0][:160]}" for p in bad]
+        why = lambda p: ((p.get("reason") or p.get("error") or "?").splitlines() or ["?"])[0][:160]  # noqa: E731
+        out += ["", "Not measured:"] + [f"- {p['arm']} {p['kind']} {p['ctx']}: {why(p)}" for p in bad]
     synth = sorted({(p["arm"], p["ctx"]) for p in m["points"] if p["kind"] == "decode" and p["status"] == "ok"
                     and p.get("cache_fill") == "synthetic"})
     if synth:
