@@ -183,6 +183,7 @@ def run_all(setting: str, root: str, arms: list[str], seeds: list[int], jobs: in
         for sd in seeds:
             parse_overrides(overrides(setting, a, sd, root))
     todo = [(a, sd) for sd in seeds for a in arms if not is_done(setting, a, sd, root)]
+    root = str(Path(root).resolve())               # the children run from the repository root
     n_gpus, stop_at = _device_count(), (time.time() + stop_after if stop_after is not None else None)
     print(f"[longctx] setting {setting}: {len(arms) * len(seeds)} runs, {len(todo)} to do, jobs {jobs}", flush=True)
 

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str] | None = None) -> list[Path]:
     """Loss curves of every sweep group under runs_root (or only `groups`; run dirs at any depth, tuning runs
     left out), the efficiency figures (analytic, and measured from benchmarks/results/efficiency_measured.json when
-    it is there), and the ablation figures from the committed ablations/results/*.csv."""
+    it is there), the ablation figures from the committed ablations/results/*.csv, and the long-context quality
+    figure from ablations/results/long_context.json when it is there."""
     from .figures.loss_curves import plot_loss_curves
     made = []
     for group in sorted(Path(runs_root).glob("*")):
@@ -39,6 +40,8 @@ def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str
     made += plot_efficiency_measured(ROOT / "benchmarks" / "results" / "efficiency_measured.json", out)
     from .figures.ablation import plot_all           # ablation_<name>.png from the committed ablations/results
     made += plot_all(ROOT / "ablations" / "results", out, ROOT / "ablations")
+    from .figures.long_context import plot_committed   # long-context quality vs length, from the committed JSON
+    made += plot_committed(ROOT / "ablations" / "results" / "long_context.json", out)
     return made
 
 

@@ -9,7 +9,7 @@ from dsv4_lab import longctx
 from dsv4_lab.cli import main
 from dsv4_lab.config import ConfigError, ModelConfig, parse_overrides
 from dsv4_lab.data.synthetic import ORDINALS, QUERY, answer_distances, mrcr_batch
-from dsv4_lab.figures.long_context import load_results, plot_long_context
+from dsv4_lab.figures.long_context import load_results, plot_committed, plot_long_context
 from dsv4_lab.model import DSV4LM
 from dsv4_lab.runlog import load_json
 
@@ -102,6 +102,9 @@ def test_cpu_tiny_runs_resumes_and_plots(tmp_path):
         {k: v for k, v in lost.items() if k != "eval_s"}
     png = plot_long_context(out, tmp_path / "fig.png")
     assert png.stat().st_size > 10_000
+    # make reproduce: drawn from the committed JSON when it is there, nothing (one line) when it is not
+    assert [p.name for p in plot_committed(out, tmp_path / "figs")] == ["long_context_quality.png"]
+    assert plot_committed(tmp_path / "absent.json", tmp_path / "none") == [] and not (tmp_path / "none").exists()
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):

@@ -117,3 +117,12 @@ def plot_long_context(results, out_png, setting: str | None = None) -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_committed(results, out_dir) -> list[Path]:
+    """`make reproduce`: figures/long_context_quality.png from the committed results JSON; one line and nothing
+    drawn when it is absent (the GPU command that makes it: ablations/README.md, long-context quality)."""
+    if not Path(results).exists():
+        print(f"[figures] long-context quality: {results} not committed yet, figure not drawn")
+        return []
+    return [plot_long_context(results, Path(out_dir) / "long_context_quality.png")]
