@@ -341,6 +341,7 @@ class TrainConfig:
     device: str = "auto"                  # auto | cpu | cuda
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"                 # auto (torch.compile on CUDA, eager on CPU) | true | false (compilation.py)
+    deterministic: bool = False           # bitwise-repeatable runs; on CUDA needs kernels=torch compile=false (docs §6.5)
     progress: bool = True                 # tqdm progress bar
     # synthetic long-range tasks (dsv4_lab/data/synthetic.py)
     task_n_pairs: int = 8                 # key-value pairs per retrieval sequence

@@ -104,6 +104,7 @@ def check_run_dir(run_dir, record: dict) -> bool:
 
 
 NOT_COMPARED = ("run_dir", "progress")     # train fields that do not change a run: a moved run dir still resumes
+ADDED_LATER = {"deterministic": False}    # train fields newer than some records: absent = this (old) behaviour
 
 
 def same_config(a: dict, b: dict) -> bool:
@@ -117,7 +118,8 @@ def config_diff(a: dict, b: dict, limit: int = 6) -> list[str]:
     for sec in ("model", "train"):
         sa, sb = a.get(sec, {}), b.get(sec, {})
         for k in sorted(set(sa) | set(sb)):
-            if sa.get(k) != sb.get(k) and not (sec == "train" and k in NOT_COMPARED):
+            d = ADDED_LATER.get(k) if sec == "train" else None
+            if sa.get(k, d) != sb.get(k, d) and not (sec == "train" and k in NOT_COMPARED):
                 out.append(f"{sec}.{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
     return out[:limit]
 

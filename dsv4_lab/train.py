@@ -202,6 +202,9 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
                           f"of processes ({world})")
     check_train_pair(mc, tc)
     device = resolve_device(tc, local_rank)
+    if tc.deterministic:                           # before the first GEMM (inference/batch_invariance.py)
+        from .inference.batch_invariance import set_deterministic
+        set_deterministic(device, mc.kernels, tc.compile)
     run_dir = Path(tc.run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     ckpt_path = run_dir / "ckpt.pt"

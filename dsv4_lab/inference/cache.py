@@ -246,6 +246,8 @@ def cached_attention(attn, u: torch.Tensor, cache: KVCache) -> torch.Tensor:
     Same math as Attention.forward (docs §2.5): one softmax over window (or all earlier, for "dense") entries and
     the compressed entries with the sink, then de-rotation and the output projection."""
     from ..attention.core import sink_attention
+    if getattr(cache, "ragged", False):       # sequences of different lengths: one cache each (batch_invariance.py)
+        return cache.attend(attn, u)
     lc = cache.layers[attn.layer_idx]
     B, T, _ = u.shape
     p0 = cache.length
