@@ -226,13 +226,16 @@ def plot_efficiency_measured(json_path, out_dir: str = "figures") -> list[Path]:
                        lw=1, label=f"{lab}, accounting (paper FP8 / FP4)")
     for kind, (mk, kc) in KIND_STYLE.items():
         rr = sorted((r for r in rows if r["row"] == "v4/dense" and r["kind"] == kind), key=lambda r: r["ctx"])
-        if not rr:
-            continue
-        l, = ax[5].plot([r["ctx"] for r in rr], [r["measured"] for r in rr], mk, color=kc, label=f"{kind}: measured")
-        ctxs = [p["ctx"] for p in m["points"] if p["kind"] == kind]
-        g = _grid(ctxs)
-        ax[5].plot(g, [flops_per_token(m["configs"]["v4"], kind, n) / flops_per_token(m["configs"]["dense"], kind, n)
-                       for n in g], "-", color=l.get_color(), lw=1, label=f"{kind}: FLOPs ratio (accounting)")
+        if rr:
+            ax[5].plot([r["ctx"] for r in rr], [r["measured"] for r in rr], mk, color=kc, label=f"{kind}: measured",
+                       **({"mfc": "none", "ms": 10} if kind == "train" else {}))
+    for kinds, ls in ((("train", "forward", "prefill"), "-"), (("decode",), "--")):   # train = 3 x forward: one ratio
+        ctxs = [p["ctx"] for p in m["points"] if p["kind"] in kinds]
+        if ctxs:
+            g = _grid(ctxs)
+            ax[5].plot(g, [flops_per_token(m["configs"]["v4"], kinds[0], n)
+                           / flops_per_token(m["configs"]["dense"], kinds[0], n) for n in g], ls, color="k", lw=1,
+                       label=f"FLOPs ratio (accounting), {' / '.join(kinds)}")
     ax[5].axhline(1.0, color="k", lw=0.6)
     titles = [("training throughput (measured)", "tokens / s (thousands)"),
               ("training peak memory (measured)", "GiB (torch.cuda.max_memory_allocated)"),
