@@ -60,7 +60,7 @@ SETTINGS = {
     # evaluate from 64 (every needle inside the window) to 8192 (8x the training length); ~1.5 min per run alone,
     # 9 runs packed on one GPU. Cost reasoning in ablations/README.md.
     "gpu": {
-        "train": {"preset": "tiny", "data": "mrcr", "seq_len": 1024, "batch_size": 32, "max_steps": 2500,
+        "train": {"preset": "tiny", "data": "mrcr", "seq_len": 1024, "batch_size": 32, "max_steps": 2000,
                   "lr": 3e-3, "warmup_steps": 100, "window": 128, "task_n_needles": 2, "eval_interval": 500,
                   "eval_batches": 4, "log_interval": 50, "ckpt_interval": 250, "compile": "false"},
         "lengths": [64, 128, 256, 512, 1024, 2048, 4096, 8192], "seeds": [0, 1, 2], "eval_seqs": 256,
