@@ -138,6 +138,21 @@ def test_finished_log_returns_same(setup, tmp_path):
     assert torch.equal(a, ref["greedy"]) and torch.equal(b, a) and wal.stat().st_size == size
 
 
+def test_default_generator_resume(setup, tmp_path):
+    """generator=None: the log holds the default generator's state, so a resume after a cut continues it exactly
+    (the global seed set before the rerun does not matter)."""
+    _, model, prompt, _ = setup
+    torch.manual_seed(7)
+    ref = generate(model, prompt, 10, **SAMPLING)
+    wal = tmp_path / "n.wal"
+    torch.manual_seed(7)
+    generate(model, prompt, 10, wal=wal, **SAMPLING)
+    lines = wal.read_bytes().split(b"\n")
+    wal.write_bytes(b"\n".join(lines[:5]) + b"\n" + lines[5][:30])           # steps 0..3 + a torn step 4
+    torch.manual_seed(99)
+    assert torch.equal(generate(model, prompt, 10, wal=wal, **SAMPLING), ref)
+
+
 def test_eos_resume(setup, tmp_path):
     """eos handling survives a resume: rows that ended keep emitting eos after the replay."""
     _, model, prompt, ref = setup
