@@ -5,6 +5,7 @@
 #     ablations/run_gpu_tier.sh estimate           # the cost table below, computed from the sweep files; no GPU
 #     ablations/run_gpu_tier.sh smoke              # 30 steps of every distinct arm config: ms/step on this GPU
 #
+# Environment: SWEEPS (names), SWEEP_DIR (ablations), RUNS (runs), RECORDS (ablations/records), ARCHIVE, PY.
 # Runs the sweeps below at --scale gpu under runs/ (JOBS processes share each GPU: the lab's tiny models are
 # launch-bound, one alone leaves the GPU mostly idle). No new run starts after MINUTES minus one run's length
 # (RUN_S), so a chunk ends about MINUTES after it began; runs in flight finish first. Re-running the same command
@@ -25,6 +26,9 @@ ARG=${1:-9}
 JOBS=${JOBS:-6}
 RUN_S=${RUN_S:-240}
 ARCHIVE=${ARCHIVE:-${OUT:+$OUT/records}}
+SWEEP_DIR=${SWEEP_DIR:-ablations}                   # where the sweep files are
+RUNS=${RUNS:-runs}                                  # where runs train
+RECORDS=${RECORDS:-ablations/records}               # committed records, copied into $RUNS before a chunk
 
 if [ "$ARG" = "estimate" ]; then
     # Per-run cost: start-up (papermill + imports + Triton JIT, STARTUP_S) + steps x max(launch-bound step time,
@@ -32,7 +36,7 @@ if [ "$ARG" = "estimate" ]; then
     # step, i.e. 3.75-7.5 ms per layer). FLOP-bound: training FLOPs (3 x accounting.prefill_flops, plain) at the
     # rate V4 `small` reached on the H200 at 4K (136 k tokens/s x its FLOPs per token = 18.5 TFLOP/s). Packing
     # JOBS runs per GPU gives AGG x the throughput of one run alone (1.3-3x assumed).
-    SWEEPS="$SWEEPS" "$PY" - <<'PY'
+    SWEEPS="$SWEEPS" SWEEP_DIR="$SWEEP_DIR" "$PY" - <<'PY'
 import os
 from dsv4_lab.accounting import prefill_flops
 from dsv4_lab.config import parse_overrides
@@ -43,8 +47,8 @@ tot = {}
 print(f"{'sweep':<15}{'runs':>5}{'steps':>7}{'tok/step':>9}{'GFLOP/step':>11}{'FLOP ms':>8}"
       f"{'launch ms':>11}{'s/run alone':>13}{'GPU-min: low':>14}{'mid':>6}{'high':>6}")
 for name in os.environ["SWEEPS"].split():
-    sw = load_sweep(f"ablations/{name}.json")
-    sel, ev = plan(sw, "gpu", "/tmp/gpu-tier-estimate")
+    sw = load_sweep(f"{os.environ['SWEEP_DIR']}/{name}.json")
+    sel, ev = plan(sw, "gpu", "runs")
     mc, tc = parse_overrides(dict(ev[0]["kv"]))
     tok = tc.batch_size * tc.seq_len
     flop_ms = 1e3 * 3 * prefill_flops(mc, tc.seq_len) / tc.seq_len * tok / rate
@@ -68,14 +72,14 @@ fi
 if [ "$ARG" = "smoke" ]; then
     # 30 steps of each distinct arm config of each sweep (seed 0), JOBS at once, under runs/gpu_smoke/; prints
     # ms/step (from the last record's time_s) so the estimate above can be replaced by a measurement.
-    SWEEPS="$SWEEPS" JOBS="$JOBS" "$PY" - <<'PY'
+    SWEEPS="$SWEEPS" JOBS="$JOBS" SWEEP_DIR="$SWEEP_DIR" RUNS="$RUNS" "$PY" - <<'PY'
 import json, os, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from dsv4_lab.sweep import load_sweep, eval_runs
 runs = []
 for name in os.environ["SWEEPS"].split():
-    sw = load_sweep(f"ablations/{name}.json")
-    for r in eval_runs(sw, "gpu", "runs/gpu_smoke"):
+    sw = load_sweep(f"{os.environ['SWEEP_DIR']}/{name}.json")
+    for r in eval_runs(sw, "gpu", os.path.join(os.environ["RUNS"], "gpu_smoke")):
         if r["seed"] == 0:
             kv = {**r["kv"], "max_steps": 30, "warmup_steps": 5, "eval_interval": 30, "ckpt_interval": 30,
                   "log_interval": 10}
@@ -99,10 +103,10 @@ fi
 MINUTES=$ARG
 deadline=$(( $(date +%s) + MINUTES * 60 - RUN_S ))
 for s in $SWEEPS; do                                # committed records first (never over an existing run dir)
-    [ -d "ablations/records/$s/gpu" ] || continue
-    for rd in ablations/records/$s/gpu/*/ ablations/records/$s/gpu/select/*/; do
+    [ -d "$RECORDS/$s/gpu" ] || continue
+    for rd in "$RECORDS/$s/gpu"/*/ "$RECORDS/$s/gpu"/select/*/; do
         [ -d "$rd" ] || continue
-        dst="runs/${rd#ablations/records/}"
+        dst="$RUNS/${rd#"$RECORDS"/}"
         [ -e "$dst" ] || { mkdir -p "$(dirname "$dst")"; cp -r "$rd" "$dst"; }
     done
 done
@@ -116,7 +120,7 @@ for s in $SWEEPS; do
         break
     fi
     t0=$(date +%s)
-    if "$PY" -m dsv4_lab sweep "ablations/$s.json" --scale gpu --jobs "$JOBS" --root runs --stop-after "$left"; then
+    if "$PY" -m dsv4_lab sweep "$SWEEP_DIR/$s.json" --scale gpu --jobs "$JOBS" --root "$RUNS" --stop-after "$left"; then
         complete=$(( complete + 1 ))
     fi
     used=$(( $(date +%s) - t0 ))
@@ -129,13 +133,13 @@ for s in $SWEEPS; do
     fi
 done
 if [ -n "$ARCHIVE" ]; then                          # finished runs' records, without checkpoints
-    "$PY" - "$ARCHIVE" $SWEEPS <<'PY'
+    "$PY" - "$ARCHIVE" "$RUNS" $SWEEPS <<'PY'
 import json, shutil, sys
 from pathlib import Path
-archive, names = Path(sys.argv[1]), sys.argv[2:]
+archive, runs, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 n = 0
 for name in names:
-    for sj in Path("runs", name, "gpu").rglob("sweep.json"):
+    for sj in Path(runs, name, "gpu").rglob("sweep.json"):
         rd = sj.parent
         m = rd / "metrics.jsonl"
         if not m.exists() or not (rd / "config.json").exists():
@@ -144,7 +148,7 @@ for name in names:
         lines = m.read_text().strip().splitlines()
         if not (rd / "diverged.json").exists() and not (lines and json.loads(lines[-1]).get("step") == steps - 1):
             continue
-        dst = archive / rd.relative_to("runs")
+        dst = archive / rd.relative_to(runs)
         shutil.copytree(rd, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt.pt"))
         if not (rd / "diverged.json").exists():
             (dst / "finished.json").write_text("{}\n")
@@ -155,7 +159,7 @@ fi
 n=$(echo $SWEEPS | wc -w)
 # the verdicts of the GPU runs here, into a scratch folder (the committed ablations/results/*.csv are rebuilt from
 # ablations/records once the archived records are copied there: ablations/README.md "GPU tier")
-"$PY" -m dsv4_lab summarize runs --out runs/gpu_tier_results
+"$PY" -m dsv4_lab summarize "$RUNS" --out "$RUNS/gpu_tier_results" --sweeps "$SWEEP_DIR"
 if [ "$complete" -eq "$n" ]; then
     echo "[gpu tier] all $n sweeps complete"
     exit 0

@@ -1,6 +1,7 @@
 """The sweep runner (dsv4_lab/sweep.py): sweep files, validation of every run first, skip, kill-and-resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,34 @@ def test_gpu_tier_states_its_reasoning_and_cost(tmp_path):
                        text=True, env={**os.environ, "PY": sys.executable})
     assert p.returncode == 0, p.stderr
     assert all(n in p.stdout for n in GPU_TIER) and "total" in p.stdout
+
+
+def test_gpu_tier_chunk_archives_records_and_a_fresh_machine_skips_them(tmp_path):
+    """run_gpu_tier.sh on CPU with a 6-step sweep: the chunk archives finished runs without checkpoints plus the
+    device seconds per sweep; a second machine seeded from those records has nothing left to run."""
+    abl = tmp_path / "abl"
+    abl.mkdir()
+    sw = {"name": "t", "question": "q", "budget_type": "equal tokens", "budget": "6 steps", "claim_boundary": "-",
+          "metric": {"name": "val_loss", "direction": "lower"}, "baseline": "a", "seeds": [0], "base": TINY,
+          "arms": {"a": {}, "b": {"lr": 0.01}}, "scales": {"cpu": {"base": {}, "seeds": [0]},
+                                                          "gpu": {"base": {}, "seeds": [0]}}}
+    (abl / "t.json").write_text(json.dumps(sw))
+    env = {**os.environ, "PY": sys.executable, "SWEEPS": "t", "SWEEP_DIR": str(abl), "JOBS": "2", "RUN_S": "0",
+           "RUNS": str(tmp_path / "runs"), "RECORDS": str(tmp_path / "records"), "ARCHIVE": str(tmp_path / "arch")}
+    script = str(ROOT / "ablations" / "run_gpu_tier.sh")
+    p = subprocess.run(["bash", script, "5"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for arm in ("a", "b"):
+        rec = tmp_path / "arch" / "t" / "gpu" / f"{arm}-s0"
+        assert (rec / "finished.json").exists() and (rec / "metrics.jsonl").exists() and not (rec / "ckpt.pt").exists()
+    rows = (next((tmp_path / "arch" / "device_seconds").glob("*.csv"))).read_text().splitlines()
+    assert rows[0] == "sweep,chunk,seconds,jobs,device" and rows[1].startswith("t,")
+    shutil.copytree(tmp_path / "arch", tmp_path / "records")
+    before = (tmp_path / "records" / "t" / "gpu" / "a-s0" / "metrics.jsonl").read_text()
+    p = subprocess.run(["bash", script, "5"], env={**env, "RUNS": str(tmp_path / "runs2")}, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and "2 finished" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (tmp_path / "runs2" / "t" / "gpu" / "a-s0" / "metrics.jsonl").read_text() == before
 
 
 def _write(tmp_path, arms, seeds=(0, 1), base=None):
