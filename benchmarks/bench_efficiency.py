@@ -13,15 +13,16 @@ bench_e2e runs 15-16 and issue 15's table where measured (training), from a mode
 path otherwise (kv / forward / prefill / decode: guesses until this script's first run replaces them):
 
     group            points                                                          expected s
-    v4 inference     kv x6 (4K-1M), forward / prefill 4K-128K, decode x6 (4K-1M)        ~ 78  (45 of Triton JIT)
-    dense inference  same points                                                        ~ 41
+    v4 inference     kv and kv_paper 4K-1M, forward / prefill 4K-128K, decode 4K-1M     ~ 84  (45 of Triton JIT)
+    dense inference  the same points                                                    ~ 47
     v4 train eager   4K 16K 64K 128K (136 k tok/s at 4K; first step ~50 s JIT + autotune) ~ 120
     dense train      4K 16K compiled (1063 k tok/s at 4K; ~60 s compile each), 64K 128K eager ~ 184
-    total (+ ~10 s of driver start-up)                                                    ~ 422
+    total (+ ~10 s of driver start-up)                                                    ~ 434
 
 What is measured (one record per (arm, measurement, context) point):
   kv       bytes the KV cache holds for one sequence of ctx tokens (storage --storage): every tensor the cache
            object holds, each storage once; `cache.nbytes()`; on CUDA also the allocator's delta. No forward pass.
+  kv_paper the same in the paper's storage (FP8 E4M3 + BF16 RoPE dims, MXFP4 indexer keys, docs §6.3).
   train    one optimizer step, fwd + bwd + AdamW under bf16 autocast (bench_e2e.measure): tokens/s (median of
            --steps after --warmup) and peak memory. 65,536 tokens per step (batch = 65536 / ctx); above 64K one
            sequence per step (131,072 tokens at 128K). Mode per arm (--train-mode); --eager-above N runs eager above
@@ -72,12 +73,15 @@ from bench_e2e import ARMS, _load, _write  # noqa: E402  (the arms and JSON help
 
 DEFAULT_OUT = os.path.join(HERE, "results", "efficiency_measured.json")
 TINY_ARMS = {"v4": "tiny", "dense": "tiny-dense"}
-KINDS = ("kv", "train", "forward", "prefill", "decode")
-FAMILY = {"kv": "inference", "forward": "inference", "prefill": "inference", "decode": "inference", "train": "train"}
-GPU_CTX = {"kv": (4096, 16384, 65536, 131072, 262144, 1048576), "train": (4096, 16384, 65536, 131072),
+KINDS = ("kv", "kv_paper", "train", "forward", "prefill", "decode")
+FAMILY = {"kv": "inference", "kv_paper": "inference", "forward": "inference", "prefill": "inference",
+          "decode": "inference", "train": "train"}
+LONG = (4096, 16384, 65536, 131072, 262144, 1048576)
+GPU_CTX = {"kv": LONG, "kv_paper": LONG, "train": (4096, 16384, 65536, 131072),
            "forward": (4096, 16384, 65536, 131072), "prefill": (4096, 16384, 65536, 131072),
-           "decode": (4096, 16384, 65536, 131072, 262144, 1048576)}
-TINY_CTX = {"kv": (32, 64, 128), "train": (32, 64), "forward": (32, 64), "prefill": (32, 64), "decode": (32, 64, 128)}
+           "decode": LONG}
+TINY_CTX = {"kv": (32, 64, 128), "kv_paper": (32, 64, 128), "train": (32, 64), "forward": (32, 64), "prefill": (32, 64),
+            "decode": (32, 64, 128)}
 FORMAT = 1
 STARTUP_CAP_S = 300.0                  # a child's imports, model build and warm-up (V4: Triton JIT of the cached path)
 
@@ -149,8 +153,8 @@ def expected_s(p: dict, s: dict, first_of_arm_kind: bool) -> float:
     """Expected seconds of one point inside a running child."""
     n, arm, kind = p["ctx"], p["arm"], p["kind"]
     if s["device"] != "cuda":
-        return {"train": 15.0, "forward": 2.0, "prefill": 2.0, "decode": 2.0, "kv": 0.5}[kind]
-    if kind == "kv":
+        return {"train": 15.0, "forward": 2.0, "prefill": 2.0, "decode": 2.0, "kv": 0.5, "kv_paper": 0.5}[kind]
+    if kind in ("kv", "kv_paper"):
         return 1.0
     if kind == "train":
         tokens = max(n, s["tokens_per_step"])
@@ -309,11 +313,11 @@ class Child:
         cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
         return DSV4LM(cfg).to(self.dev).eval()
 
-    def kv(self, model, n: int) -> dict:
+    def kv(self, model, n: int, storage: str) -> dict:
         base = self.torch.cuda.memory_allocated() if self.cuda else 0
-        cache = new_cache(model, n, self.s["storage"])
+        cache = new_cache(model, n, storage)
         self.sync()
-        r = {"storage": self.s["storage"], **cache_bytes(cache)}
+        r = {"storage": storage, **cache_bytes(cache)}
         if self.cuda:
             r["bytes_allocator"] = self.torch.cuda.memory_allocated() - base
         return r
@@ -375,8 +379,8 @@ class Child:
         if not (kind == "decode" and last is not None and last[0] == n):
             last = None                                                    # free an earlier prefill's cache
             self.free()
-        if kind == "kv":
-            return self.kv(model, n)
+        if kind in ("kv", "kv_paper"):
+            return self.kv(model, n, "paper" if kind == "kv_paper" else self.s["storage"])
         if kind == "forward":
             return self.forward(model, ids, n)
         if kind == "prefill":

@@ -36,6 +36,8 @@ def _synthetic() -> dict:
             b = acc.kv_cache_bytes(cfg, n, "fp32", include_state=True)
             pts[k("kv")] = {"status": "ok", "storage": "fp32", "bytes_tensors": b + 512, "bytes_nbytes": b,
                             "capacity_tokens": n}
+            pts[k("kv_paper")] = {"status": "ok", "storage": "paper", "capacity_tokens": n,
+                                  "bytes_tensors": acc.kv_cache_bytes(cfg, n, "paper", include_state=True)}
     pts["dense/train/256"] = {"status": "error", "error": "OutOfMemoryError: test"}
     return {"format": 1, "settings": {"device": "cpu", "arms": {"v4": "tiny", "dense": "tiny-dense"}},
             "configs": {a: c.to_dict() for a, c in cfgs.items()}, "points": pts,
@@ -66,6 +68,8 @@ def test_figure_from_synthetic_json(tmp_path):
             b = acc.kv_cache_bytes(cfg, n, "fp32", include_state=True)
             assert int(float(kv["analytic"])) == b and float(kv["measured_over_analytic"]) == pytest.approx(
                 (b + 512) / b, rel=1e-5)
+            kvp = next(row for row in rows if row["kind"] == "kv_paper" and row["arm"] == arm and int(row["ctx"]) == n)
+            assert float(kvp["measured_over_analytic"]) == 1.0
             cost = next(row for row in rows if row["row"] == "cost" and row["arm"] == arm and row["kind"] == "train"
                         and int(row["ctx"]) == n)
             assert float(cost["achieved_tflops"]) == pytest.approx(
@@ -116,6 +120,7 @@ def test_bench_cpu_tiny_point_resume_and_budget(tmp_path, capsys):
     base = ["--device", "cpu", "--tiny", "--arms", "dense", "--kinds", "decode", "--out", str(out), "--commit", "t"]
     assert bench_efficiency.main(base + ["--ctx-decode", "32"]) == 0
     d = json.loads(out.read_text())
+    assert d["points"].keys() == {"dense/decode/32"}
     p = d["points"]["dense/decode/32"]
     assert p["status"] == "ok", p
     assert p["cache_fill"] == "synthetic" and p["ms_per_token"] > 0 and len(p["ms_all"]) == 3

@@ -9,9 +9,9 @@ Drawn from the committed JSON; no GPU needed.
 Panels (log-x context): training tokens/s; training peak memory; prefill seconds (cached prefill through the
 inference API, and the no-cache forward on the training kernels); decode ms per token (filled marker: after a real
 prefill; open: on a cache filled synthetically to that length); KV-cache bytes measured (markers) against
-`accounting.kv_cache_bytes` (lines: the storage measured, with compressor states; dotted: the paper's FP8 / FP4
-storage); the V4 / dense cost per token measured (markers) against the analytic FLOPs-per-token ratio (lines), which
-is the time ratio the accounting predicts if both arms ran at the same FLOP/s.
+`accounting.kv_cache_bytes` with compressor states, in the storage of the decode runs (circles, solid) and in the
+paper's FP8 / FP4 storage (squares, dotted); the V4 / dense cost per token measured (markers) against the analytic
+FLOPs-per-token ratio (lines), which is the time ratio the accounting predicts if both arms ran at the same FLOP/s.
 
 Analytic FLOPs per token (plain weighting, docs §A.2): training = 3 x forward = 3 x prefill_flops(n) / n; forward and
 prefill = prefill_flops(n) / n; decode = decode_flops(n). The CSV has, per measured point, the measured seconds per
@@ -31,7 +31,8 @@ Where measurement and accounting differ, and why (also in the .md written beside
 * The cached prefill is that same reference path, chunk by chunk: quadratic in context for dense layers and for
   CSA / HCA entries; the no-cache forward shows what the kernels do.
 * KV bytes agree with the accounting up to the cache's allocation granularity: whole blocks of lcm(m, m') tokens,
-  the window ring in full, fp32 compressor states (counted by include_state=True) and the block table (not counted).
+  the window ring in full, fp32 compressor states (counted by include_state=True), and the cache's int64 bookkeeping
+  (block table, token ids: 8 B per block or token, not counted; the CSV notes `cache.nbytes()` / accounting too).
 """
 from __future__ import annotations
 
@@ -42,14 +43,15 @@ from pathlib import Path
 from .. import accounting as acc
 from ..config import ModelConfig
 
-KINDS = ("kv", "train", "forward", "prefill", "decode")
+KINDS = ("kv", "kv_paper", "train", "forward", "prefill", "decode")
+KV_KINDS = ("kv", "kv_paper")
 ARMS = ("v4", "dense")
 STATUSES = ("ok", "error", "skipped")
 COLORS = {"v4": "C0", "dense": "C1"}
 LABELS = {"v4": "V4", "dense": "dense"}
 KIND_STYLE = {"train": ("o", "C2"), "forward": ("s", "C3"), "prefill": ("^", "C4"), "decode": ("D", "C5")}
 REQUIRED = {"train": ("tokens_per_s",), "forward": ("forward_s",), "prefill": ("prefill_s",),
-            "decode": ("ms_per_token",), "kv": ("bytes_tensors",)}
+            "decode": ("ms_per_token",), "kv": ("bytes_tensors",), "kv_paper": ("bytes_tensors",)}
 WHY = __doc__[__doc__.index("Where measurement"):].strip()
 
 
@@ -111,7 +113,7 @@ def load_measured(path) -> dict:
                 raise _bad(path, f"{where}.peak_mem_gb", p["peak_mem_gb"], "a positive number or null")
             if parts[1] == "decode" and p.get("cache_fill") not in ("prefill", "synthetic"):
                 raise _bad(path, f"{where}.cache_fill", p.get("cache_fill"), "'prefill' or 'synthetic'")
-            if parts[1] == "kv" and p.get("storage") not in acc.STORAGES:
+            if parts[1] in KV_KINDS and p.get("storage") not in acc.STORAGES:
                 raise _bad(path, f"{where}.storage", p.get("storage"), f"one of {acc.STORAGES}")
         points.append({**p, "arm": parts[0], "kind": parts[1], "ctx": int(parts[2])})
     return {"configs": configs, "points": points, "settings": d["settings"], "env": d.get("env", {}), "path": str(path)}
@@ -140,7 +142,7 @@ def compare(m: dict) -> list[dict]:
     rows = []
     for (arm, kind, n), p in sorted(ok.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
         cfg = m["configs"][arm]
-        if kind == "kv":
+        if kind in KV_KINDS:
             cap = p.get("capacity_tokens") or n
             an = acc.kv_cache_bytes(cfg, cap, p["storage"], include_state=True)
             nb = (f"; cache.nbytes() / accounting {p['bytes_nbytes'] / an:.6g}" if _positive(p.get("bytes_nbytes"))
@@ -155,7 +157,7 @@ def compare(m: dict) -> list[dict]:
                      "measured_over_analytic": "", "achieved_tflops": f / s / 1e12,
                      "note": f"s per token measured, FLOPs per token analytic; {note}".rstrip("; ")})
     for (arm, kind, n), p in ok.items():
-        if arm != "v4" or kind == "kv" or ("dense", kind, n) not in ok:
+        if arm != "v4" or kind in KV_KINDS or ("dense", kind, n) not in ok:
             continue
         mr = seconds_per_token(p) / seconds_per_token(ok[("dense", kind, n)])
         ar = flops_per_token(m["configs"]["v4"], kind, n) / flops_per_token(m["configs"]["dense"], kind, n)
@@ -214,16 +216,16 @@ def plot_efficiency_measured(json_path, out_dir: str = "figures") -> list[Path]:
             ax[3].plot(x, y, "o", color=c, mfc=mfc, label=f"{lab}, cache {how}")
         x, y = _series(m, arm, "decode", lambda p: p["ms_per_token"])
         ax[3].plot(x, y, "-", color=c, lw=0.8)
-        x, y = _series(m, arm, "kv", lambda p: p["bytes_tensors"] / 2**20)
-        ax[4].plot(x, y, "o", color=c, mfc="none", ms=8, label=f"{lab}, measured")
-        kvp = [p for p in m["points"] if p["arm"] == arm and p["kind"] == "kv" and p["status"] == "ok"]
-        if kvp:
-            g = _grid([p["ctx"] for p in kvp])
+        for kind, mk, ls in (("kv", "o", "-"), ("kv_paper", "s", ":")):
+            kvp = [p for p in m["points"] if p["arm"] == arm and p["kind"] == kind and p["status"] == "ok"]
+            if not kvp:
+                continue
             st = kvp[0]["storage"]
+            x, y = _series(m, arm, kind, lambda p: p["bytes_tensors"] / 2**20)
+            ax[4].plot(x, y, mk, color=c, mfc="none", ms=8, label=f"{lab}, measured, {st}")
+            g = _grid([p["ctx"] for p in kvp])
             ax[4].plot(g, [acc.kv_cache_bytes(m["configs"][arm], n, st, include_state=True) / 2**20 for n in g],
-                       "-", color=c, lw=1, label=f"{lab}, accounting ({st} + states)")
-            ax[4].plot(g, [acc.kv_cache_bytes(m["configs"][arm], n, "paper") / 2**20 for n in g], ":", color=c,
-                       lw=1, label=f"{lab}, accounting (paper FP8 / FP4)")
+                       ls, color=c, lw=1, label=f"{lab}, accounting, {st} + states")
     for kind, (mk, kc) in KIND_STYLE.items():
         rr = sorted((r for r in rows if r["row"] == "v4/dense" and r["kind"] == kind), key=lambda r: r["ctx"])
         if rr:
@@ -313,7 +315,7 @@ def companion(m: dict, rows: list[dict]) -> str:
     for r in sorted((r for r in rows if r["row"] == "v4/dense"), key=lambda r: (r["kind"], r["ctx"])):
         out.append(f"| {r['kind']} | {r['ctx']} | {r['measured']:.3g} | {r['analytic']:.3g} | "
                    f"{r['measured_over_analytic']:.3g} |")
-    kv = [r for r in rows if r["row"] == "kv"]
+    kv = [r for r in rows if r["row"] == "kv"]                           # both storages
     if kv:
         worst = max(kv, key=lambda r: abs(r["measured_over_analytic"] - 1))
         out += ["", f"KV bytes: measured / accounting between {min(r['measured_over_analytic'] for r in kv):.4f} and "
