@@ -2,7 +2,11 @@
 
     auto   compile on CUDA (fused elementwise glue, fewer launches: the lab model's step is launch-bound), eager on
            CPU (compiling costs minutes there and gains little at CPU test sizes)
-    true   compile on any device;  false  never
+    true   compile the whole model on any device (one graph: Inductor's time grows with depth)
+    blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
+           on its own; blocks of one layer type share the compiled code, so compile time grows with the number of
+           distinct layer types, not with depth; the glue between blocks (embedding, head, losses) stays eager
+    false  never
 
 Settings made before compiling:
   * Inductor types Python-float launch arguments of hand-written Triton kernels (the attention scale, eps, ...) as
@@ -17,13 +21,13 @@ from __future__ import annotations
 
 import torch
 
-CHOICES = ("auto", "true", "false")
+CHOICES = ("auto", "true", "blocks", "false")
 
 
 def wants_compile(setting: str, device: torch.device) -> bool:
     if setting not in CHOICES:
         raise ValueError(f"compile = {setting!r} is not allowed: one of {CHOICES}")
-    return setting == "true" or (setting == "auto" and device.type == "cuda")
+    return setting in ("true", "blocks") or (setting == "auto" and device.type == "cuda")
 
 
 def configure() -> None:
@@ -36,7 +40,14 @@ def configure() -> None:
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
 
 
-def compile_model(model: torch.nn.Module, **kw) -> torch.nn.Module:
-    """torch.compile(model) after `configure()`; kw go to torch.compile (backend, fullgraph, ...)."""
+def compile_model(model: torch.nn.Module, regional: bool = False, **kw) -> torch.nn.Module:
+    """torch.compile(model) after `configure()`; kw go to torch.compile (backend, fullgraph, ...).
+    regional: compile each Block in place (nn.Module.compile) and return the model itself."""
     configure()
-    return torch.compile(model, **kw)
+    if not regional:
+        return torch.compile(model, **kw)
+    from .model import Block
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.compile(**kw)
+    return model

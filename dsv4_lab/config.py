@@ -340,7 +340,7 @@ class TrainConfig:
     ckpt_interval: int = 50               # steps between checkpoints (and always at the last step)
     device: str = "auto"                  # auto | cpu | cuda
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: str = "auto"                 # auto (torch.compile on CUDA, eager on CPU) | true | false (compilation.py)
+    compile: str = "auto"                 # auto (torch.compile on CUDA, eager on CPU) | true | blocks | false (compilation.py)
     deterministic: bool = False           # bitwise-repeatable runs; on CUDA needs kernels=torch compile=false (docs §6.5)
     progress: bool = True                 # tqdm progress bar
     # synthetic long-range tasks (dsv4_lab/data/synthetic.py)
@@ -393,7 +393,7 @@ class TrainConfig:
             raise _err("wsd_decay_frac", self.wsd_decay_frac, "a number in (0, 1]")
         choices = {"data": ("stdlib", "shakespeare", "retrieval", "mrcr"), "schedule": ("cosine", "wsd"),
                    "optimizer": ("adamw", "muon"), "ns_schedule": ("v4", "keller5"), "device": ("auto", "cpu", "cuda"),
-                   "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "true", "false")}
+                   "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "true", "blocks", "false")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise _err(k, getattr(self, k), f"one of {allowed}")

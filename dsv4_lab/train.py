@@ -257,7 +257,9 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
     from .compilation import compile_model, wants_compile
-    fwd = compile_model(ddp_model) if wants_compile(tc.compile, device) else ddp_model   # compile=auto: CUDA only
+    fwd = ddp_model                                                      # compile=auto: CUDA only
+    if wants_compile(tc.compile, device):
+        fwd = compile_model(ddp_model, regional=tc.compile == "blocks")
 
     bar = progress_bar(tc.progress and rank == 0, tc.max_steps, start_step, f"train {run_dir.name}")
     last_ckpt = start_step - 1                     # step of the last good checkpoint on disk, -1 = none

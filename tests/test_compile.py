@@ -27,7 +27,7 @@ def _step(model, x, y):
     return out.loss.item(), g.item()
 
 
-def _compare(preset, backend, T=32, **over):
+def _compare(preset, backend, T=32, regional=False, **over):
     torch.manual_seed(0)
     model = DSV4LM(ModelConfig.from_preset(preset, **over)).train()
     g = torch.Generator().manual_seed(1)
@@ -35,7 +35,7 @@ def _compare(preset, backend, T=32, **over):
     y = torch.randint(0, model.cfg.vocab_size, (2, T), generator=g)
     loss_e, gn_e = _step(model, x, y)
     torch._dynamo.reset()
-    loss_c, gn_c = _step(compile_model(model, backend=backend), x, y)
+    loss_c, gn_c = _step(compile_model(model, regional=regional, backend=backend), x, y)
     assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e), (loss_c, loss_e)
     assert abs(gn_c - gn_e) <= 1e-4 * gn_e, (gn_c, gn_e)
     torch._dynamo.reset()
@@ -45,6 +45,21 @@ def _compare(preset, backend, T=32, **over):
 def test_compiled_step_matches_eager_inductor():
     """tiny-dense through Inductor (what compile=true runs): dense layers with the sink (SDPA), SwiGLU, plain residual."""
     _compare("tiny-dense", "inductor")
+
+
+@pytest.mark.slow
+def test_regional_compile_matches_eager():
+    """compile=blocks: each Block compiled on its own (the MTP block included); blocks of one layer type share
+    the compiled code. Same step as eager (same error model as above)."""
+    from dsv4_lab.model import Block
+    _compare("tiny", "aot_eager", regional=True, layer_types="csa,hca,csa", hc_sinkhorn_iters=3)
+    torch.manual_seed(0)
+    model = DSV4LM(ModelConfig.from_preset("tiny", layer_types="csa,hca", mtp_depth=1))
+    assert compile_model(model, regional=True, backend="aot_eager") is model
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert len(blocks) == 3 and all(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None
+                                    for m in blocks)
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow
@@ -61,6 +76,7 @@ def test_compiled_step_matches_eager_toggles(over):
 def test_compile_setting():
     assert not wants_compile("auto", torch.device("cpu")) and wants_compile("auto", torch.device("cuda"))
     assert wants_compile("true", torch.device("cpu")) and not wants_compile("false", torch.device("cuda"))
+    assert wants_compile("blocks", torch.device("cpu"))
     assert TrainConfig().compile == "auto" and TrainConfig(compile=True).compile == "true"
     assert parse_overrides(["compile=false"])[1].compile == "false"
     with pytest.raises(ConfigError, match="compile"):
