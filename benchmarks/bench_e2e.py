@@ -41,7 +41,7 @@ sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 TOKENS_PER_STEP = 65536
 ARMS = {"v4": "small", "dense": "small-dense"}
-MODES = ("compiled", "eager")
+MODES = ("compiled", "blocks", "eager")          # compile=true (whole model), compile=blocks (regional), eager
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def _model(preset: str, ctx: int, compiled: bool, device: str = "cuda"):
     cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096))
     model = DSV4LM(cfg).to(device).train()
     opt = build_optimizer(model, TrainConfig())
-    fwd = compile_model(model) if compiled else model
+    fwd = compile_model(model, regional=compiled == "blocks") if compiled else model   # compiled: True | "blocks"
     return cfg, model, fwd, opt
 
 
@@ -115,7 +115,7 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
             mb //= 2
     times.sort()
     med = times[len(times) // 2]
-    r = {"preset": preset, "mode": "compiled" if compiled else "eager", "ctx": ctx, "batch": B, "micro_batch": mb,
+    r = {"preset": preset, "mode": "blocks" if compiled == "blocks" else "compiled" if compiled else "eager", "ctx": ctx, "batch": B, "micro_batch": mb,
          "tokens_per_step": B * ctx, "step_ms": med * 1e3, "step_ms_all": [t * 1e3 for t in times],
          "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
          "first_step_s": first_s, "loss_first": losses[0], "loss_last": losses[-1],
@@ -368,7 +368,7 @@ if __name__ == "__main__":
         try:
             if a.measure:
                 p, c, m, w, s = a.measure
-                r = measure(p, int(c), m == "compiled", int(w), int(s), guard_s=60.0)
+                r = measure(p, int(c), {"compiled": True, "blocks": "blocks"}.get(m, False), int(w), int(s), guard_s=60.0)
             else:
                 r = breakdown(a.breakdown, device=a.breakdown_device)
         except Exception as e:                                            # noqa: BLE001
