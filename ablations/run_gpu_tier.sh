@@ -93,9 +93,12 @@ def one(item):
     recs = [json.loads(l) for l in open(os.path.join(kv["run_dir"], "metrics.jsonl"))]
     a, b = recs[1], recs[-1]                   # skip step 0 (JIT); time_s is wall time since the loop began
     return label, f"{1e3 * (b['time_s'] - a['time_s']) / (b['step'] - a['step']):.1f} ms/step, loss {b['train_loss']:.3f}"
+failed = 0
 with ThreadPoolExecutor(int(os.environ["JOBS"])) as ex:
     for label, res in ex.map(one, runs):
         print(f"[gpu smoke] {label:<28} {res}", flush=True)
+        failed += res.startswith("FAILED")
+sys.exit(1 if failed else 0)
 PY
     exit $?
 fi
