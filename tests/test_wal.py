@@ -184,6 +184,17 @@ def test_refuses_other_generation(setup, tmp_path):
         generate(other, prompt, 4, wal=wal)
 
 
+def test_other_environment_warns(setup, tmp_path, monkeypatch):
+    """Another torch build / thread count is warned about, not refused: the logged tokens stay valid."""
+    from dsv4_lab.inference import wal as W
+    _, model, prompt, ref = setup
+    wal = tmp_path / "w.wal"
+    generate(model, prompt, N_NEW, wal=wal)
+    monkeypatch.setattr(W, "_env", lambda: {"torch": "0.0", "threads": 99})
+    with pytest.warns(UserWarning, match="continuation is only guaranteed"):
+        assert torch.equal(generate(model, prompt, N_NEW, wal=wal), ref["greedy"])
+
+
 def test_refuses_damaged_log(setup, tmp_path):
     _, model, prompt, _ = setup
     wal = tmp_path / "d.wal"

@@ -14,8 +14,10 @@ Protocol (generate.py calls `open_wal` once, then `WAL.append` once per decode s
   - a last record cut by a kill (no newline, bad JSON or bad CRC) is dropped and the file truncated to its last
     good record; a bad record before the last one is corruption (WALError). Steps must run 0, 1, 2, ... with no gap.
 
-File: UTF-8 lines `CRC32(hex, 8) SP JSON NL`; line 1 the header {format, version, model, prompt, settings, rng0},
-then one record per step {step, tokens, rng}. rng is the generator state (base64) or null for greedy decoding.
+File: UTF-8 lines `CRC32(hex, 8) SP JSON NL`; line 1 the header {format, version, model, prompt, settings, rng0,
+env}, then one record per step {step, tokens, rng}. rng is the generator state (base64) or null for greedy decoding.
+env (torch version, intra-op threads) is not refused when it differs, only warned about: the logged tokens stay
+valid, but an exact continuation needs the same arithmetic.
 
 Length bias (`length_bias_simulation`, `plot_length_bias`): restarting a preempted generation from scratch draws a
 new sample, and only an attempt that outlives every preemption is returned, so the returned lengths follow
@@ -28,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -67,6 +70,11 @@ def sampler_generator(generator, device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     return torch.default_generator
+
+
+def _env() -> dict:
+    """What else decides the bits of the logits on one device: the torch build and the intra-op thread count."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def _rng_b64(gen: torch.Generator) -> str:
@@ -153,7 +161,7 @@ def open_wal(path, model, prompt_ids: torch.Tensor, settings: dict, generator) -
     settings = {**settings, "batch_size": B, "device": prompt_ids.device.type}
     header = {"format": FORMAT, "version": VERSION, "model": model_fingerprint(model),
               "prompt": prompt_fingerprint(prompt_ids), "settings": settings,
-              "rng0": _rng_b64(gen) if gen is not None else None}
+              "rng0": _rng_b64(gen) if gen is not None else None, "env": _env()}
     if not path.exists() or path.stat().st_size == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         from ..runlog import atomic_write_bytes
@@ -177,6 +185,10 @@ def open_wal(path, model, prompt_ids: torch.Tensor, settings: dict, generator) -
         if head["settings"].get(k) != json.loads(json.dumps(v)):
             raise WALError(f"wal {path} was written with {k}={head['settings'].get(k)!r}, this call has {k}={v!r}; "
                            "allowed: the same settings, or a new wal path")
+    if head.get("env") != header["env"]:                           # kept tokens stay; later ones may differ
+        warnings.warn(f"wal {path} was written under {head.get('env')}, this process runs {header['env']}: the "
+                      "logged tokens are kept, but the continuation is only guaranteed to equal an uninterrupted "
+                      "run when the arithmetic (torch version, intra-op threads) is the same", stacklevel=3)
     recs, good_end = [], len(whole[0]) + 1                          # byte offset after the last good record
     for j, line in enumerate(whole[1:]):
         rec = _parse(line)
