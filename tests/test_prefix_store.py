@@ -174,6 +174,23 @@ def test_greedy_tokens_match():
     assert compared >= 15, compared
 
 
+def test_row_of_a_batch_saved_and_loaded_into_a_batch(tmp_path):
+    """save_prefix(row=1) of a 2-sequence cache, loaded for 3 requests: every row continues like sequence 1."""
+    model = build()
+    ids = torch.randint(0, 256, (2, N + CONT), generator=torch.Generator().manual_seed(6))
+    live = model.new_cache(2, MAX_LEN)
+    with torch.no_grad():
+        model(ids[:, :N], cache=live)
+    save_prefix(model, live, tmp_path / "p", "zero", row=1)
+    loaded = load_prefix(model, tmp_path / "p", batch_size=3, n_tokens=37, max_len=MAX_LEN)
+    ref = continue_logits(model, prefill(model, ids[1:, :37]), ids[1:, 37:37 + CONT])
+    cont = ids[1:, 37:37 + CONT].expand(3, -1)
+    with torch.no_grad():
+        got = torch.stack([model(cont[:, t:t + 1], cache=loaded).logits[:, 0] for t in range(CONT)], 1)
+    for b in range(3):
+        assert rel(got[b], ref) <= TOL
+
+
 # ----------------------------------------------------------------------------------------------- bytes on disk
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16", "paper"])
