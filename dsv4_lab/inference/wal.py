@@ -178,12 +178,13 @@ def open_wal(path, model, prompt_ids: torch.Tensor, settings: dict, generator) -
     if head.get("version") != VERSION:
         raise WALError(f"wal {path}: format version {head.get('version')!r} is not allowed: version {VERSION}")
     for key, what in (("model", "model (config + weights hash)"), ("prompt", "prompt (ids hash)")):
-        if head[key] != header[key]:
-            raise WALError(f"wal {path} was written for another {what}: logged {head[key][:16]}..., "
+        if head.get(key) != header[key]:
+            raise WALError(f"wal {path} was written for another {what}: logged {str(head.get(key))[:16]}..., "
                            f"given {header[key][:16]}...; use a new wal path for a new generation")
     for k, v in settings.items():
-        if head["settings"].get(k) != json.loads(json.dumps(v)):
-            raise WALError(f"wal {path} was written with {k}={head['settings'].get(k)!r}, this call has {k}={v!r}; "
+        logged = (head.get("settings") or {}).get(k)
+        if logged != json.loads(json.dumps(v)):
+            raise WALError(f"wal {path} was written with {k}={logged!r}, this call has {k}={v!r}; "
                            "allowed: the same settings, or a new wal path")
     if head.get("env") != header["env"]:                           # kept tokens stay; later ones may differ
         warnings.warn(f"wal {path} was written under {head.get('env')}, this process runs {header['env']}: the "
@@ -194,7 +195,7 @@ def open_wal(path, model, prompt_ids: torch.Tensor, settings: dict, generator) -
         rec = _parse(line)
         last = j == len(whole) - 2 and not tail
         ok = (rec is not None and rec.get("step") == len(recs) and isinstance(rec.get("tokens"), list)
-              and len(rec["tokens"]) == B)
+              and len(rec["tokens"]) == B and (isinstance(rec.get("rng"), str) or gen is None))
         if not ok:
             if last:                                               # torn by a kill: drop it
                 tail = b"torn"
