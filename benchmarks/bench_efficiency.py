@@ -38,7 +38,7 @@ What is measured (one record per (arm, measurement, context) point):
            else on a cache filled synthetically to ctx (cache_fill "synthetic": length set, stored values random; the
            cached step reads every stored entry whatever its value, so the cost is the same).
 GPU runs: bf16 autocast, cache storage bf16. `--device cpu --tiny` runs the `tiny` / `tiny-dense` presets at
-32-128 tokens in fp32 (the CPU smoke test, tests/test_efficiency_measured.py).
+32-128 tokens in fp32 on one thread (the CPU smoke test, tests/test_efficiency_measured.py).
 
 Robust and budgeted: points run in child processes, one per (arm, train | inference) group, each point under its own
 wall-clock cap (the driver kills the child when a point overruns and starts a new child for the rest of the group);
@@ -263,6 +263,8 @@ class Child:
         self.torch, self.s, self.out = torch, spec["settings"], spec["out"]
         self.dev = self.s["device"]
         self.cuda = self.dev == "cuda"
+        if not self.cuda:
+            torch.set_num_threads(1)                                   # CPU smoke: one thread, as figures/efficiency
         torch.manual_seed(0)
 
     def emit(self, **ev):
