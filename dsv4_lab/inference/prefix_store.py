@@ -18,9 +18,9 @@ Lab "dense" layers keep every token; they are stored whole and only policy "full
 What load_prefix(n_tokens=k) recomputes, and why it is exact. Loading puts the stored compressed entries into the
 block cache and makes them read-only, sets the state cache at a start position s, then re-runs tokens s..k-1
 through the model (one cached chunk). Everything a token's hidden state depends on is then either stored or
-recomputed from exact inputs: the embedding is per token; attention reads the window entries of the last n_win
-positions of the previous layer's input and compressed entries that are read from the store (never the re-run's
-own pooled entries); MoE (hash or score routing), mHC and norms are per token. So:
+recomputed from exact inputs: the embedding is per token; attention at layer j reads the window entries made from
+layer j's inputs at the last n_win positions, and compressed entries read from the store (never the re-run's own
+pooled entries); MoE (hash or score routing), mHC and norms are per token. So:
   checkpoint  s = the latest checkpoint <= k. The state cache at s is the one stored, so every re-run token is
               exact (at most every - 1 tokens; none at a checkpoint, and loading the whole prefix gives the
               in-memory cache's tensors bit for bit, its end state being stored).
@@ -34,8 +34,8 @@ own pooled entries); MoE (hash or score routing), mHC and norms are per token. S
               s <= k - n_win - j (n_win - 1) and s <= tau_j - j (n_win - 1); s = k - n_win n_layers (the paper's
               "last n_win x L tokens") satisfies the first for every j, and the second whenever a tail is at most
               n_win + L - 1 long (V4: m' = n_win = 128); otherwise s moves back to the tightest tau_j - j (n_win-1).
-In every policy the tail state of a layer is rebuilt only from re-run rows: its rows start at tau_j >= s, and
-rows before s (an empty tail) only reach pooled entries that the read-only block cache discards. "Exact" is the
+In full and zero a layer's tail is rebuilt from re-run rows only: its rows start at tau_j >= s, and the empty tail
+the re-run starts from only reaches pooled entries that the read-only block cache discards. "Exact" is the
 math: the re-run uses other GEMM shapes than the original prefill, so values agree to fp32 rounding
 (tests/test_prefix_store.py bounds it); with lossy storage a recomputed window entry can land in the other
 rounding bucket.
