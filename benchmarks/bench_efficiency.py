@@ -453,6 +453,8 @@ class Driver:
         self.path = a.out
         self.log_path = os.path.splitext(a.out)[0] + ".log"
         self.t0 = time.time()
+        from dsv4_lab import ModelConfig
+        self.configs = {arm: ModelConfig.from_preset(p).to_dict() for arm, p in s["arms"].items()}
         self.res = self.load()
 
     def log(self, msg: str):
@@ -474,6 +476,12 @@ class Driver:
             if k in old and old[k] != v:
                 raise BadInput(f"{self.path}: settings.{k} = {old[k]!r} there, {v!r} asked; rerun with the same "
                                "settings or pass --fresh")
+        for arm, cfg in self.configs.items():                             # the presets changed since then
+            for k, v in cfg.items():
+                was = res.get("configs", {}).get(arm, {}).get(k, v)
+                if was != v:
+                    raise BadInput(f"{self.path}: configs.{arm}.{k} = {was!r} there, the preset now gives {v!r}; "
+                                   "those points measured another model: pass --fresh")
         return res
 
     def save(self):
@@ -481,14 +489,13 @@ class Driver:
 
     def header(self):
         from common import env_info
-        from dsv4_lab import ModelConfig
         env = env_info()
         env["commit"] = self.a.commit or _git_commit()
         env["device_kind"] = self.s["device"]
         self.res.update({"format": FORMAT, "what": "measured efficiency vs context, V4 vs dense "
                                                    "(benchmarks/bench_efficiency.py docstring)",
                          "settings": self.s,
-                         "configs": {arm: ModelConfig.from_preset(p).to_dict() for arm, p in self.s["arms"].items()}})
+                         "configs": self.configs})
         self.res.setdefault("points", {})
         self.res.setdefault("calls", []).append(env)
         self.res["env"] = env

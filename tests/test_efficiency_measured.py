@@ -141,6 +141,12 @@ def test_bench_cpu_tiny_point_resume_and_budget(tmp_path, capsys):
     assert err.count("\n") == 0 and "settings.storage" in err and str(out) in err
     assert json.loads(out.read_text())["points"]["dense/decode/32"] == p          # untouched
 
+    d["configs"]["dense"]["d_ff"] += 1                                           # the preset changed since then
+    out.write_text(json.dumps(d))
+    assert bench_efficiency.main(base + ["--ctx-decode", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "configs.dense.d_ff" in err and "--fresh" in err
+
 
 def test_bench_bad_arguments(capsys):
     for args, what in ((["--train-mode", "v4=fast"], "--train-mode"), (["--ctx-kv", "0"], "--ctx-kv"),
