@@ -89,10 +89,11 @@ def load_measured(path) -> dict:
             raise _bad(path, k, d.get(k), "an object")
     configs = {}
     for arm in ARMS:
-        if arm not in d["configs"]:
-            raise _bad(path, f"configs.{arm}", None, "the arm's ModelConfig as an object")
-        try:
-            configs[arm] = ModelConfig.from_dict(d["configs"][arm])
+        if not isinstance(d["configs"].get(arm), dict):
+            raise _bad(path, f"configs.{arm}", d["configs"].get(arm), "the arm's ModelConfig as an object")
+        known = {k: v for k, v in d["configs"][arm].items() if k in ModelConfig.__dataclass_fields__}
+        try:                                                             # fields added / dropped since: defaults
+            configs[arm] = ModelConfig.from_dict(known)
         except (ValueError, TypeError) as e:
             raise MeasuredError(f"{path}: configs.{arm} is not a valid ModelConfig ({e})") from None
     points = []
