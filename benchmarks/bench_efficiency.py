@@ -48,8 +48,9 @@ finished point is merged into the JSON at once (dsv4_lab.runlog.atomic_write_byt
 what is left. Output: benchmarks/results/efficiency_measured.json (+ .log), with settings, environment, GPU name and
 the commit.
 
-    python benchmarks/bench_efficiency.py [--budget S] [--arms v4 dense] [--kinds kv train forward prefill decode]
-        [--ctx-train 4096 ...] [--ctx-forward ...] [--ctx-prefill ...] [--ctx-decode ...] [--ctx-kv ...]
+    python benchmarks/bench_efficiency.py [--budget S] [--arms v4 dense]
+        [--kinds kv kv_paper train forward prefill decode] [--ctx-train 4096 ...] [--ctx-forward ...]
+        [--ctx-prefill ...] [--ctx-decode ...] [--ctx-kv ...] [--ctx-kv_paper ...] [--storage fp32|bf16|paper]
         [--train-mode v4=eager dense=compiled] [--eager-above N] [--cap S] [--plan] [--fresh] [--retry-errors]
         [--device cpu --tiny] [--out PATH] [--commit SHA]
 """
