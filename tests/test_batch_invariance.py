@@ -2,9 +2,10 @@
 
 CPU: a target sequence decoded alone and at the first, a middle and the last position of batches of up to 8 other
 sequences of other lengths gives bitwise-identical logits and tokens with batch_invariant=True (torch.equal); the
-fast ragged path (batch_invariant=False) matches to fp32 rounding. GPU (skipped without CUDA; the lead runs them on
-the H200): the same check on CUDA, the split-KV decode kernels with a fixed split count, and two identical short
-training runs with deterministic=true giving bitwise-identical losses.
+fast ragged path (batch_invariant=False) matches to fp32 rounding; the split-KV decode kernels under the Triton
+interpreter are batch invariant with a fixed split count. GPU (skipped without CUDA; the lead runs them on the H200):
+the same checks on CUDA, and two identical short training runs with deterministic=true giving bitwise-identical
+losses.
 """
 import json
 import os
