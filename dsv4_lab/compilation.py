@@ -1,7 +1,9 @@
 """torch.compile for training (TrainConfig.compile = auto | true | false).
 
-    auto   compile on CUDA (fused elementwise glue, fewer launches: the lab model's step is launch-bound), eager on
-           CPU (compiling costs minutes there and gains little at CPU test sizes)
+    auto   `blocks` on CUDA (fused elementwise glue, fewer launches: the lab model's step is launch-bound; regional
+           because whole-model compilation of the V4 `small` graph did not finish in 5 minutes on the H200, while
+           `blocks` compiled in 154 s and trained 1.4x faster than eager: benchmarks/README.md), eager on CPU
+           (compiling costs minutes there and gains little at CPU test sizes)
     true   compile the whole model on any device (one graph: Inductor's time grows with depth)
     blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
            on its own; blocks of one layer type share the compiled code, so compile time grows with the number of
@@ -28,6 +30,11 @@ def wants_compile(setting: str, device: torch.device) -> bool:
     if setting not in CHOICES:
         raise ValueError(f"compile = {setting!r} is not allowed: one of {CHOICES}")
     return setting in ("true", "blocks") or (setting == "auto" and device.type == "cuda")
+
+
+def regional(setting: str, device: torch.device) -> bool:
+    """Whether a compiled model is compiled block by block (compile=blocks, or auto on CUDA)."""
+    return setting == "blocks" or (setting == "auto" and device.type == "cuda")
 
 
 def configure() -> None:

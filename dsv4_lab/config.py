@@ -340,7 +340,7 @@ class TrainConfig:
     ckpt_interval: int = 50               # steps between checkpoints (and always at the last step)
     device: str = "auto"                  # auto | cpu | cuda
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: str = "auto"                 # auto (torch.compile on CUDA, eager on CPU) | true | blocks | false (compilation.py)
+    compile: str = "auto"                 # auto (blocks on CUDA, eager on CPU) | true | blocks | false (compilation.py)
     deterministic: bool = False           # bitwise-repeatable runs; on CUDA needs kernels=torch compile=false (docs §6.5)
     progress: bool = True                 # tqdm progress bar
     # synthetic long-range tasks (dsv4_lab/data/synthetic.py)

@@ -256,10 +256,10 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
-    from .compilation import compile_model, wants_compile
-    fwd = ddp_model                                                      # compile=auto: CUDA only
+    from .compilation import compile_model, regional, wants_compile
+    fwd = ddp_model                                                      # compile=auto: CUDA only, block by block
     if wants_compile(tc.compile, device):
-        fwd = compile_model(ddp_model, regional=tc.compile == "blocks")
+        fwd = compile_model(ddp_model, regional=regional(tc.compile, device))
 
     bar = progress_bar(tc.progress and rank == 0, tc.max_steps, start_step, f"train {run_dir.name}")
     last_ckpt = start_step - 1                     # step of the last good checkpoint on disk, -1 = none

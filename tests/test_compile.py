@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv4_lab import DSV4LM, ModelConfig
-from dsv4_lab.compilation import compile_model, configure, wants_compile
+from dsv4_lab.compilation import compile_model, configure, regional, wants_compile
 from dsv4_lab.config import ConfigError, TrainConfig, parse_overrides
 
 
@@ -77,6 +77,8 @@ def test_compile_setting():
     assert not wants_compile("auto", torch.device("cpu")) and wants_compile("auto", torch.device("cuda"))
     assert wants_compile("true", torch.device("cpu")) and not wants_compile("false", torch.device("cuda"))
     assert wants_compile("blocks", torch.device("cpu"))
+    assert regional("auto", torch.device("cuda")) and regional("blocks", torch.device("cpu"))
+    assert not regional("true", torch.device("cuda"))
     assert TrainConfig().compile == "auto" and TrainConfig(compile=True).compile == "true"
     assert parse_overrides(["compile=false"])[1].compile == "false"
     with pytest.raises(ConfigError, match="compile"):
