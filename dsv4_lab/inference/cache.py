@@ -20,8 +20,9 @@ as packed MXFP4 (E2M1 pairs per byte + one E8M0 byte per 32). Compressor states 
 Every key the attention reads, old or new, goes through the same storage round trip, so results do not depend on
 how the sequence is chunked. With storage="fp32" the cached forward equals the full forward (tests/test_decode.py).
 
-All sequences of a batch have the same length (no ragged batching). Each attention module's cached step lives
-here (`cached_attention`) and reuses the module's own projections, so model code keeps one readable forward.
+All sequences of a batch have the same length (sequences of different lengths: batch_invariance.RaggedCache, one
+cache each). Each attention module's cached step lives here (`cached_attention`) and reuses the module's own
+projections, so model code keeps one readable forward.
 """
 from __future__ import annotations
 
