@@ -60,8 +60,7 @@ def ragged_step(model, ids: torch.Tensor, rc: RaggedCache) -> torch.Tensor:
     for blk in model.blocks:
         x = blk(x, ids, cache=rc)
     for b, c in enumerate(rc.caches):
-        if hasattr(c, "token_ids"):                                       # as forward_with_cache keeps them
-            c.token_ids[:, c.length:c.length + T] = ids[b:b + 1]
+        c.token_ids[:, c.length:c.length + T] = ids[b:b + 1]             # kept for the prefix store, as in cache.py
         c.length += T
     logits = model.hidden_to_logits(x[:, -1:])[:, -1]
     model.collect_aux()                                                   # clear what modules recorded
