@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, parse_overrides
-from .runlog import environment, load_checkpoint, load_json, save_json
+from .runlog import RunError, environment, load_checkpoint, load_json, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "ablations" / "results" / "long_context.json"
@@ -90,9 +90,22 @@ def run_dir(setting: str, arm: str, seed: int, root: str) -> Path:
     return Path(overrides(setting, arm, seed, root)["run_dir"])
 
 
+def read_eval(path) -> dict:
+    """eval.json of one arm x seed; RunError naming the file when it is not one (delete it to re-evaluate)."""
+    try:
+        rec = load_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunError(f"{path} cannot be read as JSON ({' '.join(str(e).split())[:120]}); delete it to evaluate "
+                       "again") from None
+    if not (isinstance(rec, dict) and isinstance(rec.get("lengths"), dict)):
+        raise RunError(f"{path} is not a longctx evaluation record (an object with 'lengths'); delete it to "
+                       "evaluate again")
+    return rec
+
+
 def is_done(setting: str, arm: str, seed: int, root: str) -> bool:
     p = run_dir(setting, arm, seed, root) / "eval.json"
-    return p.exists() and set(load_json(p).get("lengths", {})) >= {str(n) for n in _setting(setting)["lengths"]}
+    return p.exists() and set(read_eval(p)["lengths"]) >= {str(n) for n in _setting(setting)["lengths"]}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +160,7 @@ def run_one(setting: str, arm: str, seed: int, root: str, log=print) -> dict:
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     path = Path(tc.run_dir) / "eval.json"
-    rec = load_json(path) if path.exists() else {"setting": setting, "arm": arm, "seed": seed, "lengths": {}}
+    rec = read_eval(path) if path.exists() else {"setting": setting, "arm": arm, "seed": seed, "lengths": {}}
     rec.setdefault("train_s", round(train_s, 2))
     rec["final_val_loss"] = last.get("val_loss")
     rec["env"] = environment(device)
@@ -223,7 +236,7 @@ def collect(root: str, setting: str | None = None) -> dict:
     """The results JSON: every finished arm x seed record under root (all lengths evaluated)."""
     records, meta = [], {}
     for p in sorted(Path(root).glob("*/*-s*/eval.json")):
-        rec = load_json(p)
+        rec = read_eval(p)
         if setting is not None and rec.get("setting") != setting:
             continue
         s = SETTINGS.get(rec.get("setting"), {})

@@ -115,7 +115,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert main(["longctx", "figure", "--results", str(bad), "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert "lengths" in err and err.count("\n") == 1 and not (tmp_path / "f.png").exists()
+    ev = tmp_path / "cpu-tiny" / "v4-s0" / "eval.json"            # a damaged evaluation record: one line, exit 2
+    ev.parent.mkdir(parents=True)
+    ev.write_text("{not json")
+    assert main(["longctx", "collect", "--root", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.json" in err and err.count("\n") == 1 and not (tmp_path / "r.json").exists()
+    ev.unlink()
     assert main(["longctx", "run", "--setting", "huge", "--root", str(tmp_path)]) == 2
     assert "huge" in capsys.readouterr().err
     assert main(["longctx", "run", "--setting", "cpu-tiny", "--arms", "v4,mla", "--root", str(tmp_path)]) == 2
-    assert "mla" in capsys.readouterr().err and not (tmp_path / "cpu-tiny").exists()
+    assert "mla" in capsys.readouterr().err and not (tmp_path / "cpu-tiny" / "v4-s0" / "config.json").exists()
