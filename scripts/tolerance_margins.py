@@ -4,8 +4,8 @@
     python scripts/tolerance_margins.py --quick           # 2 seeds
 
 The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
-test_hf_parity.py, test_mtp.py, test_mhc.py,
-test_moe.py) and the kernel
+test_hf_parity.py, test_mtp.py, test_mhc.py, test_moe.py, test_dense_sink_attention.py, test_flex_baseline.py) and the
+kernel
 interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded); each returns (name, error, tolerance)
 with the error model written beside the tolerance. Prints a markdown table sorted by worst ratio and exits 1 if any
 comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad arguments.
@@ -44,6 +44,19 @@ def seeded_checks():
     out += [(f"attention spec loop ratios {c}/{h}", lambda s, c=c, h=h: A.check_ratios(c, h, s)) for c, h in A.RATIOS]
     out += [(f"attention HF heads={h} k={k}", lambda s, h=h, k=k: A.check_hf_parity_attention_layers(h, k, s))
             for h, k in ((16, 3), (4, 64))]
+    out.append(("attention spec loop sensitive", A.check_spec_loop_sensitive))
+    out.append(("attention overlap halves", A.check_overlap_halves))
+    out.append(("attention Hadamard", A.check_hadamard))
+    out.append(("attention index scores", A.check_index_scores))
+    out.append(("attention toggle overlap off", A.check_overlap_off_is_hca))
+    out.append(("attention toggle sink off", A.check_sink_off))
+    out.append(("attention toggle grouped output off", A.check_grouped_output_off))
+    out.append(("attention toggle output RoPE off", A.check_output_rope_off))
+    out.append(("attention index all", lambda s: A.check_index_all(s)[0]))
+    out.append(("attention index oracle", A.check_oracle_mode))
+    out.append(("attention indexer KL", A.check_indexer_kl))
+    out.append(("attention indexer loss recorded", lambda s: A.check_indexer_loss_recorded(s)[0]))
+    out.append(("attention indexer modes differ", lambda s: A.check_modes_differ(s)[0]))
     import test_hf_parity as HF
     out += [(f"HF parity {c}", lambda s, c=c: HF.check_logits_match_hf(c, s)) for c in HF.CASES]
     out.append(("HF parity shared clamp", lambda s: HF.check_shared_expert_clamp(1 + s)))
@@ -57,6 +70,10 @@ def seeded_checks():
     out.append(("mHC comb", MH.check_comb))
     out.append(("mHC post/pre", MH.check_post_pre))
     out += [(f"mHC one stream {r}", lambda s, r=r: MH.check_one_stream(r, s)) for r in ("hc", "mhc")]
+    out.append(("mHC HC unconstrained", MH.check_hc_unconstrained))
+    out.append(("mHC init", MH.check_init))
+    out.append(("mHC probes", lambda s: MH.check_probes(s)[0]))
+    out.append(("mHC kernel path (interpreter)", MH.check_kernel_path))
     import test_moe as MO
     out += [(f"MoE per-token {MO.variant_id(kw)}", lambda s, kw=kw: MO.check_per_token_reference(kw, s))
             for kw in MO.REF_VARIANTS]
@@ -67,6 +84,11 @@ def seeded_checks():
     out.append(("MoE balance loss", lambda s: MO.check_balance_loss(s)[0]))
     out.append(("MoE anticipatory", lambda s: MO.check_anticipatory(s)[0]))
     out.append(("MoE either dispatch", MO.check_either_dispatch))
+    import test_dense_sink_attention as DS
+    out += [(f"dense sink fp64 {c[:2]}", lambda s, c=c: DS.check_fp64(*c, seed=s)) for c in DS.FP64_CASES]
+    out.append(("dense sink fp32", lambda s: DS.check_fp32(seed=s)))
+    import test_flex_baseline as FX
+    out += [(f"flex HCA {sh}", lambda s, sh=sh: FX.check_flex_hca(*sh, seed=s)) for sh in FX.FLEX_SHAPES]
     return out
 
 
@@ -109,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=20, help="seeds per seeded comparison (default 20)")
     ap.add_argument("--quick", action="store_true", help="2 seeds (CI)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the Triton interpreter cases")
-    ap.add_argument("--only", default="", help="run only the checks whose label contains this text")
+    ap.add_argument("--only", default="", help="run only the checks whose label contains this text (or one of "
+                    "several, comma-separated)")
     ap.add_argument("--kernel-worker", metavar="JSON", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     sys.path.insert(0, TESTS)
@@ -134,14 +157,15 @@ def main(argv=None) -> int:
         w[3] += 1
 
     t0 = time.time()
+    only = [t for t in a.only.split(",") if t]
     for label, fn in seeded_checks():
-        if a.only and a.only not in label:
+        if only and not any(t in label for t in only):
             continue
         for s in range(seeds):
             for name, err, tol in fn(s):
                 add(name, err, tol)
         print(f"  {label}: {seeds} seeds, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    if not a.no_kernels and (not a.only or a.only in "kernel"):
+    if not a.no_kernels and (not only or any(t in "kernel" for t in only)):
         recs, failed = kernel_records()
         for name, err, tol in recs:
             add(name, err, tol)

@@ -77,3 +77,12 @@ def close_err(a, b, atol: float, rtol: float = 1e-5):
     lim = (atol + rtol * b.abs()).flatten()
     i = (d / lim).argmax()
     return d[i].item(), lim[i].item()
+
+
+def bound_err(a, b, bound):
+    """(error, tolerance) of |a - b| <= bound element-wise (a bound computed per element from an error model): |a - b|
+    and the bound at the element where their ratio is largest, so err <= tol iff every element is within its bound."""
+    a, b, bound = torch.broadcast_tensors(torch.as_tensor(a), torch.as_tensor(b), torch.as_tensor(bound))
+    d, lim = (a - b).abs().flatten(), bound.flatten()
+    i = (d / lim).argmax()
+    return d[i].item(), lim[i].item()
