@@ -33,16 +33,25 @@ def _ref(scale):
     return lambda q, kv, sink: sink_attention(q, kv, window_mask(q.shape[1], None)[None], sink, scale)
 
 
-@pytest.mark.parametrize("T,D,sink_scale,with_sink", [(1, 32, 1.0, True), (5, 32, 1.0, True), (33, 30, 1.0, True),
-                                                       (17, 16, 8.0, True), (17, 16, 1.0, False)])
-def test_dense_sink_sdpa_matches_reference_fp64(T, D, sink_scale, with_sink):
-    q, kv, sink = _inputs(2, T, 4, D, torch.float64, sink_scale)
+FP64_CASES = [(1, 32, 1.0, True), (5, 32, 1.0, True), (33, 30, 1.0, True), (17, 16, 8.0, True), (17, 16, 1.0, False)]
+
+
+def check_fp64(T, D, sink_scale, with_sink, seed: int = 0):
+    """[(name, error, tolerance)]: fused SDPA path vs the einsum reference in fp64, outputs and gradients, relative to
+    the reference's max (error model above: ~1e-15; bar 1e-12)."""
+    q, kv, sink = _inputs(2, T, 4, D, torch.float64, sink_scale, seed)
     sink = sink if with_sink else None
     scale = D ** -0.5
     got = _fwd_bwd(lambda *a: dense_causal_attention(*a, scale), q, kv, sink)
     ref = _fwd_bwd(_ref(scale), q, kv, sink)
-    for a, b in zip(got, ref):
-        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    name = f"dense sink SDPA fp64 T={T} D={D} sink={sink_scale if with_sink else None}"
+    return [(name, max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)), 1e-12)]
+
+
+@pytest.mark.parametrize("T,D,sink_scale,with_sink", FP64_CASES)
+def test_dense_sink_sdpa_matches_reference_fp64(T, D, sink_scale, with_sink):
+    for what, err, tol in check_fp64(T, D, sink_scale, with_sink):
+        assert err <= tol, (what, err, tol)
 
 
 def test_dense_sink_sdpa_fp32_no_quadratic_tensor():
@@ -69,7 +78,19 @@ def test_dense_sink_sdpa_fp32_no_quadratic_tensor():
     with MaxNumel():                                          # the control: the reference builds (B, H, T, T + 1)
         _fwd_bwd(_ref(scale), q, kv, sink)
     assert MaxNumel.biggest >= B * H * T * T
+    for what, err, tol in check_fp32(seed=0, got=got):
+        assert err <= tol, (what, err, tol)
+
+
+def check_fp32(seed: int = 0, got=None):
+    """[(name, error, tolerance)]: the fused fp32 path (T = 512) vs the fp64 reference, outputs and gradients,
+    relative to the reference's max, bar 50 (D + T) u32 (error model above)."""
+    B, T, H, D = 1, 512, 2, 32
+    q, kv, sink = _inputs(B, T, H, D, torch.float32, seed=seed)
+    scale = D ** -0.5
+    if got is None:
+        got = _fwd_bwd(lambda *a: dense_causal_attention(*a, scale), q, kv, sink)
     ref = _fwd_bwd(_ref(scale), *(t.detach().double().requires_grad_() for t in (q, kv, sink)))
     tol = 50 * (D + T) * 2.0 ** -24
-    for a, b in zip(got, ref):
-        assert (a.double() - b).abs().max() <= tol * b.abs().max()
+    return [("dense sink SDPA fp32 T=512 vs fp64",
+             max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)), tol)]
