@@ -34,6 +34,12 @@ def seeded_checks():
     out.append(("decode lossy", D.check_lossy_storage))
     out += [(f"NS {sh}", lambda s, sh=sh: O.check_ns_singular_values(sh, s)) for sh in O.WELL_CONDITIONED]
     out.append(("Muon vs torch", lambda s: O.check_muon_vs_torch(8 + s)))
+    out.append(("NS polar", O.check_polar))
+    out.append(("NS batched", O.check_batched_and_tall))
+    out += [(f"Muon rms {sh}", lambda s, sh=sh: O.check_update_rms(sh, s)) for sh in O.RMS_SHAPES]
+    out.append(("Muon stacked", O.check_stacked_experts))
+    out.append(("Muon row groups", O.check_grouped_rows))
+    out.append(("Muon momentum", O.check_momentum))
     import test_attention as A
     out += [(f"attention causality {k} T={T}", lambda s, k=k, T=T: A.check_causality(k, T, s))
             for k in A.TYPES for T in (23, 45)]
@@ -126,6 +132,31 @@ def kernel_records():
     return data["records"], bool(data["failed"])
 
 
+def script_records():
+    """The interpreter scripts with fixed inputs that print their comparisons: the HCA prefill stages
+    (tests/test_hca_prefill_interpret.py, bar 2e-5 with its model there) and the model's Triton path vs its torch path
+    (tests/kernel_wiring_check.py, bar 1e-4 with its model there)."""
+    import re
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    recs = []
+    p = subprocess.run([sys.executable, os.path.join(TESTS, "test_hca_prefill_interpret.py")], env=env,
+                       capture_output=True, text=True)
+    for m in re.finditer(r"^case (\d+) \S+ out (\S+) lse (\S+)", p.stdout, re.M):
+        recs += [(f"HCA prefill interpreter case {m[1]} out", float(m[2]), 2e-5),
+                 (f"HCA prefill interpreter case {m[1]} lse", float(m[3]), 2e-5)]
+    if p.returncode != 0 or not recs:
+        raise SystemExit(f"HCA prefill worker failed:\n{p.stdout[-2000:]}{p.stderr[-3000:]}")
+    p = subprocess.run([sys.executable, os.path.join(TESTS, "kernel_wiring_check.py")], env=env, capture_output=True,
+                       text=True)
+    n = len(recs)
+    for m in re.finditer(r"^(\{.*\}): max \|logits or loss diff\| (\S+), max \|grad diff\| (\S+),", p.stdout, re.M):
+        recs += [(f"kernel wiring {m[1]} logits / loss", float(m[2]), 1e-4),
+                 (f"kernel wiring {m[1]} grads", float(m[3]), 1e-4)]
+    if p.returncode != 0 or len(recs) == n:
+        raise SystemExit(f"kernel wiring check failed:\n{p.stdout[-2000:]}{p.stderr[-3000:]}")
+    return recs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="seeds per seeded comparison (default 20)")
@@ -170,6 +201,9 @@ def main(argv=None) -> int:
         for name, err, tol in recs:
             add(name, err, tol)
         print(f"  kernel cases: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        for name, err, tol in script_records():
+            add(name, err, tol)
+        print(f"  interpreter scripts: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     print(f"| comparison | runs | worst error | tolerance | worst error / tolerance |")
     print(f"|---|---:|---:|---:|---:|")
     for name, (r, e, t, n) in sorted(worst.items(), key=lambda kv: -kv[1][0]):
