@@ -58,7 +58,8 @@ SETTINGS = {
     },
     # the H200 setting (ablations/README.md "Long-context quality"): train at 512 tokens with a 128-token window
     # (64 sequences per step: one query each, so sequences are the supervision), evaluate from 64 (every needle
-    # inside the window) to 4096 (8x the training length); ~1.5 min per run alone, 9 runs packed on one GPU.
+    # inside the window) to 4096 (8x the training length); ~1.5 min per run alone, 9 runs packed on one GPU; eager
+    # (compile=false): regional compilation's first step (154 s for V4 small) would cost more than the run.
     "gpu": {
         "train": {"preset": "tiny", "data": "mrcr", "seq_len": 512, "batch_size": 64, "max_steps": 2000,
                   "lr": 3e-3, "warmup_steps": 100, "window": 128, "task_n_needles": 2, "eval_interval": 250,
