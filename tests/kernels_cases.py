@@ -294,11 +294,9 @@ def _check_picks(name, x, n, k, v, i):
 def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     """Split-row radix select (indexer_topk/select.py) vs torch.topk on the same rows: fp32 and bf16 rows, heavy ties
     at the k-th value, -inf entries, rows with fewer visible entries than k (causal frontier; NaN garbage after it,
-    never read), odd lengths, one and several programs per row; then the select / select_bf16 / torch_bf16 indexer
-    methods vs the naive twin's scores (exact fp32 sums on dyadic inputs; bf16 = those sums rounded once)."""
-    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    never read), odd lengths, one and several programs per row. (Split from the gmax and methods cases so that
+    each GPU case compiles only its own kernels.)"""
     from dsv4_lab.kernels.indexer_topk.select import radix_select
-    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
     g = torch.Generator().manual_seed(11)
     # (R, L, k, programs, frontier)
     shapes = [(2, 203, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None)] \
@@ -317,9 +315,13 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
                 v, i = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db)
                 _check_picks(f"radix_select {nm} {dt} digits {db} {(R, L, k, P)}", xd, n, k, v, i)
+
+def case_indexer_gmax(device="cpu", big=False, dtype=torch.float32):
+    """gmax_select (indexer_topk/gmax_select.py) on prefill rows: the exact twin of a stable descending sort."""
+    from dsv4_lab.kernels.indexer_topk.gmax_select import gmax_select
+    g = torch.Generator().manual_seed(12)
     # gmax_select (prefill rows): exact twin of a stable descending sort (lower index first among ties), sorted
     # output; cap small enough that the tie rows overflow it and take the histogram fallback
-    from dsv4_lab.kernels.indexer_topk.gmax_select import gmax_select
     shapes = [(2, 203, 7, 4, None, 16), (2, 257, 20, 8, None, 32), (6, 97, 5, 2, (3, 7, 4), None)] if not big else \
         [(64, 32771, 512, 32, None, None), (64, 4099, 512, 4, (64, 2000, 4), None), (4, 9000, 512, 8, None, 1024)]
     for (R, L, k, grp, fr, cap) in shapes:
@@ -341,6 +343,14 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 vr, ir = torch.sort(xs, dim=-1, descending=True, stable=True)
                 vr, ir = vr[:, :k], torch.where(vr[:, :k] == float("-inf"), -1, ir[:, :k]).int()
                 assert torch.equal(v, vr) and torch.equal(i, ir), f"gmax_select {nm} {dt} {(R, L, k, grp, cap)}"
+
+
+def case_indexer_select_methods(device="cpu", big=False, dtype=torch.float32):
+    """The select / select_bf16 / torch_bf16 / gmax indexer methods vs the naive twin's scores (exact fp32 sums on
+    dyadic inputs; bf16 = those sums rounded once)."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
+    g = torch.Generator().manual_seed(13)
     # indexer methods: (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems)
     shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
               (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] if not big else \
@@ -679,6 +689,7 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
 
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
          "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
+         "indexer_gmax": case_indexer_gmax, "indexer_select_methods": case_indexer_select_methods,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl}
 

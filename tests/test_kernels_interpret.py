@@ -26,7 +26,8 @@ import torch
 if sys.platform != "linux":                                      # triton is a Linux-only dependency (pyproject)
     pytest.skip(f"triton is not installed on {sys.platform} (a Linux-only dependency)", allow_module_level=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "fake_quant", "mhc",
+CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "indexer_gmax",
+         "indexer_select_methods", "fake_quant", "mhc",
          "sparse_decode", "hca_decode", "sparse_kl"]
 
 
