@@ -4,12 +4,13 @@
     python scripts/tolerance_margins.py --quick           # 2 seeds
 
 The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
-test_hf_parity.py, test_mtp.py, test_mhc.py, test_moe.py, test_dense_sink_attention.py, test_flex_baseline.py) and the
-kernel
-interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded); each returns (name, error, tolerance)
-with the error model written beside the tolerance. Prints a markdown table sorted by worst ratio and exits 1 if any
-comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad arguments.
-Kernel cases run once (fixed inputs: the Triton interpreter takes ~2 min per pass on one core).
+test_hf_parity.py, test_mtp.py, test_mhc.py, test_moe.py, test_dense_sink_attention.py, test_flex_baseline.py,
+test_longctx.py), the kernel interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded) and the
+interpreter scripts that print their comparisons (test_hca_prefill_interpret.py, kernel_wiring_check.py); each gives
+(name, error, tolerance) with the error model written beside the tolerance. Prints a markdown table sorted by worst
+ratio and exits 1 if any comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad
+arguments. Kernel cases and interpreter scripts run once (fixed inputs: the Triton interpreter takes ~2 min per pass
+on one core); `--no-kernels` skips them.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def seeded_checks():
     out += [(f"Muon rms {sh}", lambda s, sh=sh: O.check_update_rms(sh, s)) for sh in O.RMS_SHAPES]
     out.append(("Muon stacked", O.check_stacked_experts))
     out.append(("Muon row groups", O.check_grouped_rows))
+    out.append(("NS keller5 band", O.check_keller5_band))
+    out.append(("NS tiny singular values", O.check_tiny_singular_values))
     out.append(("Muon momentum", O.check_momentum))
     import test_attention as A
     out += [(f"attention causality {k} T={T}", lambda s, k=k, T=T: A.check_causality(k, T, s))
@@ -95,6 +98,8 @@ def seeded_checks():
     out.append(("dense sink fp32", lambda s: DS.check_fp32(seed=s)))
     import test_flex_baseline as FX
     out += [(f"flex HCA {sh}", lambda s, sh=sh: FX.check_flex_hca(*sh, seed=s)) for sh in FX.FLEX_SHAPES]
+    import test_longctx as LC
+    out.append(("long context RoPE table length", LC.check_rope_table_length))
     return out
 
 

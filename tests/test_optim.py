@@ -58,26 +58,46 @@ def test_v4_schedule_is_polar_factor():
         assert err < tol, (what, err, tol)
 
 
-def test_keller5_leaves_a_band_that_the_last_two_steps_remove():
-    # what the two (2, -1.5, 0.5) steps are for: 5 Keller steps leave singular values spread over ~[0.68, 1.14]
-    G = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+def check_keller5_band(seed: int = 0):
+    """What the two (2, -1.5, 0.5) steps are for: 5 Keller steps leave singular values in a band around 1 (the
+    polynomial 3.4445 x - 4.775 x^3 + 2.0315 x^5 oscillates between ~0.68 and ~1.2), 8 Keller steps alone still do,
+    the V4 schedule removes it (max|s - 1| <= NS_BAND, the model above). Where a random spectrum's extreme values land
+    in the band varies by input (min s ~0.68, max s 1.128 .. 1.14 over 20 seeds), so the band is asserted as an
+    excursion of >= 0.1 below and >= 0.05 above 1 (50x and 25x NS_BAND; rows threshold / excursion, < 1)."""
+    G = torch.randn(64, 128, generator=torch.Generator().manual_seed(2 + 100 * seed))
     s = svals(newton_schulz(G, "keller5"))
-    assert s.min() < 0.8 and s.max() > 1.1
     s8 = svals(newton_schulz(G, [SCHEDULES["v4"][0]] * 8))
-    assert (s8 - 1).abs().max() > 0.1                                  # 8 Keller steps alone: still a band
-    assert (svals(newton_schulz(G, "v4")) - 1).abs().max() < 2e-3
+    return [("keller5 leaves a band below 1 (0.1 / (1 - min s))", 0.1 / (1 - s.min().item()), 1.0),
+            ("keller5 leaves a band above 1 (0.05 / (max s - 1))", 0.05 / (s.max().item() - 1), 1.0),
+            ("8 Keller steps still leave a band (0.1 / max|s - 1|)", 0.1 / (s8 - 1).abs().max().item(), 1.0),
+            ("V4 schedule removes the band", (svals(newton_schulz(G, "v4")) - 1).abs().max().item(), NS_BAND)]
+
+
+def test_keller5_leaves_a_band_that_the_last_two_steps_remove():
+    for what, err, tol in check_keller5_band():
+        assert err < tol, (what, err, tol)
+
+
+def check_tiny_singular_values(seed: int = 0):
+    """Honest limit: a singular value below ~2e-5 ||G||_F is not lifted to 1 in 10 steps (the first 8 steps' gain at
+    small sigma is a = 3.4445 each, 3.4445^8 ~ 2e4). ||G||_F ~ 8: sigma 1e-7 (1.2e-8 relative) stays ~0 (< 0.1), 1e-4
+    (1.2e-5 relative) gets only part way (0.3 < s < 0.95: rows 0.05 / (1 - s) and 0.3 / s, < 1; G's singular values
+    are S exactly for any orthogonal U, V, so s ~0.81 on every seed), the rest (>= 5e-5 relative) reach 1 within
+    NS_BAND."""
+    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(3 + 100 * seed)))
+    V, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(4 + 100 * seed)))
+    S = torch.ones(64)
+    S[-1], S[-2], S[-3] = 1e-7, 1e-4, 4e-4
+    s = svals(newton_schulz(U @ torch.diag(S) @ V.T, "v4"))          # sorted descending
+    return [("NS limit: sigma 1e-7 stays ~0", s[-1].item(), 0.1),
+            ("NS limit: sigma 1e-4 part way, below 0.95 (0.05 / (1 - s))", 0.05 / (1 - s[-2].item()), 1.0),
+            ("NS limit: sigma 1e-4 part way, above 0.3 (0.3 / s)", 0.3 / s[-2].item(), 1.0),
+            ("NS limit: sigma >= 4e-4 lifted to 1", (s[:-2] - 1).abs().max().item(), NS_BAND)]
 
 
 def test_v4_schedule_limit_tiny_singular_values():
-    # Honest limit: a singular value below ~2e-5 * ||G||_F is not lifted to 1 in 10 steps (3.4445^8 ~ 2e4 gain).
-    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
-    V, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(4)))
-    S = torch.ones(64)
-    S[-1], S[-2], S[-3] = 1e-7, 1e-4, 4e-4                      # ||G||_F ~ 8
-    s = svals(newton_schulz(U @ torch.diag(S) @ V.T, "v4"))          # sorted descending
-    assert s[-1] < 0.1                                                 # 1.2e-8 relative: stays ~0
-    assert 0.3 < s[-2] < 0.95                                          # 1.2e-5 relative: only part way
-    assert (s[:-2] - 1).abs().max() < 2e-3                             # 5e-5 relative: lifted to 1
+    for what, err, tol in check_tiny_singular_values():
+        assert err < tol, (what, err, tol)
 
 
 # Same NS on the same matrix by another path (batched vs one matrix, transposed, stacked experts, the optimizer vs
