@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     print(f"|---|---:|---:|---:|---:|")
     for name, (r, e, t, n) in sorted(worst.items(), key=lambda kv: -kv[1][0]):
         flag = " **> 0.5**" if r > LIMIT else ""
-        print(f"| {name} | {n} | {e:.3g} | {t:.3g} | {r:.3f}{flag} |")
+        cell = name.replace("|", "\\|")                      # |x| in a name must not split the markdown cell
+        print(f"| {cell} | {n} | {e:.3g} | {t:.3g} | {r:.3f}{flag} |")
     over = [n for n, w in worst.items() if w[0] > LIMIT]
     print(f"\n{len(worst)} comparisons, {seeds} seeds each (kernel cases: 1 fixed input); "
           f"{len(over)} above {LIMIT}; {time.time() - t0:.0f} s")
