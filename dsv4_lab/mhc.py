@@ -171,9 +171,10 @@ class HyperHead(nn.Module):
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         ct = torch.promote_types(X.dtype, torch.float32)
-        v = X.flatten(2).to(ct)
-        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        a = torch.sigmoid(F.linear(v, self.hc_fn.to(ct)) * self.hc_scale.to(ct) + self.hc_base.to(ct)) + self.eps
+        v = X.flatten(2).to(ct)                                                   # (B, T, n d)
+        rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.norm_eps)        # flatten-RMS, applied after the
+        mu = F.linear(v, self.hc_fn.to(ct)) * rho                                 # n-wide projection (as the pre)
+        a = torch.sigmoid(mu * self.hc_scale.to(ct) + self.hc_base.to(ct)) + self.eps
         return (a.unsqueeze(-1) * X.to(ct)).sum(2).to(X.dtype)                    # (B, T, d)
 
 

@@ -59,6 +59,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     ct = torch.promote_types(x.dtype, torch.float32)         # fp32 at least; fp64 stays fp64 (tests)
     cos, sin = cos.to(ct), sin.to(ct)
     xr = rope.to(ct).unflatten(-1, (r // 2, 2))              # (..., r/2, 2)
-    x0, x1 = xr[..., 0], xr[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    if torch.compiler.is_compiling():                        # real form: Inductor fuses it (it has no complex dtype)
+        x0, x1 = xr[..., 0], xr[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    else:                                                    # the same products as one complex multiply (eager:
+        z = torch.view_as_complex(xr.contiguous())           # one kernel forward and backward, 2-3x faster on CPU)
+        out = torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2)
     return torch.cat((nope, out.to(x.dtype)), dim=-1)
