@@ -5,9 +5,10 @@
 
 The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
 test_hf_parity.py, test_mtp.py, test_mhc.py, test_moe.py, test_dense_sink_attention.py, test_flex_baseline.py,
-test_longctx.py), the kernel interpreter cases (tests/kernels_cases.py, whose `_check` calls are recorded) and the
-interpreter scripts that print their comparisons (test_hca_prefill_interpret.py, kernel_wiring_check.py); each gives
-(name, error, tolerance) with the error model written beside the tolerance. Prints a markdown table sorted by worst
+test_longctx.py, test_rope.py, test_prefix_store.py, test_train.py), the kernel interpreter cases
+(tests/kernels_cases.py, whose `_check` calls are recorded) and the interpreter scripts that print their comparisons
+(test_hca_prefill_interpret.py, kernel_wiring_check.py); each gives (name, error, tolerance) with the error model
+written beside the tolerance. Prints a markdown table sorted by worst
 ratio and exits 1 if any comparison's worst error exceeds 0.5 x its tolerance (a test that passes by luck), 2 on bad
 arguments. Kernel cases and interpreter scripts run once (fixed inputs: the Triton interpreter takes ~2 min per pass
 on one core); `--no-kernels` skips them.
@@ -100,6 +101,17 @@ def seeded_checks():
     out += [(f"flex HCA {sh}", lambda s, sh=sh: FX.check_flex_hca(*sh, seed=s)) for sh in FX.FLEX_SHAPES]
     import test_longctx as LC
     out.append(("long context RoPE table length", LC.check_rope_table_length))
+    import test_rope as RP
+    out += [(f"RoPE {str(d)[6:]} {sh} inverse={inv}", lambda s, d=d, sh=sh, inv=inv: RP.check_rotation(d, sh, inv, s))
+            for d in RP.DTYPES for sh in RP.SHAPES for inv in (False, True)]
+    out.append(("RoPE non-contiguous", RP.check_non_contiguous))
+    import test_prefix_store as PS
+    out.append(("prefix store roundtrip", PS.check_prefix_roundtrip))
+    out += [(f"prefix store rebuilt {p}", lambda s, p=p, e=e: PS.check_rebuilt_state(p, e, s)) for p, e in PS.POLICIES]
+    out.append(("prefix store greedy", lambda s: PS.check_greedy(s)[0]))
+    out.append(("prefix store row of a batch", PS.check_row_of_batch))
+    import test_train as TR
+    out += [(f"train resume {p}", lambda s, p=p: TR.check_resume(p, s)) for p in ("tiny-dense", "tiny")]
     return out
 
 
