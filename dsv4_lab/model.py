@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import build_attention
+from .block import Block
 from .config import ModelConfig
-from .ffn import build_ffn
 from .layers import Linear, RMSNorm
-from .residual import build_head_collapse, build_residual, expand_streams
+from .mtp import MTP
+from .residual import build_head_collapse, expand_streams
 
 
 @dataclass
@@ -30,30 +30,6 @@ class LMOutput:
     lm_loss: torch.Tensor | None = None       # next-token cross-entropy of the main head
     aux: dict = field(default_factory=dict)   # auxiliary losses ("*_loss", already weighted) and metrics
     state: torch.Tensor | None = None         # final residual state before the head collapse (for MTP)
-
-
-class Block(nn.Module):
-    """Attention sub-layer then FFN sub-layer, each wrapped by its own residual site (docs §1.2)."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.attn_res = build_residual(cfg)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = build_attention(cfg, layer_idx)
-        self.ffn_res = build_residual(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = build_ffn(cfg, layer_idx)
-
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        u, ctx = self.attn_res.pre(x)
-        if cache is None:
-            y = self.attn(self.attn_norm(u), input_ids)
-        else:
-            y = self.attn(self.attn_norm(u), input_ids, cache=cache)
-        x = self.attn_res.post(y, x, ctx)
-        u, ctx = self.ffn_res.pre(x)
-        return self.ffn_res.post(self.ffn(self.ffn_norm(u), input_ids), x, ctx)
 
 
 class DSV4LM(nn.Module):
@@ -67,7 +43,6 @@ class DSV4LM(nn.Module):
         self.head = Linear(cfg.d_model, cfg.vocab_size)            # not tied to the embedding (docs §1.1)
         self.mtp = None
         if cfg.mtp_depth > 0:
-            from .mtp import MTP
             self.mtp = MTP(cfg)
         self.apply(self._init_weights)
         for m in self.modules():                                   # mechanism-specific inits (mHC, sinks, ...)
@@ -95,18 +70,27 @@ class DSV4LM(nn.Module):
         return self.head((norm or self.norm)(z)).float()
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
-                **kw) -> LMOutput:
-        """input_ids (B, T) int64; targets (B, T) with -100 = ignore. Returns LMOutput."""
-        if cache is not None:
-            from .inference.cache import forward_with_cache
-            return forward_with_cache(self, input_ids, cache, **kw)
+                last_only: bool = False) -> LMOutput:
+        """input_ids (B, T) int64; targets (B, T) with -100 = ignore. Returns LMOutput.
+
+        With `cache` (new_cache; docs §6) the chunk sits at positions cache.length .. cache.length+T-1: every block
+        runs its ordinary forward, each attention layer reading and updating its part of the cache, then the cache
+        advances by T. last_only: logits of the last position only (generation)."""
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len:
+        if cache is not None:
+            if B != cache.B:
+                raise ValueError(f"batch size {B} does not match the cache's batch_size={cache.B}")
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"chunk of {T} tokens at position {cache.length} exceeds the cache's "
+                                 f"max_len={cache.max_len}")
+        elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = expand_streams(self.cfg, self.embed(input_ids))
         for blk in self.blocks:
-            x = blk(x, input_ids)
-        logits = self.hidden_to_logits(x)
+            x = blk(x, input_ids, cache)
+        if cache is not None:
+            cache.advance(input_ids)                               # ids kept, length += T
+        logits = self.hidden_to_logits(x[:, -1:] if last_only else x)
         out = LMOutput(logits=logits, state=x)
         if self.mtp is not None and targets is not None:
             self.mtp(self, x, input_ids, targets)                  # records its loss in self.mtp._aux

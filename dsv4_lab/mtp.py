@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .block import Block
 from .config import ModelConfig
 from .layers import Linear, RMSNorm
 from .residual import build_head_collapse
@@ -29,7 +30,6 @@ from .residual import build_head_collapse
 class MTPBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, depth: int):
         super().__init__()
-        from .model import Block
         d = cfg.d_model
         layer_idx = cfg.n_layers + depth - 1
         # the block sees a config whose schedule has one more, SWA-only, entry (docs §4 compress_ratios[L] = 0)

@@ -1,31 +1,69 @@
-"""The attention layer shared by every layer type (docs §2.1, 2.2, 2.5-2.7, §3).
+"""The attention layer shared by every layer type (docs §2.1, 2.2, 2.5-2.7, §3): select, then attend.
 
-    u (B, T, d) -> low-rank query c^Q = q_norm(wq_a u) -> q = wq_b c^Q, per-head weightless RMSNorm, RoPE (last r)
-                -> one shared K = V entry per token: k = kv_norm(wkv u), RoPE
-                -> compressed entries from the layer's compressor (CSA / HCA, subclasses)
-                -> one softmax over window + compressed entries with the sink (core.sink_attention)
-                -> de-rotate the output's RoPE dims at the query position
-                -> grouped low-rank output projection wo_a (block-diagonal over head groups) then wo_b
+    u (B, T, d), the chunk at positions p0 .. p0+T-1 (p0 = 0 without a cache, cache.length with one)
+      q    = RoPE(rms(wq_b q_norm(wq_a u)))                  (B, T, H, c)   low-rank query, per-head RMSNorm (docs §2.1)
+      kv   = RoPE(kv_norm(wkv u)), stored as the cache does  (B, T, c)      one shared K = V entry per token (docs §2.2)
+      keys = the uncompressed entries the chunk sees          (B, N, c)      at positions k0 .. p0+T-1: kv itself without a
+             cache; with one, the window ring's entries before p0 followed by kv ("dense": every earlier token)
+      sel  = self.select(...)  -> Selection: compressed entries, picks, indexer-loss inputs  (csa.py, hca.py; none here)
+      o    = self.attend(...)  one softmax with the sink over window + selected entries (docs §2.5), through the
+                               kernel dispatchers of dsv4_lab/kernels (naive twin on CPU, Triton on CUDA)
+      out  = wo_b(grouped wo_a(de-rotate(o)))                 (B, T, d)                                      (docs §2.7)
 
-Layer types: "dense" attends to every earlier token (the baseline arm), "swa" to the last `window` tokens only;
-CSA and HCA (csa.py, hca.py) add compressed entries by overriding `compressed`.
+Layer types: "dense" attends to every earlier token (the baseline arm, torch's fused SDPA with the sink as a virtual
+key), "swa" to the last `window` tokens only; CSA and HCA (csa.py, hca.py) override `select`.
+
+Decode is this same forward with a cache (docs §6): `cache` is inference/cache.py's KVCache; the layer reads its
+part, cache.layers[layer_idx], through three calls (window_keys, append_entries, states[...]) and updates it. Nothing
+is kept on the module between calls: what the indexer loss needs travels in the Selection to `forward`, where the
+loss is recorded in `_aux` (collected by DSV4LM.collect_aux).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..kernels import use_triton
+from ..kernels.hca_attn import hca_attn
+from ..kernels.sparse_attn import sparse_attn
+from ..kernels.sparse_kl import sparse_kl
 from ..layers import Linear, RMSNorm, rms_norm
+from ..quant import fake_quant_kv
 from ..rope import RotaryTable
-from .core import dense_causal_attention, sink_attention, window_mask
+from .core import dense_causal_attention
+
+
+@dataclass
+class IndexerLossInputs:
+    """What the indexer's KL loss needs besides the attention's own q, entries and lse (docs §10): the compressed
+    entries the queries attended, idx (B, T, K') int (-1 = none; the picks, or every visible entry in the warm-up
+    stage), and the indexer's tensors qI (B, T, n_I, c_I), kI (B, S, c_I), w (B, T, n_I), differentiable."""
+    idx: torch.Tensor
+    qI: torch.Tensor
+    kI: torch.Tensor
+    w: torch.Tensor
+
+
+@dataclass
+class Selection:
+    """The result of `select` (docs §2.4): which compressed entries each query attends to.
+
+    entries  (B, S, c) compressed entries as stored, or None (dense / swa layers, or no complete block yet)
+    idx      (B, T, K) int picks into entries, -1 = none (CSA top-k); None = every visible entry s < floor((t+1)/m)
+    kl       the indexer loss inputs while it trains (CSA), else None
+    probe    learned / oracle / random picks and scores for study (CSA with layer.probe = True), else None"""
+    entries: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+    kl: IndexerLossInputs | None = None
+    probe: dict | None = None
 
 
 class Attention(nn.Module):
     layer_type = "dense"
+    m = 0                                        # compression ratio of the layer's entries (CSA / HCA)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, layer_type: str = "dense"):
         super().__init__()
@@ -58,7 +96,12 @@ class Attention(nn.Module):
         yarn = dict(factor=cfg.yarn_factor, original_seq_len=cfg.yarn_original_seq_len,
                     beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow) if compressed else None
         self.rope = RotaryTable(r, cfg.max_seq_len, cfg.compress_rope_theta if compressed else cfg.rope_theta, yarn)
-        self._aux: dict = {}
+        # the window of uncompressed entries: none for "dense" (every earlier token), 0 when a compressed layer runs
+        # without its window branch (docs/methodology.md §3.4)
+        self.window = None if layer_type == "dense" else (cfg.window if layer_type == "swa" or cfg.window_branch else 0)
+        self.probe = False                    # True: select also returns learned / oracle / random picks (CSA)
+        self.probe_out: dict | None = None    # the last forward's Selection.probe (for notebooks and indexer_recall)
+        self._aux: dict = {}                  # losses for DSV4LM.collect_aux
 
     # --- pieces ---------------------------------------------------------------------------------------------
     def query_latent(self, u: torch.Tensor) -> torch.Tensor | None:
@@ -81,18 +124,9 @@ class Attention(nn.Module):
     def kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
         """KV entries as stored: FP8 E4M3 on the non-RoPE dims (blocks of 64), RoPE dims kept, when quant != none
         (docs §2.2, §6.3); unchanged otherwise."""
-        if self.cfg.quant == "none":
+        if self.cfg.quant == "none" or kv.shape[1] == 0:
             return kv
-        from ..quant import fake_quant_kv
         return fake_quant_kv(kv, self.rope_dim)
-
-    def compressed_entries(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, S, c) compressed entries of a CSA / HCA layer's `compressor`, stored like the window KV (docs §2.3)."""
-        return self.kv_qat(self.compressor(u, self.rope))
-
-    def compressed(self, u, cq, q, kv, pos):
-        """Compressed entries and their visibility: (entries (B, S, c), mask (B, T, S) bool) or None."""
-        return None
 
     def output(self, o: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, T = o.shape[:2]
@@ -106,68 +140,68 @@ class Attention(nn.Module):
             return self.wo_b(o)
         return self.wo(o.flatten(2))
 
-    def window_size(self) -> int | None:
-        if self.layer_type == "dense":
-            return None
-        return self.cfg.window
+    # --- select ---------------------------------------------------------------------------------------------
+    def select(self, u, cq, q, keys, k0: int, p0: int, lc=None) -> Selection:
+        """Dense and SWA layers have no compressed entries (CSA / HCA override this)."""
+        return Selection()
 
-    def window_entries_mask(self, B: int, T: int, device) -> torch.Tensor:
-        """(B, T, T) bool: which uncompressed entries each query sees (docs §2.5); all False when a compressed
-        layer runs with window_branch=False (docs/methodology.md §3.4)."""
-        wmask = window_mask(T, self.window_size(), device)[None].expand(B, T, T)
-        if self.layer_type in ("csa", "hca") and not self.cfg.window_branch:
-            wmask = torch.zeros_like(wmask)
-        return wmask
+    def compressed_entries(self, u: torch.Tensor, lc=None, p0: int = 0) -> torch.Tensor:
+        """(B, S, c) compressed entries of a CSA / HCA layer's `compressor`, stored like the window KV (docs §2.3).
+        With a cache: the chunk streams through the compressor's state, the entries of the blocks it completes are
+        appended to the block cache, and all S = floor((p0 + T) / m) entries so far are read back (docs §6.2)."""
+        if lc is None:
+            return self.kv_qat(self.compressor(u, self.rope))
+        pooled, first = self.compressor.step(u, lc.states["main"], p0)
+        new = self.kv_qat(self.compressor.finish(pooled, self.rope, first))
+        return lc.append_entries("comp", new, first, (p0 + u.shape[1]) // self.m)
 
-    # hooks for layers that need the attention probabilities of their compressed entries (CSA indexer loss)
-    def wants_compressed_probs(self) -> bool:
-        return False
+    # --- attend ---------------------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, k0: int, sel: Selection, p0: int, want_lse: bool = False):
+        """One softmax with the sink over the uncompressed entries `keys` (positions k0 ..) and the selected
+        compressed entries (docs §2.5). Returns o (B, T, H, c) and lse (B, T, H) (None unless want_lse).
 
-    def on_compressed_probs(self, p: torch.Tensor, cmask: torch.Tensor) -> None:
-        """p (B, H, T, S): attention probabilities of the compressed columns; cmask (B, T, S) their mask."""
-
-    # fused kernels (dsv4_lab/kernels; issue 7): the same core attention through the Triton path
-    def kernel_core(self, q: torch.Tensor, kv: torch.Tensor, comp) -> torch.Tensor | None:
-        """o (B, T, H, c) from the layer's kernel, or None where no kernel applies (then the reference runs).
-        Here: the window-only layer ("swa") is the CSA kernel with no picks (every index -1: window + sink only);
-        dense layers never get here (fused SDPA with the sink as a virtual key, core.dense_causal_attention)."""
-        if self.layer_type != "swa" or comp is not None:
-            return None
-        from ..kernels.sparse_attn import sparse_attn
-        B, T = q.shape[:2]
-        none = torch.full((B, T, 1), -1, dtype=torch.int32, device=q.device)       # (B, T, 1): no compressed pick
-        return sparse_attn(q, kv, kv[:, :1], none, self.attn_sink, self.scale, self.cfg.window,
-                           impl=self.cfg.kernels)
+            dense      every key j <= t: fused SDPA (core.dense_causal_attention), no lse
+            picks      window + sel.idx: kernels.sparse_attn (CSA; "swa" = no picks)
+            all        window + every visible entry s < floor((t+1)/m): kernels.hca_attn (HCA; CSA in mode "all"
+                       or the warm-up stage)"""
+        impl, keys = self.cfg.kernels, keys.to(q.dtype)
+        if self.window is None:
+            return dense_causal_attention(q, keys, self.attn_sink, self.scale, q_offset=p0), None
+        entries = sel.entries
+        if entries is None or entries.shape[1] == 0:                    # window + sink only: no picks at all
+            entries = keys[:, :1]
+            idx = torch.full((*q.shape[:2], 1), -1, dtype=torch.int32, device=q.device)
+        else:
+            entries, idx = entries.to(q.dtype), sel.idx
+        if idx is not None:
+            res = sparse_attn(q, keys, entries, idx, self.attn_sink, self.scale, self.window, q_offset=p0 - k0,
+                              impl=impl, return_lse=want_lse)
+        else:
+            res = hca_attn(q, keys, entries, self.attn_sink, self.scale, self.window, self.m, q_offset=p0,
+                           kv_start=k0, impl=impl, return_lse=want_lse)
+        return res if want_lse else (res, None)
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        if cache is not None:                      # decode / chunked prefill with the KV cache (docs §6)
-            from ..inference.cache import cached_attention
-            return cached_attention(self, u, cache)
+        """u (B, T, d) -> (B, T, d). With `cache` (KVCache) the chunk sits at positions cache.length.. and the
+        layer's part of the cache is read and updated; the caller advances cache.length."""
+        if getattr(cache, "ragged", False):      # sequences of different lengths: this forward once per sequence,
+            return cache.attend(self, u)          # each with its own cache (inference/batch_invariance.py)
+        lc = cache.layers[self.layer_idx] if cache is not None else None
+        p0 = cache.length if cache is not None else 0
         B, T, _ = u.shape
-        pos = torch.arange(T, device=u.device)
+        pos = torch.arange(p0, p0 + T, device=u.device)
         cq = self.query_latent(u)
         q = self.queries(u, cq, pos)
         kv = self.window_kv(u, pos)
-        comp = self.compressed(u, cq, q, kv, pos)       # (entries (B, S, c), mask (B, T, S) or a callable making it)
-        if comp is None and self.layer_type == "dense":
-            # causal MQA (the sink folded in as a virtual key): fused SDPA, the reference's numbers without (T, T)
-            o = dense_causal_attention(q, kv, self.attn_sink, self.scale)
-        elif not (comp is not None and self.wants_compressed_probs()) and use_triton(self.cfg, q) and \
-                (o_k := self.kernel_core(q, kv, comp)) is not None:
-            o = o_k                                     # no (T, T) mask is ever built on this path
-        else:
-            # the reference: one softmax over [window entries | compressed entries] with explicit masks
-            wmask = self.window_entries_mask(B, T, u.device)                  # (B, T, T)
-            if comp is not None:
-                entries, cmask = comp
-                cmask = cmask() if callable(cmask) else cmask                 # (B, T, S)
-                kv_all, mask = torch.cat([kv, entries.to(kv.dtype)], 1), torch.cat([wmask, cmask], -1)
-            else:
-                kv_all, mask = kv, wmask
-            if comp is not None and self.wants_compressed_probs():
-                o, p = sink_attention(q, kv_all, mask, self.attn_sink, self.scale, return_probs=True)
-                self.on_compressed_probs(p[..., T:], cmask)
-            else:
-                o = sink_attention(q, kv_all, mask, self.attn_sink, self.scale)
+        keys, k0 = (kv, 0) if lc is None else lc.window_keys(kv, p0)     # (B, N, c) at positions k0 ..
+        sel = self.select(u, cq, q, keys, k0, p0, lc)
+        o, lse = self.attend(q, keys, k0, sel, p0, want_lse=sel.kl is not None)
+        if sel.kl is not None:                                          # the indexer's KL (docs §10)
+            kl = sel.kl
+            loss = sparse_kl(q.detach(), sel.entries.detach().to(q.dtype), kl.idx, lse.detach(), self.scale,
+                             kl.qI, kl.kI, kl.w, impl=self.cfg.kernels)
+            self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
+        if self.probe:
+            self.probe_out = sel.probe
         return self.output(o, pos)

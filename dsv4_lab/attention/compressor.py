@@ -15,10 +15,11 @@ Non-overlapping (HCA, docs §3; also CSA with compressor_overlap=False, the plai
 C~_i = sum_rho softmax_rho(Z_{mi+rho} + B_rho) C_{mi+rho}, per channel.
 
 Then C^Comp_i = RMSNorm_w(C~_i), RoPE on its last r dims at position i*m (the block's first token). Only complete
-blocks are compressed: the trailing T mod m tokens are never used here (a decode cache holds them, docs §6).
+blocks are compressed: the trailing T mod m tokens are never used by `forward`; with a KV cache, `step` keeps them in
+the compressor's state (the uncompressed tail, docs §6.1) and pools each block when its last token arrives.
 
-The pieces are plain functions on already-projected inputs (`pool_overlap`, `pool_plain`) so a KV cache can reuse
-them; `Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
+The pools are plain functions on already-projected inputs (`pool_overlap`, `pool_plain`), shared by `forward` and
+`step`; `Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
 """
 from __future__ import annotations
 
@@ -115,3 +116,37 @@ class Compressor(nn.Module):
         n = u.shape[1] // self.m
         C, Z = self.project(u[:, : n * self.m])
         return self.finish(self.pool(C, Z), rope)
+
+    def step(self, u: torch.Tensor, state, p0: int) -> tuple[torch.Tensor, int]:
+        """Stream the chunk u (B, T, d) at positions p0.. through the compressor state (docs §6.1-6.2).
+
+        state: the cache's CompressorState, fp32 (kv, score incl. ape) rows; with overlap rows [0, m) hold the last
+        complete block (its b series feeds the next entry) and rows [m, 2m) the incomplete current block, else m rows.
+        Returns (pooled (B, n_new, c) entries of the blocks completed in this chunk, before norm / RoPE; the index of
+        the first of them) and leaves the state holding the new incomplete block (and the last complete one)."""
+        m = self.m
+        B, T, _ = u.shape
+        C, Z = self.project(u)                                                 # (B, T, k*c) fp32
+        pos = torch.arange(p0, p0 + T, device=u.device)
+        Z = Z + self.ape.to(Z.dtype)[pos % m]                                  # the stored score includes ape
+        r0 = p0 % m                                                            # tail rows already in the state
+        cur = slice(m, 2 * m) if self.overlap else slice(0, m)
+        C = torch.cat([state.kv[:, cur][:, :r0].to(C.dtype), C], 1)            # stream from the current block start
+        Z = torch.cat([state.score[:, cur][:, :r0].to(Z.dtype), Z], 1)
+        n_new, first = (r0 + T) // m, p0 // m
+        Cb = C[:, : n_new * m].unflatten(1, (n_new, m))                        # (B, n_new, m, k*c)
+        Zb = Z[:, : n_new * m].unflatten(1, (n_new, m))
+        if n_new == 0:                                                         # no block completed in this chunk
+            pooled = C.new_zeros(B, 0, self.c)
+        elif self.overlap:
+            c = self.c
+            prev = (state.kv[:, :m, :c], state.score[:, :m, :c]) if first > 0 else (None, None)
+            pooled = pool_overlap(Cb, Zb, *prev)
+            state.kv[:, :m], state.score[:, :m] = Cb[:, -1], Zb[:, -1]         # last complete block -> "previous"
+        else:
+            pooled = pool_plain(Cb, Zb)
+        left = r0 + T - n_new * m                                              # rows of the new incomplete block
+        state.kv[:, cur], state.score[:, cur] = 0.0, float("-inf")
+        state.kv[:, cur.start:cur.start + left] = C[:, n_new * m:]
+        state.score[:, cur.start:cur.start + left] = Z[:, n_new * m:]
+        return pooled, first

@@ -1,31 +1,37 @@
 """CSA: compressed sparse attention (docs §2).
 
 The shared V4 layer (attention.py: low-rank q, shared K = V window entries, sink, output de-rotation, grouped
-output projection) plus
+output projection) with this `select`:
 
     entries  C^Comp = compressor(u)           (B, S, c), S = floor(T/m), m = csa_ratio, overlapping (docs §2.3)
     visible  s < floor((t+1)/m)                                                                   (docs §2.4)
-    selected S_t = indexer top-k of the visible entries (index_mode: learned | oracle | random | all)
-    attend   one softmax with the sink over window entries W_t and selected entries S_t             (docs §2.5)
+    picks    S_t = top-K of the visible entries, K = min(index_topk, S), by index_mode:
+               learned  the lightning indexer's scores (indexer.py; kernels.indexer_topk: scores + top-k fused)
+               oracle   the main attention's probabilities over every visible entry, summed over heads
+               random   a fixed pseudo-random score per (row, position, entry) (indexer.random_scores)
+               all      no top-k: every visible entry (the warm-up stage of indexer training too)
+    attend   one softmax with the sink over the window entries and the picks (kernels.sparse_attn, docs §2.5)
+
+Every top-k goes through the one top-k of kernels/indexer_topk (int32 picks sorted by score, ties to the lower
+index, -1 where fewer than K entries are visible).
 
 Indexer training (docs §10, V3.2 recipe; indexer_training.py): while training with indexer_loss_weight > 0 and
-index_mode = "learned", the layer records self._aux["indexer_loss"] = weight * KL(p || softmax(I)) over the compressed
-entries it attended (all visible ones in the "warmup" stage, the selected set in the "sparse" stage), p = the
-attention probabilities summed over heads, L1-normalised, detached. The indexer reads detached inputs, so the KL
-trains only the indexer and the (non-differentiable) selection gives the indexer no LM-loss gradient.
+index_mode = "learned", the Selection carries the indexer's (qI, kI, w) and the attended entries (the picks, or every
+visible entry in the "warmup" stage); Attention.forward then records weight * KL(p || softmax(I)) over them, p = the
+attention probabilities summed over heads, L1-normalised, detached (kernels.sparse_kl, from the attention's lse). The
+indexer reads detached inputs, so the KL trains only the indexer and the (non-differentiable) selection gives the
+indexer no LM-loss gradient.
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import ModelConfig
-from ..kernels import use_triton
-from ..kernels.indexer_topk import indexer_topk
-from .attention import Attention
+from ..kernels.hca_attn import hca_attn
+from ..kernels.indexer_topk import indexer_topk, topk_indices
+from .attention import Attention, IndexerLossInputs, Selection
 from .compressor import Compressor
-from .core import sink_attention
-from .indexer import (Indexer, oracle_scores, random_scores, selection_mask, topk_select, visible_entries)
-from .indexer_training import indexer_kl_loss, sparse_indexer_kl_loss
+from .indexer import Indexer, random_scores, visible_entries
 
 
 class CSAttention(Attention):
@@ -38,96 +44,74 @@ class CSAttention(Attention):
         self.indexer = Indexer(cfg)
         self.index_mode = cfg.index_mode
         self.indexer_stage = "sparse"         # "warmup": attend to every visible entry (set_indexer_stage, docs §10)
-        self.probe = False                    # True: also compute learned / oracle / random picks into probe_out
-        self.probe_out: dict | None = None
-        self._pending_scores = None
-        self._last_idx = None                 # (B, T, K) top-k picks of the last forward (for the sparse kernel)
-        self._sparse_kl = None                # (qI, kI, w) while the kernel path computes the sparse-stage KL
 
-    def _kl_active(self) -> bool:
-        return (self.training and torch.is_grad_enabled() and self.cfg.indexer_loss_weight > 0
-                and self.index_mode == "learned")
-
-    def compressed(self, u, cq, q, kv, pos):
+    def select(self, u, cq, q, keys, k0, p0, lc=None) -> Selection:
         B, T, _ = u.shape
-        entries = self.compressed_entries(u)                                  # (B, S, c)
+        cfg, mode = self.cfg, self.index_mode
+        entries = self.compressed_entries(u, lc, p0)                          # (B, S, c)
         S = entries.shape[1]
-        mode = self.index_mode
-        dense = self.indexer_stage == "warmup" or mode == "all"
-        self._pending_scores = None
-        self._sparse_kl = None
-        if (mode == "learned" and not dense and not self.probe and S > 0 and self.cfg.window_branch
-                and use_triton(self.cfg, u)):
-            # kernel path (issue 7): fused indexer scores + top-k, no (B, T, S) score matrix or mask is built; the
-            # picks feed the sparse kernel (kernel_core), which also computes the sparse-stage KL when it is active
-            # (indexer_training.sparse_indexer_kl_loss). The indexer reads detached inputs (docs §10).
-            kl = self._kl_active()
-            with torch.set_grad_enabled(kl and torch.is_grad_enabled()):
-                ud = u.detach()
-                latent = (cq if cq is not None else u).detach()
-                qI = self.indexer.queries(latent, pos, self.rope)              # (B, T, n_I, c_I)
-                kI = self.indexer.keys(ud, self.rope)                          # (B, S, c_I)
-                w = self.indexer.head_weights(ud)                              # (B, T, n_I)
-            idx = indexer_topk(qI.detach(), kI.detach().to(qI.dtype), w.detach(), min(self.cfg.index_topk, S),
-                               self.m, impl=self.cfg.kernels)                  # (B, T, K) int32, -1 = none
-            self._last_idx = idx
-            self._sparse_kl = (qI, kI, w) if kl else None
-            return entries, (lambda: selection_mask(idx.long(), S))           # mask only if the reference runs
-        visible = visible_entries(pos, S, self.m)                             # (T, S)
-        vis_b = visible[None].expand(B, T, S)
-        scores = {}
-        if (mode == "learned" and (not dense or self._kl_active())) or self.probe:
-            latent = cq if cq is not None else u                              # u without a low-rank query
-            scores["learned"] = self.indexer(u.detach(), latent.detach(), pos, self.rope)   # (B, T, S)
-        if (mode == "oracle" and not dense) or self.probe:
-            with torch.no_grad():                                             # dense pass over all visible entries
-                wmask = self.window_entries_mask(B, T, u.device)
-                _, p = sink_attention(q, torch.cat([kv, entries.to(kv.dtype)], 1), torch.cat([wmask, vis_b], -1),
-                                      self.attn_sink, self.scale, return_probs=True)
-                scores["oracle"] = oracle_scores(p[..., T:])
-        if (mode == "random" and not dense) or self.probe:
-            scores["random"] = random_scores(B, T, S, u.device)
-        self._last_idx = None
-        if dense:
-            cmask = vis_b
+        K = min(cfg.index_topk, S)                                            # index_topk resolved here, once
+        every = mode == "all" or self.indexer_stage == "warmup"               # attend to every visible entry
+        kl_on = (self.training and torch.is_grad_enabled() and cfg.indexer_loss_weight > 0 and mode == "learned"
+                 and S > 0)
+        proj = None                                                           # the indexer's (qI, kI, w)
+        if (mode == "learned" and not every) or kl_on:
+            with torch.set_grad_enabled(kl_on):                               # detached inputs (docs §10)
+                latent = cq if cq is not None else u                          # u without a low-rank query
+                proj = self.indexer.project(u.detach(), latent.detach(), p0, self.rope, lc)
+        idx = None
+        if not every and S > 0:
+            if mode == "learned":
+                qI, kI, w = (t.detach() for t in proj)
+                idx = indexer_topk(qI, kI.to(qI.dtype), w, K, self.m, q_offset=p0, impl=cfg.kernels)  # (B, T, K)
+            else:
+                idx = topk_indices(self.scores(mode, u, q, keys, k0, entries, p0), K)
+        kl = None
+        if kl_on:
+            attended = idx if idx is not None else self.every_visible(B, T, S, p0, u.device)
+            kl = IndexerLossInputs(attended, *proj)
+        probe = self.probe_picks(u, cq, q, keys, k0, entries, p0, K) if self.probe else None
+        return Selection(entries, idx, kl, probe)
+
+    # --- selectors other than the learned one (study tools, docs/methodology.md §3.10) -------------------------
+    def scores(self, mode: str, u, q, keys, k0: int, entries, p0: int) -> torch.Tensor:
+        """(B, T, S) scores of the "oracle" / "random" selector, invisible entries at -inf."""
+        B, T = q.shape[:2]
+        vis = visible_entries(torch.arange(p0, p0 + T, device=q.device), entries.shape[1], self.m)   # (T, S)
+        if mode == "oracle":
+            sc = self.oracle_scores(q, keys, k0, entries, p0)
         else:
-            idx = topk_select(scores[mode], visible, self.cfg.index_topk)       # (B, T, K), -1 = none
-            cmask = selection_mask(idx, S)
-            self._last_idx = idx
-        if self.probe:
-            self.probe_out = {k: topk_select(v.detach(), visible, self.cfg.index_topk) for k, v in scores.items()}
-            self.probe_out["visible"] = visible
-            self.probe_out["scores"] = {k: v.detach() for k, v in scores.items()}
-        if "learned" in scores and self._kl_active():
-            self._pending_scores = scores["learned"]
-        return entries, cmask
+            sc = random_scores(B, p0, T, entries.shape[1], self.layer_idx, q.device)
+        return sc.masked_fill(~vis, float("-inf"))
 
-    def wants_compressed_probs(self) -> bool:
-        return self._pending_scores is not None
+    @torch.no_grad()
+    def oracle_scores(self, q, keys, k0: int, entries, p0: int) -> torch.Tensor:
+        """The main attention's probabilities of the compressed entries, attended densely over every visible entry
+        (with the window and the sink), summed over heads: p_{t,s} = sum_h exp(scale q_{t,h} . c_s - lse_{t,h}).
+        (B, T, S), in q's compute dtype (fp32 at least)."""
+        ct = torch.promote_types(q.dtype, torch.float32)
+        _, lse = hca_attn(q, keys.to(q.dtype), entries.to(q.dtype), self.attn_sink, self.scale, self.window, self.m,
+                          q_offset=p0, kv_start=k0, impl=self.cfg.kernels, return_lse=True)     # (B, T, H)
+        z = torch.einsum("bthd,bsd->bths", q.to(ct), entries.to(ct)) * self.scale
+        return torch.exp(z - lse.to(ct)[..., None]).sum(2)
 
-    def on_compressed_probs(self, p: torch.Tensor, cmask: torch.Tensor) -> None:
-        loss = indexer_kl_loss(self._pending_scores, p, cmask)
-        self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
-        self._pending_scores = None
+    def every_visible(self, B: int, T: int, S: int, p0: int, device) -> torch.Tensor:
+        """(B, T, S) int32: entry s where visible to the query at p0 + t, else -1 (the warm-up stage's KL set)."""
+        vis = visible_entries(torch.arange(p0, p0 + T, device=device), S, self.m)
+        s = torch.arange(S, device=device, dtype=torch.int32)
+        return torch.where(vis, s, -1).to(torch.int32)[None].expand(B, T, S)
 
-    def kernel_core(self, q, kv, comp):
-        """Triton sparse kernel (dsv4_lab/kernels/sparse_attn) over the window + the top-k picks + sink; while the
-        indexer KL is active it also returns the softmax's lse, from which the sparse-stage KL is computed over the
-        picks. Not used where the layer attends to every visible entry (warm-up stage, mode "all") or for oracle /
-        random / probe selection: those run the reference path."""
-        idx = self._last_idx
-        if comp is None or idx is None or not self.cfg.window_branch or idx.shape[-1] == 0:
-            return None
-        from ..kernels.sparse_attn import sparse_attn
-        entries = comp[0].to(kv.dtype)
-        if self._sparse_kl is None:
-            return sparse_attn(q, kv, entries, idx, self.attn_sink, self.scale, self.cfg.window,
-                               impl=self.cfg.kernels)
-        o, lse = sparse_attn(q, kv, entries, idx, self.attn_sink, self.scale, self.cfg.window,
-                             impl=self.cfg.kernels, return_lse=True)          # lse (B, T, H) incl. the sink
-        qI, kI, w = self._sparse_kl
-        self._sparse_kl = None
-        loss = sparse_indexer_kl_loss(q.detach(), entries.detach(), idx, lse.detach(), self.scale, qI, kI, w,
-                                      impl=self.cfg.kernels)                # Triton: kernels/sparse_kl
-        self._aux["indexer_loss"] = self.cfg.indexer_loss_weight * loss
-        return o
+    @torch.no_grad()
+    def probe_picks(self, u, cq, q, keys, k0, entries, p0: int, K: int) -> dict:
+        """Picks and scores of all three selectors (indexer_recall, notebooks): {"learned" | "oracle" | "random":
+        (B, T, K) int32 picks, "scores": {name: (B, T, S)}, "visible": (T, S)}."""
+        T, S = q.shape[1], entries.shape[1]
+        pos = torch.arange(p0, p0 + T, device=q.device)
+        vis = visible_entries(pos, S, self.m)
+        latent = cq if cq is not None else u
+        scores = {"learned": self.indexer(u, latent, pos, self.rope).masked_fill(~vis, float("-inf")),
+                  "oracle": self.scores("oracle", u, q, keys, k0, entries, p0),
+                  "random": self.scores("random", u, q, keys, k0, entries, p0)}
+        out = {name: topk_indices(sc, K) for name, sc in scores.items()}
+        out["scores"], out["visible"] = scores, vis
+        return out

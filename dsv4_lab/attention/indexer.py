@@ -23,37 +23,27 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..layers import Linear
+from ..kernels.indexer_topk import index_scores, topk_indices, visible
+from ..quant import fake_quant_mxfp4
 from .compressor import Compressor
 from .hadamard import hadamard_rotate
 
 
 def visible_entries(pos: torch.Tensor, S: int, m: int) -> torch.Tensor:
     """(T, S) bool: compressed entry s is visible to the query at position t iff s < floor((t+1)/m) (docs §2.4)."""
-    return torch.arange(S, device=pos.device)[None, :] < torch.div(pos[:, None] + 1, m, rounding_mode="floor")
-
-
-def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """I_{t,s} = sum_h w_{t,h} ReLU(q_{t,h} . k_s). q (B, T, n_I, c_I), k (B, S, c_I), w (B, T, n_I) -> (B, T, S)."""
-    ct = torch.promote_types(q.dtype, torch.float32)
-    qk = torch.einsum("bthd,bsd->bths", q.to(ct), k.to(ct)).relu()
-    return torch.einsum("bths,bth->bts", qk, w.to(ct))
+    return visible(pos, S, m)
 
 
 def topk_select(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k entry indices per query, K = min(k, S); picks that are not visible become -1 (docs §2.4).
 
-    scores (B, T, S); visible (T, S) or (B, T, S) bool -> (B, T, K) int64.
-    """
-    S = scores.shape[-1]
-    K = min(k, S)
-    visible = visible.expand_as(scores)
-    idx = scores.masked_fill(~visible, float("-inf")).topk(K, dim=-1).indices
-    ok = torch.gather(visible, -1, idx)
-    return torch.where(ok, idx, torch.full_like(idx, -1))
+    scores (B, T, S); visible (T, S) or (B, T, S) bool -> (B, T, K) int32 (kernels.indexer_topk's contract)."""
+    return topk_indices(scores.masked_fill(~visible, float("-inf")), min(k, scores.shape[-1]))
 
 
 def selection_mask(idx: torch.Tensor, S: int) -> torch.Tensor:
     """(B, T, K) indices with -1 = none -> (B, T, S) bool mask of the selected entries."""
+    idx = idx.long()
     mask = torch.zeros(*idx.shape[:-1], S + 1, dtype=torch.bool, device=idx.device)
     mask.scatter_(-1, torch.where(idx < 0, torch.full_like(idx, S), idx), True)
     return mask[..., :S]
@@ -77,13 +67,18 @@ class Indexer(nn.Module):
         if self.cfg.index_hadamard:
             x = hadamard_rotate(x)
         if self.cfg.quant == "fp4":                                           # MXFP4 q / k after Hadamard (docs §8.2)
-            from ..quant import fake_quant_mxfp4
             x = fake_quant_mxfp4(x)
         return x
 
-    def keys(self, u: torch.Tensor, rope) -> torch.Tensor:
-        """u (B, T, d) -> K^I (B, floor(T/m), c_I)."""
-        return self._rotate_quant(self.compressor(u, rope))
+    def keys(self, u: torch.Tensor, rope, lc=None, p0: int = 0) -> torch.Tensor:
+        """u (B, T, d) -> K^I (B, floor(T/m), c_I). With a cache (docs §6.2): the chunk at p0.. streams through the
+        indexer compressor's state, new keys go to the block cache, and all floor((p0 + T)/m) keys are read back."""
+        if lc is None:
+            return self._rotate_quant(self.compressor(u, rope))
+        pooled, first = self.compressor.step(u, lc.states["index"], p0)
+        new = self.compressor.finish(pooled, rope, first)
+        new = self._rotate_quant(new) if new.shape[1] else new
+        return lc.append_entries("index", new, first, (p0 + u.shape[1]) // self.compressor.m)
 
     def queries(self, latent: torch.Tensor, pos: torch.Tensor, rope) -> torch.Tensor:
         """latent (B, T, d_c) (c^Q, or u without a low-rank query) -> q^I (B, T, n_I, c_I)."""
@@ -94,20 +89,34 @@ class Indexer(nn.Module):
         """w (B, T, n_I) = weights_proj(u) c_I^-1/2 n_I^-1/2."""
         return self.weights_proj(u) * self.weight_scale
 
+    def project(self, u: torch.Tensor, latent: torch.Tensor, p0: int, rope, lc=None):
+        """(qI (B, T, n_I, c_I), kI (B, S, c_I), w (B, T, n_I)) for the chunk at positions p0.. (cache: see keys)."""
+        pos = torch.arange(p0, p0 + u.shape[1], device=u.device)
+        return self.queries(latent, pos, rope), self.keys(u, rope, lc, p0), self.head_weights(u)
+
     def forward(self, u: torch.Tensor, latent: torch.Tensor, pos: torch.Tensor, rope) -> torch.Tensor:
         """Raw scores I (B, T, S) (invisible entries NOT masked; topk_select masks them)."""
         return index_scores(self.queries(latent, pos, rope), self.keys(u, rope), self.head_weights(u))
 
 
-def oracle_scores(p_compressed: torch.Tensor) -> torch.Tensor:
-    """Oracle selector: the main attention probabilities (B, H, T, S) of the compressed entries, attended densely
-    over all visible entries, summed over heads -> (B, T, S)."""
-    return p_compressed.sum(1)
+def random_scores(B: int, p0: int, T: int, S: int, seed: int, device) -> torch.Tensor:
+    """The "random" selector's scores (B, T, S) in [0, 1): a fixed integer hash of (seed, row b, position t, entry s),
+    so every query picks a uniformly random-looking subset of its visible entries and a cached decode draws exactly
+    what the full forward draws. seed = the layer index (layers pick differently)."""
+    b = torch.arange(B, device=device)[:, None, None]
+    t = torch.arange(p0, p0 + T, device=device)[None, :, None]
+    s = torch.arange(S, device=device)[None, None, :]
+    x = _hash32(_hash32(_hash32(torch.full((), seed, device=device) + 0x9E37) ^ b) ^ t) ^ s
+    return _hash32(x).double() / 2.0 ** 32
 
 
-def random_scores(B: int, T: int, S: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    return torch.rand(B, T, S, device=device, generator=generator)
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors (values < 2^32, products < 2^59: no overflow)."""
+    M = 0xFFFFFFFF
+    x = x & M
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M
+    return (x >> 16) ^ x
 
 
-__all__ = ["visible_entries", "index_scores", "topk_select", "selection_mask", "Indexer", "oracle_scores",
-           "random_scores"]
+__all__ = ["visible_entries", "index_scores", "topk_select", "selection_mask", "Indexer", "random_scores"]

@@ -22,46 +22,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..kernels.sparse_kl.naive import masked_kl
 
 STAGES = ("warmup", "sparse")
 
 
 def indexer_kl_loss(scores: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """scores I (B, T, S) (differentiable), p (B, H, T, S) attention probabilities, mask (B, T, S) attended entries.
-
-    Returns mean over rows with >= 1 attended entry of KL(p_norm || softmax_mask(I)); 0 if no such row.
-    """
+    """The loss written over dense tensors: scores I (B, T, S) (differentiable), p (B, H, T, S) attention
+    probabilities, mask (B, T, S) attended entries. Returns mean over rows with >= 1 attended entry of
+    KL(p_norm || softmax_mask(I)); 0 if no such row. The model computes the same quantity from its picks and the
+    attention's lse without any (B, T, S) tensor (kernels.sparse_kl, called by Attention.forward)."""
     ct = torch.promote_types(scores.dtype, torch.float32)
-    kl_sum, n_rows = _masked_kl(scores.to(ct), p.detach().to(ct).sum(1), mask)
+    kl_sum, n_rows = masked_kl(scores.to(ct), p.detach().to(ct).sum(1), mask)
     return kl_sum / n_rows.clamp_min(1)
-
-
-def _masked_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-    """Sum over rows with >= 1 entry in `mask` of KL(target / sum || softmax_mask(scores)), and the row count.
-    scores, target, mask (..., E): target >= 0 unnormalised (detached), mask bool."""
-    target = torch.where(mask, target, 0.0)                                   # not target * mask: inf * 0 = nan
-    tot = target.sum(-1, keepdim=True)
-    rows = tot.squeeze(-1) > 0
-    target = target / tot.clamp_min(1e-30)
-    logq = F.log_softmax(scores.masked_fill(~mask, -1e9), dim=-1)             # finite on empty rows
-    kl = (torch.xlogy(target, target) - target * logq).sum(-1)
-    return (kl * rows).sum(), rows.sum()
-
-
-def sparse_indexer_kl_loss(q, comp, idx, lse, scale: float, qI, kI, w, impl: str = "torch") -> torch.Tensor:
-    """The "sparse"-stage KL from the picks alone (the kernel path: no (B, T, S) matrix), equal to indexer_kl_loss
-    over the selection mask.
-
-    q (B, T, H, c) main queries; comp (B, S, c) compressed entries; idx (B, T, K) picks (-1 = none); lse (B, T, H)
-    the main softmax's log-normaliser (window + picks + sink, as returned by the sparse kernel); qI (B, T, n_I, c_I),
-    kI (B, S, c_I), w (B, T, n_I) the indexer's tensors (differentiable). p of a pick = sum_h exp(scale q_h.c_s -
-    lse_h) (detached); I of a pick = sum_h w_h ReLU(qI_h . kI_s). The math lives in dsv4_lab/kernels/sparse_kl
-    (naive.py: the torch gathers; triton.py: fused, fwd + bwd); impl = auto | triton | torch picks the path
-    (kernels.resolve_impl).
-    """
-    from ..kernels.sparse_kl import sparse_kl
-    return sparse_kl(q, comp, idx, lse, scale, qI, kI, w, impl=impl)
 
 
 def _csa_layers(model: nn.Module):

@@ -34,8 +34,9 @@ from ..residual import expand_streams
 
 
 class RaggedCache:
-    """B single-sequence KVCaches decoded together, each at its own length (no padding). `cached_attention` (cache.py)
-    hands a ragged cache the whole chunk and gets back the concatenated per-sequence attention outputs."""
+    """B single-sequence KVCaches decoded together, each at its own length (no padding). An attention layer
+    (attention/attention.py) hands a ragged cache the whole chunk and gets back the concatenated per-sequence outputs
+    of its own forward, run with each sequence's cache."""
 
     ragged = True
 
@@ -45,13 +46,12 @@ class RaggedCache:
 
     def attend(self, attn, u: torch.Tensor) -> torch.Tensor:
         """u (B, T, d) -> (B, T, d): sequence b's rows through layer attn with caches[b] (its own positions)."""
-        from .cache import cached_attention
-        return torch.cat([cached_attention(attn, u[b:b + 1], c) for b, c in enumerate(self.caches)], 0)
+        return torch.cat([attn(u[b:b + 1], None, c) for b, c in enumerate(self.caches)], 0)
 
 
 def ragged_step(model, ids: torch.Tensor, rc: RaggedCache) -> torch.Tensor:
     """One decode step of B sequences of different lengths: ids (B, 1) -> last logits (B, V); advances every cache.
-    Same path as cache.forward_with_cache, with the token-wise parts batched and attention per sequence."""
+    Same path as DSV4LM.forward with a cache, with the token-wise parts batched and attention per sequence."""
     B, T = ids.shape
     for c in rc.caches:
         if c.length + T > c.max_len:
@@ -60,8 +60,7 @@ def ragged_step(model, ids: torch.Tensor, rc: RaggedCache) -> torch.Tensor:
     for blk in model.blocks:
         x = blk(x, ids, cache=rc)
     for b, c in enumerate(rc.caches):
-        c.token_ids[:, c.length:c.length + T] = ids[b:b + 1]             # kept for the prefix store, as in cache.py
-        c.length += T
+        c.advance(ids[b:b + 1])                                           # ids kept, length += T
     logits = model.hidden_to_logits(x[:, -1:])[:, -1]
     model.collect_aux()                                                   # clear what modules recorded
     return logits

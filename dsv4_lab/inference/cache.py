@@ -1,4 +1,4 @@
-"""The heterogeneous KV cache of DeepSeek-V4 decode (docs §6) and the cached forward pass.
+"""The heterogeneous KV cache of DeepSeek-V4 decode (docs §6): the storage the attention layers read and update.
 
     cache = model.new_cache(batch_size, max_len, storage="fp32")   # "fp32" | "bf16" | "paper"
     out = model(prompt_ids, cache=cache)                             # prefill (any chunk size)
@@ -21,8 +21,10 @@ Every key the attention reads, old or new, goes through the same storage round t
 how the sequence is chunked. With storage="fp32" the cached forward equals the full forward (tests/test_decode.py).
 
 All sequences of a batch have the same length (sequences of different lengths: batch_invariance.RaggedCache, one
-cache each). Each attention module's cached step lives here (`cached_attention`) and reuses the module's own
-projections, so model code keeps one readable forward.
+cache each). Decode is the model's own forward with this cache (attention/attention.py): each layer asks its
+LayerCache for the window keys (`window_keys`), streams its compressors through `states[...]`
+(attention/compressor.py `Compressor.step`), appends and reads compressed entries (`append_entries`);
+DSV4LM.forward advances `length` (`advance`). This file holds storage only, no attention math.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import math
 import torch
 
 from ..config import ModelConfig
-from ..residual import expand_streams
 
 STORAGES = ("fp32", "bf16", "paper")
 
@@ -170,6 +171,31 @@ class LayerCache:
         phys = self.block_table[:, idx // self.per_block]                # (B, S) physical blocks
         return phys * self.per_block + (idx % self.per_block)[None]
 
+    # what the attention layer calls (attention/attention.py) ------------------------------------------------
+    def window_keys(self, kv: torch.Tensor, p0: int) -> tuple[torch.Tensor, int]:
+        """The uncompressed entries a chunk kv (B, T, c) at positions p0.. attends to, and their first position k0:
+        (keys (B, p0 + T - k0, c) fp32, k0) = the ring's entries k0 .. p0-1 (k0 = max(0, p0 - window + 1); every
+        earlier token for "dense") followed by the chunk, read back as stored. Writes the chunk into the ring."""
+        B, T, _ = kv.shape
+        dev = kv.device
+        pos_new = torch.arange(p0, p0 + T, device=dev)
+        new = self.main.roundtrip(kv)                                      # exactly what a later read returns
+        k0 = 0 if self.window is None else max(0, p0 - self.window + 1)     # the ring still holds k0 .. p0-1
+        old_pos = torch.arange(k0, p0, device=dev)
+        old = self.main.read(self.ring_rows(old_pos)) if len(old_pos) else new[:, :0]
+        keep = pos_new if self.window is None else pos_new[-self.window:]  # the ring keeps the last W
+        self.main.write(self.ring_rows(keep), kv[:, T - len(keep):])
+        return torch.cat([old, new], 1), k0
+
+    def append_entries(self, kind: str, new: torch.Tensor, first: int, total: int) -> torch.Tensor:
+        """Write new (B, n, c) as compressed entries first .. first+n-1 of store `kind` ("comp" main entries or
+        "index" indexer keys) through the block table, then read entries 0 .. total-1 back: (B, total, c) fp32."""
+        store = self.comp if kind == "comp" else self.index
+        dev = new.device
+        if new.shape[1]:
+            store.write(self.entry_rows(torch.arange(first, first + new.shape[1], device=dev)), new)
+        return store.read(self.entry_rows(torch.arange(total, device=dev)))
+
     def nbytes(self, include_state: bool = True) -> int:
         n = self.main.nbytes() + (self.comp.nbytes() if self.comp else 0) + (self.index.nbytes() if self.index else 0)
         return n + (sum(s.nbytes() for s in self.states.values()) if include_state else 0)
@@ -203,6 +229,12 @@ class KVCache:
         self.layers = [LayerCache(cfg, t, batch_size, max_len, storage, self.block_table, device)
                        for t in cfg.layer_types]
 
+    def advance(self, input_ids: torch.Tensor) -> None:
+        """After every layer has run the chunk input_ids (B, T): keep its ids (for the prefix store), move on by T."""
+        T = input_ids.shape[1]
+        self.token_ids[:, self.length:self.length + T] = input_ids
+        self.length += T
+
     def nbytes(self, include_state: bool = True) -> int:
         """Bytes allocated by the cache's tensors (state cache + block cache), excluding the block table."""
         return sum(lc.nbytes(include_state) for lc in self.layers)
@@ -219,75 +251,3 @@ class KVCache:
                          "index_bytes": lc.index.nbytes() if lc.index else 0,
                          "state_bytes": sum(s.nbytes() for s in lc.states.values())})
         return rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The cached attention step (one chunk of T tokens at positions p0 .. p0+T-1)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _window_keys(attn, lc: LayerCache, kv: torch.Tensor, p0: int):
-    """Window / dense keys for the chunk: (keys (B, N, c), key positions (N,)). Writes the chunk into the cache."""
-    B, T, _ = kv.shape
-    dev = kv.device
-    pos_new = torch.arange(p0, p0 + T, device=dev)
-    new = lc.main.roundtrip(kv)                                            # exactly what a later read returns
-    if lc.window is None:                                                  # dense: all earlier tokens
-        old_pos = torch.arange(0, p0, device=dev)
-    else:
-        old_pos = torch.arange(max(0, p0 - lc.window + 1), p0, device=dev)  # the ring still holds these
-    old = lc.main.read(lc.ring_rows(old_pos)) if len(old_pos) else new[:, :0]
-    keep = pos_new if lc.window is None else pos_new[-lc.window:]          # the ring keeps the last W
-    lc.main.write(lc.ring_rows(keep), kv[:, T - len(keep):])
-    return torch.cat([old, new], 1), torch.cat([old_pos, pos_new])
-
-
-def cached_attention(attn, u: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Attention of layer attn.layer_idx for a chunk u (B, T, d), reading and updating `cache`.
-
-    Same math as Attention.forward (docs §2.5): one softmax over window (or all earlier, for "dense") entries and
-    the compressed entries with the sink, then de-rotation and the output projection."""
-    from ..attention.core import sink_attention
-    if getattr(cache, "ragged", False):       # sequences of different lengths: one cache each (batch_invariance.py)
-        return cache.attend(attn, u)
-    lc = cache.layers[attn.layer_idx]
-    B, T, _ = u.shape
-    p0 = cache.length
-    pos = torch.arange(p0, p0 + T, device=u.device)
-    cq = attn.query_latent(u)
-    q = attn.queries(u, cq, pos)
-    kv = attn.window_kv(u, pos)
-    keys, kpos = _window_keys(attn, lc, kv, p0)
-    t = pos[:, None]
-    wmask = (kpos[None] <= t) & ((kpos[None] > t - lc.window) if lc.window is not None else True)
-    if attn.layer_type in ("csa", "hca") and not attn.cfg.window_branch:
-        wmask = torch.zeros_like(wmask)
-    mask = wmask[None].expand(B, T, -1)
-    if attn.layer_type in ("csa", "hca"):
-        from .compressed import cached_compressed
-        entries, cmask = cached_compressed(attn, lc, u, cq, q, pos, p0)   # (B, S, c), (B, T, S)
-        keys, mask = torch.cat([keys, entries], 1), torch.cat([mask, cmask], -1)
-    o = sink_attention(q, keys.to(q.dtype), mask, attn.attn_sink, attn.scale)
-    return attn.output(o, pos)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The cached forward pass (DSV4LM.forward(..., cache=...) routes here)
-# ---------------------------------------------------------------------------------------------------------------
-
-def forward_with_cache(model, input_ids: torch.Tensor, cache: KVCache, last_only: bool = False):
-    """Run the chunk input_ids (B, T) at positions cache.length .. cache.length+T-1 through the same Blocks as the
-    full forward (residual, MoE with hash routing, ... unchanged), then advance the cache. Returns LMOutput."""
-    from ..model import LMOutput
-    B, T = input_ids.shape
-    if B != cache.B:
-        raise ValueError(f"batch size {B} does not match the cache's batch_size={cache.B}")
-    if cache.length + T > cache.max_len:
-        raise ValueError(f"chunk of {T} tokens at position {cache.length} exceeds the cache's max_len={cache.max_len}")
-    x = expand_streams(model.cfg, model.embed(input_ids))
-    for blk in model.blocks:
-        x = blk(x, input_ids, cache=cache)
-    cache.token_ids[:, cache.length:cache.length + T] = input_ids           # kept for the prefix store
-    cache.length += T
-    logits = model.hidden_to_logits(x[:, -1:] if last_only else x)
-    aux = model.collect_aux()                                              # clear what modules recorded
-    return LMOutput(logits=logits, state=x, aux=aux)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.fake_quant import fake_quant, ste  # noqa: F401  (ste: re-exported for the quantisers of this package)
+
 FP8_MAX = 448.0
 FP8_AMAX_FLOOR = 1e-4
 
@@ -95,30 +97,14 @@ def fake_quant_fp8_weight_ref(w: torch.Tensor, block: int = 128) -> torch.Tensor
     return y[..., :R, :C].to(w.dtype)
 
 
-class _STE(torch.autograd.Function):
-    """Forward: the quantised tensor q; backward: the gradient w.r.t. q goes unchanged to x."""
-
-    @staticmethod
-    def forward(ctx, x, q):
-        return q
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """q in the forward pass, identity gradient to x (straight-through estimator)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return q
-    return _STE.apply(x, q)
-
-
 def fake_quant_fp8(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 E4M3 fake quantisation along the last dim (1 x block, UE8M0 scales), straight-through gradient."""
-    return ste(x, fake_quant_fp8_ref(x.detach(), block))
+    """FP8 E4M3 fake quantisation along the last dim (1 x block, UE8M0 scales), straight-through gradient: what the
+    model calls, through the kernel dispatcher (kernels/fake_quant: Triton on CUDA, its naive twin elsewhere; both
+    bit-exact with fake_quant_fp8_ref)."""
+    return fake_quant(x, "fp8", block)
 
 
 def fake_quant_fp8_weight(w: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 E4M3 fake quantisation of a weight in block x block tiles, straight-through gradient."""
-    return ste(w, fake_quant_fp8_weight_ref(w.detach(), block))
+    """FP8 E4M3 fake quantisation of a weight in block x block tiles, straight-through gradient (dispatcher as
+    above; bit-exact with fake_quant_fp8_weight_ref)."""
+    return fake_quant(w, "fp8", block, tile=True)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .fp8 import from_blocks, pow2, pow2_exponent, ste, to_blocks
+from ..kernels.fake_quant import fake_quant
+from .fp8 import from_blocks, pow2, pow2_exponent, to_blocks
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_MAX = 6.0
@@ -53,8 +54,9 @@ def fake_quant_mxfp4_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_mxfp4(x: torch.Tensor) -> torch.Tensor:
-    """MXFP4 fake quantisation along the last dim with a straight-through gradient."""
-    return ste(x, fake_quant_mxfp4_ref(x.detach()))
+    """MXFP4 fake quantisation along the last dim with a straight-through gradient, through the kernel dispatcher
+    (kernels/fake_quant; bit-exact with fake_quant_mxfp4_ref)."""
+    return fake_quant(x, "fp4", MX_BLOCK)
 
 
 # --- packed storage ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """HCA core attention, naive PyTorch twin of triton.py (docs §3, §2.5; docs/kernels.md §2.3).
 
 Query i at absolute position t = q_offset + i attends, in one softmax with the per-head sink, to
-    window entries      kv[j],   j in [t - window + 1, t] ∩ [0, Tk)
+    window entries      kv[j - kv_start], j in [t - window + 1, t] ∩ [kv_start, kv_start + Tk)
+                        (kv[i] holds position kv_start + i: a decode cache passes only the window it keeps)
     compressed entries  comp[s], s < min(S, floor((t + 1) / ratio))      (block-causal: block s ends at or before t)
 K = V, z = scale * q . e, p = exp(z) / (sum exp(z) + exp(sink)). Equal to core.sink_attention over
 concat(kv, comp) with that mask (tested).
@@ -17,7 +18,7 @@ from ..sparse_attn.naive import gather_entries
 
 
 def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0,
-                   chunk: int = 2048, return_lse: bool = False):
+                   chunk: int = 2048, return_lse: bool = False, kv_start: int = 0):
     B, T, H, D = q.shape
     S = comp.shape[1]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -25,7 +26,7 @@ def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_o
     outs, lses = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        Ew, vw = gather_entries(kv, comp, no_idx, window, q_offset, t0, t1)       # (B, Tq, W, D)
+        Ew, vw = gather_entries(kv, comp, no_idx, window, q_offset - kv_start, t0, t1)    # (B, Tq, W, D)
         qc = q[:, t0:t1].to(ct)
         zw = torch.einsum("bthd,btnd->bthn", qc, Ew.to(ct)) * scale
         zw = zw.masked_fill(~vw[:, :, None], float("-inf"))

@@ -84,7 +84,7 @@ def _online_step(acc, m_i, l_i, qd, ed, vis, MASKED: tl.constexpr):
 
 @triton.jit
 def _hca_fwd_kernel(Q, KV, C, SINK, O, LSE,
-                    T, Tk, S, q_offset, qk_scale, T_BUCKET,
+                    T, Tk, S, q_offset, kv_start, qk_scale, T_BUCKET,
                     sqb, sqt, sqh, skb, skt, scb, scs, sob, sot, soh, slb, slt,
                     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, RATIO: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -140,28 +140,28 @@ def _hca_fwd_kernel(Q, KV, C, SINK, O, LSE,
         for jb in tl.static_range(0, W, BLOCK_J):
             jj = jb + offs_j
             j = pos0 - W + 1 + jj
-            jmask = (jj < W) & (j >= 0) & (j < Tk)
+            jmask = (jj < W) & (j >= kv_start) & (j < kv_start + Tk)
             vis = jmask[None, :] & (j[None, :] > pos[:, None] - W)
             if jb >= BT - 1:
                 if jb + BLOCK_J <= W:
-                    if (pos0 - W + 1 + jb >= 0) & (pos0 < Tk):
-                        ed = _load_rows(kbase, j, skt, offs_d, jmask, D, BLOCK_D, False).to(DOT_DT)
+                    if (pos0 - W + 1 + jb >= kv_start) & (pos0 < kv_start + Tk):
+                        ed = _load_rows(kbase, j - kv_start, skt, offs_d, jmask, D, BLOCK_D, False).to(DOT_DT)
                         acc, m_i, l_i = _online_step(acc, m_i, l_i, qd, ed, vis, False)
                     else:
-                        ed = _load_rows(kbase, j, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
+                        ed = _load_rows(kbase, j - kv_start, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
                         acc, m_i, l_i = _online_step(acc, m_i, l_i, qd, ed, vis, True)
                 else:
-                    ed = _load_rows(kbase, j, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
+                    ed = _load_rows(kbase, j - kv_start, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
                     acc, m_i, l_i = _online_step(acc, m_i, l_i, qd, ed, vis, True)
             else:
-                ed = _load_rows(kbase, j, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
+                ed = _load_rows(kbase, j - kv_start, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
                 acc, m_i, l_i = _online_step(acc, m_i, l_i, qd, ed, vis, True)
         # 4. causal tail: j = pos0 + 1 .. pos0 + BT - 1
         if BLOCK_T > 0:
             offs_t = tl.arange(0, BLOCK_T)
             j = pos0 + 1 + offs_t
-            jmask = (offs_t < BT - 1) & (j < Tk)
-            ed = _load_rows(kbase, j, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
+            jmask = (offs_t < BT - 1) & (j < kv_start + Tk)
+            ed = _load_rows(kbase, j - kv_start, skt, offs_d, jmask, D, BLOCK_D, True).to(DOT_DT)
             vis = jmask[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - W)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, qd, ed, vis, True)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -258,12 +258,13 @@ def _blocks(H, D, window):
     return HP, BD, BJ
 
 
-def hca_attn_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0, cfg: dict | None = None):
+def hca_attn_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0, cfg: dict | None = None,
+                 kv_start: int = 0):
     """cfg (prefill kernel only; benchmarks/ablations): {"BLOCK_M", "BLOCK_S", "BLOCK_J", "num_warps", "num_stages"}
-    launches that one configuration instead of the autotuned list."""
+    launches that one configuration instead of the autotuned list. kv[i] holds position kv_start + i."""
     from .triton_decode import hca_attn_decode_fwd, use_decode_path    # few queries, no grad: split-KV decode
     if use_decode_path(q, kv, comp):
-        return hca_attn_decode_fwd(q, kv, comp, sink, scale, window, ratio, q_offset)
+        return hca_attn_decode_fwd(q, kv, comp, sink, scale, window, ratio, q_offset, kv_start=kv_start)
     check_device(q, kv, comp, sink)
     q, kv, comp = _prep(q, kv, comp)
     B, T, H, D = q.shape
@@ -279,7 +280,7 @@ def hca_attn_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int, q_off
     if cfg is not None:
         kernel, meta = _hca_fwd_kernel, dict(cfg)
     t_bucket = min(max(next_pow2(T), 1024), 1 << 17)                  # autotune once per length bucket
-    kernel[grid](q, kv, comp, sink_t, o, lse, T, Tk, S, q_offset, scale * LOG2E, t_bucket,
+    kernel[grid](q, kv, comp, sink_t, o, lse, T, Tk, S, q_offset, kv_start, scale * LOG2E, t_bucket,
                  q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
                  comp.stride(1), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
                  H=H, HP=HP, D=D, W=window, RATIO=ratio, BLOCK_D=BD,
@@ -313,21 +314,25 @@ def hca_attn_bwd(do, q, kv, comp, sink, o, lse, scale: float, window: int, ratio
 
 class HCAAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, comp, sink, scale, window, ratio, q_offset):
-        o, lse = hca_attn_fwd(q, kv, comp, sink, scale, window, ratio, q_offset)
+    def forward(ctx, q, kv, comp, sink, scale, window, ratio, q_offset, kv_start):
+        o, lse = hca_attn_fwd(q, kv, comp, sink, scale, window, ratio, q_offset, kv_start=kv_start)
         ctx.save_for_backward(q, kv, comp, sink, o, lse)
         ctx.cfg = (scale, window, ratio, q_offset)
+        ctx.kv_start = kv_start
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, kv, comp, sink, o, lse = ctx.saved_tensors
+        if ctx.kv_start != 0:
+            raise NotImplementedError(f"hca_attn triton backward: kv_start = {ctx.kv_start} is not allowed: 0 "
+                                      "(an offset window comes from a decode cache, which runs without gradients)")
         dq, dkv, dc, dsink = hca_attn_bwd(do, q, kv, comp, sink, o, lse, *ctx.cfg)
-        return dq, dkv, dc, dsink, None, None, None, None
+        return dq, dkv, dc, dsink, None, None, None, None, None
 
 
 def hca_attn_triton(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0,
-                    return_lse: bool = False):
-    o, lse = HCAAttnFn.apply(q, kv, comp, sink, scale, window, ratio, q_offset)
+                    return_lse: bool = False, kv_start: int = 0):
+    o, lse = HCAAttnFn.apply(q, kv, comp, sink, scale, window, ratio, q_offset, kv_start)
     return (o, lse) if return_lse else o

@@ -26,9 +26,9 @@ from ..sparse_attn.triton_decode import _online_block, _store_partial, combine, 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["T", "Tk", "S", "WB", "q_offset", "CHUNK", "NSC", "NS", "NQB"])  # growing context
-def _hca_split(Q, KV, C, PM, PL, PACC,
-               T, Tk, S, W, WB, q_offset, qk_scale, CHUNK, NSC, NS, NQB,
+@triton.jit(do_not_specialize=["T", "Tk", "S", "WB", "q_offset", "kv_start", "CHUNK", "NSC", "NS", "NQB"])
+def _hca_split(Q, KV, C, PM, PL, PACC,                                     # runtime lengths: a growing context
+               T, Tk, S, W, WB, q_offset, kv_start, qk_scale, CHUNK, NSC, NS, NQB,
                sqb, sqt, sqh, skb, skt, scb, scs,
                H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, RATIO: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DT: tl.constexpr):
@@ -71,8 +71,8 @@ def _hca_split(Q, KV, C, PM, PL, PACC,
     for jb in range(w_lo, w_hi, BLOCK_N):
         offs_j = jb + tl.arange(0, BLOCK_N)
         j = pos0 - W + 1 + offs_j
-        jmask = (j >= 0) & (j < Tk) & (offs_j < w_hi)
-        e = tl.load(KV + b * skb + j.to(tl.int64)[:, None] * skt + offs_d[None, :],
+        jmask = (j >= kv_start) & (j < kv_start + Tk) & (offs_j < w_hi)          # kv[i] holds kv_start + i
+        e = tl.load(KV + b * skb + (j - kv_start).to(tl.int64)[:, None] * skt + offs_d[None, :],
                     mask=jmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         valid = jmask[None, :] & (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - W)
         m_i, l_i, acc = _online_block(qd, e.to(DOT_DT), valid, m_i, l_i, acc, DOT_DT)
@@ -80,7 +80,7 @@ def _hca_split(Q, KV, C, PM, PL, PACC,
 
 
 def hca_attn_decode_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0,
-                        num_splits: int | None = None, block_n: int | None = None):
+                        num_splits: int | None = None, block_n: int | None = None, kv_start: int = 0):
     """Split-KV forward; returns (o (B, T, H, D) in q's dtype, lse (B, T, H) fp32). `num_splits` / `block_n`
     override the heuristic (tests)."""
     check_device(q, kv, comp, sink)
@@ -115,7 +115,7 @@ def hca_attn_decode_fwd(q, kv, comp, sink, scale: float, window: int, ratio: int
     pl = torch.empty_like(pm)
     pacc = torch.empty(G, NS, BM, BD, device=q.device, dtype=torch.float32)
     _hca_split[(G, NS)](q, kv, comp, pm, pl, pacc,
-                        T, Tk, S, W, WB, q_offset, scale * LOG2E, CHUNK, NSC, NS, NQB,
+                        T, Tk, S, W, WB, q_offset, kv_start, scale * LOG2E, CHUNK, NSC, NS, NQB,
                         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
                         comp.stride(1),
                         H=H, HP=HP, D=D, RATIO=ratio, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, DOT_DT=dot_dtype(q),

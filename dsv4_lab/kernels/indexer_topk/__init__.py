@@ -10,6 +10,7 @@ impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the met
 ("torch", "split_torch") may order equal scores differently (triton.py docstring). Default (measured fastest on
 the H200): "torch", i.e. Triton scores + torch.topk, which without return_scores returns the same set of picks in
 torch.topk(sorted=False) order, so its -1 slots may sit anywhere in a row (every consumer masks them per slot).
+The model's other selectors (attention/csa.py: oracle, random) use `topk_indices`, the naive twin's top-k contract.
 Candidate methods not yet measured on the GPU: gmax / gmax_bf16 (gmax_select.py, prefill) and select / select_bf16
 (select.py, split-row radix select for decode), bf16 = scores rounded to bf16 before the selection (docs §2.4).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import resolve_impl
-from .naive import indexer_scores, indexer_topk_naive
+from .naive import index_scores, indexer_scores, indexer_topk_naive, topk_indices, visible
 
 
 @torch.no_grad()
@@ -29,4 +30,4 @@ def indexer_topk(qI, kI, w, k: int, ratio: int, q_offset: int = 0, impl: str = "
     return indexer_topk_naive(qI, kI, w, k, ratio, q_offset, return_scores=return_scores)
 
 
-__all__ = ["indexer_topk", "indexer_topk_naive", "indexer_scores"]
+__all__ = ["indexer_topk", "indexer_topk_naive", "indexer_scores", "index_scores", "topk_indices", "visible"]

@@ -5,45 +5,66 @@
     idx[t] = the k candidates with the largest I[t, s], sorted by score (descending); ties go to the LOWER index
              (declared tie rule, docs/kernels.md §9.1); slots beyond the number of candidates are -1.
 
+This file is the model's one statement of the index score (`index_scores`), of visibility (`visible`) and of the
+top-k contract (`topk_indices`: int32, sorted, lower index first among ties, -1 for invisible / missing); the
+attention's other selectors (oracle, random: attention/csa.py) go through `topk_indices` too.
+
 Shapes: qI (B, T, HI, DI); kI (B, S, DI); w (B, T, HI). Returns idx (B, T, k) int32 (and the scores of the picks,
 fp32, -inf for -1 slots, when return_scores). Queries are processed `chunk` at a time, so the [T, S] score matrix
-exists for `chunk` rows only (the dense matrix is never written at long T).
+exists for `chunk` rows only (the dense matrix is never written at long T). Scores are computed in fp32 (fp64 for
+fp64 inputs).
 """
 from __future__ import annotations
 
 import torch
 
 
+def visible(t: torch.Tensor, S: int, ratio: int) -> torch.Tensor:
+    """(T, S) bool: entry s is visible to the query at absolute position t iff s < floor((t + 1) / ratio)."""
+    return torch.arange(S, device=t.device)[None, :] < torch.div(t[:, None] + 1, ratio, rounding_mode="floor")
+
+
+def index_scores(qI: torch.Tensor, kI: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """I_{t,s} = sum_h w_{t,h} ReLU(qI_{t,h} . kI_s): (B, T, HI, DI), (B, S, DI), (B, T, HI) -> (B, T, S), no mask."""
+    ct = torch.promote_types(qI.dtype, torch.float32)
+    logits = torch.einsum("bthd,bsd->bths", qI.to(ct), kI.to(ct)).relu_()              # (B, T, HI, S)
+    return torch.einsum("bths,bth->bts", logits, w.to(ct))
+
+
 def indexer_scores(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None):
-    """(B, t1 - t0, S) fp32 scores with invisible entries at -inf."""
+    """(B, t1 - t0, S) scores of query rows t0..t1-1 with invisible entries at -inf."""
     t1 = qI.shape[1] if t1 is None else t1
-    S = kI.shape[1]
-    logits = torch.einsum("bthd,bsd->bths", qI[:, t0:t1].float(), kI.float()).relu_()   # (B, Tq, HI, S)
-    sc = torch.einsum("bths,bth->bts", logits, w[:, t0:t1].float())
+    sc = index_scores(qI[:, t0:t1], kI, w[:, t0:t1])
     t = torch.arange(t0, t1, device=qI.device) + q_offset
-    vis = torch.arange(S, device=qI.device)[None, :] < ((t + 1) // ratio)[:, None]
-    return sc.masked_fill(~vis[None], float("-inf"))
+    return sc.masked_fill(~visible(t, kI.shape[1], ratio)[None], float("-inf"))
+
+
+def topk_indices(scores: torch.Tensor, k: int, return_scores: bool = False, use_topk: bool = False):
+    """The top-k contract: scores (B, T, S) with -inf = not a candidate -> idx (B, T, k) int32 sorted by score
+    (descending), ties to the lower index, -1 for slots without a candidate (also every slot past S). use_topk=True
+    takes torch.topk (faster, ties unspecified) instead of the stable sort."""
+    B, T, S = scores.shape
+    kk = min(k, S)
+    idx = torch.full((B, T, k), -1, dtype=torch.int32, device=scores.device)
+    val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=scores.device)
+    if kk > 0:
+        if use_topk:
+            v, i = torch.topk(scores, kk, dim=-1)
+        else:
+            v, i = torch.sort(scores, dim=-1, descending=True, stable=True)
+            v, i = v[..., :kk], i[..., :kk]
+        idx[..., :kk] = torch.where(v == float("-inf"), -1, i).to(torch.int32)
+        val[..., :kk] = v.float()
+    return (idx, val) if return_scores else idx
 
 
 def indexer_topk_naive(qI, kI, w, k: int, ratio: int, q_offset: int = 0, chunk: int = 1024,
                        return_scores: bool = False, use_topk: bool = False):
-    """use_topk=True takes torch.topk (faster, ties unspecified) instead of the stable sort (the tie rule)."""
     B, T = qI.shape[:2]
-    S = kI.shape[1]
-    kk = min(k, S)
     idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
     val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        sc = indexer_scores(qI, kI, w, ratio, q_offset, t0, t1)
-        if kk == 0:
-            continue
-        if use_topk:
-            v, i = torch.topk(sc, kk, dim=-1)
-        else:
-            v, i = torch.sort(sc, dim=-1, descending=True, stable=True)
-            v, i = v[..., :kk], i[..., :kk]
-        i = torch.where(v == float("-inf"), -1, i)
-        idx[:, t0:t1, :kk] = i.to(torch.int32)
-        val[:, t0:t1, :kk] = v
+        idx[:, t0:t1], val[:, t0:t1] = topk_indices(indexer_scores(qI, kI, w, ratio, q_offset, t0, t1), k,
+                                                    return_scores=True, use_topk=use_topk)
     return (idx, val) if return_scores else idx

@@ -1,4 +1,5 @@
-"""Sparse-stage indexer KL loss over the top-k picks (docs §10; indexer_training.sparse_indexer_kl_loss).
+"""Indexer KL loss over the attended compressed entries (docs §10): the top-k picks in the "sparse" stage, every
+visible entry in the "warmup" stage (attention/attention.py calls it with the attention's lse).
 
     sparse_kl(q, comp, idx, lse, scale, qI, kI, w, impl="auto")
 

@@ -1,4 +1,4 @@
-"""Sparse-stage indexer KL loss, naive PyTorch twin of triton.py (docs §10, V3.2 recipe; indexer_training.py).
+"""Indexer KL loss over the attended compressed entries, naive PyTorch twin of triton.py (docs §10, V3.2 recipe).
 
 For query row (b, t) with picks s_k = idx[b, t, k], k < K (valid iff 0 <= s_k < S; -1 = none):
     p_k = sum_h exp(scale q[b,t,h] . comp[b,s_k] - lse[b,t,h])      (detached target; lse of the main softmax)
@@ -6,7 +6,8 @@ For query row (b, t) with picks s_k = idx[b, t, k], k < K (valid iff 0 <= s_k < 
     row kept iff P = sum_{valid k} p_k > 0;  KL_row = KL(p / P || softmax_valid(I))
     loss = sum of kept rows' KL / max(#kept rows, 1)
 A repeated pick is counted once per occurrence (a gather). Equal to indexer_training.indexer_kl_loss over the
-selection mask (without repeats).
+selection mask (without repeats). The model calls this for both stages: the "sparse" stage passes its picks, the
+"warmup" stage every visible entry.
 
 Shapes: q (B, T, H, c); comp (B, S, c); idx (B, T, K) integer; lse (B, T, H) fp32; qI (B, T, n_I, c_I);
 kI (B, S, c_I); w (B, T, n_I). Returns a 0-d loss, differentiable w.r.t. qI, kI, w (q, comp, lse detached),
@@ -17,8 +18,19 @@ triton.py never builds.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ...attention.indexer_training import _masked_kl
+
+def masked_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    """Sum over rows with >= 1 entry in `mask` of KL(target / sum || softmax_mask(scores)), and the row count.
+    scores, target, mask (..., E): target >= 0 unnormalised (detached), mask bool."""
+    target = torch.where(mask, target, 0.0)                                   # not target * mask: inf * 0 = nan
+    tot = target.sum(-1, keepdim=True)
+    rows = tot.squeeze(-1) > 0
+    target = target / tot.clamp_min(1e-30)
+    logq = F.log_softmax(scores.masked_fill(~mask, -1e9), dim=-1)             # finite on empty rows
+    kl = (torch.xlogy(target, target) - target * logq).sum(-1)
+    return (kl * rows).sum(), rows.sum()
 
 
 def sparse_kl_naive(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 4096) -> torch.Tensor:
@@ -44,6 +56,6 @@ def sparse_kl_naive(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 409
         kg = kI_rows.index_select(0, rows).view(B, Tq, K, -1)
         logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].to(ct), kg.to(ct)).relu()
         scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].to(ct))   # (B, Tq, K)
-        a, n = _masked_kl(scores, p, valid)
+        a, n = masked_kl(scores, p, valid)
         kl_sum, n_rows = kl_sum + a, n_rows + n
     return kl_sum / n_rows.clamp_min(1)                                       # no host sync
