@@ -272,3 +272,13 @@ def _parse_record(line: str):
 
 def read_metrics(run_dir) -> list[dict]:
     return MetricsLog(Path(run_dir) / "metrics.jsonl").read()
+
+
+def read_csv(path) -> list[dict]:
+    """Rows of a CSV file with a header as dicts of strings; [] when the file does not exist."""
+    import csv
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return list(csv.DictReader(fh))

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from .config import ConfigError
 from .metrics import run_metrics, step_losses
-from .runlog import atomic_write_bytes, load_json, read_metrics
+from .runlog import atomic_write_bytes, load_json, read_csv, read_metrics
 from .stats import compare_arms
+from .sweep import load_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_COLS = ["ablation", "arm", "seed", "scale", "phase", "steps", "tokens", "flops", "device", "metric", "value"]
@@ -75,11 +76,6 @@ def collect(roots) -> tuple[list[dict], list[dict]]:
     return summary, curves
 
 
-def load_sweeps(sweeps_dir) -> dict:
-    from .sweep import load_sweep
-    return {p.stem: load_sweep(p) for p in sorted(Path(sweeps_dir).glob("*.json")) if p.stem != "reproduce"}
-
-
 def verdicts(summary: list[dict], sweeps: dict) -> list[dict]:
     out = []
     for name, sw in sweeps.items():
@@ -110,14 +106,6 @@ def _csv(rows: list[dict], cols: list[str]) -> bytes:
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     return buf.getvalue().encode()
-
-
-def read_csv(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 def format_table(rows: list[dict]) -> str:

@@ -344,3 +344,8 @@ def run_sweep(sweep: dict, root: str = "runs", progress: bool = True, scale: str
         recs = read_metrics(tc.run_dir)
         results.append({"arm": r["arm"], "seed": r["seed"], "run_dir": tc.run_dir, "last": recs[-1] if recs else {}})
     return results
+
+
+def load_sweeps(sweeps_dir) -> dict:
+    """{name: sweep} for every sweep file <name>.json in sweeps_dir (reproduce.json excepted)."""
+    return {p.stem: load_sweep(p) for p in sorted(Path(sweeps_dir).glob("*.json")) if p.stem != "reproduce"}

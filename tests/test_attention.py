@@ -15,7 +15,7 @@ import torch
 
 from dsv4_lab.attention import build_attention
 from dsv4_lab.attention.compressor import Compressor, pool_overlap, pool_plain
-from dsv4_lab.attention.core import sink_attention
+from dsv4_lab.attention.core import sink_attention, window_mask
 from dsv4_lab.attention.hadamard import hadamard_matrix, hadamard_rotate
 from dsv4_lab.attention.indexer import index_scores, selection_mask, topk_select, visible_entries
 from dsv4_lab.attention.indexer_training import indexer_kl_loss, indexer_recall, set_indexer_stage
@@ -482,7 +482,7 @@ def check_oracle_mode(seed: int = 0):
     q = mod.queries(u, mod.query_latent(u), pos)
     kv = mod.window_kv(u, pos)
     ent = mod.compressed_entries(u)
-    mask = torch.cat([mod.window_entries_mask(B, T, None), selection_mask(mod.probe_out["oracle"], ent.shape[1])], -1)
+    mask = torch.cat([window_mask(T, cfg.window)[None], selection_mask(mod.probe_out["oracle"], ent.shape[1])], -1)
     o = sink_attention(q, torch.cat([kv, ent], 1), mask, mod.attn_sink, mod.scale)
     return [("index_mode oracle == attention on the oracle picks", (mod.output(o, pos) - y).abs().max().item(), 1e-12)]
 

@@ -49,6 +49,11 @@ CONFIGS = {
     "flash-mix-plainq": dict(layer_types="flash:4", q_lora_rank=0, o_groups=0),
     "qat-fp4": dict(layer_types=["csa", "hca", "swa"], quant="fp4"),
     "mhc+moe-hash": dict(layer_types="flash:4", residual="mhc", ffn="moe", n_hash_layers=2),
+    # the study selectors decode too: oracle picks = top-3 of the dense attention probabilities (a near tie within
+    # the fp32 noise of ~1e-6 relative would flip a pick: ~1e-6 x 10 entries x 80 rows per layer, < 1e-3 a run);
+    # random picks = a fixed hash of (row, position, entry), identical however the sequence is chunked
+    "csa-oracle": dict(layer_types=["csa", "hca"], index_topk=3, index_mode="oracle"),
+    "csa-random": dict(layer_types=["csa", "csa"], index_topk=3, index_mode="random"),
 }
 
 

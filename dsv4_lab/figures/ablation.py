@@ -86,7 +86,8 @@ def plot_all(results_dir="ablations/results", out_dir="figures", sweeps_dir="abl
              scales: tuple[str, ...] = ("cpu", "gpu")) -> list[Path]:
     """One figure per ablation and tier that has results (ablation_<name>.png for the CPU tier,
     ablation_<name>_gpu.png for the GPU tier); ablations without results are skipped (no empty figure)."""
-    from ..summarize import load_sweeps, read_csv
+    from ..runlog import read_csv
+    from ..sweep import load_sweeps
     res = Path(results_dir)
     summary, curves, ver = (read_csv(res / f) for f in ("summary.csv", "curves.csv", "verdicts.csv"))
     made = []
