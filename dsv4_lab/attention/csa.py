@@ -70,7 +70,9 @@ class CSAttention(Attention):
         if kl_on:
             attended = idx if idx is not None else self.every_visible(B, T, S, p0, u.device)
             kl = IndexerLossInputs(attended, *proj)
-        probe = self.probe_picks(u, cq, q, keys, k0, entries, p0, K) if self.probe else None
+        probe = None
+        if self.probe:
+            probe = {**self.probe_picks(u, cq, q, keys, k0, entries, p0, K), "attended": idx}
         return Selection(entries, idx, kl, probe)
 
     # --- selectors other than the learned one (study tools, docs/methodology.md §3.10) -------------------------
@@ -104,7 +106,8 @@ class CSAttention(Attention):
     @torch.no_grad()
     def probe_picks(self, u, cq, q, keys, k0, entries, p0: int, K: int) -> dict:
         """Picks and scores of all three selectors (indexer_recall, notebooks): {"learned" | "oracle" | "random":
-        (B, T, K) int32 picks, "scores": {name: (B, T, S)}, "visible": (T, S)}."""
+        (B, T, K) int32 picks, "scores": {name: (B, T, S)}, "visible": (T, S)}; `select` adds "attended": the picks
+        the layer attended to (kernel or reference; None = every visible entry)."""
         T, S = q.shape[1], entries.shape[1]
         pos = torch.arange(p0, p0 + T, device=q.device)
         vis = visible_entries(pos, S, self.m)
