@@ -47,7 +47,7 @@ def _attn_grads(fn, inputs, g):
 
 # ------------------------------------------------------------------------------------------------ sparse_attn
 def case_sparse_attn(device="cpu", big=False, dtype=torch.float32):
-    from dsv4_lab.attention.core import sink_attention
+    from reference_attention import sink_attention
     from dsv4_lab.kernels.sparse_attn.naive import gather_entries, sparse_attn_naive
     from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_triton
     g = torch.Generator().manual_seed(1)
@@ -66,7 +66,7 @@ def case_sparse_attn(device="cpu", big=False, dtype=torch.float32):
         if sink is not None and not big:
             sink[0] = float("-inf")                                     # a head whose sink is off
         sc = D ** -0.5
-        # the naive twin equals core.sink_attention over concatenated entries (fp64)
+        # the naive twin equals reference_attention.sink_attention over concatenated entries (fp64)
         if not big:
             E, valid = gather_entries(kv.double(), comp.double(), idx, W)
             ref_list = [sink_attention(q[:, t:t + 1].double(), E[:, t], valid[:, t:t + 1],
@@ -111,7 +111,7 @@ def case_sparse_attn(device="cpu", big=False, dtype=torch.float32):
 
 # ------------------------------------------------------------------------------------------------ hca_attn
 def case_hca_attn(device="cpu", big=False, dtype=torch.float32):
-    from dsv4_lab.attention.core import sink_attention
+    from reference_attention import sink_attention
     from dsv4_lab.kernels.hca_attn.naive import hca_attn_naive
     from dsv4_lab.kernels.hca_attn.triton import hca_attn_triton
     g = torch.Generator().manual_seed(2)
@@ -124,7 +124,7 @@ def case_hca_attn(device="cpu", big=False, dtype=torch.float32):
         comp = torch.randn(B, S, D, generator=g)
         sink = torch.randn(H, generator=g) if has_sink else None
         sc = D ** -0.5
-        if not big:                                                    # naive == core.sink_attention (fp64)
+        if not big:                                                    # naive == reference_attention.sink_attention (fp64)
             from dsv4_lab.attention.core import window_mask
             t = torch.arange(T)
             cm = torch.arange(S)[None, :] < ((t + 1) // R)[:, None]

@@ -15,7 +15,7 @@ import torch
 
 from dsv4_lab.attention import build_attention
 from dsv4_lab.attention.compressor import Compressor, pool_overlap, pool_plain
-from dsv4_lab.attention.core import sink_attention, window_mask
+from dsv4_lab.attention.core import window_mask
 from dsv4_lab.attention.hadamard import hadamard_matrix, hadamard_rotate
 from dsv4_lab.attention.indexer import index_scores, selection_mask, topk_select, visible_entries
 from dsv4_lab.attention.indexer_training import indexer_kl_loss, indexer_recall, set_indexer_stage
@@ -23,6 +23,7 @@ from dsv4_lab.config import ModelConfig
 from dsv4_lab.model import DSV4LM
 
 from numerics import U32, bound_err, close_err
+from reference_attention import sink_attention
 from spec_loop_attention import spec_attention
 
 TYPES = ["dense", "swa", "csa", "hca"]

@@ -1,5 +1,6 @@
 """Dense layers with the attention sink on the fused SDPA path (attention/core.dense_causal_attention): the same
-numbers as the einsum reference `sink_attention` (outputs and gradients of q, kv and the sink), and no (T, T) tensor.
+numbers as the einsum reference `sink_attention` (tests/reference_attention.py): outputs and gradients of q, kv and
+the sink, and no (T, T) tensor.
 
 Error model: in fp64 both are exact softmax-weighted sums up to summation order (|diff| ~ 1e-15 relative). In fp32
 the fused kernel's online softmax and the reference differ by O(D u) in each score and O(T u) in the normaliser
@@ -8,7 +9,8 @@ the fused kernel's online softmax and the reference differ by O(D u) in each sco
 import pytest
 import torch
 
-from dsv4_lab.attention.core import dense_causal_attention, sink_attention, window_mask
+from dsv4_lab.attention.core import dense_causal_attention, window_mask
+from reference_attention import sink_attention
 
 
 def _inputs(B, T, H, D, dtype, sink_scale=1.0, seed=0):

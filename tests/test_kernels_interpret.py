@@ -9,7 +9,8 @@ and writes one JSON record per case; the tests below read those records. Tiny sh
 
 Covered per kernel (fwd and, where differentiable, every input gradient): odd lengths, non-power-of-two head
 counts and dims, -1 / out-of-range / repeated indices, fewer visible entries than k, no sink and a -inf sink,
-window 0, decode with a position offset; the naive twins are also checked against core.sink_attention (fp64);
+window 0, decode with a position offset; the naive twins are also checked against
+reference_attention.sink_attention (fp64);
 the indexer is checked index-for-index (exact dyadic inputs, lower-index tie rule); fake_quant bit-for-bit against
 dsv4_lab.quant (FP8 1x128, 1x64, 2-D tiles, MXFP4; fp32 and bf16).
 """

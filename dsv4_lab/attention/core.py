@@ -1,8 +1,9 @@
-"""Core attention of every V4 layer (docs §2.5): one softmax over window entries and compressed entries together,
-with a learned per-head sink logit that only enlarges the denominator. K = V (shared single head, MQA).
+"""Masks and the dense layers' core attention (docs §2.5): one softmax with a learned per-head sink logit that only
+enlarges the denominator, K = V (shared single head, MQA).
 
-This is the readable reference (and the CPU path). It materialises a (B, H, T, T + S) score matrix, so it is for
-lab-sized sequences; the Triton kernels in dsv4_lab/kernels compute the same thing without it.
+Window / compressed layers attend through the kernel dispatchers (dsv4_lab/kernels: sparse_attn, hca_attn; their
+naive twins are the CPU path and the reference). Dense layers (the baseline arm) go through torch's fused SDPA here.
+`window_mask` states the window rule as a mask, for notebooks and tests.
 """
 from __future__ import annotations
 
@@ -21,29 +22,6 @@ def window_mask(T: int, window: int | None, device=None, q_offset: int = 0, T_k:
     if window is not None:
         m &= j > t - window
     return m
-
-
-def sink_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor | None,
-                   scale: float, return_probs: bool = False):
-    """o_{t,h} = sum_j p_{h,j} kv_j,  p = exp(z) / (sum exp(z) + exp(sink_h)),  z = q.kv * scale  (docs §2.5).
-
-    q: (B, T, H, D); kv: (B, N, D) entries (window and compressed, concatenated); mask: (B or 1, T, N) bool,
-    True = visible; sink: (H,) logits or None (off). Rows with nothing visible and no sink give 0.
-    Returns o (B, T, H, D) [and p (B, H, T, N) in fp32 (fp64 for fp64 inputs)].
-    """
-    ct = torch.promote_types(q.dtype, torch.float32)                             # fp32 at least (fp64 in tests)
-    z = torch.einsum("bthd,bnd->bhtn", q.to(ct), kv.to(ct)) * scale              # (B, H, T, N)
-    z = z.masked_fill(~mask[:, None], float("-inf"))
-    if sink is not None:
-        s = sink.to(ct).view(1, -1, 1, 1).expand(z.shape[0], -1, z.shape[2], 1)
-        z = torch.cat([z, s], dim=-1)                                            # the sink column
-    m = z.amax(-1, keepdim=True).clamp_min(-1e30)                                # guard all -inf rows
-    e = torch.exp(z - m)
-    p = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
-    if sink is not None:
-        p = p[..., :-1]
-    o = torch.einsum("bhtn,bnd->bthd", p, kv.to(ct)).to(q.dtype)
-    return (o, p) if return_probs else o
 
 
 def dense_causal_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor | None, scale: float,

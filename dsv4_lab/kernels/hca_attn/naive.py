@@ -4,7 +4,8 @@ Query i at absolute position t = q_offset + i attends, in one softmax with the p
     window entries      kv[j - kv_start], j in [t - window + 1, t] ∩ [kv_start, kv_start + Tk)
                         (kv[i] holds position kv_start + i: a decode cache passes only the window it keeps)
     compressed entries  comp[s], s < min(S, floor((t + 1) / ratio))      (block-causal: block s ends at or before t)
-K = V, z = scale * q . e, p = exp(z) / (sum exp(z) + exp(sink)). Equal to core.sink_attention over
+K = V, z = scale * q . e, p = exp(z) / (sum exp(z) + exp(sink)). Equal to the masked reference sink_attention
+(tests/reference_attention.py) over
 concat(kv, comp) with that mask (tested).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); sink (H,) or None.

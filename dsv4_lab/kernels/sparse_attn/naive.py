@@ -4,7 +4,8 @@ For query i (absolute position t = q_offset + i) the candidate set is the union 
     window entries     kv[j],   j in [t - window + 1, t] ∩ [0, Tk)                    (uncompressed, docs §2.2)
     selected entries   comp[s], s = idx[i, k] for k < K, kept iff 0 <= s < S          (-1 / out of range = masked)
 and o_{t,h} = sum_j p_{h,j} e_j with p = exp(z) / (sum exp(z) + exp(sink_h)), z = scale * q_{t,h} . e_j (K = V).
-A repeated index is counted once per occurrence (a gather). Equal to core.sink_attention over the concatenated
+A repeated index is counted once per occurrence (a gather). Equal to the masked reference sink_attention
+(tests/reference_attention.py) over the concatenated
 entries with the corresponding mask (tests/test_kernels_interpret.py checks it).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); idx (B, T, K) integer; sink (H,) fp32 or None.
