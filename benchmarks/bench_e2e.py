@@ -142,7 +142,7 @@ def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from dsv4_lab import DSV4LM, ModelConfig
-    from dsv4_lab.attention import csa as csa_mod
+    from dsv4_lab.attention import attention as attn_mod
     from dsv4_lab.attention.attention import Attention
     from dsv4_lab.config import TrainConfig
     from dsv4_lab.moe import MoE
@@ -173,8 +173,7 @@ def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
         model.hc_head.forward = label(model.hc_head.forward, "mhc")
     if model.mtp is not None:
         model.mtp.forward = label(model.mtp.forward, "mtp")
-    for fname in ("indexer_kl_loss", "sparse_indexer_kl_loss"):
-        setattr(csa_mod, fname, label(getattr(csa_mod, fname), "kl"))
+    attn_mod.sparse_kl = label(attn_mod.sparse_kl, "kl")              # the indexer KL (Attention.forward)
     amp = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):                               # warm-up (Triton compiles, allocator)
