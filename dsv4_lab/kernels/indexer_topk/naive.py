@@ -24,10 +24,13 @@ def visible(t: torch.Tensor, S: int, ratio: int) -> torch.Tensor:
     return torch.arange(S, device=t.device)[None, :] < torch.div(t[:, None] + 1, ratio, rounding_mode="floor")
 
 
-def index_scores(qI: torch.Tensor, kI: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """I_{t,s} = sum_h w_{t,h} ReLU(qI_{t,h} . kI_s): (B, T, HI, DI), (B, S, DI), (B, T, HI) -> (B, T, S), no mask."""
-    ct = torch.promote_types(qI.dtype, torch.float32)
-    logits = torch.einsum("bthd,bsd->bths", qI.to(ct), kI.to(ct)).relu_()              # (B, T, HI, S)
+def index_scores(qI: torch.Tensor, kI: torch.Tensor, w: torch.Tensor, ct: torch.dtype | None = None) -> torch.Tensor:
+    """I_{t,s} = sum_h w_{t,h} ReLU(qI_{t,h} . kI_s): qI (B, T, HI, DI), w (B, T, HI) and kI (B, S, DI) keys shared by
+    every query, or (B, T, S, DI) keys gathered per query (the KL over picks: kernels/sparse_kl) -> (B, T, S), no
+    mask. Computed in ct (default fp32, fp64 for fp64 inputs)."""
+    ct = ct or torch.promote_types(qI.dtype, torch.float32)
+    pattern = "bthd,bsd->bths" if kI.dim() == 3 else "bthd,btsd->bths"
+    logits = torch.einsum(pattern, qI.to(ct), kI.to(ct)).relu()                        # (B, T, HI, S)
     return torch.einsum("bths,bth->bts", logits, w.to(ct))
 
 

@@ -2,7 +2,8 @@
 
 For query row (b, t) with picks s_k = idx[b, t, k], k < K (valid iff 0 <= s_k < S; -1 = none):
     p_k = sum_h exp(scale q[b,t,h] . comp[b,s_k] - lse[b,t,h])      (detached target; lse of the main softmax)
-    I_k = sum_j w[b,t,j] ReLU(qI[b,t,j] . kI[b,s_k])                 (the indexer's score; differentiable)
+    I_k = sum_j w[b,t,j] ReLU(qI[b,t,j] . kI[b,s_k])                 (the indexer's score, indexer_topk.naive's
+                                                                      index_scores on the gathered keys; differentiable)
     row kept iff P = sum_{valid k} p_k > 0;  KL_row = KL(p / P || softmax_valid(I))
     loss = sum of kept rows' KL / max(#kept rows, 1)
 A repeated pick is counted once per occurrence (a gather). Equal to indexer_training.indexer_kl_loss over the
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..indexer_topk.naive import index_scores
 
 
 def masked_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
@@ -54,8 +57,7 @@ def sparse_kl_naive(q, comp, idx, lse, scale: float, qI, kI, w, chunk: int = 409
             z = torch.einsum("bthd,btkd->bthk", q[:, t0:t1].to(ct), ec.to(ct)) * scale
             p = torch.exp(z - lse[:, t0:t1, :, None].to(ct)).sum(2)           # (B, Tq, K)
         kg = kI_rows.index_select(0, rows).view(B, Tq, K, -1)
-        logits = torch.einsum("bthd,btkd->bthk", qI[:, t0:t1].to(ct), kg.to(ct)).relu()
-        scores = torch.einsum("bthk,bth->btk", logits, w[:, t0:t1].to(ct))   # (B, Tq, K)
+        scores = index_scores(qI[:, t0:t1], kg, w[:, t0:t1], ct)              # (B, Tq, K)
         a, n = masked_kl(scores, p, valid)
         kl_sum, n_rows = kl_sum + a, n_rows + n
     return kl_sum / n_rows.clamp_min(1)                                       # no host sync
