@@ -14,7 +14,9 @@ Without a low-rank query (q_lora_rank = 0) there is no latent c^Q: the indexer's
 Modes (cfg.index_mode, docs §10 / docs/methodology.md §3.10): "learned" (the scores above), "oracle" (top-k of the main
 attention's own probabilities over all visible entries, summed over heads: the best a selector could do),
 "random" (uniformly random visible entries), "all" (every visible entry, HCA-like dense; the warm-up stage).
-The functions below take already-projected tensors so a decode cache can reuse them.
+The score formula, visibility and the top-k live once, in kernels/indexer_topk/naive.py (the kernel's naive twin);
+the functions below name them for the model, notebooks and tests. With a KV cache, `keys` streams the chunk through
+the indexer compressor's state and reads every key so far back from the block cache (docs §6.2).
 """
 from __future__ import annotations
 
