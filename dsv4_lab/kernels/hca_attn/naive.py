@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..sparse_attn.naive import gather_entries
+from ..indexer_topk.naive import visible
+from ..sparse_attn.naive import gather_entries, sink_softmax
 
 
 def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0,
@@ -32,15 +33,9 @@ def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_o
         zw = torch.einsum("bthd,btnd->bthn", qc, Ew.to(ct)) * scale
         zw = zw.masked_fill(~vw[:, :, None], float("-inf"))
         zc = torch.einsum("bthd,bsd->bths", qc, comp.to(ct)) * scale              # (B, Tq, H, S)
-        t = torch.arange(t0, t1, device=q.device) + q_offset
-        vc = torch.arange(S, device=q.device)[None, :] < ((t + 1) // ratio)[:, None]  # (Tq, S)
+        vc = visible(torch.arange(t0, t1, device=q.device) + q_offset, S, ratio)       # (Tq, S) block-causal
         zc = zc.masked_fill(~vc[None, :, None], float("-inf"))
-        z = [zw, zc]
-        if sink is not None:
-            z.append(sink.to(ct).view(1, 1, H, 1).expand(B, t1 - t0, H, 1))
-        z = torch.cat(z, -1)
-        lse = torch.logsumexp(z, -1)
-        p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
+        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                     # the softmax of sparse_attn
         W = zw.shape[-1]
         o = torch.einsum("bthn,btnd->bthd", p[..., :W], Ew.to(ct)) + \
             torch.einsum("bths,bsd->bthd", p[..., W:W + S], comp.to(ct))

@@ -37,6 +37,17 @@ def gather_entries(kv, comp, idx, window: int, q_offset: int = 0, t0: int = 0, t
     return E, valid
 
 
+def sink_softmax(z: torch.Tensor, sink: torch.Tensor | None):
+    """The softmax of docs §2.5 over scores z (B, Tq, H, N) (-inf = masked) whose denominator also holds exp(sink_h):
+    (p (B, Tq, H, N), lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf when nothing is visible and no sink)."""
+    B, Tq, H, _ = z.shape
+    if sink is not None:
+        z = torch.cat([z, sink.to(z.dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)], -1)
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
+    return (p[..., :-1] if sink is not None else p), lse
+
+
 def sparse_attn_naive(q, kv, comp, idx, sink, scale: float, window: int, q_offset: int = 0,
                       chunk: int = 4096, return_lse: bool = False):
     B, T, H, D = q.shape
@@ -46,13 +57,7 @@ def sparse_attn_naive(q, kv, comp, idx, sink, scale: float, window: int, q_offse
         t1 = min(T, t0 + chunk)
         E, valid = gather_entries(kv, comp, idx, window, q_offset, t0, t1)      # (B, Tq, N, D), (B, Tq, N)
         z = torch.einsum("bthd,btnd->bthn", q[:, t0:t1].to(ct), E.to(ct)) * scale
-        z = z.masked_fill(~valid[:, :, None], float("-inf"))
-        if sink is not None:
-            z = torch.cat([z, sink.to(ct).view(1, 1, H, 1).expand(B, t1 - t0, H, 1)], -1)
-        lse = torch.logsumexp(z, -1)                                            # (B, Tq, H), -inf if nothing
-        p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
-        if sink is not None:
-            p = p[..., :-1]
+        p, lse = sink_softmax(z.masked_fill(~valid[:, :, None], float("-inf")), sink)   # lse (B, Tq, H)
         outs.append(torch.einsum("bthn,btnd->bthd", p, E.to(ct)).to(q.dtype))
         lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)
     o = torch.cat(outs, 1)
