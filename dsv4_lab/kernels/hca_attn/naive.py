@@ -8,6 +8,9 @@ K = V, z = scale * q . e, p = exp(z) / (sum exp(z) + exp(sink)). Equal to the ma
 (tests/reference_attention.py) over
 concat(kv, comp) with that mask (tested).
 
+The window is read as a band of consecutive rows (sparse_attn/naive.py `window_band`), the compressed entries as
+one dense product with the block-causal mask.
+
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); sink (H,) or None.
 Returns o (B, T, H, D) in q's dtype (and lse (B, T, H) fp32; fp64 for fp64 inputs).
 """
@@ -16,29 +19,29 @@ from __future__ import annotations
 import torch
 
 from ..indexer_topk.naive import visible
-from ..sparse_attn.naive import gather_entries, sink_softmax
+from ..sparse_attn.naive import sink_softmax, window_band, window_output
 
 
 def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_offset: int = 0,
-                   chunk: int = 2048, return_lse: bool = False, kv_start: int = 0):
+                   chunk: int = 2048, return_lse: bool = False, kv_start: int = 0, block: int = 64):
     B, T, H, D = q.shape
     S = comp.shape[1]
     ct = torch.promote_types(q.dtype, torch.float32)
-    no_idx = torch.empty(B, T, 0, dtype=torch.long, device=q.device)
+    kvc, compc = kv.to(ct), comp.to(ct)
+    L = max(1, min(block, T))
     outs, lses = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        Ew, vw = gather_entries(kv, comp, no_idx, window, q_offset - kv_start, t0, t1)    # (B, Tq, W, D)
-        qc = q[:, t0:t1].to(ct)
-        zw = torch.einsum("bthd,btnd->bthn", qc, Ew.to(ct)) * scale
-        zw = zw.masked_fill(~vw[:, :, None], float("-inf"))
-        zc = torch.einsum("bthd,bsd->bths", qc, comp.to(ct)) * scale              # (B, Tq, H, S)
-        vc = visible(torch.arange(t0, t1, device=q.device) + q_offset, S, ratio)       # (Tq, S) block-causal
+        qc = q[:, t0:t1].to(ct) * scale
+        zw, Kb, nb = window_band(qc, kvc, window, q_offset - kv_start + t0, L)     # (B, Tq, H, Lw) the band
+        zc = torch.matmul(qc, compc.unsqueeze(1).transpose(-1, -2))                # (B, Tq, H, S)
+        vc = visible(torch.arange(t0, t1, device=q.device) + q_offset, S, ratio)   # (Tq, S) block-causal
         zc = zc.masked_fill(~vc[None, :, None], float("-inf"))
-        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                     # the softmax of sparse_attn
-        W = zw.shape[-1]
-        o = torch.einsum("bthn,btnd->bthd", p[..., :W], Ew.to(ct)) + \
-            torch.einsum("bths,bsd->bthd", p[..., W:W + S], comp.to(ct))
+        Lw = zw.shape[-1]
+        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                      # the softmax of sparse_attn
+        o = torch.matmul(p[..., Lw:], compc.unsqueeze(1))                          # (B, Tq, H, D)
+        ow = window_output(p[..., :Lw], Kb, nb, L)
+        o = o if ow is None else ow + o
         outs.append(o.to(q.dtype))
         lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)
     o = torch.cat(outs, 1)

@@ -31,12 +31,12 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
     The reference order: P = softmax over the last index + eps, column-normalise, then (iters - 1) x
     (row-normalise, column-normalise): 20 row and 20 column normalisations at iters = 20 (the softmax is the first
     row normalisation), ending on columns."""
-    P = torch.softmax(logits, dim=-1) + eps
-    P = P / (P.sum(dim=-2, keepdim=True) + eps)
+    P = (torch.softmax(logits, dim=-1) + eps).movedim((-2, -1), (0, 1)).contiguous()   # (n, n, ...): sums over
+    P = P / (P.sum(dim=0, keepdim=True) + eps)                    # the outermost dims are adds of whole planes
     for _ in range(iters - 1):
-        P = P / (P.sum(dim=-1, keepdim=True) + eps)
-        P = P / (P.sum(dim=-2, keepdim=True) + eps)
-    return P
+        P = P / (P.sum(dim=1, keepdim=True) + eps)                # row-normalise (sum over j)
+        P = P / (P.sum(dim=0, keepdim=True) + eps)                # column-normalise (sum over i)
+    return P.movedim((0, 1), (-2, -1))                            # (..., n, n), a view
 
 
 def mhc_maps_naive(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):

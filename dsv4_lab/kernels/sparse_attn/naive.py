@@ -5,8 +5,13 @@ For query i (absolute position t = q_offset + i) the candidate set is the union 
     selected entries   comp[s], s = idx[i, k] for k < K, kept iff 0 <= s < S          (-1 / out of range = masked)
 and o_{t,h} = sum_j p_{h,j} e_j with p = exp(z) / (sum exp(z) + exp(sink_h)), z = scale * q_{t,h} . e_j (K = V).
 A repeated index is counted once per occurrence (a gather). Equal to the masked reference sink_attention
-(tests/reference_attention.py) over the concatenated
-entries with the corresponding mask (tests/test_kernels_interpret.py checks it).
+(tests/reference_attention.py) over the concatenated entries with the corresponding mask (tests/kernels_cases.py).
+
+How (the CPU path of the model, so it is written for speed without changing the math): the window is a band.
+Queries go in blocks of L; block b's window keys are the L + W - 1 consecutive rows of the left-padded kv ending at
+its last query, read as one strided view (`unfold`, no copy): one batched matmul per block instead of a gather of W
+rows per query, and a band mask keeps exactly each query's W keys (and rows inside [0, Tk)). The picks are gathered.
+`gather_entries` states the same candidate set entry by entry (the tests' form).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); idx (B, T, K) integer; sink (H,) fp32 or None.
 Returns o (B, T, H, D) in q's dtype and lse (B, T, H) = log(sum exp(z) + exp(sink)) (natural log), fp32 (fp64
@@ -15,6 +20,53 @@ for fp64 inputs).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def sink_softmax(z: torch.Tensor, sink: torch.Tensor | None):
+    """The softmax of docs §2.5 over scores z (B, Tq, H, N) (-inf = masked) whose denominator also holds exp(sink_h):
+    (p (B, Tq, H, N), lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf when nothing is visible and no sink)."""
+    B, Tq, H, _ = z.shape
+    if sink is not None:
+        z = torch.cat([z, sink.to(z.dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)], -1)
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
+    return (p[..., :-1] if sink is not None else p), lse
+
+
+def window_band(q: torch.Tensor, kv: torch.Tensor, window: int, q_offset: int, L: int):
+    """Window scores of queries q (B, T, H, D) at positions q_offset + i against kv (B, Tk, D) at positions 0..Tk-1.
+
+    Returns z (B, T, H, L + W - 1) (-inf outside each query's window [t - W + 1, t] or outside [0, Tk)), the key
+    blocks Kb (B, nb, D, L + W - 1) (a view of the padded kv: block b's keys) and nb = ceil(T / L). W = 0: no keys."""
+    B, T, H, D = q.shape
+    Tk, W = kv.shape[1], window
+    nb = -(-T // L)
+    if W == 0:
+        return q.new_zeros(B, T, H, 0), None, nb
+    Lw = L + W - 1
+    need = q_offset + nb * L + W - 1                                   # padded rows the last block reaches
+    P = F.pad(kv, (0, 0, W - 1, max(0, need - (Tk + W - 1))))         # row r holds position r - W + 1
+    Kb = P[:, q_offset:need].unfold(1, Lw, L)                          # (B, nb, D, Lw)
+    Qb = F.pad(q, (0, 0, 0, 0, 0, nb * L - T)).view(B, nb, L, H, D).permute(0, 1, 3, 2, 4)   # (B, nb, H, L, D)
+    z = torch.matmul(Qb, Kb.unsqueeze(2))                              # (B, nb, H, L, Lw)
+    r = torch.arange(L, device=q.device)[:, None]
+    c = torch.arange(Lw, device=q.device)[None, :]
+    band = (c >= r) & (c < r + W)                                      # (L, Lw): key c in query r's window
+    j = q_offset + torch.arange(nb, device=q.device)[:, None] * L - W + 1 + c   # (nb, Lw) key positions
+    ok = band[None] & ((j >= 0) & (j < Tk))[:, None, :]                # (nb, L, Lw)
+    z = z.masked_fill(~ok[None, :, None], float("-inf"))
+    return z.permute(0, 1, 3, 2, 4).reshape(B, nb * L, H, Lw)[:, :T], Kb, nb
+
+
+def window_output(p: torch.Tensor, Kb, nb: int, L: int) -> torch.Tensor:
+    """p (B, T, H, L + W - 1) window probabilities -> (B, T, H, D) = sum_c p_c key_c, through the block layout."""
+    B, T, H, Lw = p.shape
+    if Kb is None:                                                     # W = 0
+        return None
+    pb = F.pad(p, (0, 0, 0, 0, 0, nb * L - T)).view(B, nb, L, H, Lw).permute(0, 1, 3, 2, 4)  # (B, nb, H, L, Lw)
+    o = torch.matmul(pb, Kb.transpose(-1, -2).unsqueeze(2))            # (B, nb, H, L, D)
+    return o.permute(0, 1, 3, 2, 4).reshape(B, nb * L, H, -1)[:, :T]
 
 
 def gather_entries(kv, comp, idx, window: int, q_offset: int = 0, t0: int = 0, t1: int | None = None):
@@ -37,28 +89,35 @@ def gather_entries(kv, comp, idx, window: int, q_offset: int = 0, t0: int = 0, t
     return E, valid
 
 
-def sink_softmax(z: torch.Tensor, sink: torch.Tensor | None):
-    """The softmax of docs §2.5 over scores z (B, Tq, H, N) (-inf = masked) whose denominator also holds exp(sink_h):
-    (p (B, Tq, H, N), lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf when nothing is visible and no sink)."""
-    B, Tq, H, _ = z.shape
-    if sink is not None:
-        z = torch.cat([z, sink.to(z.dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)], -1)
-    lse = torch.logsumexp(z, -1)
-    p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
-    return (p[..., :-1] if sink is not None else p), lse
-
-
 def sparse_attn_naive(q, kv, comp, idx, sink, scale: float, window: int, q_offset: int = 0,
-                      chunk: int = 4096, return_lse: bool = False):
+                      chunk: int = 4096, return_lse: bool = False, block: int = 64):
     B, T, H, D = q.shape
+    S = comp.shape[1]
     ct = torch.promote_types(q.dtype, torch.float32)
+    kvc, compc = kv.to(ct), comp.to(ct)
+    L = max(1, min(block, T))
     outs, lses = [], []
-    for t0 in range(0, T, chunk):                           # chunk the queries: memory O(chunk * (W + K) * D)
+    for t0 in range(0, T, chunk):                           # chunk the queries: memory O(chunk * (L + W + K))
         t1 = min(T, t0 + chunk)
-        E, valid = gather_entries(kv, comp, idx, window, q_offset, t0, t1)      # (B, Tq, N, D), (B, Tq, N)
-        z = torch.einsum("bthd,btnd->bthn", q[:, t0:t1].to(ct), E.to(ct)) * scale
-        p, lse = sink_softmax(z.masked_fill(~valid[:, :, None], float("-inf")), sink)   # lse (B, Tq, H)
-        outs.append(torch.einsum("bthn,btnd->bthd", p, E.to(ct)).to(q.dtype))
+        qc = q[:, t0:t1].to(ct) * scale
+        zw, Kb, nb = window_band(qc, kvc, window, q_offset + t0, L)            # (B, Tq, H, Lw)
+        s = idx[:, t0:t1].long()                                                # (B, Tq, K)
+        K = s.shape[-1]
+        if S > 0 and K > 0:                                                     # the picked rows, gathered
+            Ec = compc[torch.arange(B, device=q.device)[:, None, None], s.clamp(0, S - 1)]      # (B, Tq, K, D)
+            zc = torch.matmul(qc, Ec.transpose(-1, -2)).masked_fill(~((s >= 0) & (s < S))[:, :, None],
+                                                                    float("-inf"))             # (B, Tq, H, K)
+        else:
+            zc = qc.new_full((B, t1 - t0, H, K), float("-inf"))
+        Lw = zw.shape[-1]
+        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                   # lse (B, Tq, H)
+        o = window_output(p[..., :Lw], Kb, nb, L)
+        if S > 0 and K > 0:
+            oc = torch.matmul(p[..., Lw:], Ec)                                  # (B, Tq, H, D)
+            o = oc if o is None else o + oc
+        if o is None:                                                           # no window, no pick: 0 (kept
+            o = qc * 0                                                          # in q's graph, as a sum over none)
+        outs.append(o.to(q.dtype))
         lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)
     o = torch.cat(outs, 1)
     return (o, torch.cat(lses, 1)) if return_lse else o
