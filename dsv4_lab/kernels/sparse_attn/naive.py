@@ -42,8 +42,8 @@ def window_band(q: torch.Tensor, kv: torch.Tensor, window: int, q_offset: int, L
     B, T, H, D = q.shape
     Tk, W = kv.shape[1], window
     nb = -(-T // L)
-    if W == 0:
-        return q.new_zeros(B, T, H, 0), None, nb
+    if W == 0:                                                         # (B, T, H, 0), still in kv's graph
+        return torch.einsum("bthd,bnd->bthn", q, kv[:, :0]), None, nb
     Lw = L + W - 1
     need = q_offset + nb * L + W - 1                                   # padded rows the last block reaches
     P = F.pad(kv, (0, 0, W - 1, max(0, need - (Tk + W - 1))))         # row r holds position r - W + 1
