@@ -3,7 +3,8 @@
 CPU: a target sequence decoded alone and at the first, a middle and the last position of batches of up to 8 other
 sequences of other lengths gives bitwise-identical logits and tokens with batch_invariant=True (torch.equal); the
 fast ragged path (batch_invariant=False) matches to fp32 rounding; the split-KV decode kernels under the Triton
-interpreter are batch invariant with a fixed split count. GPU (skipped without CUDA; the lead runs them on the H200):
+interpreter are batch invariant with a fixed split count. GPU (skipped without CUDA; run on a CUDA machine; results
+of an H200 run in benchmarks/README.md, run 18):
 the same checks on CUDA, and two identical short training runs with deterministic=true giving bitwise-identical
 losses.
 """
@@ -21,7 +22,7 @@ from dsv4_lab.inference.generate import generate
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: the GPU half of batch invariance / determinism "
-                                       "(the lead runs it on the H200)")
+                                       "(run it on a CUDA machine)")
 
 
 def build(device="cpu", **over):
