@@ -29,7 +29,6 @@ writes the results JSON (finished records only) from which `figure` draws figure
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 
 from .config import ConfigError, parse_overrides
 from .runlog import RunError, environment, load_checkpoint, load_json, save_json
+from .sweep import child_env, device_count
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "ablations" / "results" / "long_context.json"
@@ -182,13 +182,6 @@ def run_one(setting: str, arm: str, seed: int, root: str, log=print) -> dict:
 # many arm x seed pairs, packed as processes
 # --------------------------------------------------------------------------------------------------------------
 
-def _device_count() -> int:
-    try:
-        return torch.cuda.device_count()
-    except Exception:
-        return 0
-
-
 def run_all(setting: str, root: str, arms: list[str], seeds: list[int], jobs: int = 1,
             stop_after: float | None = None) -> list[tuple[str, int]]:
     """Run the unfinished pairs `jobs` at a time (child processes); returns the pairs that failed or are left."""
@@ -198,19 +191,14 @@ def run_all(setting: str, root: str, arms: list[str], seeds: list[int], jobs: in
             parse_overrides(overrides(setting, a, sd, root))
     todo = [(a, sd) for sd in seeds for a in arms if not is_done(setting, a, sd, root)]
     root = str(Path(root).resolve())               # the children run from the repository root
-    n_gpus, stop_at = _device_count(), (time.time() + stop_after if stop_after is not None else None)
+    n_gpus, stop_at = device_count(), (time.time() + stop_after if stop_after is not None else None)
     print(f"[longctx] setting {setting}: {len(arms) * len(seeds)} runs, {len(todo)} to do, jobs {jobs}", flush=True)
 
     def child(pair, slot):
         arm, seed = pair
         rd = run_dir(setting, arm, seed, root)
         rd.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        if n_gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpus)
-        else:
-            threads = str(max(1, (os.cpu_count() or 1) // jobs))
-            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env = child_env(slot, jobs, n_gpus)
         cmd = [sys.executable, "-m", "dsv4_lab", "longctx", "one", "--setting", setting, "--arm", arm,
                "--seed", str(seed), "--root", root]
         with open(rd / "longctx.log", "ab") as fh:

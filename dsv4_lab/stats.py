@@ -107,6 +107,14 @@ def mean_std(xs) -> tuple[float, float]:
     return m, s
 
 
+def mean_band(vals) -> tuple[float, float]:
+    """Mean and half-width of its 95 % t-interval over seeds (0 for one value): the bands of the figures."""
+    m, sd = mean_std(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, t_quantile(0.975, len(vals) - 1) * sd / math.sqrt(len(vals))
+
+
 def paired_diffs(baseline: dict, arm: dict) -> tuple[list, np.ndarray]:
     """baseline, arm: {seed: value}. The seeds both have (sorted) and arm - baseline on them."""
     seeds = sorted(set(baseline) & set(arm))

@@ -182,12 +182,24 @@ def is_done(run: dict) -> bool:
 # executing runs
 # --------------------------------------------------------------------------------------------------------------
 
-def _device_count() -> int:
+def device_count() -> int:
     try:
         import torch
         return torch.cuda.device_count()
     except Exception:
         return 0
+
+
+def child_env(slot: int, jobs: int, n_gpus: int) -> dict:
+    """Environment of the child process in job slot `slot`: one GPU per slot (round robin) where there are GPUs,
+    else the CPU cores split evenly over the `jobs` children."""
+    env = dict(os.environ)
+    if n_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpus)
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
 
 
 def execute(run: dict, slot: int, jobs: int, n_gpus: int, log=print) -> int:
@@ -196,12 +208,7 @@ def execute(run: dict, slot: int, jobs: int, n_gpus: int, log=print) -> int:
     rd.mkdir(parents=True, exist_ok=True)
     save_json({k: run[k] for k in ("ablation", "scale", "phase", "arm", "family", "seed")} | {"overrides": run["kv"]},
               rd / "sweep.json")
-    env = dict(os.environ)
-    if n_gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpus)
-    else:
-        threads = str(max(1, (os.cpu_count() or 1) // jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env = child_env(slot, jobs, n_gpus)
     env.setdefault("MPLBACKEND", "Agg")
     params = {"overrides": run["kv"]}                   # exactly the validated config (plan / validate)
     cmd = [sys.executable, "-m", "papermill", str(RUN_NOTEBOOK), str(rd / "run.ipynb"), "-y", json.dumps(params),
@@ -226,7 +233,7 @@ def run_all(runs: list[dict], jobs: int = 1, stop_at: float | None = None, desc:
     if not todo:
         return []
     from tqdm.std import tqdm
-    n_gpus = _device_count()
+    n_gpus = device_count()
     failed, lock = [], threading.Lock()
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=desc, unit="run", dynamic_ncols=True)
     free = list(range(jobs))

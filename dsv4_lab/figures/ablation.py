@@ -10,16 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..stats import paired_diffs, t_quantile
-
-
-def _band(vals: list[float]) -> tuple[float, float]:
-    n = len(vals)
-    m = sum(vals) / n
-    if n < 2:
-        return m, 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    return m, t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+from ..stats import mean_band, paired_diffs
 
 
 def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts: list[dict], out_png,
@@ -44,7 +35,7 @@ def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts
         steps = sorted(pts)
         if not steps:
             continue
-        mb = [_band(pts[s]) for s in steps]
+        mb = [mean_band(pts[s]) for s in steps]
         n = max(len(v) for v in pts.values())
         ax1.plot(steps, [m for m, _ in mb], marker="o" if len(steps) < 4 else None, label=f"{arm} (n={n})")
         ax1.fill_between(steps, [m - b for m, b in mb], [m + b for m, b in mb], alpha=0.25)

@@ -7,11 +7,10 @@ same for exact match (all 4 answer tokens right). The claim boundary is written 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from ..config import ConfigError
-from ..stats import t_quantile
+from ..stats import mean_band
 
 COLORS = {"v4": "tab:blue", "dense": "tab:orange", "swa": "tab:green"}
 REC_KEYS = ("setting", "arm", "seed", "lengths")
@@ -41,16 +40,6 @@ def load_results(path) -> dict:
                 raise ConfigError(f"long-context results {path}: records[{i}].lengths[{n!r}] needs a positive "
                                   "integer length and a number 'answer_acc'")
     return d
-
-
-def mean_band(vals: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95 % t-interval (0 for one value)."""
-    n = len(vals)
-    m = sum(vals) / n
-    if n < 2:
-        return m, 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    return m, t_quantile(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def curves(d: dict, setting: str, metric: str = "answer_acc") -> dict:
