@@ -4,7 +4,7 @@ dsv4_lab/figures/efficiency_measured.py (`make reproduce` redraws it from the co
 
 The H200 command (one device call, ~8 minutes; resumable: a second call measures only what is missing):
 
-    PYTHONPATH=$PWD timeout 570 python3 benchmarks/bench_efficiency.py --budget 450 --train-mode v4=eager \\
+    PYTHONPATH=$PWD timeout 570 python3 benchmarks/bench_efficiency.py --budget 450 --train-mode v4=blocks \\
         dense=compiled --eager-above 16384 --commit <git sha of the checkout>;
     cp benchmarks/results/efficiency_measured.json benchmarks/results/efficiency_measured.log $OUT/
 
@@ -137,6 +137,7 @@ def build_plan(a, s: dict) -> list[dict]:
 # table (H200); the rest: a model of the cached reference path (guesses until measured).
 TPS = {("v4", "eager"): {4096: 136e3, 16384: 130e3, 65536: 125e3, 131072: 110e3},
        ("v4", "compiled"): {4096: 200e3, 16384: 190e3, 65536: 180e3, 131072: 160e3},      # guess: never finished
+       ("v4", "blocks"): {4096: 190e3, 16384: 180e3, 65536: 170e3, 131072: 150e3},        # 4K measured, rest guesses
        ("dense", "compiled"): {4096: 1063e3, 16384: 432e3, 65536: 140e3, 131072: 73e3},
        ("dense", "eager"): {4096: 425e3, 16384: 278e3, 65536: 118e3, 131072: 60e3}}
 
@@ -160,7 +161,7 @@ def expected_s(p: dict, s: dict, first_of_arm_kind: bool) -> float:
     if kind == "train":
         tokens = max(n, s["tokens_per_step"])
         steps = (s["train_warmup"] + s["train_steps"]) * tokens / _nearest(TPS[(arm, p["mode"])], n)
-        compile_s = 60.0 if p["mode"] == "compiled" else (50.0 if arm == "v4" and first_of_arm_kind else 8.0)
+        compile_s = 60.0 if p["mode"] in ("compiled", "blocks") else (50.0 if arm == "v4" and first_of_arm_kind else 8.0)
         return 4.0 + steps + compile_s
     if kind == "forward":
         one = n / (3 * _nearest(TPS[(arm, "eager")], n))
@@ -302,7 +303,8 @@ class Child:
     def train(self, p: dict) -> dict:
         import bench_e2e
         preset = self.s["arms"][p["arm"]]
-        r = bench_e2e.measure(preset, p["ctx"], p["mode"] == "compiled", self.s["train_warmup"],
+        r = bench_e2e.measure(preset, p["ctx"], {"compiled": True, "blocks": "blocks"}.get(p["mode"], False),
+                              self.s["train_warmup"],
                               self.s["train_steps"], guard_s=120.0, device=self.dev,
                               tokens_per_step=self.s["tokens_per_step"])
         self.torch._dynamo.reset()
@@ -646,7 +648,7 @@ def parse(argv=None):
     for k in KINDS:
         ap.add_argument(f"--ctx-{k}", type=int, nargs="+", default=None, help=f"contexts of the {k} points")
     ap.add_argument("--train-mode", nargs="+", default=["v4=eager", "dense=compiled"],
-                    help="ARM=compiled|eager per arm (bench_e2e's best settings: V4 eager, dense compiled)")
+                    help="ARM=compiled|blocks|eager per arm (bench_e2e's best settings: V4 blocks (regional compile), dense compiled)")
     ap.add_argument("--eager-above", type=int, default=None, help="train eager above this context (every arm)")
     ap.add_argument("--warmup", type=int, default=None, help="training warm-up steps (GPU 3, --tiny 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (GPU 5, --tiny 2)")
@@ -669,8 +671,9 @@ def parse(argv=None):
     modes = {}
     for item in a.train_mode:
         arm, eq, mode = item.partition("=")
-        if not eq or arm not in ("v4", "dense") or mode not in ("compiled", "eager"):
-            raise BadInput(f"--train-mode {item!r} is not allowed: ARM=MODE with ARM v4|dense, MODE compiled|eager")
+        if not eq or arm not in ("v4", "dense") or mode not in ("compiled", "blocks", "eager"):
+            raise BadInput(f"--train-mode {item!r} is not allowed: ARM=MODE with ARM v4|dense, "
+                           "MODE compiled|blocks|eager")
         modes[arm] = mode
     a.train_mode = {arm: modes.get(arm, "eager") for arm in ("v4", "dense")}
     for k in KINDS:

@@ -147,20 +147,21 @@ def test_model_decode_uses_split_kv_kernels_and_matches_reference(mode, topk):
         return f
     ids = torch.randint(0, 256, (2, 97), device="cuda")
     logits = {}
-    try:
+    try:                                                   # no_grad as in generate(): the split-KV path is no-grad only
         sd.sparse_attn_decode_fwd, hd.hca_attn_decode_fwd = counted("sparse"), counted("hca")
         for name, m in (("torch", ref), ("triton", tri)):
-            cache = m.new_cache(2, 97 + 32)
-            out = [m(ids[:, :40], cache=cache).logits, m(ids[:, 40:97], cache=cache).logits]
-            nxt = out[-1][:, -1].argmax(-1, keepdim=True) if name == "torch" else None
-            for i in range(32):                                        # greedy tokens of the reference
-                if name == "torch":
-                    out.append(m(nxt, cache=cache).logits)
-                    logits.setdefault("tokens", []).append(nxt)
-                    nxt = out[-1][:, -1].argmax(-1, keepdim=True)
-                else:
-                    out.append(m(logits["tokens"][i], cache=cache).logits)
-            logits[name] = torch.cat(out, 1)
+            with torch.no_grad():
+                cache = m.new_cache(2, 97 + 32)
+                out = [m(ids[:, :40], cache=cache).logits, m(ids[:, 40:97], cache=cache).logits]
+                nxt = out[-1][:, -1].argmax(-1, keepdim=True) if name == "torch" else None
+                for i in range(32):                                        # greedy tokens of the reference
+                    if name == "torch":
+                        out.append(m(nxt, cache=cache).logits)
+                        logits.setdefault("tokens", []).append(nxt)
+                        nxt = out[-1][:, -1].argmax(-1, keepdim=True)
+                    else:
+                        out.append(m(logits["tokens"][i], cache=cache).logits)
+                logits[name] = torch.cat(out, 1)
     finally:
         sd.sparse_attn_decode_fwd, hd.hca_attn_decode_fwd = orig["sparse"], orig["hca"]
     # 32 steps x (1 SWA + 2 CSA layers) sparse calls and 32 HCA calls at least (prefill chunks of B * T <= 64 too)
