@@ -117,7 +117,8 @@ def load_measured(path) -> dict:
             if parts[1] in KV_KINDS and p.get("storage") not in acc.STORAGES:
                 raise _bad(path, f"{where}.storage", p.get("storage"), f"one of {acc.STORAGES}")
         points.append({**p, "arm": parts[0], "kind": parts[1], "ctx": int(parts[2])})
-    return {"configs": configs, "points": points, "settings": d["settings"], "env": d.get("env", {}), "path": str(path)}
+    return {"configs": configs, "points": points, "settings": d["settings"], "env": d.get("env", {}),
+            "calls": d.get("calls") or [d.get("env", {})], "path": str(path)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def plot_efficiency_measured(json_path, out_dir: str = "figures") -> list[Path]:
     env = m["env"]
     where = env.get("gpu", m["settings"].get("device", "?"))
     fig.suptitle(f"Measured efficiency vs context, {presets.get('v4', 'v4')} vs {presets.get('dense', 'dense')} on "
-                 f"{where} (commit {str(env.get('commit', '?'))[:12]}); lines without markers: dsv4_lab.accounting",
+                 f"{where} ({_commits(m)}); lines without markers: dsv4_lab.accounting",
                  fontsize=10)
     if missing:
         fig.text(0.01, 0.005, "not measured: " + "; ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""),
@@ -303,12 +304,23 @@ def _cell(v) -> str:
     return f'"{s}"' if "," in s else s
 
 
+def _commits(m: dict) -> str:
+    """The commits the points were measured at: one per device call (a rerun measures only the points missing)."""
+    calls = m.get("calls") or [m["env"]]
+    shas = list(dict.fromkeys(str(c.get("commit", "?"))[:7] for c in calls))
+    return ("commit " if len(shas) == 1 else "commits ") + ", ".join(shas)
+
+
+def _calls(m: dict) -> str:
+    return "; ".join(f"{c.get('time', '?')} at {str(c.get('commit', '?'))[:7]}" for c in m.get("calls") or [m["env"]])
+
+
 def companion(m: dict, rows: list[dict]) -> str:
     """The figure's companion text: what was measured where, the measured vs analytic ratios, and why they differ."""
     env, s = m["env"], m["settings"]
     out = [f"# Measured efficiency vs context ({Path(m['path']).name})", "",
-           f"Device {env.get('gpu', s.get('device', '?'))}, torch {env.get('torch', '?')}, commit "
-           f"{env.get('commit', '?')}; arms {s.get('arms')}; training modes {s.get('train_mode')} (eager above "
+           f"Device {env.get('gpu', s.get('device', '?'))}, torch {env.get('torch', '?')}, "
+           f"measured in {len(m.get('calls') or [env])} device calls ({_calls(m)}); arms {s.get('arms')}; training modes {s.get('train_mode')} (eager above "
            f"{s.get('eager_above')}), {s.get('tokens_per_step')} tokens per step; amp {s.get('amp')}, cache storage "
            f"{s.get('storage')}, prefill chunk {s.get('prefill_chunk')}.", "",
            "| kind | context | V4 / dense measured | FLOPs ratio (accounting) | measured / accounting |",
