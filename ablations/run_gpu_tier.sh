@@ -13,7 +13,11 @@
 # checkpoint. Before starting it copies the committed records (ablations/records/<sweep>/gpu/) into runs/ (never
 # over a run dir that exists), and after the chunk it copies every finished run's records, without checkpoints,
 # into $ARCHIVE/<sweep>/gpu/ (default: $OUT/records when $OUT is set): commit those into ablations/records/ to carry
-# the tier across machines. It prints the device seconds each sweep used in this chunk (and writes them to
+# the tier across machines. Measured (H200, run 19 in benchmarks/README.md): 8 `csa_vs_hca` runs of 3000 steps packed
+# on one GPU took 536 s (67 s per run in aggregate): these 0.5M-parameter models are launch-bound and the GPU
+# time-slices between processes, so packing gains little and the tier needs about 80 device minutes. On the 10-minute
+# device call: JOBS=8 RUN_S=560 ablations/run_gpu_tier.sh 9 (under `timeout 590`) runs exactly one wave of 8 and
+# archives it. It prints the device seconds each sweep used in this chunk (and writes them to
 # $ARCHIVE/device_seconds/<chunk>.csv, summed per sweep by notebook 09) and the verdicts of the runs
 # under runs/ (into runs/gpu_tier_results/, not the committed CSVs). Exit 0 once all five sweeps are done, 3 while
 # runs are left. MINUTES must stay under the device's per-command limit (10 minutes) and RUN_S cover one packed run.
@@ -116,12 +120,15 @@ done
 complete=0
 chunk=$(date -u +%Y%m%dT%H%M%SZ)
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+first=1
 for s in $SWEEPS; do
     left=$(( deadline - $(date +%s) ))
-    if [ "$left" -le 0 ]; then
+    if [ "$left" -le 0 ] && [ "$first" = 0 ]; then
         echo "[gpu tier] chunk time used up before $s; run the same command again to continue"
         break
     fi
+    [ "$left" -le 0 ] && left=30                    # RUN_S >= MINUTES: one wave of JOBS runs, then stop
+    first=0
     t0=$(date +%s)
     if "$PY" -m dsv4_lab sweep "$SWEEP_DIR/$s.json" --scale gpu --jobs "$JOBS" --root "$RUNS" --stop-after "$left"; then
         complete=$(( complete + 1 ))
