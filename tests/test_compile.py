@@ -8,8 +8,10 @@ the V4 graph (Triton) is the GPU run's job. All go through `compile_model`, as t
 
 Error model: the compiled graph computes the same fp32 ops; Inductor fuses elementwise chains and may reorder
 reductions (relative differences O(n u), u = 2^-24, n <= 512 terms), which moves the loss by < 1e-6 relative and
-the gradient norm by < 1e-5 relative; the tolerances (1e-5 loss, 1e-4 gradient norm) leave room. Discrete picks
-(MoE top-k, CSA top-k) take scores that agree to ~1e-7; a near-tie flip would show as a failure, not be hidden.
+the gradient norm by < 1e-5 relative; the tolerances (1e-5 loss, 1e-4 gradient norm) leave room. Discrete picks:
+the Inductor case (tiny-dense) has none (dense attention, dense FFN); the V4 cases run aot_eager, i.e. the eager
+kernels on the same shapes, and their compiled loss and gradient norm equal the eager ones bitwise (measured: a
+difference of 0.0 in all three), so the MoE and CSA top-k see identical scores and cannot flip.
 """
 import pytest
 import torch
