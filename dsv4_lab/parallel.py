@@ -12,6 +12,11 @@
 Both modes see the same global batch as one process: every rank makes the global batch of the step and keeps
 its own rows (`rank_slice`), so the mean loss over ranks is the one-process loss up to fp32 summation order.
 
+One known difference under fsdp2: a trainable parameter that no rank's tokens reach in a step (an expert without
+tokens under moe_dispatch=loop) gets a zero gradient, not none, so AdamW / Muon still decay it and its moments
+that step, where one process and ddp skip it. The grouped dispatch (default) and the tiny / small presets give
+every parameter a gradient.
+
 Checkpoints are full (unsharded) tensors in the one-process layout (`full_state`): a checkpoint written with any
 number of ranks, in either mode, resumes with any other (`load_full_state`).
 """
@@ -21,6 +26,16 @@ import torch
 import torch.nn as nn
 
 MODES = ("ddp", "fsdp2")
+
+
+def check_supported(mc, mode: str) -> None:
+    """ConfigError for the one combination that does not run: fsdp2 with the indexer's dense warm-up stage (it
+    freezes every parameter but the indexers', and fully_shard's backward then crashes: a whole block without a
+    trainable parameter). ddp runs it."""
+    from .config import ConfigError
+    if mode == "fsdp2" and mc.indexer_warmup_steps and "csa" in mc.layer_types:
+        raise ConfigError(f"config field 'indexer_warmup_steps' = {mc.indexer_warmup_steps} is not allowed with "
+                          "parallel=fsdp2 on several ranks: 0, or use parallel=ddp")
 
 
 def _dtensor_cls():

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
 from .data import Batches
 from .model import DSV4LM
-from .parallel import RankBatches, full_state, load_full_state, wrap
+from .parallel import RankBatches, check_supported, full_state, load_full_state, wrap
 from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
                      same_config, save_checkpoint, save_json)
 
@@ -203,6 +203,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         raise ConfigError(f"config field 'batch_size' = {tc.batch_size} is not allowed: a multiple of the number "
                           f"of processes ({world})")
     check_train_pair(mc, tc)
+    if distributed:
+        check_supported(mc, tc.parallel)
     device = resolve_device(tc, local_rank)
     if tc.deterministic:                           # before the first GEMM (inference/batch_invariance.py)
         from .inference.batch_invariance import set_deterministic

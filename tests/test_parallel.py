@@ -142,3 +142,13 @@ def test_parallel_field_is_validated():
     assert parse_overrides(["parallel=fsdp2"])[1].parallel == "fsdp2"
     with pytest.raises(ConfigError, match=r"'parallel' = 'zero3' is not allowed: one of \('ddp', 'fsdp2'\)"):
         parse_overrides(["parallel=zero3"])
+
+
+def test_fsdp2_refuses_the_indexer_warmup_stage():
+    from dsv4_lab.config import ConfigError, ModelConfig
+    from dsv4_lab.parallel import check_supported
+    warm = ModelConfig.from_preset("tiny", indexer_warmup_steps=2)
+    check_supported(warm, "ddp")
+    check_supported(ModelConfig.from_preset("tiny"), "fsdp2")
+    with pytest.raises(ConfigError, match=r"'indexer_warmup_steps' = 2 is not allowed with parallel=fsdp2"):
+        check_supported(warm, "fsdp2")
