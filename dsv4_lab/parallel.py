@@ -7,7 +7,10 @@
 * fsdp2: `torch.distributed.fsdp.fully_shard` on every block (the main blocks and the Block inside each MTP
   block), then on the root (embedding, head, norms, the rest of the MTP blocks). Parameters become DTensors sharded
   on dim 0; each rank keeps and updates only its shard (AdamW works on shards as is; Muon gathers the full matrix,
-  optim/muon.py). Works on CPU with gloo as well as on GPUs with NCCL.
+  optim/muon.py). Parameters that are not trained (the MoE router's bias, updated identically on every rank from
+  all-reduced loads) stay whole. Parameters stay fp32 (all-gathers in fp32; bf16 is autocast's, as in one
+  process). Tested on CPU with gloo (tests/test_parallel.py); the NCCL path is the same code, not yet run on GPUs.
+  The indexer's dense warm-up stage is refused under fsdp2 (`check_supported`).
 
 Both modes see the same global batch as one process: every rank makes the global batch of the step and keeps
 its own rows (`rank_slice`), so the mean loss over ranks is the one-process loss up to fp32 summation order.

@@ -6,10 +6,11 @@ gloo on CPU, NCCL on GPU).
 Writes `run_dir/config.json`, `env.json`, `metrics.jsonl` (one object per logged step: step, train_loss, lr,
 tokens, flops, and val_loss on eval steps; `losses` = the train loss of every step since the previous record and
 `grad_norm_max` = their largest pre-clip gradient norm, so spikes can be counted, dsv4_lab/metrics.py) and
-`ckpt.pt`; checkpoint steps are always logged, so a resumed run's per-step losses have no gap. A killed run restarted with the same run_dir resumes
-from its last checkpoint and sees the same batches it would have seen (batches are a pure function of
-(seed, step); each rank takes its rows of the global batch, so any number of ranks sees the same batches
-and a checkpoint resumes on any number of ranks); a finished run is skipped. The LR schedule's horizon is `max_steps`, never early stopping.
+`ckpt.pt`; checkpoint steps are always logged, so a resumed run's per-step losses have no gap. A killed run
+restarted with the same run_dir resumes from its last checkpoint and sees the same batches it would have seen
+(batches are a pure function of (seed, step); each rank takes its rows of the global batch, so any number of
+ranks sees the same batches and a checkpoint resumes on any number of ranks); a finished run is skipped. The LR
+schedule's horizon is `max_steps`, never early stopping.
 
 Bad input stops before anything is written (ConfigError / RunError, one line naming the field or file): the run
 dir, its config.json (required to resume), the checkpoint (checksum, weights-only load, same config) and the data

@@ -6,16 +6,17 @@ the parent then resumes a 2-rank fsdp2 checkpoint with 1 process. Every per-step
 uninterrupted 1-process run within LOSS_RTOL.
 
 Error model for LOSS_RTOL. The batches are identical (each rank takes its rows of the same global batch), so the
-runs differ only in fp32 summation order: the loss is a mean of two half-batch means instead of one mean, and the
-gradient is an all-reduce (sum of two partial sums) instead of one sum over the batch; the fsdp2 reduce-scatter
-and Muon's all-gather move data without arithmetic. Each reordered sum of n terms differs by at most ~log2(n) eps32
-relative (eps32 = 1.2e-7; n <= 4096 terms per reduction here: 12 * 1.2e-7 ~ 1.5e-6). A gradient that differs by
-delta (relative) moves the weights by at most ~lr * delta more per step (AdamW normalises by sqrt(v); Muon's
-Newton-Schulz is a fixed polynomial of a well-conditioned matrix at these shapes, gain below ~10 on the
-perturbation), and the loss moves by |dL/dw| * dw. After s = 4 steps at lr 3e-3 that stays far below the step-0
-reordering itself, so the loss difference is dominated by a few reorderings of ~1.5e-6 each, amplified by at most
-~10: 1e-5 relative (x6 below the 1e-4 bound used). Discrete decisions (MoE top-k, indexer top-k) could flip on a
-near tie and move a loss by far more than this bound: the test would then fail loudly, never pass wrongly.
+runs differ only in fp32 summation order: the loss is the mean of two half-batch means instead of one mean, and
+the gradient is a sum of two partial sums (all-reduce or fsdp2 reduce-scatter, then / 2, exact in binary) instead
+of one sum over the batch; all-gathers (fsdp2, Muon's full matrix) move data without arithmetic. A reordered fp32
+sum of n terms moves by at most ~log2(n) eps32 times the sum of |terms| (eps32 = 1.2e-7, n <= 4096 here:
+~1.5e-6 relative for the positive sums of a cross-entropy). A gradient that differs by delta (relative) moves the
+weights by ~lr * delta more per step (AdamW normalises by sqrt(v); Muon's Newton-Schulz is a fixed polynomial,
+gain below ~10 on a perturbation of a matrix without tiny singular values), and the loss by |dL/dw| * dw: after
+4 steps at lr 3e-3 that stays below the step's own reordering, so the loss difference is a few reorderings of
+~1.5e-6, amplified by at most ~10: 1e-5 relative, 10x below LOSS_RTOL = 1e-4. A wrong batch, a lost gradient
+shard or a shard-wise Newton-Schulz moves a loss by 1e-2 or more. Discrete decisions (MoE top-k, indexer top-k)
+could flip on a near tie and move a loss far beyond the bound: the test would then fail, never pass wrongly.
 """
 from __future__ import annotations
 
