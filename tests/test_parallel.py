@@ -125,6 +125,8 @@ def runs(tmp_path_factory):
 def test_two_ranks_match_one_process(runs, mode, opt):
     want, got = _losses(runs[f"ref_{opt}"]), _losses(runs[f"{mode}_{opt}"])
     assert sorted(got) == list(range(STEPS))
+    env = json.load(open(os.path.join(runs[f"{mode}_{opt}"], "env.json")))
+    assert (env["world_size"], env["parallel"]) == (2, mode)
     _assert_close(got, want, f"{mode} {opt} 2 ranks", range(STEPS))
     assert want[STEPS - 1] != want[0]                 # the runs really trained
 
