@@ -339,6 +339,7 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 50               # steps between checkpoints (and always at the last step)
     device: str = "auto"                  # auto | cpu | cuda
+    parallel: str = "ddp"                 # under torchrun: ddp (replicated) | fsdp2 (sharded per block, parallel.py)
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"                 # auto (blocks on CUDA, eager on CPU) | true | blocks | false (compilation.py)
     deterministic: bool = False           # bitwise-repeatable runs; on CUDA needs kernels=torch compile=false (docs §6.5)
@@ -393,6 +394,7 @@ class TrainConfig:
             raise _err("wsd_decay_frac", self.wsd_decay_frac, "a number in (0, 1]")
         choices = {"data": ("stdlib", "shakespeare", "retrieval", "mrcr"), "schedule": ("cosine", "wsd"),
                    "optimizer": ("adamw", "muon"), "ns_schedule": ("v4", "keller5"), "device": ("auto", "cpu", "cuda"),
+                   "parallel": ("ddp", "fsdp2"),
                    "dtype": ("auto", "fp32", "bf16"), "compile": ("auto", "true", "blocks", "false")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:

@@ -182,8 +182,10 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def push_snapshot(self):
-        if self.delta > 0:
-            self._snapshots.append((self.weight.detach().clone(), self.e_score_correction_bias.detach().clone()))
+        if self.delta > 0:                                     # a sharded (fsdp2) weight: every rank gathers it
+            w = self.weight.detach()
+            w = w.full_tensor() if hasattr(w, "full_tensor") else w.clone()
+            self._snapshots.append((w, self.e_score_correction_bias.detach().clone()))
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
         """x (N, d), input_ids (N,) -> weights (N, K) fp32, indices (N, K) int64, scores (N, N_r) fp32."""

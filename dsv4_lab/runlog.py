@@ -103,7 +103,8 @@ def check_run_dir(run_dir, record: dict) -> bool:
     return True
 
 
-NOT_COMPARED = ("run_dir", "progress")     # train fields that do not change a run: a moved run dir still resumes
+# train fields that do not change a run: a moved run dir still resumes, a ddp checkpoint resumes under fsdp2
+NOT_COMPARED = ("run_dir", "progress", "parallel")
 ADDED_LATER = {"deterministic": False}    # train fields newer than some records: absent = this (old) behaviour
 
 

@@ -1,13 +1,16 @@
-"""The training loop: one process or `torchrun --nproc_per_node=N` (DDP; gloo on CPU, NCCL on GPU).
+"""The training loop: one process or `torchrun --nproc_per_node=N` (parallel=ddp | fsdp2, dsv4_lab/parallel.py;
+gloo on CPU, NCCL on GPU).
 
     python -m dsv4_lab train preset=tiny max_steps=40 run_dir=runs/x seed=1 lr=3e-3
 
 Writes `run_dir/config.json`, `env.json`, `metrics.jsonl` (one object per logged step: step, train_loss, lr,
 tokens, flops, and val_loss on eval steps; `losses` = the train loss of every step since the previous record and
 `grad_norm_max` = their largest pre-clip gradient norm, so spikes can be counted, dsv4_lab/metrics.py) and
-`ckpt.pt`; checkpoint steps are always logged, so a resumed run's per-step losses have no gap. A killed run restarted with the same run_dir resumes
-from its last checkpoint and sees the same batches it would have seen (batches are a pure function of
-(seed, step, rank)); a finished run is skipped. The LR schedule's horizon is `max_steps`, never early stopping.
+`ckpt.pt`; checkpoint steps are always logged, so a resumed run's per-step losses have no gap. A killed run
+restarted with the same run_dir resumes from its last checkpoint and sees the same batches it would have seen
+(batches are a pure function of (seed, step); each rank takes its rows of the global batch, so any number of
+ranks sees the same batches and a checkpoint resumes on any number of ranks); a finished run is skipped. The LR
+schedule's horizon is `max_steps`, never early stopping.
 
 Bad input stops before anything is written (ConfigError / RunError, one line naming the field or file): the run
 dir, its config.json (required to resume), the checkpoint (checksum, weights-only load, same config) and the data
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
 from .data import Batches
 from .model import DSV4LM
+from .parallel import RankBatches, check_supported, full_state, load_full_state, wrap
 from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
                      same_config, save_checkpoint, save_json)
 
@@ -136,9 +140,8 @@ def _resume(ckpt_path: Path, record: dict, model, opt, device, max_steps: int) -
     if not 0 <= ck["step"] < max_steps:
         raise RunError(f"checkpoint {ckpt_path} is at step {ck['step']}, outside this run's 0..{max_steps - 1}; "
                        "delete it or use another run_dir")
-    try:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+    try:                                           # full tensors, placed as this run holds them (parallel.py)
+        load_full_state(model, opt, ck["model"], ck["optimizer"])
         torch.set_rng_state(ck["rng_cpu"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         msg = " ".join(str(e).split())[:200]
@@ -201,6 +204,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         raise ConfigError(f"config field 'batch_size' = {tc.batch_size} is not allowed: a multiple of the number "
                           f"of processes ({world})")
     check_train_pair(mc, tc)
+    if distributed:
+        check_supported(mc, tc.parallel)
     device = resolve_device(tc, local_rank)
     if tc.deterministic:                           # before the first GEMM (inference/batch_invariance.py)
         from .inference.batch_invariance import set_deterministic
@@ -215,6 +220,9 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     same_run = check_run_dir(run_dir, record)
     torch.manual_seed(tc.seed)
     model = DSV4LM(mc).to(device)
+    ddp_model = model                              # what forward is called on: DDP wrapper or the fsdp2 model
+    if distributed:                                # before the optimizer: fsdp2 replaces parameters by shards
+        ddp_model = wrap(model, tc.parallel, device, find_unused=mc.ffn == "moe" or "csa" in mc.layer_types)
     opt = build_optimizer(model, tc)
     start_step = 0
     if same_run and ckpt_path.exists():
@@ -223,15 +231,16 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         if distributed:                            # finished (a sweep may drop the checkpoint, keep finished.json)
             dist.destroy_process_group()
         return _final_record(metrics, tc.max_steps)
-    per_rank = tc.batch_size // world
     try:                                           # the data source can make this run's batches
-        batches = Batches(tc.data, tc.seq_len, per_rank, tc.seed, rank, tc.task_n_pairs, tc.task_n_queries,
+        batches = Batches(tc.data, tc.seq_len, tc.batch_size, tc.seed, 0, tc.task_n_pairs, tc.task_n_queries,
                           tc.task_n_needles, tc.task_n_near)
         batches.train_batch(start_step)
         batches.val_batch(0)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"config field 'data' = {tc.data!r} cannot make batches of seq_len={tc.seq_len}: "
                           f"{' '.join(str(e).split())}") from None
+    if distributed:                                # every rank: its rows of the global batch
+        batches = RankBatches(batches, rank, world)
     if rank == 0:
         try:
             if start_step:
@@ -241,16 +250,12 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
             save_json(record, run_dir / "config.json")
             env = environment(device)
             env["world_size"] = world
+            env["parallel"] = tc.parallel if distributed else "none"
             if start_step:
                 env["resumed_from_step"] = start_step
             save_json(env, run_dir / ("env.json" if not start_step else f"env.resume{start_step}.json"))
         except OSError as e:
             raise RunError(f"run_dir {run_dir} cannot be written ({e.strerror or e}); use another run_dir") from None
-    ddp_model = model
-    if distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=mc.ffn == "moe" or "csa" in mc.layer_types)
 
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -287,13 +292,14 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         out.loss.backward()
         # the pre-clip global gradient norm, also without clipping (max_norm=inf scales by 1)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                               tc.grad_clip if tc.grad_clip > 0 else float("inf")).item()
+                                               tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()   # fsdp2: a DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.detach()
-        if distributed:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        loss_f = loss.item()
+        losses = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float()])
+        if distributed:                            # the mean over ranks = the global batch's mean (equal rows)
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+        loss_f, lm_loss_f = losses.tolist()
         call_step_hooks(model, step, loss_f)
         step_losses.append(loss_f)
         step_gnorms.append(gnorm)
@@ -307,7 +313,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         rec = None
         if (step % tc.log_interval == 0 or is_last or (step + 1) % tc.eval_interval == 0
                 or (step + 1) % tc.ckpt_interval == 0):
-            rec = {"step": step, "train_loss": loss_f, "lm_loss": out.lm_loss.item(), "lr": lr,
+            rec = {"step": step, "train_loss": loss_f, "lm_loss": lm_loss_f, "lr": lr,
                    "tokens": (step + 1) * tokens_per_step, "flops": (step + 1) * tokens_per_step * fpt,
                    "time_s": time.time() - t0}
             rec["grad_norm"] = gnorm
@@ -330,10 +336,12 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
             metrics.append(rec)
             last = rec
             bar.set_postfix(loss=f"{loss_f:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
-        if ((step + 1) % tc.ckpt_interval == 0 or is_last) and rank == 0:
-            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                             "rng_cpu": torch.get_rng_state(), "flops_method": flops_method,
-                             "config": json.dumps(json_roundtrip(record), sort_keys=True)}, ckpt_path)
+        if (step + 1) % tc.ckpt_interval == 0 or is_last:
+            model_sd, opt_sd = full_state(model, opt)  # every rank (fsdp2 all-gathers); rank 0 writes
+            if rank == 0:
+                save_checkpoint({"model": model_sd, "optimizer": opt_sd, "step": step,
+                                 "rng_cpu": torch.get_rng_state(), "flops_method": flops_method,
+                                 "config": json.dumps(json_roundtrip(record), sort_keys=True)}, ckpt_path)
             last_ckpt = step
         bar.update(1)
     bar.close()

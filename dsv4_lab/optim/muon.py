@@ -19,6 +19,10 @@ Which matrices are "logically independent" (docs §7, UNCONFIRMED part):
     `build_optimizer` (optim/__init__.py) sets the attribute for `wo_a` and mHC's `hc_*_fn` when the owning
     module has not set it itself.
 
+Under FSDP2 (dsv4_lab/parallel.py) p, its gradient and the momentum buffer are dim-0 shards (DTensors): the
+momentum update is elementwise on the shards; U is all-gathered (full_tensor), every rank orthogonalises the full
+matrix (the same computation on every rank), and each rank keeps its own rows of the update.
+
 Matrices of the same shape are stacked and orthogonalised in one batched call (docs/kernels.md §5: small NS calls are
 launch-bound). Momentum and the update are computed in fp32 whatever the parameter dtype.
 """
@@ -77,6 +81,21 @@ def orthogonal_update(us: list[torch.Tensor], groups: list, schedule="v4", rms_s
     return [_unpieces(ps, u.shape, g) for ps, u, g in zip(out, us, groups)]
 
 
+def _gather(u: torch.Tensor) -> torch.Tensor:
+    """The full matrix of a sharded (FSDP2 DTensor) momentum-corrected gradient; a plain tensor as is.
+    Newton-Schulz needs the whole matrix: every rank all-gathers it and orthogonalises the same full matrix."""
+    from torch.distributed.tensor import DTensor
+    return u.full_tensor() if isinstance(u, DTensor) else u
+
+
+def _shard_like(o: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of the full update o when p is a DTensor (every rank holds the same o: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(p, DTensor) or isinstance(o, DTensor):
+        return o
+    return distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for matrix parameters (ndim >= 2); see the module docstring for the exact update.
 
@@ -129,9 +148,10 @@ class Muon(torch.optim.Optimizer):
                 params.append(p)
             if not params:
                 continue
-            updates = orthogonal_update(us, [muon_groups(p) for p in params], group["ns_schedule"],
-                                        group["rms_scale"], self.ns_dtype)
+            updates = orthogonal_update([_gather(u) for u in us], [muon_groups(p) for p in params],
+                                        group["ns_schedule"], group["rms_scale"], self.ns_dtype)
             for p, o in zip(params, updates):
+                o = _shard_like(o, p)
                 if wd:
                     p.mul_(1 - lr * wd)
                 p.add_(o.to(p.dtype), alpha=-lr)
