@@ -5,7 +5,7 @@
 
 The comparisons are the tests' own `check_*` functions (tests/test_decode.py, test_optim.py, test_attention.py,
 test_hf_parity.py, test_mtp.py, test_mhc.py, test_moe.py, test_dense_sink_attention.py, test_flex_baseline.py,
-test_longctx.py, test_rope.py, test_prefix_store.py, test_train.py), the kernel interpreter cases
+test_longctx.py, test_rope.py, test_prefix_store.py, test_train.py, test_parallel.py), the kernel interpreter cases
 (tests/kernels_cases.py, whose `_check` calls are recorded) and the interpreter scripts that print their comparisons
 (test_hca_prefill_interpret.py, kernel_wiring_check.py); each gives (name, error, tolerance) with the error model
 written beside the tolerance. Prints a markdown table sorted by worst
@@ -112,6 +112,8 @@ def seeded_checks():
     out.append(("prefix store row of a batch", PS.check_row_of_batch))
     import test_train as TR
     out += [(f"train resume {p}", lambda s, p=p: TR.check_resume(p, s)) for p in ("tiny-dense", "tiny")]
+    import test_parallel as PL
+    out.append(("parallel 2 gloo ranks vs 1 process", lambda s: PL.check_parallel(100 + s)))
     return out
 
 

@@ -31,7 +31,8 @@ import torch
 LOSS_RTOL = 1e-4
 STEPS = 4
 COMMON = ["preset=tiny", "seq_len=32", "batch_size=4", f"max_steps={STEPS}", "warmup_steps=1", "log_interval=1",
-          "ckpt_interval=2", "eval_interval=1000", "eval_batches=1", "device=cpu", "progress=false", "seed=3"]
+          "ckpt_interval=2", "eval_interval=1000", "eval_batches=1", "device=cpu", "progress=false"]
+SEED = 3                                            # the test's input; scripts/tolerance_margins.py runs 20 others
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def _keep_every_checkpoint():
 def _train(overrides: list[str]) -> None:
     from dsv4_lab.config import parse_overrides
     from dsv4_lab.train import train
-    mc, tc = parse_overrides(COMMON + overrides)
+    mc, tc = parse_overrides(COMMON + overrides)                     # overrides carry seed=N
     train(mc, tc)
 
 
@@ -87,10 +88,10 @@ def _assert_close(got: dict, want: dict, what: str, steps) -> None:
             f"{what}: step {s} loss {got[s]!r} vs one process {want[s]!r} (rtol {LOSS_RTOL})"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
-    d = {k: str(root / k) for k in ("ref_adamw", "ref_muon", "ddp_adamw", "fsdp2_adamw", "ddp_muon", "fsdp2_muon")}
+def run_all(root, seed: int) -> dict[str, str]:
+    """Every run of this file under root: the 1-process references, the 2-rank runs (one spawn) and both resumes."""
+    root = str(root)
+    d = {k: str(os.path.join(root, k)) for k in ("ref_adamw", "ref_muon", "ddp_adamw", "fsdp2_adamw", "ddp_muon", "fsdp2_muon")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "OMP_NUM_THREADS")}
@@ -100,15 +101,16 @@ def runs(tmp_path_factory):
     try:
         _keep_every_checkpoint()
         for opt in ("adamw", "muon"):
-            _train([f"run_dir={d['ref_' + opt]}", f"optimizer={opt}"])
-        d["resume_1to2"] = _resume_dir(d["ref_muon"], root / "resume_1to2", 1)
-        jobs = [(_free_port(), [f"run_dir={d[f'{p}_{o}']}", f"parallel={p}", f"optimizer={o}"])
+            _train([f"run_dir={d['ref_' + opt]}", f"optimizer={opt}", f"seed={seed}"])
+        d["resume_1to2"] = _resume_dir(d["ref_muon"], os.path.join(root, "resume_1to2"), 1)
+        jobs = [(_free_port(), [f"run_dir={d[f'{p}_{o}']}", f"parallel={p}", f"optimizer={o}", f"seed={seed}"])
                 for p in ("ddp", "fsdp2") for o in ("adamw", "muon")]
-        jobs.append((_free_port(), [f"run_dir={d['resume_1to2']}", "parallel=fsdp2", "optimizer=muon"]))
+        jobs.append((_free_port(), [f"run_dir={d['resume_1to2']}", "parallel=fsdp2", "optimizer=muon",
+                                    f"seed={seed}"]))
         os.environ["OMP_NUM_THREADS"] = "1"          # the children's math libraries start with one thread
         torch.multiprocessing.spawn(_rank_main, args=(2, jobs), nprocs=2, join=True)
-        d["resume_2to1"] = _resume_dir(d["fsdp2_muon"], root / "resume_2to1", 1)
-        _train([f"run_dir={d['resume_2to1']}", "optimizer=muon"])
+        d["resume_2to1"] = _resume_dir(d["fsdp2_muon"], os.path.join(root, "resume_2to1"), 1)
+        _train([f"run_dir={d['resume_2to1']}", "optimizer=muon", f"seed={seed}"])
     finally:
         tr.save_checkpoint = save
         torch.set_num_threads(threads)
@@ -118,6 +120,25 @@ def runs(tmp_path_factory):
             else:
                 os.environ[k] = v
     return d
+
+
+def check_parallel(seed: int) -> list[tuple[str, float, float]]:
+    """(name, worst relative loss difference to the 1-process run, LOSS_RTOL) for every 2-rank run and resume."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        d = run_all(root, seed)
+        out = []
+        for name, ref, steps in [(f"{m} {o}", f"ref_{o}", range(STEPS)) for m in ("ddp", "fsdp2")
+                                 for o in ("adamw", "muon")] + [(c, "ref_muon", range(2, STEPS))
+                                                                 for c in ("resume_2to1", "resume_1to2")]:
+            want, got = _losses(d[ref]), _losses(d[name.replace(" ", "_")])
+            out.append((f"parallel {name}", max(abs(got[s] - want[s]) / abs(want[s]) for s in steps), LOSS_RTOL))
+        return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_all(tmp_path_factory.mktemp("parallel"), SEED)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
