@@ -38,10 +38,9 @@ def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_o
         zc = torch.matmul(qc.reshape(B, Tq * H, D), compc.transpose(1, 2)).view(B, Tq, H, S)   # heads in GEMM rows
         vc = visible(torch.arange(t0, t1, device=q.device) + q_offset, S, ratio)   # (Tq, S) block-causal
         zc = zc.masked_fill(~vc[None, :, None], float("-inf"))
-        Lw = zw.shape[-1]
-        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                      # the softmax of sparse_attn
-        o = torch.matmul(p[..., Lw:].reshape(B, Tq * H, S), compc).view(B, Tq, H, D)
-        ow = window_output(p[..., :Lw], Kb, nb, L)
+        (pw, pc), lse = sink_softmax([zw, zc], sink)                              # the softmax of sparse_attn
+        o = torch.matmul(pc.reshape(B, Tq * H, S), compc).view(B, Tq, H, D)
+        ow = window_output(pw, Kb, nb, L)
         o = o if ow is None else ow + o
         outs.append(o.to(q.dtype))
         lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)

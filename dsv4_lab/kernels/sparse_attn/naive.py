@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 
 
-def sink_softmax(z: torch.Tensor, sink: torch.Tensor | None):
-    """The softmax of docs §2.5 over scores z (B, Tq, H, N) (-inf = masked) whose denominator also holds exp(sink_h):
-    (p (B, Tq, H, N), lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf when nothing is visible and no sink)."""
-    B, Tq, H, _ = z.shape
-    if sink is not None:
-        z = torch.cat([z, sink.to(z.dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)], -1)
-    lse = torch.logsumexp(z, -1)
-    p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
-    return (p[..., :-1] if sink is not None else p), lse
+def sink_softmax(zs: list, sink: torch.Tensor | None):
+    """The softmax of docs §2.5 over score blocks zs = [z_i (B, Tq, H, N_i)] side by side (-inf = masked) whose
+    denominator also holds exp(sink_h): ([p_i (B, Tq, H, N_i)], lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf
+    when nothing is visible and no sink). Each block's p = exp(z - lse) is computed on its own (no slicing)."""
+    B, Tq, H, _ = zs[0].shape
+    cols = zs + ([sink.to(zs[0].dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)] if sink is not None else [])
+    lse = torch.logsumexp(torch.cat(cols, -1), -1)
+    m = lse.clamp_min(-1e30)[..., None]
+    return [torch.exp(z - m) for z in zs], lse
 
 
 def window_band(q: torch.Tensor, kv: torch.Tensor, window: int, q_offset: int, L: int):
@@ -117,11 +117,10 @@ def sparse_attn_naive(q, kv, comp, idx, sink, scale: float, window: int, q_offse
             zc = zall.gather(-1, sc).masked_fill(~sv[:, :, None], float("-inf"))    # the K picked ones kept
         else:
             zc = qc.new_full((B, Tq, H, K), float("-inf"))
-        Lw = zw.shape[-1]
-        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                   # lse (B, Tq, H)
-        o = window_output(p[..., :Lw], Kb, nb, L)
+        (pw, pk), lse = sink_softmax([zw, zc], sink)                           # lse (B, Tq, H)
+        o = window_output(pw, Kb, nb, L)
         if S > 0 and K > 0:                                                     # the picks' probabilities back on
-            pc = p.new_zeros(B, Tq, H, S).scatter_add(-1, sc, p[..., Lw:])     # their entries (a repeat adds up,
+            pc = pk.new_zeros(B, Tq, H, S).scatter_add(-1, sc, pk)              # their entries (a repeat adds up,
             oc = torch.matmul(pc.view(B, Tq * H, S), compc).view(B, Tq, H, D)  # as the gather counts it twice)
             o = oc if o is None else o + oc
         if o is None:                                                           # no window, no pick: 0 (kept
