@@ -9,7 +9,7 @@ K = V, z = scale * q . e, p = exp(z) / (sum exp(z) + exp(sink)). Equal to the ma
 concat(kv, comp) with that mask (tested).
 
 The window is read as a band of consecutive rows (sparse_attn/naive.py `window_band`), the compressed entries as
-one dense product with the block-causal mask.
+one dense product (B, Tq H, D) @ (B, D, S) with the block-causal mask (heads folded into the GEMM rows).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); sink (H,) or None.
 Returns o (B, T, H, D) in q's dtype (and lse (B, T, H) fp32; fp64 for fp64 inputs).
@@ -34,13 +34,13 @@ def hca_attn_naive(q, kv, comp, sink, scale: float, window: int, ratio: int, q_o
         t1 = min(T, t0 + chunk)
         qc = q[:, t0:t1].to(ct) * scale
         zw, Kb, nb = window_band(qc, kvc, window, q_offset - kv_start + t0, L)     # (B, Tq, H, Lw) the band
-        zc = torch.matmul(qc, compc.unsqueeze(1).transpose(-1, -2))                # (B, Tq, H, S)
+        Tq = t1 - t0
+        zc = torch.matmul(qc.reshape(B, Tq * H, D), compc.transpose(1, 2)).view(B, Tq, H, S)   # heads in GEMM rows
         vc = visible(torch.arange(t0, t1, device=q.device) + q_offset, S, ratio)   # (Tq, S) block-causal
         zc = zc.masked_fill(~vc[None, :, None], float("-inf"))
-        Lw = zw.shape[-1]
-        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                      # the softmax of sparse_attn
-        o = torch.matmul(p[..., Lw:], compc.unsqueeze(1))                          # (B, Tq, H, D)
-        ow = window_output(p[..., :Lw], Kb, nb, L)
+        (pw, pc), lse = sink_softmax([zw, zc], sink)                              # the softmax of sparse_attn
+        o = torch.matmul(pc.reshape(B, Tq * H, S), compc).view(B, Tq, H, D)
+        ow = window_output(pw, Kb, nb, L)
         o = o if ow is None else ow + o
         outs.append(o.to(q.dtype))
         lses.append(lse.to(ct))                                                 # fp32 (fp64 for fp64 inputs)

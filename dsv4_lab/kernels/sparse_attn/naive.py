@@ -10,8 +10,13 @@ A repeated index is counted once per occurrence (a gather). Equal to the masked 
 How (the CPU path of the model, so it is written for speed without changing the math): the window is a band.
 Queries go in blocks of L; block b's window keys are the L + W - 1 consecutive rows of the left-padded kv ending at
 its last query, read as one strided view (`unfold`, no copy): one batched matmul per block instead of a gather of W
-rows per query, and a band mask keeps exactly each query's W keys (and rows inside [0, Tk)). The picks are gathered.
-`gather_entries` states the same candidate set entry by entry (the tests' form).
+rows per query, and a band mask keeps exactly each query's W keys (and rows inside [0, Tk)). Heads are folded into
+the GEMM rows. The picks: the scores of all S compressed entries as one GEMM (B, Tq H, D) @ (B, D, S), the K picked
+columns gathered from it; their output is the probabilities scatter-added back onto (B, Tq, H, S) times comp (no
+(B, Tq, K, D) copy of the picked rows, whose backward is an index_put accumulate). This costs O(T H S D) instead of
+O(T H K D) flops, cheaper on a CPU at the lab's sizes (S up to a few thousand); queries are chunked so the
+(B, chunk, H, S) scores stay <= 16M numbers. `gather_entries` states the same candidate set entry by entry (the
+tests' form).
 
 Shapes: q (B, T, H, D); kv (B, Tk, D); comp (B, S, D); idx (B, T, K) integer; sink (H,) fp32 or None.
 Returns o (B, T, H, D) in q's dtype and lse (B, T, H) = log(sum exp(z) + exp(sink)) (natural log), fp32 (fp64
@@ -23,15 +28,15 @@ import torch
 import torch.nn.functional as F
 
 
-def sink_softmax(z: torch.Tensor, sink: torch.Tensor | None):
-    """The softmax of docs §2.5 over scores z (B, Tq, H, N) (-inf = masked) whose denominator also holds exp(sink_h):
-    (p (B, Tq, H, N), lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf when nothing is visible and no sink)."""
-    B, Tq, H, _ = z.shape
-    if sink is not None:
-        z = torch.cat([z, sink.to(z.dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)], -1)
-    lse = torch.logsumexp(z, -1)
-    p = torch.exp(z - lse.clamp_min(-1e30)[..., None])
-    return (p[..., :-1] if sink is not None else p), lse
+def sink_softmax(zs: list, sink: torch.Tensor | None):
+    """The softmax of docs §2.5 over score blocks zs = [z_i (B, Tq, H, N_i)] side by side (-inf = masked) whose
+    denominator also holds exp(sink_h): ([p_i (B, Tq, H, N_i)], lse (B, Tq, H) = log(sum exp(z) + exp(sink)), -inf
+    when nothing is visible and no sink). Each block's p = exp(z - lse) is computed on its own (no slicing)."""
+    B, Tq, H, _ = zs[0].shape
+    cols = zs + ([sink.to(zs[0].dtype).view(1, 1, H, 1).expand(B, Tq, H, 1)] if sink is not None else [])
+    lse = torch.logsumexp(torch.cat(cols, -1), -1)
+    m = lse.clamp_min(-1e30)[..., None]
+    return [torch.exp(z - m) for z in zs], lse
 
 
 def window_band(q: torch.Tensor, kv: torch.Tensor, window: int, q_offset: int, L: int):
@@ -49,7 +54,7 @@ def window_band(q: torch.Tensor, kv: torch.Tensor, window: int, q_offset: int, L
     P = F.pad(kv, (0, 0, W - 1, max(0, need - (Tk + W - 1))))         # row r holds position r - W + 1
     Kb = P[:, q_offset:need].unfold(1, Lw, L)                          # (B, nb, D, Lw)
     Qb = F.pad(q, (0, 0, 0, 0, 0, nb * L - T)).view(B, nb, L, H, D).permute(0, 1, 3, 2, 4)   # (B, nb, H, L, D)
-    z = torch.matmul(Qb, Kb.unsqueeze(2))                              # (B, nb, H, L, Lw)
+    z = torch.matmul(Qb.reshape(B, nb, H * L, D), Kb).view(B, nb, H, L, Lw)   # heads folded into the GEMM rows
     r = torch.arange(L, device=q.device)[:, None]
     c = torch.arange(Lw, device=q.device)[None, :]
     band = (c >= r) & (c < r + W)                                      # (L, Lw): key c in query r's window
@@ -65,7 +70,7 @@ def window_output(p: torch.Tensor, Kb, nb: int, L: int) -> torch.Tensor:
     if Kb is None:                                                     # W = 0
         return None
     pb = F.pad(p, (0, 0, 0, 0, 0, nb * L - T)).view(B, nb, L, H, Lw).permute(0, 1, 3, 2, 4)  # (B, nb, H, L, Lw)
-    o = torch.matmul(pb, Kb.transpose(-1, -2).unsqueeze(2))            # (B, nb, H, L, D)
+    o = torch.matmul(pb.reshape(B, nb, H * L, Lw), Kb.transpose(-1, -2)).view(B, nb, H, L, -1)   # (B, nb, H, L, D)
     return o.permute(0, 1, 3, 2, 4).reshape(B, nb * L, H, -1)[:, :T]
 
 
@@ -96,24 +101,27 @@ def sparse_attn_naive(q, kv, comp, idx, sink, scale: float, window: int, q_offse
     ct = torch.promote_types(q.dtype, torch.float32)
     kvc, compc = kv.to(ct), comp.to(ct)
     L = max(1, min(block, T))
+    K = idx.shape[-1]
+    chunk = max(1, min(chunk, (1 << 24) // max(1, B * H * S)))  # (B, chunk, H, S) scores: <= 16M numbers
     outs, lses = [], []
-    for t0 in range(0, T, chunk):                           # chunk the queries: memory O(chunk * (L + W + K))
+    for t0 in range(0, T, chunk):                           # chunk the queries: memory O(chunk * H * (L + W + S))
         t1 = min(T, t0 + chunk)
+        Tq = t1 - t0
         qc = q[:, t0:t1].to(ct) * scale
         zw, Kb, nb = window_band(qc, kvc, window, q_offset + t0, L)            # (B, Tq, H, Lw)
         s = idx[:, t0:t1].long()                                                # (B, Tq, K)
-        K = s.shape[-1]
-        if S > 0 and K > 0:                                                     # the picked rows, gathered
-            Ec = compc[torch.arange(B, device=q.device)[:, None, None], s.clamp(0, S - 1)]      # (B, Tq, K, D)
-            zc = torch.matmul(qc, Ec.transpose(-1, -2)).masked_fill(~((s >= 0) & (s < S))[:, :, None],
-                                                                    float("-inf"))             # (B, Tq, H, K)
+        sv = (s >= 0) & (s < S)                                                 # (B, Tq, K) the kept picks
+        sc = s.clamp(0, max(S - 1, 0))[:, :, None].expand(-1, -1, H, -1)       # (B, Tq, H, K) column of each pick
+        if S > 0 and K > 0:                                                     # scores of all S entries (one
+            zall = torch.matmul(qc.reshape(B, Tq * H, D), compc.transpose(1, 2)).view(B, Tq, H, S)   # GEMM),
+            zc = zall.gather(-1, sc).masked_fill(~sv[:, :, None], float("-inf"))    # the K picked ones kept
         else:
-            zc = qc.new_full((B, t1 - t0, H, K), float("-inf"))
-        Lw = zw.shape[-1]
-        p, lse = sink_softmax(torch.cat([zw, zc], -1), sink)                   # lse (B, Tq, H)
-        o = window_output(p[..., :Lw], Kb, nb, L)
-        if S > 0 and K > 0:
-            oc = torch.matmul(p[..., Lw:], Ec)                                  # (B, Tq, H, D)
+            zc = qc.new_full((B, Tq, H, K), float("-inf"))
+        (pw, pk), lse = sink_softmax([zw, zc], sink)                           # lse (B, Tq, H)
+        o = window_output(pw, Kb, nb, L)
+        if S > 0 and K > 0:                                                     # the picks' probabilities back on
+            pc = pk.new_zeros(B, Tq, H, S).scatter_add(-1, sc, pk)              # their entries (a repeat adds up,
+            oc = torch.matmul(pc.view(B, Tq * H, S), compc).view(B, Tq, H, D)  # as the gather counts it twice)
             o = oc if o is None else o + oc
         if o is None:                                                           # no window, no pick: 0 (kept
             o = qc * 0                                                          # in q's graph, as a sum over none)
