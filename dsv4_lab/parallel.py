@@ -46,6 +46,21 @@ def _dtensor_cls():
     return DTensor
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (fsdp2 DTensor) one: every rank must call it (all-gather); a plain tensor as is."""
+    return t.full_tensor() if isinstance(t, _dtensor_cls()) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """full placed as `like` is: this rank's shard when like is a DTensor (no communication: every rank holds the
+    same full tensor), else full as is."""
+    DTensor = _dtensor_cls()
+    if not isinstance(like, DTensor) or isinstance(full, DTensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
 def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rows [rank * B/world, (rank+1) * B/world) of a global batch (B, ...); B is a multiple of world."""
     per = batch.shape[0] // world
@@ -81,11 +96,8 @@ def wrap(model: nn.Module, mode: str, device: torch.device, find_unused: bool) -
 def _full(obj):
     """obj with every DTensor gathered into a full CPU tensor and every tensor moved to the CPU (nested dicts and
     lists). Under fsdp2 every rank must call it (all-gathers)."""
-    DTensor = _dtensor_cls()
-    if isinstance(obj, DTensor):
-        return obj.full_tensor().cpu()
     if torch.is_tensor(obj):
-        return obj.detach().cpu()
+        return full_tensor(obj).detach().cpu()
     if isinstance(obj, dict):
         return {k: _full(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -99,21 +111,10 @@ def full_state(model: nn.Module, opt) -> tuple[dict, dict]:
     return _full(model.state_dict()), _full(opt.state_dict())
 
 
-def _like(full: torch.Tensor, target):
-    """full placed like target: the local shard of a DTensor target (no communication: every rank holds full),
-    else full on target's device."""
-    DTensor = _dtensor_cls()
-    if isinstance(target, DTensor):
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(full.to(target.device), target.device_mesh, target.placements,
-                                 src_data_rank=None)
-    return full
-
-
 def load_full_state(model: nn.Module, opt, model_sd: dict, opt_sd: dict) -> None:
     """Load a `full_state` pair into a plain, DDP-wrapped or fsdp2-sharded model and its optimizer."""
     own = model.state_dict()
-    model.load_state_dict({k: _like(v, own[k]) if k in own and torch.is_tensor(v) else v
+    model.load_state_dict({k: shard_like(v, own[k]) if k in own and torch.is_tensor(v) else v
                            for k, v in model_sd.items()})
     opt.load_state_dict(opt_sd)
     DTensor = _dtensor_cls()
@@ -123,7 +124,7 @@ def load_full_state(model: nn.Module, opt, model_sd: dict, opt_sd: dict) -> None
                 continue
             for k, v in st.items():                         # moments / momentum: full -> this rank's shard
                 if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    st[k] = _like(v, p)
+                    st[k] = shard_like(v, p)
 
 
 class RankBatches:

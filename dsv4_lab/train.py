@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
 from .data import Batches
 from .model import DSV4LM
-from .parallel import RankBatches, check_supported, full_state, load_full_state, wrap
+from .parallel import RankBatches, check_supported, full_state, full_tensor, load_full_state, wrap
 from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
                      same_config, save_checkpoint, save_json)
 
@@ -293,7 +293,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         # the pre-clip global gradient norm, also without clipping (max_norm=inf scales by 1)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()   # fsdp2: a DTensor
+        gnorm = full_tensor(gnorm).item()                                    # fsdp2: a DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float()])

@@ -33,6 +33,7 @@ from collections import defaultdict
 
 import torch
 
+from ..parallel import full_tensor, shard_like
 from .newton_schulz import newton_schulz, resolve_schedule
 
 
@@ -79,21 +80,6 @@ def orthogonal_update(us: list[torch.Tensor], groups: list, schedule="v4", rms_s
         for (i, j), o in zip(idx, torch.split(O, sizes, 0)):
             out[i][j] = o
     return [_unpieces(ps, u.shape, g) for ps, u, g in zip(out, us, groups)]
-
-
-def _gather(u: torch.Tensor) -> torch.Tensor:
-    """The full matrix of a sharded (FSDP2 DTensor) momentum-corrected gradient; a plain tensor as is.
-    Newton-Schulz needs the whole matrix: every rank all-gathers it and orthogonalises the same full matrix."""
-    from torch.distributed.tensor import DTensor
-    return u.full_tensor() if isinstance(u, DTensor) else u
-
-
-def _shard_like(o: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of the full update o when p is a DTensor (every rank holds the same o: no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if not isinstance(p, DTensor) or isinstance(o, DTensor):
-        return o
-    return distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
 
 
 class Muon(torch.optim.Optimizer):
@@ -148,10 +134,10 @@ class Muon(torch.optim.Optimizer):
                 params.append(p)
             if not params:
                 continue
-            updates = orthogonal_update([_gather(u) for u in us], [muon_groups(p) for p in params],
+            updates = orthogonal_update([full_tensor(u) for u in us], [muon_groups(p) for p in params],
                                         group["ns_schedule"], group["rms_scale"], self.ns_dtype)
             for p, o in zip(params, updates):
-                o = _shard_like(o, p)
+                o = shard_like(o, p)      # this rank's rows under fsdp2
                 if wd:
                     p.mul_(1 - lr * wd)
                 p.add_(o.to(p.dtype), alpha=-lr)
