@@ -4,6 +4,7 @@
 #     ablations/run_gpu_tier.sh [MINUTES]          # default 9; JOBS=N runs per GPU (default 6); RUN_S (default 240)
 #     ablations/run_gpu_tier.sh estimate           # the cost table below, computed from the sweep files; no GPU
 #     ablations/run_gpu_tier.sh smoke              # 30 steps of every distinct arm config: ms/step on this GPU
+#     ablations/run_gpu_tier.sh archive            # copy finished runs' records to $ARCHIVE (nothing else)
 #
 # Environment: SWEEPS (names), SWEEP_DIR (ablations), RUNS (runs), RECORDS (ablations/records), ARCHIVE, PY.
 # Runs the sweeps below at --scale gpu under runs/ (JOBS processes share each GPU: the lab's tiny models are
@@ -33,6 +34,37 @@ ARCHIVE=${ARCHIVE:-${OUT:+$OUT/records}}
 SWEEP_DIR=${SWEEP_DIR:-ablations}                   # where the sweep files are
 RUNS=${RUNS:-runs}                                  # where runs train
 RECORDS=${RECORDS:-ablations/records}               # committed records, copied into $RUNS before a chunk
+
+archive_runs() {                                    # finished runs' records, without checkpoints, into $ARCHIVE
+    "$PY" - "$ARCHIVE" "$RUNS" $SWEEPS <<'PY'
+import json, shutil, sys
+from pathlib import Path
+archive, runs, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+n = 0
+for name in names:
+    for sj in Path(runs, name, "gpu").rglob("sweep.json"):
+        rd = sj.parent
+        m = rd / "metrics.jsonl"
+        if not m.exists() or not (rd / "config.json").exists():
+            continue
+        steps = json.loads((rd / "config.json").read_text())["train"]["max_steps"]
+        lines = m.read_text().strip().splitlines()
+        if not (rd / "diverged.json").exists() and not (lines and json.loads(lines[-1]).get("step") == steps - 1):
+            continue
+        dst = archive / rd.relative_to(runs)
+        shutil.copytree(rd, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt.pt"))
+        if not (rd / "diverged.json").exists():
+            (dst / "finished.json").write_text("{}\n")
+        n += 1
+print(f"[gpu tier] {n} finished run records -> {archive}")
+PY
+}
+
+if [ "$ARG" = "archive" ]; then                     # only the copy (after a chunk that an outer timeout cut short)
+    [ -n "$ARCHIVE" ] || { echo "run_gpu_tier.sh archive: set ARCHIVE=dir (or OUT)" >&2; exit 2; }
+    archive_runs
+    exit 0
+fi
 
 if [ "$ARG" = "estimate" ]; then
     # Per-run cost: start-up (papermill + imports + Triton JIT, STARTUP_S) + steps x max(launch-bound step time,
@@ -142,29 +174,8 @@ for s in $SWEEPS; do
         echo "$s,$chunk,$used,$JOBS,$gpu" >> "$f"
     fi
 done
-if [ -n "$ARCHIVE" ]; then                          # finished runs' records, without checkpoints
-    "$PY" - "$ARCHIVE" "$RUNS" $SWEEPS <<'PY'
-import json, shutil, sys
-from pathlib import Path
-archive, runs, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-n = 0
-for name in names:
-    for sj in Path(runs, name, "gpu").rglob("sweep.json"):
-        rd = sj.parent
-        m = rd / "metrics.jsonl"
-        if not m.exists() or not (rd / "config.json").exists():
-            continue
-        steps = json.loads((rd / "config.json").read_text())["train"]["max_steps"]
-        lines = m.read_text().strip().splitlines()
-        if not (rd / "diverged.json").exists() and not (lines and json.loads(lines[-1]).get("step") == steps - 1):
-            continue
-        dst = archive / rd.relative_to(runs)
-        shutil.copytree(rd, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt.pt"))
-        if not (rd / "diverged.json").exists():
-            (dst / "finished.json").write_text("{}\n")
-        n += 1
-print(f"[gpu tier] {n} finished run records -> {archive}")
-PY
+if [ -n "$ARCHIVE" ]; then
+    archive_runs
 fi
 n=$(echo $SWEEPS | wc -w)
 # the verdicts of the GPU runs here, into a scratch folder (the committed ablations/results/*.csv are rebuilt from

@@ -343,6 +343,7 @@ class TrainConfig:
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"                 # auto (blocks on CUDA, eager on CPU) | true | blocks | false (compilation.py)
     deterministic: bool = False           # bitwise-repeatable runs; on CUDA needs kernels=torch compile=false (docs §6.5)
+    cuda_graph: bool = False              # forward + backward replayed from a CUDA graph; same numbers (cuda_graph.py)
     progress: bool = True                 # tqdm progress bar
     # synthetic long-range tasks (dsv4_lab/data/synthetic.py)
     task_n_pairs: int = 8                 # key-value pairs per retrieval sequence
@@ -445,6 +446,11 @@ def check_train_pair(model: "ModelConfig", train: "TrainConfig") -> None:
     if model.vocab_size < BYTE_VOCAB:
         raise _err("vocab_size", model.vocab_size,
                    f">= {BYTE_VOCAB} for data={train.data!r} (byte ids 0..{BYTE_VOCAB - 1})")
+    if train.cuda_graph and train.compile != "false":
+        raise _err("compile", train.compile, "'false' with cuda_graph=true (the graph records the eager model)")
+    if train.cuda_graph and model.anticipatory != "off":
+        raise _err("anticipatory", model.anticipatory, "'off' with cuda_graph=true (its router keeps weight "
+                   "snapshots that change every step; a graph would replay stale ones)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -207,6 +207,10 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     if distributed:
         check_supported(mc, tc.parallel)
     device = resolve_device(tc, local_rank)
+    if tc.cuda_graph and (device.type != "cuda" or distributed):
+        raise ConfigError(f"config field 'cuda_graph' = True is not allowed "
+                          f"{'on device ' + device.type if device.type != 'cuda' else 'with several processes'}: "
+                          f"one process on a GPU (device=cuda)")
     if tc.deterministic:                           # before the first GEMM (inference/batch_invariance.py)
         from .inference.batch_invariance import set_deterministic
         set_deterministic(device, mc.kernels, tc.compile)
@@ -265,6 +269,10 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     fwd = ddp_model                                                      # compile=auto: CUDA only, block by block
     if wants_compile(tc.compile, device):
         fwd = compile_model(ddp_model, regional=regional(tc.compile, device))
+    graphed = None                                                       # cuda_graph=true: dsv4_lab/cuda_graph.py
+    if tc.cuda_graph:
+        from .cuda_graph import GraphedStep
+        graphed = GraphedStep(model, amp)
 
     bar = progress_bar(tc.progress and rank == 0, tc.max_steps, start_step, f"train {run_dir.name}")
     last_ckpt = start_step - 1                     # step of the last good checkpoint on disk, -1 = none
@@ -287,15 +295,19 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         x, y = (t.to(device) for t in batches.train_batch(step))
-        with amp():
-            out = fwd(x, y)
-        out.loss.backward()
+        if graphed is not None:                    # forward + backward; the key names the host state they read
+            out = graphed(x, y, key=(indexer_stage, getattr(model.mtp, "loss_weight", None)))
+        else:
+            with amp():
+                out = fwd(x, y)
+            out.loss.backward()
         # the pre-clip global gradient norm, also without clipping (max_norm=inf scales by 1)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         gnorm = full_tensor(gnorm).item()                                    # fsdp2: a DTensor
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if graphed is None:                        # a graph's gradients live in its pool: replays rewrite them
+            opt.zero_grad(set_to_none=True)
         losses = torch.stack([out.loss.detach().float(), out.lm_loss.detach().float()])
         if distributed:                            # the mean over ranks = the global batch's mean (equal rows)
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)
@@ -317,6 +329,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
                    "tokens": (step + 1) * tokens_per_step, "flops": (step + 1) * tokens_per_step * fpt,
                    "time_s": time.time() - t0}
             rec["grad_norm"] = gnorm
+            if graphed is not None:
+                rec["cuda_graph_replays"] = graphed.replays
             rec["losses"] = [round(v, 5) for v in step_losses]
             rec["grad_norm_max"] = max(step_gnorms)
             step_losses, step_gnorms = [], []

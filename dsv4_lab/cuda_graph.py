@@ -1,0 +1,92 @@
+"""A training step's forward and backward as one CUDA graph (TrainConfig.cuda_graph, docs/kernels.md §10).
+
+The lab's small models are launch-bound on a GPU: a 4-layer V4 step issues thousands of small kernels, and the
+host spends longer issuing them than the GPU spends running them. A CUDA graph records the kernels of one
+forward + backward once and replays them with one launch per step.
+
+    step = GraphedStep(model, amp)
+    for ...:
+        out = step(x, y, key=(indexer_stage, mtp_weight))   # forward + backward; p.grad holds this step's gradients
+        clip_grad_norm_(...); opt.step()                     # eager, as without graphs; never zero_grad here
+
+What is captured: `model(x, y)` under `amp()` and `out.loss.backward()`. Everything else stays eager: the
+optimizer step (its LR changes every step), gradient clipping, the MoE bias update, logging, evaluation.
+
+Static memory. The batch is copied into fixed input buffers before each replay; the outputs (`out.loss`, the aux
+scalars) are the graph's own tensors, overwritten by every replay. Gradients are captured with every `.grad` unset,
+so the captured backward *writes* them (never accumulates) into buffers of the graph's pool, and each replay
+rewrites them in place: between steps nobody may set them to None.
+
+Host state the forward reads is baked into the graph as constants; `key` names it (the indexer stage, the MTP loss
+weight). When the key changes, the graph is dropped, the next `warmup` steps run eagerly (new code paths JIT-compile
+their Triton kernels outside a capture) and the step after them is captured anew. The first `warmup` steps of a
+run are eager for the same reason.
+
+Same numbers: a replay launches the same kernels on the same data as the eager step, so a graphed run equals an
+eager one (tests/test_cuda_graph.py checks losses and weights bitwise on the GPU). Not supported, refused by the
+config: anticipatory routing (its router keeps a list of weight snapshots that grows every step), compile (the
+compiled model has its own graphs), several processes, the CPU.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Hashable
+
+import torch
+
+
+class GraphedStep:
+    """Forward + backward of `model(x, y)` on CUDA, replayed from a graph once warmed up (see the module doc)."""
+
+    def __init__(self, model: torch.nn.Module, amp: Callable = nullcontext, warmup: int = 3):
+        if warmup < 1:
+            raise ValueError(f"GraphedStep warmup = {warmup!r} is not allowed: an integer >= 1 (the first steps "
+                             "JIT-compile kernels, which cannot happen inside a capture)")
+        self.model, self.amp, self.warmup = model, amp, warmup
+        self.key: Hashable = object()              # no key seen yet
+        self.eager_left = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.static_out = None
+        self.captures = 0                          # graphs recorded so far (one per key, normally)
+        self.replays = 0
+
+    def _zero_grads(self) -> None:
+        for p in self.model.parameters():          # every .grad unset: backward writes, never accumulates
+            p.grad = None
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor):
+        self._zero_grads()
+        with self.amp():
+            out = self.model(x, y)
+        out.loss.backward()
+        return out
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.graph, self.static_out = None, None   # the old graph's pool goes with it
+        self._zero_grads()
+        self.static_in = (x.clone(), y.clone())
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):                  # records, runs nothing: the first replay computes this step
+            with self.amp():
+                out = self.model(*self.static_in)
+            out.loss.backward()
+        self.graph, self.static_out = g, out
+        self.captures += 1
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, key: Hashable = None):
+        """This step's forward and backward: returns the model output; p.grad holds the gradients."""
+        if key != self.key:                        # new host state: warm its code path up eagerly, then capture
+            self.key, self.eager_left = key, self.warmup
+            self.graph, self.static_out = None, None
+        if self.eager_left > 0:
+            self.eager_left -= 1
+            return self._eager(x, y)
+        if self.graph is None:
+            self._capture(x, y)
+        self.static_in[0].copy_(x, non_blocking=True)
+        self.static_in[1].copy_(y, non_blocking=True)
+        self.graph.replay()
+        self.replays += 1
+        return self.static_out
