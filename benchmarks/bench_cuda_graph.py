@@ -4,7 +4,9 @@ much faster than eager, and whether the numbers are the same.
 For each arm of each sweep's `scales.gpu` config (seed 0; `anticipatory` only its `off` arm: the others are refused
 with graphs), two short runs of the same config through `dsv4_lab.train.train`: eager, then cuda_graph=true.
 Reports ms per step (wall time between the records of steps --skip and --steps-1: the graph is recorded at step 3),
-whether the per-step losses and the final weights are bitwise equal, and the largest loss difference.
+whether the per-step losses and the final weights are bitwise equal, and the largest loss difference; for the
+--repeat-eager configs also that difference between two eager runs (the Triton backward kernels add gradients with
+fp32 atomics, so eager runs differ from each other in the last bits, and chaotic settings amplify that).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_cuda_graph.py --steps 60 --commit <sha> \\
         --out benchmarks/results/cuda_graph.json          # on the GPU; ~2 minutes
@@ -64,27 +66,33 @@ def ms_per_step(recs: list[dict], skip: int) -> float:
     return 1e3 * (b["time_s"] - a["time_s"]) / (b["step"] - a["step"])
 
 
-def one(name: str, arm: str, kv: dict, steps: int, skip: int, tmp: Path) -> dict:
+def one(name: str, arm: str, kv: dict, steps: int, skip: int, tmp: Path, repeat: bool) -> dict:
     rows = {}
-    for graph in (False, True):
-        rd = tmp / f"{name}-{arm}-{'graph' if graph else 'eager'}"
+    for mode in ("eager", "graph", "eager2")[:3 if repeat else 2]:
+        graph = mode == "graph"
+        rd = tmp / f"{name}-{arm}-{mode}"
         mc, tc = parse_overrides(short(kv, steps, rd, graph))
         t0 = time.time()
         train(mc, tc)
         torch.cuda.synchronize()
         recs = records(rd)
-        rows[graph] = {"wall_s": time.time() - t0, "ms_per_step": ms_per_step(recs, skip),
+        rows[mode] = {"wall_s": time.time() - t0, "ms_per_step": ms_per_step(recs, skip),
                        "losses": [r["train_loss"] for r in recs], "val_loss": recs[-1].get("val_loss"),
                        "replays": recs[-1].get("cuda_graph_replays"),
                        "weights": load_checkpoint(rd / "ckpt.pt")["model"]}
-    e, g = rows[False], rows[True]
+    e, g = rows["eager"], rows["graph"]
     same_w = all(torch.equal(e["weights"][k], g["weights"][k]) for k in e["weights"])
     diff = max(abs(a - b) for a, b in zip(e["losses"], g["losses"]))
+    noise = {}
+    if "eager2" in rows:                               # the spread of two eager runs: Triton atomics, flash bwd
+        e2 = rows["eager2"]
+        noise = {"max_abs_loss_diff_eager_vs_eager": max(abs(a - b) for a, b in zip(e["losses"], e2["losses"])),
+                 "eager_vs_eager_bitwise_equal": e["losses"] == e2["losses"]}
     return {"sweep": name, "arm": arm, "overrides": {k: v for k, v in kv.items() if k != "seed"},
             "eager_ms_per_step": round(e["ms_per_step"], 3), "graph_ms_per_step": round(g["ms_per_step"], 3),
             "speedup": round(e["ms_per_step"] / g["ms_per_step"], 3), "graph_replays": g["replays"],
             "losses_bitwise_equal": e["losses"] == g["losses"], "weights_bitwise_equal": same_w,
-            "max_abs_loss_diff": diff, "val_loss_eager": e["val_loss"], "val_loss_graph": g["val_loss"],
+            "max_abs_loss_diff": diff, **noise, "val_loss_eager": e["val_loss"], "val_loss_graph": g["val_loss"],
             "eager_wall_s": round(e["wall_s"], 1), "graph_wall_s": round(g["wall_s"], 1)}
 
 
@@ -110,7 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--skip", type=int, default=15, help="first step of the timed span")
     ap.add_argument("--sweeps", nargs="*", default=list(SWEEPS))
+    ap.add_argument("--repeat-eager", nargs="*", default=["csa_vs_hca/csa", "mhc_vs_hc/hc", "fp4_vs_fp8/none"],
+                    help="sweep/arm configs that also get a second eager run (the eager-vs-eager spread)")
     ap.add_argument("--pack", type=int, nargs="*", default=[], help="process counts for the packing test")
+    ap.add_argument("--pack-config", default="csa_vs_hca/csa", help="sweep/arm of the packing test")
     ap.add_argument("--pack-steps", type=int, default=200)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default="benchmarks/results/cuda_graph.json")
@@ -131,13 +142,13 @@ def main(argv=None) -> int:
         tmp = Path(d)
         for name, arm, kv in cfgs:
             try:
-                row = one(name, arm, kv, a.steps, a.skip, tmp)
+                row = one(name, arm, kv, a.steps, a.skip, tmp, f"{name}/{arm}" in a.repeat_eager)
             except Exception as e:                     # a config whose capture fails is a finding, not a crash
                 row = {"sweep": name, "arm": arm, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             out["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
         for n in a.pack:
-            name, arm, kv = cfgs[0]
+            name, arm, kv = next(c for c in cfgs if f"{c[0]}/{c[1]}" == a.pack_config)
             res = pack(name, arm, kv, n, a.pack_steps, a.skip, tmp)
             out["pack"].append(res)
             print(json.dumps(res), flush=True)

@@ -12,6 +12,11 @@ forward + backward once and replays them with one launch per step.
 What is captured: `model(x, y)` under `amp()` and `out.loss.backward()`. Everything else stays eager: the
 optimizer step (its LR changes every step), gradient clipping, the MoE bias update, logging, evaluation.
 
+Streams. Warm-up steps and the capture run on one side stream of their own (the current stream waits for it):
+autograd records on which stream each parameter's gradient accumulator was created, and an accumulator made on the
+default stream but still alive (held by an earlier step's outputs) makes the capture wait on the default stream,
+which a capture may not do. The outputs handed back are detached for the same reason.
+
 Static memory. The batch is copied into fixed input buffers before each replay; the outputs (`out.loss`, the aux
 scalars) are the graph's own tensors, overwritten by every replay. Gradients are captured with every `.grad` unset,
 so the captured backward *writes* them (never accumulates) into buffers of the graph's pool, and each replay
@@ -32,6 +37,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Callable, Hashable
 
+import dataclasses
+
 import torch
 
 
@@ -50,29 +57,42 @@ class GraphedStep:
         self.static_out = None
         self.captures = 0                          # graphs recorded so far (one per key, normally)
         self.replays = 0
+        self.stream: torch.cuda.Stream | None = None      # warm-ups and captures (created on the first CUDA step)
 
     def _zero_grads(self) -> None:
         for p in self.model.parameters():          # every .grad unset: backward writes, never accumulates
             p.grad = None
 
+    def _side(self):
+        """A context that runs on the side stream after everything queued so far, and makes the current stream
+        wait for it afterwards (no stream on the CPU: the eager steps run there as they are, for tests)."""
+        if not on_cuda(self.model):
+            return nullcontext()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return _on_side_stream(self.stream)
+
     def _eager(self, x: torch.Tensor, y: torch.Tensor):
         self._zero_grads()
-        with self.amp():
-            out = self.model(x, y)
-        out.loss.backward()
-        return out
+        with self._side():
+            with self.amp():
+                out = self.model(x, y)
+            out.loss.backward()
+        return detached(out)
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.graph, self.static_out = None, None   # the old graph's pool goes with it
         self._zero_grads()
         self.static_in = (x.clone(), y.clone())
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):                  # records, runs nothing: the first replay computes this step
+        with torch.cuda.graph(g, stream=self.stream):      # records, runs nothing: the first replay computes it
             with self.amp():
                 out = self.model(*self.static_in)
             out.loss.backward()
-        self.graph, self.static_out = g, out
+        self.graph, self.static_out = g, detached(out)
         self.captures += 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, key: Hashable = None):
@@ -90,3 +110,30 @@ class GraphedStep:
         self.graph.replay()
         self.replays += 1
         return self.static_out
+
+
+def detached(out):
+    """The model output with every tensor detached (same memory; no reference to the autograd graph)."""
+    det = lambda v: v.detach() if torch.is_tensor(v) else v        # noqa: E731
+    return dataclasses.replace(out, **{f.name: det(getattr(out, f.name)) for f in dataclasses.fields(out)
+                                       if f.name != "aux"}, aux={k: det(v) for k, v in out.aux.items()})
+
+
+def on_cuda(model: torch.nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.is_cuda
+
+
+class _on_side_stream:
+    def __init__(self, stream: "torch.cuda.Stream"):
+        self.stream = stream
+
+    def __enter__(self):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        self.ctx = torch.cuda.stream(self.stream)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return False

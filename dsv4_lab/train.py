@@ -142,7 +142,7 @@ def _resume(ckpt_path: Path, record: dict, model, opt, device, max_steps: int) -
                        "delete it or use another run_dir")
     try:                                           # full tensors, placed as this run holds them (parallel.py)
         load_full_state(model, opt, ck["model"], ck["optimizer"])
-        torch.set_rng_state(ck["rng_cpu"])
+        torch.set_rng_state(ck["rng_cpu"].cpu())     # loaded onto the run's device with the rest
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         msg = " ".join(str(e).split())[:200]
         raise RunError(f"checkpoint {ckpt_path} does not fit this model and optimizer ({type(e).__name__}: {msg}); "
