@@ -146,11 +146,13 @@ def main(argv=None) -> int:
             except Exception as e:                     # a config whose capture fails is a finding, not a crash
                 row = {"sweep": name, "arm": arm, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             out["rows"].append(row)
+            save_json(out, Path(a.out))                # after every row: a call cut short keeps what it measured
             print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
         for n in a.pack:
             name, arm, kv = next(c for c in cfgs if f"{c[0]}/{c[1]}" == a.pack_config)
             res = pack(name, arm, kv, n, a.pack_steps, a.skip, tmp)
             out["pack"].append(res)
+            save_json(out, Path(a.out))
             print(json.dumps(res), flush=True)
     save_json(out, Path(a.out))
     print(f"bench_cuda_graph: {len(out['rows'])} configs -> {a.out}")
