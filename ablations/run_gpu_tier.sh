@@ -53,6 +53,12 @@ for name in names:
             continue
         dst = archive / rd.relative_to(runs)
         shutil.copytree(rd, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt.pt"))
+        here = str(Path.cwd()) + "/"                # committed records carry paths relative to the repository
+        for f in dst.iterdir():
+            if f.suffix in (".json", ".ipynb", ".log", ".jsonl") and f.is_file():
+                t = f.read_text()
+                if here in t:
+                    f.write_text(t.replace(here, ""))
         if not (rd / "diverged.json").exists():
             (dst / "finished.json").write_text("{}\n")
         n += 1

@@ -172,6 +172,9 @@ def holm(pvals: list[float]) -> list[float]:
     return adj
 
 
+TOO_FEW = "too few seeds"
+
+
 def verdict(mean_diff: float, p_holm: float, lower_is_better: bool, alpha: float = ALPHA) -> str:
     if math.isnan(p_holm) or p_holm >= alpha:
         return "null"
@@ -192,5 +195,6 @@ def compare_arms(values: dict, baseline: str, lower_is_better: bool = True, meth
         rows.append({"arm": arm, "baseline": baseline, **paired_test(d, method, alpha, seed=seed)})
     for r, ph in zip(rows, holm([r["p"] for r in rows])):
         r["p_holm"] = ph
-        r["verdict"] = verdict(r["mean_diff"], ph, lower_is_better, alpha)
+        r["verdict"] = (TOO_FEW if r["n_seeds"] < 2           # no interval from one pair: no verdict, not a null
+                        else verdict(r["mean_diff"], ph, lower_is_better, alpha))
     return rows

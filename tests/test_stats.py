@@ -36,7 +36,7 @@ def test_seeds_missing_from_one_arm_are_not_paired():
     row, = compare_arms({"b": {0: 1.0, 1: 2.0, 2: 3.0}, "a": {1: 2.5, 2: 3.1, 7: 0.0}}, "b")
     assert row["n_seeds"] == 2 and row["mean_diff"] == pytest.approx(0.3)
     row, = compare_arms({"b": {0: 1.0}, "a": {0: 2.0}}, "b")
-    assert row["n_seeds"] == 1 and row["verdict"] == "null" and math.isnan(row["p"])
+    assert row["n_seeds"] == 1 and row["verdict"] == "too few seeds" and math.isnan(row["p"])   # not a null
 
 
 def _rejection_rate(n_seeds, effect, method, n_exp, seed):
