@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
-from .data import Batches
+from .data import Batches, Prefetched
 from .model import DSV4LM
 from .parallel import RankBatches, check_supported, full_state, full_tensor, load_full_state, wrap
 from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
@@ -245,6 +245,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
                           f"{' '.join(str(e).split())}") from None
     if distributed:                                # every rank: its rows of the global batch
         batches = RankBatches(batches, rank, world)
+    if device.type == "cuda":                      # the next batch is built while the GPU runs this step
+        batches = Prefetched(batches, tc.max_steps - 1)
     if rank == 0:
         try:
             if start_step:
@@ -359,6 +361,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
             last_ckpt = step
         bar.update(1)
     bar.close()
+    if isinstance(batches, Prefetched):
+        batches.close()
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

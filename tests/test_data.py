@@ -56,3 +56,20 @@ def test_synthetic_distance_control_and_errors():
     assert 20 <= t - first < 40
     with pytest.raises(ValueError, match="seq_len"):
         synthetic.retrieval_batch(1, 10, n_pairs=8, n_queries=4)
+
+
+def test_prefetched_batches_are_the_same_batches():
+    """The background-built next batch equals the batch built on demand, in order, after a jump (resume) and for
+    validation; nothing is prefetched past the last step."""
+    from dsv4_lab.data import Batches, Prefetched
+    plain = Batches("retrieval", 64, 3, seed=5, task_n_pairs=4, task_n_queries=2, task_n_near=1)
+    pre = Prefetched(Batches("retrieval", 64, 3, seed=5, task_n_pairs=4, task_n_queries=2, task_n_near=1), 7)
+    try:
+        for step in [0, 1, 2, 5, 6, 7]:
+            a, b = plain.train_batch(step), pre.train_batch(step)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), step
+        assert pre.pending is None                         # step 7 is the last: no step 8 built
+        assert all(torch.equal(x, y) for x, y in zip(plain.val_batch(1), pre.val_batch(1)))
+        assert pre.is_task
+    finally:
+        pre.close()
