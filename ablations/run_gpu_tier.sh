@@ -2,7 +2,7 @@
 # The GPU tier of the five named ablations (issue 17 item 1), resumable, in chunks, several runs per GPU:
 #
 #     ablations/run_gpu_tier.sh [MINUTES]          # default 9; JOBS=N runs per GPU (default 6); RUN_S (default 240)
-#     ablations/run_gpu_tier.sh estimate           # the cost table below, computed from the sweep files; no GPU
+#     ablations/run_gpu_tier.sh estimate           # device minutes left, from measured ms/step and records; no GPU
 #     ablations/run_gpu_tier.sh smoke              # 30 steps of every distinct arm config: ms/step on this GPU
 #     ablations/run_gpu_tier.sh archive            # copy finished runs' records to $ARCHIVE (nothing else)
 #
@@ -73,40 +73,50 @@ if [ "$ARG" = "archive" ]; then                     # only the copy (after a chu
 fi
 
 if [ "$ARG" = "estimate" ]; then
-    # Per-run cost: start-up (papermill + imports + Triton JIT, STARTUP_S) + steps x max(launch-bound step time,
-    # FLOP-bound step time). Launch-bound: MS_PER_LAYER ms per layer and step (tiny widths: 15-30 ms per 4-layer
-    # step, i.e. 3.75-7.5 ms per layer). FLOP-bound: training FLOPs (3 x accounting.prefill_flops, plain) at the
-    # rate V4 `small` reached on the H200 at 4K (136 k tokens/s x its FLOPs per token = 18.5 TFLOP/s). Packing
-    # JOBS runs per GPU gives AGG x the throughput of one run alone (1.3-3x assumed).
-    SWEEPS="$SWEEPS" SWEEP_DIR="$SWEEP_DIR" "$PY" - <<'PY'
-import os
-from dsv4_lab.accounting import prefill_flops
+    # Device minutes left, from measurements: per arm the ms per step of one run alone on the H200
+    # (benchmarks/results/cuda_graph.json: graphed where the sweep's gpu setting has cuda_graph=true, eager
+    # otherwise; an arm not measured takes its sweep's mean over measured arms), STARTUP_S of start-up per run
+    # (papermill, imports, model build), and the packing gain of that JSON (several runs per GPU: aggregate vs
+    # alone). Runs with committed records (RECORDS) are done and not counted.
+    SWEEPS="$SWEEPS" SWEEP_DIR="$SWEEP_DIR" RECORDS="$RECORDS" "$PY" - <<'PY'
+import json, os
+from pathlib import Path
 from dsv4_lab.config import parse_overrides
 from dsv4_lab.sweep import load_sweep, plan
-rate = 136e3 * 3 * prefill_flops("small", 4096) / 4096
+meas = json.loads(Path("benchmarks/results/cuda_graph.json").read_text())
+ms = {(r["sweep"], r["arm"]): (r["eager_ms_per_step"], r["graph_ms_per_step"]) for r in meas["rows"] if "speedup" in r}
+alone = {(r["sweep"], r["arm"]): r["graph_ms_per_step"] for r in meas["rows"] if "speedup" in r}
+gain = max([1.0] + [alone[(p["sweep"], p["arm"])] / p["aggregate_ms_per_step"] for p in meas["pack"]
+                    if "aggregate_ms_per_step" in p])
 startup = float(os.environ.get("STARTUP_S", 30))
-tot = {}
-print(f"{'sweep':<15}{'runs':>5}{'steps':>7}{'tok/step':>9}{'GFLOP/step':>11}{'FLOP ms':>8}"
-      f"{'launch ms':>11}{'s/run alone':>13}{'GPU-min: low':>14}{'mid':>6}{'high':>6}")
+records = Path(os.environ["RECORDS"])
+print(f"measured: {Path('benchmarks/results/cuda_graph.json')} (commit {meas['env'].get('git', '?')[:7]}); "
+      f"packing gain {gain:.1f}x; start-up {startup:.0f} s per run")
+print(f"{'sweep':<15}{'runs':>5}{'done':>5}{'steps':>7}{'mode':>7}{'ms/step alone':>15}{'s/run alone':>13}"
+      f"{'device-min left':>17}")
+total = 0.0
 for name in os.environ["SWEEPS"].split():
     sw = load_sweep(f"{os.environ['SWEEP_DIR']}/{name}.json")
     sel, ev = plan(sw, "gpu", "runs")
-    mc, tc = parse_overrides(dict(ev[0]["kv"]))
-    tok = tc.batch_size * tc.seq_len
-    flop_ms = 1e3 * 3 * prefill_flops(mc, tc.seq_len) / tc.seq_len * tok / rate
-    lo_ms, hi_ms = 3.75 * mc.n_layers, 7.5 * mc.n_layers
-    if tc.optimizer == "muon" or "tune" in sw:
-        hi_ms *= 1.3                       # Muon's Newton-Schulz adds batched small GEMMs per step
-    n = len(sel) + len(ev)
-    s_lo = startup + tc.max_steps * max(lo_ms, flop_ms) / 1e3
-    s_hi = startup + tc.max_steps * max(hi_ms, flop_ms) / 1e3
-    s_mid = (s_lo + s_hi) / 2
-    g = (n * s_lo / 3 / 60, n * s_mid / 2 / 60, n * s_hi / 1.3 / 60)   # packing gain 3x, 2x, 1.3x
-    tot[name] = g
-    print(f"{name:<15}{n:>5}{tc.max_steps:>7}{tok:>9}{1e-9 * 3 * prefill_flops(mc, tc.seq_len) / tc.seq_len * tok:>11.1f}"
-          f"{flop_ms:>8.2f}{f'{lo_ms:.0f}-{hi_ms:.0f}':>11}{f'{s_lo:.0f}-{s_hi:.0f}':>13}{g[0]:>14.1f}{g[1]:>6.1f}{g[2]:>6.1f}")
-lo, mid, hi = (sum(g[i] for g in tot.values()) for i in (0, 1, 2))
-print(f"{'total':<15}{'':>64}{lo:>14.0f}{mid:>6.0f}{hi:>6.0f}")
+    graph = parse_overrides(dict(ev[0]["kv"]))[1].cuda_graph
+    arm_ms = {a: v[1 if graph else 0] for (s, a), v in ms.items() if s == name}
+    mean = sum(arm_ms.values()) / len(arm_ms) if arm_ms else float("nan")
+    left, done, per = 0.0, 0, []
+    for r in sel + ev:
+        tc = parse_overrides(dict(r["kv"]))[1]
+        arm = r["arm"].split("-")[0] if r.get("phase") == "select" else r["arm"]
+        run_s = startup + tc.max_steps * arm_ms.get(arm, mean) / 1e3
+        per.append(run_s)
+        if (records / Path(r["kv"]["run_dir"]).resolve().relative_to(Path("runs").resolve()) / "finished.json").exists():
+            done += 1
+        else:
+            left += run_s / gain / 60
+    total += left
+    steps = sorted({parse_overrides(dict(r["kv"]))[1].max_steps for r in ev})
+    lo, hi = min(arm_ms.values(), default=mean), max(arm_ms.values(), default=mean)
+    print(f"{name:<15}{len(sel) + len(ev):>5}{done:>5}{'/'.join(map(str, steps)):>7}{'graph' if graph else 'eager':>7}"
+          f"{f'{lo:.0f}-{hi:.0f}':>15}{f'{min(per):.0f}-{max(per):.0f}':>13}{left:>17.1f}")
+print(f"{'total':<15}{'':>52}{total:>17.0f}")
 PY
     exit 0
 fi
