@@ -4,8 +4,9 @@ Two arms, each at its best settings, at context 4K / 16K / 64K with 65,536 token
 (batch = 65536 / context):
   v4     preset small: swa, swa, csa, hca, ... (Triton kernels), mHC, MoE (grouped dispatch), MTP 1, indexer KL
   dense  preset small-dense: dense causal MQA through fused SDPA, plain residual, dense SwiGLU, no MTP
-"Best settings": every arm is measured eager and compiled (dsv4_lab/compilation.py, the `compile` field of
-training); the faster one is its number, and `e2e_best_settings` says which. One step = forward + backward + AdamW
+"Best settings": every arm is measured eager, compiled (dsv4_lab/compilation.py, the `compile` field of training)
+and graphed (eager model, forward + backward replayed from a CUDA graph: the `cuda_graph` field, whole batch in one
+forward); the fastest is its number, and `e2e_best_settings` says which. One step = forward + backward + AdamW
 step under bf16 autocast, as dsv4_lab.train does on CUDA; random token ids. Reported per measurement: median step
 time over `steps` timed steps after `warmup` steps (the first compiled step includes compilation), tokens/s, peak
 memory of the timed steps. An arm that runs out of memory is retried with half the sequences per forward/backward
@@ -21,7 +22,7 @@ merged into benchmarks/results/e2e.json as it arrives, and the summary keys into
 A second call skips what is already measured (--fresh starts over), so a time-capped device call returns partial
 results instead of nothing.
 
-    python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--arms v4 dense] [--modes compiled eager]
+    python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--arms v4 dense] [--modes compiled blocks eager graph]
                                    [--steps 6] [--warmup 3] [--cap 300] [--fresh] [--budget 560]
     python benchmarks/bench_e2e.py --breakdown-only [--profile-ctx 16384]
 """
@@ -41,7 +42,8 @@ sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 TOKENS_PER_STEP = 65536
 ARMS = {"v4": "small", "dense": "small-dense"}
-MODES = ("compiled", "blocks", "eager")          # compile=true (whole model), compile=blocks (regional), eager
+MODES = ("compiled", "blocks", "eager", "graph")  # compile=true (whole model), compile=blocks (regional), eager,
+                                                 # graph (eager, forward + backward replayed: cuda_graph=true)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,13 +61,25 @@ def _model(preset: str, ctx: int, compiled: bool, device: str = "cuda"):
     cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096))
     model = DSV4LM(cfg).to(device).train()
     opt = build_optimizer(model, TrainConfig())
-    fwd = compile_model(model, regional=compiled == "blocks") if compiled else model   # compiled: True | "blocks"
+    fwd = model
+    if compiled == "graph":                          # forward + backward from one CUDA graph (dsv4_lab/cuda_graph.py)
+        from dsv4_lab.cuda_graph import GraphedStep
+        fwd = GraphedStep(model, lambda: torch.autocast("cuda", dtype=torch.bfloat16), warmup=2)
+    elif compiled:                                   # True | "blocks"
+        fwd = compile_model(model, regional=compiled == "blocks")
     return cfg, model, fwd, opt
 
 
 def _step(fwd, opt, x, y, mb):
     import torch
+    from dsv4_lab.cuda_graph import GraphedStep
     B = x.shape[0]
+    if isinstance(fwd, GraphedStep):                 # one graph over the whole batch (no accumulation), grads kept
+        if mb != B:
+            raise torch.cuda.OutOfMemoryError("graph mode runs the whole batch in one forward")
+        out = fwd(x, y)
+        opt.step()
+        return out
     for j in range(0, B, mb):                        # one optimizer step over all B sequences (fp32 on CPU, as train)
         with torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext():
             out = fwd(x[j:j + mb], y[j:j + mb])
@@ -115,7 +129,8 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
             mb //= 2
     times.sort()
     med = times[len(times) // 2]
-    r = {"preset": preset, "mode": "blocks" if compiled == "blocks" else "compiled" if compiled else "eager", "ctx": ctx, "batch": B, "micro_batch": mb,
+    r = {"preset": preset, "mode": compiled if compiled in ("blocks", "graph") else "compiled" if compiled else "eager",
+         "ctx": ctx, "batch": B, "micro_batch": mb,
          "tokens_per_step": B * ctx, "step_ms": med * 1e3, "step_ms_all": [t * 1e3 for t in times],
          "tokens_per_s": B * ctx / med, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
          "first_step_s": first_s, "loss_first": losses[0], "loss_last": losses[-1],
@@ -367,7 +382,8 @@ if __name__ == "__main__":
         try:
             if a.measure:
                 p, c, m, w, s = a.measure
-                r = measure(p, int(c), {"compiled": True, "blocks": "blocks"}.get(m, False), int(w), int(s), guard_s=60.0)
+                r = measure(p, int(c), {"compiled": True, "blocks": "blocks", "graph": "graph"}.get(m, False), int(w),
+                            int(s), guard_s=60.0)
             else:
                 r = breakdown(a.breakdown, device=a.breakdown_device)
         except Exception as e:                                            # noqa: BLE001
