@@ -44,7 +44,8 @@ Robust and budgeted: points run in child processes, one per (arm, train | infere
 wall-clock cap (the driver kills the child when a point overruns and starts a new child for the rest of the group);
 an out-of-memory point is recorded and the same measurement at larger contexts is skipped with that reason; every
 finished point is merged into the JSON at once (dsv4_lab.runlog.atomic_write_bytes); a rerun skips finished points
-(--retry-errors retries failed ones, --fresh starts over); --budget S starts no point whose expected cost exceeds
+(--retry-errors retries failed ones, --remeasure KIND... measures again the points of those kinds taken at another
+commit, --fresh starts over); --budget S starts no point whose expected cost exceeds
 what is left. Output: benchmarks/results/efficiency_measured.json (+ .log), with settings, environment, GPU name and
 the commit.
 
@@ -506,7 +507,9 @@ class Driver:
     def todo(self, plan):
         pts = self.res.get("points", {})
         retry = ("error", "skipped") if self.a.retry_errors else ()
-        return [p for p in plan if p["key"] not in pts or pts[p["key"]].get("status") in retry]
+        commit = self.res["env"]["commit"]
+        return [p for p in plan if p["key"] not in pts or pts[p["key"]].get("status") in retry
+                or (p["kind"] in self.a.remeasure and pts[p["key"]].get("commit") != commit)]
 
     def left(self) -> float | None:
         return None if self.a.budget is None else self.a.budget - (time.time() - self.t0)
@@ -621,7 +624,10 @@ class Driver:
 
     def record(self, k: str, rec: dict):
         arm, kind, ctx = k.split("/")
-        rec = {"arm": arm, "kind": kind, "ctx": int(ctx), **rec}
+        rec = {"arm": arm, "kind": kind, "ctx": int(ctx), **rec, "commit": self.res["env"]["commit"]}
+        old = self.res["points"].get(k)
+        if old is not None and old.get("status") == "ok" and kind in self.a.remeasure:
+            self.res.setdefault("superseded", {})[k] = old                # the earlier code's number stays on record
         self.res["points"][k] = rec
         self.save()
         brief = {x: (round(v, 4) if isinstance(v, float) else v) for x, v in rec.items()
@@ -662,6 +668,9 @@ def parse(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny / tiny-dense presets at 32-128 tokens (CPU smoke)")
     ap.add_argument("--plan", action="store_true", help="print the points and expected costs, measure nothing")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--remeasure", nargs="*", default=[], choices=list(KINDS),
+                    help="measure these kinds again where the point was measured at another commit (the old point "
+                         "moves to 'superseded'); a second call at the same --commit skips what the first measured")
     ap.add_argument("--retry-errors", action="store_true")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)

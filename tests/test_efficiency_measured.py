@@ -148,6 +148,23 @@ def test_bench_cpu_tiny_point_resume_and_budget(tmp_path, capsys):
     assert err.count("\n") == 0 and "configs.dense.d_ff" in err and "--fresh" in err
 
 
+def test_bench_remeasure_takes_points_of_another_commit_again(tmp_path, capsys):
+    """--remeasure KIND: a point measured at another commit is measured again (the old one kept under
+    'superseded'); a second call at the same commit skips it (resumable across device calls)."""
+    out = tmp_path / "eff.json"
+    base = ["--device", "cpu", "--tiny", "--arms", "dense", "--kinds", "decode", "--out", str(out), "--ctx-decode", "32"]
+    assert bench_efficiency.main(base + ["--commit", "old"]) == 0
+    first = json.loads(out.read_text())["points"]["dense/decode/32"]
+    assert first["commit"] == "old"
+    assert bench_efficiency.main(base + ["--commit", "new", "--remeasure", "decode"]) == 0
+    d = json.loads(out.read_text())
+    assert d["points"]["dense/decode/32"]["commit"] == "new" and d["superseded"]["dense/decode/32"] == first
+    capsys.readouterr()
+    assert bench_efficiency.main(base + ["--commit", "new", "--remeasure", "decode"]) == 0
+    assert "1 of 1 points already measured" in capsys.readouterr().out
+    assert json.loads(out.read_text())["points"] == d["points"]
+
+
 def test_bench_bad_arguments(capsys):
     for args, what in ((["--train-mode", "v4=fast"], "--train-mode"), (["--ctx-kv", "0"], "--ctx-kv"),
                        (["--steps", "0"], "--steps"), (["--device", "cpu"], "--tiny")):
