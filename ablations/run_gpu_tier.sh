@@ -1,27 +1,26 @@
 #!/usr/bin/env bash
 # The GPU tier of the five named ablations (issue 17 item 1), resumable, in chunks, several runs per GPU:
 #
-#     ablations/run_gpu_tier.sh [MINUTES]          # default 9; JOBS=N runs per GPU (default 6); RUN_S (default 240)
+#     ablations/run_gpu_tier.sh [MINUTES]          # default 9; JOBS=N runs per GPU (default 6)
 #     ablations/run_gpu_tier.sh estimate           # device minutes left, from measured ms/step and records; no GPU
 #     ablations/run_gpu_tier.sh smoke              # 30 steps of every distinct arm config: ms/step on this GPU
 #     ablations/run_gpu_tier.sh archive            # copy finished runs' records to $ARCHIVE (nothing else)
 #
-# Environment: SWEEPS (names), SWEEP_DIR (ablations), RUNS (runs), RECORDS (ablations/records), ARCHIVE, PY.
-# Runs the sweeps below at --scale gpu under runs/ (JOBS processes share each GPU: the lab's tiny models are
-# launch-bound, one alone leaves the GPU mostly idle). No new run starts after MINUTES minus one run's length
-# (RUN_S), so a chunk ends about MINUTES after it began; runs in flight finish first. Re-running the same command
-# continues where the last chunk stopped: finished and diverged runs are skipped, interrupted ones resume from their
-# checkpoint. Before starting it copies the committed records (ablations/records/<sweep>/gpu/) into runs/ (never
-# over a run dir that exists), and after the chunk it copies every finished run's records, without checkpoints,
-# into $ARCHIVE/<sweep>/gpu/ (default: $OUT/records when $OUT is set): commit those into ablations/records/ to carry
-# the tier across machines. Measured (H200, run 19 in benchmarks/README.md): 8 `csa_vs_hca` runs of 3000 steps packed
-# on one GPU took 536 s (67 s per run in aggregate): these 0.5M-parameter models are launch-bound and the GPU
-# time-slices between processes, so packing gains little and the tier needs about 80 device minutes. On the 10-minute
-# device call: JOBS=8 RUN_S=560 ablations/run_gpu_tier.sh 9 (under `timeout 590`) runs exactly one wave of 8 and
-# archives it. It prints the device seconds each sweep used in this chunk (and writes them to
-# $ARCHIVE/device_seconds/<chunk>.csv, summed per sweep by notebook 09) and the verdicts of the runs
-# under runs/ (into runs/gpu_tier_results/, not the committed CSVs). Exit 0 once all five sweeps are done, 3 while
-# runs are left. MINUTES must stay under the device's per-command limit (10 minutes) and RUN_S cover one packed run.
+# Environment: SWEEPS (names), SWEEP_DIR (ablations), RUNS (runs), RECORDS (ablations/records), ARCHIVE, PY, RUN_S.
+# Runs the sweeps below at --scale gpu under runs/, JOBS processes sharing the GPU (the lab-width models are
+# launch-bound: packing 4 graphed runs gave 2.7x the throughput of one). No run starts that is expected to end after
+# MINUTES: the expected length of one run with JOBS sharing the GPU comes per sweep from ablations/gpu_cost.py
+# (measured ms/step, benchmarks/results/cuda_graph.json), or RUN_S seconds if set; a run longer than the whole chunk
+# still gets one wave of JOBS runs. Runs in flight finish first. Re-running the same command continues where the last
+# chunk stopped: finished and diverged runs are skipped, interrupted ones resume from their checkpoint (on another
+# machine only if their run dirs came along: scripts/carry_runs.py). Before starting it copies the committed records
+# (ablations/records/<sweep>/gpu/) into runs/ (never over a run dir that exists), and after the chunk it copies every
+# finished run's records, without checkpoints and with repository-relative paths, into $ARCHIVE/<sweep>/gpu/
+# (default: $OUT/records when $OUT is set): commit those into ablations/records/ to carry the tier across machines.
+# It prints the device seconds each sweep used in this chunk (and writes them to $ARCHIVE/device_seconds/<chunk>.csv,
+# summed per sweep by notebook 09) and the verdicts of the runs under runs/ (into runs/gpu_tier_results/, not the
+# committed CSVs). Exit 0 once all five sweeps are done, 3 while runs are left. MINUTES must stay under the device's
+# per-command limit (10 minutes); under an outer `timeout`, follow with `run_gpu_tier.sh archive`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,7 +28,7 @@ PY=${PY:-.venv/bin/python}
 SWEEPS=${SWEEPS:-"csa_vs_hca mhc_vs_hc muon_vs_adamw fp4_vs_fp8 anticipatory"}
 ARG=${1:-9}
 JOBS=${JOBS:-6}
-RUN_S=${RUN_S:-240}
+RUN_S=${RUN_S:-auto}                                # seconds of one packed run; auto: per sweep from gpu_cost.py
 ARCHIVE=${ARCHIVE:-${OUT:+$OUT/records}}
 SWEEP_DIR=${SWEEP_DIR:-ablations}                   # where the sweep files are
 RUNS=${RUNS:-runs}                                  # where runs train
@@ -72,53 +71,9 @@ if [ "$ARG" = "archive" ]; then                     # only the copy (after a chu
     exit 0
 fi
 
-if [ "$ARG" = "estimate" ]; then
-    # Device minutes left, from measurements: per arm the ms per step of one run alone on the H200
-    # (benchmarks/results/cuda_graph.json: graphed where the sweep's gpu setting has cuda_graph=true, eager
-    # otherwise; an arm not measured takes its sweep's mean over measured arms), STARTUP_S of start-up per run
-    # (papermill, imports, model build), and the packing gain of that JSON (several runs per GPU: aggregate vs
-    # alone). Runs with committed records (RECORDS) are done and not counted.
-    SWEEPS="$SWEEPS" SWEEP_DIR="$SWEEP_DIR" RECORDS="$RECORDS" "$PY" - <<'PY'
-import json, os
-from pathlib import Path
-from dsv4_lab.config import parse_overrides
-from dsv4_lab.sweep import load_sweep, plan
-meas = json.loads(Path("benchmarks/results/cuda_graph.json").read_text())
-ms = {(r["sweep"], r["arm"]): (r["eager_ms_per_step"], r["graph_ms_per_step"]) for r in meas["rows"] if "speedup" in r}
-alone = {(r["sweep"], r["arm"]): r["graph_ms_per_step"] for r in meas["rows"] if "speedup" in r}
-gain = max([1.0] + [alone[(p["sweep"], p["arm"])] / p["aggregate_ms_per_step"] for p in meas["pack"]
-                    if "aggregate_ms_per_step" in p])
-startup = float(os.environ.get("STARTUP_S", 30))
-records = Path(os.environ["RECORDS"])
-print(f"measured: {Path('benchmarks/results/cuda_graph.json')} (commit {meas['env'].get('git', '?')[:7]}); "
-      f"packing gain {gain:.1f}x; start-up {startup:.0f} s per run")
-print(f"{'sweep':<15}{'runs':>5}{'done':>5}{'steps':>7}{'mode':>7}{'ms/step alone':>15}{'s/run alone':>13}"
-      f"{'device-min left':>17}")
-total = 0.0
-for name in os.environ["SWEEPS"].split():
-    sw = load_sweep(f"{os.environ['SWEEP_DIR']}/{name}.json")
-    sel, ev = plan(sw, "gpu", "runs")
-    graph = parse_overrides(dict(ev[0]["kv"]))[1].cuda_graph
-    arm_ms = {a: v[1 if graph else 0] for (s, a), v in ms.items() if s == name}
-    mean = sum(arm_ms.values()) / len(arm_ms) if arm_ms else float("nan")
-    left, done, per = 0.0, 0, []
-    for r in sel + ev:
-        tc = parse_overrides(dict(r["kv"]))[1]
-        arm = r["arm"].split("-")[0] if r.get("phase") == "select" else r["arm"]
-        run_s = startup + tc.max_steps * arm_ms.get(arm, mean) / 1e3
-        per.append(run_s)
-        if (records / Path(r["kv"]["run_dir"]).resolve().relative_to(Path("runs").resolve()) / "finished.json").exists():
-            done += 1
-        else:
-            left += run_s / gain / 60
-    total += left
-    steps = sorted({parse_overrides(dict(r["kv"]))[1].max_steps for r in ev})
-    lo, hi = min(arm_ms.values(), default=mean), max(arm_ms.values(), default=mean)
-    print(f"{name:<15}{len(sel) + len(ev):>5}{done:>5}{'/'.join(map(str, steps)):>7}{'graph' if graph else 'eager':>7}"
-          f"{f'{lo:.0f}-{hi:.0f}':>15}{f'{min(per):.0f}-{max(per):.0f}':>13}{left:>17.1f}")
-print(f"{'total':<15}{'':>52}{total:>17.0f}")
-PY
-    exit 0
+if [ "$ARG" = "estimate" ]; then                   # device minutes left, from measurements (ablations/gpu_cost.py)
+    SWEEP_DIR="$SWEEP_DIR" RECORDS="$RECORDS" "$PY" ablations/gpu_cost.py estimate $SWEEPS
+    exit $?
 fi
 
 if [ "$ARG" = "smoke" ]; then
@@ -156,7 +111,11 @@ PY
 fi
 
 MINUTES=$ARG
-deadline=$(( $(date +%s) + MINUTES * 60 - RUN_S ))
+end=$(( $(date +%s) + MINUTES * 60 ))
+declare -A run_s                                    # per sweep: seconds one run takes with JOBS sharing the GPU
+if [ "$RUN_S" = auto ]; then
+    while read -r name sec; do run_s[$name]=$sec; done < <(SWEEP_DIR="$SWEEP_DIR" "$PY" ablations/gpu_cost.py wave "$JOBS" $SWEEPS)
+fi
 for s in $SWEEPS; do                                # committed records first (never over an existing run dir)
     [ -d "$RECORDS/$s/gpu" ] || continue
     for rd in "$RECORDS/$s/gpu"/*/ "$RECORDS/$s/gpu"/select/*/; do
@@ -170,12 +129,14 @@ chunk=$(date -u +%Y%m%dT%H%M%SZ)
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 first=1
 for s in $SWEEPS; do
-    left=$(( deadline - $(date +%s) ))
+    rs=${run_s[$s]:-}                               # RUN_S if set; 240 s for a sweep without measurements
+    [ -n "$rs" ] || { [ "$RUN_S" = auto ] && rs=240 || rs=$RUN_S; }
+    left=$(( end - rs - $(date +%s) ))              # no run starts that would end after the chunk
     if [ "$left" -le 0 ] && [ "$first" = 0 ]; then
         echo "[gpu tier] chunk time used up before $s; run the same command again to continue"
         break
     fi
-    [ "$left" -le 0 ] && left=30                    # RUN_S >= MINUTES: one wave of JOBS runs, then stop
+    [ "$left" -le 0 ] && left=30                    # a run longer than the chunk: one wave of JOBS runs, then stop
     first=0
     t0=$(date +%s)
     if "$PY" -m dsv4_lab sweep "$SWEEP_DIR/$s.json" --scale gpu --jobs "$JOBS" --root "$RUNS" --stop-after "$left"; then

@@ -84,8 +84,8 @@ def test_gpu_tier_chunk_archives_records_and_a_fresh_machine_skips_them(tmp_path
     assert rows[0] == "sweep,chunk,seconds,jobs,device" and rows[1].startswith("t,")
     shutil.copytree(tmp_path / "arch", tmp_path / "records")
     before = (tmp_path / "records" / "t" / "gpu" / "a-s0" / "metrics.jsonl").read_text()
-    p = subprocess.run(["bash", script, "5"], env={**env, "RUNS": str(tmp_path / "runs2")}, capture_output=True,
-                       text=True, timeout=600)
+    env2 = {**{k: v for k, v in env.items() if k != "RUN_S"}, "RUNS": str(tmp_path / "runs2")}   # RUN_S=auto
+    p = subprocess.run(["bash", script, "5"], env=env2, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "2 finished" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert (tmp_path / "runs2" / "t" / "gpu" / "a-s0" / "metrics.jsonl").read_text() == before
 
