@@ -448,9 +448,6 @@ def check_train_pair(model: "ModelConfig", train: "TrainConfig") -> None:
                    f">= {BYTE_VOCAB} for data={train.data!r} (byte ids 0..{BYTE_VOCAB - 1})")
     if train.cuda_graph and train.compile != "false":
         raise _err("compile", train.compile, "'false' with cuda_graph=true (the graph records the eager model)")
-    if train.cuda_graph and model.anticipatory != "off":
-        raise _err("anticipatory", model.anticipatory, "'off' with cuda_graph=true (its router keeps weight "
-                   "snapshots that change every step; a graph would replay stale ones)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,8 @@ forward + backward once and replays them with one launch per step.
 
     step = GraphedStep(model, amp)
     for ...:
-        out = step(x, y, key=(indexer_stage, mtp_weight))   # forward + backward; p.grad holds this step's gradients
+        key = (indexer_stage, mtp_weight, routing_key(model))   # the host state the forward reads
+        out = step(x, y, key=key)                            # forward + backward; p.grad holds this step's gradients
         clip_grad_norm_(...); opt.step()                     # eager, as without graphs; never zero_grad here
 
 What is captured: `model(x, y)` under `amp()` and `out.loss.backward()`. Everything else stays eager: the
@@ -23,14 +24,17 @@ so the captured backward *writes* them (never accumulates) into buffers of the g
 rewrites them in place: between steps nobody may set them to None.
 
 Host state the forward reads is baked into the graph as constants; `key` names it (the indexer stage, the MTP loss
-weight). When the key changes, the graph is dropped, the next `warmup` steps run eagerly (new code paths JIT-compile
-their Triton kernels outside a capture) and the step after them is captured anew. The first `warmup` steps of a
-run are eager for the same reason.
+weight, anticipatory routing on/off per router: moe.routing_key). Tensors the forward reads that change between
+steps keep their addresses and change in place (the anticipatory router's weight snapshots are such buffers,
+written by eager code between replays). When the key changes, the graph is dropped, the next `warmup` steps run
+eagerly (new code paths JIT-compile their Triton kernels outside a capture) and the step after them is captured
+anew. The first `warmup` steps of a run are eager for the same reason.
 
 Same numbers: a replay launches the same kernels on the same data as the eager step, so a graphed run equals an
-eager one (tests/test_cuda_graph.py checks losses and weights bitwise on the GPU). Not supported, refused by the
-config: anticipatory routing (its router keeps a list of weight snapshots that grows every step), compile (the
-compiled model has its own graphs), several processes, the CPU.
+eager one (tests/test_cuda_graph.py checks losses and weights bitwise on the GPU). Under replay no Python of the
+forward runs, so host-side timings taken inside it are not measured (the anticipatory router's per-forward
+overhead); the run's wall-clock time_s is. Not supported, refused by the config: compile (the compiled model has
+its own graphs), several processes, the CPU.
 """
 from __future__ import annotations
 

@@ -29,9 +29,11 @@ data at step t - Delta, runs a forward with the then-current weights and caches 
 a loss-spike detector switches it on for a while, then training reverts to normal routing.
 
 What we do, per score-routed MoE layer:
-  * a ring buffer holds copies of this layer's router parameters (W_g, b) of the last Delta + 1 versions; it is
-    pushed in `on_train_step` after every optimizer step (parameters version t+1 after step t), so at the forward of
-    step t its oldest entry is exactly (W_g, b)_{t - Delta} (or the oldest available early in training);
+  * a shift register holds copies of this layer's router parameters (W_g, b) of the last Delta + 1 versions
+    (non-persistent buffers (Delta+1, N_r, d) and (Delta+1, N_r), slot 0 = oldest, updated in place so a CUDA graph
+    can replay the forward, docs/kernels.md §10); it is pushed in `on_train_step` after every optimizer step
+    (parameters version t+1 after step t), so at the forward of step t slot 0 is exactly (W_g, b)_{t - Delta};
+    the first push fills every slot, so early in training slot 0 is the first version pushed;
   * indices = TopK(score(W_g^{t-Delta} x) + b^{t-Delta}); weights = current scores gathered at those indices
     (renormalised, times route_scale), like hash routing: only the index choice is frozen, so the gate still
     learns and gradients are unchanged in form. Delta = 0 is exactly normal routing.
@@ -44,7 +46,10 @@ What we do, per score-routed MoE layer:
     > spike_factor x running median of the last 100 losses, after 10 steps of history, switches routing on for
     anticipatory_period steps, then off). The paper's "short rollback" is left to the training loop (not done).
   * overhead: wall-clock seconds spent on snapshots and lagged scoring are accumulated in `anticipatory_time_s`
-    and reported as _aux["anticipatory_overhead_s"] (per forward) and "anticipatory_active" (0/1).
+    and reported as _aux["anticipatory_overhead_s"] (per forward) and "anticipatory_active" (0/1). Under a CUDA
+    graph (cuda_graph=true) the forward's host time is not measured: the captured forward adds nothing to
+    `anticipatory_time_s` and reports no "anticipatory_overhead_s" (replays run no Python); the snapshot pushes stay
+    eager and are still counted. `routing_key(model)` (the active flags) is part of the graph's key.
 
 Statistics for notebooks: `stats` (last forward: per-expert load, and with `probe = True` the max |pre-activation|
 of the routed experts' gate/up branches and the fraction of clamped entries); metrics in _aux: "load_max_over_mean".
@@ -128,7 +133,16 @@ class SpikeDetector:
 class Router(nn.Module):
     """The gate (docs §5.1 / §5.2). weight [N_r, d] (fp32 math); e_score_correction_bias [N_r] (score layers, not
     trained by gradient: a Parameter with requires_grad=False so checkpoints and parameter counts carry it);
-    tid2eid [V, K_r] int64 buffer (hash layers)."""
+    tid2eid [V, K_r] int64 buffer (hash layers).
+
+    Anticipatory routing (docs §10, module doc): snapshot_weight (Delta+1, N_r, d) and snapshot_bias (Delta+1, N_r),
+    non-persistent buffers (not in state_dict; None unless a score layer with anticipatory != 'off' and Delta > 0),
+    slot 0 = the oldest version, written in place by `push_snapshot`: fixed addresses, so a CUDA graph replays the
+    lagged routing. Host state the forward reads: `anticipatory_active()` (in `routing_key`, the graph's key) and
+    the "no snapshot yet" flag (set by the first push: the first training forward or on_train_step, so a graph
+    captured after eager warm-up steps never records a push). `_fwd_overhead` /
+    `anticipatory_time_s` time the lagged scoring on the host in eager forwards only: a forward being captured into
+    a CUDA graph is not timed (`_fwd_overhead` = None), and replays run no Python."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -144,11 +158,17 @@ class Router(nn.Module):
         # anticipatory routing state (score layers)
         self.anticipatory = cfg.anticipatory if not self.is_hash else "off"
         self.delta = cfg.anticipatory_delta
-        self._snapshots: collections.deque = collections.deque(maxlen=self.delta + 1)
+        keep = self.anticipatory != "off" and self.delta > 0
+        n, d = cfg.n_routed_experts, cfg.d_model
+        self.register_buffer("snapshot_weight", torch.zeros(self.delta + 1, n, d) if keep else None,
+                             persistent=False)                                  # (Delta+1, N_r, d), slot 0 oldest
+        self.register_buffer("snapshot_bias", torch.zeros(self.delta + 1, n) if keep else None,
+                             persistent=False)                                  # (Delta+1, N_r)
+        self._has_snapshot = False
         self.active_until = -1                   # auto mode: anticipatory routing on while step < active_until
         self.step = 0
         self.anticipatory_time_s = 0.0
-        self._fwd_overhead = 0.0
+        self._fwd_overhead: float | None = 0.0
         self.detector = SpikeDetector(cfg.spike_factor)
         self.reset_parameters_v4()
 
@@ -157,7 +177,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, 0.0, self.cfg.init_std)
         if not self.is_hash:
             self.e_score_correction_bias.zero_()
-        self._snapshots.clear()
+        self._has_snapshot = False                             # the next push fills every slot
 
     def scores(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         ct = torch.promote_types(x.dtype, torch.float32)
@@ -174,18 +194,31 @@ class Router(nn.Module):
         if self.delta == 0:                                    # Delta = 0: the current parameters (exactly)
             w, b = self.weight, self.e_score_correction_bias
         else:
-            if not self._snapshots:
+            if not self._has_snapshot:
                 self.push_snapshot()
-            w, b = self._snapshots[0]
+            w, b = self.snapshot_weight[0], self.snapshot_bias[0]                   # (N_r, d), (N_r,)
         return torch.topk(self.scores(x, w) + b.to(torch.promote_types(x.dtype, torch.float32)), self.k,
                           dim=-1).indices
 
     @torch.no_grad()
     def push_snapshot(self):
-        if self.delta > 0:                                     # a sharded (fsdp2) weight: every rank gathers it
-            w = self.weight.detach()
-            w = w.full_tensor() if hasattr(w, "full_tensor") else w.clone()
-            self._snapshots.append((w, self.e_score_correction_bias.detach().clone()))
+        """(W_g, b) now into the last slot after shifting slots[:-1] <- slots[1:]; the first push (after creation
+        or reset_parameters_v4) fills every slot. In place: the buffers keep their addresses."""
+        if self.snapshot_weight is None:                       # Delta = 0 or anticipatory off: no snapshots
+            return
+        w = self.weight.detach()
+        w = w.full_tensor() if hasattr(w, "full_tensor") else w    # a sharded (fsdp2) weight: every rank gathers it
+        b = self.e_score_correction_bias.detach()
+        if not self._has_snapshot:
+            self.snapshot_weight.copy_(w)                      # broadcast over the Delta+1 slots
+            self.snapshot_bias.copy_(b)
+            self._has_snapshot = True
+            return
+        for i in range(self.delta):                            # low to high: slot i+1 is read before it is written
+            self.snapshot_weight[i].copy_(self.snapshot_weight[i + 1])
+            self.snapshot_bias[i].copy_(self.snapshot_bias[i + 1])
+        self.snapshot_weight[-1].copy_(w)
+        self.snapshot_bias[-1].copy_(b)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
         """x (N, d), input_ids (N,) -> weights (N, K) fp32, indices (N, K) int64, scores (N, N_r) fp32."""
@@ -199,8 +232,11 @@ class Router(nn.Module):
         elif self.anticipatory != "off" and self.anticipatory_active():
             t0 = time.perf_counter()
             idx = self._lagged_indices(x)
-            self._fwd_overhead = time.perf_counter() - t0
-            self.anticipatory_time_s += self._fwd_overhead
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                self._fwd_overhead = None                      # a graph capture: replays run no Python to time
+            else:
+                self._fwd_overhead = time.perf_counter() - t0
+                self.anticipatory_time_s += self._fwd_overhead
         else:
             with torch.no_grad():
                 idx = torch.topk(s + self.e_score_correction_bias.to(s.dtype), self.k, dim=-1).indices
@@ -290,7 +326,8 @@ class MoE(nn.Module):
         self._aux["load_max_over_mean"] = load.max() / load.mean()                 # 0-d tensor: no host sync
         if self.gate.anticipatory != "off":
             self._aux["anticipatory_active"] = float(self.gate.anticipatory_active())
-            self._aux["anticipatory_overhead_s"] = self.gate._fwd_overhead
+            if self.gate._fwd_overhead is not None:            # None: captured into a CUDA graph, not timed
+                self._aux["anticipatory_overhead_s"] = self.gate._fwd_overhead
         self.stats = {"load": load, "indices": idx.detach()}
         if self.probe:
             self.stats.update(self._activation_stats(flat.detach(), idx))
@@ -370,6 +407,14 @@ class MoE(nn.Module):
             out["shared_max_preact"] = max(g.abs().max().item(), u.abs().max().item())
         self._aux["max_preact"] = amax
         return out
+
+
+def routing_key(model: nn.Module) -> tuple:
+    """`anticipatory_active()` of every score-routed Router with anticipatory != 'off', in module order (() when
+    none): the routing host state a forward reads, part of a CUDA graph's key (cuda_graph.py, docs/kernels.md §10).
+    After step t's on_train_step it is what the forward of step t+1 sees."""
+    return tuple(m.anticipatory_active() for m in model.modules()
+                 if isinstance(m, Router) and not m.is_hash and m.anticipatory != "off")
 
 
 def set_moe_probe(model: nn.Module, on: bool = True) -> None:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from .config import ConfigError, ModelConfig, TrainConfig, check_train_pair
 from .data import Batches, Prefetched
 from .model import DSV4LM
+from .moe import routing_key
 from .parallel import RankBatches, check_supported, full_state, full_tensor, load_full_state, wrap
 from .runlog import (MetricsLog, RunError, check_run_dir, config_diff, environment, load_checkpoint,
                      same_config, save_checkpoint, save_json)
@@ -298,7 +299,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         x, y = (t.to(device) for t in batches.train_batch(step))
         if graphed is not None:                    # forward + backward; the key names the host state they read
-            out = graphed(x, y, key=(indexer_stage, getattr(model.mtp, "loss_weight", None)))
+            out = graphed(x, y, key=(indexer_stage, getattr(model.mtp, "loss_weight", None), routing_key(model)))
         else:
             with amp():
                 out = fwd(x, y)

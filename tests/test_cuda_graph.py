@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dsv4_lab import parse_overrides
-from dsv4_lab.config import ConfigError
+from dsv4_lab.config import ConfigError, check_train_pair
 from dsv4_lab.cuda_graph import GraphedStep
 from dsv4_lab.model import DSV4LM
+from dsv4_lab.moe import SpikeDetector
 from dsv4_lab.runlog import load_checkpoint, read_metrics, same_config
 from dsv4_lab.train import train
 
@@ -23,12 +24,17 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("extra, field", [
     (["compile=blocks"], "compile"),
     (["compile=auto"], "compile"),
-    (["compile=false", "anticipatory=always"], "anticipatory"),
 ])
 def test_config_refuses_what_a_graph_cannot_replay(tmp_path, extra, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         train(*parse_overrides(["preset=tiny", "cuda_graph=true", f"run_dir={tmp_path}", *extra]))
     assert not any(tmp_path.iterdir())                      # refused before anything is written
+
+
+def test_config_accepts_anticipatory_routing_with_a_graph():
+    """The router's snapshots are fixed-address buffers and its on/off state is in the graph's key (moe.py)."""
+    for mode in ("always", "auto"):
+        check_train_pair(*parse_overrides(["preset=tiny", "cuda_graph=true", "compile=false", f"anticipatory={mode}"]))
 
 
 def test_cli_refuses_cuda_graph_on_cpu(tmp_path):
@@ -97,6 +103,43 @@ def test_graphed_run_equals_eager_run_bitwise(tmp_path, extra):
     assert [r.get("val_loss") for r in graph] == [r.get("val_loss") for r in eager]
     assert w_graph.keys() == w_eager.keys() and all(torch.equal(w_graph[k], w_eager[k]) for k in w_eager)
     assert graph[-1]["cuda_graph_replays"] > 0                  # the graph ran, not only the eager warm-up
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("mode", ["always", "auto"])
+def test_graphed_anticipatory_routing_equals_eager_bitwise(tmp_path, monkeypatch, mode):
+    """Anticipatory routing under a graph: the replayed forward reads the router snapshots that the eager
+    on_train_step shifts in place, and `auto` switching routing on and off changes the graph's key (moe.routing_key):
+    two more captures. The spike is scripted (the detector keeps its history but reports a spike at the loss of step
+    5) so that the on/off steps do not depend on the GPU's loss curve: lagged routing on steps 6-10, then off; with 3
+    eager warm-up steps per key (the MTP weight changes the key at step 1 too) every phase has replayed steps."""
+    extra = ["max_steps=16", "layer_types=csa,hca", "mtp_depth=1", "optimizer=adamw", f"anticipatory={mode}"]
+    if mode == "always":
+        extra.append("anticipatory_delta=2")
+        want = [1.0] * 16
+    else:
+        extra += ["anticipatory_delta=1", "anticipatory_period=5"]
+        want = [0.0] * 6 + [1.0] * 5 + [0.0] * 5
+        real = SpikeDetector.__call__
+
+        def spike_at_step_5(self, loss):
+            real(self, loss)
+            return len(self.losses) == 6
+        monkeypatch.setattr(SpikeDetector, "__call__", spike_at_step_5)
+    eager, w_eager = _run(tmp_path / "eager", "false", *extra)
+    graph, w_graph = _run(tmp_path / "graph", "true", *extra)
+    key = "blocks.1.ffn.anticipatory_active"
+    assert [r[key] for r in eager] == want and [r[key] for r in graph] == want
+    assert [r["train_loss"] for r in graph] == [r["train_loss"] for r in eager]
+    assert [r.get("val_loss") for r in graph] == [r.get("val_loss") for r in eager]
+    assert w_graph.keys() == w_eager.keys() and all(torch.equal(w_graph[k], w_eager[k]) for k in w_eager)
+    n = [r["cuda_graph_replays"] for r in graph]                  # cumulative: step t replayed if n[t] > n[t - 1]
+    replayed = [b > a for a, b in zip([0] + n, n)]
+    phases = [range(16)] if mode == "always" else [range(6), range(6, 11), range(11, 16)]
+    assert all(any(replayed[t] for t in ph) for ph in phases), replayed
+    over = "blocks.1.ffn.anticipatory_overhead_s"
+    if mode == "always":                          # measured in eager forwards only (a replay runs no Python)
+        assert all(over in r for r in eager) and over not in graph[-1] and over in graph[0]
 
 
 @NEEDS_CUDA

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dsv4_lab import DSV4LM, ModelConfig
 from dsv4_lab.ffn import DenseFFN
-from dsv4_lab.moe import MoE, balanced_tid2eid, router_stats, set_moe_probe
+from dsv4_lab.moe import MoE, balanced_tid2eid, router_stats, routing_key, set_moe_probe
 from numerics import U32, close_err
 
 
@@ -340,6 +340,63 @@ def test_anticipatory_auto_switches_on_after_a_spike_then_off():
         moe.on_train_step(step, loss)
     # the spike is at step 12; routing is lagged for steps 13, 14, 15
     assert active == [0.0] * 13 + [1.0] * 3 + [0.0] * 2
+
+
+@pytest.mark.parametrize("delta", [1, 3])
+def test_anticipatory_snapshots_stay_in_place_and_lag_like_a_window(delta):
+    """The snapshots are two buffers written in place (same data_ptr at every push: a CUDA graph replays the lagged
+    routing, docs/kernels.md §10), left out of the state dict; after n pushes slot 0 holds the oldest of the last
+    Delta + 1 pushes, or the first push while n <= Delta (pushes[max(0, n - Delta - 1)], written out below), and the
+    forward routes with it (bit-exact picks: the same function on the same inputs)."""
+    torch.manual_seed(0)
+    moe = MoE(cfg_(anticipatory="always", anticipatory_delta=delta, bias_update_speed=0.05), 3).train()
+    gate = moe.gate
+    assert gate.snapshot_weight.shape == (delta + 1, 8, 32) and gate.snapshot_bias.shape == (delta + 1, 8)
+    assert not any("snapshot" in k for k in moe.state_dict())
+    ptrs = (gate.snapshot_weight.data_ptr(), gate.snapshot_bias.data_ptr())
+    g = torch.Generator().manual_seed(1)
+    pushes = []                                                # (W, b) at every push, in order
+
+    def now():
+        return gate.weight.detach().clone(), gate.e_score_correction_bias.detach().clone()
+
+    for step in range(delta + 3):
+        x = torch.randn(16, 32, generator=g)
+        if step == 0:
+            pushes.append(now())                               # the first forward pushes the current version
+        moe(x.view(1, 16, 32))
+        n = len(pushes)
+        W, b = pushes[max(0, n - delta - 1)]
+        assert torch.equal(gate.snapshot_weight[0], W) and torch.equal(gate.snapshot_bias[0], b), (step, n)
+        assert all(torch.equal(gate.snapshot_weight[i], pushes[max(0, n - delta - 1 + i)][0])
+                   for i in range(delta + 1))
+        with torch.no_grad():
+            expect = torch.topk(gate.scores(x, W) + b, 2, -1).indices
+        assert torch.equal(moe.stats["indices"], expect), step
+        assert (gate.snapshot_weight.data_ptr(), gate.snapshot_bias.data_ptr()) == ptrs
+        with torch.no_grad():
+            gate.weight.add_(torch.randn(gate.weight.shape, generator=g) * 0.5)
+        moe.on_train_step(step, 1.0)                           # bias update, then the push of version step + 1
+        pushes.append(now())
+    gate.reset_parameters_v4()                                 # the next push fills every slot again
+    gate.push_snapshot()
+    assert all(torch.equal(gate.snapshot_weight[i], gate.weight) for i in range(delta + 1))
+    assert (gate.snapshot_weight.data_ptr(), gate.snapshot_bias.data_ptr()) == ptrs
+    moe.double()                                               # the buffers follow the module's moves
+    assert gate.snapshot_weight.dtype == gate.snapshot_bias.dtype == torch.float64
+
+
+def test_routing_key_is_the_active_flags_of_the_anticipatory_routers():
+    assert routing_key(MoE(cfg_(), 3)) == ()
+    assert routing_key(MoE(cfg_(anticipatory="always", n_hash_layers=4), 3)) == ()     # a hash layer: never lagged
+    assert MoE(cfg_(anticipatory="always", anticipatory_delta=0), 3).gate.snapshot_weight is None
+    moe = MoE(cfg_(anticipatory="auto", anticipatory_delta=1, anticipatory_period=3, spike_factor=1.5), 3).train()
+    x = torch.randn(1, 8, 32)
+    for step, loss in enumerate([2.0] * 12 + [5.0] + [2.0] * 5):
+        key = routing_key(moe)                                 # before the forward: what the forward will read
+        moe(x)
+        assert key == (bool(moe._aux["anticipatory_active"]),), step
+        moe.on_train_step(step, loss)
 
 
 def test_router_stats_and_model_level_on_train_step():
