@@ -89,8 +89,13 @@ def wave(jobs: int, names, sweep_dir: str) -> None:
 
 
 def main(argv) -> int:
-    if not argv or argv[0] not in ("estimate", "wave") or (argv[0] == "wave" and len(argv) < 2):
-        print("usage: gpu_cost.py estimate SWEEP... | wave JOBS SWEEP...", file=sys.stderr)
+    wave_bad = argv[:1] == ["wave"] and (len(argv) < 2 or not argv[1].isdigit() or int(argv[1]) < 1)
+    if not argv or argv[0] not in ("estimate", "wave") or wave_bad:
+        print("usage: gpu_cost.py estimate SWEEP... | wave JOBS SWEEP... (JOBS a positive integer)", file=sys.stderr)
+        return 2
+    if not MEASURED.exists():
+        print(f"gpu_cost.py: {MEASURED.relative_to(ROOT)} is missing: run benchmarks/bench_cuda_graph.py on a GPU first",
+              file=sys.stderr)
         return 2
     sweep_dir = os.environ.get("SWEEP_DIR", str(ROOT / "ablations"))
     if argv[0] == "estimate":
