@@ -45,13 +45,14 @@ GPU_TIER = ("csa_vs_hca", "mhc_vs_hc", "muon_vs_adamw", "fp4_vs_fp8", "anticipat
 
 
 def test_gpu_tier_states_its_reasoning_and_cost(tmp_path):
-    """The five named sweeps' gpu scale: reasoning written, every arm eager (no compile), csa_vs_hca's far answers
-    well beyond the window and its near control inside it; run_gpu_tier.sh estimate computes the cost table."""
+    """The five named sweeps' gpu scale: reasoning written, every arm without compile and with the same cuda_graph
+    setting, csa_vs_hca's far answers well beyond the window and its near control inside it; run_gpu_tier.sh estimate
+    computes the cost table; gpu_cost.py wave gives each sweep's packed run length."""
     for name in GPU_TIER:
         sw = load_sweep(ROOT / "ablations" / f"{name}.json")
         assert len(sw.get("gpu_reasoning", "")) > 200, name
-        for r in plan(sw, "gpu", str(tmp_path))[1]:
-            assert parse_overrides(dict(r["kv"]))[1].compile == "false"
+        tcs = [parse_overrides(dict(r["kv"]))[1] for r in plan(sw, "gpu", str(tmp_path))[1]]
+        assert all(tc.compile == "false" for tc in tcs) and len({tc.cuda_graph for tc in tcs}) == 1, name
     sw = load_sweep(ROOT / "ablations" / "csa_vs_hca.json")
     mc, tc = parse_overrides(dict(plan(sw, "gpu", str(tmp_path))[1][0]["kv"]))
     far_min = tc.seq_len + 1 - (1 + 2 * tc.task_n_pairs + 1 + 2 * tc.task_n_queries)   # the filler length
@@ -60,6 +61,12 @@ def test_gpu_tier_states_its_reasoning_and_cost(tmp_path):
                        text=True, env={**os.environ, "PY": sys.executable})
     assert p.returncode == 0, p.stderr
     assert all(n in p.stdout for n in GPU_TIER) and "total" in p.stdout
+    cost = [sys.executable, str(ROOT / "ablations" / "gpu_cost.py"), "wave"]
+    p = subprocess.run(cost + ["6", *GPU_TIER], capture_output=True, text=True)
+    lengths = dict(line.split() for line in p.stdout.splitlines())
+    assert p.returncode == 0 and lengths.keys() == set(GPU_TIER) and all(int(v) > 0 for v in lengths.values())
+    p = subprocess.run(cost + ["0", "csa_vs_hca"], capture_output=True, text=True)
+    assert p.returncode == 2 and "JOBS" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_gpu_tier_chunk_archives_records_and_a_fresh_machine_skips_them(tmp_path):
