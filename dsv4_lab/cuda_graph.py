@@ -39,10 +39,9 @@ its own graphs), several processes, the CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from typing import Callable, Hashable
-
-import dataclasses
 
 import torch
 
