@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str] | None = None) -> list[Path]:
     """Loss curves of every sweep group under runs_root (or only `groups`; run dirs at any depth, tuning runs
     left out), the efficiency figures (analytic, and measured from benchmarks/results/efficiency_measured.json when
-    it is there), the ablation figures from the committed ablations/results/*.csv, and the long-context quality
-    figure from ablations/results/long_context.json when it is there."""
+    it is there), the ablation figures from the committed ablations/results/*.csv, the long-context quality
+    figure from ablations/results/long_context.json when it is there, and the indexer recall figure from
+    benchmarks/results/indexer_recall.json."""
     from .figures.loss_curves import plot_loss_curves
     made = []
     for group in sorted(Path(runs_root).glob("*")):
@@ -42,6 +43,8 @@ def make_figures(runs_root: str = "runs", out: str = "figures", groups: list[str
     made += plot_all(ROOT / "ablations" / "results", out, ROOT / "ablations")
     from .figures.long_context import plot_committed   # long-context quality vs length, from the committed JSON
     made += plot_committed(ROOT / "ablations" / "results" / "long_context.json", out)
+    from .figures.indexer_recall import plot_committed as plot_recall   # top-k recall vs score precision (CPU JSON)
+    made += plot_recall(ROOT / "benchmarks" / "results" / "indexer_recall.json", out)
     return made
 
 
