@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     save_json({"what": "expected top-k recall of the exact (fp64) indexer picks when scores are stored in less "
                        "precision (benchmarks/bench_indexer_recall.py)",
                "env": environment("cpu"), "seed": a.seed, "precisions": list(PRECISIONS), "rows": rows}, Path(a.out))
-    print(f"bench_indexer_recall: {len(rows)} points -> {a.out}")
+    out = Path(a.out).resolve()
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    print(f"bench_indexer_recall: {len(rows)} points -> {shown}")
     return 0
 
 
