@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..stats import mean_band, paired_diffs
+from . import save_figure
 
 
 def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts: list[dict], out_png,
@@ -66,11 +67,7 @@ def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts
     ax2.set_title(f"{sweep['budget_type']}; dots = seeds, bar = 95 % CI of the mean")
     fig.suptitle(sweep.get("question", ""), fontsize=9, wrap=True)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)
 
 
 def plot_all(results_dir="ablations/results", out_dir="figures", sweeps_dir="ablations",

@@ -11,10 +11,10 @@ precision that misses nothing anywhere (fp32 here) is named in the title. The cl
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import ConfigError
+from . import read_results, save_figure
 
 COLORS = {"fp32": "tab:gray", "bf16": "tab:blue", "fp16": "tab:green", "fp8_e4m3": "tab:red"}
 ROW_KEYS = ("preset", "S", "k", "precision", "recall_mean", "recall_min")
@@ -24,13 +24,7 @@ PAPER_BF16 = 0.997
 def load(path) -> dict:
     """The results JSON, checked; ConfigError naming the file and the field otherwise."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"indexer recall results {path} do not exist (benchmarks/bench_indexer_recall.py writes "
-                          "them)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"indexer recall results {path} are not valid JSON: {e}") from None
+    d = read_results(path, "indexer recall results", "benchmarks/bench_indexer_recall.py")
     if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
         raise ConfigError(f"indexer recall results {path}: need an object with a non-empty 'rows' list")
     for i, r in enumerate(d["rows"]):
@@ -71,11 +65,7 @@ def plot_indexer_recall(results, out) -> Path:
                  "claim boundary: random q, k ~ N(0, 1/DI), w ~ N(0, 1/HI); exact set from fp64 scores; ties broken "
                  "at random (expected recall)", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def plot_committed(results, out_dir) -> list[Path]:

@@ -6,11 +6,11 @@ same for exact match (all 4 answer tokens right). The claim boundary is written 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import ConfigError
 from ..stats import mean_band
+from . import read_results
 
 COLORS = {"v4": "tab:blue", "dense": "tab:orange", "swa": "tab:green"}
 REC_KEYS = ("setting", "arm", "seed", "lengths")
@@ -19,13 +19,7 @@ REC_KEYS = ("setting", "arm", "seed", "lengths")
 def load_results(path) -> dict:
     """The results JSON, checked; ConfigError naming the file and the field otherwise."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"long-context results {path} do not exist (python -m dsv4_lab longctx run / collect "
-                          "writes them)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"long-context results {path} are not valid JSON: {e}") from None
+    d = read_results(path, "long-context results", "python -m dsv4_lab longctx run / collect")
     if not isinstance(d, dict) or not isinstance(d.get("records"), list) or not isinstance(d.get("settings"), dict):
         raise ConfigError(f"long-context results {path}: need an object with 'records' (list) and 'settings' (object)")
     for i, r in enumerate(d["records"]):
