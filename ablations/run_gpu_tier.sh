@@ -38,17 +38,16 @@ archive_runs() {                                    # finished runs' records, wi
     "$PY" - "$ARCHIVE" "$RUNS" $SWEEPS <<'PY'
 import json, shutil, sys
 from pathlib import Path
+from dsv4_lab.sweep import is_diverged, is_finished
 archive, runs, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 n = 0
 for name in names:
     for sj in Path(runs, name, "gpu").rglob("sweep.json"):
         rd = sj.parent
-        m = rd / "metrics.jsonl"
-        if not m.exists() or not (rd / "config.json").exists():
+        if not (rd / "config.json").exists():
             continue
         steps = json.loads((rd / "config.json").read_text())["train"]["max_steps"]
-        lines = m.read_text().strip().splitlines()
-        if not (rd / "diverged.json").exists() and not (lines and json.loads(lines[-1]).get("step") == steps - 1):
+        if not (is_diverged(rd) or is_finished(rd, steps)):
             continue
         dst = archive / rd.relative_to(runs)
         shutil.copytree(rd, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt.pt"))
@@ -58,7 +57,7 @@ for name in names:
                 t = f.read_text()
                 if here in t:
                     f.write_text(t.replace(here, ""))
-        if not (rd / "diverged.json").exists():
+        if not is_diverged(rd):
             (dst / "finished.json").write_text("{}\n")
         n += 1
 print(f"[gpu tier] {n} finished run records -> {archive}")

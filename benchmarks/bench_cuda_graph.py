@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsv4_lab.config import parse_overrides  # noqa: E402
-from dsv4_lab.runlog import environment, load_checkpoint, save_json  # noqa: E402
+from dsv4_lab.runlog import environment, load_checkpoint, read_metrics, save_json  # noqa: E402
 from dsv4_lab.sweep import eval_runs, load_sweep  # noqa: E402
 from dsv4_lab.train import train  # noqa: E402
 
@@ -56,10 +56,6 @@ def short(kv: dict, steps: int, run_dir: Path, graph: bool) -> dict:
             "run_dir": str(run_dir), "progress": False, "cuda_graph": graph, "compile": "false"}
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def ms_per_step(recs: list[dict], skip: int) -> float:
     a = next(r for r in recs if r["step"] == skip)
     b = recs[-1]
@@ -75,7 +71,7 @@ def one(name: str, arm: str, kv: dict, steps: int, skip: int, tmp: Path, repeat:
         t0 = time.time()
         train(mc, tc)
         torch.cuda.synchronize()
-        recs = records(rd)
+        recs = read_metrics(rd)
         rows[mode] = {"wall_s": time.time() - t0, "ms_per_step": ms_per_step(recs, skip),
                        "losses": [r["train_loss"] for r in recs], "val_loss": recs[-1].get("val_loss"),
                        "replays": recs[-1].get("cuda_graph_replays"),
@@ -108,7 +104,7 @@ def pack(name: str, arm: str, kv: dict, n: int, steps: int, skip: int, tmp: Path
     bad = [e.strip().splitlines()[-1] for p, e in zip(procs, errs) if p.returncode]
     if bad:
         return {"sweep": name, "arm": arm, "processes": n, "failed": bad[:2]}
-    ms = [ms_per_step(records(d), skip) for d in dirs]
+    ms = [ms_per_step(read_metrics(d), skip) for d in dirs]
     return {"sweep": name, "arm": arm, "processes": n, "ms_per_step_each": [round(m, 2) for m in ms],
             "aggregate_ms_per_step": round(max(ms) / n, 3)}
 

@@ -19,20 +19,24 @@ import sys
 import tarfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dsv4_lab.sweep import is_diverged, is_finished  # noqa: E402
+
 PART = "runs.tgz.part"
 MANIFEST = "CARRY_RUNS.json"                     # the list of run dirs in the archive
 
 
 def unfinished(root: Path) -> list[Path]:
-    """Run dirs under root that hold a checkpoint of a run that has not reached its last step."""
+    """Run dirs under root that hold a checkpoint of a run that has not reached its last step (dsv4_lab.sweep's
+    is_finished / is_diverged decide)."""
     out = []
     for ck in sorted(root.rglob("ckpt.pt")):
         rd = ck.parent
-        if not (rd / "config.json").exists() or (rd / "diverged.json").exists():
+        if not (rd / "config.json").exists() or is_diverged(rd):
             continue
-        steps = json.loads((rd / "config.json").read_text())["train"]["max_steps"]
-        lines = (rd / "metrics.jsonl").read_text().strip().splitlines() if (rd / "metrics.jsonl").exists() else []
-        if not (lines and json.loads(lines[-1]).get("step") == steps - 1):
+        if not is_finished(rd, json.loads((rd / "config.json").read_text())["train"]["max_steps"]):
             out.append(rd)
     return out
 
