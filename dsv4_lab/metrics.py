@@ -8,6 +8,9 @@ Loss spike (stated definition): step t >= SPIKE_HISTORY is a spike when
     loss_t > SPIKE_FACTOR x median(loss_{t-SPIKE_HISTORY} .. loss_{t-1});
 consecutive spike steps count as one spike (one event). `largest_jump` = max_t (loss_t - that median), in nats.
 Diverged: any non-finite train loss, or the median of the last SPIKE_HISTORY losses above the first step's loss.
+Anticipatory routing on (`anticipatory_on`): the fraction of the logged records in which any MoE layer routed with
+the lagged router (its `*.anticipatory_active` = 1); with `anticipatory=auto` a 0 on a run means it never switched
+on (an activation lasts anticipatory_period steps, no fewer than the log interval in the sweeps).
 Composite-mapping gain (mHC paper's "Amax gain magnitude"): the residual maps of HC / mHC multiplied through
 depth, M = P_L^T ... P_1^T (B, T, n, n); gain = max(largest absolute row sum, largest absolute column sum) of
 M, max over the tokens of one validation sequence. 1 for plain residuals; mHC keeps it near 1 (doubly
@@ -101,6 +104,10 @@ def run_metrics(records: list[dict]) -> dict:
     gn = [r["grad_norm_max"] for r in records if "grad_norm_max" in r]
     if gn:
         out["max_grad_norm"] = max(gn)
+    on = [max(v for k, v in r.items() if k.endswith("anticipatory_active")) for r in records
+          if any(k.endswith("anticipatory_active") for k in r)]
+    if on:
+        out["anticipatory_on"] = sum(a > 0 for a in on) / len(on)
     gains = [r["hc_composite_gain"] for r in records if "hc_composite_gain" in r]
     if gains:
         out["hc_composite_gain_max"] = max(gains)

@@ -84,6 +84,8 @@ def verdicts(summary: list[dict], sweeps: dict) -> list[dict]:
         rows = [r for r in summary if r["ablation"] == name and r["phase"] == "eval"]
         for scale in sorted({r["scale"] for r in rows}):
             for i, m in enumerate([sw["metric"]] + sw.get("secondary", [])):
+                if scale not in m.get("scales", [scale]):      # not comparable at this scale (the metric's `why`)
+                    continue
                 values: dict = {}
                 for r in rows:
                     if r["scale"] == scale and r["metric"] == m["name"] and math.isfinite(float(r["value"])):

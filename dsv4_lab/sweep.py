@@ -6,6 +6,8 @@
 A sweep file (ablations/*.json) states
     name, question, budget_type ("equal tokens" | "equal FLOPs"), budget (words), claim_boundary,
     metric {name, direction: lower|higher, method: t|bootstrap}, secondary [{name, direction, method}, ...],
+    (a metric may add `scales`: the scales where it is compared, e.g. a wall-clock metric only where runs did not
+    share a device; `why`: the reason, in words),
     baseline (an arm), seeds, base {key: value}, arms {arm: {key: value}},
     scales {cpu: {base: {...}, seeds: [...]}, gpu: {...}}   (per-scale overrides of base and seeds),
     optional tune {key, grid: {arm: [values]}, seeds}: the arm's value of `key` is chosen per arm as the grid
@@ -62,6 +64,10 @@ def _check_metric(path, field: str, m) -> None:
           "an object {name, direction: lower|higher, method: t|bootstrap}")
     _need(m.get("direction") in DIRECTIONS, path, f"{field}.direction", m.get("direction"), f"one of {DIRECTIONS}")
     _need(m.get("method", "t") in ("t", "bootstrap"), path, f"{field}.method", m.get("method"), "t or bootstrap")
+    _need(set(m) <= {"name", "direction", "method", "scales", "why"}, path, field, sorted(m),
+          "keys name, direction, method, scales, why")
+    _need(isinstance(m.get("scales", []), list) and set(m.get("scales", [])) <= set(SCALES), path,
+          f"{field}.scales", m.get("scales"), f"a list of scales from {SCALES}")
 
 
 def load_sweep(path) -> dict:

@@ -38,6 +38,10 @@ def test_step_losses_and_run_metrics_from_records():
     m = run_metrics(recs)
     assert m["max_grad_norm"] == 7.0 and m["val_loss"] == 3.1 and m["hc_composite_gain_max"] == 1.2
     assert m["diverged"] == 0.0 and m["spike_count"] == 0
+    assert "anticipatory_on" not in m                       # no MoE router reported: no such metric
+    recs[0]["blocks.1.ffn.anticipatory_active"] = 0.0
+    recs[1].update({"blocks.1.ffn.anticipatory_active": 0.0, "blocks.2.ffn.anticipatory_active": 1.0})
+    assert run_metrics(recs)["anticipatory_on"] == 0.5      # on in one layer of one of two records
 
 
 def test_retrieval_near_pairs_and_distance_split():

@@ -88,3 +88,33 @@ def test_gpu_tier_rows_carry_scale_and_gpu_name(tmp_path, capsys):
     v = {(r["scale"], r["arm"], r["metric"]): r["verdict"] for r in _rows(out / "verdicts.csv")}
     assert v[("cpu", "b", "val_loss")] == "better" and v[("gpu", "b", "val_loss")] == "null"
     assert (tmp_path / "fig" / "ablation_toy.png").exists() and (tmp_path / "fig" / "ablation_toy_gpu.png").exists()
+
+
+def test_metric_scales_limit_where_a_metric_is_compared(tmp_path, capsys):
+    """A metric with `scales: [cpu]` (e.g. wall-clock where GPU runs shared the device in waves) gets verdicts at
+    the cpu scale only; a scale name outside cpu / gpu is refused with the field named."""
+    sweep = json.loads(json.dumps(SWEEP))
+    sweep["secondary"] = [{"name": "time_s", "direction": "lower", "scales": ["cpu"], "why": "packed on the GPU"}]
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "toy.json").write_text(json.dumps(sweep))
+    for scale in ("cpu", "gpu"):
+        for s in range(3):
+            for arm in ("a", "b"):
+                _fake_run(tmp_path / "runs", arm, s, 2.0 + 0.1 * s, scale=scale)
+                p = tmp_path / "runs" / "toy" / scale / f"{arm}-s{s}" / "metrics.jsonl"
+                recs = [json.loads(x) for x in p.read_text().splitlines()]
+                recs[-1]["time_s"] = 10.0 + s + (5.0 if arm == "b" else 0.0)
+                p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "res"
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(out), "--sweeps", str(tmp_path / "abl")]) == 0
+    rows = {(r["scale"], r["metric"]) for r in _rows(out / "verdicts.csv")}
+    assert ("cpu", "time_s") in rows and ("gpu", "time_s") not in rows
+    assert ("gpu", "val_loss") in rows                      # the other metrics are compared at both scales
+    summary = {(r["scale"], r["metric"]) for r in _rows(out / "summary.csv")}
+    assert ("gpu", "time_s") in summary                     # still recorded per run, only not compared
+    sweep["secondary"][0]["scales"] = ["tpu"]
+    (tmp_path / "abl" / "toy.json").write_text(json.dumps(sweep))
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(tmp_path / "res2"),
+                 "--sweeps", str(tmp_path / "abl")]) == 2
+    err = capsys.readouterr().err
+    assert "secondary[0].scales" in err and "tpu" in err and not (tmp_path / "res2").exists()
