@@ -1,8 +1,7 @@
 """CUDA-graph training steps (dsv4_lab/cuda_graph.py, docs/kernels.md §10) at each GPU ablation's setting: how
 much faster than eager, and whether the numbers are the same.
 
-For each arm of each sweep's `scales.gpu` config (seed 0; `anticipatory` only its `off` arm: the others are refused
-with graphs), two short runs of the same config through `dsv4_lab.train.train`: eager, then cuda_graph=true.
+For each arm of each sweep's `scales.gpu` config (seed 0; `--arms` keeps some), two short runs of the same config through `dsv4_lab.train.train`: eager, then cuda_graph=true.
 Reports ms per step (wall time between the records of steps --skip and --steps-1: the graph is recorded at step 3),
 whether the per-step losses and the final weights are bitwise equal, and the largest loss difference; for the
 --repeat-eager configs also that difference between two eager runs (the Triton backward kernels add gradients with
@@ -38,12 +37,12 @@ from dsv4_lab.train import train  # noqa: E402
 SWEEPS = ("csa_vs_hca", "mhc_vs_hc", "muon_vs_adamw", "fp4_vs_fp8", "anticipatory")
 
 
-def configs(names) -> list[tuple[str, str, dict]]:
+def configs(names, arms=None) -> list[tuple[str, str, dict]]:
     out = []
     for name in names:
         sw = load_sweep(ROOT / "ablations" / f"{name}.json")
         for r in eval_runs(sw, "gpu", "unused"):
-            if r["seed"] != 0 or (name == "anticipatory" and r["arm"] != "off"):
+            if r["seed"] != 0 or (arms and f"{name}/{r['arm']}" not in arms):
                 continue
             kv = {k: v for k, v in r["kv"].items() if k not in ("run_dir", "cuda_graph")}
             out.append((name, r["arm"], kv))
@@ -114,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--skip", type=int, default=15, help="first step of the timed span")
     ap.add_argument("--sweeps", nargs="*", default=list(SWEEPS))
+    ap.add_argument("--arms", nargs="*", default=None, help="sweep/arm configs to measure (default: every arm)")
     ap.add_argument("--repeat-eager", nargs="*", default=["csa_vs_hca/csa", "mhc_vs_hc/hc", "fp4_vs_fp8/none"],
                     help="sweep/arm configs that also get a second eager run (the eager-vs-eager spread)")
     ap.add_argument("--pack", type=int, nargs="*", default=[], help="process counts for the packing test")
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         env["git"] = a.commit
     out = {"what": "eager vs cuda_graph=true training steps at the GPU ablations' settings (seed 0)",
            "env": env, "steps": a.steps, "timed_steps": [a.skip, a.steps - 1], "rows": [], "pack": []}
-    cfgs = configs(a.sweeps)
+    cfgs = configs(a.sweeps, a.arms)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, arm, kv in cfgs:
