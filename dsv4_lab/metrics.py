@@ -35,18 +35,39 @@ def step_losses(records: list[dict]) -> list[float]:
     return out
 
 
-def spikes(losses: list[float], factor: float = SPIKE_FACTOR, history: int = SPIKE_HISTORY) -> dict:
-    """Spike count (events) and the largest jump above the running median, per the definition above."""
-    count, largest, in_spike = 0, 0.0, False
+def _spike_scan(losses: list[float], factor: float, history: int) -> tuple[list[int], float]:
+    """(the step where each spike event starts, the largest jump above the running median)."""
+    starts, largest, in_spike = [], 0.0, False
     for t in range(history, len(losses)):
         med = statistics.median(losses[t - history:t])
         jump = losses[t] - med
         if math.isfinite(jump):
             largest = max(largest, jump)
         is_spike = not math.isfinite(losses[t]) or losses[t] > factor * med
-        count += is_spike and not in_spike
+        if is_spike and not in_spike:
+            starts.append(t)
         in_spike = is_spike
-    return {"spike_count": count, "largest_jump": largest}
+    return starts, largest
+
+
+def spikes(losses: list[float], factor: float = SPIKE_FACTOR, history: int = SPIKE_HISTORY) -> dict:
+    """Spike count (events) and the largest jump above the running median, per the definition above."""
+    starts, largest = _spike_scan(losses, factor, history)
+    return {"spike_count": len(starts), "largest_jump": largest}
+
+
+def spike_starts(losses: list[float], factor: float = SPIKE_FACTOR, history: int = SPIKE_HISTORY) -> list[int]:
+    """The step at which each spike event starts (same definition as `spikes`)."""
+    return _spike_scan(losses, factor, history)[0]
+
+
+def shared_spikes(starts: list[int], other: list[int], tol: int = 1) -> float | None:
+    """Fraction of the spike events `starts` that start within `tol` steps of an event of `other` (None: no
+    event). Two runs with the same seed see the same batches in the same order: a high fraction between arms of
+    one seed, against a low one between seeds, says the spikes follow the data, not the arm (data-locked)."""
+    if not starts:
+        return None
+    return sum(any(abs(t - u) <= tol for u in other) for t in starts) / len(starts)
 
 
 def diverged(losses: list[float], history: int = SPIKE_HISTORY) -> bool:

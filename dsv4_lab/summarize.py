@@ -3,7 +3,8 @@
     python -m dsv4_lab summarize [runs_root ...] [--out ablations/results] [--sweeps ablations] [--figures DIR]
 
 summary.csv (long): ablation, arm, seed, scale, phase, steps, tokens, flops, device, metric, value: one row per
-    finished run and scalar metric (dsv4_lab/metrics.run_metrics; phase "select" = tuning runs).
+    finished run and scalar metric (dsv4_lab/metrics.run_metrics; phase "select" = tuning runs), plus the
+    cross-run spikes_shared_with_baseline / spikes_shared_across_seeds rows (spike_sharing below).
 curves.csv (long): ablation, arm, seed, scale, step, tokens, metric, value: train_loss (mean of the per-step losses
     since the previous record) and the validation metrics at each record, for the figures' mean + band.
 verdicts.csv: ablation, scale, metric, primary, arm, baseline, n_seeds, mean_diff, ci_low, ci_high, p, p_holm,
@@ -21,7 +22,7 @@ import math
 from pathlib import Path
 
 from .config import ConfigError
-from .metrics import run_metrics, step_losses
+from .metrics import run_metrics, shared_spikes, spike_starts, step_losses
 from .runlog import atomic_write_bytes, load_json, read_csv, read_metrics
 from .stats import compare_arms
 from .sweep import load_sweeps
@@ -42,9 +43,10 @@ def _device(rd: Path) -> str:
     return f"cpu x{env.get('torch_threads', '?')}"
 
 
-def collect(roots) -> tuple[list[dict], list[dict]]:
-    """(summary rows, curve rows) of every finished sweep run under the roots."""
-    summary, curves = [], []
+def collect(roots, baselines: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(summary rows, curve rows) of every finished sweep run under the roots; with baselines ({ablation: baseline
+    arm}) also the cross-run spike rows of `spike_sharing`."""
+    summary, curves, starts = [], [], {}
     for root in roots:
         for sj in sorted(Path(root).rglob("sweep.json")):
             rd = sj.parent
@@ -66,6 +68,7 @@ def collect(roots) -> tuple[list[dict], list[dict]]:
                 summary.append({**common, "metric": m, "value": v})
             if info["phase"] != "eval" or diverged:
                 continue
+            starts[(key["ablation"], key["scale"], key["arm"], int(key["seed"]))] = (common, spike_starts(step_losses(recs)))
             for r in recs:
                 ls = r.get("losses") or []
                 pts = {"train_loss": sum(ls) / len(ls) if ls else r.get("train_loss")}
@@ -73,7 +76,31 @@ def collect(roots) -> tuple[list[dict], list[dict]]:
                 for m, v in pts.items():
                     if v is not None:
                         curves.append({**key, "step": r["step"], "tokens": r.get("tokens"), "metric": m, "value": v})
-    return summary, curves
+    return summary + spike_sharing(starts, baselines or {}), curves
+
+
+def spike_sharing(starts: dict, baselines: dict) -> list[dict]:
+    """Are the spikes the arm's or the data's? Per evaluation run of a non-baseline arm: `spikes_shared_with_baseline`
+    = the fraction of its spike events that start within a step of one of the baseline arm's events on the same seed
+    (the same batches in the same order); per baseline run, the control `spikes_shared_across_seeds` = the same
+    fraction against the baseline's next seed (other batches). dsv4_lab/metrics.shared_spikes."""
+    rows = []
+    for (name, scale, arm, seed), (common, mine) in sorted(starts.items(), key=lambda kv: str(kv[0])):
+        base = baselines.get(name)
+        if base is None:
+            continue
+        if arm != base:
+            other = starts.get((name, scale, base, seed))
+            metric = "spikes_shared_with_baseline"
+        else:
+            seeds = sorted(s for (n, sc, a, s) in starts if (n, sc, a) == (name, scale, base))
+            nxt = seeds[(seeds.index(seed) + 1) % len(seeds)]
+            other = starts.get((name, scale, base, nxt)) if nxt != seed else None
+            metric = "spikes_shared_across_seeds"
+        v = shared_spikes(mine, other[1]) if other else None
+        if v is not None:
+            rows.append({**common, "metric": metric, "value": v})
+    return rows
 
 
 def verdicts(summary: list[dict], sweeps: dict) -> list[dict]:
@@ -126,7 +153,7 @@ def format_table(rows: list[dict]) -> str:
 
 def summarize(roots, out="ablations/results", sweeps_dir=None) -> list[dict]:
     sweeps = load_sweeps(sweeps_dir or ROOT / "ablations")
-    summary, curves = collect(roots)
+    summary, curves = collect(roots, {n: sw["baseline"] for n, sw in sweeps.items() if "baseline" in sw})
     ver = verdicts(summary, sweeps)
     blobs = {"summary.csv": _csv(summary, SUMMARY_COLS), "curves.csv": _csv(curves, CURVE_COLS),
              "verdicts.csv": _csv(ver, VERDICT_COLS)}

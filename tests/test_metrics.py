@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv4_lab.data import synthetic
-from dsv4_lab.metrics import amax_gain, diverged, run_metrics, spikes, step_losses
+from dsv4_lab.metrics import amax_gain, diverged, run_metrics, shared_spikes, spike_starts, spikes, step_losses
 
 
 def test_spike_definition():
@@ -18,6 +18,14 @@ def test_spike_definition():
     assert spikes(flat[:25] + [2.39] + flat[:5])["spike_count"] == 0          # 2.39 < 1.2 x 2.0
     assert diverged([5.5] + [2.0] * 30) is False and diverged([5.5] + [6.0] * 30) is True
     assert diverged([5.5, float("nan")]) is True
+    assert spike_starts(bumpy) == [25, 37]                   # where each event starts (the count's events)
+
+
+def test_shared_spikes_tells_data_locked_from_arm_specific():
+    assert shared_spikes([], [3, 9]) is None                 # no event: nothing to share
+    assert shared_spikes([100, 200, 300], [101, 250]) == pytest.approx(1 / 3)   # within one step counts
+    assert shared_spikes([100, 200], [100, 200, 500]) == 1.0
+    assert shared_spikes([100, 200], [102, 198], tol=1) == 0.0
 
 
 def test_amax_gain_of_residual_maps():

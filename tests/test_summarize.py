@@ -118,3 +118,26 @@ def test_metric_scales_limit_where_a_metric_is_compared(tmp_path, capsys):
                  "--sweeps", str(tmp_path / "abl")]) == 2
     err = capsys.readouterr().err
     assert "secondary[0].scales" in err and "tpu" in err and not (tmp_path / "res2").exists()
+
+
+def test_spike_sharing_rows_compare_arms_within_a_seed_and_seeds_within_the_baseline(tmp_path):
+    """spikes_shared_with_baseline: an arm whose spikes sit at the baseline's steps on the same seed scores 1, one
+    whose spikes sit elsewhere 0; spikes_shared_across_seeds: the baseline against its next seed (the control)."""
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "toy.json").write_text(json.dumps(SWEEP))
+    def losses(at):                                         # flat 2.0 with one-step jumps to 3.0 at the given steps
+        return [3.0 if t in at else 2.0 for t in range(60)]
+    spikes = {("a", 0): {30, 45}, ("b", 0): {30, 45}, ("c", 0): {35}, ("a", 1): {25, 50}, ("b", 1): {25}, ("c", 1): {40}}
+    for (arm, seed), at in spikes.items():
+        _fake_run(tmp_path / "runs", arm, seed, 2.0, steps=60)
+        p = tmp_path / "runs" / "toy" / "cpu" / f"{arm}-s{seed}" / "metrics.jsonl"
+        recs = [json.loads(x) for x in p.read_text().splitlines()]
+        recs = [{**recs[-1], "step": 59, "losses": losses(at)}]
+        p.write_text(json.dumps(recs[0]) + "\n")
+    out = tmp_path / "res"
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(out), "--sweeps", str(tmp_path / "abl")]) == 0
+    got = {(r["arm"], r["seed"], r["metric"]): float(r["value"]) for r in _rows(out / "summary.csv")
+           if r["metric"].startswith("spikes_shared")}
+    assert got == {("b", "0", "spikes_shared_with_baseline"): 1.0, ("b", "1", "spikes_shared_with_baseline"): 1.0,
+                   ("c", "0", "spikes_shared_with_baseline"): 0.0, ("c", "1", "spikes_shared_with_baseline"): 0.0,
+                   ("a", "0", "spikes_shared_across_seeds"): 0.0, ("a", "1", "spikes_shared_across_seeds"): 0.0}
