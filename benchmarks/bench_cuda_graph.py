@@ -1,7 +1,8 @@
 """CUDA-graph training steps (dsv4_lab/cuda_graph.py, docs/kernels.md §10) at each GPU ablation's setting: how
 much faster than eager, and whether the numbers are the same.
 
-For each arm of each sweep's `scales.gpu` config (seed 0; `--arms` keeps some), two short runs of the same config through `dsv4_lab.train.train`: eager, then cuda_graph=true.
+For each arm of each sweep's `scales.gpu` config (seed 0; `--arms` keeps some), two short runs of the same config
+through `dsv4_lab.train.train`: eager, then cuda_graph=true.
 Reports ms per step (wall time between the records of steps --skip and --steps-1: the graph is recorded at step 3),
 whether the per-step losses and the final weights are bitwise equal, and the largest loss difference; for the
 --repeat-eager configs also that difference between two eager runs (the Triton backward kernels add gradients with

@@ -32,9 +32,9 @@ anew. The first `warmup` steps of a run are eager for the same reason.
 
 Same numbers: a replay launches the same kernels on the same data as the eager step, so a graphed run equals an
 eager one bit for bit where eager runs repeat themselves (deterministic mode: tests/test_cuda_graph.py on the GPU);
-with the Triton kernels' fp32 atomics it stays within the spread of two eager runs (benchmarks/README.md). Under replay no Python of the
-forward runs, so host-side timings taken inside it are not measured (the anticipatory router's per-forward
-overhead); the run's wall-clock time_s is. Not supported, refused by the config: compile (the compiled model has
+with the Triton kernels' fp32 atomics it stays within the spread of two eager runs (benchmarks/README.md). Under
+replay no Python of the forward runs, so host-side timings taken inside it are not measured (the anticipatory
+router's per-forward overhead); the run's wall-clock time_s is. Not supported, refused by the config: compile (the compiled model has
 its own graphs), several processes, the CPU.
 """
 from __future__ import annotations

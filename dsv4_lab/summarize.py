@@ -68,7 +68,8 @@ def collect(roots, baselines: dict | None = None) -> tuple[list[dict], list[dict
                 summary.append({**common, "metric": m, "value": v})
             if info["phase"] != "eval" or diverged:
                 continue
-            starts[(key["ablation"], key["scale"], key["arm"], int(key["seed"]))] = (common, spike_starts(step_losses(recs)))
+            run = (key["ablation"], key["scale"], key["arm"], int(key["seed"]))
+            starts[run] = (common, spike_starts(step_losses(recs)))
             for r in recs:
                 ls = r.get("losses") or []
                 pts = {"train_loss": sum(ls) / len(ls) if ls else r.get("train_loss")}
@@ -85,7 +86,7 @@ def spike_sharing(starts: dict, baselines: dict) -> list[dict]:
     (the same batches in the same order); per baseline run, the control `spikes_shared_across_seeds` = the same
     fraction against the baseline's next seed (other batches). dsv4_lab/metrics.shared_spikes."""
     rows = []
-    for (name, scale, arm, seed), (common, mine) in sorted(starts.items(), key=lambda kv: str(kv[0])):
+    for (name, scale, arm, seed), (common, mine) in sorted(starts.items(), key=lambda kv: kv[0]):
         base = baselines.get(name)
         if base is None:
             continue

@@ -127,7 +127,8 @@ def test_spike_sharing_rows_compare_arms_within_a_seed_and_seeds_within_the_base
     (tmp_path / "abl" / "toy.json").write_text(json.dumps(SWEEP))
     def losses(at):                                         # flat 2.0 with one-step jumps to 3.0 at the given steps
         return [3.0 if t in at else 2.0 for t in range(60)]
-    spikes = {("a", 0): {30, 45}, ("b", 0): {30, 45}, ("c", 0): {35}, ("a", 1): {25, 50}, ("b", 1): {25}, ("c", 1): {40}}
+    spikes = {("a", 0): {30, 45}, ("b", 0): {30, 45}, ("c", 0): {35},
+              ("a", 1): {25, 50}, ("b", 1): {25}, ("c", 1): {40}}
     for (arm, seed), at in spikes.items():
         _fake_run(tmp_path / "runs", arm, seed, 2.0, steps=60)
         p = tmp_path / "runs" / "toy" / "cpu" / f"{arm}-s{seed}" / "metrics.jsonl"

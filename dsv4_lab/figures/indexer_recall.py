@@ -7,7 +7,8 @@ committed benchmarks/results/indexer_recall.json (benchmarks/bench_indexer_recal
 
 One panel per index shape (preset): the share of the exact top-k missed (100 - recall, log scale) per precision, mean
 over the query rows (markers) and the worst row (dashed), and the paper's 0.3 % for BF16 scores (dotted); a
-precision that misses nothing anywhere (fp32 here) is named in the title. The claim boundary (random q, k, w) is written under the title.
+precision that misses nothing anywhere (fp32 here) is named in the title. The claim boundary (random q, k, w) is
+written under the title.
 """
 from __future__ import annotations
 
