@@ -124,11 +124,13 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 # ================================================================================================ indexer + top-k
 METHODS = ("torch", "torch_bf16", "select", "select_bf16")
-# set from benchmarks/results/csa.json (H200): Triton scores + torch.topk was the fastest method measured at prefill
-# (0.70 / 5.0 / 41.3 ms at 8K / 32K / 128K); the methods that lost there left the package (their numbers are in
-# benchmarks/README.md).
+# Measured on the H200 (benchmarks/results/csa.json; the methods that lost there left the package, their numbers are
+# in benchmarks/README.md): prefill, Triton scores + torch.topk 0.70 / 5.0 / 41.3 ms at 8K / 32K / 128K, the fastest
+# measured there; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select 1.21 ms.
+# Decode at 1M (one 256K-entry row): select 42.4 us vs torch 87.6 us, same values (select_bf16 33.0 us, torch_bf16
+# 68.8 us: bf16 scores, recall 0.986 / 0.984 of the fp32 picks).
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
-AUTO = {"prefill": "torch", "decode": "torch"}
+AUTO = {"prefill": "torch", "decode": "select"}
 FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch"}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 
@@ -151,11 +153,11 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                         method: str = "auto", chunk_elems: int = 1 << 28, workspace: torch.Tensor | None = None):
     """Lightning-indexer top-k. method (docs/kernels.md §3; measured by benchmarks/bench_csa.py):
       torch        Triton fp32 scores per query chunk (only the chunk's visible key range) + torch.topk of the rows.
-                   The default, and the reference bench_csa.py checks the other methods against.
+                   The prefill default, and the reference bench_csa.py checks the other methods against.
       torch_bf16   torch on bf16 scores (the fp32 sum over heads rounded once, docs §2.4 precision note).
       select       Triton fp32 scores per query chunk + the split-row radix select (select.py: each row over many
                    programs at decode, one per row in prefill; one launch per digit + one to emit; each row read
-                   only up to its own causal frontier). Same values as torch.topk.
+                   only up to its own causal frontier). The decode default; same values as torch.topk.
       select_bf16  select on bf16 scores: half the score bytes, half the digit launches. Picks = the top-k of the
                    bf16-rounded scores.
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin).
