@@ -2,13 +2,11 @@
 prefill = compressor + best indexer method + sparse attention; CSA decode (CUDA-graph replay) = best indexer method +
 sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
-Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): radix (Triton scores per query chunk + Triton radix-select
-top-k; decode: two-stage over `split`-column chunks), radix_gmax (radix with the group-max prefilter: one gather pass
-instead of histogram passes over the row), torch (Triton scores + torch.topk), split_torch (Triton scores +
-two-stage torch.topk), fused = the old streaming kernel (method="stream"; prefill only at 8K/32K, it is slow),
-torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only), gmax / gmax_bf16 (group-max
-threshold + one compact pass + candidate sort, indexer_topk/gmax_select.py), select / select_bf16 (the split-row
-radix select of indexer_topk/select.py) on fp32 / bf16 scores, torch_bf16 (bf16 scores + torch.topk).
+Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
+torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
+on fp32 / bf16 scores; torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). The
+variants measured here before and removed from the package: benchmarks/README.md ("Removed indexer top-k
+variants"; their numbers stay in results/csa.json).
 Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each
 loaded 256-B row once per query. bf16-score methods report their recall of the fp32-score picks (docs §2.4).
 
@@ -30,14 +28,9 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-PREFILL_METHODS = ("gmax_bf16", "gmax", "select_bf16", "select", "torch_bf16", "torch", "radix", "radix_gmax",
-                   "split_torch")
-BF16_METHODS = ("gmax_bf16", "select_bf16", "torch_bf16")
-DECODE_METHODS = {"select_bf16": dict(method="select_bf16"), "select": dict(method="select"),
-                  "torch_bf16": dict(method="torch_bf16"),
-                  "radix_s4096": dict(method="radix", split=4096), "radix_s8192": dict(method="radix", split=8192),
-                  "radix_s16384": dict(method="radix", split=16384), "torch": dict(method="torch"),
-                  "split_torch": dict(method="split_torch", split=8192), "fused": dict(method="stream")}
+PREFILL_METHODS = ("select_bf16", "select", "torch_bf16", "torch")
+BF16_METHODS = ("select_bf16", "torch_bf16")
+DECODE_METHODS = {m: dict(method=m) for m in ("select_bf16", "select", "torch_bf16", "torch")}
 FAMILY_CAP_S = 150
 
 
@@ -63,7 +56,7 @@ def _tflops(r, N):
 
 
 def scores_only(N, chunk_elems=1 << 28):
-    """The score kernel alone over all N queries, in the query chunks the top-k methods use (fill=False: as radix)."""
+    """The score kernel alone over all N queries, in the query chunks the top-k methods use (fill=False: as select)."""
     qI, kI, w = indexer_inputs(N)
     S = N // M
     rows = max(1, min(N, chunk_elems // S))
@@ -80,10 +73,8 @@ def scores_only(N, chunk_elems=1 << 28):
 def indexer_method(N, method):
     qI, kI, w = indexer_inputs(N)
     ws = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    split = 8192 if method == "split_torch" else None
-    r = _tflops(bench(lambda: indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws, split=split),
-                      warmup=3, rep=50), N)
-    r["method"] = method if split is None else f"{method} (split {split})"
+    r = _tflops(bench(lambda: indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws), warmup=3, rep=50), N)
+    r["method"] = method
     if method in BF16_METHODS:
         r["recall_vs_fp32"] = recall(indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws),
                                      indexer_topk_triton(qI, kI, w, K, M, method="torch", workspace=ws))
@@ -111,18 +102,15 @@ def indexer_naive(N):
 
 
 def agreement(N):
-    """Correctness gate (docs/kernels.md §9.1 item 6) on random bf16 inputs: every method's top-k values vs radix
-    (same score kernel -> identical fp32 scores; the streaming kernel accumulates differently -> ulp-level)."""
+    """Correctness gate (docs/kernels.md §9.1 item 6) on random bf16 inputs: the fp32-score select's top-k values vs
+    torch (same score kernel -> identical fp32 scores; slots may differ only where equal scores swap places)."""
     qI, kI, w = indexer_inputs(N)
-    i0, v0 = indexer_topk_triton(qI, kI, w, K, M, method="radix", return_scores=True)
-    out = {}
-    for m in ("torch", "split_torch", "stream"):
-        i1, v1 = indexer_topk_triton(qI, kI, w, K, M, method=m, return_scores=True)
-        fin = torch.isfinite(v0)
-        out[m] = {"values_equal": bool(torch.equal(v1, v0)),
-                  "max_abs_diff": float((v1 - v0)[fin].abs().max()) if fin.any() else 0.0,
-                  "index_slots_equal_frac": float((i1 == i0).float().mean())}
-    return out
+    i0, v0 = indexer_topk_triton(qI, kI, w, K, M, method="torch", return_scores=True)
+    i1, v1 = indexer_topk_triton(qI, kI, w, K, M, method="select", return_scores=True)
+    fin = torch.isfinite(v0)
+    return {"select": {"values_equal": bool(torch.equal(v1, v0)),
+                       "max_abs_diff": float((v1 - v0)[fin].abs().max()) if fin.any() else 0.0,
+                       "index_slots_equal_frac": float((i1 == i0).float().mean())}}
 
 
 def compressor(N):
@@ -268,8 +256,7 @@ def topk_row(L=262144):
 
 def topk_rows_prefill(R=2048, L=32768):
     """Prefill-like rows (R x L bf16 scores, k = 512; the last 2K rows of a 128K prefill): torch.topk (fp32 / bf16,
-    unsorted) vs gmax_select (group maxima given) and radix_select with one program per row at digit widths 4 / 8,
-    blocks and warps (do_bench)."""
+    unsorted) vs radix_select with one program per row at digit widths 4 / 8, blocks and warps (do_bench)."""
     from dsv4_lab.kernels.indexer_topk.select import radix_select, workspace_size
     g = torch.Generator(device="cuda").manual_seed(6)
     x = torch.randn(R, L, device="cuda", generator=g).bfloat16()
@@ -279,16 +266,6 @@ def topk_rows_prefill(R=2048, L=32768):
     out["torch_topk_unsorted_bf16_ms"] = bench(lambda: torch.topk(x, K, sorted=False), warmup=3, rep=30)["ms"]
     out["torch_topk_unsorted_fp32_ms"] = bench(lambda: torch.topk(xf, K, sorted=False), warmup=3, rep=30)["ms"]
     ref = torch.topk(xf[:8], K).values
-    from dsv4_lab.kernels.indexer_topk.gmax_select import gmax_group, gmax_select
-    grp = gmax_group(L, K)
-    gm = xf.view(R, L // grp, grp).amax(-1)                         # what the score kernel's group output holds
-    for nm, rows in (("bf16", x), ("fp32", xf)):
-        try:
-            v, _ = gmax_select(rows, gm, grp, K)
-            out[f"gmax_{nm}_values_ok"] = torch.equal(v[:8], ref)
-            out[f"gmax_{nm}_ms"] = bench(lambda rows=rows: gmax_select(rows, gm, grp, K), warmup=3, rep=30)["ms"]
-        except Exception as e:                                             # noqa: BLE001
-            out[f"gmax_{nm}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     for db in (4, 8):
         for blk, nw in ((2048, 8), (4096, 8), (1024, 4), (4096, 16)):
             def run(db=db, blk=blk, nw=nw):
@@ -315,10 +292,8 @@ def prefill_family(N):
         ix[f"{m}_{N}"] = safe(indexer_method, N, m)
         torch.cuda.empty_cache()
     if N <= 32768:
-        ix[f"fused_{N}"] = safe(indexer_method, N, "stream")
         ix[f"torch_topk_{N}"] = safe(indexer_naive, N)
-    cands = {m: ix[f"{m}_{N}"]["ms"] for m in PREFILL_METHODS + ("fused", "torch_topk")
-             if "ms" in ix.get(f"{m}_{N}", {})}
+    cands = {m: ix[f"{m}_{N}"]["ms"] for m in PREFILL_METHODS + ("torch_topk",) if "ms" in ix.get(f"{m}_{N}", {})}
     if cands:
         b = min(cands, key=cands.get)
         ix[f"best_{N}"] = {"method": b, "ms": cands[b]}

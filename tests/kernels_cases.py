@@ -166,117 +166,18 @@ def case_hca_attn(device="cpu", big=False, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------------ indexer_topk
-def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
-    """Dyadic inputs make every score exact in any summation order, so index lists must match exactly
-    (including the lower-index-first tie rule: the small integer grid produces many ties)."""
-    from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
-    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
-    g = torch.Generator().manual_seed(3)
-    shapes = [(2, 29, 3, 20, 7, 5, 4, 0), (1, 40, 2, 8, 40, 4, 1, 0), (1, 3, 2, 8, 12, 4, 4, 30)] if not big else \
-        [(1, 2048, 4, 64, 512, 512, 4, 0), (1, 1, 4, 64, 8192, 512, 4, 32767)]
-    for (B, T, HI, DI, S, k, R, off) in shapes:
-        qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
-        kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
-        w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
-        # method="radix": the Triton top-k with the declared tie rule (the default, "torch", leaves tie order to
-        # torch.topk and is checked on values in case_indexer_methods)
-        i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method="radix")
-        i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
-        assert i_t.shape == i_r.shape == (B, T, k), f"shape {tuple(i_t.shape)}"
-        assert torch.equal(v_t, v_r), f"indexer scores differ (max {(v_t - v_r).abs().nan_to_num().max()})"
-        assert torch.equal(i_t, i_r), f"indexer indices differ at {int((i_t != i_r).sum())} slots"
-        if off == 0:
-            assert (i_t[:, 0] == -1).all() or R == 1, "query 0 sees no compressed entry"
-
-
-# ------------------------------------------------------------------------------------------------ indexer_methods
-def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
-    """Triton score kernel + every indexer top-k method (indexer_topk/triton.py) vs the naive twin. Dyadic inputs keep
-    every score exact in any order and dtype (bf16 too), so scores must match exactly; `radix` and `stream` must give
-    the naive lower-index-first lists exactly; `torch` / `split_torch` (torch.topk, ties unspecified) must give the
-    same values, distinct visible picks whose recomputed scores equal the reported ones, and -1 exactly at -inf."""
-    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
-    from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
-    g = torch.Generator().manual_seed(7)
-    # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems, split, methods)
-    if not big:
-        shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28, None, ("radix", "radix_gmax", "torch", "split_torch")),
-                  (1, 24, 4, 16, 40, 6, 1, 8, 400, 8, ("radix", "radix_gmax", "torch")),       # chunks, skips
-                  (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28, 32, ("radix", "torch", "split_torch"))]    # decode
-    else:
-        shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28, None, ("radix", "radix_gmax", "torch", "split_torch",
-                                                                     "stream")),
-                  (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20, 128, ("radix", "radix:0", "radix_gmax", "radix_gmax:0",
-                                                                 "torch", "split_torch")),
-                  (1, 2048, 4, 64, 32768, 512, 4, 120000, 1 << 26, None, ("radix", "radix_gmax", "torch")),
-                  (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28, 8192, ("radix", "torch", "split_torch", "stream")),
-                  (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28, 4096, ("radix", "torch", "split_torch"))]
-    for (B, T, HI, DI, S, k, R, off, ce, split, methods) in shapes:
-        qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
-        kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
-        w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
-        t0 = T // 3
-        sc = indexer_scores_triton(qI, kI, w, R, off, t0, T)
-        ref = indexer_scores(qI, kI, w, R, off, t0, T)
-        Sp = max(0, min(S, (off + T) // R))
-        assert sc.shape == (B, T - t0, Sp), f"score shape {tuple(sc.shape)} vs {(B, T - t0, Sp)}"
-        assert torch.equal(sc, ref[..., :Sp]), "score kernel differs from indexer_scores"
-        assert (ref[..., Sp:] == float("-inf")).all(), "entries beyond S' must be invisible to the whole chunk"
-        full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) reference scores
-        i_r, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
-        for m in methods:                               # "radix:0": radix with cap 0 (no candidate shortcut)
-            m, _, cap = m.partition(":")
-            ws = torch.full((B * T * S + 64,), float("nan"), device=device)       # unwritten score slots: NaN
-            ws[1::2] = float("inf")
-            i_t, v_t = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
-                                           chunk_elems=ce, split=split, workspace=ws,
-                                           radix_cap=int(cap) if cap else None)
-            assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{m}: {i_t.dtype} {tuple(i_t.shape)}"
-            assert torch.equal(v_t, v_r), f"{m}: top-k values differ"
-            if m in ("radix", "stream"):
-                assert torch.equal(i_t, i_r), f"{m}: indices differ at {int((i_t != i_r).sum())} slots"
-                continue
-            miss = i_t < 0
-            assert torch.equal(miss, v_t == float("-inf")), f"{m}: -1 slots do not match -inf scores"
-            got = torch.gather(full, 2, i_t.long().clamp_min(0))
-            assert torch.equal(torch.where(miss, v_t, got), v_t), f"{m}: picks' scores differ from reported values"
-            srt = torch.sort(torch.where(miss, -1 - torch.arange(k, device=i_t.device), i_t.long()), -1).values
-            assert (srt[..., 1:] != srt[..., :-1]).all(), f"{m}: repeated picks"
-            if m == "torch":                            # without scores: torch.topk(sorted=False), any order
-                i_u = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, method=m, chunk_elems=ce, split=split)
-                mu = i_u < 0
-                vu = torch.where(mu, float("-inf"), torch.gather(full, 2, i_u.long().clamp_min(0)))
-                assert torch.equal(vu.sort(-1, descending=True).values, v_r), f"{m} unordered: pick scores differ"
-                su = torch.sort(torch.where(mu, -1 - torch.arange(k, device=i_u.device), i_u.long()), -1).values
-                assert (su[..., 1:] != su[..., :-1]).all(), f"{m} unordered: repeated picks"
-    # radix select on raw rows, each branch: candidates fit after pass 1 (spread values), only after pass 2 (one
-    # binade: same top 8 bits), never (heavy ties: the passes re-read the row); vs a stable sort (lower index first)
-    from dsv4_lab.kernels.indexer_topk.triton import radix_topk_triton
-    R, L, k, cap = (1, 90, 5, 24) if not big else (64, 32768, 512, 2048)
-    spread = torch.randn(R, L, generator=g) * torch.logspace(-20, 20, L)[torch.randperm(L, generator=g)]
-    binade = 1 + torch.rand(R, L, generator=g)
-    ties = torch.randint(-2, 3, (R, L), generator=g).float()
-    ties[0, ::3] = float("-inf")
-    for nm, x in (("spread", spread), ("binade", binade), ("ties", ties)):
-        x = x.to(device)
-        v, i = radix_topk_triton(x, k, cap=cap)
-        vr, ir = torch.sort(x, dim=-1, descending=True, stable=True)
-        vr, ir = vr[:, :k], torch.where(vr[:, :k] == float("-inf"), -1, ir[:, :k]).int()
-        assert torch.equal(v, vr) and torch.equal(i, ir), f"radix_topk_triton on {nm} rows"
-
-
-# ------------------------------------------------------------------------------------------------ indexer_select
 def _check_picks(name, x, n, k, v, i):
     """Picks (v, i) (R, k) of rows x (R, L) whose first n[r] entries are visible: the k largest values as torch.topk
     finds them on the same rows (any order, any choice among ties), distinct visible indices whose entries hold the
-    reported values, -1 exactly where the value is -inf (a row with fewer than k visible entries). All rows at once
-    (a handful of launches: the GPU case checks 4096-row outputs)."""
+    reported values, -1 exactly where the value is -inf (a row with fewer than k visible entries). fp64 rows are
+    compared in fp64, others in fp32. All rows at once (a handful of launches: the GPU case checks 4096-row
+    outputs)."""
     R, L = x.shape
     n = torch.as_tensor(n, device=x.device).long().view(R, 1)
     cols = torch.arange(L, device=x.device)
-    xf = torch.where(cols < n, x.float(), float("-inf"))                     # invisible entries (NaN garbage) out
-    ref = torch.topk(xf, k, dim=1).values                                    # -inf pads rows with n < k
-    ref = torch.where(torch.arange(k, device=x.device) < n, ref, float("-inf"))
+    xf = torch.where(cols < n, x.to(torch.promote_types(x.dtype, torch.float32)), float("-inf"))   # NaN garbage out
+    ref = torch.topk(torch.nn.functional.pad(xf, (0, max(0, k - L)), value=float("-inf")), k, dim=1).values
+    ref = torch.where(torch.arange(k, device=x.device) < n, ref, float("-inf"))   # rows with n < k (also k > L)
     got = torch.sort(v, dim=1, descending=True).values
     bad = (got != ref).any(1).nonzero()
     assert bad.numel() == 0, f"{name}: row {int(bad[0])} values differ"
@@ -291,11 +192,113 @@ def _check_picks(name, x, n, k, v, i):
     assert bool((srt[:, 1:] != srt[:, :-1]).all()), f"{name}: repeated picks"
 
 
+def _dyadic_indexer_inputs(g, B, T, HI, DI, S, device, dtype):
+    """qI, kI in {-3..3} / 4 and w in {-2..2} / 2: every score is a small multiple of 1/32, exact in fp32 (and its
+    bf16 rounding well defined) in any summation order; the coarse grid gives many equal scores."""
+    qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
+    kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
+    w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
+    return qI, kI, w
+
+
+def _check_method(name, i_t, v_t, ref, n, k):
+    """One indexer_topk_triton result (i_t, and v_t if return_scores) against the exact scores ref (B, T, S) of its
+    method (fp64, or fp32 where exact): _check_picks on the picks' scores looked up in ref, and the reported scores
+    (sorted, descending) equal to those."""
+    B, T, S = ref.shape
+    assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{name}: {i_t.dtype} {tuple(i_t.shape)}"
+    got = torch.where(i_t < 0, float("-inf"), torch.gather(ref, 2, i_t.long().clamp(0, S - 1)))  # i >= S: caught below
+    _check_picks(name, ref.reshape(B * T, S), n, k, got.reshape(B * T, k), i_t.reshape(B * T, k))
+    if v_t is not None:
+        assert v_t.dtype == torch.float32 and torch.equal(v_t.to(ref.dtype), got), f"{name}: reported scores differ"
+        assert bool((v_t[..., 1:] <= v_t[..., :-1]).all()), f"{name}: returned scores not sorted"
+
+
+def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
+    """indexer_topk_triton with method="auto" (the model's path: AUTO["prefill"] for T > DECODE_T queries,
+    AUTO["decode"] for fewer) and every method by name, against torch.topk of the fp64 scores. Dyadic inputs make
+    every score exact in fp32 and fp64 in any summation order, so no pick can flip: the picks' scores must be the k
+    largest as a multiset (which of several entries tied at the k-th value is taken is free: the coarse grid makes
+    many such ties), rows with fewer visible entries than k must hold all of them and -1 in every other slot."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
+    from dsv4_lab.kernels.indexer_topk.triton import AUTO, DECODE_T, FP32_TWIN, METHODS, indexer_topk_triton
+    g = torch.Generator().manual_seed(3)
+    # (B, T, HI, DI, S, k, ratio, q_offset): prefill (T > DECODE_T), its early rows shorter than k; decode with k
+    # below / above / equal to the visible count (5 entries, k 12; 8 entries, k 8); one head of DI 2: few distinct
+    # scores, so 6-77 entries tie at the k-th value (one row at -0.0 = +0.0: w < 0), in an odd 4100-entry decode row
+    # too (the select splits it over 3 programs)
+    shapes = [(2, 29, 3, 20, 7, 5, 4, 0), (1, 40, 2, 8, 40, 4, 1, 0),
+              (1, 3, 2, 8, 12, 4, 4, 30), (2, 1, 3, 16, 9, 12, 4, 20), (1, 2, 2, 8, 10, 8, 4, 31),
+              (2, 1, 1, 2, 100, 7, 1, 99), (1, 1, 1, 2, 4100, 9, 1, 4099)] if not big else \
+        [(1, 2048, 4, 64, 512, 512, 4, 0), (1, 1, 4, 64, 8192, 512, 4, 32767), (2, 3, 4, 64, 20000, 512, 4, 79999),
+         (1, 1, 4, 64, 1000, 512, 4, 2000)]
+    for (B, T, HI, DI, S, k, R, off) in shapes:
+        qI, kI, w = _dyadic_indexer_inputs(g, B, T, HI, DI, S, device, dtype)
+        ref = indexer_scores(qI.double(), kI.double(), w.double(), R, off)         # (B, T, S) fp64, -inf invisible
+        n = torch.clamp((off + torch.arange(T) + 1) // R, max=S).repeat(B)
+        auto = AUTO["decode" if T <= DECODE_T else "prefill"]
+        auto = FP32_TWIN.get(auto, auto) if dtype == torch.float32 else auto
+        for m in ("auto",) + METHODS:
+            name = f"auto={auto}" if m == "auto" else m
+            r = ref.bfloat16().double() if name.endswith("_bf16") else ref   # bf16 methods: the sums rounded once
+            for rs in (True, False) if m == "auto" else (True,):   # unsorted picks: also case_indexer_methods
+                out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m)
+                _check_method(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", *(out if rs else (out, None)),
+                              r, n, k)
+
+
+# ------------------------------------------------------------------------------------------------ indexer_methods
+def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
+    """The Triton score kernel (fp32 and bf16 scores) and every top-k method of indexer_topk/triton.py vs the naive
+    twin, in query chunks (chunk_elems), with a score workspace whose unwritten slots hold NaN / inf (a method must
+    read only what the score kernel wrote). Dyadic inputs keep every score exact in any order and dtype, so scores
+    must match exactly; the fp32-score methods must return the naive twin's top-k values, the bf16 ones the top-k of
+    the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method)."""
+    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
+    g = torch.Generator().manual_seed(7)
+    # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems): one chunk; query chunks of 16 rows with skipped tiles;
+    # decode in one chunk; decode in 3 query chunks (chunk_elems below T x S')
+    if not big:
+        shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
+                  (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28), (1, 5, 2, 8, 60, 7, 1, 40, 100)]
+    else:
+        shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28), (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20),
+                  (1, 2048, 4, 64, 32768, 512, 4, 120000, 1 << 26), (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28),
+                  (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28)]
+    for (B, T, HI, DI, S, k, R, off, ce) in shapes:
+        qI, kI, w = _dyadic_indexer_inputs(g, B, T, HI, DI, S, device, dtype)
+        t0 = T // 3
+        ref = indexer_scores(qI, kI, w, R, off, t0, T)
+        Sp = max(0, min(S, (off + T) // R))
+        for sdt in (torch.float32, torch.bfloat16):
+            sc = indexer_scores_triton(qI, kI, w, R, off, t0, T, dtype=sdt)
+            assert sc.shape == (B, T - t0, Sp), f"score shape {tuple(sc.shape)} vs {(B, T - t0, Sp)}"
+            assert sc.dtype == sdt and torch.equal(sc.float(), ref[..., :Sp].to(sdt).float()), \
+                f"{sdt} score kernel differs from indexer_scores"
+        assert (ref[..., Sp:] == float("-inf")).all(), "entries beyond S' must be invisible to the whole chunk"
+        full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) exact fp32 sums
+        n = torch.clamp((off + torch.arange(T) + 1) // R, max=S).repeat(B)
+        _, v_r = indexer_topk_naive(qI, kI, w, k, R, q_offset=off, return_scores=True)
+        for m in METHODS:
+            r = full.bfloat16().float() if m.endswith("_bf16") else full
+            for rs in (True, False):
+                ws = torch.full((B * T * -(-S // 64) * 64 + 64,), float("nan"), device=device)   # unwritten: NaN
+                ws[1::2] = float("inf")
+                out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m,
+                                          chunk_elems=ce, workspace=ws)
+                _check_method(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", *(out if rs else (out, None)),
+                              r, n, k)
+                if rs and not m.endswith("_bf16"):
+                    assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
+
+
+# ------------------------------------------------------------------------------------------------ indexer_select
 def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     """Split-row radix select (indexer_topk/select.py) vs torch.topk on the same rows: fp32 and bf16 rows, heavy ties
     at the k-th value, -inf entries, rows with fewer visible entries than k (causal frontier; NaN garbage after it,
-    never read), odd lengths, one and several programs per row. (Split from the gmax and methods cases so that
-    each GPU case compiles only its own kernels.)"""
+    never read), odd lengths, one and several programs per row. (Raw rows, no score kernel: the GPU case compiles
+    only the select's kernels.)"""
     from dsv4_lab.kernels.indexer_topk.select import radix_select
     g = torch.Generator().manual_seed(11)
     # (R, L, k, programs, frontier)
@@ -315,74 +318,6 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
                 v, i = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db)
                 _check_picks(f"radix_select {nm} {dt} digits {db} {(R, L, k, P)}", xd, n, k, v, i)
-
-def case_indexer_gmax(device="cpu", big=False, dtype=torch.float32):
-    """gmax_select (indexer_topk/gmax_select.py) on prefill rows: the exact twin of a stable descending sort."""
-    from dsv4_lab.kernels.indexer_topk.gmax_select import gmax_select
-    g = torch.Generator().manual_seed(12)
-    # gmax_select (prefill rows): exact twin of a stable descending sort (lower index first among ties), sorted
-    # output; cap small enough that the tie rows overflow it and take the histogram fallback
-    shapes = [(2, 203, 7, 4, None, 16), (2, 257, 20, 8, None, 32), (6, 97, 5, 2, (3, 7, 4), None)] if not big else \
-        [(64, 32771, 512, 32, None, None), (64, 4099, 512, 4, (64, 2000, 4), None), (4, 9000, 512, 8, None, 1024)]
-    for (R, L, k, grp, fr, cap) in shapes:
-        n = torch.full((R,), L) if fr is None else \
-            torch.clamp((fr[1] + torch.arange(R) % fr[0] + 1) // fr[2], max=L)
-        ties = torch.randint(-2, 3, (R, L), generator=g).float()
-        ties[0, ::3] = float("-inf")
-        for nm, x in (("randn", torch.randn(R, L, generator=g)), ("ties", ties)):
-            for dt in (torch.float32, torch.bfloat16):
-                xd = x.to(device, dt)
-                xs = xd.float().clone()
-                for r in range(R):
-                    xs[r, int(n[r]):] = float("-inf")
-                G = -(-L // grp)
-                gm = torch.nn.functional.pad(xs, (0, G * grp - L), value=float("-inf")).view(R, G, grp).amax(-1)
-                for r in range(R):
-                    xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
-                v, i = gmax_select(xd, gm.contiguous(), grp, k, frontier=fr, cap=cap)
-                vr, ir = torch.sort(xs, dim=-1, descending=True, stable=True)
-                vr, ir = vr[:, :k], torch.where(vr[:, :k] == float("-inf"), -1, ir[:, :k]).int()
-                assert torch.equal(v, vr) and torch.equal(i, ir), f"gmax_select {nm} {dt} {(R, L, k, grp, cap)}"
-
-
-def case_indexer_select_methods(device="cpu", big=False, dtype=torch.float32):
-    """The select / select_bf16 / torch_bf16 / gmax indexer methods vs the naive twin's scores (exact fp32 sums on
-    dyadic inputs; bf16 = those sums rounded once)."""
-    from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
-    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
-    g = torch.Generator().manual_seed(13)
-    # indexer methods: (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems)
-    shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
-              (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28)] if not big else \
-        [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28), (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28),
-         (2, 3, 4, 64, 20000, 512, 4, 79999, 1 << 28)]
-    for (B, T, HI, DI, S, k, ratio, off, ce) in shapes:
-        qI = (torch.randint(-3, 4, (B, T, HI, DI), generator=g).float() / 4).to(device, dtype)
-        kI = (torch.randint(-3, 4, (B, S, DI), generator=g).float() / 4).to(device, dtype)
-        w = (torch.randint(-2, 3, (B, T, HI), generator=g).float() / 2).to(device, dtype)
-        full = indexer_scores(qI, kI, w, ratio, off)                               # (B, T, S) exact fp32 sums
-        n = torch.clamp((off + torch.arange(T) + 1) // ratio, max=S).repeat(B)
-        for m in ("gmax_bf16", "select", "select_bf16", "torch_bf16"):   # gmax: exact lists, checked below
-            ref = full if m in ("select", "gmax") else full.bfloat16().float()
-            for rs in ((True, False) if m == "select_bf16" else (True,)):
-                i_t, v_t = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True, method=m,
-                                               chunk_elems=ce) if rs else (None, None)
-                if not rs:
-                    i_t = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, method=m, chunk_elems=ce)
-                    v_t = torch.where(i_t < 0, float("-inf"), torch.gather(ref, 2, i_t.long().clamp_min(0)))
-                assert i_t.dtype == torch.int32 and i_t.shape == (B, T, k), f"{m}: {i_t.dtype} {tuple(i_t.shape)}"
-                _check_picks(f"{m} return_scores={rs}", ref.reshape(B * T, S), n, k, v_t.reshape(B * T, k),
-                             i_t.reshape(B * T, k))
-                if rs:
-                    assert bool((v_t[..., 1:] <= v_t[..., :-1]).all() | (v_t[..., 1:] == float("-inf")).all()), \
-                        f"{m}: returned scores not sorted"
-        i_r, v_r = indexer_topk_naive(qI, kI, w, k, ratio, q_offset=off, return_scores=True)
-        assert torch.equal(indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=True,
-                                               method="select", chunk_elems=ce)[1], v_r), "select vs naive values"
-        for rs in (False,) if not big else (True, False):   # gmax: the naive twin's lists exactly (lower first)
-            out = indexer_topk_triton(qI, kI, w, k, ratio, q_offset=off, return_scores=rs, method="gmax",
-                                      chunk_elems=ce)
-            assert torch.equal(out[0] if rs else out, i_r), f"gmax vs naive indices (return_scores={rs})"
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant
@@ -689,7 +624,6 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
 
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
          "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
-         "indexer_gmax": case_indexer_gmax, "indexer_select_methods": case_indexer_select_methods,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl}
 

@@ -217,49 +217,18 @@ def test_indexer_scores_every_autotune_config(dtype):
             assert torch.equal(sc, ref[..., :sc.shape[-1]]), f"{cfg} rows {t0}:{t1}"
 
 
-def test_indexer_radix_long_rows_and_decode_graph():
-    """Radix top-k where prefill rows exceed the 64K split (two-stage in prefill), and 1M-context decode (S = 256K)
-    replayed from a CUDA graph: index lists equal the naive twin's exactly (dyadic inputs, lower-index ties)."""
-    from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
-    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
-    qI, kI, w = _dyadic_indexer_inputs(1, 40, 4, 64, 100_100, torch.bfloat16, 32)
-    i_r, v_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True)
-    for m in ("radix", "torch", "split_torch"):
-        i_t, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method=m)
-        assert torch.equal(v_t, v_r), m
-        if m == "radix":
-            assert torch.equal(i_t, i_r), m
-    N = 1 << 20
-    qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 33)
-    i_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=N - 1)
-    for split in (4096, 8192, 16384):
-        fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method="radix", split=split)  # noqa
-        assert torch.equal(fn(), i_r), f"split {split}"
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            out = fn()
-        gr.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, i_r), f"graph replay, split {split}"
-
-
 def test_indexer_select_decode_graph_and_long_prefill_rows():
     """Split-row radix select (indexer_topk/select.py) in the 1M-context decode step (S = 256K, one row over ~128
-    programs) replayed from a CUDA graph (no host sync inside): the picks' scores equal the naive twin's top-k values
-    (fp32 scores) or the top-k of the bf16-rounded scores (select_bf16), replay after replay; and prefill rows beyond
-    64K entries (one program per row)."""
+    programs) replayed from a CUDA graph (no host sync inside), as method="auto" takes it at decode and by name: the
+    picks' scores equal the naive twin's top-k values (fp32 scores) or the top-k of the bf16-rounded scores
+    (select_bf16), replay after replay; and prefill rows beyond 64K entries (one program per row; torch.topk too)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
-    from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton
+    from dsv4_lab.kernels.indexer_topk.triton import AUTO, indexer_topk_triton
     N = 1 << 20
     qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
     full = indexer_scores(qI, kI, w, 4, N - 1)                                    # (1, 1, S) exact fp32 sums
-    for m in ("select", "select_bf16"):
-        ref = full if m == "select" else full.bfloat16().float()
+    for m in ("auto", "select", "select_bf16"):                           # auto: AUTO["decode"] (bf16 inputs)
+        ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m)  # noqa: E731
         s = torch.cuda.Stream()
@@ -278,8 +247,9 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
             assert torch.equal(got, want), f"{m} replay {rep}: pick scores differ from the top-k"
     qI, kI, w = _dyadic_indexer_inputs(1, 24, 4, 64, 100_100, torch.bfloat16, 35)
     _, v_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True)
-    _, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method="select")
-    assert torch.equal(v_t, v_r), "select on 100K-entry prefill rows"
+    for m in ("select", "torch"):
+        _, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method=m)
+        assert torch.equal(v_t, v_r), f"{m} on 100K-entry prefill rows"
 
 
 def test_compressor_bf16_operands_match_fp32_compute():

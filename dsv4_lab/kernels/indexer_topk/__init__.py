@@ -3,16 +3,16 @@
     indexer_topk(qI, kI, w, k, ratio, q_offset=0, impl="auto", return_scores=False)
 
 qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compressed indexer keys; w (B, T, HI) head
-weights (scaling included). Returns idx (B, T, k) int32, sorted by score, lower index first among ties, -1 where
-fewer than k entries are visible (entry s visible to position t iff s < floor((t + 1) / ratio)).
-impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the method for prefill and for decode
-(T <= triton.DECODE_T); its "radix" methods keep the lower-index tie rule exactly, the torch.topk-based ones
-("torch", "split_torch") may order equal scores differently (triton.py docstring). Default (measured fastest on
-the H200): "torch", i.e. Triton scores + torch.topk, which without return_scores returns the same set of picks in
-torch.topk(sorted=False) order, so its -1 slots may sit anywhere in a row (every consumer masks them per slot).
+weights (scaling included). Returns idx (B, T, k) int32, -1 where fewer than k entries are visible (entry s visible
+to position t iff s < floor((t + 1) / ratio)). impl="torch" (the naive twin): sorted by score, lower index first
+among ties. impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the fp32-score method measured
+fastest on the H200 for prefill ("torch": Triton scores + torch.topk) and for decode, T <= triton.DECODE_T
+("select": Triton scores + the split-row radix select of select.py). Both return the naive twin's picks as a set,
+up to which of several entries tied at the k-th value is taken (triton.py docstring); without return_scores the set
+comes unsorted, so a row's -1 slots may sit anywhere in it (every consumer masks them per slot).
 The model's other selectors (attention/csa.py: oracle, random) use `topk_indices`, the naive twin's top-k contract.
-Candidate methods not yet measured on the GPU: gmax / gmax_bf16 (gmax_select.py, prefill) and select / select_bf16
-(select.py, split-row radix select for decode), bf16 = scores rounded to bf16 before the selection (docs §2.4).
+bf16-score methods (select_bf16, torch_bf16: scores rounded to bf16 before the selection, docs §2.4) are there to be
+called by name. The variants that lost to these on the H200 were removed: benchmarks/README.md.
 """
 from __future__ import annotations
 
