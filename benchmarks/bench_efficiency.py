@@ -29,11 +29,13 @@ What is measured (one record per (arm, measurement, context) point):
            context N (compiling the dense model costs ~60 s per context, and at long context its step is SDPA flash
            attention, where compile gained 1.19x at 64K in issue 15's table).
   forward  no-grad forward of one sequence on the training path (Triton kernels for V4, SDPA for dense), no cache:
-           what prefill costs on the kernels (median of 3 after a warm-up).
+           what prefill costs without the cache (median of 3 after a warm-up).
   prefill  one sequence prefilled into a fresh cache in chunks of --prefill-chunk through the inference API
-           (`model(chunk, cache=cache)`), timed after an untimed prefill of its first two chunks into another cache
-           (one-time kernel compilation and autotuning stay out); today that cached path is the readable reference
-           (no kernels), so it is quadratic for every layer type that keeps growing entries.
+           (`model(chunk, cache=cache)`, docs §6.2), timed after an untimed prefill of its first two chunks into
+           another cache (one-time kernel compilation and autotuning stay out): on CUDA the same query-major Triton
+           kernels as `forward` (dense: SDPA with an explicit mask after the first chunk), so CSA attends window +
+           top-k per query while dense attention, HCA and the indexer's scores are quadratic in context; each chunk
+           also reads every stored entry back from the cache (in PyTorch).
   decode   median ms per token of --decode-steps single-token steps (after --decode-warm), batch 1, on the cache of
            the prefill of the same context when that prefill is in the plan and succeeded (cache_fill "prefill"),
            else on a cache filled synthetically to ctx (cache_fill "synthetic": length set, stored values random; the

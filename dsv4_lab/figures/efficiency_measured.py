@@ -25,11 +25,16 @@ Where measurement and accounting differ, and why (also in the .md written beside
   than the dense model: measured V4 / dense sits above the FLOPs ratio.
 * Training: V4 also trains its MTP block and the indexer KL loss, which the FLOPs do not count; the dense arm runs
   compiled SDPA flash attention near peak, V4 its Triton sparse kernels eagerly (settings in the JSON).
-* Decode at batch 1 is launch- and latency-bound: hundreds of small kernels per token, whatever the FLOPs; and the
-  cached step is the readable reference path (it reads back every stored entry, and CSA scores all compressed
-  entries with a mask instead of gathering the top-k), so V4's decode cost grows with the stored entries, not with k.
-* The cached prefill is that same reference path, chunk by chunk: quadratic in context for dense layers and for
-  CSA / HCA entries; the no-cache forward shows what the kernels do.
+* Decode at batch 1 is launch- and latency-bound: hundreds of small kernels per token, whatever the FLOPs. On CUDA
+  (kernels="auto") the cached step runs the split-KV decode kernels (docs/kernels.md §8.4): SWA attends its window,
+  CSA the window and its top-k picks gathered by index, HCA every visible entry; dense layers run SDPA over every
+  stored token. Besides HCA's n/m' entries and the indexer's n/m scores (both in the accounting), the step grows
+  with what the accounting leaves out: each layer reads all it stores back from the cache in PyTorch (window ring,
+  every compressed entry, CSA's indexer keys; `LayerCache.window_keys` / `append_entries`, docs §6.2), so V4's
+  decode cost follows the stored entries, not only k.
+* The cached prefill, chunk by chunk, runs the query-major Triton kernels of the no-cache forward: CSA attends
+  window + k per query; dense attention (SDPA with an explicit mask after the first chunk), HCA and the indexer's
+  scores are quadratic in context as in that forward; each chunk adds the read-back of every stored entry.
 * KV bytes agree with the accounting up to the cache's allocation granularity: whole blocks of lcm(m, m') tokens,
   the window ring in full, fp32 compressor states (counted by include_state=True), and the cache's int64 bookkeeping
   (block table, token ids: 8 B per block or token, not counted; the CSV notes `cache.nbytes()` / accounting too).
