@@ -215,12 +215,26 @@ def _check_method(name, i_t, v_t, ref, n, k):
         assert bool((v_t[..., 1:] <= v_t[..., :-1]).all()), f"{name}: returned scores not sorted"
 
 
+def _check_select_naive(name, out, return_scores, ref, k):
+    """A select method's result on scores equal to ref (B, T, S) is the naive twin's (topk_indices: stable sort, lower
+    index first among ties): the same (idx, val) slot by slot with return_scores (select's picks are sorted stably),
+    the same index set without."""
+    from dsv4_lab.kernels.indexer_topk.naive import topk_indices
+    i_n, v_n = topk_indices(ref, k, return_scores=True)
+    if return_scores:
+        assert torch.equal(out[0], i_n) and torch.equal(out[1], v_n), f"{name}: differs from the naive twin's top-k"
+    else:
+        assert torch.equal(torch.sort(out, -1).values, torch.sort(i_n, -1).values), \
+            f"{name}: index set differs from the naive twin's"
+
+
 def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
     """indexer_topk_triton with method="auto" (the model's path: AUTO["prefill"] for T > DECODE_T queries,
     AUTO["decode"] for fewer) and every method by name, against torch.topk of the fp64 scores. Dyadic inputs make
     every score exact in fp32 and fp64 in any summation order, so no pick can flip: the picks' scores must be the k
-    largest as a multiset (which of several entries tied at the k-th value is taken is free: the coarse grid makes
-    many such ties), rows with fewer visible entries than k must hold all of them and -1 in every other slot."""
+    largest as a multiset (which of several entries tied at the k-th value is taken is free for torch.topk: the
+    coarse grid makes many such ties), rows with fewer visible entries than k must hold all of them and -1 in every
+    other slot; the select methods must return exactly the naive twin's picks (_check_select_naive)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, DECODE_T, FP32_TWIN, METHODS, indexer_topk_triton
     g = torch.Generator().manual_seed(3)
@@ -246,6 +260,8 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
                 out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m)
                 _check_method(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", *(out if rs else (out, None)),
                               r, n, k)
+                if name.startswith("select"):
+                    _check_select_naive(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", out, rs, r, k)
 
 
 # ------------------------------------------------------------------------------------------------ indexer_methods
@@ -254,7 +270,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     twin, in query chunks (chunk_elems), with a score workspace whose unwritten slots hold NaN / inf (a method must
     read only what the score kernel wrote). Dyadic inputs keep every score exact in any order and dtype, so scores
     must match exactly; the fp32-score methods must return the naive twin's top-k values, the bf16 ones the top-k of
-    the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method)."""
+    the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method); the
+    select methods exactly the naive twin's picks on those scores (_check_select_naive)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -292,6 +309,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                               r, n, k)
                 if rs and not m.endswith("_bf16"):
                     assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
+                if m.startswith("select"):
+                    _check_select_naive(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", out, rs, r, k)
 
 
 # ------------------------------------------------------------------------------------------------ indexer_select
