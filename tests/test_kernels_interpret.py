@@ -12,7 +12,9 @@ counts and dims, -1 / out-of-range / repeated indices, fewer visible entries tha
 window 0, decode with a position offset; the naive twins are also checked against
 reference_attention.sink_attention (fp64);
 the indexer top-k (method="auto" and every method) as the multiset of the picks' exact scores against torch.topk of
-fp64 scores (dyadic inputs, ties at the k-th value, k above the visible count); fake_quant bit-for-bit against
+fp64 scores (dyadic inputs, ties at the k-th value, k above the visible count), the select methods exactly as the
+naive twin; the split-row radix select slot by slot in its fixed order (ties spanning several programs, repeated
+with the programs of every launch run in reverse order); fake_quant bit-for-bit against
 dsv4_lab.quant (FP8 1x128, 1x64, 2-D tiles, MXFP4; fp32 and bf16).
 """
 from __future__ import annotations
