@@ -5,7 +5,7 @@ kernel module is first imported. Setting TRITON_INTERPRET here would be too late
 conftest) imported dsv4_lab.kernels.*.triton first in this pytest process. So one subprocess per test-file run
 executes every case in tests/kernels_cases.py with TRITON_INTERPRET=1 set in its environment before Python starts,
 and writes one JSON record per case; the tests below read those records. Tiny shapes, fp32, one thread
-(~35 s in total on one core).
+(~70 s in total on one core; the indexer top-k and select cases ~20 s each).
 
 Covered per kernel (fwd and, where differentiable, every input gradient): odd lengths, non-power-of-two head
 counts and dims, -1 / out-of-range / repeated indices, fewer visible entries than k, no sink and a -inf sink,
