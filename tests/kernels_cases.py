@@ -6,6 +6,7 @@ is set, so they run these cases in a subprocess (`python tests/kernels_cases.py 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -214,12 +215,26 @@ def _check_method(name, i_t, v_t, ref, n, k):
         assert bool((v_t[..., 1:] <= v_t[..., :-1]).all()), f"{name}: returned scores not sorted"
 
 
+def _check_select_naive(name, out, return_scores, ref, k):
+    """A select method's result on scores equal to ref (B, T, S) is the naive twin's (topk_indices: stable sort, lower
+    index first among ties): the same (idx, val) slot by slot with return_scores (select's picks are sorted stably),
+    the same index set without."""
+    from dsv4_lab.kernels.indexer_topk.naive import topk_indices
+    i_n, v_n = topk_indices(ref, k, return_scores=True)
+    if return_scores:
+        assert torch.equal(out[0], i_n) and torch.equal(out[1], v_n), f"{name}: differs from the naive twin's top-k"
+    else:
+        assert torch.equal(torch.sort(out, -1).values, torch.sort(i_n, -1).values), \
+            f"{name}: index set differs from the naive twin's"
+
+
 def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
     """indexer_topk_triton with method="auto" (the model's path: AUTO["prefill"] for T > DECODE_T queries,
     AUTO["decode"] for fewer) and every method by name, against torch.topk of the fp64 scores. Dyadic inputs make
     every score exact in fp32 and fp64 in any summation order, so no pick can flip: the picks' scores must be the k
-    largest as a multiset (which of several entries tied at the k-th value is taken is free: the coarse grid makes
-    many such ties), rows with fewer visible entries than k must hold all of them and -1 in every other slot."""
+    largest as a multiset (which of several entries tied at the k-th value is taken is free for torch.topk: the
+    coarse grid makes many such ties), rows with fewer visible entries than k must hold all of them and -1 in every
+    other slot; the select methods must return exactly the naive twin's picks (_check_select_naive)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, DECODE_T, FP32_TWIN, METHODS, indexer_topk_triton
     g = torch.Generator().manual_seed(3)
@@ -245,6 +260,8 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
                 out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m)
                 _check_method(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", *(out if rs else (out, None)),
                               r, n, k)
+                if name.startswith("select"):
+                    _check_select_naive(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", out, rs, r, k)
 
 
 # ------------------------------------------------------------------------------------------------ indexer_methods
@@ -253,7 +270,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     twin, in query chunks (chunk_elems), with a score workspace whose unwritten slots hold NaN / inf (a method must
     read only what the score kernel wrote). Dyadic inputs keep every score exact in any order and dtype, so scores
     must match exactly; the fp32-score methods must return the naive twin's top-k values, the bf16 ones the top-k of
-    the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method)."""
+    the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method); the
+    select methods exactly the naive twin's picks on those scores (_check_select_naive)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -291,24 +309,95 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                               r, n, k)
                 if rs and not m.endswith("_bf16"):
                     assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
+                if m.startswith("select"):
+                    _check_select_naive(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", out, rs, r, k)
 
 
 # ------------------------------------------------------------------------------------------------ indexer_select
+def select_expected(x, n, k):
+    """What radix_select must return for rows x (R, L) whose first n[r] entries are visible (indexer_topk/select.py
+    docstring): (vals fp32, idx int32) (R, k). Rows with n > k: t = the k-th largest visible value, r = k - #(> t);
+    slots [0, k - r) = the entries > t in index order, slots [k - r, k) = the r lowest-index entries == t in index
+    order (-0.0 == +0.0, as in torch). Rows with n <= k: slot = column, slots >= n empty. Picks of -inf and empty
+    slots: -1 / -inf. Values are the entries themselves (compare bitwise: -0.0 stays -0.0). Vectorised (GPU rows)."""
+    R, L = x.shape
+    n = torch.as_tensor(n, device=x.device).long().view(R, 1)
+    cols = torch.arange(L, device=x.device)
+    vis = cols < n
+    xf = torch.where(vis, x.float(), float("-inf"))                           # NaN garbage out
+    t = torch.topk(xf, k, dim=1).values[:, -1:]                              # (R, 1) k-th largest
+    gt = vis & (xf > t)
+    eq = vis & (xf == t)
+    take = gt | (eq & (torch.cumsum(eq.int(), 1) <= k - gt.sum(1, keepdim=True)))   # lowest-index ties
+    small = n <= k
+    gt, take = torch.where(small, vis, gt), torch.where(small, vis, take)
+    key = torch.where(take, torch.where(gt, cols, cols + L), 3 * L)          # > t first, then ties, each by index
+    order = torch.sort(key, dim=1, stable=True).indices[:, :k]
+    ok = take.gather(1, order)
+    v = torch.where(ok, xf.gather(1, order), float("-inf"))
+    return v, torch.where(ok & (v != float("-inf")), order, -1).to(torch.int32)
+
+
+def _check_select_exact(name, x, n, k, v, i):
+    """radix_select's (v, i) equal select_expected slot by slot (indices, and values bitwise), and the index set
+    equals the naive twin's top-k (topk_indices: stable sort, lower index first) of the same visible entries."""
+    from dsv4_lab.kernels.indexer_topk.naive import topk_indices
+    ev, ei = select_expected(x, n, k)
+    bad = (i != ei).any(1).nonzero()
+    assert bad.numel() == 0, f"{name}: row {int(bad[0]) if bad.numel() else 0} indices differ from the expected order"
+    assert torch.equal(v.view(torch.int32), ev.view(torch.int32)), f"{name}: values differ (bitwise) from expected"
+    R, L = x.shape
+    nn = torch.as_tensor(n, device=x.device).long().view(R, 1)
+    xf = torch.where(torch.arange(L, device=x.device) < nn, x.float(), float("-inf"))
+    naive = topk_indices(xf[None], k)[0]
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(naive, 1).values), f"{name}: index set != naive twin's"
+
+
+@contextlib.contextmanager
+def _programs_reversed():
+    """Under TRITON_INTERPRET=1: every launch inside runs its programs in reverse order on grid axes 0 and 1 (the
+    interpreter runs them in order; a GPU may run them in any order). Patches the interpreter's set_grid_idx (a
+    bijection of the grid: every program still runs once)."""
+    from triton.runtime import interpreter as ti
+    b = ti.interpreter_builder
+    orig = b.set_grid_idx
+    b.set_grid_idx = lambda x, y, z: orig(b.grid_dim[0] - 1 - x, b.grid_dim[1] - 1 - y, z)
+    try:
+        yield
+    finally:
+        del b.set_grid_idx                                                    # back to the class's method
+
+
 def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
-    """Split-row radix select (indexer_topk/select.py) vs torch.topk on the same rows: fp32 and bf16 rows, heavy ties
-    at the k-th value, -inf entries, rows with fewer visible entries than k (causal frontier; NaN garbage after it,
-    never read), odd lengths, one and several programs per row. (Raw rows, no score kernel: the GPU case compiles
-    only the select's kernels.)"""
+    """Split-row radix select (indexer_topk/select.py) on raw rows (no score kernel: the GPU case compiles only the
+    select's kernels): fp32 and bf16 rows, both digit widths, one and several programs per row, odd lengths, rows
+    with fewer visible entries than k, as many and more than k (causal frontier; NaN garbage after it, never read).
+    Rows: randn (few ties); small integers (many entries tied at the k-th value, spanning several programs: integer
+    values are exact in bf16, no rounding can split a tie; row 0 every third entry -inf); {-inf, -1, -0.0, +0.0}
+    (the k-th value 0 with -0.0 / +0.0 ties; the last row has fewer finite entries than k, so -inf ties at the k-th
+    value, reported -1). Checks: the values as torch.topk finds them (_check_picks), the exact slot order and the
+    naive twin's index set (_check_select_exact); repeats are bitwise equal to the first run: on CPU one repeat with
+    every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
+    programs run fails it), on the GPU two repeats (the hardware schedules the programs)."""
     from dsv4_lab.kernels.indexer_topk.select import radix_select
     g = torch.Generator().manual_seed(11)
-    # (R, L, k, programs, frontier)
-    shapes = [(2, 203, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None)] \
-        if not big else [(2, 262144, 512, None, None), (8, 32771, 512, None, None), (64, 4099, 512, 1, (64, 2000, 4))]
+    # (R, L, k, programs, frontier). Decode-like rows (L > 1000; on CPU in 256-entry blocks, the interpreter's cost
+    # is per block): 4100 entries over 3 programs (the default) and 5 (the last one holds 4 entries), k = 64 and 512,
+    # a frontier inside the last chunk (n = 4000, 4001), and n = 511 / 512 / 513 around k = 512 (frontier (3, 510, 1):
+    # rows shorter than, as long as and longer than k; ties over 2 programs)
+    shapes = [(2, 203, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None),
+              (2, 4100, 64, None, None), (2, 4100, 512, 5, (2, 3999, 1)), (3, 1100, 512, 3, (3, 510, 1))] \
+        if not big else [(2, 262144, 512, None, None), (8, 32771, 512, None, None), (64, 4099, 512, 1, (64, 2000, 4)),
+                         (3, 65536, 512, None, (3, 510, 1)), (2, 65536, 64, 7, (2, 60000, 1))]
     for (R, L, k, P, fr) in shapes:
+        blk = 256 if device == "cpu" and L > 1000 else None
         n = torch.full((R,), L) if fr is None else \
             torch.clamp((fr[1] + torch.arange(R) % fr[0] + 1) // fr[2], max=L)
+        zeros = torch.tensor([float("-inf"), -1.0, -0.0, 0.0])[torch.randint(0, 4, (R, L), generator=g)]
+        zeros[-1, (k + 1) // 2:] = float("-inf")                               # fewer finite entries than k
         rows = {"randn": torch.randn(R, L, generator=g) * 3,
-                "ties": torch.randint(-2, 3, (R, L), generator=g).float(),
+                "ties": torch.randint(0, 8 if L > 1000 else 5, (R, L), generator=g).float(),
+                "zeros": zeros,
                 **({"binade": 1 + torch.rand(R, L, generator=g)} if big else {})}
         rows["ties"][0, ::3] = float("-inf")
         for j, (nm, x) in enumerate(rows.items()):
@@ -316,8 +405,21 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 xd = x.to(device, dt)
                 for r in range(R):
                     xd[r, int(n[r]):] = float("nan")                          # beyond the frontier: never read
-                v, i = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db)
-                _check_picks(f"radix_select {nm} {dt} digits {db} {(R, L, k, P)}", xd, n, k, v, i)
+                if nm == "randn" and device == "cpu" and L > 1000:
+                    continue                                      # few ties: the short rows cover them on CPU
+                tag = f"radix_select {nm} {dt} digits {db} {(R, L, k, P, fr)}"
+                run = lambda: radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk)  # noqa: E731
+                v, i = run()
+                _check_picks(tag, xd, n, k, v, i)
+                _check_select_exact(tag, xd, n, k, v, i)
+                if device == "cpu":                      # the interpreter runs programs in order: reverse it
+                    with _programs_reversed():
+                        again = [run()]
+                else:                                    # the GPU schedules programs as it likes
+                    again = [run(), run()]
+                for a, (v2, i2) in enumerate(again):
+                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+                        f"{tag}: repeat {a + 1} differs bitwise from the first run"
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant

@@ -221,7 +221,10 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     """Split-row radix select (indexer_topk/select.py) in the 1M-context decode step (S = 256K, one row over ~128
     programs) replayed from a CUDA graph (no host sync inside), as method="auto" takes it at decode and by name: the
     picks' scores equal the naive twin's top-k values (fp32 scores) or the top-k of the bf16-rounded scores
-    (select_bf16), replay after replay; and prefill rows beyond 64K entries (one program per row; torch.topk too)."""
+    (select_bf16), and the picks sit in select's fixed slot order (kernels_cases.select_expected: the entries above
+    the k-th score by index, then the lowest-index tied ones; the dyadic scores tie a lot), replay after replay; and
+    prefill rows beyond 64K entries (one program per row; torch.topk too): the naive twin's values, and for select
+    its indices too (lower index first among ties)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, indexer_topk_triton
     N = 1 << 20
@@ -230,6 +233,7 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     for m in ("auto", "select", "select_bf16"):                           # auto: AUTO["decode"] (bf16 inputs)
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
+        _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
         fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m)  # noqa: E731
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -245,11 +249,13 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
             assert (out >= 0).all() and torch.unique(out).numel() == 512, f"{m} replay {rep}: bad picks"
             got = torch.gather(ref, 2, out.long()).sort(-1, descending=True).values
             assert torch.equal(got, want), f"{m} replay {rep}: pick scores differ from the top-k"
+            assert torch.equal(out.view(1, 512), want_idx), f"{m} replay {rep}: picks not in select's slot order"
     qI, kI, w = _dyadic_indexer_inputs(1, 24, 4, 64, 100_100, torch.bfloat16, 35)
-    _, v_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True)
+    i_r, v_r = indexer_topk_naive(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True)
     for m in ("select", "torch"):
-        _, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method=m)
+        i_t, v_t = indexer_topk_triton(qI, kI, w, 512, 4, q_offset=400_000, return_scores=True, method=m)
         assert torch.equal(v_t, v_r), f"{m} on 100K-entry prefill rows"
+        assert m != "select" or torch.equal(i_t, i_r), "select on 100K-entry prefill rows: picks differ from naive"
 
 
 def test_compressor_bf16_operands_match_fp32_compute():

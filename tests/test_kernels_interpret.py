@@ -5,14 +5,16 @@ kernel module is first imported. Setting TRITON_INTERPRET here would be too late
 conftest) imported dsv4_lab.kernels.*.triton first in this pytest process. So one subprocess per test-file run
 executes every case in tests/kernels_cases.py with TRITON_INTERPRET=1 set in its environment before Python starts,
 and writes one JSON record per case; the tests below read those records. Tiny shapes, fp32, one thread
-(~35 s in total on one core).
+(~70 s in total on one core; the indexer top-k and select cases ~20 s each).
 
 Covered per kernel (fwd and, where differentiable, every input gradient): odd lengths, non-power-of-two head
 counts and dims, -1 / out-of-range / repeated indices, fewer visible entries than k, no sink and a -inf sink,
 window 0, decode with a position offset; the naive twins are also checked against
 reference_attention.sink_attention (fp64);
 the indexer top-k (method="auto" and every method) as the multiset of the picks' exact scores against torch.topk of
-fp64 scores (dyadic inputs, ties at the k-th value, k above the visible count); fake_quant bit-for-bit against
+fp64 scores (dyadic inputs, ties at the k-th value, k above the visible count), the select methods exactly as the
+naive twin; the split-row radix select slot by slot in its fixed order (ties spanning several programs, repeated
+with the programs of every launch run in reverse order); fake_quant bit-for-bit against
 dsv4_lab.quant (FP8 1x128, 1x64, 2-D tiles, MXFP4; fp32 and bf16).
 """
 from __future__ import annotations

@@ -46,7 +46,8 @@ def topk_indices(scores: torch.Tensor, k: int, return_scores: bool = False, use_
     """The top-k contract: scores (B, T, S) with -inf = not a candidate -> idx (B, T, k) int32 sorted by score
     (descending), ties to the lower index, -1 for slots without a candidate (also every slot past S). use_topk=True
     takes torch.topk (faster, ties unspecified) instead of the stable sort. Consumers treat a row as a set (each slot
-    masked on its own): the Triton default method returns the same set in torch.topk(sorted=False) order."""
+    masked on its own): the Triton methods return it unsorted, in torch.topk(sorted=False) order (prefill; ties
+    unspecified) or in select's fixed slot order (decode; the same tie rule: triton.py, select.py)."""
     B, T, S = scores.shape
     kk = min(k, S)
     idx = torch.full((B, T, k), -1, dtype=torch.int32, device=scores.device)

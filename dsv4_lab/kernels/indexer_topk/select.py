@@ -1,33 +1,42 @@
 """Split-row radix select: exact top-k of fp32 or bf16 rows, each row spread over many programs (docs/kernels.md §3).
 
-    radix_select(val, k, frontier=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32), picks unsorted
+    radix_select(val, k, frontier=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32)
 
 Keys: u = the order-preserving unsigned image of the fp32 value (bf16 values are widened to fp32 exactly, so only
-their top 16 bits differ). The threshold key (the k-th largest) is found DB bits at a time (a digit), one launch per
-digit, NL = 32 / DB digits for fp32 rows, 16 / DB for bf16 rows (their low 16 bits are all equal):
+their top 16 bits differ; -0.0 has the key of +0.0). The threshold key t (the k-th largest) is found DB bits at a
+time (a digit), one launch per digit, NL = 32 / DB digits for fp32 rows, 16 / DB for bf16 rows (their low 16 bits
+are all equal). A row of L entries is cut into P chunks of C entries (whole blocks), one program per chunk:
 
-    launch 0    zero a per-row workspace: NL histograms of 2^DB bins + 2 slot counters       (torch.zero_)
-    launch l    every program of the row rebuilds the prefix of digits 0..l-1 from the histograms already complete
-                (the same arithmetic in every program, so no program waits for another), then adds its chunk's
-                2^DB-bin histogram of digit l, over the entries whose top DB*l bits equal that prefix, into the
-                row's global histogram l
-    emit        every program rebuilds the full threshold t (DB NL bits) and r = how many picks have key == t; its
-                entries with key > t take slots [0, k - r) and its entries == t slots [k - r, k), each through one
-                atomic ticket per block of entries (a slot counter per row, two per row in all)
+    launch 0    zero the per-row histograms: NL x 2^DB bins per row                                 (torch.zero_)
+    launch l    every program of the row rebuilds the digits b_0..b_{l-1} of t from the histograms already
+                complete (the same arithmetic in every program, so no program waits for another), then builds its
+                chunk's 2^DB-bin histogram of digit l over the entries whose top DB*l bits are b_0..b_{l-1}: added
+                to the row's histogram l (integer atomics: the sum is exact in any order), and, programs 0..P-2,
+                stored as suffix counts S_{p,l}[b] = entries of the chunk in bins >= b (its own slots, no atomics)
+    emit        every program rebuilds t (digits b_0..b_{NL-1}) and r = how many picks have key == t; the programs
+                before it, q < p, hold  gt_q = sum_l S_{q,l}[b_l + 1]  entries > t  and  eq_q = S_{q,NL-1}[b_{NL-1}]
+                - S_{q,NL-1}[b_{NL-1} + 1] entries == t (an entry > t first exceeds t at exactly one digit), so its
+                own picks start at slot sum_{q<p} gt_q and tie rank sum_{q<p} eq_q; it walks its chunk block by
+                block in index order (positions by tl.cumsum over the block's masks)
 
-Exact: the picks' values are the row's k largest (same multiset as torch.topk on the same row); WHICH of several
-entries equal to the k-th value are taken depends on the order the programs reach the tie counter (ties unspecified,
-like torch.topk). Picks of value -inf report index -1. No host synchronisation: the launches have fixed grids and
-every data-dependent choice is made on the device, so the sequence can be captured in a CUDA graph.
+Output (deterministic, the naive twin's tie rule: indexer_topk/naive.py, docs/kernels.md §3): slots [0, k - r) hold
+the entries with key > t in increasing index order, slots [k - r, k) the r LOWEST-INDEX entries with key == t in
+increasing index order; so the set of picks is the naive twin's (stable sort, lower index first) on the same row,
+and the slot order depends only on the row, not on the order programs run. Picks of value -inf report index -1.
+Rows with n <= k visible entries take all of them in index order (slot = column; slots >= n: -1 / -inf).
+frontier=(Tq, q0, ratio): row r = b Tq + i only has n_r = min(L, (q0 + i + 1) // ratio) visible entries (the columns
+after them are never read: the score kernel may leave them unwritten); None: every row has L.
+
+No host synchronisation: the launches have fixed grids and every data-dependent choice is made on the device, so the
+sequence can be captured in a CUDA graph.
 
 Digit width: tl.histogram costs about (bins / 32 + 1) x DB warp instructions per 32 entries (warp ballots), so
 8-bit digits (256 bins) cost ~7x the ALU of 4-bit ones per pass. Decode (few rows, latency-bound: every launch
-counts) takes DB = 8 (2 launches for bf16 rows); prefill (many rows, ALU-bound) DB = 4 (4 launches for bf16 rows,
-each a bandwidth-bound read). Each launch reads its chunk of the row once (L2-resident at decode: a 256K-entry row is
-1 MB of fp32). Rows with
-n <= k visible entries take all of them in index order (slots >= n: -1). frontier=(Tq, q0, ratio): row r = b Tq + i
-only has n_r = min(L, (q0 + i + 1) // ratio) visible entries (the columns after them are never read: the score
-kernel may leave them unwritten); None: every row has L.
+counts) takes DB = 8 (NL = 4 digit launches for fp32 rows, 2 for bf16); prefill (many rows, ALU-bound) DB = 4 (4
+launches for bf16 rows, each a bandwidth-bound read). Each launch reads its chunk of the row once (L2-resident at
+decode: a 256K-entry row is 1 MB of fp32). The emit's extra reads are (NL + 1) suffix counts per earlier program.
+
+Workspace (int32): R x NL 2^DB row histograms, then R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1).
 """
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ import torch
 
 from .._common import INTERPRET, check_device, tl, triton
 
-INT_MIN = -2147483648
+SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
+HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
 
 
 @triton.jit
@@ -72,15 +82,17 @@ def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
 
 
 @triton.jit
-def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL, NL, DB: tl.constexpr, RATIO: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, DB: tl.constexpr,
+                RATIO: tl.constexpr, BLOCK: tl.constexpr):
+    """Launch LEVEL + 1 (grid (P, R)): digit LEVEL of the row's histogram; programs 0..P-2 also keep their own."""
     p = tl.program_id(0)
     row = tl.program_id(1)
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     if (n > k) & (c0 < n):
         NB: tl.constexpr = 1 << DB
-        hbase = row.to(tl.int64) * (NL * NB)
+        H: tl.constexpr = NL * NB
+        hbase = row.to(tl.int64) * H
         pref, krem = _prefix(HIST, hbase, k, LEVEL, DB)
         SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
         HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
@@ -95,11 +107,15 @@ def _hist_level(VAL, HIST, L, C, sv, Tq, q0, k, LEVEL, NL, DB: tl.constexpr, RAT
             hist += tl.histogram((u >> SH) & (NB - 1), NB, mask=m)
         bins = tl.arange(0, NB)
         tl.atomic_add(HIST + hbase + LEVEL * NB + bins, hist, mask=hist > 0)
+        if p < P - 1:                                  # suffix counts S_{p,LEVEL}[b] for the emit of later programs
+            pbase = (row.to(tl.int64) * (P - 1) + p) * H
+            tl.store(PH + pbase + LEVEL * NB + bins, tl.cumsum(hist, 0, reverse=True))
 
 
 @triton.jit
-def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
-          RATIO: tl.constexpr, BLOCK: tl.constexpr):
+def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
+          RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr):
+    """Last launch (grid (P, R)): program p writes its chunk's picks at the slots the programs before it leave."""
     p = tl.program_id(0)
     row = tl.program_id(1)
     n = _row_len(row, L, Tq, q0, RATIO)
@@ -114,12 +130,26 @@ def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr,
             ok = (offs < n) & (v != float("-inf"))
             tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
             tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
-    elif c0 < n:
-        pref, krem = _prefix(HIST, row.to(tl.int64) * (NL * (1 << DB)), k, NL, DB)
+    elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
+        NB: tl.constexpr = 1 << DB
+        H: tl.constexpr = NL * NB
+        pref, krem = _prefix(HIST, row.to(tl.int64) * H, k, NL, DB)
+        n_gt = k - krem                                                       # picks > t: slots [0, n_gt)
+        # gt / eq: entries > t / == t in the chunks of programs 0..p-1 (their suffix counts, QB programs at a time)
+        gt = k * 0
+        eq = k * 0
+        for qs in range(0, p, QB):
+            q = qs + tl.arange(0, QB)
+            mq = q < p
+            qrow = PH + (row.to(tl.int64) * (P - 1) + q) * H                  # (QB,) pointers to S_{q, 0}[0]
+            for l in range(NL):                                               # > t first at digit l
+                b = (pref >> (32 - DB * (l + 1))) & (NB - 1)                  # digit l of t
+                gt += tl.sum(tl.load(qrow + l * NB + b + 1, mask=mq & (b + 1 < NB), other=0), 0)
+            b = (pref >> (32 - DB * NL)) & (NB - 1)                           # == t: the last digit's bin b
+            eq += tl.sum(tl.load(qrow + (NL - 1) * NB + b, mask=mq, other=0), 0)
+            eq -= tl.sum(tl.load(qrow + (NL - 1) * NB + b + 1, mask=mq & (b + 1 < NB), other=0), 0)
         SH: tl.constexpr = 32 - DB * NL
         tpre = pref >> SH                                                     # threshold prefix (DB NL bits)
-        n_gt = k - krem
-        cbase = row.to(tl.int64) * 2
         c1 = tl.minimum(c0 + C, n)
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
@@ -132,24 +162,21 @@ def _emit(VAL, HIST, CNT, OVAL, OIDX, L, C, sv, so, Tq, q0, k, NL: tl.constexpr,
             else:                              # < 32 bits after the shift: mask to the unsigned prefix
                 a = u & ((1 << (32 - SH)) - 1)
                 t = tpre & ((1 << (32 - SH)) - 1)
-            gt = m & (a > t)
-            eq = m & (a == t)
-            ngt = tl.sum(gt.to(tl.int32), 0)
-            neq = tl.sum(eq.to(tl.int32), 0)
-            if ngt > 0:
-                base = tl.atomic_add(CNT + cbase, ngt)                         # ticket: this block's first slot
-                pos = base + tl.cumsum(gt.to(tl.int32), 0) - 1
-                tl.store(OVAL + obase + pos, v, mask=gt)
-                tl.store(OIDX + obase + pos, tl.where(v == float("-inf"), -1, offs), mask=gt)
-            if neq > 0:
-                base = tl.atomic_add(CNT + cbase + 1, neq)
-                pos = base + tl.cumsum(eq.to(tl.int32), 0) - 1
-                take = eq & (pos < krem)
-                tl.store(OVAL + obase + n_gt + pos, v, mask=take)
-                tl.store(OIDX + obase + n_gt + pos, tl.where(v == float("-inf"), -1, offs), mask=take)
+            is_gt = m & (a > t)
+            is_eq = m & (a == t)
+            idx = tl.where(v == float("-inf"), -1, offs)
+            pos = gt + tl.cumsum(is_gt.to(tl.int32), 0) - 1                   # slots in index order
+            tl.store(OVAL + obase + pos, v, mask=is_gt)
+            tl.store(OIDX + obase + pos, idx, mask=is_gt)
+            rank = eq + tl.cumsum(is_eq.to(tl.int32), 0) - 1                  # tie rank in the row, by index
+            take = is_eq & (rank < krem)                                      # the lowest-index r ties
+            tl.store(OVAL + obase + n_gt + rank, v, mask=take)
+            tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
+            gt += tl.sum(is_gt.to(tl.int32), 0)
+            eq += tl.sum(is_eq.to(tl.int32), 0)
 
 
-def default_programs(R: int, L: int, sms: int = 132) -> int:
+def default_programs(R: int, L: int, sms: int = SMS) -> int:
     """Programs per row: enough to fill the GPU when there are few rows (decode), one per row when there are many
     (prefill), never chunks under 2048 entries."""
     return max(1, min(triton.cdiv(L, 2048), triton.cdiv(4 * sms, max(R, 1))))
@@ -159,10 +186,11 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
                  programs: int | None = None, workspace: torch.Tensor | None = None, digit_bits: int | None = None,
                  block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
-    each (R, k), picks in no particular order (see the module docstring); -inf / -1 where a row has fewer than k
-    visible entries. workspace: an int32 buffer of >= workspace_size(R) elements (allocated if None).
+    each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
+    order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: an int32 buffer of
+    >= workspace_size(R) elements (workspace_size(R, programs) with programs= given; allocated if None or smaller).
     digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
-    block: entries per loop step of a program (default 2048; 64 in the interpreter).
+    block: entries per loop step of a program, a power of two (default 2048; 64 in the interpreter).
     out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride)."""
     check_device(val)
     R, L = val.shape
@@ -185,26 +213,30 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
             "radix_select: out must be two (R, k) views with the same strides, last dim contiguous"
     if R == 0:
         return oval, oidx
-    need = R * (NL * (1 << DB) + 2)
+    BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
+    C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
+    P = triton.cdiv(L, C)                                                   # <= the P asked for
+    H = NL * (1 << DB)
+    need = R * H + R * (P - 1) * H                                          # row histograms + per-program suffixes
     ws = workspace[:need] if workspace is not None and workspace.numel() >= need else \
         torch.empty(need, dtype=torch.int32, device=val.device)
-    ws.zero_()
-    hist, cnt = ws[: R * NL * (1 << DB)], ws[R * NL * (1 << DB):]
-    BLOCK = 64 if INTERPRET else (2048 if block is None else int(block))
-    C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
-    P = triton.cdiv(L, C)
+    hist, ph = ws[: R * H], ws[R * H:]
+    hist.zero_()                                 # the per-program suffixes are written before they are read
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     for lev in range(NL):
-        _hist_level[(P, R)](val, hist, L, C, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB, RATIO=ratio,
+        _hist_level[(P, R)](val, hist, ph, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB, RATIO=ratio,
                             BLOCK=BLOCK, num_warps=num_warps)
-    _emit[(P, R)](val, hist, cnt, oval, oidx, L, C, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL, DB=DB,
-                   RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
+    _emit[(P, R)](val, hist, ph, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL, DB=DB,
+                   RATIO=ratio, BLOCK=BLOCK, QB=128, num_warps=num_warps)
     return oval, oidx
 
 
-def workspace_size(R: int) -> int:
-    """int32 workspace elements radix_select needs for R rows, any dtype and digit width."""
-    return R * (max(8 * 16, 4 * 256) + 2)
+def workspace_size(R: int, programs: int | None = None) -> int:
+    """int32 workspace elements radix_select needs for R rows, any dtype and digit width: the row histograms plus the
+    suffix counts of programs 0..P-2 of every row. With the default programs (default_programs: P <= cdiv(4 SMS, R))
+    R (P - 1) <= 4 SMS - 1 for any L; with programs= given, R (programs - 1)."""
+    extra = 4 * SMS - 1 if programs is None else R * (max(1, int(programs)) - 1)
+    return (R + extra) * HMAX
 
 
 __all__ = ["radix_select", "default_programs", "workspace_size"]

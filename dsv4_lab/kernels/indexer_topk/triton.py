@@ -157,17 +157,19 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       torch_bf16   torch on bf16 scores (the fp32 sum over heads rounded once, docs §2.4 precision note).
       select       Triton fp32 scores per query chunk + the split-row radix select (select.py: each row over many
                    programs at decode, one per row in prefill; one launch per digit + one to emit; each row read
-                   only up to its own causal frontier). The decode default; same values as torch.topk.
+                   only up to its own causal frontier). The decode default; same values as torch.topk, ties to
+                   the lower index, deterministic.
       select_bf16  select on bf16 scores: half the score bytes, half the digit launches. Picks = the top-k of the
                    bf16-rounded scores.
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin).
     Ties: the fp32-score methods return the values of the naive twin's picks (the same multiset; the bf16 ones, those
-    of the bf16-rounded scores), but which of several entries tied at the k-th value is picked, and the order of
-    equal scores, may differ from its lower-index rule: torch.topk leaves it unspecified, select takes the tied
-    entries in the order its programs reach an atomic slot counter (so its choice may vary from run to run).
-    Without return_scores the picks come unsorted (torch.topk(sorted=False) order, select's slot order), so the -1
-    slots of a row with fewer than k visible entries may sit anywhere in it (every consumer masks them per slot);
-    with return_scores they are sorted by score, -1 / -inf last.
+    of the bf16-rounded scores). select also keeps the naive twin's tie rule (of several entries tied at the k-th
+    value, the lower indices) and is deterministic, so on the same scores its picks are the naive twin's set;
+    torch.topk leaves the choice among ties and the order of equal scores unspecified.
+    Without return_scores the picks come unsorted: torch.topk(sorted=False) order, or select's slot order (the picks
+    above the k-th value in index order, then the tied ones in index order; a row with fewer than k visible entries
+    in index order, -1 after); every consumer masks -1 slots per slot. With return_scores they are sorted by score,
+    -1 / -inf last (select: stable, so equal scores stay in index order, as in the naive twin).
     Query chunks hold at most `chunk_elems` scores (1 GiB of fp32 by default); the [T, S] matrix is never built.
     workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
     B, T, HI, DI = qI.shape
@@ -212,8 +214,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                                     out=(val.view(B * T, k), idx.view(B * T, k)) if direct else None)
                 if direct:
                     continue
-                if return_scores:
-                    v, o = torch.sort(v, dim=-1, descending=True)
+                if return_scores:                               # stable: equal scores stay in index order
+                    v, o = torch.sort(v, dim=-1, descending=True, stable=True)
                     i = torch.gather(i, 1, o)
             else:                                               # picks in score order only when scores are returned
                 v, i = _topk_torch(sc, k, ordered=return_scores)
