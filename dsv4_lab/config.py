@@ -348,7 +348,8 @@ class TrainConfig:
     # synthetic long-range tasks (dsv4_lab/data/synthetic.py)
     task_n_pairs: int = 8                 # key-value pairs per retrieval sequence
     task_n_queries: int = 4               # queries per sequence
-    task_n_needles: int = 3               # MRCR-like: needles per sequence
+    task_n_needles: int = 3               # MRCR-like: needles per type (3 types)
+    task_mrcr_queries: int = 1            # MRCR-like: queries per sequence, each about a different needle
     task_n_near: int = 0                  # retrieval: pairs placed just before the queries (short distance)
 
     @classmethod
@@ -361,9 +362,12 @@ class TrainConfig:
             self.compile = "true" if self.compile else "false"
         _check_types(self)
         for k in ["seq_len", "batch_size", "max_steps", "eval_interval", "eval_batches", "log_interval",
-                  "ckpt_interval", "task_n_pairs", "task_n_queries", "task_n_needles"]:
+                  "ckpt_interval", "task_n_pairs", "task_n_queries", "task_n_needles", "task_mrcr_queries"]:
             if getattr(self, k) <= 0:
                 raise _err(k, getattr(self, k), "a positive integer")
+        if self.task_mrcr_queries > 3 * self.task_n_needles:
+            raise _err("task_mrcr_queries", self.task_mrcr_queries,
+                       f"an integer in [1, 3 x task_n_needles = {3 * self.task_n_needles}] (one query per needle at most)")
         if self.task_n_near < 0 or self.task_n_near > self.task_n_pairs:
             raise _err("task_n_near", self.task_n_near, f"an integer in [0, task_n_pairs={self.task_n_pairs}]")
         if self.warmup_steps == -1:

@@ -117,15 +117,16 @@ def is_done(setting: str, arm: str, seed: int, root: str) -> bool:
 
 @torch.no_grad()
 def evaluate_length(model, length: int, n_seqs: int, n_needles: int, window: int, device, amp,
-                    max_tokens: int) -> dict:
-    """Answer accuracy of `model` on n_seqs MRCR sequences of `length` tokens (fixed by EVAL_SEED and the length,
-    in batches of at most max_tokens tokens); near / far = answers whose needle is <= / > window tokens back."""
+                    max_tokens: int, n_queries: int = 1) -> dict:
+    """Answer accuracy of `model` on n_seqs MRCR sequences of `length` tokens with n_queries queries each (fixed by
+    EVAL_SEED and the length, in batches of at most max_tokens tokens); near / far = answers whose needle is <= / >
+    window tokens before its query; exact match = every answer token of a sequence right."""
     from .data.synthetic import answer_distances, mrcr_batch
     per = max(1, min(n_seqs, max_tokens // length))
     c = dict.fromkeys(("correct", "answers", "exact", "correct_near", "n_near", "correct_far", "n_far"), 0)
     for i, start in enumerate(range(0, n_seqs, per)):
         b = min(per, n_seqs - start)
-        x, y = mrcr_batch(b, length, n_needles, seed=EVAL_SEED + length, index=i)
+        x, y = mrcr_batch(b, length, n_needles, seed=EVAL_SEED + length, index=i, n_queries=n_queries)
         with amp():
             logits = model(x.to(device)).logits
         mask = y != -100
@@ -171,7 +172,8 @@ def run_one(setting: str, arm: str, seed: int, root: str, log=print) -> dict:
         if str(n) in rec["lengths"]:
             continue
         t1 = time.time()
-        r = evaluate_length(model, n, s["eval_seqs"], tc.task_n_needles, mc.window, device, amp, s["eval_tokens"])
+        r = evaluate_length(model, n, s["eval_seqs"], tc.task_n_needles, mc.window, device, amp, s["eval_tokens"],
+                            tc.task_mrcr_queries)
         r["eval_s"] = round(time.time() - t1, 3)
         rec["lengths"][str(n)] = r
         save_json(rec, path)                       # after each length: a killed evaluation loses at most one

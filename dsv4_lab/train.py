@@ -238,7 +238,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
         return _final_record(metrics, tc.max_steps)
     try:                                           # the data source can make this run's batches
         batches = Batches(tc.data, tc.seq_len, tc.batch_size, tc.seed, 0, tc.task_n_pairs, tc.task_n_queries,
-                          tc.task_n_needles, tc.task_n_near)
+                          tc.task_n_needles, tc.task_n_near, tc.task_mrcr_queries)
         batches.train_batch(start_step)
         batches.val_batch(0)
     except (ValueError, RuntimeError) as e:

@@ -47,6 +47,9 @@ def test_bad_values_name_field_value_and_allowed(kv, field):
 def test_train_config_validation():
     with pytest.raises(ConfigError, match="schedule"):
         TrainConfig(schedule="linear")
+    for q in (0, 7):                                   # 2 needles x 3 types: 1..6 queries
+        with pytest.raises(ConfigError, match=f"task_mrcr_queries' = {q}"):
+            TrainConfig(data="mrcr", task_n_needles=2, task_mrcr_queries=q)
     with pytest.raises(ConfigError, match="lr"):
         parse_overrides(["lr=-1"])
     with pytest.raises(ConfigError, match="key=value"):

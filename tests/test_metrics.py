@@ -87,3 +87,24 @@ def test_mrcr_distance_is_query_to_needle():
         assert s[needle + 1: needle + 4] == ans                          # its content is the answer
     acc = synthetic.answer_accuracy(torch.zeros(8, 200, 256), y, x, 10_000)
     assert math.isnan(acc["answer_acc_far"]) and acc["n_answers_far"] == 0
+
+
+def test_mrcr_several_queries_each_ask_a_different_needle():
+    """n_queries queries after the haystack: each (TYPE, ORDINAL) asked once, each answer the content of the
+    ORDINAL-th needle of that TYPE in the haystack, each answer's distance from its own query to that needle."""
+    n_needles, n_types, L = 2, 3, 4
+    x, y = synthetic.mrcr_batch(6, 160, n_needles=n_needles, n_types=n_types, needle_len=L, seed=7, n_queries=5)
+    d = synthetic.answer_distances(x, y)
+    for b in range(6):
+        s = x[b].tolist()
+        qps = [i for i, t in enumerate(s) if t == synthetic.QUERY]
+        assert len(qps) == 5 and len({(s[q + 1], s[q + 2]) for q in qps}) == 5       # five different needles
+        hay = s[: qps[0]]
+        for q in qps:
+            ty, ordinal = s[q + 1], s[q + 2] - synthetic.ORDINALS[0]
+            needle = [i for i, t in enumerate(hay) if t == ty][ordinal]
+            assert y[b, q + 2: q + 2 + L].tolist() == hay[needle + 1: needle + 1 + L]  # targets: the answer tokens
+            assert d[b, q + 2: q + 2 + L].tolist() == [q - needle] * L
+        assert int((y[b] != -100).sum()) == 5 * L
+    with pytest.raises(ValueError, match="task_mrcr_queries=7"):
+        synthetic.mrcr_batch(1, 160, n_needles=n_needles, n_types=n_types, n_queries=7)

@@ -16,10 +16,11 @@ __all__ = ["Batches", "Prefetched", "load_stdlib", "load_shakespeare", "syntheti
 
 class Batches:
     def __init__(self, data: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 task_n_pairs: int = 8, task_n_queries: int = 4, task_n_needles: int = 3, task_n_near: int = 0):
+                 task_n_pairs: int = 8, task_n_queries: int = 4, task_n_needles: int = 3, task_n_near: int = 0,
+                 task_mrcr_queries: int = 1):
         self.data, self.seq_len, self.batch_size, self.seed, self.rank = data, seq_len, batch_size, seed, rank
         self.task = dict(n_pairs=task_n_pairs, n_queries=task_n_queries, n_needles=task_n_needles,
-                         n_near=task_n_near)
+                         n_near=task_n_near, mrcr_queries=task_mrcr_queries)
         self.meta: dict = {"corpus": data}
         if data in ("stdlib", "shakespeare"):
             self.train, self.val, self.meta = load_stdlib() if data == "stdlib" else load_shakespeare()
@@ -46,7 +47,8 @@ class Batches:
             return synthetic.retrieval_batch(self.batch_size, self.seq_len, self.task["n_pairs"],
                                              self.task["n_queries"], seed=key, index=0, n_near=self.task["n_near"])
         if self.data == "mrcr":
-            return synthetic.mrcr_batch(self.batch_size, self.seq_len, self.task["n_needles"], seed=key, index=0)
+            return synthetic.mrcr_batch(self.batch_size, self.seq_len, self.task["n_needles"], seed=key, index=0,
+                                        n_queries=self.task["mrcr_queries"])
         g = torch.Generator().manual_seed(key)
         return self._text(self.train if split == "train" else self.val, g)
 

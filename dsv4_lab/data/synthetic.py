@@ -9,7 +9,8 @@ Byte vocabulary layout (V = 256): 0 BOS, 1 SEP, 2 QUERY, 3-10 needle types, 11-2
   short dependency distance (inside a small attention window) and the others a long one.
 * MRCR-like multi-needle (`mrcr`): filler text with needles `TYPE c1..cL` of several types inserted at random
   places; several needles share one type. The query `QUERY TYPE ORDINAL` asks for the content of the ORDINAL-th
-  needle of that TYPE; the answer is its L content tokens.
+  needle of that TYPE; the answer is its L content tokens. n_queries such queries follow the haystack, each about a
+  different needle (more supervised answers per sequence; one query by default).
 
 Targets are -100 everywhere except at answer tokens, so the loss and the accuracy measure retrieval only.
 Every batch is a pure function of (seed, index), so runs are reproducible and resumable.
@@ -65,12 +66,15 @@ def retrieval_batch(batch: int, seq_len: int, n_pairs: int = 8, n_queries: int =
 
 
 def mrcr_batch(batch: int, seq_len: int, n_needles: int = 3, n_types: int = 3, needle_len: int = 4,
-               seed: int = 0, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets), each (batch, seq_len); one query per sequence at its end."""
+               seed: int = 0, index: int = 0, n_queries: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets), each (batch, seq_len); n_queries queries at the end of each sequence, each about a
+    different needle (the first drawn as with n_queries = 1, so one query gives the same batches as before)."""
     total_needles = n_needles * n_types
-    used = 1 + total_needles * (1 + needle_len) + 3 + needle_len
+    used = 1 + total_needles * (1 + needle_len) + n_queries * (3 + needle_len)
     if n_types > len(TYPES) or n_needles > len(ORDINALS):
         raise ValueError(f"at most {len(TYPES)} needle types and {len(ORDINALS)} needles per type")
+    if not 1 <= n_queries <= total_needles:
+        raise ValueError(f"task_mrcr_queries={n_queries} must be in [1, {total_needles}] (one query per needle at most)")
     if seq_len < used + 1:
         raise ValueError(f"seq_len={seq_len} too short for {total_needles} needles of length {needle_len}")
     g = _gen(seed, index)
@@ -90,13 +94,19 @@ def mrcr_batch(batch: int, seq_len: int, n_needles: int = 3, n_types: int = 3, n
             prev = cut
         s += body[prev:]
         ask_type = int(torch.randint(0, n_types, (1,), generator=g))
-        ordinal = int(torch.randint(0, n_needles, (1,), generator=g))
-        answer = [c for ty, c in needles if ty == ask_type][ordinal]
-        s += [QUERY, TYPES[ask_type], ORDINALS[ordinal]]
-        start = len(s)
-        s += answer
+        asks = [(ask_type, int(torch.randint(0, n_needles, (1,), generator=g)))]
+        if n_queries > 1:                                   # further queries: other needles, in random order
+            rest = [(t, o) for t in range(n_types) for o in range(n_needles) if (t, o) != asks[0]]
+            asks += [rest[i] for i in torch.randperm(len(rest), generator=g)[: n_queries - 1].tolist()]
+        starts = []
+        for ask_type, ordinal in asks:
+            answer = [c for ty, c in needles if ty == ask_type][ordinal]
+            s += [QUERY, TYPES[ask_type], ORDINALS[ordinal]]
+            starts.append((len(s), answer))
+            s += answer
         seqs[b] = torch.tensor(s)
-        tgt[b, start:start + needle_len] = torch.tensor(answer)
+        for start, answer in starts:
+            tgt[b, start:start + needle_len] = torch.tensor(answer)
     return seqs[:, :-1].contiguous(), tgt[:, 1:].contiguous()
 
 
@@ -125,18 +135,18 @@ def answer_distances(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
     retrieval: the query key sits at the answer position p (input p = key, target p = value); its pair is the
     first earlier occurrence of that key (keys are unique per sequence): distance = p - that position.
-    mrcr: the query `QUERY TYPE ORDINAL` asks for the ORDINAL-th needle of TYPE; every answer token of the
-    sequence gets distance = (position of QUERY) - (position of that needle's TYPE token)."""
+    mrcr: a query `QUERY TYPE ORDINAL` asks for the ORDINAL-th needle of TYPE; every answer token gets distance =
+    (position of the last QUERY before it) - (position of that query's needle's TYPE token)."""
     dist = torch.zeros_like(targets)
     for b in range(inputs.shape[0]):
         x = inputs[b].tolist()
         answers = (targets[b] != -100).nonzero().flatten().tolist()
         if QUERY in x:
-            qp = x.index(QUERY)
-            ty, ordinal = x[qp + 1], x[qp + 2] - ORDINALS[0]
-            needle = [i for i in range(qp) if x[i] == ty][ordinal]
+            queries = [i for i, t in enumerate(x) if t == QUERY]
             for p in answers:
-                dist[b, p] = qp - needle
+                qp = max(q for q in queries if q < p)
+                ty, ordinal = x[qp + 1], x[qp + 2] - ORDINALS[0]
+                dist[b, p] = qp - [i for i in range(queries[0]) if x[i] == ty][ordinal]
         else:
             for p in answers:
                 dist[b, p] = p - x.index(x[p])
