@@ -1,7 +1,8 @@
 """What the GPU tier costs, from measurements (ablations/run_gpu_tier.sh calls this; no GPU needed).
 
 Per arm, the ms per step of one run alone on the H200 (benchmarks/results/cuda_graph.json: graphed where the sweep's
-gpu setting has cuda_graph=true, eager otherwise; an arm not measured takes its sweep's mean over measured arms),
+gpu setting has cuda_graph=true, eager otherwise; an arm not measured takes its sweep's mean over measured arms; a
+sweep none of whose arms was measured may name in `cost_like` a measured sweep with the same arms to borrow from),
 STARTUP_S of start-up per run (papermill, imports, model build) and the measured packing gain (several runs per
 GPU: aggregate throughput against one run alone).
 
@@ -40,7 +41,8 @@ def runs(name: str, sweep_dir: str) -> tuple[list[tuple[dict, float]], bool]:
     sw = load_sweep(Path(sweep_dir) / f"{name}.json")
     sel, ev = plan(sw, "gpu", "runs")
     graph = parse_overrides(dict(ev[0]["kv"]))[1].cuda_graph
-    arm_ms = {a: v[1 if graph else 0] for (s, a), v in ms.items() if s == name}
+    like = sw.get("cost_like", name)
+    arm_ms = {a: v[1 if graph else 0] for (s, a), v in ms.items() if s == like}
     mean = sum(arm_ms.values()) / len(arm_ms) if arm_ms else float("nan")
     out = []
     for r in sel + ev:
@@ -64,7 +66,8 @@ def estimate(names, sweep_dir: str, records: Path) -> None:
     total = 0.0
     for name in names:
         rs, graph = runs(name, sweep_dir)
-        arm_ms = [v[1 if graph else 0] for (s, _), v in ms.items() if s == name]
+        like = load_sweep(Path(sweep_dir) / f"{name}.json").get("cost_like", name)
+        arm_ms = [v[1 if graph else 0] for (s, _), v in ms.items() if s == like]
         n_done = sum(done(r, records) for r, _ in rs)
         left = sum(s for r, s in rs if not done(r, records)) / gain / 60
         total += left

@@ -4,11 +4,12 @@ Three arms that differ only in their attention layers (everything else is the `t
     v4     swa, csa, hca, csa   (the V4 mix: window + compressed sparse / heavily compressed attention)
     dense  dense*4              (full causal attention)
     swa    swa*4                (window only: cannot see a needle farther back than the window)
-are trained on the synthetic MRCR-like task (dsv4_lab/data/synthetic.py `mrcr_batch`: needles of 3 types, the query
-asks for the ORDINAL-th needle of a TYPE, answer = its 4 content tokens) at one fixed training length, then each
-trained model answers fresh MRCR sequences at every evaluation length, from well inside the window to several
-times the training length. Answer accuracy = token accuracy over the answer tokens (chance 1/64: contents are
-uniform over 64 byte values); exact match = all 4 right. Also split by dependency distance (<= window / > window).
+are trained on the synthetic MRCR-like task (dsv4_lab/data/synthetic.py `mrcr_batch`: needles of 3 types, a query
+asks for the ORDINAL-th needle of a TYPE, answer = its 4 content tokens; `task_mrcr_queries` queries per sequence,
+each about another needle) at one fixed training length, then each trained model answers fresh MRCR sequences at
+every evaluation length, from well inside the window to several times the training length. Answer accuracy = token
+accuracy over the answer tokens (chance 1/64: contents are uniform over 64 byte values); exact match = every answer
+token of a sequence right. Also split by dependency distance (<= window / > window).
 
 Positions beyond the training length: the RoPE tables are built for `max_seq_len` positions, which the settings
 set to the longest evaluation length. The tables are fixed functions of the position (no learned position
@@ -57,16 +58,20 @@ SETTINGS = {
         "lengths": [32, 64, 128], "seeds": [0], "eval_seqs": 4, "eval_tokens": 512,
     },
     # the H200 setting (ablations/README.md "Long-context quality"): train at 512 tokens with a 128-token window
-    # (64 sequences per step: one query each, so sequences are the supervision), evaluate from 64 (every needle
-    # inside the window) to 4096 (8x the training length); several runs packed on one GPU; forward + backward
-    # replayed from a CUDA graph (cuda_graph=true: these launch-bound steps ran 2.4-3.1x faster at the 4-layer
-    # ablation settings, benchmarks/results/cuda_graph.json), hence compile=false.
+    # (64 sequences per step, each asking about all 6 of its needles: the queries are the supervision), evaluate
+    # from 96 (every needle inside the window) to 4096 (8x the training length); several runs packed on one GPU;
+    # forward + backward replayed from a CUDA graph (cuda_graph=true: these launch-bound steps ran 2.4-3.1x faster
+    # at the 4-layer ablation settings, benchmarks/results/cuda_graph.json), hence compile=false. head_dim 64: the
+    # tiny preset's shared K = V head of 32 dims has 16 RoPE'd dims, leaving 16 for the content a retrieval must
+    # both match and return (V4: 64 of 512 RoPE'd); with one query per sequence and head_dim 32 no arm had left
+    # chance after 1500-1750 of 2000 steps (run 24). CPU probes behind the choice: ablations/README.md
+    # "Long-context quality".
     "gpu": {
         "train": {"preset": "tiny", "data": "mrcr", "seq_len": 512, "batch_size": 64, "max_steps": 2000,
-                  "lr": 3e-3, "warmup_steps": 100, "window": 128, "task_n_needles": 2, "eval_interval": 250,
-                  "eval_batches": 4, "log_interval": 50, "ckpt_interval": 250, "compile": "false",
-                  "cuda_graph": "true"},
-        "lengths": [64, 128, 256, 512, 1024, 2048, 4096], "seeds": [0, 1, 2], "eval_seqs": 256,
+                  "lr": 3e-3, "warmup_steps": 100, "window": 128, "task_n_needles": 2, "task_mrcr_queries": 6,
+                  "head_dim": 64, "eval_interval": 250, "eval_batches": 4, "log_interval": 50,
+                  "ckpt_interval": 250, "compile": "false", "cuda_graph": "true"},
+        "lengths": [96, 128, 256, 512, 1024, 2048, 4096], "seeds": [0, 1, 2], "eval_seqs": 256,
         "eval_tokens": 32768,
     },
 }

@@ -25,6 +25,9 @@ def test_every_setting_resolves_and_spans_window_to_beyond_training(setting, tmp
     assert all({k for k in c if c[k] != cfgs[0][k]} <= {"layer_types"} for c in cfgs)
     if setting == "gpu":
         assert min(s["lengths"]) < mc.window and max(s["lengths"]) >= 4 * tc.seq_len and len(s["seeds"]) >= 3
+    for n in s["lengths"]:                             # every evaluation length holds the needles and the queries
+        x, y = mrcr_batch(1, n, tc.task_n_needles, seed=longctx.EVAL_SEED + n, n_queries=tc.task_mrcr_queries)
+        assert int((y != -100).sum()) == 4 * tc.task_mrcr_queries
 
 
 def check_rope_table_length(seed: int = 0):
