@@ -35,8 +35,9 @@ def measured() -> tuple[dict, float, str]:
     return ms, gain, m["env"].get("git", "?")
 
 
-def runs(name: str, sweep_dir: str) -> tuple[list[tuple[dict, float]], bool]:
-    """[(run, seconds alone)] of every selection and evaluation run of a sweep at scale gpu, and whether it graphs."""
+def runs(name: str, sweep_dir: str) -> tuple[list[tuple[dict, float]], bool, dict]:
+    """[(run, seconds alone)] of every selection and evaluation run of a sweep at scale gpu, whether it graphs, and
+    {arm: measured ms per step} (of the `cost_like` sweep where the file names one)."""
     ms, _, _ = measured()
     sw = load_sweep(Path(sweep_dir) / f"{name}.json")
     sel, ev = plan(sw, "gpu", "runs")
@@ -49,7 +50,7 @@ def runs(name: str, sweep_dir: str) -> tuple[list[tuple[dict, float]], bool]:
         tc = parse_overrides(dict(r["kv"]))[1]
         arm = r["arm"].split("-")[0] if r.get("phase") == "select" else r["arm"]
         out.append((r, STARTUP_S + tc.max_steps * arm_ms.get(arm, mean) / 1e3))
-    return out, graph
+    return out, graph, arm_ms
 
 
 def done(run: dict, records: Path) -> bool:
@@ -58,16 +59,15 @@ def done(run: dict, records: Path) -> bool:
 
 
 def estimate(names, sweep_dir: str, records: Path) -> None:
-    ms, gain, commit = measured()
+    _, gain, commit = measured()
     print(f"measured: benchmarks/results/cuda_graph.json (commit {commit[:7]}); packing gain {gain:.1f}x; "
           f"start-up {STARTUP_S:.0f} s per run")
     print(f"{'sweep':<15}{'runs':>5}{'done':>5}{'steps':>7}{'mode':>7}{'ms/step alone':>15}{'s/run alone':>13}"
           f"{'device-min left':>17}")
     total = 0.0
     for name in names:
-        rs, graph = runs(name, sweep_dir)
-        like = load_sweep(Path(sweep_dir) / f"{name}.json").get("cost_like", name)
-        arm_ms = [v[1 if graph else 0] for (s, _), v in ms.items() if s == like]
+        rs, graph, arm_ms = runs(name, sweep_dir)
+        arm_ms = list(arm_ms.values())
         n_done = sum(done(r, records) for r, _ in rs)
         left = sum(s for r, s in rs if not done(r, records)) / gain / 60
         total += left
@@ -85,7 +85,7 @@ def wave(jobs: int, names, sweep_dir: str) -> None:
     _, gain, _ = measured()
     slow = max(1.0, jobs / gain)
     for name in names:
-        rs, _ = runs(name, sweep_dir)
+        rs, _, _ = runs(name, sweep_dir)
         longest = max(s for _, s in rs)
         if longest == longest:                       # nan: no arm of this sweep measured, no line
             print(name, int(longest * slow) + 1)
