@@ -246,12 +246,44 @@ def collect(root: str, setting: str | None = None) -> dict:
                                           "max_steps": cfg["train"]["max_steps"],
                                           "batch_size": cfg["train"]["batch_size"],
                                           "window": cfg["model"]["window"],
-                                          "task_n_needles": cfg["train"]["task_n_needles"], "arms": {}})
+                                          "task_n_needles": cfg["train"]["task_n_needles"],
+                                          "task_mrcr_queries": cfg["train"].get("task_mrcr_queries", 1),
+                                          "lr": cfg["train"]["lr"], "head_dim": cfg["model"]["head_dim"],
+                                          "arms": {}})
         meta[rec["setting"]]["arms"].setdefault(rec["arm"], cfg["model"]["layer_types"])
         records.append({k: rec[k] for k in ("setting", "arm", "seed", "lengths", "train_s", "final_val_loss")}
                        | {"device": rec["env"].get("gpu") or f"cpu x{rec['env'].get('torch_threads', '?')}"})
-    return {"what": "MRCR-like answer accuracy vs context length per arm x seed (dsv4_lab/longctx.py)",
-            "chance_answer_acc": CHANCE, "settings": meta, "records": records}
+    return {"what": "MRCR-like answer accuracy vs context length per arm x seed (dsv4_lab/longctx.py); train_s = "
+                    "wall seconds of the last training segment (since the resume, for a resumed run)",
+            "chance_answer_acc": CHANCE, "settings": meta, "records": records,
+            "comparisons": comparisons(records)}
+
+
+def comparisons(records: list[dict], baseline: str = "dense", metric: str = "answer_acc") -> list[dict]:
+    """Every other arm against `baseline` at every evaluation length, per setting: the mean over seeds of the paired
+    difference (arm - baseline, same seed), its 95 % t-interval and p (dsv4_lab/stats.py), Holm-adjusted over all
+    (arm, length) pairs of the setting, and the verdict (higher accuracy is better)."""
+    from .stats import compare_arms, holm, verdict
+    rows = []
+    for setting in sorted({r["setting"] for r in records}):
+        recs = [r for r in records if r["setting"] == setting]
+        lengths = sorted({int(n) for r in recs for n in r["lengths"]})
+        block = []
+        for n in lengths:
+            vals: dict = {}
+            for r in recs:
+                v = r["lengths"].get(str(n), {}).get(metric)
+                if v is not None:
+                    vals.setdefault(r["arm"], {})[r["seed"]] = v
+            if baseline not in vals:
+                continue
+            block += [{"setting": setting, "length": n, "metric": metric, **c}
+                      for c in compare_arms(vals, baseline, lower_is_better=False)]
+        for c, ph in zip(block, holm([c["p"] for c in block])):
+            c["p_holm"] = ph                    # over every (arm, length) of the setting, not per length
+            c["verdict"] = verdict(c["mean_diff"], ph, lower_is_better=False) if c["n_seeds"] >= 2 else c["verdict"]
+        rows += block
+    return rows
 
 
 def _cli_common(ap):

@@ -136,3 +136,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "huge" in capsys.readouterr().err
     assert main(["longctx", "run", "--setting", "cpu-tiny", "--arms", "v4,mla", "--root", str(tmp_path)]) == 2
     assert "mla" in capsys.readouterr().err and not (tmp_path / "cpu-tiny" / "v4-s0" / "config.json").exists()
+
+
+def test_comparisons_pair_seeds_and_adjust_over_every_length():
+    """A clear effect at one length survives Holm over all (arm, length) pairs; noise elsewhere stays null."""
+    def rec(arm, seed, accs):
+        return {"setting": "s", "arm": arm, "seed": seed,
+                "lengths": {str(n): {"answer_acc": a} for n, a in accs.items()}}
+    base = {0: (0.50, 0.10), 1: (0.70, 0.05), 2: (0.60, 0.08)}     # seed: (acc at 64, acc at 128)
+    noise = (+0.03, -0.04, +0.01)
+    recs = [rec("dense", s, {64: a, 128: b}) for s, (a, b) in base.items()]
+    recs += [rec("v4", s, {64: a + noise[s], 128: b + 0.5 + 0.01 * s}) for s, (a, b) in base.items()]
+    rows = {r["length"]: r for r in longctx.comparisons(recs)}
+    assert set(rows) == {64, 128} and all(r["arm"] == "v4" and r["n_seeds"] == 3 for r in rows.values())
+    assert rows[128]["verdict"] == "better" and rows[128]["ci_low"] > 0.45
+    assert rows[128]["mean_diff"] == pytest.approx(0.51)         # paired by seed: the seeds' spread cancels
+    assert rows[64]["verdict"] == "null"
+    assert all(r["p_holm"] >= r["p"] for r in rows.values())
+    assert rows[128]["p_holm"] == pytest.approx(min(1.0, 2 * rows[128]["p"]))   # the smaller of 2 p-values: x2
