@@ -142,3 +142,19 @@ def test_spike_sharing_rows_compare_arms_within_a_seed_and_seeds_within_the_base
     assert got == {("b", "0", "spikes_shared_with_baseline"): 1.0, ("b", "1", "spikes_shared_with_baseline"): 1.0,
                    ("c", "0", "spikes_shared_with_baseline"): 0.0, ("c", "1", "spikes_shared_with_baseline"): 0.0,
                    ("a", "0", "spikes_shared_across_seeds"): 0.0, ("a", "1", "spikes_shared_across_seeds"): 0.0}
+
+
+def test_a_sweep_whose_baseline_has_not_finished_still_summarizes_and_plots(tmp_path, capsys):
+    """A GPU tier stopped between chunks: only non-baseline arms finished. Rows and a figure, no verdict, no crash."""
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "toy.json").write_text(json.dumps(SWEEP))
+    for s in range(3):
+        _fake_run(tmp_path / "runs", "b", s, 1.5 + 0.1 * s)
+    _fake_run(tmp_path / "runs", "a", 0, 2.0, finished=False)          # the baseline is still training
+    out, figs = tmp_path / "res", tmp_path / "figures"
+    assert main(["summarize", str(tmp_path / "runs"), "--out", str(out), "--sweeps", str(tmp_path / "abl"),
+                 "--figures", str(figs)]) == 0
+    summary = _rows(out / "summary.csv")
+    assert {r["arm"] for r in summary} == {"b"}
+    assert not [r for r in _rows(out / "verdicts.csv") if r["arm"] == "b" and r["metric"] == "val_loss"]
+    assert (figs / "ablation_toy.png").stat().st_size > 10_000

@@ -48,7 +48,7 @@ def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts
     vals = {a: {int(r["seed"]): float(r["value"]) for r in rows if r["arm"] == a} for a in arms}
     others = [a for a in arms if a != base]
     for i, arm in enumerate(others):
-        _, d = paired_diffs(vals[base], vals[arm])
+        _, d = paired_diffs(vals.get(base, {}), vals[arm])     # no dots while the baseline has no finished run
         ax2.scatter([i] * len(d), d, s=14, color="0.5", zorder=3)
         v = next((v for v in verdicts if v["ablation"] == name and v["scale"] == scale and v["metric"] == metric
                   and v["arm"] == arm), None)
@@ -64,7 +64,11 @@ def plot_ablation(sweep: dict, summary: list[dict], curves: list[dict], verdicts
     ax2.set_xlim(-0.5, len(others) - 0.2)
     d = sweep["metric"]["direction"]
     ax2.set_ylabel(f"paired difference in {metric} ({d} is better)")
-    ax2.set_title(f"{sweep['budget_type']}; dots = seeds, bar = 95 % CI of the mean")
+    title = f"{sweep['budget_type']}; dots = seeds, bar = 95 % CI of the mean"
+    if base in vals:
+        ax2.set_title(title)
+    else:
+        ax2.set_title(f"{title}\n(baseline '{base}' has no finished run yet: nothing to pair)", fontsize=9)
     fig.suptitle(sweep.get("question", ""), fontsize=9, wrap=True)
     fig.tight_layout()
     return save_figure(fig, out_png, dpi=110)
