@@ -4,7 +4,7 @@ sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B =
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
-on fp32 / bf16 scores; torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). The
+and rowsel / rowsel_bf16 (the one-program-per-row select of indexer_topk/rowselect.py) on fp32 / bf16 scores; torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). The
 variants measured here before and removed from the package: benchmarks/README.md ("Removed indexer top-k
 variants"; their numbers stay in results/csa.json).
 Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each
@@ -28,8 +28,8 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-PREFILL_METHODS = ("select_bf16", "select", "torch_bf16", "torch")
-BF16_METHODS = ("select_bf16", "torch_bf16")
+PREFILL_METHODS = ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")
+BF16_METHODS = ("rowsel_bf16", "select_bf16", "torch_bf16")
 DECODE_METHODS = {m: dict(method=m) for m in ("select_bf16", "select", "torch_bf16", "torch")}
 FAMILY_CAP_S = 150
 
@@ -260,7 +260,9 @@ def topk_row(L=262144):
 
 def topk_rows_prefill(R=2048, L=32768):
     """Prefill-like rows (R x L bf16 scores, k = 512; the last 2K rows of a 128K prefill): torch.topk (fp32 / bf16,
-    unsorted) vs radix_select with one program per row at digit widths 4 / 8, blocks and warps (do_bench)."""
+    unsorted) vs row_select (fp32 / bf16 rows, its default warps and 8 / 16) and radix_select with one program per
+    row at digit widths 4 / 8, blocks and warps (do_bench)."""
+    from dsv4_lab.kernels.indexer_topk.rowselect import row_select
     from dsv4_lab.kernels.indexer_topk.select import radix_select, workspace_size
     g = torch.Generator(device="cuda").manual_seed(6)
     x = torch.randn(R, L, device="cuda", generator=g).bfloat16()
@@ -270,6 +272,17 @@ def topk_rows_prefill(R=2048, L=32768):
     out["torch_topk_unsorted_bf16_ms"] = bench(lambda: torch.topk(x, K, sorted=False), warmup=3, rep=30)["ms"]
     out["torch_topk_unsorted_fp32_ms"] = bench(lambda: torch.topk(xf, K, sorted=False), warmup=3, rep=30)["ms"]
     ref = torch.topk(xf[:8], K).values
+    for nm, rows in (("bf16", x), ("fp32", xf)):
+        for nw in (None, 8, 16):
+            tag = f"rowsel_{nm}" + ("" if nw is None else f"_w{nw}")
+            try:
+                v, i = row_select(rows, K, num_warps=nw)
+                out[f"{tag}_values_ok"] = torch.equal(torch.sort(v[:8], -1, descending=True).values, ref)
+                out[f"{tag}_same_as_radix_select"] = torch.equal(i, radix_select(rows, K, workspace=ws)[1])
+                out[f"{tag}_ms"] = bench(lambda rows=rows, nw=nw: row_select(rows, K, num_warps=nw), warmup=3,
+                                         rep=30)["ms"]
+            except Exception as e:                                             # noqa: BLE001
+                out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     for db in (4, 8):
         for blk, nw in ((2048, 8), (4096, 8), (1024, 4), (4096, 16)):
             def run(db=db, blk=blk, nw=nw):

@@ -309,7 +309,7 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                               r, n, k)
                 if rs and not m.endswith("_bf16"):
                     assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
-                if m.startswith("select"):
+                if m.startswith(("select", "rowsel")):
                     _check_select_naive(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", out, rs, r, k)
 
 
@@ -367,8 +367,9 @@ def _programs_reversed():
 
 
 def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
-    """Split-row radix select (indexer_topk/select.py) on raw rows (no score kernel: the GPU case compiles only the
-    select's kernels): fp32 and bf16 rows, both digit widths, one and several programs per row, odd lengths, rows
+    """Split-row radix select (indexer_topk/select.py) and the row select (rowselect.py: the same output contract,
+    one program per row) on raw rows (no score kernel: the GPU case compiles only the selects' kernels): fp32 and
+    bf16 rows, both digit widths, one and several programs per row, odd lengths, rows
     with fewer visible entries than k, as many and more than k (causal frontier; NaN garbage after it, never read).
     Rows: randn (few ties); small integers (many entries tied at the k-th value, spanning several programs: integer
     values are exact in bf16, no rounding can split a tie; row 0 every third entry -inf); {-inf, -1, -0.0, +0.0}
@@ -376,7 +377,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     value, reported -1). Checks: the values as torch.topk finds them (_check_picks), the exact slot order and the
     naive twin's index set (_check_select_exact); repeats are bitwise equal to the first run: on CPU one repeat with
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
-    programs run fails it), on the GPU two repeats (the hardware schedules the programs)."""
+    programs run fails it), on the GPU two repeats (the hardware schedules the programs). The row select, on every
+    row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected slot
+    order), on the GPU twice."""
+    from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
     from dsv4_lab.kernels.indexer_topk.select import radix_select
     g = torch.Generator().manual_seed(11)
     # (R, L, k, programs, frontier). Decode-like rows (L > 1000; on CPU in 256-entry blocks, the interpreter's cost
@@ -386,7 +390,8 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     shapes = [(2, 203, 7, None, None), (2, 257, 20, 3, None), (4, 97, 9, 2, (4, 5, 4)), (1, 5, 5, 1, None),
               (2, 4100, 64, None, None), (2, 4100, 512, 5, (2, 3999, 1)), (3, 1100, 512, 3, (3, 510, 1))] \
         if not big else [(2, 262144, 512, None, None), (8, 32771, 512, None, None), (64, 4099, 512, 1, (64, 2000, 4)),
-                         (3, 65536, 512, None, (3, 510, 1)), (2, 65536, 64, 7, (2, 60000, 1))]
+                         (3, 65536, 512, None, (3, 510, 1)), (2, 65536, 64, 7, (2, 60000, 1)),
+                         (48, 32768, 512, 1, (48, 131023, 4))]      # prefill rows at 128K: the row select's longest
     for (R, L, k, P, fr) in shapes:
         blk = 256 if device == "cpu" and L > 1000 else None
         n = torch.full((R,), L) if fr is None else \
@@ -418,6 +423,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
+                for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
+                    v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
+                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+                        f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant

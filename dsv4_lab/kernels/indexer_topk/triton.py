@@ -3,6 +3,7 @@ indexer_topk_triton(..., method=) (its docstring lists the methods; AUTO picks o
 
   indexer_scores_triton  score kernel: (query chunk x visible key range) fp32 or bf16 scores, causal tile skipping
   select.radix_select    split-row radix select of the score rows (methods select / select_bf16)
+  rowselect.row_select   one-program-per-row select of rows up to 32K entries (methods rowsel / rowsel_bf16)
   torch.topk             of the score rows (methods torch / torch_bf16)
 
 The variants measured against these on the H200 and removed (a fused streaming score + top-k kernel, one- and
@@ -123,15 +124,16 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 
 # ================================================================================================ indexer + top-k
-METHODS = ("torch", "torch_bf16", "select", "select_bf16")
+METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf16")
 # Measured on the H200 (benchmarks/results/csa.json; the methods that lost there left the package, their numbers are
 # in benchmarks/README.md): prefill, Triton scores + torch.topk 0.70 / 5.0 / 41.3 ms at 8K / 32K / 128K, the fastest
 # measured there; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select 1.21 ms.
-# Decode at 1M (one 256K-entry row): select 42.4 us vs torch 87.6 us, same values (select_bf16 33.0 us, torch_bf16
-# 68.8 us: bf16 scores, recall 0.986 / 0.984 of the fp32 picks).
+# Decode at 1M (one 256K-entry row, deterministic select): select 47.2 us vs torch 87.4 us, same values (select_bf16
+# 33.9 us, torch_bf16 68.6 us: bf16 scores, recall 0.984 of the fp32 picks).
+# rowsel / rowsel_bf16 (one program per row, rowselect.py) are not yet measured on the H200: not in AUTO.
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
 AUTO = {"prefill": "torch", "decode": "select"}
-FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch"}
+FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel"}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 
 
@@ -161,6 +163,10 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                    the lower index, deterministic.
       select_bf16  select on bf16 scores: half the score bytes, half the digit launches. Picks = the top-k of the
                    bf16-rounded scores.
+      rowsel       Triton fp32 scores per query chunk + the row select (rowselect.py: one program per row, the row
+                   in registers, the threshold by bisection on the key bits, one launch); rows longer than
+                   rowselect.MAX_L entries go to select. Output identical to select's, slot for slot.
+      rowsel_bf16  rowsel on bf16 scores (16 bisection steps instead of 32).
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin).
     Ties: the fp32-score methods return the values of the naive twin's picks (the same multiset; the bf16 ones, those
     of the bf16-rounded scores). select also keeps the naive twin's tie rule (of several entries tied at the k-th
@@ -183,7 +189,11 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     check_device(qI, kI, w)
     Smax = _visible(ratio, q_offset, T, S)
     rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
-    select = method.startswith("select")
+    if method.startswith("rowsel"):
+        from .rowselect import MAX_L
+        if Smax > MAX_L:                                            # a row does not fit one program: split it
+            method = method.replace("rowsel", "select")
+    select = method.startswith(("select", "rowsel"))
     # select in one query chunk with >= k visible entries fills every slot itself: no -1 prefill, no copy (decode)
     direct = select and rows >= T and Smax >= k > 0 and not return_scores
     if direct:
@@ -198,9 +208,13 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
         sdt = torch.bfloat16 if method.endswith("_bf16") else torch.float32
-        if select:
+        if method.startswith("select"):
             from .select import radix_select, workspace_size
             sel_ws = torch.empty(workspace_size(B * rows), dtype=torch.int32, device=qI.device)
+            select_rows = lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=sel_ws, out=out)  # noqa: E731
+        elif select:
+            from .rowselect import row_select
+            select_rows = lambda sc, kk, fr, out: row_select(sc, kk, frontier=fr, out=out)                      # noqa: E731
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             Sp = _visible(ratio, q_offset, t1, S)
@@ -210,8 +224,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                                        pad=pad)
             sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
             if select:
-                v, i = radix_select(sc, min(k, Sp), frontier=(t1 - t0, q_offset + t0, ratio), workspace=sel_ws,
-                                    out=(val.view(B * T, k), idx.view(B * T, k)) if direct else None)
+                v, i = select_rows(sc, min(k, Sp), (t1 - t0, q_offset + t0, ratio),
+                                   (val.view(B * T, k), idx.view(B * T, k)) if direct else None)
                 if direct:
                     continue
                 if return_scores:                               # stable: equal scores stay in index order

@@ -1,0 +1,110 @@
+"""Row select: exact top-k of short rows, each row held in one program's registers (docs/kernels.md §3).
+
+    row_select(val, k, frontier=None) -> (vals (R, k) fp32, idx (R, k) int32)
+
+Made for prefill, where there are many score rows of at most a few ten thousand entries (at 128K context and ratio 4
+a row has at most 32K visible entries): one program per row loads the row once, keeps its keys in registers and
+finds the threshold t = the k-th largest key by bisection, one key bit per step, MSB first:
+
+    keys      s = the order-preserving signed int32 image of the fp32 value (bf16 values are widened exactly; -0.0 has
+              the key of +0.0), shifted right by LOW = 16 for bf16 rows (their low 16 key bits carry no order)
+    bisect    t = the smallest key; for each bit b from the top: if #(s >= t | 2^b) >= k then t = t | 2^b
+              (32 steps for fp32 rows, 16 for bf16 rows; each one compare and one sum over the row in registers)
+    emit      the entries > t in index order at slots [0, k - r), then the r lowest-index entries == t in index order
+              (r = k - #(> t)); positions by tl.cumsum over the row
+
+So the output is radix_select's (select.py), slot for slot: the naive twin's set of picks (stable sort: ties to the
+lower index), deterministic, one launch, no workspace, no atomics, no host synchronisation (CUDA-graph safe). Picks
+of value -inf report index -1; a row with n <= k visible entries takes all of them in index order (slot = column;
+slots >= n: -1 / -inf). frontier=(Tq, q0, ratio): row r = b Tq + i has n_r = min(L, (q0 + i + 1) // ratio) visible
+entries (the columns after them are never read); None: every row has L.
+
+Against radix_select's one-program-per-row prefill mode (one histogram launch per 4-bit digit, each re-reading the
+row, tl.histogram's warp ballots) it reads each row once from memory and replaces the histograms by compares and
+sums. Its limit is the row length: the whole row must fit in one program's registers (MAX_L entries; longer rows:
+radix_select, which splits a row over many programs).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._common import INTERPRET, check_device, next_pow2, tl, triton
+from .select import _row_len, _ukey
+
+MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
+
+
+@triton.jit
+def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
+                BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    n = _row_len(row, L, Tq, q0, RATIO)
+    offs = tl.arange(0, BLOCK)
+    vrow = VAL + row.to(tl.int64) * sv
+    obase = row.to(tl.int64) * so
+    if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
+        m = offs < k
+        v = tl.load(vrow + offs, mask=m & (offs < n), other=float("-inf")).to(tl.float32)
+        ok = (offs < n) & (v != float("-inf"))
+        tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
+        tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
+    else:
+        NB: tl.constexpr = 32 - LOW                                           # key bits that order the row
+        lo = -(1 << (NB - 1))                                                 # the smallest key: never a real one
+        m = offs < n
+        v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
+        s = (_ukey(v) ^ -2147483648) >> LOW                                   # signed: compares as the floats do
+        s = tl.where(m, s, lo)                                                # beyond the frontier: below all
+        t = lo + 0 * n                                                        # (a runtime int32 scalar)
+        if tl.sum((s >= 0).to(tl.int32), 0) >= k:                            # the sign bit of the key
+            t = 0 * n
+        for b in tl.static_range(NB - 2, -1, -1):                             # then every lower bit, MSB first
+            cand = t | (1 << b)
+            if tl.sum((s >= cand).to(tl.int32), 0) >= k:
+                t = cand
+        is_gt = s > t                                                         # (masked entries are lo <= t)
+        is_eq = m & (s == t)
+        n_gt = tl.sum(is_gt.to(tl.int32), 0)                                  # < k by the choice of t
+        idx = tl.where(v == float("-inf"), -1, offs)
+        pos = tl.cumsum(is_gt.to(tl.int32), 0) - 1                            # slots in index order
+        tl.store(OVAL + obase + pos, v, mask=is_gt)
+        tl.store(OIDX + obase + pos, idx, mask=is_gt)
+        rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1                           # tie rank, by index
+        take = is_eq & (rank < k - n_gt)                                      # the lowest-index ties
+        tl.store(OVAL + obase + n_gt + rank, v, mask=take)
+        tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
+
+
+def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None):
+    """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L <= MAX_L. Returns (vals fp32,
+    idx int32), each (R, k), in radix_select's slot order (module docstring). out: (vals, idx) (R, k) fp32 / int32
+    views to write into (last dim contiguous, same row stride). num_warps: default from the row length."""
+    check_device(val)
+    R, L = val.shape
+    if val.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"row_select: val.dtype={val.dtype}; allowed: torch.float32, torch.bfloat16")
+    if not 0 < k <= L:
+        raise ValueError(f"row_select: k={k}; allowed: 1 <= k <= L = {L}")
+    if L > MAX_L:
+        raise ValueError(f"row_select: row length L={L}; allowed: L <= {MAX_L} (longer rows: radix_select)")
+    assert val.stride(-1) == 1, "row_select: the last dim of val must be contiguous"
+    if out is None:
+        oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
+        oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
+    else:
+        oval, oidx = out
+        assert oval.shape == oidx.shape == (R, k) and oval.stride() == oidx.stride() and oval.stride(-1) == 1, \
+            "row_select: out must be two (R, k) views with the same strides, last dim contiguous"
+    if R == 0:
+        return oval, oidx
+    BLOCK = max(16, next_pow2(L))
+    if num_warps is None:                              # ~32 keys per thread, 4..16 warps
+        num_warps = 4 if INTERPRET else min(16, max(4, BLOCK // 1024))
+    Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
+    _row_select[(R,)](val, oval, oidx, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
+                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, num_warps=num_warps)
+    return oval, oidx
+
+
+__all__ = ["row_select", "MAX_L"]
