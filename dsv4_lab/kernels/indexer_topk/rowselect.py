@@ -52,8 +52,7 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
         NB: tl.constexpr = 32 - LOW                                           # key bits that order the row
         lo = -(1 << (NB - 1))                                                 # the smallest key: never a real one
         m = offs < n
-        v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
-        s = (_ukey(v) ^ -2147483648) >> LOW                                   # signed: compares as the floats do
+        s = (_ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)) ^ -2147483648) >> LOW  # signed keys
         s = tl.where(m, s, lo)                                                # beyond the frontier: below all
         t = lo + 0 * n                                                        # (a runtime int32 scalar)
         if tl.sum((s >= 0).to(tl.int32), 0) >= k:                            # the sign bit of the key
@@ -62,6 +61,9 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
             cand = t | (1 << b)
             if tl.sum((s >= cand).to(tl.int32), 0) >= k:
                 t = cand
+        # the values are loaded again (L2-resident) rather than kept live through the bisection: only the keys
+        # occupy registers there (a 32K-entry row: 64 per thread at 16 warps)
+        v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
         is_gt = s > t                                                         # (masked entries are lo <= t)
         is_eq = m & (s == t)
         n_gt = tl.sum(is_gt.to(tl.int32), 0)                                  # < k by the choice of t
