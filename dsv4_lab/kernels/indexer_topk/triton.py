@@ -211,10 +211,14 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         if method.startswith("select"):
             from .select import radix_select, workspace_size
             sel_ws = torch.empty(workspace_size(B * rows), dtype=torch.int32, device=qI.device)
-            select_rows = lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=sel_ws, out=out)  # noqa: E731
+
+            def select_rows(sc, kk, fr, out):
+                return radix_select(sc, kk, frontier=fr, workspace=sel_ws, out=out)
         elif select:
             from .rowselect import row_select
-            select_rows = lambda sc, kk, fr, out: row_select(sc, kk, frontier=fr, out=out)                      # noqa: E731
+
+            def select_rows(sc, kk, fr, out):
+                return row_select(sc, kk, frontier=fr, out=out)
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             Sp = _visible(ratio, q_offset, t1, S)
