@@ -146,6 +146,7 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
 # --------------------------------------------------------------------------------------------------------------
 
 COMPONENTS = ("mtp", "kl", "mhc", "moe", "attention", "optimizer")      # innermost-first priority, then "other"
+TOP_OPS = 25                                                        # ops listed by self time in a breakdown
 
 
 def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
@@ -236,10 +237,15 @@ def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
         t = dev(e) + sum(dev(c) for c in _subtree(e))
         totals[seq_comp.get(e.sequence_nr, "other")] += t
     tot = sum(totals.values())
+    # the single ops and kernels that cost most (self time, summed over calls): where inside a component to look
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    avg = sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True)
+    top = [{"name": a.key[:120], "ms": getattr(a, key) / 1e3, "calls": a.count} for a in avg[:TOP_OPS]
+           if getattr(a, key) > 0]
     return {"ctx": ctx, "batch": B, "preset": preset, "mode": "compiled" if compiled else "eager",
             "time": "device (CUDA kernel) time" if device == "cuda" else "CPU self time (CPU smoke run)",
             "ms": {k: v / 1e3 for k, v in totals.items()}, "frac": {k: v / max(tot, 1e-9) for k, v in totals.items()},
-            "total_ms": tot / 1e3}
+            "total_ms": tot / 1e3, "top_ops": top}
 
 
 def _subtree(e):
