@@ -25,8 +25,9 @@ from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl
 # The grid is (key tiles, query tiles, B) with the key tiles fastest, so at decode (one query) the S keys are spread
 # over all SMs (docs/kernels.md §8.4: the key stream is the cost).
 def _score_configs():
+    # 256-key tiles: at decode (one query, BLOCK_M 4) half the programs of 128-key tiles for the same key stream
     gpu = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3))]     # none spills registers
+           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 2))]
     return configs(gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
