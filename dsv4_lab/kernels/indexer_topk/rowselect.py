@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, next_pow2, tl, triton
-from .select import _row_len, _ukey
+from .._common import INTERPRET, next_pow2, tl, triton
+from .select import _row_len, _ukey, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
 
@@ -82,22 +82,9 @@ def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None 
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L <= MAX_L. Returns (vals fp32,
     idx int32), each (R, k), in radix_select's slot order (module docstring). out: (vals, idx) (R, k) fp32 / int32
     views to write into (last dim contiguous, same row stride). num_warps: default from the row length."""
-    check_device(val)
-    R, L = val.shape
-    if val.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"row_select: val.dtype={val.dtype}; allowed: torch.float32, torch.bfloat16")
-    if not 0 < k <= L:
-        raise ValueError(f"row_select: k={k}; allowed: 1 <= k <= L = {L}")
+    R, L, oval, oidx = rows_and_outputs("row_select", val, k, out)
     if L > MAX_L:
         raise ValueError(f"row_select: row length L={L}; allowed: L <= {MAX_L} (longer rows: radix_select)")
-    assert val.stride(-1) == 1, "row_select: the last dim of val must be contiguous"
-    if out is None:
-        oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
-        oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
-    else:
-        oval, oidx = out
-        assert oval.shape == oidx.shape == (R, k) and oval.stride() == oidx.stride() and oval.stride(-1) == 1, \
-            "row_select: out must be two (R, k) views with the same strides, last dim contiguous"
     if R == 0:
         return oval, oidx
     BLOCK = max(16, next_pow2(L))

@@ -176,6 +176,25 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
             eq += tl.sum(is_eq.to(tl.int32), 0)
 
 
+def rows_and_outputs(name: str, val: torch.Tensor, k: int, out=None):
+    """The checks every select makes of its rows val (R, L) and k, and its outputs: (R, L, vals, idx), the (R, k)
+    fp32 / int32 outputs allocated, or `out` checked (two views with the same strides, last dim contiguous)."""
+    check_device(val)
+    R, L = val.shape
+    if val.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{name}: val.dtype={val.dtype}; allowed: torch.float32, torch.bfloat16")
+    if not 0 < k <= L:
+        raise ValueError(f"{name}: k={k}; allowed: 1 <= k <= L = {L}")
+    assert val.stride(-1) == 1, f"{name}: the last dim of val must be contiguous"
+    if out is None:
+        return (R, L, torch.empty(R, k, dtype=torch.float32, device=val.device),
+                torch.empty(R, k, dtype=torch.int32, device=val.device))
+    oval, oidx = out
+    assert oval.shape == oidx.shape == (R, k) and oval.stride() == oidx.stride() and oval.stride(-1) == 1, \
+        f"{name}: out must be two (R, k) views with the same strides, last dim contiguous"
+    return R, L, oval, oidx
+
+
 def default_programs(R: int, L: int, sms: int = SMS) -> int:
     """Programs per row: enough to fill the GPU when there are few rows (decode), one per row when there are many
     (prefill), never chunks under 2048 entries."""
@@ -192,25 +211,12 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
     block: entries per loop step of a program, a power of two (default 2048; 64 in the interpreter).
     out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride)."""
-    check_device(val)
-    R, L = val.shape
-    if val.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"radix_select: val.dtype={val.dtype}; allowed: torch.float32, torch.bfloat16")
-    if not 0 < k <= L:
-        raise ValueError(f"radix_select: k={k}; allowed: 1 <= k <= L = {L}")
-    assert val.stride(-1) == 1, "radix_select: the last dim of val must be contiguous"
+    R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
     P = default_programs(R, L) if programs is None else max(1, int(programs))
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
     if DB not in (4, 8):
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
     NL = (16 if val.dtype == torch.bfloat16 else 32) // DB
-    if out is None:
-        oval = torch.empty(R, k, dtype=torch.float32, device=val.device)
-        oidx = torch.empty(R, k, dtype=torch.int32, device=val.device)
-    else:
-        oval, oidx = out
-        assert oval.shape == oidx.shape == (R, k) and oval.stride() == oidx.stride() and oval.stride(-1) == 1, \
-            "radix_select: out must be two (R, k) views with the same strides, last dim contiguous"
     if R == 0:
         return oval, oidx
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
