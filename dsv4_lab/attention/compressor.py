@@ -27,37 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.compressor_pool import pool_overlap, pool_plain
 from ..layers import Linear, RMSNorm
-
-
-def pool_overlap(C: torch.Tensor, Z: torch.Tensor, prev_C: torch.Tensor | None = None,
-                 prev_Z: torch.Tensor | None = None) -> torch.Tensor:
-    """Overlapping 2m-slot per-channel softmax pool (docs §2.3).
-
-    C, Z: (B, n, m, 2c) values and scores of n complete blocks, Z already including `ape`.
-    prev_C, prev_Z: (B, m, c) the b-series rows of the block before block 0 (decode cache); None = -inf / 0.
-    Returns (B, n, c) pooled entries before the RMSNorm.
-    """
-    B, n, m, c2 = C.shape
-    c = c2 // 2
-    Cb, Ca = C[..., :c], C[..., c:]                                   # b feeds entry i+1, a feeds entry i
-    Zb, Za = Z[..., :c], Z[..., c:]
-    if prev_C is None:
-        prev_C = C.new_zeros(B, 1, m, c)
-        prev_Z = Z.new_full((B, 1, m, c), float("-inf"))
-    else:
-        prev_C, prev_Z = prev_C[:, None].to(C.dtype), prev_Z[:, None].to(Z.dtype)
-    Cb = torch.cat([prev_C, Cb[:, :-1]], 1)                           # (B, n, m, c): block i-1's b series
-    Zb = torch.cat([prev_Z, Zb[:, :-1]], 1)
-    slots_C = torch.cat([Cb, Ca], 2)                                  # (B, n, 2m, c)
-    slots_Z = torch.cat([Zb, Za], 2)
-    w = torch.softmax(slots_Z, dim=2)                                 # per channel over the 2m slots
-    return (w * slots_C).sum(2)
-
-
-def pool_plain(C: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """Non-overlapping m-slot per-channel softmax pool (docs §3). C, Z: (B, n, m, c), Z incl. ape -> (B, n, c)."""
-    return (torch.softmax(Z, dim=2) * C).sum(2)
 
 
 class Compressor(nn.Module):
