@@ -17,8 +17,9 @@ chunk a [BN, MB, BC] tile of C and Z (+ ape), folded into a running per-channel 
 e^(z - max) C (online softmax in fp32, rescaled when the max grows). Then x = num / den, the RMSNorm with its weight,
 and one store of the entry. BC = pow2(c); padded slots / channels are masked (score -inf, value 0). At m = 4
 (MB = 4) that is one chunk per series; HCA's m' = 128 takes 8 - 16 chunks and keeps the tiles register-sized.
-Every byte of C and Z is read once from HBM (the b slots of block i-1 a second time, from L2): a bandwidth-bound
-elementwise-and-reduce kernel in place of the naive twin's ~15 launches (cat, softmax, product, sum, norm).
+Every byte of C and Z is read once from HBM (the b slots of block i-1 a second time, normally from L2) and each entry
+written once, so the floor is the time to read C and Z; the naive twin takes ~15 launches (ape add, cats, softmax,
+product, sum, norm), each writing a C-sized intermediate.
 """
 from __future__ import annotations
 
