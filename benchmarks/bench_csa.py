@@ -114,25 +114,51 @@ def agreement(N):
 
 
 def compressor(N):
-    """Main (c = d = 128) + indexer (c = d_I = 64) overlapping compressors, forward, d_model 1024, bf16 input."""
+    """Main (c = d = 128) + indexer (c = d_I = 64) overlapping compressors, forward, d_model 1024, bf16 input.
+
+    `{name}_ms` / `ms`: the module as the model runs it at inference (kernels=auto on CUDA, no grad: the fused
+    pool + ape + RMSNorm kernel of kernels/compressor_pool); `{name}_torch_pool_ms` / `ms_torch_pool`: the same
+    weights with impl="torch" (the PyTorch pool glue, the naive twin); `{name}_pool_fused_ms` / `_pool_torch_ms`:
+    the pool + norm alone on precomputed projections (no GEMMs, no RoPE)."""
     from dsv4_lab.attention.compressor import Compressor
+    from dsv4_lab.kernels.compressor_pool import compressor_pool
     from dsv4_lab.rope import RotaryTable
     u = torch.randn(1, N, DM, **BF)
     out = {}
     for name, c in (("main", D), ("indexer", DI)):
         comp = Compressor(DM, c, M, overlap=True).to("cuda", torch.bfloat16)
+        with torch.no_grad():                                # a non-trivial slot bias and norm weight
+            comp.ape.normal_(0, 0.5)
+            comp.norm.weight.normal_(1, 0.1)
+        comp_t = Compressor(DM, c, M, overlap=True, impl="torch").to("cuda", torch.bfloat16)
+        comp_t.load_state_dict(comp.state_dict())
         rope = RotaryTable(min(64, c), N, 10000.0).cuda()
         with torch.no_grad():
             out[f"{name}_ms"] = bench(lambda: comp(u, rope), warmup=3, rep=50)["ms"]
+            out[f"{name}_torch_pool_ms"] = bench(lambda: comp_t(u, rope), warmup=3, rep=50)["ms"]
+            y_f, y_t = comp(u, rope).float(), comp_t(u, rope).float()
+            out[f"{name}_fused_max_rel_diff_vs_torch_pool"] = float((y_f - y_t).abs().max() / y_t.abs().max())
             uf = u.float()                                  # fp32 input: the projections cast to fp32 (old path)
             out[f"{name}_fp32_ms"] = bench(lambda: comp(uf, rope), warmup=3, rep=50)["ms"]
             out[f"{name}_max_rel_diff_vs_fp32"] = float((comp(u, rope).float() - comp(uf, rope).float()).abs().max()
                                                         / comp(uf, rope).float().abs().max())
+            n = N // M
+            C, Z = comp.project(u[:, : n * M])
+            C, Z = C.unflatten(1, (n, M)), Z.unflatten(1, (n, M))
+            args = (C, Z, comp.ape, comp.norm.weight, comp.norm.eps, True)
+            out[f"{name}_pool_fused_ms"] = bench(lambda: compressor_pool(*args, impl="triton"), warmup=3, rep=50)["ms"]
+            out[f"{name}_pool_torch_ms"] = bench(lambda: compressor_pool(*args, impl="torch"), warmup=3, rep=50)["ms"]
     out["ms"] = out["main_ms"] + out["indexer_ms"]
+    out["ms_fused"] = out["ms"]
+    out["ms_torch_pool"] = out["main_torch_pool_ms"] + out["indexer_torch_pool_ms"]
+    out["pool_fused_ms"] = out["main_pool_fused_ms"] + out["indexer_pool_fused_ms"]
+    out["pool_torch_ms"] = out["main_pool_torch_ms"] + out["indexer_pool_torch_ms"]
     out["fp32_path_ms"] = out["main_fp32_ms"] + out["indexer_fp32_ms"]
-    out["note"] = ("dsv4_lab.attention.compressor.Compressor, rope dim 64; ms: bf16 u and weights -> bf16-operand "
-                   "GEMMs with fp32 accumulation and output (docs §2.3 fp32 compute up to summation order); "
-                   "fp32_path_ms: the same module fed fp32 u (fp32 GEMMs)")
+    out["note"] = ("dsv4_lab.attention.compressor.Compressor, rope dim 64; ms (= ms_fused): bf16 u and weights -> "
+                   "bf16-operand GEMMs with fp32 accumulation and output (docs §2.3 fp32 compute up to summation "
+                   "order), then the fused pool + ape + RMSNorm kernel (kernels/compressor_pool, docs/kernels.md §11); "
+                   "ms_torch_pool: the same with the PyTorch pool (impl=torch); pool_*_ms: pool + norm alone; "
+                   "fp32_path_ms: the module fed fp32 u (fp32 GEMMs, fused pool)")
     return out
 
 

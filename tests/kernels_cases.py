@@ -731,10 +731,185 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
         assert l_t.item() == 0.0 and all((x == 0).all() for x in grads), "no kept row: loss and grads must be 0"
 
 
+# ------------------------------------------------------------------------------------------------ compressor_pool
+def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None):
+    """fp64 reference y = RMSNorm_w(pool(C, Z + ape)) of the compressor pool and a per-element bound on the error of
+    an fp32 computation of it from the same fp32 inputs (docs/kernels.md §11).
+
+    Error model (worst case, Higham's gamma_n ~ n u, u = 2^-24): per channel, x = sum_j p_j C_j with p = softmax of
+    the S <= 2m (or m) slot scores z_j. Each weight p_j carries a relative error <= (2 S + 16 + 4 max_j |z_j|) u: the
+    fp32 sum z = Z + ape and z - max round by |z| u, exp turns that into a relative error, the sums of S terms and the
+    division add S u + a few u. So |dx| <= a u s with s = sum_j p_j |C_j| and a = 2 S + 16 + 4 max |z| (the weighted
+    sum's own rounding is in the 2 S). The RMSNorm scale rs = 1 / sqrt(mean(x^2) + eps) then moves by
+    ||dx|| / ||x|| + (c / 2 + 8) u (sum of c squares, sqrt, division, two products), so
+        |dy_ch| <= |w_ch| rs (a u s_ch + |x_ch| ((c / 2 + 8) u + a u ||s|| / ||x||)).
+    Returns (y_ref (B, n, c) fp64, bound (B, n, c))."""
+    from dsv4_lab.kernels.compressor_pool.naive import compressor_pool_naive, pool_overlap, pool_plain
+    d = [None if t is None else t.double() for t in (C, Z, ape, w, pC, pZ)]
+    C, Z, ape, w, pC, pZ = d
+    U32 = 2.0 ** -24
+    zf = Z + ape if ape is not None else Z
+    c = C.shape[-1] // (2 if overlap else 1)
+    za = zf[..., -c:].abs().amax(2)                                     # (B, n, c) max |z| over the a / plain slots
+    if overlap:
+        x = pool_overlap(C, zf, pC, pZ)
+        s = pool_overlap(C.abs(), zf, None if pC is None else pC.abs(), pZ)
+        zb = torch.cat([pZ[:, None] if pZ is not None else zf[:, :1, :, :c].new_zeros(zf.shape[0], 1, *zf.shape[2:3],
+                                                                                      c), zf[:, :-1, :, :c]], 1)
+        za = torch.maximum(za, torch.where(torch.isfinite(zb), zb.abs(), 0.0).amax(2))
+        S = 2 * C.shape[2]
+    else:
+        x, s, S = pool_plain(C, zf), pool_plain(C.abs(), zf), C.shape[2]
+    a = 2 * S + 16 + 4 * za
+    rs = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y = compressor_pool_naive(C, Z, ape, w, eps, overlap, pC, pZ)
+    assert torch.allclose(y, x * rs * w, rtol=1e-12, atol=0), "fp64 twin vs the pooled x"
+    rel_dx = (a * U32 * s).norm(dim=-1, keepdim=True) / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    bound = w.abs() * rs * (a * U32 * s + x.abs() * ((c / 2 + 8) * U32 + rel_dx))
+    return y, bound
+
+
+def _bound_ok(name, out, ref, bound):
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite output"
+    r = ((out.double() - ref).abs() / bound.clamp_min(1e-300)).max().item()
+    assert r <= 1.0, f"{name}: error / bound = {r:.3f}"
+    return r
+
+
+def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
+    """kernels/compressor_pool: the fused Triton pool + ape + RMSNorm_w against the fp64 naive twin, element by
+    element within the error model of `_pool_ref_bound`; the fp32 naive twin within the same bound. Overlapping
+    (CSA, m = 4, 2c channels) and plain (HCA-like m = 8; m = 128 on the GPU), prev given (strided slices of a
+    decode-cache-like state) and None, ape in the kernel and pre-added (bitwise equal), n = 1, odd n, c = 48 / 64 /
+    128 (padded channel lanes), m = 3 (padded slots) and chunked slot loops (mb < m: the online-softmax rescale), one
+    slot scoring +100 (overflows without the max subtracted). bf16 (GPU): the fp32 inputs rounded to bf16 first (the
+    projections stay fp32). Then the model's Compressor with kernels="triton" against kernels="torch", forward and
+    step() across chunk boundaries, on dyadic weights / inputs that make the projections exact (so both paths pool
+    identical C, Z), and the training path (gradients: the naive twin, no kernel call)."""
+    import dsv4_lab.kernels.compressor_pool.triton as cpt
+    from dsv4_lab.kernels.compressor_pool import compressor_pool
+    from dsv4_lab.kernels.compressor_pool.naive import compressor_pool_naive
+    g = torch.Generator().manual_seed(21)
+    # (B, n, m, c, overlap, prev, ape in kernel, mb)
+    shapes = [(2, 5, 4, 48, True, False, True, None), (2, 5, 4, 64, True, True, True, None),
+              (2, 1, 4, 128, True, True, False, None), (2, 1, 4, 64, True, False, True, None),
+              (2, 3, 4, 64, False, False, True, None), (2, 3, 8, 48, False, False, True, 2),
+              (1, 4, 3, 20, True, True, True, 2)] if not big else \
+        [(1, 2048, 4, 128, True, False, True, None), (1, 2048, 4, 64, True, True, True, None),
+         (2, 301, 4, 128, True, True, False, None), (1, 64, 128, 128, False, False, True, None),
+         (3, 77, 8, 48, False, False, True, None), (1, 33, 4, 48, True, True, True, 2)]
+    worst = 0.0
+    for (B, n, m, c, overlap, has_prev, in_kernel, mb) in shapes:
+        kc = (2 if overlap else 1) * c
+
+        def r(*shape, scale=1.0):
+            t = torch.randn(*shape, generator=g) * scale
+            return t.to(dtype).float().to(device)
+        Cfull, Zfull = r(B, n * m + 3, kc), r(B, n * m + 3, kc, scale=2.0)
+        C, Z = Cfull[:, :n * m].unflatten(1, (n, m)), Zfull[:, :n * m].unflatten(1, (n, m))   # strided like step
+        Z[0, n // 2, 1] += 100.0                                         # one dominant slot
+        ape, w = r(m, kc, scale=0.5), r(c)
+        pC = pZ = None
+        if has_prev:
+            state_kv, state_sc = r(B, 2 * m, kc), r(B, 2 * m, kc, scale=2.0)
+            pC, pZ = state_kv[:, :m, :c], state_sc[:, :m, :c]            # (B, m, c) views, row stride kc
+        y_ref, bound = _pool_ref_bound(C, Z, ape, w, 1e-6, overlap, pC, pZ)
+        tag = f"compressor_pool B{B} n{n} m{m} c{c} {'overlap' if overlap else 'plain'} prev={has_prev} mb={mb}"
+        if in_kernel:
+            y_t = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, mb=mb)
+        else:
+            y_t = cpt.compressor_pool_triton(C, Z + ape, None, w, 1e-6, overlap, pC, pZ, mb=mb)
+            y_t2 = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, mb=mb)
+            assert torch.equal(y_t, y_t2), f"{tag}: ape in the kernel != ape pre-added (fp32 add, same rounding)"
+        assert y_t.dtype == torch.float32
+        worst = max(worst, _bound_ok(tag, y_t, y_ref, bound))
+        _bound_ok(tag + " naive fp32", compressor_pool_naive(C, Z, ape, w, 1e-6, overlap, pC, pZ), y_ref, bound)
+        y_noape = compressor_pool_naive(C.double(), Z.double(), None, w.double(), 1e-6, overlap,
+                                        *(t if t is None else t.double() for t in (pC, pZ)))
+        assert ((y_noape - y_ref).abs() > bound).any(), f"{tag}: the bound cannot tell ape's absence"
+        if overlap and not has_prev:                                     # prev rows scoring -inf == no prev
+            junk = r(B, m, c)
+            y_inf = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, junk,
+                                               torch.full_like(junk, float("-inf")), mb=mb)
+            assert torch.equal(y_inf, y_t), f"{tag}: -inf prev scores differ from prev=None"
+        with torch.no_grad():                                            # the dispatcher takes the kernel
+            y_d = compressor_pool(C, Z, ape, w, 1e-6, overlap, pC, pZ, impl="triton")
+        if mb is None and in_kernel:
+            assert torch.equal(y_d, y_t), f"{tag}: dispatcher (no grad) != kernel"
+    # dispatcher: n = 0; a gradient needed -> the naive twin under autograd
+    assert compressor_pool(torch.zeros(2, 0, 4, 16, device=device), torch.zeros(2, 0, 4, 16, device=device), None,
+                           torch.ones(8, device=device), 1e-6, True, impl="triton").shape == (2, 0, 8)
+    Cg = torch.randn(1, 3, 4, 32, generator=g).to(device).requires_grad_(True)
+    yg = compressor_pool(Cg, torch.randn(1, 3, 4, 32, generator=g).to(device), None, torch.ones(16, device=device),
+                         1e-6, True, impl="triton")
+    yg.sum().backward()
+    assert yg.grad_fn is not None and Cg.grad is not None, "grad needed: the naive twin must run under autograd"
+    if not big:
+        _compressor_module_check(device, g)
+    return worst
+
+
+def _compressor_module_check(device, g):
+    """Compressor(kernels="triton") == Compressor(kernels="torch") within the pool's error model, forward and step()
+    over several chunkings (the kernel must be called); identity RoPE, so the outputs are the normed entries."""
+    import dsv4_lab.kernels.compressor_pool.triton as cpt
+    from dsv4_lab.attention.compressor import Compressor
+    from dsv4_lab.inference.cache import CompressorState
+    calls = [0]
+    orig = cpt.compressor_pool_triton
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+    cpt.compressor_pool_triton = counted
+    try:
+        rope = lambda x, pos: x                                          # noqa: E731  (RoPE is shared code)
+
+        def dy(*shape, k=8, sc=16):                                      # dyadic: multiples of 1 / sc in [-k/sc, k/sc]
+            return torch.randint(-k, k + 1, shape, generator=g).float().div(sc).to(device)
+        d, T = 16, 27
+        for (c, m, overlap) in [(48, 4, True), (24, 8, False)]:
+            mods = {impl: Compressor(d, c, m, overlap, impl=impl).to(device) for impl in ("torch", "triton")}
+            # dyadic weights (multiples of 1/16) and inputs (of 1/8): each projection is a sum of 16 multiples of
+            # 1/128 below 8 in magnitude, exact in fp32 in any order and chunking, and so is Z + ape (ape: of 1/4)
+            ref = mods["torch"]
+            sd = {"wkv.weight": dy(*ref.wkv.weight.shape), "wgate.weight": dy(*ref.wgate.weight.shape),
+                  "ape": dy(*ref.ape.shape, sc=4), "norm.weight": torch.randn(c, generator=g).to(device)}
+            for mod in mods.values():
+                mod.load_state_dict(sd)
+            u = dy(2, T, d, sc=8)
+            n = T // m
+            C, Z = mods["torch"].project(u[:, :n * m])
+            y_ref, bound = _pool_ref_bound(C.unflatten(1, (n, m)), Z.unflatten(1, (n, m)), sd["ape"], sd["norm.weight"],
+                                           mods["torch"].norm.eps, overlap)
+            for impl, mod in mods.items():
+                before = calls[0]
+                with torch.no_grad():
+                    _bound_ok(f"Compressor {impl} forward c{c} m{m}", mod(u, rope), y_ref, bound)
+                    for chunks in ([T], [5, 3, 1, 7, 2, 9], [1] * 9 + [18]):
+                        st = CompressorState(2, m, (2 if overlap else 1) * c, overlap, device=device)
+                        outs, p0 = [], 0
+                        for L in chunks:
+                            e, first = mod.step(u[:, p0:p0 + L], st, p0)
+                            assert first == p0 // m and e.shape[1] == (p0 % m + L) // m
+                            outs.append(mod.rotate(e, rope, first))
+                            p0 += L
+                        _bound_ok(f"Compressor {impl} step {chunks} c{c} m{m}", torch.cat(outs, 1), y_ref, bound)
+                assert (calls[0] > before) == (impl == "triton"), f"{impl}: kernel calls {calls[0] - before}"
+            before = calls[0]                                            # training: autograd through the naive twin
+            loss = mods["triton"](u, rope).square().sum()
+            loss.backward()
+            assert calls[0] == before and mods["triton"].wkv.weight.grad is not None, "training path took the kernel"
+    finally:
+        cpt.compressor_pool_triton = orig
+
+
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
          "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
-         "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl}
+         "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl,
+         "compressor_pool": case_compressor_pool}
 
 
 def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):

@@ -15,7 +15,9 @@ the indexer top-k (method="auto" and every method) as the multiset of the picks'
 fp64 scores (dyadic inputs, ties at the k-th value, k above the visible count), the select methods exactly as the
 naive twin; the split-row radix select slot by slot in its fixed order (ties spanning several programs, repeated
 with the programs of every launch run in reverse order); fake_quant bit-for-bit against
-dsv4_lab.quant (FP8 1x128, 1x64, 2-D tiles, MXFP4; fp32 and bf16).
+dsv4_lab.quant (FP8 1x128, 1x64, 2-D tiles, MXFP4; fp32 and bf16); the fused compressor pool element by element
+within its error model against the fp64 twin, and the Compressor module's kernel path (forward and chunked step())
+against its torch path.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ if sys.platform != "linux":                                      # triton is a L
     pytest.skip(f"triton is not installed on {sys.platform} (a Linux-only dependency)", allow_module_level=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "fake_quant", "mhc",
-         "sparse_decode", "hca_decode", "sparse_kl"]
+         "sparse_decode", "hca_decode", "sparse_kl", "compressor_pool"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,7 @@ def test_dispatch_rules():
 
 
 def test_torch_path_of_dispatchers_runs_on_cpu():
+    from dsv4_lab.kernels.compressor_pool import compressor_pool
     from dsv4_lab.kernels.fake_quant import fake_quant
     from dsv4_lab.kernels.hca_attn import hca_attn
     from dsv4_lab.kernels.indexer_topk import indexer_topk
@@ -85,3 +88,5 @@ def test_torch_path_of_dispatchers_runs_on_cpu():
     xs = torch.randn(1, 4, 4, 8)
     u, coef = mhc_pre(xs, torch.randn(24, 32) * 0.1, torch.ones(3), torch.zeros(24), impl="torch")
     assert mhc_post(u, xs, coef, impl="torch").shape == xs.shape
+    assert compressor_pool(torch.randn(1, 3, 4, 32), torch.randn(1, 3, 4, 32), torch.zeros(4, 32), torch.ones(16),
+                           1e-6, True, impl="torch").shape == (1, 3, 16)

@@ -151,8 +151,8 @@ class Attention(nn.Module):
         appended to the block cache, and all S = floor((p0 + T) / m) entries so far are read back (docs §6.2)."""
         if lc is None:
             return self.kv_qat(self.compressor(u, self.rope))
-        pooled, first = self.compressor.step(u, lc.states["main"], p0)
-        new = self.kv_qat(self.compressor.finish(pooled, self.rope, first))
+        normed, first = self.compressor.step(u, lc.states["main"], p0)
+        new = self.kv_qat(self.compressor.rotate(normed, self.rope, first))
         return lc.append_entries("comp", new, first, (p0 + u.shape[1]) // self.m)
 
     # --- attend ---------------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ Then C^Comp_i = RMSNorm_w(C~_i), RoPE on its last r dims at position i*m (the bl
 blocks are compressed: the trailing T mod m tokens are never used by `forward`; with a KV cache, `step` keeps them in
 the compressor's state (the uncompressed tail, docs §6.1) and pools each block when its last token arrives.
 
-The pools are plain functions on already-projected inputs (`pool_overlap`, `pool_plain`), shared by `forward` and
-`step`; `Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
+The pool, the ape bias and the RMSNorm are one op, kernels/compressor_pool (`compressor_pool`, on already-projected
+inputs), shared by `forward` and `step`: its naive twin (the pools `pool_overlap`, `pool_plain`, re-exported here)
+under autograd in training and on CPU, its fused forward-only Triton kernel when `impl` (the model's cfg.kernels)
+selects Triton for the tensor and no gradient is needed (inference, decode). RoPE stays here (`rotate`).
+`Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
 """
 from __future__ import annotations
 
@@ -27,45 +30,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.compressor_pool import compressor_pool, pool_overlap, pool_plain  # noqa: F401 (re-export)
 from ..layers import Linear, RMSNorm
-
-
-def pool_overlap(C: torch.Tensor, Z: torch.Tensor, prev_C: torch.Tensor | None = None,
-                 prev_Z: torch.Tensor | None = None) -> torch.Tensor:
-    """Overlapping 2m-slot per-channel softmax pool (docs §2.3).
-
-    C, Z: (B, n, m, 2c) values and scores of n complete blocks, Z already including `ape`.
-    prev_C, prev_Z: (B, m, c) the b-series rows of the block before block 0 (decode cache); None = -inf / 0.
-    Returns (B, n, c) pooled entries before the RMSNorm.
-    """
-    B, n, m, c2 = C.shape
-    c = c2 // 2
-    Cb, Ca = C[..., :c], C[..., c:]                                   # b feeds entry i+1, a feeds entry i
-    Zb, Za = Z[..., :c], Z[..., c:]
-    if prev_C is None:
-        prev_C = C.new_zeros(B, 1, m, c)
-        prev_Z = Z.new_full((B, 1, m, c), float("-inf"))
-    else:
-        prev_C, prev_Z = prev_C[:, None].to(C.dtype), prev_Z[:, None].to(Z.dtype)
-    Cb = torch.cat([prev_C, Cb[:, :-1]], 1)                           # (B, n, m, c): block i-1's b series
-    Zb = torch.cat([prev_Z, Zb[:, :-1]], 1)
-    slots_C = torch.cat([Cb, Ca], 2)                                  # (B, n, 2m, c)
-    slots_Z = torch.cat([Zb, Za], 2)
-    w = torch.softmax(slots_Z, dim=2)                                 # per channel over the 2m slots
-    return (w * slots_C).sum(2)
-
-
-def pool_plain(C: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """Non-overlapping m-slot per-channel softmax pool (docs §3). C, Z: (B, n, m, c), Z incl. ape -> (B, n, c)."""
-    return (torch.softmax(Z, dim=2) * C).sum(2)
 
 
 class Compressor(nn.Module):
     """Weights and forward of one compressor: u (B, T, d) -> entries (B, floor(T/m), c)."""
 
-    def __init__(self, d: int, c: int, m: int, overlap: bool, eps: float = 1e-6):
+    def __init__(self, d: int, c: int, m: int, overlap: bool, eps: float = 1e-6, impl: str = "auto"):
         super().__init__()
         self.c, self.m, self.overlap = c, m, overlap
+        self.impl = impl                            # cfg.kernels: auto | triton | torch (kernels/__init__.py)
         k = 2 if overlap else 1
         self.wkv = Linear(d, k * c)                 # bf16 in REF checkpoints, computed in fp32; never QAT'd (docs §8.2)
         self.wgate = Linear(d, k * c)
@@ -92,38 +67,32 @@ class Compressor(nn.Module):
             Z = F.linear(u.to(ct), wg.to(ct))
         return C, Z
 
-    def pool(self, C: torch.Tensor, Z: torch.Tensor, prev=None) -> torch.Tensor:
-        """C, Z (B, n*m, k*c) projections of complete blocks -> (B, n, c) pooled entries (before the norm)."""
-        B, T, _ = C.shape
-        n = T // self.m
-        if n == 0:
-            return C.new_zeros(B, 0, self.c)
-        C = C[:, : n * self.m].unflatten(1, (n, self.m))              # (B, n, m, k*c)
-        Z = Z[:, : n * self.m].unflatten(1, (n, self.m)) + self.ape.to(Z.dtype)
-        if self.overlap:
-            return pool_overlap(C, Z, *(prev if prev is not None else (None, None)))
-        return pool_plain(C, Z)
+    def pool_norm(self, C: torch.Tensor, Z: torch.Tensor, with_ape: bool = True, prev=None) -> torch.Tensor:
+        """C, Z (B, n, m, k*c) projections of n complete blocks (Z without ape when with_ape, else including it);
+        prev (prev_C, prev_Z) (B, m, c) or None -> (B, n, c) entries RMSNorm_w(pool(C, Z + ape)), before RoPE."""
+        return compressor_pool(C, Z, self.ape if with_ape else None, self.norm.weight, self.norm.eps, self.overlap,
+                               *(prev if prev is not None else (None, None)), impl=self.impl)
 
-    def finish(self, pooled: torch.Tensor, rope, first_block: int = 0) -> torch.Tensor:
-        """RMSNorm_w then RoPE at position i*m of entry i (docs §2.3). pooled (B, n, c) -> (B, n, c)."""
-        n = pooled.shape[1]
-        x = self.norm(pooled)
-        pos = (torch.arange(n, device=pooled.device) + first_block) * self.m
+    def rotate(self, x: torch.Tensor, rope, first_block: int = 0) -> torch.Tensor:
+        """RoPE at position i*m of entry i (docs §2.3). x (B, n, c) normed entries of blocks first_block.. -> same."""
+        n = x.shape[1]
+        pos = (torch.arange(n, device=x.device) + first_block) * self.m
         return rope(x, pos) if n else x
 
     def forward(self, u: torch.Tensor, rope) -> torch.Tensor:
         """u (B, T, d) -> compressed entries (B, floor(T/m), c); trailing T mod m tokens are not used."""
         n = u.shape[1] // self.m
-        C, Z = self.project(u[:, : n * self.m])
-        return self.finish(self.pool(C, Z), rope)
+        C, Z = self.project(u[:, : n * self.m])                               # (B, n*m, k*c) fp32
+        return self.rotate(self.pool_norm(C.unflatten(1, (n, self.m)), Z.unflatten(1, (n, self.m))), rope)
 
     def step(self, u: torch.Tensor, state, p0: int) -> tuple[torch.Tensor, int]:
         """Stream the chunk u (B, T, d) at positions p0.. through the compressor state (docs §6.1-6.2).
 
         state: the cache's CompressorState, fp32 (kv, score incl. ape) rows; with overlap rows [0, m) hold the last
         complete block (its b series feeds the next entry) and rows [m, 2m) the incomplete current block, else m rows.
-        Returns (pooled (B, n_new, c) entries of the blocks completed in this chunk, before norm / RoPE; the index of
-        the first of them) and leaves the state holding the new incomplete block (and the last complete one)."""
+        Returns (entries (B, n_new, c) of the blocks completed in this chunk, after the RMSNorm and before RoPE
+        (`rotate`); the index of the first of them) and leaves the state holding the new incomplete block (and the
+        last complete one)."""
         m = self.m
         B, T, _ = u.shape
         C, Z = self.project(u)                                                 # (B, T, k*c) fp32
@@ -136,17 +105,14 @@ class Compressor(nn.Module):
         n_new, first = (r0 + T) // m, p0 // m
         Cb = C[:, : n_new * m].unflatten(1, (n_new, m))                        # (B, n_new, m, k*c)
         Zb = Z[:, : n_new * m].unflatten(1, (n_new, m))
-        if n_new == 0:                                                         # no block completed in this chunk
-            pooled = C.new_zeros(B, 0, self.c)
-        elif self.overlap:
-            c = self.c
-            prev = (state.kv[:, :m, :c], state.score[:, :m, :c]) if first > 0 else (None, None)
-            pooled = pool_overlap(Cb, Zb, *prev)
+        prev = None
+        if self.overlap and first > 0 and n_new > 0:                           # b series of the last complete block
+            prev = (state.kv[:, :m, :self.c], state.score[:, :m, :self.c])
+        normed = self.pool_norm(Cb, Zb, with_ape=False, prev=prev)             # (B, n_new, c); Zb includes ape
+        if self.overlap and n_new > 0:
             state.kv[:, :m], state.score[:, :m] = Cb[:, -1], Zb[:, -1]         # last complete block -> "previous"
-        else:
-            pooled = pool_plain(Cb, Zb)
         left = r0 + T - n_new * m                                              # rows of the new incomplete block
         state.kv[:, cur], state.score[:, cur] = 0.0, float("-inf")
         state.kv[:, cur.start:cur.start + left] = C[:, n_new * m:]
         state.score[:, cur.start:cur.start + left] = Z[:, n_new * m:]
-        return pooled, first
+        return normed, first

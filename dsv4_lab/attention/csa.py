@@ -40,7 +40,8 @@ class CSAttention(Attention):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx, "csa")
         self.m = cfg.csa_ratio
-        self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps)
+        self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps,
+                                     impl=cfg.kernels)
         self.indexer = Indexer(cfg)
         self.index_mode = cfg.index_mode
         self.indexer_stage = "sparse"         # "warmup": attend to every visible entry (set_indexer_stage, docs §10)

@@ -19,7 +19,8 @@ class HCAttention(Attention):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx, "hca")
         self.m = cfg.hca_ratio
-        self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.hca_ratio, overlap=False, eps=cfg.norm_eps)
+        self.compressor = Compressor(cfg.d_model, cfg.head_dim, cfg.hca_ratio, overlap=False, eps=cfg.norm_eps,
+                                     impl=cfg.kernels)
 
     def select(self, u, cq, q, keys, k0, p0, lc=None) -> Selection:
         return Selection(entries=self.compressed_entries(u, lc, p0))          # (B, S, c), all visible attended

@@ -62,7 +62,8 @@ class Indexer(nn.Module):
         latent = cfg.q_lora_rank if cfg.q_lora_rank > 0 else cfg.d_model     # u when there is no c^Q (see above)
         self.wq_b = Linear(latent, nI * cI, "fp8" if cfg.quant != "none" else None)
         self.weights_proj = Linear(cfg.d_model, nI)                           # bf16 in REF, never QAT'd (docs §8.2)
-        self.compressor = Compressor(cfg.d_model, cI, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps)
+        self.compressor = Compressor(cfg.d_model, cI, cfg.csa_ratio, cfg.compressor_overlap, cfg.norm_eps,
+                                     impl=cfg.kernels)
         self.weight_scale = cI ** -0.5 * nI ** -0.5
 
     def _rotate_quant(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,8 @@ class Indexer(nn.Module):
         indexer compressor's state, new keys go to the block cache, and all floor((p0 + T)/m) keys are read back."""
         if lc is None:
             return self._rotate_quant(self.compressor(u, rope))
-        pooled, first = self.compressor.step(u, lc.states["index"], p0)
-        new = self.compressor.finish(pooled, rope, first)
+        normed, first = self.compressor.step(u, lc.states["index"], p0)
+        new = self.compressor.rotate(normed, rope, first)
         new = self._rotate_quant(new) if new.shape[1] else new
         return lc.append_entries("index", new, first, (p0 + u.shape[1]) // self.compressor.m)
 
