@@ -30,7 +30,7 @@ H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
 PREFILL_METHODS = ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")
 BF16_METHODS = ("rowsel_bf16", "select_bf16", "torch_bf16")
-DECODE_METHODS = {m: dict(method=m) for m in ("select_bf16", "select", "torch_bf16", "torch")}
+DECODE_METHODS = {m: dict(method=m) for m in ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")}
 FAMILY_CAP_S = 150
 
 
@@ -211,7 +211,11 @@ def decode(N):
     out["score_us"] = r["ms"] * 1e3
     out["score_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
     best = None
+    from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L
     for name, kw in DECODE_METHODS.items():
+        if name.startswith("rowsel") and S > MAX_L:                            # would run select: measured already
+            continue
+
         def one(kw=kw):
             return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, **kw)
         try:
