@@ -311,6 +311,17 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
                 if m.startswith(("select", "rowsel")):
                     _check_select_naive(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", out, rs, r, k)
+    # rows longer than the row select holds go to the split-row select: the same picks, slot for slot
+    from dsv4_lab.kernels.indexer_topk import rowselect
+    B, T, HI, DI, S, k, R, off, ce = shapes[1]
+    qI, kI, w = _dyadic_indexer_inputs(g, B, T, HI, DI, S, device, dtype)
+    keep, rowselect.MAX_L = rowselect.MAX_L, 8
+    try:
+        got = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, method="rowsel", chunk_elems=ce)
+    finally:
+        rowselect.MAX_L = keep
+    assert torch.equal(got, indexer_topk_triton(qI, kI, w, k, R, q_offset=off, method="select", chunk_elems=ce)), \
+        "rowsel on rows longer than rowselect.MAX_L must give select's picks"
 
 
 # ------------------------------------------------------------------------------------------------ indexer_select
