@@ -4,9 +4,10 @@ sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B =
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
-and rowsel / rowsel_bf16 (the one-program-per-row select of indexer_topk/rowselect.py) on fp32 / bf16 scores; torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). The
-variants measured here before and removed from the package: benchmarks/README.md ("Removed indexer top-k
-variants"; their numbers stay in results/csa.json).
+and rowsel / rowsel_bf16 (the one-program-per-row select of indexer_topk/rowselect.py) on fp32 / bf16 scores;
+torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). The variants measured here
+before and removed from the package: benchmarks/README.md ("Removed indexer top-k variants"; their numbers stay in
+results/csa.json).
 Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each
 loaded 256-B row once per query. bf16-score methods report their recall of the fp32-score picks (docs §2.4).
 
@@ -28,9 +29,8 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-PREFILL_METHODS = ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")
+METHODS = ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")     # prefill and decode
 BF16_METHODS = ("rowsel_bf16", "select_bf16", "torch_bf16")
-DECODE_METHODS = {m: dict(method=m) for m in ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")}
 FAMILY_CAP_S = 150
 
 
@@ -156,8 +156,8 @@ def compressor(N):
     out["fp32_path_ms"] = out["main_fp32_ms"] + out["indexer_fp32_ms"]
     out["note"] = ("dsv4_lab.attention.compressor.Compressor, rope dim 64; ms (= ms_fused): bf16 u and weights -> "
                    "bf16-operand GEMMs with fp32 accumulation and output (docs §2.3 fp32 compute up to summation "
-                   "order), then the fused pool + ape + RMSNorm kernel (kernels/compressor_pool, docs/kernels.md §11); "
-                   "ms_torch_pool: the same with the PyTorch pool (impl=torch); pool_*_ms: pool + norm alone; "
+                   "order), then the fused pool + ape + RMSNorm kernel (kernels/compressor_pool, "
+                   "docs/kernels.md §11); ms_torch_pool: the same with the PyTorch pool (impl=torch); pool_*_ms: pool + norm alone; "
                    "fp32_path_ms: the module fed fp32 u (fp32 GEMMs, fused pool)")
     return out
 
@@ -212,14 +212,14 @@ def decode(N):
     out["score_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
     best = None
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L
-    for name, kw in DECODE_METHODS.items():
+    for name in METHODS:
         if name.startswith("rowsel") and S > MAX_L:                            # would run select: measured already
             continue
 
-        def one(kw=kw):
-            return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, **kw)
+        def one(name=name):
+            return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=name)
         try:
-            if kw["method"] in BF16_METHODS:                                   # bf16 scores: recall of fp32 picks
+            if name in BF16_METHODS:                                   # bf16 scores: recall of fp32 picks
                 out[f"indexer_{name}_recall_vs_fp32"] = recall(one(), i_ref)
             else:
                 same = torch.equal(torch.sort(one(), -1).values, torch.sort(i_ref, -1).values)   # index sets
@@ -335,12 +335,12 @@ def prefill_family(N):
     if N == 8192:
         res["agreement"][f"{N}"] = safe(agreement, N)
     ix[f"scores_{N}"] = safe(scores_only, N)
-    for m in PREFILL_METHODS:
+    for m in METHODS:
         ix[f"{m}_{N}"] = safe(indexer_method, N, m)
         torch.cuda.empty_cache()
     if N <= 32768:
         ix[f"torch_topk_{N}"] = safe(indexer_naive, N)
-    cands = {m: ix[f"{m}_{N}"]["ms"] for m in PREFILL_METHODS + ("torch_topk",) if "ms" in ix.get(f"{m}_{N}", {})}
+    cands = {m: ix[f"{m}_{N}"]["ms"] for m in METHODS + ("torch_topk",) if "ms" in ix.get(f"{m}_{N}", {})}
     if cands:
         b = min(cands, key=cands.get)
         ix[f"best_{N}"] = {"method": b, "ms": cands[b]}

@@ -106,7 +106,8 @@ def check_run_dir(run_dir, record: dict) -> bool:
 # train fields that do not change a run: a moved run dir still resumes, a ddp checkpoint resumes under fsdp2, an
 # eager run resumes graphed (a CUDA graph replays the eager step's kernels: tests/test_cuda_graph.py)
 NOT_COMPARED = ("run_dir", "progress", "parallel", "cuda_graph")
-ADDED_LATER = {"deterministic": False, "task_mrcr_queries": 1}    # train fields newer than some records: absent = this (old) behaviour
+# train fields newer than some records: absent = this (old) behaviour
+ADDED_LATER = {"deterministic": False, "task_mrcr_queries": 1}
 
 
 def same_config(a: dict, b: dict) -> bool:

@@ -12,8 +12,9 @@ select also with its tie rule (lower index first among entries tied at the k-th 
 up to which of the tied entries is taken (triton.py docstring); without return_scores the set comes unsorted, so a
 row's -1 slots may sit anywhere in it (every consumer masks them per slot).
 The model's other selectors (attention/csa.py: oracle, random) use `topk_indices`, the naive twin's top-k contract.
-bf16-score methods (select_bf16, torch_bf16: scores rounded to bf16 before the selection, docs §2.4) are there to be
-called by name. The variants that lost to these on the H200 were removed: benchmarks/README.md.
+The bf16-score methods (select_bf16, torch_bf16, rowsel_bf16: scores rounded to bf16 before the selection, docs
+§2.4) and the row select for prefill rows (rowsel, rowselect.py; not yet measured on the H200) are there to be called
+by name. The variants that lost to these on the H200 were removed: benchmarks/README.md.
 """
 from __future__ import annotations
 

@@ -152,6 +152,19 @@ def _topk_torch(sc, k, ordered: bool = True):
     return v, i
 
 
+def _row_selector(method: str, rows: int, device):
+    """The select methods' top-k of score rows, f(scores (R, L), k, frontier, out) -> (vals, idx) for up to `rows`
+    rows at a time (select.py / rowselect.py); None for the torch.topk methods."""
+    if method.startswith("select"):
+        from .select import radix_select, workspace_size
+        ws = torch.empty(workspace_size(rows), dtype=torch.int32, device=device)
+        return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
+    if method.startswith("rowsel"):
+        from .rowselect import row_select
+        return lambda sc, kk, fr, out: row_select(sc, kk, frontier=fr, out=out)
+    return None
+
+
 def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
                         method: str = "auto", chunk_elems: int = 1 << 28, workspace: torch.Tensor | None = None):
     """Lightning-indexer top-k. method (docs/kernels.md §3; measured by benchmarks/bench_csa.py):
@@ -194,7 +207,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         from .rowselect import MAX_L
         if Smax > MAX_L:                                            # a row does not fit one program: split it
             method = method.replace("rowsel", "select")
-    select = method.startswith(("select", "rowsel"))
+    select_rows = _row_selector(method, B * rows, qI.device)
+    select = select_rows is not None
     # select in one query chunk with >= k visible entries fills every slot itself: no -1 prefill, no copy (decode)
     direct = select and rows >= T and Smax >= k > 0 and not return_scores
     if direct:
@@ -209,17 +223,6 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
         sdt = torch.bfloat16 if method.endswith("_bf16") else torch.float32
-        if method.startswith("select"):
-            from .select import radix_select, workspace_size
-            sel_ws = torch.empty(workspace_size(B * rows), dtype=torch.int32, device=qI.device)
-
-            def select_rows(sc, kk, fr, out):
-                return radix_select(sc, kk, frontier=fr, workspace=sel_ws, out=out)
-        elif select:
-            from .rowselect import row_select
-
-            def select_rows(sc, kk, fr, out):
-                return row_select(sc, kk, frontier=fr, out=out)
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             Sp = _visible(ratio, q_offset, t1, S)
