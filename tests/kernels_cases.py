@@ -792,8 +792,8 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
     """kernels/compressor_pool: the fused Triton pool + ape + RMSNorm_w against the fp64 naive twin, element by
     element within the error model of `_pool_ref_bound`; the fp32 naive twin within the same bound. Overlapping
     (CSA, m = 4, 2c channels) and plain (HCA-like m = 8; m = 128 on the GPU), prev given (strided slices of a
-    decode-cache-like state) and None, ape in the kernel and pre-added (bitwise equal), n = 1, odd n, c = 48 / 64 /
-    128 (padded channel lanes), m = 3 (padded slots) and chunked slot loops (mb < m: the online-softmax rescale), one
+    decode-cache-like state) and None, ape in the kernel and pre-added (both within the bound: separately autotuned
+    specialisations), n = 1, odd n, c = 48 / 64 / 128 (padded channel lanes), m = 3 (padded slots) and chunked slot loops (mb < m: the online-softmax rescale), one
     slot scoring +100 (overflows without the max subtracted). bf16 (GPU): the fp32 inputs rounded to bf16 first (the
     projections stay fp32). Then the model's Compressor with kernels="triton" against kernels="torch", forward and
     step() across chunk boundaries, on dyadic weights / inputs that make the projections exact (so both paths pool
@@ -832,7 +832,9 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
         else:
             y_t = cpt.compressor_pool_triton(C, Z + ape, None, w, 1e-6, overlap, pC, pZ, mb=mb)
             y_t2 = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, mb=mb)
-            assert torch.equal(y_t, y_t2), f"{tag}: ape in the kernel != ape pre-added (fp32 add, same rounding)"
+            # two kernel specialisations (HAS_APE) autotune separately: their configs (num_warps) may sum the slots
+            # and channels in another order, so they agree within the error model, not bit for bit
+            _bound_ok(tag + " ape in the kernel", y_t2, y_ref, bound)
         assert y_t.dtype == torch.float32
         worst = max(worst, _bound_ok(tag, y_t, y_ref, bound))
         _bound_ok(tag + " naive fp32", compressor_pool_naive(C, Z, ape, w, 1e-6, overlap, pC, pZ), y_ref, bound)
@@ -843,7 +845,9 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
             junk = r(B, m, c)
             y_inf = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, junk,
                                                torch.full_like(junk, float("-inf")), mb=mb)
-            assert torch.equal(y_inf, y_t), f"{tag}: -inf prev scores differ from prev=None"
+            _bound_ok(tag + " -inf prev scores", y_inf, y_ref, bound)      # HAS_PREV: another specialisation
+            if torch.device(device).type == "cpu":                       # one config (the interpreter's): exact
+                assert torch.equal(y_inf, y_t), f"{tag}: -inf prev scores differ from prev=None"
         with torch.no_grad():                                            # the dispatcher takes the kernel
             y_d = compressor_pool(C, Z, ape, w, 1e-6, overlap, pC, pZ, impl="triton")
         if mb is None and in_kernel:
