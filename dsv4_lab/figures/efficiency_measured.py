@@ -34,7 +34,9 @@ Where measurement and accounting differ, and why (also in the .md written beside
   decode cost follows the stored entries, not only k.
 * The cached prefill, chunk by chunk, runs the query-major Triton kernels of the no-cache forward: CSA attends
   window + k per query; dense attention (SDPA with an explicit mask after the first chunk), HCA and the indexer's
-  scores are quadratic in context as in that forward; each chunk adds the read-back of every stored entry.
+  scores are quadratic in context as in that forward; each chunk adds the read-back of every stored entry. At this
+  width a chunk is launch-bound (hundreds of small kernels per layer), so V4's prefill time grows with the number of
+  chunks rather than with what each chunk attends to, and the no-cache forward of the same sequence is much faster.
 * KV bytes agree with the accounting up to the cache's allocation granularity: whole blocks of lcm(m, m') tokens,
   the window ring in full, fp32 compressor states (counted by include_state=True), and the cache's int64 bookkeeping
   (block table, token ids: 8 B per block or token, not counted; the CSV notes `cache.nbytes()` / accounting too).
