@@ -327,6 +327,36 @@ def topk_rows_prefill(R=2048, L=32768):
     return out
 
 
+def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
+    """The row select against torch.topk on one prefill query chunk per row length L: R = min(8192, 2^28 / L) fp32
+    score rows whose causal frontiers run up to L (ratio 4: the last chunk of a prefill of 4 L tokens),
+    k = 512, do_bench. torch.topk (unsorted) reads rows whose invisible tail holds -inf (the score kernel writes it
+    for the torch methods); rowsel reads each row up to its frontier. `rowsel_faster_up_to_L`: the longest L at
+    which rowsel was faster, the measurement behind indexer_topk.triton.AUTO_SHORT_L."""
+    from dsv4_lab.kernels.indexer_topk.rowselect import row_select
+    from dsv4_lab.kernels.indexer_topk.triton import _topk_torch
+    g = torch.Generator(device="cuda").manual_seed(8)
+    out = {"k": K, "ratio": M}
+    for L in lengths:
+        R = min(8192, (1 << 28) // L)
+        q0 = max(0, M * L - R)
+        x = torch.randn(R, L, device="cuda", generator=g)
+        n = torch.clamp((q0 + torch.arange(R, device="cuda") + 1) // M, max=L)
+        xt = x.masked_fill(torch.arange(L, device="cuda")[None, :] >= n[:, None], float("-inf"))
+        r = {"R": R, "L": L}
+        r["torch_ms"] = bench(lambda: _topk_torch(xt, K, ordered=False), warmup=3, rep=30)["ms"]
+        v, _ = row_select(x, K, frontier=(R, q0, M))
+        r["rowsel_values_match_torch"] = bool(torch.equal(torch.sort(v, -1, descending=True).values,
+                                                          torch.topk(xt, K).values))
+        r["rowsel_ms"] = bench(lambda: row_select(x, K, frontier=(R, q0, M)), warmup=3, rep=30)["ms"]
+        out[f"{L}"] = r
+        del x, xt
+        torch.cuda.empty_cache()
+    wins = [L for L in lengths if out[f"{L}"]["rowsel_ms"] < out[f"{L}"]["torch_ms"]]
+    out["rowsel_faster_up_to_L"] = max(wins) if wins else None
+    return out
+
+
 def prefill_family(N):
     """SDPA-flash, compressor, indexer (scores + every method), sparse attention and CSA prefill at one N."""
     res = {"indexer": {}, "compressor": {}, "sparse": {}, "csa_prefill": {}, "dense": {}, "agreement": {}}
@@ -373,6 +403,8 @@ def prefill_family(N):
 def _family(name):
     if name == "topk_row":
         return {"topk_row": {"262144": safe(topk_row), "prefill_rows": safe(topk_rows_prefill)}}
+    if name == "rows_by_length":
+        return {"topk_row": {"rows_by_length": safe(rows_by_length)}}
     if name.startswith("decode_"):
         N = int(name.split("_")[1])
         return {"decode": {f"{N}": safe(decode, N)}}
@@ -380,11 +412,11 @@ def _family(name):
         return prefill_family(int(name.split("_")[1]))
     if name == "fwd_bwd":
         return {"fwd_bwd": {"triton_8192": safe(sparse_fwd_bwd, 8192)}}
-    raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, decode_N, prefill_N, fwd_bwd")
+    raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, rows_by_length, decode_N, prefill_N, fwd_bwd")
 
 
-FAMILIES = ("topk_row", "decode_1048576", "prefill_8192", "prefill_131072", "decode_131072", "prefill_32768",
-            "fwd_bwd")
+FAMILIES = ("topk_row", "rows_by_length", "decode_1048576", "prefill_8192", "prefill_131072", "decode_131072",
+            "prefill_32768", "fwd_bwd")
 
 
 def _merge(dst, src):

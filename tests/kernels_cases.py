@@ -322,6 +322,29 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
         rowselect.MAX_L = keep
     assert torch.equal(got, indexer_topk_triton(qI, kI, w, k, R, q_offset=off, method="select", chunk_elems=ce)), \
         "rowsel on rows longer than rowselect.MAX_L must give select's picks"
+    # auto in prefill with AUTO_SHORT_L: the query chunks that see at most AUTO_SHORT_L entries take rowsel, the
+    # others AUTO["prefill"]; a cut inside the range mixes both in one call (and with AUTO_SHORT_L above every chunk
+    # the single-chunk call writes its picks directly). Checked like every method, and against select's picks on the
+    # short chunks' rows
+    from dsv4_lab.kernels.indexer_topk import triton as itt
+    full = indexer_scores(qI, kI, w, R, off)
+    n = torch.clamp((off + torch.arange(T) + 1) // R, max=S).repeat(B)
+    sel = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, method="select", chunk_elems=ce)
+    keep = itt.AUTO_SHORT_L
+    for cut, chunks in ((20, ce), (S, ce), (S, 1 << 28)):
+        itt.AUTO_SHORT_L = cut
+        try:
+            for rs in (True, False):
+                out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method="auto",
+                                          chunk_elems=chunks)
+                _check_method(f"auto AUTO_SHORT_L={cut} chunk_elems={chunks} return_scores={rs}",
+                              *(out if rs else (out, None)), full, n, k)
+        finally:
+            itt.AUTO_SHORT_L = keep
+        rows = itt._row_budget(itt._visible(R, off, T, S), T, chunks // B) if cut < S else T
+        assert itt._visible(R, off, rows, S) <= cut < itt._visible(R, off, T, S) or cut == S, "the cut must split"
+        assert torch.equal(out[:, :rows], sel[:, :rows]), \
+            f"auto AUTO_SHORT_L={cut}: the short chunks must give select's (= rowsel's) picks, slot for slot"
 
 
 # ------------------------------------------------------------------------------------------------ indexer_select
@@ -725,6 +748,15 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
         for nm, a, r, y in zip(["dqI", "dkI", "dw"], gr_t, gr_r, gr_y):
             assert a.dtype == dtype, f"sparse_kl {nm} dtype {a.dtype}"
             _check(f"sparse_kl {nm}", a, r, y, tol * 4)
+        # the dense dkI in chunks of 3 query rows, and by atomics, against the same reference
+        from dsv4_lab.kernels.sparse_kl.triton import sparse_kl_bwd, sparse_kl_fwd
+        with torch.no_grad():
+            _, st, pb = sparse_kl_fwd(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *[t.detach() for t in leaf])
+            dkl = st[..., 0] / st[..., 0].sum().clamp_min(1.0)         # d loss / d KL_row (the loss is their mean)
+            for db in (4 * B * S * nI * 3, None):
+                got = sparse_kl_bwd(dkl, *[t.detach() for t in leaf], idx_d, st, pb, dense_bytes=db)
+                for nm, a, r in zip(["dqI", "dkI", "dw"], got, gr_r):
+                    _check(f"sparse_kl_bwd dense_bytes={db} {nm}", a, r, None, tol * 4)
         with torch.no_grad():                                           # forward only: no p buffer
             l_ng = sparse_kl_triton(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *[t.detach() for t in leaf])
         assert torch.equal(l_ng, l_t.detach()), "sparse_kl forward differs without grad"

@@ -131,9 +131,12 @@ METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf1
 # measured there; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select 1.21 ms.
 # Decode at 1M (one 256K-entry row, deterministic select): select 47.2 us vs torch 87.4 us, same values (select_bf16
 # 33.9 us, torch_bf16 68.6 us: bf16 scores, recall 0.984 of the fp32 picks).
-# rowsel / rowsel_bf16 (one program per row, rowselect.py) are not yet measured on the H200: not in AUTO.
+# rowsel (one program per row, rowselect.py) wins on short prefill rows and loses on long ones (it holds a whole row
+# in registers): "auto" takes it for the query chunks whose visible key range is at most AUTO_SHORT_L entries
+# (measured: bench_csa.py family prefill_rows); None = never.
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
 AUTO = {"prefill": "torch", "decode": "select"}
+AUTO_SHORT_L: int | None = None
 FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel"}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 
@@ -181,7 +184,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                    in registers, the threshold by bisection on the key bits, one launch); rows longer than
                    rowselect.MAX_L entries go to select. Output identical to select's, slot for slot.
       rowsel_bf16  rowsel on bf16 scores (16 bisection steps instead of 32).
-      auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin).
+      auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin); in
+                   prefill, rowsel for the query chunks that see at most AUTO_SHORT_L entries.
     Ties: the fp32-score methods return the values of the naive twin's picks (the same multiset; the bf16 ones, those
     of the bf16-rounded scores). select also keeps the naive twin's tie rule (of several entries tied at the k-th
     value, the lower indices) and is deterministic, so on the same scores its picks are the naive twin's set;
@@ -194,10 +198,14 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
+    short_l = 0                                                     # chunks seeing <= short_l entries: rowsel
     if method == "auto":
         method = AUTO["decode" if T <= DECODE_T else "prefill"]
         if qI.dtype == torch.float32:                               # fp32 model: keep fp32 scores (exact twin)
             method = FP32_TWIN.get(method, method)
+        if T > DECODE_T and AUTO_SHORT_L and not method.startswith("rowsel"):
+            from .rowselect import MAX_L
+            short_l = min(AUTO_SHORT_L, MAX_L)
     if method not in METHODS:
         raise ValueError(f"indexer_topk_triton: method={method!r}; allowed: auto, {', '.join(METHODS)}")
     check_device(qI, kI, w)
@@ -208,9 +216,10 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         if Smax > MAX_L:                                            # a row does not fit one program: split it
             method = method.replace("rowsel", "select")
     select_rows = _row_selector(method, B * rows, qI.device)
+    short_rows = _row_selector("rowsel", B * rows, qI.device) if short_l else None
     select = select_rows is not None
     # select in one query chunk with >= k visible entries fills every slot itself: no -1 prefill, no copy (decode)
-    direct = select and rows >= T and Smax >= k > 0 and not return_scores
+    direct = (select or Smax <= short_l) and rows >= T and Smax >= k > 0 and not return_scores
     if direct:
         idx = torch.empty((B, T, k), dtype=torch.int32, device=qI.device)
         val = torch.empty((B, T, k), dtype=torch.float32, device=qI.device)
@@ -218,7 +227,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
         val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     if T > 0 and k > 0:
-        pad = 64 if select else 1                   # select reads each row up to its frontier: aligned vector loads
+        pad = 64 if select or short_l else 1        # select reads each row up to its frontier: aligned vector loads
         need = B * rows * -(-max(Smax, 1) // pad) * pad
         buf = workspace if workspace is not None and workspace.numel() >= need else \
             torch.empty(need, dtype=torch.float32, device=qI.device)
@@ -228,12 +237,14 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             Sp = _visible(ratio, q_offset, t1, S)
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
-            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not select, dtype=sdt,
-                                       pad=pad)
+            short = Sp <= short_l                               # a short chunk: the row select (auto)
+            sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not (select or short),
+                                       dtype=sdt, pad=pad)
             sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
-            if select:
-                v, i = select_rows(sc, min(k, Sp), (t1 - t0, q_offset + t0, ratio),
-                                   (val.view(B * T, k), idx.view(B * T, k)) if direct else None)
+            if select or short:
+                v, i = (short_rows if short else select_rows)(sc, min(k, Sp), (t1 - t0, q_offset + t0, ratio),
+                                                              (val.view(B * T, k), idx.view(B * T, k)) if direct
+                                                              else None)
                 if direct:
                     continue
                 if return_scores:                               # stable: equal scores stay in index order
