@@ -116,10 +116,11 @@ def agreement(N):
 def compressor(N):
     """Main (c = d = 128) + indexer (c = d_I = 64) overlapping compressors, forward, d_model 1024, bf16 input.
 
-    `{name}_ms` / `ms`: the module as the model runs it at inference (kernels=auto on CUDA, no grad: the fused
-    pool + ape + RMSNorm kernel of kernels/compressor_pool); `{name}_torch_pool_ms` / `ms_torch_pool`: the same
-    weights with impl="torch" (the PyTorch pool glue, the naive twin); `{name}_pool_fused_ms` / `_pool_torch_ms`:
-    the pool + norm alone on precomputed projections (no GEMMs, no RoPE)."""
+    `{name}_ms` / `ms`: the module as the model runs it at inference (kernels=auto on CUDA, no grad, a RotaryTable:
+    the two GEMMs and the fused pool + ape + RMSNorm + RoPE kernel of kernels/compressor_pool); `{name}_torch_pool_ms`
+    / `ms_torch_pool`: the same weights with impl="torch" (the PyTorch pool glue, the naive twin, then RoPE);
+    `{name}_pool_fused_ms` / `_pool_torch_ms`: the pool + norm alone on precomputed projections (no GEMMs, no RoPE).
+    The table has N rows: the last entry's position, (N/4 - 1) 4, is inside it."""
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.kernels.compressor_pool import compressor_pool
     from dsv4_lab.rope import RotaryTable
@@ -156,9 +157,9 @@ def compressor(N):
     out["fp32_path_ms"] = out["main_fp32_ms"] + out["indexer_fp32_ms"]
     out["note"] = ("dsv4_lab.attention.compressor.Compressor, rope dim 64; ms (= ms_fused): bf16 u and weights -> "
                    "bf16-operand GEMMs with fp32 accumulation and output (docs §2.3 fp32 compute up to summation "
-                   "order), then the fused pool + ape + RMSNorm kernel (kernels/compressor_pool, "
-                   "docs/kernels.md §11); ms_torch_pool: the same with the PyTorch pool (impl=torch); pool_*_ms: pool + norm alone; "
-                   "fp32_path_ms: the module fed fp32 u (fp32 GEMMs, fused pool)")
+                   "order), then the fused pool + ape + RMSNorm + RoPE kernel (kernels/compressor_pool, "
+                   "docs/kernels.md §11); ms_torch_pool: the same with the PyTorch pool (impl=torch); "
+                   "pool_*_ms: pool + norm alone; fp32_path_ms: the module fed fp32 u (fp32 GEMMs, fused pool)")
     return out
 
 

@@ -3,13 +3,16 @@
 RoPE acts on the *last* `rope_head_dim` dims of a head; dims (2k, 2k+1) of that slice form the complex number
 x_2k + i x_2k+1, rotated by exp(i * pos * theta_k), theta_k = base^(-2k/r). The same table serves queries, window
 KV, compressed KV (at the position of the first token of their block) and the indexer of a layer. The attention
-output is de-rotated with the conjugate rotation at the query position (`inverse=True`).
+output is de-rotated with the conjugate rotation at the query position (`inverse=True`). The rotation on given
+cos / sin rows, `apply_rope`, is kernels/rope.py's (shared with the compressor pool's naive twin), re-exported here.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .kernels.rope import apply_rope
 
 
 def yarn_inv_freq(rope_dim: int, base: float, factor: float = 1.0, original_seq_len: int = 65536,
@@ -46,23 +49,4 @@ class RotaryTable(torch.nn.Module):
         return apply_rope(x, self.cos[pos], self.sin[pos], inverse)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x: (B, T, D) or (B, T, H, D); cos/sin: (T, r/2) or (B, T, r/2). Interleaved pairs on the last r dims."""
-    r = cos.shape[-1] * 2
-    if r == 0:
-        return x
-    if x.dim() == 4:                       # broadcast over heads
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if inverse:
-        sin = -sin
-    nope, rope = x[..., :-r], x[..., -r:]
-    ct = torch.promote_types(x.dtype, torch.float32)         # fp32 at least; fp64 stays fp64 (tests)
-    cos, sin = cos.to(ct), sin.to(ct)
-    xr = rope.to(ct).unflatten(-1, (r // 2, 2))              # (..., r/2, 2)
-    if torch.compiler.is_compiling():                        # real form: Inductor fuses it (it has no complex dtype)
-        x0, x1 = xr[..., 0], xr[..., 1]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    else:                                                    # the same products as one complex multiply (eager:
-        z = torch.view_as_complex(xr.contiguous())           # one kernel forward and backward, 2-3x faster on CPU)
-        out = torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2)
-    return torch.cat((nope, out.to(x.dtype)), dim=-1)
+__all__ = ["RotaryTable", "apply_rope", "yarn_inv_freq"]

@@ -775,9 +775,10 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------------ compressor_pool
-def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None):
-    """fp64 reference y = RMSNorm_w(pool(C, Z + ape)) of the compressor pool and a per-element bound on the error of
-    an fp32 computation of it from the same fp32 inputs (docs/kernels.md §11).
+def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None, cos=None, sin=None, first_block=0):
+    """fp64 reference y = RMSNorm_w(pool(C, Z + ape)) of the compressor pool (with cos / sin: then RoPE of entry i at
+    position (first_block + i) m on its last r channels) and a per-element bound on the error of an fp32 computation
+    of it from the same fp32 inputs and tables (docs/kernels.md §11).
 
     Error model (worst case, Higham's gamma_n ~ n u, u = 2^-24): per channel, x = sum_j p_j C_j with p = softmax of
     the S <= 2m (or m) slot scores z_j. Each weight p_j carries a relative error <= (2 S + 16 + 4 max_j |z_j|) u: the
@@ -786,6 +787,10 @@ def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None):
     sum's own rounding is in the 2 S). The RMSNorm scale rs = 1 / sqrt(mean(x^2) + eps) then moves by
     ||dx|| / ||x|| + (c / 2 + 8) u (sum of c squares, sqrt, division, two products), so
         |dy_ch| <= |w_ch| rs (a u s_ch + |x_ch| ((c / 2 + 8) u + a u ||s|| / ||x||)).
+    RoPE: a rotated pair (y0, y1) -> (y0 cos - y1 sin, y0 sin + y1 cos) with the same table values on both sides
+    (|cos|, |sin| <= 1). Errors b0, b1 of the inputs pass as |cos| b0 + |sin| b1 (resp. |sin| b0 + |cos| b1); the two
+    products and the sum round by at most 2 u (|y0| + |y1|) (an FMA only removes one), 3 u here to cover the
+    second-order terms. The channels below c - r (and all channels without tables) keep the pool's bound.
     Returns (y_ref (B, n, c) fp64, bound (B, n, c))."""
     from dsv4_lab.kernels.compressor_pool.naive import compressor_pool_naive, pool_overlap, pool_plain
     d = [None if t is None else t.double() for t in (C, Z, ape, w, pC, pZ)]
@@ -809,6 +814,15 @@ def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None):
     assert torch.allclose(y, x * rs * w, rtol=1e-12, atol=0), "fp64 twin vs the pooled x"
     rel_dx = (a * U32 * s).norm(dim=-1, keepdim=True) / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     bound = w.abs() * rs * (a * U32 * s + x.abs() * ((c / 2 + 8) * U32 + rel_dx))
+    if cos is not None and cos.shape[-1]:
+        r, m = 2 * cos.shape[-1], C.shape[2]
+        pos = (torch.arange(C.shape[1], device=C.device) + first_block) * m
+        ca, sa = cos[pos].double().abs(), sin[pos].double().abs()        # (n, r/2)
+        y0, y1, b0, b1 = y[..., c - r::2], y[..., c - r + 1::2], bound[..., c - r::2], bound[..., c - r + 1::2]
+        rnd = 3 * U32 * (y0.abs() + y1.abs())
+        brot = torch.stack((ca * b0 + sa * b1 + rnd, sa * b0 + ca * b1 + rnd), -1).flatten(-2)
+        bound = torch.cat((bound[..., :c - r], brot), -1)
+        y = compressor_pool_naive(C, Z, ape, w, eps, overlap, pC, pZ, cos, sin, first_block)
     return y, bound
 
 
@@ -821,15 +835,19 @@ def _bound_ok(name, out, ref, bound):
 
 
 def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
-    """kernels/compressor_pool: the fused Triton pool + ape + RMSNorm_w against the fp64 naive twin, element by
-    element within the error model of `_pool_ref_bound`; the fp32 naive twin within the same bound. Overlapping
+    """kernels/compressor_pool: the fused Triton pool + ape + RMSNorm_w (+ RoPE) against the fp64 naive twin, element
+    by element within the error model of `_pool_ref_bound`; the fp32 naive twin within the same bound. Overlapping
     (CSA, m = 4, 2c channels) and plain (HCA-like m = 8; m = 128 on the GPU), prev given (strided slices of a
     decode-cache-like state) and None, ape in the kernel and pre-added (both within the bound: separately autotuned
-    specialisations), n = 1, odd n, c = 48 / 64 / 128 (padded channel lanes), m = 3 (padded slots) and chunked slot loops (mb < m: the online-softmax rescale), one
-    slot scoring +100 (overflows without the max subtracted). bf16 (GPU): the fp32 inputs rounded to bf16 first (the
-    projections stay fp32). Then the model's Compressor with kernels="triton" against kernels="torch", forward and
-    step() across chunk boundaries, on dyadic weights / inputs that make the projections exact (so both paths pool
-    identical C, Z), and the training path (gradients: the naive twin, no kernel call)."""
+    specialisations), n = 1, odd n, c = 20 / 48 / 64 / 128 (padded channel lanes), m = 3 (padded slots) and chunked
+    slot loops (mb < m: the online-softmax rescale), one slot scoring +100 (overflows without the max subtracted).
+    Every shape again with RoPE in the kernel (r = c, or r < c with the nope channels untouched; first_block 0, 1, 3;
+    random-angle tables ending at the last position, fp32 and once bf16), the rope-less call unchanged by it (exactly,
+    under the interpreter's one config), positions past the tables refused. bf16 (GPU): the fp32 inputs rounded to
+    bf16 first (the projections stay fp32). Then the model's Compressor with kernels="triton" against
+    kernels="torch", forward (RoPE fused into the kernel) and step() across chunk boundaries, on dyadic weights /
+    inputs that make the projections exact (so both paths pool identical C, Z), and the training path (gradients: the
+    naive twin, no kernel call)."""
     import dsv4_lab.kernels.compressor_pool.triton as cpt
     from dsv4_lab.kernels.compressor_pool import compressor_pool
     from dsv4_lab.kernels.compressor_pool.naive import compressor_pool_naive
@@ -843,7 +861,8 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
          (2, 301, 4, 128, True, True, False, None), (1, 64, 128, 128, False, False, True, None),
          (3, 77, 8, 48, False, False, True, None), (1, 33, 4, 48, True, True, True, 2)]
     worst = 0.0
-    for (B, n, m, c, overlap, has_prev, in_kernel, mb) in shapes:
+    cpu = torch.device(device).type == "cpu"
+    for si, (B, n, m, c, overlap, has_prev, in_kernel, mb) in enumerate(shapes):
         kc = (2 if overlap else 1) * c
 
         def r(*shape, scale=1.0):
@@ -878,12 +897,50 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
             y_inf = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, junk,
                                                torch.full_like(junk, float("-inf")), mb=mb)
             _bound_ok(tag + " -inf prev scores", y_inf, y_ref, bound)      # HAS_PREV: another specialisation
-            if torch.device(device).type == "cpu":                       # one config (the interpreter's): exact
+            if cpu:                                                      # one config (the interpreter's): exact
                 assert torch.equal(y_inf, y_t), f"{tag}: -inf prev scores differ from prev=None"
         with torch.no_grad():                                            # the dispatcher takes the kernel
             y_d = compressor_pool(C, Z, ape, w, 1e-6, overlap, pC, pZ, impl="triton")
         if mb is None and in_kernel:
             assert torch.equal(y_d, y_t), f"{tag}: dispatcher (no grad) != kernel"
+        # RoPE in the kernel: r = c, or r < c (channels [0, c - r) not rotated); first_block 0 / 3 / 1; tables of
+        # random angles whose last row is the last entry's position (first_block + n - 1) m
+        rr, fb = (c if si % 2 else 2 * (c // 4)), (0, 3, 1)[si % 3]
+        ang = torch.rand((fb + n - 1) * m + 1, rr // 2, generator=g, dtype=torch.float64) * 200 - 100
+        cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+        rtag = f"{tag} rope r{rr} first_block{fb}"
+        y_ref_r, bound_r = _pool_ref_bound(C, Z, ape, w, 1e-6, overlap, pC, pZ, cos, sin, fb)
+        assert torch.equal(y_ref_r[..., :c - rr], y_ref[..., :c - rr]), f"{rtag}: fp64 twin rotated nope channels"
+        y_r = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, mb=mb, cos=cos, sin=sin, first_block=fb)
+        worst = max(worst, _bound_ok(rtag, y_r, y_ref_r, bound_r))
+        y_nr = compressor_pool_naive(C, Z, ape, w, 1e-6, overlap, pC, pZ, cos, sin, fb)
+        _bound_ok(rtag + " naive fp32", y_nr, y_ref_r, bound_r)
+        assert ((y_ref - y_ref_r).abs() > bound_r).any(), f"{rtag}: the bound cannot tell the rotation's absence"
+        if cpu:     # one config (the interpreter's): the rope specialisation pools and norms exactly as the rope-less
+            y_k = y_t if in_kernel else y_t2                             # the same call without tables
+            assert torch.equal(y_r[..., :c - rr], y_k[..., :c - rr]), f"{rtag}: nope channels differ from no rope"
+            y_0 = cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, mb=mb, cos=cos[:, :0],
+                                             sin=sin[:, :0], first_block=fb)
+            assert torch.equal(y_0, y_k), f"{rtag}: r = 0 tables changed the entries"
+        with torch.no_grad():                                            # the dispatcher: kernel / twin with RoPE
+            y_dr = compressor_pool(C, Z, ape, w, 1e-6, overlap, pC, pZ, impl="triton", cos=cos, sin=sin,
+                                   first_block=fb)
+            y_tr = compressor_pool(C, Z, ape, w, 1e-6, overlap, pC, pZ, impl="torch", cos=cos, sin=sin,
+                                   first_block=fb)
+        if mb is None:
+            assert torch.equal(y_dr, y_r), f"{rtag}: dispatcher (no grad) != kernel"
+        assert torch.equal(y_tr, y_nr), f"{rtag}: dispatcher (torch) != naive twin"
+        if si == 0:                                                      # bf16 tables, read as they are
+            cb, sb = cos.bfloat16(), sin.bfloat16()
+            y_ref_b, bound_b = _pool_ref_bound(C, Z, ape, w, 1e-6, overlap, pC, pZ, cb, sb, fb)
+            _bound_ok(rtag + " bf16 tables", cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, mb=mb,
+                                                                        cos=cb, sin=sb, first_block=fb),
+                      y_ref_b, bound_b)
+        try:                                                             # a position past the tables' rows
+            cpt.compressor_pool_triton(C, Z, ape, w, 1e-6, overlap, pC, pZ, cos=cos, sin=sin, first_block=fb + 1)
+            raise AssertionError(f"{rtag}: positions past the tables accepted")
+        except ValueError:
+            pass
     # dispatcher: n = 0; a gradient needed -> the naive twin under autograd
     assert compressor_pool(torch.zeros(2, 0, 4, 16, device=device), torch.zeros(2, 0, 4, 16, device=device), None,
                            torch.ones(8, device=device), 1e-6, True, impl="triton").shape == (2, 0, 8)
@@ -898,11 +955,14 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
 
 
 def _compressor_module_check(device, g):
-    """Compressor(kernels="triton") == Compressor(kernels="torch") within the pool's error model, forward and step()
-    over several chunkings (the kernel must be called); identity RoPE, so the outputs are the normed entries."""
+    """Compressor(kernels="triton") == Compressor(kernels="torch") within the pool's error model with RoPE (a
+    RotaryTable, r < c), forward and step() over several chunkings (the kernel must be called: forward is one kernel
+    call, RoPE inside it; step's entries are rotated by `rotate`); forward with a rope that is no RotaryTable (here
+    the identity) takes the kernel for the pool and rotates outside it."""
     import dsv4_lab.kernels.compressor_pool.triton as cpt
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.inference.cache import CompressorState
+    from dsv4_lab.rope import RotaryTable
     calls = [0]
     orig = cpt.compressor_pool_triton
 
@@ -911,7 +971,7 @@ def _compressor_module_check(device, g):
         return orig(*a, **k)
     cpt.compressor_pool_triton = counted
     try:
-        rope = lambda x, pos: x                                          # noqa: E731  (RoPE is shared code)
+        ident = lambda x, pos: x                                         # noqa: E731
 
         def dy(*shape, k=8, sc=16):                                      # dyadic: multiples of 1 / sc in [-k/sc, k/sc]
             return torch.randint(-k, k + 1, shape, generator=g).float().div(sc).to(device)
@@ -927,13 +987,18 @@ def _compressor_module_check(device, g):
                 mod.load_state_dict(sd)
             u = dy(2, T, d, sc=8)
             n = T // m
+            rope = RotaryTable(c // 3 if overlap else c // 2, T, 10.0).to(device)   # r = 16 / 12 < c, fast angles
             C, Z = mods["torch"].project(u[:, :n * m])
-            y_ref, bound = _pool_ref_bound(C.unflatten(1, (n, m)), Z.unflatten(1, (n, m)), sd["ape"], sd["norm.weight"],
-                                           mods["torch"].norm.eps, overlap)
+            args = (C.unflatten(1, (n, m)), Z.unflatten(1, (n, m)), sd["ape"], sd["norm.weight"],
+                    mods["torch"].norm.eps, overlap)
+            y_ref0, bound0 = _pool_ref_bound(*args)
+            y_ref, bound = _pool_ref_bound(*args, cos=rope.cos, sin=rope.sin)
             for impl, mod in mods.items():
                 before = calls[0]
                 with torch.no_grad():
                     _bound_ok(f"Compressor {impl} forward c{c} m{m}", mod(u, rope), y_ref, bound)
+                    assert calls[0] - before == (impl == "triton"), f"{impl} forward: kernel calls {calls[0] - before}"
+                    _bound_ok(f"Compressor {impl} forward c{c} m{m} identity rope", mod(u, ident), y_ref0, bound0)
                     for chunks in ([T], [5, 3, 1, 7, 2, 9], [1] * 9 + [18]):
                         st = CompressorState(2, m, (2 if overlap else 1) * c, overlap, device=device)
                         outs, p0 = [], 0

@@ -1,15 +1,19 @@
-"""Token-level compressor pool + RMSNorm_w (docs §2.3, §3), the naive PyTorch twin of triton.py and the model's
-reference path (attention/compressor.py calls it through the dispatcher in __init__.py).
+"""Token-level compressor pool + RMSNorm_w (+ RoPE) (docs §2.3, §3), the naive PyTorch twin of triton.py and the
+model's reference path (attention/compressor.py calls it through the dispatcher in __init__.py).
 
 Shapes: C, Z (B, n, m, k c) values and scores of n complete blocks of m tokens (k = 2 overlapping, 1 plain);
 ape (m, k c) or None (None = Z already includes it); weight (c,) the RMSNorm weight; prev_C, prev_Z (B, m, c) the
 b-series rows of the block before block 0 (decode cache, prev_Z including ape) or None (b slots of entry 0 score
 -inf, value 0). Output (B, n, c) in C's dtype. Compute dtype: C's (fp32 in the model, fp64 in the tests' references);
-the RMSNorm in fp32, or fp64 for fp64 input. Autograd by PyTorch. RoPE is not part of this op (the model applies it).
+the RMSNorm in fp32, or fp64 for fp64 input. Autograd by PyTorch. Optional RoPE: cos, sin (max_len, r/2) the rotary
+tables, first_block an int: entry i (block first_block + i) is rotated on its last r channels at position
+(first_block + i) m by kernels/rope.py's `apply_rope` (cos / sin None: the entries are returned before RoPE).
 """
 from __future__ import annotations
 
 import torch
+
+from ..rope import apply_rope
 
 
 def pool_overlap(C: torch.Tensor, Z: torch.Tensor, prev_C: torch.Tensor | None = None,
@@ -52,8 +56,10 @@ def rms_norm_w(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
 
 def compressor_pool_naive(C: torch.Tensor, Z: torch.Tensor, ape: torch.Tensor | None, weight: torch.Tensor,
                           eps: float, overlap: bool, prev_C: torch.Tensor | None = None,
-                          prev_Z: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, n, m, k c) projections -> (B, n, c) entries RMSNorm_w(pool(C, Z + ape)), before RoPE (docs §2.3, §3)."""
+                          prev_Z: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                          sin: torch.Tensor | None = None, first_block: int = 0) -> torch.Tensor:
+    """(B, n, m, k c) projections -> (B, n, c) entries RMSNorm_w(pool(C, Z + ape)) (docs §2.3, §3), then RoPE at
+    position (first_block + i) m of entry i when cos / sin are given."""
     if ape is not None:
         Z = Z + ape.to(Z.dtype)
     if overlap:
@@ -62,4 +68,8 @@ def compressor_pool_naive(C: torch.Tensor, Z: torch.Tensor, ape: torch.Tensor | 
         if prev_C is not None:
             raise ValueError("prev_C / prev_Z are only used by the overlapping pool")
         pooled = pool_plain(C, Z)
-    return rms_norm_w(pooled, weight, eps)
+    y = rms_norm_w(pooled, weight, eps)
+    if cos is None:
+        return y
+    pos = (torch.arange(C.shape[1], device=C.device) + first_block) * C.shape[2]     # (n,) first token of the block
+    return apply_rope(y, cos[pos], sin[pos])

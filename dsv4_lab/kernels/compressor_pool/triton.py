@@ -1,13 +1,17 @@
-"""Fused compressor pool + ape + RMSNorm_w in one Triton launch, forward only (docs/kernels.md §11; docs §2.3, §3).
+"""Fused compressor pool + ape + RMSNorm_w (+ RoPE) in one Triton launch, forward only (docs/kernels.md §11; docs
+§2.3, §3, §2.6).
 
 Interface (naive.py's `compressor_pool_naive`, same shapes):
     C, Z   (B, n, m, k c) fp32 projections of n complete blocks (k = 2 overlapping, 1 plain); innermost dim contiguous,
            the other strides free (the decode path passes slices of its concatenated state)
-    ape    (m, k c) fp32 or None: added to Z inside the kernel (None = Z already includes it, as the decode cache's
-           scores do)
-    weight (c,) the RMSNorm weight; eps float
+    ape    (m, k c) or None, fp32 or bf16 (converted to fp32 on load): added to Z inside the kernel (None = Z already
+           includes it, as the decode cache's scores do)
+    weight (c,) the RMSNorm weight, fp32 or bf16 (converted on load); eps float
     prev_C, prev_Z (B, m, c) or None (overlap only): the b series of the block before block 0, prev_Z including ape;
            None = the b slots of entry 0 score -inf and add nothing
+    cos, sin (max_len, r/2) or None: the rotary tables (RotaryTable.cos / .sin, rows contiguous), first_block int;
+           entry i is rotated at position (first_block + i) m on channels [c - r, c) (c - r even), the kernel
+           reading the table rows itself
     out    (B, n, c) fp32
 
 One program owns BN whole entries (rows of c channels, so the RMSNorm's sum over c stays in registers). It walks
@@ -15,11 +19,13 @@ the slots in chunks of MB: overlapping, first the b slots (block i-1, channels [
 -inf without them), then the a slots (block i, channels [c, 2c); plain: the block's m slots, channels [0, c)), each
 chunk a [BN, MB, BC] tile of C and Z (+ ape), folded into a running per-channel max, sum of e^(z - max) and sum of
 e^(z - max) C (online softmax in fp32, rescaled when the max grows). Then x = num / den, the RMSNorm with its weight,
-and one store of the entry. BC = pow2(c); padded slots / channels are masked (score -inf, value 0). At m = 4
-(MB = 4) that is one chunk per series; HCA's m' = 128 takes 8 - 16 chunks and keeps the tiles register-sized.
-Every byte of C and Z is read once from HBM (the b slots of block i-1 a second time, normally from L2) and each entry
-written once, so the floor is the time to read C and Z; the naive twin takes ~15 launches (ape add, cats, softmax,
-product, sum, norm), each writing a C-sized intermediate.
+with tables the rotation of the interleaved pairs (2j, 2j+1) (the [BN, BC] row split into its even and odd channels,
+out0 = x0 cos - x1 sin, out1 = x0 sin + x1 cos, joined back), and one store of the entry. BC = pow2(c); padded slots
+/ channels are masked (score -inf, value 0). At m = 4 (MB = 4) that is one chunk per series; HCA's m' = 128 takes
+8 - 16 chunks and keeps the tiles register-sized. Every byte of C and Z is read once from HBM (the b slots of block
+i-1 a second time, normally from L2) and each entry written once, so the floor is the time to read C and Z; the
+naive twin takes ~15 launches for the pool and norm (ape add, cats, softmax, product, sum, norm) and ~8 more for RoPE
+(position gathers, slices, complex multiply, cat), each writing an entry- or C-sized intermediate.
 """
 from __future__ import annotations
 
@@ -43,13 +49,13 @@ def _online(cc, zc, mx, den, num):
     return new, den * alpha + tl.sum(e, 1), num * alpha + tl.sum(e * cc, 1)
 
 
-@triton.autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_PREV", "HAS_APE"])
+@triton.autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_PREV", "HAS_APE", "R"])
 @triton.jit
-def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, OUT, E, n, eps,
-                            scb, scn, scm, szb, szn, szm, spcb, spcm, spzb, spzm,
+def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, E, n, eps, first,
+                            scb, scn, scm, szb, szn, szm, spcb, spcm, spzb, spzm, scos, ssin,
                             C_: tl.constexpr, KC: tl.constexpr, M: tl.constexpr, MB: tl.constexpr,
                             BC: tl.constexpr, OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr,
-                            HAS_APE: tl.constexpr, BN: tl.constexpr):
+                            HAS_APE: tl.constexpr, R: tl.constexpr, BN: tl.constexpr):
     A0: tl.constexpr = KC - C_                                           # first channel of the a series
     e = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)           # (BN,) entries, flat over (B, n)
     b = e // n
@@ -101,15 +107,31 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, OUT, E, n, eps,
     rs = 1.0 / tl.sqrt_rn(tl.sum(x * x, 1) / C_ + eps)                   # (BN,) RMSNorm over the c channels
     w = tl.load(W + ch, mask=cm, other=0.0).to(tl.float32)
     y = x * rs[:, None] * w[None, :]
+    if R > 0:
+        # RoPE (docs §2.6) on channels [C_ - R, C_) at position (first + i) M: the row as BC / 2 pairs (2j, 2j + 1);
+        # pair j in the rope range reads table column j - (C_ - R) / 2; the other pairs pass through untouched
+        H: tl.constexpr = BC // 2
+        y0, y1 = tl.split(tl.reshape(y, [BN, H, 2]))                     # (BN, H) channels 2j and 2j + 1
+        j = tl.arange(0, H)
+        tj = j - (C_ - R) // 2                                           # (H,) table column of pair j
+        rot = em[:, None] & ((tj >= 0) & (j < C_ // 2))[None, :]         # (BN, H) pairs to rotate
+        pos = (first + i) * M                                            # (BN,) the block's first token
+        cs = tl.load(COS + pos[:, None] * scos + tj[None, :], mask=rot, other=1.0).to(tl.float32)
+        sn = tl.load(SIN + pos[:, None] * ssin + tj[None, :], mask=rot, other=0.0).to(tl.float32)
+        o0 = tl.where(rot, y0 * cs - y1 * sn, y0)
+        o1 = tl.where(rot, y0 * sn + y1 * cs, y1)
+        y = tl.reshape(tl.join(o0, o1), [BN, BC])                        # back to channel order
     tl.store(OUT + e[:, None] * C_ + ch[None, :], y, mask=valid)
 
 
 def compressor_pool_triton(C: torch.Tensor, Z: torch.Tensor, ape: torch.Tensor | None, weight: torch.Tensor,
                            eps: float, overlap: bool, prev_C: torch.Tensor | None = None,
-                           prev_Z: torch.Tensor | None = None, mb: int | None = None) -> torch.Tensor:
+                           prev_Z: torch.Tensor | None = None, mb: int | None = None, cos: torch.Tensor | None = None,
+                           sin: torch.Tensor | None = None, first_block: int = 0) -> torch.Tensor:
     """Forward only (no autograd graph): (B, n, m, k c) fp32 C, Z -> (B, n, c) fp32 entries (module docstring).
-    mb: slots per chunk (a power of two; default min(pow2(m), 2048 / pow2(c)), one chunk per series at m = 4)."""
-    check_device(C, Z, ape, weight, prev_C, prev_Z)
+    mb: slots per chunk (a power of two; default min(pow2(m), 2048 / pow2(c)), one chunk per series at m = 4).
+    cos, sin (max_len, r/2) or None: RoPE of entry i at position (first_block + i) m on its last r channels."""
+    check_device(C, Z, ape, weight, prev_C, prev_Z, cos, sin)
     B, n, m, kc = C.shape
     k = 2 if overlap else 1
     if Z.shape != C.shape or kc % k:
@@ -124,29 +146,49 @@ def compressor_pool_triton(C: torch.Tensor, Z: torch.Tensor, ape: torch.Tensor |
         t = t.detach().to(torch.float32)
         return t if t.stride(-1) == 1 else t.contiguous()
 
+    def rows(t):                                                         # any float dtype (fp32 on load), rows dense
+        return None if t is None else t.detach().contiguous()
+
     C, Z, prev_C, prev_Z = f32(C), f32(Z), f32(prev_C), f32(prev_Z)
-    ape = None if ape is None else f32(ape).contiguous()
-    weight = f32(weight).contiguous()
+    ape, weight = rows(ape), rows(weight)
     if ape is not None and ape.shape != (m, kc):
         raise ValueError(f"ape {tuple(ape.shape)} must be ({m}, {kc})")
+    if weight.shape != (c,):
+        raise ValueError(f"weight {tuple(weight.shape)} must be ({c},)")
     if prev_C is not None and (prev_C.shape != (B, m, c) or prev_Z.shape != (B, m, c)):
         raise ValueError(f"prev_C / prev_Z must be ({B}, {m}, {c})")
+    r = 0
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin go together")
+    if cos is not None:
+        cos, sin = cos.detach(), sin.detach()
+        cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+        r = 2 * cos.shape[-1]
+        if cos.dim() != 2 or sin.shape != cos.shape or r > c or (c - r) % 2:
+            raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must be (max_len, r/2) with r <= c "
+                             f"= {c} and c - r even")
+        if first_block < 0 or (n and (first_block + n - 1) * m >= cos.shape[0]):
+            raise ValueError(f"positions up to {(first_block + n - 1) * m} (first_block {first_block}) must lie in "
+                             f"the tables' {cos.shape[0]} rows")
     out = torch.empty(B, n, c, device=C.device, dtype=torch.float32)
     E = B * n
     if E == 0:
         return out
     pc = prev_C if prev_C is not None else C                             # dummies, never read without HAS_PREV
     pz = prev_Z if prev_Z is not None else Z
+    tc = cos if r else C                                                 # dummies, never read with R = 0
+    ts = sin if r else C
     BC = next_pow2(c)
     MB = min(next_pow2(m), max(1, 2048 // BC)) if mb is None else int(mb)
     if MB & (MB - 1):
         raise ValueError(f"mb={mb} must be a power of two")
     grid = lambda meta: (triton.cdiv(E, meta["BN"]),)                    # noqa: E731
-    _compressor_pool_kernel[grid](C, Z, ape if ape is not None else Z, weight, pc, pz, out, E, n, float(eps),
+    _compressor_pool_kernel[grid](C, Z, ape if ape is not None else Z, weight, pc, pz, tc, ts, out, E, n, float(eps),
+                                  int(first_block),
                                   C.stride(0), C.stride(1), C.stride(2), Z.stride(0), Z.stride(1), Z.stride(2),
-                                  pc.stride(0), pc.stride(1), pz.stride(0), pz.stride(1),
+                                  pc.stride(0), pc.stride(1), pz.stride(0), pz.stride(1), tc.stride(0), ts.stride(0),
                                   C_=c, KC=kc, M=m, MB=MB, BC=BC, OVERLAP=bool(overlap),
-                                  HAS_PREV=prev_C is not None, HAS_APE=ape is not None)
+                                  HAS_PREV=prev_C is not None, HAS_APE=ape is not None, R=r)
     return out
 
 
