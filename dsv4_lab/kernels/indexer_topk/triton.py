@@ -127,16 +127,17 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 # ================================================================================================ indexer + top-k
 METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf16")
 # Measured on the H200 (benchmarks/results/csa.json; the methods that lost there left the package, their numbers are
-# in benchmarks/README.md): prefill, Triton scores + torch.topk 0.70 / 5.0 / 41.3 ms at 8K / 32K / 128K, the fastest
-# measured there; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select 1.21 ms.
-# Decode at 1M (one 256K-entry row, deterministic select): select 47.2 us vs torch 87.4 us, same values (select_bf16
-# 33.9 us, torch_bf16 68.6 us: bf16 scores, recall 0.984 of the fp32 picks).
+# in benchmarks/README.md): prefill, Triton scores + torch.topk 0.49 / 4.2 / 37.8 ms at 8K / 32K / 128K (run 26),
+# select 0.65 / 6.2 / 78.3; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select
+# 1.21 ms. Decode at 1M (one 256K-entry row, deterministic select): select 45.7 us vs torch 85.9 us, same values
+# (select_bf16 34.3 us, torch_bf16 66.7 us: bf16 scores, recall 0.984 of the fp32 picks).
 # rowsel (one program per row, rowselect.py) wins on short prefill rows and loses on long ones (it holds a whole row
-# in registers): "auto" takes it for the query chunks whose visible key range is at most AUTO_SHORT_L entries
-# (measured: bench_csa.py family prefill_rows); None = never.
+# in registers): on 8192 fp32 rows (k 512) rowsel / torch.topk took 0.10 / 0.31 ms at L 1K, 0.21 / 0.42 at 2K,
+# 0.61 / 0.61 at 4K, 1.69 / 0.97 at 8K, 4.68 / 1.70 at 16K (H200, bench_csa.py family rows_by_length). So "auto"
+# takes it for the prefill query chunks whose visible key range is at most AUTO_SHORT_L entries; None = never.
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
 AUTO = {"prefill": "torch", "decode": "select"}
-AUTO_SHORT_L: int | None = None
+AUTO_SHORT_L: int | None = 2048
 FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel"}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 

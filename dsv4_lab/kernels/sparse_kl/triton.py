@@ -17,14 +17,16 @@ dot as the forward, so I and lse_I agree) and
     dI_k  = g_r (exp(I_k - lse_I) - p_k / P) on valid picks               (d KL / d I = softmax(I) - t)
     dw_j  = sum_k dI_k ReLU(l_jk);   dl_jk = dI_k w_j 1[l_jk > 0]          (ReLU'(0) = 0, as torch)
     dqI   = dl kI (n_I, c_I);         dkI[s_k] += (dl^T qI)_k
-dkI is a scatter: every entry receives from every (row, pick) that chose it, about T K / S rows each. Added by fp32
-atomics straight into (B, S, c_I), those adds pile onto the same few entries and serialise (the atomics were most of
-the backward's time on the H200). So the backward makes it dense instead: for a chunk of TC query rows it adds each
-pick's dl (n_I values) into a zeroed (B, S, TC n_I) fp32 buffer at (s_k, row, head), addresses that no two lanes
-share but for a repeated pick (each occurrence adds its own atomic: counted twice), then dkI += buffer @ qI of the
-chunk ((TC n_I, c_I)), a tiled GEMM (`_dki_gemm`, one program per block of entries, no atomics). Chunks hold
-DENSE_BYTES of buffer. So dkI is deterministic (two adds into a zeroed slot commute exactly; a pick repeated three
-times or more in one row is the exception); the atomic path (dense_bytes=None) is kept for comparison.
+dkI is a scatter: every entry receives from every (row, pick) that chose it, about T K / S rows each. By default
+fp32 atomics add straight into (B, S, c_I), where the adds pile onto the same entries. The dense variant
+(dense_bytes, or DENSE_BYTES for the model) instead, for a chunk of TC query rows, adds each pick's dl (n_I values)
+into a zeroed (B, S, TC n_I) fp32 buffer at (s_k, row, head), addresses that no two lanes share but for a repeated
+pick (each occurrence adds its own atomic: counted twice), then dkI += buffer @ qI of the chunk ((TC n_I, c_I)), a
+tiled GEMM (`_dki_gemm`, one program per block of entries, no atomics). Chunks hold
+dense_bytes of buffer; dkI is then deterministic (two adds into a zeroed slot commute exactly; a pick repeated three
+times or more in one row is the exception). It is off by default: the one end-to-end measurement with it on (H200,
+benchmarks/README.md run 26, 512 MiB chunks) gave a slower 16K training step than the atomics, not yet separated
+from the rest of that call's changes (benchmarks/bench_kl_bwd.py times the two side by side).
 
 Precision: q / comp and qI / kI dots take bf16 operands for bf16 inputs (exact products, fp32 accumulate) and
 input_precision="ieee" for fp32 inputs (no TF32, so the target and the scores match the fp32 reference tightly);
@@ -38,7 +40,7 @@ import torch
 from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
 
 BLOCK_K_GPU, BLOCK_K_INTERP = 64, 16
-DENSE_BYTES = 1 << 29                 # the dl buffer of the backward's dkI (512 MiB; module docstring)
+DENSE_BYTES: int | None = None        # the dl buffer of the backward's dense dkI (bytes; None: atomics; docstring)
 
 
 @triton.jit
@@ -248,9 +250,12 @@ def sparse_kl_fwd(q, comp, idx, lse, scale: float, qI, kI, w, store_p: bool = Tr
     return kl, stat, (pbuf if store_p else None)
 
 
-def sparse_kl_bwd(dkl, qI, kI, w, idx, stat, pbuf, dense_bytes: int | None = DENSE_BYTES):
+def sparse_kl_bwd(dkl, qI, kI, w, idx, stat, pbuf, dense_bytes: int | None | str = "auto"):
     """dkl (B, T) per-row gradient -> (dqI, dkI, dw) in the inputs' dtypes. dense_bytes: the size of the dl buffer
-    (query rows in chunks that fit it; module docstring); None: dkI by fp32 atomics, one launch."""
+    (query rows in chunks that fit it; module docstring); None: dkI by fp32 atomics, one launch; "auto": the module's
+    DENSE_BYTES at call time."""
+    if dense_bytes == "auto":
+        dense_bytes = DENSE_BYTES
     idx = idx.to(torch.int32).contiguous()
     qI, kI, w = _last_contig(qI), _last_contig(kI), _last_contig(w)
     B, T, NI, CI = qI.shape
