@@ -749,15 +749,6 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
         for nm, a, r, y in zip(["dqI", "dkI", "dw"], gr_t, gr_r, gr_y):
             assert a.dtype == dtype, f"sparse_kl {nm} dtype {a.dtype}"
             _check(f"sparse_kl {nm}", a, r, y, tol * 4)
-        # the dense dkI in chunks of 3 query rows, and by atomics, against the same reference
-        from dsv4_lab.kernels.sparse_kl.triton import sparse_kl_bwd, sparse_kl_fwd
-        with torch.no_grad():
-            _, st, pb = sparse_kl_fwd(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *[t.detach() for t in leaf])
-            dkl = st[..., 0] / st[..., 0].sum().clamp_min(1.0)         # d loss / d KL_row (the loss is their mean)
-            for db in (4 * B * S * nI * 3, None):
-                got = sparse_kl_bwd(dkl, *[t.detach() for t in leaf], idx_d, st, pb, dense_bytes=db)
-                for nm, a, r, y in zip(["dqI", "dkI", "dw"], got, gr_r, gr_y):
-                    _check(f"sparse_kl_bwd dense_bytes={db} {nm}", a, r, y, tol * 4)
         with torch.no_grad():                                           # forward only: no p buffer
             l_ng = sparse_kl_triton(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *[t.detach() for t in leaf])
         assert torch.equal(l_ng, l_t.detach()), "sparse_kl forward differs without grad"

@@ -16,17 +16,9 @@ Backward, per kept row (g_r = 0 elsewhere: rows whose target is all zero give no
 dot as the forward, so I and lse_I agree) and
     dI_k  = g_r (exp(I_k - lse_I) - p_k / P) on valid picks               (d KL / d I = softmax(I) - t)
     dw_j  = sum_k dI_k ReLU(l_jk);   dl_jk = dI_k w_j 1[l_jk > 0]          (ReLU'(0) = 0, as torch)
-    dqI   = dl kI (n_I, c_I);         dkI[s_k] += (dl^T qI)_k
-dkI is a scatter: every entry receives from every (row, pick) that chose it, about T K / S rows each. By default
-fp32 atomics add straight into (B, S, c_I), where the adds pile onto the same entries. The dense variant
-(dense_bytes, or DENSE_BYTES for the model) instead, for a chunk of TC query rows, adds each pick's dl (n_I values)
-into a zeroed (B, S, TC n_I) fp32 buffer at (s_k, row, head), addresses that no two lanes share but for a repeated
-pick (each occurrence adds its own atomic: counted twice), then dkI += buffer @ qI of the chunk ((TC n_I, c_I)), a
-tiled GEMM (`_dki_gemm`, one program per block of entries, no atomics). Chunks hold
-dense_bytes of buffer; dkI is then deterministic (two adds into a zeroed slot commute exactly; a pick repeated three
-times or more in one row is the exception). It is off by default: the one end-to-end measurement with it on (H200,
-benchmarks/README.md run 26, 512 MiB chunks) gave a slower 16K training step than the atomics, not yet separated
-from the rest of that call's changes (benchmarks/bench_kl_bwd.py times the two side by side).
+    dqI   = dl kI (n_I, c_I);         dkI[s_k] += (dl^T qI)_k               (fp32 tl.atomic_add into (B, S, c_I))
+A repeated pick is counted per occurrence (each lane adds its own atomic). The dkI summation order is not
+deterministic.
 
 Precision: q / comp and qI / kI dots take bf16 operands for bf16 inputs (exact products, fp32 accumulate) and
 input_precision="ieee" for fp32 inputs (no TF32, so the target and the scores match the fp32 reference tightly);
@@ -40,7 +32,6 @@ import torch
 from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
 
 BLOCK_K_GPU, BLOCK_K_INTERP = 64, 16
-DENSE_BYTES: int | None = None        # the dl buffer of the backward's dense dkI (bytes; None: atomics; docstring)
 
 
 @triton.jit
@@ -117,15 +108,13 @@ def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
 
 @triton.jit
 def _kl_bwd(QI, KI, W, IDX, STAT, PBUF, DKL, DQI, DKI, DW,
-            T, S, t0, TC,
+            T, S,
             sib, sit, sab, sat, saj, skb, sks, swb, swt,
             NI: tl.constexpr, CI: tl.constexpr, K_SEL: tl.constexpr,
             BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
-            DOT_I: tl.constexpr, PREC_I: tl.constexpr, PREC_G: tl.constexpr, DENSE: tl.constexpr):
-    # DKL (B*T,), STAT (B*T, 3), PBUF (B*T, K_SEL), DQI (B, T, NI, CI), DW (B, T, NI): contiguous fp32.
-    # DENSE: DKI is the zeroed (B, S, TC * NI) fp32 buffer of dl for query rows t0 .. t0 + TC (module docstring);
-    # else DKI is dkI (B, S, CI) itself, added to by atomics
-    t = t0 + tl.program_id(0)
+            DOT_I: tl.constexpr, PREC_I: tl.constexpr, PREC_G: tl.constexpr):
+    # DKL (B*T,), STAT (B*T, 3), PBUF (B*T, K_SEL), DQI (B, T, NI, CI), DKI (B, S, CI), DW (B, T, NI): contiguous fp32
+    t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     row = b * T + t
     offs_j = tl.arange(0, BLOCK_J)
@@ -158,44 +147,11 @@ def _kl_bwd(QI, KI, W, IDX, STAT, PBUF, DKL, DQI, DKI, DW,
             dw += tl.sum(tl.maximum(lg, 0.0) * d_i[None, :], 1)
             dl = tl.where(lg > 0.0, wj[:, None] * d_i[None, :], 0.0)                              # (BJ, BK)
             dq += tl.dot(dl, kraw.to(tl.float32), input_precision=PREC_G)
-            if DENSE:                                          # dl^T into its (entry, row, head) slots, no contention
-                tl.atomic_add(DKI + (b * S + sidx.to(tl.int64))[:, None] * (TC * NI) + (t - t0) * NI
-                              + offs_j[None, :], tl.trans(dl), mask=valid[:, None] & jmask[None, :])
-            else:
-                dk = tl.dot(tl.trans(dl), q32, input_precision=PREC_G)                            # (BK, BCI)
-                tl.atomic_add(DKI + (b * S + sidx.to(tl.int64))[:, None] * CI + offs_ci[None, :], dk,
-                              mask=valid[:, None] & cimask[None, :])
+            dk = tl.dot(tl.trans(dl), q32, input_precision=PREC_G)                                # (BK, BCI)
+            tl.atomic_add(DKI + (b * S + sidx.to(tl.int64))[:, None] * CI + offs_ci[None, :], dk,
+                          mask=valid[:, None] & cimask[None, :])
     tl.store(DQI + row * NI * CI + offs_j[:, None] * CI + offs_ci[None, :], dq, mask=jc)
     tl.store(DW + row * NI + offs_j, dw, mask=jmask)
-
-
-@triton.jit
-def _dki_gemm(DL, QI, DKI, S, T, t0, TC, sab, sat, saj,
-              NI: tl.constexpr, CI: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_CI: tl.constexpr, PREC_G: tl.constexpr):
-    """dkI[b, s] += sum over the chunk's (row, head) pairs r of DL[b, s, r] qI[b, t0 + r // NI, r % NI]: one
-    program per (BLOCK_S entries, b); DL (B, S, TC * NI) and DKI (B, S, CI) contiguous fp32."""
-    sb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_ci = tl.arange(0, BLOCK_CI)
-    smask = offs_s < S
-    cmask = offs_ci < CI
-    R = TC * NI
-    acc = tl.zeros([BLOCK_S, BLOCK_CI], tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + offs_r
-        rmask = r < R
-        dl = tl.load(DL + (b * S + offs_s.to(tl.int64))[:, None] * R + r[None, :],
-                     mask=smask[:, None] & rmask[None, :], other=0.0)                         # (BS, BR)
-        qrow = QI + b * sab + (t0 + r // NI).to(tl.int64) * sat + (r % NI) * saj              # (BR,) row starts
-        qv = tl.load(qrow[:, None] + offs_ci[None, :], mask=rmask[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)                                                 # (BR, BCI)
-        acc += tl.dot(dl, qv, input_precision=PREC_G)
-    ptr = DKI + (b * S + offs_s.to(tl.int64))[:, None] * CI + offs_ci[None, :]
-    m = smask[:, None] & cmask[None, :]
-    tl.store(ptr, tl.load(ptr, mask=m, other=0.0) + acc, mask=m)
 
 
 def _last_contig(t):
@@ -250,12 +206,8 @@ def sparse_kl_fwd(q, comp, idx, lse, scale: float, qI, kI, w, store_p: bool = Tr
     return kl, stat, (pbuf if store_p else None)
 
 
-def sparse_kl_bwd(dkl, qI, kI, w, idx, stat, pbuf, dense_bytes: int | None | str = "auto"):
-    """dkl (B, T) per-row gradient -> (dqI, dkI, dw) in the inputs' dtypes. dense_bytes: the size of the dl buffer
-    (query rows in chunks that fit it; module docstring); None: dkI by fp32 atomics, one launch; "auto": the module's
-    DENSE_BYTES at call time."""
-    if dense_bytes == "auto":
-        dense_bytes = DENSE_BYTES
+def sparse_kl_bwd(dkl, qI, kI, w, idx, stat, pbuf):
+    """dkl (B, T) per-row gradient -> (dqI, dkI, dw) in the inputs' dtypes."""
     idx = idx.to(torch.int32).contiguous()
     qI, kI, w = _last_contig(qI), _last_contig(kI), _last_contig(w)
     B, T, NI, CI = qI.shape
@@ -264,28 +216,14 @@ def sparse_kl_bwd(dkl, qI, kI, w, idx, stat, pbuf, dense_bytes: int | None | str
     dqi = torch.empty(B, T, NI, CI, device=dev, dtype=torch.float32)
     dki = torch.zeros(B, S, CI, device=dev, dtype=torch.float32)
     dw = torch.empty(B, T, NI, device=dev, dtype=torch.float32)
-    if T > 0 and B > 0 and S > 0:
+    if T > 0 and B > 0:
         di, pi = _dots(qI, kI)
         pg = "ieee" if torch.float32 in (qI.dtype, kI.dtype) else "tf32"
-        dkl = dkl.float().contiguous()
-        tc = T if dense_bytes is None else max(1, min(T, dense_bytes // (4 * B * S * NI)))   # rows per chunk
-        buf = torch.empty(B * S * tc * NI, device=dev, dtype=torch.float32) if dense_bytes is not None else None
-        for t0 in range(0, T, tc):
-            n = min(tc, T - t0)
-            if buf is not None:
-                dl = buf[: B * S * n * NI].view(B, S, n * NI).zero_()
-            _kl_bwd[(n, B)](qI, kI, w, idx, stat, pbuf, dkl, dqi, dl if buf is not None else dki, dw, T, S, t0, n,
-                            idx.stride(0), idx.stride(1), qI.stride(0), qI.stride(1), qI.stride(2),
-                            kI.stride(0), kI.stride(1), w.stride(0), w.stride(1),
-                            NI=NI, CI=CI, K_SEL=K, BLOCK_J=max(16, next_pow2(NI)), BLOCK_CI=max(16, next_pow2(CI)),
-                            BLOCK_K=_block_k(), DOT_I=di, PREC_I=pi, PREC_G=pg, DENSE=buf is not None, num_warps=4)
-            if buf is not None:
-                bs, br = (16, 16) if INTERPRET else (64, 64)
-                _dki_gemm[(triton.cdiv(S, bs), B)](dl, qI, dki, S, T, t0, n, qI.stride(0), qI.stride(1),
-                                                   qI.stride(2), NI=NI, CI=CI, BLOCK_S=bs, BLOCK_R=br,
-                                                   BLOCK_CI=max(16, next_pow2(CI)), PREC_G=pg, num_warps=4)
-            if buf is None:
-                break
+        _kl_bwd[(T, B)](qI, kI, w, idx, stat, pbuf, dkl.float().contiguous(), dqi, dki, dw, T, S,
+                        idx.stride(0), idx.stride(1), qI.stride(0), qI.stride(1), qI.stride(2),
+                        kI.stride(0), kI.stride(1), w.stride(0), w.stride(1),
+                        NI=NI, CI=CI, K_SEL=K, BLOCK_J=max(16, next_pow2(NI)), BLOCK_CI=max(16, next_pow2(CI)),
+                        BLOCK_K=_block_k(), DOT_I=di, PREC_I=pi, PREC_G=pg, num_warps=4)
     return dqi.to(qI.dtype), dki.to(kI.dtype), dw.to(w.dtype)
 
 
