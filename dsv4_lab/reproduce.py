@@ -56,7 +56,7 @@ def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prom
     from .data import Batches
     from .inference.speculative import speculative_generate
     from .model import DSV4LM
-    from .runlog import environment, load_checkpoint, load_json, save_json
+    from .runlog import environment, load_checkpoint, load_json, repo_relative, save_json
     rows = []
     for rd in map(Path, run_dirs):
         if not (rd / "ckpt.pt").exists():
@@ -69,8 +69,8 @@ def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prom
         model.load_state_dict(load_checkpoint(rd / "ckpt.pt", map_location="cpu")["model"])
         x, _ = Batches(cfg["train"]["data"], prompt_len, n_prompts, seed=123).val_batch(0)
         ids, stats = speculative_generate(model, x, new_tokens)
-        rows.append({"run": str(rd), "prompts": n_prompts, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                     **stats, "config": cfg, "env": load_json(rd / "env.json")})
+        rows.append(repo_relative({"run": str(rd.resolve()), "prompts": n_prompts, "prompt_len": prompt_len,
+                                   "new_tokens": new_tokens, **stats, "config": cfg, "env": load_json(rd / "env.json")}))
     if not rows:
         return None
     path = Path(out) / "speculative.json"

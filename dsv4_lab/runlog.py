@@ -47,8 +47,23 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def save_json(obj, path) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def repo_relative(x, root: str = str(REPO_ROOT)):
+    """x with every string that names a path inside the repository made relative to it (committed records, such as
+    the figures' run records, name no machine path); dicts and lists walked, anything else returned as is."""
+    if isinstance(x, dict):
+        return {k: repo_relative(v, root) for k, v in x.items()}
+    if isinstance(x, list):
+        return [repo_relative(v, root) for v in x]
+    if isinstance(x, str) and x.startswith(root + os.sep):
+        return x[len(root) + 1:]
+    return x
 
 
 def load_json(path):

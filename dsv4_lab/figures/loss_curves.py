@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runlog import load_json, read_metrics, save_json
+from ..runlog import load_json, read_metrics, repo_relative, save_json
 
 
 def collect(run_dirs) -> list[dict]:
@@ -34,7 +34,8 @@ def plot_loss_curves(run_dirs, out_png, title: str = "") -> Path:
     df.to_csv(out_png.with_suffix(".csv"), index=False)
     records = {}
     for rd in map(Path, run_dirs):
-        records[rd.name] = {f: load_json(rd / f"{f}.json") for f in ("config", "env") if (rd / f"{f}.json").exists()}
+        records[rd.name] = repo_relative({f: load_json(rd / f"{f}.json") for f in ("config", "env")
+                                           if (rd / f"{f}.json").exists()})
     save_json(records, out_png.with_suffix(".runs.json"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run, g in df.groupby("run", sort=True) if len(df) else []:
