@@ -69,8 +69,9 @@ def measure_speculative(run_dirs, out: str = "figures", n_prompts: int = 4, prom
         model.load_state_dict(load_checkpoint(rd / "ckpt.pt", map_location="cpu")["model"])
         x, _ = Batches(cfg["train"]["data"], prompt_len, n_prompts, seed=123).val_batch(0)
         ids, stats = speculative_generate(model, x, new_tokens)
-        rows.append(repo_relative({"run": str(rd.resolve()), "prompts": n_prompts, "prompt_len": prompt_len,
-                                   "new_tokens": new_tokens, **stats, "config": cfg, "env": load_json(rd / "env.json")}))
+        row = {"run": str(rd.resolve()), "prompts": n_prompts, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               **stats, "config": cfg, "env": load_json(rd / "env.json")}
+        rows.append(repo_relative(row))                               # committed records name no machine path
     if not rows:
         return None
     path = Path(out) / "speculative.json"
