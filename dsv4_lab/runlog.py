@@ -47,22 +47,23 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_json(obj, path) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def repo_relative(x, root: str = str(REPO_ROOT)):
+def repo_relative(x, root: str | Path = REPO_ROOT):
     """x with every string that names a path inside the repository made relative to it (committed records, such as
     the figures' run records, name no machine path); dicts and lists walked, anything else returned as is."""
+    prefix = str(root) + os.sep
     if isinstance(x, dict):
         return {k: repo_relative(v, root) for k, v in x.items()}
     if isinstance(x, list):
         return [repo_relative(v, root) for v in x]
-    if isinstance(x, str) and x.startswith(root + os.sep):
-        return x[len(root) + 1:]
+    if isinstance(x, str) and x.startswith(prefix):
+        return x[len(prefix):]
     return x
 
 
@@ -199,7 +200,7 @@ def _one_line(e) -> str:
 
 
 def git_commit(root: str | Path | None = None) -> dict:
-    root = Path(root or Path(__file__).resolve().parents[1])
+    root = Path(root or REPO_ROOT)
     def run(*args):
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()

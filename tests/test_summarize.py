@@ -170,7 +170,7 @@ def test_figure_run_records_name_no_machine_path(tmp_path):
     from dsv4_lab.runlog import REPO_ROOT, repo_relative, save_json
     assert repo_relative({"a": f"{REPO_ROOT}/runs/x", "b": ["/elsewhere/y", 3], "c": f"{REPO_ROOT}x"}) == \
         {"a": "runs/x", "b": ["/elsewhere/y", 3], "c": f"{REPO_ROOT}x"}
-    rd = Path(REPO_ROOT) / "runs" / "_test_records" / f"r{tmp_path.name}"
+    rd = REPO_ROOT / "runs" / "_test_records" / f"r{tmp_path.name}"
     rd.mkdir(parents=True)
     try:
         save_json({"train": {"run_dir": str(rd), "seed": 0}}, rd / "config.json")

@@ -21,10 +21,11 @@ the compressor's state (the uncompressed tail, docs §6.1) and pools each block 
 The pool, the ape bias and the RMSNorm are one op, kernels/compressor_pool (`compressor_pool`, on already-projected
 inputs), shared by `forward` and `step`: its naive twin (the pools `pool_overlap`, `pool_plain`, re-exported here)
 under autograd in training and on CPU, its fused forward-only Triton kernel when `impl` (the model's cfg.kernels)
-selects Triton for the tensor and no gradient is needed (inference, decode; `takes_kernel`). On that kernel path
-`forward` with a RotaryTable hands the tables to the kernel, which applies RoPE too: the module is then three launches
-(the two GEMMs and the kernel; docs/kernels.md §11). Elsewhere RoPE is `rotate` after the pool, and `step` always
-returns its entries before RoPE (the caller rotates them with `rotate`).
+selects Triton for the tensor and no gradient is needed (inference, decode; `takes_kernel`). `forward` with a
+RotaryTable hands the tables to the op, which applies RoPE too (the naive twin with the same `apply_rope`), so on the
+kernel path the module is three launches (the two GEMMs and the kernel; docs/kernels.md §11). With another rope RoPE
+is `rotate` after the pool, and `step` always returns its entries before RoPE (the caller rotates them with
+`rotate`).
 `Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
 """
 from __future__ import annotations
@@ -34,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.compressor_pool import compressor_pool, pool_overlap, pool_plain  # noqa: F401 (re-export)
-from ..kernels.compressor_pool import takes_kernel
 from ..layers import Linear, RMSNorm
 from ..rope import RotaryTable
 
@@ -89,11 +89,9 @@ class Compressor(nn.Module):
         n = u.shape[1] // self.m
         C, Z = self.project(u[:, : n * self.m])                               # (B, n*m, k*c) fp32
         C, Z = C.unflatten(1, (n, self.m)), Z.unflatten(1, (n, self.m))       # (B, n, m, k*c)
-        w = self.norm.weight
-        if isinstance(rope, RotaryTable) and takes_kernel(self.impl, C, Z, self.ape, w, rope.cos, rope.sin):
-            # one fused launch: pool + ape + RMSNorm + RoPE at positions i*m (kernels/compressor_pool)
-            return compressor_pool(C, Z, self.ape, w, self.norm.eps, self.overlap, impl=self.impl, cos=rope.cos,
-                                   sin=rope.sin)
+        if isinstance(rope, RotaryTable):     # the op rotates too: on the kernel path pool + RoPE are one launch
+            return compressor_pool(C, Z, self.ape, self.norm.weight, self.norm.eps, self.overlap, impl=self.impl,
+                                   cos=rope.cos, sin=rope.sin)
         return self.rotate(self.pool_norm(C, Z), rope)
 
     def step(self, u: torch.Tensor, state, p0: int) -> tuple[torch.Tensor, int]:

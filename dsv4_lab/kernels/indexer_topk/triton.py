@@ -197,6 +197,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     -1 / -inf last (select: stable, so equal scores stay in index order, as in the naive twin).
     Query chunks hold at most `chunk_elems` scores (1 GiB of fp32 by default); the [T, S] matrix is never built.
     workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
+    from .rowselect import MAX_L                                    # read per call (the tests lower it)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
     short_l = 0                                                     # chunks seeing <= short_l entries: rowsel
@@ -205,17 +206,14 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
         if qI.dtype == torch.float32:                               # fp32 model: keep fp32 scores (exact twin)
             method = FP32_TWIN.get(method, method)
         if T > DECODE_T and AUTO_SHORT_L and not method.startswith("rowsel"):
-            from .rowselect import MAX_L
             short_l = min(AUTO_SHORT_L, MAX_L)
     if method not in METHODS:
         raise ValueError(f"indexer_topk_triton: method={method!r}; allowed: auto, {', '.join(METHODS)}")
     check_device(qI, kI, w)
     Smax = _visible(ratio, q_offset, T, S)
     rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
-    if method.startswith("rowsel"):
-        from .rowselect import MAX_L
-        if Smax > MAX_L:                                            # a row does not fit one program: split it
-            method = method.replace("rowsel", "select")
+    if method.startswith("rowsel") and Smax > MAX_L:                # a row does not fit one program: split it
+        method = method.replace("rowsel", "select")
     select_rows = _row_selector(method, B * rows, qI.device)
     short_rows = _row_selector("rowsel", B * rows, qI.device) if short_l else None
     select = select_rows is not None
