@@ -98,6 +98,28 @@ def case_sparse_attn(device="cpu", big=False, dtype=torch.float32):
         _check("sparse fwd", o_t, o_r, yard, tol)
         for nm, a, r, y in zip(["dq", "dkv", "dcomp", "dsink"], gr_t, gr_r, gr_y):
             _check(f"sparse {nm}", a, r, y, tol * 4)
+    # a chunk of T queries at positions q_offset .. over a longer cache (Tk > T), gradients too: the window's
+    # key-major backward (_window_bwd) must find the queries of every key from q_offset
+    B, T, H, D, S, K, W, Tk = 2, 11, 3, 20, 7, 5, 9, 37
+    ts = [torch.randn(B, T, H, D, generator=g), torch.randn(B, Tk, D, generator=g), torch.randn(B, S, D, generator=g)]
+    idx = torch.randint(-1, S, (B, T, K), generator=g).to(device)
+    sink, go = torch.randn(H, generator=g), torch.randn(B, T, H, D, generator=g)
+    for q_off in (Tk - T, Tk - T - 6):                              # the chunk ends at the cache's end / before it
+        leaf = [t.to(device, dtype).requires_grad_(True) for t in ts] + [sink.to(device).requires_grad_(True)]
+        ref = [t.double().to(device).requires_grad_(True) for t in ts + [sink]]
+        o_t = sparse_attn_triton(*leaf[:3], idx, leaf[3], 0.3, W, q_offset=q_off)
+        o_r = sparse_attn_naive(*ref[:3], idx, ref[3], 0.3, W, q_offset=q_off)
+        gr_t = torch.autograd.grad(o_t, leaf, go.to(device, dtype))
+        gr_r = torch.autograd.grad(o_r, ref, go.double().to(device))
+        yard, gr_y = None, [None] * 4
+        if dtype != torch.float32:                                  # the naive twin in the kernel's dtype
+            yin = [t.to(device, dtype).requires_grad_(True) for t in ts] + [sink.to(device).requires_grad_(True)]
+            yard = sparse_attn_naive(*yin[:3], idx, yin[3], 0.3, W, q_offset=q_off)
+            gr_y = torch.autograd.grad(yard, yin, go.to(device, dtype))
+        tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 2e-3
+        _check(f"sparse chunk fwd q_offset={q_off}", o_t, o_r, yard, tol)
+        for nm, a, r, y in zip(["dq", "dkv", "dcomp", "dsink"], gr_t, gr_r, gr_y):
+            _check(f"sparse chunk {nm} q_offset={q_off}", a, r, y, tol * 4)
     # decode: one query at position q_offset over a longer cache
     B, H, D, S, K, W, Tk = 1, 4, 32, 9, 6, 5, 40
     q = torch.randn(B, 1, H, D, generator=g).to(device)

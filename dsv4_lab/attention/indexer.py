@@ -93,9 +93,13 @@ class Indexer(nn.Module):
         return self.weights_proj(u) * self.weight_scale
 
     def project(self, u: torch.Tensor, latent: torch.Tensor, p0: int, rope, lc=None):
-        """(qI (B, T, n_I, c_I), kI (B, S, c_I), w (B, T, n_I)) for the chunk at positions p0.. (cache: see keys)."""
+        """(qI (B, T, n_I, c_I), kI (B, S, c_I), w (B, T, n_I)) for the chunk at positions p0.. (cache: see keys).
+        The keys come out of the compressor in fp32; they are cast to the queries' dtype (bf16 under autocast; V4
+        keeps its indexer QK path in low precision, MXFP4, docs §6.3 and §8; a no-op in fp32), so the selection and
+        the indexer KL score the same keys with bf16 dots."""
         pos = torch.arange(p0, p0 + u.shape[1], device=u.device)
-        return self.queries(latent, pos, rope), self.keys(u, rope, lc, p0), self.head_weights(u)
+        qI = self.queries(latent, pos, rope)
+        return qI, self.keys(u, rope, lc, p0).to(qI.dtype), self.head_weights(u)
 
     def forward(self, u: torch.Tensor, latent: torch.Tensor, pos: torch.Tensor, rope) -> torch.Tensor:
         """Raw scores I (B, T, S) (invisible entries NOT masked; topk_select masks them)."""

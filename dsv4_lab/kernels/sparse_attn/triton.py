@@ -5,9 +5,14 @@ M rows of every tl.dot (padded to >= 16). One online softmax (exp2 domain) runs 
 (contiguous) then over the selected compressed rows (pointer gather of BLOCK_K indices at a time, -1 / out-of-range
 masked); the sink initialises (m, l) = (sink, 1), so it only enlarges the denominator.
 
-Backward: one program per query recomputes p from the saved lse, writes dQ, and adds dK/dV of every entry it used
-(K = V, so d(entry) = p^T dO + scale * dS^T Q) with fp32 atomics into one-head fp32 buffers (docs/kernels.md §2.2: the
-attention-gym fast path; non-deterministic summation order). d(sink_h) = -sum_t exp(sink_h - lse) * delta.
+Backward, two launches (K = V, so d(entry) = p^T dO + scale * dS^T Q; p recomputed from the saved lse):
+  * query-major (_sparse_bwd): one program per query writes dQ over its window and its picks, and adds d(entry) of
+    every pick with fp32 atomics into a one-head fp32 buffer (docs/kernels.md §2.2: the attention-gym fast path;
+    non-deterministic summation order);
+  * key-major (_window_bwd): one program per block of BLOCK_N window keys walks the queries whose window holds them
+    (positions j .. j + W - 1), BLOCK_M queries x all heads per tile, and writes their d(entry) once: no atomics. The
+    W queries that share a window key would otherwise add to the same address one after the other.
+d(sink_h) = -sum_t exp(sink_h - lse) * delta.
 """
 from __future__ import annotations
 
@@ -95,17 +100,19 @@ def _sparse_fwd(Q, KV, C, IDX, SINK, O, LSE,
 
 
 @triton.jit
-def _bwd_block(qd, dod, q_dt, lse2, delta, e, valid, hmask, scale, DOT_DT: tl.constexpr):
-    """One block of entries: returns (dS @ E (for dQ), d(entries) (BLOCK_N, BLOCK_D) fp32)."""
-    ed = e.to(DOT_DT)
-    s = tl.dot(qd, tl.trans(ed))                                   # log2-domain scores
-    keep = hmask[:, None] & valid[None, :]
+def _bwd_scores(qd, dod, lse2, delta, ed, keep):
+    """p and dS = p (dP - delta) of rows (query heads) x entries ed (BLOCK_N, BLOCK_D), zero where not `keep`;
+    qd is q * scale * log2(e) (log2-domain scores against lse2 = lse * log2(e))."""
+    s = tl.dot(qd, tl.trans(ed))
     p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(dod, tl.trans(ed))
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(DOT_DT), ed)
-    de = tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
-    return dq, de
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _d_entries(p, ds, dod, q_dt, scale, DOT_DT: tl.constexpr):
+    """d(entries) (BLOCK_N, BLOCK_D) fp32 = p^T dO + scale * dS^T Q (K = V)."""
+    return tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
 
 
 @triton.jit
@@ -137,24 +144,72 @@ def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DKV, DC, DELTA,
     dod = do.to(DOT_DT)
     q_dt = q.to(DOT_DT)
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for jb in range(0, W, BLOCK_W):
+    for jb in range(0, W, BLOCK_W):                                # window: dQ only (d(entry): _window_bwd)
         j = pos - W + 1 + jb + tl.arange(0, BLOCK_W)
         valid = (j >= 0) & (j <= pos) & (j < Tk) & (jb + tl.arange(0, BLOCK_W) < W)
-        e = _load_rows(KV + b * skb, j, skt, offs_d, valid, D)
-        dqb, de = _bwd_block(qd, dod, q_dt, lse2, delta, e, valid, hmask, scale, DOT_DT)
-        dq += dqb
-        tl.atomic_add(DKV + b * Tk * D + j.to(tl.int64)[:, None] * D + offs_d[None, :], de,
-                      mask=valid[:, None] & dmask[None, :])
-    for kb in range(0, K_SEL, BLOCK_K):
+        ed = _load_rows(KV + b * skb, j, skt, offs_d, valid, D).to(DOT_DT)
+        p, ds = _bwd_scores(qd, dod, lse2, delta, ed, hmask[:, None] & valid[None, :])
+        dq += tl.dot(ds.to(DOT_DT), ed)
+    for kb in range(0, K_SEL, BLOCK_K):                            # picks: dQ and d(entry) by atomics
         offs_k = kb + tl.arange(0, BLOCK_K)
         sidx = tl.load(IDX + b * sib + t * sit + offs_k, mask=offs_k < K_SEL, other=-1)
         valid = (sidx >= 0) & (sidx < S)
-        e = _load_rows(C + b * scb, sidx, scs, offs_d, valid, D)
-        dqb, de = _bwd_block(qd, dod, q_dt, lse2, delta, e, valid, hmask, scale, DOT_DT)
-        dq += dqb
-        tl.atomic_add(DC + b * S * D + sidx.to(tl.int64)[:, None] * D + offs_d[None, :], de,
-                      mask=valid[:, None] & dmask[None, :])
+        ed = _load_rows(C + b * scb, sidx, scs, offs_d, valid, D).to(DOT_DT)
+        p, ds = _bwd_scores(qd, dod, lse2, delta, ed, hmask[:, None] & valid[None, :])
+        dq += tl.dot(ds.to(DOT_DT), ed)
+        tl.atomic_add(DC + b * S * D + sidx.to(tl.int64)[:, None] * D + offs_d[None, :],
+                      _d_entries(p, ds, dod, q_dt, scale, DOT_DT), mask=valid[:, None] & dmask[None, :])
     tl.store(DQ + qo, dq * scale, mask=hd)
+
+
+def _window_configs():
+    return configs([triton.Config({"ROWS": r, "BLOCK_N": n}, num_warps=w)
+                    for r, n, w in ((64, 64, 4), (128, 64, 8), (128, 32, 4), (64, 32, 4), (256, 64, 8))],
+                   triton.Config({"ROWS": 32, "BLOCK_N": 16}, num_warps=4))
+
+
+@triton.autotune(configs=_window_configs(), key=["H", "D", "W"])
+@triton.jit
+def _window_bwd(Q, KV, DO, LSE, DELTA, DKV,
+                T, Tk, q_offset, scale,
+                sqb, sqt, sqh, skb, skt, sob, sot, soh, slb, slt,
+                H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_HP: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_DT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # d(entry) of window keys j = n0 .. n0 + BLOCK_N - 1: the queries at positions j .. j + W - 1 see key j, i.e.
+    # t in [n0 - q_offset, n0 + BLOCK_N + W - 2 - q_offset]; a tile = BLOCK_M queries x BLOCK_HP (>= H) heads,
+    # row r = (t0 + r // BLOCK_HP, head r % BLOCK_HP), R = max(ROWS, BLOCK_HP) rows. DELTA (written by _sparse_bwd)
+    # has LSE's strides.
+    R: tl.constexpr = ROWS if ROWS >= BLOCK_HP else BLOCK_HP
+    BLOCK_M: tl.constexpr = R // BLOCK_HP
+    n0 = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    nmask = offs_n < Tk
+    ed = _load_rows(KV + b * skb, offs_n, skt, offs_d, nmask, D).to(DOT_DT)            # (BN, BD)
+    rh = tl.arange(0, R) % BLOCK_HP
+    rt = tl.arange(0, R) // BLOCK_HP
+    t_lo = tl.maximum(n0 - q_offset, 0)
+    t_hi = tl.minimum(n0 + BLOCK_N + W - 2 - q_offset, T - 1)
+    de = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for t0 in range(t_lo, t_hi + 1, BLOCK_M):
+        t = t0 + rt
+        rmask = (t <= t_hi) & (rh < H)
+        rd = rmask[:, None] & dmask[None, :]
+        q = tl.load(Q + b * sqb + t[:, None] * sqt + rh[:, None] * sqh + offs_d[None, :], mask=rd, other=0.0)
+        do = tl.load(DO + b * sob + t[:, None] * sot + rh[:, None] * soh + offs_d[None, :], mask=rd,
+                     other=0.0).to(DOT_DT)
+        lse2 = tl.load(LSE + b * slb + t * slt + rh, mask=rmask, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + b * slb + t * slt + rh, mask=rmask, other=0.0)
+        pos = q_offset + t
+        keep = rmask[:, None] & nmask[None, :] & (offs_n[None, :] <= pos[:, None]) & \
+            (offs_n[None, :] > pos[:, None] - W)
+        q = q.to(tl.float32)
+        p, ds = _bwd_scores((q * (scale * 1.4426950408889634)).to(DOT_DT), do, lse2, delta, ed, keep)
+        de += _d_entries(p, ds, do, q.to(DOT_DT), scale, DOT_DT)
+    tl.store(DKV + b * Tk * D + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], de,
+             mask=nmask[:, None] & dmask[None, :])
 
 
 def _prep(q, kv, comp, idx):
@@ -212,6 +267,11 @@ def sparse_attn_bwd(do, q, kv, comp, idx, sink, o, lse, scale: float, window: in
                             lse.stride(0), lse.stride(1),
                             H=H, D=D, W=window, K_SEL=K, BLOCK_H=BH, BLOCK_D=BD, BLOCK_W=BW,
                             BLOCK_K=16 if BD > 128 else 32, DOT_DT=dot_dtype(q), num_warps=4)
+        if window > 0:                                              # after _sparse_bwd: reads its delta
+            _window_bwd[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B)](
+                q, kv, do, lse, delta, dkv, T, Tk, q_offset, scale, q.stride(0), q.stride(1), q.stride(2),
+                kv.stride(0), kv.stride(1), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+                H=H, D=D, W=window, BLOCK_HP=next_pow2(H), BLOCK_D=BD, DOT_DT=dot_dtype(q))
     dsink = None
     if sink is not None:
         dsink = -(torch.exp(sink.float().view(1, 1, H) - lse) * delta).sum((0, 1))

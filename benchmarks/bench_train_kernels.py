@@ -1,0 +1,81 @@
+"""The training-step kernels of one CSA layer at the `small` preset's 16K shapes, taken apart (issue: throughput).
+
+Shapes: B 4 x T 16384 (65,536 tokens, as bench_e2e at 16K), H 8 heads x c 128, window 128, m 4 (S 4096 entries),
+k 512 picks, indexer n_I 4 x c_I 64; bf16 inputs. Timed with do_bench (median ms):
+    sparse_fwd / sparse_bwd      kernels/sparse_attn (forward; backward = dQ + dKV/dC by fp32 atomics)
+    ... picks=random             each query picks k distinct entries uniformly among its visible ones
+    ... picks=shared             the 64 queries of a block share one set of picks (most contended atomics)
+    ... picks=none               every pick -1: the same launch without the gathers and the dC atomics
+    ... window=0                 no window rows: the compressed part alone
+    kl_fwd / kl_bwd              kernels/sparse_kl with bf16 kI (the model's dtype) and fp32 kI (fp32 dots)
+Writes benchmarks/results/train_kernels.json.
+
+    python benchmarks/bench_train_kernels.py [--T 16384] [--B 4]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import bench, save
+from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_bwd, sparse_attn_fwd
+from dsv4_lab.kernels.sparse_kl.triton import sparse_kl_bwd, sparse_kl_fwd
+
+
+def picks(B, T, S, M, K, how, device):
+    """(B, T, K) int32 picks among the visible entries s < (t + 1) // M (-1 where fewer are visible)."""
+    if how == "none":
+        return torch.full((B, T, K), -1, dtype=torch.int32, device=device)
+    out = torch.empty(B, T, K, dtype=torch.int32, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    s = torch.arange(S, device=device)
+    for t0 in range(0, T, 1024):
+        t = torch.arange(t0, min(T, t0 + 1024), device=device)
+        if how == "shared":                                    # the block's first query decides for all 64
+            t = t - t % 64
+        r = torch.rand(B, t.numel(), S, generator=g, device=device)
+        r = r.masked_fill(s[None, None, :] >= ((t + 1) // M)[None, :, None], -1.0)
+        v, i = torch.topk(r, K, dim=-1)
+        out[:, t0:t0 + t.numel()] = torch.where(v >= 0, i, -1).int()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=16384)
+    ap.add_argument("--B", type=int, default=4)
+    a = ap.parse_args()
+    B, T, H, D, W, M, K, NI, CI = a.B, a.T, 8, 128, 128, 4, 512, 4, 64
+    S = T // M
+    dev = "cuda"
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    q, kv, comp = torch.randn(B, T, H, D, **bf), torch.randn(B, T, D, **bf), torch.randn(B, S, D, **bf)
+    sink, scale = torch.randn(H, device=dev), D ** -0.5
+    qI, kI = torch.randn(B, T, NI, CI, **bf), torch.randn(B, S, CI, **bf)
+    w = torch.randn(B, T, NI, **bf) * (NI * CI) ** -0.5
+    res = {"shapes": dict(B=B, T=T, H=H, D=D, W=W, M=M, K=K, NI=NI, CI=CI), "ms": {}}
+    ms = res["ms"]
+    idx = {h: picks(B, T, S, M, K, h, dev) for h in ("random", "shared", "none")}
+    o, lse = sparse_attn_fwd(q, kv, comp, idx["random"], sink, scale, W)
+    do = torch.randn_like(o)
+    ms["sparse_fwd"] = bench(lambda: sparse_attn_fwd(q, kv, comp, idx["random"], sink, scale, W))["ms"]
+    for h in ("random", "shared", "none"):
+        ms[f"sparse_bwd picks={h}"] = bench(
+            lambda h=h: sparse_attn_bwd(do, q, kv, comp, idx[h], sink, o, lse, scale, W))["ms"]
+    ms["sparse_bwd picks=random window=0"] = bench(
+        lambda: sparse_attn_bwd(do, q, kv, comp, idx["random"], sink, o, lse, scale, 0))["ms"]
+    print({k: round(v, 3) for k, v in ms.items()}, flush=True)
+    for name, kk in (("bf16", kI), ("fp32", kI.float())):
+        kl, stat, pbuf = sparse_kl_fwd(q, comp, idx["random"], lse, scale, qI, kk, w)
+        dkl = torch.full_like(kl, 1.0 / kl.numel())
+        ms[f"kl_fwd kI={name}"] = bench(lambda kk=kk: sparse_kl_fwd(q, comp, idx["random"], lse, scale, qI, kk, w))["ms"]
+        ms[f"kl_bwd kI={name}"] = bench(
+            lambda kk=kk, stat=stat, pbuf=pbuf, dkl=dkl: sparse_kl_bwd(dkl, qI, kk, w, idx["random"], stat, pbuf))["ms"]
+        print({k: round(v, 3) for k, v in ms.items()}, flush=True)
+    print(save("train_kernels", res))
+
+
+if __name__ == "__main__":
+    main()
