@@ -146,7 +146,7 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
 # --------------------------------------------------------------------------------------------------------------
 
 COMPONENTS = ("mtp", "kl", "mhc", "moe", "attention", "optimizer")      # innermost-first priority, then "other"
-TOP_OPS = 25                                                        # ops listed by self time in a breakdown
+TOP_OPS = 40                                                        # ops listed by self time in a breakdown
 
 
 def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
@@ -218,6 +218,12 @@ def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
         return next((c for c in COMPONENTS if c in hit), None)
 
     seq_comp, totals = {}, {c: 0.0 for c in COMPONENTS + ("other",)}
+    by_comp = {c: {} for c in totals}                # component -> op name -> self device time (us)
+
+    def add(comp, e, t):
+        totals[comp] += t
+        if t > 0:
+            by_comp[comp][e.name[:100]] = by_comp[comp].get(e.name[:100], 0.0) + t
     bwd = [e for e in evs if e.name.startswith("autograd::engine::evaluate_function")]
     bwd_ids = set()
     for e in bwd:                                    # every op under a backward node belongs to that node
@@ -232,10 +238,11 @@ def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
         c = comp_of(e)
         if c is not None and getattr(e, "sequence_nr", -1) is not None and e.sequence_nr >= 0:
             seq_comp.setdefault(e.sequence_nr, c)
-        totals[c or "other"] += dev(e)
+        add(c or "other", e, dev(e))
     for e in bwd:                                    # backward node -> its forward op's component
-        t = dev(e) + sum(dev(c) for c in _subtree(e))
-        totals[seq_comp.get(e.sequence_nr, "other")] += t
+        comp = seq_comp.get(e.sequence_nr, "other")
+        for c in [e] + _subtree(e):
+            add(comp, c, dev(c))
     tot = sum(totals.values())
     # the single ops and kernels that cost most (self time, summed over calls): where inside a component to look
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -245,7 +252,9 @@ def breakdown(ctx: int, compiled: bool = False, device: str = "cuda") -> dict:
     return {"ctx": ctx, "batch": B, "preset": preset, "mode": "compiled" if compiled else "eager",
             "time": "device (CUDA kernel) time" if device == "cuda" else "CPU self time (CPU smoke run)",
             "ms": {k: v / 1e3 for k, v in totals.items()}, "frac": {k: v / max(tot, 1e-9) for k, v in totals.items()},
-            "total_ms": tot / 1e3, "top_ops": top}
+            "total_ms": tot / 1e3, "top_ops": top,
+            "top_ops_by_component": {c: [[n, round(t / 1e3, 3)] for n, t in sorted(d.items(), key=lambda kv: -kv[1])[:12]]
+                                     for c, d in by_comp.items()}}
 
 
 def _subtree(e):

@@ -8,6 +8,10 @@ k 512 picks, indexer n_I 4 x c_I 64; bf16 inputs. Timed with do_bench (median ms
     ... picks=none               every pick -1: the same launch without the gathers and the dC atomics
     ... window=0                 no window rows: the compressed part alone
     kl_fwd / kl_bwd              kernels/sparse_kl with bf16 kI (the model's dtype) and fp32 kI (fp32 dots)
+    compressor_{main,indexer,hca} impl={auto,torch}   Compressor forward + backward as training runs it (fp32
+                                 master weights, bf16 autocast, RotaryTable RoPE): main c 128 and indexer c 64
+                                 overlapping (m 4), HCA c 128 plain (m 128); d_model 384; `torch` = the naive twin;
+                                 `project` = its two projections alone (forward + backward)
 Writes benchmarks/results/train_kernels.json.
 
     python benchmarks/bench_train_kernels.py [--T 16384] [--B 4]
@@ -74,7 +78,34 @@ def main():
         ms[f"kl_bwd kI={name}"] = bench(
             lambda kk=kk, stat=stat, pbuf=pbuf, dkl=dkl: sparse_kl_bwd(dkl, qI, kk, w, idx["random"], stat, pbuf))["ms"]
         print({k: round(v, 3) for k, v in ms.items()}, flush=True)
+    ms.update(compressors(B, T))
+    print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     print(save("train_kernels", res))
+
+
+def compressors(B, T, d=384):
+    """Forward + backward of the three compressors of a `small` training step, kernels auto vs torch (ms)."""
+    from dsv4_lab.attention.compressor import Compressor
+    from dsv4_lab.rope import RotaryTable
+    out = {}
+    u = torch.randn(B, T, d, device="cuda", requires_grad=True)
+    for name, c, m, overlap in (("main", 128, 4, True), ("indexer", 64, 4, True), ("hca", 128, 128, False)):
+        rope = RotaryTable(64, T, 10000.0).cuda()
+        for impl in ("auto", "torch"):
+            comp = Compressor(d, c, m, overlap, impl=impl).cuda()
+
+            def step(comp=comp, rope=rope):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = comp(u, rope)
+                y.float().square().mean().backward()
+            out[f"compressor_{name} impl={impl}"] = bench(step, warmup=3, rep=30)["ms"]
+
+        def proj(comp=comp):                                  # the two projections alone (C, Z in fp32)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                C, Z = comp.project(u)
+            (C.square().mean() + Z.square().mean()).backward()
+        out[f"compressor_{name} project"] = bench(proj, warmup=3, rep=30)["ms"]
+    return out
 
 
 if __name__ == "__main__":

@@ -115,14 +115,23 @@ def _d_entries(p, ds, dod, q_dt, scale, DOT_DT: tl.constexpr):
     return tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
 
 
+def _bwd_configs():
+    return configs([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+                    for bk in (16, 32, 64) for w in (4, 8) for st in (1, 2)],
+                   triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1))
+
+
+# the autotuner times every config on the real arguments: DC (atomics) is zeroed before each trial and again before
+# the chosen config runs; DQ and DELTA are plain stores
+@triton.autotune(configs=_bwd_configs(), key=["H", "D", "W", "K_SEL"], reset_to_zero=["DC"])
 @triton.jit
-def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DKV, DC, DELTA,
+def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DC, DELTA,
                 T, Tk, S, q_offset, scale,
                 sqb, sqt, sqh, skb, skt, scb, scs, sib, sit, sob, sot, soh, slb, slt,
                 H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, K_SEL: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_DT: tl.constexpr):
-    # DQ has q's strides (fp32); DKV (B, Tk, D) and DC (B, S, D) are contiguous fp32; DELTA has LSE's strides
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, DOT_DT: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # DQ has q's strides (fp32); DC (B, S, D) is contiguous fp32; DELTA has LSE's strides
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pos = q_offset + t
@@ -261,12 +270,11 @@ def sparse_attn_bwd(do, q, kv, comp, idx, sink, o, lse, scale: float, window: in
     BH, BD = max(16, next_pow2(H)), max(16, next_pow2(D))
     BW = min(64, max(16, next_pow2(window))) if window > 0 else 16
     if T > 0:
-        _sparse_bwd[(T, B)](q, kv, comp, idx, o, do, lse, dq, dkv, dc, delta, T, Tk, S, q_offset, scale,
+        _sparse_bwd[(T, B)](q, kv, comp, idx, o, do, lse, dq, dc, delta, T, Tk, S, q_offset, scale,
                             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
                             comp.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1), o.stride(2),
                             lse.stride(0), lse.stride(1),
-                            H=H, D=D, W=window, K_SEL=K, BLOCK_H=BH, BLOCK_D=BD, BLOCK_W=BW,
-                            BLOCK_K=16 if BD > 128 else 32, DOT_DT=dot_dtype(q), num_warps=4)
+                            H=H, D=D, W=window, K_SEL=K, BLOCK_H=BH, BLOCK_D=BD, BLOCK_W=BW, DOT_DT=dot_dtype(q))
         if window > 0:                                              # after _sparse_bwd: reads its delta
             _window_bwd[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B)](
                 q, kv, do, lse, delta, dkv, T, Tk, q_offset, scale, q.stride(0), q.stride(1), q.stride(2),

@@ -19,6 +19,7 @@ dot as the forward, so I and lse_I agree) and
     dqI   = dl kI (n_I, c_I);         dkI[s_k] += (dl^T qI)_k               (fp32 tl.atomic_add into (B, S, c_I))
 A repeated pick is counted per occurrence (each lane adds its own atomic). The dkI summation order is not
 deterministic.
+BLOCK_K, warps and stages are autotuned per shape (the backward's dkI buffer is zeroed before every trial).
 
 Precision: q / comp and qI / kI dots take bf16 operands for bf16 inputs (exact products, fp32 accumulate) and
 input_precision="ieee" for fp32 inputs (no TF32, so the target and the scores match the fp32 reference tightly);
@@ -29,10 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
-
-BLOCK_K_GPU, BLOCK_K_INTERP = 64, 16
-
+from .._common import check_device, configs, dot_dtype, next_pow2, tl, triton
 
 @triton.jit
 def _gather(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
@@ -41,14 +39,21 @@ def _gather(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
     return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
+def _configs():
+    return configs([triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+                    for bk in (32, 64, 128) for w in (4, 8) for st in (1, 2)],
+                   triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=_configs(), key=["H", "CD", "NI", "CI", "K_SEL", "STORE_P"])
 @triton.jit
 def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
             T, S, scale,
             sqb, sqt, sqh, scb, scs, sib, sit, slb, slt, sab, sat, saj, skb, sks, swb, swt,
             H: tl.constexpr, CD: tl.constexpr, NI: tl.constexpr, CI: tl.constexpr, K_SEL: tl.constexpr,
             BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr,
-            BLOCK_K: tl.constexpr, DOT_Z: tl.constexpr, DOT_I: tl.constexpr, PREC_Z: tl.constexpr,
-            PREC_I: tl.constexpr, STORE_P: tl.constexpr):
+            DOT_Z: tl.constexpr, DOT_I: tl.constexpr, PREC_Z: tl.constexpr, PREC_I: tl.constexpr,
+            STORE_P: tl.constexpr, BLOCK_K: tl.constexpr):
     # KL (B*T,), STAT (B*T, 3) and PBUF (B*T, K_SEL) are contiguous fp32
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -106,13 +111,15 @@ def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
     tl.store(STAT + row * 3 + 2, p_tot)
 
 
+# DKI takes atomics: the autotuner zeroes it before each trial and before the chosen config runs
+@triton.autotune(configs=_configs(), key=["NI", "CI", "K_SEL"], reset_to_zero=["DKI"])
 @triton.jit
 def _kl_bwd(QI, KI, W, IDX, STAT, PBUF, DKL, DQI, DKI, DW,
             T, S,
             sib, sit, sab, sat, saj, skb, sks, swb, swt,
             NI: tl.constexpr, CI: tl.constexpr, K_SEL: tl.constexpr,
-            BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
-            DOT_I: tl.constexpr, PREC_I: tl.constexpr, PREC_G: tl.constexpr):
+            BLOCK_J: tl.constexpr, BLOCK_CI: tl.constexpr,
+            DOT_I: tl.constexpr, PREC_I: tl.constexpr, PREC_G: tl.constexpr, BLOCK_K: tl.constexpr):
     # DKL (B*T,), STAT (B*T, 3), PBUF (B*T, K_SEL), DQI (B, T, NI, CI), DKI (B, S, CI), DW (B, T, NI): contiguous fp32
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -178,10 +185,6 @@ def _dots(a, b):
     return tl.float32, "ieee"
 
 
-def _block_k():
-    return BLOCK_K_INTERP if INTERPRET else BLOCK_K_GPU
-
-
 def sparse_kl_fwd(q, comp, idx, lse, scale: float, qI, kI, w, store_p: bool = True):
     """-> kl (B, T) fp32 (0 on rows not kept), stat (B, T, 3) fp32 [kept, lse_I, P], p (B, T, K) fp32 or None."""
     check_device(q, comp, idx, lse, qI, kI, w)
@@ -202,7 +205,7 @@ def sparse_kl_fwd(q, comp, idx, lse, scale: float, qI, kI, w, store_p: bool = Tr
                     kI.stride(0), kI.stride(1), w.stride(0), w.stride(1),
                     H=H, CD=CD, NI=NI, CI=CI, K_SEL=K, BLOCK_H=max(16, next_pow2(H)),
                     BLOCK_C=max(16, next_pow2(CD)), BLOCK_J=max(16, next_pow2(NI)), BLOCK_CI=max(16, next_pow2(CI)),
-                    BLOCK_K=_block_k(), DOT_Z=dz, DOT_I=di, PREC_Z=pz, PREC_I=pi, STORE_P=store_p, num_warps=4)
+                    DOT_Z=dz, DOT_I=di, PREC_Z=pz, PREC_I=pi, STORE_P=store_p)
     return kl, stat, (pbuf if store_p else None)
 
 
@@ -223,7 +226,7 @@ def sparse_kl_bwd(dkl, qI, kI, w, idx, stat, pbuf):
                         idx.stride(0), idx.stride(1), qI.stride(0), qI.stride(1), qI.stride(2),
                         kI.stride(0), kI.stride(1), w.stride(0), w.stride(1),
                         NI=NI, CI=CI, K_SEL=K, BLOCK_J=max(16, next_pow2(NI)), BLOCK_CI=max(16, next_pow2(CI)),
-                        BLOCK_K=_block_k(), DOT_I=di, PREC_I=pi, PREC_G=pg, num_warps=4)
+                        DOT_I=di, PREC_I=pi, PREC_G=pg)
     return dqi.to(qI.dtype), dki.to(kI.dtype), dw.to(w.dtype)
 
 
