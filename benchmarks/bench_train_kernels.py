@@ -12,6 +12,7 @@ k 512 picks, indexer n_I 4 x c_I 64; bf16 inputs. Timed with do_bench (median ms
                                  master weights, bf16 autocast, RotaryTable RoPE): main c 128 and indexer c 64
                                  overlapping (m 4), HCA c 128 plain (m 128); d_model 384; `torch` = the naive twin;
                                  `project` = its two projections alone (forward + backward)
+    swiglu_moe impl={auto,torch} the routed experts' clamped SwiGLU (N K = 131,072 rows x I 256) forward + backward
 Writes benchmarks/results/train_kernels.json.
 
     python benchmarks/bench_train_kernels.py [--T 16384] [--B 4]
@@ -79,8 +80,24 @@ def main():
             lambda kk=kk, stat=stat, pbuf=pbuf, dkl=dkl: sparse_kl_bwd(dkl, qI, kk, w, idx["random"], stat, pbuf))["ms"]
         print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     ms.update(compressors(B, T))
+    ms.update(swiglu_times(B * T))
     print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     print(save("train_kernels", res))
+
+
+def swiglu_times(N, K=2, inter=256, limit=10.0):
+    """The routed experts' activation of one MoE layer (N K rows of gate | up, bf16, routing weights), forward +
+    backward: the fused kernel vs the naive twin (ms)."""
+    from dsv4_lab.kernels.swiglu import swiglu
+    h = torch.randn(N * K, 2 * inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(N * K, 1, device="cuda", requires_grad=True)
+    out = {}
+    for impl in ("auto", "torch"):
+        def step(impl=impl):
+            gate, up = h.chunk(2, dim=-1)
+            swiglu(gate, up, limit, w, out_dtype=torch.bfloat16, impl=impl).float().sum().backward()
+        out[f"swiglu_moe impl={impl}"] = bench(step, warmup=3, rep=30)["ms"]
+    return out
 
 
 def compressors(B, T, d=384):

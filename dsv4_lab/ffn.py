@@ -12,7 +12,7 @@ class DenseFFN(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, 0.0, "fp8" if cfg.quant != "none" else None)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, 0.0, "fp8" if cfg.quant != "none" else None, cfg.kernels)
 
     def forward(self, x, input_ids=None):
         return self.mlp(x)

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.swiglu import swiglu
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (docs §0). `weight=False` gives RMSNorm_1."""
@@ -50,19 +52,15 @@ class Linear(nn.Linear):
 class SwiGLU(nn.Module):
     """W2(SiLU(W1 x) * W3 x), with the optional V4 clamp (docs §5.3): up in [-L, L], gate <= L, L=0 off."""
 
-    def __init__(self, dim: int, inter: int, limit: float = 0.0, quant: str | None = None):
+    def __init__(self, dim: int, inter: int, limit: float = 0.0, quant: str | None = None, impl: str = "auto"):
         super().__init__()
         self.w1 = Linear(dim, inter, quant)
         self.w3 = Linear(dim, inter, quant)
         self.w2 = Linear(inter, dim, quant)
         self.limit = limit
+        self.impl = impl                     # cfg.kernels: the fused activation (kernels/swiglu) or its twin
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.w1(x).float(), self.w3(x).float()
-        if self.limit > 0:
-            up = up.clamp(-self.limit, self.limit)
-            gate = gate.clamp(max=self.limit)
-        h = F.silu(gate) * up
-        if weight is not None:               # routing weight applied before W2 (docs §5.3)
-            h = h * weight
-        return self.w2(h.to(x.dtype))
+        """x (..., dim) -> (..., dim); weight (..., 1) the routing weight, applied before W2 (docs §5.3)."""
+        h = swiglu(self.w1(x), self.w3(x), self.limit, weight, out_dtype=x.dtype, impl=self.impl)
+        return self.w2(h)

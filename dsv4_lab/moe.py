@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels.swiglu import swiglu
 from .layers import SwiGLU
 
 
@@ -267,12 +268,12 @@ class MoE(nn.Module):
         q_routed = {"none": None, "fp8": "fp8", "fp4": "fp4"}[cfg.quant]         # QAT roles (docs §8.2)
         q_shared = None if cfg.quant == "none" else "fp8"
         self.gate = Router(cfg, layer_idx)
-        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.moe_inter_dim, cfg.swiglu_limit, q_routed)
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.moe_inter_dim, cfg.swiglu_limit, q_routed, cfg.kernels)
                                      for _ in range(cfg.n_routed_experts))
         self.shared_expert = None
         if cfg.n_shared_experts > 0:
             self.shared_expert = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.moe_inter_dim,
-                                        cfg.swiglu_limit if cfg.shared_expert_clamp else 0.0, q_shared)
+                                        cfg.swiglu_limit if cfg.shared_expert_clamp else 0.0, q_shared, cfg.kernels)
         self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.probe = False
         self.stats: dict = {}
@@ -369,13 +370,9 @@ class MoE(nn.Module):
             from .quant.qat import ACT_BLOCK, fake_quant_fp8
             xs = fake_quant_fp8(xs, ACT_BLOCK)
         h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I)
-        h = h.to(torch.promote_types(h.dtype, torch.float32))                     # SwiGLU in fp32 at least
-        gate, up = h.chunk(2, dim=-1)
-        L = self.experts[0].limit
-        if L > 0:
-            up = up.clamp(-L, L)
-            gate = gate.clamp(max=L)
-        h = (F.silu(gate) * up * ws[:, None]).to(flat.dtype)                       # routing weight before W2
+        gate, up = h.chunk(2, dim=-1)                                              # SwiGLU in fp32 at least,
+        h = swiglu(gate, up, self.experts[0].limit, ws[:, None], out_dtype=flat.dtype,   # routing weight before W2
+                   impl=self.cfg.kernels)
         if q:
             h = fake_quant_fp8(h, ACT_BLOCK)
         out = grouped_linear(h, w2, grp, offs)                                     # (N K, d)

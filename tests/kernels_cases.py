@@ -788,6 +788,41 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
         assert l_t.item() == 0.0 and all((x == 0).all() for x in grads), "no kept row: loss and grads must be 0"
 
 
+# ------------------------------------------------------------------------------------------------ swiglu
+def case_swiglu(device="cpu", big=False, dtype=torch.float32):
+    """kernels/swiglu: the fused clamped SwiGLU (forward, and the gradients of gate, up and the routing weight)
+    against the fp64 naive twin: rows not a multiple of the row block, I not a multiple of the column block, gate and
+    up as the two halves of one (R, 2I) tensor (strided rows, as the MoE's grouped path passes them), clamp on (L
+    inside the input range, so both clamps cut) and off, with and without a weight. Error model: each output is a
+    handful of fp32 operations on one element (relative error a few u32 = 6e-8; sigmoid's exp differs from torch's
+    by an ulp or two), the weight gradient a row sum of I terms (I u32 worst case): 1e-5 on the CPU; on the GPU
+    2e-4 for fp32, and for bf16 inputs 2x the naive twin run on the same bf16 inputs plus 2e-3."""
+    from dsv4_lab.kernels.swiglu.naive import swiglu_naive
+    from dsv4_lab.kernels.swiglu.triton import swiglu_triton
+    g = torch.Generator().manual_seed(11)
+    shapes = [(7, 24), (5, 40), (1, 3)] if not big else [(4099, 256), (1000, 1024)]
+    for R, I in shapes:
+        for limit in (0.0, 1.5):
+            for with_w in (False, True):
+                h = (torch.randn(R, 2 * I, generator=g) * 2.0).to(device)
+                w = torch.rand(R, 1, generator=g).to(device) if with_w else None
+                dy = torch.randn(R, I, generator=g).to(device)
+
+                def run(fn, hh, ww, dt):
+                    hh = hh.detach().to(dt).requires_grad_(True)
+                    ww = ww.detach().clone().requires_grad_(True) if ww is not None else None
+                    gate, up = hh.chunk(2, dim=-1)
+                    y = fn(gate, up, limit, ww, out_dtype=dt)
+                    grads = torch.autograd.grad(y, [hh] + ([ww] if ww is not None else []), dy.to(dt))
+                    return [y] + list(grads)
+                got = run(swiglu_triton, h, w, dtype)
+                ref = run(swiglu_naive, h.double(), w.double() if w is not None else None, torch.float64)
+                yard = run(swiglu_naive, h, w, dtype) if dtype != torch.float32 else [None] * len(got)
+                tol = 1e-5 if device == "cpu" else (2e-4 if dtype == torch.float32 else 2e-3)
+                for nm, a, r, y in zip(["out", "dh", "dw"], got, ref, yard):
+                    _check(f"swiglu R{R} I{I} L{limit} w={with_w} {nm}", a, r, y, tol)
+
+
 # ------------------------------------------------------------------------------------------------ compressor_pool
 def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None, cos=None, sin=None, first_block=0):
     """fp64 reference y = RMSNorm_w(pool(C, Z + ape)) of the compressor pool (with cos / sin: then RoPE of entry i at
@@ -1035,7 +1070,8 @@ CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_to
          "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl,
-         "compressor_pool": case_compressor_pool}
+         "compressor_pool": case_compressor_pool,
+         "swiglu": case_swiglu}
 
 
 def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):

@@ -1,0 +1,28 @@
+"""The clamped SwiGLU activation of the dense FFN, the shared and the routed experts (docs §5.3).
+
+    swiglu(gate, up, limit=0.0, weight=None, out_dtype=None, impl="auto")        -> (..., I) in out_dtype
+    h = SiLU(clamp(gate, max=L)) * clamp(up, -L, L) * weight, in fp32 (fp64 for fp64 inputs); L = 0: no clamp;
+    weight (..., 1) one routing weight per row (applied before W2) or None.
+
+Triton (triton.py: one fused launch forward, one backward) when impl resolves to triton for the tensor, the inputs
+are not fp64 and torch.compile is not tracing (Inductor fuses the naive twin's elementwise chain itself); otherwise
+the naive twin (naive.py) under autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import resolve_impl
+from .naive import swiglu_naive
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0, weight: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
+    if (resolve_impl(impl, gate) == "triton" and gate.dtype != torch.float64
+            and not torch.compiler.is_compiling()):
+        from .triton import swiglu_triton
+        return swiglu_triton(gate, up, limit, weight, out_dtype)
+    return swiglu_naive(gate, up, limit, weight, out_dtype)
+
+
+__all__ = ["swiglu", "swiglu_naive"]
