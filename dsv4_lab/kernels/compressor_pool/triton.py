@@ -1,5 +1,5 @@
-"""Fused compressor pool + ape + RMSNorm_w (+ RoPE) in one Triton launch, forward only (docs/kernels.md §11; docs
-§2.3, §3, §2.6).
+"""Fused compressor pool + ape + RMSNorm_w (+ RoPE) in one Triton launch, forward and backward (docs/kernels.md §11;
+docs §2.3, §3, §2.6).
 
 Interface (naive.py's `compressor_pool_naive`, same shapes):
     C, Z   (B, n, m, k c) fp32 projections of n complete blocks (k = 2 overlapping, 1 plain); innermost dim contiguous,
@@ -13,19 +13,43 @@ Interface (naive.py's `compressor_pool_naive`, same shapes):
            entry i is rotated at position (first_block + i) m on channels [c - r, c) (c - r even), the kernel
            reading the table rows itself
     out    (B, n, c) fp32
+Gradients (CompressorPoolFn, when grad mode is on and C, Z, ape or weight requires grad): dC, dZ (B, n, m, k c),
+d ape (m, k c), d weight (c,), each in its input's dtype; prev_C, prev_Z, cos, sin get none (they must not require
+grad: decode state and rotary buffers).
 
-One program owns BN whole entries (rows of c channels, so the RMSNorm's sum over c stays in registers). It walks
-the slots in chunks of MB: overlapping, first the b slots (block i-1, channels [0, c); for entry 0 the prev rows, or
--inf without them), then the a slots (block i, channels [c, 2c); plain: the block's m slots, channels [0, c)), each
-chunk a [BN, MB, BC] tile of C and Z (+ ape), folded into a running per-channel max, sum of e^(z - max) and sum of
-e^(z - max) C (online softmax in fp32, rescaled when the max grows). Then x = num / den, the RMSNorm with its weight,
-with tables the rotation of the interleaved pairs (2j, 2j+1) (the [BN, BC] row split into its even and odd channels,
-out0 = x0 cos - x1 sin, out1 = x0 sin + x1 cos, joined back), and one store of the entry. BC = pow2(c); padded slots
-/ channels are masked (score -inf, value 0). At m = 4 (MB = 4) that is one chunk per series; HCA's m' = 128 takes
-8 - 16 chunks and keeps the tiles register-sized. Every byte of C and Z is read once from HBM (the b slots of block
-i-1 a second time, normally from L2) and each entry written once, so the floor is the time to read C and Z; the
-naive twin takes ~15 launches for the pool and norm (ape add, cats, softmax, product, sum, norm) and ~8 more for RoPE
-(position gathers, slices, complex multiply, cat), each writing an entry- or C-sized intermediate.
+Forward. One program owns BN whole entries (rows of c channels, so the RMSNorm's sum over c stays in registers). It
+walks the slots in chunks of MB: overlapping, first the b slots (block i-1, channels [0, c); for entry 0 the prev
+rows, or -inf without them), then the a slots (block i, channels [c, 2c); plain: the block's m slots, channels
+[0, c)), each chunk a [BN, MB, BC] tile of C and Z (+ ape), folded into a running per-channel max, sum of e^(z - max)
+and sum of e^(z - max) C (online softmax in fp32, rescaled when the max grows). Then x = num / den, the RMSNorm with
+its weight, with tables the rotation of the interleaved pairs (2j, 2j+1) (the [BN, BC] row split into its even and
+odd channels, out0 = x0 cos - x1 sin, out1 = x0 sin + x1 cos, joined back), and one store of the entry. BC =
+pow2(c); padded slots / channels are masked (score -inf, value 0). At m = 4 (MB = 4) that is one chunk per series;
+HCA's m' = 128 takes 8 - 16 chunks and keeps the tiles register-sized. Every byte of C and Z is read once from HBM
+(the b slots of block i-1 a second time, normally from L2) and each entry written once, so the floor is the time to
+read C and Z; the naive twin takes ~15 launches for the pool and norm (ape add, cats, softmax, product, sum, norm)
+and ~8 more for RoPE (position gathers, slices, complex multiply, cat), each writing an entry- or C-sized
+intermediate. A channel none of whose slots has a finite score pools to x = 0 (the naive twin gives NaN there; the
+model's scores are finite, only entry 0's b slots are -inf).
+
+Saved for the backward (SAVE, the training forward; the no-grad forward stores nothing more and computes `out` with
+the same instructions): per entry and channel the pooled x before the norm and lse = max + log(den) of the slot
+scores, 2 (B, n, c) fp32 (1/(2m) of C and Z together overlapping, 1/m plain), +inf where no slot is live so that
+every weight e^(z - lse) is 0 there. Saving them instead of recomputing the online softmax lets the backward read
+each slot once (the weights are e^(z_s - lse) directly), and x is needed in full before any slot (the norm's
+backward sums over c); the norm's rstd is recomputed from x (one sum over c in registers), not stored.
+
+Backward (_compressor_pool_bwd_kernel), one program per BN entries again, for each entry with g = d out:
+    g_y = RoPE^T(g)           the pairs rotated by -angle: g0 cos + g1 sin, g1 cos - g0 sin (last r channels)
+    xh = x rstd,  d weight += g_y xh  (this program's sum over its entries, one row of a (programs, BC) buffer)
+    g_x = rstd (g_y w - xh mean_c(g_y w xh))
+    per slot s: p_s = e^(z_s - lse), dC_s = p_s g_x, dZ_s = p_s (C_s - x) g_x
+The a slots' gradients land on block i channels [k c - c, k c), the b slots' on block i-1 channels [0, c): each
+(block, channel) element of dC / dZ is written by exactly one entry, no atomics; entry n-1 zeroes its own block's b
+channels (they feed no entry) and entry 0's b slots (prev or -inf) get nothing. Traffic: C and Z (and ape) read once,
+dC and dZ written once, g, x, lse read once. Then in torch: d weight = the parts' sum (the buffer has a row per
+program of the smallest BN config, zeroed by the autotuner before each trial), d ape = dZ summed over (B, n)
+(an extra read of dZ; in-kernel partial sums would save it).
 """
 from __future__ import annotations
 
