@@ -895,8 +895,9 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
     under the interpreter's one config), positions past the tables refused. bf16 (GPU): the fp32 inputs rounded to
     bf16 first (the projections stay fp32). Then the model's Compressor with kernels="triton" against
     kernels="torch", forward (RoPE fused into the kernel) and step() across chunk boundaries, on dyadic weights /
-    inputs that make the projections exact (so both paths pool identical C, Z), and the training path (gradients: the
-    naive twin, no kernel call)."""
+    inputs that make the projections exact (so both paths pool identical C, Z), and the training path (gradients
+    through CompressorPoolFn, one kernel call, against the torch module's; case_compressor_pool_bwd checks them
+    against fp64)."""
     import dsv4_lab.kernels.compressor_pool.triton as cpt
     from dsv4_lab.kernels.compressor_pool import compressor_pool
     from dsv4_lab.kernels.compressor_pool.naive import compressor_pool_naive
@@ -990,24 +991,138 @@ def case_compressor_pool(device="cpu", big=False, dtype=torch.float32):
             raise AssertionError(f"{rtag}: positions past the tables accepted")
         except ValueError:
             pass
-    # dispatcher: n = 0; a gradient needed -> the naive twin under autograd
+    # dispatcher: n = 0; a gradient needed -> CompressorPoolFn (gradients: case_compressor_pool_bwd)
     assert compressor_pool(torch.zeros(2, 0, 4, 16, device=device), torch.zeros(2, 0, 4, 16, device=device), None,
                            torch.ones(8, device=device), 1e-6, True, impl="triton").shape == (2, 0, 8)
     Cg = torch.randn(1, 3, 4, 32, generator=g).to(device).requires_grad_(True)
     yg = compressor_pool(Cg, torch.randn(1, 3, 4, 32, generator=g).to(device), None, torch.ones(16, device=device),
                          1e-6, True, impl="triton")
     yg.sum().backward()
-    assert yg.grad_fn is not None and Cg.grad is not None, "grad needed: the naive twin must run under autograd"
+    assert type(yg.grad_fn).__name__ == "CompressorPoolFnBackward" and Cg.grad is not None, "grad: CompressorPoolFn"
     if not big:
         _compressor_module_check(device, g)
     return worst
 
 
+
+def case_compressor_pool_bwd(device="cpu", big=False, dtype=torch.float32):
+    """kernels/compressor_pool backward (CompressorPoolFn): dC, dZ, d ape, d weight of the Triton path against the
+    fp64 naive twin under autograd (inputs, tables and g widened to fp64), relative Frobenius error.
+
+    Error model (the file's convention, tol 1e-5 fp32 on CPU, 2e-4 on the GPU, 4 tol for gradients): the forward's
+    per-weight relative error (2S + 16 + 4 max|z|) u32 (`_pool_ref_bound`, max|z| ~ 10 here: ~4e-6; the backward
+    recomputes each weight as e^(z - lse) from the saved lse, another ~|z| u32) times the norm's backward, two
+    sums over c <= 128 channels (c u32 = 7.6e-6 worst case, sqrt(c) u32 typical) and RoPE's adjoint (a few u32); the
+    +100 slot's weight (~1, its neighbours' e^-100) is exact to ~100 u32 and its dZ = p (C - x) g_x cancels, but that
+    entry is one of many in the norm. bf16 (GPU): the fp32 inputs rounded to bf16 first, C and Z stay fp32.
+    Shapes: overlapping and plain, c = 24 / 20 (padded channel lanes) and 32 / 64 / 128, m = 4, 3 (padded slots),
+    16 and 128 with mb < m (several slot chunks), B = 2, n = 5 / 1 / 4 (the last block's b channels get 0, entry 0's
+    b slots nothing), ape in the kernel and pre-added (None), RoPE r = c / r < c / none with first_block 0 - 3, prev
+    rows given (no gradient; -inf scores = None). The gradient path's forward equals the no-grad forward (bitwise
+    under the interpreter's one config); gradients of C only / weight only; the dispatcher takes CompressorPoolFn
+    when a gradient is needed and the naive twin when prev needs one (the kernel refuses it); a channel whose slots all
+    score -inf pools to 0 with zero gradients (the naive twin gives NaN there)."""
+    import dsv4_lab.kernels.compressor_pool.triton as cpt
+    from dsv4_lab.kernels.compressor_pool import compressor_pool
+    from dsv4_lab.kernels.compressor_pool.naive import compressor_pool_naive
+    g = torch.Generator().manual_seed(22)
+    cpu = torch.device(device).type == "cpu"
+    tol = 4 * (1e-5 if cpu else 2e-4)
+    # (B, n, m, c, overlap, ape in kernel, r, first_block, mb, prev)
+    shapes = [(2, 5, 4, 24, True, True, 12, 2, None, None), (2, 1, 4, 32, True, True, 32, 0, None, None),
+              (2, 5, 4, 32, True, False, 0, 0, None, "rows"), (2, 4, 4, 24, True, True, 8, 1, None, "-inf"),
+              (2, 5, 16, 24, False, True, 24, 1, 4, None), (2, 1, 16, 32, False, False, 0, 0, None, None),
+              (2, 3, 4, 32, False, True, 16, 3, None, None), (1, 4, 3, 20, True, True, 8, 3, 2, None)] if not big \
+        else [(2, 512, 4, 128, True, True, 64, 0, None, None), (2, 512, 4, 64, True, True, 64, 1, None, None),
+              (2, 64, 128, 128, False, True, 64, 0, None, None), (2, 301, 4, 48, True, False, 0, 0, None, "rows"),
+              (1, 33, 4, 48, True, True, 16, 3, 2, None), (2, 33, 128, 24, False, True, 8, 2, 16, None)]
+    worst = 0.0
+    for (B, n, m, c, overlap, in_kernel, rr, fb, mb, prev) in shapes:
+        kc = (2 if overlap else 1) * c
+
+        def r(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(dtype).float().to(device)
+        C, Z, ape, w = r(B, n, m, kc), r(B, n, m, kc, scale=2.0), r(m, kc, scale=0.5), r(c)
+        Z[0, n // 2, 1] += 100.0                                         # one dominant slot
+        pC = pZ = None
+        if prev is not None:
+            state_kv, state_sc = r(B, 2 * m, kc), r(B, 2 * m, kc, scale=2.0)
+            pC, pZ = state_kv[:, :m, :c], state_sc[:, :m, :c]            # (B, m, c) views, row stride kc
+            if prev == "-inf":
+                pZ = torch.full_like(pZ, float("-inf"))
+        cos = sin = None
+        if rr:
+            ang = torch.rand((fb + n - 1) * m + 1, rr // 2, generator=g, dtype=torch.float64) * 200 - 100
+            cos, sin = ang.cos().float().to(device), ang.sin().float().to(device)
+        go = r(B, n, c)
+        if not in_kernel:                                                # Z includes ape: no ape input
+            Z, ape = Z + ape, None
+        ins = [C, Z, ape, w]
+        tag = (f"compressor_pool bwd B{B} n{n} m{m} c{c} {'overlap' if overlap else 'plain'} ape={in_kernel} r{rr} "
+               f"first_block{fb} mb={mb} prev={prev}")
+        leaf = [None if t is None else t.clone().requires_grad_(True) for t in ins]
+        y_t = cpt.compressor_pool_triton(*leaf, 1e-6, overlap, pC, pZ, mb=mb, cos=cos, sin=sin, first_block=fb)
+        assert type(y_t.grad_fn).__name__ == "CompressorPoolFnBackward", f"{tag}: no CompressorPoolFn node"
+        gr_t = torch.autograd.grad(y_t, [t for t in leaf if t is not None], go)
+        ref = [None if t is None else t.double().requires_grad_(True) for t in ins]
+        dbl = [None if t is None else t.double() for t in (pC, pZ, cos, sin)]
+        y_r = compressor_pool_naive(*ref, 1e-6, overlap, *dbl, first_block=fb)
+        gr_r = torch.autograd.grad(y_r, [t for t in ref if t is not None], go.double())
+        _check(tag + " fwd", y_t, y_r, tol=tol / 4)
+        with torch.no_grad():
+            y_ng = cpt.compressor_pool_triton(*ins, 1e-6, overlap, pC, pZ, mb=mb, cos=cos, sin=sin, first_block=fb)
+        if cpu:                                                          # one config: SAVE stores, out unchanged
+            assert torch.equal(y_t.detach(), y_ng), f"{tag}: the gradient path's forward != the no-grad forward"
+        names = [nm for nm, t in zip(["dC", "dZ", "d_ape", "d_weight"], ins) if t is not None]
+        for nm, a, b in zip(names, gr_t, gr_r):
+            assert a.dtype == torch.float32 and a.shape == b.shape, f"{tag} {nm}: {a.dtype} {tuple(a.shape)}"
+            worst = max(worst, _check(f"{tag} {nm}", a, b, tol=tol))
+        if overlap:                                                      # the last block's b channels feed nothing
+            assert (gr_t[0][:, -1, :, :c] == 0).all() and (gr_t[1][:, -1, :, :c] == 0).all(), f"{tag}: last b"
+        if prev == "-inf":                                               # -inf prev scores == no prev
+            leaf2 = [None if t is None else t.clone().requires_grad_(True) for t in ins]
+            y2 = cpt.compressor_pool_triton(*leaf2, 1e-6, overlap, mb=mb, cos=cos, sin=sin, first_block=fb)
+            for nm, a, b in zip(names, torch.autograd.grad(y2, [t for t in leaf2 if t is not None], go), gr_t):
+                _check(f"{tag} {nm} prev=None vs -inf", a, b, tol=tol)
+    # gradients of one input at a time: C only (ape, weight plain tensors), weight only (C, Z no grad)
+    B, n, m, c = 2, 3, 4, 24
+    C, Z, ape, w, go = (torch.randn(*s, generator=g).to(device) for s in ((B, n, m, 2 * c), (B, n, m, 2 * c),
+                                                                          (m, 2 * c), (c,), (B, n, c)))
+    for which in (0, 3):
+        leaf = [t.clone().requires_grad_(k == which) for k, t in enumerate((C, Z, ape, w))]
+        ref = [t.double().requires_grad_(k == which) for k, t in enumerate((C, Z, ape, w))]
+        (a,) = torch.autograd.grad(cpt.compressor_pool_triton(*leaf, 1e-6, True), [leaf[which]], go)
+        (b,) = torch.autograd.grad(compressor_pool_naive(*ref, 1e-6, True), [ref[which]], go.double())
+        _check(f"compressor_pool bwd only input {which}", a, b, tol=tol)
+    # the dispatcher: a gradient needed -> CompressorPoolFn; prev needing one -> the naive twin (the kernel refuses)
+    Cg = C.clone().requires_grad_(True)
+    y = compressor_pool(Cg, Z, ape, w, 1e-6, True, impl="triton")
+    assert type(y.grad_fn).__name__ == "CompressorPoolFnBackward", "dispatcher: training must take CompressorPoolFn"
+    pCg, pZ = torch.randn(B, m, c, generator=g).to(device).requires_grad_(True), torch.randn(B, m, c).to(device)
+    y = compressor_pool(Cg, Z, ape, w, 1e-6, True, pCg, pZ, impl="triton")
+    assert "CompressorPoolFn" not in type(y.grad_fn).__name__, "prev needs a gradient: the naive twin must run"
+    try:
+        cpt.compressor_pool_triton(Cg, Z, ape, w, 1e-6, True, pCg, pZ)
+        raise AssertionError("compressor_pool_triton accepted a prev_C that requires grad")
+    except ValueError:
+        pass
+    # a channel whose slots all score -inf (plain, entry (0, 1), channel 3): pooled to 0, zero gradients there
+    Zi = Z[..., :c].clone()
+    Zi[0, 1, :, 3] = float("-inf")
+    leaf = [C[..., :c].clone().requires_grad_(True), Zi.requires_grad_(True)]
+    y = cpt.compressor_pool_triton(leaf[0], leaf[1], ape[:, :c], w, 1e-6, False)
+    dC, dZ = torch.autograd.grad(y, leaf, go)
+    assert torch.isfinite(y).all() and torch.isfinite(dC).all() and torch.isfinite(dZ).all(), "-inf channel: non-finite"
+    assert (dC[0, 1, :, 3] == 0).all() and (dZ[0, 1, :, 3] == 0).all(), "-inf channel: non-zero gradient"
+    return worst
+
 def _compressor_module_check(device, g):
     """Compressor(kernels="triton") == Compressor(kernels="torch") within the pool's error model with RoPE (a
     RotaryTable, r < c), forward and step() over several chunkings (the kernel must be called: forward is one kernel
     call, RoPE inside it; step's entries are rotated by `rotate`); forward with a rope that is no RotaryTable (here
-    the identity) takes the kernel for the pool and rotates outside it."""
+    the identity) takes the kernel for the pool and rotates outside it; training (backward) takes CompressorPoolFn
+    and its parameter gradients equal the torch module's within 4e-5 relative (fp32 against fp32: both ~1e-6 from
+    fp64, the projection GEMMs' backward adds sums of B T = 54 terms)."""
     import dsv4_lab.kernels.compressor_pool.triton as cpt
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.inference.cache import CompressorState
@@ -1058,10 +1173,15 @@ def _compressor_module_check(device, g):
                             p0 += L
                         _bound_ok(f"Compressor {impl} step {chunks} c{c} m{m}", torch.cat(outs, 1), y_ref, bound)
                 assert (calls[0] > before) == (impl == "triton"), f"{impl}: kernel calls {calls[0] - before}"
-            before = calls[0]                                            # training: autograd through the naive twin
-            loss = mods["triton"](u, rope).square().sum()
-            loss.backward()
-            assert calls[0] == before and mods["triton"].wkv.weight.grad is not None, "training path took the kernel"
+            before = calls[0]                                            # training: CompressorPoolFn, one call
+            go = torch.randn(2, n, c, generator=g).to(device)
+            grads = {}
+            for impl, mod in mods.items():
+                (mod(u, rope) * go).sum().backward()
+                grads[impl] = [p.grad for p in (mod.wkv.weight, mod.wgate.weight, mod.ape, mod.norm.weight)]
+            assert calls[0] - before == 1, f"training: kernel calls {calls[0] - before}"
+            for nm, a, b in zip(["wkv", "wgate", "ape", "norm.weight"], grads["triton"], grads["torch"]):
+                _check(f"Compressor training d {nm} c{c} m{m}", a, b, tol=4e-5 if device == "cpu" else 8e-4)
     finally:
         cpt.compressor_pool_triton = orig
 
@@ -1070,7 +1190,7 @@ CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_to
          "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl,
-         "compressor_pool": case_compressor_pool,
+         "compressor_pool": case_compressor_pool, "compressor_pool_bwd": case_compressor_pool_bwd,
          "swiglu": case_swiglu}
 
 

@@ -19,9 +19,9 @@ blocks are compressed: the trailing T mod m tokens are never used by `forward`; 
 the compressor's state (the uncompressed tail, docs §6.1) and pools each block when its last token arrives.
 
 The pool, the ape bias and the RMSNorm are one op, kernels/compressor_pool (`compressor_pool`, on already-projected
-inputs), shared by `forward` and `step`: its naive twin (the pools `pool_overlap`, `pool_plain`, re-exported here)
-under autograd in training and on CPU, its fused forward-only Triton kernel when `impl` (the model's cfg.kernels)
-selects Triton for the tensor and no gradient is needed (inference, decode; `takes_kernel`). `forward` with a
+inputs), shared by `forward` and `step`: its fused Triton kernels when `impl` (the model's cfg.kernels) selects
+Triton for the tensor (`takes_kernel`; in training a fused backward too, CompressorPoolFn), else its naive twin (the
+pools `pool_overlap`, `pool_plain`, re-exported here) under autograd (CPU, fp64). `forward` with a
 RotaryTable hands the tables to the op, which applies RoPE too (the naive twin with the same `apply_rope`), so on the
 kernel path the module is three launches (the two GEMMs and the kernel; docs/kernels.md §11). With another rope RoPE
 is `rotate` after the pool, and `step` always returns its entries before RoPE (the caller rotates them with

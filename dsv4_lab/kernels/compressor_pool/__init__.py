@@ -10,9 +10,11 @@ rotary tables (RotaryTable.cos / .sin, docs §2.6) or None: entry i, of block fi
 r channels (interleaved pairs) at position (first_block + i) m; None returns the entries before RoPE. Output in C's
 dtype.
 
-The Triton kernel (triton.py) is forward-only and fp32: it runs when `impl` resolves to triton, C is fp32 and no
-gradient is needed (grad mode off, or no input requires grad): `takes_kernel`, the one statement of that rule.
-Otherwise the naive twin (naive.py) runs under PyTorch autograd: training, fp64 references, and the CPU path.
+The Triton kernels (triton.py, fp32) run when `impl` resolves to triton and C is fp32: with a gradient needed for C,
+Z, ape or weight through CompressorPoolFn (the fused forward saving x and lse, and a fused backward: training), else
+the forward kernel alone (inference, decode). prev_C, prev_Z, cos, sin get no gradient from the kernels: when one of
+them needs one the naive twin runs. `takes_kernel` is the one statement of that rule. Otherwise the naive twin
+(naive.py) runs under PyTorch autograd: fp64 references and the CPU path (impl auto / torch).
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def takes_kernel(impl: str, C, *inputs) -> bool:
-    """True when compressor_pool(C, ..., impl=impl) runs the Triton kernel: impl resolves to triton for C, C is fp32
-    and no gradient is needed for C or any of `inputs` (Z, ape, weight, prev_C, prev_Z, cos, sin; None allowed)."""
-    return resolve_impl(impl, C) == "triton" and C.dtype == torch.float32 and not _needs_grad(C, *inputs)
+def takes_kernel(impl: str, C, prev_C=None, prev_Z=None, cos=None, sin=None) -> bool:
+    """True when compressor_pool(C, ..., impl=impl) runs the Triton kernels (forward, and backward when C, Z, ape or
+    weight needs a gradient): impl resolves to triton for C, C is fp32 and none of prev_C, prev_Z, cos, sin (None
+    allowed) needs a gradient, which the kernels do not compute."""
+    return (resolve_impl(impl, C) == "triton" and C.dtype == torch.float32
+            and not _needs_grad(prev_C, prev_Z, cos, sin))
 
 
 def compressor_pool(C, Z, ape, weight, eps: float, overlap: bool, prev_C=None, prev_Z=None, impl: str = "auto",
@@ -37,7 +41,7 @@ def compressor_pool(C, Z, ape, weight, eps: float, overlap: bool, prev_C=None, p
     B, n, m, kc = C.shape
     if n == 0:
         return C.new_zeros(B, 0, kc // (2 if overlap else 1))
-    if takes_kernel(impl, C, Z, ape, weight, prev_C, prev_Z, cos, sin):
+    if takes_kernel(impl, C, prev_C, prev_Z, cos, sin):
         from .triton import compressor_pool_triton
         return compressor_pool_triton(C, Z, ape, weight, eps, overlap, prev_C, prev_Z, cos=cos, sin=sin,
                                       first_block=first_block)
