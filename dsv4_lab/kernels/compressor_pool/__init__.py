@@ -31,9 +31,11 @@ def _needs_grad(*ts) -> bool:
 def takes_kernel(impl: str, C, prev_C=None, prev_Z=None, cos=None, sin=None) -> bool:
     """True when compressor_pool(C, ..., impl=impl) runs the Triton kernels (forward, and backward when C, Z, ape or
     weight needs a gradient): impl resolves to triton for C, C is fp32 and none of prev_C, prev_Z, cos, sin (None
-    allowed) needs a gradient, which the kernels do not compute."""
+    allowed) needs a gradient, which the kernels do not compute. Under torch.compile with grad mode on the naive twin
+    runs: Inductor fuses its elementwise chain, forward and backward."""
     return (resolve_impl(impl, C) == "triton" and C.dtype == torch.float32
-            and not _needs_grad(prev_C, prev_Z, cos, sin))
+            and not _needs_grad(prev_C, prev_Z, cos, sin)
+            and not (torch.compiler.is_compiling() and torch.is_grad_enabled()))
 
 
 def compressor_pool(C, Z, ape, weight, eps: float, overlap: bool, prev_C=None, prev_Z=None, impl: str = "auto",
