@@ -73,6 +73,36 @@ def _online(cc, zc, mx, den, num):
     return new, den * alpha + tl.sum(e, 1), num * alpha + tl.sum(e * cc, 1)
 
 
+@triton.jit
+def _slots(Cp, Zp, APE, c0, z0, rho, ch, A: tl.constexpr, mask, sm, scm, szm, KC: tl.constexpr,
+           HAS_APE: tl.constexpr):
+    """Values and scores (+ ape) of a chunk of slots rho (MB,) on channels A + ch of the rows at offsets c0 / z0
+    (BN, 1, BC): (cc, zc) (BN, MB, BC) fp32, masked slots 0 / -inf (ape only where `sm`: real slot and channel)."""
+    cc = tl.load(Cp + c0 + rho[None, :, None] * scm + A, mask=mask, other=0.0).to(tl.float32)
+    zc = tl.load(Zp + z0 + rho[None, :, None] * szm + A, mask=mask, other=float("-inf")).to(tl.float32)
+    if HAS_APE:
+        zc += tl.load(APE + rho[None, :, None] * KC + ch[None, None, :] + A, mask=sm, other=0.0).to(tl.float32)
+    return cc, zc
+
+
+@triton.jit
+def _rope(v, COS, SIN, pos, scos, ssin, em, SIGN: tl.constexpr, C_: tl.constexpr, R: tl.constexpr,
+          BN: tl.constexpr, BC: tl.constexpr):
+    """RoPE (docs §2.6) of the rows v (BN, BC) on channels [C_ - R, C_) at positions pos (BN,): the row as BC / 2
+    pairs (2j, 2j + 1); pair j in the rope range reads table column j - (C_ - R) / 2, the other pairs pass through.
+    SIGN = 1 rotates by +angle (o0 = v0 cos - v1 sin, o1 = v0 sin + v1 cos), SIGN = -1 by -angle (the adjoint)."""
+    H: tl.constexpr = BC // 2
+    v0, v1 = tl.split(tl.reshape(v, [BN, H, 2]))                         # (BN, H) channels 2j and 2j + 1
+    j = tl.arange(0, H)
+    tj = j - (C_ - R) // 2                                               # (H,) table column of pair j
+    rot = em[:, None] & ((tj >= 0) & (j < C_ // 2))[None, :]             # (BN, H) pairs to rotate
+    cs = tl.load(COS + pos[:, None] * scos + tj[None, :], mask=rot, other=1.0).to(tl.float32)
+    sn = tl.load(SIN + pos[:, None] * ssin + tj[None, :], mask=rot, other=0.0).to(tl.float32) * SIGN
+    o0 = tl.where(rot, v0 * cs - v1 * sn, v0)
+    o1 = tl.where(rot, v0 * sn + v1 * cs, v1)
+    return tl.reshape(tl.join(o0, o1), [BN, BC])                         # back to channel order
+
+
 @triton.autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_PREV", "HAS_APE", "R", "SAVE"])
 @triton.jit
 def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n, eps, first,
@@ -103,10 +133,7 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n,
             rho = r0 + r
             sm = (rho < M)[None, :, None] & cm[None, None, :]            # (1, MB, BC) real slot and channel
             mb = sm & (em & (i > 0))[:, None, None]
-            cc = tl.load(Cp + cb0 + rho[None, :, None] * scm, mask=mb, other=0.0).to(tl.float32)
-            zc = tl.load(Zp + zb0 + rho[None, :, None] * szm, mask=mb, other=ninf).to(tl.float32)
-            if HAS_APE:
-                zc += tl.load(APE + rho[None, :, None] * KC + ch[None, None, :], mask=sm, other=0.0).to(tl.float32)
+            cc, zc = _slots(Cp, Zp, APE, cb0, zb0, rho, ch, 0, mb, sm, scm, szm, KC, HAS_APE)
             if HAS_PREV:
                 m0 = sm & (em & (i == 0))[:, None, None]
                 pc = tl.load(PC + (b * spcb)[:, None, None] + rho[None, :, None] * spcm + ch[None, None, :],
@@ -121,10 +148,7 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n,
         rho = r0 + r
         sm = (rho < M)[None, :, None] & cm[None, None, :]
         ma = sm & em[:, None, None]
-        cc = tl.load(Cp + ca0 + rho[None, :, None] * scm + A0, mask=ma, other=0.0).to(tl.float32)
-        zc = tl.load(Zp + za0 + rho[None, :, None] * szm + A0, mask=ma, other=ninf).to(tl.float32)
-        if HAS_APE:
-            zc += tl.load(APE + rho[None, :, None] * KC + ch[None, None, :] + A0, mask=sm, other=0.0).to(tl.float32)
+        cc, zc = _slots(Cp, Zp, APE, ca0, za0, rho, ch, A0, ma, sm, scm, szm, KC, HAS_APE)
         mx, den, num = _online(cc, zc, mx, den, num)
     valid = em[:, None] & cm[None, :]                                    # (BN, BC)
     x = tl.where(valid, num / tl.where(den > 0, den, 1.0), 0.0)          # pooled entry before the norm
@@ -135,20 +159,8 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n,
     rs = 1.0 / tl.sqrt_rn(tl.sum(x * x, 1) / C_ + eps)                   # (BN,) RMSNorm over the c channels
     w = tl.load(W + ch, mask=cm, other=0.0).to(tl.float32)
     y = x * rs[:, None] * w[None, :]
-    if R > 0:
-        # RoPE (docs §2.6) on channels [C_ - R, C_) at position (first + i) M: the row as BC / 2 pairs (2j, 2j + 1);
-        # pair j in the rope range reads table column j - (C_ - R) / 2; the other pairs pass through untouched
-        H: tl.constexpr = BC // 2
-        y0, y1 = tl.split(tl.reshape(y, [BN, H, 2]))                     # (BN, H) channels 2j and 2j + 1
-        j = tl.arange(0, H)
-        tj = j - (C_ - R) // 2                                           # (H,) table column of pair j
-        rot = em[:, None] & ((tj >= 0) & (j < C_ // 2))[None, :]         # (BN, H) pairs to rotate
-        pos = (first + i) * M                                            # (BN,) the block's first token
-        cs = tl.load(COS + pos[:, None] * scos + tj[None, :], mask=rot, other=1.0).to(tl.float32)
-        sn = tl.load(SIN + pos[:, None] * ssin + tj[None, :], mask=rot, other=0.0).to(tl.float32)
-        o0 = tl.where(rot, y0 * cs - y1 * sn, y0)
-        o1 = tl.where(rot, y0 * sn + y1 * cs, y1)
-        y = tl.reshape(tl.join(o0, o1), [BN, BC])                        # back to channel order
+    if R > 0:                                                            # RoPE at the block's first token
+        y = _rope(y, COS, SIN, (first + i) * M, scos, ssin, em, 1, C_, R, BN, BC)
     tl.store(OUT + e[:, None] * C_ + ch[None, :], y, mask=valid)
 
 
@@ -173,19 +185,8 @@ def _compressor_pool_bwd_kernel(Cp, Zp, APE, W, COS, SIN, X, LSE, G, DC, DZ, DWP
     x = tl.load(X + row, mask=valid, other=0.0)                          # pooled entry before the norm
     lse = tl.load(LSE + row, mask=valid, other=float("inf"))             # log sum e^z per channel (+inf: no slot)
     gy = tl.load(G + row, mask=valid, other=0.0)                         # d out
-    if R > 0:
-        # RoPE's adjoint: the pairs (2j, 2j + 1) of g rotated back, g0 cos + g1 sin, -g0 sin + g1 cos
-        H: tl.constexpr = BC // 2
-        g0, g1 = tl.split(tl.reshape(gy, [BN, H, 2]))                    # (BN, H) channels 2j and 2j + 1
-        j = tl.arange(0, H)
-        tj = j - (C_ - R) // 2                                           # (H,) table column of pair j
-        rot = em[:, None] & ((tj >= 0) & (j < C_ // 2))[None, :]
-        pos = (first + i) * M
-        cs = tl.load(COS + pos[:, None] * scos + tj[None, :], mask=rot, other=1.0).to(tl.float32)
-        sn = tl.load(SIN + pos[:, None] * ssin + tj[None, :], mask=rot, other=0.0).to(tl.float32)
-        o0 = tl.where(rot, g0 * cs + g1 * sn, g0)
-        o1 = tl.where(rot, g1 * cs - g0 * sn, g1)
-        gy = tl.reshape(tl.join(o0, o1), [BN, BC])                       # d y, channel order
+    if R > 0:                                                            # RoPE's adjoint: rotate g back
+        gy = _rope(gy, COS, SIN, (first + i) * M, scos, ssin, em, -1, C_, R, BN, BC)
     # RMSNorm_w backward: y = xh w, xh = x rs; d w = sum_entries gy xh; d x = rs (gy w - xh mean_c(gy w xh))
     rs = 1.0 / tl.sqrt_rn(tl.sum(x * x, 1) / C_ + eps)                   # (BN,) as in the forward
     xh = x * rs[:, None]
@@ -209,10 +210,7 @@ def _compressor_pool_bwd_kernel(Cp, Zp, APE, W, COS, SIN, X, LSE, G, DC, DZ, DWP
             rho = r0 + r
             sm = (rho < M)[None, :, None] & cm[None, None, :]            # (1, MB, BC) real slot and channel
             mb = sm & (em & (i > 0))[:, None, None]
-            cc = tl.load(Cp + cb0 + rho[None, :, None] * scm, mask=mb, other=0.0).to(tl.float32)
-            zc = tl.load(Zp + zb0 + rho[None, :, None] * szm, mask=mb, other=float("-inf")).to(tl.float32)
-            if HAS_APE:
-                zc += tl.load(APE + rho[None, :, None] * KC + ch[None, None, :], mask=sm, other=0.0).to(tl.float32)
+            cc, zc = _slots(Cp, Zp, APE, cb0, zb0, rho, ch, 0, mb, sm, scm, szm, KC, HAS_APE)
             p = tl.exp(zc - lse3)                                        # (BN, MB, BC); 0 for -inf / masked
             db = d0 - M * KC + rho[None, :, None] * KC                   # block i-1 = flat entry e - 1
             tl.store(DC + db, p * gx3, mask=mb)
@@ -226,10 +224,7 @@ def _compressor_pool_bwd_kernel(Cp, Zp, APE, W, COS, SIN, X, LSE, G, DC, DZ, DWP
         rho = r0 + r
         sm = (rho < M)[None, :, None] & cm[None, None, :]
         ma = sm & em[:, None, None]
-        cc = tl.load(Cp + ca0 + rho[None, :, None] * scm + A0, mask=ma, other=0.0).to(tl.float32)
-        zc = tl.load(Zp + za0 + rho[None, :, None] * szm + A0, mask=ma, other=float("-inf")).to(tl.float32)
-        if HAS_APE:
-            zc += tl.load(APE + rho[None, :, None] * KC + ch[None, None, :] + A0, mask=sm, other=0.0).to(tl.float32)
+        cc, zc = _slots(Cp, Zp, APE, ca0, za0, rho, ch, A0, ma, sm, scm, szm, KC, HAS_APE)
         p = tl.exp(zc - lse3)
         da = d0 + rho[None, :, None] * KC + A0
         tl.store(DC + da, p * gx3, mask=ma)
