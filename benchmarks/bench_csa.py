@@ -1,5 +1,6 @@
 """CSA (T2-T6): compressor, indexer score kernel, every indexer + top-k method, the sparse attention kernel; CSA
-prefill = compressor + best indexer method + sparse attention; CSA decode (CUDA-graph replay) = best indexer method +
+prefill = compressor + best indexer method + sparse attention (summed), and `pipeline_N` the same chain timed end to
+end, eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method +
 sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
@@ -347,6 +348,42 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
     return out
 
 
+def pipeline(N, method):
+    """CSA prefill as one call chain, timed end to end: main + indexer compressors (bf16 u, fused pool + RoPE), the
+    indexer top-k (`method`) and the sparse attention, eager (do_bench) and replayed from a CUDA graph, against
+    SDPA-flash timed both ways. The indexer keys skip the Hadamard rotation (one small GEMM); the component sums in
+    `csa_prefill` add up separately timed calls, each with its own launch overhead."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dsv4_lab.attention.compressor import Compressor
+    from dsv4_lab.rope import RotaryTable
+    g = torch.Generator(device="cuda").manual_seed(N + 1)
+    u = torch.randn(1, N, DM, generator=g, **BF)
+    main, icomp = (Compressor(DM, c, M, overlap=True).to("cuda", torch.bfloat16) for c in (D, DI))
+    rope = RotaryTable(64, N, 10000.0).cuda()
+    qI, _, w = indexer_inputs(N)
+    q, kv, _, _, sink = sparse_inputs(N)
+    ws = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+
+    @torch.no_grad()
+    def run():
+        comp = main(u, rope)
+        kI = icomp(u, rope)
+        idx = indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws)
+        return sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W)
+    qd, kd = torch.randn(1, H, N, D, **BF), torch.randn(1, 1, N, D, **BF)
+
+    def dense():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
+    r = {"method": method, "ms": bench(run, warmup=5, rep=60)["ms"], "graph_ms": bench_graph(run)["ms"],
+         "sdpa_flash_ms": bench(dense, warmup=5, rep=60)["ms"], "sdpa_flash_graph_ms": bench_graph(dense)["ms"]}
+    r["speedup_vs_sdpa_flash"] = r["sdpa_flash_ms"] / r["ms"]
+    r["graph_speedup_vs_sdpa_flash"] = r["sdpa_flash_graph_ms"] / r["graph_ms"]
+    return r
+
+
 def prefill_family(N):
     """SDPA-flash, compressor, indexer (scores + every method), sparse attention and CSA prefill at one N."""
     res = {"indexer": {}, "compressor": {}, "sparse": {}, "csa_prefill": {}, "dense": {}, "agreement": {}}
@@ -387,6 +424,8 @@ def prefill_family(N):
             res["csa_prefill"][f"{tag}_{N}"] = r
         else:
             res["csa_prefill"][f"{tag}_{N}"] = {"error": "component missing"}
+    if "method" in ix.get(f"best_{N}", {}) and ix[f"best_{N}"]["method"] in METHODS:
+        res["csa_prefill"][f"pipeline_{N}"] = safe(pipeline, N, ix[f"best_{N}"]["method"])
     return res
 
 
