@@ -13,6 +13,7 @@ k 512 picks, indexer n_I 4 x c_I 64; bf16 inputs. Timed with do_bench (median ms
                                  overlapping (m 4), HCA c 128 plain (m 128); d_model 384; `torch` = the naive twin;
                                  `project` = its two projections alone (forward + backward)
     swiglu_moe impl={auto,torch} the routed experts' clamped SwiGLU (N K = 131,072 rows x I 256) forward + backward
+    rope_q impl={auto,torch}     RoPE of the queries (B, T, 8, 128) bf16 on their last 64 dims, forward + backward
 Writes benchmarks/results/train_kernels.json.
 
     python benchmarks/bench_train_kernels.py [--T 16384] [--B 4]
@@ -81,6 +82,7 @@ def main():
         print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     ms.update(compressors(B, T))
     ms.update(swiglu_times(B * T))
+    ms.update(rope_times(B, T))
     print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     print(save("train_kernels", res))
 
@@ -97,6 +99,20 @@ def swiglu_times(N, K=2, inter=256, limit=10.0):
             gate, up = h.chunk(2, dim=-1)
             swiglu(gate, up, limit, w, out_dtype=torch.bfloat16, impl=impl).float().sum().backward()
         out[f"swiglu_moe impl={impl}"] = bench(step, warmup=3, rep=30)["ms"]
+    return out
+
+
+def rope_times(B, T, H=8, D=128, r=64):
+    """RoPE of the queries (B, T, H, D) bf16 on their last r dims, forward + backward: the fused kernel vs the naive
+    twin (ms)."""
+    from dsv4_lab.rope import RotaryTable
+    x = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(T, device="cuda")
+    out = {}
+    for impl in ("auto", "torch"):
+        tab = RotaryTable(r, T, 10000.0, impl=impl).cuda()
+        out[f"rope_q impl={impl}"] = bench(lambda tab=tab: tab(x, pos).float().sum().backward(), warmup=3,
+                                           rep=30)["ms"]
     return out
 
 

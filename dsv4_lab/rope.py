@@ -3,8 +3,9 @@
 RoPE acts on the *last* `rope_head_dim` dims of a head; dims (2k, 2k+1) of that slice form the complex number
 x_2k + i x_2k+1, rotated by exp(i * pos * theta_k), theta_k = base^(-2k/r). The same table serves queries, window
 KV, compressed KV (at the position of the first token of their block) and the indexer of a layer. The attention
-output is de-rotated with the conjugate rotation at the query position (`inverse=True`). The rotation on given
-cos / sin rows, `apply_rope`, is kernels/rope.py's (shared with the compressor pool's naive twin), re-exported here.
+output is de-rotated with the conjugate rotation at the query position (`inverse=True`). The rotation itself is
+kernels/rope's: `rope` (a fused Triton kernel on the kernel path, else the naive twin) and the naive `apply_rope` on
+given cos / sin rows (shared with the compressor pool's naive twin), re-exported here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from .kernels.rope import apply_rope
+from .kernels.rope import apply_rope, rope
 
 
 def yarn_inv_freq(rope_dim: int, base: float, factor: float = 1.0, original_seq_len: int = 65536,
@@ -36,9 +37,10 @@ def yarn_inv_freq(rope_dim: int, base: float, factor: float = 1.0, original_seq_
 class RotaryTable(torch.nn.Module):
     """cos/sin of shape (max_len, rope_dim/2), fp32, built as HF/REF do: fp32(pos) * fp32(inv_freq)."""
 
-    def __init__(self, rope_dim: int, max_len: int, base: float, yarn: dict | None = None):
+    def __init__(self, rope_dim: int, max_len: int, base: float, yarn: dict | None = None, impl: str = "auto"):
         super().__init__()
         self.rope_dim = rope_dim
+        self.impl = impl                        # cfg.kernels: the fused rotation (kernels/rope) or its naive twin
         inv = yarn_inv_freq(rope_dim, base, **(yarn or {})) if rope_dim else torch.zeros(0)
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (max_len, r/2)
         self.register_buffer("cos", ang.cos(), persistent=False)
@@ -46,7 +48,7 @@ class RotaryTable(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rotate the last `rope_dim` dims of x (..., T, [H,] D) at integer positions pos (T,) or (B, T)."""
-        return apply_rope(x, self.cos[pos], self.sin[pos], inverse)
+        return rope(x, self.cos, self.sin, pos, inverse, impl=self.impl)
 
 
 __all__ = ["RotaryTable", "apply_rope", "yarn_inv_freq"]

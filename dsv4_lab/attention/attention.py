@@ -95,7 +95,8 @@ class Attention(nn.Module):
         compressed = layer_type in ("csa", "hca")
         yarn = dict(factor=cfg.yarn_factor, original_seq_len=cfg.yarn_original_seq_len,
                     beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow) if compressed else None
-        self.rope = RotaryTable(r, cfg.max_seq_len, cfg.compress_rope_theta if compressed else cfg.rope_theta, yarn)
+        self.rope = RotaryTable(r, cfg.max_seq_len, cfg.compress_rope_theta if compressed else cfg.rope_theta, yarn,
+                                impl=cfg.kernels)
         # the window of uncompressed entries: none for "dense" (every earlier token), 0 when a compressed layer runs
         # without its window branch (docs/methodology.md §3.4)
         self.window = None if layer_type == "dense" else (cfg.window if layer_type == "swa" or cfg.window_branch else 0)

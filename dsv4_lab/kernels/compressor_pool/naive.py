@@ -7,7 +7,7 @@ b-series rows of the block before block 0 (decode cache, prev_Z including ape) o
 -inf, value 0). Output (B, n, c) in C's dtype. Compute dtype: C's (fp32 in the model, fp64 in the tests' references);
 the RMSNorm in fp32, or fp64 for fp64 input. Autograd by PyTorch. Optional RoPE: cos, sin (max_len, r/2) the rotary
 tables, first_block an int: entry i (block first_block + i) is rotated on its last r channels at position
-(first_block + i) m by kernels/rope.py's `apply_rope` (cos / sin None: the entries are returned before RoPE).
+(first_block + i) m by kernels/rope's naive `apply_rope` (cos / sin None: the entries are returned before RoPE).
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Interleaved partial RoPE on given cos / sin rows (docs §2.6): the one PyTorch implementation of the rotation.
+"""Interleaved partial RoPE on given cos / sin rows (docs §2.6): the one PyTorch implementation of the rotation, the
+naive twin of triton.py.
 
-dsv4_lab/rope.py (`RotaryTable`, the model's tables) re-exports it, and the compressor pool's naive twin
-(compressor_pool/naive.py) rotates its entries with it; kernels/ imports nothing from the model, so it lives here.
+dsv4_lab/rope.py (`RotaryTable`, the model's tables) calls it through the dispatcher in __init__.py, and the
+compressor pool's naive twin (compressor_pool/naive.py) rotates its entries with it; kernels/ imports nothing from the
+model, so it lives here.
 """
 from __future__ import annotations
 
