@@ -370,9 +370,8 @@ class MoE(nn.Module):
             from .quant.qat import ACT_BLOCK, fake_quant_fp8
             xs = fake_quant_fp8(xs, ACT_BLOCK)
         h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I)
-        gate, up = h.chunk(2, dim=-1)                                              # SwiGLU in fp32 at least,
-        h = swiglu(gate, up, self.experts[0].limit, ws[:, None], out_dtype=flat.dtype,   # routing weight before W2
-                   impl=self.cfg.kernels)
+        gate, up = h.chunk(2, dim=-1)                  # SwiGLU in fp32 at least, the routing weight before W2
+        h = swiglu(gate, up, self.experts[0].limit, ws[:, None], out_dtype=flat.dtype, impl=self.cfg.kernels)
         if q:
             h = fake_quant_fp8(h, ACT_BLOCK)
         out = grouped_linear(h, w2, grp, offs)                                     # (N K, d)

@@ -74,6 +74,12 @@ def _online(cc, zc, mx, den, num):
 
 
 @triton.jit
+def _block_rows(b, blk, sb, sn, ch):
+    """Offsets (BN, 1, BC) of channels ch in block blk of sequence b (entry-major rows of C or Z)."""
+    return (b * sb + blk * sn)[:, None, None] + ch[None, None, :]
+
+
+@triton.jit
 def _slots(Cp, Zp, APE, c0, z0, rho, ch, A: tl.constexpr, mask, sm, scm, szm, KC: tl.constexpr,
            HAS_APE: tl.constexpr):
     """Values and scores (+ ape) of a chunk of slots rho (MB,) on channels A + ch of the rows at offsets c0 / z0
@@ -122,13 +128,11 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n,
     mx = tl.full([BN, BC], ninf, tl.float32)
     den = tl.zeros([BN, BC], tl.float32)
     num = tl.zeros([BN, BC], tl.float32)
-    ca0 = (b * scb + i * scn)[:, None, None] + ch[None, None, :]         # block i, channel ch
-    za0 = (b * szb + i * szn)[:, None, None] + ch[None, None, :]
+    ca0, za0 = _block_rows(b, i, scb, scn, ch), _block_rows(b, i, szb, szn, ch)       # block i, channel ch
     if OVERLAP:
         # b slots: block i-1, series b (channels [0, c)); entry 0 reads prev, or scores -inf without it
         im1 = tl.maximum(i - 1, 0)
-        cb0 = (b * scb + im1 * scn)[:, None, None] + ch[None, None, :]
-        zb0 = (b * szb + im1 * szn)[:, None, None] + ch[None, None, :]
+        cb0, zb0 = _block_rows(b, im1, scb, scn, ch), _block_rows(b, im1, szb, szn, ch)
         for r0 in range(0, M, MB):
             rho = r0 + r
             sm = (rho < M)[None, :, None] & cm[None, None, :]            # (1, MB, BC) real slot and channel
@@ -197,15 +201,13 @@ def _compressor_pool_bwd_kernel(Cp, Zp, APE, W, COS, SIN, X, LSE, G, DC, DZ, DWP
     x3 = x[:, None, :]
     gx3 = gx[:, None, :]
     lse3 = lse[:, None, :]
-    ca0 = (b * scb + i * scn)[:, None, None] + ch[None, None, :]         # block i, channel ch
-    za0 = (b * szb + i * szn)[:, None, None] + ch[None, None, :]
+    ca0, za0 = _block_rows(b, i, scb, scn, ch), _block_rows(b, i, szb, szn, ch)       # block i, channel ch
     d0 = (e * (M * KC))[:, None, None] + ch[None, None, :]               # d C, d Z (B, n, M, KC) contiguous
     if OVERLAP:
         # b slots: block i-1, channels [0, c), written by entry i (entry 0's are prev's or -inf: no gradient);
         # block n-1's b channels feed no entry and are zeroed by entry n-1
         im1 = tl.maximum(i - 1, 0)
-        cb0 = (b * scb + im1 * scn)[:, None, None] + ch[None, None, :]
-        zb0 = (b * szb + im1 * szn)[:, None, None] + ch[None, None, :]
+        cb0, zb0 = _block_rows(b, im1, scb, scn, ch), _block_rows(b, im1, szb, szn, ch)
         for r0 in range(0, M, MB):
             rho = r0 + r
             sm = (rho < M)[None, :, None] & cm[None, None, :]            # (1, MB, BC) real slot and channel
