@@ -23,10 +23,10 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_res = build_residual(cfg)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, impl=cfg.kernels)
         self.attn = build_attention(cfg, layer_idx)
         self.ffn_res = build_residual(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, impl=cfg.kernels)
         self.ffn = build_ffn(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:

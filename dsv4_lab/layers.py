@@ -5,29 +5,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.rmsnorm import rms_norm as rms_norm_op
 from .kernels.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (docs §0). `weight=False` gives RMSNorm_1."""
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 (fp64 for fp64 x; docs §0). `weight=False` gives RMSNorm_1."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = True, impl: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.impl = impl                     # cfg.kernels: the fused norm (kernels/rmsnorm) or its naive twin
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(x.dtype)
+        return rms_norm_op(x, self.weight, self.eps, impl=self.impl)
 
 
-def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
     """Weightless RMSNorm over the last dim (RMSNorm_1)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return rms_norm_op(x, None, eps, impl=impl)
 
 
 class Linear(nn.Linear):

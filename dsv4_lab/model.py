@@ -39,7 +39,7 @@ class DSV4LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.hc_head = build_head_collapse(cfg)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, impl=cfg.kernels)
         self.head = Linear(cfg.d_model, cfg.vocab_size)            # not tied to the embedding (docs §1.1)
         self.mtp = None
         if cfg.mtp_depth > 0:

@@ -34,12 +34,12 @@ class MTPBlock(nn.Module):
         layer_idx = cfg.n_layers + depth - 1
         # the block sees a config whose schedule has one more, SWA-only, entry (docs §4 compress_ratios[L] = 0)
         bcfg = cfg.replace(layer_types=list(cfg.layer_types) + ["swa"] * depth, mtp_depth=0)
-        self.enorm, self.hnorm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
+        self.enorm, self.hnorm = (RMSNorm(d, cfg.norm_eps, impl=cfg.kernels) for _ in range(2))
         q8 = "fp8" if cfg.quant != "none" else None
         self.e_proj, self.h_proj = Linear(d, d, q8), Linear(d, d, q8)
         self.block = Block(bcfg, layer_idx)
         self.hc_head = build_head_collapse(cfg)                    # own copy (None for plain)
-        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.norm = RMSNorm(d, cfg.norm_eps, impl=cfg.kernels)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """h (B, T', [n,] d) previous-depth state, emb (B, T', d) embeddings of the shifted tokens -> new state."""

@@ -75,13 +75,13 @@ class Attention(nn.Module):
         # queries (docs §2.1)
         if cfg.q_lora_rank > 0:
             self.wq_a = Linear(d, cfg.q_lora_rank, q8)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, impl=cfg.kernels)
             self.wq_b = Linear(cfg.q_lora_rank, H * c, q8)
         else:
             self.wq = Linear(d, H * c, q8)
         # the shared K = V entry (docs §2.2)
         self.wkv = Linear(d, c, q8)
-        self.kv_norm = RMSNorm(c, cfg.norm_eps) if cfg.qk_norm else None
+        self.kv_norm = RMSNorm(c, cfg.norm_eps, impl=cfg.kernels) if cfg.qk_norm else None
         # sink logit per head (docs §2.5)
         self.attn_sink = nn.Parameter(torch.zeros(H)) if cfg.attn_sink else None
         # output projection (docs §2.7)
@@ -113,7 +113,7 @@ class Attention(nn.Module):
         B, T, _ = u.shape
         q = (self.wq_b(cq) if cq is not None else self.wq(u)).view(B, T, self.n_heads, self.head_dim)
         if self.cfg.qk_norm:
-            q = rms_norm(q, self.cfg.norm_eps)                          # per-head weightless RMSNorm
+            q = rms_norm(q, self.cfg.norm_eps, self.cfg.kernels)        # per-head weightless RMSNorm
         return self.rope(q, pos)                                        # (B, T, H, c)
 
     def window_kv(self, u: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ class Compressor(nn.Module):
         self.wkv = Linear(d, k * c)                 # bf16 in REF checkpoints, computed in fp32; never QAT'd (docs §8.2)
         self.wgate = Linear(d, k * c)
         self.ape = nn.Parameter(torch.zeros(m, k * c))   # learned slot bias B (init UNCONFIRMED; zeros as HF)
-        self.norm = RMSNorm(c, eps)
+        self.norm = RMSNorm(c, eps, impl=impl)
 
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (docs §2.3). Z excludes ape.

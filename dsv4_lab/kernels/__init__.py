@@ -8,7 +8,7 @@ ops: sparse_attn (CSA core), hca_attn (HCA core), indexer_topk (lightning-indexe
 mhc (fused mHC pre / post), fake_quant (FP8 block / MXFP4, bit-exact with dsv4_lab.quant), sparse_kl (the
 sparse-stage indexer KL loss over the top-k picks, fwd + bwd), compressor_pool (the token-level compressors' pool
 + ape + RMSNorm (+ RoPE), fwd + bwd), swiglu (the clamped SwiGLU activation, fwd + bwd), rope (interleaved partial
-RoPE, fwd + bwd).
+RoPE, fwd + bwd), rmsnorm (RMSNorm over the last dim, with or without weight, fwd + bwd).
 
 `ModelConfig.kernels` = auto | triton | torch picks the path; `use_triton(cfg, tensor)` is the single rule:
 auto = Triton on CUDA tensors (when triton imports), torch elsewhere; triton = always (CUDA, or the CPU interpreter

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rmsnorm.naive import rms_norm_naive
 from ..rope import apply_rope
 
 
@@ -47,11 +48,9 @@ def pool_plain(C: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_w(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32 (fp64 for fp64 x), returned in x's dtype.
-    For fp32 x the same operations in the same order as dsv4_lab.layers.RMSNorm."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(xf.dtype)).to(x.dtype)
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32 (fp64 for fp64 x), returned in x's dtype:
+    kernels/rmsnorm's naive twin, the model's RMSNorm (dsv4_lab.layers) on its torch path."""
+    return rms_norm_naive(x, weight, eps)
 
 
 def compressor_pool_naive(C: torch.Tensor, Z: torch.Tensor, ape: torch.Tensor | None, weight: torch.Tensor,
