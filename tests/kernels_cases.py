@@ -864,6 +864,106 @@ def case_swiglu(device="cpu", big=False, dtype=torch.float32):
                     _check(f"swiglu R{R} I{I} L{limit} w={with_w} {nm}", a, r, y, tol)
 
 
+# ------------------------------------------------------------------------------------------------ rmsnorm
+def _rmsnorm_ref_bound(x, w, gy, eps, out_dtype, w_dtype, interpret):
+    """fp64 references (y, dx, dw) of y = RMSNorm_w(x) (w None: RMSNorm_1) with the incoming gradient gy, from the
+    inputs as given (already rounded to their dtype), and per-element bounds on the error of an fp32 computation of
+    them stored in out_dtype (y, dx) and w_dtype (dw).
+
+    Error model (worst case, any summation order, u = 2^-24; only per-element fp32 roundings, no BLAS): the sum of
+    the D squares is a sum of non-negative terms, relative error <= D u whatever the order; / D, eps rounded to fp32,
+    + eps, sqrt (halves it) and 1 / (2 u for the GPU's div.full) leave rstd within e_r = (D / 2 + 5) u.
+    y = x rstd w: e_r + 2 u relative. dx = rstd (g - xh c), g = w dy, xh = x rstd, c = mean(xh g), S = mean|xh g|:
+    xh g carries e_r + 3 u, its signed sum adds D u S, so c is within (e_r + (D + 3) u) S + u |c|; to first order
+        |d dx| <= (1.5 D + 12) u rstd (|g| + |xh| (|c| + S)).
+    dw = sum over the N rows of dy xh: (e_r + (N + 1) u) sum |dy xh|, whatever the split into partial sums.
+    Each bound is doubled (second-order terms, FMA contraction only removes roundings), then the store in a 16-bit
+    dtype adds its unit roundoff times |ref| + the fp32 bound: 2^-8 for bf16 on the GPU (round to nearest), 2^-7
+    under the interpreter (interpret=True), whose fp32 -> bf16 cast truncates."""
+    from dsv4_lab.kernels.rmsnorm.naive import rms_norm_naive
+    U = 2.0 ** -24
+    D = x.shape[-1]
+    N = x.numel() // D
+    xd = x.detach().double().requires_grad_(True)
+    wd = w.detach().double().requires_grad_(True) if w is not None else None
+    gd = gy.double()
+    y = rms_norm_naive(xd, wd, eps)
+    grads = torch.autograd.grad(y, [xd] + ([wd] if w is not None else []), gd)
+    xd, wd = xd.detach(), wd.detach() if w is not None else None
+    r = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    xh = xd * r
+    g = gd * wd if w is not None else gd
+    c, S = (xh * g).mean(-1, keepdim=True), (xh * g).abs().mean(-1, keepdim=True)
+    assert torch.allclose(grads[0], r * (g - xh * c), rtol=1e-9, atol=1e-12), "dx formula vs fp64 autograd"
+    e_r = (D / 2 + 5) * U
+    unit = {torch.float32: 0.0, torch.bfloat16: 2.0 ** (-7 if interpret else -8), torch.float16: 2.0 ** -11}
+    uo, uw = unit[out_dtype], unit[w_dtype]
+    b_y = 2 * (e_r + 2 * U) * y.detach().abs()
+    b_dx = 2 * (1.5 * D + 12) * U * r * (g.abs() + xh.abs() * (c.abs() + S))
+    out = [(y.detach(), b_y + uo * (y.detach().abs() + b_y)), (grads[0], b_dx + uo * (grads[0].abs() + b_dx))]
+    if w is not None:
+        b_dw = 2 * (e_r + (N + 1) * U) * (gd * xh).abs().reshape(-1, D).sum(0)
+        assert torch.allclose(grads[1], (gd * xh).reshape(-1, D).sum(0), rtol=1e-9, atol=1e-12), "dw formula"
+        out.append((grads[1], b_dw + uw * (grads[1].abs() + b_dw)))
+    return out
+
+
+def case_rmsnorm(device="cpu", big=False, dtype=torch.float32):
+    """kernels/rmsnorm: the fused RMSNorm (forward, and the gradients of x and of the weight) against the fp64 naive
+    twin, element by element within the error model of `_rmsnorm_ref_bound`: 2-D, 3-D and 4-D x, D not a power of
+    two, row counts not a multiple of the row block (and, for the weight gradient, rows spread over several programs
+    of several row blocks each), with a weight (fp32, and in x's dtype), a weight not requiring grad, weightless;
+    rows of very different scales (1e-3: mean(x^2) ~ eps, so eps is checked; an all-zero row; 30), x as a strided
+    slice, the incoming gradient as a strided slice (row stride D + 5) or transposed (last dim strided: copied). On the CPU the case runs fp32 and bf16 inputs (the GPU test runs
+    each dtype). Also: RMSNorm(impl="triton") and rms_norm(impl="triton") of dsv4_lab.layers take this kernel."""
+    from dsv4_lab.kernels.rmsnorm import rms_norm
+    from dsv4_lab.kernels.rmsnorm.triton import rms_norm_triton
+    from dsv4_lab.layers import RMSNorm
+    g = torch.Generator().manual_seed(17)
+    eps = 1e-6
+    # (shape, weight: None | "grad" | "nograd", x a strided slice, gy: None (contiguous) | "slice" | "t")
+    shapes = [((7, 20), "grad", False, None), ((2, 5, 37), "grad", True, "slice"), ((2, 3, 5, 12), None, False, "t"),
+              ((3, 4, 2, 24), "grad", False, "t"), ((5, 6, 20), "grad", False, None),
+              ((9, 130), "nograd", True, "slice"), ((2, 5, 37), None, False, None)] if not big else \
+        [((4, 2048, 384), "grad", False, None), ((2, 1024, 16, 128), None, False, None),
+         ((300, 7168), "grad", True, "t"), ((64, 8192), "grad", False, "slice"), ((3, 333, 1000), "nograd", False, None)]
+    dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (dtype,)
+    for shape, wmode, strided, gy_mode in shapes:
+        D = shape[-1]
+        R = int(torch.tensor(shape[:-1]).prod())
+        scale = torch.exp(torch.randn(R, 1, generator=g))
+        scale[0], scale[R // 2], scale[-1] = 1e-3, 0.0, 30.0
+        x0 = (torch.randn(R, D + (7 if strided else 0), generator=g) * scale)
+        w0 = 1 + 0.5 * torch.randn(D, generator=g) if wmode else None
+        gy0 = torch.randn(*{None: (R, D), "t": (D, R), "slice": (R, D + 5)}[gy_mode], generator=g)
+        gy_view = {None: lambda t: t, "t": lambda t: t.t(), "slice": lambda t: t[:, 2:D + 2]}[gy_mode]
+        for dt in dtypes:
+            for wdt in ((torch.float32, dt) if wmode and dt != torch.float32 else (torch.float32,)):
+                xx = x0.to(device=device, dtype=dt)[:, :D].unflatten(0, shape[:-1])
+                assert strided == (not xx.is_contiguous())
+                ww = w0.to(device=device, dtype=wdt) if wmode else None
+                gy = gy_view(gy0.to(device=device, dtype=dt)).unflatten(0, shape[:-1])
+                assert (gy_mode is None) == gy.is_contiguous()
+                xl = xx.detach().requires_grad_(True)
+                wl = ww.detach().requires_grad_(wmode == "grad") if wmode else None
+                y = rms_norm_triton(xl, wl, eps)
+                got = [y] + list(torch.autograd.grad(y, [xl] + ([wl] if wmode == "grad" else []), gy))
+                ref = _rmsnorm_ref_bound(xx, ww, gy, eps, dt, wdt, device == "cpu")[:len(got)]
+                tag = f"rmsnorm {shape} w={wmode}:{str(wdt)[6:]} {str(dt)[6:]} strided={strided} gy={gy_mode}"
+                assert y.dtype == dt and y.shape == xx.shape and got[1].dtype == dt, f"{tag}: dtype / shape"
+                if wmode == "grad":
+                    assert got[2].dtype == wdt and got[2].shape == (D,), f"{tag}: weight grad dtype / shape"
+                for nm, a, (rr, bb) in zip(["out", "dx", "dw"], got, ref):
+                    _bound_ok(f"{tag} {nm}", a, rr, bb)
+                if wmode == "grad" and dt == torch.float32 and not big:
+                    with torch.no_grad():
+                        mod = RMSNorm(D, eps, impl="triton").to(device)
+                        mod.weight.copy_(ww)
+                        assert torch.equal(mod(xx), y) and torch.equal(rms_norm(xx, ww, eps, "triton"), y), \
+                            f"{tag}: the module / dispatcher does not take the kernel"
+                        assert torch.equal(rms_norm(xx, None, eps, "triton"), rms_norm_triton(xx, None, eps))
+
+
 # ------------------------------------------------------------------------------------------------ compressor_pool
 def _pool_ref_bound(C, Z, ape, w, eps, overlap, pC=None, pZ=None, cos=None, sin=None, first_block=0):
     """fp64 reference y = RMSNorm_w(pool(C, Z + ape)) of the compressor pool (with cos / sin: then RoPE of entry i at
@@ -1232,7 +1332,7 @@ CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_to
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl,
          "compressor_pool": case_compressor_pool, "compressor_pool_bwd": case_compressor_pool_bwd,
-         "swiglu": case_swiglu, "rope": case_rope}
+         "swiglu": case_swiglu, "rope": case_rope, "rmsnorm": case_rmsnorm}
 
 
 def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):

@@ -33,7 +33,8 @@ if sys.platform != "linux":                                      # triton is a L
     pytest.skip(f"triton is not installed on {sys.platform} (a Linux-only dependency)", allow_module_level=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "fake_quant", "mhc",
-         "sparse_decode", "hca_decode", "sparse_kl", "compressor_pool", "compressor_pool_bwd", "swiglu", "rope"]
+         "sparse_decode", "hca_decode", "sparse_kl", "compressor_pool", "compressor_pool_bwd", "swiglu", "rope",
+         "rmsnorm"]
 
 
 @pytest.fixture(scope="module")
