@@ -14,6 +14,9 @@ k 512 picks, indexer n_I 4 x c_I 64; bf16 inputs. Timed with do_bench (median ms
                                  `project` = its two projections alone (forward + backward)
     swiglu_moe impl={auto,torch} the routed experts' clamped SwiGLU (N K = 131,072 rows x I 256) forward + backward
     rope_q impl={auto,torch}     RoPE of the queries (B, T, 8, 128) bf16 on their last 64 dims, forward + backward
+    rmsnorm_d x={fp32,bf16} impl={auto,torch}   RMSNorm with its fp32 weight of the (B T, 384) residual rows (the
+                                 block / final norms), forward + backward (dx and dweight) from a given dy
+    rmsnorm_q impl={auto,torch}  the weightless per-head RMSNorm of the queries (B, T, 16, 128) bf16, fwd + bwd
 Writes benchmarks/results/train_kernels.json.
 
     python benchmarks/bench_train_kernels.py [--T 16384] [--B 4]
@@ -83,6 +86,7 @@ def main():
     ms.update(compressors(B, T))
     ms.update(swiglu_times(B * T))
     ms.update(rope_times(B, T))
+    ms.update(rmsnorm_times(B, T))
     print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     print(save("train_kernels", res))
 
@@ -113,6 +117,27 @@ def rope_times(B, T, H=8, D=128, r=64):
         tab = RotaryTable(r, T, 10000.0, impl=impl).cuda()
         out[f"rope_q impl={impl}"] = bench(lambda tab=tab: tab(x, pos).float().sum().backward(), warmup=3,
                                            rep=30)["ms"]
+    return out
+
+
+def rmsnorm_times(B, T, d=384, H=16, D=128):
+    """RMSNorm forward + backward (from a fixed dy): the fused kernel vs the naive twin (ms). The (B T, d) rows with
+    the fp32 weight (the block and final norms; the residual stream fp32 or bf16) and the weightless per-head norm
+    of the (B, T, H, D) bf16 queries."""
+    from dsv4_lab.layers import RMSNorm, rms_norm
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(B * T, d, device="cuda", dtype=dt, requires_grad=True)
+        dy = torch.randn_like(x)
+        for impl in ("auto", "torch"):
+            norm = RMSNorm(d, impl=impl).cuda()
+            out[f"rmsnorm_d x={'fp32' if dt == torch.float32 else 'bf16'} impl={impl}"] = bench(
+                lambda norm=norm: norm(x).backward(dy), warmup=3, rep=30)["ms"]
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dq = torch.randn_like(q)
+    for impl in ("auto", "torch"):
+        out[f"rmsnorm_q impl={impl}"] = bench(lambda impl=impl: rms_norm(q, 1e-6, impl).backward(dq), warmup=3,
+                                              rep=30)["ms"]
     return out
 
 

@@ -879,7 +879,7 @@ def _rmsnorm_ref_bound(x, w, gy, eps, out_dtype, w_dtype, interpret):
     dw = sum over the N rows of dy xh: (e_r + (N + 1) u) sum |dy xh|, whatever the split into partial sums.
     Each bound is doubled (second-order terms, FMA contraction only removes roundings), then the store in a 16-bit
     dtype adds its unit roundoff times |ref| + the fp32 bound: 2^-8 for bf16 on the GPU (round to nearest), 2^-7
-    under the interpreter (interpret=True), whose fp32 -> bf16 cast truncates."""
+    under the interpreter (interpret=True), whose fp32 -> bf16 cast truncates (docs/kernels.md §7 item 3)."""
     from dsv4_lab.kernels.rmsnorm.naive import rms_norm_naive
     U = 2.0 ** -24
     D = x.shape[-1]
