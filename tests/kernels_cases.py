@@ -914,8 +914,9 @@ def case_rmsnorm(device="cpu", big=False, dtype=torch.float32):
     two, row counts not a multiple of the row block (and, for the weight gradient, rows spread over several programs
     of several row blocks each), with a weight (fp32, and in x's dtype), a weight not requiring grad, weightless;
     rows of very different scales (1e-3: mean(x^2) ~ eps, so eps is checked; an all-zero row; 30), x as a strided
-    slice, the incoming gradient as a strided slice (row stride D + 5) or transposed (last dim strided: copied). On the CPU the case runs fp32 and bf16 inputs (the GPU test runs
-    each dtype). Also: RMSNorm(impl="triton") and rms_norm(impl="triton") of dsv4_lab.layers take this kernel."""
+    slice, the incoming gradient as a strided slice (row stride D + 5) or transposed (last dim strided: copied).
+    On the CPU the case runs fp32 and bf16 inputs (the GPU test runs each dtype). Also: RMSNorm(impl="triton") and
+    rms_norm(impl="triton") take this kernel."""
     from dsv4_lab.kernels.rmsnorm import rms_norm
     from dsv4_lab.kernels.rmsnorm.triton import rms_norm_triton
     from dsv4_lab.layers import RMSNorm
@@ -926,7 +927,8 @@ def case_rmsnorm(device="cpu", big=False, dtype=torch.float32):
               ((3, 4, 2, 24), "grad", False, "t"), ((5, 6, 20), "grad", False, None),
               ((9, 130), "nograd", True, "slice"), ((2, 5, 37), None, False, None)] if not big else \
         [((4, 2048, 384), "grad", False, None), ((2, 1024, 16, 128), None, False, None),
-         ((300, 7168), "grad", True, "t"), ((64, 8192), "grad", False, "slice"), ((3, 333, 1000), "nograd", False, None)]
+         ((300, 7168), "grad", True, "t"), ((64, 8192), "grad", False, "slice"),
+         ((3, 333, 1000), "nograd", False, None)]
     dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (dtype,)
     for shape, wmode, strided, gy_mode in shapes:
         D = shape[-1]

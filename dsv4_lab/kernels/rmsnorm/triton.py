@@ -1,4 +1,4 @@
-"""RMSNorm in Triton: one fused launch forward, one backward (the naive twin: naive.py, docs §0, docs/kernels.md §2.3).
+"""RMSNorm in Triton: one fused launch forward, one backward (naive twin: naive.py; docs §0, docs/kernels.md §2.3).
 
     rms_norm_triton(x, weight, eps) -> y (..., D) in x's dtype;   x (..., D), weight (D,) or None (RMSNorm_1)
 
