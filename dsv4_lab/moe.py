@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels.swiglu import swiglu
+from .kernels.swiglu import swiglu_packed
 from .layers import SwiGLU
 
 
@@ -154,9 +154,9 @@ class _ToRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dxc, g):
         src, inv = ctx.saved_tensors
-        dx = _sum_rows(g, inv, ctx.K, ctx.x_dtype)
-        if dxc is not None:
-            dx = dx + dxc                                              # fp32 (x's dtype) + the GEMM dtype
+        dx = _sum_rows(g, inv, ctx.K, ctx.x_dtype) if g is not None else None
+        if dxc is not None:                                            # fp32 (x's dtype) + the GEMM dtype
+            dx = dxc.to(ctx.x_dtype) if dx is None else dx.add_(dxc)
         return dx, None, None, None, None
 
 
@@ -344,7 +344,7 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (docs §5). Experts are a ModuleList of SwiGLU (the state
     dict keeps one module per expert); moe_dispatch="grouped" stacks their weights per forward for two grouped
-    GEMMs, "loop" calls them one by one (the reference)."""
+    GEMMs (docs §5.4), "loop" calls them one by one (the reference)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -434,9 +434,8 @@ class MoE(nn.Module):
         se = self.shared_expert
         if se.w1.quant:
             return se(xc)
-        h = F.linear(xc, torch.cat([se.w1.weight, se.w3.weight]))                 # (N, 2 I_s)
-        gate, up = h.chunk(2, dim=-1)
-        return F.linear(swiglu(gate, up, se.limit, None, out_dtype=h.dtype, impl=se.impl), se.w2.weight)
+        h = F.linear(xc, torch.cat([se.w1.weight, se.w3.weight]))                 # (N, 2 I_s) = [gate | up]
+        return F.linear(swiglu_packed(h, se.limit, None, out_dtype=h.dtype, impl=se.impl), se.w2.weight)
 
     def _routed_loop(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The readable reference: one SwiGLU call per expert that got tokens (a host sync per forward)."""
@@ -478,9 +477,9 @@ class MoE(nn.Module):
         if q:
             from .quant.qat import ACT_BLOCK, fake_quant_fp8
             xs = fake_quant_fp8(xs, ACT_BLOCK)
-        h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I) in ct
-        gate, up = h.chunk(2, dim=-1)                  # SwiGLU in fp32 at least, the routing weight before W2
-        h = swiglu(gate, up, self.experts[0].limit, ws[:, None], out_dtype=io, impl=self.cfg.kernels)
+        h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I) = [gate | up] in ct
+        # SwiGLU in fp32 at least, the routing weight before W2; packed: its gradient comes back as one (N K, 2I)
+        h = swiglu_packed(h, self.experts[0].limit, ws[:, None], out_dtype=io, impl=self.cfg.kernels)
         if q:
             h = fake_quant_fp8(h, ACT_BLOCK)
         out = grouped_linear(h, w2, grp, offs)                                     # (N K, d) in ct
