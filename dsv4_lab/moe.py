@@ -395,7 +395,7 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         w, idx, s = self.gate(flat, input_ids)                                     # (N, K), (N, K), (N, N_r)
-        plan = self.sort_by_expert(idx)
+        plan = self.sort_by_expert(idx)                                            # grp, order, bounds
         if self.cfg.moe_dispatch == "loop":
             y = self._routed_loop(flat, w, idx)
             if self.shared_expert is not None:
@@ -403,7 +403,8 @@ class MoE(nn.Module):
         else:
             y = self._routed_grouped(flat, w, idx, plan, with_shared=True)
         with torch.no_grad():                      # per-expert loads from the sorted ids (bincount: a host sync)
-            load = (plan[2][1:] - plan[2][:-1]).to(self.load_accum.dtype)          # (N_r,)
+            bounds = plan[2]
+            load = (bounds[1:] - bounds[:-1]).to(self.load_accum.dtype)            # (N_r,) tokens per expert
         if self.training and not self.gate.is_hash:
             self.load_accum += load
             if self.cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
@@ -449,8 +450,8 @@ class MoE(nn.Module):
                         with_shared: bool = False) -> torch.Tensor:
         """Sort the N K (token, expert) pairs by expert, then one grouped GEMM for gate/up and one for down:
 
-            grp, order, bounds = sort_by_expert(idx)  row j = slot order_j = t K + k: token t = order_j // K, expert grp_j
-            offs  = bounds[1:]                        (N_r,) int32, end of each expert's rows
+            grp, order, bounds = sort_by_expert(idx)   row j = slot order_j = t K + k (token t, expert grp_j)
+            offs  = bounds[1:]                         (N_r,) int32, end of each expert's rows
             h     = [W1_e; W3_e] x_t  for the rows j of expert e       (N K, 2 I)  grouped GEMM
             y_t   = sum_k W2_e (w_j SwiGLU_clamp(h_j))                  (N K, d) -> (N, d), the K rows of token t
 

@@ -683,7 +683,8 @@ def test_grouped_step_has_no_scatter_glue():
             self.ops.add(name)
             for o in (out if isinstance(out, (tuple, list)) else [out]):
                 if (isinstance(o, torch.Tensor) and o.ndim == 2 and o.shape[0] == B * T * K
-                        and o.shape[1] in (d, 2 * inter) and o.dtype == torch.float32 and name not in ("view", "t", "transpose", "slice", "detach")):
+                        and o.shape[1] in (d, 2 * inter) and o.dtype == torch.float32
+                        and name not in ("view", "t", "transpose", "slice", "detach")):
                     self.fp32_rows.append((name, tuple(o.shape)))
             return out
 
