@@ -17,9 +17,15 @@ k 512 picks, indexer n_I 4 x c_I 64; bf16 inputs. Timed with do_bench (median ms
     rmsnorm_d x={fp32,bf16} impl={auto,torch}   RMSNorm with its fp32 weight of the (B T, 384) residual rows (the
                                  block / final norms), forward + backward (dx and dweight) from a given dy
     rmsnorm_q impl={auto,torch}  the weightless per-head RMSNorm of the queries (B, T, 16, 128) bf16, fwd + bwd
+    moe_layer impl={auto,torch}  one score-routed MoE layer of the `small` preset (d 384, 16 experts, top-2, I 256,
+                                 shared expert, clamp 10) forward + backward as training runs it (fp32 masters and
+                                 residual input, bf16 autocast, balance loss on), grouped dispatch (docs §5.4); `torch`
+                                 = the naive SwiGLU twin
+    moe_gemms                    its two grouped GEMMs alone (N K = 131,072 rows, bf16) forward + backward: the floor
+                                 (moe_layer - moe_gemms - swiglu_moe = router, shared expert and glue)
 Writes benchmarks/results/train_kernels.json.
 
-    python benchmarks/bench_train_kernels.py [--T 16384] [--B 4]
+    python benchmarks/bench_train_kernels.py [--T 16384] [--B 4] [--moe-only]
 """
 from __future__ import annotations
 
@@ -54,7 +60,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=16384)
     ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--moe-only", action="store_true", help="time the MoE layer (and its GEMMs) only")
     a = ap.parse_args()
+    if a.moe_only:
+        res = {"shapes": dict(B=a.B, T=a.T), "ms": moe_times(a.B, a.T)}
+        print({k: round(v, 3) for k, v in res["ms"].items()}, flush=True)
+        print(save("train_kernels_moe", res))
+        return
     B, T, H, D, W, M, K, NI, CI = a.B, a.T, 8, 128, 128, 4, 512, 4, 64
     S = T // M
     dev = "cuda"
@@ -87,6 +99,7 @@ def main():
     ms.update(swiglu_times(B * T))
     ms.update(rope_times(B, T))
     ms.update(rmsnorm_times(B, T))
+    ms.update(moe_times(B, T))
     print({k: round(v, 3) for k, v in ms.items()}, flush=True)
     print(save("train_kernels", res))
 
@@ -103,6 +116,40 @@ def swiglu_times(N, K=2, inter=256, limit=10.0):
             gate, up = h.chunk(2, dim=-1)
             swiglu(gate, up, limit, w, out_dtype=torch.bfloat16, impl=impl).float().sum().backward()
         out[f"swiglu_moe impl={impl}"] = bench(step, warmup=3, rep=30)["ms"]
+    return out
+
+
+def moe_times(B, T):
+    """One MoE layer of the `small` preset (score-routed, layer 3), forward + backward under bf16 autocast with the
+    balance loss, kernels auto vs torch; and its two grouped GEMMs alone (ms)."""
+    from dsv4_lab.config import ModelConfig
+    from dsv4_lab.moe import MoE
+    out = {}
+    x = torch.randn(B, T, 384, device="cuda", requires_grad=True)
+    gy = torch.randn(B, T, 384, device="cuda")
+    one = torch.ones((), device="cuda")
+    for impl in ("auto", "torch"):
+        moe = MoE(ModelConfig.from_preset("small", kernels=impl), 3).cuda().train()
+
+        def step(moe=moe):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = moe(x)
+            torch.autograd.backward([y, moe._aux["balance_loss"]], [gy, one])
+        out[f"moe_layer impl={impl}"] = bench(step, warmup=3, rep=30)["ms"]
+    N, K, d, inter, G = B * T, 2, 384, 256, 16
+    grp = torch.randint(0, G, (N * K,), device="cuda").sort().values
+    offs = torch.searchsorted(grp, torch.arange(1, G + 1, device="cuda"), out_int32=True)
+    xs = torch.randn(N * K, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    hs = torch.randn(N * K, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w13 = torch.randn(G, 2 * inter, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(G, d, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g13, g2 = torch.randn(N * K, 2 * inter, **dict(device="cuda", dtype=torch.bfloat16)), torch.randn_like(xs)
+
+    def gemms():
+        mm = torch._grouped_mm
+        torch.autograd.backward([mm(xs, w13.transpose(-2, -1), offs=offs), mm(hs, w2.transpose(-2, -1), offs=offs)],
+                                [g13, g2])
+    out["moe_gemms"] = bench(gemms, warmup=3, rep=30)["ms"]
     return out
 
 

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels.swiglu import swiglu
+from .kernels.swiglu import swiglu_packed
 from .layers import SwiGLU
 
 
@@ -91,19 +91,24 @@ def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: the autocast dtype when autocast is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x (M, k) rows sorted by group, w (G, n, k), groups (M,) each row's group, offs (G,) int32 cumulative row ends
     -> (M, n): row r of group g = x_r w_g^T.
 
-    Compute dtype: the autocast dtype when autocast is on, else x's. Paths:
+    Compute dtype: `compute_dtype(x)` (x and w are cast to it; no copy when they are in it already). Paths:
       * F.grouped_mm / torch._grouped_mm (one grouped GEMM) for bf16 (CUDA sm90+: the CUTLASS kernel, no host sync;
         torch.compile traces it), and in eager mode also for fp32 / fp16 (CPU kernel; on CUDA torch's own per-group
         fallback, which reads offs on the host). Needs k and n multiples of 16 bytes.
       * otherwise a padded batched GEMM: rows scattered into a (G, M, k) buffer (M = every row could be in one
         group), one bmm, rows gathered back. Static shapes and no host sync (torch.compile's fp32 / fp64 path), at
         G times the FLOPs: for CPU-sized tests."""
-    dev = x.device.type
-    ct = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    ct = compute_dtype(x)
     x, w = x.to(ct), w.to(ct)
     align = 16 // x.element_size()
     aligned = x.shape[1] % align == 0 and w.shape[1] % align == 0
@@ -115,6 +120,85 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, offs:
     pos = torch.arange(M, device=x.device) - starts[groups]                                 # row within its group
     buf = x.new_zeros(G, M, x.shape[1]).index_put((groups, pos), x)                         # (G, M, k)
     return torch.bmm(buf, w.transpose(-2, -1))[groups, pos]                                 # (M, n)
+
+
+# --- the grouped dispatch's data movement (docs §5.4) ---------------------------------------------------------
+# A routing of N tokens to K experts each is a permutation of the N K (token, slot) pairs: row r of the expert-sorted
+# layout is slot order[r] = t K + k, i.e. token tok[r] = order[r] // K, and inv = order^-1 (slot -> row). So the
+# dispatch x -> x[tok] and the combine rows -> sum_k rows[inv[t K + k]] are each other's adjoints: each one's
+# backward is the other one (two gathers, no index_add / index_put: no atomics, no zero buffer, deterministic).
+
+def _sum_rows(rows: torch.Tensor, inv: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """rows (N K, *r) expert-sorted -> (N, *r) in dtype: y_t = sum_k rows[inv[t K + k]], summed in fp32 at least
+    (fp64 for fp64), k in slot order."""
+    g = rows.index_select(0, inv)                                    # (N K, *r) in slot order t K + k
+    if K == 1:
+        return g.to(dtype)
+    acc = torch.promote_types(torch.promote_types(rows.dtype, dtype), torch.float32)
+    return g.view(-1, K, *rows.shape[1:]).sum(1, dtype=acc).to(dtype)
+
+
+class _ToRows(torch.autograd.Function):
+    """Dispatch: x (N, *r) -> (xc, rows): xc = x.to(dtype) (N, *r) (what the shared expert reads) and
+    rows = xc[src] (N K, *r), src = tok. Backward: dx = _sum_rows of the row gradients + dxc, in x's dtype (each
+    token's K row gradients and the shared expert's summed in fp32 at least, as separate casts would)."""
+
+    @staticmethod
+    def forward(ctx, x, src, inv, K: int, dtype: torch.dtype):
+        ctx.save_for_backward(src, inv)
+        ctx.K, ctx.x_dtype = K, x.dtype
+        ctx.set_materialize_grads(False)                               # an unused xc: dxc None, not a zero tensor
+        xc = x.to(dtype)
+        return xc, xc.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, dxc, g):
+        src, inv = ctx.saved_tensors
+        dx = _sum_rows(g, inv, ctx.K, ctx.x_dtype) if g is not None else None
+        if dxc is not None:                                            # fp32 (x's dtype) + the GEMM dtype
+            dx = dxc.to(ctx.x_dtype) if dx is None else dx.add_(dxc)
+        return dx, None, None, None, None
+
+
+class _FromRows(torch.autograd.Function):
+    """Combine: rows (N K, *r) -> y = _sum_rows(rows, inv, K, dtype) (+ extra (N, *r), the shared expert's output)
+    in dtype. Backward: the gradient cast to the rows' dtype once, gathered for the rows (g[src]) and passed as is to
+    extra when it has that dtype."""
+
+    @staticmethod
+    def forward(ctx, rows, src, inv, K: int, dtype: torch.dtype, extra: torch.Tensor | None = None):
+        ctx.save_for_backward(src, inv)
+        ctx.K, ctx.rows_dtype = K, rows.dtype
+        ctx.extra_dtype = extra.dtype if extra is not None else None
+        y = _sum_rows(rows, inv, K, dtype)
+        return y if extra is None else y.add_(extra)
+
+    @staticmethod
+    def backward(ctx, g):
+        src, inv = ctx.saved_tensors
+        gr = g.to(ctx.rows_dtype)
+        dextra = None
+        if ctx.extra_dtype is not None:
+            dextra = gr if ctx.extra_dtype == ctx.rows_dtype else g.to(ctx.extra_dtype)
+        return gr.index_select(0, src), None, None, None, None, dextra
+
+
+class _StackWeights(torch.autograd.Function):
+    """ws = [W_0, ..., W_{m-1}] each (n_i, k) -> cat along dim 0 in dtype, viewed (G, sum n_i / G, k): one copy and
+    one cast per forward (not a stack per list, a cat, then a cast). Backward: the (G, n, k) gradient cast to the
+    weights' dtype once, contiguous, and split into views, which AccumulateGrad keeps (no copy per expert)."""
+
+    @staticmethod
+    def forward(ctx, G: int, dtype: torch.dtype, *ws):
+        ctx.w_dtype, ctx.sizes = ws[0].dtype, [w.shape[0] for w in ws]
+        out = torch.cat(ws).to(dtype)
+        return out.view(G, -1, out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        if g.dtype != ctx.w_dtype or not g.is_contiguous():                      # one copy: cast and layout
+            g = torch.empty(g.shape, dtype=ctx.w_dtype, device=g.device).copy_(g)
+        return (None, None, *g.view(-1, g.shape[-1]).split(ctx.sizes))
 
 
 class SpikeDetector:
@@ -260,7 +344,7 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """The FFN sub-layer `ffn(x, input_ids)` for ffn="moe" (docs §5). Experts are a ModuleList of SwiGLU (the state
     dict keeps one module per expert); moe_dispatch="grouped" stacks their weights per forward for two grouped
-    GEMMs, "loop" calls them one by one (the reference)."""
+    GEMMs (docs §5.4), "loop" calls them one by one (the reference)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -311,15 +395,16 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         w, idx, s = self.gate(flat, input_ids)                                     # (N, K), (N, K), (N, N_r)
+        plan = self.sort_by_expert(idx)                                            # grp, order, bounds
         if self.cfg.moe_dispatch == "loop":
             y = self._routed_loop(flat, w, idx)
+            if self.shared_expert is not None:
+                y = y + self.shared_expert(flat)
         else:
-            y = self._routed_grouped(flat, w, idx)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(flat)
-        with torch.no_grad():                      # per-expert loads without bincount (a host sync on CUDA)
-            load = torch.zeros(self.cfg.n_routed_experts, dtype=self.load_accum.dtype, device=idx.device)
-            load = load.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=load.dtype))
+            y = self._routed_grouped(flat, w, idx, plan, with_shared=True)
+        with torch.no_grad():                      # per-expert loads from the sorted ids (bincount: a host sync)
+            bounds = plan[2]
+            load = (bounds[1:] - bounds[:-1]).to(self.load_accum.dtype)            # (N_r,) tokens per expert
         if self.training and not self.gate.is_hash:
             self.load_accum += load
             if self.cfg.balance_loss_weight > 0 and torch.is_grad_enabled():
@@ -334,6 +419,25 @@ class MoE(nn.Module):
             self.stats.update(self._activation_stats(flat.detach(), idx))
         return y.view(B, T, d)
 
+    def sort_by_expert(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """idx (N, K) -> grp (N K,) the expert ids sorted (stable), order (N K,) the slot t K + k of each sorted row,
+        bounds (N_r + 1,) int32 the first row of each expert (bounds[N_r] = N K; expert e has rows bounds[e] to
+        bounds[e+1] - 1). One sort and one searchsorted: no host sync, static shapes (docs §5.4)."""
+        grp, order = torch.sort(idx.flatten(), stable=True)
+        e = torch.arange(self.cfg.n_routed_experts + 1, device=idx.device, dtype=grp.dtype)
+        return grp, order, torch.searchsorted(grp, e, out_int32=True)
+
+    def _shared(self, xc: torch.Tensor) -> torch.Tensor:
+        """The shared expert as the grouped path runs it, on xc (N, d) = x already in the GEMM dtype: W1 and W3 as
+        one GEMM [W1; W3] xc (N, 2 I_s), the SwiGLU output in the GEMM's dtype (no fp32 (N, I_s) copy under
+        autocast), then W2; the same math as the module's forward. QAT roles (fake-quantisers per linear) take the
+        module's own path."""
+        se = self.shared_expert
+        if se.w1.quant:
+            return se(xc)
+        h = F.linear(xc, torch.cat([se.w1.weight, se.w3.weight]))                 # (N, 2 I_s) = [gate | up]
+        return F.linear(swiglu_packed(h, se.limit, None, out_dtype=h.dtype, impl=se.impl), se.w2.weight)
+
     def _routed_loop(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The readable reference: one SwiGLU call per expert that got tokens (a host sync per forward)."""
         y = torch.zeros_like(flat)
@@ -342,40 +446,46 @@ class MoE(nn.Module):
             y.index_add_(0, tok, self.experts[e](flat[tok], w[tok, kpos, None]).to(y.dtype))
         return y
 
-    def _routed_grouped(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _routed_grouped(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, plan: tuple | None = None,
+                        with_shared: bool = False) -> torch.Tensor:
         """Sort the N K (token, expert) pairs by expert, then one grouped GEMM for gate/up and one for down:
 
-            order = argsort(idx.flatten(), stable)   (N K,)   slot j = (token order_j // K, expert idx_flat[order_j])
-            offs  = cumsum(tokens per expert)         (N_r,) int32, end of each expert's rows
-            h     = [W1_e; W3_e] x_j  for the rows j of expert e       (N K, 2 I)  grouped GEMM
-            y_t  += W2_e (w_j SwiGLU_clamp(h_j))                        (N K, d) -> index_add over tokens
+            grp, order, bounds = sort_by_expert(idx)   row j = slot order_j = t K + k (token t, expert grp_j)
+            offs  = bounds[1:]                         (N_r,) int32, end of each expert's rows
+            h     = [W1_e; W3_e] x_t  for the rows j of expert e       (N K, 2 I)  grouped GEMM
+            y_t   = sum_k W2_e (w_j SwiGLU_clamp(h_j))                  (N K, d) -> (N, d), the K rows of token t
 
-        Same math as `_routed_loop` (weights before W2, clamp on the routed experts, QAT fake-quantisers per row /
-        per expert weight); shapes are static and no value leaves the device, so torch.compile keeps one graph.
-        An expert with no tokens gets a zero weight gradient (the loop leaves it None)."""
+        Data movement (docs §5.4): x is cast to the GEMM dtype once (N, d) and its rows gathered (N K, d); the
+        K rows of each token are gathered back through the inverse permutation and summed in fp32 (an adjoint pair of
+        gathers, no index_add / index_put); the SwiGLU writes the GEMM dtype; the expert weights are stacked by one
+        cat and one cast per GEMM. Same math as `_routed_loop` (weights before W2, clamp on the routed experts, QAT
+        fake-quantisers per row / per expert weight, applied in x's dtype as before); shapes are static and no value
+        leaves the device, so torch.compile keeps one graph. An expert with no tokens gets a zero weight gradient
+        (the loop leaves it None). with_shared: add the shared expert's output (`_shared`, on the same cast of x)."""
         N, K = idx.shape
-        e_flat = idx.flatten()                                                     # (N K,)
-        order = torch.argsort(e_flat, stable=True)
-        tok, grp = order // K, e_flat[order]                                       # token and expert of each row
-        counts = torch.zeros(self.cfg.n_routed_experts, dtype=torch.int32, device=idx.device)
-        counts = counts.index_add_(0, e_flat, torch.ones_like(e_flat, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)                          # (N_r,)
-        ws = w.flatten()[order]                                                    # (N K,) routing weights
+        G = self.cfg.n_routed_experts
+        grp, order, bounds = self.sort_by_expert(idx) if plan is None else plan
+        offs = bounds[1:]                                                          # (N_r,) int32 row ends
+        tok = order // K                                                           # (N K,) token of each row
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        ct = compute_dtype(flat)                                                   # the GEMMs' dtype
         q = self.experts[0].w1.quant
-        w13 = torch.cat([torch.stack([self._w(e.w1) for e in self.experts]),             # (N_r, 2I, d): 3 copies,
-                         torch.stack([self._w(e.w3) for e in self.experts])], 1)          # not one per expert
-        w2 = torch.stack([self._w(e.w2) for e in self.experts])                    # (N_r, d, I)
-        xs = flat[tok]                                                             # (N K, d)
+        io = flat.dtype if q else ct                   # QAT fake-quantises the rows in x's dtype, as the loop does
+        ws = _ToRows.apply(w.flatten(), order, inv, 1, w.dtype)[1]                 # (N K,) routing weights
+        w13 = _StackWeights.apply(G, ct, *[self._w(m) for e in self.experts for m in (e.w1, e.w3)])  # (N_r, 2I, d)
+        w2 = _StackWeights.apply(G, ct, *[self._w(e.w2) for e in self.experts])   # (N_r, d, I)
+        xc, xs = _ToRows.apply(flat, tok, inv, K, io)                              # (N, d), (N K, d)
         if q:
             from .quant.qat import ACT_BLOCK, fake_quant_fp8
             xs = fake_quant_fp8(xs, ACT_BLOCK)
-        h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I)
-        gate, up = h.chunk(2, dim=-1)                  # SwiGLU in fp32 at least, the routing weight before W2
-        h = swiglu(gate, up, self.experts[0].limit, ws[:, None], out_dtype=flat.dtype, impl=self.cfg.kernels)
+        h = grouped_linear(xs, w13, grp, offs)                                     # (N K, 2I) = [gate | up] in ct
+        # SwiGLU in fp32 at least, the routing weight before W2; packed: its gradient comes back as one (N K, 2I)
+        h = swiglu_packed(h, self.experts[0].limit, ws[:, None], out_dtype=io, impl=self.cfg.kernels)
         if q:
             h = fake_quant_fp8(h, ACT_BLOCK)
-        out = grouped_linear(h, w2, grp, offs)                                     # (N K, d)
-        return torch.zeros_like(flat).index_add_(0, tok, out.to(flat.dtype))
+        out = grouped_linear(h, w2, grp, offs)                                     # (N K, d) in ct
+        shared = self._shared(xc) if with_shared and self.shared_expert is not None else None      # (N, d)
+        return _FromRows.apply(out, tok, inv, K, flat.dtype, shared)               # (N, d) routed (+ shared)
 
     @staticmethod
     def _w(lin: nn.Module) -> torch.Tensor:

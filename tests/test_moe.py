@@ -612,3 +612,185 @@ def test_grouped_dispatch_cuda_bf16_matches_loop(n_tok):
         y, g = _run(moe, moe._routed_grouped, flat, w, idx)
     tol = 4 * 2.0 ** -8
     assert _close(y, y_ref, tol) and all(_close(a, b, tol) for a, b in zip(g, g_ref))
+
+
+# ------------------------------------------------------------------------------------------------ grouped glue
+# The grouped path's data movement (docs §5.4): dispatch / combine as an adjoint pair of gathers, one sort +
+# searchsorted for the expert offsets and loads, the expert weights stacked by one cat, the SwiGLU on the packed
+# [gate | up] GEMM output.
+
+def test_sort_by_expert_offsets_and_loads():
+    """bounds[e] = first row of expert e in the stable expert sort (= the cumulative counts), loads from them."""
+    torch.manual_seed(0)
+    moe = MoE(cfg_(n_routed_experts=16), 3).train()
+    idx = torch.stack([torch.randperm(16)[:2] for _ in range(40)])
+    idx[:5] = torch.tensor([3, 7])                                # repeated pairs; experts 0.. may be empty
+    grp, order, bounds = moe.sort_by_expert(idx)
+    counts = torch.bincount(idx.flatten(), minlength=16)
+    assert bounds.dtype == torch.int32 and bounds.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    assert torch.equal(grp, idx.flatten()[order]) and torch.equal(order, torch.argsort(idx.flatten(), stable=True))
+    moe(torch.randn(2, 20, 32))
+    assert torch.equal(moe.stats["load"], torch.bincount(moe.stats["indices"].flatten(), minlength=16).float())
+
+
+def test_dispatch_and_combine_are_adjoint_gathers():
+    """_ToRows (x -> x[tok], plus x itself) and _FromRows (rows -> per-token sum of its K rows (+ extra)) against
+    the index / index_add they replace, values and gradients in fp64 (gradcheck), and as adjoints:
+    <combine(r), x> = <r, dispatch(x)> (same products, another summation order: 1e-12 relative)."""
+    from dsv4_lab.moe import _FromRows, _ToRows
+    torch.manual_seed(0)
+    N, K, d = 6, 3, 5
+    idx = torch.stack([torch.randperm(8)[:K] for _ in range(N)])
+    order = torch.argsort(idx.flatten(), stable=True)
+    tok = order // K
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K))
+    x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(N * K, d, dtype=torch.float64, requires_grad=True)
+    extra = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    xc, xs = _ToRows.apply(x, tok, inv, K, torch.float64)
+    assert torch.equal(xs, x[tok]) and torch.equal(xc, x)
+    y = _FromRows.apply(rows, tok, inv, K, torch.float64)
+    ref = torch.zeros(N, d, dtype=torch.float64).index_add_(0, tok, rows)
+    assert _close(y, ref, 1e-15)
+    assert _close(_FromRows.apply(rows, tok, inv, K, torch.float64, extra), ref + extra, 1e-15)
+    lhs, rhs = (y * x).sum(), (rows * xs).sum()
+    assert abs(lhs - rhs) <= 1e-12 * abs(rhs)
+    assert torch.autograd.gradcheck(lambda a: _ToRows.apply(a, tok, inv, K, torch.float64), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: _FromRows.apply(a, tok, inv, K, torch.float64, b), (rows, extra))
+
+
+def test_grouped_step_has_no_scatter_glue():
+    """A training forward + backward of the grouped path (shared expert on, balance loss on) runs no index_add /
+    index_put (the atomics and the sort-based accumulate of the old scatter-back and of the gather's backward) and
+    writes no fp32 (N K, d) or (N K, 2I) tensor under bf16 autocast: the rows, the GEMM outputs and their gradients
+    stay in the GEMM dtype (the naive SwiGLU's fp32 (N K, I) internals and the fp32 routing weights (N K,) are by
+    design). CPU autocast (the same dtype flow as CUDA's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    d, inter = 48, 16
+    moe = MoE(cfg_(d_model=d, moe_inter_dim=inter, balance_loss_weight=0.1), 3).train()
+    B, T, K = 2, 10, 2                                           # N K = 40: no weight shape shares it
+    x = torch.randn(B, T, d, requires_grad=True)
+
+    class Rec(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.fp32_rows = set(), []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.ops.add(name)
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if (isinstance(o, torch.Tensor) and o.ndim == 2 and o.shape[0] == B * T * K
+                        and o.shape[1] in (d, 2 * inter) and o.dtype == torch.float32
+                        and name not in ("view", "t", "transpose", "slice", "detach")):
+                    self.fp32_rows.append((name, tuple(o.shape)))
+            return out
+
+    with Rec() as r:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        (y.float().square().sum() + moe._aux["balance_loss"]).backward()
+    assert not r.ops & {"index_add", "index_add_", "index_put", "index_put_", "_index_put_impl_"}, r.ops
+    assert not r.fp32_rows, r.fp32_rows
+
+
+@pytest.mark.parametrize("n_tok", [1, 7, 61])
+def test_grouped_dispatch_cpu_bf16_autocast_matches_loop(n_tok):
+    """The CUDA bf16 check on the CPU (torch's CPU grouped GEMM in bf16 under CPU autocast), the layer's forward
+    with the shared expert (one [W1; W3] GEMM on the grouped path, the module on the loop path): outputs and every
+    gradient within 4 u_bf16 max|.| (both round their GEMM outputs to bf16 at the same places)."""
+    torch.manual_seed(0)
+    cfg = cfg_(d_model=64, moe_inter_dim=32, n_routed_experts=16, swiglu_limit=1.0)
+    a = MoE(cfg, 3).train()
+    b = MoE(cfg.replace(moe_dispatch="loop"), 3).train()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, n_tok, 64)
+    out = []
+    for m in (a, b):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xx)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out.append([y.detach()] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in m.parameters()
+                                   if p.requires_grad] + [xx.grad])
+    assert torch.equal(a.stats["indices"], b.stats["indices"])
+    tol = 4 * 2.0 ** -8
+    for ga, gb in zip(*out):
+        assert _close(ga, gb, tol), _rel(ga, gb)
+
+
+def test_grouped_moe_compiles_to_one_graph():
+    """torch.compile(fullgraph=True) of a training forward + backward (aot_eager: the traced graph, no codegen):
+    the custom autograd Functions, the sort and searchsorted trace without a break; the same values as eager."""
+    torch.manual_seed(0)
+    moe = MoE(cfg_(balance_loss_weight=0.1), 3).train()
+    x = torch.randn(2, 9, 32)
+
+    def step(m):
+        moe.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        (y.square().sum() + moe._aux["balance_loss"]).backward()
+        return [y.detach(), xx.grad] + [p.grad for p in moe.parameters() if p.grad is not None]
+
+    eager = step(moe)
+    compiled = step(torch.compile(moe, backend="aot_eager", fullgraph=True))
+    assert len(eager) == len(compiled) and all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+def test_swiglu_packed_naive_equals_chunks():
+    """swiglu_packed(h) is swiglu(*h.chunk(2, -1)) (the naive twin: identical ops), values and gradients."""
+    from dsv4_lab.kernels.swiglu import swiglu, swiglu_packed
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(2, 5, 24) * 3, torch.rand(2, 5, 1)
+    res = []
+    for packed in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = swiglu_packed(h, 1.5, w, impl="torch") if packed else swiglu(*h.chunk(2, -1), 1.5, w, impl="torch")
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        res.append((y, h.grad, w.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+
+
+_PACKED_INTERP = r"""
+import torch
+from dsv4_lab.kernels.swiglu.naive import swiglu_naive
+from dsv4_lab.kernels.swiglu.triton import swiglu_triton, swiglu_triton_packed
+g = torch.Generator().manual_seed(3)
+for shape in [(7, 48), (2, 5, 80), (1, 6)]:
+    for limit in (0.0, 1.5):
+        for with_w in (False, True):
+            h = torch.randn(*shape, generator=g) * 2
+            w = torch.rand(*shape[:-1], 1, generator=g) if with_w else None
+            dy = torch.randn(*shape[:-1], shape[-1] // 2, generator=g)
+            def run(fn, packed, dt):
+                hh = h.to(dt).requires_grad_()
+                ww = w.to(dt).requires_grad_() if w is not None else None
+                y = fn(hh, limit, ww, out_dtype=dt) if packed else fn(*hh.chunk(2, -1), limit, ww, out_dtype=dt)
+                return [y, *torch.autograd.grad(y, [hh] + ([ww] if ww is not None else []), dy.to(dt))]
+            a, b = run(swiglu_triton_packed, True, torch.float32), run(swiglu_triton, False, torch.float32)
+            r = run(swiglu_naive, False, torch.float64)
+            for x, y, z in zip(a, b, r):
+                assert torch.equal(x, y), (shape, limit, with_w)
+                err = ((x.double() - z).abs().max() / z.abs().max().clamp(min=1e-30)).item()
+                assert err < 1e-5, (shape, limit, with_w, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="triton: Linux only")
+def test_swiglu_triton_packed_interpreted():
+    """The packed Triton SwiGLU (its backward writes the (R, 2I) gradient through a row stride) under
+    TRITON_INTERPRET=1 in a subprocess (tests/test_kernels_interpret.py says why): bit-equal to the unpacked kernel
+    on the same halves, and within 1e-5 of the fp64 naive twin (the error model of kernels_cases.case_swiglu);
+    strided rows, 3-D inputs, odd row counts, clamp on / off, with and without a weight."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", _PACKED_INTERP], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]

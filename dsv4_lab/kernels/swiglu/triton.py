@@ -48,9 +48,10 @@ def _swiglu_fwd(G, U, WT, OUT, R, I, sg, su, L,
 
 
 @triton.jit
-def _swiglu_bwd(G, U, WT, DH, DG, DU, DW, R, I, sg, su, L,
+def _swiglu_bwd(G, U, WT, DH, DG, DU, DW, R, I, sg, su, sd, L,
                 CLAMP: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    # DH, DG, DU (R, I) contiguous; WT, DW (R,) fp32
+    # DH (R, I) contiguous; DG, DU (R, I) with row stride sd (I, or 2 I: the halves of one (R, 2I) gradient);
+    # WT, DW (R,) fp32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     if HAS_W:
@@ -60,6 +61,7 @@ def _swiglu_bwd(G, U, WT, DH, DG, DU, DW, R, I, sg, su, L,
         cols = i0 + tl.arange(0, BLOCK_I)
         mask = rmask[:, None] & (cols < I)[None, :]
         off = rows.to(tl.int64)[:, None] * I + cols[None, :]
+        offd = rows.to(tl.int64)[:, None] * sd + cols[None, :]
         g, u = _load(G, U, rows, cols, sg, su, mask)
         dh = tl.load(DH + off, mask=mask, other=0.0).to(tl.float32)
         pass_g = mask
@@ -76,8 +78,8 @@ def _swiglu_bwd(G, U, WT, DH, DG, DU, DW, R, I, sg, su, L,
             dh = dh * w[:, None]
         dg = tl.where(pass_g, dh * u * s * (1.0 + g * (1.0 - s)), 0.0)
         du = tl.where(pass_u, dh * silu, 0.0)
-        tl.store(DG + off, dg.to(DG.dtype.element_ty), mask=mask)
-        tl.store(DU + off, du.to(DU.dtype.element_ty), mask=mask)
+        tl.store(DG + offd, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + offd, du.to(DU.dtype.element_ty), mask=mask)
     if HAS_W:
         tl.store(DW + rows, dw, mask=rmask)
 
@@ -104,19 +106,28 @@ def swiglu_fwd(gate, up, limit: float, weight, out_dtype):
     return out.view(gate.shape)
 
 
-def swiglu_bwd(dh, gate, up, limit: float, weight, need_w: bool):
+def swiglu_bwd(dh, gate, up, limit: float, weight, need_w: bool, packed: bool = False):
+    """-> (dgate, dup, dweight); packed: gate and up are the halves [gate | up] of one (..., 2I) tensor and the first
+    item is their gradient as one (R, 2I) tensor (dup None): no concatenation afterwards."""
     g2, u2 = _rows(gate), _rows(up)
     R, I = g2.shape
     dh2 = dh.reshape(R, I).contiguous()
-    dg = torch.empty(R, I, device=gate.device, dtype=gate.dtype)
-    du = torch.empty(R, I, device=up.device, dtype=up.dtype)
+    if packed:
+        buf = torch.empty(R, 2 * I, device=gate.device, dtype=gate.dtype)
+        dg, du = buf[:, :I], buf[:, I:]
+    else:
+        dg = torch.empty(R, I, device=gate.device, dtype=gate.dtype)
+        du = torch.empty(R, I, device=up.device, dtype=up.dtype)
     has_w = weight is not None
     w = weight.reshape(R).float().contiguous() if has_w else dg
     dw = torch.empty(R, device=gate.device, dtype=torch.float32) if has_w else dg
     if R:
         _swiglu_bwd[(triton.cdiv(R, BLOCK_R),)](g2, u2, w, dh2, dg, du, dw, R, I, g2.stride(0), u2.stride(0),
-                                                float(limit), CLAMP=limit > 0, HAS_W=has_w, **_launch_args(I))
+                                                dg.stride(0), float(limit), CLAMP=limit > 0, HAS_W=has_w,
+                                                **_launch_args(I))
     dw = dw.view(weight.shape).to(weight.dtype) if has_w and need_w else None
+    if packed:
+        return buf, None, dw
     return dg.view(gate.shape), du.view(up.shape), dw
 
 
@@ -139,3 +150,32 @@ def swiglu_triton(gate, up, limit: float = 0.0, weight=None, out_dtype=None):
         raise ValueError(f"swiglu weight of shape {tuple(weight.shape)}: one value per row of gate "
                          f"{tuple(gate.shape)} is allowed")
     return SwiGLUFn.apply(gate, up, weight, float(limit), out_dtype or gate.dtype)
+
+
+class SwiGLUPackedFn(torch.autograd.Function):
+    """h (..., 2I) = [gate | up] as one tensor: the backward writes dh (..., 2I) directly (with gate and up as
+    separate autograd inputs, chunk's backward would concatenate dgate and dup: one more (R, 2I) copy)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, limit, out_dtype):
+        ctx.save_for_backward(h, weight)
+        ctx.limit = limit
+        gate, up = h.chunk(2, dim=-1)
+        return swiglu_fwd(gate, up, limit, weight, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, weight = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh, _, dw = swiglu_bwd(dout, gate, up, ctx.limit, weight, ctx.needs_input_grad[1], packed=True)
+        return dh.view(h.shape), dw, None, None
+
+
+def swiglu_triton_packed(h, limit: float = 0.0, weight=None, out_dtype=None):
+    """swiglu_triton(*h.chunk(2, -1), ...) with h (..., 2I) one tensor (its gradient comes back as one tensor)."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed input of shape {tuple(h.shape)}: an even last dim [gate | up] is allowed")
+    if weight is not None and weight.numel() != h.numel() // h.shape[-1]:
+        raise ValueError(f"swiglu weight of shape {tuple(weight.shape)}: one value per row of h "
+                         f"{tuple(h.shape)} is allowed")
+    return SwiGLUPackedFn.apply(h, weight, float(limit), out_dtype or h.dtype)
