@@ -1,0 +1,121 @@
+"""Does the fast path train the same model? `small` for N steps on the reference path and on the fast paths, same
+seeds, paired comparison of the final losses against the seed-to-seed spread.
+
+Arms (every other setting equal; bf16 autocast on CUDA as training runs it):
+    reference  kernels=torch compile=false    the naive PyTorch twins, eager (the math as written in docs/)
+    triton     kernels=auto  compile=false    the Triton kernels, eager
+    blocks     kernels=auto  compile=blocks   the Triton kernels + regional torch.compile (the throughput setting)
+Each (arm, seed) is one `python -m dsv4_lab train` run in <root>/<arm>-s<seed>: a killed call resumes from the
+checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls.
+
+Verdict: for each fast arm, the paired difference of the final validation loss (arm - reference, same seed = same
+initial weights and batches) with its 95 % t interval (dsv4_lab/stats.py), beside the seed noise = the standard
+deviation of the reference arm's final loss over seeds. "Within seed noise" when the interval's largest |value| is
+below that standard deviation. Writes benchmarks/results/loss_parity.json (per run: the val-loss curve, the final
+val loss, the mean train loss of the last 20 steps, steps/s).
+
+    python benchmarks/bench_loss_parity.py [--steps 200] [--seq 4096] [--batch 2] [--seeds 0 1 2]
+                                           [--arms reference triton blocks] [--jobs 9] [--cap 480] [--root DIR]
+    python benchmarks/bench_loss_parity.py --preset tiny --seq 256 --steps 10 --arms reference triton   # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+ARMS = {"reference": ["kernels=torch", "compile=false"],
+        "triton": ["kernels=auto", "compile=false"],
+        "blocks": ["kernels=auto", "compile=blocks"]}
+
+
+def run_one(root, arm, seed, a, deadline):
+    rd = os.path.join(root, f"{arm}-s{seed}")
+    cmd = [sys.executable, "-m", "dsv4_lab", "train", f"preset={a.preset}", f"seq_len={a.seq}",
+           f"batch_size={a.batch}", f"max_steps={a.steps}", f"seed={seed}", f"run_dir={rd}", "eval_interval=50",
+           "eval_batches=4", "ckpt_interval=50", "log_interval=10", "progress=false", *ARMS[arm]]
+    left = deadline - time.time()
+    if left < 5:
+        return arm, seed, "not started (cap)"
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+        status = "ok" if p.returncode == 0 else f"rc {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"
+    except subprocess.TimeoutExpired:
+        status = "cut at the cap (resumes from its checkpoint)"
+    return arm, seed, f"{status} ({time.time() - t0:.0f} s)"
+
+
+def collect(root, arms, seeds, steps):
+    from dsv4_lab.runlog import read_metrics
+    from dsv4_lab.stats import compare_arms
+    runs, final = {}, {arm: {} for arm in arms}
+    for arm in arms:
+        for s in seeds:
+            rd = os.path.join(root, f"{arm}-s{s}")
+            recs = read_metrics(rd) if os.path.exists(os.path.join(rd, "metrics.jsonl")) else []
+            val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+            losses = [x for r in recs for x in r.get("losses", [])]
+            done = bool(val) and val[-1][0] == steps - 1                 # the last step (0-based) evaluated
+            runs[f"{arm}-s{s}"] = {"steps": recs[-1]["step"] + 1 if recs else 0, "finished": done, "val_curve": val,
+                                   "train_loss_last20": statistics.fmean(losses[-20:]) if losses else None}
+            if done:
+                final[arm][s] = val[-1][1]
+                runs[f"{arm}-s{s}"]["final_val_loss"] = val[-1][1]
+    ref = [final["reference"][s] for s in sorted(final.get("reference", {}))]
+    noise = statistics.stdev(ref) if len(ref) >= 2 else None
+    rows = []
+    if len(final.get("reference", {})) >= 2:
+        have = {arm: v for arm, v in final.items() if len(v) >= 2}
+        for r in compare_arms(have, "reference", lower_is_better=True):
+            worst = max(abs(r["ci_low"]), abs(r["ci_high"]))
+            r["seed_noise_std"] = noise
+            r["within_seed_noise"] = bool(noise is not None and worst < noise)
+            rows.append(r)
+    return {"runs": runs, "final_val_loss": final, "seed_noise_std": noise, "verdicts": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--jobs", type=int, default=9)
+    ap.add_argument("--cap", type=float, default=480.0, help="wall-clock cap (s); cut runs resume next call")
+    ap.add_argument("--root", default=os.path.join("runs", "loss_parity"))
+    ap.add_argument("--out", default=None, help="results dir (default benchmarks/results)")
+    a = ap.parse_args()
+    if "reference" not in a.arms:
+        sys.exit("bench_loss_parity: --arms must include 'reference' (the comparison's baseline)")
+    deadline = time.time() + a.cap
+    jobs = [(arm, s) for s in a.seeds for arm in a.arms]
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        for arm, seed, status in ex.map(lambda j: run_one(a.root, *j, a, deadline), jobs):
+            print(f"{arm}-s{seed}: {status}", flush=True)
+    res = {"what": __doc__.split("\n\n")[0], "setup": {k: getattr(a, k) for k in ("preset", "steps", "seq", "batch")},
+           "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, a.seeds, a.steps)}
+    for r in res["verdicts"]:
+        print(f"{r['arm']} - reference: {r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+              f"(n {r['n_seeds']}), seed noise std {r['seed_noise_std']:.4f}: "
+              f"{'within' if r['within_seed_noise'] else 'NOT within'} seed noise", flush=True)
+    from dsv4_lab.runlog import atomic_write_bytes
+    out = os.path.join(a.out or os.path.join(HERE, "results"), "loss_parity.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    atomic_write_bytes(out, json.dumps(res, indent=1).encode())
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
