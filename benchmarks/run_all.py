@@ -72,6 +72,11 @@ def build_summary(out_dir=None) -> dict:
         put(f"csa_prefill_{n // 1024}k_speedup_vs_sdpa_flash",
             lambda n=n: sdpa_ms(n) / R["csa"]["csa_prefill"][f"triton_{n}"]["ms"],
             f"dense or CSA {n // 1024}K prefill not measured")
+    for n in (8192, 32768, 131072):        # the same chain timed as one call sequence: launch gaps included
+        put(f"csa_prefill_{n // 1024}k_pipeline", lambda n=n: {k: R["csa"]["csa_prefill"][f"pipeline_{n}"][k] for k in
+                                                              ("method", "ms", "graph_ms", "speedup_vs_sdpa_flash",
+                                                               "graph_speedup_vs_sdpa_flash")},
+            f"CSA {n // 1024}K prefill chain not measured")
     put("topk_256k_row_us", lambda: R["csa"]["topk_row"]["262144"]["select_fp32_us"], "top-k row not measured")
     put("topk_256k_row_detail_us", lambda: {k: v for k, v in R["csa"]["topk_row"]["262144"].items()
                                             if k.endswith(("_us", "_match_torch_topk"))}, "top-k row not measured")
