@@ -7,7 +7,9 @@
     true   compile the whole model on any device (one graph: Inductor's time grows with depth)
     blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
            on its own; blocks of one layer type share the compiled code, so compile time grows with the number of
-           distinct layer types, not with depth; the glue between blocks (embedding, head, losses) stays eager
+           distinct layer types, not with depth. Two small regions besides: the output path (stream collapse, final
+           norm, head: `hidden_to_logits`, main and MTP) and each MTP block's input mix (`MTPBlock.mix`), whose
+           fp32 elementwise chains would otherwise run op by op; the embedding and the losses stay eager
     false  never
 
 Settings made before compiling:
@@ -54,7 +56,13 @@ def compile_model(model: torch.nn.Module, regional: bool = False, **kw) -> torch
     if not regional:
         return torch.compile(model, **kw)
     from .model import Block
+    from .mtp import MTPBlock
     for m in model.modules():
         if isinstance(m, Block):
             m.compile(**kw)
+        elif isinstance(m, MTPBlock):
+            m.mix = torch.compile(m.mix, **kw)                      # an instance attribute over the method
+    lm = getattr(model, "module", model)                            # DDP keeps the model in .module
+    if hasattr(lm, "hidden_to_logits"):
+        lm.hidden_to_logits = torch.compile(lm.hidden_to_logits, **kw)
     return model

@@ -43,9 +43,12 @@ class MTPBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """h (B, T', [n,] d) previous-depth state, emb (B, T', d) embeddings of the shifted tokens -> new state."""
+        return self.block(self.mix(h, emb), input_ids)
+
+    def mix(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The block's input: h_proj(hnorm(h)) + e_proj(enorm(emb)), e added to every stream (B, T', [n,] d)."""
         e = self.e_proj(self.enorm(emb))
-        x = self.h_proj(self.hnorm(h)) + (e.unsqueeze(2) if h.dim() == 4 else e)
-        return self.block(x, input_ids)
+        return self.h_proj(self.hnorm(h)) + (e.unsqueeze(2) if h.dim() == 4 else e)
 
 
 class MTP(nn.Module):

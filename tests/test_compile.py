@@ -58,6 +58,9 @@ def test_regional_compile_matches_eager():
     torch.manual_seed(0)
     model = DSV4LM(ModelConfig.from_preset("tiny", layer_types="csa,hca", mtp_depth=1))
     assert compile_model(model, regional=True, backend="aot_eager") is model
+    compiled = lambda f: hasattr(f, "_torchdynamo_orig_callable")          # noqa: E731  (torch.compile's wrapper)
+    assert compiled(model.hidden_to_logits) and compiled(model.mtp.layers[0].mix)
+    assert not compiled(DSV4LM.hidden_to_logits)                           # the instance, not the class
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     assert len(blocks) == 3 and all(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl is not None
                                     for m in blocks)
