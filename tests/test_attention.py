@@ -70,8 +70,8 @@ def check_causality(kind: str, T: int, seed: int = 0):
         u2 = u.clone()
         u2[:, p:] += torch.randn(u2[:, p:].shape, dtype=torch.float64, generator=g)
         y2 = mod(u2)
-        # fp64 layer (fp32 RMSNorm inside): rows < p see identical inputs, so at most a reordering of their fp32
-        # norm, a few u32 = 2e-7 of |y| ~ 1; a real leak moves them by O(1e-2)
+        # fp64 layer (a few fp32 steps inside): rows < p see identical inputs, so at most a reordering of an fp32
+        # reduction, a few u32 = 2e-7 of |y| ~ 1; a real leak moves them by O(1e-2)
         out.append((f"causality {kind} T={T}", (y2[:, :p] - y[:, :p]).abs().max().item(), 1e-6))
         # the perturbation is seen from p on
         out.append((f"causality {kind} T={T}: seen from p on (1e-3 / change)",
@@ -118,7 +118,7 @@ def variant_id(kw):
     return ",".join(f"{k}={v}" for k, v in kw.items()) or "base"
 
 
-# fp64 layer vs fp64 spec loop: the fp32 RMSNorm inside (layers.py) bounds agreement at ~1e-7 (a few u32 of |y| ~ 1);
+# fp64 layer vs fp64 spec loop: the fp32 steps inside the layer bound agreement at ~1e-7 (a few u32 of |y| ~ 1);
 # any spec detail changed moves it by >= 1e-3. The bar 2e-6 leaves 10x for the max over all outputs.
 SPEC_TOL = 2e-6
 
