@@ -158,7 +158,11 @@ def breakdown(ctx: int, mode: str = "eager", device: str = "cuda") -> dict:
     mode "blocks": the model compiled as training compiles it on CUDA (compile=blocks). Dynamo drops profiler ranges
     inside compiled regions, so the components blur there (most time lands in "other"); the total, the top ops
     (Inductor's fused kernels by name, the hand-written kernels by theirs) and `wall_ms` (the step's wall-clock time:
-    wall_ms - total_ms = the time the GPU waited for the host) are what this mode is for."""
+    wall_ms - total_ms = the time the GPU waited for the host) are what this mode is for. CUDA only: on the CPU the
+    profiled compiled step of the tiny model aborts the process (glibc "double free", torch 2.x; the same compiled
+    training runs without the profiler)."""
+    if mode == "blocks" and device != "cuda":
+        raise ValueError(f"--breakdown-mode blocks with --breakdown-device {device!r}: allowed only with cuda")
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -404,6 +408,8 @@ if __name__ == "__main__":
     ap.add_argument("--breakdown-mode", default="eager", choices=("eager", "blocks"))
     ap.add_argument("--child-out")
     a = ap.parse_args()
+    if a.breakdown_mode == "blocks" and a.breakdown_device != "cuda":
+        ap.error(f"--breakdown-mode blocks with --breakdown-device {a.breakdown_device!r}: allowed only with cuda")
     if a.measure or a.breakdown:
         sys.path.insert(0, os.path.dirname(HERE))
         try:
