@@ -71,10 +71,24 @@ def test_regional_compile_matches_eager():
 @pytest.mark.parametrize("over", [
     dict(layer_types="swa,csa,hca", hc_sinkhorn_iters=3),
     dict(layer_types="dense,csa", residual="hc", n_hash_layers=0, mtp_depth=2, attn_sink=False),
-], ids=["tiny-3-layers", "hc-dense-mtp2"])
+    dict(layer_types="csa,hca", quant="fp4", score_func="sigmoid", swiglu_limit=0.0, hc_sinkhorn_iters=3),
+    dict(layer_types="csa,swa", index_mode="oracle", index_hadamard=False, residual="plain", qk_norm=False,
+         q_lora_rank=0, o_groups=0),
+    dict(layer_types="csa,hca", anticipatory="always", index_mode="random", compressor_overlap=False,
+         hc_sinkhorn_iters=3),
+    dict(layer_types="csa,hca", window_branch=False, index_mode="all", indexer_loss_weight=0.0, output_rope=False,
+         ffn="dense", n_hash_layers=0, hc_sinkhorn_iters=3),
+    dict(layer_types="csa,hca", moe_dispatch="loop", n_shared_experts=0, yarn_factor=1.0, balance_loss_weight=0.0,
+         bias_update_speed=0.0, hc_sinkhorn_iters=3),
+], ids=["tiny-3-layers", "hc-dense-mtp2", "qat-fp4-sigmoid", "oracle-plain-no-lora", "anticipatory-random",
+        "no-window-all-dense-ffn", "moe-loop-no-shared-no-yarn"])
 def test_compiled_step_matches_eager_toggles(over):
-    """The tiny V4 preset (mHC, MoE with a hash layer, CSA / HCA, MTP) at 3 layers and 3 Sinkhorn iterations, and a
-    toggle combination, through Dynamo + AOTAutograd (aot_eager: the CPU time of Inductor's C++ builds is left out)."""
+    """The tiny V4 preset (mHC, MoE with a hash layer, CSA / HCA, MTP) at 3 layers and 3 Sinkhorn iterations, and
+    toggle combinations that switch the model's toggles away from the preset (residual, QAT, routing score, clamp,
+    anticipatory routing, the indexer's modes, Hadamard and loss, the window branch, the low-rank projections, output
+    RoPE, the compressor's overlap, the FFN, the MoE's loop dispatch, shared expert, balance loss and bias, YaRN, MTP
+    depth, the sink), through Dynamo + AOTAutograd (aot_eager: the CPU time of
+    Inductor's C++ builds is left out)."""
     _compare("tiny", "aot_eager", **over)
 
 
