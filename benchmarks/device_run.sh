@@ -13,7 +13,9 @@ if [ "$K" != "-" ]; then
   # one pytest process per test, TEST_JOBS at a time (Triton compiles are CPU-bound; the GPU has room for several),
   # each capped at PER_TEST s, the whole step at TEST_TIMEOUT s: a slow case cannot hide the others' results. A case
   # still running when the step's cap hits gets no line in gpu_tests.log; its own $OUT/t.<pid>.log comes back instead
-  python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_kernels_gpu.py tests/test_hca_prefill_gpu.py \
+  # the GPU suite: every test marked `gpu` (the kernel cases, the HCA prefill, CUDA graphs, batch invariance, the
+  # MoE's CUTLASS grouped GEMM, compiled training)
+  python3 -m pytest -q --collect-only -p no:cacheprovider -m gpu tests --ignore=tests/lab \
     ${K:+-k "$K"} 2>/dev/null | grep "::" > "$OUT/gpu_test_ids.txt"
   : > "$OUT/gpu_tests.log"
   export OUT

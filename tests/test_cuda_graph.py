@@ -87,6 +87,7 @@ def _run(run_dir, graph, *extra):
     return read_metrics(run_dir), load_checkpoint(run_dir / "ckpt.pt")["model"]
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("extra", [
     ["max_steps=12", "layer_types=csa,hca", "mtp_depth=1", "optimizer=adamw"],
@@ -105,6 +106,7 @@ def test_graphed_run_equals_eager_run_bitwise(tmp_path, extra):
     assert graph[-1]["cuda_graph_replays"] > 0                  # the graph ran, not only the eager warm-up
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("mode", ["always", "auto"])
 def test_graphed_anticipatory_routing_equals_eager_bitwise(tmp_path, monkeypatch, mode):
@@ -142,6 +144,7 @@ def test_graphed_anticipatory_routing_equals_eager_bitwise(tmp_path, monkeypatch
         assert all(over in r for r in eager) and over not in graph[-1] and over in graph[0]
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 def test_graphed_run_resumes_from_an_eager_checkpoint(tmp_path):
     """Kill-and-resume across modes: 12 steps graphed == 6 eager, then resumed graphed to 12, bit for bit (the

@@ -596,6 +596,7 @@ def test_model_loss_and_grads_same_with_either_dispatch():
         assert err <= tol, (what, err, tol)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the bf16 grouped GEMM kernel (sm90+)")
 @pytest.mark.parametrize("n_tok", [1, 7, 517])
 def test_grouped_dispatch_cuda_bf16_matches_loop(n_tok):
