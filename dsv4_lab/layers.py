@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels.rmsnorm import rms_norm as rms_norm_op
-from .kernels.swiglu import swiglu
+from .kernels.swiglu import swiglu, swiglu_packed
 
 
 class RMSNorm(nn.Module):
@@ -61,3 +61,12 @@ class SwiGLU(nn.Module):
         """x (..., dim) -> (..., dim); weight (..., 1) the routing weight, applied before W2 (docs §5.3)."""
         h = swiglu(self.w1(x), self.w3(x), self.limit, weight, out_dtype=x.dtype, impl=self.impl)
         return self.w2(h)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) with W1 and W3 as one GEMM [W1; W3] x (..., 2I) and the activation written in that GEMM's
+        dtype (no fp32 (..., I) copy under autocast): the same math up to rounding (the MoE's shared expert, on x
+        already cast to the GEMM dtype; docs §5.4). QAT linears (per-linear fake-quantisers) take forward."""
+        if self.w1.quant:
+            return self(x)
+        h = F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))              # (..., 2I) = [gate | up]
+        return F.linear(swiglu_packed(h, self.limit, None, out_dtype=h.dtype, impl=self.impl), self.w2.weight)

@@ -427,17 +427,6 @@ class MoE(nn.Module):
         e = torch.arange(self.cfg.n_routed_experts + 1, device=idx.device, dtype=grp.dtype)
         return grp, order, torch.searchsorted(grp, e, out_int32=True)
 
-    def _shared(self, xc: torch.Tensor) -> torch.Tensor:
-        """The shared expert as the grouped path runs it, on xc (N, d) = x already in the GEMM dtype: W1 and W3 as
-        one GEMM [W1; W3] xc (N, 2 I_s), the SwiGLU output in the GEMM's dtype (no fp32 (N, I_s) copy under
-        autocast), then W2; the same math as the module's forward. QAT roles (fake-quantisers per linear) take the
-        module's own path."""
-        se = self.shared_expert
-        if se.w1.quant:
-            return se(xc)
-        h = F.linear(xc, torch.cat([se.w1.weight, se.w3.weight]))                 # (N, 2 I_s) = [gate | up]
-        return F.linear(swiglu_packed(h, se.limit, None, out_dtype=h.dtype, impl=se.impl), se.w2.weight)
-
     def _routed_loop(self, flat: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The readable reference: one SwiGLU call per expert that got tokens (a host sync per forward)."""
         y = torch.zeros_like(flat)
@@ -461,7 +450,8 @@ class MoE(nn.Module):
         cat and one cast per GEMM. Same math as `_routed_loop` (weights before W2, clamp on the routed experts, QAT
         fake-quantisers per row / per expert weight, applied in x's dtype as before); shapes are static and no value
         leaves the device, so torch.compile keeps one graph. An expert with no tokens gets a zero weight gradient
-        (the loop leaves it None). with_shared: add the shared expert's output (`_shared`, on the same cast of x)."""
+        (the loop leaves it None). with_shared: add the shared expert's output (`SwiGLU.forward_fused`, on the same cast
+        of x)."""
         N, K = idx.shape
         G = self.cfg.n_routed_experts
         grp, order, bounds = self.sort_by_expert(idx) if plan is None else plan
@@ -484,7 +474,8 @@ class MoE(nn.Module):
         if q:
             h = fake_quant_fp8(h, ACT_BLOCK)
         out = grouped_linear(h, w2, grp, offs)                                     # (N K, d) in ct
-        shared = self._shared(xc) if with_shared and self.shared_expert is not None else None      # (N, d)
+        shared = (self.shared_expert.forward_fused(xc)                                              # (N, d)
+                  if with_shared and self.shared_expert is not None else None)
         return _FromRows.apply(out, tok, inv, K, flat.dtype, shared)               # (N, d) routed (+ shared)
 
     @staticmethod

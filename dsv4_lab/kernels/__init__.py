@@ -16,6 +16,8 @@ with TRITON_INTERPRET=1); torch = never.
 """
 from __future__ import annotations
 
+import torch
+
 from ._common import HAVE_TRITON, INTERPRET
 
 
@@ -32,9 +34,17 @@ def resolve_impl(impl: str, tensor) -> str:
     raise ValueError(f"kernels={impl!r} is not allowed: one of auto, triton, torch")
 
 
+def eager_triton(impl: str, tensor) -> bool:
+    """The rule of the elementwise ops (rope, rmsnorm, swiglu): their Triton kernel when `impl` resolves to triton
+    for `tensor`, the tensor is not fp64 (the naive twin keeps fp64 exact) and torch.compile is not tracing (Inductor
+    fuses the naive twin's elementwise chain itself)."""
+    return (resolve_impl(impl, tensor) == "triton" and tensor.dtype != torch.float64
+            and not torch.compiler.is_compiling())
+
+
 def use_triton(cfg, tensor) -> bool:
     """True when the model should call the Triton kernels for `tensor` under `cfg.kernels` (auto|triton|torch)."""
     return resolve_impl(getattr(cfg, "kernels", "auto"), tensor) == "triton"
 
 
-__all__ = ["use_triton", "resolve_impl", "HAVE_TRITON", "INTERPRET"]
+__all__ = ["use_triton", "resolve_impl", "eager_triton", "HAVE_TRITON", "INTERPRET"]

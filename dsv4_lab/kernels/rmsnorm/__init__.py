@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import resolve_impl
+from .. import eager_triton
 from .naive import rms_norm_naive
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, impl: str = "auto") -> torch.Tensor:
-    if resolve_impl(impl, x) == "triton" and x.dtype != torch.float64 and not torch.compiler.is_compiling():
+    if eager_triton(impl, x):
         from .triton import MAX_D, rms_norm_triton
         if x.shape[-1] <= MAX_D:
             return rms_norm_triton(x, weight, eps)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import resolve_impl
+from .. import eager_triton
 from .naive import apply_rope
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, inverse: bool = False,
          impl: str = "auto") -> torch.Tensor:
-    if (cos.shape[-1] > 0 and x.dim() in (3, 4) and x.dtype != torch.float64 and resolve_impl(impl, x) == "triton"
-            and not torch.compiler.is_compiling()):
+    if cos.shape[-1] > 0 and x.dim() in (3, 4) and eager_triton(impl, x):
         from .triton import rope_triton
         return rope_triton(x, cos, sin, pos, inverse)
     return apply_rope(x, cos[pos], sin[pos], inverse)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import resolve_impl
+from .. import eager_triton
 from .naive import swiglu_naive
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0, weight: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
-    if (resolve_impl(impl, gate) == "triton" and gate.dtype != torch.float64
-            and not torch.compiler.is_compiling()):
+    if eager_triton(impl, gate):
         from .triton import swiglu_triton
         return swiglu_triton(gate, up, limit, weight, out_dtype)
     return swiglu_naive(gate, up, limit, weight, out_dtype)
@@ -30,8 +29,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0, weight: tor
 
 def swiglu_packed(h: torch.Tensor, limit: float = 0.0, weight: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
-    if (resolve_impl(impl, h) == "triton" and h.dtype != torch.float64
-            and not torch.compiler.is_compiling()):
+    if eager_triton(impl, h):
         from .triton import swiglu_triton_packed
         return swiglu_triton_packed(h, limit, weight, out_dtype)
     gate, up = h.chunk(2, dim=-1)
