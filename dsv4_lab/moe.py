@@ -102,9 +102,9 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, offs:
     -> (M, n): row r of group g = x_r w_g^T.
 
     Compute dtype: `compute_dtype(x)` (x and w are cast to it; no copy when they are in it already). Paths:
-      * F.grouped_mm / torch._grouped_mm (one grouped GEMM) for bf16 (CUDA sm90+: the CUTLASS kernel, no host sync;
-        torch.compile traces it), and in eager mode also for fp32 / fp16 (CPU kernel; on CUDA torch's own per-group
-        fallback, which reads offs on the host). Needs k and n multiples of 16 bytes.
+      * `grouped_mm` (F.grouped_mm / torch._grouped_mm, one grouped GEMM) for bf16 (CUDA sm90+: the CUTLASS kernel,
+        no host sync; opaque to torch.compile), and in eager mode also for fp32 / fp16 (CPU kernel; on CUDA torch's
+        own per-group fallback, which reads offs on the host). Needs k and n multiples of 16 bytes.
       * otherwise a padded batched GEMM: rows scattered into a (G, M, k) buffer (M = every row could be in one
         group), one bmm, rows gathered back. Static shapes and no host sync (torch.compile's fp32 / fp64 path), at
         G times the FLOPs: for CPU-sized tests."""
@@ -114,12 +114,57 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, offs:
     aligned = x.shape[1] % align == 0 and w.shape[1] % align == 0
     eager_ok = ct in (torch.float32, torch.float16) and not torch.compiler.is_compiling()
     if _GROUPED_MM is not None and aligned and (ct == torch.bfloat16 or eager_ok):
-        return _GROUPED_MM(x, w.transpose(-2, -1), offs=offs)
+        return grouped_mm(x, w.transpose(-2, -1), offs, False)
     M, G = x.shape[0], w.shape[0]
     starts = offs.long() - torch.diff(offs.long(), prepend=offs.new_zeros(1).long())      # (G,) first row of each
     pos = torch.arange(M, device=x.device) - starts[groups]                                 # row within its group
     buf = x.new_zeros(G, M, x.shape[1]).index_put((groups, pos), x)                         # (G, M, k)
     return torch.bmm(buf, w.transpose(-2, -1))[groups, pos]                                 # (M, n)
+
+
+# --- the grouped GEMM as one opaque op (docs §5.4) ----------------------------------------------------------
+# CUTLASS's grouped GEMM (CUDA) reads each group's rows at offs[g-1] along the dynamic dimension (the rows M). When
+# that dimension is the contiguous one of an operand (a row-major A^T in the weight gradient a_g^T b_g), every group
+# must start on a 16-byte boundary, i.e. hold a multiple of 8 bf16 rows, and expert loads are not; the kernel then
+# fails a device-side assert. Eager autograd hands it row-major rows, so the rows are strided and no such rule
+# applies; but under torch.compile, Inductor may lay the operands of aten._grouped_mm out as it likes (a transposed
+# view realised as a contiguous buffer). Wrapping the GEMM and both of its gradients in one custom op hides them from
+# Inductor, and the op makes its row operands row-major itself: the layout is fixed in eager and compiled runs alike.
+
+@torch.library.custom_op("dsv4_lab::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, rows_both: bool) -> torch.Tensor:
+    """rows_both False: a (M, k) rows sorted by group, b (G, k, n) -> (M, n), row r of group g = a_r b_g.
+    rows_both True: a (M, k) and b (M, n) both rows sorted by group -> (G, k, n), slice g = a_g^T b_g (the weight
+    gradient). offs (G,) int32 cumulative row ends. a (and b when rows_both) are made row-major first."""
+    a = a.contiguous()
+    if rows_both:
+        return _GROUPED_MM(a.t(), b.contiguous(), offs=offs)
+    return _GROUPED_MM(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a, b, offs, rows_both):
+    if rows_both:
+        return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs, rows_both = inputs
+    if rows_both:
+        raise NotImplementedError("dsv4_lab::grouped_mm with rows_both=True (a weight gradient) has no backward")
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    """y = a b_g: da = dy b_g^T (rows by group), db_g = a_g^T dy_g (G, k, n)."""
+    a, b, offs = ctx.saved_tensors
+    da = grouped_mm(dy, b.transpose(-2, -1), offs, False) if ctx.needs_input_grad[0] else None
+    db = grouped_mm(a, dy, offs, True) if ctx.needs_input_grad[1] else None
+    return da, db, None, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 # --- the grouped dispatch's data movement (docs §5.4) ---------------------------------------------------------

@@ -795,3 +795,52 @@ def test_swiglu_triton_packed_interpreted():
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-c", _PACKED_INTERP], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def _cutlass_layout_rule(a, b, offs):
+    """The grouped GEMM's CUDA layout rule (CUTLASS via TMA, docs §5.4), checked on the CPU: where an operand's
+    contiguous dimension is the grouped (row) one, every group but the last must hold a multiple of 16 bytes of rows.
+    Cases as the kernel tells them: 2D x 2D (the weight gradient a^T b): a (k, M) with unit stride along M, or b
+    (M, n) without unit stride along n; 2D x 3D: a (M, k) without unit stride along k."""
+    sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())[:-1]
+    unaligned = bool((sizes % (16 // a.element_size()) != 0).any())
+    if b.dim() == 2:
+        bad = a.stride(-1) == 1 or b.stride(-1) != 1
+    else:
+        bad = a.stride(-1) != 1
+    assert not (bad and unaligned), (a.shape, a.stride(), b.shape, b.stride(), sizes.tolist())
+
+
+def test_grouped_gemm_under_compile_is_our_op_with_a_fixed_layout(monkeypatch):
+    """Under torch.compile every grouped GEMM of the MoE, forward and both gradients, runs through the opaque
+    `dsv4_lab::grouped_mm` on real tensors laid out as eager autograd lays them (rows row-major), so CUDA's alignment
+    rule holds for any expert loads. (When aten._grouped_mm sat in the compiled graph, Inductor chose its operands'
+    layouts, and compiled bf16 training on the H200 failed that rule's device-side assert.) Odd expert loads, bf16
+    autocast, AOTAutograd; each runtime call is checked against the rule and counted (2 forward + 4 backward)."""
+    import dsv4_lab.moe as moe_mod
+    real, calls = moe_mod._GROUPED_MM, []
+
+    def checked(a, b, offs):
+        if not torch.compiler.is_compiling():
+            _cutlass_layout_rule(a, b, offs)
+            calls.append((a.dim(), b.dim()))
+        return real(a, b, offs=offs)
+
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM", lambda a, b, offs: checked(a, b, offs))
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    moe = MoE(cfg_(d_model=64, moe_inter_dim=32, n_routed_experts=8), 3).train()
+    x = torch.randn(1, 37, 64, requires_grad=True)                 # 74 rows over 8 experts: odd loads
+    fwd = torch.compile(moe, backend="aot_eager", fullgraph=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fwd(x)
+    y.float().pow(2).sum().backward()
+    loads = moe.stats["load"]
+    assert (loads[:-1] % 8 != 0).any(), loads                        # the rule would bite on a bad layout
+    assert sorted(calls) == sorted([(2, 3)] * 4 + [(2, 2)] * 2), calls
+    assert torch.isfinite(x.grad).all()
+    # the layout the rule rejects is caught by the checker (the test can fail)
+    a = torch.randn(74, 64, dtype=torch.bfloat16)
+    offs = torch.cumsum(loads, 0).to(torch.int32)
+    with pytest.raises(AssertionError):
+        _cutlass_layout_rule(a.t().contiguous(), torch.randn(74, 32, dtype=torch.bfloat16), offs)
