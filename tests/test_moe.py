@@ -724,10 +724,15 @@ def test_grouped_dispatch_cpu_bf16_autocast_matches_loop(n_tok):
 
 def test_grouped_moe_compiles_to_one_graph():
     """torch.compile(fullgraph=True) of a training forward + backward (aot_eager: the traced graph, no codegen):
-    the custom autograd Functions, the sort and searchsorted trace without a break; the same values as eager."""
+    the custom autograd Functions, the custom GEMM op, the sort and searchsorted trace without a break, and give
+    eager's values. Not bitwise: the traced graph may run a GEMM on other layouts (another BLAS kernel, another fp32
+    summation order; ~1 u32 apart on some x86 CPUs), so each tensor within 1e-5 of its max (the model of
+    check_either_dispatch), with the picks the same in both runs (2 max score change < the smallest routing gap)."""
     torch.manual_seed(0)
     moe = MoE(cfg_(balance_loss_weight=0.1), 3).train()
     x = torch.randn(2, 9, 32)
+    seen = []
+    moe.gate.register_forward_hook(lambda mod, inp, out: seen.append(out[2].detach()))
 
     def step(m):
         moe.zero_grad(set_to_none=True)
@@ -738,7 +743,13 @@ def test_grouped_moe_compiles_to_one_graph():
 
     eager = step(moe)
     compiled = step(torch.compile(moe, backend="aot_eager", fullgraph=True))
-    assert len(eager) == len(compiled) and all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert len(seen) == 2 and len(eager) == len(compiled) == 2 + 3 * (moe.cfg.n_routed_experts + 1) + 1
+    biased = (seen[0] + moe.gate.e_score_correction_bias).sort(-1, descending=True).values
+    k = moe.cfg.n_activated_experts
+    gap = (biased[:, k - 1] - biased[:, k]).min().item()
+    assert 2 * (seen[0] - seen[1]).abs().max().item() < gap
+    worst = max(_rel(c, e) for e, c in zip(eager, compiled))
+    assert worst <= 1e-5, worst
 
 
 def test_swiglu_packed_naive_equals_chunks():
