@@ -46,6 +46,50 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight)
 
 
+# --- a GEMM on bf16 operands with an fp32 result (docs §2.3) ---------------------------------------------------
+# The compressors compute their projections in fp32. On bf16 operands that is exact up to the order of the fp32 sums
+# (the product of two bf16 numbers is exact in fp32), so on CUDA it runs on the tensor cores (torch.mm with
+# out_dtype=fp32) instead of as an fp32 GEMM. One custom op whose backward is the same op, so that torch.compile
+# neither rewrites it nor needs a derivative of mm's out_dtype overload. Its gradients are bf16 GEMMs with fp32
+# accumulation, as autocast runs every other linear's backward, returned in the inputs' own dtypes (the fp32 master
+# weights get an fp32 gradient).
+
+@torch.library.custom_op("dsv4_lab::mm_bf16", mutates_args=())
+def mm_bf16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a (M, K) @ b (K, N) -> (M, N) in out_dtype: both operands rounded to bf16, products summed in fp32 (CUDA:
+    tensor cores; CPU: the same products in an fp32 GEMM)."""
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    with torch.autocast(a.device.type, enabled=False):          # the op fixes its own precision
+        y = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a.float(), b.float())
+    return y.to(out_dtype)
+
+
+@mm_bf16.register_fake
+def _(a, b, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+def _mm_bf16_setup(ctx, inputs, output):
+    a, b, _ = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _mm_bf16_backward(ctx, dy):
+    """y = a b: da = dy b^T, db = a^T dy, dy rounded to bf16 like the operands."""
+    a, b = ctx.saved_tensors
+    da = mm_bf16(dy, b.t(), a.dtype) if ctx.needs_input_grad[0] else None
+    db = mm_bf16(a.t(), dy, b.dtype) if ctx.needs_input_grad[1] else None
+    return da, db, None
+
+
+mm_bf16.register_autograd(_mm_bf16_backward, setup_context=_mm_bf16_setup)
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T -> (..., N) in fp32 from bf16-rounded operands (mm_bf16)."""
+    return mm_bf16(x.reshape(-1, x.shape[-1]), w.t(), torch.float32).view(*x.shape[:-1], w.shape[0])
+
+
 class SwiGLU(nn.Module):
     """W2(SiLU(W1 x) * W3 x), with the optional V4 clamp (docs §5.3): up in [-L, L], gate <= L, L=0 off."""
 

@@ -248,6 +248,46 @@ def test_compressor_entries_count_and_trailing_tokens_unused():
             assert torch.equal(comp(u2, rope), e)
 
 
+def check_bf16_projection(seed: int = 0, device: str = "cpu"):
+    """Compressor.project under bf16 autocast (training on the GPU; docs §2.3): C and Z are the fp32 GEMM of the
+    bf16-rounded u and weights (layers.mm_bf16), and the gradients of u and of the fp32 master weights are the GEMMs
+    of the bf16-rounded upstream gradient with the bf16-rounded operands, in the inputs' dtypes. Reference: the same
+    products in fp64. Error model: K-term fp32 sums of exact products (bf16 x bf16 fits in fp32) <= K u32 sum |a b|,
+    plus the fp32 result's rounding u32 |y| (the u gradient adds the C and Z paths: two such sums). On CUDA the same
+    check covers the tensor-core GEMM (tests/test_kernels_gpu.py)."""
+    torch.manual_seed(seed)
+    comp = randomise(Compressor(48, 8, 4, True), seed).to(device)
+    u = torch.randn(2, 13, 48, device=device, requires_grad=True)
+    R = [torch.randn(2, 13, 16, device=device) for _ in range(2)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        C, Z = comp.project(u)
+    ((C * R[0]).sum() + (Z * R[1]).sum()).backward()
+    r = lambda t: t.detach().to(torch.bfloat16).double()                  # noqa: E731  the rounded operand
+    ws = [comp.wkv.weight, comp.wgate.weight]
+    out = []
+    for name, y, w in (("C", C, ws[0]), ("Z", Z, ws[1])):
+        ref, mag = r(u) @ r(w).t(), r(u).abs() @ r(w).abs().t()
+        out.append((f"bf16 projection {name} (dtype {y.dtype})", *bound_err(y.double(), ref, 48 * U32 * mag + U32 * ref.abs())))
+    for (name, w), g in zip((("wkv", ws[0]), ("wgate", ws[1])), R):
+        ref = (r(g).flatten(0, 1).t() @ r(u).flatten(0, 1))
+        mag = r(g).abs().flatten(0, 1).t() @ r(u).abs().flatten(0, 1)
+        assert w.grad.dtype == torch.float32
+        out.append((f"bf16 projection d{name}", *bound_err(w.grad.double(), ref, 26 * U32 * mag + U32 * ref.abs())))
+    ref = r(R[0]) @ r(ws[0]) + r(R[1]) @ r(ws[1])
+    mag = r(R[0]).abs() @ r(ws[0]).abs() + r(R[1]).abs() @ r(ws[1]).abs()
+    assert u.grad.dtype == torch.float32
+    out.append(("bf16 projection du", *bound_err(u.grad.double(), ref, 18 * U32 * mag + 2 * U32 * ref.abs())))
+    return out
+
+
+def test_compressor_projection_on_bf16_operands_under_autocast():
+    for what, err, tol in check_bf16_projection():
+        assert err <= tol, (what, err, tol)
+    from dsv4_lab.layers import mm_bf16
+    a, b = torch.randn(5, 7, requires_grad=True), torch.randn(7, 3, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(mm_bf16, (a, b, torch.float32))
+
+
 def check_overlap_halves(seed: int = 0):
     """Entry i depends on block i-1 only through the first channel half and on block i through the second (exact
     zeros asserted); entry 0 is a plain pool (row below)."""

@@ -275,6 +275,16 @@ def test_compressor_bf16_operands_match_fp32_compute():
             assert ((out.double() - ref).abs() <= bound).all(), "bf16-operand projection outside the fp32 error bound"
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compressor_projection_bf16_autocast_training_on_gpu(seed):
+    """Training's compressor GEMMs under bf16 autocast on CUDA (layers.mm_bf16: tensor cores, fp32 accumulation and
+    result), forward and the gradients of u and the fp32 master weights, within the fp32 summation error model of
+    tests/test_attention.py's check (same check as on the CPU)."""
+    from test_attention import check_bf16_projection
+    for what, err, tol in check_bf16_projection(seed, "cuda"):
+        assert err <= tol, (what, err, tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_mhc_site_kernel_path_small_preset(dtype):
     """One mHC residual site of preset=small (n 4, d 384) at 2 x 4096 tokens, residual streams in `dtype`:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.compressor_pool import compressor_pool, pool_overlap, pool_plain  # noqa: F401 (re-export)
-from ..layers import Linear, RMSNorm
+from ..layers import Linear, RMSNorm, linear_f32
 from ..rope import RotaryTable
 
 
@@ -55,19 +55,18 @@ class Compressor(nn.Module):
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (docs §2.3). Z excludes ape.
 
-        When u and both weights are bf16 on a CUDA device (bf16 checkpoints, inference) the GEMMs run on bf16
-        operands with fp32 accumulation and fp32 output: every product of two bf16 numbers is exact in fp32, so this
-        is the spec's fp32 computation up to the order of the fp32 sums, at tensor-core speed. Otherwise (fp32
-        master weights in training, CPU, any gradient needed) the operands are cast to fp32 first."""
+        On bf16 operands (bf16 autocast on u's device in training, or u and both weights bf16 as in a bf16
+        checkpoint) the GEMMs round u and the weights to bf16 and accumulate in fp32 with an fp32 result
+        (layers.linear_f32): every product of two bf16 numbers is exact in fp32, so this is the spec's fp32
+        computation on bf16-rounded operands up to the order of the fp32 sums, at tensor-core speed on CUDA.
+        Otherwise the operands are cast to fp32 (fp64 stays fp64) first."""
         wk, wg = self.wkv.weight, self.wgate.weight
-        if (u.is_cuda and u.dtype == wk.dtype == wg.dtype == torch.bfloat16
-                and not (torch.is_grad_enabled() and (u.requires_grad or wk.requires_grad or wg.requires_grad))):
-            u2 = u.reshape(-1, u.shape[-1])
-            C = torch.mm(u2, wk.t(), out_dtype=torch.float32).view(*u.shape[:-1], -1)
-            Z = torch.mm(u2, wg.t(), out_dtype=torch.float32).view(*u.shape[:-1], -1)
-            return C, Z
+        dev = u.device.type
+        if ((torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
+                or u.dtype == wk.dtype == wg.dtype == torch.bfloat16):
+            return linear_f32(u, wk), linear_f32(u, wg)
         ct = torch.promote_types(u.dtype, torch.float32)
-        with torch.autocast(device_type=u.device.type, enabled=False):
+        with torch.autocast(device_type=dev, enabled=False):
             C = F.linear(u.to(ct), wk.to(ct))
             Z = F.linear(u.to(ct), wg.to(ct))
         return C, Z
