@@ -346,6 +346,15 @@ def _child(args_list, cap):
     return r
 
 
+def expected_s(runs: dict, arm: str, mode: str) -> float:
+    """Wall time to plan for one (arm, mode) point: the longest finished point of that arm and mode on record (any
+    context; the first point of a call pays the cold compile and autotune, e.g. 173-194 s for V4 `blocks` where a
+    warm one took 136 s), 0 when none is. `--budget` starts no point that is not expected to fit."""
+    done = [r["wall_s"] for k, r in runs.items()
+            if k.startswith(f"{arm}_") and k.endswith(f"_{mode}") and "tokens_per_s" in r and "wall_s" in r]
+    return max(done, default=0.0)
+
+
 def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=tuple(ARMS), modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
          budget=None, profile_ctx=16384, breakdown_only=False):
     from common import env_info
@@ -364,8 +373,10 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=tuple(ARMS), modes=MODES,
         if key in runs and "tokens_per_s" in runs[key]:
             continue                                 # measured by an earlier call
         left = None if budget is None else budget - (time.time() - t_start)
-        if left is not None and left < 30:
-            print("e2e budget spent; skipping", key, flush=True)
+        need = expected_s(runs, arm, mode)
+        if left is not None and left < max(30.0, need):
+            print(f"e2e budget: {left:.0f} s left, a {arm} {mode} point took up to {need:.0f} s; skipping", key,
+                  flush=True)
             continue
         this_cap = cap if left is None else min(cap, left - 5)
         r = _child(["--measure", ARMS[arm], str(ctx), mode, str(warmup), str(steps)], this_cap)
@@ -398,7 +409,7 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cap", type=float, default=300.0, help="wall-clock cap of one measurement (s)")
-    ap.add_argument("--budget", type=float, default=None, help="stop starting measurements after this many s")
+    ap.add_argument("--budget", type=float, default=None, help="start no measurement after this many s, nor one expected to overrun them (expected_s)")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--profile-ctx", type=int, default=16384)
     ap.add_argument("--breakdown-only", action="store_true")

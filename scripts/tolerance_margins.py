@@ -56,6 +56,7 @@ def seeded_checks():
             for h, k in ((16, 3), (4, 64))]
     out.append(("attention spec loop sensitive", A.check_spec_loop_sensitive))
     out.append(("attention overlap halves", A.check_overlap_halves))
+    out.append(("attention compressor bf16 projection", A.check_bf16_projection))
     out.append(("attention Hadamard", A.check_hadamard))
     out.append(("attention index scores", A.check_index_scores))
     out.append(("attention toggle overlap off", A.check_overlap_off_is_hca))

@@ -1,0 +1,45 @@
+"""benchmarks/bench_e2e.py's planning on the CPU: `--budget` starts no measurement that the records say will not fit
+(a cold compile=blocks point takes minutes), and the summary keys come from the best finished mode per arm."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_e2e  # noqa: E402
+
+RUNS = {
+    "v4_4096_blocks": {"mode": "blocks", "tokens_per_s": 3.0e5, "peak_mem_gb": 28.0, "wall_s": 173.6},
+    "v4_65536_blocks": {"mode": "blocks", "tokens_per_s": 2.5e5, "peak_mem_gb": 28.5, "wall_s": 193.9},
+    "v4_16384_blocks": {"error": "wall-clock cap: 164 s", "wall_s": 164.7},          # unfinished: not a plan
+    "v4_4096_eager": {"mode": "eager", "tokens_per_s": 2.2e5, "peak_mem_gb": 35.0, "wall_s": 99.5},
+    "dense_4096_compiled": {"mode": "compiled", "tokens_per_s": 1.0e6, "peak_mem_gb": 12.0, "wall_s": 52.3},
+}
+
+
+def test_expected_time_is_the_longest_finished_point_of_that_arm_and_mode():
+    assert bench_e2e.expected_s(RUNS, "v4", "blocks") == 193.9
+    assert bench_e2e.expected_s(RUNS, "v4", "eager") == 99.5
+    assert bench_e2e.expected_s(RUNS, "dense", "compiled") == 52.3
+    assert bench_e2e.expected_s(RUNS, "dense", "blocks") == 0.0                      # nothing on record
+
+
+def test_budget_skips_a_point_that_would_not_fit_and_starts_one_that_would(tmp_path, monkeypatch):
+    runs = {k: v for k, v in RUNS.items() if k != "v4_16384_blocks"}
+    (tmp_path / "e2e.json").write_text(json.dumps({"format": 2, "runs": runs, "breakdown": {"ms": {}}}))
+    monkeypatch.setattr(bench_e2e, "RESULTS", str(tmp_path))
+    started = []
+
+    def child(args, cap):
+        started.append((args[1], args[2], args[3], cap))
+        return {"mode": args[3], "tokens_per_s": 1.0, "peak_mem_gb": 1.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench_e2e, "_child", child)
+    res = bench_e2e.main(None, (16384,), ("v4",), ("blocks", "eager"), budget=150.0)
+    assert [s[:3] for s in started] == [("small", "16384", "eager")]    # blocks needs ~194 s, eager ~100 s
+    assert started[0][3] <= 150.0
+    assert "v4_16384_blocks" not in res["runs"] and res["runs"]["v4_16384_eager"]["tokens_per_s"] == 1.0
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert saved["runs"]["v4_4096_blocks"] == RUNS["v4_4096_blocks"]                # earlier records kept
+    assert json.loads((tmp_path / "summary.json").read_text())["e2e_tokens_per_s"]["v4"]["16384"] == 1.0
