@@ -53,7 +53,7 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(c, eps, impl=impl)
 
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs), autocast off (docs §2.3). Z excludes ape.
+        """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs) whatever autocast says (docs §2.3). Z excludes ape.
 
         On bf16 operands (bf16 autocast on u's device in training, or u and both weights bf16 as in a bf16
         checkpoint) the GEMMs round u and the weights to bf16 and accumulate in fp32 with an fp32 result
