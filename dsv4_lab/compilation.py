@@ -20,6 +20,13 @@ Settings made before compiling:
     eager mode). Where the installed torch lacks the switch, it has no fp64 typing either.
   * a recompile limit above the number of layers: per-layer resume frames after a graph break are guarded per
     module instance.
+  * static shapes (`dynamic=False`): a call with new shapes compiles a graph for those shapes. With Dynamo's default
+    ("automatic dynamic"), the second shape seen marks that dimension symbolic, and tracing the hand-written Triton
+    kernels' launch code with symbolic strides fails (`Cannot construct ConstantVariable ... SymInt`, torch 2.11,
+    first seen when a compiled training run evaluated on a batch of one).
+
+Evaluation (`eager()`) runs the compiled regions eagerly: the same math, without compiling each block again for
+no-grad mode and for every evaluation shape (minutes of Inductor time on the GPU for a few forward passes).
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ def compile_model(model: torch.nn.Module, regional: bool = False, **kw) -> torch
     """torch.compile(model) after `configure()`; kw go to torch.compile (backend, fullgraph, ...).
     regional: compile each Block in place (nn.Module.compile) and return the model itself."""
     configure()
+    kw.setdefault("dynamic", False)
     if not regional:
         return torch.compile(model, **kw)
     from .model import Block
@@ -66,3 +74,8 @@ def compile_model(model: torch.nn.Module, regional: bool = False, **kw) -> torch
     if hasattr(lm, "hidden_to_logits"):
         lm.hidden_to_logits = torch.compile(lm.hidden_to_logits, **kw)
     return model
+
+
+def eager():
+    """Context: every compiled function and region runs as eager PyTorch (torch.compiler.set_stance)."""
+    return torch.compiler.set_stance("force_eager")

@@ -98,6 +98,14 @@ def call_step_hooks(model: torch.nn.Module, step: int, loss: float) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Batches, n: int, device, amp, window: int | None = None) -> dict:
+    """Validation loss (and task accuracy, composite mHC gain) over n validation batches, eagerly even where the
+    training step is compiled (compilation.eager)."""
+    from .compilation import eager
+    with eager():
+        return _evaluate(model, batches, n, device, amp, window)
+
+
+def _evaluate(model, batches, n, device, amp, window) -> dict:
     was = model.training
     model.eval()
     losses, accs = [], []

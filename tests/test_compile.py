@@ -15,6 +15,8 @@ every case, on Intel and AMD x86), so the forward's MoE and CSA top-k see identi
 gradient norm may differ by ~1e-9 relative (a traced backward can run a GEMM on other layouts, another summation
 order on some CPUs).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -131,3 +133,43 @@ def test_configure_types_python_floats_like_triton():
             assert triton_utils.signature_of(SizeArg("scale", 0.125), size_dtype=None) == triton_type
     finally:
         inductor_config._use_fp64_for_unbacked_floats = old
+
+
+@pytest.mark.slow
+def test_compiled_blocks_static_shapes_and_eager_evaluation():
+    """compile=blocks (what training on CUDA runs) and shape changes. A training call with a new batch size compiles
+    a graph for that size with static shapes: under Dynamo's automatic-dynamic default it got symbolic sizes, and
+    tracing the Triton kernels' launch code with symbolic strides failed on the H200 (AssertionError `Cannot
+    construct ConstantVariable ... SymInt`) at the first evaluation (its composite-gain probe runs a batch of one).
+    Evaluation (train.evaluate, no-grad, batches of 2 and 1) compiles nothing. A counting backend records every
+    graph Dynamo hands over, with the example inputs' shapes."""
+    from types import SimpleNamespace
+
+    from dsv4_lab.train import evaluate
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([t for t in example_inputs if isinstance(t, (torch.Tensor, torch.SymInt))])
+        return gm.forward
+
+    def symbolic(inputs):
+        return any(isinstance(t, torch.SymInt) or (isinstance(t, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride()))) for t in inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DSV4LM(ModelConfig.from_preset("tiny", layer_types="csa,hca", mtp_depth=0, hc_sinkhorn_iters=3)).train()
+    compile_model(model, regional=True, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 33), generator=g)
+    _step(model, ids[:2, :-1], ids[:2, 1:])
+    first = len(graphs)
+    assert first >= 2 and not any(symbolic(t) for t in graphs)                 # the blocks and the output path
+    batches = SimpleNamespace(val_batch=lambda i: (ids[:2, :-1], ids[:2, 1:]), is_task=False)
+    ev = evaluate(model, batches, 2, torch.device("cpu"), contextlib.nullcontext)
+    assert len(graphs) == first and ev["val_loss"] > 0 and ev["hc_composite_gain"] > 0
+    assert model.training                                                       # evaluate restores the mode
+    _step(model, ids[:1, :-1], ids[:1, 1:])                                     # a new batch size in training
+    assert len(graphs) > first and not any(symbolic(t) for t in graphs[first:]), [
+        [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in gi] for gi in graphs[first:]]
+    torch._dynamo.reset()

@@ -327,12 +327,13 @@ def test_mhc_site_kernel_path_small_preset(dtype):
 def test_compile_blocks_training_steps_on_gpu():
     """compile=blocks (the CUDA default of training, dsv4_lab/compilation.py) on the kernel path: the tiny preset (SWA /
     CSA / HCA / CSA, mHC, MoE with a hash layer and a shared expert's grouped dispatch, MTP) trains 3 AdamW steps under
-    bf16 autocast with an evaluation forward between steps, compiled by Inductor block by block, beside the same model
-    eager from the same weights and batches. Every loss must be finite; the first step's loss agrees with eager's to
+    bf16 autocast with an evaluation forward between steps (eagerly, under compilation.eager(), as train.evaluate runs
+    it; on a batch of one, which a compiled region must not see), compiled by Inductor block by block, beside the same
+    model eager from the same weights and batches. Every loss must be finite; the first step's loss agrees with eager's to
     2e-2 (Inductor re-fuses the fp32 / bf16 elementwise glue: a few bf16 roundings, 2^-8 relative each, on a loss of
     ~7.4; an index-score near-tie may flip a pick), later steps to 0.1 (the updates compound those differences)."""
     from dsv4_lab import DSV4LM, ModelConfig
-    from dsv4_lab.compilation import compile_model
+    from dsv4_lab.compilation import compile_model, eager
     from dsv4_lab.config import TrainConfig
     from dsv4_lab.train import build_optimizer
     torch.manual_seed(0)
@@ -355,8 +356,8 @@ def test_compile_blocks_training_steps_on_gpu():
             opt.zero_grad(set_to_none=True)
             losses[name].append(out.loss.item())
             model.eval()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                val = run(ids[0, :, :-1], ids[0, :, 1:]).loss.item()
+            with torch.no_grad(), eager(), torch.autocast("cuda", dtype=torch.bfloat16):
+                val = run(ids[0, :1, :-1], ids[0, :1, 1:]).loss.item()
             model.collect_aux()
             model.train()
             assert torch.isfinite(torch.tensor(val)), (name, step, val)
