@@ -6,16 +6,21 @@ Arms (every other setting equal; bf16 autocast on CUDA as training runs it):
     triton     kernels=auto  compile=false    the Triton kernels, eager
     blocks     kernels=auto  compile=blocks   the Triton kernels + regional torch.compile (the throughput setting)
 Each (arm, seed) is one `python -m dsv4_lab train` run in <root>/<arm>-s<seed>: a killed call resumes from the
-checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls.
+checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls. A finished run
+whose folder is gone (a fresh machine) is taken from the committed loss_parity.json when that file's setup (preset,
+steps, seq, batch) is this call's, and not run again; each run keeps the commit it ran on. `--fresh` ignores it.
 
 Verdict: for each fast arm, the paired difference of the final validation loss (arm - reference, same seed = same
 initial weights and batches) with its 95 % t interval (dsv4_lab/stats.py), beside the seed noise = the standard
 deviation of the reference arm's final loss over seeds. "Within seed noise" when the interval's largest |value| is
-below that standard deviation. Writes benchmarks/results/loss_parity.json (per run: the val-loss curve, the final
-val loss, the mean train loss of the last 20 steps, steps/s).
+below that standard deviation. `seeds_needed`: the number of seeds at which an interval of the observed spread of the
+differences would fit inside the seed noise (a fast path whose runs decorrelate from the reference runs over the
+200 steps has differences spread like two independent seeds, sqrt(2) times the seed noise: 11 seeds). Writes
+benchmarks/results/loss_parity.json (per run: the val-loss curve, the final val loss, the mean train loss of the last
+20 steps, the commit).
 
     python benchmarks/bench_loss_parity.py [--steps 200] [--seq 4096] [--batch 2] [--seeds 0 1 2 3 4]
-                                           [--arms reference triton blocks] [--jobs 3] [--cap 480] [--root DIR]
+                                           [--arms reference triton blocks] [--jobs 3] [--cap 480] [--root DIR] [--fresh]
     python benchmarks/bench_loss_parity.py --preset tiny --seq 256 --steps 10 --arms reference triton   # CPU smoke
 """
 from __future__ import annotations
@@ -65,22 +70,46 @@ def _cause(err_path):
     return (errs or lines or ["(no stderr)"])[-1][:300]
 
 
-def collect(root, arms, seeds, steps):
+def recorded_runs(path, setup):
+    """The finished runs of an earlier loss_parity.json with the same setup ({} when there is none)."""
+    try:
+        prev = json.load(open(path))
+    except (OSError, ValueError):
+        return {}
+    if prev.get("setup") != setup:
+        return {}
+    return {k: r for k, r in prev.get("runs", {}).items() if r.get("finished") and "final_val_loss" in r}
+
+
+def _commit(rd):
+    try:
+        return json.load(open(os.path.join(rd, "env.json"))).get("git", {}).get("commit")
+    except (OSError, ValueError):
+        return None
+
+
+def collect(root, arms, seeds, steps, recorded=None):
+    """Per run: its records in <root>/<arm>-s<seed>, or else the finished run of `recorded` (recorded_runs)."""
     from dsv4_lab.runlog import read_metrics
     from dsv4_lab.stats import compare_arms
     runs, final = {}, {arm: {} for arm in arms}
     for arm in arms:
         for s in seeds:
-            rd = os.path.join(root, f"{arm}-s{s}")
+            name, rd = f"{arm}-s{s}", os.path.join(root, f"{arm}-s{s}")
+            if not os.path.exists(os.path.join(rd, "metrics.jsonl")) and name in (recorded or {}):
+                runs[name] = {**recorded[name], "from": "loss_parity.json"}
+                final[arm][s] = recorded[name]["final_val_loss"]
+                continue
             recs = read_metrics(rd) if os.path.exists(os.path.join(rd, "metrics.jsonl")) else []
             val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
             losses = [x for r in recs for x in r.get("losses", [])]
             done = bool(val) and val[-1][0] == steps - 1                 # the last step (0-based) evaluated
-            runs[f"{arm}-s{s}"] = {"steps": recs[-1]["step"] + 1 if recs else 0, "finished": done, "val_curve": val,
-                                   "train_loss_last20": statistics.fmean(losses[-20:]) if losses else None}
+            runs[name] = {"steps": recs[-1]["step"] + 1 if recs else 0, "finished": done, "val_curve": val,
+                          "train_loss_last20": statistics.fmean(losses[-20:]) if losses else None,
+                          "commit": _commit(rd)}
             if done:
                 final[arm][s] = val[-1][1]
-                runs[f"{arm}-s{s}"]["final_val_loss"] = val[-1][1]
+                runs[name]["final_val_loss"] = val[-1][1]
     ref = [final["reference"][s] for s in sorted(final.get("reference", {}))]
     noise = statistics.stdev(ref) if len(ref) >= 2 else None
     rows = []
@@ -90,8 +119,19 @@ def collect(root, arms, seeds, steps):
             worst = max(abs(r["ci_low"]), abs(r["ci_high"]))
             r["seed_noise_std"] = noise
             r["within_seed_noise"] = bool(noise is not None and worst < noise)
+            r["seeds_needed"] = seeds_needed(r["sd_diff"], noise)
             rows.append(r)
     return {"runs": runs, "final_val_loss": final, "seed_noise_std": noise, "verdicts": rows}
+
+
+def seeds_needed(sd_diff, noise, alpha=0.05, n_max=200):
+    """Smallest n whose paired-t interval half-width t(1 - alpha/2, n-1) sd_diff / sqrt(n) is below the seed noise
+    (None above n_max or without a spread)."""
+    from dsv4_lab.stats import t_quantile
+    if not noise or sd_diff is None or sd_diff != sd_diff:
+        return None
+    return next((n for n in range(2, n_max + 1) if t_quantile(1 - alpha / 2, n - 1) * sd_diff / n ** 0.5 < noise),
+                None)
 
 
 def main():
@@ -106,22 +146,31 @@ def main():
     ap.add_argument("--cap", type=float, default=480.0, help="wall-clock cap (s); cut runs resume next call")
     ap.add_argument("--root", default=os.path.join("runs", "loss_parity"))
     ap.add_argument("--out", default=None, help="results dir (default benchmarks/results)")
+    ap.add_argument("--fresh", action="store_true", help="run every (arm, seed) here, none from loss_parity.json")
     a = ap.parse_args()
     if "reference" not in a.arms:
         ap.error("--arms must include 'reference' (the comparison's baseline)")
+    out = os.path.join(a.out or os.path.join(HERE, "results"), "loss_parity.json")
+    setup = {k: getattr(a, k) for k in ("preset", "steps", "seq", "batch")}
+    recorded = {} if a.fresh else recorded_runs(out, setup)
     deadline = time.time() + a.cap
-    jobs = [(arm, s) for s in a.seeds for arm in a.arms]
+    jobs = [(arm, s) for s in a.seeds for arm in a.arms
+            if f"{arm}-s{s}" not in recorded or os.path.exists(os.path.join(a.root, f"{arm}-s{s}", "metrics.jsonl"))]
+    for name in sorted(set(recorded) & {f"{arm}-s{s}" for s in a.seeds for arm in a.arms}):
+        if not os.path.exists(os.path.join(a.root, name, "metrics.jsonl")):
+            print(f"{name}: finished on {recorded[name].get('commit') or 'an unrecorded commit'} "
+                  f"(loss_parity.json), not run again", flush=True)
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
         for arm, seed, status in ex.map(lambda j: run_one(a.root, *j, a, deadline), jobs):
             print(f"{arm}-s{seed}: {status}", flush=True)
-    res = {"what": __doc__.split("\n\n")[0], "setup": {k: getattr(a, k) for k in ("preset", "steps", "seq", "batch")},
-           "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, a.seeds, a.steps)}
+    res = {"what": __doc__.split("\n\n")[0], "setup": setup,
+           "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, a.seeds, a.steps, recorded)}
     for r in res["verdicts"]:
         print(f"{r['arm']} - reference: {r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
               f"(n {r['n_seeds']}), seed noise std {r['seed_noise_std']:.4f}: "
-              f"{'within' if r['within_seed_noise'] else 'NOT within'} seed noise", flush=True)
+              f"{'within' if r['within_seed_noise'] else 'NOT within'} seed noise "
+              f"(seeds for an interval inside it at this spread: {r['seeds_needed']})", flush=True)
     from dsv4_lab.runlog import atomic_write_bytes
-    out = os.path.join(a.out or os.path.join(HERE, "results"), "loss_parity.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     atomic_write_bytes(out, json.dumps(res, indent=1).encode())
     print(out)

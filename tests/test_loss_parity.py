@@ -45,3 +45,45 @@ def test_collect_without_enough_reference_runs_gives_no_verdict(tmp_path):
     _run(tmp_path, "triton-s0", 2.0)
     res = collect(str(tmp_path), ["reference", "triton"], [0, 1], STEPS)
     assert res["verdicts"] == [] and res["seed_noise_std"] is None
+
+
+def test_finished_runs_of_the_record_are_reused_only_for_the_same_setup(tmp_path):
+    """A fresh machine has no run folders: the finished runs of the committed loss_parity.json (same preset, steps,
+    seq, batch) stand in for them, marked as such; a run folder that exists wins over the record."""
+    from bench_loss_parity import recorded_runs
+    setup = {"preset": "small", "steps": STEPS, "seq": 4096, "batch": 2}
+    ref = {0: 2.00, 1: 2.10, 2: 1.95}
+    record = {"setup": setup, "runs": {f"reference-s{s}": {"finished": True, "final_val_loss": v, "commit": "abc"}
+                                       for s, v in ref.items()}}
+    record["runs"]["reference-s3"] = {"finished": False, "steps": 50}           # unfinished: never reused
+    path = tmp_path / "loss_parity.json"
+    path.write_text(json.dumps(record))
+    assert recorded_runs(str(path), {**setup, "steps": STEPS + 1}) == {}        # another setup: nothing reused
+    assert recorded_runs(str(tmp_path / "missing.json"), setup) == {}
+    rec = recorded_runs(str(path), setup)
+    assert sorted(rec) == ["reference-s0", "reference-s1", "reference-s2"]
+    root = tmp_path / "runs"
+    for s, v in ref.items():
+        _run(root, f"blocks-s{s}", v + 0.01)
+    _run(root, "reference-s2", 1.5)                                             # this folder wins over the record
+    res = collect(str(root), ["reference", "blocks"], [0, 1, 2], STEPS, rec)
+    assert res["runs"]["reference-s0"]["from"] == "loss_parity.json" and res["runs"]["reference-s0"]["commit"] == "abc"
+    assert res["final_val_loss"]["reference"] == {0: 2.00, 1: 2.10, 2: 1.5}
+    assert "from" not in res["runs"]["reference-s2"] and "from" not in res["runs"]["blocks-s0"]
+    row = res["verdicts"][0]
+    assert row["arm"] == "blocks" and row["n_seeds"] == 3
+
+
+def test_seeds_needed_is_the_smallest_n_whose_interval_fits_the_seed_noise():
+    from bench_loss_parity import seeds_needed
+
+    from dsv4_lab.stats import t_quantile
+
+    def half(n, sd):
+        return t_quantile(0.975, n - 1) * sd / n ** 0.5
+    noise = 0.07
+    for sd in (0.01, 0.05, 2 ** 0.5 * noise, 0.2):
+        n = seeds_needed(sd, noise)
+        assert half(n, sd) < noise and (n == 2 or half(n - 1, sd) >= noise), (sd, n)
+    assert seeds_needed(2 ** 0.5 * noise, noise) in (11, 12, 13)        # decorrelated runs: about a dozen seeds
+    assert seeds_needed(float("nan"), noise) is None and seeds_needed(0.1, None) is None
