@@ -220,7 +220,7 @@ def _hca_bwd(Q, KV, C, O, DO, LSE, DQ, DKV, DC, DELTA,
         dq += tl.dot(ds.to(DOT_DT), ed)
         de = tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
         tl.atomic_add(DC + b * S * D + s.to(tl.int64)[:, None] * D + offs_d[None, :], de,
-                      mask=smask[:, None] & dmask[None, :])
+                      mask=smask[:, None] & dmask[None, :], sem="relaxed")
     pos0 = q_offset + t0
     for jb in range(0, W + BT - 1, BLOCK_J):
         j = pos0 - W + 1 + jb + tl.arange(0, BLOCK_J)
@@ -236,7 +236,7 @@ def _hca_bwd(Q, KV, C, O, DO, LSE, DQ, DKV, DC, DELTA,
         dq += tl.dot(ds.to(DOT_DT), ed)
         de = tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
         tl.atomic_add(DKV + b * Tk * D + j.to(tl.int64)[:, None] * D + offs_d[None, :], de,
-                      mask=jmask[:, None] & dmask[None, :])
+                      mask=jmask[:, None] & dmask[None, :], sem="relaxed")
     tl.store(DQ + qo, dq * scale, mask=rd)
 
 

@@ -397,8 +397,8 @@ def _mhc_pre_bwd_kernel(X, DU, DXIN, DCOEF, MU, RHO, SC, BASE, FN, WH, WL, DX, D
         dzp = tl.where(acm, gAC * tl.where(ii == 0, 1.0, 2.0) * sig * (1.0 - sig), 0.0)
         dz = tl.reshape(tl.where(h3 == 0, tl.reshape(dzr, [BT, 1, H]), tl.reshape(dzp, [BT, 1, H])), [BT, NC])
         dz = tl.where(tmask[:, None] & wvalid[None, :], dz, 0.0)
-        tl.atomic_add(DBASE + wrow, tl.sum(dz, 0), mask=wvalid)
-        tl.atomic_add(DSCC + wrow, tl.sum(dz * mu, 0), mask=wvalid)
+        tl.atomic_add(DBASE + wrow, tl.sum(dz, 0), mask=wvalid, sem="relaxed")
+        tl.atomic_add(DSCC + wrow, tl.sum(dz * mu, 0), mask=wvalid, sem="relaxed")
         dmus = dz * a_c[None, :] * rho[:, None]                                    # rho dmu (BT, NC)
         tl.store(DMUS + tok64[:, None] * NC + c[None, :], dmus, mask=tmask[:, None])
         kv = tl.sum(dmus * mu, 1) * rho / ND                                       # rho^2 <dmu, mu> / (n d)
@@ -467,7 +467,7 @@ def _mhc_dw_kernel(DMUS, X, DW, NTOK, N: tl.constexpr, D: tl.constexpr, NP: tl.c
                 acc = _dot(ghi, xl, acc, EMUL)
             acc = _dot(glo, xb, acc, EMUL)
             acc = _dot(ghi, xb, acc, EMUL)
-    tl.atomic_add(DW + wrow[:, None] * ND + k[None, :], acc, mask=wvalid[:, None] & km[None, :])
+    tl.atomic_add(DW + wrow[:, None] * ND + k[None, :], acc, mask=wvalid[:, None] & km[None, :], sem="relaxed")
 
 
 _SMS: dict = {}

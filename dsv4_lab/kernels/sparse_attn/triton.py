@@ -167,7 +167,7 @@ def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DC, DELTA,
         p, ds = _bwd_scores(qd, dod, lse2, delta, ed, hmask[:, None] & valid[None, :])
         dq += tl.dot(ds.to(DOT_DT), ed)
         tl.atomic_add(DC + b * S * D + sidx.to(tl.int64)[:, None] * D + offs_d[None, :],
-                      _d_entries(p, ds, dod, q_dt, scale, DOT_DT), mask=valid[:, None] & dmask[None, :])
+                      _d_entries(p, ds, dod, q_dt, scale, DOT_DT), mask=valid[:, None] & dmask[None, :], sem="relaxed")
     tl.store(DQ + qo, dq * scale, mask=hd)
 
 

@@ -156,7 +156,7 @@ def _kl_bwd(QI, KI, W, IDX, STAT, PBUF, DKL, DQI, DKI, DW,
             dq += tl.dot(dl, kraw.to(tl.float32), input_precision=PREC_G)
             dk = tl.dot(tl.trans(dl), q32, input_precision=PREC_G)                                # (BK, BCI)
             tl.atomic_add(DKI + (b * S + sidx.to(tl.int64))[:, None] * CI + offs_ci[None, :], dk,
-                          mask=valid[:, None] & cimask[None, :])
+                          mask=valid[:, None] & cimask[None, :], sem="relaxed")
     tl.store(DQI + row * NI * CI + offs_j[:, None] * CI + offs_ci[None, :], dq, mask=jc)
     tl.store(DW + row * NI + offs_j, dw, mask=jmask)
 
