@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -149,6 +151,37 @@ def measure(preset: str, ctx: int, compiled: bool, warmup: int, steps: int, guar
 COMPONENTS = ("mtp", "kl", "mhc", "moe", "attention", "optimizer")      # innermost-first priority, then "other"
 TOP_OPS = 40                                                        # ops listed by self time in a breakdown
 
+# Kernel families of a compiled (blocks) step, where the profiler's ranges are gone: each op is named by what it
+# launches. Our Triton kernels by the kernels/ folder that defines them (a launch inside a compiled graph carries a
+# numeric suffix, "_sparse_bwd_6"), then aten ops and library kernels by name; Inductor's fused kernels ("triton_...")
+# are the compiled glue. The MoE router's and the indexer's top-k are one aten op: "topk" holds both.
+KERNEL_DIR_FAMILY = {"sparse_attn": "attention", "hca_attn": "attention", "indexer_topk": "attention",
+                     "compressor_pool": "attention", "rope": "attention", "sparse_kl": "kl", "mhc": "mhc",
+                     "swiglu": "ffn", "rmsnorm": "norm", "fake_quant": "quant"}
+NAME_FAMILY = (("grouped_mm", "moe"), ("GroupProblem", "moe"), ("SparseKLFn", "kl"), ("SparseAttnFn", "attention"),
+               ("HCAAttnFn", "attention"), ("MHCP", "mhc"), ("topk", "topk"), ("foreach", "optimizer"),
+               ("Optimizer.", "optimizer"), ("aten::mm", "gemm"), ("aten::bmm", "gemm"), ("aten::addmm", "gemm"),
+               ("aten::linear", "gemm"), ("mm_bf16", "gemm"), ("triton_", "inductor glue"), ("aten::", "eager glue"))
+
+
+def kernel_table(root: str | None = None) -> dict:
+    """{Triton kernel function name: its family} from the @triton.jit definitions under dsv4_lab/kernels/<folder>/."""
+    root = root or os.path.join(os.path.dirname(HERE), "dsv4_lab", "kernels")
+    table = {}
+    for folder, fam in KERNEL_DIR_FAMILY.items():
+        for f in sorted(glob.glob(os.path.join(root, folder, "*.py"))):
+            for name in re.findall(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+)", open(f).read()):
+                table[name] = fam
+    return table
+
+
+def kernel_family(name: str, table: dict) -> str:
+    """The family of one profiled op name (kernel_table for our kernels; NAME_FAMILY by substring; else other)."""
+    base = re.sub(r"_\d+$", "", name)
+    if name in table or base in table:
+        return table.get(name, table.get(base))
+    return next((fam for key, fam in NAME_FAMILY if key in name), "other")
+
 
 def breakdown(ctx: int, mode: str = "eager", device: str = "cuda") -> dict:
     """Device time of one V4 step by component from the torch profiler. Forward ops are labelled by the
@@ -157,8 +190,9 @@ def breakdown(ctx: int, mode: str = "eager", device: str = "cuda") -> dict:
     optimizer step is one range; the rest (embedding, head, loss, norms, ...) is "other".
     mode "blocks": the model compiled as training compiles it on CUDA (compile=blocks). Dynamo drops profiler ranges
     inside compiled regions, so the components blur there (most time lands in "other"); the total, the top ops
-    (Inductor's fused kernels by name, the hand-written kernels by theirs) and `wall_ms` (the step's wall-clock time:
-    wall_ms - total_ms = the time the GPU waited for the host) are what this mode is for. CUDA only: on the CPU the
+    (Inductor's fused kernels by name, the hand-written kernels by theirs), `ms_by_kernel_family` (every op's time
+    by what it launches: kernel_family) and `wall_ms` (the step's wall-clock time: wall_ms - total_ms = the time the
+    GPU waited for the host) are what this mode is for. CUDA only: on the CPU the
     profiled compiled step of the tiny model aborts the process (glibc "double free", torch 2.x; the same compiled
     training runs without the profiler)."""
     if mode == "blocks" and device != "cuda":
@@ -264,10 +298,15 @@ def breakdown(ctx: int, mode: str = "eager", device: str = "cuda") -> dict:
     avg = sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True)
     top = [{"name": a.key[:120], "ms": getattr(a, key) / 1e3, "calls": a.count} for a in avg[:TOP_OPS]
            if getattr(a, key) > 0]
+    table, fam = kernel_table(), {}
+    for e in evs:                                    # every op's self device time once
+        f = kernel_family(e.name, table)
+        fam[f] = fam.get(f, 0.0) + dev(e) / 1e3
     return {"ctx": ctx, "batch": B, "preset": preset, "mode": mode, "wall_ms": wall_ms,
             "time": "device (CUDA kernel) time" if device == "cuda" else "CPU self time (CPU smoke run)",
             "ms": {k: v / 1e3 for k, v in totals.items()}, "frac": {k: v / max(tot, 1e-9) for k, v in totals.items()},
             "total_ms": tot / 1e3, "top_ops": top,
+            "ms_by_kernel_family": dict(sorted(fam.items(), key=lambda kv: -kv[1])),
             "top_ops_by_component": {c: [[n, round(t / 1e3, 3)] for n, t in sorted(d.items(), key=lambda kv: -kv[1])[:12]]
                                      for c, d in by_comp.items()}}
 

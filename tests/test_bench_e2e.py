@@ -43,3 +43,22 @@ def test_budget_skips_a_point_that_would_not_fit_and_starts_one_that_would(tmp_p
     saved = json.loads((tmp_path / "e2e.json").read_text())
     assert saved["runs"]["v4_4096_blocks"] == RUNS["v4_4096_blocks"]                # earlier records kept
     assert json.loads((tmp_path / "summary.json").read_text())["e2e_tokens_per_s"]["v4"]["16384"] == 1.0
+
+
+def test_kernel_families_of_a_compiled_step_profile():
+    """Inside compiled regions the profiler keeps no component ranges: ops are grouped by what they launch. Our
+    kernels by the kernels/ folder that defines them (with the numeric suffix a compiled graph gives a launch), the
+    rest by name; names from run 31's profile of a compiled V4 step."""
+    table = bench_e2e.kernel_table()
+    assert {"_sparse_fwd", "_sparse_bwd", "_window_bwd", "_hca_bwd", "_indexer_scores_fwd", "_kl_fwd", "_kl_bwd",
+            "_mhc_pre_kernel", "_mhc_pre_bwd_kernel", "_swiglu_fwd", "_rmsnorm_bwd"} <= set(table)
+    expect = {"_sparse_bwd_6": "attention", "_window_bwd_5": "attention", "_kl_bwd_5": "kl", "_kl_fwd": "kl",
+              "_mhc_pre_bwd_kernel_2": "mhc", "_mhc_dw_kernel_3": "mhc", "_swiglu_bwd_1": "ffn",
+              "aten::_grouped_mm": "moe", "aten::topk": "topk", "aten::mm": "gemm",
+              "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13Gemm"
+              "UniversalINS5_17GroupProblem": "moe",
+              "triton_poi_fused__to_copy__unsafe_view_add_arange_clone_index_mul_neg": "inductor glue",
+              "aten::copy_": "eager glue", "Optimizer.step#AdamW.step": "optimizer",
+              "aten::_foreach_addcdiv_": "optimizer", "SparseKLFnBackward": "kl", "e2e::mtp": "other"}
+    for name, fam in expect.items():
+        assert bench_e2e.kernel_family(name, table) == fam, (name, bench_e2e.kernel_family(name, table), fam)
