@@ -115,6 +115,7 @@ class ModelConfig:
     index_topk: int = 4                   # top-k compressed entries per query (Flash 512, Pro 1024)
     index_mode: str = "learned"           # learned | oracle (true top-k of main scores) | random | all
     index_hadamard: bool = True           # Hadamard rotation of indexer q and k (docs §2.4); False = off
+    index_score_dtype: str = "fp32"       # fp32 | bf16: scores rounded to bf16 before the top-k (V4, docs §2.4)
     indexer_loss_weight: float = 1.0      # weight of the KL indexer loss (V3.2 recipe, docs §10); 0 = off
     indexer_warmup_steps: int = 0         # steps of the dense warm-up stage (main model frozen, docs §10)
 
@@ -238,7 +239,8 @@ class ModelConfig:
         choices = {"index_mode": ("learned", "oracle", "random", "all"), "residual": ("plain", "hc", "mhc"),
                    "ffn": ("dense", "moe"), "score_func": ("sqrtsoftplus", "sigmoid"),
                    "anticipatory": ("off", "always", "auto"), "quant": ("none", "fp8", "fp4"),
-                   "kernels": ("auto", "triton", "torch"), "moe_dispatch": ("grouped", "loop")}
+                   "kernels": ("auto", "triton", "torch"), "moe_dispatch": ("grouped", "loop"),
+                   "index_score_dtype": ("fp32", "bf16")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise _err(k, getattr(self, k), f"one of {allowed}")

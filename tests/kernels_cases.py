@@ -257,8 +257,10 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
     largest as a multiset (which of several entries tied at the k-th value is taken is free for torch.topk: the
     coarse grid makes many such ties), rows with fewer visible entries than k must hold all of them and -1 in every
     other slot; the select methods must return exactly the naive twin's picks (_check_select_naive)."""
+    from dsv4_lab.kernels.indexer_topk import indexer_topk
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
-    from dsv4_lab.kernels.indexer_topk.triton import AUTO, DECODE_T, FP32_TWIN, METHODS, indexer_topk_triton
+    from dsv4_lab.kernels.indexer_topk.triton import (AUTO, BF16_TWIN, DECODE_T, FP32_TWIN, METHODS,
+                                                      indexer_topk_triton)
     g = torch.Generator().manual_seed(3)
     # (B, T, HI, DI, S, k, ratio, q_offset): prefill (T > DECODE_T), its early rows shorter than k; decode with k
     # below / above / equal to the visible count (5 entries, k 12; 8 entries, k 8); one head of DI 2: few distinct
@@ -274,16 +276,21 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
         ref = indexer_scores(qI.double(), kI.double(), w.double(), R, off)         # (B, T, S) fp64, -inf invisible
         n = torch.clamp((off + torch.arange(T) + 1) // R, max=S).repeat(B)
         auto = AUTO["decode" if T <= DECODE_T else "prefill"]
+        auto16 = BF16_TWIN.get(auto, auto)                              # auto_bf16: index_score_dtype="bf16"
         auto = FP32_TWIN.get(auto, auto) if dtype == torch.float32 else auto
-        for m in ("auto",) + METHODS:
-            name = f"auto={auto}" if m == "auto" else m
+        for m in ("auto", "auto_bf16") + METHODS:
+            name = {"auto": f"auto={auto}", "auto_bf16": f"auto_bf16={auto16}"}.get(m, m)
             r = ref.bfloat16().double() if name.endswith("_bf16") else ref   # bf16 methods: the sums rounded once
-            for rs in (True, False) if m == "auto" else (True,):   # unsorted picks: also case_indexer_methods
+            for rs in (True, False) if m.startswith("auto") else (True,):   # unsorted: also case_indexer_methods
                 out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m)
                 _check_method(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", *(out if rs else (out, None)),
                               r, n, k)
                 if name.startswith("select"):
                     _check_select_naive(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", out, rs, r, k)
+        for sdt, m in (("fp32", "auto"), ("bf16", "auto_bf16")):      # the model's dispatcher routes score_dtype
+            a = indexer_topk(qI, kI, w, k, R, q_offset=off, impl="triton", return_scores=True, score_dtype=sdt)
+            b = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"indexer_topk score_dtype={sdt} is not {m}"
 
 
 # ------------------------------------------------------------------------------------------------ indexer_methods

@@ -483,6 +483,44 @@ def check_index_all(seed: int = 0):
     return [("index_mode all == top-k >= #entries", (mod(u) - y_learned_all).abs().max().item(), 1e-12)], u
 
 
+def test_index_score_dtype_bf16_rounds_the_scores_before_the_topk():
+    """index_score_dtype="bf16" (V4's bf16 index scores, docs §2.4): the fp32 scores are rounded once, so two entries
+    whose scores differ below bf16's resolution tie and the lower index is taken; fp32 keeps them apart. The scores
+    here are exact in fp32 (one head, weight 1, one nonzero product each): 1 + 2^-12 for entry 1, 1 for entry 0,
+    0.5 for entry 2. The CSA layer hands its config's dtype to the top-k."""
+    from dsv4_lab.attention import csa as csa_mod
+    from dsv4_lab.config import ConfigError
+    from dsv4_lab.kernels.indexer_topk import indexer_topk
+    T, S = 12, 3
+    qI = torch.zeros(1, T, 1, 4)
+    qI[..., 0] = 1.0
+    kI = torch.zeros(1, S, 4)
+    kI[0, :, 0] = torch.tensor([1.0, 1.0 + 2.0 ** -12, 0.5])
+    w = torch.ones(1, T, 1)
+    fp32 = indexer_topk(qI, kI, w, 1, 4, impl="torch")
+    bf16 = indexer_topk(qI, kI, w, 1, 4, impl="torch", score_dtype="bf16")
+    assert fp32[0, 7:, 0].tolist() == [1] * 5 and bf16[0, 7:, 0].tolist() == [0] * 5     # rows that see entries 0, 1
+    assert (fp32[0, :3] == -1).all() and torch.equal(fp32[0, :7], bf16[0, :7])            # row 3-6 see entry 0 only
+    with pytest.raises(ValueError, match="score_dtype"):
+        indexer_topk(qI, kI, w, 1, 4, impl="torch", score_dtype="fp16")
+    with pytest.raises(ConfigError, match="index_score_dtype"):
+        make_cfg(index_score_dtype="fp16")
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(k["score_dtype"])
+        return indexer_topk(*a, **k)
+    orig = csa_mod.indexer_topk
+    csa_mod.indexer_topk = spy
+    try:
+        u = torch.randn(2, 16, make_cfg().d_model, dtype=torch.float64)
+        for sdt in ("fp32", "bf16"):
+            layer(make_cfg(index_score_dtype=sdt), "csa")(u)
+    finally:
+        csa_mod.indexer_topk = orig
+    assert seen == ["fp32", "bf16"]
+
+
 def test_index_modes_all_equals_topk_ge_entries_and_oracle_random_pick_visible():
     rows, u = check_index_all()
     for what, err, tol in rows:

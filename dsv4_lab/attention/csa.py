@@ -64,7 +64,8 @@ class CSAttention(Attention):
         if not every and S > 0:
             if mode == "learned":
                 qI, kI, w = (t.detach() for t in proj)
-                idx = indexer_topk(qI, kI, w, K, self.m, q_offset=p0, impl=cfg.kernels)          # (B, T, K)
+                idx = indexer_topk(qI, kI, w, K, self.m, q_offset=p0, impl=cfg.kernels,          # (B, T, K)
+                                   score_dtype=cfg.index_score_dtype)
             else:
                 idx = topk_indices(self.scores(mode, u, q, keys, k0, entries, p0), K)
         kl = None

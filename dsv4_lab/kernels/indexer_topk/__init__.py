@@ -1,6 +1,6 @@
 """Lightning-indexer scores + top-k (docs §2.4), forward only (selection is non-differentiable).
 
-    indexer_topk(qI, kI, w, k, ratio, q_offset=0, impl="auto", return_scores=False)
+    indexer_topk(qI, kI, w, k, ratio, q_offset=0, impl="auto", return_scores=False, score_dtype="fp32")
 
 qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compressed indexer keys; w (B, T, HI) head
 weights (scaling included). Returns idx (B, T, k) int32, -1 where fewer than k entries are visible (entry s visible
@@ -14,7 +14,7 @@ up to which of the tied entries is taken (triton.py docstring); without return_s
 row's -1 slots may sit anywhere in it (every consumer masks them per slot).
 The model's other selectors (attention/csa.py: oracle, random) use `topk_indices`, the naive twin's top-k contract.
 The bf16-score methods (select_bf16, torch_bf16, rowsel_bf16: scores rounded to bf16 before the selection, docs
-§2.4) are there to be called by name. The variants that lost to these on the H200 were removed: benchmarks/README.md.
+§2.4) are what score_dtype="bf16" runs (triton: method "auto_bf16"; the naive twin rounds its fp32 scores once). The variants that lost to these on the H200 were removed: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -25,11 +25,15 @@ from .naive import index_scores, indexer_scores, indexer_topk_naive, topk_indice
 
 
 @torch.no_grad()
-def indexer_topk(qI, kI, w, k: int, ratio: int, q_offset: int = 0, impl: str = "auto", return_scores: bool = False):
+def indexer_topk(qI, kI, w, k: int, ratio: int, q_offset: int = 0, impl: str = "auto", return_scores: bool = False,
+                 score_dtype: str = "fp32"):
+    if score_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"score_dtype={score_dtype!r}: allowed are 'fp32', 'bf16'")
     if resolve_impl(impl, qI) == "triton":
         from .triton import indexer_topk_triton
-        return indexer_topk_triton(qI, kI, w, k, ratio, q_offset, return_scores)
-    return indexer_topk_naive(qI, kI, w, k, ratio, q_offset, return_scores=return_scores)
+        return indexer_topk_triton(qI, kI, w, k, ratio, q_offset, return_scores,
+                                   method="auto_bf16" if score_dtype == "bf16" else "auto")
+    return indexer_topk_naive(qI, kI, w, k, ratio, q_offset, return_scores=return_scores, score_dtype=score_dtype)
 
 
 __all__ = ["indexer_topk", "indexer_topk_naive", "indexer_scores", "index_scores", "topk_indices", "visible"]

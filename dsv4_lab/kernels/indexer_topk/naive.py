@@ -64,12 +64,15 @@ def topk_indices(scores: torch.Tensor, k: int, return_scores: bool = False, use_
 
 
 def indexer_topk_naive(qI, kI, w, k: int, ratio: int, q_offset: int = 0, chunk: int = 1024,
-                       return_scores: bool = False, use_topk: bool = False):
+                       return_scores: bool = False, use_topk: bool = False, score_dtype: str = "fp32"):
+    """score_dtype "bf16": the fp32 scores rounded once to bf16 before the top-k (ties to the lower index)."""
     B, T = qI.shape[:2]
     idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
     val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        idx[:, t0:t1], val[:, t0:t1] = topk_indices(indexer_scores(qI, kI, w, ratio, q_offset, t0, t1), k,
-                                                    return_scores=True, use_topk=use_topk)
+        sc = indexer_scores(qI, kI, w, ratio, q_offset, t0, t1)
+        if score_dtype == "bf16":
+            sc = sc.to(torch.bfloat16).float()
+        idx[:, t0:t1], val[:, t0:t1] = topk_indices(sc, k, return_scores=True, use_topk=use_topk)
     return (idx, val) if return_scores else idx

@@ -139,6 +139,7 @@ METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf1
 AUTO = {"prefill": "torch", "decode": "select"}
 AUTO_SHORT_L: int | None = 2048
 FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel"}
+BF16_TWIN = {v: k for k, v in FP32_TWIN.items()}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 
 
@@ -187,6 +188,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       rowsel_bf16  rowsel on bf16 scores (16 bisection steps instead of 32).
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin); in
                    prefill, rowsel for the query chunks that see at most AUTO_SHORT_L entries.
+      auto_bf16    auto's choice on bf16 scores (its _bf16 twin, whatever the inputs' dtype; short chunks rowsel_bf16):
+                   the model's index_score_dtype="bf16".
     Ties: the fp32-score methods return the values of the naive twin's picks (the same multiset; the bf16 ones, those
     of the bf16-rounded scores). select also keeps the naive twin's tie rule (of several entries tied at the k-th
     value, the lower indices) and is deterministic, so on the same scores its picks are the naive twin's set;
@@ -201,9 +204,12 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
     short_l = 0                                                     # chunks seeing <= short_l entries: rowsel
-    if method == "auto":
+    if method in ("auto", "auto_bf16"):
+        bf16 = method == "auto_bf16"
         method = AUTO["decode" if T <= DECODE_T else "prefill"]
-        if qI.dtype == torch.float32:                               # fp32 model: keep fp32 scores (exact twin)
+        if bf16:                                                    # scores rounded to bf16 (index_score_dtype)
+            method = BF16_TWIN.get(method, method)
+        elif qI.dtype == torch.float32:                             # fp32 model: keep fp32 scores (exact twin)
             method = FP32_TWIN.get(method, method)
         if T > DECODE_T and AUTO_SHORT_L and not method.startswith("rowsel"):
             short_l = min(AUTO_SHORT_L, MAX_L)
