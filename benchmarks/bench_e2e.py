@@ -4,6 +4,8 @@ Two arms, each at its best settings, at context 4K / 16K / 64K with 65,536 token
 (batch = 65536 / context):
   v4     preset small: swa, swa, csa, hca, ... (Triton kernels), mHC, MoE (grouped dispatch), MTP 1, indexer KL
   dense  preset small-dense: dense causal MQA through fused SDPA, plain residual, dense SwiGLU, no MTP
+  v4-bf16-index  v4 with index_score_dtype=bf16 (V4's bf16 index scores before the top-k): a setting of the v4 arm,
+         whose best of either is the v4 number (e2e_best_settings names the setting)
 "Best settings": every arm is measured eager, compiled (dsv4_lab/compilation.py, the `compile` field of training)
 and graphed (eager model, forward + backward replayed from a CUDA graph: the `cuda_graph` field, whole batch in one
 forward); the fastest is its number, and `e2e_best_settings` says which. One step = forward + backward + AdamW
@@ -17,12 +19,13 @@ merged into benchmarks/results/e2e.json as it arrives, and the summary keys into
     e2e_tokens_per_s   {"v4": {"4096": .., "16384": .., "65536": ..}, "dense": {...}}   best mode per arm
     e2e_peak_mem_gb    same shape (of the best mode)
     e2e_v4_over_dense  {"4096": r, ...}
-    e2e_best_settings  {"v4": {"4096": "compiled" | "eager"}, ...}
+    e2e_best_settings  {"v4": {"4096": "blocks" | "eager" | "blocks, index_score_dtype=bf16" ...}, ...}
     e2e_v4_breakdown   GPU time of one V4 step by component (attention, KL, mHC, MoE, MTP, optimizer, other)
 A second call skips what is already measured (--fresh starts over), so a time-capped device call returns partial
 results instead of nothing.
 
-    python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--arms v4 dense] [--modes compiled blocks eager graph]
+    python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--arms v4 dense v4-bf16-index]
+                                   [--modes compiled blocks eager graph]
                                    [--steps 6] [--warmup 3] [--cap 300] [--fresh] [--budget 560]
     python benchmarks/bench_e2e.py --breakdown-only [--profile-ctx 16384]
     python benchmarks/bench_e2e.py --breakdown CTX [--breakdown-mode eager|blocks]     one step's profile, printed
@@ -44,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 TOKENS_PER_STEP = 65536
-ARMS = {"v4": "small", "dense": "small-dense"}
+ARMS = {"v4": "small", "dense": "small-dense", "v4-bf16-index": "small index_score_dtype=bf16"}
 MODES = ("compiled", "blocks", "eager", "graph")  # compile=true (whole model), compile=blocks (regional), eager,
                                                  # graph (eager, forward + backward replayed: cuda_graph=true)
 
@@ -53,15 +56,22 @@ MODES = ("compiled", "blocks", "eager", "graph")  # compile=true (whole model), 
 # one measurement (child process)
 # --------------------------------------------------------------------------------------------------------------
 
+def _config(spec: str, **kw):
+    """ModelConfig of an arm's spec: a preset name, then optional key=value overrides ("small index_score_dtype=bf16")."""
+    from dsv4_lab.config import parse_overrides
+    name, *over = spec.split()
+    return parse_overrides([f"preset={name}", *over, *(f"{k}={v}" for k, v in kw.items())])[0]
+
+
 def _model(preset: str, ctx: int, compiled: bool, device: str = "cuda"):
     import torch
 
-    from dsv4_lab import DSV4LM, ModelConfig
+    from dsv4_lab import DSV4LM
     from dsv4_lab.compilation import compile_model
     from dsv4_lab.config import TrainConfig
     from dsv4_lab.train import build_optimizer
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096))
+    cfg = _config(preset, max_seq_len=max(ctx, 4096))
     model = DSV4LM(cfg).to(device).train()
     opt = build_optimizer(model, TrainConfig())
     fwd = model
@@ -200,7 +210,7 @@ def breakdown(ctx: int, mode: str = "eager", device: str = "cuda") -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from dsv4_lab import DSV4LM, ModelConfig
+    from dsv4_lab import DSV4LM
     from dsv4_lab.attention import attention as attn_mod
     from dsv4_lab.attention.attention import Attention
     from dsv4_lab.config import TrainConfig
@@ -208,7 +218,7 @@ def breakdown(ctx: int, mode: str = "eager", device: str = "cuda") -> dict:
     from dsv4_lab.train import build_optimizer
     torch.manual_seed(0)
     preset = "small" if device == "cuda" else "tiny"
-    cfg = ModelConfig.from_preset(preset, max_seq_len=max(ctx, 4096) if device == "cuda" else 512)
+    cfg = _config(preset, max_seq_len=max(ctx, 4096) if device == "cuda" else 512)
     model = DSV4LM(cfg).to(device).train()
     opt = build_optimizer(model, TrainConfig())
     B = max(1, (TOKENS_PER_STEP if device == "cuda" else 2 * ctx) // ctx)
@@ -341,19 +351,22 @@ ALL_CTXS = (4096, 16384, 65536)
 
 
 def summary_keys(runs: dict, ctxs) -> dict:
-    """The summary.json keys from the per-measurement runs: best mode per (arm, context). Every context measured so
-    far counts, also those of earlier calls (a call may measure a subset)."""
+    """The summary.json keys from the per-measurement runs: best setting per (arm, context), a setting being a mode
+    of the arm or of one of its variants ("v4-bf16-index": the v4 arm with overrides), named in e2e_best_settings
+    ("blocks", or "blocks, index_score_dtype=bf16"). Every context measured so far counts, also those of earlier
+    calls (a call may measure a subset)."""
     tps, mem, best = {}, {}, {}
-    for arm in ARMS:
+    for arm in (a for a in ARMS if "-" not in a):
+        variants = [a for a in ARMS if a == arm or a.startswith(arm + "-")]
         for ctx in ctxs:
-            cands = [runs.get(f"{arm}_{ctx}_{m}", {}) for m in MODES]
-            cands = [r for r in cands if "tokens_per_s" in r]
+            cands = [(a, runs.get(f"{a}_{ctx}_{m}", {})) for a in variants for m in MODES]
+            cands = [(a, r) for a, r in cands if "tokens_per_s" in r]
             if not cands:
                 continue
-            r = max(cands, key=lambda r: r["tokens_per_s"])
+            a, r = max(cands, key=lambda ar: ar[1]["tokens_per_s"])
             tps.setdefault(arm, {})[str(ctx)] = r["tokens_per_s"]
             mem.setdefault(arm, {})[str(ctx)] = r["peak_mem_gb"]
-            best.setdefault(arm, {})[str(ctx)] = r["mode"]
+            best.setdefault(arm, {})[str(ctx)] = ", ".join([r["mode"], *ARMS[a].split()[1:]])
     ratio = {c: tps["v4"][c] / tps["dense"][c] for c in tps.get("v4", {}) if c in tps.get("dense", {})}
     return {"e2e_tokens_per_s": tps, "e2e_peak_mem_gb": mem, "e2e_v4_over_dense": ratio, "e2e_best_settings": best}
 
@@ -394,7 +407,7 @@ def expected_s(runs: dict, arm: str, mode: str) -> float:
     return max(done, default=0.0)
 
 
-def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=tuple(ARMS), modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
+def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=("v4", "dense"), modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
          budget=None, profile_ctx=16384, breakdown_only=False):
     from common import env_info
     t_start = time.time()
@@ -443,7 +456,8 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=tuple(ARMS), modes=MODES,
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, nargs="*", default=[4096, 16384, 65536])
-    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="*", default=["v4", "dense"], choices=list(ARMS),
+                    help="default v4 dense; a variant (v4-bf16-index) only when named")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)

@@ -102,7 +102,7 @@ class BadInput(ValueError):
 def settings_of(a) -> dict:
     """Everything that changes what a point means; a rerun must use the same (or --fresh)."""
     gpu = a.device == "cuda"
-    return {"device": a.device, "arms": dict(TINY_ARMS if a.tiny else ARMS),
+    return {"device": a.device, "arms": dict(TINY_ARMS) if a.tiny else {k: ARMS[k] for k in ("v4", "dense")},
             "tokens_per_step": 65536 if not a.tiny else 64, "train_warmup": a.warmup, "train_steps": a.steps,
             "train_mode": a.train_mode if gpu else {arm: "eager" for arm in a.train_mode},   # compile=auto: CPU eager
             "eager_above": a.eager_above, "amp": "bf16" if gpu else "none",

@@ -62,3 +62,22 @@ def test_kernel_families_of_a_compiled_step_profile():
               "aten::_foreach_addcdiv_": "optimizer", "SparseKLFnBackward": "kl", "e2e::mtp": "other"}
     for name, fam in expect.items():
         assert bench_e2e.kernel_family(name, table) == fam, (name, bench_e2e.kernel_family(name, table), fam)
+
+
+def test_a_variant_arm_competes_for_its_arms_best_setting_and_is_named():
+    """v4-bf16-index (the v4 arm with index_score_dtype=bf16) is a setting of v4: where it is faster, it is the v4
+    number and e2e_best_settings names the override; it never becomes an arm of its own in the summary."""
+    runs = {"v4_4096_blocks": {"mode": "blocks", "tokens_per_s": 3.0e5, "peak_mem_gb": 23.0},
+            "v4-bf16-index_4096_blocks": {"mode": "blocks", "tokens_per_s": 3.2e5, "peak_mem_gb": 22.0},
+            "v4_16384_blocks": {"mode": "blocks", "tokens_per_s": 3.1e5, "peak_mem_gb": 23.0},
+            "v4-bf16-index_16384_blocks": {"mode": "blocks", "tokens_per_s": 3.0e5, "peak_mem_gb": 23.0},
+            "dense_4096_compiled": {"mode": "compiled", "tokens_per_s": 1.0e6, "peak_mem_gb": 12.0},
+            "dense_16384_compiled": {"mode": "compiled", "tokens_per_s": 5.0e5, "peak_mem_gb": 12.0}}
+    s = bench_e2e.summary_keys(runs, (4096, 16384))
+    assert set(s["e2e_tokens_per_s"]) == {"v4", "dense"}
+    assert s["e2e_tokens_per_s"]["v4"] == {"4096": 3.2e5, "16384": 3.1e5}
+    assert s["e2e_best_settings"]["v4"] == {"4096": "blocks, index_score_dtype=bf16", "16384": "blocks"}
+    assert s["e2e_peak_mem_gb"]["v4"]["4096"] == 22.0 and abs(s["e2e_v4_over_dense"]["4096"] - 0.32) < 1e-12
+    cfg = bench_e2e._config(bench_e2e.ARMS["v4-bf16-index"], max_seq_len=4096)
+    assert cfg.index_score_dtype == "bf16" and cfg.max_seq_len == 4096 and cfg.index_topk == 512
+    assert bench_e2e._config("small", max_seq_len=8192).index_score_dtype == "fp32"
