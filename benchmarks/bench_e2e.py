@@ -57,7 +57,7 @@ MODES = ("compiled", "blocks", "eager", "graph")  # compile=true (whole model), 
 # --------------------------------------------------------------------------------------------------------------
 
 def _config(spec: str, **kw):
-    """ModelConfig of an arm's spec: a preset name, then optional key=value overrides ("small index_score_dtype=bf16")."""
+    """ModelConfig of an arm's spec: a preset name, then key=value overrides ("small index_score_dtype=bf16")."""
     from dsv4_lab.config import parse_overrides
     name, *over = spec.split()
     return parse_overrides([f"preset={name}", *over, *(f"{k}={v}" for k, v in kw.items())])[0]

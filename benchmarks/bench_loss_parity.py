@@ -20,7 +20,8 @@ benchmarks/results/loss_parity.json (per run: the val-loss curve, the final val 
 20 steps, the commit).
 
     python benchmarks/bench_loss_parity.py [--steps 200] [--seq 4096] [--batch 2] [--seeds 0 1 2 3 4]
-                                           [--arms reference triton blocks] [--jobs 3] [--cap 480] [--root DIR] [--fresh]
+                                           [--arms reference triton blocks] [--jobs 3] [--cap 480] [--root DIR]
+                                           [--fresh]
     python benchmarks/bench_loss_parity.py --preset tiny --seq 256 --steps 10 --arms reference triton   # CPU smoke
 """
 from __future__ import annotations

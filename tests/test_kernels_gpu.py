@@ -328,9 +328,9 @@ def test_compile_blocks_training_steps_on_gpu():
     """compile=blocks (the CUDA default of training, dsv4_lab/compilation.py) on the kernel path: the tiny preset (SWA /
     CSA / HCA / CSA, mHC, MoE with a hash layer and a shared expert's grouped dispatch, MTP) trains 3 AdamW steps under
     bf16 autocast with an evaluation forward between steps (eagerly, under compilation.eager(), as train.evaluate runs
-    it; on a batch of one, which a compiled region must not see), compiled by Inductor block by block, beside the same
-    model eager from the same weights and batches. Every loss must be finite; the first step's loss agrees with eager's to
-    2e-2 (Inductor re-fuses the fp32 / bf16 elementwise glue: a few bf16 roundings, 2^-8 relative each, on a loss of
+    it, on a batch of one: it compiles nothing), compiled by Inductor block by block, beside the same
+    model eager from the same weights and batches. Every loss must be finite; the first step's loss agrees with eager's
+    to 2e-2 (Inductor re-fuses the fp32 / bf16 elementwise glue: a few bf16 roundings, 2^-8 relative each, on a loss of
     ~7.4; an index-score near-tie may flip a pick), later steps to 0.1 (the updates compound those differences)."""
     from dsv4_lab import DSV4LM, ModelConfig
     from dsv4_lab.compilation import compile_model, eager

@@ -14,7 +14,8 @@ up to which of the tied entries is taken (triton.py docstring); without return_s
 row's -1 slots may sit anywhere in it (every consumer masks them per slot).
 The model's other selectors (attention/csa.py: oracle, random) use `topk_indices`, the naive twin's top-k contract.
 The bf16-score methods (select_bf16, torch_bf16, rowsel_bf16: scores rounded to bf16 before the selection, docs
-§2.4) are what score_dtype="bf16" runs (triton: method "auto_bf16"; the naive twin rounds its fp32 scores once). The variants that lost to these on the H200 were removed: benchmarks/README.md.
+§2.4) are what score_dtype="bf16" runs (triton: method "auto_bf16"; the naive twin rounds its fp32 scores once).
+The variants that lost to these on the H200 were removed: benchmarks/README.md.
 """
 from __future__ import annotations
 
