@@ -6,9 +6,10 @@ Arms (every other setting equal; bf16 autocast on CUDA as training runs it):
     triton     kernels=auto  compile=false    the Triton kernels, eager
     blocks     kernels=auto  compile=blocks   the Triton kernels + regional torch.compile (the throughput setting)
 Each (arm, seed) is one `python -m dsv4_lab train` run in <root>/<arm>-s<seed>: a killed call resumes from the
-checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls. A finished run
-whose folder is gone (a fresh machine) is taken from the committed loss_parity.json when that file's setup (preset,
-steps, seq, batch) is this call's, and not run again; each run keeps the commit it ran on. `--fresh` ignores it.
+checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls. A finished
+reference run whose folder is gone (a fresh machine) is taken from the committed loss_parity.json when that file's
+setup (preset, steps, seq, batch) is this call's, and not run again; each run keeps the commit it ran on. The fast
+arms, whose code is what the benchmark checks, always run on the code at hand. `--fresh` reuses nothing.
 
 Verdict: for each fast arm, the paired difference of the final validation loss (arm - reference, same seed = same
 initial weights and batches) with its 95 % t interval (dsv4_lab/stats.py), beside the seed noise = the standard
@@ -72,14 +73,15 @@ def _cause(err_path):
 
 
 def recorded_runs(path, setup):
-    """The finished runs of an earlier loss_parity.json with the same setup ({} when there is none)."""
+    """The finished reference runs of an earlier loss_parity.json with the same setup ({} when there is none)."""
     try:
         prev = json.load(open(path))
     except (OSError, ValueError):
         return {}
     if prev.get("setup") != setup:
         return {}
-    return {k: r for k, r in prev.get("runs", {}).items() if r.get("finished") and "final_val_loss" in r}
+    return {k: r for k, r in prev.get("runs", {}).items()
+            if k.startswith("reference-") and r.get("finished") and "final_val_loss" in r}
 
 
 def _commit(rd):

@@ -48,14 +48,16 @@ def test_collect_without_enough_reference_runs_gives_no_verdict(tmp_path):
 
 
 def test_finished_runs_of_the_record_are_reused_only_for_the_same_setup(tmp_path):
-    """A fresh machine has no run folders: the finished runs of the committed loss_parity.json (same preset, steps,
-    seq, batch) stand in for them, marked as such; a run folder that exists wins over the record."""
+    """A fresh machine has no run folders: the finished reference runs of the committed loss_parity.json (same
+    preset, steps, seq, batch) stand in for them, marked as such; a run folder that exists wins over the record; a
+    fast arm's recorded run is never reused (its code is what is checked)."""
     from bench_loss_parity import recorded_runs
     setup = {"preset": "small", "steps": STEPS, "seq": 4096, "batch": 2}
     ref = {0: 2.00, 1: 2.10, 2: 1.95}
     record = {"setup": setup, "runs": {f"reference-s{s}": {"finished": True, "final_val_loss": v, "commit": "abc"}
                                        for s, v in ref.items()}}
     record["runs"]["reference-s3"] = {"finished": False, "steps": 50}           # unfinished: never reused
+    record["runs"]["blocks-s0"] = {"finished": True, "final_val_loss": 2.0}     # a fast arm: never reused
     path = tmp_path / "loss_parity.json"
     path.write_text(json.dumps(record))
     assert recorded_runs(str(path), {**setup, "steps": STEPS + 1}) == {}        # another setup: nothing reused
