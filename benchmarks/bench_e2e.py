@@ -168,20 +168,23 @@ TOP_OPS = 40                                                        # ops listed
 KERNEL_DIR_FAMILY = {"sparse_attn": "attention", "hca_attn": "attention", "indexer_topk": "attention",
                      "compressor_pool": "attention", "rope": "attention", "sparse_kl": "kl", "mhc": "mhc",
                      "swiglu": "ffn", "rmsnorm": "norm", "fake_quant": "quant"}
-NAME_FAMILY = (("grouped_mm", "moe"), ("GroupProblem", "moe"), ("SparseKLFn", "kl"), ("SparseAttnFn", "attention"),
-               ("HCAAttnFn", "attention"), ("MHCP", "mhc"), ("topk", "topk"), ("foreach", "optimizer"),
+NAME_FAMILY = (("grouped_mm", "moe"), ("GroupProblem", "moe"), ("topk", "topk"), ("foreach", "optimizer"),
                ("Optimizer.", "optimizer"), ("aten::mm", "gemm"), ("aten::bmm", "gemm"), ("aten::addmm", "gemm"),
                ("aten::linear", "gemm"), ("mm_bf16", "gemm"), ("triton_", "inductor glue"), ("aten::", "eager glue"))
 
 
 def kernel_table(root: str | None = None) -> dict:
-    """{Triton kernel function name: its family} from the @triton.jit definitions under dsv4_lab/kernels/<folder>/."""
+    """{name: family} of the Triton kernels (@triton.jit functions) and autograd Functions (eager profiles name an op
+    by its Function: "SparseAttnFnBackward") defined under dsv4_lab/kernels/<folder>/."""
     root = root or os.path.join(os.path.dirname(HERE), "dsv4_lab", "kernels")
     table = {}
     for folder, fam in KERNEL_DIR_FAMILY.items():
         for f in sorted(glob.glob(os.path.join(root, folder, "*.py"))):
-            for name in re.findall(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+)", open(f).read()):
+            src = open(f).read()
+            for name in re.findall(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+)", src):
                 table[name] = fam
+            for name in re.findall(r"^class (\w+)\(torch\.autograd\.Function\)", src, re.M):
+                table[name] = table[name + "Backward"] = fam
     return table
 
 

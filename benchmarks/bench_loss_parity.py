@@ -99,11 +99,12 @@ def collect(root, arms, seeds, steps, recorded=None):
     for arm in arms:
         for s in seeds:
             name, rd = f"{arm}-s{s}", os.path.join(root, f"{arm}-s{s}")
-            if not os.path.exists(os.path.join(rd, "metrics.jsonl")) and name in (recorded or {}):
+            have = os.path.exists(os.path.join(rd, "metrics.jsonl"))
+            if not have and name in (recorded or {}):
                 runs[name] = {**recorded[name], "from": "loss_parity.json"}
                 final[arm][s] = recorded[name]["final_val_loss"]
                 continue
-            recs = read_metrics(rd) if os.path.exists(os.path.join(rd, "metrics.jsonl")) else []
+            recs = read_metrics(rd) if have else []
             val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
             losses = [x for r in recs for x in r.get("losses", [])]
             done = bool(val) and val[-1][0] == steps - 1                 # the last step (0-based) evaluated
@@ -157,12 +158,15 @@ def main():
     setup = {k: getattr(a, k) for k in ("preset", "steps", "seq", "batch")}
     recorded = {} if a.fresh else recorded_runs(out, setup)
     deadline = time.time() + a.cap
-    jobs = [(arm, s) for s in a.seeds for arm in a.arms
-            if f"{arm}-s{s}" not in recorded or os.path.exists(os.path.join(a.root, f"{arm}-s{s}", "metrics.jsonl"))]
-    for name in sorted(set(recorded) & {f"{arm}-s{s}" for s in a.seeds for arm in a.arms}):
-        if not os.path.exists(os.path.join(a.root, name, "metrics.jsonl")):
-            print(f"{name}: finished on {recorded[name].get('commit') or 'an unrecorded commit'} "
-                  f"(loss_parity.json), not run again", flush=True)
+    jobs = []
+    for s in a.seeds:
+        for arm in a.arms:
+            name = f"{arm}-s{s}"
+            if name in recorded and not os.path.exists(os.path.join(a.root, name, "metrics.jsonl")):
+                print(f"{name}: finished on {recorded[name].get('commit') or 'an unrecorded commit'} "
+                      f"(loss_parity.json), not run again", flush=True)
+            else:
+                jobs.append((arm, s))
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
         for arm, seed, status in ex.map(lambda j: run_one(a.root, *j, a, deadline), jobs):
             print(f"{arm}-s{seed}: {status}", flush=True)

@@ -102,32 +102,28 @@ def evaluate(model: torch.nn.Module, batches: Batches, n: int, device, amp, wind
     training step is compiled (compilation.eager)."""
     from .compilation import eager
     with eager():
-        return _evaluate(model, batches, n, device, amp, window)
-
-
-def _evaluate(model, batches, n, device, amp, window) -> dict:
-    was = model.training
-    model.eval()
-    losses, accs = [], []
-    for i in range(n):
-        x, y = (t.to(device) for t in batches.val_batch(i))
-        with amp():
-            out = model(x, y)
-        losses.append(out.lm_loss.item())
-        if batches.is_task:
-            from .data.synthetic import answer_accuracy
-            accs.append(answer_accuracy(out.logits, y, x, window))
-    res = {"val_loss": sum(losses) / len(losses)}
-    if accs:
-        for k in accs[0]:
-            vals = [a[k] for a in accs if not math.isnan(a[k])]
-            res[f"val_{k}"] = sum(vals) / len(vals) if vals else float("nan")
-    from .metrics import composite_mapping_gain
-    gain = composite_mapping_gain(model, batches.val_batch(0)[0][:1].to(device), amp)
-    if gain is not None:
-        res["hc_composite_gain"] = gain
-    model.train(was)
-    return res
+        was = model.training
+        model.eval()
+        losses, accs = [], []
+        for i in range(n):
+            x, y = (t.to(device) for t in batches.val_batch(i))
+            with amp():
+                out = model(x, y)
+            losses.append(out.lm_loss.item())
+            if batches.is_task:
+                from .data.synthetic import answer_accuracy
+                accs.append(answer_accuracy(out.logits, y, x, window))
+        res = {"val_loss": sum(losses) / len(losses)}
+        if accs:
+            for k in accs[0]:
+                vals = [a[k] for a in accs if not math.isnan(a[k])]
+                res[f"val_{k}"] = sum(vals) / len(vals) if vals else float("nan")
+        from .metrics import composite_mapping_gain
+        gain = composite_mapping_gain(model, batches.val_batch(0)[0][:1].to(device), amp)
+        if gain is not None:
+            res["hc_composite_gain"] = gain
+        model.train(was)
+        return res
 
 
 def _config_record(mc: ModelConfig, tc: TrainConfig) -> dict:

@@ -483,7 +483,7 @@ def check_index_all(seed: int = 0):
     return [("index_mode all == top-k >= #entries", (mod(u) - y_learned_all).abs().max().item(), 1e-12)], u
 
 
-def test_index_score_dtype_bf16_rounds_the_scores_before_the_topk():
+def test_index_score_dtype_bf16_rounds_the_scores_before_the_topk(monkeypatch):
     """index_score_dtype="bf16" (V4's bf16 index scores, docs §2.4): the fp32 scores are rounded once, so two entries
     whose scores differ below bf16's resolution tie and the lower index is taken; fp32 keeps them apart. The scores
     here are exact in fp32 (one head, weight 1, one nonzero product each): 1 + 2^-12 for entry 1, 1 for entry 0,
@@ -510,14 +510,10 @@ def test_index_score_dtype_bf16_rounds_the_scores_before_the_topk():
     def spy(*a, **k):
         seen.append(k["score_dtype"])
         return indexer_topk(*a, **k)
-    orig = csa_mod.indexer_topk
-    csa_mod.indexer_topk = spy
-    try:
-        u = torch.randn(2, 16, make_cfg().d_model, dtype=torch.float64)
-        for sdt in ("fp32", "bf16"):
-            layer(make_cfg(index_score_dtype=sdt), "csa")(u)
-    finally:
-        csa_mod.indexer_topk = orig
+    monkeypatch.setattr(csa_mod, "indexer_topk", spy)
+    u = torch.randn(2, 16, make_cfg().d_model, dtype=torch.float64)
+    for sdt in ("fp32", "bf16"):
+        layer(make_cfg(index_score_dtype=sdt), "csa")(u)
     assert seen == ["fp32", "bf16"]
 
 
