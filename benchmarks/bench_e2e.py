@@ -413,6 +413,7 @@ def expected_s(runs: dict, arm: str, mode: str) -> float:
 def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=("v4", "dense"), modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
          budget=None, profile_ctx=16384, breakdown_only=False):
     from common import env_info
+    from dsv4_lab.runlog import git_commit
     t_start = time.time()
     path = os.path.join(RESULTS, "e2e.json")
     res = {} if fresh else _load(path, {})
@@ -435,7 +436,8 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=("v4", "dense"), modes=MO
             continue
         this_cap = cap if left is None else min(cap, left - 5)
         r = _child(["--measure", ARMS[arm], str(ctx), mode, str(warmup), str(steps)], this_cap)
-        runs[key] = r
+        r.update(commit=git_commit(os.path.dirname(HERE))["commit"], time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        runs[key] = r                                # each point names its code and time: calls add points
         print("e2e", key, {k: v for k, v in r.items() if k not in ("step_ms_all", "layer_types", "traceback")}, flush=True)
         res["summary"] = summary_keys(runs, ALL_CTXS)
         _write(path, res)
