@@ -114,7 +114,8 @@ class HyperConnection(nn.Module):
         ct = torch.promote_types(X.dtype, torch.float32)
         v = X.flatten(2).to(ct)                                                   # (B, T, n d)
         v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.norm_eps)      # weightless flatten-RMS
-        mu = F.linear(v, self.fn.to(ct))                                          # (B, T, n(2+n))
+        with torch.autocast(X.device.type, enabled=False):                        # fp32 under autocast too
+            mu = F.linear(v, self.fn.to(ct))                                      # (B, T, n(2+n))
         mu_pre, mu_post, mu_res = mu.split([n, n, n * n], dim=-1)
         s_pre, s_post, s_res = self.base.to(ct).split([n, n, n * n])
         a = self.scale.to(ct)
@@ -173,7 +174,8 @@ class HyperHead(nn.Module):
         ct = torch.promote_types(X.dtype, torch.float32)
         v = X.flatten(2).to(ct)                                                   # (B, T, n d)
         rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.norm_eps)        # flatten-RMS, applied after the
-        mu = F.linear(v, self.hc_fn.to(ct)) * rho                                 # n-wide projection (as the pre)
+        with torch.autocast(X.device.type, enabled=False):                        # fp32 under autocast too
+            mu = F.linear(v, self.hc_fn.to(ct)) * rho                             # n-wide projection (as the pre)
         a = torch.sigmoid(mu * self.hc_scale.to(ct) + self.hc_base.to(ct)) + self.eps
         return (a.unsqueeze(-1) * X.to(ct)).sum(2).to(X.dtype)                    # (B, T, d)
 

@@ -335,3 +335,25 @@ def test_model_mhc_kernel_path_equals_reference_under_interpreter():
     pytest.importorskip("triton")
     for what, err, tol in check_kernel_path():
         assert err < tol, (what, err, tol)
+
+
+@pytest.mark.parametrize("residual", ["mhc", "hc"])
+def test_residual_sites_and_head_compute_in_fp32_under_bf16_autocast(residual):
+    """docs §1.2, §1.1.4: the residual sites and the final collapse run in fp32 under bf16 autocast too (the Triton
+    kernels do; the PyTorch twins opt out of autocast), so with autocast on they give bitwise what they give with it
+    off: the same fp32 ops on the same fp32 inputs. Under autocast's bf16 GEMMs the mixing logits would change by
+    ~2^-8 relative: not equal (an exact comparison, no tolerance to tune)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny-dense", residual=residual, kernels="torch")
+    site, head = HyperConnection(cfg), HyperHead(cfg)
+    X = torch.randn(2, 5, cfg.hc_mult, cfg.d_model)
+    y = torch.randn(2, 5, cfg.d_model)
+
+    def run():
+        u, ctx = site.pre(X)
+        return u, site.post(y, X, ctx), head(X)
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run()
+    for name, a, b in zip(["pre", "post", "head"], auto, plain):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name

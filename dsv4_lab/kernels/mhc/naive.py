@@ -45,7 +45,8 @@ def mhc_maps_naive(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_
     ct = compute_dtype(x, fn, scale, base)
     v = x.to(ct).reshape(B, T, n * d)
     rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)
-    mu = (v @ fn.to(ct).t()) * rho                                               # (B, T, (2 + n) n)
+    with torch.autocast(x.device.type, enabled=False):         # fp32 under bf16 autocast too, as the kernels
+        mu = (v @ fn.to(ct).t()) * rho                                           # (B, T, (2 + n) n)
     sc, bs = scale.to(ct), base.to(ct)
     A = torch.sigmoid(sc[0] * mu[..., :n] + bs[:n]) + eps
     C = 2 * torch.sigmoid(sc[1] * mu[..., n:2 * n] + bs[n:2 * n])
@@ -75,5 +76,6 @@ def mhc_post_naive(y, x, coef):
     ct = compute_dtype(y, x, coef)
     C = coef[..., n:2 * n].to(ct)
     P = coef[..., 2 * n:].unflatten(-1, (n, n)).to(ct)                           # (B, T, i, j)
-    out = C[..., None] * y.to(ct)[:, :, None] + torch.einsum("btij,btid->btjd", P, x.to(ct))
+    with torch.autocast(x.device.type, enabled=False):         # fp32 under bf16 autocast too (docs §1.2)
+        out = C[..., None] * y.to(ct)[:, :, None] + torch.einsum("btij,btid->btjd", P, x.to(ct))
     return out.to(x.dtype)
