@@ -436,8 +436,8 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=("v4", "dense"), modes=MO
             continue
         this_cap = cap if left is None else min(cap, left - 5)
         r = _child(["--measure", ARMS[arm], str(ctx), mode, str(warmup), str(steps)], this_cap)
-        r.update(commit=git_commit(os.path.dirname(HERE))["commit"], time=time.strftime("%Y-%m-%d %H:%M:%S"))
-        runs[key] = r                                # each point names its code and time: calls add points
+        r.update(git_commit(os.path.dirname(HERE)), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        runs[key] = r                                # each point names its code (commit, dirty) and time
         print("e2e", key, {k: v for k, v in r.items() if k not in ("step_ms_all", "layer_types", "traceback")}, flush=True)
         res["summary"] = summary_keys(runs, ALL_CTXS)
         _write(path, res)

@@ -8,13 +8,15 @@ Arms (every other setting equal; bf16 autocast on CUDA as training runs it):
 Each (arm, seed) is one `python -m dsv4_lab train` run in <root>/<arm>-s<seed>: a killed call resumes from the
 checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls. A finished
 reference run whose folder is gone (a fresh machine) is taken from the committed loss_parity.json when that file's
-setup (preset, steps, seq, batch) is this call's, and not run again; each run keeps the commit it ran on. The fast
-arms, whose code is what the benchmark checks, always run on the code at hand. `--fresh` reuses nothing.
+setup (preset, steps, seq, batch, REFERENCE_NUMERICS) is this call's, and not run again; each run keeps the commit
+it ran on. The fast arms, whose code is what the benchmark checks, always run on the code at hand. `--fresh` reuses
+nothing; `--summary-only` recomputes the verdicts of the committed file (runs of several calls merged into it).
 
 Verdict: for each fast arm, the paired difference of the final validation loss (arm - reference, same seed = same
 initial weights and batches) with its 95 % t interval (dsv4_lab/stats.py), beside the seed noise = the standard
 deviation of the reference arm's final loss over seeds. "Within seed noise" when the interval's largest |value| is
-below that standard deviation. `seeds_needed`: the number of seeds at which an interval of the observed spread of the
+below that standard deviation. With both fast arms, also `blocks` against `triton` (what compilation alone
+changes). `seeds_needed`: the number of seeds at which an interval of the observed spread of the
 differences would fit inside the seed noise (a fast path whose runs decorrelate from the reference runs over the
 200 steps has differences spread like two independent seeds, sqrt(2) times the seed noise: 11 seeds). Writes
 benchmarks/results/loss_parity.json (per run: the val-loss curve, the final val loss, the mean train loss of the last
@@ -40,6 +42,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+# The reference path's numerics under bf16 autocast, part of the setup a recorded reference run must match: raise it
+# when they change (2: the mHC residual sites and final collapse in fp32 under autocast, docs §1.2)
+REFERENCE_NUMERICS = 2
 ARMS = {"reference": ["kernels=torch", "compile=false"],
         "triton": ["kernels=auto", "compile=false"],
         "blocks": ["kernels=auto", "compile=blocks"]}
@@ -94,7 +99,6 @@ def _commit(rd):
 def collect(root, arms, seeds, steps, recorded=None):
     """Per run: its records in <root>/<arm>-s<seed>, or else the finished run of `recorded` (recorded_runs)."""
     from dsv4_lab.runlog import read_metrics
-    from dsv4_lab.stats import compare_arms
     runs, final = {}, {arm: {} for arm in arms}
     for arm in arms:
         for s in seeds:
@@ -114,18 +118,30 @@ def collect(root, arms, seeds, steps, recorded=None):
             if done:
                 final[arm][s] = val[-1][1]
                 runs[name]["final_val_loss"] = val[-1][1]
+    return {"runs": runs, "final_val_loss": final, **judge(final)}
+
+
+def judge(final):
+    """Seed noise and verdicts from {arm: {seed: final val loss}}: every fast arm against the reference, and the
+    compiled arm against the eager Triton one (what compilation alone changes) when both ran."""
+    from dsv4_lab.stats import compare_arms
     ref = [final["reference"][s] for s in sorted(final.get("reference", {}))]
     noise = statistics.stdev(ref) if len(ref) >= 2 else None
+    have = {arm: v for arm, v in final.items() if len(v) >= 2}
     rows = []
-    if len(final.get("reference", {})) >= 2:
-        have = {arm: v for arm, v in final.items() if len(v) >= 2}
-        for r in compare_arms(have, "reference", lower_is_better=True):
+    pairs = [("reference", have)]
+    if "blocks" in have and "triton" in have:
+        pairs.append(("triton", {k: have[k] for k in ("triton", "blocks")}))
+    for base, arms in pairs:
+        if base not in arms:
+            continue
+        for r in compare_arms(arms, base, lower_is_better=True):
             worst = max(abs(r["ci_low"]), abs(r["ci_high"]))
             r["seed_noise_std"] = noise
             r["within_seed_noise"] = bool(noise is not None and worst < noise)
             r["seeds_needed"] = seeds_needed(r["sd_diff"], noise)
             rows.append(r)
-    return {"runs": runs, "final_val_loss": final, "seed_noise_std": noise, "verdicts": rows}
+    return {"seed_noise_std": noise, "verdicts": rows}
 
 
 def seeds_needed(sd_diff, noise, alpha=0.05, n_max=200):
@@ -151,11 +167,18 @@ def main():
     ap.add_argument("--root", default=os.path.join("runs", "loss_parity"))
     ap.add_argument("--out", default=None, help="results dir (default benchmarks/results)")
     ap.add_argument("--fresh", action="store_true", help="run every (arm, seed) here, none from loss_parity.json")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="recompute the verdicts of loss_parity.json; run nothing")
     a = ap.parse_args()
     if "reference" not in a.arms:
         ap.error("--arms must include 'reference' (the comparison's baseline)")
     out = os.path.join(a.out or os.path.join(HERE, "results"), "loss_parity.json")
-    setup = {k: getattr(a, k) for k in ("preset", "steps", "seq", "batch")}
+    setup = {**{k: getattr(a, k) for k in ("preset", "steps", "seq", "batch")},
+             "reference_numerics": REFERENCE_NUMERICS}
+    if a.summary_only:                               # the verdicts again from the record (calls merged by hand)
+        res = json.load(open(out))
+        res.update(judge({arm: v for arm, v in res["final_val_loss"].items() if arm in res["arms"]}))
+        return _report(res, out)
     recorded = {} if a.fresh else recorded_runs(out, setup)
     deadline = time.time() + a.cap
     jobs = []
@@ -172,9 +195,13 @@ def main():
             print(f"{arm}-s{seed}: {status}", flush=True)
     res = {"what": __doc__.split("\n\n")[0], "setup": setup,
            "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, a.seeds, a.steps, recorded)}
+    return _report(res, out)
+
+
+def _report(res, out):
     for r in res["verdicts"]:
-        print(f"{r['arm']} - reference: {r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
-              f"(n {r['n_seeds']}), seed noise std {r['seed_noise_std']:.4f}: "
+        print(f"{r['arm']} - {r['baseline']}: {r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+              f"(n {r['n_seeds']}, {r['verdict']}), seed noise std {r['seed_noise_std']:.4f}: "
               f"{'within' if r['within_seed_noise'] else 'NOT within'} seed noise "
               f"(seeds for an interval inside it at this spread: {r['seeds_needed']})", flush=True)
     from dsv4_lab.runlog import atomic_write_bytes

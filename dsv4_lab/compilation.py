@@ -1,9 +1,10 @@
 """torch.compile for training (TrainConfig.compile = auto | true | false).
 
-    auto   `blocks` on CUDA (fused elementwise glue, fewer launches: the lab model's step is launch-bound; regional
-           because whole-model compilation of the V4 `small` graph did not finish in 5 minutes on the H200, while
-           `blocks` compiled in 154 s and trained 1.4x faster than eager: benchmarks/README.md), eager on CPU
-           (compiling costs minutes there and gains little at CPU test sizes)
+    auto   eager on every device, for now. It was `blocks` on CUDA (fused elementwise glue, fewer launches: 1.33-1.43x
+           faster per step than eager in run 28, benchmarks/README.md), until loss parity showed compiled training
+           ending 0.145 nats above the reference path after 200 steps of `small` (95 % interval [+0.048, +0.242],
+           5 seeds; the same kernels run eagerly: no difference detected). It goes back when a compiled run trains
+           the same model. On the CPU compiling costs minutes and gains little at test sizes.
     true   compile the whole model on any device (one graph: Inductor's time grows with depth)
     blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
            on its own; blocks of one layer type share the compiled code, so compile time grows with the number of
@@ -38,12 +39,12 @@ CHOICES = ("auto", "true", "blocks", "false")
 def wants_compile(setting: str, device: torch.device) -> bool:
     if setting not in CHOICES:
         raise ValueError(f"compile = {setting!r} is not allowed: one of {CHOICES}")
-    return setting in ("true", "blocks") or (setting == "auto" and device.type == "cuda")
+    return setting in ("true", "blocks")                            # auto: eager (module docstring)
 
 
 def regional(setting: str, device: torch.device) -> bool:
-    """Whether a compiled model is compiled block by block (compile=blocks, or auto on CUDA)."""
-    return setting == "blocks" or (setting == "auto" and device.type == "cuda")
+    """Whether a compiled model is compiled block by block (compile=blocks)."""
+    return setting == "blocks"
 
 
 def configure() -> None:

@@ -273,7 +273,7 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
     from .compilation import compile_model, regional, wants_compile
-    fwd = ddp_model                                                      # compile=auto: CUDA only, block by block
+    fwd = ddp_model                                                      # compile=auto: eager (compilation.py)
     if wants_compile(tc.compile, device):
         fwd = compile_model(ddp_model, regional=regional(tc.compile, device))
     graphed = None                                                       # cuda_graph=true: dsv4_lab/cuda_graph.py

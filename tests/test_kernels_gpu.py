@@ -325,7 +325,7 @@ def test_mhc_site_kernel_path_small_preset(dtype):
 
 
 def test_compile_blocks_training_steps_on_gpu():
-    """compile=blocks (the CUDA default of training, dsv4_lab/compilation.py) on the kernel path: the tiny preset (SWA /
+    """compile=blocks (the fastest training setting, dsv4_lab/compilation.py) on the kernel path: the tiny preset (SWA /
     CSA / HCA / CSA, mHC, MoE with a hash layer and a shared expert's grouped dispatch, MTP) trains 3 AdamW steps under
     bf16 autocast with an evaluation forward between steps (eagerly, under compilation.eager(), as train.evaluate runs
     it, on a batch of one: it compiles nothing), compiled by Inductor block by block, beside the same

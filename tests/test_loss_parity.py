@@ -89,3 +89,31 @@ def test_seeds_needed_is_the_smallest_n_whose_interval_fits_the_seed_noise():
         assert half(n, sd) < noise and (n == 2 or half(n - 1, sd) >= noise), (sd, n)
     assert seeds_needed(2 ** 0.5 * noise, noise) in (11, 12, 13)        # decorrelated runs: about a dozen seeds
     assert seeds_needed(float("nan"), noise) is None and seeds_needed(0.1, None) is None
+
+
+def test_compiled_arm_is_also_judged_against_the_eager_kernel_arm(tmp_path):
+    """With both fast arms, `blocks` is also compared with `triton` (what compilation alone changes), paired over the
+    same seeds; the reference comparisons stay as they were."""
+    ref = {0: 2.00, 1: 2.10, 2: 1.95}
+    for s, v in ref.items():
+        _run(tmp_path, f"reference-s{s}", v)
+        _run(tmp_path, f"triton-s{s}", v + 0.01 * s)
+        _run(tmp_path, f"blocks-s{s}", v + 0.01 * s + 0.2)
+    res = collect(str(tmp_path), ["reference", "triton", "blocks"], [0, 1, 2], STEPS)
+    rows = {(r["arm"], r["baseline"]): r for r in res["verdicts"]}
+    assert set(rows) == {("triton", "reference"), ("blocks", "reference"), ("blocks", "triton")}
+    assert abs(rows[("blocks", "triton")]["mean_diff"] - 0.2) < 1e-9
+    assert abs(rows[("triton", "reference")]["mean_diff"] - 0.01) < 1e-9
+
+
+def test_reference_runs_of_other_reference_numerics_are_not_reused(tmp_path):
+    """The reference path's numerics are part of the setup: runs recorded before they changed are trained again."""
+    from bench_loss_parity import REFERENCE_NUMERICS, recorded_runs
+    setup = {"preset": "small", "steps": STEPS, "seq": 4096, "batch": 2, "reference_numerics": REFERENCE_NUMERICS}
+    run = {"finished": True, "final_val_loss": 2.0, "commit": "abc"}
+    path = tmp_path / "loss_parity.json"
+    path.write_text(json.dumps({"setup": {**setup, "reference_numerics": REFERENCE_NUMERICS - 1},
+                                "runs": {"reference-s0": run}}))
+    assert recorded_runs(str(path), setup) == {}
+    path.write_text(json.dumps({"setup": setup, "runs": {"reference-s0": run}}))
+    assert list(recorded_runs(str(path), setup)) == ["reference-s0"]
