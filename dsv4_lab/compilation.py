@@ -1,4 +1,4 @@
-"""torch.compile for training (TrainConfig.compile = auto | true | false).
+"""torch.compile for training (TrainConfig.compile = auto | true | blocks | false).
 
     auto   eager on every device, for now. It was `blocks` on CUDA (fused elementwise glue, fewer launches: 1.33-1.43x
            faster per step than eager in run 28, benchmarks/README.md), until loss parity showed compiled training
