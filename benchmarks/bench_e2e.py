@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 TOKENS_PER_STEP = 65536
 ARMS = {"v4": "small", "dense": "small-dense", "v4-bf16-index": "small index_score_dtype=bf16"}
+MAIN_ARMS = ("v4", "dense")                      # the compared arms; the others are settings of one of them
 MODES = ("compiled", "blocks", "eager", "graph")  # compile=true (whole model), compile=blocks (regional), eager,
                                                  # graph (eager, forward + backward replayed: cuda_graph=true)
 
@@ -359,7 +360,7 @@ def summary_keys(runs: dict, ctxs) -> dict:
     ("blocks", or "blocks, index_score_dtype=bf16"). Every context measured so far counts, also those of earlier
     calls (a call may measure a subset)."""
     tps, mem, best = {}, {}, {}
-    for arm in (a for a in ARMS if "-" not in a):
+    for arm in MAIN_ARMS:
         variants = [a for a in ARMS if a == arm or a.startswith(arm + "-")]
         for ctx in ctxs:
             cands = [(a, runs.get(f"{a}_{ctx}_{m}", {})) for a in variants for m in MODES]
@@ -410,7 +411,7 @@ def expected_s(runs: dict, arm: str, mode: str) -> float:
     return max(done, default=0.0)
 
 
-def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=("v4", "dense"), modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
+def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=MAIN_ARMS, modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
          budget=None, profile_ctx=16384, breakdown_only=False):
     from common import env_info
     from dsv4_lab.runlog import git_commit
@@ -461,7 +462,7 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=("v4", "dense"), modes=MO
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, nargs="*", default=[4096, 16384, 65536])
-    ap.add_argument("--arms", nargs="*", default=["v4", "dense"], choices=list(ARMS),
+    ap.add_argument("--arms", nargs="*", default=list(MAIN_ARMS), choices=list(ARMS),
                     help="default v4 dense; a variant (v4-bf16-index) only when named")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     ap.add_argument("--steps", type=int, default=6)

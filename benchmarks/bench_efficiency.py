@@ -74,7 +74,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from bench_e2e import ARMS, _load, _write  # noqa: E402  (the arms and JSON helpers of the e2e benchmark)
+from bench_e2e import ARMS, MAIN_ARMS, _load, _write  # noqa: E402  (the arms and JSON helpers of the e2e benchmark)
 
 DEFAULT_OUT = os.path.join(HERE, "results", "efficiency_measured.json")
 TINY_ARMS = {"v4": "tiny", "dense": "tiny-dense"}
@@ -102,7 +102,7 @@ class BadInput(ValueError):
 def settings_of(a) -> dict:
     """Everything that changes what a point means; a rerun must use the same (or --fresh)."""
     gpu = a.device == "cuda"
-    return {"device": a.device, "arms": dict(TINY_ARMS) if a.tiny else {k: ARMS[k] for k in ("v4", "dense")},
+    return {"device": a.device, "arms": dict(TINY_ARMS) if a.tiny else {k: ARMS[k] for k in MAIN_ARMS},
             "tokens_per_step": 65536 if not a.tiny else 64, "train_warmup": a.warmup, "train_steps": a.steps,
             "train_mode": a.train_mode if gpu else {arm: "eager" for arm in a.train_mode},   # compile=auto: CPU eager
             "eager_above": a.eager_above, "amp": "bf16" if gpu else "none",
@@ -659,7 +659,7 @@ def _git_commit() -> str:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--arms", nargs="+", default=["v4", "dense"], choices=["v4", "dense"])
+    ap.add_argument("--arms", nargs="+", default=list(MAIN_ARMS), choices=list(MAIN_ARMS))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     for k in KINDS:
         ap.add_argument(f"--ctx-{k}", type=int, nargs="+", default=None, help=f"contexts of the {k} points")
@@ -690,11 +690,11 @@ def parse(argv=None):
     modes = {}
     for item in a.train_mode:
         arm, eq, mode = item.partition("=")
-        if not eq or arm not in ("v4", "dense") or mode not in ("compiled", "blocks", "eager"):
+        if not eq or arm not in MAIN_ARMS or mode not in ("compiled", "blocks", "eager"):
             raise BadInput(f"--train-mode {item!r} is not allowed: ARM=MODE with ARM v4|dense, "
                            "MODE compiled|blocks|eager")
         modes[arm] = mode
-    a.train_mode = {arm: modes.get(arm, "eager") for arm in ("v4", "dense")}
+    a.train_mode = {arm: modes.get(arm, "eager") for arm in MAIN_ARMS}
     for k in KINDS:
         for c in getattr(a, f"ctx_{k}") or ():
             if c <= 0:

@@ -128,13 +128,11 @@ def judge(final):
     ref = [final["reference"][s] for s in sorted(final.get("reference", {}))]
     noise = statistics.stdev(ref) if len(ref) >= 2 else None
     have = {arm: v for arm, v in final.items() if len(v) >= 2}
+    comparisons = [(have, "reference")] if "reference" in have else []          # every fast arm vs the reference
+    if "blocks" in have and "triton" in have:                                   # compilation alone
+        comparisons.append(({"triton": have["triton"], "blocks": have["blocks"]}, "triton"))
     rows = []
-    pairs = [("reference", have)]
-    if "blocks" in have and "triton" in have:
-        pairs.append(("triton", {k: have[k] for k in ("triton", "blocks")}))
-    for base, arms in pairs:
-        if base not in arms:
-            continue
+    for arms, base in comparisons:
         for r in compare_arms(arms, base, lower_is_better=True):
             worst = max(abs(r["ci_low"]), abs(r["ci_high"]))
             r["seed_noise_std"] = noise

@@ -324,6 +324,19 @@ def test_mhc_site_kernel_path_small_preset(dtype):
         kc._check(f"mhc site {nm}", a, r, y, tol)
 
 
+def _eager_and_blocks(**over):
+    """The tiny preset on the kernel path, twice from the same weights (seed 0): eager, and compiled block by block
+    (compile=blocks, in place)."""
+    from dsv4_lab import DSV4LM, ModelConfig, compilation
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", kernels="triton", max_seq_len=512, **over)
+    eager = DSV4LM(cfg).cuda().train()
+    comp = DSV4LM(cfg).cuda().train()
+    comp.load_state_dict(eager.state_dict())
+    compilation.compile_model(comp, regional=True)
+    return cfg, eager, comp
+
+
 def test_compile_blocks_training_steps_on_gpu():
     """compile=blocks (the fastest training setting, dsv4_lab/compilation.py) on the kernel path: the tiny preset (SWA /
     CSA / HCA / CSA, mHC, MoE with a hash layer and a shared expert's grouped dispatch, MTP) trains 3 AdamW steps under
@@ -332,32 +345,26 @@ def test_compile_blocks_training_steps_on_gpu():
     model eager from the same weights and batches. Every loss must be finite; the first step's loss agrees with eager's
     to 2e-2 (Inductor re-fuses the fp32 / bf16 elementwise glue: a few bf16 roundings, 2^-8 relative each, on a loss of
     ~7.4; an index-score near-tie may flip a pick), later steps to 0.1 (the updates compound those differences)."""
-    from dsv4_lab import DSV4LM, ModelConfig
     from dsv4_lab import compilation
     from dsv4_lab.config import TrainConfig
     from dsv4_lab.train import build_optimizer
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", kernels="triton", max_seq_len=512)
-    eager = DSV4LM(cfg).cuda().train()
-    comp = DSV4LM(cfg).cuda().train()
-    comp.load_state_dict(eager.state_dict())
-    fwd = compilation.compile_model(comp, regional=True)
+    cfg, eager, comp = _eager_and_blocks()
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (3, 2, 301), device="cuda", generator=g)
     losses = {}
-    for name, model, run in (("eager", eager, eager), ("blocks", comp, fwd)):
+    for name, model in (("eager", eager), ("blocks", comp)):
         opt = build_optimizer(model, TrainConfig())
         losses[name] = []
         for step in range(3):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = run(ids[step, :, :-1], ids[step, :, 1:])
+                out = model(ids[step, :, :-1], ids[step, :, 1:])
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[name].append(out.loss.item())
             model.eval()
             with torch.no_grad(), compilation.eager(), torch.autocast("cuda", dtype=torch.bfloat16):
-                val = run(ids[0, :1, :-1], ids[0, :1, 1:]).loss.item()
+                val = model(ids[0, :1, :-1], ids[0, :1, 1:]).loss.item()
             model.collect_aux()
             model.train()
             assert torch.isfinite(torch.tensor(val)), (name, step, val)
@@ -379,13 +386,7 @@ def test_compile_blocks_gradients_match_eager_on_gpu(amp):
     does not dominate), compiled within 3x that + 5e-2 (Inductor re-fuses the bf16 glue; a whole-factor error is
     >= 0.5). Gradients bf16 rounding dominates (the mHC scales and biases at init, ~1e-7: eager bf16's own error
     0.1-0.5 on the CPU) are printed, not checked. index_topk = 80 >= the 75 compressed entries: no pick can flip."""
-    from dsv4_lab import DSV4LM, ModelConfig, compilation
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", kernels="triton", max_seq_len=512, index_topk=80)
-    eager = DSV4LM(cfg).cuda().train()
-    comp = DSV4LM(cfg).cuda().train()
-    comp.load_state_dict(eager.state_dict())
-    compilation.compile_model(comp, regional=True)
+    cfg, eager, comp = _eager_and_blocks(index_topk=80)
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (2, 2, 301), device="cuda", generator=g)
 
