@@ -16,7 +16,7 @@ Writes benchmarks/results/compile_parity.json (or --out) atomically: per kernels
 loss terms, the 12 largest gradient errors, the errors summed by parameter group, the loads.
 
     python benchmarks/bench_compile_parity.py [--preset small] [--seq 4096] [--batch 2] [--steps 0 1 5 20 40]
-                                              [--kernels triton] [--out FILE]
+                                              [--kernels triton] [--set KEY=VALUE ...] [--out FILE]
     python benchmarks/bench_compile_parity.py --preset tiny --seq 128 --batch 2 --steps 0 2 --kernels torch  # CPU
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def compare(eager, comp, ids, tgt, device, amp: bool) -> dict:
 
 def check(kernels: str, a, device) -> dict:
     mc, tc = parse_overrides([f"preset={a.preset}", f"seq_len={a.seq}", f"batch_size={a.batch}",
-                              f"max_steps={a.max_steps}", f"kernels={kernels}", "compile=false", "seed=0"])
+                              f"max_steps={a.max_steps}", f"kernels={kernels}", "compile=false", "seed=0", *a.set])
     torch.manual_seed(tc.seed)
     eager = DSV4LM(mc).to(device).train()
     comp = DSV4LM(mc).to(device).train()
@@ -138,12 +138,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 1, 5, 20, 40])
     ap.add_argument("--max-steps", type=int, default=200, help="the schedule's horizon (loss parity's run length)")
     ap.add_argument("--kernels", nargs="+", default=["triton"], choices=["torch", "triton", "auto"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compile_parity.json"))
     a = ap.parse_args(argv)
     if min(a.steps) < 0:
         ap.error(f"--steps {a.steps}: steps are >= 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = {"benchmark": "compile_parity", "preset": a.preset, "seq": a.seq, "batch": a.batch, "steps": a.steps,
+    res = {"benchmark": "compile_parity", "preset": a.preset, "overrides": a.set, "seq": a.seq, "batch": a.batch, "steps": a.steps,
            "env": environment(device), "kernels": {}}
     for k in a.kernels:
         res["kernels"][k] = check(k, a, device)

@@ -216,7 +216,9 @@ class _FromRows(torch.autograd.Function):
         ctx.K, ctx.rows_dtype = K, rows.dtype
         ctx.extra_dtype = extra.dtype if extra is not None else None
         y = _sum_rows(rows, inv, K, dtype)
-        return y if extra is None else y.add_(extra)
+        # out of place: traced by torch.compile on CUDA, an in-place y.add_(extra) returned here made every gradient
+        # behind the MoE zero (tests/test_kernels_gpu.py, test_moe_compiled_gradients_match_eager_on_gpu)
+        return y if extra is None else (y + extra).to(dtype)
 
     @staticmethod
     def backward(ctx, g):
