@@ -314,7 +314,8 @@ class Router(nn.Module):
     def scores(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         ct = torch.promote_types(x.dtype, torch.float32)
         w = self.weight if weight is None else weight
-        return score_fn(F.linear(x.to(ct), w.to(ct)), self.cfg.score_func)        # (N, N_r)
+        with torch.autocast(x.device.type, enabled=False):                         # fp32 logits under autocast too
+            return score_fn(F.linear(x.to(ct), w.to(ct)), self.cfg.score_func)    # (N, N_r)  docs §5.1.1
 
     def anticipatory_active(self) -> bool:
         if self.anticipatory == "always":

@@ -101,6 +101,22 @@ def test_bias_changes_selection_never_weights():
         assert err <= tol, (what, err, tol)
 
 
+def test_router_logits_are_fp32_under_bf16_autocast():
+    """docs §5.1.1: the router's logits are fp32 under bf16 autocast too (they decide the top-k), so with autocast on
+    the scores and the picks are bitwise what they are with it off: the same fp32 GEMM on the same inputs. Under
+    autocast's bf16 GEMM the logits would move by ~2^-8 relative: not equal (exact comparison, no tolerance)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", kernels="torch")
+    moe = MoE(cfg, 1)                                               # a score-routed layer
+    x = torch.randn(64, cfg.d_model)
+    plain = moe.gate(x, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = moe.gate(x, None)
+    for name, a, b in zip(["weights", "indices", "scores"], auto, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert plain[2].dtype == torch.float32
+
+
 def test_hash_table_deterministic_distinct_balanced():
     V, N, K = 101, 8, 3
     t = balanced_tid2eid(V, N, K, seed=7)
