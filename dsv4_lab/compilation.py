@@ -23,10 +23,6 @@ Settings made before compiling:
     eager mode). Where the installed torch lacks the switch, it has no fp64 typing either.
   * a recompile limit above the number of layers: per-layer resume frames after a graph break are guarded per
     module instance.
-  * on the CPU, Inductor's vectorized C++ is turned off (`cpp.vec_isa_ok = False`, scalar loops): with it, the
-    compiled backward of the CSA / HCA attention of `tiny` at 64-token sequences, batch 1, corrupted the heap in about
-    half the runs (torch 2.13, AVX-512: "double free or corruption"; 128 tokens ran; the same graph through
-    aot_eager or scalar C++ gives eager's gradients). CPU compilation is opt-in and gains little at lab sizes.
   * static shapes (`dynamic=False`): a call with new shapes compiles a graph for those shapes. With Dynamo's default
     ("automatic dynamic"), the second shape seen marks that dimension symbolic, and tracing the hand-written Triton
     kernels' launch code with symbolic strides fails (`Cannot construct ConstantVariable ... SymInt`, torch 2.11,
@@ -67,9 +63,6 @@ def compile_model(model: torch.nn.Module, regional: bool = False, **kw) -> torch
     """torch.compile(model) after `configure()`; kw go to torch.compile (backend, fullgraph, ...).
     regional: compile each Block in place (nn.Module.compile) and return the model itself."""
     configure()
-    if any(p.device.type == "cpu" for p in model.parameters()):    # module docstring
-        import torch._inductor.config as inductor_config
-        inductor_config.cpp.vec_isa_ok = False
     kw.setdefault("dynamic", False)
     if not regional:
         return torch.compile(model, **kw)
