@@ -199,15 +199,20 @@ def _one_line(e) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _git(root: Path, *args, env: dict | None = None, timeout: float = 10) -> str | None:
+    """stdout of `git args` in root, stripped; None when git is missing or the command fails."""
+    try:
+        r = subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except Exception:
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
 def git_commit(root: str | Path | None = None) -> dict:
     """{"commit": HEAD, "dirty": tracked files edited, "code_tree": code_tree()} of the repository at root."""
     root = Path(root or REPO_ROOT)
-    def run(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
-    return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain", "--untracked-files=no")),
+    return {"commit": _git(root, "rev-parse", "HEAD") or None,
+            "dirty": bool(_git(root, "status", "--porcelain", "--untracked-files=no")),
             "code_tree": code_tree(root)}
 
 
@@ -215,37 +220,24 @@ def code_tree(root: str | Path | None = None, path: str = "dsv4_lab") -> str | N
     """The git tree hash of `path` as it is on disk (tracked and untracked files, edits included, ignored files
     not): equal to `git rev-parse C:dsv4_lab` for every commit C holding exactly this code. It names the code a record
     ran on where HEAD does not: a copy of a working tree with edits, such as the one a device machine runs (find the
-    commit with `git log --format='%H %T' | ...` or `commits_with_code_tree`). None without git."""
+    commit with `commits_with_code_tree`). None without git."""
     root = Path(root or REPO_ROOT)
     with tempfile.TemporaryDirectory() as d:                     # a scratch index: the repository's stays untouched
         env = {**os.environ, "GIT_INDEX_FILE": os.path.join(d, "index")}
-        try:
-            def git(*args):
-                return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True,
-                                      timeout=30, check=True).stdout.strip()
-            git("add", "-A", "--", path)
-            return git("rev-parse", f"{git('write-tree')}:{path}") or None
-        except Exception:
+        if _git(root, "add", "-A", "--", path, env=env, timeout=30) is None:
             return None
+        tree = _git(root, "write-tree", env=env, timeout=30)
+        return (_git(root, "rev-parse", f"{tree}:{path}") or None) if tree else None
 
 
 def commits_with_code_tree(tree: str, root: str | Path | None = None, path: str = "dsv4_lab") -> list[str]:
     """Where a record's git.code_tree came from: HEAD if its `path` is that tree, and each commit that changed `path`
     to that tree (newest first)."""
     root = Path(root or REPO_ROOT)
-    try:
-        log = subprocess.run(["git", "log", "--format=%H", "--", path], cwd=root, capture_output=True, text=True,
-                             timeout=60, check=True).stdout.split()
-        first = subprocess.run(["git", "log", "-1", "--format=%H"], cwd=root, capture_output=True, text=True,
-                               timeout=10, check=True).stdout.split()
-    except Exception:
+    head, log = _git(root, "rev-parse", "HEAD"), _git(root, "log", "--format=%H", "--", path, timeout=60)
+    if head is None or log is None:
         return []
-    out = []
-    for c in dict.fromkeys(first + log):                         # HEAD first, then every commit that changed path
-        r = subprocess.run(["git", "rev-parse", f"{c}:{path}"], cwd=root, capture_output=True, text=True, timeout=10)
-        if r.stdout.strip() == tree:
-            out.append(c)
-    return out
+    return [c for c in dict.fromkeys([head, *log.split()]) if _git(root, "rev-parse", f"{c}:{path}") == tree]
 
 
 def environment(device: str | torch.device = "cpu") -> dict:
