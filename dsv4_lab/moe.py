@@ -216,9 +216,12 @@ class _FromRows(torch.autograd.Function):
         ctx.K, ctx.rows_dtype = K, rows.dtype
         ctx.extra_dtype = extra.dtype if extra is not None else None
         y = _sum_rows(rows, inv, K, dtype)
-        # out of place: traced by torch.compile on CUDA, an in-place y.add_(extra) returned here made every gradient
-        # behind the MoE zero (tests/test_kernels_gpu.py, test_moe_compiled_gradients_match_eager_on_gpu)
-        return y if extra is None else (y + extra).to(dtype)
+        if extra is None:
+            return y
+        # no trailing no-op .to(dtype) (nor an in-place add) on the returned tensor: with torch 2.11, Dynamo's trace
+        # of such a forward gave every gradient behind the MoE as zero (test_moe_compile_gradients)
+        z = y + extra
+        return z if z.dtype == dtype else z.to(dtype)
 
     @staticmethod
     def backward(ctx, g):
