@@ -329,9 +329,10 @@ def test_mhc_site_kernel_path_small_preset(dtype):
 def test_moe_compiled_gradients_match_eager_on_gpu(dispatch, amp):
     """One MoE layer (tiny preset, a score-routed layer with its shared expert) compiled on its own against the same
     layer eager: output, input gradient and every parameter's gradient. The regression: the grouped dispatch's
-    combine (`_FromRows`) added the shared expert's output in place into its result; under torch.compile on CUDA
-    every gradient behind the MoE then came back zero (relative error 1.0 for the input and all 28 parameters, fp32
-    and bf16, while the forward agreed to 2e-7); on the CPU the compiled gradients were right. fp32: 1e-4 (both
+    combine (`_FromRows`) returned `(y + extra).to(dtype)`, a no-op cast; with torch 2.11 Dynamo's trace of that
+    forward made every gradient behind the MoE zero (relative error 1.0 for the input and all 28 parameters, fp32
+    and bf16, while the forward agreed to 2e-7; any backend, on the CPU too, where tests/test_compile.py catches it
+    with torch 2.11; torch 2.13 traced it right). fp32: 1e-4 (both
     sides fp32, a different summation order); bf16 autocast: 5e-2, far below the 1.0 of a lost gradient (Inductor may
     keep bf16 intermediates in fp32; the router's GEMM and the grouped GEMMs are the same library calls either way,
     so no pick flips: compiled == eager bitwise on the H200 when this case was written)."""
