@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -116,14 +115,10 @@ def logits_gap(ours, hf, ids: torch.Tensor) -> float:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "dsv4_lab"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty(dsv4_lab)" if dirty else "")
-    except Exception as e:                                            # pragma: no cover
-        return f"n/a ({e})"
+    """HEAD's short hash, "+dirty" when tracked files are edited (dsv4_lab.runlog.git_commit)."""
+    from dsv4_lab.runlog import git_commit as commit
+    g = commit(ROOT)
+    return (g["commit"][:7] + ("+dirty" if g["dirty"] else "")) if g["commit"] else "unknown (no git)"
 
 
 def cpu_name() -> str:

@@ -646,14 +646,10 @@ class Driver:
 
 
 def _git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown (no git; pass --commit)"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git; pass --commit)"
+    """HEAD, "+dirty" when tracked files are edited (dsv4_lab.runlog.git_commit)."""
+    from dsv4_lab.runlog import git_commit
+    g = git_commit(ROOT)
+    return (g["commit"] + ("+dirty" if g["dirty"] else "")) if g["commit"] else "unknown (no git; pass --commit)"
 
 
 def parse(argv=None):
