@@ -173,14 +173,20 @@ grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_set
 # dispatch x -> x[tok] and the combine rows -> sum_k rows[inv[t K + k]] are each other's adjoints: each one's
 # backward is the other one (two gathers, no index_add / index_put: no atomics, no zero buffer, deterministic).
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, with no `.to` call when it is in dtype already: with torch 2.11, Dynamo's trace of an autograd
+    Function whose forward returns a no-op `.to(dtype)` gives zero gradients behind it (tests/test_compile.py)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _sum_rows(rows: torch.Tensor, inv: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
     """rows (N K, *r) expert-sorted -> (N, *r) in dtype: y_t = sum_k rows[inv[t K + k]], summed in fp32 at least
     (fp64 for fp64), k in slot order."""
     g = rows.index_select(0, inv)                                    # (N K, *r) in slot order t K + k
     if K == 1:
-        return g.to(dtype)
+        return _cast(g, dtype)
     acc = torch.promote_types(torch.promote_types(rows.dtype, dtype), torch.float32)
-    return g.view(-1, K, *rows.shape[1:]).sum(1, dtype=acc).to(dtype)
+    return _cast(g.view(-1, K, *rows.shape[1:]).sum(1, dtype=acc), dtype)
 
 
 class _ToRows(torch.autograd.Function):
@@ -193,7 +199,7 @@ class _ToRows(torch.autograd.Function):
         ctx.save_for_backward(src, inv)
         ctx.K, ctx.x_dtype = K, x.dtype
         ctx.set_materialize_grads(False)                               # an unused xc: dxc None, not a zero tensor
-        xc = x.to(dtype)
+        xc = _cast(x, dtype)
         return xc, xc.index_select(0, src)
 
     @staticmethod
@@ -216,12 +222,7 @@ class _FromRows(torch.autograd.Function):
         ctx.K, ctx.rows_dtype = K, rows.dtype
         ctx.extra_dtype = extra.dtype if extra is not None else None
         y = _sum_rows(rows, inv, K, dtype)
-        if extra is None:
-            return y
-        # no trailing no-op .to(dtype) (nor an in-place add) on the returned tensor: with torch 2.11, Dynamo's trace
-        # of such a forward gave every gradient behind the MoE as zero (test_moe_compile_gradients)
-        z = y + extra
-        return z if z.dtype == dtype else z.to(dtype)
+        return y if extra is None else _cast(y + extra, dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -241,7 +242,7 @@ class _StackWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, G: int, dtype: torch.dtype, *ws):
         ctx.w_dtype, ctx.sizes = ws[0].dtype, [w.shape[0] for w in ws]
-        out = torch.cat(ws).to(dtype)
+        out = _cast(torch.cat(ws), dtype)
         return out.view(G, -1, out.shape[-1])
 
     @staticmethod

@@ -100,14 +100,15 @@ def test_regional_compile_matches_eager():
          ffn="dense", n_hash_layers=0, hc_sinkhorn_iters=3),
     dict(layer_types="csa,hca", moe_dispatch="loop", n_shared_experts=0, yarn_factor=1.0, balance_loss_weight=0.0,
          bias_update_speed=0.0, hc_sinkhorn_iters=3),
+    dict(layer_types="csa,hca", n_shared_experts=0, n_activated_experts=1, n_hash_layers=0, hc_sinkhorn_iters=3),
 ], ids=["tiny-3-layers", "hc-dense-mtp2", "qat-fp4-sigmoid", "oracle-plain-no-lora", "anticipatory-random",
-        "no-window-all-dense-ffn", "moe-loop-no-shared-no-yarn"])
+        "no-window-all-dense-ffn", "moe-loop-no-shared-no-yarn", "moe-grouped-no-shared-top1"])
 def test_compiled_step_matches_eager_toggles(over):
     """The tiny V4 preset (mHC, MoE with a hash layer, CSA / HCA, MTP) at 3 layers and 3 Sinkhorn iterations, and
     toggle combinations that switch the model's toggles away from the preset (residual, QAT, routing score, clamp,
     anticipatory routing, the indexer's modes, Hadamard and loss, the window branch, the low-rank projections, output
-    RoPE, the compressor's overlap, the FFN, the MoE's loop dispatch, shared expert, balance loss and bias, YaRN, MTP
-    depth, the sink), through Dynamo + AOTAutograd (aot_eager: the CPU time of
+    RoPE, the compressor's overlap, the FFN, the MoE's loop dispatch, shared expert, top-1 routing, balance loss and
+    bias, YaRN, MTP depth, the sink), through Dynamo + AOTAutograd (aot_eager: the CPU time of
     Inductor's C++ builds is left out)."""
     _compare("tiny", "aot_eager", **over)
 
