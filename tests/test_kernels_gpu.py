@@ -324,15 +324,17 @@ def test_mhc_site_kernel_path_small_preset(dtype):
         kc._check(f"mhc site {nm}", a, r, y, tol)
 
 
-@pytest.mark.parametrize("dispatch,amp", [("grouped", False), ("grouped", True), ("loop", False)],
-                         ids=["grouped-fp32", "grouped-bf16_autocast", "loop-fp32"])
-def test_moe_compiled_gradients_match_eager_on_gpu(dispatch, amp):
+@pytest.mark.parametrize("dispatch,amp,over", [("grouped", False, {}), ("grouped", True, {}), ("loop", False, {}),
+                                               ("grouped", False, {"n_shared_experts": 0, "n_activated_experts": 1})],
+                         ids=["grouped-fp32", "grouped-bf16_autocast", "loop-fp32", "grouped-no_shared-top1-fp32"])
+def test_moe_compiled_gradients_match_eager_on_gpu(dispatch, amp, over):
     """One MoE layer (tiny preset, a score-routed layer with its shared expert) compiled on its own against the same
     layer eager: output, input gradient and every parameter's gradient. The regression: the grouped dispatch's
     combine (`_FromRows`) returned `(y + extra).to(dtype)`, a no-op cast; with torch 2.11 Dynamo's trace of that
     forward made every gradient behind the MoE zero (relative error 1.0 for the input and all 28 parameters, fp32
     and bf16, while the forward agreed to 2e-7; any backend, on the CPU too, where tests/test_compile.py catches it
-    with torch 2.11; torch 2.13 traced it right). fp32: 1e-4 (both
+    with torch 2.11; torch 2.13 traced it right). Without a shared expert (and with top-1 routing) the combine returned
+    `_sum_rows`' own no-op cast: the fourth case. fp32: 1e-4 (both
     sides fp32, a different summation order); bf16 autocast: 5e-2, far below the 1.0 of a lost gradient (Inductor may
     keep bf16 intermediates in fp32; the router's GEMM and the grouped GEMMs are the same library calls either way,
     so no pick flips: compiled == eager bitwise on the H200 when this case was written)."""
@@ -341,7 +343,7 @@ def test_moe_compiled_gradients_match_eager_on_gpu(dispatch, amp):
     from dsv4_lab import ModelConfig, compilation
     from dsv4_lab.moe import MoE
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", kernels="triton", moe_dispatch=dispatch)
+    cfg = ModelConfig.from_preset("tiny", kernels="triton", moe_dispatch=dispatch, **over)
     eager = MoE(cfg, 1).cuda().train()
     comp = copy.deepcopy(eager)
     compilation.configure()
