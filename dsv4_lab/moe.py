@@ -175,7 +175,7 @@ grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_set
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, with no `.to` call when it is in dtype already: with torch 2.11, Dynamo's trace of an autograd
-    Function whose forward returns a no-op `.to(dtype)` gives zero gradients behind it (tests/test_compile.py)."""
+    Function whose forward returns a no-op `.to(dtype)` gives zero gradients behind it (docs/kernels.md §12)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
