@@ -10,7 +10,8 @@
   optim/muon.py). Parameters that are not trained (the MoE router's bias, updated identically on every rank from
   all-reduced loads) stay whole. Parameters stay fp32 (all-gathers in fp32; bf16 is autocast's, as in one
   process). Tested on CPU with gloo (tests/test_parallel.py); the NCCL path is the same code, not yet run on GPUs.
-  The indexer's dense warm-up stage is refused under fsdp2 (`check_supported`).
+  The indexer's dense warm-up stage is refused under fsdp2, and so is the MoE's loop dispatch on torch < 2.12
+  (`check_supported`).
 
 Both modes see the same global batch as one process: every rank makes the global batch of the step and keeps
 its own rows (`rank_slice`), so the mean loss over ranks is the one-process loss up to fp32 summation order.
@@ -31,14 +32,29 @@ import torch.nn as nn
 MODES = ("ddp", "fsdp2")
 
 
+def fsdp2_reduces_unused() -> bool:
+    """Whether the installed FSDP2 can reduce-scatter a zero gradient for a parameter that got none on this rank
+    (`FSDPModule.set_reduce_scatter_unused_params`, torch >= 2.12). Without it, a parameter that one rank's tokens
+    never reach drops out of that rank's reduce-scatter only, and the ranks' collectives no longer match."""
+    from torch.distributed.fsdp import FSDPModule
+    return hasattr(FSDPModule, "set_reduce_scatter_unused_params")
+
+
 def check_supported(mc, mode: str) -> None:
-    """ConfigError for the one combination that does not run: fsdp2 with the indexer's dense warm-up stage (it
-    freezes every parameter but the indexers', and fully_shard's backward then crashes: a whole block without a
-    trainable parameter). ddp runs it."""
+    """ConfigError for the combinations that do not run under fsdp2 (ddp runs both):
+      * the indexer's dense warm-up stage: it freezes every parameter but the indexers', and fully_shard's backward
+        then crashes (a whole block without a trainable parameter);
+      * the MoE's loop dispatch where FSDP2 cannot reduce-scatter unused parameters (torch < 2.12): the loop leaves
+        an expert without tokens on this rank with no gradient. The grouped dispatch gives every expert a gradient
+        (zero without tokens), so it runs on any torch."""
     from .config import ConfigError
     if mode == "fsdp2" and mc.indexer_warmup_steps and "csa" in mc.layer_types:
         raise ConfigError(f"config field 'indexer_warmup_steps' = {mc.indexer_warmup_steps} is not allowed with "
                           "parallel=fsdp2 on several ranks: 0, or use parallel=ddp")
+    if mode == "fsdp2" and mc.ffn == "moe" and mc.moe_dispatch == "loop" and not fsdp2_reduces_unused():
+        raise ConfigError(f"config field 'moe_dispatch' = 'loop' is not allowed with parallel=fsdp2 on torch "
+                          f"{torch.__version__} (FSDP2 reduce-scatters unused parameters from torch 2.12): grouped, "
+                          "or use parallel=ddp")
 
 
 def _dtensor_cls():
@@ -88,8 +104,9 @@ def wrap(model: nn.Module, mode: str, device: torch.device, find_unused: bool) -
         fully_shard(blk, mesh=mesh, ignored_params=frozen)
     fully_shard(model, mesh=mesh, ignored_params=frozen)
     # an expert (or any parameter) that one rank's tokens never reach still joins the reduce-scatter with a zero
-    # gradient, so every rank reduce-scatters the same tensors
-    model.set_reduce_scatter_unused_params(True)
+    # gradient, so every rank reduce-scatters the same tensors (older FSDP2: check_supported keeps such configs out)
+    if fsdp2_reduces_unused():
+        model.set_reduce_scatter_unused_params(True)
     return model
 
 

@@ -184,3 +184,19 @@ def test_fsdp2_refuses_the_indexer_warmup_stage():
     check_supported(ModelConfig.from_preset("tiny"), "fsdp2")
     with pytest.raises(ConfigError, match=r"'indexer_warmup_steps' = 2 is not allowed with parallel=fsdp2"):
         check_supported(warm, "fsdp2")
+
+
+def test_fsdp2_refuses_the_loop_dispatch_where_unused_parameters_cannot_be_reduced(monkeypatch):
+    """torch < 2.12 (FSDP2 without set_reduce_scatter_unused_params): the loop dispatch, which leaves an expert
+    without tokens on one rank with no gradient, is refused under fsdp2; the grouped dispatch (a gradient for every
+    expert) and ddp are not."""
+    from dsv4_lab import parallel
+    from dsv4_lab.config import ConfigError, ModelConfig
+    loop = ModelConfig.from_preset("tiny", moe_dispatch="loop")
+    monkeypatch.setattr(parallel, "fsdp2_reduces_unused", lambda: False)
+    parallel.check_supported(ModelConfig.from_preset("tiny"), "fsdp2")
+    parallel.check_supported(loop, "ddp")
+    with pytest.raises(ConfigError, match=r"'moe_dispatch' = 'loop' is not allowed with parallel=fsdp2 on torch"):
+        parallel.check_supported(loop, "fsdp2")
+    monkeypatch.setattr(parallel, "fsdp2_reduces_unused", lambda: True)
+    parallel.check_supported(loop, "fsdp2")
