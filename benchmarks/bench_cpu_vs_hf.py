@@ -44,6 +44,7 @@ import torch.nn.functional as F                                       # noqa: E4
 
 from dsv4_lab.config import ModelConfig                               # noqa: E402
 from dsv4_lab.model import DSV4LM                                     # noqa: E402
+from dsv4_lab.runlog import commit_label                               # noqa: E402
 
 # the compared model: SWA / CSA / HCA / CSA, hash-routed first MoE layer, mHC (docs §1, §2, §3, §5)
 CONFIG = dict(
@@ -114,13 +115,6 @@ def logits_gap(ours, hf, ids: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def git_commit() -> str:
-    """HEAD's short hash, "+dirty" when tracked files are edited (dsv4_lab.runlog.git_commit)."""
-    from dsv4_lab.runlog import git_commit as commit
-    g = commit(ROOT)
-    return (g["commit"][:7] + ("+dirty" if g["dirty"] else "")) if g["commit"] else "unknown (no git)"
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -175,7 +169,8 @@ def main(argv=None) -> int:
     experts_impl = getattr(hf.config, "_experts_implementation", None)
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-           "clock": a.clock, "loadavg_start": os.getloadavg(), "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "clock": a.clock, "loadavg_start": os.getloadavg(), "commit": commit_label(ROOT, short=True) or "unknown (no git)",
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "hf_attn_implementation": hf.config._attn_implementation, "hf_experts_implementation": experts_impl}
     log(f"env {json.dumps(env)}")
     log(f"params ours {n_params} HF {hf_params}")

@@ -503,8 +503,10 @@ class Driver:
 
     def header(self):
         from common import env_info
+
+        from dsv4_lab.runlog import commit_label
         env = env_info()
-        env["commit"] = self.a.commit or _git_commit()
+        env["commit"] = self.a.commit or commit_label(ROOT) or "unknown (no git; pass --commit)"
         env["device_kind"] = self.s["device"]
         self.res.update({"format": FORMAT, "what": "measured efficiency vs context, V4 vs dense "
                                                    "(benchmarks/bench_efficiency.py docstring)",
@@ -643,13 +645,6 @@ class Driver:
         brief = {x: (round(v, 4) if isinstance(v, float) else v) for x, v in rec.items()
                  if x not in ("traceback", "step_ms_all", "ms_all", "arm", "kind", "ctx")}
         self.log(f"{k}: {brief}")
-
-
-def _git_commit() -> str:
-    """HEAD, "+dirty" when tracked files are edited (dsv4_lab.runlog.git_commit)."""
-    from dsv4_lab.runlog import git_commit
-    g = git_commit(ROOT)
-    return (g["commit"] + ("+dirty" if g["dirty"] else "")) if g["commit"] else "unknown (no git; pass --commit)"
 
 
 def parse(argv=None):

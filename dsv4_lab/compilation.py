@@ -6,8 +6,7 @@
            5 seeds; the same kernels run eagerly: no difference detected). Runs 33-34 found why: every gradient behind
            the MoE was zero, because torch 2.11's Dynamo mis-traces an autograd Function whose forward returns a
            no-op `.to(dtype)` (the MoE's combine did; fixed, benchmarks/README.md). It goes back when a compiled run
-           with the fix passes loss parity. On the CPU compiling costs minutes and
-           gains little at test sizes.
+           with the fix passes loss parity. On the CPU compiling costs minutes and gains little at test sizes.
     true   compile the whole model on any device (one graph: Inductor's time grows with depth)
     blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
            on its own; blocks of one layer type share the compiled code, so compile time grows with the number of

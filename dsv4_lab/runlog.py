@@ -216,6 +216,13 @@ def git_commit(root: str | Path | None = None) -> dict:
             "code_tree": code_tree(root)}
 
 
+def commit_label(root: str | Path | None = None, short: bool = False) -> str | None:
+    """git_commit as one string for a record's "commit" field: HEAD (7 digits if short), "+dirty" when tracked files
+    are edited; None without git."""
+    g = git_commit(root)
+    return (g["commit"][:7 if short else None] + ("+dirty" if g["dirty"] else "")) if g["commit"] else None
+
+
 def code_tree(root: str | Path | None = None, path: str = "dsv4_lab") -> str | None:
     """The git tree hash of `path` as it is on disk (tracked and untracked files, edits included, ignored files
     not): equal to `git rev-parse C:dsv4_lab` for every commit C holding exactly this code. It names the code a record
