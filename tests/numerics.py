@@ -86,3 +86,21 @@ def bound_err(a, b, bound):
     d, lim = (a - b).abs().flatten(), bound.flatten()
     i = (d / lim).argmax()
     return d[i].item(), lim[i].item()
+
+
+# ------------------------------------------------------------------------------------------------ per-parameter gradients
+def grad_mismatches(got: dict, ref: dict, rtol: float) -> dict:
+    """Every parameter's gradient of two runs ({name: gradient}), by name: {name: (||g - g_ref||, scale)} for those
+    with ||g - g_ref|| > rtol * scale, scale = max(||g_ref||, 1e-3 ||G_ref|| / sqrt(#parameters)) (2-norms; G the
+    whole gradient). The floor covers gradients that are small by cancellation or zero up to rounding (the gate of
+    a top-1 router: its weight w / w is the constant route_scale). A lost gradient (zero) has error = its own norm
+    and fails; the two runs must give gradients to the same parameters."""
+    assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in ref.values())).item()
+    floor = 1e-3 * total / len(ref) ** 0.5
+    out = {}
+    for n, g in ref.items():
+        err, scale = (got[n].double() - g.double()).norm().item(), max(g.double().norm().item(), floor)
+        if err > rtol * scale:
+            out[n] = (err, scale)
+    return out

@@ -26,6 +26,7 @@ import torch
 from dsv4_lab import DSV4LM, ModelConfig
 from dsv4_lab.compilation import compile_model, configure, regional, wants_compile
 from dsv4_lab.config import ConfigError, TrainConfig, parse_overrides
+from numerics import grad_mismatches
 
 
 def _step(model, x, y):
@@ -38,14 +39,8 @@ def _step(model, x, y):
 
 
 def _check_grads(got: dict, ref: dict, rtol: float = 1e-4):
-    """Every parameter's gradient: the same set of parameters has one, and |g - g_ref| <= rtol max(|g_ref|,
-    1e-3 |G_ref| / sqrt(#params)) per parameter (2-norms; G the whole gradient: a floor for parameters whose gradient
-    is tiny). A lost gradient (zero or None) fails here even where the total norm would hide it."""
-    assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
-    total = torch.sqrt(sum((g ** 2).sum() for g in ref.values())).item()
-    floor = 1e-3 * total / len(ref) ** 0.5
-    bad = {n: ((got[n] - g).norm().item(), g.norm().item()) for n, g in ref.items()
-           if (got[n] - g).norm().item() > rtol * max(g.norm().item(), floor)}
+    """Every parameter's gradient within rtol of eager's (per parameter, with a floor: tests/numerics.py)."""
+    bad = grad_mismatches(got, ref, rtol)
     assert not bad, sorted(bad.items(), key=lambda kv: -kv[1][0])[:6]
 
 

@@ -18,6 +18,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels_cases as kc  # noqa: E402
+from numerics import grad_mismatches  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -334,10 +335,12 @@ def test_moe_compiled_gradients_match_eager_on_gpu(dispatch, amp, over):
     forward made every gradient behind the MoE zero (relative error 1.0 for the input and all 28 parameters, fp32
     and bf16, while the forward agreed to 2e-7; any backend, on the CPU too, where tests/test_compile.py catches it
     with torch 2.11; torch 2.13 traced it right). Without a shared expert (and with top-1 routing) the combine returned
-    `_sum_rows`' own no-op cast: the fourth case. fp32: 1e-4 (both
-    sides fp32, a different summation order); bf16 autocast: 5e-2, far below the 1.0 of a lost gradient (Inductor may
-    keep bf16 intermediates in fp32; the router's GEMM and the grouped GEMMs are the same library calls either way,
-    so no pick flips: compiled == eager bitwise on the H200 when this case was written)."""
+    `_sum_rows`' own no-op cast: the fourth case. Per tensor (tests/numerics.py `grad_mismatches`:
+    relative error with a floor of 1e-3 of the whole gradient's norm per parameter; top-1 routing makes the gate's
+    gradient zero up to rounding, its weight w / w being the constant route_scale: there only the floor can judge).
+    fp32: 1e-4 (both sides fp32, a different summation order); bf16 autocast: 5e-2, far below the 1.0 of a lost
+    gradient (Inductor may keep bf16 intermediates in fp32; the router's GEMM and the grouped GEMMs are the same
+    library calls either way, so no pick flips: compiled == eager bitwise on the H200 when this case was written)."""
     import copy
 
     from dsv4_lab import ModelConfig, compilation
@@ -359,11 +362,8 @@ def test_moe_compiled_gradients_match_eager_on_gpu(dispatch, amp, over):
         (y.float() * r).sum().backward()
         got[name] = {"y": y.detach().float(), "dx": xi.grad,
                      **{n: p.grad for n, p in m.named_parameters() if p.grad is not None}}
-    assert got["eager"].keys() == got["compiled"].keys()
-    tol = 5e-2 if amp else 1e-4
-    errs = {n: ((got["compiled"][n] - v).norm() / v.norm().clamp_min(1e-30)).item()
-            for n, v in got["eager"].items()}
-    assert max(errs.values()) < tol, sorted(errs.items(), key=lambda kv: -kv[1])[:6]
+    bad = grad_mismatches(got["compiled"], got["eager"], 5e-2 if amp else 1e-4)
+    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1][0] / kv[1][1])[:6]
 
 
 def _eager_and_blocks(**over):
@@ -418,17 +418,26 @@ def test_compile_blocks_training_steps_on_gpu():
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
 def test_compile_blocks_gradients_match_eager_on_gpu(amp):
-    """One forward + backward of the tiny preset on the kernel path (mHC, MoE, MTP, SWA / CSA / HCA with the indexer
-    KL), eager against compile=blocks from the same weights, twice (the first compiled call autotunes every Triton
-    kernel inside Inductor, the second reuses the choice): every parameter's gradient must agree. A kernel whose
-    autotuning leaves its atomic accumulations in the output (a `reset_to_zero` not honoured) or a side effect the
-    compiled graph drops shows as a gradient off by a whole factor. Measure per parameter: the relative error
-    ||g - g_ref|| / ||g_ref|| against eager fp32. fp32: compiled < 2e-2 (TF32 dots in the kernels, ~1e-3 relative,
-    through a few layers). bf16 autocast: where eager bf16's own error is below 2e-2 (a gradient that bf16 rounding
-    does not dominate), compiled within 3x that + 5e-2 (Inductor re-fuses the bf16 glue; a whole-factor error is
-    >= 0.5). Gradients bf16 rounding dominates (the mHC scales and biases at init, ~1e-7: eager bf16's own error
-    0.1-0.5 on the CPU) are printed, not checked. index_topk = 80 >= the 75 compressed entries: no pick can flip."""
-    cfg, eager, comp = _eager_and_blocks(index_topk=80)
+    """One forward + backward of the tiny preset on the kernel path (mHC, MoE, SWA / CSA / HCA with the indexer KL),
+    eager against compile=blocks from the same weights, twice (the first compiled call autotunes every Triton kernel
+    inside Inductor, the second reuses the choice): every parameter's gradient must agree. A kernel whose autotuning
+    leaves its atomic accumulations in the output (a `reset_to_zero` not honoured) or a side effect the compiled
+    graph drops shows as a gradient off by a whole factor (relative error >= 0.5; a lost gradient 1.0). Measure per
+    parameter: the relative error ||g - g_ref|| / ||g_ref|| against eager fp32.
+
+    No discrete pick may flip (tests must not rest on one): index_topk = 80 >= the 75 compressed entries keeps every
+    CSA entry. fp32 runs the preset as it is (score-routed MoE layers, MTP): compiled < 2e-2 (TF32 dots in the
+    kernels, ~1e-3 relative, through a few layers). bf16 autocast rounds the router's input, and a token whose
+    second and third expert scores are that close changes experts: on the CPU, eager bf16 against eager fp32 moves
+    5-11 of 600 tokens per score-routed layer, and those experts' gradients by 0.2 (the H200 run 35 failed this case
+    on such experts, compiled 0.137 against a 0.093 bound). So the bf16 case routes every layer by the hash table
+    (n_hash_layers = 4) and drops MTP (its block is score-routed by construction; the fp32 case covers it). Bound
+    where eager bf16's own error is below 2e-2 (a gradient that bf16 rounding does not dominate): compiled within
+    5x that + 0.1 (<= 0.2, below a whole-factor error; Inductor rounds other intermediates to bf16 than eager does:
+    on the CPU, with this routing, compiled reached 6.8x eager's own error, 0.121 against 0.018, on an mHC base).
+    Gradients bf16 rounding dominates (the mHC scales and biases at init, ~1e-7: eager bf16's own error 0.1-0.5)
+    are printed, not checked."""
+    cfg, eager, comp = _eager_and_blocks(index_topk=80, **({"n_hash_layers": 4, "mtp_depth": 0} if amp else {}))
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (2, 2, 301), device="cuda", generator=g)
 
@@ -448,7 +457,7 @@ def test_compile_blocks_gradients_match_eager_on_gpu(amp):
         for n, r in ref.items():
             rel = lambda x: ((x - r).norm() / r.norm().clamp_min(1e-30)).item()  # noqa: E731
             e, o = rel(got[n]), (rel(own[n]) if amp else 0.0)
-            bound = (3 * o + 5e-2 if o < 2e-2 else float("inf")) if amp else 2e-2
+            bound = (5 * o + 0.1 if o < 2e-2 else float("inf")) if amp else 2e-2
             rows.append((e - bound, call, n, round(e, 5), round(bound, 5), round(o, 5)))
     rows.sort(reverse=True)
     print("largest (error - bound, call, parameter, error, bound, eager bf16 error):", rows[:12])
