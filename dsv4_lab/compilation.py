@@ -1,12 +1,11 @@
 """torch.compile for training (TrainConfig.compile = auto | true | blocks | false).
 
-    auto   eager on every device, for now. It was `blocks` on CUDA (fused elementwise glue, fewer launches: 1.33-1.43x
-           faster per step than eager in run 28, benchmarks/README.md), until loss parity showed compiled training
-           ending 0.145 nats above the reference path after 200 steps of `small` (95 % interval [+0.048, +0.242],
-           5 seeds; the same kernels run eagerly: no difference detected). Runs 33-34 found why: every gradient behind
-           the MoE was zero, because torch 2.11's Dynamo mis-traces an autograd Function whose forward returns a
-           no-op `.to(dtype)` (the MoE's combine did; fixed, benchmarks/README.md). It goes back when a compiled run
-           with the fix passes loss parity. On the CPU compiling costs minutes and gains little at test sizes.
+    auto   eager on every device, for now. On CUDA `blocks` is the faster step (fused elementwise glue, fewer
+           launches) but costs minutes of compilation per run, more than a short run saves, and its training is not
+           yet shown to reach the reference path's loss within seed noise (no difference detected either;
+           benchmarks/README.md, loss parity). A compiled MoE once trained on zero gradients (torch 2.11's Dynamo
+           mis-traces an autograd Function whose forward returns a no-op `.to(dtype)`; docs/kernels.md §12). On the
+           CPU compiling costs minutes and gains little at test sizes.
     true   compile the whole model on any device (one graph: Inductor's time grows with depth)
     blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
            on its own; blocks of one layer type share the compiled code, so compile time grows with the number of
