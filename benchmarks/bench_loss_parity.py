@@ -9,8 +9,10 @@ Each (arm, seed) is one `python -m dsv4_lab train` run in <root>/<arm>-s<seed>: 
 checkpoints, a finished run is skipped, so the benchmark can be spread over several device calls. A finished
 reference run whose folder is gone (a fresh machine) is taken from the committed loss_parity.json when that file's
 setup (preset, steps, seq, batch, REFERENCE_NUMERICS) is this call's, and not run again; each run keeps the commit
-it ran on. The fast arms, whose code is what the benchmark checks, always run on the code at hand. `--fresh` reuses
-nothing; `--summary-only` recomputes the verdicts of the committed file (runs of several calls merged into it).
+it ran on. The fast arms, whose code is what the benchmark checks, run on the code at hand, unless
+`--keep-recorded`: then every finished run of the committed file (any arm, same setup) is kept, the new `--seeds` are
+added beside them, and the verdicts cover the union (each run names its commit: say in the report how the code
+differs between them). `--fresh` reuses nothing; `--summary-only` recomputes the verdicts of the committed file.
 
 Verdict: for each fast arm, the paired difference of the final validation loss (arm - reference, same seed = same
 initial weights and batches) with its 95 % t interval (dsv4_lab/stats.py), beside the seed noise = the standard
@@ -24,7 +26,7 @@ benchmarks/results/loss_parity.json (per run: the val-loss curve, the final val 
 
     python benchmarks/bench_loss_parity.py [--steps 200] [--seq 4096] [--batch 2] [--seeds 0 1 2 3 4]
                                            [--arms reference triton blocks] [--jobs 3] [--cap 480] [--root DIR]
-                                           [--fresh]
+                                           [--fresh | --keep-recorded]
     python benchmarks/bench_loss_parity.py --preset tiny --seq 256 --steps 10 --arms reference triton   # CPU smoke
 """
 from __future__ import annotations
@@ -78,8 +80,8 @@ def _cause(err_path):
     return (errs or lines or ["(no stderr)"])[-1][:300]
 
 
-def recorded_runs(path, setup):
-    """The finished reference runs of an earlier loss_parity.json with the same setup ({} when there is none)."""
+def recorded_runs(path, setup, arms=("reference",)):
+    """The finished runs of `arms` in an earlier loss_parity.json with the same setup ({} when there is none)."""
     try:
         prev = json.load(open(path))
     except (OSError, ValueError):
@@ -87,7 +89,7 @@ def recorded_runs(path, setup):
     if prev.get("setup") != setup:
         return {}
     return {k: r for k, r in prev.get("runs", {}).items()
-            if k.startswith("reference-") and r.get("finished") and "final_val_loss" in r}
+            if k.rsplit("-s", 1)[0] in arms and r.get("finished") and "final_val_loss" in r}
 
 
 def _commit(rd):
@@ -166,6 +168,8 @@ def main():
     ap.add_argument("--root", default=os.path.join("runs", "loss_parity"))
     ap.add_argument("--out", default=None, help="results dir (default benchmarks/results)")
     ap.add_argument("--fresh", action="store_true", help="run every (arm, seed) here, none from loss_parity.json")
+    ap.add_argument("--keep-recorded", action="store_true",
+                    help="keep every finished run of loss_parity.json (all arms) and add --seeds beside them")
     ap.add_argument("--summary-only", action="store_true",
                     help="recompute the verdicts of loss_parity.json; run nothing")
     a = ap.parse_args()
@@ -178,7 +182,10 @@ def main():
         res = json.load(open(out))
         res.update(judge({arm: v for arm, v in res["final_val_loss"].items() if arm in res["arms"]}))
         return _report(res, out)
-    recorded = {} if a.fresh else recorded_runs(out, setup)
+    if a.fresh and a.keep_recorded:
+        ap.error("--fresh and --keep-recorded exclude each other")
+    recorded = {} if a.fresh else recorded_runs(out, setup, a.arms if a.keep_recorded else ("reference",))
+    seeds = sorted(set(a.seeds) | ({int(k.rsplit("-s", 1)[1]) for k in recorded} if a.keep_recorded else set()))
     deadline = time.time() + a.cap
     jobs = []
     for s in a.seeds:
@@ -193,7 +200,7 @@ def main():
         for arm, seed, status in ex.map(lambda j: run_one(a.root, *j, a, deadline), jobs):
             print(f"{arm}-s{seed}: {status}", flush=True)
     res = {"what": __doc__.split("\n\n")[0], "setup": setup,
-           "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, a.seeds, a.steps, recorded)}
+           "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, seeds, a.steps, recorded)}
     return _report(res, out)
 
 

@@ -50,7 +50,7 @@ def test_collect_without_enough_reference_runs_gives_no_verdict(tmp_path):
 def test_finished_runs_of_the_record_are_reused_only_for_the_same_setup(tmp_path):
     """A fresh machine has no run folders: the finished reference runs of the committed loss_parity.json (same
     preset, steps, seq, batch) stand in for them, marked as such; a run folder that exists wins over the record; a
-    fast arm's recorded run is never reused (its code is what is checked)."""
+    fast arm's recorded run is reused only when asked (--keep-recorded; its code is what is checked)."""
     from bench_loss_parity import recorded_runs
     setup = {"preset": "small", "steps": STEPS, "seq": 4096, "batch": 2}
     ref = {0: 2.00, 1: 2.10, 2: 1.95}
@@ -64,6 +64,8 @@ def test_finished_runs_of_the_record_are_reused_only_for_the_same_setup(tmp_path
     assert recorded_runs(str(tmp_path / "missing.json"), setup) == {}
     rec = recorded_runs(str(path), setup)
     assert sorted(rec) == ["reference-s0", "reference-s1", "reference-s2"]
+    both = recorded_runs(str(path), setup, ("reference", "blocks"))            # --keep-recorded: the fast arm too
+    assert sorted(both) == ["blocks-s0", "reference-s0", "reference-s1", "reference-s2"]
     root = tmp_path / "runs"
     for s, v in ref.items():
         _run(root, f"blocks-s{s}", v + 0.01)
