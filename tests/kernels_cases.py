@@ -441,12 +441,14 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     value, reported -1). Checks: the values as torch.topk finds them (_check_picks), the exact slot order and the
     naive twin's index set (_check_select_exact); repeats are bitwise equal to the first run: on CPU one repeat with
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
-    programs run fails it), on the GPU two repeats (the hardware schedules the programs). The row select, on every
+    programs run fails it), on the GPU two repeats (the hardware schedules the programs); all calls share one
+    SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The row select, on every
     row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected slot
     order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
-    from dsv4_lab.kernels.indexer_topk.select import radix_select
+    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
     g = torch.Generator().manual_seed(11)
+    ws = SelectWorkspace(2, programs=2, device=device)     # shared by every call (grown by radix_select when short)
     # (R, L, k, programs, frontier). Decode-like rows (L > 1000; on CPU in 256-entry blocks, the interpreter's cost
     # is per block): 4100 entries over 3 programs (the default) and 5 (the last one holds 4 entries), k = 64 and 512,
     # a frontier inside the last chunk (n = 4000, 4001), and n = 511 / 512 / 513 around k = 512 (frontier (3, 510, 1):
@@ -475,7 +477,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 if nm == "randn" and device == "cpu" and L > 1000:
                     continue                                      # few ties: the short rows cover them on CPU
                 tag = f"radix_select {nm} {dt} digits {db} {(R, L, k, P, fr)}"
-                run = lambda: radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk)  # noqa: E731
+                def run():                      # one workspace for all shapes: each call must leave it zeroed
+                    res = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk, workspace=ws)
+                    assert not ws.hist.any(), f"{tag}: the histograms / tickets were not left zeroed"
+                    return res
                 v, i = run()
                 _check_picks(tag, xd, n, k, v, i)
                 _check_select_exact(tag, xd, n, k, v, i)

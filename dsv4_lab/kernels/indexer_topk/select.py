@@ -7,7 +7,6 @@ their top 16 bits differ; -0.0 has the key of +0.0). The threshold key t (the k-
 time (a digit), one launch per digit, NL = 32 / DB digits for fp32 rows, 16 / DB for bf16 rows (their low 16 bits
 are all equal). A row of L entries is cut into P chunks of C entries (whole blocks), one program per chunk:
 
-    launch 0    zero the per-row histograms: NL x 2^DB bins per row                                 (torch.zero_)
     launch l    every program of the row rebuilds the digits b_0..b_{l-1} of t from the histograms already
                 complete (the same arithmetic in every program, so no program waits for another), then builds its
                 chunk's 2^DB-bin histogram of digit l over the entries whose top DB*l bits are b_0..b_{l-1}: added
@@ -17,7 +16,10 @@ are all equal). A row of L entries is cut into P chunks of C entries (whole bloc
                 before it, q < p, hold  gt_q = sum_l S_{q,l}[b_l + 1]  entries > t  and  eq_q = S_{q,NL-1}[b_{NL-1}]
                 - S_{q,NL-1}[b_{NL-1} + 1] entries == t (an entry > t first exceeds t at exactly one digit), so its
                 own picks start at slot sum_{q<p} gt_q and tie rank sum_{q<p} eq_q; it walks its chunk block by
-                block in index order (positions by tl.cumsum over the block's masks)
+                block in index order (positions by tl.cumsum over the block's masks). Once it has read the
+                row's histograms it takes a ticket (one atomic add on the row's counter); the row's last program
+                to take one zeroes the histograms and the counter, so no launch has to zero them before the next
+                call (the workspace leaves every call as it entered it: SelectWorkspace)
 
 Output (deterministic, the naive twin's tie rule: indexer_topk/naive.py, docs/kernels.md §3): slots [0, k - r) hold
 the entries with key > t in increasing index order, slots [k - r, k) the r LOWEST-INDEX entries with key == t in
@@ -36,7 +38,8 @@ counts) takes DB = 8 (NL = 4 digit launches for fp32 rows, 2 for bf16); prefill 
 launches for bf16 rows, each a bandwidth-bound read). Each launch reads its chunk of the row once (L2-resident at
 decode: a 256K-entry row is 1 MB of fp32). The emit's extra reads are (NL + 1) suffix counts per earlier program.
 
-Workspace (int32): R x NL 2^DB row histograms, then R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1).
+Workspace (SelectWorkspace, int32): per row NL 2^DB histogram bins + the ticket counter, all zero between calls
+(allocated zeroed once); and R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1; written before read).
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, 
     if (n > k) & (c0 < n):
         NB: tl.constexpr = 1 << DB
         H: tl.constexpr = NL * NB
-        hbase = row.to(tl.int64) * H
+        hbase = row.to(tl.int64) * (H + 1)                                     # H bins, then the ticket counter
         pref, krem = _prefix(HIST, hbase, k, LEVEL, DB)
         SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
         HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
@@ -133,7 +136,13 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
     elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
         NB: tl.constexpr = 1 << DB
         H: tl.constexpr = NL * NB
-        pref, krem = _prefix(HIST, row.to(tl.int64) * H, k, NL, DB)
+        hbase = row.to(tl.int64) * (H + 1)
+        pref, krem = _prefix(HIST, hbase, k, NL, DB)
+        # ticket (acq_rel: this program's histogram reads come before it); the last of the row's cdiv(n, C)
+        # programs sees every other one's reads done and zeroes the histograms and the counter for the next call
+        if tl.atomic_add(HIST + hbase + H, 1) == (n + C - 1) // C - 1:
+            tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
+            tl.store(HIST + hbase + H, 0)
         n_gt = k - krem                                                       # picks > t: slots [0, n_gt)
         # gt / eq: entries > t / == t in the chunks of programs 0..p-1 (their suffix counts, QB programs at a time)
         gt = k * 0
@@ -201,13 +210,29 @@ def default_programs(R: int, L: int, sms: int = SMS) -> int:
     return max(1, min(triton.cdiv(L, 2048), triton.cdiv(4 * sms, max(R, 1))))
 
 
+class SelectWorkspace:
+    """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins and the
+    ticket counter, allocated zeroed once and left zeroed by every call (its last program per row clears them), so
+    a call needs no zeroing launch; `scratch`, the per-program suffix counts of programs 0..P-2 of every row,
+    written before they are read. With programs=None the scratch fits the default programs of any row length
+    (default_programs: R (P - 1) <= 4 SMS - 1); with programs= given, R (programs - 1) suffix tables.
+    One workspace serves calls of any shape, dtype and digit width up to `rows` rows, but not two calls running at
+    once (two streams): their tickets and histograms would mix."""
+
+    def __init__(self, rows: int, programs: int | None = None, device="cuda"):
+        self.rows = int(rows)
+        extra = 4 * SMS - 1 if programs is None else self.rows * (max(1, int(programs)) - 1)
+        self.hist = torch.zeros(self.rows * (HMAX + 1), dtype=torch.int32, device=device)
+        self.scratch = torch.empty(max(1, extra * HMAX), dtype=torch.int32, device=device)
+
+
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
-                 programs: int | None = None, workspace: torch.Tensor | None = None, digit_bits: int | None = None,
+                 programs: int | None = None, workspace: SelectWorkspace | None = None, digit_bits: int | None = None,
                  block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
-    order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: an int32 buffer of
-    >= workspace_size(R) elements (workspace_size(R, programs) with programs= given; allocated if None or smaller).
+    order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: a SelectWorkspace
+    (one is allocated, zeroed, when None; its parts are replaced when too small for this call).
     digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
     block: entries per loop step of a program, a power of two (default 2048; 64 in the interpreter).
     out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride)."""
@@ -216,6 +241,8 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
     if DB not in (4, 8):
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
+    if workspace is not None and not isinstance(workspace, SelectWorkspace):
+        raise TypeError(f"radix_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     NL = (16 if val.dtype == torch.bfloat16 else 32) // DB
     if R == 0:
         return oval, oidx
@@ -223,26 +250,18 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
     P = triton.cdiv(L, C)                                                   # <= the P asked for
     H = NL * (1 << DB)
-    need = R * H + R * (P - 1) * H                                          # row histograms + per-program suffixes
-    ws = workspace[:need] if workspace is not None and workspace.numel() >= need else \
-        torch.empty(need, dtype=torch.int32, device=val.device)
-    hist, ph = ws[: R * H], ws[R * H:]
-    hist.zero_()                                 # the per-program suffixes are written before they are read
+    ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
+    if ws.rows < R:                                                         # a zeroed histogram table for R rows
+        ws.rows, ws.hist = R, torch.zeros(R * (HMAX + 1), dtype=torch.int32, device=val.device)
+    if ws.scratch.numel() < R * (P - 1) * H:
+        ws.scratch = torch.empty(R * (P - 1) * H, dtype=torch.int32, device=val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     for lev in range(NL):
-        _hist_level[(P, R)](val, hist, ph, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB, RATIO=ratio,
-                            BLOCK=BLOCK, num_warps=num_warps)
-    _emit[(P, R)](val, hist, ph, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL, DB=DB,
-                   RATIO=ratio, BLOCK=BLOCK, QB=128, num_warps=num_warps)
+        _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
+                            RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
+    _emit[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,
+                  DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, num_warps=num_warps)
     return oval, oidx
 
 
-def workspace_size(R: int, programs: int | None = None) -> int:
-    """int32 workspace elements radix_select needs for R rows, any dtype and digit width: the row histograms plus the
-    suffix counts of programs 0..P-2 of every row. With the default programs (default_programs: P <= cdiv(4 SMS, R))
-    R (P - 1) <= 4 SMS - 1 for any L; with programs= given, R (programs - 1)."""
-    extra = 4 * SMS - 1 if programs is None else R * (max(1, int(programs)) - 1)
-    return (R + extra) * HMAX
-
-
-__all__ = ["radix_select", "default_programs", "workspace_size"]
+__all__ = ["radix_select", "default_programs", "SelectWorkspace"]

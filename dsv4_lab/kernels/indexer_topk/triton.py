@@ -157,12 +157,17 @@ def _topk_torch(sc, k, ordered: bool = True):
     return v, i
 
 
+_SELECT_WS: dict = {}        # device -> select.SelectWorkspace shared by the calls on that device (one stream at a time)
+
+
 def _row_selector(method: str, rows: int, device):
     """The select methods' top-k of score rows, f(scores (R, L), k, frontier, out) -> (vals, idx) for up to `rows`
     rows at a time (select.py / rowselect.py); None for the torch.topk methods."""
     if method.startswith("select"):
-        from .select import radix_select, workspace_size
-        ws = torch.empty(workspace_size(rows), dtype=torch.int32, device=device)
+        from .select import SelectWorkspace, radix_select
+        ws = _SELECT_WS.get(str(device))
+        if ws is None or ws.rows < rows:       # one per device, kept: each call leaves it zeroed (no memset launch)
+            ws = _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)
         return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
     if method.startswith("rowsel"):
         from .rowselect import row_select
