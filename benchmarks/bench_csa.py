@@ -284,9 +284,10 @@ def topk_row(L=262144):
         out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
+        blk = min(2048, L // P)                              # chunks are whole blocks: 256 programs need 1024
         for nm, row in (("fp32", x), ("bf16", xb)):
-            out[f"select_{nm}_p{P}_us"] = bench_graph(lambda P=P, row=row: radix_select(row, K, programs=P,
-                                                                                         workspace=ws))["ms"] * 1e3
+            out[f"select_{nm}_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
+                row, K, programs=P, workspace=ws, block=blk))["ms"] * 1e3
     out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
                    "histograms zeroed: no zeroing launch)")
     return out
