@@ -93,9 +93,6 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
     return max(0, min(S, (q_offset + t1) // ratio))
 
 
-_NO_HIST: dict = {}          # device -> a one-element stand-in for the score kernel's HIST when it builds no histogram
-
-
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
                           s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None,
                           dtype: torch.dtype = torch.float32, pad: int = 1, hist: torch.Tensor | None = None,
@@ -139,9 +136,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
     hist_h = 0 if hist is None else ((16 if dtype == torch.bfloat16 else 32) // 8) * 256   # select's NL x 2^8
-    if hist is None:                           # never touched; small, since the autotuner copies it while tuning
-        hist = _NO_HIST.setdefault(str(qI.device), torch.zeros(1, dtype=torch.int32, device=qI.device))
-    kern[grid](qI, kI, w, out, hist, Tq, Sp, t0, q_offset, k,
+    kern[grid](qI, kI, w, out, out if hist is None else hist, Tq, Sp, t0, q_offset, k,
                qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
                w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
