@@ -212,12 +212,6 @@ def decode(N):
     r = bench_graph(lambda: indexer_scores_triton(qI, kI, w, M, N - 1, out=buf, fill=False), reps=50)
     out["score_us"] = r["ms"] * 1e3
     out["score_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
-    # bf16 scores, without and with the select's first-digit histogram (what select_bf16 runs at decode); the
-    # histogram goes to a scratch table here (repeats add up: the timing does not care)
-    hbuf = torch.zeros(2 * 256 + 1, dtype=torch.int32, device="cuda")
-    for tag, h in (("score_bf16_us", None), ("score_bf16_digit0_us", hbuf)):
-        out[tag] = bench_graph(lambda h=h: indexer_scores_triton(qI, kI, w, M, N - 1, out=buf, fill=False,
-                                                                 dtype=torch.bfloat16, hist=h, k=K), reps=50)["ms"] * 1e3
     best = None
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L
     for name in METHODS:

@@ -300,8 +300,7 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     read only what the score kernel wrote). Dyadic inputs keep every score exact in any order and dtype, so scores
     must match exactly; the fp32-score methods must return the naive twin's top-k values, the bf16 ones the top-k of
     the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method); the
-    select methods exactly the naive twin's picks on those scores (_check_select_naive). At decode (T <= 16) the
-    score kernel's first-digit histograms for the select (digit0_hist) exactly."""
+    select methods exactly the naive twin's picks on those scores (_check_select_naive)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -324,13 +323,6 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
             assert sc.shape == (B, T - t0, Sp), f"score shape {tuple(sc.shape)} vs {(B, T - t0, Sp)}"
             assert sc.dtype == sdt and torch.equal(sc.float(), ref[..., :Sp].to(sdt).float()), \
                 f"{sdt} score kernel differs from indexer_scores"
-            if T <= 16 and Sp > 0:                   # decode: the select's first digit, added by the score kernel
-                H = (16 if sdt == torch.bfloat16 else 32) // 8 * 256
-                nq = torch.clamp((off + torch.arange(t0, T) + 1) // R, max=Sp).repeat(B)
-                want = digit0_hist(ref[..., :Sp].to(sdt).reshape(-1, Sp), nq, min(k, Sp), H)
-                hist = torch.zeros_like(want).to(device)
-                indexer_scores_triton(qI, kI, w, R, off, t0, T, dtype=sdt, hist=hist, k=min(k, Sp), fill=False)
-                assert torch.equal(hist.cpu(), want), f"{sdt} score kernel: first-digit histograms differ"
         assert (ref[..., Sp:] == float("-inf")).all(), "entries beyond S' must be invisible to the whole chunk"
         full = indexer_scores(qI, kI, w, R, off)                                     # (B, T, S) exact fp32 sums
         n = torch.clamp((off + torch.arange(T) + 1) // R, max=S).repeat(B)
@@ -386,20 +378,6 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------------ indexer_select
-def digit0_hist(x, n, k, H):
-    """select.py's first 8-bit digit histograms of rows x (R, L) over each row's first n[r] entries (rows with
-    n[r] <= k stay zero), laid out as SelectWorkspace.hist (row r at r (H + 1), its ticket counter zero): what the
-    score kernel must add at decode (indexer_topk/triton.py) for radix_select(digit0_done=True)."""
-    bits = x.detach().float().cpu().contiguous().view(torch.int32).clone()
-    bits[bits == -2**31] = 0                                                   # -0.0 keys as +0.0
-    d = ((bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -2**31) >> 24) & 255
-    out = torch.zeros(x.shape[0] * (H + 1), dtype=torch.int32)
-    for r in range(x.shape[0]):
-        if int(n[r]) > k:
-            out[r * (H + 1): r * (H + 1) + 256] = torch.bincount(d[r, :int(n[r])].long(), minlength=256).int()
-    return out
-
-
 def select_expected(x, n, k):
     """What radix_select must return for rows x (R, L) whose first n[r] entries are visible (indexer_topk/select.py
     docstring): (vals fp32, idx int32) (R, k). Rows with n > k: t = the k-th largest visible value, r = k - #(> t);
@@ -464,8 +442,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     naive twin's index set (_check_select_exact); repeats are bitwise equal to the first run: on CPU one repeat with
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
     programs run fails it), on the GPU two repeats (the hardware schedules the programs); all calls share one
-    SelectWorkspace, which every call must leave zeroed (its last program per row clears it); at 8-bit digits once more
-    with the first digit's histograms given (digit0_done, as the score kernel adds them at decode). The row select, on every
+    SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The row select, on every
     row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected slot
     order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
@@ -515,15 +492,6 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
-                if db == 8:                  # the first digit's histograms given (as the score kernel adds them)
-                    H = (16 if dt == torch.bfloat16 else 32) // 8 * 256
-                    wsf = SelectWorkspace(R, programs=P, device=device)
-                    wsf.hist[: R * (H + 1)] = digit0_hist(xd, n, k, H).to(device)
-                    v2, i2 = radix_select(xd, k, frontier=fr, programs=P, digit_bits=8, block=blk, workspace=wsf,
-                                          digit0_done=True)
-                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: digit0_done differs bitwise from the full select"
-                    assert not wsf.hist.any(), f"{tag}: digit0_done left the histograms / tickets non-zero"
                 for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
                     v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \

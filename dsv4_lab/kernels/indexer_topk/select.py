@@ -100,16 +100,12 @@ def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, 
         SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
         HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
         hist = tl.zeros([NB], tl.int32)
-        b0 = (pref >> (32 - DB)) & (NB - 1)                                    # digit 0 of t (LEVEL >= 1)
-        gt0 = k * 0                                                            # entries whose digit 0 is above b0
         vrow = VAL + row.to(tl.int64) * sv
         c1 = tl.minimum(c0 + C, n)
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
             u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
-            if LEVEL == 1:
-                gt0 += tl.sum((m & (((u >> (32 - DB)) & (NB - 1)) > b0)).to(tl.int32), 0)
             m = m & ((LEVEL == 0) | ((u >> HS) == (pref >> HS)))                 # inside the bin chosen so far
             hist += tl.histogram((u >> SH) & (NB - 1), NB, mask=m)
         bins = tl.arange(0, NB)
@@ -117,9 +113,6 @@ def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, 
         if p < P - 1:                                  # suffix counts S_{p,LEVEL}[b] for the emit of later programs
             pbase = (row.to(tl.int64) * (P - 1) + p) * H
             tl.store(PH + pbase + LEVEL * NB + bins, tl.cumsum(hist, 0, reverse=True))
-            if LEVEL == 1:       # S_{p,0}[b0 + 1], the one digit-0 count the emit reads: the same value launch 1
-                #               stored, and the only one when the score kernel built digit 0 (digit0_done)
-                tl.store(PH + pbase + b0 + 1, gt0, mask=b0 + 1 < NB)
 
 
 @triton.jit
@@ -235,18 +228,14 @@ class SelectWorkspace:
 
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  programs: int | None = None, workspace: SelectWorkspace | None = None, digit_bits: int | None = None,
-                 block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 digit0_done: bool = False):
+                 block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
     order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: a SelectWorkspace
     (one is allocated, zeroed, when None; its parts are replaced when too small for this call).
     digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
     block: entries per loop step of a program, a power of two (default 2048; 64 in the interpreter).
-    out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride).
-    digit0_done: workspace.hist already holds every row's complete first-digit histogram (rows with more than k
-    visible entries; 8-bit digits): the indexer's score kernel builds it at decode (triton.py), and the select starts
-    at the second digit, one launch fewer."""
+    out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride)."""
     R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
     P = default_programs(R, L) if programs is None else max(1, int(programs))
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
@@ -254,9 +243,6 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
     if workspace is not None and not isinstance(workspace, SelectWorkspace):
         raise TypeError(f"radix_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
-    if digit0_done and (DB != 8 or workspace is None or workspace.rows < R):
-        raise ValueError(f"radix_select: digit0_done needs digit_bits=8 (got {DB}) and the workspace holding the "
-                         f"histograms of all {R} rows")
     NL = (16 if val.dtype == torch.bfloat16 else 32) // DB
     if R == 0:
         return oval, oidx
@@ -270,7 +256,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     if ws.scratch.numel() < R * (P - 1) * H:
         ws.scratch = torch.empty(R * (P - 1) * H, dtype=torch.int32, device=val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
-    for lev in range(1 if digit0_done else 0, NL):
+    for lev in range(NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
                             RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
     _emit[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
-from .select import _ukey
 
 
 # ================================================================================================ score kernel
@@ -32,18 +31,13 @@ def _score_configs():
     return configs(gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
-# HIST_H > 0 (decode, methods select / select_bf16): the kernel also adds the first 8-bit digit's histogram of every
-# query row's visible scores (as stored: bf16-rounded for bf16 scores) into the select's row histograms (select.py
-# layout: row r at r (HIST_H + 1), HIST_H = NL 2^8), for rows with more than k visible entries, as select's first
-# digit launch would; radix_select(digit0_done=True) then starts at the second digit: one launch fewer. The
-# autotuner restores HIST after timing the configs (their atomic adds would otherwise stay in it).
-@triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "HIST_H"], restore_value=["HIST"])
+@triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO"])
 @triton.jit
-def _indexer_scores_fwd(QI, KI, WT, OUT, HIST, Tq, Sp, t0, q_offset, k,
+def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
                         sqb, sqt, sqh, skb, sks, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr,
-                        FILL: tl.constexpr, HIST_H: tl.constexpr):
+                        FILL: tl.constexpr):
     R: tl.constexpr = BLOCK_M * HIP
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -73,16 +67,6 @@ def _indexer_scores_fwd(QI, KI, WT, OUT, HIST, Tq, Sp, t0, q_offset, k,
         sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
         sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
         tl.store(OUT + off, sc.to(OUT.dtype.element_ty), mask=omask)          # fp32, or bf16 (rounded once)
-        if HIST_H > 0:                                 # select's first digit, per query row (comment above)
-            d = (_ukey(sc.to(OUT.dtype.element_ty).to(tl.float32)) >> 24) & 255     # (BLOCK_M, BLOCK_N)
-            vis = omask & (s[None, :] < nvis_m[:, None]) & (nvis_m > k)[:, None]
-            d = tl.reshape(d, [BLOCK_M * BLOCK_N])
-            bins = tl.arange(0, 256)
-            for mi in tl.static_range(BLOCK_M):
-                sel = tl.reshape(vis & (tl.arange(0, BLOCK_M) == mi)[:, None], [BLOCK_M * BLOCK_N])
-                h = tl.histogram(d, 256, mask=sel)
-                row = b * Tq + m0 + mi
-                tl.atomic_add(HIST + row * (HIST_H + 1) + bins, h, mask=h > 0)
     else:
         if FILL:                                   # FILL=False: the reader stops at each row's frontier (select)
             tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32).to(OUT.dtype.element_ty),
@@ -95,8 +79,7 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
                           s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None,
-                          dtype: torch.dtype = torch.float32, pad: int = 1, hist: torch.Tensor | None = None,
-                          k: int = 0):
+                          dtype: torch.dtype = torch.float32, pad: int = 1):
     """(B, t1 - t0, S') scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf; `dtype` fp32,
     or bf16 (the fp32 sum over heads rounded once to nearest: half the bytes written and read by the top-k).
 
@@ -106,9 +89,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     tile's causal frontier unwritten (for readers that stop at each row's frontier, as radix_select does).
     config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config).
     pad: rows of `out` start every ceil(S' / pad) * pad elements (pad 64: aligned rows, so readers load whole
-    16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows.
-    hist: a select.SelectWorkspace's `hist` (zeroed): the kernel adds the first 8-bit digit's histogram of each query
-    row with more than k visible entries to it (row b (t1 - t0) + t), for radix_select(..., digit0_done=True)."""
+    16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows."""
     check_device(qI, kI, w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -135,12 +116,11 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     if config is not None:
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
-    hist_h = 0 if hist is None else ((16 if dtype == torch.bfloat16 else 32) // 8) * 256   # select's NL x 2^8
-    kern[grid](qI, kI, w, out, out if hist is None else hist, Tq, Sp, t0, q_offset, k,
+    kern[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
                qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
                w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-               DOT_DT=dot_dtype(qI), FILL=fill, HIST_H=hist_h, **extra)
+               DOT_DT=dot_dtype(qI), FILL=fill, **extra)
     return out
 
 
@@ -180,27 +160,18 @@ def _topk_torch(sc, k, ordered: bool = True):
 _SELECT_WS: dict = {}        # device -> select.SelectWorkspace shared by the calls on that device (one stream at a time)
 
 
-def _select_workspace(rows: int, device):
-    """The device's shared select.SelectWorkspace, for at least `rows` rows (each call leaves it zeroed: no memset)."""
-    from .select import SelectWorkspace
-    ws = _SELECT_WS.get(str(device))
-    if ws is None or ws.rows < rows:
-        ws = _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)
-    return ws
-
-
 def _row_selector(method: str, rows: int, device):
-    """The select methods' top-k of score rows, f(scores (R, L), k, frontier, out, digit0_done=False) -> (vals, idx)
-    for up to `rows` rows at a time (select.py / rowselect.py); None for the torch.topk methods. digit0_done: the
-    score kernel already added the first 8-bit digit's histograms to the shared workspace (decode)."""
+    """The select methods' top-k of score rows, f(scores (R, L), k, frontier, out) -> (vals, idx) for up to `rows`
+    rows at a time (select.py / rowselect.py); None for the torch.topk methods."""
     if method.startswith("select"):
-        from .select import radix_select
-        ws = _select_workspace(rows, device)
-        return lambda sc, kk, fr, out, digit0_done=False: radix_select(
-            sc, kk, frontier=fr, workspace=ws, out=out, digit_bits=8 if digit0_done else None, digit0_done=digit0_done)
+        from .select import SelectWorkspace, radix_select
+        ws = _SELECT_WS.get(str(device))
+        if ws is None or ws.rows < rows:       # one per device, kept: each call leaves it zeroed (no memset launch)
+            ws = _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)
+        return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
     if method.startswith("rowsel"):
         from .rowselect import row_select
-        return lambda sc, kk, fr, out, digit0_done=False: row_select(sc, kk, frontier=fr, out=out)
+        return lambda sc, kk, fr, out: row_select(sc, kk, frontier=fr, out=out)
     return None
 
 
@@ -277,15 +248,13 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
             short = Sp <= short_l                               # a short chunk: the row select (auto)
-            fuse = method.startswith("select") and not short and T <= DECODE_T   # decode: digit 0 in the scores
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not (select or short),
-                                       dtype=sdt, pad=pad, k=min(k, Sp),
-                                       hist=_select_workspace(B * rows, qI.device).hist if fuse else None)
+                                       dtype=sdt, pad=pad)
             sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
             if select or short:
                 v, i = (short_rows if short else select_rows)(sc, min(k, Sp), (t1 - t0, q_offset + t0, ratio),
                                                               (val.view(B * T, k), idx.view(B * T, k)) if direct
-                                                              else None, digit0_done=fuse)
+                                                              else None)
                 if direct:
                     continue
                 if return_scores:                               # stable: equal scores stay in index order
