@@ -18,9 +18,10 @@ Verdict: for each fast arm, the paired difference of the final validation loss (
 initial weights and batches) with its 95 % t interval (dsv4_lab/stats.py), beside the seed noise = the standard
 deviation of the reference arm's final loss over seeds. "Within seed noise" when the interval's largest |value| is
 below that standard deviation. With both fast arms, also `blocks` against `triton` (what compilation alone
-changes). `seeds_needed`: the number of seeds at which an interval of the observed spread of the
-differences would fit inside the seed noise (a fast path whose runs decorrelate from the reference runs over the
-200 steps has differences spread like two independent seeds, sqrt(2) times the seed noise: 11 seeds). Writes
+changes). `seeds_needed`: the number of seeds at which an interval around the observed mean difference, of the
+observed spread of the differences, would fit inside the seed noise (None when the mean alone does not; a fast path
+whose runs decorrelate from the reference runs over the 200 steps, differences spread like two independent seeds,
+sqrt(2) times the seed noise, needs 11 seeds at a zero mean). Writes
 benchmarks/results/loss_parity.json (per run: the val-loss curve, the final val loss, the mean train loss of the last
 20 steps, the commit).
 
@@ -140,18 +141,20 @@ def judge(final):
             worst = max(abs(r["ci_low"]), abs(r["ci_high"]))
             r["seed_noise_std"] = noise
             r["within_seed_noise"] = bool(noise is not None and worst < noise)
-            r["seeds_needed"] = seeds_needed(r["sd_diff"], noise)
+            r["seeds_needed"] = seeds_needed(r["sd_diff"], noise, r["mean_diff"])
             rows.append(r)
     return {"seed_noise_std": noise, "verdicts": rows}
 
 
-def seeds_needed(sd_diff, noise, alpha=0.05, n_max=200):
-    """Smallest n whose paired-t interval half-width t(1 - alpha/2, n-1) sd_diff / sqrt(n) is below the seed noise
-    (None above n_max or without a spread)."""
+def seeds_needed(sd_diff, noise, mean_diff=0.0, alpha=0.05, n_max=200):
+    """Smallest n whose paired-t interval |mean_diff| + t(1 - alpha/2, n-1) sd_diff / sqrt(n) lies inside the seed
+    noise, the observed mean and spread taken as they are (None above n_max, without a spread, or when |mean_diff|
+    alone reaches the noise)."""
     from dsv4_lab.stats import t_quantile
-    if not noise or sd_diff is None or sd_diff != sd_diff:
+    if not noise or sd_diff is None or sd_diff != sd_diff or mean_diff != mean_diff:
         return None
-    return next((n for n in range(2, n_max + 1) if t_quantile(1 - alpha / 2, n - 1) * sd_diff / n ** 0.5 < noise),
+    room = noise - abs(mean_diff)
+    return next((n for n in range(2, n_max + 1) if t_quantile(1 - alpha / 2, n - 1) * sd_diff / n ** 0.5 < room),
                 None)
 
 
@@ -209,7 +212,7 @@ def _report(res, out):
         print(f"{r['arm']} - {r['baseline']}: {r['mean_diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
               f"(n {r['n_seeds']}, {r['verdict']}), seed noise std {r['seed_noise_std']:.4f}: "
               f"{'within' if r['within_seed_noise'] else 'NOT within'} seed noise "
-              f"(seeds for an interval inside it at this spread: {r['seeds_needed']})", flush=True)
+              f"(seeds for an interval inside it at this mean and spread: {r['seeds_needed']})", flush=True)
     from dsv4_lab.runlog import atomic_write_bytes
     os.makedirs(os.path.dirname(out), exist_ok=True)
     atomic_write_bytes(out, json.dumps(res, indent=1).encode())

@@ -79,6 +79,7 @@ def test_finished_runs_of_the_record_are_reused_only_for_the_same_setup(tmp_path
 
 
 def test_seeds_needed_is_the_smallest_n_whose_interval_fits_the_seed_noise():
+    """An interval around the observed mean difference, of the observed spread, inside the seed noise."""
     from bench_loss_parity import seeds_needed
 
     from dsv4_lab.stats import t_quantile
@@ -91,6 +92,12 @@ def test_seeds_needed_is_the_smallest_n_whose_interval_fits_the_seed_noise():
         assert half(n, sd) < noise and (n == 2 or half(n - 1, sd) >= noise), (sd, n)
     assert seeds_needed(2 ** 0.5 * noise, noise) in (11, 12, 13)        # decorrelated runs: about a dozen seeds
     assert seeds_needed(float("nan"), noise) is None and seeds_needed(0.1, None) is None
+    # a mean shift leaves less room: more seeds, and none at all once the shift alone reaches the noise
+    for sd in (0.01, 0.05):
+        n = seeds_needed(sd, noise, -0.03)
+        assert 0.03 + half(n, sd) < noise and (n == 2 or 0.03 + half(n - 1, sd) >= noise), (sd, n)
+        assert n >= seeds_needed(sd, noise)
+    assert seeds_needed(0.01, noise, 0.07) is None and seeds_needed(0.01, noise, float("nan")) is None
 
 
 def test_compiled_arm_is_also_judged_against_the_eager_kernel_arm(tmp_path):
