@@ -496,6 +496,16 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
+    # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
+    # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller one it replaces
+    assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \
+        "the shared SelectWorkspace did not grow as expected"
+    from dsv4_lab.kernels.indexer_topk import triton as it
+    it._row_selector("select", 3, device)
+    small = it._SELECT_WS[str(device)]
+    it._row_selector("select", small.rows + 5, device)
+    assert it._SELECT_WS[str(device)].rows >= small.rows + 5 and any(w is small for w in it._SELECT_WS_OUTGROWN), \
+        "the indexer's select workspace was replaced without keeping the old one alive"
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant

@@ -217,13 +217,24 @@ class SelectWorkspace:
     written before they are read. With programs=None the scratch fits the default programs of any row length
     (default_programs: R (P - 1) <= 4 SMS - 1); with programs= given, R (programs - 1) suffix tables.
     One workspace serves calls of any shape, dtype and digit width up to `rows` rows, but not two calls running at
-    once (two streams): their tickets and histograms would mix."""
+    once (two streams): their tickets and histograms would mix. A call that needs more grows it (`fit`); the
+    buffers it outgrew stay referenced, since a CUDA graph captured with them writes there on every replay."""
 
     def __init__(self, rows: int, programs: int | None = None, device="cuda"):
         self.rows = int(rows)
         extra = 4 * SMS - 1 if programs is None else self.rows * (max(1, int(programs)) - 1)
         self.hist = torch.zeros(self.rows * (HMAX + 1), dtype=torch.int32, device=device)
         self.scratch = torch.empty(max(1, extra * HMAX), dtype=torch.int32, device=device)
+        self.outgrown: list[torch.Tensor] = []
+
+    def fit(self, rows: int, scratch: int, device) -> None:
+        """Room for `rows` rows of histograms (a new zeroed table) and `scratch` suffix-count elements."""
+        if self.rows < rows:
+            self.outgrown.append(self.hist)
+            self.rows, self.hist = rows, torch.zeros(rows * (HMAX + 1), dtype=torch.int32, device=device)
+        if self.scratch.numel() < scratch:
+            self.outgrown.append(self.scratch)
+            self.scratch = torch.empty(scratch, dtype=torch.int32, device=device)
 
 
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
@@ -251,10 +262,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     P = triton.cdiv(L, C)                                                   # <= the P asked for
     H = NL * (1 << DB)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
-    if ws.rows < R:                                                         # a zeroed histogram table for R rows
-        ws.rows, ws.hist = R, torch.zeros(R * (HMAX + 1), dtype=torch.int32, device=val.device)
-    if ws.scratch.numel() < R * (P - 1) * H:
-        ws.scratch = torch.empty(R * (P - 1) * H, dtype=torch.int32, device=val.device)
+    ws.fit(R, R * (P - 1) * H, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     for lev in range(NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
