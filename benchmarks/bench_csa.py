@@ -30,8 +30,8 @@ from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_tri
 
 H, D, M, K, W, HI, DI, DM = 16, 128, 4, 512, 128, 4, 64, 1024
 BF = dict(device="cuda", dtype=torch.bfloat16)
-METHODS = ("rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")     # prefill and decode
-BF16_METHODS = ("rowsel_bf16", "select_bf16", "torch_bf16")
+METHODS = ("sieve_bf16", "sieve", "rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")
+BF16_METHODS = ("sieve_bf16", "rowsel_bf16", "select_bf16", "torch_bf16")
 FAMILY_CAP_S = 150
 
 
@@ -216,6 +216,8 @@ def decode(N):
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L
     for name in METHODS:
         if name.startswith("rowsel") and S > MAX_L:                            # would run select: measured already
+            continue
+        if name.startswith("sieve"):                          # one program per row: a prefill method, not decode's
             continue
 
         def one(name=name):

@@ -285,7 +285,7 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
                 out = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m)
                 _check_method(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", *(out if rs else (out, None)),
                               r, n, k)
-                if name.startswith("select"):
+                if name.startswith(("select", "sieve")):
                     _check_select_naive(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", out, rs, r, k)
         for sdt, m in (("fp32", "auto"), ("bf16", "auto_bf16")):      # the model's dispatcher routes score_dtype
             a = indexer_topk(qI, kI, w, k, R, q_offset=off, impl="triton", return_scores=True, score_dtype=sdt)
@@ -338,7 +338,7 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                               r, n, k)
                 if rs and not m.endswith("_bf16"):
                     assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
-                if m.startswith(("select", "rowsel")):
+                if m.startswith(("select", "rowsel", "sieve")):
                     _check_select_naive(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", out, rs, r, k)
     # rows longer than the row select holds go to the split-row select: the same picks, slot for slot
     from dsv4_lab.kernels.indexer_topk import rowselect
@@ -447,7 +447,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
     from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
+    from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     g = torch.Generator().manual_seed(11)
+    sieve_paths = set()
     ws = SelectWorkspace(2, programs=2, device=device)     # shared by every call (grown by radix_select when short)
     # (R, L, k, programs, frontier). Decode-like rows (L > 1000; on CPU in 256-entry blocks, the interpreter's cost
     # is per block): 4100 entries over 3 programs (the default) and 5 (the last one holds 4 entries), k = 64 and 512,
@@ -492,10 +494,20 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
+                for a in range(1 if device == "cpu" else 2):     # the sieve select: radix_select's, bitwise
+                    paths = torch.full((R,), -1, dtype=torch.int32, device=device)
+                    v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk,
+                                          **({"cand": max(64, 2 ** (2 * k - 1).bit_length()), "samples": (4, 8)}
+                                             if device == "cpu" else {}))
+                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+                        f"{tag}: sieve_select (run {a + 1}) differs bitwise from radix_select"
+                    sieve_paths |= set(paths.tolist())
                 for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
                     v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
+    # the sieve select: every path taken (0 all picks, 1 own candidates, 2 sieve, 3 fallback), radix_select's result
+    assert sieve_paths >= ({0, 1, 2, 3} if device == "cpu" else {2}), f"sieve paths taken: {sorted(sieve_paths)}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
     # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller one it replaces
     assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \

@@ -4,6 +4,7 @@ indexer_topk_triton(..., method=) (its docstring lists the methods; AUTO picks o
   indexer_scores_triton  score kernel: (query chunk x visible key range) fp32 or bf16 scores, causal tile skipping
   select.radix_select    split-row radix select of the score rows (methods select / select_bf16)
   rowselect.row_select   one-program-per-row select of rows up to 32K entries (methods rowsel / rowsel_bf16)
+  sieve.sieve_select     one-program-per-row select through a guessed threshold (methods sieve / sieve_bf16)
   torch.topk             of the score rows (methods torch / torch_bf16)
 
 The variants measured against these on the H200 and removed (a fused streaming score + top-k kernel, one- and
@@ -125,7 +126,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 
 # ================================================================================================ indexer + top-k
-METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf16")
+METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf16", "sieve", "sieve_bf16")
 # Measured on the H200 (benchmarks/results/csa.json; the methods that lost there left the package, their numbers are
 # in benchmarks/README.md): prefill, Triton scores + torch.topk 0.49 / 4.2 / 37.8 ms at 8K / 32K / 128K (run 26),
 # select 0.65 / 6.2 / 78.3; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select
@@ -138,7 +139,7 @@ METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf1
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
 AUTO = {"prefill": "torch", "decode": "select"}
 AUTO_SHORT_L: int | None = 2048
-FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel"}
+FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel", "sieve_bf16": "sieve"}
 BF16_TWIN = {v: k for k, v in FP32_TWIN.items()}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 
@@ -172,6 +173,9 @@ def _row_selector(method: str, rows: int, device):
                 _SELECT_WS_OUTGROWN.append(ws)  # free it (so its memory cannot go to another tensor)
             ws = _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)
         return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
+    if method.startswith("sieve"):
+        from .sieve import sieve_select
+        return lambda sc, kk, fr, out: sieve_select(sc, kk, frontier=fr, out=out)
     if method.startswith("rowsel"):
         from .rowselect import row_select
         return lambda sc, kk, fr, out: row_select(sc, kk, frontier=fr, out=out)
@@ -194,6 +198,11 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                    in registers, the threshold by bisection on the key bits, one launch); rows longer than
                    rowselect.MAX_L entries go to select. Output identical to select's, slot for slot.
       rowsel_bf16  rowsel on bf16 scores (16 bisection steps instead of 32).
+      sieve        Triton fp32 scores per query chunk + the sieve select (sieve.py: one program per row; a threshold
+                   guessed from ~1K sampled entries lets ~2k candidates through to a row select in registers, with
+                   an exact streamed fallback; one launch). For long prefill rows; not yet measured on the H200,
+                   so `auto` does not take it. Output identical to select's, slot for slot.
+      sieve_bf16   sieve on bf16 scores.
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin); in
                    prefill, rowsel for the query chunks that see at most AUTO_SHORT_L entries.
       auto_bf16    auto's choice on bf16 scores (its _bf16 twin, whatever the inputs' dtype; short chunks rowsel_bf16):

@@ -1,0 +1,195 @@
+"""Sieve select: exact top-k of long prefill score rows through a guessed threshold (docs/kernels.md §3).
+
+    sieve_select(val, k, frontier=None, out=None, paths=None) -> (vals (R, k) fp32, idx (R, k) int32)
+
+One program per row, one launch, for rows too long for one program's registers (rowselect.py holds at most MAX_L
+entries, and spills well before that). Keys are rowselect.py's (signed int32, the low 16 bits dropped for bf16 rows).
+
+    guess     NS blocks of SB contiguous entries spread over the row's n visible entries (NS SB keys, read once) and
+              the key tau of rank r = ceil(2 k NS SB / n) among them, by bisection on the key bits: about 2k of the
+              row's entries should have a key >= tau
+    sieve     the row in blocks of BLOCK entries: the entries with key >= tau go, in index order, to the program's
+              CAND slots of a scratch buffer (value and index), and are counted
+    select    if k <= count <= CAND, the top-k of the row are the top-k of the candidates (every other entry has a
+              key below tau, and tau is at most every candidate's key, so all entries tied at the k-th key are
+              candidates): the row select on the candidates in registers (the k-th key by bisection, then the emit)
+    fallback  otherwise (a guess that let fewer than k or more than CAND entries through: entries tied in bulk, or
+              scores whose order follows their position), the same bisection streamed over the whole row, one pass
+              per key bit, then the emit streamed
+Rows with at most CAND visible entries are their own candidates (no guess, no sieve).
+
+Output: radix_select's (select.py), slot for slot: the entries above the k-th key in index order, then the
+lowest-index entries equal to it in index order; -inf picks report index -1; a row with n <= k visible entries takes
+them all in index order (slot = column; -1 / -inf after). frontier as in select.py. `paths` (R,) int32, if given,
+receives each row's path: 0 all taken (n <= k), 1 own candidates (n <= CAND), 2 sieve, 3 fallback.
+Deterministic (no atomics), no host synchronisation, CUDA-graph safe; scratch R x CAND x 8 bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._common import INTERPRET, check_device, next_pow2, tl, triton
+from .select import _row_len, _ukey, rows_and_outputs
+
+
+@triton.jit
+def _keys(x, m, LOW: tl.constexpr):
+    """Signed order-preserving keys of fp32 x, >> LOW; masked entries get the smallest key (below every real one)."""
+    return tl.where(m, (_ukey(x) ^ -2147483648) >> LOW, -(1 << (31 - LOW)))
+
+
+@triton.jit
+def _kth_key(s, k, NB: tl.constexpr):
+    """The k-th largest of the 1-D keys s (NB bits), by bisection MSB first (k <= #entries above the mask key)."""
+    t = tl.full([], -(1 << (NB - 1)), tl.int32)
+    if tl.sum((s >= 0).to(tl.int32), 0) >= k:                                 # the sign bit
+        t = tl.full([], 0, tl.int32)
+    for b in tl.static_range(NB - 2, -1, -1):
+        cand = t | (1 << b)
+        if tl.sum((s >= cand).to(tl.int32), 0) >= k:
+            t = cand
+    return t
+
+
+@triton.jit
+def _emit(x, ii, s, m, t, k, n_gt, gt, eq, OVAL, OIDX, obase):
+    """Store the picks among one block (values x, indices ii, keys s, mask m) in the slot order; gt / eq: picks > t
+    and entries == t already emitted before this block. Returns the new (gt, eq)."""
+    is_gt = m & (s > t)
+    is_eq = m & (s == t)
+    idx = tl.where(x == float("-inf"), -1, ii)
+    pos = gt + tl.cumsum(is_gt.to(tl.int32), 0) - 1
+    tl.store(OVAL + obase + pos, x, mask=is_gt)
+    tl.store(OIDX + obase + pos, idx, mask=is_gt)
+    rank = eq + tl.cumsum(is_eq.to(tl.int32), 0) - 1
+    take = is_eq & (rank < k - n_gt)
+    tl.store(OVAL + obase + n_gt + rank, x, mask=take)
+    tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
+    return gt + tl.sum(is_gt.to(tl.int32), 0), eq + tl.sum(is_eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
+                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr):
+    NB: tl.constexpr = 32 - LOW
+    zero = tl.full([], 0, tl.int32)                    # a runtime int32 0 (k or n may be compile-time 1)
+    row = tl.program_id(0)
+    n = _row_len(row, L, Tq, q0, RATIO)
+    vrow = VAL + row.to(tl.int64) * sv
+    obase = row.to(tl.int64) * so
+    cbase = row.to(tl.int64) * CAND
+    j = tl.arange(0, CAND)
+    if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
+        path = zero
+        for st in range(0, k, CAND):
+            offs = st + j
+            mk = offs < k
+            x = tl.load(vrow + offs, mask=mk & (offs < n), other=float("-inf")).to(tl.float32)
+            ok = (offs < n) & (x != float("-inf"))
+            tl.store(OVAL + obase + offs, tl.where(ok, x, float("-inf")), mask=mk)
+            tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=mk)
+    else:
+        if n <= CAND:                                  # the row is its own candidate set
+            path = zero + 1
+            cnt = zero + n
+            mj = j < n
+            x = tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32)
+            ii = j
+        else:
+            # guess: NS blocks of SB entries spread over [0, n), the key of rank r among them
+            sb = tl.arange(0, NS * SB)
+            p = (sb // SB) * (n - SB) // (NS - 1) + sb % SB
+            ss = _keys(tl.load(vrow + p).to(tl.float32), sb >= 0, LOW)
+            r = tl.minimum((2 * k * NS * SB + n - 1) // n, NS * SB)
+            tau = _kth_key(ss, r, NB)
+            # sieve: the entries with key >= tau, in index order, to the program's scratch slots
+            cnt = zero
+            for st in range(0, n, BLOCK):
+                offs = st + tl.arange(0, BLOCK)
+                mb = offs < n
+                xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
+                c = mb & (_keys(xb, mb, LOW) >= tau)
+                pos = cnt + tl.cumsum(c.to(tl.int32), 0) - 1
+                tl.store(CV + cbase + pos, xb, mask=c & (pos < CAND))
+                tl.store(CI + cbase + pos, offs, mask=c & (pos < CAND))
+                cnt += tl.sum(c.to(tl.int32), 0)
+            tl.debug_barrier()                         # the scratch writes of every thread, before they are read
+            path = zero + 2
+            mj = j < cnt
+            x = tl.load(CV + cbase + j, mask=mj, other=0.0)
+            ii = tl.load(CI + cbase + j, mask=mj, other=0)
+        if (cnt >= k) & (cnt <= CAND):                 # select among the candidates, in registers
+            s = _keys(x, mj, LOW)
+            t = _kth_key(s, k, NB)
+            n_gt = tl.sum((s > t).to(tl.int32), 0)
+            _emit(x, ii, s, mj, t, k, n_gt, zero, zero, OVAL, OIDX, obase)
+        else:                                          # fallback: the bisection and the emit streamed over the row
+            path = zero + 3
+            t = tl.full([], -(1 << (NB - 1)), tl.int32)
+            for b in tl.static_range(NB - 1, -1, -1):
+                cand = t | (1 << b) if b < NB - 1 else zero
+                above = zero
+                for st in range(0, n, BLOCK):
+                    offs = st + tl.arange(0, BLOCK)
+                    mb = offs < n
+                    sb_ = _keys(tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32), mb, LOW)
+                    above += tl.sum((sb_ >= cand).to(tl.int32), 0)
+                if above >= k:
+                    t = cand
+            n_gt = zero
+            for st in range(0, n, BLOCK):
+                offs = st + tl.arange(0, BLOCK)
+                mb = offs < n
+                sb_ = _keys(tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32), mb, LOW)
+                n_gt += tl.sum((sb_ > t).to(tl.int32), 0)
+            gt = zero
+            eq = zero
+            for st in range(0, n, BLOCK):
+                offs = st + tl.arange(0, BLOCK)
+                mb = offs < n
+                xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
+                gt, eq = _emit(xb, offs, _keys(xb, mb, LOW), mb, t, k, n_gt, gt, eq, OVAL, OIDX, obase)
+    tl.store(PATH + row, path)
+
+
+def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None, paths: torch.Tensor | None = None,
+                 cand: int | None = None, samples: tuple[int, int] | None = None, block: int | None = None,
+                 num_warps: int | None = None, scratch: torch.Tensor | None = None):
+    """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L, in radix_select's slot
+    order (module docstring). out: (vals, idx) (R, k) fp32 / int32 views to write into. paths: an (R,) int32 tensor
+    for each row's path. cand (CAND, a power of two >= 2 k; default 2048 or 2k rounded up to a power of two, 64 in
+    the interpreter), samples (NS, SB:
+    powers of two, NS >= 2, NS SB <= CAND; default (16, 64), (4, 8) in the interpreter), block (entries per sieve
+    step; default 2048, 64 in the interpreter): the tuning knobs. scratch: an int32 buffer of >= 2 R CAND elements
+    (allocated if None or smaller)."""
+    R, L, oval, oidx = rows_and_outputs("sieve_select", val, k, out)
+    CAND = int(cand) if cand is not None else max(64 if INTERPRET else 2048, next_pow2(2 * k))
+    NS, SB = samples if samples is not None else ((4, 8) if INTERPRET else (16, 64))
+    BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
+    for name, v in (("cand", CAND), ("samples[0]", NS), ("samples[1]", SB), ("block", BLOCK)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"sieve_select: {name}={v}; allowed: a power of two")
+    if CAND < 2 * k or NS < 2 or NS * SB > CAND:
+        raise ValueError(f"sieve_select: cand={CAND}, samples=({NS}, {SB}) with k={k}; allowed: cand >= 2 k, "
+                         f"samples[0] >= 2, samples[0] samples[1] <= cand")
+    if paths is not None:
+        check_device(paths)
+        assert paths.shape == (R,) and paths.dtype == torch.int32, "sieve_select: paths must be an (R,) int32 tensor"
+    if R == 0:
+        return oval, oidx
+    need = 2 * R * CAND
+    buf = scratch if scratch is not None and scratch.numel() >= need else \
+        torch.empty(need, dtype=torch.int32, device=val.device)
+    cv, ci = buf[: R * CAND].view(torch.float32), buf[R * CAND: need]
+    path = paths if paths is not None else torch.empty(R, dtype=torch.int32, device=val.device)
+    if num_warps is None:
+        num_warps = 4 if INTERPRET else 8
+    Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
+    _sieve_select[(R,)](val, cv, ci, oval, oidx, path, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
+                        LOW=16 if val.dtype == torch.bfloat16 else 0, CAND=CAND, NS=NS, SB=SB, BLOCK=BLOCK,
+                        num_warps=num_warps)
+    return oval, oidx
+
+
+__all__ = ["sieve_select"]
