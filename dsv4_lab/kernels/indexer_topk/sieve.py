@@ -52,6 +52,17 @@ def _kth_key(s, k, NB: tl.constexpr):
 
 
 @triton.jit
+def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr):
+    """How many of the row's first n entries have a key >= `key` (one pass over the row)."""
+    c = tl.full([], 0, tl.int32)
+    for st in range(0, n, BLOCK):
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < n
+        c += tl.sum((_keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW) >= key).to(tl.int32), 0)
+    return c
+
+
+@triton.jit
 def _emit(x, ii, s, m, t, k, n_gt, gt, eq, OVAL, OIDX, obase):
     """Store the picks among one block (values x, indices ii, keys s, mask m) in the slot order; gt / eq: picks > t
     and entries == t already emitted before this block. Returns the new (gt, eq)."""
@@ -126,22 +137,12 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
         else:                                          # fallback: the bisection and the emit streamed over the row
             path = zero + 3
             t = tl.full([], -(1 << (NB - 1)), tl.int32)
-            for b in tl.static_range(NB - 1, -1, -1):
-                cand = t | (1 << b) if b < NB - 1 else zero
-                above = zero
-                for st in range(0, n, BLOCK):
-                    offs = st + tl.arange(0, BLOCK)
-                    mb = offs < n
-                    sb_ = _keys(tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32), mb, LOW)
-                    above += tl.sum((sb_ >= cand).to(tl.int32), 0)
-                if above >= k:
-                    t = cand
-            n_gt = zero
-            for st in range(0, n, BLOCK):
-                offs = st + tl.arange(0, BLOCK)
-                mb = offs < n
-                sb_ = _keys(tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32), mb, LOW)
-                n_gt += tl.sum((sb_ > t).to(tl.int32), 0)
+            if _count_from(vrow, n, zero, LOW, BLOCK) >= k:                   # the sign bit
+                t = zero
+            for b in tl.static_range(NB - 2, -1, -1):                         # then every lower bit, MSB first
+                if _count_from(vrow, n, t | (1 << b), LOW, BLOCK) >= k:
+                    t = t | (1 << b)
+            n_gt = _count_from(vrow, n, t + 1, LOW, BLOCK)                    # keys > t (t + 1: no overflow, t < max)
             gt = zero
             eq = zero
             for st in range(0, n, BLOCK):
