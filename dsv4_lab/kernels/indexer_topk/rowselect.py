@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
-from .select import _row_len, _ukey, rows_and_outputs
+from .select import _row_len, _take_all, _ukey, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
 
@@ -43,11 +43,7 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
     vrow = VAL + row.to(tl.int64) * sv
     obase = row.to(tl.int64) * so
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
-        m = offs < k
-        v = tl.load(vrow + offs, mask=m & (offs < n), other=float("-inf")).to(tl.float32)
-        ok = (offs < n) & (v != float("-inf"))
-        tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
-        tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
+        _take_all(vrow, offs, n, k, OVAL, OIDX, obase)
     else:
         NB: tl.constexpr = 32 - LOW                                           # key bits that order the row
         lo = -(1 << (NB - 1))                                                 # the smallest key: never a real one

@@ -68,6 +68,17 @@ def _row_len(row, L, Tq, q0, RATIO: tl.constexpr):
 
 
 @triton.jit
+def _take_all(vrow, offs, n, k, OVAL, OIDX, obase):
+    """A row with n <= k visible entries, the slots `offs`: every visible entry is its own pick (slot = column), -1 /
+    -inf in the slots past them (and for -inf entries)."""
+    m = offs < k
+    v = tl.load(vrow + offs, mask=m & (offs < n), other=float("-inf")).to(tl.float32)
+    ok = (offs < n) & (v != float("-inf"))
+    tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
+    tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
+
+
+@triton.jit
 def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
     """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
     their places, how many of the k picks still lie in the bin the prefix names)."""
@@ -127,12 +138,7 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
     obase = row.to(tl.int64) * so
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
-            offs = st + tl.arange(0, BLOCK)
-            m = offs < k
-            v = tl.load(vrow + offs, mask=m & (offs < n), other=float("-inf")).to(tl.float32)
-            ok = (offs < n) & (v != float("-inf"))
-            tl.store(OVAL + obase + offs, tl.where(ok, v, float("-inf")), mask=m)
-            tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
+            _take_all(vrow, st + tl.arange(0, BLOCK), n, k, OVAL, OIDX, obase)
     elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
         NB: tl.constexpr = 1 << DB
         H: tl.constexpr = NL * NB

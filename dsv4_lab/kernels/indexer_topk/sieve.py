@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, next_pow2, tl, triton
-from .select import _row_len, _ukey, rows_and_outputs
+from .select import _row_len, _take_all, _ukey, rows_and_outputs
 
 
 @triton.jit
@@ -93,12 +93,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         path = zero
         for st in range(0, k, CAND):
-            offs = st + j
-            mk = offs < k
-            x = tl.load(vrow + offs, mask=mk & (offs < n), other=float("-inf")).to(tl.float32)
-            ok = (offs < n) & (x != float("-inf"))
-            tl.store(OVAL + obase + offs, tl.where(ok, x, float("-inf")), mask=mk)
-            tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=mk)
+            _take_all(vrow, st + j, n, k, OVAL, OIDX, obase)
     else:
         if n <= CAND:                                  # the row is its own candidate set
             path = zero + 1
