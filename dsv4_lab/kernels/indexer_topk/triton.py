@@ -164,7 +164,7 @@ _SELECT_WS_OUTGROWN: list = []   # the smaller workspaces it replaced, kept aliv
 
 def _row_selector(method: str, rows: int, device):
     """The select methods' top-k of score rows, f(scores (R, L), k, frontier, out) -> (vals, idx) for up to `rows`
-    rows at a time (select.py / rowselect.py); None for the torch.topk methods."""
+    rows at a time (select.py / sieve.py / rowselect.py); None for the torch.topk methods."""
     if method.startswith("select"):
         from .select import SelectWorkspace, radix_select
         ws = _SELECT_WS.get(str(device))
