@@ -506,8 +506,16 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
-    # the sieve select: every path taken (0 all picks, 1 own candidates, 2 sieve, 3 fallback), radix_select's result
-    assert sieve_paths >= ({0, 1, 2, 3} if device == "cpu" else {2}), f"sieve paths taken: {sorted(sieve_paths)}"
+    # the sieve select on a row whose order follows position (the guess from the sampled blocks lets fewer than k
+    # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
+    # guess is the k-th key, 4 fallback), each with radix_select's result
+    x = torch.arange(300, dtype=torch.float32, device=device).view(1, 300)
+    paths = torch.full((1,), -1, dtype=torch.int32, device=device)
+    v2, i2 = sieve_select(x, 20, paths=paths, cand=64, samples=(4, 8), block=64)
+    v, i = radix_select(x, 20, block=64)
+    assert int(paths[0]) == 4 and torch.equal(i2, i) and torch.equal(v2, v), "sieve_select fallback on a sorted row"
+    sieve_paths.add(4)
+    assert sieve_paths >= ({0, 1, 2, 3, 4} if device == "cpu" else {2}), f"sieve paths taken: {sorted(sieve_paths)}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
     # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller one it replaces
     assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \

@@ -13,15 +13,17 @@ entries, and spills well before that). Keys are rowselect.py's (signed int32, th
     select    if k <= count <= CAND, the top-k of the row are the top-k of the candidates (every other entry has a
               key below tau, and tau is at most every candidate's key, so all entries tied at the k-th key are
               candidates): the row select on the candidates in registers (the k-th key by bisection, then the emit)
-    fallback  otherwise (a guess that let fewer than k or more than CAND entries through: entries tied in bulk, or
-              scores whose order follows their position), the same bisection streamed over the whole row, one pass
-              per key bit, then the emit streamed
+    ties      if more than CAND entries passed but fewer than k lie strictly above tau (entries tied in bulk at the
+              guess), tau is the k-th key itself: the emit streamed over the row
+    fallback  otherwise (a guess that let fewer than k entries through, or more than CAND above it: scores whose
+              order follows their position), the same bisection streamed over the whole row, one pass per key bit,
+              then the emit streamed
 Rows with at most CAND visible entries are their own candidates (no guess, no sieve).
 
 Output: radix_select's (select.py), slot for slot: the entries above the k-th key in index order, then the
 lowest-index entries equal to it in index order; -inf picks report index -1; a row with n <= k visible entries takes
 them all in index order (slot = column; -1 / -inf after). frontier as in select.py. `paths` (R,) int32, if given,
-receives each row's path: 0 all taken (n <= k), 1 own candidates (n <= CAND), 2 sieve, 3 fallback.
+receives each row's path: 0 all taken (n <= k), 1 own candidates (n <= CAND), 2 sieve, 3 ties, 4 fallback.
 Deterministic (no atomics), no host synchronisation, CUDA-graph safe; scratch R x CAND x 8 bytes.
 """
 from __future__ import annotations
@@ -98,6 +100,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
         if n <= CAND:                                  # the row is its own candidate set
             path = zero + 1
             cnt = zero + n
+            cnt_gt = zero
             mj = j < n
             x = tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32)
             ii = j
@@ -110,11 +113,14 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             tau = _kth_key(ss, r, NB)
             # sieve: the entries with key >= tau, in index order, to the program's scratch slots
             cnt = zero
+            cnt_gt = zero                              # keys > tau: with cnt, whether tau is itself the k-th key
             for st in range(0, n, BLOCK):
                 offs = st + tl.arange(0, BLOCK)
                 mb = offs < n
                 xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
-                c = mb & (_keys(xb, mb, LOW) >= tau)
+                sk = _keys(xb, mb, LOW)
+                c = mb & (sk >= tau)
+                cnt_gt += tl.sum((mb & (sk > tau)).to(tl.int32), 0)
                 pos = cnt + tl.cumsum(c.to(tl.int32), 0) - 1
                 tl.store(CV + cbase + pos, xb, mask=c & (pos < CAND))
                 tl.store(CI + cbase + pos, offs, mask=c & (pos < CAND))
@@ -129,15 +135,20 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             t = _kth_key(s, k, NB)
             n_gt = tl.sum((s > t).to(tl.int32), 0)
             _emit(x, ii, s, mj, t, k, n_gt, zero, zero, OVAL, OIDX, obase)
-        else:                                          # fallback: the bisection and the emit streamed over the row
-            path = zero + 3
-            t = tl.full([], -(1 << (NB - 1)), tl.int32)
-            if _count_from(vrow, n, zero, LOW, BLOCK) >= k:                   # the sign bit
-                t = zero
-            for b in tl.static_range(NB - 2, -1, -1):                         # then every lower bit, MSB first
-                if _count_from(vrow, n, t | (1 << b), LOW, BLOCK) >= k:
-                    t = t | (1 << b)
-            n_gt = _count_from(vrow, n, t + 1, LOW, BLOCK)                    # keys > t (t + 1: no overflow, t < max)
+        else:                                          # the emit streamed over the row, after
+            if (cnt_gt < k) & (cnt >= k):              # the k-th key is tau itself (entries tied in bulk at it)
+                path = zero + 3
+                t = tau
+                n_gt = cnt_gt
+            else:                                      # fallback: the bisection streamed over the row
+                path = zero + 4
+                t = tl.full([], -(1 << (NB - 1)), tl.int32)
+                if _count_from(vrow, n, zero, LOW, BLOCK) >= k:               # the sign bit
+                    t = zero
+                for b in tl.static_range(NB - 2, -1, -1):                     # then every lower bit, MSB first
+                    if _count_from(vrow, n, t | (1 << b), LOW, BLOCK) >= k:
+                        t = t | (1 << b)
+                n_gt = _count_from(vrow, n, t + 1, LOW, BLOCK)                # keys > t (t + 1 < 2^31: t < max)
             gt = zero
             eq = zero
             for st in range(0, n, BLOCK):
