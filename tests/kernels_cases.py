@@ -517,14 +517,16 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     sieve_paths.add(4)
     assert sieve_paths >= ({0, 1, 2, 3, 4} if device == "cpu" else {2}), f"sieve paths taken: {sorted(sieve_paths)}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
-    # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller one it replaces
+    # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller tables it replaces
     assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \
         "the shared SelectWorkspace did not grow as expected"
     from dsv4_lab.kernels.indexer_topk import triton as it
     it._row_selector("select", 3, device)
-    small = it._SELECT_WS[str(device)]
-    it._row_selector("select", small.rows + 5, device)
-    assert it._SELECT_WS[str(device)].rows >= small.rows + 5 and any(w is small for w in it._SELECT_WS_OUTGROWN), \
+    dev_ws = it._SELECT_WS[str(device)]
+    small = dev_ws.hist
+    x = torch.randn(dev_ws.rows + 5, 300, generator=g).to(device)
+    it._row_selector("select", dev_ws.rows + 5, device)(x, 20, None, None)
+    assert dev_ws.rows >= x.shape[0] and any(w is small for w in dev_ws.outgrown), \
         "the indexer's select workspace was replaced without keeping the old one alive"
 
 

@@ -29,9 +29,28 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
-from .select import _row_len, _take_all, _ukey, rows_and_outputs
+from .select import _row_len, _store_picks, _take_all, _ukey, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
+
+
+@triton.jit
+def _keys(x, m, LOW: tl.constexpr):
+    """Signed order-preserving keys of fp32 x, >> LOW; masked entries get the smallest key (below every real one)."""
+    return tl.where(m, (_ukey(x) ^ -2147483648) >> LOW, -(1 << (31 - LOW)))
+
+
+@triton.jit
+def _kth_key(s, k, NB: tl.constexpr):
+    """The k-th largest of the 1-D keys s (NB bits), by bisection MSB first (k <= #entries above the mask key)."""
+    t = tl.full([], -(1 << (NB - 1)), tl.int32)                               # the smallest key: never a real one
+    if tl.sum((s >= 0).to(tl.int32), 0) >= k:                                 # the sign bit of the key
+        t = tl.full([], 0, tl.int32)
+    for b in tl.static_range(NB - 2, -1, -1):                                 # then every lower bit, MSB first
+        cand = t | (1 << b)
+        if tl.sum((s >= cand).to(tl.int32), 0) >= k:
+            t = cand
+    return t
 
 
 @triton.jit
@@ -45,32 +64,16 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         _take_all(vrow, offs, n, k, OVAL, OIDX, obase)
     else:
-        NB: tl.constexpr = 32 - LOW                                           # key bits that order the row
-        lo = -(1 << (NB - 1))                                                 # the smallest key: never a real one
         m = offs < n
-        s = (_ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)) ^ -2147483648) >> LOW  # signed keys
-        s = tl.where(m, s, lo)                                                # beyond the frontier: below all
-        t = lo + 0 * n                                                        # (a runtime int32 scalar)
-        if tl.sum((s >= 0).to(tl.int32), 0) >= k:                            # the sign bit of the key
-            t = 0 * n
-        for b in tl.static_range(NB - 2, -1, -1):                             # then every lower bit, MSB first
-            cand = t | (1 << b)
-            if tl.sum((s >= cand).to(tl.int32), 0) >= k:
-                t = cand
+        s = _keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW)   # beyond the frontier: below all
+        t = _kth_key(s, k, 32 - LOW)
         # the values are loaded again (L2-resident) rather than kept live through the bisection: only the keys
         # occupy registers there (a 32K-entry row: 64 per thread at 16 warps)
         v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
-        is_gt = s > t                                                         # (masked entries are lo <= t)
-        is_eq = m & (s == t)
+        is_gt = s > t                                                         # (masked entries are below t)
         n_gt = tl.sum(is_gt.to(tl.int32), 0)                                  # < k by the choice of t
-        idx = tl.where(v == float("-inf"), -1, offs)
-        pos = tl.cumsum(is_gt.to(tl.int32), 0) - 1                            # slots in index order
-        tl.store(OVAL + obase + pos, v, mask=is_gt)
-        tl.store(OIDX + obase + pos, idx, mask=is_gt)
-        rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1                           # tie rank, by index
-        take = is_eq & (rank < k - n_gt)                                      # the lowest-index ties
-        tl.store(OVAL + obase + n_gt + rank, v, mask=take)
-        tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
+        zero = tl.full([], 0, tl.int32)
+        _store_picks(v, offs, is_gt, m & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
 
 
 def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,

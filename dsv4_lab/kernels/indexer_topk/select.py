@@ -79,6 +79,23 @@ def _take_all(vrow, offs, n, k, OVAL, OIDX, obase):
 
 
 @triton.jit
+def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase):
+    """The output of one block of a row in slot order (module docstring): entries > t (is_gt) at slots gt, gt + 1, ..
+    in index order, entries == t (is_eq) of tie rank eq, eq + 1, .. at slot n_gt + rank while the rank is below
+    k - n_gt; -inf entries report index -1. gt / eq: picks > t and entries == t of the blocks before. Returns the new
+    (gt, eq)."""
+    idx = tl.where(v == float("-inf"), -1, idx)
+    pos = gt + tl.cumsum(is_gt.to(tl.int32), 0) - 1                           # slots in index order
+    tl.store(OVAL + obase + pos, v, mask=is_gt)
+    tl.store(OIDX + obase + pos, idx, mask=is_gt)
+    rank = eq + tl.cumsum(is_eq.to(tl.int32), 0) - 1                          # tie rank in the row, by index
+    take = is_eq & (rank < k - n_gt)                                          # the lowest-index ties
+    tl.store(OVAL + obase + n_gt + rank, v, mask=take)
+    tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
+    return gt + tl.sum(is_gt.to(tl.int32), 0), eq + tl.sum(is_eq.to(tl.int32), 0)
+
+
+@triton.jit
 def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
     """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
     their places, how many of the k picks still lie in the bin the prefix names)."""
@@ -177,18 +194,7 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
             else:                              # < 32 bits after the shift: mask to the unsigned prefix
                 a = u & ((1 << (32 - SH)) - 1)
                 t = tpre & ((1 << (32 - SH)) - 1)
-            is_gt = m & (a > t)
-            is_eq = m & (a == t)
-            idx = tl.where(v == float("-inf"), -1, offs)
-            pos = gt + tl.cumsum(is_gt.to(tl.int32), 0) - 1                   # slots in index order
-            tl.store(OVAL + obase + pos, v, mask=is_gt)
-            tl.store(OIDX + obase + pos, idx, mask=is_gt)
-            rank = eq + tl.cumsum(is_eq.to(tl.int32), 0) - 1                  # tie rank in the row, by index
-            take = is_eq & (rank < krem)                                      # the lowest-index r ties
-            tl.store(OVAL + obase + n_gt + rank, v, mask=take)
-            tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
-            gt += tl.sum(is_gt.to(tl.int32), 0)
-            eq += tl.sum(is_eq.to(tl.int32), 0)
+            gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase)
 
 
 def rows_and_outputs(name: str, val: torch.Tensor, k: int, out=None):

@@ -31,26 +31,8 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, next_pow2, tl, triton
-from .select import _row_len, _take_all, _ukey, rows_and_outputs
-
-
-@triton.jit
-def _keys(x, m, LOW: tl.constexpr):
-    """Signed order-preserving keys of fp32 x, >> LOW; masked entries get the smallest key (below every real one)."""
-    return tl.where(m, (_ukey(x) ^ -2147483648) >> LOW, -(1 << (31 - LOW)))
-
-
-@triton.jit
-def _kth_key(s, k, NB: tl.constexpr):
-    """The k-th largest of the 1-D keys s (NB bits), by bisection MSB first (k <= #entries above the mask key)."""
-    t = tl.full([], -(1 << (NB - 1)), tl.int32)
-    if tl.sum((s >= 0).to(tl.int32), 0) >= k:                                 # the sign bit
-        t = tl.full([], 0, tl.int32)
-    for b in tl.static_range(NB - 2, -1, -1):
-        cand = t | (1 << b)
-        if tl.sum((s >= cand).to(tl.int32), 0) >= k:
-            t = cand
-    return t
+from .rowselect import _keys, _kth_key
+from .select import _row_len, _store_picks, _take_all, rows_and_outputs
 
 
 @triton.jit
@@ -62,23 +44,6 @@ def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr):
         m = offs < n
         c += tl.sum((_keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW) >= key).to(tl.int32), 0)
     return c
-
-
-@triton.jit
-def _emit(x, ii, s, m, t, k, n_gt, gt, eq, OVAL, OIDX, obase):
-    """Store the picks among one block (values x, indices ii, keys s, mask m) in the slot order; gt / eq: picks > t
-    and entries == t already emitted before this block. Returns the new (gt, eq)."""
-    is_gt = m & (s > t)
-    is_eq = m & (s == t)
-    idx = tl.where(x == float("-inf"), -1, ii)
-    pos = gt + tl.cumsum(is_gt.to(tl.int32), 0) - 1
-    tl.store(OVAL + obase + pos, x, mask=is_gt)
-    tl.store(OIDX + obase + pos, idx, mask=is_gt)
-    rank = eq + tl.cumsum(is_eq.to(tl.int32), 0) - 1
-    take = is_eq & (rank < k - n_gt)
-    tl.store(OVAL + obase + n_gt + rank, x, mask=take)
-    tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
-    return gt + tl.sum(is_gt.to(tl.int32), 0), eq + tl.sum(is_eq.to(tl.int32), 0)
 
 
 @triton.jit
@@ -134,7 +99,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             s = _keys(x, mj, LOW)
             t = _kth_key(s, k, NB)
             n_gt = tl.sum((s > t).to(tl.int32), 0)
-            _emit(x, ii, s, mj, t, k, n_gt, zero, zero, OVAL, OIDX, obase)
+            _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
         else:                                          # the emit streamed over the row, after
             if (cnt_gt < k) & (cnt >= k):              # the k-th key is tau itself (entries tied in bulk at it)
                 path = zero + 3
@@ -155,21 +120,21 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
                 offs = st + tl.arange(0, BLOCK)
                 mb = offs < n
                 xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
-                gt, eq = _emit(xb, offs, _keys(xb, mb, LOW), mb, t, k, n_gt, gt, eq, OVAL, OIDX, obase)
+                sk = _keys(xb, mb, LOW)
+                gt, eq = _store_picks(xb, offs, sk > t, mb & (sk == t), gt, eq, n_gt, k, OVAL, OIDX, obase)
     tl.store(PATH + row, path)
 
 
 def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None, paths: torch.Tensor | None = None,
                  cand: int | None = None, samples: tuple[int, int] | None = None, block: int | None = None,
-                 num_warps: int | None = None, scratch: torch.Tensor | None = None):
+                 num_warps: int | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L, in radix_select's slot
     order (module docstring). out: (vals, idx) (R, k) fp32 / int32 views to write into. paths: an (R,) int32 tensor
     for each row's path. cand (CAND, a power of two >= 2 k; default 2048 or 2k rounded up to a power of two, 64 in
-    the interpreter), samples (NS, SB:
-    powers of two, NS >= 2, NS SB <= CAND; default (16, 64), (4, 8) in the interpreter), block (entries per sieve
-    step; default 2048, 64 in the interpreter): the tuning knobs. scratch: an int32 buffer of >= 2 R CAND elements
-    (allocated if None or smaller)."""
+    the interpreter), samples (NS, SB: powers of two, NS >= 2, NS SB <= CAND; default (16, 64), (4, 8) in the
+    interpreter), block (entries per sieve
+    step; default 2048, 64 in the interpreter): the tuning knobs."""
     R, L, oval, oidx = rows_and_outputs("sieve_select", val, k, out)
     CAND = int(cand) if cand is not None else max(64 if INTERPRET else 2048, next_pow2(2 * k))
     NS, SB = samples if samples is not None else ((4, 8) if INTERPRET else (16, 64))
@@ -185,10 +150,8 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
         assert paths.shape == (R,) and paths.dtype == torch.int32, "sieve_select: paths must be an (R,) int32 tensor"
     if R == 0:
         return oval, oidx
-    need = 2 * R * CAND
-    buf = scratch if scratch is not None and scratch.numel() >= need else \
-        torch.empty(need, dtype=torch.int32, device=val.device)
-    cv, ci = buf[: R * CAND].view(torch.float32), buf[R * CAND: need]
+    cv = torch.empty(R * CAND, dtype=torch.float32, device=val.device)     # the candidates' values and indices
+    ci = torch.empty(R * CAND, dtype=torch.int32, device=val.device)
     path = paths if paths is not None else torch.empty(R, dtype=torch.int32, device=val.device)
     if num_warps is None:
         num_warps = 4 if INTERPRET else 8

@@ -158,8 +158,7 @@ def _topk_torch(sc, k, ordered: bool = True):
     return v, i
 
 
-_SELECT_WS: dict = {}        # device -> select.SelectWorkspace shared by the calls on that device (one stream at a time)
-_SELECT_WS_OUTGROWN: list = []   # the smaller workspaces it replaced, kept alive (_row_selector)
+_SELECT_WS: dict = {}        # device -> the select.SelectWorkspace of the calls on that device (one stream at a time)
 
 
 def _row_selector(method: str, rows: int, device):
@@ -167,11 +166,9 @@ def _row_selector(method: str, rows: int, device):
     rows at a time (select.py / sieve.py / rowselect.py); None for the torch.topk methods."""
     if method.startswith("select"):
         from .select import SelectWorkspace, radix_select
-        ws = _SELECT_WS.get(str(device))
-        if ws is None or ws.rows < rows:       # one per device, kept: each call leaves it zeroed (no memset launch)
-            if ws is not None:                 # a CUDA graph captured with it writes there on every replay: never
-                _SELECT_WS_OUTGROWN.append(ws)  # free it (so its memory cannot go to another tensor)
-            ws = _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)
+        if str(device) not in _SELECT_WS:      # one per device, kept: each call leaves it zeroed (no memset launch);
+            _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)    # it grows by fit, keeping old buffers
+        ws = _SELECT_WS[str(device)]
         return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
     if method.startswith("sieve"):
         from .sieve import sieve_select
