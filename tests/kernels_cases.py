@@ -1381,7 +1381,10 @@ CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_to
          "swiglu": case_swiglu, "rope": case_rope, "rmsnorm": case_rmsnorm}
 
 
-def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):
+def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None, compile_check=None):
+    """Every case (or those in `only`) per dtype -> {case[dtype]: {ok, seconds, error}}. compile_check: the
+    tests/compile_check.py module when installed (each record then counts the kernel specializations the case
+    lowered for the GPU)."""
     res = {}
     for name, fn in CASES.items():
         if only and name not in only:
@@ -1389,9 +1392,12 @@ def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None):
         for dt in dtypes:
             key = f"{name}[{str(dt).replace('torch.', '')}]"
             t0 = time.time()
+            n0 = len(compile_check.compiled()) if compile_check else 0
             try:
                 fn(device, big, dt)
                 res[key] = {"ok": True, "seconds": round(time.time() - t0, 2)}
+                if compile_check:                                    # what the case lowered for sm_90 as well
+                    res[key]["compiled_for_gpu"] = len(compile_check.compiled()) - n0
             except Exception:
                 res[key] = {"ok": False, "seconds": round(time.time() - t0, 2), "error": traceback.format_exc()}
     return res
@@ -1405,6 +1411,8 @@ if __name__ == "__main__":
     a = ap.parse_args()
     torch.set_num_threads(1)
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before importing triton)"
-    out = run_all("cpu", False, (torch.float32,), a.only)
+    from dsv4_lab.kernels import compile_check             # every interpreted launch also lowered for sm_90
+    compile_check.install()                                # (as under DSV4_GPU_COMPILE_CHECK=1)
+    out = run_all("cpu", False, (torch.float32,), a.only, compile_check)
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)

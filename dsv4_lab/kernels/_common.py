@@ -6,6 +6,9 @@
 * Interpreter traps handled by every kernel here: bf16 is cast to fp32 right after loading and `tl.dot` gets fp32
   operands when interpreting (`dot_dtype`), one autotune config when interpreting (`configs`), every store is
   masked, no `make_block_ptr`.
+* With DSV4_GPU_COMPILE_CHECK=1 as well (the test suite sets it), every interpreted launch is also lowered for an
+  sm_90 GPU (compile_check.py): the interpreter runs a kernel body as Python and lets code pass that the GPU
+  compiler rejects.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ except Exception:                                                   # pragma: no
     triton = None
     tl = None
     HAVE_TRITON = False
+
+if INTERPRET and HAVE_TRITON and os.environ.get("DSV4_GPU_COMPILE_CHECK") == "1":
+    from .compile_check import install                              # every interpreted launch also lowered for
+    install()                                                       # sm_90: what the interpreter lets pass
 
 
 def next_pow2(n: int) -> int:

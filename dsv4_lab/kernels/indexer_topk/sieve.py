@@ -66,6 +66,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             path = zero + 1
             cnt = zero + n
             cnt_gt = zero
+            tau = zero                                 # unused here: a compiled kernel names it on every path
             mj = j < n
             x = tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32)
             ii = j
