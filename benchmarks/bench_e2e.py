@@ -25,7 +25,7 @@ A second call skips what is already measured (--fresh starts over), so a time-ca
 results instead of nothing.
 
     python benchmarks/bench_e2e.py [--ctx 4096 16384 65536] [--arms v4 dense v4-bf16-index]
-                                   [--modes compiled blocks eager graph]
+                                   [--modes compiled blocks eager graph] [--arm-modes v4=blocks dense=compiled]
                                    [--steps 6] [--warmup 3] [--cap 300] [--fresh] [--budget 560]
     python benchmarks/bench_e2e.py --breakdown-only [--profile-ctx 16384]
     python benchmarks/bench_e2e.py --breakdown CTX [--breakdown-mode eager|blocks]     one step's profile, printed
@@ -412,7 +412,8 @@ def expected_s(runs: dict, arm: str, mode: str) -> float:
 
 
 def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=MAIN_ARMS, modes=MODES, warmup=3, steps=6, cap=300.0, fresh=False,
-         budget=None, profile_ctx=16384, breakdown_only=False):
+         budget=None, profile_ctx=16384, breakdown_only=False, arm_modes=None):
+    """arm_modes: {arm: (mode, ...)} for the arms measured in other modes than `modes` (--arm-modes)."""
     from common import env_info
     from dsv4_lab.runlog import git_commit
     t_start = time.time()
@@ -424,7 +425,8 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=MAIN_ARMS, modes=MODES, w
                                      "(bench_e2e.py docstring)", "tokens_per_step": TOKENS_PER_STEP,
                 "arms": dict(ARMS), "env": env_info()})
     runs = res.setdefault("runs", {})
-    plan = [] if breakdown_only else [(a, c, m) for c in ctxs for a in arms for m in modes]
+    plan = [] if breakdown_only else [(a, c, m) for c in ctxs for a in arms
+                                      for m in (arm_modes or {}).get(a, modes)]
     for arm, ctx, mode in plan:
         key = f"{arm}_{ctx}_{mode}"
         if key in runs and "tokens_per_s" in runs[key]:
@@ -465,6 +467,8 @@ if __name__ == "__main__":
     ap.add_argument("--arms", nargs="*", default=list(MAIN_ARMS), choices=list(ARMS),
                     help="default v4 dense; a variant (v4-bf16-index) only when named")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--arm-modes", nargs="*", default=[], metavar="ARM=MODE[,MODE]",
+                    help="an arm's own modes instead of --modes, e.g. v4=blocks dense=compiled")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cap", type=float, default=300.0, help="wall-clock cap of one measurement (s)")
@@ -478,6 +482,14 @@ if __name__ == "__main__":
     ap.add_argument("--breakdown-mode", default="eager", choices=("eager", "blocks"))
     ap.add_argument("--child-out")
     a = ap.parse_args()
+    arm_modes = {}
+    for spec in a.arm_modes:
+        arm, _, ms = spec.partition("=")
+        bad = [m for m in ms.split(",") if m not in MODES]
+        if arm not in ARMS or not ms or bad:
+            ap.error(f"--arm-modes {spec!r}: allowed ARM=MODE[,MODE] with ARM one of {', '.join(ARMS)} and MODE one "
+                     f"of {', '.join(MODES)}")
+        arm_modes[arm] = tuple(ms.split(","))
     if a.breakdown_mode == "blocks" and a.breakdown_device != "cuda":
         ap.error(f"--breakdown-mode blocks with --breakdown-device {a.breakdown_device!r}: allowed only with cuda")
     if a.measure or a.breakdown:
@@ -498,4 +510,4 @@ if __name__ == "__main__":
             print(json.dumps(r, indent=1))
     else:
         main(None, tuple(a.ctx), tuple(a.arms), tuple(a.modes), a.warmup, a.steps, a.cap, a.fresh, a.budget,
-             a.profile_ctx, a.breakdown_only)
+             a.profile_ctx, a.breakdown_only, arm_modes)

@@ -81,3 +81,22 @@ def test_a_variant_arm_competes_for_its_arms_best_setting_and_is_named():
     cfg = bench_e2e._config(bench_e2e.ARMS["v4-bf16-index"], max_seq_len=4096)
     assert cfg.index_score_dtype == "bf16" and cfg.max_seq_len == 4096 and cfg.index_topk == 512
     assert bench_e2e._config("small", max_seq_len=8192).index_score_dtype == "fp32"
+
+
+def test_arm_modes_measure_each_arm_in_its_own_modes_context_by_context(tmp_path, monkeypatch):
+    """--arm-modes v4=blocks dense=compiled: each context pairs the two arms before the next context starts (a capped
+    call leaves paired points), and no arm runs in the other's mode."""
+    monkeypatch.setattr(bench_e2e, "RESULTS", str(tmp_path))
+    started = []
+
+    def child(args, cap):
+        if args[0] == "--breakdown":                                           # the profile after the points
+            return {"error": "not profiled here"}
+        started.append((args[1], args[2], args[3]))
+        return {"mode": args[3], "tokens_per_s": 1.0, "peak_mem_gb": 1.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench_e2e, "_child", child)
+    bench_e2e.main(None, (4096, 16384), ("v4", "dense"), ("eager",), fresh=True,
+                   arm_modes={"v4": ("blocks",), "dense": ("compiled",)})
+    assert started == [("small", "4096", "blocks"), ("small-dense", "4096", "compiled"),
+                           ("small", "16384", "blocks"), ("small-dense", "16384", "compiled")]

@@ -6,15 +6,16 @@ qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compres
 weights (scaling included). Returns idx (B, T, k) int32, -1 where fewer than k entries are visible (entry s visible
 to position t iff s < floor((t + 1) / ratio)). impl="torch" (the naive twin): sorted by score, lower index first
 among ties. impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the fp32-score method measured
-fastest on the H200 for prefill ("torch": Triton scores + torch.topk; the row select "rowsel" for query chunks that
-see at most triton.AUTO_SHORT_L entries) and for decode, T <= triton.DECODE_T
-("select": Triton scores + the split-row radix select of select.py). Both return the naive twin's picks as a set:
-select also with its tie rule (lower index first among entries tied at the k-th value; deterministic), torch.topk
-up to which of the tied entries is taken (triton.py docstring); without return_scores the set comes unsorted, so a
-row's -1 slots may sit anywhere in it (every consumer masks them per slot).
+fastest on the H200 for prefill ("sieve": Triton scores + the sieve select of sieve.py; the row select "rowsel" for
+query chunks that see at most triton.AUTO_SHORT_L entries) and for decode, T <= triton.DECODE_T
+("select": Triton scores + the split-row radix select of select.py). All return the naive twin's picks as a set,
+with its tie rule (lower index first among entries tied at the k-th value; deterministic); the torch methods
+(torch.topk) up to which of the tied entries is taken (triton.py docstring); without return_scores the set comes
+unsorted, so a row's -1 slots may sit anywhere in it (every consumer masks them per slot).
 The model's other selectors (attention/csa.py: oracle, random) use `topk_indices`, the naive twin's top-k contract.
-The bf16-score methods (select_bf16, torch_bf16, rowsel_bf16: scores rounded to bf16 before the selection, docs
-§2.4) are what score_dtype="bf16" runs (triton: method "auto_bf16"; the naive twin rounds its fp32 scores once).
+The bf16-score methods (select_bf16, torch_bf16, rowsel_bf16, sieve_bf16: scores rounded to bf16 before the
+selection, docs §2.4) are what score_dtype="bf16" runs (triton: method "auto_bf16"; the naive twin rounds its fp32
+scores once).
 The variants that lost to these on the H200 were removed: benchmarks/README.md.
 """
 from __future__ import annotations

@@ -136,8 +136,12 @@ METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf1
 # in registers): on 8192 fp32 rows (k 512) rowsel / torch.topk took 0.10 / 0.31 ms at L 1K, 0.21 / 0.42 at 2K,
 # 0.61 / 0.61 at 4K, 1.69 / 0.97 at 8K, 4.68 / 1.70 at 16K (H200, bench_csa.py family rows_by_length). So "auto"
 # takes it for the prefill query chunks whose visible key range is at most AUTO_SHORT_L entries; None = never.
-# "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, torch) instead.
-AUTO = {"prefill": "torch", "decode": "select"}
+# sieve (sieve.py: one program per row, a guessed threshold, ~2k candidates selected in registers) against torch
+# on the whole indexer with its scores (run 37): 0.31 / 3.40 / 33.0 ms vs 0.50 / 4.25 / 38.2 at 8K / 32K / 128K
+# (bf16 scores: sieve_bf16 0.23 / 2.59 / 26.9 vs torch_bf16 0.37 / 2.99 / 27.6), the same picks as select, slot for
+# slot, so prefill takes it; its scores take 8.1 of those ms at 128K.
+# "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, sieve) instead.
+AUTO = {"prefill": "sieve", "decode": "select"}
 AUTO_SHORT_L: int | None = 2048
 FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel", "sieve_bf16": "sieve"}
 BF16_TWIN = {v: k for k, v in FP32_TWIN.items()}
@@ -183,7 +187,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                         method: str = "auto", chunk_elems: int = 1 << 28, workspace: torch.Tensor | None = None):
     """Lightning-indexer top-k. method (docs/kernels.md §3; measured by benchmarks/bench_csa.py):
       torch        Triton fp32 scores per query chunk (only the chunk's visible key range) + torch.topk of the rows.
-                   The prefill default, and the reference bench_csa.py checks the other methods against.
+                   The reference bench_csa.py checks the other methods against.
       torch_bf16   torch on bf16 scores (the fp32 sum over heads rounded once, docs §2.4 precision note).
       select       Triton fp32 scores per query chunk + the split-row radix select (select.py: each row over many
                    programs at decode, one per row in prefill; one launch per digit + one to emit; each row read
@@ -197,8 +201,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       rowsel_bf16  rowsel on bf16 scores (16 bisection steps instead of 32).
       sieve        Triton fp32 scores per query chunk + the sieve select (sieve.py: one program per row; a threshold
                    guessed from ~1K sampled entries lets ~2k candidates through to a row select in registers, with
-                   an exact streamed fallback; one launch). For long prefill rows; not yet measured on the H200,
-                   so `auto` does not take it. Output identical to select's, slot for slot.
+                   an exact streamed fallback; one launch). The prefill default (faster than torch.topk on the
+                   H200 at 8K-128K). Output identical to select's, slot for slot.
       sieve_bf16   sieve on bf16 scores.
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin); in
                    prefill, rowsel for the query chunks that see at most AUTO_SHORT_L entries.
