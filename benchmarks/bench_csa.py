@@ -353,6 +353,37 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
     return out
 
 
+SIEVE_PROBE = (("bf16", 1, 4), ("bf16", 1, 8), ("bf16", 2, 4), ("bf16", 2, 8), ("bf16", 3, 4), ("bf16", 3, 8),
+               ("bf16", 4, 8), ("bf16", 4, 16), ("fp32", 1, 8), ("fp32", 2, 8), ("fp32", 4, 8))
+
+
+def sieve_probe(R=8192, L=32768, configs=SIEVE_PROBE, device="cuda"):
+    """The sieve select (sieve.py) on the longest query chunk of a 128K prefill: R rows of up to L visible entries
+    (causal frontier, ratio 4), k = 512, randn scores in bf16 and fp32; per (dtype, wide: key bits per step of the
+    in-register k-th-key searches, num_warps) the time (do_bench) and whether the picks equal wide 1's at 8 warps
+    slot for slot (they must: the searches find the same key)."""
+    from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
+    g = torch.Generator(device=device).manual_seed(9)
+    xs = {"fp32": torch.randn(R, L, device=device, generator=g)}
+    xs["bf16"] = xs["fp32"].bfloat16()
+    fr = (R, M * L - R, M)                                   # rows see L - R / M + 1 .. L entries
+    out = {"R": R, "L": L, "k": K, "frontier": list(fr)}
+    refs = {}
+    for dt, wide, nw in configs:
+        x = xs[dt]
+        if dt not in refs:
+            refs[dt] = sieve_select(x, K, frontier=fr, wide=1, num_warps=8)
+        tag = f"{dt}_w{wide}_nw{nw}"
+        try:
+            v, i = sieve_select(x, K, frontier=fr, wide=wide, num_warps=nw)
+            out[f"{tag}_same_picks"] = bool(torch.equal(i, refs[dt][1]) and torch.equal(v, refs[dt][0]))
+            out[f"{tag}_ms"] = bench(lambda x=x, wide=wide, nw=nw: sieve_select(x, K, frontier=fr, wide=wide,
+                                                                                  num_warps=nw), warmup=3, rep=20)["ms"]
+        except Exception as e:                                                 # noqa: BLE001
+            out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def pipeline(N, method):
     """CSA prefill as one call chain, timed end to end: main + indexer compressors (bf16 u, fused pool + RoPE), the
     indexer top-k (`method`) and the sparse attention, eager (do_bench) and replayed from a CUDA graph, against
@@ -439,6 +470,8 @@ def _family(name):
         return {"topk_row": {"262144": safe(topk_row)}}
     if name == "prefill_rows":                  # apart from topk_row: together they overran one family's cap
         return {"topk_row": {"prefill_rows": safe(topk_rows_prefill)}}
+    if name == "sieve_probe":
+        return {"topk_row": {"sieve_probe": safe(sieve_probe)}}
     if name == "rows_by_length":
         return {"topk_row": {"rows_by_length": safe(rows_by_length)}}
     if name.startswith("decode_"):
@@ -448,8 +481,8 @@ def _family(name):
         return prefill_family(int(name.split("_")[1]))
     if name == "fwd_bwd":
         return {"fwd_bwd": {"triton_8192": safe(sparse_fwd_bwd, 8192)}}
-    raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, prefill_rows, rows_by_length, decode_N, "
-                     "prefill_N, fwd_bwd")
+    raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, prefill_rows, rows_by_length, sieve_probe, "
+                     "decode_N, prefill_N, fwd_bwd")
 
 
 FAMILIES = ("topk_row", "prefill_rows", "rows_by_length", "decode_1048576", "prefill_8192", "prefill_131072",

@@ -54,6 +54,33 @@ def _kth_key(s, k, NB: tl.constexpr):
 
 
 @triton.jit
+def _wide_step(s, t, k, SH: tl.constexpr, DB: tl.constexpr):
+    """One step of _kth_key_wide: the DB key bits at SH.. below t's known prefix. The 2^DB candidate keys
+    t | j 2^SH (j = 0 .. 2^DB - 1) are counted in one reduction; their counts fall as j grows, and j = 0 (t itself)
+    always has >= k, so the largest j whose count is >= k is (the number of such j) - 1."""
+    j = tl.arange(0, 1 << DB)
+    cand = t | (j << SH)                                                      # (2^DB,)
+    cnt = tl.sum((s[:, None] >= cand[None, :]).to(tl.int32), 0)               # (2^DB,) entries >= each candidate
+    jj = tl.sum((cnt >= k).to(tl.int32), 0) - 1
+    return t | (jj << SH)
+
+
+@triton.jit
+def _kth_key_wide(s, k, NB: tl.constexpr, D: tl.constexpr):
+    """_kth_key's result (the k-th largest of the NB-bit keys s) in fewer, wider steps: the sign bit, then D bits per
+    step, each step counting its 2^D - 1 candidates in one reduction over an (n, 2^D) compare (ceil((NB - 1) / D)
+    steps instead of NB - 1: the steps are latency-bound, a block-wide sum and a branch each)."""
+    t = tl.full([], -(1 << (NB - 1)), tl.int32)
+    if tl.sum((s >= 0).to(tl.int32), 0) >= k:
+        t = tl.full([], 0, tl.int32)
+    for st in tl.static_range((NB - 1) // D):
+        t = _wide_step(s, t, k, NB - 1 - D * (st + 1), D)
+    if (NB - 1) % D > 0:                                                      # the bits left at the bottom
+        t = _wide_step(s, t, k, 0, (NB - 1) % D)
+    return t
+
+
+@triton.jit
 def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
                 BLOCK: tl.constexpr):
     row = tl.program_id(0)
