@@ -1,6 +1,7 @@
 """dsv4_lab/kernels/compile_check.py: kernels that run in the Triton interpreter but that the GPU compiler rejects are
-caught on CPU (docs/kernels.md §7). Each kernel below runs in the interpreter without error; two of them do not lower
-for sm_90 (a name bound on one branch only; a loop-carried variable that changes type)."""
+caught on CPU (docs/kernels.md §7). Each kernel below runs in the interpreter without error; three of them do not lower
+for sm_90 (a name bound on one branch only; a loop-carried variable that changes type; an autotune config that only
+the GPU runs, with a block that is not a power of two)."""
 from __future__ import annotations
 
 import json
@@ -57,16 +58,28 @@ def loop_type_change(X, Y, n, BLOCK: tl.constexpr):
     tl.store(Y + o, acc.to(tl.float32), mask=o < n)
 
 
+from dsv4_lab.kernels._common import configs                        # the interpreter runs BLOCK 8 only
+
+
+@triton.autotune(configs=configs([triton.Config({"BLOCK": 8}), triton.Config({"BLOCK": 12})],
+                                 triton.Config({"BLOCK": 8})), key=["n"])
+@triton.jit
+def tuned_gpu_config(X, Y, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)                                         # BLOCK 12: not a power of two, only on the GPU
+    tl.store(Y + o, tl.load(X + o, mask=o < n, other=0.0), mask=o < n)
+
+
 out = {}
-for kern in (good, with_helper, one_branch_name, loop_type_change):
+for name, kern in (("good", good), ("with_helper", with_helper), ("one_branch_name", one_branch_name),
+                   ("loop_type_change", loop_type_change), ("tuned_gpu_config", tuned_gpu_config)):
     x, y = torch.arange(5, dtype=torch.float32), torch.zeros(5)
     try:
-        kern[(1,)](x, y, 5, BLOCK=8)
-        out[kern.__name__] = "ok"
+        kern[(1,)](x, y, 5) if kern is tuned_gpu_config else kern[(1,)](x, y, 5, BLOCK=8)
+        out[name] = "ok"
     except compile_check.KernelDoesNotCompile as e:
-        out[kern.__name__] = "rejected: " + str(e)
+        out[name] = "rejected: " + str(e)
     except Exception as e:
-        out[kern.__name__] = f"other {type(e).__name__}: {e}"
+        out[name] = f"other {type(e).__name__}: {e}"
 out["compiled"] = compile_check.compiled()
 print(json.dumps(out))
 '''
@@ -94,7 +107,8 @@ def test_valid_kernels_lower_and_run(verdicts):
     assert "__main__.good" in verdicts["compiled"] and "__main__.with_helper" in verdicts["compiled"]
 
 
-@pytest.mark.parametrize("name, says", [("one_branch_name", "NameError"), ("loop_type_change", "Loop-carried")])
+@pytest.mark.parametrize("name, says", [("one_branch_name", "NameError"), ("loop_type_change", "Loop-carried"),
+                                        ("tuned_gpu_config", "power of 2")])
 def test_kernels_the_gpu_compiler_rejects_are_caught(verdicts, name, says):
     v = verdicts[name]
     assert v.startswith("rejected: ") and f"__main__.{name}" in v and says in v, v
@@ -105,4 +119,4 @@ def test_the_interpreter_alone_runs_them(tmp_path):
     src = WORKER.replace("compile_check.install()\n", "\n", 1)
     assert src != WORKER
     out = _run(src, tmp_path)
-    assert out["one_branch_name"] == "ok" and out["loop_type_change"] == "ok", out
+    assert out["one_branch_name"] == "ok" and out["loop_type_change"] == "ok" and out["tuned_gpu_config"] == "ok", out

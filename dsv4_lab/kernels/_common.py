@@ -44,8 +44,12 @@ def dot_dtype(t: torch.Tensor):
 
 
 def configs(gpu_configs: list, interp_config):
-    """Autotune configs: the list on the GPU, exactly one when interpreting (more fail: '0 active drivers')."""
-    return [interp_config] if INTERPRET else gpu_configs
+    """Autotune configs: the list on the GPU, exactly one when interpreting (more fail: '0 active drivers'). The
+    interpreter's config carries the GPU list (`gpu_configs`), which compile_check.py lowers as well."""
+    if not INTERPRET:
+        return gpu_configs
+    interp_config.gpu_configs = list(gpu_configs)
+    return [interp_config]
 
 
 def check_device(*ts: torch.Tensor) -> None:

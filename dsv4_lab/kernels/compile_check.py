@@ -140,7 +140,10 @@ def compiled() -> list[str]:
 
 
 def install():
-    """Check every interpreted launch from now on (call under TRITON_INTERPRET=1, before any kernel runs)."""
+    """Check every interpreted launch from now on (call under TRITON_INTERPRET=1, before any kernel runs). An
+    autotuned kernel is lowered with each of its GPU configs too (the interpreter runs one config, the one carrying
+    the GPU list: _common.configs)."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
     if getattr(InterpretedFunction.run, "_compile_checked", False):
         return
@@ -153,3 +156,13 @@ def install():
         return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
     run._compile_checked = True
     InterpretedFunction.run = run
+    orig_tuned = Autotuner.run
+
+    def tuned_run(self, *args, **kwargs):
+        gpu = getattr(self.configs[0], "gpu_configs", None) if len(self.configs) == 1 else None
+        if gpu and isinstance(self.fn, InterpretedFunction):
+            kw = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            for cfg in gpu:
+                check(self.fn, args, {**kw, **cfg.all_kwargs()})
+        return orig_tuned(self, *args, **kwargs)
+    Autotuner.run = tuned_run
