@@ -353,8 +353,10 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
     return out
 
 
-SIEVE_PROBE = (("bf16", 1, 4), ("bf16", 1, 8), ("bf16", 2, 4), ("bf16", 2, 8), ("bf16", 3, 4), ("bf16", 3, 8),
-               ("bf16", 4, 8), ("bf16", 4, 16), ("fp32", 1, 8), ("fp32", 2, 8), ("fp32", 4, 8))
+# (dtype, wide, num_warps): one program per row is latency-bound (docs/kernels.md §3), so fewer warps per program
+# (more programs per SM) and fewer, wider search steps are the two knobs
+SIEVE_PROBE = (("bf16", 1, 2), ("bf16", 1, 4), ("bf16", 1, 8), ("bf16", 2, 4), ("bf16", 3, 2), ("bf16", 3, 4),
+               ("bf16", 3, 8), ("bf16", 4, 8), ("bf16", 4, 16), ("fp32", 1, 4), ("fp32", 1, 8), ("fp32", 3, 4))
 
 
 def sieve_probe(R=8192, L=32768, configs=SIEVE_PROBE, device="cuda"):
