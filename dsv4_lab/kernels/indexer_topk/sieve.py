@@ -13,8 +13,8 @@ entries, and spills well before that). Keys are rowselect.py's (signed int32, th
     select    if k <= count <= CAND, the top-k of the row are the top-k of the candidates (every other entry has a
               key below tau, and tau is at most every candidate's key, so all entries tied at the k-th key are
               candidates): the row select on the candidates in registers (the k-th key by bisection, then the emit)
-    ties      if more than CAND entries passed but fewer than k lie strictly above tau (entries tied in bulk at the
-              guess), tau is the k-th key itself: the emit streamed over the row
+    ties      if more than CAND entries passed but fewer than k lie strictly above tau (counted in one more pass;
+              entries tied in bulk at the guess), tau is the k-th key itself: the emit streamed over the row
     fallback  otherwise (a guess that let fewer than k entries through, or more than CAND above it: scores whose
               order follows their position), the same bisection streamed over the whole row, one pass per key bit,
               then the emit streamed
@@ -46,6 +46,17 @@ def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr):
         offs = st + tl.arange(0, BLOCK)
         m = offs < n
         c += tl.sum((_keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW) >= key).to(tl.int32), 0)
+    return c
+
+
+@triton.jit
+def _count_above(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr):
+    """How many of the row's first n entries have a key > `key` (one pass over the row)."""
+    c = tl.full([], 0, tl.int32)
+    for st in range(0, n, BLOCK):
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < n
+        c += tl.sum((_keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW) > key).to(tl.int32), 0)
     return c
 
 
@@ -85,14 +96,13 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
                 tau = _kth_key(ss, r, NB)
             # sieve: the entries with key >= tau, in index order, to the program's scratch slots
             cnt = zero
-            cnt_gt = zero                              # keys > tau: with cnt, whether tau is itself the k-th key
+            cnt_gt = zero                              # keys > tau: counted below only when more than CAND passed
             for st in range(0, n, BLOCK):
                 offs = st + tl.arange(0, BLOCK)
                 mb = offs < n
                 xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
                 sk = _keys(xb, mb, LOW)
                 c = mb & (sk >= tau)
-                cnt_gt += tl.sum((mb & (sk > tau)).to(tl.int32), 0)
                 pos = cnt + tl.cumsum(c.to(tl.int32), 0) - 1
                 tl.store(CV + cbase + pos, xb, mask=c & (pos < CAND))
                 tl.store(CI + cbase + pos, offs, mask=c & (pos < CAND))
@@ -111,6 +121,8 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             n_gt = tl.sum((s > t).to(tl.int32), 0)
             _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
         else:                                          # the emit streamed over the row, after
+            if cnt >= k:                               # more than CAND passed: is tau itself the k-th key? (one
+                cnt_gt = _count_above(vrow, n, tau, LOW, BLOCK)      # more pass, off the common path)
             if (cnt_gt < k) & (cnt >= k):              # the k-th key is tau itself (entries tied in bulk at it)
                 path = zero + 3
                 t = tau
