@@ -39,24 +39,17 @@ WIDE = 1                  # key bits per step of the in-register k-th-key search
 
 
 @triton.jit
-def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr):
-    """How many of the row's first n entries have a key >= `key` (one pass over the row)."""
+def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.constexpr):
+    """How many of the row's first n entries have a key >= `key` (ABOVE: > `key`), in one pass over the row."""
     c = tl.full([], 0, tl.int32)
     for st in range(0, n, BLOCK):
         offs = st + tl.arange(0, BLOCK)
         m = offs < n
-        c += tl.sum((_keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW) >= key).to(tl.int32), 0)
-    return c
-
-
-@triton.jit
-def _count_above(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr):
-    """How many of the row's first n entries have a key > `key` (one pass over the row)."""
-    c = tl.full([], 0, tl.int32)
-    for st in range(0, n, BLOCK):
-        offs = st + tl.arange(0, BLOCK)
-        m = offs < n
-        c += tl.sum((_keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW) > key).to(tl.int32), 0)
+        s = _keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW)
+        if ABOVE:
+            c += tl.sum((s > key).to(tl.int32), 0)
+        else:
+            c += tl.sum((s >= key).to(tl.int32), 0)
     return c
 
 
@@ -121,8 +114,8 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             n_gt = tl.sum((s > t).to(tl.int32), 0)
             _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
         else:                                          # the emit streamed over the row, after
-            if cnt >= k:                               # more than CAND passed: is tau itself the k-th key? (one
-                cnt_gt = _count_above(vrow, n, tau, LOW, BLOCK)      # more pass, off the common path)
+            if cnt >= k:                               # more than CAND passed: keys > tau, one more pass (off
+                cnt_gt = _count_from(vrow, n, tau, LOW, BLOCK, True)               # the common path)
             if (cnt_gt < k) & (cnt >= k):              # the k-th key is tau itself (entries tied in bulk at it)
                 path = zero + 3
                 t = tau
@@ -130,12 +123,12 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             else:                                      # fallback: the bisection streamed over the row
                 path = zero + 4
                 t = tl.full([], -(1 << (NB - 1)), tl.int32)
-                if _count_from(vrow, n, zero, LOW, BLOCK) >= k:               # the sign bit
+                if _count_from(vrow, n, zero, LOW, BLOCK, False) >= k:                # the sign bit
                     t = zero
                 for b in tl.static_range(NB - 2, -1, -1):                     # then every lower bit, MSB first
-                    if _count_from(vrow, n, t | (1 << b), LOW, BLOCK) >= k:
+                    if _count_from(vrow, n, t | (1 << b), LOW, BLOCK, False) >= k:
                         t = t | (1 << b)
-                n_gt = _count_from(vrow, n, t + 1, LOW, BLOCK)                # keys > t (t + 1 < 2^31: t < max)
+                n_gt = _count_from(vrow, n, t, LOW, BLOCK, True)                      # keys > t
             gt = zero
             eq = zero
             for st in range(0, n, BLOCK):
