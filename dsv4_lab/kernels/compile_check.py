@@ -109,28 +109,28 @@ def check(f, args, kwargs) -> bool:
     from triton.runtime.jit import create_function_from_signature
     s = _setup()
     jf = _jit(f)
-    with _pristine_language(), _compiled_helpers(f.fn.__module__):       # the JITFunction twins see JITFunction helpers
-        if f.fn not in s["binders"]:
-            s["binders"][f.fn] = create_function_from_signature(jf.signature, jf.params, s["backend"])
-        bound, spec, opts = s["binders"][f.fn](*args, **kwargs)
-        options, signature, constexprs, attrs = jf._pack_args(s["backend"], dict(kwargs), bound, spec, opts)
-        key = (f.fn, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-               repr(sorted(attrs.items())), options.num_warps)
-        if key in s["done"]:
-            return False
-        s["done"].add(key)
-        be, ir = s["backend"], s["ir"]
-        ctx = ir.context()
-        ir.load_dialects(ctx)
-        be.load_dialects(ctx)
-        try:
+    if f.fn not in s["binders"]:
+        s["binders"][f.fn] = create_function_from_signature(jf.signature, jf.params, s["backend"])
+    bound, spec, opts = s["binders"][f.fn](*args, **kwargs)
+    options, signature, constexprs, attrs = jf._pack_args(s["backend"], dict(kwargs), bound, spec, opts)
+    key = (f.fn, repr(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+           options.num_warps)
+    if key in s["done"]:
+        return False
+    s["done"].add(key)
+    be, ir = s["backend"], s["ir"]
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    be.load_dialects(ctx)
+    try:
+        with _pristine_language(), _compiled_helpers(f.fn.__module__):   # the JITFunction twins see JIT helpers
             ASTSource(jf, signature, constexprs, attrs).make_ir(
                 s["target"], options, be.get_codegen_implementation(options), be.get_module_map(), ctx)
-        except Exception as e:                                                   # noqa: BLE001
-            msg = str(e).strip().splitlines()
-            raise KernelDoesNotCompile(
-                f"{f.fn.__module__}.{f.fn.__name__} runs in the interpreter but does not compile for "
-                f"sm_{TARGET_ARCH} ({type(e).__name__}): " + " | ".join(m.strip() for m in msg[-6:])) from None
+    except Exception as e:                                                       # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        raise KernelDoesNotCompile(
+            f"{f.fn.__module__}.{f.fn.__name__} runs in the interpreter but does not compile for "
+            f"sm_{TARGET_ARCH} ({type(e).__name__}): " + " | ".join(m.strip() for m in msg[-6:])) from None
     return True
 
 
