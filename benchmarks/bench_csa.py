@@ -386,6 +386,36 @@ def sieve_probe(R=8192, L=32768, configs=SIEVE_PROBE, device="cuda"):
     return out
 
 
+ROWSEL_PROBE = (("bf16", 1, 2), ("bf16", 1, 4), ("bf16", 2, 4), ("bf16", 2, 8), ("bf16", 3, 4), ("bf16", 3, 8),
+                ("fp32", 1, 4), ("fp32", 2, 4), ("fp32", 2, 8), ("fp32", 3, 8))
+
+
+def rowsel_probe(R=8192, L=2048, configs=ROWSEL_PROBE, device="cuda"):
+    """The row select (rowselect.py) on an 8K prefill's index rows: R rows of up to L visible entries (causal
+    frontier, ratio 4: every query of an 8K prefill), k = 512, randn scores in bf16 and fp32; per (dtype, wide,
+    num_warps) the time (do_bench) and whether the picks equal wide 1's at 4 warps slot for slot."""
+    from dsv4_lab.kernels.indexer_topk.rowselect import row_select
+    g = torch.Generator(device=device).manual_seed(10)
+    xs = {"fp32": torch.randn(R, L, device=device, generator=g)}
+    xs["bf16"] = xs["fp32"].bfloat16()
+    fr = (R, 0, M)
+    out = {"R": R, "L": L, "k": K, "frontier": list(fr)}
+    refs = {}
+    for dt, wide, nw in configs:
+        x = xs[dt]
+        if dt not in refs:
+            refs[dt] = row_select(x, K, frontier=fr, wide=1, num_warps=4)
+        tag = f"{dt}_w{wide}_nw{nw}"
+        try:
+            v, i = row_select(x, K, frontier=fr, wide=wide, num_warps=nw)
+            out[f"{tag}_same_picks"] = bool(torch.equal(i, refs[dt][1]) and torch.equal(v, refs[dt][0]))
+            out[f"{tag}_ms"] = bench(lambda x=x, wide=wide, nw=nw: row_select(x, K, frontier=fr, wide=wide,
+                                                                                num_warps=nw), warmup=3, rep=20)["ms"]
+        except Exception as e:                                                 # noqa: BLE001
+            out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def pipeline(N, method):
     """CSA prefill as one call chain, timed end to end: main + indexer compressors (bf16 u, fused pool + RoPE), the
     indexer top-k (`method`) and the sparse attention, eager (do_bench) and replayed from a CUDA graph, against
@@ -474,6 +504,8 @@ def _family(name):
         return {"topk_row": {"prefill_rows": safe(topk_rows_prefill)}}
     if name == "sieve_probe":
         return {"topk_row": {"sieve_probe": safe(sieve_probe)}}
+    if name == "rowsel_probe":
+        return {"topk_row": {"rowsel_probe": safe(rowsel_probe)}}
     if name == "rows_by_length":
         return {"topk_row": {"rows_by_length": safe(rows_by_length)}}
     if name.startswith("decode_"):
@@ -484,7 +516,7 @@ def _family(name):
     if name == "fwd_bwd":
         return {"fwd_bwd": {"triton_8192": safe(sparse_fwd_bwd, 8192)}}
     raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, prefill_rows, rows_by_length, sieve_probe, "
-                     "decode_N, prefill_N, fwd_bwd")
+                     "rowsel_probe, decode_N, prefill_N, fwd_bwd")
 
 
 FAMILIES = ("topk_row", "prefill_rows", "rows_by_length", "decode_1048576", "prefill_8192", "prefill_131072",

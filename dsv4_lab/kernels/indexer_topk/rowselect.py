@@ -32,6 +32,7 @@ from .._common import INTERPRET, next_pow2, tl, triton
 from .select import _row_len, _store_picks, _take_all, _ukey, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
+WIDE = 1                                      # key bits per threshold-search step (1: bisection; row_select(wide=))
 
 
 @triton.jit
@@ -82,7 +83,7 @@ def _kth_key_wide(s, k, NB: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, WIDE: tl.constexpr):
     row = tl.program_id(0)
     n = _row_len(row, L, Tq, q0, RATIO)
     offs = tl.arange(0, BLOCK)
@@ -93,7 +94,10 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
     else:
         m = offs < n
         s = _keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW)   # beyond the frontier: below all
-        t = _kth_key(s, k, 32 - LOW)
+        if WIDE > 0:                                   # WIDE key bits per step (_kth_key_wide)
+            t = _kth_key_wide(s, k, 32 - LOW, WIDE)
+        else:
+            t = _kth_key(s, k, 32 - LOW)
         # the values are loaded again (L2-resident) rather than kept live through the bisection: only the keys
         # occupy registers there (a 32K-entry row: 64 per thread at 16 warps)
         v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
@@ -104,21 +108,28 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
 
 
 def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
-               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None):
+               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None,
+               wide: int | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L <= MAX_L. Returns (vals fp32,
     idx int32), each (R, k), in radix_select's slot order (module docstring). out: (vals, idx) (R, k) fp32 / int32
-    views to write into (last dim contiguous, same row stride). num_warps: default from the row length."""
+    views to write into (last dim contiguous, same row stride). num_warps: default from the row length. wide: key
+    bits per step of the threshold search, 1..4 (default WIDE; above 1 it compares the row against 2^wide - 1 keys
+    at once, an (L, 2^wide) tile: for short rows)."""
     R, L, oval, oidx = rows_and_outputs("row_select", val, k, out)
     if L > MAX_L:
         raise ValueError(f"row_select: row length L={L}; allowed: L <= {MAX_L} (longer rows: radix_select)")
     if R == 0:
         return oval, oidx
     BLOCK = max(16, next_pow2(L))
+    WD = WIDE if wide is None else int(wide)
+    if not 1 <= WD <= 4:
+        raise ValueError(f"row_select: wide={wide}; allowed: 1, 2, 3 or 4 key bits per step")
     if num_warps is None:                              # ~32 keys per thread, 4..16 warps
         num_warps = 4 if INTERPRET else min(16, max(4, BLOCK // 1024))
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _row_select[(R,)](val, oval, oidx, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
-                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, num_warps=num_warps)
+                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, WIDE=WD if WD > 1 else 0,
+                      num_warps=num_warps)
     return oval, oidx
 
 
