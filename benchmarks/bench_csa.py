@@ -357,63 +357,46 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
 # (more programs per SM) and fewer, wider search steps are the two knobs
 SIEVE_PROBE = (("bf16", 1, 2), ("bf16", 1, 4), ("bf16", 1, 8), ("bf16", 2, 4), ("bf16", 3, 2), ("bf16", 3, 4),
                ("bf16", 3, 8), ("bf16", 4, 8), ("bf16", 4, 16), ("fp32", 1, 4), ("fp32", 1, 8), ("fp32", 3, 4))
-
-
-def sieve_probe(R=8192, L=32768, configs=SIEVE_PROBE, device="cuda"):
-    """The sieve select (sieve.py) on the longest query chunk of a 128K prefill: R rows of up to L visible entries
-    (causal frontier, ratio 4), k = 512, randn scores in bf16 and fp32; per (dtype, wide: key bits per step of the
-    in-register k-th-key searches, num_warps) the time (do_bench) and whether the picks equal wide 1's at 8 warps
-    slot for slot (they must: the searches find the same key)."""
-    from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
-    g = torch.Generator(device=device).manual_seed(9)
-    xs = {"fp32": torch.randn(R, L, device=device, generator=g)}
-    xs["bf16"] = xs["fp32"].bfloat16()
-    fr = (R, M * L - R, M)                                   # rows see L - R / M + 1 .. L entries
-    out = {"R": R, "L": L, "k": K, "frontier": list(fr)}
-    refs = {}
-    for dt, wide, nw in configs:
-        x = xs[dt]
-        if dt not in refs:
-            refs[dt] = sieve_select(x, K, frontier=fr, wide=1, num_warps=8)
-        tag = f"{dt}_w{wide}_nw{nw}"
-        try:
-            v, i = sieve_select(x, K, frontier=fr, wide=wide, num_warps=nw)
-            out[f"{tag}_same_picks"] = bool(torch.equal(i, refs[dt][1]) and torch.equal(v, refs[dt][0]))
-            out[f"{tag}_ms"] = bench(lambda x=x, wide=wide, nw=nw: sieve_select(x, K, frontier=fr, wide=wide,
-                                                                                  num_warps=nw), warmup=3, rep=20)["ms"]
-        except Exception as e:                                                 # noqa: BLE001
-            out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    return out
-
-
 ROWSEL_PROBE = (("bf16", 1, 2), ("bf16", 1, 4), ("bf16", 2, 4), ("bf16", 2, 8), ("bf16", 3, 4), ("bf16", 3, 8),
                 ("fp32", 1, 4), ("fp32", 2, 4), ("fp32", 2, 8), ("fp32", 3, 8))
 
 
-def rowsel_probe(R=8192, L=2048, configs=ROWSEL_PROBE, device="cuda"):
-    """The row select (rowselect.py) on an 8K prefill's index rows: R rows of up to L visible entries (causal
-    frontier, ratio 4: every query of an 8K prefill), k = 512, randn scores in bf16 and fp32; per (dtype, wide,
-    num_warps) the time (do_bench) and whether the picks equal wide 1's at 4 warps slot for slot."""
-    from dsv4_lab.kernels.indexer_topk.rowselect import row_select
-    g = torch.Generator(device=device).manual_seed(10)
+def select_probe(select, R, L, fr, configs, ref_warps, seed, device="cuda"):
+    """One row-per-program select `select(x, k, frontier=, wide=, num_warps=)` on R rows of up to L visible entries
+    (frontier fr), k = 512, randn scores in bf16 and fp32; per (dtype, wide: key bits per step of the in-register
+    k-th-key searches, num_warps) the time (do_bench) and whether the picks equal wide 1's at ref_warps warps slot
+    for slot (they must: every width finds the same key)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     xs = {"fp32": torch.randn(R, L, device=device, generator=g)}
     xs["bf16"] = xs["fp32"].bfloat16()
-    fr = (R, 0, M)
     out = {"R": R, "L": L, "k": K, "frontier": list(fr)}
     refs = {}
     for dt, wide, nw in configs:
         x = xs[dt]
         if dt not in refs:
-            refs[dt] = row_select(x, K, frontier=fr, wide=1, num_warps=4)
+            refs[dt] = select(x, K, frontier=fr, wide=1, num_warps=ref_warps)
         tag = f"{dt}_w{wide}_nw{nw}"
         try:
-            v, i = row_select(x, K, frontier=fr, wide=wide, num_warps=nw)
+            v, i = select(x, K, frontier=fr, wide=wide, num_warps=nw)
             out[f"{tag}_same_picks"] = bool(torch.equal(i, refs[dt][1]) and torch.equal(v, refs[dt][0]))
-            out[f"{tag}_ms"] = bench(lambda x=x, wide=wide, nw=nw: row_select(x, K, frontier=fr, wide=wide,
-                                                                                num_warps=nw), warmup=3, rep=20)["ms"]
+            out[f"{tag}_ms"] = bench(lambda x=x, wide=wide, nw=nw: select(x, K, frontier=fr, wide=wide,
+                                                                            num_warps=nw), warmup=3, rep=20)["ms"]
         except Exception as e:                                                 # noqa: BLE001
             out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
+
+
+def sieve_probe(R=8192, L=32768, device="cuda"):
+    """The sieve select (sieve.py) on the longest query chunk of a 128K prefill: rows of L - R / 4 + 1 .. L visible
+    entries (causal frontier, ratio 4)."""
+    from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
+    return select_probe(sieve_select, R, L, (R, M * L - R, M), SIEVE_PROBE, 8, 9, device)
+
+
+def rowsel_probe(R=8192, L=2048, device="cuda"):
+    """The row select (rowselect.py) on an 8K prefill's index rows: every query of it, 0 .. L visible entries."""
+    from dsv4_lab.kernels.indexer_topk.rowselect import row_select
+    return select_probe(row_select, R, L, (R, 0, M), ROWSEL_PROBE, 4, 10, device)
 
 
 def pipeline(N, method):
