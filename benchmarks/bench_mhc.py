@@ -35,8 +35,9 @@ from dsv4_lab.kernels.mhc import triton as mt
 from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
 
 SMALL = (65536, 4, 384)                              # tokens per step, n = hc_mult, d = d_model of preset=small
-# the pre backward at n 4, d 384, bf16 (ptxas for sm_90, on the CPU): 255 registers per thread at (16, 64, 4 warps),
-# spilling at the wider ones; (16, 32) 168 and (8, 64) 166 registers, no spills: 3 programs per SM instead of 2
+# the pre backward at n 4, d 384, bf16 (ptxas for sm_90, on the CPU: kernel_registers.py): 255 registers per thread at
+# (16, 64, 4 warps), spilling at the wider ones; (16, 32) 168 and (8, 64) 166 registers, no spills: 3 programs per SM
+# instead of 2
 BWD_SWEEP = [dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=64, BWD_CPS=2, BWD_WARPS=4),
              dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=128, BWD_CPS=2, BWD_WARPS=8),
              dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2), dict(BWD_BT=16, BWD_BC=32, BWD_CPS=3, BWD_WARPS=4),

@@ -66,12 +66,13 @@ def _pre_candidate_configs():
     # 64 x 64 in flight); every one keeps BT / num_warps <= 8 (each config removed after run 11 had 16).
     # The first four hold fewer registers: ptxas for sm_90 (run on the CPU; bf16 x, n 4, d 384, fused mix) gives
     # 242-255 registers per thread to every listed config (1-2 programs per SM: few warps to hide pass 1's latency),
-    # the fused mix doubling it (137 without); BC 32 gives 96 (121 saving mu, rho), BT 8 x BC 128 128 (155 saving).
+    # the fused mix doubling it (137 without); BC 32 gives 96 (121 saving mu, rho), BT 8 x BC 128 128 (155 saving):
+    # 4-5 programs per SM (CPS at most that). benchmarks/kernel_registers.py, results/kernel_registers.json.
     return [] if INTERPRET else [
         triton.Config({"BT": 16, "BC": 32, "CPS": 4}, num_warps=4, num_stages=4),
-        triton.Config({"BT": 16, "BC": 32, "CPS": 6}, num_warps=4, num_stages=3),
+        triton.Config({"BT": 16, "BC": 32, "CPS": 5}, num_warps=4, num_stages=3),
         triton.Config({"BT": 8, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
-        triton.Config({"BT": 8, "BC": 64, "CPS": 6}, num_warps=4, num_stages=3),
+        triton.Config({"BT": 8, "BC": 64, "CPS": 5}, num_warps=4, num_stages=3),
         triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=4),
         triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
         triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=6),

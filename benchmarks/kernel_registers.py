@@ -1,0 +1,158 @@
+"""Registers, spills and shared memory of our Triton kernels on an sm_90 GPU, read on the CPU (no GPU needed).
+
+Triton compiles a kernel for a named target without a driver, and ships NVIDIA's ptxas, whose `-v` report gives the
+registers per thread, the spill bytes and the stack frame. Registers per thread x threads per program bounds how many
+programs an SM holds (65 536 registers per SM on an H200), and so how many warps it has to hide memory latency: the
+number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4 quote this file's results).
+
+Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x key bits per search step x warps,
+at their prefill shapes; the mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without
+its fused mix; the mHC pre backward for every entry of bench_mhc.py's BWD_SWEEP.
+
+    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd] [--out DIR]
+Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+RESULTS = os.path.join(HERE, "results")
+ARCH = 90
+
+
+def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
+    """Compile the @triton.jit function fn for sm_90 (pointers: {arg: "*bf16" | "i32" | ...}; every other argument
+    a constexpr from `constexprs`) and read ptxas -v: {registers, spill_stores, spill_loads, stack, smem, ...}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {a: pointers.get(a, "constexpr") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", ARCH, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(k.asm["ptx"])
+        p = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{ARCH}a", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, timeout=300)
+    text = p.stderr
+
+    def num(pattern):
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else None
+    regs = num(r"Used (\d+) registers")
+    threads = 32 * num_warps
+    return {"num_warps": num_warps, "num_stages": num_stages, "registers": regs,
+            "spill_stores": num(r"(\d+) bytes spill stores"), "spill_loads": num(r"(\d+) bytes spill loads"),
+            "stack": num(r"(\d+) bytes stack frame"), "smem": k.metadata.shared,
+            "programs_per_sm_by_registers": (65536 // (regs * threads)) if regs else None}
+
+
+def sieve():
+    from dsv4_lab.kernels.indexer_topk import sieve as sv
+    out = {}
+    for dt in ("bf16", "fp32"):
+        ptr = {"VAL": f"*{dt}", "CV": "*fp32", "CI": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "PATH": "*i32",
+               **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
+        for wide in (1, 2, 3, 4):
+            for nw in (2, 4, 8, 16):
+                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048,
+                         WIDE=wide if wide > 1 else 0)
+                out[f"{dt}_w{wide}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw)
+    return out
+
+
+def rowsel():
+    from dsv4_lab.kernels.indexer_topk import rowselect as rs
+    out = {}
+    for dt in ("bf16", "fp32"):
+        ptr = {"VAL": f"*{dt}", "OVAL": "*fp32", "OIDX": "*i32",
+               **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
+        for wide in (1, 2, 3):
+            for nw in (2, 4, 8):
+                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048, WIDE=wide if wide > 1 else 0)
+                out[f"{dt}_L2048_w{wide}_nw{nw}"] = resources(rs._row_select, ptr, c, nw)
+    return out
+
+
+MHC_POINTERS = {"X": "*bf16", "FN": "*fp32", "WH": "*bf16", "WL": "*bf16", "SC": "*fp32", "BASE": "*fp32",
+                "U": "*bf16", "COEF": "*fp32", "MU": "*fp32", "RHO": "*fp32", "NTOK": "i32", "norm_eps": "fp32",
+                "eps": "fp32"}
+
+
+def mhc_pre(n=4, d=384):
+    from dsv4_lab.kernels.mhc import triton as mt
+    out = {}
+    for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
+        for mix in (True, False):
+            for save in (False, True):
+                c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=mix, SAVE=save, **cfg.kwargs)
+                tag = "BT{BT}_BC{BC}_CPS{CPS}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"
+                out[f"{tag}_{'fused' if mix else 'split'}_{'save' if save else 'nosave'}"] = dict(
+                    resources(mt._mhc_pre_kernel.fn, MHC_POINTERS, c, cfg.num_warps, cfg.num_stages),
+                    in_autotune_list=cfg in mt._mhc_pre_kernel.configs)
+    return out
+
+
+def mhc_pre_bwd(n=4, d=384):
+    from bench_mhc import BWD_SWEEP
+
+    from dsv4_lab.kernels.mhc import triton as mt
+    ptr = {"X": "*bf16", "DU": "*bf16", "DXIN": "*bf16", "DCOEF": "*fp32", "MU": "*fp32", "RHO": "*fp32",
+           "SC": "*fp32", "BASE": "*fp32", "FN": "*fp32", "WH": "*bf16", "WL": "*bf16", "DX": "*bf16",
+           "DMUS": "*fp32", "DBASE": "*fp32", "DSCC": "*fp32", "SCR": "*fp32", "NTOK": "i32", "eps": "fp32"}
+    out = {}
+    for e in BWD_SWEEP:
+        c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, HAS_DXIN=True, BT=e["BWD_BT"],
+                 BC=e["BWD_BC"])
+        out[f"BT{e['BWD_BT']}_BC{e['BWD_BC']}_w{e['BWD_WARPS']}"] = resources(mt._mhc_pre_bwd_kernel, ptr, c,
+                                                                              e["BWD_WARPS"])
+    return out
+
+
+FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd}
+
+
+def main(only=None, out_dir=None):
+    from common import env_info
+
+    from dsv4_lab.runlog import git_commit
+    path = os.path.join(out_dir or RESULTS, "kernel_registers.json")
+    res = {}
+    if only and os.path.exists(path):                    # a subset: keep the other families' saved results
+        with open(path) as f:
+            res = json.load(f)
+    res.setdefault("families", {})
+    res["what"] = f"ptxas -v for sm_{ARCH} of Triton kernels compiled on the CPU (kernel_registers.py docstring)"
+    for name, f in FAMILIES.items():
+        if only and name not in only:
+            continue
+        res[name] = f()
+        res["families"][name] = {"env": env_info(), **git_commit(os.path.dirname(HERE))}   # what it ran on
+        for tag, r in res[name].items():
+            print(f"{name:12s} {tag:40s} regs {r['registers']:>4} spills {r['spill_stores']:>4} / "
+                  f"{r['spill_loads']:>4} smem {r['smem']:>6} programs/SM {r['programs_per_sm_by_registers']}",
+                  flush=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=list(FAMILIES))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    main(a.only, a.out)

@@ -1,0 +1,25 @@
+"""benchmarks/kernel_registers.py reads a kernel's registers and spills for sm_90 on the CPU (Triton compiles for a
+named target without a GPU, and ships ptxas): checked on the RMSNorm forward at two block sizes."""
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.platform != "linux":                                      # triton is a Linux-only dependency (pyproject)
+    pytest.skip(f"triton is not installed on {sys.platform} (a Linux-only dependency)", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_ptxas_report_of_a_kernel_compiled_on_the_cpu():
+    import kernel_registers as kr
+
+    from dsv4_lab.kernels.rmsnorm.triton import _rmsnorm_fwd
+    fn = _rmsnorm_fwd                                            # a JITFunction: this process does not interpret
+    ptr = {"X": "*bf16", "W": "*fp32", "Y": "*bf16", "RSTD": "*fp32", "R": "i32", "D": "i32", "sx": "i32",
+           "eps": "fp32"}
+    small = kr.resources(fn, ptr, dict(HAS_W=True, BLOCK_R=1, BLOCK_D=128), num_warps=4)
+    big = kr.resources(fn, ptr, dict(HAS_W=True, BLOCK_R=16, BLOCK_D=1024), num_warps=4)
+    for r in (small, big):
+        assert 0 < r["registers"] <= 255 and r["spill_stores"] is not None and r["smem"] >= 0, r
+        assert r["programs_per_sm_by_registers"] == 65536 // (r["registers"] * 128)
+    assert big["registers"] > small["registers"]                 # 16 rows of 1024 per program hold more
