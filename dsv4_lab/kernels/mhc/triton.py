@@ -65,7 +65,7 @@ def _pre_candidate_configs():
     # pipelines / wider chunks keep more x bytes in flight per SM in pass 1 (latency-bound with 2 chunks of
     # 64 x 64 in flight); every one keeps BT / num_warps <= 8 (each config removed after run 11 had 16).
     # The first four hold fewer registers: ptxas for sm_90 (run on the CPU; bf16 x, n 4, d 384, fused mix) gives
-    # 242-255 registers per thread to every listed config (1-2 programs per SM: few warps to hide pass 1's latency),
+    # 255 registers per thread to every listed config (1-2 programs per SM: few warps to hide pass 1's latency),
     # the fused mix doubling it (137 without); BC 32 gives 96 (121 saving mu, rho), BT 8 x BC 128 128 (155 saving):
     # 4-5 programs per SM (CPS at most that). benchmarks/kernel_registers.py, results/kernel_registers.json.
     return [] if INTERPRET else [
