@@ -7,9 +7,10 @@ number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4
 
 Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x key bits per search step x warps,
 at their prefill shapes; the mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without
-its fused mix; the mHC pre backward for every entry of bench_mhc.py's BWD_SWEEP.
+its fused mix; the mHC pre backward for every entry of bench_mhc.py's BWD_SWEEP; the CSA sparse-attention backward
+for every autotune config.
 
-    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd] [--out DIR]
+    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd sparse_bwd] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 ARCH = 90
+SMEM_PER_SM = 233472                        # shared memory per SM on an H200 (228 KiB)
 
 
 def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
@@ -55,7 +57,8 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
     return {"num_warps": num_warps, "num_stages": num_stages, "registers": regs,
             "spill_stores": num(r"(\d+) bytes spill stores"), "spill_loads": num(r"(\d+) bytes spill loads"),
             "stack": num(r"(\d+) bytes stack frame"), "smem": k.metadata.shared,
-            "programs_per_sm_by_registers": (65536 // (regs * threads)) if regs else None}
+            "programs_per_sm_by_registers": (65536 // (regs * threads)) if regs else None,
+            "programs_per_sm_by_smem": (SMEM_PER_SM // k.metadata.shared) if k.metadata.shared else None}
 
 
 def sieve():
@@ -120,7 +123,25 @@ def mhc_pre_bwd(n=4, d=384):
     return out
 
 
-FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd}
+def sparse_bwd(H=8, D=128, W=128, K=512):
+    """The CSA sparse-attention backward (sparse_attn/triton.py _sparse_bwd) at `small`'s attention shapes, bf16."""
+    import triton.language as tl
+
+    from dsv4_lab.kernels.sparse_attn import triton as sa
+    ptr = {"Q": "*bf16", "KV": "*bf16", "C": "*bf16", "IDX": "*i32", "O": "*bf16", "DO": "*bf16", "LSE": "*fp32",
+           "DQ": "*fp32", "DC": "*fp32", "DELTA": "*fp32", "scale": "fp32",
+           **{a: "i32" for a in ("T", "Tk", "S", "q_offset", "sqb", "sqt", "sqh", "skb", "skt", "scb", "scs", "sib",
+                                 "sit", "sob", "sot", "soh", "slb", "slt")}}
+    out = {}
+    for cfg in sa._sparse_bwd.configs:
+        c = dict(H=H, D=D, W=W, K_SEL=K, BLOCK_H=max(16, H), BLOCK_D=D, BLOCK_W=min(64, W), DOT_DT=tl.bfloat16,
+                 **cfg.kwargs)
+        out["BLOCK_K{BLOCK_K}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"] = resources(
+            sa._sparse_bwd.fn, ptr, c, cfg.num_warps, cfg.num_stages)
+    return out
+
+
+FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "sparse_bwd": sparse_bwd}
 
 
 def main(only=None, out_dir=None):
@@ -141,8 +162,8 @@ def main(only=None, out_dir=None):
         res["families"][name] = {"env": env_info(), **git_commit(os.path.dirname(HERE))}   # what it ran on
         for tag, r in res[name].items():
             print(f"{name:12s} {tag:40s} regs {r['registers']:>4} spills {r['spill_stores']:>4} / "
-                  f"{r['spill_loads']:>4} smem {r['smem']:>6} programs/SM {r['programs_per_sm_by_registers']}",
-                  flush=True)
+                  f"{r['spill_loads']:>4} smem {r['smem']:>6} programs/SM by registers "
+                  f"{r['programs_per_sm_by_registers']}, by smem {r['programs_per_sm_by_smem']}", flush=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
