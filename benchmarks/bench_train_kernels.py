@@ -101,7 +101,23 @@ def main():
     ms.update(rmsnorm_times(B, T))
     ms.update(moe_times(B, T))
     print({k: round(v, 3) for k, v in ms.items()}, flush=True)
+    res["autotuned"] = autotuned_configs()
+    print(res["autotuned"], flush=True)
     print(save("train_kernels", res))
+
+
+def autotuned_configs():
+    """The config each autotuned training kernel settled on for its last key (benchmarks/kernel_registers.py gives
+    its registers and shared memory)."""
+    from dsv4_lab.kernels.compressor_pool import triton as cp
+    from dsv4_lab.kernels.sparse_attn import triton as sa
+    from dsv4_lab.kernels.sparse_kl import triton as sk
+    out = {}
+    for mod in (sa, sk, cp):
+        for name, obj in vars(mod).items():
+            if hasattr(obj, "configs") and hasattr(obj, "cache"):                   # a triton Autotuner
+                out[f"{mod.__name__.rsplit('.', 2)[-2]}.{name}"] = {str(k): str(v) for k, v in obj.cache.items()}
+    return out
 
 
 def swiglu_times(N, K=2, inter=256, limit=10.0):
