@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
-ARCH = 90
+from dsv4_lab.kernels.compile_check import TARGET_ARCH as ARCH  # noqa: E402  (sm_90: the H200)
 SMEM_PER_SM = 233472                        # shared memory per SM on an H200 (228 KiB)
 
 
@@ -70,7 +70,7 @@ def sieve():
         for wide in (1, 2, 3, 4):
             for nw in (2, 4, 8, 16):
                 c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048,
-                         WIDE=wide if wide > 1 else 0)
+                         WIDE=wide)
                 out[f"{dt}_w{wide}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw)
     return out
 
@@ -83,7 +83,7 @@ def rowsel():
                **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
         for wide in (1, 2, 3):
             for nw in (2, 4, 8):
-                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048, WIDE=wide if wide > 1 else 0)
+                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048, WIDE=wide)
                 out[f"{dt}_L2048_w{wide}_nw{nw}"] = resources(rs._row_select, ptr, c, nw)
     return out
 

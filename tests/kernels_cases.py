@@ -1393,7 +1393,7 @@ CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_to
 
 def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None, compile_check=None):
     """Every case (or those in `only`) per dtype -> {case[dtype]: {ok, seconds, error}}. compile_check: the
-    tests/compile_check.py module when installed (each record then counts the kernel specializations the case
+    dsv4_lab.kernels.compile_check module when installed (each record then counts the kernel specializations the case
     lowered for the GPU)."""
     res = {}
     for name, fn in CASES.items():

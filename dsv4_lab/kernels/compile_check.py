@@ -69,6 +69,9 @@ def _compiled_helpers(kernel_module: str, prefixes: tuple[str, ...] = ("dsv4_lab
             setattr(mod, attr, v)
 
 
+_MISSING = object()
+
+
 def _patched_objects():
     import triton.language as tl
     return (tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base)
@@ -93,13 +96,11 @@ def _pristine_language():
         yield
     finally:
         for obj, name, v in changed:
-            if v is _MISSING:
-                delattr(obj, name) if hasattr(obj, name) else None
-            else:
+            if v is not _MISSING:
                 setattr(obj, name, v)
+            elif hasattr(obj, name):
+                delattr(obj, name)
 
-
-_MISSING = object()
 
 
 def check(f, args, kwargs) -> bool:

@@ -42,21 +42,8 @@ def _keys(x, m, LOW: tl.constexpr):
 
 
 @triton.jit
-def _kth_key(s, k, NB: tl.constexpr):
-    """The k-th largest of the 1-D keys s (NB bits), by bisection MSB first (k <= #entries above the mask key)."""
-    t = tl.full([], -(1 << (NB - 1)), tl.int32)                               # the smallest key: never a real one
-    if tl.sum((s >= 0).to(tl.int32), 0) >= k:                                 # the sign bit of the key
-        t = tl.full([], 0, tl.int32)
-    for b in tl.static_range(NB - 2, -1, -1):                                 # then every lower bit, MSB first
-        cand = t | (1 << b)
-        if tl.sum((s >= cand).to(tl.int32), 0) >= k:
-            t = cand
-    return t
-
-
-@triton.jit
 def _wide_step(s, t, k, SH: tl.constexpr, DB: tl.constexpr):
-    """One step of _kth_key_wide: the DB key bits at SH.. below t's known prefix. The 2^DB candidate keys
+    """One step of _kth_key at D > 1: the DB key bits at SH.. below t's known prefix. The 2^DB candidate keys
     t | j 2^SH (j = 0 .. 2^DB - 1) are counted in one reduction; their counts fall as j grows, and j = 0 (t itself)
     always has >= k, so the largest j whose count is >= k is (the number of such j) - 1."""
     j = tl.arange(0, 1 << DB)
@@ -67,17 +54,24 @@ def _wide_step(s, t, k, SH: tl.constexpr, DB: tl.constexpr):
 
 
 @triton.jit
-def _kth_key_wide(s, k, NB: tl.constexpr, D: tl.constexpr):
-    """_kth_key's result (the k-th largest of the NB-bit keys s) in fewer, wider steps: the sign bit, then D bits per
-    step, each step counting its 2^D - 1 candidates in one reduction over an (n, 2^D) compare (ceil((NB - 1) / D)
-    steps instead of NB - 1: the steps are latency-bound, a block-wide sum and a branch each)."""
-    t = tl.full([], -(1 << (NB - 1)), tl.int32)
-    if tl.sum((s >= 0).to(tl.int32), 0) >= k:
+def _kth_key(s, k, NB: tl.constexpr, D: tl.constexpr):
+    """The k-th largest of the 1-D keys s (NB bits; k <= #entries above the mask key): the sign bit, then the lower
+    bits MSB first, D per step. D = 1: bisection, one compare and one sum per bit; D > 1: each step counts its
+    2^D - 1 candidate keys in one reduction over an (n, 2^D) compare, ceil((NB - 1) / D) steps instead of NB - 1 (the
+    steps are latency-bound, a block-wide sum and a branch each; the wider compare costs registers)."""
+    t = tl.full([], -(1 << (NB - 1)), tl.int32)                               # the smallest key: never a real one
+    if tl.sum((s >= 0).to(tl.int32), 0) >= k:                                 # the sign bit of the key
         t = tl.full([], 0, tl.int32)
-    for st in tl.static_range((NB - 1) // D):
-        t = _wide_step(s, t, k, NB - 1 - D * (st + 1), D)
-    if (NB - 1) % D > 0:                                                      # the bits left at the bottom
-        t = _wide_step(s, t, k, 0, (NB - 1) % D)
+    if D == 1:
+        for b in tl.static_range(NB - 2, -1, -1):                             # then every lower bit, MSB first
+            cand = t | (1 << b)
+            if tl.sum((s >= cand).to(tl.int32), 0) >= k:
+                t = cand
+    else:
+        for st in tl.static_range((NB - 1) // D):
+            t = _wide_step(s, t, k, NB - 1 - D * (st + 1), D)
+        if (NB - 1) % D > 0:                                                  # the bits left at the bottom
+            t = _wide_step(s, t, k, 0, (NB - 1) % D)
     return t
 
 
@@ -94,10 +88,7 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
     else:
         m = offs < n
         s = _keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW)   # beyond the frontier: below all
-        if WIDE > 0:                                   # WIDE key bits per step (_kth_key_wide)
-            t = _kth_key_wide(s, k, 32 - LOW, WIDE)
-        else:
-            t = _kth_key(s, k, 32 - LOW)
+        t = _kth_key(s, k, 32 - LOW, WIDE)                                    # WIDE key bits per step
         # the values are loaded again (L2-resident) rather than kept live through the bisection: only the keys
         # occupy registers there (a 32K-entry row: 64 per thread at 16 warps)
         v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
@@ -128,7 +119,7 @@ def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None 
         num_warps = 4 if INTERPRET else min(16, max(4, BLOCK // 1024))
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _row_select[(R,)](val, oval, oidx, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
-                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, WIDE=WD if WD > 1 else 0,
+                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, WIDE=WD,
                       num_warps=num_warps)
     return oval, oidx
 

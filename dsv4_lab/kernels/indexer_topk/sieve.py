@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, next_pow2, tl, triton
-from .rowselect import _keys, _kth_key, _kth_key_wide
+from .rowselect import _keys, _kth_key
 from .select import _row_len, _store_picks, _take_all, rows_and_outputs
 
 
@@ -83,10 +83,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             p = (sb // SB) * (n - SB) // (NS - 1) + sb % SB
             ss = _keys(tl.load(vrow + p).to(tl.float32), sb >= 0, LOW)
             r = tl.minimum((2 * k * NS * SB + n - 1) // n, NS * SB)
-            if WIDE > 0:                               # WIDE key bits per step (docs/kernels.md §3)
-                tau = _kth_key_wide(ss, r, NB, WIDE)
-            else:
-                tau = _kth_key(ss, r, NB)
+            tau = _kth_key(ss, r, NB, WIDE)            # WIDE key bits per step (docs/kernels.md §3)
             # sieve: the entries with key >= tau, in index order, to the program's scratch slots
             cnt = zero
             cnt_gt = zero                              # keys > tau: counted below only when more than CAND passed
@@ -107,10 +104,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             ii = tl.load(CI + cbase + j, mask=mj, other=0)
         if (cnt >= k) & (cnt <= CAND):                 # select among the candidates, in registers
             s = _keys(x, mj, LOW)
-            if WIDE > 0:
-                t = _kth_key_wide(s, k, NB, WIDE)
-            else:
-                t = _kth_key(s, k, NB)
+            t = _kth_key(s, k, NB, WIDE)
             n_gt = tl.sum((s > t).to(tl.int32), 0)
             _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
         else:                                          # the emit streamed over the row, after
@@ -176,7 +170,7 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _sieve_select[(R,)](val, cv, ci, oval, oidx, path, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
                         LOW=16 if val.dtype == torch.bfloat16 else 0, CAND=CAND, NS=NS, SB=SB, BLOCK=BLOCK,
-                        WIDE=WD if WD > 1 else 0,
+                        WIDE=WD,
                         num_warps=num_warps)
     return oval, oidx
 
