@@ -32,7 +32,6 @@ from .._common import INTERPRET, next_pow2, tl, triton
 from .select import _row_len, _store_picks, _take_all, _ukey, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
-WIDE = 1                                      # key bits per threshold-search step (1: bisection; row_select(wide=))
 
 
 @triton.jit
@@ -42,42 +41,23 @@ def _keys(x, m, LOW: tl.constexpr):
 
 
 @triton.jit
-def _wide_step(s, t, k, SH: tl.constexpr, DB: tl.constexpr):
-    """One step of _kth_key at D > 1: the DB key bits at SH.. below t's known prefix. The 2^DB candidate keys
-    t | j 2^SH (j = 0 .. 2^DB - 1) are counted in one reduction; their counts fall as j grows, and j = 0 (t itself)
-    always has >= k, so the largest j whose count is >= k is (the number of such j) - 1."""
-    j = tl.arange(0, 1 << DB)
-    cand = t | (j << SH)                                                      # (2^DB,)
-    cnt = tl.sum((s[:, None] >= cand[None, :]).to(tl.int32), 0)               # (2^DB,) entries >= each candidate
-    jj = tl.sum((cnt >= k).to(tl.int32), 0) - 1
-    return t | (jj << SH)
-
-
-@triton.jit
-def _kth_key(s, k, NB: tl.constexpr, D: tl.constexpr):
-    """The k-th largest of the 1-D keys s (NB bits; k <= #entries above the mask key): the sign bit, then the lower
-    bits MSB first, D per step. D = 1: bisection, one compare and one sum per bit; D > 1: each step counts its
-    2^D - 1 candidate keys in one reduction over an (n, 2^D) compare, ceil((NB - 1) / D) steps instead of NB - 1 (the
-    steps are latency-bound, a block-wide sum and a branch each; the wider compare costs registers)."""
+def _kth_key(s, k, NB: tl.constexpr):
+    """The k-th largest of the 1-D keys s (NB bits; k <= #entries above the mask key), by bisection: the sign bit,
+    then every lower bit MSB first, one compare and one sum per bit (the steps are latency-bound, a block-wide sum
+    and a branch each; wider steps, several bits per step, measured slower: docs/kernels.md §3)."""
     t = tl.full([], -(1 << (NB - 1)), tl.int32)                               # the smallest key: never a real one
     if tl.sum((s >= 0).to(tl.int32), 0) >= k:                                 # the sign bit of the key
         t = tl.full([], 0, tl.int32)
-    if D == 1:
-        for b in tl.static_range(NB - 2, -1, -1):                             # then every lower bit, MSB first
-            cand = t | (1 << b)
-            if tl.sum((s >= cand).to(tl.int32), 0) >= k:
-                t = cand
-    else:
-        for st in tl.static_range((NB - 1) // D):
-            t = _wide_step(s, t, k, NB - 1 - D * (st + 1), D)
-        if (NB - 1) % D > 0:                                                  # the bits left at the bottom
-            t = _wide_step(s, t, k, 0, (NB - 1) % D)
+    for b in tl.static_range(NB - 2, -1, -1):                                 # then every lower bit, MSB first
+        cand = t | (1 << b)
+        if tl.sum((s >= cand).to(tl.int32), 0) >= k:
+            t = cand
     return t
 
 
 @triton.jit
 def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
-                BLOCK: tl.constexpr, WIDE: tl.constexpr):
+                BLOCK: tl.constexpr):
     row = tl.program_id(0)
     n = _row_len(row, L, Tq, q0, RATIO)
     offs = tl.arange(0, BLOCK)
@@ -88,7 +68,7 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
     else:
         m = offs < n
         s = _keys(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32), m, LOW)   # beyond the frontier: below all
-        t = _kth_key(s, k, 32 - LOW, WIDE)                                    # WIDE key bits per step
+        t = _kth_key(s, k, 32 - LOW)
         # the values are loaded again (L2-resident) rather than kept live through the bisection: only the keys
         # occupy registers there (a 32K-entry row: 64 per thread at 16 warps)
         v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
@@ -99,28 +79,21 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
 
 
 def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
-               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None,
-               wide: int | None = None):
+               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L <= MAX_L. Returns (vals fp32,
     idx int32), each (R, k), in radix_select's slot order (module docstring). out: (vals, idx) (R, k) fp32 / int32
-    views to write into (last dim contiguous, same row stride). num_warps: default from the row length. wide: key
-    bits per step of the threshold search, 1..4 (default WIDE; above 1 it compares the row against 2^wide - 1 keys
-    at once, an (L, 2^wide) tile: for short rows)."""
+    views to write into (last dim contiguous, same row stride). num_warps: default from the row length."""
     R, L, oval, oidx = rows_and_outputs("row_select", val, k, out)
     if L > MAX_L:
         raise ValueError(f"row_select: row length L={L}; allowed: L <= {MAX_L} (longer rows: radix_select)")
     if R == 0:
         return oval, oidx
     BLOCK = max(16, next_pow2(L))
-    WD = WIDE if wide is None else int(wide)
-    if not 1 <= WD <= 4:
-        raise ValueError(f"row_select: wide={wide}; allowed: 1, 2, 3 or 4 key bits per step")
     if num_warps is None:                              # ~32 keys per thread, 4..16 warps
         num_warps = 4 if INTERPRET else min(16, max(4, BLOCK // 1024))
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _row_select[(R,)](val, oval, oidx, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
-                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, WIDE=WD,
-                      num_warps=num_warps)
+                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, num_warps=num_warps)
     return oval, oidx
 
 

@@ -35,9 +35,6 @@ from .rowselect import _keys, _kth_key
 from .select import _row_len, _store_picks, _take_all, rows_and_outputs
 
 
-WIDE = 1                  # key bits per step of the in-register k-th-key searches (1: bisection; sieve_select(wide=))
-
-
 @triton.jit
 def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.constexpr):
     """How many of the row's first n entries have a key >= `key` (ABOVE: > `key`), in one pass over the row."""
@@ -55,7 +52,7 @@ def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.
 
 @triton.jit
 def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
-                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr):
     NB: tl.constexpr = 32 - LOW
     zero = tl.full([], 0, tl.int32)                    # a runtime int32 0 (k or n may be compile-time 1)
     row = tl.program_id(0)
@@ -83,7 +80,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             p = (sb // SB) * (n - SB) // (NS - 1) + sb % SB
             ss = _keys(tl.load(vrow + p).to(tl.float32), sb >= 0, LOW)
             r = tl.minimum((2 * k * NS * SB + n - 1) // n, NS * SB)
-            tau = _kth_key(ss, r, NB, WIDE)            # WIDE key bits per step (docs/kernels.md §3)
+            tau = _kth_key(ss, r, NB)
             # sieve: the entries with key >= tau, in index order, to the program's scratch slots
             cnt = zero
             cnt_gt = zero                              # keys > tau: counted below only when more than CAND passed
@@ -104,7 +101,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             ii = tl.load(CI + cbase + j, mask=mj, other=0)
         if (cnt >= k) & (cnt <= CAND):                 # select among the candidates, in registers
             s = _keys(x, mj, LOW)
-            t = _kth_key(s, k, NB, WIDE)
+            t = _kth_key(s, k, NB)
             n_gt = tl.sum((s > t).to(tl.int32), 0)
             _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
         else:                                          # the emit streamed over the row, after
@@ -137,20 +134,17 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
 def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None, paths: torch.Tensor | None = None,
                  cand: int | None = None, samples: tuple[int, int] | None = None, block: int | None = None,
-                 num_warps: int | None = None, wide: int | None = None):
+                 num_warps: int | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L, in radix_select's slot
     order (module docstring). out: (vals, idx) (R, k) fp32 / int32 views to write into. paths: an (R,) int32 tensor
     for each row's path. cand (CAND, a power of two >= 2 k; default 2048 or 2k rounded up to a power of two, 64 in
     the interpreter), samples (NS, SB: powers of two, NS >= 2, NS SB <= CAND; default (16, 64), (4, 8) in the
-    interpreter), block (entries per sieve step; default 2048, 64 in the interpreter), wide (key bits per step of the
-    k-th-key searches, 1..4; default WIDE; 1 = plain bisection, one bit and one sum per step): the tuning knobs."""
+    interpreter), block (entries per sieve step; default 2048, 64 in the interpreter): the tuning knobs. num_warps:
+    default 8 (4 in the interpreter)."""
     R, L, oval, oidx = rows_and_outputs("sieve_select", val, k, out)
     CAND = int(cand) if cand is not None else max(64 if INTERPRET else 2048, next_pow2(2 * k))
     NS, SB = samples if samples is not None else ((4, 8) if INTERPRET else (16, 64))
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    WD = WIDE if wide is None else int(wide)
-    if not 1 <= WD <= 4:
-        raise ValueError(f"sieve_select: wide={wide}; allowed: 1, 2, 3 or 4 key bits per step")
     for name, v in (("cand", CAND), ("samples[0]", NS), ("samples[1]", SB), ("block", BLOCK)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"sieve_select: {name}={v}; allowed: a power of two")
@@ -170,7 +164,6 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _sieve_select[(R,)](val, cv, ci, oval, oidx, path, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
                         LOW=16 if val.dtype == torch.bfloat16 else 0, CAND=CAND, NS=NS, SB=SB, BLOCK=BLOCK,
-                        WIDE=WD,
                         num_warps=num_warps)
     return oval, oidx
 

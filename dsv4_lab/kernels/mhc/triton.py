@@ -55,29 +55,26 @@ def _pre_configs():
                     triton.Config({"BT": 16, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 32, "BC": 128, "CPS": 1}, num_warps=4, num_stages=3),
                     triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=4),
-                    triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3)],
+                    triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
+                    triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
+                    triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=4)],
                    triton.Config({"BT": 16, "BC": 32, "CPS": 1}, num_warps=4, num_stages=1))
 
 
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
-    # twin and times it, so that a config only joins _pre_configs after it measured correct and faster. Deeper
-    # pipelines / wider chunks keep more x bytes in flight per SM in pass 1 (latency-bound with 2 chunks of
-    # 64 x 64 in flight); every one keeps BT / num_warps <= 8 (each config removed after run 11 had 16).
-    # The first four hold fewer registers: ptxas for sm_90 (run on the CPU; bf16 x, n 4, d 384, fused mix) gives
-    # 255 registers per thread to every listed config (1-2 programs per SM: few warps to hide pass 1's latency),
-    # the fused mix doubling it (137 without); BC 32 gives 96 (121 saving mu, rho), BT 8 x BC 128 128 (155 saving):
-    # 4-5 programs per SM (CPS at most that). benchmarks/kernel_registers.py, results/kernel_registers.json.
+    # twin and times it, so that a config only joins _pre_configs after it measured correct and faster. Measured and
+    # dropped (bf16 x, n 4, d 384, fused mix; mhc.json): fewer registers per thread do not pay here. BC 32 (96
+    # registers, 5 programs per SM) and BT 8 (128) ran at 0.32-0.50 ms against 0.27 for the autotuned (64, 64):
+    # more programs per SM, but W (2 x 24 rows x n d bf16 from L2) is re-read per BT tokens, which a small BT
+    # multiplies. (64, 128, 1, 8 warps) ran 0.244 ms and joined the list. Next: wider chunks / larger token blocks.
     return [] if INTERPRET else [
-        triton.Config({"BT": 16, "BC": 32, "CPS": 4}, num_warps=4, num_stages=4),
-        triton.Config({"BT": 16, "BC": 32, "CPS": 5}, num_warps=4, num_stages=3),
-        triton.Config({"BT": 8, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
-        triton.Config({"BT": 8, "BC": 64, "CPS": 5}, num_warps=4, num_stages=3),
-        triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=4),
-        triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=6),
-        triton.Config({"BT": 32, "BC": 128, "CPS": 2}, num_warps=4, num_stages=4),
-        triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=6)]
+        triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=2),
+        triton.Config({"BT": 64, "BC": 256, "CPS": 1}, num_warps=8, num_stages=2),
+        triton.Config({"BT": 64, "BC": 256, "CPS": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 32, "BC": 256, "CPS": 2}, num_warps=4, num_stages=3)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -568,9 +565,10 @@ def mhc_post_fwd(y, x, coef):
 # backward launch parameters (not autotuned; bench_mhc.py times them): pre bwd BT tokens x BC channels per step,
 # BWD_CPS programs per SM; dW: BK channels per program, token splits so that about DW_WAVES programs per SM run;
 # post bwd: BT tokens per program, BD channels per step
-BWD_BT, BWD_BC, BWD_CPS, BWD_WARPS = 16, 64, 4, 4
-DW_BT, DW_BK, DW_WAVES = 64, 128, 4
-POST_BWD_BT, POST_BWD_BD, POST_BWD_WARPS = 16, 128, 4
+# (the fastest correct entries of bench_mhc.py's sweeps at the small bf16 shapes, mhc.json)
+BWD_BT, BWD_BC, BWD_CPS, BWD_WARPS = 16, 128, 2, 4
+DW_BT, DW_BK, DW_WAVES = 64, 256, 4
+POST_BWD_BT, POST_BWD_BD, POST_BWD_WARPS = 8, 128, 4
 
 
 def mhc_post_bwd(y, x, coef, dout):
