@@ -353,34 +353,32 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
     return out
 
 
-# (dtype, wide, num_warps): one program per row is latency-bound (docs/kernels.md §3), so fewer warps per program
-# (more programs per SM) and fewer, wider search steps are the two knobs
-SIEVE_PROBE = (("bf16", 1, 2), ("bf16", 1, 4), ("bf16", 1, 8), ("bf16", 2, 4), ("bf16", 3, 2), ("bf16", 3, 4),
-               ("bf16", 3, 8), ("bf16", 4, 8), ("bf16", 4, 16), ("fp32", 1, 4), ("fp32", 1, 8), ("fp32", 3, 4))
-ROWSEL_PROBE = (("bf16", 1, 2), ("bf16", 1, 4), ("bf16", 2, 4), ("bf16", 2, 8), ("bf16", 3, 4), ("bf16", 3, 8),
-                ("fp32", 1, 4), ("fp32", 2, 4), ("fp32", 2, 8), ("fp32", 3, 8))
+# (dtype, num_warps): one program per row is latency-bound (docs/kernels.md §3), so fewer warps per program (more
+# programs per SM) is the knob; wider search steps (several key bits per step) measured slower and left the package
+# (csa.json topk_row.sieve_probe / rowsel_probe keep their rows, tagged _w<bits>_)
+SIEVE_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("bf16", 16), ("fp32", 4), ("fp32", 8))
+ROWSEL_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("fp32", 4), ("fp32", 8))
 
 
 def select_probe(select, R, L, fr, configs, ref_warps, seed, device="cuda"):
-    """One row-per-program select `select(x, k, frontier=, wide=, num_warps=)` on R rows of up to L visible entries
-    (frontier fr), k = 512, randn scores in bf16 and fp32; per (dtype, wide: key bits per step of the in-register
-    k-th-key searches, num_warps) the time (do_bench) and whether the picks equal wide 1's at ref_warps warps slot
-    for slot (they must: every width finds the same key)."""
+    """One row-per-program select `select(x, k, frontier=, num_warps=)` on R rows of up to L visible entries
+    (frontier fr), k = 512, randn scores in bf16 and fp32; per (dtype, num_warps) the time (do_bench) and whether the
+    picks equal those at ref_warps warps slot for slot (they must: the warps change only the schedule)."""
     g = torch.Generator(device=device).manual_seed(seed)
     xs = {"fp32": torch.randn(R, L, device=device, generator=g)}
     xs["bf16"] = xs["fp32"].bfloat16()
     out = {"R": R, "L": L, "k": K, "frontier": list(fr)}
     refs = {}
-    for dt, wide, nw in configs:
+    for dt, nw in configs:
         x = xs[dt]
         if dt not in refs:
-            refs[dt] = select(x, K, frontier=fr, wide=1, num_warps=ref_warps)
-        tag = f"{dt}_w{wide}_nw{nw}"
+            refs[dt] = select(x, K, frontier=fr, num_warps=ref_warps)
+        tag = f"{dt}_nw{nw}"
         try:
-            v, i = select(x, K, frontier=fr, wide=wide, num_warps=nw)
+            v, i = select(x, K, frontier=fr, num_warps=nw)
             out[f"{tag}_same_picks"] = bool(torch.equal(i, refs[dt][1]) and torch.equal(v, refs[dt][0]))
-            out[f"{tag}_ms"] = bench(lambda x=x, wide=wide, nw=nw: select(x, K, frontier=fr, wide=wide,
-                                                                            num_warps=nw), warmup=3, rep=20)["ms"]
+            out[f"{tag}_ms"] = bench(lambda x=x, nw=nw: select(x, K, frontier=fr, num_warps=nw),
+                                     warmup=3, rep=20)["ms"]
         except Exception as e:                                                 # noqa: BLE001
             out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out

@@ -5,10 +5,10 @@ registers per thread, the spill bytes and the stack frame. Registers per thread 
 programs an SM holds (65 536 registers per SM on an H200), and so how many warps it has to hide memory latency: the
 number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4 quote this file's results).
 
-Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x key bits per search step x warps,
-at their prefill shapes; the mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without
-its fused mix; the mHC pre backward for every entry of bench_mhc.py's BWD_SWEEP; the CSA sparse-attention backward
-for every autotune config.
+Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps, at their prefill shapes;
+the mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without its fused mix; the mHC
+pre backward for every entry of bench_mhc.py's BWD_SWEEP; the CSA sparse-attention backward for every autotune
+config.
 
     python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd sparse_bwd] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
@@ -67,11 +67,9 @@ def sieve():
     for dt in ("bf16", "fp32"):
         ptr = {"VAL": f"*{dt}", "CV": "*fp32", "CI": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "PATH": "*i32",
                **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
-        for wide in (1, 2, 3, 4):
-            for nw in (2, 4, 8, 16):
-                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048,
-                         WIDE=wide)
-                out[f"{dt}_w{wide}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw)
+        for nw in (2, 4, 8, 16):
+            c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048)
+            out[f"{dt}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw)
     return out
 
 
@@ -81,10 +79,9 @@ def rowsel():
     for dt in ("bf16", "fp32"):
         ptr = {"VAL": f"*{dt}", "OVAL": "*fp32", "OIDX": "*i32",
                **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
-        for wide in (1, 2, 3):
-            for nw in (2, 4, 8):
-                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048, WIDE=wide)
-                out[f"{dt}_L2048_w{wide}_nw{nw}"] = resources(rs._row_select, ptr, c, nw)
+        for nw in (2, 4, 8):
+            c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048)
+            out[f"{dt}_L2048_nw{nw}"] = resources(rs._row_select, ptr, c, nw)
     return out
 
 

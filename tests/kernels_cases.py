@@ -449,7 +449,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     g = torch.Generator().manual_seed(11)
-    sieve_paths, sieve_widths, rowsel_widths, n_sets = set(), set(), set(), 0
+    sieve_paths = set()
     ws = SelectWorkspace(2, programs=2, device=device)     # shared by every call (grown by radix_select when short)
     # (R, L, k, programs, frontier). Decode-like rows (L > 1000; on CPU in 256-entry blocks, the interpreter's cost
     # is per block): 4100 entries over 3 programs (the default) and 5 (the last one holds 4 entries), k = 64 and 512,
@@ -494,26 +494,18 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
-                # the sieve select: radix_select's result, bitwise, with its k-th-key searches 1-4 key bits per
-                # step (on CPU one width per row set, in turn; on the GPU 1, 3 and 4, each twice)
-                n_sets += 1
-                for a, wide in enumerate((1 + n_sets % 4,) if device == "cpu" else (1, 1, 3, 3, 4, 4)):
+                for a in range(1 if device == "cpu" else 2):     # the sieve select: radix_select's, bitwise
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
-                    v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk, wide=wide,
+                    v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk,
                                           **({"cand": max(64, 2 ** (2 * k - 1).bit_length()), "samples": (4, 8)}
                                              if device == "cpu" else {}))
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: sieve_select (run {a + 1}, wide {wide}) differs bitwise from radix_select"
+                        f"{tag}: sieve_select (run {a + 1}) differs bitwise from radix_select"
                     sieve_paths |= set(paths.tolist())
-                    sieve_widths.add(wide)
-                # the row select: radix_select's result, bitwise (wide as the sieve's, on rows of at most 2K)
-                for a, wide in enumerate(((1 + n_sets % 4,) if device == "cpu" else (1, 1, 3, 3)) if L <= MAX_L
-                                         else ()):
-                    wide = wide if L <= 2048 else 1
-                    v2, i2 = row_select(xd, k, frontier=fr, wide=wide)
+                for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
+                    v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: row_select (run {a + 1}, wide {wide}) differs bitwise from radix_select"
-                    rowsel_widths.add(wide)
+                        f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
     # the sieve select on a row whose order follows position (the guess from the sampled blocks lets fewer than k
     # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
     # guess is the k-th key, 4 fallback), each with radix_select's result
@@ -524,8 +516,6 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     assert int(paths[0]) == 4 and torch.equal(i2, i) and torch.equal(v2, v), "sieve_select fallback on a sorted row"
     sieve_paths.add(4)
     assert sieve_paths >= ({0, 1, 2, 3, 4} if device == "cpu" else {2}), f"sieve paths taken: {sorted(sieve_paths)}"
-    assert sieve_widths == ({1, 2, 3, 4} if device == "cpu" else {1, 3, 4}), f"sieve widths: {sorted(sieve_widths)}"
-    assert rowsel_widths == ({1, 2, 3, 4} if device == "cpu" else {1, 3}), f"row_select widths: {sorted(rowsel_widths)}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
     # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller tables it replaces
     assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \
