@@ -35,18 +35,19 @@ from dsv4_lab.kernels.mhc import triton as mt
 from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
 
 SMALL = (65536, 4, 384)                              # tokens per step, n = hc_mult, d = d_model of preset=small
-# the pre backward at n 4, d 384, bf16: (16, 128, 2 per SM, 4 warps) 0.76 ms against 1.01 for (16, 64, 4): the
-# default since; the lower-register entries (ptxas: (16, 32) 168, (8, 64) 166 registers against 255) ran 0.98-1.10
-BWD_SWEEP = [dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4),
-             dict(BWD_BT=32, BWD_BC=64, BWD_CPS=2, BWD_WARPS=4), dict(BWD_BT=32, BWD_BC=128, BWD_CPS=2, BWD_WARPS=8),
-             dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2), dict(BWD_BT=16, BWD_BC=128, BWD_CPS=3, BWD_WARPS=4),
-             dict(BWD_BT=8, BWD_BC=128, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=8)]
+# the pre backward at n 4, d 384, bf16 (mhc.json): (8, 128, 4 per SM, 4 warps) 0.69 ms, (16, 128, 2) 0.76, the
+# old default (16, 64, 4) 1.01; the lower-register entries (ptxas: (16, 32) 168, (8, 64) 166 registers, not 255)
+# ran 0.98-1.10
+BWD_SWEEP = [dict(BWD_BT=8, BWD_BC=128, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4),
+             dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2),
+             dict(BWD_BT=8, BWD_BC=128, BWD_CPS=6, BWD_WARPS=4), dict(BWD_BT=8, BWD_BC=128, BWD_CPS=8, BWD_WARPS=2),
+             dict(BWD_BT=8, BWD_BC=256, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=8, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2)]
 POST_BWD_SWEEP = [dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=16, POST_BWD_BD=128, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=2),
                   dict(POST_BWD_BT=16, POST_BWD_BD=64, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=32, POST_BWD_BD=64, POST_BWD_WARPS=8),
-                  dict(POST_BWD_BT=4, POST_BWD_BD=128, POST_BWD_WARPS=4)]
+                  dict(POST_BWD_BT=8, POST_BWD_BD=256, POST_BWD_WARPS=4)]
 DW_SWEEP = [dict(DW_BT=64, DW_BK=256, DW_WAVES=4), dict(DW_BT=64, DW_BK=128, DW_WAVES=4),
             dict(DW_BT=128, DW_BK=256, DW_WAVES=2)]
 

@@ -57,24 +57,23 @@ def _pre_configs():
                     triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=4),
                     triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
                     triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
-                    triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=4)],
+                    triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3),
+                    triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3)],
                    triton.Config({"BT": 16, "BC": 32, "CPS": 1}, num_warps=4, num_stages=1))
 
 
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
-    # twin and times it, so that a config only joins _pre_configs after it measured correct and faster. Measured and
-    # dropped (bf16 x, n 4, d 384, fused mix; mhc.json): fewer registers per thread do not pay here. BC 32 (96
-    # registers, 5 programs per SM) and BT 8 (128) ran at 0.32-0.50 ms against 0.27 for the autotuned (64, 64):
-    # more programs per SM, but W (2 x 24 rows x n d bf16 from L2) is re-read per BT tokens, which a small BT
-    # multiplies. (64, 128, 1, 8 warps) ran 0.244 ms and joined the list. Next: wider chunks / larger token blocks.
+    # twin and times it, so that a config only joins _pre_configs after it measured correct and faster. Measured
+    # (bf16 x, n 4, d 384, fused mix; mhc.json): fewer registers per thread do not pay here. BC 32 (96 registers,
+    # 5 programs per SM) and BT 8 (128) ran at 0.32-0.50 ms against 0.27 for (64, 64): W (2 x 24 rows x n d bf16,
+    # from L2) is re-read per BT tokens, which a small BT multiplies. Larger token blocks pay: (64, 128, 8 warps)
+    # 0.244 ms, (128, 64, 16 warps) 0.231, (128, 128, 16 warps) 0.209 joined the list. Next: the same direction.
     return [] if INTERPRET else [
-        triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=2),
-        triton.Config({"BT": 64, "BC": 256, "CPS": 1}, num_warps=8, num_stages=2),
-        triton.Config({"BT": 64, "BC": 256, "CPS": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 32, "BC": 256, "CPS": 2}, num_warps=4, num_stages=3)]
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=2),
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=4),
+        triton.Config({"BT": 128, "BC": 256, "CPS": 1}, num_warps=16, num_stages=2),
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -566,7 +565,7 @@ def mhc_post_fwd(y, x, coef):
 # BWD_CPS programs per SM; dW: BK channels per program, token splits so that about DW_WAVES programs per SM run;
 # post bwd: BT tokens per program, BD channels per step
 # (the fastest correct entries of bench_mhc.py's sweeps at the small bf16 shapes, mhc.json)
-BWD_BT, BWD_BC, BWD_CPS, BWD_WARPS = 16, 128, 2, 4
+BWD_BT, BWD_BC, BWD_CPS, BWD_WARPS = 8, 128, 4, 4
 DW_BT, DW_BK, DW_WAVES = 64, 256, 4
 POST_BWD_BT, POST_BWD_BD, POST_BWD_WARPS = 8, 128, 4
 
