@@ -41,7 +41,7 @@ SMALL = (65536, 4, 384)                              # tokens per step, n = hc_m
 BWD_SWEEP = [dict(BWD_BT=8, BWD_BC=128, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4),
              dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2),
              dict(BWD_BT=8, BWD_BC=128, BWD_CPS=6, BWD_WARPS=4), dict(BWD_BT=8, BWD_BC=128, BWD_CPS=8, BWD_WARPS=2),
-             dict(BWD_BT=8, BWD_BC=256, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=8, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2)]
+             dict(BWD_BT=8, BWD_BC=256, BWD_CPS=4, BWD_WARPS=4)]
 POST_BWD_SWEEP = [dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=16, POST_BWD_BD=128, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=2),
@@ -139,7 +139,9 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
     ref = step(mhc_pre_naive, mhc_post_naive)                           # fp32 compute on the same bf16 inputs
     old_mix = _set({"PRE_MIX": mix})
     names = ["dx", "dfn", "dscale", "dbase", "dy"]
-    lims = [2e-2, 1e-3, 1e-3, 1e-3, 2e-2]                               # bf16 dx / dy carry their own rounding
+    # bf16 dx / dy carry their own rounding: every config gives dx 3.2e-3 at the small bf16 shapes but BT 8 at
+    # 2 warps (9.5e-3, mhc.json of run 38: a layout the other configs do not share), which 2e-2 let through
+    lims = [5e-3, 1e-3, 1e-3, 1e-3, 2e-2]
 
     def gate(tag):
         got = step(mt.mhc_pre_triton, mt.mhc_post_triton, alias=True)

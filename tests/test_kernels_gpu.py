@@ -174,7 +174,9 @@ def test_model_decode_uses_split_kv_kernels_and_matches_reference(mode, topk):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_mhc_pre_every_autotune_config(dtype):
-    """Every config of the mHC pre kernel's autotune list (the cases only see the tuner's winner) against the naive
+    """Every config of the mHC pre kernel's autotune list (the cases only see the tuner's winner) and of
+    PRE_CANDIDATE_CONFIGS (so that a candidate bench_mhc.py found faster is checked on both dtypes before it joins
+    the list) against the naive
     twin in fp64 on the same inputs, at a token count where each persistent program walks several token blocks
     (> CPS x SMs x BT) and the last block is partial. coef: the bf16 hi/lo split projection is ~1e-6 off; u: bf16
     outputs carry their own rounding (~1e-3), fp32 outputs ~1e-6."""
@@ -188,7 +190,7 @@ def test_mhc_pre_every_autotune_config(dtype):
     base = torch.randn(fn.shape[0], device="cuda", generator=g)
     u_r, c_r = mhc_pre_naive(x.double(), fn.double(), sc.double(), base.double())      # fp64 reference
     for mix in ("fused", "split"):
-        for cfg in mt._mhc_pre_kernel.configs:
+        for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
             u, c = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix)
             ec = kc.rel(c, c_r)
             eu = kc.rel(u, u_r)

@@ -64,16 +64,19 @@ def _pre_configs():
 
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
-    # twin and times it, so that a config only joins _pre_configs after it measured correct and faster. Measured
-    # (bf16 x, n 4, d 384, fused mix; mhc.json): fewer registers per thread do not pay here. BC 32 (96 registers,
-    # 5 programs per SM) and BT 8 (128) ran at 0.32-0.50 ms against 0.27 for (64, 64): W (2 x 24 rows x n d bf16,
-    # from L2) is re-read per BT tokens, which a small BT multiplies. Larger token blocks pay: (64, 128, 8 warps)
-    # 0.244 ms, (128, 64, 16 warps) 0.231, (128, 128, 16 warps) 0.209 joined the list. Next: the same direction.
+    # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
+    # _pre_configs only after both. Measured (bf16 x, n 4, d 384, fused mix; mhc.json): fewer registers per thread
+    # do not pay here. BC 32 (96 registers, 5 programs per SM) and BT 8 (128) ran at 0.32-0.50 ms against 0.27 for
+    # (64, 64): W (2 x 24 rows x n d bf16, from L2) is re-read per BT tokens, which a small BT multiplies. Larger
+    # token blocks pay: (128, 128, 16 warps) 0.208 ms joined the list; (128, 128, 8 warps, 3 stages) ran 0.143 ms
+    # and gated correct on bf16 x (forward 0.63 of copy with it), not yet run by the GPU test.
+    # (ptxas on the CPU, kernel_registers.json: at BT 128 the stage count changes nothing (the loop is not
+    # pipelined), so one per tile)
     return [] if INTERPRET else [
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=2),
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=4),
-        triton.Config({"BT": 128, "BC": 256, "CPS": 1}, num_warps=16, num_stages=2),
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3)]
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 256, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 256, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
