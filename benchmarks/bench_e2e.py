@@ -449,6 +449,7 @@ def main(out_dir=None, ctxs=(4096, 16384, 65536), arms=MAIN_ARMS, modes=MODES, w
         left = None if budget is None else budget - (time.time() - t_start)
         if left is None or left > 60:
             r = _child(["--breakdown", str(profile_ctx)], cap if left is None else min(cap, left - 5))
+            r.update(git_commit(os.path.dirname(HERE)), time=time.strftime("%Y-%m-%d %H:%M:%S"))  # as each point
             res["breakdown"] = r
             print("e2e breakdown", {k: v for k, v in r.items() if k != "traceback"}, flush=True)
     res["summary"] = summary_keys(runs, ALL_CTXS)

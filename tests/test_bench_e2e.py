@@ -100,3 +100,5 @@ def test_arm_modes_measure_each_arm_in_its_own_modes_context_by_context(tmp_path
                    arm_modes={"v4": ("blocks",), "dense": ("compiled",)})
     assert started == [("small", "4096", "blocks"), ("small-dense", "4096", "compiled"),
                            ("small", "16384", "blocks"), ("small-dense", "16384", "compiled")]
+    rec = json.loads((tmp_path / "e2e.json").read_text())
+    assert {"commit", "dirty", "time"} <= rec["breakdown"].keys()              # the profile names its code, as a point
