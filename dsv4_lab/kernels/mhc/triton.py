@@ -71,12 +71,16 @@ def _pre_candidate_configs():
     # token blocks pay: (128, 128, 16 warps) 0.208 ms joined the list; (128, 128, 8 warps, 3 stages) ran 0.143 ms
     # and gated correct on bf16 x (forward 0.63 of copy with it), not yet run by the GPU test.
     # (ptxas on the CPU, kernel_registers.json: at BT 128 the stage count changes nothing (the loop is not
-    # pipelined), so one per tile)
+    # pipelined), so one per tile.) At the `small` step's 65 536 tokens a program of the persistent grid walks ~500
+    # of them: BT 512 reads W once per program.
     return [] if INTERPRET else [
         triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
         triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
         triton.Config({"BT": 256, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 256, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3)]
+        triton.Config({"BT": 256, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 256, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 512, "BC": 32, "CPS": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 512, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
