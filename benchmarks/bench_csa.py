@@ -213,17 +213,25 @@ def decode(N):
     out["score_us"] = r["ms"] * 1e3
     out["score_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
     best = None
+    from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L
-    for name in METHODS:
-        if name.startswith("rowsel") and S > MAX_L:                            # would run select: measured already
+    # the select methods twice: as NL + 1 launches and as one launch with grid barriers (select.ONE_LAUNCH)
+    runs = [(m, False) for m in METHODS] + [(m, True) for m in METHODS if m.startswith("select")]
+    for method, one_launch in runs:
+        name = method + ("_one_launch" if one_launch else "")
+        if method.startswith("rowsel") and S > MAX_L:                          # would run select: measured already
             continue
-        if name.startswith("sieve"):                          # one program per row: a prefill method, not decode's
+        if method.startswith("sieve"):                        # one program per row: a prefill method, not decode's
             continue
 
-        def one(name=name):
-            return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=name)
+        def one(method=method, one_launch=one_launch):
+            old, sel.ONE_LAUNCH = sel.ONE_LAUNCH, one_launch
+            try:
+                return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=method)
+            finally:
+                sel.ONE_LAUNCH = old
         try:
-            if name in BF16_METHODS:                                   # bf16 scores: recall of fp32 picks
+            if method in BF16_METHODS:                                 # bf16 scores: recall of fp32 picks
                 out[f"indexer_{name}_recall_vs_fp32"] = recall(one(), i_ref)
             else:
                 same = torch.equal(torch.sort(one(), -1).values, torch.sort(i_ref, -1).values)   # index sets
@@ -277,21 +285,32 @@ def topk_row(L=262144):
     out = {"L": L, "k": K}
     for nm, row in (("fp32", x), ("bf16", xb)):
         ref = torch.topk(row.float(), K).values
-        v, i = radix_select(row, K, workspace=ws)
+        v, i = radix_select(row, K, workspace=ws, one_launch=False)
         out[f"select_{nm}_values_match_torch_topk"] = bool(torch.equal(torch.sort(v, -1, descending=True).values,
                                                                        ref))
-        out[f"select_{nm}_bitwise_repeatable"] = all(torch.equal(i, radix_select(row, K, workspace=ws)[1])
-                                                     for _ in range(5))     # the slot order is fixed (select.py)
-        out[f"select_{nm}_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws))["ms"] * 1e3
+        out[f"select_{nm}_bitwise_repeatable"] = all(
+            torch.equal(i, radix_select(row, K, workspace=ws, one_launch=False)[1])
+            for _ in range(5))                                              # the slot order is fixed (select.py)
+        out[f"select_{nm}_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws,
+                                                                          one_launch=False))["ms"] * 1e3
+        # one launch, a grid barrier per digit level: the same picks in the same slots, the workspace left zeroed
+        v1, i1 = radix_select(row, K, workspace=ws, one_launch=True)
+        out[f"select_{nm}_one_launch_same_picks"] = bool(torch.equal(i1, i) and torch.equal(v1, v)
+                                                         and not ws.hist.any())
+        for P in (128, 64, 32):
+            blk = min(2048, L // P)
+            out[f"select_{nm}_one_launch_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
+                row, K, programs=P, workspace=ws, block=blk, one_launch=True))["ms"] * 1e3
         out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
         blk = min(2048, L // P)                              # chunks are whole blocks: 256 programs need 1024
         for nm, row in (("fp32", x), ("bf16", xb)):
             out[f"select_{nm}_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
-                row, K, programs=P, workspace=ws, block=blk))["ms"] * 1e3
+                row, K, programs=P, workspace=ws, block=blk, one_launch=False))["ms"] * 1e3
     out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
-                   "histograms zeroed: no zeroing launch)")
+                   "histograms zeroed: no zeroing launch); select_*_one_launch_* = the same levels and emit in one "
+                   "launch, a grid barrier per level")
     return out
 
 

@@ -10,7 +10,7 @@ the mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with
 pre backward for every entry of bench_mhc.py's BWD_SWEEP; the CSA sparse-attention backward for every autotune
 config.
 
-    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd sparse_bwd] [--out DIR]
+    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd sparse_bwd select_one_launch] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -138,7 +138,24 @@ def sparse_bwd(H=8, D=128, W=128, K=512):
     return out
 
 
-FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "sparse_bwd": sparse_bwd}
+SELECT_POINTERS = {"VAL": "*bf16", "HIST": "*i32", "PH": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "L": "i32", "C": "i32",
+                   "P": "i32", "sv": "i32", "so": "i32", "Tq": "i32", "q0": "i32", "k": "i32"}
+
+
+def select_one_launch():
+    """The split-row select in one launch (select.py _select_one_launch: grid barriers between the digit levels),
+    decode's setting (8-bit digits, 2048-entry blocks, 8 warps), bf16 and fp32 rows: two programs per SM must fit for
+    P R <= SMs to be resident with room to spare."""
+    from dsv4_lab.kernels.indexer_topk import select as sel
+    out = {}
+    for dt, nl in (("bf16", 2), ("fp32", 4)):
+        ptr = dict(SELECT_POINTERS, VAL=f"*{dt}")
+        out[f"{dt}_nw8"] = resources(sel._select_one_launch, ptr, dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128), 8)
+    return out
+
+
+FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "sparse_bwd": sparse_bwd,
+            "select_one_launch": select_one_launch}
 
 
 def main(only=None, out_dir=None):

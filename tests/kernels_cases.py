@@ -442,7 +442,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     naive twin's index set (_check_select_exact); repeats are bitwise equal to the first run: on CPU one repeat with
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
     programs run fails it), on the GPU two repeats (the hardware schedules the programs); all calls share one
-    SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The row select, on every
+    SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The one-launch select
+(`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches, with
+its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The row select, on every
     row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected slot
     order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
@@ -494,6 +496,12 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
+                for a in range(1 if device == "cpu" else 2):     # the one-launch select (grid barriers): the same
+                    v2, i2 = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk, workspace=ws,
+                                          one_launch=True)
+                    assert not ws.hist.any(), f"{tag}: one_launch left the histograms / counter nonzero"
+                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+                        f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
                 for a in range(1 if device == "cpu" else 2):     # the sieve select: radix_select's, bitwise
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
                     v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk,

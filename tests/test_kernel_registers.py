@@ -23,3 +23,13 @@ def test_ptxas_report_of_a_kernel_compiled_on_the_cpu():
         assert 0 < r["registers"] <= 255 and r["spill_stores"] is not None and r["smem"] >= 0, r
         assert r["programs_per_sm_by_registers"] == 65536 // (r["registers"] * 128)
     assert big["registers"] > small["registers"]                 # 16 rows of 1024 per program hold more
+
+
+def test_one_launch_select_compiles_for_the_gpu():
+    """The one-launch select (select.py _select_one_launch) never runs under the interpreter (its grid barriers need
+    every program resident at once; the interpreter runs the same levels as separate launches), so the compile
+    check never sees it: compiled here for sm_90 through ptxas, fp32 and bf16 rows, with room for two programs per
+    SM (its launch keeps P R <= SMs)."""
+    import kernel_registers as kr
+    for r in kr.select_one_launch().values():
+        assert 0 < r["registers"] <= 128 and r["spill_stores"] == 0, r

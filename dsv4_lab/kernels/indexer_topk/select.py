@@ -21,6 +21,10 @@ are all equal). A row of L entries is cut into P chunks of C entries (whole bloc
                 to take one zeroes the histograms and the counter, so no launch has to zero them before the next
                 call (the workspace leaves every call as it entered it: SelectWorkspace)
 
+    one launch  (one_launch=True; ONE_LAUNCH for the default) the same levels and emit in one launch, a grid barrier
+                per row in place of each launch boundary (_select_one_launch): for few rows, where every launch
+                costs latency, with every program resident at once (P R <= the SMs)
+
 Output (deterministic, the naive twin's tie rule: indexer_topk/naive.py, docs/kernels.md §3): slots [0, k - r) hold
 the entries with key > t in increasing index order, slots [k - r, k) the r LOWEST-INDEX entries with key == t in
 increasing index order; so the set of picks is the naive twin's (stable sort, lower index first) on the same row,
@@ -49,6 +53,7 @@ from .._common import INTERPRET, check_device, tl, triton
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
+ONE_LAUNCH = False                            # radix_select's default where R <= SMs (one_launch=None): not yet timed
 
 
 @triton.jit
@@ -116,8 +121,13 @@ def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
 def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, DB: tl.constexpr,
                 RATIO: tl.constexpr, BLOCK: tl.constexpr):
     """Launch LEVEL + 1 (grid (P, R)): digit LEVEL of the row's histogram; programs 0..P-2 also keep their own."""
-    p = tl.program_id(0)
-    row = tl.program_id(1)
+    _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, tl.program_id(0), tl.program_id(1), NL, DB, RATIO, BLOCK)
+
+
+@triton.jit
+def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.constexpr, DB: tl.constexpr,
+               RATIO: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p of row `row`, digit LEVEL (the levels before it complete in HIST)."""
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     if (n > k) & (c0 < n):
@@ -147,8 +157,15 @@ def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, 
 def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
           RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr):
     """Last launch (grid (P, R)): program p writes its chunk's picks at the slots the programs before it leave."""
-    p = tl.program_id(0)
-    row = tl.program_id(1)
+    _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, tl.program_id(0), tl.program_id(1), NL, DB,
+               RATIO, BLOCK, QB, True)
+
+
+@triton.jit
+def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL: tl.constexpr, DB: tl.constexpr,
+               RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr):
+    """Program p of row `row` after every digit; TICKET: take the ticket that clears the row's histograms (the
+    one-launch select clears them itself)."""
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     vrow = VAL + row.to(tl.int64) * sv
@@ -163,9 +180,10 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
         pref, krem = _prefix(HIST, hbase, k, NL, DB)
         # ticket (acq_rel: this program's histogram reads come before it); the last of the row's cdiv(n, C)
         # programs sees every other one's reads done and zeroes the histograms and the counter for the next call
-        if tl.atomic_add(HIST + hbase + H, 1) == (n + C - 1) // C - 1:
-            tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
-            tl.store(HIST + hbase + H, 0)
+        if TICKET:
+            if tl.atomic_add(HIST + hbase + H, 1) == (n + C - 1) // C - 1:
+                tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
+                tl.store(HIST + hbase + H, 0)
         n_gt = k - krem                                                       # picks > t: slots [0, n_gt)
         # gt / eq: entries > t / == t in the chunks of programs 0..p-1 (their suffix counts, QB programs at a time)
         gt = k * 0
@@ -176,10 +194,10 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
             qrow = PH + (row.to(tl.int64) * (P - 1) + q) * H                  # (QB,) pointers to S_{q, 0}[0]
             for l in range(NL):                                               # > t first at digit l
                 b = (pref >> (32 - DB * (l + 1))) & (NB - 1)                  # digit l of t
-                gt += tl.sum(tl.load(qrow + l * NB + b + 1, mask=mq & (b + 1 < NB), other=0), 0)
+                gt += tl.sum(tl.load(qrow + l * NB + b + 1, mask=mq & (b + 1 < NB), other=0, volatile=True), 0)
             b = (pref >> (32 - DB * NL)) & (NB - 1)                           # == t: the last digit's bin b
-            eq += tl.sum(tl.load(qrow + (NL - 1) * NB + b, mask=mq, other=0), 0)
-            eq -= tl.sum(tl.load(qrow + (NL - 1) * NB + b + 1, mask=mq & (b + 1 < NB), other=0), 0)
+            eq += tl.sum(tl.load(qrow + (NL - 1) * NB + b, mask=mq, other=0, volatile=True), 0)
+            eq -= tl.sum(tl.load(qrow + (NL - 1) * NB + b + 1, mask=mq & (b + 1 < NB), other=0, volatile=True), 0)
         SH: tl.constexpr = 32 - DB * NL
         tpre = pref >> SH                                                     # threshold prefix (DB NL bits)
         c1 = tl.minimum(c0 + C, n)
@@ -195,6 +213,41 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
                 a = u & ((1 << (32 - SH)) - 1)
                 t = tpre & ((1 << (32 - SH)) - 1)
             gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase)
+
+
+@triton.jit
+def _arrive_and_wait(CNT, target):
+    """Grid barrier of a row's programs (all resident at once): count this program in, then wait until `target`
+    arrivals. The CTA barrier before it orders every thread's histogram atomics and suffix-count stores before the
+    (release) arrival; the (acquire) polls order the reads after it."""
+    tl.debug_barrier()
+    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
+                       RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr):
+    """The whole select in one launch (grid (P, R), every program resident: P R <= SMs): the NL digit levels and the
+    emit of the multi-launch select, a grid barrier per row after each level in place of the launch boundary. The
+    row's counter (its histogram table's ticket slot) counts every program's arrival at every barrier and its exit;
+    the last to exit zeroes the table and the counter for the next call."""
+    p = tl.program_id(0)
+    row = tl.program_id(1)
+    H: tl.constexpr = NL * (1 << DB)
+    hbase = row.to(tl.int64) * (H + 1)
+    cnt = HIST + hbase + H
+    for lev in range(NL):
+        _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, NL, DB, RATIO, BLOCK)
+        _arrive_and_wait(cnt, (lev + 1) * P)
+    _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False)
+    tl.debug_barrier()
+    if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == (NL + 1) * P - 1:     # every program read its last
+        tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
+        tl.store(cnt, 0)
 
 
 def rows_and_outputs(name: str, val: torch.Tensor, k: int, out=None):
@@ -251,16 +304,29 @@ class SelectWorkspace:
 
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  programs: int | None = None, workspace: SelectWorkspace | None = None, digit_bits: int | None = None,
-                 block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 one_launch: bool | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
     order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: a SelectWorkspace
     (one is allocated, zeroed, when None; its parts are replaced when too small for this call).
     digit_bits (DB): 4 or 8; default 8 with several programs per row (decode), 4 with one (prefill).
     block: entries per loop step of a program, a power of two (default 2048; 64 in the interpreter).
-    out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride)."""
+    out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride).
+    one_launch: the NL digit launches and the emit as one launch with a grid barrier per level (_select_one_launch;
+    every program must be resident at once, so R <= the device's SMs and P is capped at SMs // R); None: ONE_LAUNCH
+    where R <= the SMs. The Triton interpreter runs program instances one after another, so there it runs the same
+    levels as separate launches."""
     R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
     P = default_programs(R, L) if programs is None else max(1, int(programs))
+    sms = torch.cuda.get_device_properties(val.device).multi_processor_count if val.is_cuda else SMS
+    if one_launch is None:
+        one_launch = ONE_LAUNCH and R <= sms
+    if one_launch:
+        if R > sms:
+            raise ValueError(f"radix_select: one_launch=True with R={R} rows; allowed: R <= {sms} (the SMs: every "
+                             "program of the launch must be resident at once)")
+        P = min(P, sms // max(R, 1))
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
     if DB not in (4, 8):
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
@@ -276,6 +342,10 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
     ws.fit(R, R * (P - 1) * H, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
+    if one_launch and not INTERPRET:
+        _select_one_launch[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq,
+                                   q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, num_warps=num_warps)
+        return oval, oidx
     for lev in range(NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
                             RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
