@@ -80,14 +80,19 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             p = (sb // SB) * (n - SB) // (NS - 1) + sb % SB
             ss = _keys(tl.load(vrow + p).to(tl.float32), sb >= 0, LOW)
             r = tl.minimum((2 * k * NS * SB + n - 1) // n, NS * SB)
+            offs = tl.arange(0, BLOCK)                 # the first block's load in flight during the bisection
+            xn = tl.load(vrow + offs, mask=offs < n, other=0.0)
             tau = _kth_key(ss, r, NB)
-            # sieve: the entries with key >= tau, in index order, to the program's scratch slots
+            # sieve: the entries with key >= tau, in index order, to the program's scratch slots. Each step issues
+            # the next block's load before it works on its own (Triton does not pipeline this loop: no tl.dot), so
+            # a load's latency overlaps the scan and stores of the block before
             cnt = zero
             cnt_gt = zero                              # keys > tau: counted below only when more than CAND passed
             for st in range(0, n, BLOCK):
                 offs = st + tl.arange(0, BLOCK)
                 mb = offs < n
-                xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
+                xb = xn.to(tl.float32)
+                xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < n, other=0.0)
                 sk = _keys(xb, mb, LOW)
                 c = mb & (sk >= tau)
                 pos = cnt + tl.cumsum(c.to(tl.int32), 0) - 1
