@@ -633,6 +633,10 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
             u_s, c_s, mu, rho = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="bf16x3", save=True)
             _check("mhc u (bf16x3)", u_s, u_r.detach(), tol=tol_s)
             _check("mhc coef (bf16x3)", c_s, c_r.detach(), tol=tol_s)
+            # pass 1 issuing the next chunk's loads first (PF 1, a GPU candidate config): the same numbers, bitwise
+            cfg = mt.triton.Config({"BT": 16, "BC": 32, "CPS": 1, "PF": 1}, num_warps=4, num_stages=1)
+            u_p, c_p = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="bf16x3", config=cfg)
+            assert torch.equal(u_p, u_s) and torch.equal(c_p, c_s), "mhc pre with PF 1 differs from PF 0"
             # one persistent program walking both token blocks (scratch reused), dW split over 2 token ranges
             old = (mt.BWD_CPS, mt.DW_BT)
             mt.BWD_CPS, mt.DW_BT = 1, 16

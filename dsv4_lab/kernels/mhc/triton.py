@@ -51,15 +51,15 @@ def _pre_configs():
     # bytes in flight per program.
     # Not listed on purpose: (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and (128, 64, 2, 8 w,
     # 3 s) give coef / u off by ~7e-4 (not ~1e-6) with bf16 x on an H200 (benchmarks/README.md, history).
-    return configs([triton.Config({"BT": 16, "BC": 128, "CPS": 2}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 16, "BC": 128, "CPS": 4}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 32, "BC": 128, "CPS": 1}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 32, "BC": 64, "CPS": 2}, num_warps=4, num_stages=4),
-                    triton.Config({"BT": 64, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
-                    triton.Config({"BT": 64, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
-                    triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3),
-                    triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3)],
-                   triton.Config({"BT": 16, "BC": 32, "CPS": 1}, num_warps=4, num_stages=1))
+    return configs([triton.Config({"BT": 16, "BC": 128, "CPS": 2, "PF": 0}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 16, "BC": 128, "CPS": 4, "PF": 0}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 32, "BC": 128, "CPS": 1, "PF": 0}, num_warps=4, num_stages=3),
+                    triton.Config({"BT": 32, "BC": 64, "CPS": 2, "PF": 0}, num_warps=4, num_stages=4),
+                    triton.Config({"BT": 64, "BC": 64, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
+                    triton.Config({"BT": 64, "BC": 128, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
+                    triton.Config({"BT": 128, "BC": 64, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
+                    triton.Config({"BT": 128, "BC": 128, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3)],
+                   triton.Config({"BT": 16, "BC": 32, "CPS": 1, "PF": 0}, num_warps=4, num_stages=1))
 
 
 def _pre_candidate_configs():
@@ -73,14 +73,21 @@ def _pre_candidate_configs():
     # (ptxas on the CPU, kernel_registers.json: at BT 128 the stage count changes nothing (the loop is not
     # pipelined), so one per tile.) At the `small` step's 65 536 tokens a program of the persistent grid walks ~500
     # of them: BT 512 reads W once per program.
+    # PF 1: pass 1 loads the next chunk's x and W before the current chunk's MMAs (Triton does not pipeline this
+    # loop: no async copies in its TTGIR at any num_stages), so a chunk's load latency overlaps the work before it.
     return [] if INTERPRET else [
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 128, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 256, "BC": 64, "CPS": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 256, "BC": 128, "CPS": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 256, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 512, "BC": 32, "CPS": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 512, "BC": 64, "CPS": 1}, num_warps=16, num_stages=3)]
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 128, "BC": 64, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 256, "BC": 64, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 256, "BC": 128, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 256, "BC": 64, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 512, "BC": 32, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 512, "BC": 64, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 64, "BC": 64, "CPS": 1, "PF": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 128, "BC": 64, "CPS": 1, "PF": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BT": 128, "BC": 128, "CPS": 1, "PF": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 256, "BC": 64, "CPS": 1, "PF": 1}, num_warps=16, num_stages=3),
+        triton.Config({"BT": 512, "BC": 32, "CPS": 1, "PF": 1}, num_warps=16, num_stages=3)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -124,12 +131,27 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
     tl.store(WL + c[:, None] * ND + k[None, :], lo, mask=km[None, :])
 
 
+@triton.jit
+def _pre_chunk_loads(X, WH, WL, xrow, tmask, c, wvalid, t, NT, N: tl.constexpr, D: tl.constexpr, ND: tl.constexpr,
+                     BC: tl.constexpr):
+    """Pass 1's loads for chunk t of NT (none past the last): x (BT, BC) and the W hi / lo rows (NC, BC)."""
+    dd = (t // N) * BC + tl.arange(0, BC)
+    k = (t % N) * D + dd
+    km = (dd < D) & (t < NT)
+    xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
+                 eviction_policy="evict_last")
+    wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+    wm = wvalid[:, None] & km[None, :]
+    return (xv, tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"),
+            tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+
+
 @triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
 @triton.jit
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
                     SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr):
+                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr, PF: tl.constexpr):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
@@ -156,12 +178,18 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         xrow = tok.to(tl.int64) * ND                                           # (BT,)
         acc = tl.zeros([BT, NC], tl.float32)
         ss = tl.zeros([BT], tl.float32)
+        if PF:                                                                    # chunk 0's loads (PF: below)
+            xn, whn, wln = _pre_chunk_loads(X, WH, WL, xrow, tmask, c, wvalid, 0, NDC * N, N, D, ND, BC)
         for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
             dd = (t // N) * BC + cols
             k = (t % N) * D + dd
             km = dd < D
-            xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
-                         eviction_policy="evict_last")                            # (BT, BC)
+            if PF:          # the next chunk's x and W in flight during this chunk's MMAs (SPLIT > 0 only)
+                xv, wh_t, wl_t = xn, whn, wln
+                xn, whn, wln = _pre_chunk_loads(X, WH, WL, xrow, tmask, c, wvalid, t + 1, NDC * N, N, D, ND, BC)
+            else:
+                xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
+                             eviction_policy="evict_last")                        # (BT, BC)
             xf = xv.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
             if SPLIT == 0:
@@ -169,10 +197,14 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
                 acc = tl.dot(xf, tl.trans(wv), acc, input_precision="ieee")      # (NC, BC) fp32 rows of W
             else:
                 # WH / WL: (NC, ND) bf16 in the accumulator's column order; padding rows masked (no traffic)
-                wp = k[None, :] + c.to(tl.int64)[:, None] * ND
-                wm = wvalid[:, None] & km[None, :]
-                whi = tl.trans(tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
-                wlo = tl.trans(tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+                if PF:
+                    whi = tl.trans(wh_t)
+                    wlo = tl.trans(wl_t)
+                else:
+                    wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+                    wm = wvalid[:, None] & km[None, :]
+                    whi = tl.trans(tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+                    wlo = tl.trans(tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
                 if SPLIT == 1:
                     xb = xv.to(tl.bfloat16)                                       # bf16 x: exact
                 else:
