@@ -45,21 +45,20 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
 
 
+def _pre(bt, bc, cps, warps, stages=3, pf=0):
+    """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM, PF: pass 1 prefetches."""
+    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, "PF": pf}, num_warps=warps, num_stages=stages)
+
+
 def _pre_configs():
     # CPS = programs per SM of the persistent grid: it bounds the x bytes in flight between pass 1 and the L2-hot
     # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the ~50 MB L2) while BC x stages sets the
     # bytes in flight per program.
     # Not listed on purpose: (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and (128, 64, 2, 8 w,
     # 3 s) give coef / u off by ~7e-4 (not ~1e-6) with bf16 x on an H200 (benchmarks/README.md, history).
-    return configs([triton.Config({"BT": 16, "BC": 128, "CPS": 2, "PF": 0}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 16, "BC": 128, "CPS": 4, "PF": 0}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 32, "BC": 128, "CPS": 1, "PF": 0}, num_warps=4, num_stages=3),
-                    triton.Config({"BT": 32, "BC": 64, "CPS": 2, "PF": 0}, num_warps=4, num_stages=4),
-                    triton.Config({"BT": 64, "BC": 64, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
-                    triton.Config({"BT": 64, "BC": 128, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
-                    triton.Config({"BT": 128, "BC": 64, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
-                    triton.Config({"BT": 128, "BC": 128, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3)],
-                   triton.Config({"BT": 16, "BC": 32, "CPS": 1, "PF": 0}, num_warps=4, num_stages=1))
+    return configs([_pre(16, 128, 2, 4), _pre(16, 128, 4, 4), _pre(32, 128, 1, 4), _pre(32, 64, 2, 4, stages=4),
+                    _pre(64, 64, 1, 8), _pre(64, 128, 1, 8), _pre(128, 64, 1, 16), _pre(128, 128, 1, 16)],
+                   _pre(16, 32, 1, 4, stages=1))
 
 
 def _pre_candidate_configs():
@@ -76,18 +75,10 @@ def _pre_candidate_configs():
     # PF 1: pass 1 loads the next chunk's x and W before the current chunk's MMAs (Triton does not pipeline this
     # loop: no async copies in its TTGIR at any num_stages), so a chunk's load latency overlaps the work before it.
     return [] if INTERPRET else [
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 128, "BC": 64, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 256, "BC": 64, "CPS": 1, "PF": 0}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 256, "BC": 128, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 256, "BC": 64, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 512, "BC": 32, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 512, "BC": 64, "CPS": 1, "PF": 0}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 64, "BC": 64, "CPS": 1, "PF": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 128, "BC": 64, "CPS": 1, "PF": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BT": 128, "BC": 128, "CPS": 1, "PF": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 256, "BC": 64, "CPS": 1, "PF": 1}, num_warps=16, num_stages=3),
-        triton.Config({"BT": 512, "BC": 32, "CPS": 1, "PF": 1}, num_warps=16, num_stages=3)]
+        _pre(128, 128, 1, 8), _pre(128, 64, 1, 8), _pre(256, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16),
+        _pre(512, 32, 1, 16), _pre(512, 64, 1, 16),
+        _pre(64, 64, 1, 8, pf=1), _pre(128, 64, 1, 8, pf=1), _pre(128, 128, 1, 16, pf=1), _pre(256, 64, 1, 16, pf=1),
+        _pre(512, 32, 1, 16, pf=1)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
