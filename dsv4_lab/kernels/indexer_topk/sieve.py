@@ -84,8 +84,8 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             xn = tl.load(vrow + offs, mask=offs < n, other=0.0)
             tau = _kth_key(ss, r, NB)
             # sieve: the entries with key >= tau, in index order, to the program's scratch slots. Each step issues
-            # the next block's load before it works on its own (Triton does not pipeline this loop: no tl.dot), so
-            # a load's latency overlaps the scan and stores of the block before
+            # the next block's load before it works on its own (Triton does not pipeline this loop: no async copies in
+            # its TTGIR), so a load's latency overlaps the scan and stores of the block before
             cnt = zero
             cnt_gt = zero                              # keys > tau: counted below only when more than CAND passed
             for st in range(0, n, BLOCK):
