@@ -375,28 +375,37 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
 # (dtype, num_warps): one program per row is latency-bound (docs/kernels.md §3), so fewer warps per program (more
 # programs per SM) is the knob; wider search steps (several key bits per step) measured slower and left the package
 # (csa.json topk_row.sieve_probe / rowsel_probe keep their rows, tagged _w<bits>_)
-SIEVE_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("bf16", 16), ("fp32", 4), ("fp32", 8))
+SIEVE_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("bf16", 16), ("fp32", 4), ("fp32", 8),
+               # the sieve's other knobs at its default 8 warps (sieve_select: block, samples (NS, SB), cand)
+               ("bf16", 8, {"block": 1024}), ("bf16", 8, {"block": 4096}), ("bf16", 16, {"block": 4096}),
+               ("bf16", 8, {"samples": (8, 64)}), ("bf16", 8, {"samples": (32, 64)}), ("bf16", 8, {"cand": 4096}))
 ROWSEL_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("fp32", 4), ("fp32", 8))
 
 
-def select_probe(select, R, L, fr, configs, ref_warps, seed, device="cuda"):
-    """One row-per-program select `select(x, k, frontier=, num_warps=)` on R rows of up to L visible entries
-    (frontier fr), k = 512, randn scores in bf16 and fp32; per (dtype, num_warps) the time (do_bench) and whether the
-    picks equal those at ref_warps warps slot for slot (they must: the warps change only the schedule)."""
+def select_probe(select, R, L, fr, configs, ref_warps, seed, device="cuda", paths=False):
+    """One row-per-program select `select(x, k, frontier=, num_warps=, **extra)` on R rows of up to L visible entries
+    (frontier fr), k = 512, randn scores in bf16 and fp32; per (dtype, num_warps[, extra keyword arguments]) the time
+    (do_bench) and whether the picks equal those at ref_warps warps slot for slot (they must: the knobs change only
+    the schedule). paths: also count the rows by the path they took (sieve.py's `paths`)."""
     g = torch.Generator(device=device).manual_seed(seed)
     xs = {"fp32": torch.randn(R, L, device=device, generator=g)}
     xs["bf16"] = xs["fp32"].bfloat16()
     out = {"R": R, "L": L, "k": K, "frontier": list(fr)}
     refs = {}
-    for dt, nw in configs:
+    for dt, nw, *rest in configs:
+        kw = rest[0] if rest else {}
         x = xs[dt]
         if dt not in refs:
             refs[dt] = select(x, K, frontier=fr, num_warps=ref_warps)
-        tag = f"{dt}_nw{nw}"
+        tag = f"{dt}_nw{nw}" + "".join(f"_{k}{'x'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                       for k, v in kw.items())
         try:
-            v, i = select(x, K, frontier=fr, num_warps=nw)
+            pt = {"paths": torch.full((R,), -1, dtype=torch.int32, device=device)} if paths else {}
+            v, i = select(x, K, frontier=fr, num_warps=nw, **kw, **pt)
             out[f"{tag}_same_picks"] = bool(torch.equal(i, refs[dt][1]) and torch.equal(v, refs[dt][0]))
-            out[f"{tag}_ms"] = bench(lambda x=x, nw=nw: select(x, K, frontier=fr, num_warps=nw),
+            if paths:
+                out[f"{tag}_rows_by_path"] = torch.bincount(pt["paths"].long(), minlength=5).tolist()
+            out[f"{tag}_ms"] = bench(lambda x=x, nw=nw, kw=kw: select(x, K, frontier=fr, num_warps=nw, **kw),
                                      warmup=3, rep=20)["ms"]
         except Exception as e:                                                 # noqa: BLE001
             out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -407,7 +416,7 @@ def sieve_probe(R=8192, L=32768, device="cuda"):
     """The sieve select (sieve.py) on the longest query chunk of a 128K prefill: rows of L - R / 4 + 1 .. L visible
     entries (causal frontier, ratio 4)."""
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
-    return select_probe(sieve_select, R, L, (R, M * L - R, M), SIEVE_PROBE, 8, 9, device)
+    return select_probe(sieve_select, R, L, (R, M * L - R, M), SIEVE_PROBE, 8, 9, device, paths=True)
 
 
 def rowsel_probe(R=8192, L=2048, device="cuda"):
