@@ -414,7 +414,7 @@ def select_probe(select, R, L, fr, configs, ref_warps, seed, device="cuda", path
 
 def sieve_probe(R=8192, L=32768, device="cuda"):
     """The sieve select (sieve.py) on the longest query chunk of a 128K prefill: rows of L - R / 4 + 1 .. L visible
-    entries (causal frontier, ratio 4)."""
+    entries (causal frontier, ratio 4); R = 16384, L = 4096: the last 16K queries' rows of a 16K training step."""
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     return select_probe(sieve_select, R, L, (R, M * L - R, M), SIEVE_PROBE, 8, 9, device, paths=True)
 
@@ -511,8 +511,9 @@ def _family(name):
         return {"topk_row": {"262144": safe(topk_row)}}
     if name == "prefill_rows":                  # apart from topk_row: together they overran one family's cap
         return {"topk_row": {"prefill_rows": safe(topk_rows_prefill)}}
-    if name == "sieve_probe":
-        return {"topk_row": {"sieve_probe": safe(sieve_probe)}}
+    if name == "sieve_probe":                       # and the rows of a 16K training step (index rows of <= 4K)
+        return {"topk_row": {"sieve_probe": safe(sieve_probe),
+                             "sieve_probe_4k": safe(lambda: sieve_probe(R=16384, L=4096))}}
     if name == "rowsel_probe":
         return {"topk_row": {"rowsel_probe": safe(rowsel_probe)}}
     if name == "rows_by_length":
