@@ -64,16 +64,12 @@ def _pre_configs():
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
     # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
-    # _pre_configs only after both. Measured (bf16 x, n 4, d 384, fused mix; mhc.json): fewer registers per thread
-    # do not pay here. BC 32 (96 registers, 5 programs per SM) and BT 8 (128) ran at 0.32-0.50 ms against 0.27 for
-    # (64, 64): W (2 x 24 rows x n d bf16, from L2) is re-read per BT tokens, which a small BT multiplies. Larger
-    # token blocks pay: (128, 128, 16 warps) 0.208 ms joined the list; (128, 128, 8 warps, 3 stages) ran 0.143 ms
-    # and gated correct on bf16 x (forward 0.63 of copy with it), not yet run by the GPU test.
-    # (ptxas on the CPU, kernel_registers.json: at BT 128 the stage count changes nothing (the loop is not
-    # pipelined), so one per tile.) At the `small` step's 65 536 tokens a program of the persistent grid walks ~500
-    # of them: BT 512 reads W once per program.
-    # PF 1: pass 1 loads the next chunk's x and W before the current chunk's MMAs (Triton does not pipeline this
-    # loop: no async copies in its TTGIR at any num_stages), so a chunk's load latency overlaps the work before it.
+    # _pre_configs only after both (numbers: benchmarks/README.md, T8). What the sweeps showed (docs/kernels.md §4):
+    # fewer registers per thread do not pay, larger token blocks do, since W (2 x 24 rows x n d bf16, from L2) is
+    # re-read for every block of BT tokens; at the `small` step's 65 536 tokens a program of the persistent grid walks
+    # ~500 of them, so BT 512 reads W once per program. The stage count changes nothing (the loop is not
+    # pipelined, no async copies in its TTGIR); PF 1 instead loads the next chunk's x and W before the current
+    # chunk's MMAs, so a chunk's load latency overlaps the work before it.
     return [] if INTERPRET else [
         _pre(128, 128, 1, 8), _pre(128, 64, 1, 8), _pre(256, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16),
         _pre(512, 32, 1, 16), _pre(512, 64, 1, 16),
