@@ -372,9 +372,9 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
     return out
 
 
-# (dtype, num_warps): one program per row is latency-bound (docs/kernels.md §3), so fewer warps per program (more
-# programs per SM) is the knob; wider search steps (several key bits per step) measured slower and left the package
-# (csa.json topk_row.sieve_probe / rowsel_probe keep their rows, tagged _w<bits>_)
+# (dtype, num_warps[, other select arguments]): one program per row is latency-bound (docs/kernels.md §3), so the
+# warps per program (programs per SM) are the first knob; wider search steps (several key bits per step) measured
+# slower and left the package (csa.json topk_row.sieve_probe / rowsel_probe keep their rows, tagged _w<bits>_)
 SIEVE_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("bf16", 16), ("fp32", 4), ("fp32", 8),
                # the sieve's other knobs at its default 8 warps (sieve_select: block, samples (NS, SB), cand)
                ("bf16", 8, {"block": 1024}), ("bf16", 8, {"block": 4096}), ("bf16", 16, {"block": 4096}),

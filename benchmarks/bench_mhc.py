@@ -35,9 +35,7 @@ from dsv4_lab.kernels.mhc import triton as mt
 from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
 
 SMALL = (65536, 4, 384)                              # tokens per step, n = hc_mult, d = d_model of preset=small
-# the pre backward at n 4, d 384, bf16 (mhc.json): (8, 128, 4 per SM, 4 warps) 0.69 ms, (16, 128, 2) 0.76, the
-# old default (16, 64, 4) 1.01; the lower-register entries (ptxas: (16, 32) 168, (8, 64) 166 registers, not 255)
-# ran 0.98-1.10
+# the library default first, then its neighbours (what earlier sweeps measured: mhc.json, benchmarks/README.md T8)
 BWD_SWEEP = [dict(BWD_BT=8, BWD_BC=128, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=128, BWD_CPS=2, BWD_WARPS=4),
              dict(BWD_BT=16, BWD_BC=64, BWD_CPS=4, BWD_WARPS=4), dict(BWD_BT=16, BWD_BC=64, BWD_CPS=8, BWD_WARPS=2),
              dict(BWD_BT=8, BWD_BC=128, BWD_CPS=6, BWD_WARPS=4), dict(BWD_BT=8, BWD_BC=128, BWD_CPS=8, BWD_WARPS=2),

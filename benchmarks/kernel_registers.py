@@ -6,9 +6,9 @@ programs an SM holds (65 536 registers per SM on an H200), and so how many warps
 number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4 quote this file's results).
 
 Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps, at their prefill shapes;
-the mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without its fused mix; the mHC
-pre backward for every entry of bench_mhc.py's BWD_SWEEP; the CSA sparse-attention backward for every autotune
-config.
+the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
+autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of bench_mhc.py's
+BWD_SWEEP; the CSA sparse-attention backward for every autotune config.
 
     python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd sparse_bwd select_one_launch] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 RESULTS = os.path.join(HERE, "results")
 from dsv4_lab.kernels.compile_check import TARGET_ARCH as ARCH  # noqa: E402  (sm_90: the H200)
 SMEM_PER_SM = 233472                        # shared memory per SM on an H200 (228 KiB)
+ROW_ARGS = {a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}     # the selects' row-length and stride arguments
 
 
 def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
@@ -66,7 +67,7 @@ def sieve():
     out = {}
     for dt in ("bf16", "fp32"):
         ptr = {"VAL": f"*{dt}", "CV": "*fp32", "CI": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "PATH": "*i32",
-               **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
+               **ROW_ARGS}
         for nw in (2, 4, 8, 16):
             c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048)
             out[f"{dt}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw)
@@ -77,8 +78,7 @@ def rowsel():
     from dsv4_lab.kernels.indexer_topk import rowselect as rs
     out = {}
     for dt in ("bf16", "fp32"):
-        ptr = {"VAL": f"*{dt}", "OVAL": "*fp32", "OIDX": "*i32",
-               **{a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}}
+        ptr = {"VAL": f"*{dt}", "OVAL": "*fp32", "OIDX": "*i32", **ROW_ARGS}
         for nw in (2, 4, 8):
             c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048)
             out[f"{dt}_L2048_nw{nw}"] = resources(rs._row_select, ptr, c, nw)
@@ -138,10 +138,6 @@ def sparse_bwd(H=8, D=128, W=128, K=512):
     return out
 
 
-SELECT_POINTERS = {"VAL": "*bf16", "HIST": "*i32", "PH": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "L": "i32", "C": "i32",
-                   "P": "i32", "sv": "i32", "so": "i32", "Tq": "i32", "q0": "i32", "k": "i32"}
-
-
 def select_one_launch():
     """The split-row select in one launch (select.py _select_one_launch: grid barriers between the digit levels),
     decode's setting (8-bit digits, 2048-entry blocks, 8 warps), bf16 and fp32 rows: two programs per SM must fit for
@@ -149,7 +145,8 @@ def select_one_launch():
     from dsv4_lab.kernels.indexer_topk import select as sel
     out = {}
     for dt, nl in (("bf16", 2), ("fp32", 4)):
-        ptr = dict(SELECT_POINTERS, VAL=f"*{dt}")
+        ptr = {"VAL": f"*{dt}", "HIST": "*i32", "PH": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32",
+               **ROW_ARGS}
         out[f"{dt}_nw8"] = resources(sel._select_one_launch, ptr, dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128), 8)
     return out
 

@@ -443,10 +443,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
     programs run fails it), on the GPU two repeats (the hardware schedules the programs); all calls share one
     SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The one-launch select
-(`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches, with
-its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The row select, on every
-    row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected slot
-    order), on the GPU twice."""
+    (`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches,
+    with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The row select, on
+    every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
+    slot order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
     from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
@@ -634,9 +634,14 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
             _check("mhc u (bf16x3)", u_s, u_r.detach(), tol=tol_s)
             _check("mhc coef (bf16x3)", c_s, c_r.detach(), tol=tol_s)
             # pass 1 issuing the next chunk's loads first (PF 1, a GPU candidate config): the same numbers, bitwise
+            # (and with the plain fp32 dot, whose W rows are fn's own)
             cfg = mt.triton.Config({"BT": 16, "BC": 32, "CPS": 1, "PF": 1}, num_warps=4, num_stages=1)
             u_p, c_p = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="bf16x3", config=cfg)
             assert torch.equal(u_p, u_s) and torch.equal(c_p, c_s), "mhc pre with PF 1 differs from PF 0"
+            cfg0 = mt.triton.Config({"BT": 16, "BC": 32, "CPS": 1, "PF": 0}, num_warps=4, num_stages=1)
+            u_0, c_0 = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="fp32", config=cfg0)
+            u_p, c_p = mt.mhc_pre_fwd(x0, fn0, sc0, base0, iters, eps, eps, dot="fp32", config=cfg)
+            assert torch.equal(u_p, u_0) and torch.equal(c_p, c_0), "mhc pre (fp32 dot) with PF 1 differs from PF 0"
             # one persistent program walking both token blocks (scratch reused), dW split over 2 token ranges
             old = (mt.BWD_CPS, mt.DW_BT)
             mt.BWD_CPS, mt.DW_BT = 1, 16

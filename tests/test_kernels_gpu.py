@@ -176,9 +176,8 @@ def test_model_decode_uses_split_kv_kernels_and_matches_reference(mode, topk):
 def test_mhc_pre_every_autotune_config(dtype):
     """Every config of the mHC pre kernel's autotune list (the cases only see the tuner's winner) and of
     PRE_CANDIDATE_CONFIGS (so that a candidate bench_mhc.py found faster is checked on both dtypes before it joins
-    the list) against the naive
-    twin in fp64 on the same inputs, at a token count where each persistent program walks several token blocks
-    (> CPS x SMs x BT) and the last block is partial. coef: the bf16 hi/lo split projection is ~1e-6 off; u: bf16
+    the list) against the naive twin in fp64 on the same inputs, at a token count where each persistent program walks
+    several token blocks (> CPS x SMs x BT) and the last block is partial. coef: the bf16 hi/lo split projection is ~1e-6 off; u: bf16
     outputs carry their own rounding (~1e-3), fp32 outputs ~1e-6."""
     from dsv4_lab.kernels.mhc import triton as mt
     from dsv4_lab.kernels.mhc.naive import mhc_pre_naive

@@ -32,6 +32,18 @@ if INTERPRET and HAVE_TRITON and os.environ.get("DSV4_GPU_COMPILE_CHECK") == "1"
     install()                                                       # sm_90: what the interpreter lets pass
 
 
+_SMS: dict = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of CUDA `device` (132 on an H200), read once per device (grid sizes of persistent
+    and split kernels)."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

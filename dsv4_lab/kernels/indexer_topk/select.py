@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, tl, triton
+from .._common import INTERPRET, check_device, sm_count, tl, triton
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
@@ -319,14 +319,13 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     levels as separate launches."""
     R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
     P = default_programs(R, L) if programs is None else max(1, int(programs))
-    sms = torch.cuda.get_device_properties(val.device).multi_processor_count if val.is_cuda else SMS
-    if one_launch is None:
-        one_launch = ONE_LAUNCH and R <= sms
-    if one_launch:
-        if R > sms:
+    if one_launch or (one_launch is None and ONE_LAUNCH):
+        sms = sm_count(val.device) if val.is_cuda else SMS
+        if one_launch and R > sms:
             raise ValueError(f"radix_select: one_launch=True with R={R} rows; allowed: R <= {sms} (the SMs: every "
                              "program of the launch must be resident at once)")
-        P = min(P, sms // max(R, 1))
+        one_launch = R <= sms
+        P = min(P, sms // max(R, 1)) if one_launch else P
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
     if DB not in (4, 8):
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")

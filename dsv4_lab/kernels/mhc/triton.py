@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, configs, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, configs, next_pow2, sm_count, tl, triton
 
 SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = hi + lo | x and W both split
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
@@ -119,18 +119,25 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
 
 
 @triton.jit
-def _pre_chunk_loads(X, WH, WL, xrow, tmask, c, wvalid, t, NT, N: tl.constexpr, D: tl.constexpr, ND: tl.constexpr,
-                     BC: tl.constexpr):
-    """Pass 1's loads for chunk t of NT (none past the last): x (BT, BC) and the W hi / lo rows (NC, BC)."""
+def _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, t, NT, N: tl.constexpr, D: tl.constexpr,
+                     ND: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr):
+    """PF 1's loads for pass 1's chunk t of NT (none past the last): x (BT, BC) and W's rows (NC, BC) in the
+    accumulator's order, fp32 rows of fn (SPLIT 0: both W tiles are the same) or its bf16 hi and lo parts. PF 0
+    keeps these loads inline, where the listed configs were measured (the same loads, scheduled apart)."""
     dd = (t // N) * BC + tl.arange(0, BC)
     k = (t % N) * D + dd
     km = (dd < D) & (t < NT)
     xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
                  eviction_policy="evict_last")
-    wp = k[None, :] + c.to(tl.int64)[:, None] * ND
     wm = wvalid[:, None] & km[None, :]
-    return (xv, tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"),
-            tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+    if SPLIT == 0:
+        w0 = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wm, other=0.0)
+        w1 = w0
+    else:
+        wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+        w0 = tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last")
+        w1 = tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last")
+    return xv, w0, w1
 
 
 @triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
@@ -166,21 +173,27 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         acc = tl.zeros([BT, NC], tl.float32)
         ss = tl.zeros([BT], tl.float32)
         if PF:                                                                    # chunk 0's loads (PF: below)
-            xn, whn, wln = _pre_chunk_loads(X, WH, WL, xrow, tmask, c, wvalid, 0, NDC * N, N, D, ND, BC)
+            xn, whn, wln = _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, 0, NDC * N, N, D, ND, BC,
+                                            SPLIT)
         for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
             dd = (t // N) * BC + cols
             k = (t % N) * D + dd
             km = dd < D
-            if PF:          # the next chunk's x and W in flight during this chunk's MMAs (SPLIT > 0 only)
+            if PF:                      # the next chunk's x and W in flight during this chunk's MMAs
                 xv, wh_t, wl_t = xn, whn, wln
-                xn, whn, wln = _pre_chunk_loads(X, WH, WL, xrow, tmask, c, wvalid, t + 1, NDC * N, N, D, ND, BC)
+                xn, whn, wln = _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, t + 1, NDC * N, N, D,
+                                                ND, BC, SPLIT)
             else:
                 xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
                              eviction_policy="evict_last")                        # (BT, BC)
             xf = xv.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
             if SPLIT == 0:
-                wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
+                if PF:
+                    wv = wh_t
+                else:
+                    wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :],
+                                 other=0.0)
                 acc = tl.dot(xf, tl.trans(wv), acc, input_precision="ieee")      # (NC, BC) fp32 rows of W
             else:
                 # WH / WL: (NC, ND) bf16 in the accumulator's column order; padding rows masked (no traffic)
@@ -500,17 +513,10 @@ def _mhc_dw_kernel(DMUS, X, DW, NTOK, N: tl.constexpr, D: tl.constexpr, NP: tl.c
     tl.atomic_add(DW + wrow[:, None] * ND + k[None, :], acc, mask=wvalid[:, None] & km[None, :], sem="relaxed")
 
 
-_SMS: dict = {}
-
-
 def _sm_count(device) -> int:
     """Streaming multiprocessors of the device (the persistent grid's size unit); 1 under the interpreter, so the
     CPU tests walk several token blocks per program."""
-    if INTERPRET or device.type != "cuda":
-        return 1
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
+    return 1 if INTERPRET or device.type != "cuda" else sm_count(device)
 
 
 def _split_mode(x, dot: str) -> tuple[int, bool]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, next_pow2, sm_count, tl, triton
 
 MAX_D = 16384                                     # the widest row held in registers (the dispatcher falls back above)
 _BWD_PROGRAMS = 3 if INTERPRET else None          # interpreter: few programs, so each walks several row blocks
@@ -89,15 +89,10 @@ def _blocks(D: int):
     return br, bd, min(16, max(1, br * bd // 512))
 
 
-_SMS: dict = {}
-
-
 def _bwd_programs(device: torch.device, n_blocks: int) -> int:
     if _BWD_PROGRAMS is not None:
         return min(n_blocks, _BWD_PROGRAMS)
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(n_blocks, 4 * _SMS[device])
+    return min(n_blocks, 4 * sm_count(device))
 
 
 def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float):

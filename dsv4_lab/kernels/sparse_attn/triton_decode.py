@@ -24,21 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, dot_dtype, next_pow2, sm_count, tl, triton
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 256                      # bound on NS (the combine holds NS_P m's per row in registers)
-_SMS: dict = {}
 
 
 def num_sms(device) -> int:
     """Streaming multiprocessors of `device` (132 on the H200); 8 under the interpreter (tiny test shapes)."""
-    if device.type != "cuda":
-        return 8
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
+    return 8 if device.type != "cuda" else sm_count(device)
 
 
 def plan_splits(n_blocks: int, groups: int, sms: int, num_splits: int | None = None) -> int:
