@@ -53,7 +53,10 @@ from .._common import INTERPRET, check_device, sm_count, tl, triton
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
-ONE_LAUNCH = False                            # radix_select's default where R <= SMs (one_launch=None): not yet timed
+# radix_select's default where R <= SMs (one_launch=None). Off: the one launch is ~1.5 us faster at decode but its
+# grid barriers assume every program is resident at once, which nothing guarantees (an MPS SM limit, kernels of
+# other streams); where that fails the GPU hangs instead of erring (docs/kernels.md §3).
+ONE_LAUNCH = False
 
 
 @triton.jit
