@@ -120,7 +120,9 @@ def compressor(N):
     `{name}_ms` / `ms`: the module as the model runs it at inference (kernels=auto on CUDA, no grad, a RotaryTable:
     the two GEMMs and the fused pool + ape + RMSNorm + RoPE kernel of kernels/compressor_pool); `{name}_torch_pool_ms`
     / `ms_torch_pool`: the same weights with impl="torch" (the PyTorch pool glue, the naive twin, then RoPE);
-    `{name}_pool_fused_ms` / `_pool_torch_ms`: the pool + norm alone on precomputed projections (no GEMMs, no RoPE).
+    `{name}_pool_fused_ms` / `_pool_torch_ms`: the pool + norm alone on precomputed projections (no GEMMs, no RoPE);
+    `{name}_graph_ms`: the module replayed from a CUDA graph (its kernels without the host's launch gaps, which the
+    eager `{name}_ms` includes whenever the host enqueues slower than the GPU runs).
     The table has N rows: the last entry's position, (N/4 - 1) 4, is inside it."""
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.kernels.compressor_pool import compressor_pool
@@ -137,6 +139,7 @@ def compressor(N):
         rope = RotaryTable(min(64, c), N, 10000.0).cuda()
         with torch.no_grad():
             out[f"{name}_ms"] = bench(lambda: comp(u, rope), warmup=3, rep=50)["ms"]
+            out[f"{name}_graph_ms"] = bench_graph(lambda: comp(u, rope))["ms"]   # the same, no host gaps
             out[f"{name}_torch_pool_ms"] = bench(lambda: comp_t(u, rope), warmup=3, rep=50)["ms"]
             y_f, y_t = comp(u, rope).float(), comp_t(u, rope).float()
             out[f"{name}_fused_max_rel_diff_vs_torch_pool"] = float((y_f - y_t).abs().max() / y_t.abs().max())

@@ -3,7 +3,7 @@ the copy ceiling.
 
 Shapes: the `small` preset's residual (n = 4 streams, d = 384) at the end-to-end benchmark's 65,536 tokens per step
 (16 x 4096), bf16 streams (the headline keys) and fp32 streams (what the model carries under bf16 autocast: the
-embedding, hence the residual state, is fp32; library-default backward parameters); a bf16 d = 1024 forward row
+embedding, hence the residual state, is fp32; its backward launch parameters swept too); a bf16 d = 1024 forward row
 (the size the older runs reported).
 
 Compulsory bytes per token (docs/kernels.md §4 cost model; G n = (2 + n) n fp32 coefficients):
@@ -241,7 +241,7 @@ def main(out_dir=None):
     rows it finished (many kernels compile on first use: ~40 configs over the three rows)."""
     rows = [dict(dtype=torch.bfloat16, sweep_pre=True),                 # the headline keys
             # fp32 streams: what the model carries under bf16 autocast (fp32 embedding -> fp32 residual state)
-            dict(dtype=torch.float32, sweep_bwd=False, sweep_pre=True),       # configs race on one dtype only
+            dict(dtype=torch.float32, sweep_pre=True),       # the model's streams; configs raced on one dtype only
             dict(T=65536, n=4, d=1024, backward=False)]                   # the size older runs reported
     res = {"runs": [], "mhc_fused_fraction_of_copy_bw": None, "mhc_fused_fwd_bwd_fraction_of_copy_bw": None}
     for kw in rows:
