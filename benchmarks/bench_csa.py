@@ -262,7 +262,37 @@ def decode(N):
         out["best_indexer"] = best
         out["indexer_best_us"] = out[f"indexer_{best}_us"]
         out["csa_decode_us"] = out["indexer_best_us"] + out["sparse_attn_us"]
+    try:
+        _decode_mxfp4(out, qI, kI, w, i_ref, N)
+    except Exception as e:                                                     # noqa: BLE001
+        out["mxfp4_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return out
+
+
+def _decode_mxfp4(out, qI, kI, w, i_ref, N):
+    """The same decode indexer on keys stored as the paper caches them (MXFP4: E2M1 codes + one E8M0 byte per 32;
+    naive.MXFP4Keys, unpacked in the score kernel): `score_mxfp4_us` / `_tb_s` (packed bytes), the select methods'
+    `indexer_{method}_mxfp4_us`, their recall of the fp32 picks on the unquantised keys (`i_ref`), and
+    `csa_decode_mxfp4_us` = the best of them + the sparse attention (whose main entries stay bf16 here)."""
+    from dsv4_lab.kernels.indexer_topk import MXFP4Keys
+    from dsv4_lab.quant.mxfp4 import mxfp4_quantize
+    keys = MXFP4Keys(*mxfp4_quantize(kI))
+    S = kI.shape[1]
+    out["indexer_key_bytes_mxfp4"] = keys.codes.numel() + keys.scales.numel()
+    buf = torch.empty(S, dtype=torch.float32, device="cuda")
+    r = bench_graph(lambda: indexer_scores_triton(qI, keys, w, M, N - 1, out=buf, fill=False), reps=50)
+    out["score_mxfp4_us"] = r["ms"] * 1e3
+    out["score_mxfp4_tb_s"] = out["indexer_key_bytes_mxfp4"] / (r["ms"] * 1e-3) / 1e12
+    best = None
+    for method in ("select_bf16", "select"):
+        name = f"{method}_mxfp4"
+        one = lambda method=method: indexer_topk_triton(qI, keys, w, K, M, q_offset=N - 1, method=method)  # noqa
+        out[f"indexer_{name}_recall_vs_fp32"] = recall(one(), i_ref)
+        out[f"indexer_{name}_us"] = bench_graph(one, reps=50)["ms"] * 1e3
+        if best is None or out[f"indexer_{name}_us"] < out[f"indexer_{best}_us"]:
+            best = name
+    out["best_indexer_mxfp4"] = best
+    out["csa_decode_mxfp4_us"] = out[f"indexer_{best}_us"] + out["sparse_attn_us"]
 
 
 def sdpa_flash(N):

@@ -293,6 +293,60 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), f"indexer_topk score_dtype={sdt} is not {m}"
 
 
+def case_indexer_mxfp4(device="cpu", big=False, dtype=torch.float32):
+    """Indexer keys packed as MXFP4 (naive.MXFP4Keys, as the paper caches them) against the same keys unpacked: the
+    twin's unpacking is dsv4_lab.quant's mxfp4_dequantize bit for bit; every unpacked value is exact in bf16, so the
+    score kernel on packed keys must give the scores of the unpacked keys bit for bit (fp32 and bf16 scores, decode
+    and prefill tiles, partial key tiles, DI 32 / 64 / 128, a block of zeros, -0.0 codes, large and tiny scales), and
+    indexer_topk_triton / the dispatcher the same picks; malformed packed keys get a one-line ValueError."""
+    from dsv4_lab.kernels.indexer_topk import MXFP4Keys, indexer_topk, mxfp4_key_values
+    from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
+    from dsv4_lab.quant.mxfp4 import mxfp4_dequantize, mxfp4_quantize
+    g = torch.Generator().manual_seed(17)
+    # (B, T, HI, DI, S, k, ratio, q_offset): prefill chunks (T > 16) and decode rows (T = 1, 2), S not a multiple of
+    # any key tile
+    shapes = [(2, 21, 3, 64, 45, 6, 4, 60), (1, 1, 2, 32, 77, 9, 1, 76), (1, 2, 4, 128, 19, 5, 4, 80)] if not big \
+        else [(1, 1, 4, 64, 262144, 512, 4, 1048575), (1, 2048, 4, 64, 512, 512, 4, 0)]
+    for (B, T, HI, DI, S, k, R, off) in shapes:
+        x = torch.randn(B, S, DI, generator=g) * torch.exp2(torch.randint(-20, 20, (B, S, 1), generator=g).float())
+        x[0, 0, :32] = 0.0                                              # a block of zeros (the amax floor)
+        x[-1, -1, 1] = -0.0
+        codes, scales = mxfp4_quantize(x)
+        keys = MXFP4Keys(codes.to(device), scales.to(device))
+        vals = mxfp4_key_values(keys)
+        assert torch.equal(vals.cpu().view(torch.int32), mxfp4_dequantize(codes, scales).view(torch.int32)), \
+            "mxfp4_key_values differs from dsv4_lab.quant.mxfp4_dequantize"
+        for qdt in ((dtype, torch.bfloat16) if device == "cpu" and dtype != torch.bfloat16 else (dtype,)):
+            qI = torch.randn(B, T, HI, DI, generator=g).to(device, qdt)
+            w = torch.randn(B, T, HI, generator=g).to(device, qdt)
+            tag = f"MXFP4 keys {qdt} {(B, T, HI, DI, S, k, R, off)}"
+            for sdt in (torch.float32, torch.bfloat16):
+                a = indexer_scores_triton(qI, keys, w, R, off, dtype=sdt)
+                b = indexer_scores_triton(qI, vals.to(qdt), w, R, off, dtype=sdt)
+                assert torch.equal(a.float().view(torch.int32), b.float().view(torch.int32)), \
+                    f"{tag}: {sdt} scores differ from those of the unpacked keys"
+            for m in ("auto", "auto_bf16"):
+                a = indexer_topk_triton(qI, keys, w, k, R, q_offset=off, return_scores=True, method=m)
+                b = indexer_topk_triton(qI, vals.to(qdt), w, k, R, q_offset=off, return_scores=True, method=m)
+                assert all(torch.equal(u, v) for u, v in zip(a, b)), f"{tag}: method {m} picks differ"
+            if not big:                                                # the naive twin takes packed keys too
+                a = indexer_topk(qI, keys, w, k, R, q_offset=off, impl="torch", return_scores=True)
+                b = indexer_topk(qI, vals.to(qdt), w, k, R, q_offset=off, impl="torch", return_scores=True)
+                assert all(torch.equal(u, v) for u, v in zip(a, b)), f"{tag}: the naive twin's picks differ"
+    qI = torch.zeros(1, 1, 1, 32, device=device)
+    w = torch.zeros(1, 1, 1, device=device)
+    for bad, what in ((MXFP4Keys(torch.zeros(1, 4, 16, device=device), torch.zeros(1, 4, 1, dtype=torch.uint8,
+                                                                                      device=device)), "dtype"),
+                      (MXFP4Keys(torch.zeros(1, 4, 24, dtype=torch.uint8, device=device),
+                                 torch.zeros(1, 4, 1, dtype=torch.uint8, device=device)), "are not allowed")):
+        try:
+            indexer_scores_triton(qI, bad, w, 1, 3)
+        except ValueError as e:
+            assert "MXFP4Keys" in str(e) and what in str(e) and "\n" not in str(e), str(e)
+        else:
+            raise AssertionError(f"malformed MXFP4Keys ({what}) accepted")
+
+
 # ------------------------------------------------------------------------------------------------ indexer_methods
 def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     """The Triton score kernel (fp32 and bf16 scores) and every top-k method of indexer_topk/triton.py vs the naive
@@ -1392,6 +1446,7 @@ def _compressor_module_check(device, g):
 
 CASES = {"sparse_attn": case_sparse_attn, "hca_attn": case_hca_attn, "indexer_topk": case_indexer_topk,
          "indexer_methods": case_indexer_methods, "indexer_select": case_indexer_select,
+         "indexer_mxfp4": case_indexer_mxfp4,
          "fake_quant": case_fake_quant, "mhc": case_mhc,
          "sparse_decode": case_sparse_decode, "hca_decode": case_hca_decode, "sparse_kl": case_sparse_kl,
          "compressor_pool": case_compressor_pool, "compressor_pool_bwd": case_compressor_pool_bwd,

@@ -2,7 +2,8 @@
 
     indexer_topk(qI, kI, w, k, ratio, q_offset=0, impl="auto", return_scores=False, score_dtype="fp32")
 
-qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compressed indexer keys; w (B, T, HI) head
+qI (B, T, HI, DI) indexer queries at positions q_offset..; kI (B, S, DI) compressed indexer keys (or MXFP4Keys:
+packed MXFP4, as the paper caches them; naive.py); w (B, T, HI) head
 weights (scaling included). Returns idx (B, T, k) int32, -1 where fewer than k entries are visible (entry s visible
 to position t iff s < floor((t + 1) / ratio)). impl="torch" (the naive twin): sorted by score, lower index first
 among ties. impl="triton" runs indexer_topk_triton(method="auto"): triton.AUTO picks the fp32-score method measured
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import resolve_impl
-from .naive import index_scores, indexer_scores, indexer_topk_naive, topk_indices, visible
+from .naive import MXFP4Keys, index_scores, indexer_scores, indexer_topk_naive, mxfp4_key_values, topk_indices, visible
 
 
 @torch.no_grad()
@@ -38,4 +39,5 @@ def indexer_topk(qI, kI, w, k: int, ratio: int, q_offset: int = 0, impl: str = "
     return indexer_topk_naive(qI, kI, w, k, ratio, q_offset, return_scores=return_scores, score_dtype=score_dtype)
 
 
-__all__ = ["indexer_topk", "indexer_topk_naive", "indexer_scores", "index_scores", "topk_indices", "visible"]
+__all__ = ["indexer_topk", "indexer_topk_naive", "indexer_scores", "index_scores", "topk_indices", "visible",
+           "MXFP4Keys", "mxfp4_key_values"]

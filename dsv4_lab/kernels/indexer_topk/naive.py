@@ -13,10 +13,59 @@ Shapes: qI (B, T, HI, DI); kI (B, S, DI); w (B, T, HI). Returns idx (B, T, k) in
 fp32, -inf for -1 slots, when return_scores). Queries are processed `chunk` at a time, so the [T, S] score matrix
 exists for `chunk` rows only (the dense matrix is never written at long T). Scores are computed in fp32 (fp64 for
 fp64 inputs).
+
+Packed keys (`MXFP4Keys`): the paper stores indexer keys as MXFP4 (docs §2.4, §6.3, §8.1), which the model's
+quant="fp4" path reproduces exactly (its keys are MXFP4 fake-quantised; the "paper" cache storage packs them).
+kI may be given that way: codes (B, S, DI / 2) uint8, two 4-bit E2M1 codes per byte (low nibble = even element;
+code = sign << 3 | index into the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), and scales (B, S, DI / 32) uint8, the
+E8M0 byte e + 127 of each 32-element block (value = magnitude * 2^e; byte 0 reads as 0, which the quantiser never
+writes). Every such value is exact in bf16, so the scores equal those of the unpacked keys (`mxfp4_key_values`).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class MXFP4Keys(NamedTuple):
+    """Indexer keys (B, S, DI) stored as packed MXFP4 (module docstring); DI % 32 == 0."""
+    codes: torch.Tensor                     # (B, S, DI / 2) uint8
+    scales: torch.Tensor                    # (B, S, DI / 32) uint8
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        B, S, half = self.codes.shape
+        return B, S, 2 * half
+
+
+def check_mxfp4_keys(keys: MXFP4Keys) -> None:
+    """One-line ValueError naming the field, the value and what is allowed."""
+    c, s = keys.codes, keys.scales
+    if c.dtype != torch.uint8 or s.dtype != torch.uint8:
+        raise ValueError(f"MXFP4Keys: codes / scales dtype = {c.dtype} / {s.dtype} is not allowed: uint8 / uint8")
+    if c.dim() != 3 or s.shape != (*c.shape[:2], c.shape[2] // 16) or c.shape[2] % 16:
+        raise ValueError(f"MXFP4Keys: codes {tuple(c.shape)}, scales {tuple(s.shape)} are not allowed: (B, S, DI / 2) "
+                         "and (B, S, DI / 32) with DI a multiple of 32")
+
+
+def mxfp4_key_values(keys: MXFP4Keys) -> torch.Tensor:
+    """Packed keys -> (B, S, DI) fp32 values: 2^(byte - 127) times the E2M1 value of each code (bit for bit
+    dsv4_lab.quant.mxfp4_dequantize, restated here so that the kernels do not import the model's quant package)."""
+    check_mxfp4_keys(keys)
+    c = torch.stack([keys.codes & 15, keys.codes >> 4], -1).flatten(-2).to(torch.int32)     # (B, S, DI) codes
+    m = c & 7
+    e, mant = m >> 1, m & 1
+    two_mag = torch.where(e == 0, mant, (2 + mant) << (e - 1).clamp_min(0))                # 2 |value| / 2^e
+    mag = two_mag.float() * 0.5
+    val = torch.where((c & 8) != 0, -mag, mag)                                              # code 8: -0.0
+    scale = (keys.scales.to(torch.int32) << 23).view(torch.float32)                         # 2^(byte - 127)
+    return (val.unflatten(-1, (-1, 32)) * scale[..., None]).flatten(-2)
+
+
+def dense_keys(kI, dtype: torch.dtype) -> torch.Tensor:
+    """kI as a (B, S, DI) tensor: packed keys unpacked into `dtype` (exact for bf16 and wider), tensors as they are."""
+    return mxfp4_key_values(kI).to(dtype) if isinstance(kI, MXFP4Keys) else kI
 
 
 def visible(t: torch.Tensor, S: int, ratio: int) -> torch.Tensor:
@@ -65,7 +114,9 @@ def topk_indices(scores: torch.Tensor, k: int, return_scores: bool = False, use_
 
 def indexer_topk_naive(qI, kI, w, k: int, ratio: int, q_offset: int = 0, chunk: int = 1024,
                        return_scores: bool = False, use_topk: bool = False, score_dtype: str = "fp32"):
-    """score_dtype "bf16": the fp32 scores rounded once to bf16 before the top-k (ties to the lower index)."""
+    """score_dtype "bf16": the fp32 scores rounded once to bf16 before the top-k (ties to the lower index). kI: keys,
+    or MXFP4Keys (unpacked first)."""
+    kI = dense_keys(kI, qI.dtype)
     B, T = qI.shape[:2]
     idx = torch.full((B, T, k), -1, dtype=torch.int32, device=qI.device)
     val = torch.full((B, T, k), float("-inf"), dtype=torch.float32, device=qI.device)

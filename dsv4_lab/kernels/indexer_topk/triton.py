@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
+from .naive import MXFP4Keys, check_mxfp4_keys
 
 
 # ================================================================================================ score kernel
@@ -32,13 +33,25 @@ def _score_configs():
     return configs(gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO"])
 @triton.jit
-def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
-                        sqb, sqt, sqh, skb, sks, swb, swt, sob, sot,
+def _mxfp4_values(code, sbyte):
+    """4-bit E2M1 codes (int32) and their blocks' E8M0 bytes -> fp32 values (naive.py mxfp4_key_values)."""
+    m = code & 7
+    e = m >> 1
+    mant = m & 1
+    two_mag = tl.where(e == 0, mant, (2 + mant) << tl.maximum(e - 1, 0))
+    mag = two_mag.to(tl.float32) * 0.5
+    val = tl.where((code & 8) != 0, -mag, mag)
+    return val * (sbyte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
+@triton.jit
+def _indexer_scores_fwd(QI, KI, KS, WT, OUT, Tq, Sp, t0, q_offset,
+                        sqb, sqt, sqh, skb, sks, ssb, sss, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr,
-                        FILL: tl.constexpr):
+                        FILL: tl.constexpr, MXFP4: tl.constexpr):
     R: tl.constexpr = BLOCK_M * HIP
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -60,8 +73,17 @@ def _indexer_scores_fwd(QI, KI, WT, OUT, Tq, Sp, t0, q_offset,
         dmask = offs_d < DI
         q = tl.load(QI + b * sqb + tr.to(tl.int64)[:, None] * sqt + hr[:, None] * sqh + offs_d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        kt = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
-                     mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
+        if MXFP4:                                  # packed keys (KI codes, KS scales): a quarter of the bytes
+            half = tl.arange(0, BLOCK_D // 2)
+            byte = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + half[None, :],
+                           mask=(s < nvis_last)[:, None] & (half < DI // 2)[None, :], other=0).to(tl.int32)
+            code = tl.reshape(tl.join(byte & 15, byte >> 4), [BLOCK_N, BLOCK_D])   # low nibble = even element
+            sbyte = tl.load(KS + b * ssb + s.to(tl.int64)[:, None] * sss + (offs_d // 32)[None, :],
+                            mask=(s < nvis_last)[:, None] & dmask[None, :], other=0)
+            kt = _mxfp4_values(code, sbyte)                                   # exact in DOT_DT (bf16 or fp32)
+        else:
+            kt = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
+                         mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
         wr = tl.load(WT + b * swb + tr.to(tl.int64) * swt + hr, mask=rmask, other=0.0).to(tl.float32)
         logit = tl.dot(q.to(DOT_DT), tl.trans(kt.to(DOT_DT)))                  # (R, BLOCK_N) fp32
         logit = tl.maximum(logit, 0.0) * wr[:, None]
@@ -90,8 +112,13 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     tile's causal frontier unwritten (for readers that stop at each row's frontier, as radix_select does).
     config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config).
     pad: rows of `out` start every ceil(S' / pad) * pad elements (pad 64: aligned rows, so readers load whole
-    16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows."""
-    check_device(qI, kI, w)
+    16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows.
+    kI: (B, S, DI) keys, or naive.MXFP4Keys (packed MXFP4: a quarter of the bf16 key bytes, unpacked in registers;
+    the same scores, bit for bit, as the unpacked keys)."""
+    packed = isinstance(kI, MXFP4Keys)
+    if packed:
+        check_mxfp4_keys(kI)
+    check_device(qI, *(kI if packed else (kI,)), w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
     assert kI.shape == (B, S, DI) and w.shape == (B, T, HI), "qI (B, T, HI, DI), kI (B, S, DI), w (B, T, HI)"
@@ -106,7 +133,8 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     if Tq <= 0 or Sp <= 0:
         return out
     qI = qI if qI.stride(-1) == 1 else qI.contiguous()
-    kI = kI if kI.stride(-1) == 1 else kI.contiguous()
+    keys, scales = (kI.codes, kI.scales) if packed else (kI, kI)          # scales: unused unless packed
+    keys, scales = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys, scales))
     w = w if w.stride(-1) == 1 else w.contiguous()
     HIP = next_pow2(HI)
     # rows of the dot = BLOCK_M * HIP: >= 16 (min dot size); 128 for prefill tiles, 16 when decoding a few queries
@@ -117,11 +145,11 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     if config is not None:
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
-    kern[grid](qI, kI, w, out, Tq, Sp, t0, q_offset,
-               qI.stride(0), qI.stride(1), qI.stride(2), kI.stride(0), kI.stride(1),
-               w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+    kern[grid](qI, keys, scales, w, out, Tq, Sp, t0, q_offset,
+               qI.stride(0), qI.stride(1), qI.stride(2), keys.stride(0), keys.stride(1), scales.stride(0),
+               scales.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-               DOT_DT=dot_dtype(qI), FILL=fill, **extra)
+               DOT_DT=dot_dtype(qI), FILL=fill, MXFP4=packed, **extra)
     return out
 
 
@@ -217,6 +245,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     in index order, -1 after); every consumer masks -1 slots per slot. With return_scores they are sorted by score,
     -1 / -inf last (select: stable, so equal scores stay in index order, as in the naive twin).
     Query chunks hold at most `chunk_elems` scores (1 GiB of fp32 by default); the [T, S] matrix is never built.
+    kI may be naive.MXFP4Keys (packed MXFP4 keys, as the paper caches them: the score kernel unpacks them).
     workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
     from .rowselect import MAX_L                                    # read per call (the tests lower it)
     B, T, HI, DI = qI.shape
@@ -233,7 +262,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             short_l = min(AUTO_SHORT_L, MAX_L)
     if method not in METHODS:
         raise ValueError(f"indexer_topk_triton: method={method!r}; allowed: auto, {', '.join(METHODS)}")
-    check_device(qI, kI, w)
+    check_device(qI, *(kI if isinstance(kI, MXFP4Keys) else (kI,)), w)
     Smax = _visible(ratio, q_offset, T, S)
     rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
     if method.startswith("rowsel") and Smax > MAX_L:                # a row does not fit one program: split it
