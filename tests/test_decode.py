@@ -163,6 +163,38 @@ def test_paper_storage_formats():
     assert torch.equal(main.read(rows), y)
 
 
+def test_paper_indexer_keys_reach_the_top_k_packed():
+    """Storage "paper" keeps indexer keys as MXFP4; with whole 32-value blocks (index_head_dim 32) the cache hands
+    them to the top-k packed (EntryStore.read_packed -> MXFP4Keys, unpacked by the top-k: a quarter of the bytes on
+    the GPU's score kernel). The values are the unpacked ones, so decode is bit for bit the run that reads them
+    unpacked, in every chunking; every read of indexer keys with rows to read takes the packed path."""
+    from dsv4_lab.inference.cache import EntryStore
+    model = build(layer_types=["csa", "hca", "csa"], index_head_dim=32, index_topk=3)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(5))
+    calls = []
+    orig = EntryStore.read_packed
+
+    def counting(self, idx):
+        out = orig(self, idx)
+        calls.append((idx.numel() > 0, out is not None))
+        return out
+    for chunks in CHUNKINGS.values():
+        calls.clear()
+        EntryStore.read_packed = counting
+        try:
+            packed, _ = run_chunks(model, ids, chunks, "paper")
+        finally:
+            EntryStore.read_packed = orig
+        with_rows = [p for n, p in calls if n]                          # chunks before the first entry read none
+        assert len(with_rows) >= 2 and all(with_rows), (chunks, calls)  # 2 CSA layers, every chunk after it
+        EntryStore.read_packed = lambda self, idx: None                  # every read unpacked
+        try:
+            unpacked, _ = run_chunks(model, ids, chunks, "paper")
+        finally:
+            EntryStore.read_packed = orig
+        assert torch.equal(packed, unpacked), chunks
+
+
 def test_generate_greedy_equals_naive_argmax_loop():
     from dsv4_lab import generate
     model = build(layer_types="flash:4")

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels.hca_attn import hca_attn
-from ..kernels.indexer_topk import indexer_topk, topk_indices
+from ..kernels.indexer_topk import MXFP4Keys, indexer_topk, topk_indices
 from .attention import Attention, IndexerLossInputs, Selection
 from .compressor import Compressor
 from .indexer import Indexer, random_scores, visible_entries
@@ -59,11 +59,12 @@ class CSAttention(Attention):
         if (mode == "learned" and not every) or kl_on:
             with torch.set_grad_enabled(kl_on):                               # detached inputs (docs §10)
                 latent = cq if cq is not None else u                          # u without a low-rank query
-                proj = self.indexer.project(u.detach(), latent.detach(), p0, self.rope, lc)
+                # packed: without the KL, a "paper" cache hands the keys over as stored (MXFP4), same values
+                proj = self.indexer.project(u.detach(), latent.detach(), p0, self.rope, lc, packed=not kl_on)
         idx = None
         if not every and S > 0:
             if mode == "learned":
-                qI, kI, w = (t.detach() for t in proj)
+                qI, kI, w = (t if isinstance(t, MXFP4Keys) else t.detach() for t in proj)
                 idx = indexer_topk(qI, kI, w, K, self.m, q_offset=p0, impl=cfg.kernels,          # (B, T, K)
                                    score_dtype=cfg.index_score_dtype)
             else:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..layers import Linear
-from ..kernels.indexer_topk import index_scores, topk_indices, visible
+from ..kernels.indexer_topk import MXFP4Keys, index_scores, topk_indices, visible
 from ..quant import fake_quant_mxfp4
 from .compressor import Compressor
 from .hadamard import hadamard_rotate
@@ -73,15 +73,16 @@ class Indexer(nn.Module):
             x = fake_quant_mxfp4(x)
         return x
 
-    def keys(self, u: torch.Tensor, rope, lc=None, p0: int = 0) -> torch.Tensor:
+    def keys(self, u: torch.Tensor, rope, lc=None, p0: int = 0, packed: bool = False):
         """u (B, T, d) -> K^I (B, floor(T/m), c_I). With a cache (docs §6.2): the chunk at p0.. streams through the
-        indexer compressor's state, new keys go to the block cache, and all floor((p0 + T)/m) keys are read back."""
+        indexer compressor's state, new keys go to the block cache, and all floor((p0 + T)/m) keys are read back;
+        packed=True: as MXFP4Keys where the cache stores them packed (storage "paper", docs §6.3)."""
         if lc is None:
             return self._rotate_quant(self.compressor(u, rope))
         normed, first = self.compressor.step(u, lc.states["index"], p0)
         new = self.compressor.rotate(normed, rope, first)
         new = self._rotate_quant(new) if new.shape[1] else new
-        return lc.append_entries("index", new, first, (p0 + u.shape[1]) // self.compressor.m)
+        return lc.append_entries("index", new, first, (p0 + u.shape[1]) // self.compressor.m, packed=packed)
 
     def queries(self, latent: torch.Tensor, pos: torch.Tensor, rope) -> torch.Tensor:
         """latent (B, T, d_c) (c^Q, or u without a low-rank query) -> q^I (B, T, n_I, c_I)."""
@@ -92,14 +93,16 @@ class Indexer(nn.Module):
         """w (B, T, n_I) = weights_proj(u) c_I^-1/2 n_I^-1/2."""
         return self.weights_proj(u) * self.weight_scale
 
-    def project(self, u: torch.Tensor, latent: torch.Tensor, p0: int, rope, lc=None):
+    def project(self, u: torch.Tensor, latent: torch.Tensor, p0: int, rope, lc=None, packed: bool = False):
         """(qI (B, T, n_I, c_I), kI (B, S, c_I), w (B, T, n_I)) for the chunk at positions p0.. (cache: see keys).
         The keys come out of the compressor in fp32; they are cast to the queries' dtype (bf16 under autocast; V4
         keeps its indexer QK path in low precision, MXFP4, docs §6.3 and §8; a no-op in fp32), so the selection and
-        the indexer KL score the same keys with bf16 dots."""
+        the indexer KL score the same keys with bf16 dots. packed=True (the selection alone, no gradient): kI may
+        come as the cache's MXFP4Keys, which the top-k unpacks to the same values."""
         pos = torch.arange(p0, p0 + u.shape[1], device=u.device)
         qI = self.queries(latent, pos, rope)
-        return qI, self.keys(u, rope, lc, p0).to(qI.dtype), self.head_weights(u)
+        kI = self.keys(u, rope, lc, p0, packed)
+        return qI, kI if isinstance(kI, MXFP4Keys) else kI.to(qI.dtype), self.head_weights(u)
 
     def forward(self, u: torch.Tensor, latent: torch.Tensor, pos: torch.Tensor, rope) -> torch.Tensor:
         """Raw scores I (B, T, S) (invisible entries NOT masked; topk_select masks them)."""

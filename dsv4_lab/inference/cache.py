@@ -17,6 +17,8 @@ Layout (the paper's Fig. 6, docs §6.1):
 Storage formats (`storage`, docs §6.3): "fp32" / "bf16" keep every value at 4 / 2 bytes; "paper" stores main
 entries as FP8 E4M3 on the c - r non-RoPE dims with one UE8M0 byte per 64, the r RoPE dims in BF16, and indexer keys
 as packed MXFP4 (E2M1 pairs per byte + one E8M0 byte per 32). Compressor states stay fp32 (as in the reference).
+The CSA selection reads those keys packed where they fill whole 32-value blocks (`read_packed`: the score kernel
+unpacks them to the same values).
 Every key the attention reads, old or new, goes through the same storage round trip, so results do not depend on
 how the sequence is chunked. With storage="fp32" the cached forward equals the full forward (tests/test_decode.py).
 
@@ -111,6 +113,15 @@ class EntryStore:
             return torch.zeros(*idx.shape, self.dim, device=idx.device)
         return self.decode({k: v[idx] for k, v in self.t.items()})
 
+    def read_packed(self, idx: torch.Tensor):
+        """Rows idx as stored, not unpacked: MXFP4Keys (kernels/indexer_topk) for indexer keys of the "paper" storage
+        whose dim is whole 32-value blocks (its score kernel unpacks them: a quarter of the bf16 bytes; the same
+        values as read); None for every other store."""
+        if self.storage != "paper" or self.kind != "index" or self.dim % 32 or not idx.numel():
+            return None
+        from ..kernels.indexer_topk import MXFP4Keys
+        return MXFP4Keys(self.t["codes"][idx], self.t["scale"][idx])
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-layer caches
@@ -187,14 +198,17 @@ class LayerCache:
         self.main.write(self.ring_rows(keep), kv[:, T - len(keep):])
         return torch.cat([old, new], 1), k0
 
-    def append_entries(self, kind: str, new: torch.Tensor, first: int, total: int) -> torch.Tensor:
+    def append_entries(self, kind: str, new: torch.Tensor, first: int, total: int, packed: bool = False):
         """Write new (B, n, c) as compressed entries first .. first+n-1 of store `kind` ("comp" main entries or
-        "index" indexer keys) through the block table, then read entries 0 .. total-1 back: (B, total, c) fp32."""
+        "index" indexer keys) through the block table, then read entries 0 .. total-1 back: (B, total, c) fp32, or
+        with packed=True the stored MXFP4 parts where the store keeps them (EntryStore.read_packed)."""
         store = self.comp if kind == "comp" else self.index
         dev = new.device
         if new.shape[1]:
             store.write(self.entry_rows(torch.arange(first, first + new.shape[1], device=dev)), new)
-        return store.read(self.entry_rows(torch.arange(total, device=dev)))
+        rows = self.entry_rows(torch.arange(total, device=dev))
+        out = store.read_packed(rows) if packed else None
+        return out if out is not None else store.read(rows)
 
     def nbytes(self, include_state: bool = True) -> int:
         n = self.main.nbytes() + (self.comp.nbytes() if self.comp else 0) + (self.index.nbytes() if self.index else 0)
