@@ -63,5 +63,43 @@ for over in ({}, {"indexer_loss_weight": 1.0}):       # without / with the spars
     # heads leave no near ties, tests/README.md); bar 1e-4 absolute (tolerance_margins reports the margin)
     ok &= worst < 1e-4 and gworst < 1e-4 and missing == 0
 print(f"kernel calls {calls}")
-sys.exit(0 if ok and calls["csa"] == 4 and calls["hca"] == 2 and calls["indexer"] == 2
-         and calls["kl"] == 1 else 1)
+ok &= calls["csa"] == 4 and calls["hca"] == 2 and calls["indexer"] == 2 and calls["kl"] == 1
+
+# decode with storage="paper": the CSA selection gets the indexer keys packed (MXFP4Keys, index_head_dim 32) and the
+# Triton score kernel unpacks them; the logits must be bit for bit those of the run that reads them unpacked
+from dsv4_lab.inference.cache import EntryStore  # noqa: E402
+
+dec = DSV4LM(ModelConfig.from_preset("tiny", kernels="triton", **{**base, "index_head_dim": 32})).eval()
+ids = torch.randint(0, 256, (2, 24))
+
+
+def decode(chunks):
+    cache, outs, s = dec.new_cache(2, 24, storage="paper"), [], 0
+    with torch.no_grad():
+        for n in chunks:
+            outs.append(dec(ids[:, s:s + n], cache=cache).logits)
+            s += n
+    return torch.cat(outs, 1)
+
+
+read_packed, packed_reads = EntryStore.read_packed, []
+
+
+def counting(self, idx):
+    out = read_packed(self, idx)
+    packed_reads.append(out is not None)
+    return out
+
+
+EntryStore.read_packed = counting
+n0 = calls["indexer"]
+packed = decode([5, 11, 8])
+triton_topk = calls["indexer"] - n0                                  # the Triton top-k took them (one per chunk)
+EntryStore.read_packed = lambda self, idx: None
+unpacked = decode([5, 11, 8])
+EntryStore.read_packed = read_packed
+same = torch.equal(packed, unpacked)
+print(f"paper-storage decode: {sum(packed_reads)} packed key reads, {triton_topk} Triton top-k calls, logits equal "
+      f"to the unpacked reads' {same}")
+ok &= same and sum(packed_reads) == triton_topk == 3
+sys.exit(0 if ok else 1)
