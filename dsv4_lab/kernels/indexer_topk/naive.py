@@ -49,6 +49,11 @@ def check_mxfp4_keys(keys: MXFP4Keys) -> None:
                          "and (B, S, DI / 32) with DI a multiple of 32")
 
 
+def key_tensors(kI) -> tuple[torch.Tensor, ...]:
+    """The tensors that hold the keys kI: (codes, scales) of MXFP4Keys, else (kI,) (device checks)."""
+    return tuple(kI) if isinstance(kI, MXFP4Keys) else (kI,)
+
+
 def mxfp4_key_values(keys: MXFP4Keys) -> torch.Tensor:
     """Packed keys -> (B, S, DI) fp32 values: 2^(byte - 127) times the E2M1 value of each code (bit for bit
     dsv4_lab.quant.mxfp4_dequantize, restated here so that the kernels do not import the model's quant package)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
-from .naive import MXFP4Keys, check_mxfp4_keys
+from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 
 
 # ================================================================================================ score kernel
@@ -118,7 +118,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     packed = isinstance(kI, MXFP4Keys)
     if packed:
         check_mxfp4_keys(kI)
-    check_device(qI, *(kI if packed else (kI,)), w)
+    check_device(qI, *key_tensors(kI), w)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
     assert kI.shape == (B, S, DI) and w.shape == (B, T, HI), "qI (B, T, HI, DI), kI (B, S, DI), w (B, T, HI)"
@@ -262,7 +262,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             short_l = min(AUTO_SHORT_L, MAX_L)
     if method not in METHODS:
         raise ValueError(f"indexer_topk_triton: method={method!r}; allowed: auto, {', '.join(METHODS)}")
-    check_device(qI, *(kI if isinstance(kI, MXFP4Keys) else (kI,)), w)
+    check_device(qI, *key_tensors(kI), w)
     Smax = _visible(ratio, q_offset, T, S)
     rows = _row_budget(Smax, T, chunk_elems // max(B, 1))
     if method.startswith("rowsel") and Smax > MAX_L:                # a row does not fit one program: split it
