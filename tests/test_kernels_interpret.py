@@ -32,8 +32,8 @@ import torch
 if sys.platform != "linux":                                      # triton is a Linux-only dependency (pyproject)
     pytest.skip(f"triton is not installed on {sys.platform} (a Linux-only dependency)", allow_module_level=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "fake_quant", "mhc",
-         "sparse_decode", "hca_decode", "sparse_kl", "compressor_pool", "compressor_pool_bwd", "swiglu", "rope",
+CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_select", "indexer_mxfp4", "fake_quant",
+         "mhc", "sparse_decode", "hca_decode", "sparse_kl", "compressor_pool", "compressor_pool_bwd", "swiglu", "rope",
          "rmsnorm"]
 
 
@@ -51,6 +51,14 @@ def results(tmp_path_factory):
 def test_kernel_matches_naive_interpreted(results, op):
     rec = results[f"{op}[float32]"]
     assert rec["ok"], rec.get("error")
+
+
+def test_every_interpreted_case_is_asserted(results):
+    """kernels_cases.py runs every case of its CASES table: each must have its assert above (a case missing from
+    CASES here would run and fail unseen)."""
+    ran = {key.split("[")[0] for key in results}
+    assert ran == set(CASES), f"cases run but not asserted: {sorted(ran - set(CASES))}; listed, not run: " \
+        f"{sorted(set(CASES) - ran)}"
 
 
 def test_dispatch_rules():

@@ -34,15 +34,36 @@ def _score_configs():
 
 
 @triton.jit
-def _mxfp4_values(code, sbyte):
-    """4-bit E2M1 codes (int32) and their blocks' E8M0 bytes -> fp32 values (naive.py mxfp4_key_values)."""
-    m = code & 7
-    e = m >> 1
-    mant = m & 1
-    two_mag = tl.where(e == 0, mant, (2 + mant) << tl.maximum(e - 1, 0))
-    mag = two_mag.to(tl.float32) * 0.5
-    val = tl.where((code & 8) != 0, -mag, mag)
-    return val * (sbyte.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+def _e2m1_bf16(code):
+    """4-bit E2M1 codes (int32) -> their values as bf16, built from bits with integer ops (no int -> float
+    conversions, the cost of unpacking): e = bits 1-2 and m = bit 0 of the magnitude t = code & 7 give 2^(e - 1)
+    (1 + m / 2) for e > 0 (bf16 exponent e + 126, mantissa bit m), 0.5 for t = 1, 0 for t = 0; bit 3 is the sign
+    (code 8: -0.0). naive.py mxfp4_key_values is the same table."""
+    t = code & 7
+    bits = tl.where(t > 1, (t << 6) + (126 << 7), tl.where(t == 1, 126 << 7, 0)) | ((code & 8) << 12)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_logits(Q, q_rows, rmask, KI, KS, row_c, row_s, kmask, NKB: tl.constexpr, R: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_DT: tl.constexpr):
+    """(R, BLOCK_N) fp32 q . k against packed keys: q rows at Q + q_rows (R,), key rows' codes at KI + row_c (DI / 2
+    bytes, the low nibble the even element) and E8M0 scales at KS + row_s (one byte per 32 elements). Per 32-element
+    block: its 16 code bytes (one vector load per key), the E2M1 values of the low and high nibbles against the even
+    and odd elements of q (two K = 16 dots, no interleaving), times the block's scale 2^(byte - 127) into the fp32
+    accumulator. The same products as q . (unpacked key), summed in another grouping (docs/kernels.md §8.4)."""
+    j = tl.arange(0, 16)
+    acc = tl.zeros([R, BLOCK_N], tl.float32)
+    for blk in tl.static_range(NKB):
+        byte = tl.load(KI + row_c[:, None] + blk * 16 + j[None, :], mask=kmask[:, None], other=0).to(tl.int32)
+        sbyte = tl.load(KS + row_s + blk, mask=kmask, other=0).to(tl.int32)
+        scale = (sbyte << 23).to(tl.float32, bitcast=True)                      # (BLOCK_N,) 2^(byte - 127)
+        qe = tl.load(Q + q_rows[:, None] + blk * 32 + 2 * j[None, :], mask=rmask[:, None], other=0.0)
+        qo = tl.load(Q + q_rows[:, None] + blk * 32 + 2 * j[None, :] + 1, mask=rmask[:, None], other=0.0)
+        part = tl.dot(qe.to(DOT_DT), tl.trans(_e2m1_bf16(byte & 15).to(DOT_DT)))
+        part = tl.dot(qo.to(DOT_DT), tl.trans(_e2m1_bf16(byte >> 4).to(DOT_DT)), acc=part)
+        acc += part * scale[None, :]
+    return acc
 
 
 @triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
@@ -69,23 +90,19 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, Tq, Sp, t0, q_offset,
         tr = t0 + m0 + r // HIP
         hr = r % HIP
         rmask = (m0 + r // HIP < Tq) & (hr < HI)
-        offs_d = tl.arange(0, BLOCK_D)
-        dmask = offs_d < DI
-        q = tl.load(QI + b * sqb + tr.to(tl.int64)[:, None] * sqt + hr[:, None] * sqh + offs_d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
         if MXFP4:                                  # packed keys (KI codes, KS scales): a quarter of the bytes
-            half = tl.arange(0, BLOCK_D // 2)
-            byte = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + half[None, :],
-                           mask=(s < nvis_last)[:, None] & (half < DI // 2)[None, :], other=0).to(tl.int32)
-            code = tl.reshape(tl.join(byte & 15, byte >> 4), [BLOCK_N, BLOCK_D])   # low nibble = even element
-            sbyte = tl.load(KS + b * ssb + s.to(tl.int64)[:, None] * sss + (offs_d // 32)[None, :],
-                            mask=(s < nvis_last)[:, None] & dmask[None, :], other=0)
-            kt = _mxfp4_values(code, sbyte)                                   # exact in DOT_DT (bf16 or fp32)
+            logit = _mxfp4_logits(QI + b * sqb, tr.to(tl.int64) * sqt + hr * sqh, rmask, KI, KS,
+                                  b * skb + s.to(tl.int64) * sks, b * ssb + s.to(tl.int64) * sss, s < nvis_last,
+                                  DI // 32, R, BLOCK_N, DOT_DT)
         else:
+            offs_d = tl.arange(0, BLOCK_D)
+            dmask = offs_d < DI
+            q = tl.load(QI + b * sqb + tr.to(tl.int64)[:, None] * sqt + hr[:, None] * sqh + offs_d[None, :],
+                        mask=rmask[:, None] & dmask[None, :], other=0.0)
             kt = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
                          mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
+            logit = tl.dot(q.to(DOT_DT), tl.trans(kt.to(DOT_DT)))              # (R, BLOCK_N) fp32
         wr = tl.load(WT + b * swb + tr.to(tl.int64) * swt + hr, mask=rmask, other=0.0).to(tl.float32)
-        logit = tl.dot(q.to(DOT_DT), tl.trans(kt.to(DOT_DT)))                  # (R, BLOCK_N) fp32
         logit = tl.maximum(logit, 0.0) * wr[:, None]
         sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
         sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
@@ -113,8 +130,8 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     config: one triton.Config of the autotune list to run instead of the tuned choice (tests of every config).
     pad: rows of `out` start every ceil(S' / pad) * pad elements (pad 64: aligned rows, so readers load whole
     16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows.
-    kI: (B, S, DI) keys, or naive.MXFP4Keys (packed MXFP4: a quarter of the bf16 key bytes, unpacked in registers;
-    the same scores, bit for bit, as the unpacked keys)."""
+    kI: (B, S, DI) keys, or naive.MXFP4Keys (packed MXFP4: a quarter of the bf16 key bytes, unpacked in registers:
+    the scores of the unpacked keys up to fp32 summation order, _mxfp4_logits summing per 32-element block)."""
     packed = isinstance(kI, MXFP4Keys)
     if packed:
         check_mxfp4_keys(kI)
