@@ -172,6 +172,45 @@ def test_model_decode_uses_split_kv_kernels_and_matches_reference(mode, topk):
     assert d < 5e-3, d
 
 
+def test_paper_storage_decode_hands_packed_indexer_keys_to_the_gpu_top_k():
+    """kernels="triton" on CUDA, storage "paper" (MXFP4 indexer keys, index_head_dim 32): every indexer-key read of
+    a CSA layer reaches the Triton top-k packed (EntryStore.read_packed), and a chunked prefill + 16 decode steps give
+    the logits of the same run with every read unpacked, bit for bit. The packed score kernel sums per 32-element
+    block (another rounding of the scores); 16 index heads leave no near ties (tests/README.md), so the picks, and
+    everything after them, are the same."""
+    from dsv4_lab import DSV4LM, ModelConfig
+    from dsv4_lab.inference.cache import EntryStore
+    over = dict(layer_types="swa,csa,hca,csa", d_model=64, n_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=32,
+                o_groups=2, o_lora_rank=32, window=32, hca_ratio=16, index_n_heads=16, index_head_dim=32,
+                index_topk=8, residual="plain", ffn="dense", mtp_depth=0, n_hash_layers=0, max_seq_len=512)
+    torch.manual_seed(0)
+    m = DSV4LM(ModelConfig.from_preset("tiny", kernels="triton", **over)).cuda().eval()
+    ids = torch.randint(0, 256, (2, 113), device="cuda")
+    orig, reads = EntryStore.read_packed, []
+
+    def counting(self, idx):
+        out = orig(self, idx)
+        reads.append((idx.numel() > 0, out is not None))
+        return out
+
+    def run():
+        cache, outs = m.new_cache(2, 113, storage="paper"), []
+        with torch.no_grad():
+            outs += [m(ids[:, :61], cache=cache).logits, m(ids[:, 61:97], cache=cache).logits]
+            outs += [m(ids[:, t:t + 1], cache=cache).logits for t in range(97, 113)]
+        return torch.cat(outs, 1)
+    try:
+        EntryStore.read_packed = counting
+        packed = run()
+        EntryStore.read_packed = lambda self, idx: None
+        unpacked = run()
+    finally:
+        EntryStore.read_packed = orig
+    with_rows = [p for n, p in reads if n]
+    assert len(with_rows) >= 2 * 16 and all(with_rows), reads        # 2 CSA layers x 16 steps at least
+    assert torch.equal(packed, unpacked), (packed - unpacked).abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_mhc_pre_every_autotune_config(dtype):
     """Every config of the mHC pre kernel's autotune list (the cases only see the tuner's winner) and of
