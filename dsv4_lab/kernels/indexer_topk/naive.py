@@ -19,7 +19,8 @@ quant="fp4" path reproduces exactly (its keys are MXFP4 fake-quantised; the "pap
 kI may be given that way: codes (B, S, DI / 2) uint8, two 4-bit E2M1 codes per byte (low nibble = even element;
 code = sign << 3 | index into the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), and scales (B, S, DI / 32) uint8, the
 E8M0 byte e + 127 of each 32-element block (value = magnitude * 2^e; byte 0 reads as 0, which the quantiser never
-writes). Every such value is exact in bf16, so the scores equal those of the unpacked keys (`mxfp4_key_values`).
+writes). Every such value is exact in bf16, so this twin's scores equal those of the unpacked keys
+(`mxfp4_key_values`); the Triton kernel's, up to the grouping of the fp32 sum (triton.py `_mxfp4_logits`).
 """
 from __future__ import annotations
 
