@@ -305,9 +305,9 @@ def _mxfp4_bound(qI, keys, w, R, off):
 
 
 def _mxfp4_agree(tag, qI, keys, vq, w, k, R, off, configs):
-    """Score kernel on packed keys vs on the same keys unpacked, on the GPU. The values are equal, but the two
-    kernels are different code (the packed one builds its key tile in registers), and tensor-core MMAs issued
-    differently may round differently, even under one config: so an error model, not bits. Each score is off the
+    """Score kernel on packed keys vs on the same keys unpacked. The products are equal, but the packed kernel sums
+    them per 32-element block, and on the GPU tensor-core MMAs issued differently may round differently even under
+    one config: so an error model, not bits. Each score is off the
     exact one by at most E (_mxfp4_bound), so the two differ by at most 2 E (+ one bf16 ulp of the score for bf16
     scores); under each config of `configs` and tuned. The tuned top-k picks may differ only among entries whose
     exact (fp64) score lies within that of the row's k-th."""
