@@ -30,17 +30,41 @@ RESULTS = os.path.join(HERE, "results")
 from dsv4_lab.kernels.compile_check import TARGET_ARCH as ARCH  # noqa: E402  (sm_90: the H200)
 SMEM_PER_SM = 233472                        # shared memory per SM on an H200 (228 KiB)
 ROW_ARGS = {a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}     # the selects' row-length and stride arguments
+# their values at the shapes compiled (resources' `ints`): the sieve on a 128K prefill's last chunk of 8K query rows
+# (32K entries per row), rowsel on an 8K prefill's rows (2K entries), the one-launch select on one 1M-context decode
+# row (256K entries over 128 programs of 2K), k = 512
+SIEVE_INTS = dict(L=32768, sv=32768, so=512, Tq=8192, q0=122880, k=512)
+ROWSEL_INTS = dict(L=2048, sv=2048, so=512, Tq=8192, q0=0, k=512)
+SELECT_ONE_LAUNCH_INTS = dict(L=262144, C=2048, P=128, sv=262144, so=512, Tq=1, q0=1048575, k=512)
 
 
-def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
+def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int = 3, ints: dict | None = None,
+              maxnreg: int | None = None) -> dict:
     """Compile the @triton.jit function fn for sm_90 (pointers: {arg: "*bf16" | "i32" | ...}; every other argument
-    a constexpr from `constexprs`) and read ptxas -v: {registers, spill_stores, spill_loads, stack, smem, ...}."""
+    a constexpr from `constexprs`) and read ptxas -v: {registers, spill_stores, spill_loads, stack, smem, ...}.
+
+    The compile is specialized as Triton's JIT specializes a GPU launch: every pointer marked 16-byte aligned (what a
+    fresh PyTorch allocation is), and each integer argument given in `ints` ({arg: its value at the shape compiled})
+    marked divisible by 16 when it is. Without these marks the compiler may neither vectorise the loads nor
+    software-pipeline a loop (no asynchronous copies), and the registers and shared memory it reports are those of
+    code the GPU never runs. `async_copies` counts the asynchronous global-to-shared copies in the TTGIR (cp.async:
+    a loop whose loads feed tl.dot, pipelined over num_stages) and `tma_copies` the TMA ones."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig = {a: pointers.get(a, "constexpr") for a in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", ARCH, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+    ints = ints or {}
+    unknown = [a for a in ints if sig.get(a) not in ("i32", "i64")]
+    if unknown:
+        raise ValueError(f"resources: ints {unknown} are not integer arguments of {fn.__name__}")
+    ones = {a: 1 for a, v in ints.items() if v == 1}             # the JIT compiles an integer argument of 1 as a constant
+    sig.update({a: "constexpr" for a in ones})
+    constexprs = {**constexprs, **ones}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or (a in ints and ints[a] % 16 == 0)}
+    k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", ARCH, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages,
+                                **({"maxnreg": maxnreg} if maxnreg else {})})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -55,9 +79,12 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
         return int(m.group(1)) if m else None
     regs = num(r"Used (\d+) registers")
     threads = 32 * num_warps
-    return {"num_warps": num_warps, "num_stages": num_stages, "registers": regs,
+    ttgir = k.asm["ttgir"]
+    return {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg, "registers": regs,
             "spill_stores": num(r"(\d+) bytes spill stores"), "spill_loads": num(r"(\d+) bytes spill loads"),
             "stack": num(r"(\d+) bytes stack frame"), "smem": k.metadata.shared,
+            "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
+            "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
             "programs_per_sm_by_registers": (65536 // (regs * threads)) if regs else None,
             "programs_per_sm_by_smem": (SMEM_PER_SM // k.metadata.shared) if k.metadata.shared else None}
 
@@ -70,7 +97,7 @@ def sieve():
                **ROW_ARGS}
         for nw in (2, 4, 8, 16):
             c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048)
-            out[f"{dt}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw)
+            out[f"{dt}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw, ints=SIEVE_INTS)
     return out
 
 
@@ -81,7 +108,7 @@ def rowsel():
         ptr = {"VAL": f"*{dt}", "OVAL": "*fp32", "OIDX": "*i32", **ROW_ARGS}
         for nw in (2, 4, 8):
             c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048)
-            out[f"{dt}_L2048_nw{nw}"] = resources(rs._row_select, ptr, c, nw)
+            out[f"{dt}_L2048_nw{nw}"] = resources(rs._row_select, ptr, c, nw, ints=ROWSEL_INTS)
     return out
 
 
@@ -90,21 +117,23 @@ MHC_POINTERS = {"X": "*bf16", "FN": "*fp32", "WH": "*bf16", "WL": "*bf16", "SC":
                 "eps": "fp32"}
 
 
-def mhc_pre(n=4, d=384):
+def mhc_pre(n=4, d=384, ntok=65536):
     from dsv4_lab.kernels.mhc import triton as mt
     out = {}
     for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
         for mix in (True, False):
             for save in (False, True):
                 c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=mix, SAVE=save, **cfg.kwargs)
-                tag = "BT{BT}_BC{BC}_CPS{CPS}_PF{PF}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"
+                tag = "BT{BT}_BC{BC}_CPS{CPS}_PF{PF}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
+                    + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "")
                 out[f"{tag}_{'fused' if mix else 'split'}_{'save' if save else 'nosave'}"] = dict(
-                    resources(mt._mhc_pre_kernel.fn, MHC_POINTERS, c, cfg.num_warps, cfg.num_stages),
+                    resources(mt._mhc_pre_kernel.fn, MHC_POINTERS, c, cfg.num_warps, cfg.num_stages,
+                              ints={"NTOK": ntok}, maxnreg=cfg.maxnreg),
                     in_autotune_list=cfg in mt._mhc_pre_kernel.configs)
     return out
 
 
-def mhc_pre_bwd(n=4, d=384):
+def mhc_pre_bwd(n=4, d=384, ntok=65536):
     from bench_mhc import BWD_SWEEP
 
     from dsv4_lab.kernels.mhc import triton as mt
@@ -116,12 +145,14 @@ def mhc_pre_bwd(n=4, d=384):
         c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, HAS_DXIN=True, BT=e["BWD_BT"],
                  BC=e["BWD_BC"])
         out[f"BT{e['BWD_BT']}_BC{e['BWD_BC']}_w{e['BWD_WARPS']}"] = resources(mt._mhc_pre_bwd_kernel, ptr, c,
-                                                                              e["BWD_WARPS"])
+                                                                              e["BWD_WARPS"], ints={"NTOK": ntok})
     return out
 
 
-def sparse_bwd(H=8, D=128, W=128, K=512):
-    """The CSA sparse-attention backward (sparse_attn/triton.py _sparse_bwd) at `small`'s attention shapes, bf16."""
+def sparse_bwd(H=8, D=128, W=128, K=512, T=4096):
+    """The CSA sparse-attention backward (sparse_attn/triton.py _sparse_bwd) at `small`'s attention shapes, bf16:
+    one 4K sequence, q / o / do (B, T, H, D), kv (B, T, D), compressed entries (B, T / 4, D), indices (B, T, K), lse
+    (B, T, H), all contiguous."""
     import triton.language as tl
 
     from dsv4_lab.kernels.sparse_attn import triton as sa
@@ -129,12 +160,15 @@ def sparse_bwd(H=8, D=128, W=128, K=512):
            "DQ": "*fp32", "DC": "*fp32", "DELTA": "*fp32", "scale": "fp32",
            **{a: "i32" for a in ("T", "Tk", "S", "q_offset", "sqb", "sqt", "sqh", "skb", "skt", "scb", "scs", "sib",
                                  "sit", "sob", "sot", "soh", "slb", "slt")}}
+    S = T // 4
+    ints = dict(T=T, Tk=T, S=S, q_offset=0, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D, skt=D, scb=S * D, scs=D,
+                sib=T * K, sit=K, sob=T * H * D, sot=H * D, soh=D, slb=T * H, slt=H)
     out = {}
     for cfg in sa._sparse_bwd.configs:
         c = dict(H=H, D=D, W=W, K_SEL=K, BLOCK_H=max(16, H), BLOCK_D=D, BLOCK_W=min(64, W), DOT_DT=tl.bfloat16,
                  **cfg.kwargs)
         out["BLOCK_K{BLOCK_K}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"] = resources(
-            sa._sparse_bwd.fn, ptr, c, cfg.num_warps, cfg.num_stages)
+            sa._sparse_bwd.fn, ptr, c, cfg.num_warps, cfg.num_stages, ints=ints)
     return out
 
 
@@ -147,7 +181,8 @@ def select_one_launch():
     for dt, nl in (("bf16", 2), ("fp32", 4)):
         ptr = {"VAL": f"*{dt}", "HIST": "*i32", "PH": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32",
                **ROW_ARGS}
-        out[f"{dt}_nw8"] = resources(sel._select_one_launch, ptr, dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128), 8)
+        out[f"{dt}_nw8"] = resources(sel._select_one_launch, ptr, dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128), 8,
+                                       ints=SELECT_ONE_LAUNCH_INTS)
     return out
 
 

@@ -45,9 +45,11 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
 
 
-def _pre(bt, bc, cps, warps, stages=3, pf=0):
-    """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM, PF: pass 1 prefetches."""
-    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, "PF": pf}, num_warps=warps, num_stages=stages)
+def _pre(bt, bc, cps, warps, stages=3, pf=0, maxnreg=None):
+    """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM, PF: pass 1 prefetches; maxnreg:
+    a cap on registers per thread (ptxas), so that CPS programs fit on an SM at once."""
+    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, "PF": pf}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
 
 
 def _pre_configs():
@@ -68,16 +70,19 @@ def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
     # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
     # _pre_configs only after both (numbers: benchmarks/README.md, T8). What the sweeps showed (docs/kernels.md §4):
-    # fewer registers per thread do not pay, larger token blocks do, since W (2 x 24 rows x n d bf16, from L2) is
-    # re-read for every block of BT tokens; at the `small` step's 65 536 tokens a program of the persistent grid walks
-    # ~500 of them, so BT 512 reads W once per program. The stage count changes nothing (the loop is not
-    # pipelined, no async copies in its TTGIR); PF 1 instead loads the next chunk's x and W before the current
-    # chunk's MMAs, so a chunk's load latency overlaps the work before it.
+    # larger token blocks pay, since W (2 x 24 rows x n d bf16, from L2) is re-read for every block of BT tokens; at
+    # the `small` step's 65 536 tokens a program of the persistent grid walks ~500 of them, so BT 512 reads W once
+    # per program. Pass 1 is software-pipelined by Triton (asynchronous copies of x and W, num_stages deep); PF 1
+    # loads the next chunk's x and W into registers instead, which turns that pipelining off. The BT 128 configs
+    # hold one program per SM (205 registers per thread at 8 warps, fused mix; benchmarks/kernel_registers.py), so
+    # the SM's loads stop while its program runs the Sinkhorn epilogue and pass 2: the maxnreg / CPS 2 candidates
+    # fit two programs per SM (128 registers at 8 warps, 239 at 4) so that one streams while the other computes.
     # Dropped after the GPU checks: (128, 64, 8 w), (256, 128, 16 w), (256, 64, 16 w) and (512, 32, 16 w) at PF 0 give
     # bf16-x results that differ from run to run (a race in the compiled code; coef off by up to 4e-3), and
     # (256, 128, 16 w) / (512, 64, 16 w) need more shared memory than an SM has for fp32 x.
     return [] if INTERPRET else [
-        _pre(256, 64, 1, 8), _pre(128, 64, 1, 8, pf=1), _pre(256, 64, 1, 16, pf=1), _pre(512, 32, 1, 16, pf=1)]
+        _pre(256, 64, 1, 8), _pre(128, 64, 1, 8, pf=1), _pre(256, 64, 1, 16, pf=1), _pre(512, 32, 1, 16, pf=1),
+        _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
