@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import bench, bench_graph, safe, save
+from common import bench, bench_graph, host_ms, safe, save
 from dsv4_lab.kernels.indexer_topk import triton as itk
 from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
 from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
@@ -76,6 +76,8 @@ def indexer_method(N, method):
     ws = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
     r = _tflops(bench(lambda: indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws), warmup=3, rep=50), N)
     r["method"] = method
+    if N <= 32768:                                       # where the host's enqueue time can be what an eager call costs
+        r["host_ms"] = safe(host_ms, lambda: indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws))
     if method in BF16_METHODS:
         r["recall_vs_fp32"] = recall(indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws),
                                      indexer_topk_triton(qI, kI, w, K, M, method="torch", workspace=ws))
@@ -122,7 +124,9 @@ def compressor(N):
     / `ms_torch_pool`: the same weights with impl="torch" (the PyTorch pool glue, the naive twin, then RoPE);
     `{name}_pool_fused_ms` / `_pool_torch_ms`: the pool + norm alone on precomputed projections (no GEMMs, no RoPE);
     `{name}_graph_ms`: the module replayed from a CUDA graph (its kernels without the host's launch gaps, which the
-    eager `{name}_ms` includes whenever the host enqueues slower than the GPU runs).
+    eager `{name}_ms` includes whenever the host enqueues slower than the GPU runs); `{name}_host`: the host's
+    time to enqueue one call (common.host_ms: median, min, max ms). The indexer methods and the sparse attention carry
+    a `host_ms` entry too up to 32K, and `pipeline_N` a `host` / `sdpa_flash_host` one for the chain and SDPA-flash.
     The table has N rows: the last entry's position, (N/4 - 1) 4, is inside it."""
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.kernels.compressor_pool import compressor_pool
@@ -140,6 +144,7 @@ def compressor(N):
         with torch.no_grad():
             out[f"{name}_ms"] = bench(lambda: comp(u, rope), warmup=3, rep=50)["ms"]
             out[f"{name}_graph_ms"] = bench_graph(lambda: comp(u, rope))["ms"]   # the same, no host gaps
+            out[f"{name}_host"] = safe(host_ms, lambda: comp(u, rope))              # the host's enqueue time per call
             out[f"{name}_torch_pool_ms"] = bench(lambda: comp_t(u, rope), warmup=3, rep=50)["ms"]
             y_f, y_t = comp(u, rope).float(), comp_t(u, rope).float()
             out[f"{name}_fused_max_rel_diff_vs_torch_pool"] = float((y_f - y_t).abs().max() / y_t.abs().max())
@@ -180,6 +185,8 @@ def sparse_inputs(N, grad=False):
 def sparse_fwd(N):
     q, kv, comp, idx, sink = sparse_inputs(N)
     r = bench(lambda: sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W), warmup=5, rep=100)
+    if N <= 32768:
+        r["host_ms"] = safe(host_ms, lambda: sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W))
     sel, win, _ = idx_pairs(N)
     s = r["ms"] * 1e-3
     r.update(tflops=4 * H * D * (sel + win) / s / 1e12, gather_tb_s=(sel + win) * D * 2 / s / 1e12,
@@ -490,7 +497,8 @@ def pipeline(N, method):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
     r = {"method": method, "ms": bench(run, warmup=5, rep=60)["ms"], "graph_ms": bench_graph(run)["ms"],
-         "sdpa_flash_ms": bench(dense, warmup=5, rep=60)["ms"], "sdpa_flash_graph_ms": bench_graph(dense)["ms"]}
+         "host": safe(host_ms, run), "sdpa_flash_ms": bench(dense, warmup=5, rep=60)["ms"],
+         "sdpa_flash_graph_ms": bench_graph(dense)["ms"], "sdpa_flash_host": safe(host_ms, dense)}
     r["speedup_vs_sdpa_flash"] = r["sdpa_flash_ms"] / r["ms"]
     r["graph_speedup_vs_sdpa_flash"] = r["sdpa_flash_graph_ms"] / r["graph_ms"]
     return r

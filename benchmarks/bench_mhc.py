@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from common import bench, ceilings, safe, save
+from common import bench, ceilings, kernel_ms, safe, save
 from dsv4_lab.kernels.mhc import triton as mt
 from dsv4_lab.kernels.mhc.naive import mhc_post_naive, mhc_pre_naive
 
@@ -199,6 +199,8 @@ def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):
         r["post_bwd_triton"] = bench(lambda: mt.mhc_post_bwd(y, x, coef, go))
         r["pre_fwd_save_triton"] = bench(lambda: mt.mhc_pre_fwd(x, fn, sc, base, save=True))
         r["pre_bwd_triton"] = best["pre_bwd"]
+        _, dxp, dcoef = mt.mhc_post_bwd(y, x, coef, go)
+        r["pre_bwd_kernel_ms"] = safe(kernel_ms, lambda: mt.mhc_pre_bwd(x, fn, sc, base, mu, rho, gu, dcoef, dxp))
         f = bench(lambda: step(mt.mhc_pre_triton, mt.mhc_post_triton, alias=True))
     finally:
         _set(old)

@@ -64,6 +64,42 @@ def bench_graph(fn, reps=50) -> dict:
     return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
 
 
+def host_ms(fn, calls=50, reps=5) -> dict:
+    """The host's time to enqueue one call of fn, ms: `calls` calls back to back after a synchronize, timed on the
+    host without waiting for the GPU (median over `reps` such rounds; a GPU queue of a few hundred launches does not
+    fill, so the host never waits). Where it exceeds the GPU time of the call's kernels (`bench_graph`), an eager
+    call runs at the host's pace: the gap is launch overhead, not kernel time."""
+    import time
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        ts.append((time.perf_counter() - t0) / calls * 1e3)
+        torch.cuda.synchronize()
+    ts.sort()
+    return {"ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1]}
+
+
+def kernel_ms(fn, calls=20) -> dict:
+    """GPU time per call of each kernel fn launches, ms, from the torch profiler ({kernel name: ms}, largest first;
+    `calls` calls after 3 warm-up calls): which launch of a multi-kernel op takes the time."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    tot = {a.key: a.self_device_time_total / 1e3 / calls for a in prof.key_averages()
+           if a.self_device_time_total > 0 and a.self_cpu_time_total == 0}           # the kernels (no host time)
+    return dict(sorted(tot.items(), key=lambda kv: -kv[1]))
+
+
 _CEIL: dict = {}
 
 

@@ -54,14 +54,23 @@ class Linear(nn.Linear):
 # accumulation, as autocast runs every other linear's backward, returned in the inputs' own dtypes (the fp32 master
 # weights get an fp32 gradient).
 
-@torch.library.custom_op("dsv4_lab::mm_bf16", mutates_args=())
-def mm_bf16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _mm_bf16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a (M, K) @ b (K, N) -> (M, N) in out_dtype: both operands rounded to bf16, products summed in fp32 (CUDA:
-    tensor cores; CPU: the same products in an fp32 GEMM)."""
+    tensor cores; CPU: the same products in an fp32 GEMM). Autocast does not apply: torch.mm with out_dtype and the
+    explicit casts fix the precision (autocast leaves an mm with out_dtype alone, and the CPU mm gets fp32 operands
+    that CPU autocast, bf16, would round again: it is turned off there)."""
     a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    with torch.autocast(a.device.type, enabled=False):          # the op fixes its own precision
-        y = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a.float(), b.float())
+    if a.is_cuda:
+        y = torch.mm(a, b, out_dtype=torch.float32)
+    elif torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            y = torch.mm(a.float(), b.float())
+    else:
+        y = torch.mm(a.float(), b.float())
     return y.to(out_dtype)
+
+
+mm_bf16 = torch.library.custom_op("dsv4_lab::mm_bf16", _mm_bf16, mutates_args=())
 
 
 @mm_bf16.register_fake
@@ -86,8 +95,14 @@ mm_bf16.register_autograd(_mm_bf16_backward, setup_context=_mm_bf16_setup)
 
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w (N, K)^T -> (..., N) in fp32 from bf16-rounded operands (mm_bf16)."""
-    return mm_bf16(x.reshape(-1, x.shape[-1]), w.t(), torch.float32).view(*x.shape[:-1], w.shape[0])
+    """x (..., K) @ w (N, K)^T -> (..., N) in fp32 from bf16-rounded operands (mm_bf16). Where neither autograd nor
+    torch.compile needs the op (inference, eager), its body runs without the custom op's dispatch, which costs the
+    host more than the GEMM's launch."""
+    x2 = x.reshape(-1, x.shape[-1])
+    op = mm_bf16
+    if not (torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        op = _mm_bf16
+    return op(x2, w.t(), torch.float32).view(*x.shape[:-1], w.shape[0])
 
 
 class SwiGLU(nn.Module):

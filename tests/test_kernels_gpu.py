@@ -218,7 +218,11 @@ def test_mhc_pre_every_autotune_config(dtype):
     the list) against the naive twin in fp64 on the same inputs, at a token count where each persistent program walks
     several token blocks (> CPS x SMs x BT) and the last block is partial. coef: the bf16 hi/lo split projection is ~1e-6 off; u: bf16
     outputs carry their own rounding (~1e-3), fp32 outputs ~1e-6. Each config runs five times: the kernel has no
-    atomics, so the runs must agree bitwise (configs whose compiled code raced gave right results on some runs only)."""
+    atomics, so the runs must agree bitwise (configs whose compiled code raced gave right results on some runs only).
+    A config whose pipeline buffers need more shared memory than an SM has for fp32 streams (twice the bf16 bytes)
+    may be refused there (the autotuner skips it the same way); on bf16 streams every config must run."""
+    from triton.runtime.errors import OutOfResources
+
     from dsv4_lab.kernels.mhc import triton as mt
     from dsv4_lab.kernels.mhc.naive import mhc_pre_naive
     g = torch.Generator(device="cuda").manual_seed(21)
@@ -230,7 +234,11 @@ def test_mhc_pre_every_autotune_config(dtype):
     u_r, c_r = mhc_pre_naive(x.double(), fn.double(), sc.double(), base.double())      # fp64 reference
     for mix in ("fused", "split"):
         for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
-            u, c = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix)
+            try:
+                u, c = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix)
+            except OutOfResources as e:
+                assert dtype == torch.float32 and "shared memory" in str(e), f"{mix} {cfg}: {e}"
+                continue
             for rep in range(4):                   # repeats are cheap next to the compile: races show as bit flips
                 u2, c2 = mt.mhc_pre_fwd(x, fn, sc, base, config=cfg, mix=mix)
                 assert torch.equal(u2, u) and torch.equal(c2, c), f"{mix} {cfg}: repeat {rep + 1} differs bitwise"

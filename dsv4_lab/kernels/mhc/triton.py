@@ -77,12 +77,15 @@ def _pre_candidate_configs():
     # hold one program per SM (205 registers per thread at 8 warps, fused mix; benchmarks/kernel_registers.py), so
     # the SM's loads stop while its program runs the Sinkhorn epilogue and pass 2: the maxnreg / CPS 2 candidates
     # fit two programs per SM (128 registers at 8 warps, 239 at 4) so that one streams while the other computes.
+    # Stages 4 / 5 keep 3 / 4 chunks of x and W in flight instead of 2 (160 / 208 KB of shared memory on bf16
+    # streams; on fp32 streams more than an SM has: the autotuner would skip them there).
     # Dropped after the GPU checks: (128, 64, 8 w), (256, 128, 16 w), (256, 64, 16 w) and (512, 32, 16 w) at PF 0 give
     # bf16-x results that differ from run to run (a race in the compiled code; coef off by up to 4e-3), and
     # (256, 128, 16 w) / (512, 64, 16 w) need more shared memory than an SM has for fp32 x.
     return [] if INTERPRET else [
         _pre(256, 64, 1, 8), _pre(128, 64, 1, 8, pf=1), _pre(256, 64, 1, 16, pf=1), _pre(512, 32, 1, 16, pf=1),
-        _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4)]
+        _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4),
+        _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, stages=5)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
