@@ -8,9 +8,12 @@ number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4
 Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps, at their prefill shapes;
 the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
 autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of bench_mhc.py's
-BWD_SWEEP; the CSA sparse-attention backward for every autotune config.
+BWD_SWEEP and its dW kernel; the CSA sparse-attention backward for every autotune config. Each entry also lists the
+pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled (`mma_refill_hazards`,
+empty when none): a race the GPU shows only now and then.
 
-    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd sparse_bwd select_one_launch] [--out DIR]
+    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd mhc_dw sparse_bwd select_one_launch]
+                                          [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -36,6 +39,62 @@ ROW_ARGS = {a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}     # the sele
 SIEVE_INTS = dict(L=32768, sv=32768, so=512, Tq=8192, q0=122880, k=512)
 ROWSEL_INTS = dict(L=2048, sv=2048, so=512, Tq=8192, q0=0, k=512)
 SELECT_ONE_LAUNCH_INTS = dict(L=262144, C=2048, P=128, sv=262144, so=512, Tq=1, q0=1048575, k=512)
+
+
+def mma_refill_hazards(ttgir: str) -> list[str]:
+    """Pipelined shared-memory buffers that an asynchronous warpgroup MMA may still be reading when the loop's next
+    asynchronous copy refills them, read off the TTGIR of one compiled kernel.
+
+    Triton's software pipeliner gives a load copied D iterations ahead into shared memory a ring of buffers; the copy
+    issued in iteration i lands in the buffer of iteration i + D. With D + 1 buffers that is never the buffer iteration
+    i reads; with D buffers it is the same one, which is safe only if every MMA reading it has completed (a
+    `warp_group_dot_wait` with pendings 0 after it) before the copy is issued. A buffer whose ring holds as many
+    buffers as copies issued before the loop (D), read by an asynchronous `warp_group_dot` that is not waited for
+    before the refilling copy in the loop body, is reported as '<buffer>: <reason>'. Triton 3.6 builds such a ring
+    when the loaded tile has a use besides the MMA (the mHC pre kernel's x: the MMAs and its sum of squares)."""
+    lines = [ln.strip() for ln in ttgir.splitlines()]
+    alloc_of: dict = {}                              # SSA value -> the multi-buffered alloc it views
+    ring: dict = {}                                  # alloc -> (buffers, prologue copies)
+    for i, ln in enumerate(lines):
+        m = re.match(r"(%[\w.]+) = ttg\.local_alloc\s*:\s*\(\) -> !ttg\.memdesc<(\d+)x", ln)
+        if m:
+            name, nbuf = m.group(1), int(m.group(2))
+            alloc_of[name] = name
+            pro = 0
+            for ln2 in lines[i + 1:]:
+                if ln2.startswith("%") and "scf.for" in ln2 or ln2.startswith("scf.for"):
+                    break
+                if re.search(r"ttg\.memdesc_index " + re.escape(name) + r"\[", ln2):
+                    pro += 1
+            ring[name] = (nbuf, pro)
+            continue
+        m = re.match(r"(%[\w.]+) = ttg\.memdesc_(?:index|trans|reshape|subslice) (%[\w.]+)", ln)
+        if m and m.group(2) in alloc_of:
+            alloc_of[m.group(1)] = alloc_of[m.group(2)]
+    out = []
+    # scan each loop body in order: async dots reading a ring, waits retiring them, copies refilling a ring
+    pending: list = []                               # (dot result, allocs it reads), oldest first
+    for ln in lines:
+        if "scf.for" in ln or ln.startswith("scf.yield"):
+            pending = [] if "scf.for" in ln else pending
+            continue
+        m = re.match(r"(%[\w.]+) = ttng\.warp_group_dot (%[\w.]+), (%[\w.]+),", ln)
+        if m and "isAsync = true" in ln:
+            pending.append((m.group(1), {alloc_of[v] for v in m.group(2, 3) if v in alloc_of}))
+            continue
+        m = re.search(r"ttng\.warp_group_dot_wait .*\{pendings = (\d+)", ln)
+        if m:
+            k = int(m.group(1))
+            pending = pending[len(pending) - k:] if k else []
+            continue
+        m = re.search(r"ttg\.async_copy_global_to_local %[\w.]+, (%[\w.]+)", ln)
+        if m and m.group(1) in alloc_of:
+            a = alloc_of[m.group(1)]
+            nbuf, pro = ring.get(a, (0, 0))
+            if nbuf and nbuf <= pro and any(a in reads for _, reads in pending):
+                out.append(f"{a}: {nbuf} buffers for {pro} copies in flight, refilled while an asynchronous MMA "
+                           "may read it")
+    return sorted(set(out))
 
 
 def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int = 3, ints: dict | None = None,
@@ -85,6 +144,7 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
             "stack": num(r"(\d+) bytes stack frame"), "smem": k.metadata.shared,
             "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
             "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
+            "mma_refill_hazards": mma_refill_hazards(ttgir),
             "programs_per_sm_by_registers": (65536 // (regs * threads)) if regs else None,
             "programs_per_sm_by_smem": (SMEM_PER_SM // k.metadata.shared) if k.metadata.shared else None}
 
@@ -149,6 +209,17 @@ def mhc_pre_bwd(n=4, d=384, ntok=65536):
     return out
 
 
+def mhc_dw(n=4, d=384, ntok=65536):
+    """The mHC pre backward's dW kernel (mhc/triton.py _mhc_dw_kernel) at its launch defaults, bf16 and fp32 streams."""
+    from dsv4_lab.kernels.mhc import triton as mt
+    out = {}
+    for dt, split in (("bf16", mt.SPLIT_W), ("fp32", mt.SPLIT_XW)):
+        ptr = {"DMUS": "*fp32", "X": f"*{dt}", "DW": "*fp32", "NTOK": "i32"}
+        c = dict(N=n, D=d, NP=4, SPLIT=split, EMUL=False, BT=mt.DW_BT, BK=mt.DW_BK)
+        out[f"{dt}_BT{mt.DW_BT}_BK{mt.DW_BK}_w4"] = resources(mt._mhc_dw_kernel, ptr, c, 4, ints={"NTOK": ntok})
+    return out
+
+
 def sparse_bwd(H=8, D=128, W=128, K=512, T=4096):
     """The CSA sparse-attention backward (sparse_attn/triton.py _sparse_bwd) at `small`'s attention shapes, bf16:
     one 4K sequence, q / o / do (B, T, H, D), kv (B, T, D), compressed entries (B, T / 4, D), indices (B, T, K), lse
@@ -186,8 +257,8 @@ def select_one_launch():
     return out
 
 
-FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "sparse_bwd": sparse_bwd,
-            "select_one_launch": select_one_launch}
+FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw,
+            "sparse_bwd": sparse_bwd, "select_one_launch": select_one_launch}
 
 
 def main(only=None, out_dir=None):

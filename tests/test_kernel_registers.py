@@ -59,3 +59,66 @@ def test_compiled_as_a_gpu_launch_specializes_it():
     assert "async_copy_global_to_local" not in bare.asm["ttgir"]
     with pytest.raises(ValueError, match="norm_eps"):
         kr.resources(fn, kr.MHC_POINTERS, c, 4, ints={"norm_eps": 16})
+
+
+def _chunk_sums_kernel():
+    """A loop like the mHC pre kernel's pass 1: a tile of x per iteration, its sum of squares, and its product with
+    two weight tiles, chained into the accumulator (CHAIN) or through a fresh tile added to it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def chunk_sums(X, W, OUT, NT, K: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   CHAIN: tl.constexpr):
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        n = tl.arange(0, N)
+        acc = tl.zeros([BT, N], tl.float32)
+        ss = tl.zeros([BT], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            x = tl.load(X + t[:, None] * K + kk[None, :], mask=(t < NT)[:, None], other=0.0)
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            w0 = tl.load(W + kk[:, None] * N + n[None, :])
+            w1 = tl.load(W + K * N + kk[:, None] * N + n[None, :])
+            if CHAIN:
+                acc = tl.dot(x, w0, acc)
+                acc = tl.dot(x, w1, acc)
+            else:
+                acc += tl.dot(x, w1, tl.dot(x, w0))
+        tl.store(OUT + t[:, None] * N + n[None, :], acc * ss[:, None], mask=(t < NT)[:, None])
+    return chunk_sums
+
+
+def test_mma_refill_hazards_are_found_and_the_mhc_pre_kernel_has_none():
+    """kernel_registers.mma_refill_hazards reads the TTGIR of a kernel compiled for sm_90: a pipelined x tile read by
+    asynchronous warpgroup MMAs and by an elementwise sum gets as many buffers as copies in flight (Triton 3.6), so
+    when the MMAs are chained into the loop's accumulator the copy two iterations ahead refills the buffer they read
+    (the configs of the mHC pre kernel that raced on bf16 streams have this shape); with each iteration's products
+    in a fresh tile the MMAs are waited for inside the iteration. The pre kernel's 8-warp configs on bf16 streams,
+    both mixes, have none."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernel_registers as kr
+    from dsv4_lab.kernels.mhc import triton as mt
+    fn = _chunk_sums_kernel()
+    sig = {"X": "*bf16", "W": "*bf16", "OUT": "*fp32", "NT": "i32"} | {a: "constexpr" for a in ("K", "N", "BT", "BK",
+                                                                                               "CHAIN")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+    found = {}
+    for chain in (True, False):
+        k = triton.compile(ASTSource(fn, sig, dict(K=1024, N=32, BT=128, BK=128, CHAIN=chain), attrs),
+                           target=GPUTarget("cuda", kr.ARCH, 32), options={"num_warps": 8, "num_stages": 3})
+        assert "async_copy_global_to_local" in k.asm["ttgir"]
+        found[chain] = kr.mma_refill_hazards(k.asm["ttgir"])
+    assert len(found[True]) == 1 and "2 buffers for 2 copies" in found[True][0], found
+    assert found[False] == [], found
+    for cfg in mt._mhc_pre_kernel.configs:
+        if cfg.num_warps != 8:
+            continue
+        for mix in (True, False):
+            c = dict(N=4, D=384, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=mix, SAVE=True, **cfg.kwargs)
+            r = kr.resources(mt._mhc_pre_kernel.fn, kr.MHC_POINTERS, c, 8, cfg.num_stages, ints={"NTOK": 65536})
+            assert r["async_copies"] > 0 and r["mma_refill_hazards"] == [], (cfg, mix, r)

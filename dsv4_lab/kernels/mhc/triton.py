@@ -56,8 +56,9 @@ def _pre_configs():
     # CPS = programs per SM of the persistent grid: it bounds the x bytes in flight between pass 1 and the L2-hot
     # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the ~50 MB L2) while BC x stages sets the
     # bytes in flight per program.
-    # Not listed on purpose: (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and (128, 64, 2, 8 w,
-    # 3 s) give coef / u off by ~7e-4 (not ~1e-6) with bf16 x on an H200 (benchmarks/README.md, history).
+    # Not listed: (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and (128, 64, 2, 8 w, 3 s) gave
+    # coef / u off by ~7e-4 (not ~1e-6) with bf16 x on an H200, from the race that pass 1's fresh product tile
+    # removes (docs/kernels.md §4; benchmarks/README.md).
     # (BT 128, BC 128, 8 warps) joined from the candidates: correct and bitwise repeatable on bf16 and fp32 x, both
     # mixes, and the fastest there (benchmarks/README.md, T8).
     return configs([_pre(16, 128, 2, 4), _pre(16, 128, 4, 4), _pre(32, 128, 1, 4), _pre(32, 64, 2, 4, stages=4),
@@ -69,23 +70,18 @@ def _pre_configs():
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
     # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
-    # _pre_configs only after both (numbers: benchmarks/README.md, T8). What the sweeps showed (docs/kernels.md §4):
-    # larger token blocks pay, since W (2 x 24 rows x n d bf16, from L2) is re-read for every block of BT tokens; at
-    # the `small` step's 65 536 tokens a program of the persistent grid walks ~500 of them, so BT 512 reads W once
-    # per program. Pass 1 is software-pipelined by Triton (asynchronous copies of x and W, num_stages deep); PF 1
-    # loads the next chunk's x and W into registers instead, which turns that pipelining off. The BT 128 configs
-    # hold one program per SM (205 registers per thread at 8 warps, fused mix; benchmarks/kernel_registers.py), so
-    # the SM's loads stop while its program runs the Sinkhorn epilogue and pass 2: the maxnreg / CPS 2 candidates
-    # fit two programs per SM (128 registers at 8 warps, 239 at 4) so that one streams while the other computes.
-    # Stages 4 / 5 keep 3 / 4 chunks of x and W in flight instead of 2 (160 / 208 KB of shared memory on bf16
-    # streams; on fp32 streams more than an SM has: the autotuner would skip them there).
-    # Dropped after the GPU checks: (128, 64, 8 w), (256, 128, 16 w), (256, 64, 16 w) and (512, 32, 16 w) at PF 0 give
-    # bf16-x results that differ from run to run (a race in the compiled code; coef off by up to 4e-3), and
-    # (256, 128, 16 w) / (512, 64, 16 w) need more shared memory than an SM has for fp32 x.
+    # _pre_configs only after both (benchmarks/README.md, T8; docs/kernels.md §4). Larger token blocks re-read W
+    # (2 x 24 rows x n d bf16, from L2) fewer times: at the `small` step's 65 536 tokens a program of the persistent
+    # grid walks ~500 of them, so BT 512 reads W once per program. PF 1 prefetches the next chunk into registers in
+    # place of Triton's asynchronous copies. maxnreg 128 at 8 warps, or BT 64 at 4 warps, fits two programs per SM
+    # (CPS 2): one streams x while the other runs its Sinkhorn epilogue. Stages 4 / 5 keep 3 / 4 chunks in flight
+    # (more shared memory than an SM has for fp32 x, as (256, 128, 16 w) needs too). The last four are the configs
+    # whose compiled code refilled x's buffer under a running MMA before pass 1's fresh product tile (§4).
     return [] if INTERPRET else [
         _pre(256, 64, 1, 8), _pre(128, 64, 1, 8, pf=1), _pre(256, 64, 1, 16, pf=1), _pre(512, 32, 1, 16, pf=1),
         _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4),
-        _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, stages=5)]
+        _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, stages=5),
+        _pre(128, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16), _pre(512, 32, 1, 16)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -217,12 +213,18 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
                     whi = tl.trans(tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
                     wlo = tl.trans(tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
                 if SPLIT == 1:
-                    xb = xv.to(tl.bfloat16)                                       # bf16 x: exact
-                else:
+                    # bf16 x (exact) is the MMAs' operand straight from its pipelined shared-memory buffer, which the
+                    # pipeline refills right after this chunk, and Triton gives x (read by the MMAs and by the sum
+                    # of squares) no spare buffer: the chunk's products go to a fresh tile added to acc, not chained
+                    # into acc's MMAs, so that they complete inside the iteration (docs/kernels.md §4)
+                    xb = xv.to(tl.bfloat16)
+                    part = _dot(xb, wlo, tl.zeros([BT, NC], tl.float32), EMUL)
+                    acc += _dot(xb, whi, part, EMUL)
+                else:                                                             # operands from registers
                     xb, xl = _split_bf16(xf)
                     acc = _dot(xl, whi, acc, EMUL)
-                acc = _dot(xb, wlo, acc, EMUL)
-                acc = _dot(xb, whi, acc, EMUL)
+                    acc = _dot(xb, wlo, acc, EMUL)
+                    acc = _dot(xb, whi, acc, EMUL)
         rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
         if SAVE:                                                                  # for the backward: mu, rho
             tl.store(MU + tok.to(tl.int64)[:, None] * GN + wrow[None, :], acc * rho[:, None],
