@@ -8,12 +8,12 @@ number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4
 Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps, at their prefill shapes;
 the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
 autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of bench_mhc.py's
-BWD_SWEEP and its dW kernel; the CSA sparse-attention backward for every autotune config. Each entry also lists the
-pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled (`mma_refill_hazards`,
-empty when none): a race the GPU shows only now and then.
+BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward for every autotune config.
+Each entry also lists the pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled
+(`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
-    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd mhc_dw sparse_bwd select_one_launch]
-                                          [--out DIR]
+    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd mhc_dw hca_fwd sparse_bwd
+                                           select_one_launch] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -220,6 +220,32 @@ def mhc_dw(n=4, d=384, ntok=65536):
     return out
 
 
+def hca_fwd(T=131072, H=16, D=128):
+    """The HCA prefill kernel (hca_attn/triton.py _hca_fwd_kernel) for every autotune config at the 128K benchmark
+    shape (bench_hca.py: H 16, d 128, window 128, m' 128, bf16, with the sink; q / o (B, T, H, D), kv (B, T, D),
+    compressed entries (B, T / 128, D), lse (B, T, H), all contiguous)."""
+    import triton.language as tl
+
+    from dsv4_lab.kernels.hca_attn import triton as ht
+    fn = ht._hca_fwd_kernel
+    while type(fn).__name__ != "JITFunction":                          # under the heuristics wrapper
+        fn = fn.fn
+    S = T // 128
+    ptr = {"Q": "*bf16", "KV": "*bf16", "C": "*bf16", "SINK": "*fp32", "O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32",
+           **{a: "i32" for a in ("T", "Tk", "S", "q_offset", "kv_start", "T_BUCKET", "sqb", "sqt", "sqh", "skb", "skt",
+                                 "scb", "scs", "sob", "sot", "soh", "slb", "slt")}}
+    ints = dict(T=T, Tk=T, S=S, q_offset=0, kv_start=0, T_BUCKET=T, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D, skt=D,
+                scb=S * D, scs=D, sob=T * H * D, sot=H * D, soh=D, slb=T * H, slt=H)
+    out = {}
+    for cfg in ht._hca_fwd.configs:
+        kw = cfg.kwargs
+        c = dict(H=H, HP=16, D=D, W=128, RATIO=128, BLOCK_D=D, BLOCK_T=ht._tail_width({**kw, "HP": 16}),
+                 HAS_SINK=True, DOT_DT=tl.bfloat16, **kw)
+        out["BLOCK_M{BLOCK_M}_S{BLOCK_S}_J{BLOCK_J}".format(**kw) + f"_w{cfg.num_warps}_s{cfg.num_stages}"] = resources(
+            fn, ptr, c, cfg.num_warps, cfg.num_stages, ints=ints)
+    return out
+
+
 def sparse_bwd(H=8, D=128, W=128, K=512, T=4096):
     """The CSA sparse-attention backward (sparse_attn/triton.py _sparse_bwd) at `small`'s attention shapes, bf16:
     one 4K sequence, q / o / do (B, T, H, D), kv (B, T, D), compressed entries (B, T / 4, D), indices (B, T, K), lse
@@ -258,7 +284,7 @@ def select_one_launch():
 
 
 FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw,
-            "sparse_bwd": sparse_bwd, "select_one_launch": select_one_launch}
+            "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "select_one_launch": select_one_launch}
 
 
 def main(only=None, out_dir=None):
