@@ -23,7 +23,10 @@ the fwd + bwd figure (`post_bwd_best`, `bwd_best`; `library_default_*` = what tr
 On the small bf16 and fp32 rows every pre config (the autotune list and PRE_CANDIDATE_CONFIGS, both mixes) is also
 launched explicitly, run twice, gated (error against the naive twin, bitwise repeat) and timed (`pre_config_sweep`,
 `pre_best_correct_config`, `fused_fraction_of_copy_bw_best_pre_config`): a candidate joins the autotune list only
-after it measured correct and repeatable on both (some configs' compiled code raced on bf16 x only).
+after it measured correct and repeatable on both (some configs' compiled code raced on bf16 x only). The same rows
+sweep the elementwise launches' parameters (mhc/triton.py POST_* for the post forward, MIX_* for the split mix's u
+kernel: `post_sweep`, `mix_sweep`, each gated against the naive twin), and time each kernel of the pre backward
+(`pre_bwd_kernel_ms`, torch profiler).
 
 Keys: mhc_fused_fraction_of_copy_bw (forward, small shapes), mhc_fused_fwd_bwd_fraction_of_copy_bw (forward +
 backward, small shapes), runs[*] per shape (run_all.py reads the two top-level keys)."""
@@ -47,6 +50,12 @@ POST_BWD_SWEEP = [dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=16, POST_BWD_BD=64, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=32, POST_BWD_BD=64, POST_BWD_WARPS=8),
                   dict(POST_BWD_BT=8, POST_BWD_BD=256, POST_BWD_WARPS=4)]
+POST_SWEEP = [dict(POST_BT=16, POST_BD=128, POST_WARPS=4), dict(POST_BT=32, POST_BD=128, POST_WARPS=4),
+              dict(POST_BT=8, POST_BD=128, POST_WARPS=4), dict(POST_BT=16, POST_BD=256, POST_WARPS=4),
+              dict(POST_BT=32, POST_BD=128, POST_WARPS=8), dict(POST_BT=64, POST_BD=64, POST_WARPS=4)]
+MIX_SWEEP = [dict(MIX_BT=16, MIX_BD=128, MIX_WARPS=4), dict(MIX_BT=32, MIX_BD=128, MIX_WARPS=4),
+             dict(MIX_BT=64, MIX_BD=128, MIX_WARPS=8), dict(MIX_BT=16, MIX_BD=256, MIX_WARPS=4),
+             dict(MIX_BT=32, MIX_BD=256, MIX_WARPS=8)]
 DW_SWEEP = [dict(DW_BT=64, DW_BK=256, DW_WAVES=4), dict(DW_BT=64, DW_BK=128, DW_WAVES=4),
             dict(DW_BT=128, DW_BK=256, DW_WAVES=2)]
 
@@ -80,6 +89,11 @@ def _forward(r, x, fn, sc, base, y, pre_b, post_b, cbw, sweep_pre):
         m["pre_triton"] = dict(p, tb_s=pre_b / (p["ms"] * 1e-3) / 1e12)
     if sweep_pre:
         _pre_config_sweep(r, x, fn, sc, base, un, cn)
+        r["mix_sweep"] = _launch_sweep(MIX_SWEEP, lambda: mt.mhc_pre_fwd(x, fn, sc, base, mix="split"), (un, cn),
+                                       (1e-2, 1e-4))
+        qn = mhc_post_naive(y, x, cn)
+        r["post_sweep"] = _launch_sweep(POST_SWEEP, lambda: mt.mhc_post_fwd(y, x, cn), (qn,), (1e-2,))
+        del qn
     del un, cn
     best = min(r["modes"], key=lambda k: r["modes"][k]["pre_triton"]["ms"])
     r["best_mix"], r["library_default_mix"] = best, mt.PRE_MIX
@@ -123,6 +137,26 @@ def _pre_config_sweep(r, x, fn, sc, base, un, cn):
     r["pre_config_sweep"] = out
     ok = [e for e in out if e.get("correct")]
     r["pre_best_correct_config"] = min(ok, key=lambda e: e["ms"]) if ok else None
+
+
+def _launch_sweep(sweep, call, refs, lims):
+    """Each launch-parameter set of `sweep` (module constants of mhc/triton.py, restored after): call()'s outputs
+    gated against refs (relative error below lims) and timed; a failing set is recorded, not fatal."""
+    out = []
+    for params in sweep:
+        old = _set(params)
+        try:
+            got = call()
+            got = got if isinstance(got, tuple) else (got,)
+            errs = [_rel(a, b) for a, b in zip(got, refs)]
+            e = {"params": params, "rel_err": errs, "correct": all(er < lim for er, lim in zip(errs, lims))}
+            e["ms"] = bench(call)["ms"]
+        except Exception as ex:                                         # noqa: BLE001
+            e = {"params": params, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+        finally:
+            _set(old)
+        out.append(e)
+    return out
 
 
 def _backward(r, x, fn, sc, base, y, mix, fwd_b, bwd_b, cbw, sweep_bwd):

@@ -45,11 +45,12 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
 
 
-def _pre(bt, bc, cps, warps, stages=3, pf=0, maxnreg=None):
+def _pre(bt, bc, cps, warps, stages=3, pf=0, maxnreg=None, flat=0):
     """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM, PF: pass 1 prefetches; maxnreg:
-    a cap on registers per thread (ptxas), so that CPS programs fit on an SM at once."""
-    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, "PF": pf}, num_warps=warps, num_stages=stages,
-                         maxnreg=maxnreg)
+    a cap on registers per thread (ptxas), so that CPS programs fit on an SM at once; flat: the persistent loop
+    flattened with pass 1 (split mix; the fused mix's second pass keeps it nested)."""
+    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, "PF": pf, **({"FLAT": 1} if flat else {})},
+                         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def _pre_configs():
@@ -76,12 +77,14 @@ def _pre_candidate_configs():
     # place of Triton's asynchronous copies. maxnreg 128 at 8 warps, or BT 64 at 4 warps, fits two programs per SM
     # (CPS 2): one streams x while the other runs its Sinkhorn epilogue. Stages 4 / 5 keep 3 / 4 chunks in flight
     # (more shared memory than an SM has for fp32 x, as (256, 128, 16 w) needs too). The last four are the configs
-    # whose compiled code refilled x's buffer under a running MMA before pass 1's fresh product tile (§4).
+    # whose compiled code refilled x's buffer under a running MMA before pass 1's fresh product tile (§4). flat 1
+    # (split mix) lets the pipeline run on across token blocks, through the epilogue.
     return [] if INTERPRET else [
         _pre(256, 64, 1, 8), _pre(128, 64, 1, 8, pf=1), _pre(256, 64, 1, 16, pf=1), _pre(512, 32, 1, 16, pf=1),
         _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4),
         _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, stages=5),
-        _pre(128, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16), _pre(512, 32, 1, 16)]
+        _pre(128, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16), _pre(512, 32, 1, 16),
+        _pre(128, 128, 1, 8, flat=1), _pre(128, 128, 1, 8, stages=4, flat=1)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -103,6 +106,13 @@ def _split_bf16(v):
     hi = v.to(tl.bfloat16)
     lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
     return hi, lo
+
+
+@triton.jit
+def _sinkhorn_rc(P, eps):
+    """One Sinkhorn row then column normalisation of the (BT, NP, NP) maps (docs §1.2 step 4)."""
+    P = P / (tl.sum(P, 2)[:, :, None] + eps)
+    return P / (tl.sum(P, 1)[:, None, :] + eps)
 
 
 @triton.jit
@@ -152,7 +162,8 @@ def _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, t, NT, N: tl.c
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
                     SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr, PF: tl.constexpr):
+                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr, PF: tl.constexpr,
+                    FLAT: tl.constexpr = 0):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
@@ -173,7 +184,9 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
     b_c = tl.load(BASE + wrow, mask=wvalid, other=0.0)
     h3 = tl.reshape(hc, [1, 2, H])
     res = (ii < N) & (jj < N)
-    for tb in range(tl.program_id(0), tl.cdiv(NTOK, BT), tl.num_programs(0)):   # persistent over token blocks
+    # persistent over token blocks; FLAT (split mix): Triton flattens this loop and pass 1's into one pipelined loop,
+    # so the next block's first chunks are in flight during this block's epilogue
+    for tb in tl.range(tl.program_id(0), tl.cdiv(NTOK, BT), tl.num_programs(0), flatten=FLAT == 1):
         tok = tb * BT + tl.arange(0, BT)
         tmask = tok < NTOK
         xrow = tok.to(tl.int64) * ND                                           # (BT,)
@@ -243,9 +256,12 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         se = tl.where(se == 0.0, 1.0, se)
         P = tl.where(res, e / se[:, :, None] + eps, 0.0)
         P = P / (tl.sum(P, 1)[:, None, :] + eps)
-        for _ in range(ITERS - 1):
-            P = P / (tl.sum(P, 2)[:, :, None] + eps)
-            P = P / (tl.sum(P, 1)[:, None, :] + eps)
+        if FLAT:                                                                  # no loop inside the flattened one
+            for _ in tl.static_range(ITERS - 1):
+                P = _sinkhorn_rc(P, eps)
+        else:
+            for _ in range(ITERS - 1):
+                P = _sinkhorn_rc(P, eps)
         sig = 1.0 / (1.0 + tl.exp(-zp))
         AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
         cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
@@ -551,6 +567,12 @@ def _split_w(fn32, n, d, NP, split):
     return wh, wl
 
 
+# elementwise launch parameters (not autotuned; bench_mhc.py times them): BT tokens x BD channels per program of the
+# post forward and of the split mix's u kernel
+POST_BT, POST_BD, POST_WARPS = 16, 128, 4
+MIX_BT, MIX_BD, MIX_WARPS = 16, 128, 4
+
+
 def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, dot: str = "auto",
                 config=None, mix: str | None = None, save: bool = False):
     """-> (u, coef), or (u, coef, mu, rho) with save=True (mu (B, T, G n) fp32 = rho v W^T, rho (B, T) fp32: what
@@ -587,9 +609,10 @@ def mhc_pre_fwd(x, fn, scale, base, iters: int = 20, eps: float = 1e-6, norm_eps
             kw = config.all_kwargs()
             _mhc_pre_kernel.fn[(min(triton.cdiv(ntok, kw["BT"]), kw["CPS"] * sms),)](*args, **meta, **kw)
         if mix == "split":
-            BT, BD = 16, min(128, max(16, next_pow2(d)))
+            BT, BD = MIX_BT, min(MIX_BD, max(16, next_pow2(d)))
             _mhc_mix_kernel[(triton.cdiv(ntok, BT), triton.cdiv(d, BD))](xc, coef, u, ntok, N=n, D=d, G=G,
-                                                                        NP=next_pow2(n), BT=BT, BD=BD, num_warps=4)
+                                                                        NP=next_pow2(n), BT=BT, BD=BD,
+                                                                        num_warps=MIX_WARPS)
     return (u, coef, mu, rho) if save else (u, coef)
 
 
@@ -598,11 +621,11 @@ def mhc_post_fwd(y, x, coef):
     B, T, n, d = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     ntok = B * T
-    BT, BD = 16, min(128, max(16, next_pow2(d)))
+    BT, BD = POST_BT, min(POST_BD, max(16, next_pow2(d)))
     if ntok:
         _mhc_post_kernel[(triton.cdiv(ntok, BT), triton.cdiv(d, BD))](
             y.contiguous(), x.contiguous(), coef.float().contiguous(), out, ntok,
-            N=n, D=d, G=2 + n, NP=next_pow2(n), BT=BT, BD=BD, num_warps=4)
+            N=n, D=d, G=2 + n, NP=next_pow2(n), BT=BT, BD=BD, num_warps=POST_WARPS)
     return out
 
 
