@@ -184,7 +184,7 @@ def mhc_pre(n=4, d=384, ntok=65536):
         for mix in (True, False):
             for save in (False, True):
                 c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=mix, SAVE=save, **cfg.kwargs)
-                tag = "BT{BT}_BC{BC}_CPS{CPS}_PF{PF}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
+                tag = "BT{BT}_BC{BC}_CPS{CPS}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
                     + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "") + ("_flat" if cfg.kwargs.get("FLAT") else "")
                 out[f"{tag}_{'fused' if mix else 'split'}_{'save' if save else 'nosave'}"] = dict(
                     resources(mt._mhc_pre_kernel.fn, MHC_POINTERS, c, cfg.num_warps, cfg.num_stages,

@@ -39,20 +39,18 @@ def test_one_launch_select_compiles_for_the_gpu():
 def test_compiled_as_a_gpu_launch_specializes_it():
     """resources() marks pointers 16-byte aligned and the integers of `ints` divisible by 16 where they are, as the
     JIT does for a launch: the mHC pre kernel's pass 1 then compiles software-pipelined (asynchronous copies of x and
-    W), the code the GPU runs, and the PF 1 variant, which prefetches into registers itself, without them. Compiled
-    with no marks at all, pass 1 has no asynchronous copies: what the registers would be read from otherwise."""
+    W), the code the GPU runs. Compiled with no marks at all, pass 1 has no asynchronous copies: what the registers
+    would be read from otherwise."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import kernel_registers as kr
     from dsv4_lab.kernels.mhc import triton as mt
-    c = dict(N=4, D=384, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=False, SAVE=False, BT=16, BC=128, CPS=1,
-             PF=0)
+    c = dict(N=4, D=384, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=False, SAVE=False, BT=16, BC=128, CPS=1)
     fn = mt._mhc_pre_kernel.fn
     launched = kr.resources(fn, kr.MHC_POINTERS, c, 4, ints={"NTOK": 65536})
     assert launched["async_copies"] > 0, launched
-    assert kr.resources(fn, kr.MHC_POINTERS, {**c, "PF": 1}, 4, ints={"NTOK": 65536})["async_copies"] == 0
     sig = {a: kr.MHC_POINTERS.get(a, "constexpr") for a in fn.arg_names}
     bare = triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", kr.ARCH, 32),
                           options={"num_warps": 4, "num_stages": 3})

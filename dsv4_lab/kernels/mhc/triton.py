@@ -45,11 +45,11 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
 
 
-def _pre(bt, bc, cps, warps, stages=3, pf=0, maxnreg=None, flat=0):
-    """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM, PF: pass 1 prefetches; maxnreg:
-    a cap on registers per thread (ptxas), so that CPS programs fit on an SM at once; flat: the persistent loop
-    flattened with pass 1 (split mix; the fused mix's second pass keeps it nested)."""
-    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, "PF": pf, **({"FLAT": 1} if flat else {})},
+def _pre(bt, bc, cps, warps, stages=3, maxnreg=None, flat=0):
+    """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM; maxnreg: a cap on registers per
+    thread (ptxas), so that CPS programs fit on an SM at once; flat: the persistent loop flattened with pass 1 (split
+    mix; the fused mix's second pass keeps it nested)."""
+    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, **({"FLAT": 1} if flat else {})},
                          num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
@@ -71,20 +71,18 @@ def _pre_configs():
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
     # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
-    # _pre_configs only after both (benchmarks/README.md, T8; docs/kernels.md §4). Larger token blocks re-read W
-    # (2 x 24 rows x n d bf16, from L2) fewer times: at the `small` step's 65 536 tokens a program of the persistent
-    # grid walks ~500 of them, so BT 512 reads W once per program. PF 1 prefetches the next chunk into registers in
-    # place of Triton's asynchronous copies. maxnreg 128 at 8 warps, or BT 64 at 4 warps, fits two programs per SM
-    # (CPS 2): one streams x while the other runs its Sinkhorn epilogue. Stages 4 / 5 keep 3 / 4 chunks in flight
-    # (more shared memory than an SM has for fp32 x, as (256, 128, 16 w) needs too). The last four are the configs
-    # whose compiled code refilled x's buffer under a running MMA before pass 1's fresh product tile (§4). flat 1
-    # (split mix) lets the pipeline run on across token blocks, through the epilogue.
+    # _pre_configs only after both (benchmarks/README.md, T8; docs/kernels.md §4). maxnreg 128 at 8 warps, or BT 64
+    # at 4 warps, fits two programs per SM (CPS 2): one streams x while the other runs its Sinkhorn epilogue. Stage 4
+    # keeps 3 chunks in flight instead of 2 (more shared memory than an SM has for fp32 x, as (256, 128, 16 w) needs
+    # too). flat 1 (split mix) lets the pipeline run on across token blocks, through the epilogue. The four 1-CPS
+    # configs after them are those whose compiled code refilled x's buffer under a running MMA before pass 1's
+    # fresh product tile (§4): their GPU check is to confirm the cause. Measured and dropped (no faster than the
+    # listed BT 128 x BC 128 x 8-warp config; benchmarks/README.md, T8): BT 256 x BC 64 at 8 warps, and a register
+    # prefetch of the next chunk in place of Triton's pipelining.
     return [] if INTERPRET else [
-        _pre(256, 64, 1, 8), _pre(128, 64, 1, 8, pf=1), _pre(256, 64, 1, 16, pf=1), _pre(512, 32, 1, 16, pf=1),
         _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4),
-        _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, stages=5),
-        _pre(128, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16), _pre(512, 32, 1, 16),
-        _pre(128, 128, 1, 8, flat=1), _pre(128, 128, 1, 8, stages=4, flat=1)]
+        _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, flat=1),
+        _pre(128, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16), _pre(512, 32, 1, 16)]
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -135,35 +133,12 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
     tl.store(WL + c[:, None] * ND + k[None, :], lo, mask=km[None, :])
 
 
-@triton.jit
-def _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, t, NT, N: tl.constexpr, D: tl.constexpr,
-                     ND: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr):
-    """PF 1's loads for pass 1's chunk t of NT (none past the last): x (BT, BC) and W's rows (NC, BC) in the
-    accumulator's order, fp32 rows of fn (SPLIT 0: both W tiles are the same) or its bf16 hi and lo parts. PF 0
-    keeps these loads inline, where the listed configs were measured (the same loads, scheduled apart)."""
-    dd = (t // N) * BC + tl.arange(0, BC)
-    k = (t % N) * D + dd
-    km = (dd < D) & (t < NT)
-    xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
-                 eviction_policy="evict_last")
-    wm = wvalid[:, None] & km[None, :]
-    if SPLIT == 0:
-        w0 = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wm, other=0.0)
-        w1 = w0
-    else:
-        wp = k[None, :] + c.to(tl.int64)[:, None] * ND
-        w0 = tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last")
-        w1 = tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last")
-    return xv, w0, w1
-
-
 @triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
 @triton.jit
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
                     SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr, PF: tl.constexpr,
-                    FLAT: tl.constexpr = 0):
+                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr, FLAT: tl.constexpr = 0):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
@@ -192,39 +167,23 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         xrow = tok.to(tl.int64) * ND                                           # (BT,)
         acc = tl.zeros([BT, NC], tl.float32)
         ss = tl.zeros([BT], tl.float32)
-        if PF:                                                                    # chunk 0's loads (PF: below)
-            xn, whn, wln = _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, 0, NDC * N, N, D, ND, BC,
-                                            SPLIT)
         for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
             dd = (t // N) * BC + cols
             k = (t % N) * D + dd
             km = dd < D
-            if PF:                      # the next chunk's x and W in flight during this chunk's MMAs
-                xv, wh_t, wl_t = xn, whn, wln
-                xn, whn, wln = _pre_chunk_loads(X, FN, WH, WL, xrow, tmask, c, wrow, wvalid, t + 1, NDC * N, N, D,
-                                                ND, BC, SPLIT)
-            else:
-                xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
-                             eviction_policy="evict_last")                        # (BT, BC)
+            xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
+                         eviction_policy="evict_last")                            # (BT, BC)
             xf = xv.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
             if SPLIT == 0:
-                if PF:
-                    wv = wh_t
-                else:
-                    wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :],
-                                 other=0.0)
+                wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
                 acc = tl.dot(xf, tl.trans(wv), acc, input_precision="ieee")      # (NC, BC) fp32 rows of W
             else:
                 # WH / WL: (NC, ND) bf16 in the accumulator's column order; padding rows masked (no traffic)
-                if PF:
-                    whi = tl.trans(wh_t)
-                    wlo = tl.trans(wl_t)
-                else:
-                    wp = k[None, :] + c.to(tl.int64)[:, None] * ND
-                    wm = wvalid[:, None] & km[None, :]
-                    whi = tl.trans(tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
-                    wlo = tl.trans(tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+                wp = k[None, :] + c.to(tl.int64)[:, None] * ND
+                wm = wvalid[:, None] & km[None, :]
+                whi = tl.trans(tl.load(WH + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
+                wlo = tl.trans(tl.load(WL + wp, mask=wm, other=0.0, eviction_policy="evict_last"))
                 if SPLIT == 1:
                     # bf16 x (exact) is the MMAs' operand straight from its pipelined shared-memory buffer, which the
                     # pipeline refills right after this chunk, and Triton gives x (read by the MMAs and by the sum
