@@ -64,11 +64,12 @@ def bench_graph(fn, reps=50) -> dict:
     return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
 
 
-def host_ms(fn, calls=50, reps=5) -> dict:
+def host_ms(fn, calls=20, reps=5) -> dict:
     """The host's time to enqueue one call of fn, ms: `calls` calls back to back after a synchronize, timed on the
-    host without waiting for the GPU (median over `reps` such rounds; a GPU queue of a few hundred launches does not
-    fill, so the host never waits). Where it exceeds the GPU time of the call's kernels (`bench_graph`), an eager
-    call runs at the host's pace: the gap is launch overhead, not kernel time."""
+    host without waiting for the GPU (median over `reps` such rounds; CUDA queues ~1 000 launches before the host
+    blocks, more than `calls` calls of a few dozen launches each; a call that synchronizes itself counts the wait).
+    Where it exceeds the GPU time of the call's kernels (`bench_graph`), an eager call runs at the host's pace: the
+    gap is launch overhead, not kernel time."""
     import time
     for _ in range(3):
         fn()
