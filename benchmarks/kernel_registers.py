@@ -8,12 +8,13 @@ number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4
 Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps, at their prefill shapes;
 the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
 autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of bench_mhc.py's
-BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward for every autotune config.
+BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward (its sparse and window
+parts) for every autotune config.
 Each entry also lists the pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
     python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd mhc_dw hca_fwd sparse_bwd
-                                           select_one_launch] [--out DIR]
+                                           window_bwd select_one_launch] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -269,6 +270,28 @@ def sparse_bwd(H=8, D=128, W=128, K=512, T=4096):
     return out
 
 
+def window_bwd(H=8, D=128, T=4096):
+    """The sliding-window part of the CSA / HCA attention backward (sparse_attn/triton.py _window_bwd) for every
+    autotune config at `small`'s shapes, bf16 (layouts as sparse_bwd's)."""
+    import triton.language as tl
+
+    from dsv4_lab.kernels.sparse_attn import triton as sa
+    fn = sa._window_bwd
+    while type(fn).__name__ != "JITFunction":                          # under the autotuner
+        fn = fn.fn
+    ptr = {"Q": "*bf16", "KV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DKV": "*fp32",
+           "scale": "fp32", **{a: "i32" for a in ("T", "Tk", "q_offset", "sqb", "sqt", "sqh", "skb", "skt", "sob",
+                                                  "sot", "soh", "slb", "slt")}}
+    ints = dict(T=T, Tk=T, q_offset=0, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D, skt=D, sob=T * H * D, sot=H * D,
+                soh=D, slb=T * H, slt=H)
+    out = {}
+    for cfg in sa._window_bwd.configs:
+        c = dict(H=H, D=D, W=128, BLOCK_HP=1 << (H - 1).bit_length(), BLOCK_D=D, DOT_DT=tl.bfloat16, **cfg.kwargs)
+        out["ROWS{ROWS}_N{BLOCK_N}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"] = resources(
+            fn, ptr, c, cfg.num_warps, cfg.num_stages, ints=ints)
+    return out
+
+
 def select_one_launch():
     """The split-row select in one launch (select.py _select_one_launch: grid barriers between the digit levels),
     decode's setting (8-bit digits, 2048-entry blocks, 8 warps), bf16 and fp32 rows: two programs per SM must fit for
@@ -284,7 +307,7 @@ def select_one_launch():
 
 
 FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw,
-            "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "select_one_launch": select_one_launch}
+            "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd, "select_one_launch": select_one_launch}
 
 
 def main(only=None, out_dir=None):
