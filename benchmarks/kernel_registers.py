@@ -63,7 +63,7 @@ def mma_refill_hazards(ttgir: str) -> list[str]:
             alloc_of[name] = name
             pro = 0
             for ln2 in lines[i + 1:]:
-                if ln2.startswith("%") and "scf.for" in ln2 or ln2.startswith("scf.for"):
+                if "scf.for" in ln2:
                     break
                 if re.search(r"ttg\.memdesc_index " + re.escape(name) + r"\[", ln2):
                     pro += 1
@@ -76,8 +76,8 @@ def mma_refill_hazards(ttgir: str) -> list[str]:
     # scan each loop body in order: async dots reading a ring, waits retiring them, copies refilling a ring
     pending: list = []                               # (dot result, allocs it reads), oldest first
     for ln in lines:
-        if "scf.for" in ln or ln.startswith("scf.yield"):
-            pending = [] if "scf.for" in ln else pending
+        if "scf.for" in ln:
+            pending = []
             continue
         m = re.match(r"(%[\w.]+) = ttng\.warp_group_dot (%[\w.]+), (%[\w.]+),", ln)
         if m and "isAsync = true" in ln:
@@ -150,6 +150,22 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
             "programs_per_sm_by_smem": (SMEM_PER_SM // k.metadata.shared) if k.metadata.shared else None}
 
 
+def _jit(kernel):
+    """The JITFunction under a kernel's autotune / heuristics wrappers."""
+    while type(kernel).__name__ != "JITFunction":
+        kernel = kernel.fn
+    return kernel
+
+
+def _attention_ints(fn, T, H, D, K=512, ratio=4):
+    """The integer arguments of attention kernel fn at one sequence of T tokens, contiguous q / o / do (B, T, H, D),
+    kv (B, T, D), compressed entries (B, T / ratio, D), indices (B, T, K), lse (B, T, H); those fn takes."""
+    S = T // ratio
+    ints = dict(T=T, Tk=T, S=S, q_offset=0, kv_start=0, T_BUCKET=T, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D,
+                skt=D, scb=S * D, scs=D, sib=T * K, sit=K, sob=T * H * D, sot=H * D, soh=D, slb=T * H, slt=H)
+    return {a: v for a, v in ints.items() if a in fn.arg_names}
+
+
 def sieve():
     from dsv4_lab.kernels.indexer_topk import sieve as sv
     out = {}
@@ -179,18 +195,24 @@ MHC_POINTERS = {"X": "*bf16", "FN": "*fp32", "WH": "*bf16", "WL": "*bf16", "SC":
 
 
 def mhc_pre(n=4, d=384, ntok=65536):
+    """Every config of the pre kernel, both mixes, with and without the backward's saved tensors, on bf16 streams
+    (tags as below) and on fp32 streams (tags ending in _fp32: x split into bf16 halves, larger tiles in shared
+    memory; `programs_per_sm_by_smem` 0 = more than an SM has)."""
     from dsv4_lab.kernels.mhc import triton as mt
     out = {}
-    for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
-        for mix in (True, False):
-            for save in (False, True):
-                c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=mix, SAVE=save, **cfg.kwargs)
-                tag = "BT{BT}_BC{BC}_CPS{CPS}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
-                    + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "") + ("_flat" if cfg.kwargs.get("FLAT") else "")
-                out[f"{tag}_{'fused' if mix else 'split'}_{'save' if save else 'nosave'}"] = dict(
-                    resources(mt._mhc_pre_kernel.fn, MHC_POINTERS, c, cfg.num_warps, cfg.num_stages,
-                              ints={"NTOK": ntok}, maxnreg=cfg.maxnreg),
-                    in_autotune_list=cfg in mt._mhc_pre_kernel.configs)
+    for dt, split in (("bf16", mt.SPLIT_W), ("fp32", mt.SPLIT_XW)):
+        ptr = dict(MHC_POINTERS, X=f"*{dt}", U=f"*{dt}")
+        for cfg in list(mt._mhc_pre_kernel.configs) + mt.PRE_CANDIDATE_CONFIGS:
+            for mix in (True, False):
+                for save in (False, True):
+                    c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=split, EMUL=False, MIX=mix, SAVE=save, **cfg.kwargs)
+                    tag = "BT{BT}_BC{BC}_CPS{CPS}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
+                        + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "") + ("_flat" if cfg.kwargs.get("FLAT") else "") \
+                        + f"_{'fused' if mix else 'split'}_{'save' if save else 'nosave'}" \
+                        + ("_fp32" if dt == "fp32" else "")
+                    out[tag] = dict(resources(mt._mhc_pre_kernel.fn, ptr, c, cfg.num_warps, cfg.num_stages,
+                                              ints={"NTOK": ntok}, maxnreg=cfg.maxnreg),
+                                    in_autotune_list=cfg in mt._mhc_pre_kernel.configs)
     return out
 
 
@@ -228,15 +250,10 @@ def hca_fwd(T=131072, H=16, D=128):
     import triton.language as tl
 
     from dsv4_lab.kernels.hca_attn import triton as ht
-    fn = ht._hca_fwd_kernel
-    while type(fn).__name__ != "JITFunction":                          # under the heuristics wrapper
-        fn = fn.fn
-    S = T // 128
+    fn = _jit(ht._hca_fwd_kernel)
+    ints = _attention_ints(fn, T, H, D, ratio=128)
     ptr = {"Q": "*bf16", "KV": "*bf16", "C": "*bf16", "SINK": "*fp32", "O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32",
-           **{a: "i32" for a in ("T", "Tk", "S", "q_offset", "kv_start", "T_BUCKET", "sqb", "sqt", "sqh", "skb", "skt",
-                                 "scb", "scs", "sob", "sot", "soh", "slb", "slt")}}
-    ints = dict(T=T, Tk=T, S=S, q_offset=0, kv_start=0, T_BUCKET=T, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D, skt=D,
-                scb=S * D, scs=D, sob=T * H * D, sot=H * D, soh=D, slb=T * H, slt=H)
+           **{a: "i32" for a in ints}}
     out = {}
     for cfg in ht._hca_fwd.configs:
         kw = cfg.kwargs
@@ -254,13 +271,9 @@ def sparse_bwd(H=8, D=128, W=128, K=512, T=4096):
     import triton.language as tl
 
     from dsv4_lab.kernels.sparse_attn import triton as sa
+    ints = _attention_ints(_jit(sa._sparse_bwd), T, H, D, K)
     ptr = {"Q": "*bf16", "KV": "*bf16", "C": "*bf16", "IDX": "*i32", "O": "*bf16", "DO": "*bf16", "LSE": "*fp32",
-           "DQ": "*fp32", "DC": "*fp32", "DELTA": "*fp32", "scale": "fp32",
-           **{a: "i32" for a in ("T", "Tk", "S", "q_offset", "sqb", "sqt", "sqh", "skb", "skt", "scb", "scs", "sib",
-                                 "sit", "sob", "sot", "soh", "slb", "slt")}}
-    S = T // 4
-    ints = dict(T=T, Tk=T, S=S, q_offset=0, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D, skt=D, scb=S * D, scs=D,
-                sib=T * K, sit=K, sob=T * H * D, sot=H * D, soh=D, slb=T * H, slt=H)
+           "DQ": "*fp32", "DC": "*fp32", "DELTA": "*fp32", "scale": "fp32", **{a: "i32" for a in ints}}
     out = {}
     for cfg in sa._sparse_bwd.configs:
         c = dict(H=H, D=D, W=W, K_SEL=K, BLOCK_H=max(16, H), BLOCK_D=D, BLOCK_W=min(64, W), DOT_DT=tl.bfloat16,
@@ -276,14 +289,10 @@ def window_bwd(H=8, D=128, T=4096):
     import triton.language as tl
 
     from dsv4_lab.kernels.sparse_attn import triton as sa
-    fn = sa._window_bwd
-    while type(fn).__name__ != "JITFunction":                          # under the autotuner
-        fn = fn.fn
+    fn = _jit(sa._window_bwd)
+    ints = _attention_ints(fn, T, H, D)
     ptr = {"Q": "*bf16", "KV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DKV": "*fp32",
-           "scale": "fp32", **{a: "i32" for a in ("T", "Tk", "q_offset", "sqb", "sqt", "sqh", "skb", "skt", "sob",
-                                                  "sot", "soh", "slb", "slt")}}
-    ints = dict(T=T, Tk=T, q_offset=0, sqb=T * H * D, sqt=H * D, sqh=D, skb=T * D, skt=D, sob=T * H * D, sot=H * D,
-                soh=D, slb=T * H, slt=H)
+           "scale": "fp32", **{a: "i32" for a in ints}}
     out = {}
     for cfg in sa._window_bwd.configs:
         c = dict(H=H, D=D, W=128, BLOCK_HP=1 << (H - 1).bit_length(), BLOCK_D=D, DOT_DT=tl.bfloat16, **cfg.kwargs)
