@@ -187,8 +187,11 @@ def main():
         return _report(res, out)
     if a.fresh and a.keep_recorded:
         ap.error("--fresh and --keep-recorded exclude each other")
-    recorded = {} if a.fresh else recorded_runs(out, setup, a.arms if a.keep_recorded else ("reference",))
+    recorded = {} if a.fresh else recorded_runs(out, setup, tuple(ARMS) if a.keep_recorded else ("reference",))
     seeds = sorted(set(a.seeds) | ({int(k.rsplit("-s", 1)[1]) for k in recorded} if a.keep_recorded else set()))
+    # the arms reported: those asked for, and with --keep-recorded every arm the committed file has finished runs of
+    kept = {k.rsplit("-s", 1)[0] for k in recorded} if a.keep_recorded else set()
+    arms = [arm for arm in ARMS if arm in a.arms or arm in kept]
     deadline = time.time() + a.cap
     jobs = []
     for s in a.seeds:
@@ -203,7 +206,7 @@ def main():
         for arm, seed, status in ex.map(lambda j: run_one(a.root, *j, a, deadline), jobs):
             print(f"{arm}-s{seed}: {status}", flush=True)
     res = {"what": __doc__.split("\n\n")[0], "setup": setup,
-           "arms": {arm: ARMS[arm] for arm in a.arms}, **collect(a.root, a.arms, seeds, a.steps, recorded)}
+           "arms": {arm: ARMS[arm] for arm in arms}, **collect(a.root, arms, seeds, a.steps, recorded)}
     return _report(res, out)
 
 

@@ -126,3 +126,23 @@ def test_reference_runs_of_other_reference_numerics_are_not_reused(tmp_path):
     assert recorded_runs(str(path), setup) == {}
     path.write_text(json.dumps({"setup": setup, "runs": {"reference-s0": run}}))
     assert list(recorded_runs(str(path), setup)) == ["reference-s0"]
+
+
+def test_keep_recorded_keeps_the_arms_not_asked_for(tmp_path):
+    """`--keep-recorded --arms reference blocks` adds blocks runs beside the committed file's runs of every arm: the
+    triton runs stay in the file and in the verdicts (a call that runs one arm loses no other arm's record)."""
+    import subprocess
+
+    from bench_loss_parity import REFERENCE_NUMERICS
+    setup = {"preset": "small", "steps": 200, "seq": 4096, "batch": 2, "reference_numerics": REFERENCE_NUMERICS}
+    runs = {f"{arm}-s{s}": {"finished": True, "final_val_loss": 2.0 + 0.1 * s + d, "commit": "abc"}
+            for arm, d in (("reference", 0.0), ("triton", 0.01), ("blocks", 0.02)) for s in (0, 1, 2)}
+    (tmp_path / "loss_parity.json").write_text(json.dumps({"setup": setup, "runs": runs}))
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_loss_parity.py"), "--arms", "reference",
+                        "blocks", "--seeds", "0", "1", "--keep-recorded", "--out", str(tmp_path),
+                        "--root", str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "loss_parity.json").read_text())
+    assert set(res["runs"]) == set(runs) and list(res["arms"]) == ["reference", "triton", "blocks"]
+    assert {(r["arm"], r["baseline"]) for r in res["verdicts"]} == {("triton", "reference"), ("blocks", "reference"),
+                                                                  ("blocks", "triton")}
