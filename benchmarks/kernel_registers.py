@@ -207,7 +207,7 @@ def mhc_pre(n=4, d=384, ntok=65536):
                 for save in (False, True):
                     c = dict(N=n, D=d, NP=4, ITERS=20, SPLIT=split, EMUL=False, MIX=mix, SAVE=save, **cfg.kwargs)
                     tag = "BT{BT}_BC{BC}_CPS{CPS}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
-                        + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "") + ("_flat" if cfg.kwargs.get("FLAT") else "") \
+                        + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "") \
                         + f"_{'fused' if mix else 'split'}_{'save' if save else 'nosave'}" \
                         + ("_fp32" if dt == "fp32" else "")
                     out[tag] = dict(resources(mt._mhc_pre_kernel.fn, ptr, c, cfg.num_warps, cfg.num_stages,

@@ -45,44 +45,37 @@ SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = 
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
 
 
-def _pre(bt, bc, cps, warps, stages=3, maxnreg=None, flat=0):
+def _pre(bt, bc, cps, warps, stages=3, maxnreg=None):
     """A pre kernel config: BT tokens x BC channels per step, CPS programs per SM; maxnreg: a cap on registers per
-    thread (ptxas), so that CPS programs fit on an SM at once; flat: the persistent loop flattened with pass 1 (split
-    mix; the fused mix's second pass keeps it nested)."""
-    return triton.Config({"BT": bt, "BC": bc, "CPS": cps, **({"FLAT": 1} if flat else {})},
-                         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+    thread (ptxas), so that CPS programs fit on an SM at once."""
+    return triton.Config({"BT": bt, "BC": bc, "CPS": cps}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def _pre_configs():
     # CPS = programs per SM of the persistent grid: it bounds the x bytes in flight between pass 1 and the L2-hot
     # pass 2 (132 SMs x CPS x BT x n d x 2 B; 34-67 MB at d = 1024 against the ~50 MB L2) while BC x stages sets the
     # bytes in flight per program.
-    # Not listed: (BT 64, BC 64, CPS 2, 4 warps, 4 stages), (64, 128, 4, 4 w, 3 s) and (128, 64, 2, 8 w, 3 s) gave
-    # coef / u off by ~7e-4 (not ~1e-6) with bf16 x on an H200, from the race that pass 1's fresh product tile
-    # removes (docs/kernels.md §4; benchmarks/README.md).
-    # (BT 128, BC 128, 8 warps) joined from the candidates: correct and bitwise repeatable on bf16 and fp32 x, both
-    # mixes, and the fastest there (benchmarks/README.md, T8).
+    # Configs with 64 or more token rows per warpgroup raced on bf16 x before pass 1's fresh product tile (docs/
+    # kernels.md §4); since then every one measured is bitwise repeatable and correct (benchmarks/README.md, T8).
+    # (BT 128, BC 128, 8 warps) and then (BT 64, BC 128, CPS 2, 4 warps: two programs per SM, so that one streams x
+    # while the other runs its Sinkhorn epilogue) joined from the candidates, each the fastest of its run on bf16
+    # and fp32 x.
     return configs([_pre(16, 128, 2, 4), _pre(16, 128, 4, 4), _pre(32, 128, 1, 4), _pre(32, 64, 2, 4, stages=4),
                     _pre(64, 64, 1, 8), _pre(64, 128, 1, 8), _pre(128, 64, 1, 16), _pre(128, 128, 1, 16),
-                    _pre(128, 128, 1, 8)],
+                    _pre(128, 128, 1, 8), _pre(64, 128, 2, 4)],
                    _pre(16, 32, 1, 4, stages=1))
 
 
 def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
     # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
-    # _pre_configs only after both (benchmarks/README.md, T8; docs/kernels.md §4). maxnreg 128 at 8 warps, or BT 64
-    # at 4 warps, fits two programs per SM (CPS 2): one streams x while the other runs its Sinkhorn epilogue. Stage 4
-    # keeps 3 chunks in flight instead of 2 (more shared memory than an SM has for fp32 x, as (256, 128, 16 w) needs
-    # too). flat 1 (split mix) lets the pipeline run on across token blocks, through the epilogue. The four 1-CPS
-    # configs after them are those whose compiled code refilled x's buffer under a running MMA before pass 1's
-    # fresh product tile (§4): their GPU check is to confirm the cause. Measured and dropped (no faster than the
-    # listed BT 128 x BC 128 x 8-warp config; benchmarks/README.md, T8): BT 256 x BC 64 at 8 warps, and a register
-    # prefetch of the next chunk in place of Triton's pipelining.
-    return [] if INTERPRET else [
-        _pre(128, 64, 2, 8, maxnreg=128), _pre(128, 128, 2, 8, stages=2, maxnreg=128), _pre(64, 128, 2, 4),
-        _pre(128, 128, 1, 8, stages=4), _pre(128, 128, 1, 8, flat=1),
-        _pre(128, 64, 1, 8), _pre(256, 128, 1, 16), _pre(256, 64, 1, 16), _pre(512, 32, 1, 16)]
+    # _pre_configs only after both, when it is faster on both stream dtypes (benchmarks/README.md, T8; docs/kernels.md
+    # §4). None is waiting. Measured and dropped: around BT 64 x 4 warps, BC 64 at CPS 2 / 3 / 4 (four programs fit
+    # an SM; at CPS 4 about 2 % faster on one stream dtype, 6-10 % slower on the other), CPS 3 / 4 at BC 128,
+    # 4 stages and BC 256; maxnreg 128 at 8 warps and CPS 2 (BT 128 x BC 64 or 128); 4 stages at BT 128; BT 128 x
+    # BC 64 at 8 warps; BT 256 x BC 64 / 128 and BT 512 x BC 32 at 16 warps; a register prefetch of the next chunk
+    # in place of Triton's pipelining; the persistent loop flattened with pass 1 (split mix).
+    return []
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
@@ -138,7 +131,7 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
                     SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr, FLAT: tl.constexpr = 0):
+                    BT: tl.constexpr, BC: tl.constexpr, CPS: tl.constexpr):
     H: tl.constexpr = NP * NP
     NC: tl.constexpr = 2 * H
     ND: tl.constexpr = N * D
@@ -159,9 +152,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
     b_c = tl.load(BASE + wrow, mask=wvalid, other=0.0)
     h3 = tl.reshape(hc, [1, 2, H])
     res = (ii < N) & (jj < N)
-    # persistent over token blocks; FLAT (split mix): Triton flattens this loop and pass 1's into one pipelined loop,
-    # so the next block's first chunks are in flight during this block's epilogue
-    for tb in tl.range(tl.program_id(0), tl.cdiv(NTOK, BT), tl.num_programs(0), flatten=FLAT == 1):
+    for tb in range(tl.program_id(0), tl.cdiv(NTOK, BT), tl.num_programs(0)):   # persistent over token blocks
         tok = tb * BT + tl.arange(0, BT)
         tmask = tok < NTOK
         xrow = tok.to(tl.int64) * ND                                           # (BT,)
@@ -215,12 +206,8 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         se = tl.where(se == 0.0, 1.0, se)
         P = tl.where(res, e / se[:, :, None] + eps, 0.0)
         P = P / (tl.sum(P, 1)[:, None, :] + eps)
-        if FLAT:                                                                  # no loop inside the flattened one
-            for _ in tl.static_range(ITERS - 1):
-                P = _sinkhorn_rc(P, eps)
-        else:
-            for _ in range(ITERS - 1):
-                P = _sinkhorn_rc(P, eps)
+        for _ in range(ITERS - 1):
+            P = _sinkhorn_rc(P, eps)
         sig = 1.0 / (1.0 + tl.exp(-zp))
         AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
         cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
@@ -527,8 +514,9 @@ def _split_w(fn32, n, d, NP, split):
 
 
 # elementwise launch parameters (not autotuned; bench_mhc.py times them): BT tokens x BD channels per program of the
-# post forward and of the split mix's u kernel
-POST_BT, POST_BD, POST_WARPS = 16, 128, 4
+# post forward and of the split mix's u kernel; POST_BT None: 8 tokens on bf16 streams, 16 on fp32 (the faster of
+# each in bench_mhc.py's post_sweep)
+POST_BT, POST_BD, POST_WARPS = None, 128, 4
 MIX_BT, MIX_BD, MIX_WARPS = 16, 128, 4
 
 
@@ -580,7 +568,7 @@ def mhc_post_fwd(y, x, coef):
     B, T, n, d = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     ntok = B * T
-    BT, BD = POST_BT, min(POST_BD, max(16, next_pow2(d)))
+    BT, BD = POST_BT or (8 if x.element_size() == 2 else 16), min(POST_BD, max(16, next_pow2(d)))
     if ntok:
         _mhc_post_kernel[(triton.cdiv(ntok, BT), triton.cdiv(d, BD))](
             y.contiguous(), x.contiguous(), coef.float().contiguous(), out, ntok,
