@@ -185,3 +185,33 @@ def test_compiled_blocks_static_shapes_and_eager_evaluation():
     assert len(graphs) > first and not any(symbolic(t) for t in graphs[first:]), [
         [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in gi] for gi in graphs[first:]]
     torch._dynamo.reset()
+
+
+def test_autotuned_kernels_have_no_defaulted_constexpr():
+    """Inductor runs a user-defined Triton kernel under compile=blocks through a launcher that it builds from the
+    call's arguments and the autotune config's: a constexpr parameter that has a default and that no config names
+    reaches that launcher as a missing argument (`launcher() missing 1 required positional argument`), though the
+    eager launch fills it in. Every autotuned kernel of dsv4_lab/kernels gets its constexprs from the call or from
+    every config."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import dsv4_lab.kernels as kernels
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    seen, bad = 0, []
+    for info in pkgutil.walk_packages(kernels.__path__, kernels.__name__ + "."):
+        for name, obj in vars(importlib.import_module(info.name)).items():
+            if not isinstance(obj, Autotuner):
+                continue
+            seen += 1
+            fn = obj.fn
+            while not isinstance(fn, JITFunction):
+                fn = fn.fn
+            sig = inspect.signature(fn.fn)
+            for p in fn.params:
+                if p.is_constexpr and sig.parameters[p.name].default is not inspect.Parameter.empty:
+                    if any(p.name not in cfg.kwargs for cfg in obj.configs):
+                        bad.append(f"{info.name}.{name}: {p.name}")
+    assert seen >= 10 and not bad, (seen, bad)
