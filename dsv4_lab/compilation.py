@@ -1,11 +1,12 @@
 """torch.compile for training (TrainConfig.compile = auto | true | blocks | false).
 
-    auto   eager on every device, for now. On CUDA `blocks` is the faster step (fused elementwise glue, fewer
-           launches) but costs minutes of compilation per run, more than a short run saves, and its training is not
-           yet shown to reach the reference path's loss within seed noise (no difference detected either;
-           benchmarks/README.md, loss parity). A compiled MoE once trained on zero gradients (torch 2.11's Dynamo
-           mis-traces an autograd Function whose forward returns a no-op `.to(dtype)`; docs/kernels.md §12). On the
-           CPU compiling costs minutes and gains little at test sizes.
+    auto   `blocks` on CUDA for a run of at least AUTO_BLOCKS_MIN_TOKENS tokens still to train, eager otherwise and on
+           every other device. On CUDA `blocks` trains to the reference path's loss within seed noise (12 seeds,
+           benchmarks/README.md, loss parity) at about twice the eager step's tokens/s, but its first step compiles
+           for 2-3 minutes: a run of 200 steps x 8 192 tokens took 438 s compiled against 362 s eager. The
+           threshold is where the saving per token (4.5 us eager against 2.3 us compiled per token of `small` at 4K:
+           run 27's eager step, run 37's compiled one) repays ~150 s of compilation (~70 M tokens), doubled for the
+           eager step's speed-ups since run 27. On the CPU compiling costs minutes and gains little at test sizes.
     true   compile the whole model on any device (one graph: Inductor's time grows with depth)
     blocks regional compilation on any device: each residual block (dsv4_lab.model.Block, MTP's included) compiled
            on its own; blocks of one layer type share the compiled code, so compile time grows with the number of
@@ -37,15 +38,21 @@ import torch
 CHOICES = ("auto", "true", "blocks", "false")
 
 
-def wants_compile(setting: str, device: torch.device) -> bool:
+AUTO_BLOCKS_MIN_TOKENS = 2 ** 27        # compile=auto: `blocks` on CUDA from this many tokens to train (docstring)
+
+
+def wants_compile(setting: str, device: torch.device, tokens: int | None = None) -> bool:
+    """Whether a run compiles; tokens: the tokens it has still to train (None: unknown, so auto stays eager)."""
     if setting not in CHOICES:
         raise ValueError(f"compile = {setting!r} is not allowed: one of {CHOICES}")
-    return setting in ("true", "blocks")                            # auto: eager (module docstring)
+    if setting == "auto":
+        return device.type == "cuda" and tokens is not None and tokens >= AUTO_BLOCKS_MIN_TOKENS
+    return setting in ("true", "blocks")
 
 
 def regional(setting: str, device: torch.device) -> bool:
-    """Whether a compiled model is compiled block by block (compile=blocks)."""
-    return setting == "blocks"
+    """Whether a compiled model is compiled block by block (compile=blocks, and auto where it compiles)."""
+    return setting in ("blocks", "auto")
 
 
 def configure() -> None:

@@ -343,7 +343,7 @@ class TrainConfig:
     device: str = "auto"                  # auto | cpu | cuda
     parallel: str = "ddp"                 # under torchrun: ddp (replicated) | fsdp2 (sharded per block, parallel.py)
     dtype: str = "auto"                   # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: str = "auto"                 # auto (eager: compilation.py says why) | true | blocks | false
+    compile: str = "auto"                 # auto (blocks on CUDA for long runs: compilation.py) | true | blocks | false
     deterministic: bool = False           # bitwise-repeatable runs; on CUDA needs kernels=torch compile=false (docs §6.5)
     cuda_graph: bool = False              # forward + backward replayed from a CUDA graph; same numbers (cuda_graph.py)
     progress: bool = True                 # tqdm progress bar

@@ -273,8 +273,8 @@ def train(mc: ModelConfig, tc: TrainConfig) -> dict:
     fpt, flops_method = flops_per_token(mc, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
     from .compilation import compile_model, regional, wants_compile
-    fwd = ddp_model                                                      # compile=auto: eager (compilation.py)
-    if wants_compile(tc.compile, device):
+    fwd = ddp_model
+    if wants_compile(tc.compile, device, tokens=(tc.max_steps - start_step) * tokens_per_step):
         fwd = compile_model(ddp_model, regional=regional(tc.compile, device))
     graphed = None                                                       # cuda_graph=true: dsv4_lab/cuda_graph.py
     if tc.cuda_graph:

@@ -109,10 +109,15 @@ def test_compiled_step_matches_eager_toggles(over):
 
 
 def test_compile_setting():
-    assert not wants_compile("auto", torch.device("cpu")) and not wants_compile("auto", torch.device("cuda"))
-    assert wants_compile("true", torch.device("cpu")) and not wants_compile("false", torch.device("cuda"))
-    assert wants_compile("blocks", torch.device("cpu"))
-    assert not regional("auto", torch.device("cuda")) and regional("blocks", torch.device("cpu"))
+    from dsv4_lab.compilation import AUTO_BLOCKS_MIN_TOKENS as LONG
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # auto: regional compilation on CUDA for a long run only; eager on the CPU, for short runs, and when unknown
+    assert wants_compile("auto", cuda, LONG) and regional("auto", cuda)
+    assert not wants_compile("auto", cuda, LONG - 1) and not wants_compile("auto", cuda)
+    assert not wants_compile("auto", cpu, 100 * LONG)
+    assert wants_compile("true", cpu) and not wants_compile("false", cuda, 100 * LONG)
+    assert wants_compile("blocks", cpu) and wants_compile("blocks", cuda, 1)
+    assert regional("blocks", cpu)
     assert not regional("true", torch.device("cuda"))
     assert TrainConfig().compile == "auto" and TrainConfig(compile=True).compile == "true"
     assert parse_overrides(["compile=false"])[1].compile == "false"
@@ -215,3 +220,19 @@ def test_autotuned_kernels_have_no_defaulted_constexpr():
                     if any(p.name not in cfg.kwargs for cfg in obj.configs):
                         bad.append(f"{info.name}.{name}: {p.name}")
     assert seen >= 10 and not bad, (seen, bad)
+
+
+def test_training_asks_auto_with_the_tokens_left(tmp_path, monkeypatch):
+    """train() hands wants_compile the tokens it has still to train (steps left x batch x sequence), the figure
+    compile=auto decides by; on the CPU auto stays eager."""
+    import dsv4_lab.compilation as compilation
+    from dsv4_lab.train import train
+    seen = []
+    real = compilation.wants_compile
+    monkeypatch.setattr(compilation, "wants_compile", lambda s, d, tokens=None: seen.append((s, d.type, tokens))
+                        or real(s, d, tokens))
+    mc, tc = parse_overrides(["preset=tiny", "n_layers=1", "layer_types=swa", "mtp_depth=0", "progress=false",
+                              "seq_len=32", "batch_size=2", "max_steps=3", "eval_interval=100", "device=cpu",
+                              f"run_dir={tmp_path / 'run'}"])
+    train(mc, tc)
+    assert seen == [("auto", "cpu", 3 * 2 * 32)]
