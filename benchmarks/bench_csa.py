@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import bench, bench_graph, host_ms, safe, save
+from common import bench, bench_graph, host_ms, host_stages_ms, safe, save
 from dsv4_lab.kernels.indexer_topk import triton as itk
 from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
 from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
@@ -126,7 +126,9 @@ def compressor(N):
     `{name}_graph_ms`: the module replayed from a CUDA graph (its kernels without the host's launch gaps, which the
     eager `{name}_ms` includes whenever the host enqueues slower than the GPU runs); `{name}_host`: the host's
     time to enqueue one call (common.host_ms: median, min, max ms). The indexer methods and the sparse attention carry
-    a `host_ms` entry too up to 32K, and `pipeline_N` a `host` / `sdpa_flash_host` one for the chain and SDPA-flash.
+    a `host_ms` entry too up to 32K, and `pipeline_N` a `host` / `sdpa_flash_host` one for the chain and SDPA-flash,
+    and `host_stages` (common.host_stages_ms): the chain's host time per call split by stage (main compressor,
+    indexer compressor, indexer top-k, sparse attention), which shows where the chain waits if a stage synchronizes.
     The table has N rows: the last entry's position, (N/4 - 1) 4, is inside it."""
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.kernels.compressor_pool import compressor_pool
@@ -491,13 +493,24 @@ def pipeline(N, method):
         kI = icomp(u, rope)
         idx = indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws)
         return sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W)
+    @torch.no_grad()
+    def staged(mark):                                   # run(), marking the end of each stage for host_stages_ms
+        comp = main(u, rope)
+        mark("main_compressor")
+        kI = icomp(u, rope)
+        mark("indexer_compressor")
+        idx = indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws)
+        mark("indexer_topk")
+        sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W)
+        mark("sparse_attn")
     qd, kd = torch.randn(1, H, N, D, **BF), torch.randn(1, 1, N, D, **BF)
 
     def dense():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)
     r = {"method": method, "ms": bench(run, warmup=5, rep=60)["ms"], "graph_ms": bench_graph(run)["ms"],
-         "host": safe(host_ms, run), "sdpa_flash_ms": bench(dense, warmup=5, rep=60)["ms"],
+         "host": safe(host_ms, run), "host_stages": safe(host_stages_ms, staged),
+         "sdpa_flash_ms": bench(dense, warmup=5, rep=60)["ms"],
          "sdpa_flash_graph_ms": bench_graph(dense)["ms"], "sdpa_flash_host": safe(host_ms, dense)}
     r["speedup_vs_sdpa_flash"] = r["sdpa_flash_ms"] / r["ms"]
     r["graph_speedup_vs_sdpa_flash"] = r["sdpa_flash_graph_ms"] / r["graph_ms"]

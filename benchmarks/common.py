@@ -85,6 +85,36 @@ def host_ms(fn, calls=20, reps=5) -> dict:
     return {"ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1]}
 
 
+def host_stages_ms(run, calls=5, reps=5) -> dict:
+    """The host's time per call in each stage of a call chain, ms: run(mark) makes one call and calls mark(name) at
+    the end of each stage; `calls` calls back to back after a synchronize, timed on the host without waiting for the
+    GPU (median per stage over `reps` rounds). Few calls per round, so that CUDA's launch queue (~1 000 launches)
+    does not fill and block the host inside some stage. A stage that synchronizes (a device-to-host copy, a
+    blocking allocation) shows the GPU's backlog as its own host time: the stage where the chain waits."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(2):
+        run(lambda name: None)
+    rounds = []
+    for _ in range(reps):
+        acc: dict = {}
+        sync()
+        last = [time.perf_counter()]
+
+        def mark(name):
+            now = time.perf_counter()
+            acc[name] = acc.get(name, 0.0) + (now - last[0])
+            last[0] = now
+        for _ in range(calls):
+            run(mark)
+        rounds.append(acc)
+        sync()
+    out = {}
+    for name in rounds[0]:
+        ts = sorted(r[name] / calls * 1e3 for r in rounds)
+        out[name] = ts[len(ts) // 2]
+    return out
+
+
 def kernel_ms(fn, calls=20) -> dict:
     """GPU time per call of each kernel fn launches, ms, from the torch profiler ({kernel name: ms}, largest first;
     `calls` calls after 3 warm-up calls): which launch of a multi-kernel op takes the time."""

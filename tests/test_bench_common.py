@@ -1,0 +1,26 @@
+"""benchmarks/common.py's host_stages_ms on the CPU, with a fake clock: each stage's host time per call is the time
+between its mark and the previous one (the first stage's from the call's start), the median over rounds."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def test_host_stages_split_each_call_by_its_marks(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    cost = {"a": 2e-3, "b": 1e-3, "c": 5e-3}                   # seconds of host time per call in each stage
+    calls = [0]
+
+    def run(mark):                                            # 2 warm-up calls, then rounds of 4 calls
+        slow = 3.0 if (calls[0] - 2) // 4 == 1 else 1.0         # the second round 3x slower: the median skips it
+        for name in ("a", "b", "c"):
+            clock[0] += cost[name] * slow
+            mark(name)
+        calls[0] += 1
+    out = common.host_stages_ms(run, calls=4, reps=5)
+    assert calls[0] == 2 + 4 * 5 and list(out) == ["a", "b", "c"]
+    assert all(abs(out[k] - 1e3 * cost[k]) < 1e-9 for k in cost), out
