@@ -590,9 +590,12 @@ FAMILIES = ("topk_row", "prefill_rows", "rows_by_length", "decode_1048576", "pre
 
 
 def _merge(dst, src):
+    """A family's results into the saved ones: each entry it wrote (section -> entry, e.g. decode -> "1048576")
+    replaces the saved entry whole, so no key of an earlier run (a removed method's) lingers beside the new ones;
+    the entries it did not write stay."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
+            dst[k].update(v)
         else:
             dst[k] = v
 

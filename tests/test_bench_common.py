@@ -24,3 +24,16 @@ def test_host_stages_split_each_call_by_its_marks(monkeypatch):
     out = common.host_stages_ms(run, calls=4, reps=5)
     assert calls[0] == 2 + 4 * 5 and list(out) == ["a", "b", "c"]
     assert all(abs(out[k] - 1e3 * cost[k]) < 1e-9 for k in cost), out
+
+
+def test_csa_family_results_replace_their_entries_whole():
+    """bench_csa merges a family's results into csa.json entry by entry: an entry it wrote loses the keys of an
+    earlier run (a removed method's), the entries and sections it did not write stay."""
+    import bench_csa
+    saved = {"decode": {"1048576": {"csa_decode_us": 50.2, "indexer_fused_us": 46557.3},
+                        "131072": {"csa_decode_us": 36.8}},
+             "topk_row": {"262144": {"select_us": 36.3}}, "families": {"topk_row": {"status": "ok"}}}
+    bench_csa._merge(saved, {"decode": {"1048576": {"csa_decode_us": 49.0}}, "families": {"decode": {"status": "ok"}}})
+    assert saved["decode"] == {"1048576": {"csa_decode_us": 49.0}, "131072": {"csa_decode_us": 36.8}}
+    assert saved["topk_row"] == {"262144": {"select_us": 36.3}}
+    assert saved["families"] == {"topk_row": {"status": "ok"}, "decode": {"status": "ok"}}
