@@ -64,35 +64,11 @@ def bench_graph(fn, reps=50) -> dict:
     return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
 
 
-def host_ms(fn, calls=20, reps=5) -> dict:
-    """The host's time to enqueue one call of fn, ms: `calls` calls back to back after a synchronize, timed on the
-    host without waiting for the GPU (median over `reps` such rounds; CUDA queues ~1 000 launches before the host
-    blocks, more than `calls` calls of a few dozen launches each; a call that synchronizes itself counts the wait).
-    Where it exceeds the GPU time of the call's kernels (`bench_graph`), an eager call runs at the host's pace: the
-    gap is launch overhead, not kernel time."""
-    import time
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        ts.append((time.perf_counter() - t0) / calls * 1e3)
-        torch.cuda.synchronize()
-    ts.sort()
-    return {"ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1]}
-
-
-def host_stages_ms(run, calls=5, reps=5) -> dict:
-    """The host's time per call in each stage of a call chain, ms: run(mark) makes one call and calls mark(name) at
-    the end of each stage; `calls` calls back to back after a synchronize, timed on the host without waiting for the
-    GPU (median per stage over `reps` rounds). Few calls per round, so that CUDA's launch queue (~1 000 launches)
-    does not fill and block the host inside some stage. A stage that synchronizes (a device-to-host copy, a
-    blocking allocation) shows the GPU's backlog as its own host time: the stage where the chain waits."""
+def _host_rounds(run, calls, reps, warmup) -> list:
+    """`reps` rounds of `calls` calls of run(mark) back to back after a synchronize, timed on the host without waiting
+    for the GPU; run calls mark(name) at the end of each stage. -> per round {stage: host ms per call}."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(2):
+    for _ in range(warmup):
         run(lambda name: None)
     rounds = []
     for _ in range(reps):
@@ -106,13 +82,32 @@ def host_stages_ms(run, calls=5, reps=5) -> dict:
             last[0] = now
         for _ in range(calls):
             run(mark)
-        rounds.append(acc)
+        rounds.append({name: t / calls * 1e3 for name, t in acc.items()})
         sync()
-    out = {}
-    for name in rounds[0]:
-        ts = sorted(r[name] / calls * 1e3 for r in rounds)
-        out[name] = ts[len(ts) // 2]
-    return out
+    return rounds
+
+
+def host_ms(fn, calls=20, reps=5) -> dict:
+    """The host's time to enqueue one call of fn, ms: `calls` calls back to back after a synchronize, timed on the
+    host without waiting for the GPU (median over `reps` such rounds; CUDA queues ~1 000 launches before the host
+    blocks, more than `calls` calls of a few dozen launches each; a call that synchronizes itself counts the wait).
+    Where it exceeds the GPU time of the call's kernels (`bench_graph`), an eager call runs at the host's pace: the
+    gap is launch overhead, not kernel time."""
+    def run(mark):
+        fn()
+        mark("call")
+    ts = sorted(r["call"] for r in _host_rounds(run, calls, reps, warmup=3))
+    return {"ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1]}
+
+
+def host_stages_ms(run, calls=5, reps=5) -> dict:
+    """The host's time per call in each stage of a call chain, ms: run(mark) makes one call and calls mark(name) at
+    the end of each stage; `calls` calls back to back after a synchronize, timed on the host without waiting for the
+    GPU (median per stage over `reps` rounds). Few calls per round, so that CUDA's launch queue (~1 000 launches)
+    does not fill and block the host inside some stage. A stage that synchronizes (a device-to-host copy, a
+    blocking allocation) shows the GPU's backlog as its own host time: the stage where the chain waits."""
+    rounds = _host_rounds(run, calls, reps, warmup=2)
+    return {name: sorted(r[name] for r in rounds)[len(rounds) // 2] for name in rounds[0]}
 
 
 def kernel_ms(fn, calls=20) -> dict:

@@ -37,3 +37,16 @@ def test_csa_family_results_replace_their_entries_whole():
     assert saved["decode"] == {"1048576": {"csa_decode_us": 49.0}, "131072": {"csa_decode_us": 36.8}}
     assert saved["topk_row"] == {"262144": {"select_us": 36.3}}
     assert saved["families"] == {"topk_row": {"status": "ok"}, "decode": {"status": "ok"}}
+
+
+def test_host_ms_is_the_median_round_per_call(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    calls = [0]
+
+    def fn():                                                 # 3 warm-up calls, then rounds of 2 calls
+        clock[0] += 4e-3 * (2.0 if (calls[0] - 3) // 2 == 0 else 1.0)   # the first round twice as slow
+        calls[0] += 1
+    out = common.host_ms(fn, calls=2, reps=3)
+    assert calls[0] == 3 + 2 * 3
+    assert abs(out["ms"] - 4.0) < 1e-9 and abs(out["min_ms"] - 4.0) < 1e-9 and abs(out["max_ms"] - 8.0) < 1e-9

@@ -102,13 +102,6 @@ def _split_bf16(v):
 
 
 @triton.jit
-def _sinkhorn_rc(P, eps):
-    """One Sinkhorn row then column normalisation of the (BT, NP, NP) maps (docs §1.2 step 4)."""
-    P = P / (tl.sum(P, 2)[:, :, None] + eps)
-    return P / (tl.sum(P, 1)[:, None, :] + eps)
-
-
-@triton.jit
 def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr):
     """fn (G n, n d) fp32 -> WH, WL (2 NP^2, n d) bf16: rows in the pre kernel's accumulator order, fn = WH + WL +
     O(2^-17 |fn|), zero rows for padding. One launch per forward (fn changes every optimizer step)."""
@@ -209,7 +202,8 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         P = tl.where(res, e / se[:, :, None] + eps, 0.0)
         P = P / (tl.sum(P, 1)[:, None, :] + eps)
         for _ in range(ITERS - 1):
-            P = _sinkhorn_rc(P, eps)
+            P = P / (tl.sum(P, 2)[:, :, None] + eps)
+            P = P / (tl.sum(P, 1)[:, None, :] + eps)
         sig = 1.0 / (1.0 + tl.exp(-zp))
         AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
         cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
