@@ -5,11 +5,11 @@ registers per thread, the spill bytes and the stack frame. Registers per thread 
 programs an SM holds (65 536 registers per SM on an H200), and so how many warps it has to hide memory latency: the
 number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4 quote this file's results).
 
-Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps, at their prefill shapes;
-the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
-autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of bench_mhc.py's
-BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward (its sparse and window
-parts) for every autotune config.
+Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps x store form (tl.store;
+inline PTX: _asm), at their prefill shapes; the one-launch split-row select (select.py) at decode's setting; the mHC
+pre kernel (mhc/triton.py) for every autotune config and candidate, with and without its fused mix; the mHC pre
+backward for every entry of bench_mhc.py's BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA
+sparse-attention backward (its sparse and window parts) for every autotune config.
 Each entry also lists the pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
@@ -108,7 +108,8 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
     marked divisible by 16 when it is. Without these marks the compiler may neither vectorise the loads nor
     software-pipeline a loop (no asynchronous copies), and the registers and shared memory it reports are those of
     code the GPU never runs. `async_copies` counts the asynchronous global-to-shared copies in the TTGIR (cp.async:
-    a loop whose loads feed tl.dot, pipelined over num_stages) and `tma_copies` the TMA ones."""
+    a loop whose loads feed tl.dot, pipelined over num_stages) and `tma_copies` the TMA ones; `layout_converts` the
+    layout conversions (each a round trip through shared memory with barriers, unless Triton finds a shuffle)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -145,6 +146,7 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
             "stack": num(r"(\d+) bytes stack frame"), "smem": k.metadata.shared,
             "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
             "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
+            "layout_converts": ttgir.count("ttg.convert_layout"),
             "mma_refill_hazards": mma_refill_hazards(ttgir),
             "programs_per_sm_by_registers": (65536 // (regs * threads)) if regs else None,
             "programs_per_sm_by_smem": (SMEM_PER_SM // k.metadata.shared) if k.metadata.shared else None}
@@ -166,6 +168,10 @@ def _attention_ints(fn, T, H, D, K=512, ratio=4):
     return {a: v for a, v in ints.items() if a in fn.arg_names}
 
 
+# the selects' two store forms (select.py _scatter): tl.store, and inline PTX stores (entries tagged _asm)
+STORE_FORMS = ((False, ""), (True, "_asm"))
+
+
 def sieve():
     from dsv4_lab.kernels.indexer_topk import sieve as sv
     out = {}
@@ -173,8 +179,9 @@ def sieve():
         ptr = {"VAL": f"*{dt}", "CV": "*fp32", "CI": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "PATH": "*i32",
                **ROW_ARGS}
         for nw in (2, 4, 8, 16):
-            c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048)
-            out[f"{dt}_nw{nw}"] = resources(sv._sieve_select, ptr, c, nw, ints=SIEVE_INTS)
+            for asm, tag in STORE_FORMS:
+                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048, ASM=asm)
+                out[f"{dt}_nw{nw}{tag}"] = resources(sv._sieve_select, ptr, c, nw, ints=SIEVE_INTS)
     return out
 
 
@@ -184,8 +191,9 @@ def rowsel():
     for dt in ("bf16", "fp32"):
         ptr = {"VAL": f"*{dt}", "OVAL": "*fp32", "OIDX": "*i32", **ROW_ARGS}
         for nw in (2, 4, 8):
-            c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048)
-            out[f"{dt}_L2048_nw{nw}"] = resources(rs._row_select, ptr, c, nw, ints=ROWSEL_INTS)
+            for asm, tag in STORE_FORMS:
+                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, BLOCK=2048, ASM=asm)
+                out[f"{dt}_L2048_nw{nw}{tag}"] = resources(rs._row_select, ptr, c, nw, ints=ROWSEL_INTS)
     return out
 
 
@@ -310,8 +318,9 @@ def select_one_launch():
     for dt, nl in (("bf16", 2), ("fp32", 4)):
         ptr = {"VAL": f"*{dt}", "HIST": "*i32", "PH": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32",
                **ROW_ARGS}
-        out[f"{dt}_nw8"] = resources(sel._select_one_launch, ptr, dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128), 8,
-                                       ints=SELECT_ONE_LAUNCH_INTS)
+        for asm, tag in STORE_FORMS:
+            c = dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128, ASM=asm)
+            out[f"{dt}_nw8{tag}"] = resources(sel._select_one_launch, ptr, c, 8, ints=SELECT_ONE_LAUNCH_INTS)
     return out
 
 
@@ -321,8 +330,6 @@ FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd":
 
 def main(only=None, out_dir=None):
     from common import env_info
-
-    from dsv4_lab.runlog import git_commit
     path = os.path.join(out_dir or RESULTS, "kernel_registers.json")
     res = {}
     if only and os.path.exists(path):                    # a subset: keep the other families' saved results
@@ -334,11 +341,13 @@ def main(only=None, out_dir=None):
         if only and name not in only:
             continue
         res[name] = f()
-        res["families"][name] = {"env": env_info(), **git_commit(os.path.dirname(HERE))}   # what it ran on
+        res["families"][name] = {"env": env_info()}          # what it ran on (env_info names the commit)
         for tag, r in res[name].items():
             print(f"{name:12s} {tag:40s} regs {r['registers']:>4} spills {r['spill_stores']:>4} / "
-                  f"{r['spill_loads']:>4} smem {r['smem']:>6} programs/SM by registers "
+                  f"{r['spill_loads']:>4} smem {r['smem']:>6} converts {r['layout_converts']:>3} "
+                  f"programs/SM by registers "
                   f"{r['programs_per_sm_by_registers']}, by smem {r['programs_per_sm_by_smem']}", flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)

@@ -538,7 +538,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     value, reported -1). Checks: the values as torch.topk finds them (_check_picks), the exact slot order and the
     naive twin's index set (_check_select_exact); repeats are bitwise equal to the first run: on CPU one repeat with
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
-    programs run fails it), on the GPU two repeats (the hardware schedules the programs); all calls share one
+    programs run fails it), on the GPU two repeats (the hardware schedules the programs), the second, and the second
+    run of each select below, with the scattered stores as inline PTX (`asm_stores`, select.py _scatter: the
+    interpreter cannot run PTX, so on CPU every run stores with tl.store); all calls share one
     SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The one-launch select
     (`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches,
     with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The row select, on
@@ -578,8 +580,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 if nm == "randn" and device == "cpu" and L > 1000:
                     continue                                      # few ties: the short rows cover them on CPU
                 tag = f"radix_select {nm} {dt} digits {db} {(R, L, k, P, fr)}"
-                def run():                      # one workspace for all shapes: each call must leave it zeroed
-                    res = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk, workspace=ws)
+                def run(asm=False):             # one workspace for all shapes: each call must leave it zeroed
+                    res = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk, workspace=ws,
+                                       asm_stores=asm)
                     assert not ws.hist.any(), f"{tag}: the histograms / tickets were not left zeroed"
                     return res
                 v, i = run()
@@ -589,26 +592,26 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     with _programs_reversed():
                         again = [run()]
                 else:                                    # the GPU schedules programs as it likes
-                    again = [run(), run()]
+                    again = [run(), run(asm=True)]
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
                 for a in range(1 if device == "cpu" else 2):     # the one-launch select (grid barriers): the same
                     v2, i2 = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk, workspace=ws,
-                                          one_launch=True)
+                                          one_launch=True, asm_stores=a == 1)
                     assert not ws.hist.any(), f"{tag}: one_launch left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
                 for a in range(1 if device == "cpu" else 2):     # the sieve select: radix_select's, bitwise
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
-                    v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk,
+                    v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk, asm_stores=a == 1,
                                           **({"cand": max(64, 2 ** (2 * k - 1).bit_length()), "samples": (4, 8)}
                                              if device == "cpu" else {}))
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: sieve_select (run {a + 1}) differs bitwise from radix_select"
                     sieve_paths |= set(paths.tolist())
                 for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
-                    v2, i2 = row_select(xd, k, frontier=fr)      # the row select: radix_select's result, bitwise
+                    v2, i2 = row_select(xd, k, frontier=fr, asm_stores=a == 1)   # radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
     # the sieve select on a row whose order follows position (the guess from the sampled blocks lets fewer than k

@@ -36,6 +36,22 @@ def test_one_launch_select_compiles_for_the_gpu():
 
 
 
+def test_select_inline_stores_compile_without_layout_conversions():
+    """The selects' scattered stores as inline PTX (select.py _scatter, ASM) compile for sm_90 through ptxas, and
+    the sieve and row selects keep their rows in the layout they were loaded in: with tl.store, Triton gives each
+    store of the compacted candidates / picks a one-element-per-thread layout and converts the block into it through
+    shared memory (and runs the position cumsum again there), on every block of the row."""
+    import kernel_registers as kr
+    for fam in (kr.sieve(), kr.rowsel()):
+        for key, r in fam.items():
+            if not key.endswith("_asm"):
+                continue
+            plain = fam[key[:-len("_asm")]]
+            assert 0 < r["registers"] <= 255 and r["registers"] <= plain["registers"], (key, r, plain)
+            assert r["layout_converts"] <= 2 < plain["layout_converts"], (key, r["layout_converts"],
+                                                                            plain["layout_converts"])
+
+
 def test_compiled_as_a_gpu_launch_specializes_it():
     """resources() marks pointers 16-byte aligned and the integers of `ints` divisible by 16 where they are, as the
     JIT does for a launch: the mHC pre kernel's pass 1 then compiles software-pipelined (asynchronous copies of x and

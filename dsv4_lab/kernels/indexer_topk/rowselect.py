@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
-from .select import _row_len, _store_picks, _take_all, _ukey, rows_and_outputs
+from .select import _row_len, _store_picks, _take_all, _ukey, asm_stores_on, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
 
@@ -57,7 +57,7 @@ def _kth_key(s, k, NB: tl.constexpr):
 
 @triton.jit
 def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, ASM: tl.constexpr):
     row = tl.program_id(0)
     n = _row_len(row, L, Tq, q0, RATIO)
     offs = tl.arange(0, BLOCK)
@@ -75,14 +75,16 @@ def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW:
         is_gt = s > t                                                         # (masked entries are below t)
         n_gt = tl.sum(is_gt.to(tl.int32), 0)                                  # < k by the choice of t
         zero = tl.full([], 0, tl.int32)
-        _store_picks(v, offs, is_gt, m & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
+        _store_picks(v, offs, is_gt, m & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase, ASM)
 
 
 def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
-               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None):
+               out: tuple[torch.Tensor, torch.Tensor] | None = None, num_warps: int | None = None,
+               asm_stores: bool | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L <= MAX_L. Returns (vals fp32,
     idx int32), each (R, k), in radix_select's slot order (module docstring). out: (vals, idx) (R, k) fp32 / int32
-    views to write into (last dim contiguous, same row stride). num_warps: default from the row length."""
+    views to write into (last dim contiguous, same row stride). num_warps: default from the row length. asm_stores:
+    the picks' stores as inline PTX (select.py asm_stores_on)."""
     R, L, oval, oidx = rows_and_outputs("row_select", val, k, out)
     if L > MAX_L:
         raise ValueError(f"row_select: row length L={L}; allowed: L <= {MAX_L} (longer rows: radix_select)")
@@ -93,7 +95,8 @@ def row_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None 
         num_warps = 4 if INTERPRET else min(16, max(4, BLOCK // 1024))
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _row_select[(R,)](val, oval, oidx, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
-                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, num_warps=num_warps)
+                      LOW=16 if val.dtype == torch.bfloat16 else 0, BLOCK=BLOCK, ASM=asm_stores_on(asm_stores),
+                      num_warps=num_warps)
     return oval, oidx
 
 

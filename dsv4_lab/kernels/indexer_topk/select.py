@@ -57,6 +57,17 @@ HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit tab
 # grid barriers assume every program is resident at once, which nothing guarantees (an MPS SM limit, kernels of
 # other streams); where that fails the GPU hangs instead of erring (docs/kernels.md §3).
 ONE_LAUNCH = False
+# The default store form of the selects' compacted picks and candidates (_scatter; `asm_stores` of radix_select,
+# sieve_select, row_select): inline PTX stores on the GPU when True. Off until timed and checked on the GPU: compiled
+# for sm_90 on the CPU it removes 15-17 layout conversions per sieve kernel (benchmarks/kernel_registers.py
+# `layout_converts`), which the sieve's stage probe puts at most of its time (docs/kernels.md §3).
+ASM_STORES = False
+
+
+def asm_stores_on(asm_stores: bool | None) -> bool:
+    """The ASM constexpr of a select launch: asm_stores (None: ASM_STORES), never under the interpreter (it cannot
+    run PTX)."""
+    return (ASM_STORES if asm_stores is None else bool(asm_stores)) and not INTERPRET
 
 
 @triton.jit
@@ -87,19 +98,33 @@ def _take_all(vrow, offs, n, k, OVAL, OIDX, obase):
 
 
 @triton.jit
-def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase):
+def _scatter(ptr, v, m, ASM: tl.constexpr):
+    """tl.store(ptr, v, mask=m) of 32-bit v at data-dependent addresses (the compacted picks and candidates). ASM:
+    as one predicated PTX store per element, in the layout v already has. Triton gives a store whose addresses it
+    cannot prove contiguous a one-element-per-thread layout of its own, so a tl.store here converts v, the mask and
+    the positions through shared memory and runs the position cumsum a second time in that layout, on every block
+    (docs/kernels.md §3); the inline store needs neither. Its result (0) is only there for the elementwise form."""
+    if ASM:
+        tl.inline_asm_elementwise("@$3 st.global.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r,b",
+                                  [ptr, v.to(tl.int32, bitcast=True), m], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptr, v, mask=m)
+
+
+@triton.jit
+def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase, ASM: tl.constexpr):
     """The output of one block of a row in slot order (module docstring): entries > t (is_gt) at slots gt, gt + 1, ..
     in index order, entries == t (is_eq) of tie rank eq, eq + 1, .. at slot n_gt + rank while the rank is below
     k - n_gt; -inf entries report index -1. gt / eq: picks > t and entries == t of the blocks before. Returns the new
     (gt, eq)."""
     idx = tl.where(v == float("-inf"), -1, idx)
     pos = gt + tl.cumsum(is_gt.to(tl.int32), 0) - 1                           # slots in index order
-    tl.store(OVAL + obase + pos, v, mask=is_gt)
-    tl.store(OIDX + obase + pos, idx, mask=is_gt)
+    _scatter(OVAL + obase + pos, v, is_gt, ASM)
+    _scatter(OIDX + obase + pos, idx, is_gt, ASM)
     rank = eq + tl.cumsum(is_eq.to(tl.int32), 0) - 1                          # tie rank in the row, by index
     take = is_eq & (rank < k - n_gt)                                          # the lowest-index ties
-    tl.store(OVAL + obase + n_gt + rank, v, mask=take)
-    tl.store(OIDX + obase + n_gt + rank, idx, mask=take)
+    _scatter(OVAL + obase + n_gt + rank, v, take, ASM)
+    _scatter(OIDX + obase + n_gt + rank, idx, take, ASM)
     return gt + tl.sum(is_gt.to(tl.int32), 0), eq + tl.sum(is_eq.to(tl.int32), 0)
 
 
@@ -158,15 +183,15 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
 
 @triton.jit
 def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
-          RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr):
+          RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, ASM: tl.constexpr):
     """Last launch (grid (P, R)): program p writes its chunk's picks at the slots the programs before it leave."""
     _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, tl.program_id(0), tl.program_id(1), NL, DB,
-               RATIO, BLOCK, QB, True)
+               RATIO, BLOCK, QB, True, ASM)
 
 
 @triton.jit
 def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL: tl.constexpr, DB: tl.constexpr,
-               RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr):
+               RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr, ASM: tl.constexpr):
     """Program p of row `row` after every digit; TICKET: take the ticket that clears the row's histograms (the
     one-launch select clears them itself)."""
     n = _row_len(row, L, Tq, q0, RATIO)
@@ -215,7 +240,7 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
             else:                              # < 32 bits after the shift: mask to the unsigned prefix
                 a = u & ((1 << (32 - SH)) - 1)
                 t = tpre & ((1 << (32 - SH)) - 1)
-            gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase)
+            gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase, ASM)
 
 
 @triton.jit
@@ -233,7 +258,7 @@ def _arrive_and_wait(CNT, target):
 
 @triton.jit
 def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
-                       RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr):
+                       RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, ASM: tl.constexpr):
     """The whole select in one launch (grid (P, R), every program resident: P R <= SMs): the NL digit levels and the
     emit of the multi-launch select, a grid barrier per row after each level in place of the launch boundary. The
     row's counter (its histogram table's ticket slot) counts every program's arrival at every barrier and its exit;
@@ -246,7 +271,7 @@ def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL
     for lev in range(NL):
         _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, NL, DB, RATIO, BLOCK)
         _arrive_and_wait(cnt, (lev + 1) * P)
-    _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False)
+    _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False, ASM)
     tl.debug_barrier()
     if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == (NL + 1) * P - 1:     # every program read its last
         tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
@@ -308,7 +333,7 @@ class SelectWorkspace:
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  programs: int | None = None, workspace: SelectWorkspace | None = None, digit_bits: int | None = None,
                  block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 one_launch: bool | None = None):
+                 one_launch: bool | None = None, asm_stores: bool | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
     order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: a SelectWorkspace
@@ -319,7 +344,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     one_launch: the NL digit launches and the emit as one launch with a grid barrier per level (_select_one_launch;
     every program must be resident at once, so R <= the device's SMs and P is capped at SMs // R); None: ONE_LAUNCH
     where R <= the SMs. The Triton interpreter runs program instances one after another, so there it runs the same
-    levels as separate launches."""
+    levels as separate launches. asm_stores: the emit's scattered stores as inline PTX (asm_stores_on)."""
     R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
     P = default_programs(R, L) if programs is None else max(1, int(programs))
     if one_launch or (one_launch is None and ONE_LAUNCH):
@@ -346,13 +371,15 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     if one_launch and not INTERPRET:
         _select_one_launch[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq,
-                                   q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, num_warps=num_warps)
+                                   q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128,
+                                   ASM=asm_stores_on(asm_stores), num_warps=num_warps)
         return oval, oidx
     for lev in range(NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
                             RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
     _emit[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,
-                  DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, num_warps=num_warps)
+                  DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, ASM=asm_stores_on(asm_stores),
+                  num_warps=num_warps)
     return oval, oidx
 
 

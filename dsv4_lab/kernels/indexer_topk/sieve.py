@@ -32,7 +32,7 @@ import torch
 
 from .._common import INTERPRET, check_device, next_pow2, tl, triton
 from .rowselect import _keys, _kth_key
-from .select import _row_len, _store_picks, _take_all, rows_and_outputs
+from .select import _row_len, _scatter, _store_picks, _take_all, asm_stores_on, rows_and_outputs
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.
 
 @triton.jit
 def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
-                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr):
+                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr):
     NB: tl.constexpr = 32 - LOW
     zero = tl.full([], 0, tl.int32)                    # a runtime int32 0 (k or n may be compile-time 1)
     row = tl.program_id(0)
@@ -96,8 +96,8 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
                 sk = _keys(xb, mb, LOW)
                 c = mb & (sk >= tau)
                 pos = cnt + tl.cumsum(c.to(tl.int32), 0) - 1
-                tl.store(CV + cbase + pos, xb, mask=c & (pos < CAND))
-                tl.store(CI + cbase + pos, offs, mask=c & (pos < CAND))
+                _scatter(CV + cbase + pos, xb, c & (pos < CAND), ASM)
+                _scatter(CI + cbase + pos, offs, c & (pos < CAND), ASM)
                 cnt += tl.sum(c.to(tl.int32), 0)
             tl.debug_barrier()                         # the scratch writes of every thread, before they are read
             path = zero + 2
@@ -108,7 +108,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             s = _keys(x, mj, LOW)
             t = _kth_key(s, k, NB)
             n_gt = tl.sum((s > t).to(tl.int32), 0)
-            _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase)
+            _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase, ASM)
         else:                                          # the emit streamed over the row, after
             if cnt >= k:                               # more than CAND passed: keys > tau, one more pass (off
                 cnt_gt = _count_from(vrow, n, tau, LOW, BLOCK, True)               # the common path)
@@ -132,20 +132,21 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
                 mb = offs < n
                 xb = tl.load(vrow + offs, mask=mb, other=0.0).to(tl.float32)
                 sk = _keys(xb, mb, LOW)
-                gt, eq = _store_picks(xb, offs, sk > t, mb & (sk == t), gt, eq, n_gt, k, OVAL, OIDX, obase)
+                gt, eq = _store_picks(xb, offs, sk > t, mb & (sk == t), gt, eq, n_gt, k, OVAL, OIDX, obase, ASM)
     tl.store(PATH + row, path)
 
 
 def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None, paths: torch.Tensor | None = None,
                  cand: int | None = None, samples: tuple[int, int] | None = None, block: int | None = None,
-                 num_warps: int | None = None):
+                 num_warps: int | None = None, asm_stores: bool | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L, in radix_select's slot
     order (module docstring). out: (vals, idx) (R, k) fp32 / int32 views to write into. paths: an (R,) int32 tensor
     for each row's path. cand (CAND, a power of two >= 2 k; default 2048 or 2k rounded up to a power of two, 64 in
     the interpreter), samples (NS, SB: powers of two, NS >= 2, NS SB <= CAND; default (16, 64), (4, 8) in the
     interpreter), block (entries per sieve step; default 2048, 64 in the interpreter): the tuning knobs. num_warps:
-    default 8 (4 in the interpreter)."""
+    default 8 (4 in the interpreter). asm_stores: the candidates' and picks' stores as inline PTX (select.py
+    asm_stores_on)."""
     R, L, oval, oidx = rows_and_outputs("sieve_select", val, k, out)
     CAND = int(cand) if cand is not None else max(64 if INTERPRET else 2048, next_pow2(2 * k))
     NS, SB = samples if samples is not None else ((4, 8) if INTERPRET else (16, 64))
@@ -169,7 +170,7 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     _sieve_select[(R,)](val, cv, ci, oval, oidx, path, L, val.stride(0), oval.stride(0), Tq, q0, k, RATIO=ratio,
                         LOW=16 if val.dtype == torch.bfloat16 else 0, CAND=CAND, NS=NS, SB=SB, BLOCK=BLOCK,
-                        num_warps=num_warps)
+                        ASM=asm_stores_on(asm_stores), num_warps=num_warps)
     return oval, oidx
 
 
