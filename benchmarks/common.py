@@ -23,6 +23,8 @@ def env_info() -> dict:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, sm_count=p.multi_processor_count, mem_gb=round(p.total_memory / 2**30, 1))
+    from dsv4_lab.runlog import git_commit
+    info.update(git_commit(ROOT))                  # the code measured: HEAD, dirty, and the code's own git tree
     try:
         info["clocks"] = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
                                          "--format=csv,noheader"], capture_output=True, text=True,
