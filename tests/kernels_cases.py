@@ -256,11 +256,20 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
     every score exact in fp32 and fp64 in any summation order, so no pick can flip: the picks' scores must be the k
     largest as a multiset (which of several entries tied at the k-th value is taken is free for torch.topk: the
     coarse grid makes many such ties), rows with fewer visible entries than k must hold all of them and -1 in every
-    other slot; the select methods must return exactly the naive twin's picks (_check_select_naive)."""
+    other slot; the select methods must return exactly the naive twin's picks (_check_select_naive). The score kernel
+    alone, under each launch config and with and without the -inf fill of unseen key tiles: the exact scores."""
     from dsv4_lab.kernels.indexer_topk import indexer_topk
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
     from dsv4_lab.kernels.indexer_topk.triton import (AUTO, BF16_TWIN, DECODE_T, FP32_TWIN, METHODS,
                                                       indexer_topk_triton)
+    import triton
+
+    from dsv4_lab.kernels.indexer_topk.triton import _indexer_scores_fwd, indexer_scores_triton
+    # every config of the score kernel's list on the GPU; on CPU one key tile per program and three (NLOOP: the
+    # straight-line and the looped kernel), in 16-key tiles so that the small shapes span several tiles and programs
+    score_cfgs = list(_indexer_scores_fwd.configs) if device != "cpu" else \
+        [triton.Config({"BLOCK_N": 16, "NLOOP": 1}, num_warps=4, num_stages=1),
+         triton.Config({"BLOCK_N": 16, "NLOOP": 3}, num_warps=4, num_stages=1)]
     g = torch.Generator().manual_seed(3)
     # (B, T, HI, DI, S, k, ratio, q_offset): prefill (T > DECODE_T), its early rows shorter than k; decode with k
     # below / above / equal to the visible count (5 entries, k 12; 8 entries, k 8); one head of DI 2: few distinct
@@ -287,6 +296,13 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
                               r, n, k)
                 if name.startswith(("select", "sieve")):
                     _check_select_naive(f"{name} {(B, T, S, k, R, off)} return_scores={rs}", out, rs, r, k)
+        for cfg in score_cfgs:                  # the score kernel under each launch config: the exact scores
+            for fill in (True, False):
+                sc = indexer_scores_triton(qI, kI, w, R, off, config=cfg, fill=fill).double()     # (B, T, S')
+                want = ref[..., :sc.shape[-1]]
+                vis = torch.isfinite(want)
+                assert torch.equal(sc[vis], want[vis]), f"scores {(B, T, S, R, off)} {cfg} fill={fill}"
+                assert not fill or bool((sc[~vis] == float("-inf")).all()), f"-inf fill {(B, T, S, R, off)} {cfg}"
         for sdt, m in (("fp32", "auto"), ("bf16", "auto_bf16")):      # the model's dispatcher routes score_dtype
             a = indexer_topk(qI, kI, w, k, R, q_offset=off, impl="triton", return_scores=True, score_dtype=sdt)
             b = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m)

@@ -24,13 +24,17 @@ from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 # [0, S'), S' = floor((q_offset + t1) / ratio) clipped to S. One program: BLOCK_M queries x all HI heads (BLOCK_M * HIP
 # rows of one tl.dot, bf16 operands on the GPU, fp32 accumulate) against BLOCK_N keys; ReLU * w * sum over heads in
 # registers. Key tiles entirely beyond the query tile's causal frontier are not computed, only filled with -inf.
-# The grid is (key tiles, query tiles, B) with the key tiles fastest, so at decode (one query) the S keys are spread
-# over all SMs (docs/kernels.md §8.4: the key stream is the cost).
+# The grid is (key ranges, query tiles, B) with the key ranges fastest, so at decode (one query) the S keys are spread
+# over all SMs (docs/kernels.md §8.4: the key stream is the cost). A program walks NLOOP key tiles of BLOCK_N: its
+# queries' q rows and weights are loaded once, and the key tiles' loads feed the dot inside a loop, which Triton
+# software-pipelines (NLOOP 1: one tile per program, the query tile reloaded from L2 for every key tile).
 def _score_configs():
-    # 256-key tiles: at decode (one query, BLOCK_M 4) half the programs of 128-key tiles for the same key stream
-    gpu = [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 2))]
-    return configs(gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1))
+    # 256-key tiles: at decode (one query, BLOCK_M 4) half the programs of 128-key tiles for the same key stream.
+    # NLOOP 4 / 8: for prefill, where a query tile meets up to S / BLOCK_N key tiles (not timed on the GPU yet)
+    gpu = [triton.Config({"BLOCK_N": bn, "NLOOP": nl}, num_warps=nw, num_stages=ns)
+           for bn, nl, nw, ns in ((64, 1, 4, 2), (128, 1, 8, 2), (128, 1, 8, 3), (256, 1, 8, 2),
+                                  (128, 4, 8, 3), (128, 8, 8, 3), (64, 8, 4, 3))]
+    return configs(gpu, triton.Config({"BLOCK_N": 16, "NLOOP": 2}, num_warps=4, num_stages=1))
 
 
 @triton.jit
@@ -66,51 +70,82 @@ def _mxfp4_logits(Q, q_rows, rmask, KI, KS, row_c, row_s, kmask, NKB: tl.constex
     return acc
 
 
+@triton.jit
+def _score_tile(Q, K, KSC, O, q, qrow, rmask, wr, n0, sks, sss, nvis_m, nvis_last, omask_m, Sp, offs_d, dmask,
+                HIP: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
+                DOT_DT: tl.constexpr, MXFP4: tl.constexpr):
+    """Scores of the query tile (q: its (R, DI) rows, heads minor; weights wr) against the keys n0 .. n0 + BLOCK_N,
+    stored at O's rows (omask_m: the tile's live queries): ReLU(q k) w summed over heads, -inf past each query's
+    frontier nvis_m."""
+    s = n0 + tl.arange(0, BLOCK_N)
+    if MXFP4:                                      # packed keys (K codes, KSC scales): a quarter of the bytes
+        logit = _mxfp4_logits(Q, qrow, rmask, K, KSC, s.to(tl.int64) * sks, s.to(tl.int64) * sss, s < nvis_last,
+                              DI // 32, R, BLOCK_N, DOT_DT)
+    else:
+        kt = tl.load(K + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
+                     mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
+        logit = tl.dot(q, tl.trans(kt.to(DOT_DT)))                             # (R, BLOCK_N) fp32
+    logit = tl.maximum(logit, 0.0) * wr[:, None]
+    sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)                  # (BLOCK_M, BLOCK_N)
+    sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
+    tl.store(O + s[None, :], sc.to(O.dtype.element_ty), mask=omask_m & (s < Sp)[None, :])   # fp32, or bf16
+
+
+@triton.jit
+def _fill_tile(O, n0, omask_m, Sp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """-inf in a tile of keys no query of the tile sees."""
+    s = n0 + tl.arange(0, BLOCK_N)
+    tl.store(O + s[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32).to(O.dtype.element_ty),
+             mask=omask_m & (s < Sp)[None, :])
+
+
 @triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
 @triton.jit
 def _indexer_scores_fwd(QI, KI, KS, WT, OUT, Tq, Sp, t0, q_offset,
                         sqb, sqt, sqh, skb, sks, ssb, sss, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RATIO: tl.constexpr, DOT_DT: tl.constexpr,
-                        FILL: tl.constexpr, MXFP4: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NLOOP: tl.constexpr, RATIO: tl.constexpr,
+                        DOT_DT: tl.constexpr, FILL: tl.constexpr, MXFP4: tl.constexpr):
     R: tl.constexpr = BLOCK_M * HIP
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
+    n_first = pid_n * NLOOP * BLOCK_N                                          # this program's first key
     im = m0 + tl.arange(0, BLOCK_M)                                            # chunk-local query rows
-    s = n0 + tl.arange(0, BLOCK_N)
     nvis_m = tl.minimum((q_offset + t0 + im + 1) // RATIO, Sp)                  # (BLOCK_M,) visible per query
     nvis_last = tl.minimum((q_offset + t0 + tl.minimum(m0 + BLOCK_M, Tq)) // RATIO, Sp)
-    off = b * sob + im.to(tl.int64)[:, None] * sot + s[None, :]
-    omask = (im < Tq)[:, None] & (s < Sp)[None, :]
-    if n0 < nvis_last:
-        r = tl.arange(0, R)
-        tr = t0 + m0 + r // HIP
-        hr = r % HIP
-        rmask = (m0 + r // HIP < Tq) & (hr < HI)
-        if MXFP4:                                  # packed keys (KI codes, KS scales): a quarter of the bytes
-            logit = _mxfp4_logits(QI + b * sqb, tr.to(tl.int64) * sqt + hr * sqh, rmask, KI, KS,
-                                  b * skb + s.to(tl.int64) * sks, b * ssb + s.to(tl.int64) * sss, s < nvis_last,
-                                  DI // 32, R, BLOCK_N, DOT_DT)
-        else:
-            offs_d = tl.arange(0, BLOCK_D)
-            dmask = offs_d < DI
-            q = tl.load(QI + b * sqb + tr.to(tl.int64)[:, None] * sqt + hr[:, None] * sqh + offs_d[None, :],
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)
-            kt = tl.load(KI + b * skb + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
-                         mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
-            logit = tl.dot(q.to(DOT_DT), tl.trans(kt.to(DOT_DT)))              # (R, BLOCK_N) fp32
-        wr = tl.load(WT + b * swb + tr.to(tl.int64) * swt + hr, mask=rmask, other=0.0).to(tl.float32)
-        logit = tl.maximum(logit, 0.0) * wr[:, None]
-        sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
-        sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
-        tl.store(OUT + off, sc.to(OUT.dtype.element_ty), mask=omask)          # fp32, or bf16 (rounded once)
+    # key tiles of this program with a key visible to some query of the tile (the rest: -inf or left unwritten)
+    nt = tl.maximum(tl.minimum((nvis_last - n_first + BLOCK_N - 1) // BLOCK_N, NLOOP), 0)
+    r = tl.arange(0, R)
+    tr = t0 + m0 + r // HIP
+    hr = r % HIP
+    rmask = (m0 + r // HIP < Tq) & (hr < HI) & (nt > 0)                       # nothing loaded without a tile
+    qrow = tr.to(tl.int64) * sqt + hr * sqh
+    wr = tl.load(WT + b * swb + tr.to(tl.int64) * swt + hr, mask=rmask, other=0.0).to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < DI
+    if not MXFP4:                                  # the query tile once, for every key tile below
+        q = tl.load(QI + b * sqb + qrow[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0).to(DOT_DT)
     else:
-        if FILL:                                   # FILL=False: the reader stops at each row's frontier (select)
-            tl.store(OUT + off, tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32).to(OUT.dtype.element_ty),
-                     mask=omask)
+        q = wr                                     # unused: the packed path loads q per 32-element block
+    omask_m = (im < Tq)[:, None]
+    orow = b * sob + im.to(tl.int64)[:, None] * sot
+    if NLOOP == 1:                                 # one tile, straight-line code (no pipeline buffers to fill)
+        if nt > 0:
+            _score_tile(QI + b * sqb, KI + b * skb, KS + b * ssb, OUT + orow, q, qrow, rmask, wr, n_first, sks, sss,
+                        nvis_m, nvis_last, omask_m, Sp, offs_d, dmask, HIP, DI, BLOCK_M, BLOCK_N, R, DOT_DT, MXFP4)
+        elif FILL:                                 # FILL=False: the reader stops at each row's frontier (select)
+            _fill_tile(OUT + orow, n_first, omask_m, Sp, BLOCK_M, BLOCK_N)
+    else:
+        for j in range(0, nt):
+            _score_tile(QI + b * sqb, KI + b * skb, KS + b * ssb, OUT + orow, q, qrow, rmask, wr, n_first + j * BLOCK_N,
+                        sks, sss, nvis_m, nvis_last, omask_m, Sp, offs_d, dmask, HIP, DI, BLOCK_M, BLOCK_N, R, DOT_DT,
+                        MXFP4)
+        if FILL:
+            for j in range(nt, NLOOP):
+                _fill_tile(OUT + orow, n_first + j * BLOCK_N, omask_m, Sp, BLOCK_M, BLOCK_N)
 
 
 def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
@@ -157,7 +192,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     # rows of the dot = BLOCK_M * HIP: >= 16 (min dot size); 128 for prefill tiles, 16 when decoding a few queries
     # (interpreter: 16 rows, so tiny tests have several query tiles and exercise the causal tile skipping)
     BLOCK_M = max(1, (128 if Tq > 16 and not INTERPRET else 16) // HIP)
-    grid = lambda META: (triton.cdiv(Sp, META["BLOCK_N"]), triton.cdiv(Tq, BLOCK_M), B)   # noqa: E731
+    grid = lambda META: (triton.cdiv(Sp, META["BLOCK_N"] * META["NLOOP"]), triton.cdiv(Tq, BLOCK_M), B)  # noqa: E731
     kern, extra = _indexer_scores_fwd, {}
     if config is not None:
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
