@@ -5,15 +5,16 @@ registers per thread, the spill bytes and the stack frame. Registers per thread 
 programs an SM holds (65 536 registers per SM on an H200), and so how many warps it has to hide memory latency: the
 number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4 quote this file's results).
 
-Covered: the sieve and row selects (indexer_topk/sieve.py, rowselect.py) by dtype x warps x store form (tl.store;
-inline PTX: _asm), at their prefill shapes; the one-launch split-row select (select.py) at decode's setting; the mHC
-pre kernel (mhc/triton.py) for every autotune config and candidate, with and without its fused mix; the mHC pre
-backward for every entry of bench_mhc.py's BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA
-sparse-attention backward (its sparse and window parts) for every autotune config.
+Covered: the indexer score kernel (indexer_topk/triton.py) for every autotune config; the sieve and row selects
+(indexer_topk/sieve.py, rowselect.py) by dtype x warps x store form (tl.store; inline PTX: _asm), at their prefill
+shapes; the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
+autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of
+bench_mhc.py's BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward (its sparse
+and window parts) for every autotune config.
 Each entry also lists the pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
-    python benchmarks/kernel_registers.py [--only sieve rowsel mhc_pre mhc_pre_bwd mhc_dw hca_fwd sparse_bwd
+    python benchmarks/kernel_registers.py [--only sieve rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd sparse_bwd
                                            window_bwd select_one_launch] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
@@ -197,6 +198,31 @@ def rowsel():
     return out
 
 
+# the indexer score kernel on a 128K prefill's last chunk of 8K queries (HI 4 x DI 64, ratio 4: 32K keys), bf16 scores
+SCORE_INTS = dict(Tq=8192, Sp=32768, t0=122880, q_offset=0, sqb=131072 * 256, sqt=256, sqh=64, skb=32768 * 64, sks=64,
+                  ssb=32768 * 64, sss=64, swb=131072 * 4, swt=4, sob=8192 * 32768, sot=32768)
+
+
+def scores():
+    """Every config of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
+    on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4)."""
+    import triton.language as tl
+
+    from dsv4_lab.kernels.indexer_topk import triton as it
+    out = {}
+    for packed in (False, True):
+        kt = "*u8" if packed else "*bf16"
+        ptr = {"QI": "*bf16", "KI": kt, "KS": kt, "WT": "*bf16", "OUT": "*bf16", **{a: "i32" for a in SCORE_INTS}}
+        for cfg in it._indexer_scores_fwd.configs:
+            c = dict(HI=4, HIP=4, DI=64, BLOCK_D=64, BLOCK_M=32, RATIO=4, DOT_DT=tl.bfloat16, FILL=False,
+                     MXFP4=packed, **cfg.kwargs)
+            tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
+                + ("_mxfp4" if packed else "")
+            out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, cfg.num_warps, cfg.num_stages,
+                                 ints=SCORE_INTS)
+    return out
+
+
 MHC_POINTERS = {"X": "*bf16", "FN": "*fp32", "WH": "*bf16", "WL": "*bf16", "SC": "*fp32", "BASE": "*fp32",
                 "U": "*bf16", "COEF": "*fp32", "MU": "*fp32", "RHO": "*fp32", "NTOK": "i32", "norm_eps": "fp32",
                 "eps": "fp32"}
@@ -324,8 +350,9 @@ def select_one_launch():
     return out
 
 
-FAMILIES = {"sieve": sieve, "rowsel": rowsel, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw,
-            "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd, "select_one_launch": select_one_launch}
+FAMILIES = {"sieve": sieve, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd,
+            "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
+            "select_one_launch": select_one_launch}
 
 
 def main(only=None, out_dir=None):

@@ -52,6 +52,21 @@ def test_select_inline_stores_compile_without_layout_conversions():
                                                                             plain["layout_converts"])
 
 
+def test_score_kernel_loops_over_key_tiles_pipelined():
+    """The indexer score kernel's configs of several key tiles per program (NLOOP > 1) compile for sm_90 with the
+    key tiles' loads as asynchronous copies in flight across iterations and no shared-memory buffer refilled under
+    a running MMA; one tile per program (NLOOP 1) stays straight-line code, with nothing to pipeline."""
+    import kernel_registers as kr
+    res = kr.scores()
+    assert any("_L1_" in t for t in res) and any("_L1_" not in t for t in res), sorted(res)
+    for tag, r in res.items():
+        assert r["mma_refill_hazards"] == [] and 0 < r["registers"] <= 255, (tag, r)
+        if "_L1_" in tag:
+            assert r["async_copies"] == 0, (tag, r)
+        else:
+            assert r["async_copies"] >= 2, (tag, r)
+
+
 def test_compiled_as_a_gpu_launch_specializes_it():
     """resources() marks pointers 16-byte aligned and the integers of `ints` divisible by 16 where they are, as the
     JIT does for a launch: the mHC pre kernel's pass 1 then compiles software-pipelined (asynchronous copies of x and
