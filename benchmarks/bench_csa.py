@@ -56,19 +56,46 @@ def _tflops(r, N):
     return r
 
 
-def scores_only(N, chunk_elems=1 << 28):
-    """The score kernel alone over all N queries, in the query chunks the top-k methods use (fill=False: as select)."""
+def scores_only(N, chunk_elems=1 << 28, config=None, dtype=torch.float32):
+    """The score kernel alone over all N queries, in the query chunks the top-k methods use (fill=False: as select);
+    config: one score config to launch (None: the autotuner's pick); dtype: of the stored scores."""
     qI, kI, w = indexer_inputs(N)
     S = N // M
     rows = max(1, min(N, chunk_elems // S))
-    buf = torch.empty(rows * S, dtype=torch.float32, device="cuda")
+    buf = torch.empty(rows * S, dtype=dtype, device="cuda")
 
     def run():
         for t0 in range(0, N, rows):
-            indexer_scores_triton(qI, kI, w, M, 0, t0, min(N, t0 + rows), out=buf, fill=False)
+            indexer_scores_triton(qI, kI, w, M, 0, t0, min(N, t0 + rows), out=buf, fill=False, config=config,
+                                  dtype=dtype)
     r = _tflops(bench(run, warmup=3, rep=50), N)
     r["note"] = f"query chunks of {rows} rows, only each chunk's visible key range, tiles past the frontier skipped"
     return r
+
+
+def score_configs(Ns=(8192, 131072)):
+    """The score kernel under each config of its autotune list and of SCORE_CANDIDATE_CONFIGS (indexer_topk/
+    triton.py), and tuned, over a whole prefill's query chunks with bf16 scores (as the bf16 top-k methods store
+    them); each config's scores checked bitwise against the tuned ones on the first chunk."""
+    out = {}
+    for N in Ns:
+        qI, kI, w = indexer_inputs(N)
+        t1 = min(N, (1 << 28) // (N // M))
+        ref = indexer_scores_triton(qI, kI, w, M, 0, 0, t1, dtype=torch.bfloat16)
+        e = {"tuned": scores_only(N, dtype=torch.bfloat16)["ms"],
+             "tuned_config": str(itk._indexer_scores_fwd.best_config)}
+        for cfg in list(itk._indexer_scores_fwd.configs) + itk.SCORE_CANDIDATE_CONFIGS:
+            tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"
+            try:
+                got = indexer_scores_triton(qI, kI, w, M, 0, 0, t1, dtype=torch.bfloat16, config=cfg)
+                vis = torch.isfinite(ref)
+                e[f"{tag}_same_scores"] = bool(torch.equal(got[vis], ref[vis]))
+                e[f"{tag}_ms"] = scores_only(N, config=cfg, dtype=torch.bfloat16)["ms"]
+            except Exception as ex:                                             # noqa: BLE001
+                e[f"{tag}_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+        out[f"{N}"] = e
+        torch.cuda.empty_cache()
+    return out
 
 
 def indexer_method(N, method):
@@ -581,8 +608,10 @@ def _family(name):
         return prefill_family(int(name.split("_")[1]))
     if name == "fwd_bwd":
         return {"fwd_bwd": {"triton_8192": safe(sparse_fwd_bwd, 8192)}}
+    if name == "score_configs":
+        return {"indexer": {"score_configs": safe(score_configs)}}
     raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, prefill_rows, rows_by_length, sieve_probe, "
-                     "rowsel_probe, decode_N, prefill_N, fwd_bwd")
+                     "rowsel_probe, score_configs, decode_N, prefill_N, fwd_bwd")
 
 
 FAMILIES = ("topk_row", "prefill_rows", "rows_by_length", "decode_1048576", "prefill_8192", "prefill_131072",

@@ -204,7 +204,7 @@ SCORE_INTS = dict(Tq=8192, Sp=32768, t0=122880, q_offset=0, sqb=131072 * 256, sq
 
 
 def scores():
-    """Every config of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
+    """Every config and candidate of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
     on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4)."""
     import triton.language as tl
 
@@ -213,7 +213,7 @@ def scores():
     for packed in (False, True):
         kt = "*u8" if packed else "*bf16"
         ptr = {"QI": "*bf16", "KI": kt, "KS": kt, "WT": "*bf16", "OUT": "*bf16", **{a: "i32" for a in SCORE_INTS}}
-        for cfg in it._indexer_scores_fwd.configs:
+        for cfg in list(it._indexer_scores_fwd.configs) + it.SCORE_CANDIDATE_CONFIGS:
             c = dict(HI=4, HIP=4, DI=64, BLOCK_D=64, BLOCK_M=32, RATIO=4, DOT_DT=tl.bfloat16, FILL=False,
                      MXFP4=packed, **cfg.kwargs)
             tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \

@@ -264,10 +264,10 @@ def case_indexer_topk(device="cpu", big=False, dtype=torch.float32):
                                                       indexer_topk_triton)
     import triton
 
-    from dsv4_lab.kernels.indexer_topk.triton import _indexer_scores_fwd, indexer_scores_triton
-    # every config of the score kernel's list on the GPU; on CPU one key tile per program and three (NLOOP: the
-    # straight-line and the looped kernel), in 16-key tiles so that the small shapes span several tiles and programs
-    score_cfgs = list(_indexer_scores_fwd.configs) if device != "cpu" else \
+    from dsv4_lab.kernels.indexer_topk.triton import SCORE_CANDIDATE_CONFIGS, _indexer_scores_fwd, indexer_scores_triton
+    # every config of the score kernel's list and candidates on the GPU; on CPU one key tile per program and three
+    # (NLOOP: the straight-line and the looped kernel), in 16-key tiles so that small shapes span several tiles
+    score_cfgs = list(_indexer_scores_fwd.configs) + SCORE_CANDIDATE_CONFIGS if device != "cpu" else \
         [triton.Config({"BLOCK_N": 16, "NLOOP": 1}, num_warps=4, num_stages=1),
          triton.Config({"BLOCK_N": 16, "NLOOP": 3}, num_warps=4, num_stages=1)]
     g = torch.Generator().manual_seed(3)

@@ -258,14 +258,15 @@ def _dyadic_indexer_inputs(B, T, HI, DI, S, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_indexer_scores_every_autotune_config(dtype):
-    """Every config of the indexer score kernel's autotune list (prefill tiles and decode tiles), exact on dyadic
-    inputs against indexer_scores, incl. partial tiles (T, S' not multiples of the tiles)."""
+    """Every config of the indexer score kernel's autotune list (prefill tiles and decode tiles) and of
+    SCORE_CANDIDATE_CONFIGS, exact on dyadic inputs against indexer_scores, incl. partial tiles (T, S' not multiples
+    of the tiles)."""
     from dsv4_lab.kernels.indexer_topk import triton as it
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores
     qI, kI, w = _dyadic_indexer_inputs(2, 1000, 4, 64, 333, dtype, 31)
     for (t0, t1, off) in ((0, 1000, 300), (997, 1000, 300), (0, 3, 5000)):
         ref = indexer_scores(qI, kI, w, 4, off, t0, t1)
-        for cfg in it._indexer_scores_fwd.configs:
+        for cfg in list(it._indexer_scores_fwd.configs) + it.SCORE_CANDIDATE_CONFIGS:
             sc = it.indexer_scores_triton(qI, kI, w, 4, off, t0, t1, config=cfg)
             assert torch.equal(sc, ref[..., :sc.shape[-1]]), f"{cfg} rows {t0}:{t1}"
 

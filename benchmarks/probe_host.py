@@ -1,0 +1,112 @@
+"""Where the host time of the 8K CSA prefill chain goes, call by call (bench_csa.py `pipeline_8192.host_stages` put
+~0.5 ms of host time per call in each compressor module, against ~0.02 ms of its Python wrapper measured on the CPU).
+
+Each entry is the host's time to enqueue one call (common.host_ms: calls back to back, no wait for the GPU), at the
+8K prefill's shapes (d_model 1024, main compressor c 128 / indexer c 64, ratio 4, overlap):
+
+    mm_out_f32 / mm_bf16 / linear     torch.mm(a, b, out_dtype=fp32) (linear_f32's op), plain bf16 torch.mm, F.linear
+    linear_f32                        layers.linear_f32 (the compressor's projection)
+    project                           Compressor.project (two linear_f32)
+    pool_autotuned / pool_direct      compressor_pool on projected C, Z with RoPE: through the autotuner, and with the
+                                      autotuner's chosen config launched on the JIT function directly
+    compressor                        Compressor.forward (project + pool)
+    triton_launch_1 / _33             an empty Triton kernel of 1 and of 33 arguments (the pool kernel's count)
+
+    python benchmarks/probe_host.py [--out benchmarks/results/host_probe.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_info, host_ms  # noqa: E402
+from dsv4_lab.kernels._common import tl, triton  # noqa: E402
+
+N, DM, M = 8192, 1024, 4
+
+
+@triton.jit
+def _empty1(A):
+    pass
+
+
+@triton.jit
+def _empty33(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12,
+             n13, n14, n15, n16, n17, n18, n19, C0: tl.constexpr, C1: tl.constexpr):
+    pass
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/host_probe.json")
+    a = ap.parse_args(argv)
+    import dsv4_lab.kernels.compressor_pool.triton as ct
+    from dsv4_lab.attention.compressor import Compressor
+    from dsv4_lab.kernels.compressor_pool import compressor_pool
+    from dsv4_lab.layers import linear_f32
+    from dsv4_lab.rope import RotaryTable
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(1)
+    u = torch.randn(1, N, DM, device=dev, dtype=torch.bfloat16, generator=g)
+    rope = RotaryTable(64, N, 10000.0).to(dev)
+    res = {}
+    with torch.no_grad():
+        for c in (128, 64):
+            comp = Compressor(DM, c, M, overlap=True).to(dev, torch.bfloat16)
+            w = comp.wkv.weight
+            u2 = u.view(N, DM)
+            fns = {"mm_out_f32": lambda: torch.mm(u2, w.t(), out_dtype=torch.float32),
+                   "mm_bf16": lambda: torch.mm(u2, w.t()),
+                   "linear": lambda: F.linear(u2, w),
+                   "linear_f32": lambda: linear_f32(u, w),
+                   "project": lambda: comp.project(u),
+                   "compressor": lambda: comp(u, rope)}
+            C, Z = comp.project(u)
+            C, Z = C.unflatten(1, (N // M, M)), Z.unflatten(1, (N // M, M))
+            pool = lambda: compressor_pool(C, Z, comp.ape, comp.norm.weight, comp.norm.eps, True,  # noqa: E731
+                                           impl="triton", cos=rope.cos, sin=rope.sin)
+            fns["pool_autotuned"] = pool
+            pool()
+            at = ct._compressor_pool_kernel
+            best = at.best_config
+
+            class Direct:                               # the autotuner's pick, launched on the JIT function
+                def __getitem__(self, grid):
+                    meta = best.all_kwargs()
+                    gg = grid(meta) if callable(grid) else grid
+                    return lambda *args, **kw: at.fn[gg](*args, **kw, **meta)
+
+            def pool_direct():
+                saved, ct._compressor_pool_kernel = ct._compressor_pool_kernel, Direct()
+                try:
+                    return pool()
+                finally:
+                    ct._compressor_pool_kernel = saved
+            fns["pool_direct"] = pool_direct
+            for name, fn in fns.items():
+                fn()
+                torch.cuda.synchronize()
+                try:
+                    res[f"{name}_c{c}"] = host_ms(fn)
+                except Exception as e:                                          # noqa: BLE001
+                    res[f"{name}_c{c}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        t = torch.empty(16, device=dev)
+        res["triton_launch_1"] = host_ms(lambda: _empty1[(1,)](t))
+        res["triton_launch_33"] = host_ms(lambda: _empty33[(1,)](*([t] * 11), *range(3, 23), C0=1, C1=2))
+    rec = {"env": env_info(), "host_probe": res}
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(rec, fh, indent=1)
+    os.replace(tmp, a.out)
+    for k, v in res.items():
+        print(k, v)
+
+
+if __name__ == "__main__":
+    main()
