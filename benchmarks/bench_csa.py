@@ -14,9 +14,11 @@ loaded 256-B row once per query. bf16-score methods report their recall of the f
 
 Each family (topk_row, decode_N, prefill_N, fwd_bwd) runs in its own subprocess with a time cap (FAMILY_CAP_S, env
 CSA_FAMILY_CAP_S; env CSA_FAMILIES picks and orders them, merging into the saved csa.json) and its results are merged into csa.json as soon as it
-ends, so a capped device call keeps what finished. SDPA-flash (dense causal MQA, as bench_dense.py) and torch.topk are measured inside the same families."""
+ends, so a capped device call keeps what finished. SDPA-flash (dense causal MQA, as bench_dense.py) and torch.topk are measured inside the same families.
+Env CSA_TRY runs the families with settings that are not yet the library's (TRY below) and writes csa_try_<...>.json."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -610,8 +612,36 @@ def _family(name):
         return {"fwd_bwd": {"triton_8192": safe(sparse_fwd_bwd, 8192)}}
     if name == "score_configs":
         return {"indexer": {"score_configs": safe(score_configs)}}
-    raise SystemExit(f"bench_csa: --family {name!r}; allowed: topk_row, prefill_rows, rows_by_length, sieve_probe, "
-                     "rowsel_probe, score_configs, decode_N, prefill_N, fwd_bwd")
+    _bad(f"bench_csa: --family {name!r}; allowed: topk_row, prefill_rows, rows_by_length, sieve_probe, rowsel_probe, "
+         "score_configs, decode_N, prefill_N, fwd_bwd")
+
+
+# CSA_TRY (env, comma-separated): settings not yet the library's, applied in every family's subprocess; the run then
+# writes csa_try_<settings>.json instead of csa.json, so a trial never stands in for the library's record
+TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM_STORES = True)",
+       "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list"}
+
+
+def _bad(msg):
+    """Bad input: one line on stderr, exit code 2."""
+    import sys
+    print(msg, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _apply_try(names):
+    for name in names:
+        if name == "asm_stores":
+            from dsv4_lab.kernels.indexer_topk import select as sel
+            sel.ASM_STORES = True
+        elif name == "score_candidates":
+            itk._indexer_scores_fwd.configs.extend(itk.SCORE_CANDIDATE_CONFIGS)
+        else:
+            _bad(f"bench_csa: CSA_TRY={name!r}; allowed: {', '.join(TRY)}")
+
+
+def _trying():
+    return tuple(sorted(n for n in os.environ.get("CSA_TRY", "").split(",") if n))
 
 
 FAMILIES = ("topk_row", "prefill_rows", "rows_by_length", "decode_1048576", "prefill_8192", "prefill_131072",
@@ -644,7 +674,13 @@ def main(out_dir=None, families=FAMILIES, cap_s=None):
                       "dtype": "bf16"},
            "indexer": {}, "compressor": {}, "sparse": {}, "fwd_bwd": {}, "decode": {}, "csa_prefill": {},
            "dense": {}, "topk_row": {}, "agreement": {}, "auto": dict(itk.AUTO), "families": {}}
-    if os.environ.get("CSA_FAMILIES"):                      # a subset: keep the other families' saved results
+    trying = _trying()
+    for name in trying:
+        if name not in TRY:
+            _bad(f"bench_csa: CSA_TRY={name!r}; allowed: {', '.join(TRY)}")
+    if trying:
+        res["try"] = {n: TRY[n] for n in trying}
+    if os.environ.get("CSA_FAMILIES") and not trying:       # a subset: keep the other families' saved results
         from common import RESULTS
         path = os.path.join(RESULTS, "csa.json")
         if os.path.exists(path):
@@ -672,7 +708,7 @@ def main(out_dir=None, families=FAMILIES, cap_s=None):
               res["decode"].get(fam.split("_")[-1], {}).get("csa_decode_us"), res["topk_row"].get("262144", {})
               if fam == "topk_row" else "", flush=True)
         res["seconds"] = round(time.time() - t_start, 1)
-        save("csa", res, out_dir)
+        save("csa_try_" + "_".join(trying) if trying else "csa", res, out_dir)
     return res
 
 
@@ -703,6 +739,7 @@ if __name__ == "__main__":
     ap.add_argument("--families", nargs="*", help=f"subset of {', '.join(FAMILIES)}")
     a = ap.parse_args()
     if a.family:
+        _apply_try(_trying())
         r = _family(a.family)
         with open(a.part, "w") as f:
             json.dump(r, f)
