@@ -147,6 +147,16 @@ def ceilings() -> dict:
     return _CEIL
 
 
+def write_json(path: str, payload: dict) -> str:
+    """payload to path as indented JSON, atomically (a temporary file renamed over it); its folder is made."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def save(name: str, payload: dict, out_dir: str | None = None) -> str:
     payload = {"env": env_info(), "ceilings": ceilings(), **payload}
     dirs = [RESULTS] + ([out_dir] if out_dir else [])

@@ -356,7 +356,7 @@ FAMILIES = {"sieve": sieve, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_p
 
 
 def main(only=None, out_dir=None):
-    from common import env_info
+    from common import env_info, write_json
     path = os.path.join(out_dir or RESULTS, "kernel_registers.json")
     res = {}
     if only and os.path.exists(path):                    # a subset: keep the other families' saved results
@@ -374,11 +374,7 @@ def main(only=None, out_dir=None):
                   f"{r['spill_loads']:>4} smem {r['smem']:>6} converts {r['layout_converts']:>3} "
                   f"programs/SM by registers "
                   f"{r['programs_per_sm_by_registers']}, by smem {r['programs_per_sm_by_smem']}", flush=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, res)
     return res
 
 

@@ -17,7 +17,6 @@ Each entry is the host's time to enqueue one call (common.host_ms: calls back to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_info, host_ms  # noqa: E402
+from common import env_info, host_ms, write_json  # noqa: E402
 from dsv4_lab.kernels._common import tl, triton  # noqa: E402
 
 N, DM, M = 8192, 1024, 4
@@ -99,11 +98,7 @@ def main(argv=None):
         t = torch.empty(16, device=dev)
         res["triton_launch_1"] = host_ms(lambda: _empty1[(1,)](t))
         res["triton_launch_33"] = host_ms(lambda: _empty33[(1,)](*([t] * 11), *range(3, 23), C0=1, C1=2))
-    rec = {"env": env_info(), "host_probe": res}
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(rec, fh, indent=1)
-    os.replace(tmp, a.out)
+    write_json(a.out, {"env": env_info(), "host_probe": res})
     for k, v in res.items():
         print(k, v)
 

@@ -15,14 +15,13 @@ kernel. A probe: the stage kernels are cut-down copies of the sieve's loops, kep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, env_info  # noqa: E402
+from common import bench, env_info, write_json  # noqa: E402
 from dsv4_lab.kernels._common import tl, triton  # noqa: E402
 from dsv4_lab.kernels.indexer_topk.rowselect import _keys, _kth_key  # noqa: E402
 from dsv4_lab.kernels.indexer_topk.select import _row_len, _scatter, _store_picks  # noqa: E402
@@ -133,12 +132,7 @@ def main(argv=None):
                                                                                    asm_stores=a), warmup=3,
                                                      rep=20)["ms"]
     res["bytes_read_GB"] = sum(min(L, (fr[1] + i + 1) // M) for i in range(R)) * 2 / 1e9
-    rec = {"env": env_info(), "sieve_parts": res}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(rec, fh, indent=1)
-    os.replace(tmp, a.out)
+    write_json(a.out, {"env": env_info(), "sieve_parts": res})
     for k_, v in res.items():
         print(k_, v)
 
