@@ -78,12 +78,9 @@ class EntryStore:
             nope, rope = x[..., : self.dim - self.rope_dim], x[..., self.dim - self.rope_dim:]
             q, e = fp8_quantize(nope, 64)                                   # E4M3 + UE8M0 per 64 (docs §6.3)
             return {"nope": q, "scale": (e + 127).to(torch.uint8), "rope": rope.to(torch.bfloat16)}
-        from ..quant.mxfp4 import e2m1_codes, mxfp4_parts
-        q, e = mxfp4_parts(x)                                               # E2M1 grid values, E8M0 per 32
-        c = e2m1_codes(q)
-        if c.shape[-1] % 2:
-            c = torch.nn.functional.pad(c, (0, 1))
-        return {"codes": c[..., 0::2] | (c[..., 1::2] << 4), "scale": (e + 127).to(torch.uint8)}
+        from ..quant.mxfp4 import mxfp4_pack
+        codes, scale = mxfp4_pack(x)                                        # E2M1 pairs per byte, E8M0 per 32
+        return {"codes": codes, "scale": scale}
 
     def decode(self, t: dict) -> torch.Tensor:
         if self.storage in ("fp32", "bf16"):

@@ -75,16 +75,23 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 8) != 0, -mag, mag)
 
 
+def mxfp4_pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K), any K -> (codes (..., ceil(K/2)) uint8, low nibble = even element, a zero nibble after an odd K;
+    scales (..., ceil(K/32)) uint8 E8M0, a partial last block scaled by its own entries)."""
+    q, e = mxfp4_parts(x)
+    c = e2m1_codes(q)
+    if c.shape[-1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    return c[..., 0::2] | (c[..., 1::2] << 4), (e + 127).to(torch.uint8)
+
+
 def mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K), K % 32 == 0 -> (codes (..., K/2) uint8, low nibble = even element; scales (..., K/32) uint8 E8M0)."""
     K = x.shape[-1]
     if K % MX_BLOCK:
         raise ValueError(f"mxfp4_quantize: last dim = {K} is not allowed: a multiple of {MX_BLOCK} (packed MXFP4); "
                          "use fake_quant_mxfp4 for partial blocks")
-    q, e = mxfp4_parts(x)
-    c = e2m1_codes(q)
-    codes = c[..., 0::2] | (c[..., 1::2] << 4)
-    return codes, (e + 127).to(torch.uint8)
+    return mxfp4_pack(x)
 
 
 def mxfp4_unpack(codes: torch.Tensor) -> torch.Tensor:
