@@ -59,8 +59,8 @@ HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit tab
 ONE_LAUNCH = False
 # The default store form of the selects' compacted picks and candidates (_scatter; `asm_stores` of radix_select,
 # sieve_select, row_select): inline PTX stores on the GPU when True. Off until timed and checked on the GPU: compiled
-# for sm_90 on the CPU it removes 15-17 layout conversions per sieve kernel (benchmarks/kernel_registers.py
-# `layout_converts`), which the sieve's stage probe puts at most of its time (docs/kernels.md §3).
+# for sm_90 on the CPU it leaves 0-2 of the sieve kernel's 14-16 layout conversions (benchmarks/kernel_registers.py
+# `layout_converts`), the cost the sieve's stage probe puts most of its time in (docs/kernels.md §3).
 ASM_STORES = False
 
 
