@@ -19,6 +19,7 @@ Env CSA_TRY runs the families with settings that are not yet the library's (TRY 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -84,13 +85,13 @@ def score_configs(Ns=(8192, 131072)):
         qI, kI, w = indexer_inputs(N)
         t1 = min(N, (1 << 28) // (N // M))
         ref = indexer_scores_triton(qI, kI, w, M, 0, 0, t1, dtype=torch.bfloat16)
+        vis = torch.isfinite(ref)
         e = {"tuned": scores_only(N, dtype=torch.bfloat16)["ms"],
              "tuned_config": str(itk._indexer_scores_fwd.best_config)}
         for cfg in list(itk._indexer_scores_fwd.configs) + itk.SCORE_CANDIDATE_CONFIGS:
             tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"
             try:
                 got = indexer_scores_triton(qI, kI, w, M, 0, 0, t1, dtype=torch.bfloat16, config=cfg)
-                vis = torch.isfinite(ref)
                 e[f"{tag}_same_scores"] = bool(torch.equal(got[vis], ref[vis]))
                 e[f"{tag}_ms"] = scores_only(N, config=cfg, dtype=torch.bfloat16)["ms"]
             except Exception as ex:                                             # noqa: BLE001
@@ -624,20 +625,24 @@ TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM
 
 def _bad(msg):
     """Bad input: one line on stderr, exit code 2."""
-    import sys
     print(msg, file=sys.stderr)
     raise SystemExit(2)
 
 
+def _check_try(names):
+    for name in names:
+        if name not in TRY:
+            _bad(f"bench_csa: CSA_TRY={name!r}; allowed: {', '.join(TRY)}")
+
+
 def _apply_try(names):
+    _check_try(names)
     for name in names:
         if name == "asm_stores":
             from dsv4_lab.kernels.indexer_topk import select as sel
             sel.ASM_STORES = True
         elif name == "score_candidates":
             itk._indexer_scores_fwd.configs.extend(itk.SCORE_CANDIDATE_CONFIGS)
-        else:
-            _bad(f"bench_csa: CSA_TRY={name!r}; allowed: {', '.join(TRY)}")
 
 
 def _trying():
@@ -662,9 +667,7 @@ def _merge(dst, src):
 def main(out_dir=None, families=FAMILIES, cap_s=None):
     """Every family in its own subprocess (time cap each), merged into csa.json after each one ends."""
     import json
-    import os
     import subprocess
-    import sys
     import tempfile
     cap_s = int(os.environ.get("CSA_FAMILY_CAP_S", FAMILY_CAP_S)) if cap_s is None else cap_s
     if os.environ.get("CSA_FAMILIES"):                      # e.g. CSA_FAMILIES="topk_row decode_1048576"
@@ -675,9 +678,7 @@ def main(out_dir=None, families=FAMILIES, cap_s=None):
            "indexer": {}, "compressor": {}, "sparse": {}, "fwd_bwd": {}, "decode": {}, "csa_prefill": {},
            "dense": {}, "topk_row": {}, "agreement": {}, "auto": dict(itk.AUTO), "families": {}}
     trying = _trying()
-    for name in trying:
-        if name not in TRY:
-            _bad(f"bench_csa: CSA_TRY={name!r}; allowed: {', '.join(TRY)}")
+    _check_try(trying)
     if trying:
         res["try"] = {n: TRY[n] for n in trying}
     if os.environ.get("CSA_FAMILIES") and not trying:       # a subset: keep the other families' saved results
@@ -715,7 +716,6 @@ def main(out_dir=None, families=FAMILIES, cap_s=None):
 def decode_only(out_dir=None, decode_Ns=(131072, 1048576), note=""):
     """Re-measure only the decode section and keep the rest of the saved csa.json (its env moves to env_rest)."""
     import json
-    import os
     from common import RESULTS
     old = json.load(open(os.path.join(RESULTS, "csa.json")))
     res = {k: v for k, v in old.items() if k not in ("env", "ceilings")}

@@ -159,13 +159,9 @@ def write_json(path: str, payload: dict) -> str:
 
 def save(name: str, payload: dict, out_dir: str | None = None) -> str:
     payload = {"env": env_info(), "ceilings": ceilings(), **payload}
-    dirs = [RESULTS] + ([out_dir] if out_dir else [])
     path = None
-    for d in dirs:
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{name}.json")
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=1)
+    for d in [RESULTS] + ([out_dir] if out_dir else []):
+        path = write_json(os.path.join(d, f"{name}.json"), payload)
     return path
 
 
