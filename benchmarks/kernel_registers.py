@@ -200,26 +200,42 @@ def rowsel():
 
 # the indexer score kernel on a 128K prefill's last chunk of 8K queries (HI 4 x DI 64, ratio 4: 32K keys), bf16 scores
 SCORE_INTS = dict(Tq=8192, Sp=32768, t0=122880, q_offset=0, sqb=131072 * 256, sqt=256, sqh=64, skb=32768 * 64, sks=64,
-                  ssb=32768 * 64, sss=64, swb=131072 * 4, swt=4, sob=8192 * 32768, sot=32768)
+                  ssb=32768 * 64, sss=64, swb=131072 * 4, swt=4, sob=8192 * 32768, sot=32768, NPROG=1, KSEL=0)
+# the same kernel at a 1M-context decode step with the select's first digit fused (level0): one query, 256K keys in
+# programs of level0_chunk(256K) keys, the select's 2 (bf16 scores) or 4 (fp32) digits of 8 bits
+LEVEL0_INTS = dict(SCORE_INTS, Tq=1, Sp=262144, t0=0, q_offset=1048575, sqb=256, sqt=256, skb=262144 * 64,
+                   ssb=262144 * 64, swb=4, sob=262144, sot=262144, NPROG=128, KSEL=512)
 
 
 def scores():
     """Every config and candidate of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
-    on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4)."""
+    on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4); and its decode launch with the select's first digit
+    fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores)."""
     import triton.language as tl
 
     from dsv4_lab.kernels.indexer_topk import triton as it
     out = {}
     for packed in (False, True):
         kt = "*u8" if packed else "*bf16"
-        ptr = {"QI": "*bf16", "KI": kt, "KS": kt, "WT": "*bf16", "OUT": "*bf16", **{a: "i32" for a in SCORE_INTS}}
+        ptr = {"QI": "*bf16", "KI": kt, "KS": kt, "WT": "*bf16", "OUT": "*bf16", "HIST": "*i32", "PH": "*i32",
+               **{a: "i32" for a in SCORE_INTS}}
         for cfg in list(it._indexer_scores_fwd.configs) + it.SCORE_CANDIDATE_CONFIGS:
             c = dict(HI=4, HIP=4, DI=64, BLOCK_D=64, BLOCK_M=32, RATIO=4, DOT_DT=tl.bfloat16, FILL=False,
-                     MXFP4=packed, **cfg.kwargs)
+                     MXFP4=packed, L0DB=0, L0NL=0, **cfg.kwargs)
             tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
                 + ("_mxfp4" if packed else "")
             out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, cfg.num_warps, cfg.num_stages,
                                  ints=SCORE_INTS)
+    lc = it.LEVEL0_CONFIG
+    chunk = it.level0_chunk(LEVEL0_INTS["Sp"])
+    for sdt, nl in (("bf16", 16 // it.LEVEL0_DB), ("fp32", 32 // it.LEVEL0_DB)):
+        ptr = {"QI": "*bf16", "KI": "*bf16", "KS": "*bf16", "WT": "*bf16", "OUT": f"*{sdt}", "HIST": "*i32",
+               "PH": "*i32", **{a: "i32" for a in LEVEL0_INTS}}
+        c = dict(HI=4, HIP=16, DI=64, BLOCK_D=64, BLOCK_M=1, RATIO=4, DOT_DT=tl.bfloat16, FILL=False, MXFP4=False,
+                 L0DB=it.LEVEL0_DB, L0NL=nl, BLOCK_N=lc["BLOCK_N"], NLOOP=chunk // lc["BLOCK_N"])
+        tag = f"level0_BN{lc['BLOCK_N']}_L{chunk // lc['BLOCK_N']}_w{lc['num_warps']}_s{lc['num_stages']}_{sdt}"
+        out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, lc["num_warps"], lc["num_stages"],
+                             ints=LEVEL0_INTS)
     return out
 
 
@@ -337,16 +353,18 @@ def window_bwd(H=8, D=128, T=4096):
 
 def select_one_launch():
     """The split-row select in one launch (select.py _select_one_launch: grid barriers between the digit levels),
-    decode's setting (8-bit digits, 2048-entry blocks, 8 warps), bf16 and fp32 rows: two programs per SM must fit for
-    P R <= SMs to be resident with room to spare."""
+    decode's setting (8-bit digits, 2048-entry blocks, 8 warps), bf16 and fp32 rows, from digit 0 and (_first1) from
+    digit 1: two programs per SM must fit for P R <= SMs to be resident with room to spare."""
     from dsv4_lab.kernels.indexer_topk import select as sel
     out = {}
     for dt, nl in (("bf16", 2), ("fp32", 4)):
         ptr = {"VAL": f"*{dt}", "HIST": "*i32", "PH": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32",
                **ROW_ARGS}
         for asm, tag in STORE_FORMS:
-            c = dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128, ASM=asm)
-            out[f"{dt}_nw8{tag}"] = resources(sel._select_one_launch, ptr, c, 8, ints=SELECT_ONE_LAUNCH_INTS)
+            for first in (0, 1):                        # 1: digit 0 counted by the score launch (first_level=1)
+                c = dict(NL=nl, DB=8, RATIO=0, BLOCK=2048, QB=128, FIRST=first, ASM=asm)
+                out[f"{dt}_nw8{tag}" + ("_first1" if first else "")] = resources(
+                    sel._select_one_launch, ptr, c, 8, ints=SELECT_ONE_LAUNCH_INTS)
     return out
 
 

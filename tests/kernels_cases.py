@@ -326,7 +326,8 @@ def _mxfp4_agree(tag, qI, keys, vq, w, k, R, off, configs):
     one config: so an error model, not bits. Each score is off the
     exact one by at most E (_mxfp4_bound), so the two differ by at most 2 E (+ one bf16 ulp of the score for bf16
     scores); under each config of `configs` and tuned. The tuned top-k picks may differ only among entries whose
-    exact (fp64) score lies within that of the row's k-th."""
+    exact (fp64) score lies within that of the row's k-th (for one query also with the packed scores' launch
+    counting the select's first digit, fuse_level0)."""
     from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
     ref, err = _mxfp4_bound(qI, keys, w, R, off)
     S = ref.shape[-1]
@@ -341,8 +342,10 @@ def _mxfp4_agree(tag, qI, keys, vq, w, k, R, off, configs):
             d = torch.where(fin, (a - b).abs() - bound, 0.0)
             assert bool((d <= 0).all()), \
                 f"{tag} {cfg}: {sdt} scores differ by {float(d.max()):.3g} beyond the error model"
-    for m, ulp in (("auto", 0.0), ("auto_bf16", 2.0 ** -7)):
-        ia = indexer_topk_triton(qI, keys, w, k, R, q_offset=off, method=m)
+    runs = [(m, ulp, fuse) for m, ulp in (("auto", 0.0), ("auto_bf16", 2.0 ** -7))
+            for fuse in ((False, True) if qI.shape[1] == 1 else (False,))]      # one query: also the fused digit 0
+    for m, ulp, fuse in runs:
+        ia = indexer_topk_triton(qI, keys, w, k, R, q_offset=off, method=m, fuse_level0=fuse)
         ib = indexer_topk_triton(qI, vq, w, k, R, q_offset=off, method=m)
         for row in range(ia.shape[0] * ia.shape[1]):
             sa, sb = (set(x.reshape(-1, x.shape[-1])[row].tolist()) - {-1} for x in (ia, ib))
@@ -413,15 +416,20 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     read only what the score kernel wrote). Dyadic inputs keep every score exact in any order and dtype, so scores
     must match exactly; the fp32-score methods must return the naive twin's top-k values, the bf16 ones the top-k of
     the scores rounded once to bf16, as sets of distinct visible picks, -1 exactly at -inf (_check_method); the
-    select methods exactly the naive twin's picks on those scores (_check_select_naive)."""
+    select methods exactly the naive twin's picks on those scores (_check_select_naive). One-query calls (decode) of
+    the select methods also run with the select's first digit counted by the score launch (fuse_level0): the same
+    picks and values bit for bit, and the select workspace left zeroed."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
     # (B, T, HI, DI, S, k, ratio, q_offset, chunk_elems): one chunk; query chunks of 16 rows with skipped tiles;
-    # decode in one chunk; decode in 3 query chunks (chunk_elems below T x S')
+    # decode in one chunk; decode in 3 query chunks (chunk_elems below T x S'); one-query decode of 3 rows (the
+    # fused first digit over 2 programs), of a row with fewer than k visible entries, and of one with k + 1
     if not big:
         shapes = [(2, 7, 3, 20, 5, 5, 4, 0, 1 << 28), (1, 24, 4, 16, 40, 6, 1, 8, 400),
-                  (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28), (1, 5, 2, 8, 60, 7, 1, 40, 100)]
+                  (2, 1, 3, 16, 100, 5, 4, 398, 1 << 28), (1, 5, 2, 8, 60, 7, 1, 40, 100),
+                  (3, 1, 2, 8, 30, 9, 1, 20, 1 << 28), (1, 1, 2, 8, 30, 9, 4, 20, 1 << 28),
+                  (1, 1, 2, 8, 30, 9, 1, 9, 1 << 28)]
     else:
         shapes = [(1, 4096, 4, 64, 1024, 512, 4, 0, 1 << 28), (2, 3000, 4, 64, 750, 512, 4, 0, 1 << 20),
                   (1, 2048, 4, 64, 32768, 512, 4, 120000, 1 << 26), (1, 1, 4, 64, 65536, 512, 4, 262143, 1 << 28),
@@ -453,6 +461,13 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     assert torch.equal(out[1], v_r), f"{m}: top-k values differ from the naive twin's"
                 if m.startswith(("select", "rowsel", "sieve")):
                     _check_select_naive(f"{m} {(B, T, S, k, R, off, ce)} return_scores={rs}", out, rs, r, k)
+                if m.startswith("select") and T == 1:                 # the score launch counting digit 0
+                    from dsv4_lab.kernels.indexer_topk.triton import _select_workspace
+                    fused = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=rs, method=m,
+                                                chunk_elems=ce, workspace=ws, fuse_level0=True)
+                    same = all(map(torch.equal, fused, out)) if rs else torch.equal(fused, out)
+                    assert same, f"{m} {(B, T, S, k, R, off)} return_scores={rs}: fuse_level0 changes the picks"
+                    assert not _select_workspace(B, qI.device).hist.any(), f"{m} fused: workspace left non-zero"
     # rows longer than the row select holds go to the split-row select: the same picks, slot for slot
     from dsv4_lab.kernels.indexer_topk import rowselect
     B, T, HI, DI, S, k, R, off, ce = shapes[1]
@@ -652,6 +667,27 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     it._row_selector("select", dev_ws.rows + 5, device)(x, 20, None, None)
     assert dev_ws.rows >= x.shape[0] and any(w is small for w in dev_ws.outgrown), \
         "the indexer's select workspace was replaced without keeping the old one alive"
+    # first_level=1 (digit 0 counted by the launch that wrote the rows) only with that launch's workspace, chunks
+    # (programs = cdiv(L, block)) and 8-bit digits: anything else is a one-line ValueError naming what is wrong
+    x = torch.randn(1, 300, generator=g).to(device)
+    for kw, needle in (({"first_level": 2}, "first_level=2"), ({"first_level": 1}, "workspace=NoneType"),
+                       ({"first_level": 1, "workspace": ws, "programs": 5, "block": 64}, "digit_bits=None"),
+                       ({"first_level": 1, "workspace": ws, "programs": 4, "block": 64, "digit_bits": 8},
+                        "programs = cdiv(L, block)")):
+        try:
+            radix_select(x, 20, **kw)
+        except ValueError as e:
+            assert needle in str(e) and "\n" not in str(e), f"radix_select {kw}: {e}"
+        else:
+            raise AssertionError(f"radix_select accepted {kw}")
+    assert not ws.hist.any(), "a refused call wrote into the workspace"
+    try:                                                 # the fused digit 0 is one query row's: decode only
+        it.indexer_scores_triton(torch.randn(1, 2, 2, 16, device=device), torch.randn(1, 10, 16, device=device),
+                                 torch.randn(1, 2, 2, device=device), 1, 0, level0=(ws, 3))
+    except ValueError as e:
+        assert "t1 - t0 = 2" in str(e) and "\n" not in str(e), str(e)
+    else:
+        raise AssertionError("indexer_scores_triton accepted level0 for two query rows")
 
 
 # ------------------------------------------------------------------------------------------------ fake_quant

@@ -278,17 +278,21 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     (select_bf16), and the picks sit in select's fixed slot order (kernels_cases.select_expected: the entries above
     the k-th score by index, then the lowest-index tied ones; the dyadic scores tie a lot), replay after replay; and
     prefill rows beyond 64K entries (one program per row; torch.topk too): the naive twin's values, and for select
-    its indices too (lower index first among ties)."""
+    its indices too (lower index first among ties). The select methods run twice: as the library runs them and with
+    the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit)."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, indexer_topk_triton
     N = 1 << 20
     qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
     full = indexer_scores(qI, kI, w, 4, N - 1)                                    # (1, 1, S) exact fp32 sums
-    for m in ("auto", "select", "select_bf16"):                           # auto: AUTO["decode"] (bf16 inputs)
+    runs = [("auto", None), ("select", None), ("select_bf16", None), ("select", True), ("select_bf16", True)]
+    for m, fuse in runs:                                                 # auto: AUTO["decode"] (bf16 inputs)
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
-        fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m)  # noqa: E731
+        fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m,  # noqa: E731
+                                         fuse_level0=fuse)
+        m = m + ("_fused" if fuse else "")
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

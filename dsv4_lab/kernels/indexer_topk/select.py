@@ -258,22 +258,24 @@ def _arrive_and_wait(CNT, target):
 
 @triton.jit
 def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
-                       RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, ASM: tl.constexpr):
-    """The whole select in one launch (grid (P, R), every program resident: P R <= SMs): the NL digit levels and the
-    emit of the multi-launch select, a grid barrier per row after each level in place of the launch boundary. The
-    row's counter (its histogram table's ticket slot) counts every program's arrival at every barrier and its exit;
-    the last to exit zeroes the table and the counter for the next call."""
+                       RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, FIRST: tl.constexpr,
+                       ASM: tl.constexpr):
+    """The whole select in one launch (grid (P, R), every program resident: P R <= SMs): the digit levels FIRST..
+    NL-1 (the ones before already counted) and the emit of the multi-launch select, a grid barrier per row after
+    each level in place of the launch boundary. The row's counter (its histogram table's ticket slot) counts every
+    program's arrival at every barrier and its exit; the last to exit zeroes the table and the counter for the next
+    call."""
     p = tl.program_id(0)
     row = tl.program_id(1)
     H: tl.constexpr = NL * (1 << DB)
     hbase = row.to(tl.int64) * (H + 1)
     cnt = HIST + hbase + H
-    for lev in range(NL):
+    for lev in range(FIRST, NL):
         _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, NL, DB, RATIO, BLOCK)
-        _arrive_and_wait(cnt, (lev + 1) * P)
+        _arrive_and_wait(cnt, (lev - FIRST + 1) * P)
     _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False, ASM)
     tl.debug_barrier()
-    if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == (NL + 1) * P - 1:     # every program read its last
+    if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == (NL - FIRST + 1) * P - 1:   # every program read its last
         tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
         tl.store(cnt, 0)
 
@@ -333,7 +335,7 @@ class SelectWorkspace:
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  programs: int | None = None, workspace: SelectWorkspace | None = None, digit_bits: int | None = None,
                  block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 one_launch: bool | None = None, asm_stores: bool | None = None):
+                 one_launch: bool | None = None, asm_stores: bool | None = None, first_level: int = 0):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
     order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: a SelectWorkspace
@@ -344,15 +346,24 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     one_launch: the NL digit launches and the emit as one launch with a grid barrier per level (_select_one_launch;
     every program must be resident at once, so R <= the device's SMs and P is capped at SMs // R); None: ONE_LAUNCH
     where R <= the SMs. The Triton interpreter runs program instances one after another, so there it runs the same
-    levels as separate launches. asm_stores: the emit's scattered stores as inline PTX (asm_stores_on)."""
+    levels as separate launches. asm_stores: the emit's scattered stores as inline PTX (asm_stores_on).
+    first_level=1: digit 0 is already counted in the workspace, with its suffix counts, by the launch that wrote the
+    rows (indexer_scores_triton level0) for these programs and chunks (block = the chunk, digit_bits = 8): the digit
+    launches start at digit 1 (one launch only where those programs are all resident: P R <= the SMs)."""
     R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
+    if first_level not in (0, 1):
+        raise ValueError(f"radix_select: first_level={first_level}; allowed: 0, 1")
+    if first_level and (workspace is None or programs is None or block is None or digit_bits != 8):
+        raise ValueError("radix_select: first_level=1 needs the workspace, programs, block (the chunk) and "
+                         f"digit_bits=8 of the launch that counted digit 0; got workspace={type(workspace).__name__}, "
+                         f"programs={programs}, block={block}, digit_bits={digit_bits}")
     P = default_programs(R, L) if programs is None else max(1, int(programs))
     if one_launch or (one_launch is None and ONE_LAUNCH):
         sms = sm_count(val.device) if val.is_cuda else SMS
         if one_launch and R > sms:
             raise ValueError(f"radix_select: one_launch=True with R={R} rows; allowed: R <= {sms} (the SMs: every "
                              "program of the launch must be resident at once)")
-        one_launch = R <= sms
+        one_launch = R <= sms and not (first_level and P * R > sms)   # level-0 chunks fixed: no fewer programs
         P = min(P, sms // max(R, 1)) if one_launch else P
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
     if DB not in (4, 8):
@@ -364,6 +375,10 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
         return oval, oidx
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
     C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
+    if first_level and (C != BLOCK or triton.cdiv(L, C) != P):
+        raise ValueError(f"radix_select: first_level=1 with programs={P}, block={BLOCK} on rows of L={L}: the "
+                         f"chunks would be {C} entries over {triton.cdiv(L, C)} programs; allowed: programs = "
+                         "cdiv(L, block), as the level-0 launch cut them")
     P = triton.cdiv(L, C)                                                   # <= the P asked for
     H = NL * (1 << DB)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
@@ -371,10 +386,10 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     if one_launch and not INTERPRET:
         _select_one_launch[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq,
-                                   q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128,
+                                   q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, FIRST=first_level,
                                    ASM=asm_stores_on(asm_stores), num_warps=num_warps)
         return oval, oidx
-    for lev in range(NL):
+    for lev in range(first_level, NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
                             RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
     _emit[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,

@@ -17,6 +17,7 @@ import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
 from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
+from .select import _hist_body
 
 
 # ================================================================================================ score kernel
@@ -108,11 +109,16 @@ def _fill_tile(O, n0, omask_m, Sp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 
 @triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
 @triton.jit
-def _indexer_scores_fwd(QI, KI, KS, WT, OUT, Tq, Sp, t0, q_offset,
+def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPROG, KSEL,
                         sqb, sqt, sqh, skb, sks, ssb, sss, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NLOOP: tl.constexpr, RATIO: tl.constexpr,
-                        DOT_DT: tl.constexpr, FILL: tl.constexpr, MXFP4: tl.constexpr):
+                        DOT_DT: tl.constexpr, FILL: tl.constexpr, MXFP4: tl.constexpr, L0DB: tl.constexpr,
+                        L0NL: tl.constexpr):
+    """L0DB > 0 (level0 of indexer_scores_triton; one query per program, BLOCK_M 1, T = 1): the program's
+    NLOOP * BLOCK_N keys are also chunk pid_n of radix_select's row b (NPROG programs, k = KSEL, L0NL digits of L0DB
+    bits); after writing their scores it runs that select's level-0 program on them (select._hist_body: read back,
+    as stored, after a CTA barrier), adding the chunk's first-digit histogram to HIST and its suffix counts to PH."""
     R: tl.constexpr = BLOCK_M * HIP
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -153,6 +159,11 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, Tq, Sp, t0, q_offset,
         if FILL:
             for j in range(nt, NLOOP):
                 _fill_tile(OUT + orow, n_first + j * BLOCK_N, omask_m, Sp, BLOCK_M, BLOCK_N)
+    if L0DB > 0:                                   # the select's level-0 program for this chunk, on the stored scores
+        tl.static_assert(BLOCK_M == 1, "one query row per program")
+        tl.debug_barrier()                         # every thread's score stores before any thread reads them back
+        _hist_body(OUT, HIST, PH, Sp, NLOOP * BLOCK_N, NPROG, sob, 1, q_offset + t0, KSEL, 0, pid_n,
+                   tl.program_id(2), L0NL, L0DB, RATIO, NLOOP * BLOCK_N)      # row b: the select's row of batch b
 
 
 def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
@@ -161,7 +172,7 @@ def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
 
 def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0, t1: int | None = None,
                           s1: int | None = None, out: torch.Tensor | None = None, fill: bool = True, config=None,
-                          dtype: torch.dtype = torch.float32, pad: int = 1):
+                          dtype: torch.dtype = torch.float32, pad: int = 1, level0=None):
     """(B, t1 - t0, S') scores of queries t0..t1-1 (positions q_offset + t), invisible entries -inf; `dtype` fp32,
     or bf16 (the fp32 sum over heads rounded once to nearest: half the bytes written and read by the top-k).
 
@@ -173,7 +184,12 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     pad: rows of `out` start every ceil(S' / pad) * pad elements (pad 64: aligned rows, so readers load whole
     16-byte vectors); the result is then a (B, t1 - t0, S') view of the padded rows.
     kI: (B, S, DI) keys, or naive.MXFP4Keys (packed MXFP4: a quarter of the bf16 key bytes, unpacked in registers:
-    the scores of the unpacked keys up to fp32 summation order, _mxfp4_logits summing per 32-element block)."""
+    the scores of the unpacked keys up to fp32 summation order, _mxfp4_logits summing per 32-element block).
+    level0=(workspace, k): one query per batch row (t1 - t0 == 1, decode) and the first digit launch of the radix
+    select that follows, fused: each program scores level0_chunk(S') keys, radix_select's chunk, then runs that
+    launch's program for the chunk on the stored scores (select._hist_body, into the select.SelectWorkspace); then
+    radix_select(..., programs=cdiv(S', chunk), block=chunk, digit_bits=8, first_level=1, workspace=) runs the rest
+    (the same picks, bit for bit). fill=False; config is not used (one launch form, LEVEL0_CONFIG)."""
     packed = isinstance(kI, MXFP4Keys)
     if packed:
         check_mxfp4_keys(kI)
@@ -204,12 +220,44 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     if config is not None:
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
-    kern[grid](qI, keys, scales, w, out, Tq, Sp, t0, q_offset,
+    hist, ph, nprog, ksel, nl, l0db = out, out, 1, 0, 0, 0                       # level 0 off (pointers unused)
+    if level0 is not None:
+        ws, ksel = level0
+        if Tq != 1:
+            raise ValueError(f"indexer_scores_triton: level0 with t1 - t0 = {Tq} query rows; allowed: 1 (decode)")
+        chunk, bn = level0_chunk(Sp), LEVEL0_CONFIG["BLOCK_N"]                # chunk: whole tiles
+        nprog, l0db = triton.cdiv(Sp, chunk), LEVEL0_DB
+        nl = (16 if dtype == torch.bfloat16 else 32) // l0db                    # the select's digits per key
+        ws.fit(B, B * (nprog - 1) * nl * (1 << l0db), qI.device)
+        hist, ph, fill, BLOCK_M, HIP = ws.hist, ws.scratch, False, 1, max(16, HIP)   # 16 dot rows: heads padded
+        kern, extra = _indexer_scores_fwd.fn, dict(BLOCK_N=bn, NLOOP=chunk // bn,
+                                                   num_warps=LEVEL0_CONFIG["num_warps"],
+                                                   num_stages=LEVEL0_CONFIG["num_stages"])
+        grid = (nprog, 1, B)
+    kern[grid](qI, keys, scales, w, out, hist, ph, Tq, Sp, t0, q_offset, nprog, ksel,
                qI.stride(0), qI.stride(1), qI.stride(2), keys.stride(0), keys.stride(1), scales.stride(0),
                scales.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-               DOT_DT=dot_dtype(qI), FILL=fill, MXFP4=packed, **extra)
+               DOT_DT=dot_dtype(qI), FILL=fill, MXFP4=packed, L0DB=l0db, L0NL=nl, **extra)
     return out
+
+
+# The decode score launch with the select's first digit fused (level0 above): about `programs` programs per row
+# (radix_select's decode split, select.default_programs), BLOCK_N keys per tile, num_warps / num_stages of the
+# program's key loop; LEVEL0_DB-bit digits (radix_select's decode digits). Not the default until timed on the GPU
+# (FUSE_LEVEL0 below; bench_csa.py decode also times other values of this dict).
+LEVEL0_CONFIG = {"programs": 4 if INTERPRET else 128, "BLOCK_N": 16 if INTERPRET else 256, "num_warps": 8,
+                 "num_stages": 3}
+LEVEL0_DB = 8
+
+
+def level0_chunk(Sp: int) -> int:
+    """Keys per program of the fused level-0 score launch, = radix_select's chunk there (a power of two): about
+    LEVEL0_CONFIG["programs"] programs per row, between one tile and 2048 keys (4 tiles in the interpreter, so tiny
+    tests split their rows)."""
+    c = LEVEL0_CONFIG
+    hi = 4 * c["BLOCK_N"] if INTERPRET else 2048
+    return min(hi, max(c["BLOCK_N"], next_pow2(triton.cdiv(max(Sp, 1), c["programs"]))))
 
 
 # ================================================================================================ indexer + top-k
@@ -233,6 +281,10 @@ AUTO_SHORT_L: int | None = 2048
 FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "rowsel", "sieve_bf16": "sieve"}
 BF16_TWIN = {v: k for k, v in FP32_TWIN.items()}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
+# Decode with one query (T = 1) under the select methods: the score launch also counts the select's first digit
+# (indexer_scores_triton level0), one launch fewer per step, the same picks. Off until timed on the GPU
+# (bench_csa.py decode: indexer_select*_fused_us).
+FUSE_LEVEL0 = False
 
 
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
@@ -252,14 +304,30 @@ def _topk_torch(sc, k, ordered: bool = True):
 _SELECT_WS: dict = {}        # device -> the select.SelectWorkspace of the calls on that device (one stream at a time)
 
 
+def _select_workspace(rows: int, device):
+    """The select.SelectWorkspace of the calls on `device`: one per device, kept (each call leaves it zeroed: no
+    memset launch); it grows by fit, keeping the old buffers."""
+    from .select import SelectWorkspace
+    if str(device) not in _SELECT_WS:
+        _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)
+    return _SELECT_WS[str(device)]
+
+
+def _level0_selector(ws, Sp: int):
+    """radix_select from digit 1 on the rows of a level0 score launch (indexer_scores_triton): its chunks and
+    workspace, f(scores (R, Sp), k, frontier, out) -> (vals, idx) as _row_selector's."""
+    from .select import radix_select
+    chunk = level0_chunk(Sp)
+    return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk,
+                                                digit_bits=LEVEL0_DB, workspace=ws, out=out, first_level=1)
+
+
 def _row_selector(method: str, rows: int, device):
     """The select methods' top-k of score rows, f(scores (R, L), k, frontier, out) -> (vals, idx) for up to `rows`
     rows at a time (select.py / sieve.py / rowselect.py); None for the torch.topk methods."""
     if method.startswith("select"):
-        from .select import SelectWorkspace, radix_select
-        if str(device) not in _SELECT_WS:      # one per device, kept: each call leaves it zeroed (no memset launch);
-            _SELECT_WS[str(device)] = SelectWorkspace(rows, device=device)    # it grows by fit, keeping old buffers
-        ws = _SELECT_WS[str(device)]
+        from .select import radix_select
+        ws = _select_workspace(rows, device)
         return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
     if method.startswith("sieve"):
         from .sieve import sieve_select
@@ -271,7 +339,8 @@ def _row_selector(method: str, rows: int, device):
 
 
 def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return_scores: bool = False,
-                        method: str = "auto", chunk_elems: int = 1 << 28, workspace: torch.Tensor | None = None):
+                        method: str = "auto", chunk_elems: int = 1 << 28, workspace: torch.Tensor | None = None,
+                        fuse_level0: bool | None = None):
     """Lightning-indexer top-k. method (docs/kernels.md §3; measured by benchmarks/bench_csa.py):
       torch        Triton fp32 scores per query chunk (only the chunk's visible key range) + torch.topk of the rows.
                    The reference bench_csa.py checks the other methods against.
@@ -305,7 +374,9 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
     -1 / -inf last (select: stable, so equal scores stay in index order, as in the naive twin).
     Query chunks hold at most `chunk_elems` scores (1 GiB of fp32 by default); the [T, S] matrix is never built.
     kI may be naive.MXFP4Keys (packed MXFP4 keys, as the paper caches them: the score kernel unpacks them).
-    workspace: an fp32 buffer for the score chunks (allocated per call if None or too small)."""
+    workspace: an fp32 buffer for the score chunks (allocated per call if None or too small).
+    fuse_level0 (None: FUSE_LEVEL0): with a select method and one query (T = 1), the score launch also counts the
+    select's first digit (indexer_scores_triton level0): one launch fewer, the same picks."""
     from .rowselect import MAX_L                                    # read per call (the tests lower it)
     B, T, HI, DI = qI.shape
     S = kI.shape[1]
@@ -349,13 +420,15 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
             if Sp == 0:
                 continue                                        # nothing visible: the -1 / -inf prefill stands
             short = Sp <= short_l                               # a short chunk: the row select (auto)
+            fused = method.startswith("select") and T == 1 and (FUSE_LEVEL0 if fuse_level0 is None else fuse_level0)
+            level0 = (_select_workspace(B, qI.device), min(k, Sp)) if fused else None
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not (select or short),
-                                       dtype=sdt, pad=pad)
+                                       dtype=sdt, pad=pad, level0=level0)
             sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
             if select or short:
-                v, i = (short_rows if short else select_rows)(sc, min(k, Sp), (t1 - t0, q_offset + t0, ratio),
-                                                              (val.view(B * T, k), idx.view(B * T, k)) if direct
-                                                              else None)
+                rows_f = _level0_selector(level0[0], Sp) if fused else short_rows if short else select_rows
+                v, i = rows_f(sc, min(k, Sp), (t1 - t0, q_offset + t0, ratio),
+                              (val.view(B * T, k), idx.view(B * T, k)) if direct else None)
                 if direct:
                     continue
                 if return_scores:                               # stable: equal scores stay in index order
