@@ -6,7 +6,9 @@ sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B =
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
 and rowsel / rowsel_bf16 (the one-program-per-row select of indexer_topk/rowselect.py) on fp32 / bf16 scores;
-torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). The variants measured here
+torch_topk = the naive PyTorch path (fp32 einsum scores + torch.topk; 8K/32K only). Decode also times the select
+methods as one launch (_one_launch), with the score launch counting their first digit (_fused: checked to give the
+unfused picks slot for slot), and both; csa_decode_us takes the form the library runs. The variants measured here
 before and removed from the package: benchmarks/README.md ("Removed indexer top-k variants"; their numbers stay in
 results/csa.json).
 Work: indexer 2*HI*DI FLOP per visible (query, entry) pair (docs/kernels.md §9.1); gather bandwidth counts each
@@ -241,6 +243,12 @@ def sparse_naive(N):
     return bench(lambda: sparse_attn_naive(q, kv, comp, idx, sink, D ** -0.5, W, chunk=2048), warmup=2, rep=50)
 
 
+# the fused decode launch's other forms timed beside LEVEL0_CONFIG (indexer_topk/triton.py): more programs per row,
+# narrower tiles, deeper or shallower key pipelines
+LEVEL0_VARIANTS = ({"programs": 256}, {"BLOCK_N": 128}, {"num_stages": 4}, {"num_stages": 2},
+                   {"programs": 256, "BLOCK_N": 128, "num_warps": 4})
+
+
 def decode(N):
     S = N // M
     qI, kI, w = indexer_inputs(N, T=1)
@@ -254,22 +262,34 @@ def decode(N):
     r = bench_graph(lambda: indexer_scores_triton(qI, kI, w, M, N - 1, out=buf, fill=False), reps=50)
     out["score_us"] = r["ms"] * 1e3
     out["score_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
-    best = None
+    # bf16 scores (select_bf16's), tuned launch and the launch that also counts the select's first digit (level0,
+    # into a workspace of its own: these calls leave its histograms non-zero, no select runs after them)
     from dsv4_lab.kernels.indexer_topk import select as sel
+    bbuf = torch.empty(S, dtype=torch.bfloat16, device="cuda")
+    for tag, l0 in (("score_bf16", None), ("score_bf16_level0", (sel.SelectWorkspace(1), K))):
+        r = bench_graph(lambda l0=l0: indexer_scores_triton(qI, kI, w, M, N - 1, out=bbuf, fill=False,
+                                                            dtype=torch.bfloat16, level0=l0), reps=50)
+        out[f"{tag}_us"] = r["ms"] * 1e3
+        out[f"{tag}_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
+    out["level0_config"] = dict(itk.LEVEL0_CONFIG, chunk=itk.level0_chunk(S))
+    best = None
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L
-    # the select methods twice: as NL + 1 launches and as one launch with grid barriers (select.ONE_LAUNCH)
-    runs = [(m, False) for m in METHODS] + [(m, True) for m in METHODS if m.startswith("select")]
-    for method, one_launch in runs:
-        name = method + ("_one_launch" if one_launch else "")
+    # the select methods also as one launch with grid barriers (select.ONE_LAUNCH), and with their first digit
+    # counted by the score launch (triton.FUSE_LEVEL0), each alone and both
+    sel_methods = [m for m in METHODS if m.startswith("select")]
+    runs = [(m, False, False) for m in METHODS] + [(m, ol, fu) for m in sel_methods
+                                                    for ol, fu in ((True, False), (False, True), (True, True))]
+    for method, one_launch, fuse in runs:
+        name = method + ("_one_launch" if one_launch else "") + ("_fused" if fuse else "")
         if method.startswith("rowsel") and S > MAX_L:                          # would run select: measured already
             continue
         if method.startswith("sieve"):                        # one program per row: a prefill method, not decode's
             continue
 
-        def one(method=method, one_launch=one_launch):
+        def one(method=method, one_launch=one_launch, fuse=fuse):
             old, sel.ONE_LAUNCH = sel.ONE_LAUNCH, one_launch
             try:
-                return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=method)
+                return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=method, fuse_level0=fuse)
             finally:
                 sel.ONE_LAUNCH = old
         try:
@@ -278,10 +298,25 @@ def decode(N):
             else:
                 same = torch.equal(torch.sort(one(), -1).values, torch.sort(i_ref, -1).values)   # index sets
                 out[f"indexer_{name}_matches_naive_set"] = same                                  # (no ties)
+            if fuse:                                                   # the same picks, slot for slot
+                out[f"indexer_{name}_same_as_unfused"] = torch.equal(one(), one(fuse=False))
+            if fuse and not one_launch:                 # other fused launch forms (LEVEL0_CONFIG), each checked
+                for var in LEVEL0_VARIANTS:
+                    keep = dict(itk.LEVEL0_CONFIG)
+                    itk.LEVEL0_CONFIG.update(var)
+                    try:
+                        tag = f"indexer_{name}_" + "_".join(f"{a}{v}" for a, v in var.items())
+                        out[f"{tag}_same_as_unfused"] = torch.equal(one(), one(fuse=False))
+                        out[f"{tag}_us"] = bench_graph(one, reps=50)["ms"] * 1e3
+                    except Exception as e:                                     # noqa: BLE001
+                        out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    finally:
+                        itk.LEVEL0_CONFIG.clear()
+                        itk.LEVEL0_CONFIG.update(keep)
             r = bench_graph(one, reps=50)
             out[f"indexer_{name}_us"] = r["ms"] * 1e3
-            if method.startswith("select") and one_launch != sel.ONE_LAUNCH:   # csa_decode_us: what the library
-                continue                                                        # runs (one launch: opt-in)
+            if method.startswith("select") and (one_launch, fuse) != (sel.ONE_LAUNCH, itk.FUSE_LEVEL0):
+                continue                      # csa_decode_us: what the library runs (one launch, fused: opt-in)
             if best is None or r["ms"] * 1e3 < out[f"indexer_{best}_us"]:
                 best = name
         except Exception as e:                                                 # noqa: BLE001
@@ -382,6 +417,13 @@ def topk_row(L=262144):
         for nm, row in (("fp32", x), ("bf16", xb)):
             out[f"select_{nm}_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
                 row, K, programs=P, workspace=ws, block=blk, one_launch=False))["ms"] * 1e3
+    for nw, blk in ((4, 2048), (16, 2048), (8, 1024)):       # the default programs, other warps / loop steps
+        for nm, row in (("fp32", x), ("bf16", xb)):
+            v2, i2 = radix_select(row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk)
+            tag = f"select_{nm}_w{nw}_b{blk}"
+            out[f"{tag}_same_picks"] = bool(torch.equal(i2, radix_select(row, K, workspace=ws, one_launch=False)[1]))
+            out[f"{tag}_us"] = bench_graph(lambda row=row, nw=nw, blk=blk: radix_select(
+                row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk))["ms"] * 1e3
     out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
                    "histograms zeroed: no zeroing launch); select_*_one_launch_* = the same levels and emit in one "
                    "launch, a grid barrier per level")
@@ -620,7 +662,8 @@ def _family(name):
 # CSA_TRY (env, comma-separated): settings not yet the library's, applied in every family's subprocess; the run then
 # writes csa_try_<settings>.json instead of csa.json, so a trial never stands in for the library's record
 TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM_STORES = True)",
-       "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list"}
+       "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
+       "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)"}
 
 
 def _bad(msg):
@@ -643,6 +686,8 @@ def _apply_try(names):
             sel.ASM_STORES = True
         elif name == "score_candidates":
             itk._indexer_scores_fwd.configs.extend(itk.SCORE_CANDIDATE_CONFIGS)
+        elif name == "fuse_level0":
+            itk.FUSE_LEVEL0 = True
 
 
 def _trying():
