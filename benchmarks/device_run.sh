@@ -2,7 +2,8 @@
 # One call on a GPU machine: GPU tests, then the named benchmark families, time-capped so the
 # call ends inside its limit; every result and log comes back in $OUT/results.tgz.
 #   bash benchmarks/device_run.sh "<pytest -k expression or ->" <family> [family ...]
-#   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only)
+#   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only),
+#        PROBES="probe_mhc_parts.py probe_host.py ..." (benchmarks/ scripts run last, one after another, each capped at PROBE_TIMEOUT s, default 120; their JSON lands in benchmarks/results)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,4 +38,9 @@ if [ -n "${E2E_EXTRA:-}" ]; then                     # bench_e2e --breakdown-onl
   timeout "${EXTRA_TIMEOUT:-150}" python3 benchmarks/bench_e2e.py --breakdown-only > "$OUT/e2e_extra.log" 2>&1
   echo "e2e extra rc=$?"; grep -vE "Warning|_warn_once" "$OUT/e2e_extra.log" | cut -c1-260 | tail -40
 fi
+for p in ${PROBES:-}; do                             # probes: each a benchmarks/ script writing its own JSON
+  timeout "${PROBE_TIMEOUT:-120}" python3 "benchmarks/$p" >> "$OUT/probes.log" 2>&1
+  echo "probe $p rc=$?"
+done
+[ -f "$OUT/probes.log" ] && grep -E "results/|Traceback|Error" "$OUT/probes.log" | cut -c1-300 | tail -20
 tar czf "$OUT/results.tgz" benchmarks/results
