@@ -24,6 +24,9 @@ are all equal). A row of L entries is cut into P chunks of C entries (whole bloc
     one launch  (one_launch=True; ONE_LAUNCH for the default) the same levels and emit in one launch, a grid barrier
                 per row in place of each launch boundary (_select_one_launch): for few rows, where every launch
                 costs latency, with every program resident at once (P R <= the SMs)
+    digit 0     (first_level=1) already counted, with its suffix counts, by the launch that wrote the rows
+                (indexer_topk/triton.py indexer_scores_triton level0: each score program runs launch 0's program,
+                _hist_body, on the chunk it scored): the launches start at digit 1
 
 Output (deterministic, the naive twin's tie rule: indexer_topk/naive.py, docs/kernels.md §3): slots [0, k - r) hold
 the entries with key > t in increasing index order, slots [k - r, k) the r LOWEST-INDEX entries with key == t in
