@@ -290,9 +290,9 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
-        fn = lambda: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m,  # noqa: E731
-                                         fuse_level0=fuse)
-        m = m + ("_fused" if fuse else "")
+        fn = lambda m=m, fuse=fuse: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1,  # noqa: E731
+                                                        method=m, fuse_level0=fuse)
+        m = m + ("_fused" if fuse else "")                               # the name in the messages below
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
