@@ -86,7 +86,7 @@ def main():
     # pass 1 alone (MIX off, 20 iterations) as a + b x bytes: b the per-byte cost, a the per-token-block part
     b = (r1["pass1_i20"]["ms"] - r0["pass1_i20"]["ms"]) / (r1["bytes_x"] - r0["bytes_x"])
     res["pass1_fixed_ms"] = r0["pass1_i20"]["ms"] - b * r0["bytes_x"]
-    res["pass1_x_tb_s"] = 1e-9 / b
+    res["pass1_x_tb_s"] = 1e-9 / b if b > 0 else None                   # None: d 1024 was not slower (noise)
     print(write_json(a.out, res))
 
 
