@@ -211,9 +211,11 @@ def scores():
     """Every config and candidate of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
     on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4); and its decode launch with the select's first digit
     fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores)."""
+    import torch
     import triton.language as tl
 
     from dsv4_lab.kernels.indexer_topk import triton as it
+    from dsv4_lab.kernels.indexer_topk.select import digit_levels
     out = {}
     for packed in (False, True):
         kt = "*u8" if packed else "*bf16"
@@ -228,7 +230,8 @@ def scores():
                                  ints=SCORE_INTS)
     lc = it.LEVEL0_CONFIG
     chunk = it.level0_chunk(LEVEL0_INTS["Sp"])
-    for sdt, nl in (("bf16", 16 // it.LEVEL0_DB), ("fp32", 32 // it.LEVEL0_DB)):
+    for sdt, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        nl = digit_levels(dt, it.LEVEL0_DB)
         ptr = {"QI": "*bf16", "KI": "*bf16", "KS": "*bf16", "WT": "*bf16", "OUT": f"*{sdt}", "HIST": "*i32",
                "PH": "*i32", **{a: "i32" for a in LEVEL0_INTS}}
         c = dict(HI=4, HIP=16, DI=64, BLOCK_D=64, BLOCK_M=1, RATIO=4, DOT_DT=tl.bfloat16, FILL=False, MXFP4=False,

@@ -302,6 +302,11 @@ def rows_and_outputs(name: str, val: torch.Tensor, k: int, out=None):
     return R, L, oval, oidx
 
 
+def digit_levels(dtype: torch.dtype, digit_bits: int) -> int:
+    """Digits of digit_bits bits in a row's keys: bf16 values differ in their top 16 bits only, fp32 in all 32."""
+    return (16 if dtype == torch.bfloat16 else 32) // digit_bits
+
+
 def default_programs(R: int, L: int, sms: int = SMS) -> int:
     """Programs per row: enough to fill the GPU when there are few rows (decode), one per row when there are many
     (prefill), never chunks under 2048 entries."""
@@ -324,6 +329,11 @@ class SelectWorkspace:
         self.hist = torch.zeros(self.rows * (HMAX + 1), dtype=torch.int32, device=device)
         self.scratch = torch.empty(max(1, extra * HMAX), dtype=torch.int32, device=device)
         self.outgrown: list[torch.Tensor] = []
+
+    def fit_select(self, rows: int, programs: int, levels: int, digit_bits: int, device) -> None:
+        """Room for a select of `rows` rows over `programs` programs each, `levels` digits of `digit_bits` bits (the
+        histogram tables and the suffix counts of programs 0..programs-2)."""
+        self.fit(rows, rows * (programs - 1) * levels * (1 << digit_bits), device)
 
     def fit(self, rows: int, scratch: int, device) -> None:
         """Room for `rows` rows of histograms (a new zeroed table) and `scratch` suffix-count elements."""
@@ -373,7 +383,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
     if workspace is not None and not isinstance(workspace, SelectWorkspace):
         raise TypeError(f"radix_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
-    NL = (16 if val.dtype == torch.bfloat16 else 32) // DB
+    NL = digit_levels(val.dtype, DB)
     if R == 0:
         return oval, oidx
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
@@ -385,7 +395,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     P = triton.cdiv(L, C)                                                   # <= the P asked for
     H = NL * (1 << DB)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
-    ws.fit(R, R * (P - 1) * H, val.device)
+    ws.fit_select(R, P, NL, DB, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     if one_launch and not INTERPRET:
         _select_one_launch[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq,
@@ -401,4 +411,4 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     return oval, oidx
 
 
-__all__ = ["radix_select", "default_programs", "SelectWorkspace"]
+__all__ = ["radix_select", "default_programs", "digit_levels", "SelectWorkspace"]

@@ -17,7 +17,7 @@ import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
 from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
-from .select import _hist_body
+from .select import _hist_body, digit_levels
 
 
 # ================================================================================================ score kernel
@@ -227,8 +227,8 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
             raise ValueError(f"indexer_scores_triton: level0 with t1 - t0 = {Tq} query rows; allowed: 1 (decode)")
         chunk, bn = level0_chunk(Sp), LEVEL0_CONFIG["BLOCK_N"]                # chunk: whole tiles
         nprog, l0db = triton.cdiv(Sp, chunk), LEVEL0_DB
-        nl = (16 if dtype == torch.bfloat16 else 32) // l0db                    # the select's digits per key
-        ws.fit(B, B * (nprog - 1) * nl * (1 << l0db), qI.device)
+        nl = digit_levels(dtype, l0db)                                            # the select's digits per key
+        ws.fit_select(B, nprog, nl, l0db, qI.device)
         hist, ph, fill, BLOCK_M, HIP = ws.hist, ws.scratch, False, 1, max(16, HIP)   # 16 dot rows: heads padded
         kern, extra = _indexer_scores_fwd.fn, dict(BLOCK_N=bn, NLOOP=chunk // bn,
                                                    num_warps=LEVEL0_CONFIG["num_warps"],
