@@ -299,14 +299,15 @@ def decode(N):
                 same = torch.equal(torch.sort(one(), -1).values, torch.sort(i_ref, -1).values)   # index sets
                 out[f"indexer_{name}_matches_naive_set"] = same                                  # (no ties)
             if fuse:                                                   # the same picks, slot for slot
-                out[f"indexer_{name}_same_as_unfused"] = torch.equal(one(), one(fuse=False))
+                unfused = one(fuse=False)
+                out[f"indexer_{name}_same_as_unfused"] = torch.equal(one(), unfused)
             if fuse and not one_launch:                 # other fused launch forms (LEVEL0_CONFIG), each checked
                 for var in LEVEL0_VARIANTS:
                     keep = dict(itk.LEVEL0_CONFIG)
                     itk.LEVEL0_CONFIG.update(var)
                     try:
                         tag = f"indexer_{name}_" + "_".join(f"{a}{v}" for a, v in var.items())
-                        out[f"{tag}_same_as_unfused"] = torch.equal(one(), one(fuse=False))
+                        out[f"{tag}_same_as_unfused"] = torch.equal(one(), unfused)
                         out[f"{tag}_us"] = bench_graph(one, reps=50)["ms"] * 1e3
                     except Exception as e:                                     # noqa: BLE001
                         out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
