@@ -7,6 +7,7 @@ is set, so they run these cases in a subprocess (`python tests/kernels_cases.py 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -578,7 +579,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
     slot order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
-    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
+    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, chunks, default_programs, radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     g = torch.Generator().manual_seed(11)
     sieve_paths = set()
@@ -633,14 +634,19 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert not ws.hist.any(), f"{tag}: one_launch left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
-                for a in range(1 if device == "cpu" else 2):     # the sieve select: radix_select's, bitwise
+                # the sieve select, one program per row and split over the shape's programs (default: the
+                # default_programs split): radix_select's result, bitwise
+                for a, sp in itertools.product(range(1 if device == "cpu" else 2), sorted({1, P or 0})):
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
                     v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk, asm_stores=a == 1,
+                                          programs=sp or None,
                                           **({"cand": max(64, 2 ** (2 * k - 1).bit_length()), "samples": (4, 8)}
                                              if device == "cpu" else {}))
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: sieve_select (run {a + 1}) differs bitwise from radix_select"
-                    sieve_paths |= set(paths.tolist())
+                        f"{tag}: sieve_select (programs {sp or 'default'}, run {a + 1}) differs bitwise from " \
+                        "radix_select"
+                    split = chunks(L, sp or default_programs(R, L), blk or (64 if device == "cpu" else 2048))[0] > 1
+                    sieve_paths |= {(split, int(pa)) for pa in paths.tolist()}
                 for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
                     v2, i2 = row_select(xd, k, frontier=fr, asm_stores=a == 1)   # radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
@@ -649,12 +655,26 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
     # guess is the k-th key, 4 fallback), each with radix_select's result
     x = torch.arange(300, dtype=torch.float32, device=device).view(1, 300)
-    paths = torch.full((1,), -1, dtype=torch.int32, device=device)
-    v2, i2 = sieve_select(x, 20, paths=paths, cand=64, samples=(4, 8), block=64)
-    v, i = radix_select(x, 20, block=64)
-    assert int(paths[0]) == 4 and torch.equal(i2, i) and torch.equal(v2, v), "sieve_select fallback on a sorted row"
-    sieve_paths.add(4)
-    assert sieve_paths >= ({0, 1, 2, 3, 4} if device == "cpu" else {2}), f"sieve paths taken: {sorted(sieve_paths)}"
+    for sp in (1, 3):
+        paths = torch.full((1,), -1, dtype=torch.int32, device=device)
+        v2, i2 = sieve_select(x, 20, paths=paths, cand=64, samples=(4, 8), block=64, programs=sp)
+        v, i = radix_select(x, 20, block=64)
+        assert int(paths[0]) == 4 and torch.equal(i2, i) and torch.equal(v2, v), \
+            f"sieve_select (programs {sp}) fallback on a sorted row"
+        sieve_paths.add((sp != 1, 4))
+    # the split form's guess at every key width on fp32 rows of ties at a value with low key bits set (0.1): from
+    # 16 bits up the guess lies below the tied key (ties path only with the exact 32-bit guess, else fallback)
+    x = torch.full((2, 700), 0.1, device=device)
+    x[1, ::5] = torch.randn(140, generator=g).to(device)
+    v, i = radix_select(x, 12, block=64)
+    for gb in (1, 8, 16, 31, 32):
+        paths = torch.full((2,), -1, dtype=torch.int32, device=device)
+        v2, i2 = sieve_select(x, 12, paths=paths, cand=64, samples=(4, 8), block=64, programs=4, guess_bits=gb)
+        assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+            f"sieve_select split, guess_bits={gb}: differs bitwise from radix_select"
+        assert gb < 32 or int(paths[0]) == 3, f"sieve_select split, exact guess on tied rows: path {paths.tolist()}"
+    want = {(s, p) for s in (False, True) for p in range(5)} if device == "cpu" else {(False, 2), (True, 2)}
+    assert sieve_paths >= want, f"sieve (split, path) taken: {sorted(sieve_paths)}, missing {want - sieve_paths}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
     # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller tables it replaces
     assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \

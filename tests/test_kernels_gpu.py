@@ -279,13 +279,15 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     the k-th score by index, then the lowest-index tied ones; the dyadic scores tie a lot), replay after replay; and
     prefill rows beyond 64K entries (one program per row; torch.topk too): the naive twin's values, and for select
     its indices too (lower index first among ties). The select methods run twice: as the library runs them and with
-    the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit)."""
+    the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit).
+    The sieve methods, which split the decode row (sieve.py's split form: two launches), get the same checks."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, indexer_topk_triton
     N = 1 << 20
     qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
     full = indexer_scores(qI, kI, w, 4, N - 1)                                    # (1, 1, S) exact fp32 sums
-    runs = [("auto", None), ("select", None), ("select_bf16", None), ("select", True), ("select_bf16", True)]
+    runs = [("auto", None), ("select", None), ("select_bf16", None), ("select", True), ("select_bf16", True),
+            ("sieve", None), ("sieve_bf16", None)]
     for m, fuse in runs:                                                 # auto: AUTO["decode"] (bf16 inputs)
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values

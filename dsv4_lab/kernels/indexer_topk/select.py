@@ -313,6 +313,13 @@ def default_programs(R: int, L: int, sms: int = SMS) -> int:
     return max(1, min(triton.cdiv(L, 2048), triton.cdiv(4 * sms, max(R, 1))))
 
 
+def chunks(L: int, programs: int, block: int) -> tuple[int, int]:
+    """A row of L entries over at most `programs` programs in chunks of whole blocks: (programs P, chunk C), P =
+    cdiv(L, C) (the split selects' cut, radix_select and sieve_select)."""
+    C = triton.cdiv(triton.cdiv(L, programs), block) * block
+    return triton.cdiv(L, C), C
+
+
 class SelectWorkspace:
     """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins and the
     ticket counter, allocated zeroed once and left zeroed by every call (its last program per row clears them), so
@@ -387,13 +394,11 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     if R == 0:
         return oval, oidx
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    C = triton.cdiv(triton.cdiv(L, P), BLOCK) * BLOCK                       # chunk: whole blocks
-    if first_level and (C != BLOCK or triton.cdiv(L, C) != P):
-        raise ValueError(f"radix_select: first_level=1 with programs={P}, block={BLOCK} on rows of L={L}: the "
-                         f"chunks would be {C} entries over {triton.cdiv(L, C)} programs; allowed: programs = "
+    P_asked, (P, C) = P, chunks(L, P, BLOCK)                                # P <= the P asked for
+    if first_level and (C != BLOCK or P != P_asked):
+        raise ValueError(f"radix_select: first_level=1 with programs={P_asked}, block={BLOCK} on rows of L={L}: the "
+                         f"chunks would be {C} entries over {P} programs; allowed: programs = "
                          "cdiv(L, block), as the level-0 launch cut them")
-    P = triton.cdiv(L, C)                                                   # <= the P asked for
-    H = NL * (1 << DB)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
     ws.fit_select(R, P, NL, DB, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
@@ -411,4 +416,4 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     return oval, oidx
 
 
-__all__ = ["radix_select", "default_programs", "digit_levels", "SelectWorkspace"]
+__all__ = ["radix_select", "default_programs", "digit_levels", "chunks", "SelectWorkspace"]
