@@ -283,8 +283,6 @@ def decode(N):
         name = method + ("_one_launch" if one_launch else "") + ("_fused" if fuse else "")
         if method.startswith("rowsel") and S > MAX_L:                          # would run select: measured already
             continue
-        if method.startswith("sieve"):                        # one program per row: a prefill method, not decode's
-            continue
 
         def one(method=method, one_launch=one_launch, fuse=fuse):
             old, sel.ONE_LAUNCH = sel.ONE_LAUNCH, one_launch
@@ -425,10 +423,45 @@ def topk_row(L=262144):
             out[f"{tag}_same_picks"] = bool(torch.equal(i2, radix_select(row, K, workspace=ws, one_launch=False)[1]))
             out[f"{tag}_us"] = bench_graph(lambda row=row, nw=nw, blk=blk: radix_select(
                 row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk))["ms"] * 1e3
+    sieve_split_row(out, x, xb, ws)
     out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
                    "histograms zeroed: no zeroing launch); select_*_one_launch_* = the same levels and emit in one "
-                   "launch, a grid barrier per level")
+                   "launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
+                   "and sieve of each chunk; one program per row selecting among the candidates), *_path its path "
+                   "(2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
     return out
+
+
+# the split sieve's forms timed on the decode row: (tag, sieve_select arguments); the first is the default
+SIEVE_SPLIT_VARIANTS = (("", {}), ("_asm", {"asm_stores": True}), ("_p64", {"programs": 64}),
+                        ("_p256", {"programs": 256, "block": 1024}), ("_cand8192", {"cand": 8192}),
+                        ("_s1024x4", {"samples": (1024, 4)}), ("_s256x16", {"samples": (256, 16)}),
+                        ("_gb32", {"guess_bits": 32}), ("_w4", {"num_warps": 4}), ("_w16", {"num_warps": 16}),
+                        ("_mw8", {"merge_warps": 8}), ("_mw4", {"merge_warps": 4}))
+
+
+def sieve_split_row(out, x, xb, ws):
+    """sieve_select's split form on topk_row's rows (fp32 x and bf16 xb, one row each): every SIEVE_SPLIT_VARIANTS
+    form checked slot for slot against radix_select's picks, its path and time; then its slow paths, timed on rows
+    made for them: all scores tied at 0 (ties path) and at 0.1 (a 16-bit guess lies below a key with low bits set:
+    the fallback's streamed bisection)."""
+    from dsv4_lab.kernels.indexer_topk.select import radix_select
+    from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
+    paths = torch.empty(1, dtype=torch.int32, device="cuda")
+    rows = [("fp32", x), ("bf16", xb), ("fp32_ties0", torch.zeros_like(x)), ("fp32_ties01", torch.full_like(x, 0.1))]
+    for nm, row in rows:
+        ref_v, ref_i = radix_select(row, K, workspace=ws, one_launch=False)
+        for tag, kw in SIEVE_SPLIT_VARIANTS if nm in ("fp32", "bf16") else SIEVE_SPLIT_VARIANTS[:1]:
+            if kw.get("guess_bits", 0) > 16 and row.dtype == torch.bfloat16:
+                continue                                               # bf16 keys have 16 bits
+            name = f"sieve_{nm}{tag}"
+            try:
+                v, i = sieve_select(row, K, paths=paths, **kw)
+                out[f"{name}_same_as_select"] = bool(torch.equal(i, ref_i) and torch.equal(v, ref_v))
+                out[f"{name}_path"] = int(paths[0])
+                out[f"{name}_us"] = bench_graph(lambda row=row, kw=kw: sieve_select(row, K, **kw))["ms"] * 1e3
+            except Exception as e:                                             # noqa: BLE001
+                out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def topk_rows_prefill(R=2048, L=32768):
@@ -476,11 +509,12 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
         n = torch.clamp((q0 + torch.arange(R, device="cuda") + 1) // M, max=L)
         xt = x.masked_fill(torch.arange(L, device="cuda")[None, :] >= n[:, None], float("-inf"))
         r = {"R": R, "L": L}
-        r["torch_ms"] = bench(lambda: _topk_torch(xt, K, ordered=False), warmup=3, rep=30)["ms"]
+        r["torch_ms"] = bench(lambda xt=xt: _topk_torch(xt, K, ordered=False), warmup=3, rep=30)["ms"]
         v, _ = row_select(x, K, frontier=(R, q0, M))
         r["rowsel_values_match_torch"] = bool(torch.equal(torch.sort(v, -1, descending=True).values,
                                                           torch.topk(xt, K).values))
-        r["rowsel_ms"] = bench(lambda: row_select(x, K, frontier=(R, q0, M)), warmup=3, rep=30)["ms"]
+        r["rowsel_ms"] = bench(lambda x=x, R=R, q0=q0: row_select(x, K, frontier=(R, q0, M)), warmup=3,
+                               rep=30)["ms"]
         out[f"{L}"] = r
         del x, xt
         torch.cuda.empty_cache()
