@@ -435,7 +435,8 @@ def topk_row(L=262144):
 # the split sieve's forms timed on the decode row: (tag, sieve_select arguments); the first is the default
 SIEVE_SPLIT_VARIANTS = (("", {}), ("_asm", {"asm_stores": True}), ("_p64", {"programs": 64}),
                         ("_p256", {"programs": 256, "block": 1024}), ("_cand8192", {"cand": 8192}),
-                        ("_s1024x4", {"samples": (1024, 4)}), ("_s256x16", {"samples": (256, 16)}),
+                        ("_s512x8", {"samples": (512, 8)}), ("_s1024x4", {"samples": (1024, 4)}),
+                        ("_s2048x2", {"samples": (2048, 2)}),
                         ("_gb32", {"guess_bits": 32}), ("_w4", {"num_warps": 4}), ("_w16", {"num_warps": 16}),
                         ("_mw8", {"merge_warps": 8}), ("_mw4", {"merge_warps": 4}))
 
@@ -444,7 +445,9 @@ def sieve_split_row(out, x, xb, ws):
     """sieve_select's split form on topk_row's rows (fp32 x and bf16 xb, one row each): every SIEVE_SPLIT_VARIANTS
     form checked slot for slot against radix_select's picks, its path and time; then its slow paths, timed on rows
     made for them: all scores tied at 0 (ties path) and at 0.1 (a 16-bit guess lies below a key with low bits set:
-    the fallback's streamed bisection)."""
+    the fallback's streamed bisection). And rows of scores correlated along the row (a moving average of x over 16
+    neighbours: the sampled blocks' entries alike, fewer independent draws), 20 rows of them, with each sample form:
+    how many rows took the fallback (`_fallbacks_of_20`)."""
     from dsv4_lab.kernels.indexer_topk.select import radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     paths = torch.empty(1, dtype=torch.int32, device="cuda")
@@ -462,6 +465,19 @@ def sieve_split_row(out, x, xb, ws):
                 out[f"{name}_us"] = bench_graph(lambda row=row, kw=kw: sieve_select(row, K, **kw))["ms"] * 1e3
             except Exception as e:                                             # noqa: BLE001
                 out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    g = torch.Generator(device="cuda").manual_seed(7)
+    corr = torch.nn.functional.avg_pool1d(torch.randn(20, 1, x.shape[-1] + 15, device="cuda", generator=g), 16,
+                                          stride=1).view(20, -1)                # (20, L): 16-neighbour averages
+    paths = torch.empty(20, dtype=torch.int32, device="cuda")
+    ref_v, ref_i = radix_select(corr, K, workspace=ws, one_launch=False)
+    for tag, kw in [v for v in SIEVE_SPLIT_VARIANTS if v[0] == "" or v[0].startswith("_s")]:
+        name = f"sieve_fp32_corr16{tag}"
+        try:
+            v, i = sieve_select(corr, K, paths=paths, programs=128, **kw)       # one row's split, 20 rows at once
+            out[f"{name}_same_as_select"] = bool(torch.equal(i, ref_i) and torch.equal(v, ref_v))
+            out[f"{name}_fallbacks_of_20"] = int((paths == 4).sum())
+        except Exception as e:                                                 # noqa: BLE001
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def topk_rows_prefill(R=2048, L=32768):

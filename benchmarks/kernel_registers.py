@@ -189,7 +189,7 @@ def sieve():
 
 def sieve_split(split_warps=(4, 8, 16), merge_warps=(4, 8, 16)):
     """The sieve's split form (sieve.py) at decode's setting, one 1M-context row of 256K entries over 128 programs of
-    2K: launch 1 (_sieve_split: sample of 512 x 8, guess of 16 key bits) and launch 2 (_sieve_merge: 4096
+    2K: launch 1 (_sieve_split: sample of 4096 x 1, guess of 16 key bits) and launch 2 (_sieve_merge: 4096
     candidate slots) by dtype x warps x store form."""
     from dsv4_lab.kernels.indexer_topk import sieve as sv
     out = {}
@@ -199,7 +199,7 @@ def sieve_split(split_warps=(4, 8, 16), merge_warps=(4, 8, 16)):
             for asm, tag in STORE_FORMS:
                 ptr = {"VAL": f"*{dt}", "CNT": "*i32", "CV": "*fp32", "CI": "*i32", "C": "i32", "P": "i32",
                        "RC": "i32", **ROW_ARGS}
-                c = dict(RATIO=0, LOW=low, CAND=4096, NS=512, SB=8, BLOCK=2048, GB=16, ASM=asm)
+                c = dict(RATIO=0, LOW=low, CAND=4096, NS=4096, SB=1, BLOCK=2048, GB=16, ASM=asm)
                 if nw in split_warps:
                     out[f"split_{dt}_nw{nw}{tag}"] = resources(
                         sv._sieve_split, ptr, c, nw, ints={a: v for a, v in SIEVE_SPLIT_INTS.items() if a != "so"})

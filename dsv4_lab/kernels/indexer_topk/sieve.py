@@ -298,7 +298,7 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     select.default_programs: split where there are few rows, rows longer than CAND only).
     The tuning knobs: cand (CAND, a power of two >= 2 k; default 2048 or 2k rounded up to a power of two, split form
     4096 or 8k so rounded; 64 in the interpreter), samples (NS, SB: powers of two, NS >= 2, NS SB <= CAND;
-    default (16, 64), split form (512, 8); (4, 8) in the interpreter), block (entries per sieve step; default 2048,
+    default (16, 64), split form (4096, 1); (4, 8) in the interpreter), block (entries per sieve step; default 2048,
     64 in the interpreter; the split form's chunks are whole blocks), guess_bits (the split form's guess: its top
     key bits, 1..16 for bf16 rows, 1..32 for fp32; the rest 0). num_warps: default 8 (4 in the interpreter);
     asm_stores: the candidates' and picks' stores as inline PTX (select.py asm_stores_on); merge_warps: the split
@@ -312,7 +312,7 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     split = P > 1
     dcand = max(4096, next_pow2(8 * k)) if split else max(2048, next_pow2(2 * k))
     CAND = _pow2("cand", int(cand) if cand is not None else (64 if INTERPRET else dcand))
-    NS, SB = samples if samples is not None else ((4, 8) if INTERPRET else (512, 8) if split else (16, 64))
+    NS, SB = samples if samples is not None else ((4, 8) if INTERPRET else (4096, 1) if split else (16, 64))
     _pow2("samples[0]", NS), _pow2("samples[1]", SB)
     if CAND < 2 * k or NS < 2 or NS * SB > CAND:
         raise ValueError(f"sieve_select: cand={CAND}, samples=({NS}, {SB}) with k={k}; allowed: cand >= 2 k, "
