@@ -995,9 +995,14 @@ def case_sparse_kl(device="cpu", big=False, dtype=torch.float32):
         for nm, a, r, y in zip(["dqI", "dkI", "dw"], gr_t, gr_r, gr_y):
             assert a.dtype == dtype, f"sparse_kl {nm} dtype {a.dtype}"
             _check(f"sparse_kl {nm}", a, r, y, tol * 4)
-        with torch.no_grad():                                           # forward only: no p buffer
+        # forward only (no p buffer): a specialization of its own (STORE_P is in the autotune key), which may tune to
+        # another BLOCK_K and so sum the fp32 lanes in another order: the same error model as the forward with grad,
+        # bitwise only under the interpreter (one config)
+        with torch.no_grad():
             l_ng = sparse_kl_triton(ts[0].to(dtype), ts[1].to(dtype), idx_d, lse_d, sc, *[t.detach() for t in leaf])
-        assert torch.equal(l_ng, l_t.detach()), "sparse_kl forward differs without grad"
+        if device == "cpu":
+            assert torch.equal(l_ng, l_t.detach()), "sparse_kl forward differs without grad"
+        _check("sparse_kl loss without grad", l_ng, l_r, yard, tol + 4 * kappa * 2.0 ** -24)
     # every row's target all zero: loss 0, gradients 0
     if not big:
         B, T, H, c, nI, cI, S, K = 1, 3, 2, 16, 2, 16, 4, 3

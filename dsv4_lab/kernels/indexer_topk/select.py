@@ -61,10 +61,10 @@ HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit tab
 # other streams); where that fails the GPU hangs instead of erring (docs/kernels.md §3).
 ONE_LAUNCH = False
 # The default store form of the selects' compacted picks and candidates (_scatter; `asm_stores` of radix_select,
-# sieve_select, row_select): inline PTX stores on the GPU when True. Off until timed and checked on the GPU: compiled
-# for sm_90 on the CPU it leaves 0-2 of the sieve kernel's 14-16 layout conversions (benchmarks/kernel_registers.py
-# `layout_converts`), the cost the sieve's stage probe puts most of its time in (docs/kernels.md §3).
-ASM_STORES = False
+# sieve_select, row_select): inline PTX stores on the GPU when True. Compiled for sm_90 they leave 0-2 of the sieve
+# kernel's 14-16 layout conversions (benchmarks/kernel_registers.py `layout_converts`), the cost the sieve's stage
+# probe puts most of its time in; on the H200 the same picks, bit for bit, and faster (docs/kernels.md §3).
+ASM_STORES = True
 
 
 def asm_stores_on(asm_stores: bool | None) -> bool:

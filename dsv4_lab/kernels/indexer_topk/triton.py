@@ -244,8 +244,8 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
 
 # The decode score launch with the select's first digit fused (level0 above): about `programs` programs per row
 # (radix_select's decode split, select.default_programs), BLOCK_N keys per tile, num_warps / num_stages of the
-# program's key loop; LEVEL0_DB-bit digits (radix_select's decode digits). Not the default until timed on the GPU
-# (FUSE_LEVEL0 below; bench_csa.py decode also times other values of this dict).
+# program's key loop; LEVEL0_DB-bit digits (radix_select's decode digits). Used where FUSE_LEVEL0 (below) is on;
+# bench_csa.py decode also times other values of this dict (none faster on the H200: benchmarks/README.md T6).
 LEVEL0_CONFIG = {"programs": 4 if INTERPRET else 128, "BLOCK_N": 16 if INTERPRET else 256, "num_warps": 8,
                  "num_stages": 3}
 LEVEL0_DB = 8
@@ -282,9 +282,9 @@ FP32_TWIN = {"select_bf16": "select", "torch_bf16": "torch", "rowsel_bf16": "row
 BF16_TWIN = {v: k for k, v in FP32_TWIN.items()}
 DECODE_T = 16                                        # T <= DECODE_T queries: the decode method
 # Decode with one query (T = 1) under the select methods: the score launch also counts the select's first digit
-# (indexer_scores_triton level0), one launch fewer per step, the same picks. Off until timed on the GPU
-# (bench_csa.py decode: indexer_select*_fused_us).
-FUSE_LEVEL0 = False
+# (indexer_scores_triton level0), one launch fewer per step, the same picks; faster on the H200 (bench_csa.py decode:
+# indexer_select*_fused_us against indexer_select*_us; docs/kernels.md §3).
+FUSE_LEVEL0 = True
 
 
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
