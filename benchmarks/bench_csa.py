@@ -438,7 +438,9 @@ SIEVE_SPLIT_VARIANTS = (("", {}), ("_asm", {"asm_stores": True}), ("_p64", {"pro
                         ("_s512x8", {"samples": (512, 8)}), ("_s1024x4", {"samples": (1024, 4)}),
                         ("_s2048x2", {"samples": (2048, 2)}),
                         ("_gb32", {"guess_bits": 32}), ("_w4", {"num_warps": 4}), ("_w16", {"num_warps": 16}),
-                        ("_mw8", {"merge_warps": 8}), ("_mw4", {"merge_warps": 4}))
+                        ("_mw8", {"merge_warps": 8}), ("_mw4", {"merge_warps": 4}),
+                        ("_kb4", {"kth_bits": 4}), ("_kb8", {"kth_bits": 8}),
+                        ("_kb4_s512x8", {"kth_bits": 4, "samples": (512, 8)}))
 
 
 def sieve_split_row(out, x, xb, ws):
@@ -545,7 +547,9 @@ def rows_by_length(lengths=(1024, 2048, 4096, 8192, 16384)):
 SIEVE_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("bf16", 16), ("fp32", 4), ("fp32", 8),
                # the sieve's other knobs at its default 8 warps (sieve_select: block, samples (NS, SB), cand)
                ("bf16", 8, {"block": 1024}), ("bf16", 8, {"block": 4096}), ("bf16", 16, {"block": 4096}),
-               ("bf16", 8, {"samples": (8, 64)}), ("bf16", 8, {"samples": (32, 64)}), ("bf16", 8, {"cand": 4096}))
+               ("bf16", 8, {"samples": (8, 64)}), ("bf16", 8, {"samples": (32, 64)}), ("bf16", 8, {"cand": 4096}),
+               # the k-th keys by histogram digits instead of bisection (rowselect.py _kth_key_hist)
+               ("bf16", 8, {"kth_bits": 4}), ("bf16", 8, {"kth_bits": 8}), ("fp32", 4, {"kth_bits": 4}))
 ROWSEL_PROBE = (("bf16", 2), ("bf16", 4), ("bf16", 8), ("fp32", 4), ("fp32", 8))
 
 

@@ -182,7 +182,7 @@ def sieve():
                **ROW_ARGS}
         for nw in (2, 4, 8, 16):
             for asm, tag in STORE_FORMS:
-                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048, ASM=asm)
+                c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048, ASM=asm, KB=0)
                 out[f"{dt}_nw{nw}{tag}"] = resources(sv._sieve_select, ptr, c, nw, ints=SIEVE_INTS)
     return out
 
@@ -199,7 +199,7 @@ def sieve_split(split_warps=(4, 8, 16), merge_warps=(4, 8, 16)):
             for asm, tag in STORE_FORMS:
                 ptr = {"VAL": f"*{dt}", "CNT": "*i32", "CV": "*fp32", "CI": "*i32", "C": "i32", "P": "i32",
                        "RC": "i32", **ROW_ARGS}
-                c = dict(RATIO=0, LOW=low, CAND=4096, NS=4096, SB=1, BLOCK=2048, GB=16, ASM=asm)
+                c = dict(RATIO=0, LOW=low, CAND=4096, NS=4096, SB=1, BLOCK=2048, GB=16, ASM=asm, KB=0)
                 if nw in split_warps:
                     out[f"split_{dt}_nw{nw}{tag}"] = resources(
                         sv._sieve_split, ptr, c, nw, ints={a: v for a, v in SIEVE_SPLIT_INTS.items() if a != "so"})
@@ -207,7 +207,7 @@ def sieve_split(split_warps=(4, 8, 16), merge_warps=(4, 8, 16)):
                     continue
                 ptr = {**ptr, "OVAL": "*fp32", "OIDX": "*i32", "PATH": "*i32"}
                 del ptr["C"]
-                c = dict(RATIO=0, LOW=low, CAND=4096, PB=128, LOGPB=7, BLOCK=2048, ASM=asm)
+                c = dict(RATIO=0, LOW=low, CAND=4096, PB=128, LOGPB=7, BLOCK=2048, ASM=asm, KB=0)
                 out[f"merge_{dt}_nw{nw}{tag}"] = resources(sv._sieve_merge, ptr, c, nw,
                                                            ints={a: v for a, v in SIEVE_SPLIT_INTS.items() if a != "C"})
     return out

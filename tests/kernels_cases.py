@@ -673,6 +673,19 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
             f"sieve_select split, guess_bits={gb}: differs bitwise from radix_select"
         assert gb < 32 or int(paths[0]) == 3, f"sieve_select split, exact guess on tied rows: path {paths.tolist()}"
+    # the k-th key by histogram digits (kth_bits 4 / 8: the guess's and the candidates') instead of bisection, both
+    # forms, fp32 and bf16 rows with ties, negatives and -inf: radix_select's result, bitwise
+    rows = {"randn": torch.randn(3, 700, generator=g) * 3, "ties": torch.randint(0, 6, (3, 700), generator=g).float(),
+            "neg": -torch.rand(3, 700, generator=g) - 1}
+    rows["ties"][0, ::3] = float("-inf")
+    for (nm, x), dt in itertools.product(rows.items(), (torch.float32, torch.bfloat16)):
+        x = x.to(device, dt)
+        v, i = radix_select(x, 12, frontier=(3, 500, 1), block=64)
+        for kb, sp in itertools.product((4, 8), (1, 3)):
+            v2, i2 = sieve_select(x, 12, frontier=(3, 500, 1), cand=64, samples=(4, 8), block=64, programs=sp,
+                                  kth_bits=kb)
+            assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+                f"sieve_select {nm} {dt} kth_bits={kb} programs={sp}: differs bitwise from radix_select"
     want = {(s, p) for s in (False, True) for p in range(5)} if device == "cpu" else {(False, 2), (True, 2)}
     assert sieve_paths >= want, f"sieve (split, path) taken: {sorted(sieve_paths)}, missing {want - sieve_paths}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared

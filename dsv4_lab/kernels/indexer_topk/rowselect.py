@@ -56,6 +56,37 @@ def _kth_key(s, k, NB: tl.constexpr):
 
 
 @triton.jit
+def _kth_key_hist(s, k, NB: tl.constexpr, DB: tl.constexpr):
+    """_kth_key by digits: the k-th largest of the 1-D keys s (NB bits, NB a multiple of DB; k <= #entries), DB key
+    bits per step from a 2^DB-bin tl.histogram of the entries that share the digits found so far (radix select in
+    registers, select.py's _prefix on one program's keys): NB / DB steps instead of NB, each a histogram, a suffix
+    sum over its bins and a max."""
+    NBIN: tl.constexpr = 1 << DB
+    if NB == 32:
+        u = s ^ -2147483648                            # unsigned order in the bits (digits masked after the shift)
+    else:
+        u = s + (1 << (NB - 1))                        # [0, 2^NB)
+    bins = tl.arange(0, NBIN)
+    pref = tl.full([], 0, tl.int32)
+    krem = k + pref
+    for lev in tl.static_range(NB // DB):
+        SH = NB - DB * (lev + 1)
+        if lev == 0:
+            h = tl.histogram((u >> SH) & (NBIN - 1), NBIN)
+        else:
+            h = tl.histogram((u >> SH) & (NBIN - 1), NBIN, mask=(u >> (SH + DB)) == (pref >> (SH + DB)))
+        cge = tl.cumsum(h, 0, reverse=True)                                    # entries in bins >= b
+        b = tl.max(tl.where(cge >= krem, bins, 0), 0)
+        krem = krem - tl.sum(tl.where(bins > b, h, 0), 0)
+        pref = pref | (b << SH)
+    if NB == 32:
+        t = pref ^ -2147483648
+    else:
+        t = pref - (1 << (NB - 1))
+    return t
+
+
+@triton.jit
 def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
                 BLOCK: tl.constexpr, ASM: tl.constexpr):
     row = tl.program_id(0)

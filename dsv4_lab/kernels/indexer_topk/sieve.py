@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, next_pow2, tl, triton
-from .rowselect import _keys, _kth_key
+from .rowselect import _keys, _kth_key, _kth_key_hist
 from .select import (_row_len, _scatter, _store_picks, _take_all, asm_stores_on, chunks, default_programs,
                      rows_and_outputs)
 
@@ -83,12 +83,23 @@ def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.
 
 
 @triton.jit
-def _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW: tl.constexpr, ASM: tl.constexpr):
+def _kth(s, k, NB: tl.constexpr, KB: tl.constexpr):
+    """The k-th largest of the NB-bit keys s: by bisection, one bit per step (KB 0), or KB bits per step from
+    histograms (rowselect.py _kth_key_hist)."""
+    if KB == 0:
+        t = _kth_key(s, k, NB)
+    else:
+        t = _kth_key_hist(s, k, NB, KB)
+    return t
+
+
+@triton.jit
+def _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW: tl.constexpr, ASM: tl.constexpr, KB: tl.constexpr):
     """The row's picks from its candidates in registers (values x, row indices ii, in index order; mj: the live
-    slots), k <= #candidates: the k-th key by bisection, then the emit."""
+    slots), k <= #candidates: the k-th key (_kth), then the emit."""
     zero = tl.full([], 0, tl.int32)
     s = _keys(x, mj, LOW)
-    t = _kth_key(s, k, 32 - LOW)
+    t = _kth(s, k, 32 - LOW, KB)
     n_gt = tl.sum((s > t).to(tl.int32), 0)
     _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase, ASM)
 
@@ -152,7 +163,8 @@ def _sieve_chunk(vrow, c0, c1, tau, xn, CV, CI, cbase, cap, LOW: tl.constexpr, B
 # ------------------------------------------------------------------------------------------------ one program per row
 @triton.jit
 def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
-                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr):
+                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr,
+                  KB: tl.constexpr):
     NB: tl.constexpr = 32 - LOW
     zero = tl.full([], 0, tl.int32)                    # a runtime int32 0 (k or n may be compile-time 1)
     row = tl.program_id(0)
@@ -177,7 +189,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             ss, r = _sample(vrow, n, 2 * k, LOW, NS, SB)          # guess: the key of rank r among the sample
             offs = tl.arange(0, BLOCK)                 # the first block's load in flight during the bisection
             xn = tl.load(vrow + offs, mask=offs < n, other=0.0)
-            tau = _kth_key(ss, r, NB)
+            tau = _kth(ss, r, NB, KB)
             cnt, _ = _sieve_chunk(vrow, 0, n, tau, xn, CV, CI, cbase, CAND, LOW, BLOCK, ASM, False)
             tl.debug_barrier()                         # the scratch writes of every thread, before they are read
             path = zero + 2
@@ -185,7 +197,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
             x = tl.load(CV + cbase + j, mask=mj, other=0.0)
             ii = tl.load(CI + cbase + j, mask=mj, other=0)
         if (cnt >= k) & (cnt <= CAND):                 # select among the candidates, in registers
-            _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW, ASM)
+            _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW, ASM, KB)
         else:                                          # the emit streamed over the row, after
             cnt_gt = zero
             if cnt >= k:                               # more than CAND passed: keys > tau, one more pass (off
@@ -198,7 +210,7 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
 @triton.jit
 def _sieve_split(VAL, CNT, CV, CI, L, C, P, RC, sv, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
                  CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, GB: tl.constexpr,
-                 ASM: tl.constexpr):
+                 ASM: tl.constexpr, KB: tl.constexpr):
     """Launch 1 of the split form, program p of row `row` (grid (P, R)): the row's guess (its GB top key bits),
     then its chunk [p C, (p + 1) C) sieved into its RC slots; CNT[row] = (counts >= tau, counts > tau, tau) of the
     row's P programs."""
@@ -216,7 +228,7 @@ def _sieve_split(VAL, CNT, CV, CI, L, C, P, RC, sv, Tq, q0, k, RATIO: tl.constex
         ss, r = _sample(vrow, n, (k + CAND) // 2, LOW, NS, SB)
         offs = c0 + tl.arange(0, BLOCK)                # the chunk's first block in flight during the bisection
         xn = tl.load(vrow + offs, mask=offs < c1, other=0.0)
-        tau = _kth_key(ss >> GSH, r, GB) << GSH
+        tau = _kth(ss >> GSH, r, GB, KB) << GSH
         cnt, cnt_gt = _sieve_chunk(vrow, c0, c1, tau, xn, CV, CI, (row.to(tl.int64) * P + p) * RC, RC, LOW, BLOCK,
                                    ASM, True)
     cb = CNT + row.to(tl.int64) * 3 * P + p
@@ -228,7 +240,7 @@ def _sieve_split(VAL, CNT, CV, CI, L, C, P, RC, sv, Tq, q0, k, RATIO: tl.constex
 @triton.jit
 def _sieve_merge(VAL, CNT, CV, CI, OVAL, OIDX, PATH, L, P, RC, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                  LOW: tl.constexpr, CAND: tl.constexpr, PB: tl.constexpr, LOGPB: tl.constexpr, BLOCK: tl.constexpr,
-                 ASM: tl.constexpr):
+                 ASM: tl.constexpr, KB: tl.constexpr):
     """Launch 2 of the split form, one program per row (grid (R,)): the row's candidates from its P chunks'
     slots, in index order, then the select in registers (or the ties path / fallback streamed)."""
     zero = tl.full([], 0, tl.int32)
@@ -275,7 +287,7 @@ def _sieve_merge(VAL, CNT, CV, CI, OVAL, OIDX, PATH, L, P, RC, sv, so, Tq, q0, k
                 x = tl.load(CV + slot, mask=mj, other=0.0)
                 ii = tl.load(CI + slot, mask=mj, other=0)
         if (cnt >= k) & (cnt <= CAND):                 # select among the candidates, in registers
-            _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW, ASM)
+            _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW, ASM, KB)
         else:                                          # the emit streamed over the row by this one program
             path = _stream_emit(vrow, n, k, tau, cnt, cnt_gt, OVAL, OIDX, obase, LOW, BLOCK, ASM)
     tl.store(PATH + row, path)
@@ -291,7 +303,7 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
                  out: tuple[torch.Tensor, torch.Tensor] | None = None, paths: torch.Tensor | None = None,
                  cand: int | None = None, samples: tuple[int, int] | None = None, block: int | None = None,
                  num_warps: int | None = None, asm_stores: bool | None = None, programs: int | None = None,
-                 guess_bits: int = 16, merge_warps: int | None = None):
+                 guess_bits: int = 16, merge_warps: int | None = None, kth_bits: int = 0):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), 1 <= k <= L, in radix_select's slot
     order (module docstring). out: (vals, idx) (R, k) fp32 / int32 views to write into. paths: an (R,) int32 tensor
     for each row's path. programs: programs per row (1: one launch; > 1: the split form; default
@@ -303,7 +315,9 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     key bits, 1..16 for bf16 rows, 1..32 for fp32; the rest 0). num_warps: default 8 (4 in the interpreter);
     asm_stores: the candidates' and picks' stores as inline PTX (select.py asm_stores_on); merge_warps: the split
     form's second launch (default 16: one program per row holding CAND candidates, spread over more threads;
-    registers and spills by warps: benchmarks/kernel_registers.py `sieve_split`)."""
+    registers and spills by warps: benchmarks/kernel_registers.py `sieve_split`). kth_bits: how the guess and the
+    candidates' k-th key are found, 0 by bisection (one key bit per step), 4 or 8 by histograms of that many key bits
+    per step (rowselect.py _kth_key_hist; guess_bits must then be a multiple of it)."""
     R, L, oval, oidx = rows_and_outputs("sieve_select", val, k, out)
     if programs is not None and int(programs) < 1:
         raise ValueError(f"sieve_select: programs={programs}; allowed: >= 1")
@@ -320,6 +334,9 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     low = 16 if val.dtype == torch.bfloat16 else 0
     if not 1 <= guess_bits <= 32 - low:
         raise ValueError(f"sieve_select: guess_bits={guess_bits}; allowed: 1..{32 - low} for {val.dtype} rows")
+    if kth_bits not in (0, 4, 8) or (kth_bits and guess_bits % kth_bits):
+        raise ValueError(f"sieve_select: kth_bits={kth_bits} with guess_bits={guess_bits}; allowed: 0, 4, 8 (a "
+                         "divisor of guess_bits)")
     if paths is not None:
         check_device(paths)
         assert paths.shape == (R,) and paths.dtype == torch.int32, "sieve_select: paths must be an (R,) int32 tensor"
@@ -334,7 +351,7 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
         ci = torch.empty(R * CAND, dtype=torch.int32, device=val.device)
         _sieve_select[(R,)](val, cv, ci, oval, oidx, path, L, val.stride(0), oval.stride(0), Tq, q0, k,
                             RATIO=ratio, LOW=low, CAND=CAND, NS=NS, SB=SB, BLOCK=BLOCK,
-                            ASM=asm_stores_on(asm_stores), num_warps=num_warps)
+                            ASM=asm_stores_on(asm_stores), KB=kth_bits, num_warps=num_warps)
         return oval, oidx
     RC = min(C, CAND)                                  # a chunk's slots: more than CAND candidates are never read
     cnt = torch.empty(R * 3 * P, dtype=torch.int32, device=val.device)
@@ -342,11 +359,12 @@ def sieve_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     ci = torch.empty(R * P * RC, dtype=torch.int32, device=val.device)
     asm = asm_stores_on(asm_stores)
     _sieve_split[(P, R)](val, cnt, cv, ci, L, C, P, RC, val.stride(0), Tq, q0, k, RATIO=ratio, LOW=low, CAND=CAND,
-                         NS=NS, SB=SB, BLOCK=BLOCK, GB=min(guess_bits, 32 - low), ASM=asm, num_warps=num_warps)
+                         NS=NS, SB=SB, BLOCK=BLOCK, GB=min(guess_bits, 32 - low), ASM=asm, KB=kth_bits,
+                         num_warps=num_warps)
     PB = next_pow2(P)
     _sieve_merge[(R,)](val, cnt, cv, ci, oval, oidx, path, L, P, RC, val.stride(0), oval.stride(0), Tq, q0, k,
                        RATIO=ratio, LOW=low, CAND=CAND, PB=PB, LOGPB=PB.bit_length() - 1, BLOCK=BLOCK, ASM=asm,
-                       num_warps=(4 if INTERPRET else 16) if merge_warps is None else int(merge_warps))
+                       KB=kth_bits, num_warps=(4 if INTERPRET else 16) if merge_warps is None else int(merge_warps))
     return oval, oidx
 
 
