@@ -160,6 +160,22 @@ def _sieve_chunk(vrow, c0, c1, tau, xn, CV, CI, cbase, cap, LOW: tl.constexpr, B
     return cnt, cnt_gt
 
 
+@triton.jit
+def _take_row(vrow, n, k, OVAL, OIDX, obase, CAND: tl.constexpr):
+    """A row with n <= k visible entries: every one is a pick (slot = column), -1 / -inf in the slots after."""
+    j = tl.arange(0, CAND)
+    for st in range(0, k, CAND):
+        _take_all(vrow, st + j, n, k, OVAL, OIDX, obase)
+
+
+@triton.jit
+def _whole_row(vrow, n, CAND: tl.constexpr):
+    """A row of n <= CAND visible entries as its own candidate set: (values (CAND,) fp32, live slots)."""
+    j = tl.arange(0, CAND)
+    mj = j < n
+    return tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32), mj
+
+
 # ------------------------------------------------------------------------------------------------ one program per row
 @triton.jit
 def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
@@ -175,15 +191,13 @@ def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl
     j = tl.arange(0, CAND)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         path = zero
-        for st in range(0, k, CAND):
-            _take_all(vrow, st + j, n, k, OVAL, OIDX, obase)
+        _take_row(vrow, n, k, OVAL, OIDX, obase, CAND)
     else:
         if n <= CAND:                                  # the row is its own candidate set
             path = zero + 1
             cnt = zero + n
             tau = zero                                 # unused here: a compiled kernel names it on every path
-            mj = j < n
-            x = tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32)
+            x, mj = _whole_row(vrow, n, CAND)
             ii = j
         else:
             ss, r = _sample(vrow, n, 2 * k, LOW, NS, SB)          # guess: the key of rank r among the sample
@@ -251,16 +265,14 @@ def _sieve_merge(VAL, CNT, CV, CI, OVAL, OIDX, PATH, L, P, RC, sv, so, Tq, q0, k
     j = tl.arange(0, CAND)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         path = zero
-        for st in range(0, k, CAND):
-            _take_all(vrow, st + j, n, k, OVAL, OIDX, obase)
+        _take_row(vrow, n, k, OVAL, OIDX, obase, CAND)
     else:
         if n <= CAND:                                  # the row is its own candidate set
             path = zero + 1
             cnt = zero + n
             cnt_gt = zero
             tau = zero
-            mj = j < n
-            x = tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32)
+            x, mj = _whole_row(vrow, n, CAND)
             ii = j
         else:
             path = zero + 2
