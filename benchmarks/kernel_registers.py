@@ -7,8 +7,8 @@ number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4
 
 Covered: the indexer score kernel (indexer_topk/triton.py) for every autotune config; the sieve and row selects
 (indexer_topk/sieve.py, rowselect.py) by dtype x warps x store form (tl.store; inline PTX: _asm), at their prefill
-shapes, and the sieve's split form at decode's; the one-launch split-row select (select.py) at decode's setting; the mHC pre kernel (mhc/triton.py) for every
-autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of
+shapes, and the sieve's split form at decode's; the one-launch split-row select (select.py) at decode's setting; the
+mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of
 bench_mhc.py's BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward (its sparse
 and window parts) for every autotune config.
 Each entry also lists the pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled
@@ -398,8 +398,8 @@ def select_one_launch():
     return out
 
 
-FAMILIES = {"sieve": sieve, "sieve_split": sieve_split, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre, "mhc_pre_bwd": mhc_pre_bwd,
-            "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
+FAMILIES = {"sieve": sieve, "sieve_split": sieve_split, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
+            "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
             "select_one_launch": select_one_launch}
 
 

@@ -28,15 +28,17 @@ Two launch forms, the same output:
               program waits for another; only its top guess_bits = 16 key bits, the low ones 0: any tau works, and
               a coarse one takes half the bisection steps of an fp32 key, but ties in bulk at a key with low bits
               set then take the fallback instead of the ties path), guess target (k + CAND) / 2, and sieves its
-              chunk of C entries into its own
-              min(C, CAND) slots, storing its counts of keys >= tau and > tau (and tau). Launch 2, grid (R,): one
-              program per row adds the counts; with k <= count <= CAND it gathers the candidates in index order
-              (candidate j lies in the chunk p with pre_p <= j < pre_{p+1}, pre the exclusive prefix sum of the
-              counts, found by a binary search over pre) and selects among them in registers; otherwise the ties
-              path or the fallback streamed over the row by that one program (slow: the rare path)
-With the sample of NS SB = 4096 entries (split default) and rank r ~ (k + CAND) / 2 NS SB / n, the count has a
-relative spread of about 1 / sqrt(r) over rows of independent scores (r = 36 at k = 512, CAND = 4096, n = 256K:
-k and CAND both ~4.7 standard deviations from its mean).
+              chunk of C entries into its own min(C, CAND) slots, storing its counts of keys >= tau and > tau
+              (and tau). Launch 2, grid (R,): one program per row adds the counts; with k <= count <= CAND it
+              gathers the candidates in index order (candidate j lies in the chunk p with pre_p <= j < pre_{p+1},
+              pre the exclusive prefix sum of the counts, found by a binary search over pre) and selects among
+              them in registers; otherwise the ties path or the fallback streamed over the row by that one
+              program (slow: the rare path)
+The guess's and the candidates' k-th keys: by bisection, one key bit per step, or (kth_bits 4 / 8) by a histogram
+of that many key bits per step (rowselect.py _kth_key_hist). With the sample of NS SB = 4096 entries (split
+default) and rank r ~ (k + CAND) / 2 NS SB / n, the count has a relative spread of about 1 / sqrt(r) over rows of
+independent scores (r = 36 at k = 512, CAND = 4096, n = 256K: k and CAND both ~4.7 standard deviations from its
+mean); single sampled entries keep that on scores correlated along the row (benchmarks/probe_sieve_guess.py).
 
 Output: radix_select's (select.py), slot for slot: the entries above the k-th key in index order, then the
 lowest-index entries equal to it in index order; -inf picks report index -1; a row with n <= k visible entries takes
