@@ -433,7 +433,7 @@ def topk_row(L=262144):
 
 
 # the split sieve's forms timed on the decode row: (tag, sieve_select arguments); the first is the default
-SIEVE_SPLIT_VARIANTS = (("", {}), ("_asm", {"asm_stores": True}), ("_p64", {"programs": 64}),
+SIEVE_SPLIT_VARIANTS = (("", {}), ("_tlstore", {"asm_stores": False}), ("_p64", {"programs": 64}),
                         ("_p256", {"programs": 256, "block": 1024}), ("_cand8192", {"cand": 8192}),
                         ("_s512x8", {"samples": (512, 8)}), ("_s1024x4", {"samples": (1024, 4)}),
                         ("_s2048x2", {"samples": (2048, 2)}),
