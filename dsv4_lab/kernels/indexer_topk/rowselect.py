@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
-from .select import _row_len, _store_picks, _take_all, _ukey, asm_stores_on, rows_and_outputs
+from .select import _pick_bin, _row_len, _store_picks, _take_all, _ukey, asm_stores_on, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
 
@@ -59,8 +59,8 @@ def _kth_key(s, k, NB: tl.constexpr):
 def _kth_key_hist(s, k, NB: tl.constexpr, DB: tl.constexpr):
     """_kth_key by digits: the k-th largest of the 1-D keys s (NB bits, NB a multiple of DB; k <= #entries), DB key
     bits per step from a 2^DB-bin tl.histogram of the entries that share the digits found so far (radix select in
-    registers, select.py's _prefix on one program's keys): NB / DB steps instead of NB, each a histogram, a suffix
-    sum over its bins and a max."""
+    registers: select.py's _prefix on one program's keys, the same step, _pick_bin): NB / DB steps instead of NB,
+    each a histogram, a suffix sum over its bins and a max."""
     NBIN: tl.constexpr = 1 << DB
     if NB == 32:
         u = s ^ -2147483648                            # unsigned order in the bits (digits masked after the shift)
@@ -75,9 +75,7 @@ def _kth_key_hist(s, k, NB: tl.constexpr, DB: tl.constexpr):
             h = tl.histogram((u >> SH) & (NBIN - 1), NBIN)
         else:
             h = tl.histogram((u >> SH) & (NBIN - 1), NBIN, mask=(u >> (SH + DB)) == (pref >> (SH + DB)))
-        cge = tl.cumsum(h, 0, reverse=True)                                    # entries in bins >= b
-        b = tl.max(tl.where(cge >= krem, bins, 0), 0)
-        krem = krem - tl.sum(tl.where(bins > b, h, 0), 0)
+        b, krem = _pick_bin(h, bins, krem)
         pref = pref | (b << SH)
     if NB == 32:
         t = pref ^ -2147483648

@@ -132,6 +132,15 @@ def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase, ASM: 
 
 
 @triton.jit
+def _pick_bin(h, bins, krem):
+    """One radix step: of the histogram h over `bins` (highest bin = largest keys), the bin b that holds the krem-th
+    largest entry, and how many of the picks still lie in it: (b, krem - entries in bins above b)."""
+    cge = tl.cumsum(h, 0, reverse=True)                                        # entries in bins >= b
+    b = tl.max(tl.where(cge >= krem, bins, 0), 0)
+    return b, krem - tl.sum(tl.where(bins > b, h, 0), 0)
+
+
+@triton.jit
 def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
     """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
     their places, how many of the k picks still lie in the bin the prefix names)."""
@@ -140,10 +149,7 @@ def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
     pref = k * 0
     krem = k
     for l in range(LEVELS):
-        h = tl.load(HIST + hbase + l * NB + bins, volatile=True)
-        cge = tl.cumsum(h, 0, reverse=True)                                    # entries in bins >= b
-        b = tl.max(tl.where(cge >= krem, bins, 0), 0)
-        krem = krem - tl.sum(tl.where(bins > b, h, 0), 0)
+        b, krem = _pick_bin(tl.load(HIST + hbase + l * NB + bins, volatile=True), bins, krem)
         pref = pref | (b << (32 - DB * (l + 1)))
     return pref, krem
 
