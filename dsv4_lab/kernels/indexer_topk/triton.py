@@ -79,12 +79,39 @@ def _mxfp4_logits(Q, q_rows, rmask, KI, KS, row_c, row_s, kmask, NKB: tl.constex
 
 
 @triton.jit
+def _tile_rows(R: tl.constexpr, HIP: tl.constexpr, KROWS: tl.constexpr):
+    """(query, head) of each of the R = BLOCK_M * HIP q rows of a tile. Heads minor (r = m HIP + h), or for KROWS
+    r = (m / 8) 8 HIP + h 8 + m % 8: in the MMA accumulator a thread's columns are c, c + 1, c + 8, c + 9, ..., so
+    with the heads 8 columns apart every head of a query lies in the same thread (BLOCK_M a multiple of 8)."""
+    r = tl.arange(0, R)
+    if KROWS:
+        return (r // (8 * HIP)) * 8 + r % 8, (r // 8) % HIP
+    else:
+        return r // HIP, r % HIP
+
+
+@triton.jit
+def _tile_weights(W, t, nq, swt, HI: tl.constexpr, HIP: tl.constexpr, BLOCK_M: tl.constexpr, KROWS: tl.constexpr,
+                  live):
+    """The weights of queries t .. t + BLOCK_M (nq of them live) in _tile_rows order, (R,) fp32: loaded as a
+    (BLOCK_M, HIP) tile (each query's heads contiguous), then reordered in registers (not one pointer per row)."""
+    m = tl.arange(0, BLOCK_M)
+    h = tl.arange(0, HIP)
+    w = tl.load(W + (t + m).to(tl.int64)[:, None] * swt + h[None, :],
+                mask=(m < nq)[:, None] & (h < HI)[None, :] & live, other=0.0).to(tl.float32)
+    if KROWS:
+        w = tl.permute(tl.reshape(w, [BLOCK_M // 8, 8, HIP]), [0, 2, 1])
+    return tl.reshape(w, [BLOCK_M * HIP])
+
+
+@triton.jit
 def _score_tile(Q, K, KSC, O, q, qrow, rmask, wr, n0, sks, sss, nvis_m, nvis_last, omask_m, Sp, offs_d, dmask,
                 HIP: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-                DOT_DT: tl.constexpr, MXFP4: tl.constexpr):
-    """Scores of the query tile (q: its (R, DI) rows, heads minor; weights wr) against the keys n0 .. n0 + BLOCK_N,
-    stored at O's rows (omask_m: the tile's live queries): ReLU(q k) w summed over heads, -inf past each query's
-    frontier nvis_m."""
+                DOT_DT: tl.constexpr, MXFP4: tl.constexpr, KROWS: tl.constexpr):
+    """Scores of the query tile (q: its (R, DI) rows in _tile_rows order; weights wr) against the keys n0 ..
+    n0 + BLOCK_N, stored at O's rows (omask_m: the tile's live queries): ReLU(q k) w summed over heads, -inf past each
+    query's frontier nvis_m. KROWS: the keys are the dot's rows and the query x head pairs its columns, so that each
+    thread's accumulator holds all HIP heads of its queries and the sum over heads needs no shuffle (_tile_rows)."""
     s = n0 + tl.arange(0, BLOCK_N)
     if MXFP4:                                      # packed keys (K codes, KSC scales): a quarter of the bytes
         logit = _mxfp4_logits(Q, qrow, rmask, K, KSC, s.to(tl.int64) * sks, s.to(tl.int64) * sss, s < nvis_last,
@@ -92,9 +119,17 @@ def _score_tile(Q, K, KSC, O, q, qrow, rmask, wr, n0, sks, sss, nvis_m, nvis_las
     else:
         kt = tl.load(K + s.to(tl.int64)[:, None] * sks + offs_d[None, :],
                      mask=(s < nvis_last)[:, None] & dmask[None, :], other=0.0)
-        logit = tl.dot(q, tl.trans(kt.to(DOT_DT)))                             # (R, BLOCK_N) fp32
-    logit = tl.maximum(logit, 0.0) * wr[:, None]
-    sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)                  # (BLOCK_M, BLOCK_N)
+        if KROWS:
+            logit = tl.dot(kt.to(DOT_DT), tl.trans(q))                         # (BLOCK_N, R) fp32
+        else:
+            logit = tl.dot(q, tl.trans(kt.to(DOT_DT)))                         # (R, BLOCK_N) fp32
+    if KROWS:
+        logit = tl.maximum(logit, 0.0) * wr[None, :]
+        sc = tl.sum(tl.reshape(logit, [BLOCK_N, BLOCK_M // 8, HIP, 8]), 2)     # (BLOCK_N, BLOCK_M / 8, 8)
+        sc = tl.trans(tl.reshape(sc, [BLOCK_N, BLOCK_M]))                       # (BLOCK_M, BLOCK_N)
+    else:
+        logit = tl.maximum(logit, 0.0) * wr[:, None]
+        sc = tl.sum(tl.reshape(logit, [BLOCK_M, HIP, BLOCK_N]), 1)              # (BLOCK_M, BLOCK_N)
     sc = tl.where(s[None, :] < nvis_m[:, None], sc, float("-inf"))
     tl.store(O + s[None, :], sc.to(O.dtype.element_ty), mask=omask_m & (s < Sp)[None, :])   # fp32, or bf16
 
@@ -120,6 +155,7 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPR
     bits); after writing their scores it runs that select's level-0 program on them (select._hist_body: read back,
     as stored, after a CTA barrier), adding the chunk's first-digit histogram to HIST and its suffix counts to PH."""
     R: tl.constexpr = BLOCK_M * HIP
+    KROWS: tl.constexpr = (BLOCK_M % 8 == 0) and (not MXFP4)                  # keys as the dot's rows (_score_tile)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -130,12 +166,11 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPR
     nvis_last = tl.minimum((q_offset + t0 + tl.minimum(m0 + BLOCK_M, Tq)) // RATIO, Sp)
     # key tiles of this program with a key visible to some query of the tile (the rest: -inf or left unwritten)
     nt = tl.maximum(tl.minimum((nvis_last - n_first + BLOCK_N - 1) // BLOCK_N, NLOOP), 0)
-    r = tl.arange(0, R)
-    tr = t0 + m0 + r // HIP
-    hr = r % HIP
-    rmask = (m0 + r // HIP < Tq) & (hr < HI) & (nt > 0)                       # nothing loaded without a tile
+    mr, hr = _tile_rows(R, HIP, KROWS)                                        # (R,) query, head of each q row
+    tr = t0 + m0 + mr
+    rmask = (m0 + mr < Tq) & (hr < HI) & (nt > 0)                              # nothing loaded without a tile
     qrow = tr.to(tl.int64) * sqt + hr * sqh
-    wr = tl.load(WT + b * swb + tr.to(tl.int64) * swt + hr, mask=rmask, other=0.0).to(tl.float32)
+    wr = _tile_weights(WT + b * swb, t0 + m0, Tq - m0, swt, HI, HIP, BLOCK_M, KROWS, nt > 0)   # (R,) fp32
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < DI
     if not MXFP4:                                  # the query tile once, for every key tile below
@@ -148,14 +183,15 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPR
     if NLOOP == 1:                                 # one tile, straight-line code (no pipeline buffers to fill)
         if nt > 0:
             _score_tile(QI + b * sqb, KI + b * skb, KS + b * ssb, OUT + orow, q, qrow, rmask, wr, n_first, sks, sss,
-                        nvis_m, nvis_last, omask_m, Sp, offs_d, dmask, HIP, DI, BLOCK_M, BLOCK_N, R, DOT_DT, MXFP4)
+                        nvis_m, nvis_last, omask_m, Sp, offs_d, dmask, HIP, DI, BLOCK_M, BLOCK_N, R, DOT_DT, MXFP4,
+                        KROWS)
         elif FILL:                                 # FILL=False: the reader stops at each row's frontier (select)
             _fill_tile(OUT + orow, n_first, omask_m, Sp, BLOCK_M, BLOCK_N)
     else:
         for j in range(0, nt):
             _score_tile(QI + b * sqb, KI + b * skb, KS + b * ssb, OUT + orow, q, qrow, rmask, wr, n_first + j * BLOCK_N,
                         sks, sss, nvis_m, nvis_last, omask_m, Sp, offs_d, dmask, HIP, DI, BLOCK_M, BLOCK_N, R, DOT_DT,
-                        MXFP4)
+                        MXFP4, KROWS)
         if FILL:
             for j in range(nt, NLOOP):
                 _fill_tile(OUT + orow, n_first + j * BLOCK_N, omask_m, Sp, BLOCK_M, BLOCK_N)
@@ -213,8 +249,9 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     w = w if w.stride(-1) == 1 else w.contiguous()
     HIP = next_pow2(HI)
     # rows of the dot = BLOCK_M * HIP: >= 16 (min dot size); 128 for prefill tiles, 16 when decoding a few queries
-    # (interpreter: 16 rows, so tiny tests have several query tiles and exercise the causal tile skipping)
-    BLOCK_M = max(1, (128 if Tq > 16 and not INTERPRET else 16) // HIP)
+    # (interpreter: 32 for prefill, so tiny tests have several query tiles and exercise the causal tile skipping, and
+    # a multiple of 8 queries at HIP <= 4: the KROWS tile, _score_tile)
+    BLOCK_M = max(1, (16 if Tq <= 16 else 32 if INTERPRET else 128) // HIP)
     grid = lambda META: (triton.cdiv(Sp, META["BLOCK_N"] * META["NLOOP"]), triton.cdiv(Tq, BLOCK_M), B)  # noqa: E731
     kern, extra = _indexer_scores_fwd, {}
     if config is not None:
