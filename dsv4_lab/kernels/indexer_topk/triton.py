@@ -31,18 +31,19 @@ from .select import _hist_body, digit_levels
 # software-pipelines (NLOOP 1: one tile per program, the query tile reloaded from L2 for every key tile).
 def _score_configs():
     # 256-key tiles: at decode (one query, BLOCK_M 4) half the programs of 128-key tiles for the same key stream.
-    # The interpreter's config walks 2 key tiles per program, so the CPU tests run the loop.
-    gpu = [triton.Config({"BLOCK_N": bn, "NLOOP": 1}, num_warps=nw, num_stages=ns)
-           for bn, nw, ns in ((64, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 2))]
+    # Programs of 8 key tiles for prefill, where a query tile meets up to S / BLOCK_N of them: the query tile and
+    # weights are loaded once per program and Triton pipelines the key loads (fastest on the H200 at 8K and 128K:
+    # benchmarks/README.md, T2). The interpreter's config walks 2 key tiles per program, so the CPU tests run the loop.
+    gpu = [triton.Config({"BLOCK_N": bn, "NLOOP": nl}, num_warps=nw, num_stages=ns)
+           for bn, nl, nw, ns in ((64, 1, 4, 2), (128, 1, 8, 2), (128, 1, 8, 3), (256, 1, 8, 2), (64, 8, 4, 3),
+                                  (128, 8, 8, 3))]
     return configs(gpu, triton.Config({"BLOCK_N": 16, "NLOOP": 2}, num_warps=4, num_stages=1))
 
 
 # Not in the autotune list until timed and checked on the GPU (bench_csa.py `score_configs` times each one explicitly
-# (config=...); tests/test_kernels_gpu.py checks each): programs of 4 or 8 key tiles for prefill, where a query tile
-# meets up to S / BLOCK_N of them (the one-tile configs hold 2 programs per SM at 8 warps by their registers)
-SCORE_CANDIDATE_CONFIGS = [] if INTERPRET else [
-    triton.Config({"BLOCK_N": bn, "NLOOP": nl}, num_warps=nw, num_stages=ns)
-    for bn, nl, nw, ns in ((128, 4, 8, 3), (128, 8, 8, 3), (64, 8, 4, 3), (128, 8, 4, 3))]
+# (config=...); tests/test_kernels_gpu.py checks each). None waiting: (128 keys, 4 tiles, 8 warps) and (128, 8, 4
+# warps) measured slower than (64, 8, 4 warps) at 8K and 128K and left.
+SCORE_CANDIDATE_CONFIGS = []
 
 
 @triton.jit
