@@ -70,17 +70,16 @@ def _pre_candidate_configs():
     # Not in the autotune list: bench_mhc.py launches each one explicitly (config=...), gates it against the naive
     # twin on bf16 x and times it; tests/test_kernels_gpu.py checks each on bf16 and fp32 x. A config joins
     # _pre_configs only after both, when it is faster on both stream dtypes (benchmarks/README.md, T8; docs/kernels.md
-    # §4). Measured and dropped: BT 128 at 4 warps with two or three programs per SM (W re-read from
+    # §4). None waiting. Measured and dropped: BT 128 at 4 warps with two or three programs per SM (W re-read from
     # L2 once per 128 tokens instead of 64; BC 64 / 32: 0.146-0.194 ms on bf16 streams, 0.269-0.278 on fp32, against
     # 0.125 / 0.250 for the listed BT 64 x CPS 2); around BT 64 x 4 warps, BC 64 at CPS 2 / 3 /
     # 4 (four programs fit an SM; at CPS 4 about 2 % faster on one stream dtype, 6-10 % slower on the other), CPS 3
     # / 4 at BC 128, 4 stages and BC 256; maxnreg 128 at 8 warps and CPS 2 (BT 128 x BC 64 or 128); 4 stages at
     # BT 128; BT 128 x BC 64 at 8 warps; BT 256 x BC 64 / 128 and BT 512 x BC 32 at 16 warps; a register prefetch
     # of the next chunk in place of Triton's pipelining; the persistent loop flattened with pass 1 (split mix).
-    # Waiting: BT 32 with three programs per SM at 4 warps (168 registers on bf16 streams: three fit, each holding
-    # half the x footprint of BT 64) and BT 32 x BC 64 at 2 warps, four or five per SM (188 registers; mma.sync, not
-    # the warpgroup MMA): more programs to hide the per-block drain (ptxas on the CPU, kernel_registers.py).
-    return [_pre(32, 128, 3, 4), _pre(32, 64, 4, 2), _pre(32, 64, 5, 2)]
+    # BT 32 with three programs per SM at 4 warps (168 registers; 0.257 ms on bf16 streams) and BT 32 x BC 64 at 2
+    # warps with four or five per SM (mma.sync; 0.170 / 0.244 ms), against 0.126 for the listed BT 64 x CPS 2 (run 45).
+    return []
 
 
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
