@@ -154,7 +154,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         tmask = tok < NTOK
         xrow = tok.to(tl.int64) * ND                                           # (BT,)
         acc = tl.zeros([BT, NC], tl.float32)
-        ss = tl.zeros([BT], tl.float32)
+        ssp = tl.zeros([BT, BC // 8], tl.float32)                            # sum(x^2), per 8 channels
         for t in range(0, NDC * N):                                               # pass 1: chunk-major, stream-minor
             dd = (t // N) * BC + cols
             k = (t % N) * D + dd
@@ -162,7 +162,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
             xv = tl.load(X + xrow[:, None] + k[None, :], mask=tmask[:, None] & km[None, :], other=0.0,
                          eviction_policy="evict_last")                            # (BT, BC)
             xf = xv.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
+            ssp += tl.sum(tl.reshape(xf * xf, [BT, BC // 8, 8]), 2)           # in-thread adds, no shuffles
             if SPLIT == 0:
                 wv = tl.load(FN + wrow[:, None] * ND + k[None, :], mask=wvalid[:, None] & km[None, :], other=0.0)
                 acc = tl.dot(xf, tl.trans(wv), acc, input_precision="ieee")      # (NC, BC) fp32 rows of W
@@ -185,7 +185,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
                     acc = _dot(xl, whi, acc, EMUL)
                     acc = _dot(xb, wlo, acc, EMUL)
                     acc = _dot(xb, whi, acc, EMUL)
-        rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
+        rho = 1.0 / tl.sqrt(tl.sum(ssp, 1) / ND + norm_eps)
         if SAVE:                                                                  # for the backward: mu, rho
             tl.store(MU + tok.to(tl.int64)[:, None] * GN + wrow[None, :], acc * rho[:, None],
                      mask=tmask[:, None] & wvalid[None, :])
@@ -201,11 +201,12 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
         e = tl.where(res, tl.exp(zm - mx[:, :, None]), 0.0)
         se = tl.sum(e, 2)
         se = tl.where(se == 0.0, 1.0, se)
-        P = tl.where(res, e / se[:, :, None] + eps, 0.0)
-        P = P / (tl.sum(P, 1)[:, None, :] + eps)
+        # each normalisation: one reciprocal per row / column, then a multiply per entry
+        P = tl.where(res, e * (1.0 / se)[:, :, None] + eps, 0.0)
+        P = P * (1.0 / (tl.sum(P, 1) + eps))[:, None, :]
         for _ in range(ITERS - 1):
-            P = P / (tl.sum(P, 2)[:, :, None] + eps)
-            P = P / (tl.sum(P, 1)[:, None, :] + eps)
+            P = P * (1.0 / (tl.sum(P, 2) + eps))[:, :, None]
+            P = P * (1.0 / (tl.sum(P, 1) + eps))[:, None, :]
         sig = 1.0 / (1.0 + tl.exp(-zp))
         AC = tl.where(ii == 0, sig + eps, 2.0 * sig)                               # row 0: A, row 1: C
         cbase = COEF + tok.to(tl.int64)[:, None, None] * GN
