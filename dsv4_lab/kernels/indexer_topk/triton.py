@@ -23,8 +23,9 @@ from .select import _hist_body, digit_levels
 # ================================================================================================ score kernel
 # I[t, s] = sum_h w[t, h] ReLU(qI[t, h] . kI[s]) for one query chunk [t0, t1) over the chunk's visible key range
 # [0, S'), S' = floor((q_offset + t1) / ratio) clipped to S. One program: BLOCK_M queries x all HI heads (BLOCK_M * HIP
-# rows of one tl.dot, bf16 operands on the GPU, fp32 accumulate) against BLOCK_N keys; ReLU * w * sum over heads in
-# registers. Key tiles entirely beyond the query tile's causal frontier are not computed, only filled with -inf.
+# q rows of one tl.dot, bf16 operands on the GPU, fp32 accumulate) against BLOCK_N keys; ReLU * w * sum over heads in
+# registers (prefill tiles: the keys as the dot's rows, so that each thread holds every head of its queries and the
+# sum needs no shuffles; docs/kernels.md §3). Key tiles entirely beyond the query tile's causal frontier are not computed, only filled with -inf.
 # The grid is (key ranges, query tiles, B) with the key ranges fastest, so at decode (one query) the S keys are spread
 # over all SMs (docs/kernels.md §8.4: the key stream is the cost). A program walks NLOOP key tiles of BLOCK_N: its
 # queries' q rows and weights are loaded once, and the key tiles' loads feed the dot inside a loop, which Triton

@@ -134,6 +134,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
     ND: tl.constexpr = N * D
     GN: tl.constexpr = (2 + N) * N
     NDC: tl.constexpr = (D + BC - 1) // BC
+    tl.static_assert(BC % 8 == 0, "BC: a multiple of 8 (the sum of squares is kept per 8 channels)")
     # accumulator column c -> W row: c < H: res (i, j) = (c // NP, c % NP); c >= H: row (c - H) // NP = 0 pre, 1 post
     c = tl.arange(0, NC)
     hc = c // H
