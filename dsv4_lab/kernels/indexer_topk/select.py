@@ -7,19 +7,23 @@ their top 16 bits differ; -0.0 has the key of +0.0). The threshold key t (the k-
 time (a digit), one launch per digit, NL = 32 / DB digits for fp32 rows, 16 / DB for bf16 rows (their low 16 bits
 are all equal). A row of L entries is cut into P chunks of C entries (whole blocks), one program per chunk:
 
-    launch l    every program of the row rebuilds the digits b_0..b_{l-1} of t from the histograms already
-                complete (the same arithmetic in every program, so no program waits for another), then builds its
-                chunk's 2^DB-bin histogram of digit l over the entries whose top DB*l bits are b_0..b_{l-1}: added
-                to the row's histogram l (integer atomics: the sum is exact in any order), and, programs 0..P-2,
-                stored as suffix counts S_{p,l}[b] = entries of the chunk in bins >= b (its own slots, no atomics)
-    emit        every program rebuilds t (digits b_0..b_{NL-1}) and r = how many picks have key == t; the programs
-                before it, q < p, hold  gt_q = sum_l S_{q,l}[b_l + 1]  entries > t  and  eq_q = S_{q,NL-1}[b_{NL-1}]
-                - S_{q,NL-1}[b_{NL-1} + 1] entries == t (an entry > t first exceeds t at exactly one digit), so its
-                own picks start at slot sum_{q<p} gt_q and tie rank sum_{q<p} eq_q; it walks its chunk block by
-                block in index order (positions by tl.cumsum over the block's masks). Once it has read the
-                row's histograms it takes a ticket (one atomic add on the row's counter); the row's last program
-                to take one zeroes the histograms and the counter, so no launch has to zero them before the next
-                call (the workspace leaves every call as it entered it: SelectWorkspace)
+    launch l    every program of the row reads the record of digits b_0..b_{l-2} of t (prefix and picks left,
+                stored by program 0 of launch l - 1) and the complete histogram l - 1, and picks digit b_{l-1} (the
+                same arithmetic in every program, so no program waits for another; program 0 stores the record
+                through b_{l-1}); one read of L2 for all of it, with the chunk's first block loading beside it.
+                Then it builds its chunk's 2^DB-bin histogram of digit l over the entries whose top DB*l bits are
+                b_0..b_{l-1}: added to the row's histogram l (integer atomics: the sum is exact in any order), and,
+                programs 0..P-2, stored as suffix counts S_{p,l}[b] = entries of the chunk in bins >= b (its own
+                slots, no atomics)
+    emit        every program picks the last digit the same way, so it has t (digits b_0..b_{NL-1}) and r = how
+                many picks have key == t; the programs before it, q < p, hold  gt_q = sum_l S_{q,l}[b_l + 1]
+                entries > t  and  eq_q = S_{q,NL-1}[b_{NL-1}] - S_{q,NL-1}[b_{NL-1} + 1]  entries == t (an entry
+                > t first exceeds t at exactly one digit; the NL + 1 counts of every earlier program are read at
+                once), so its own picks start at slot sum_{q<p} gt_q and tie rank sum_{q<p} eq_q; it walks its
+                chunk block by block in index order (positions by tl.cumsum over the block's masks). Once it has
+                read the row's histograms and record it takes a ticket (one atomic add on the row's counter); the
+                row's last program to take one zeroes the row's table (_clear_row), so no launch has to zero it
+                before the next call (the workspace leaves every call as it entered it: SelectWorkspace)
 
     one launch  (one_launch=True; ONE_LAUNCH for the default) the same levels and emit in one launch, a grid barrier
                 per row in place of each launch boundary (_select_one_launch): for few rows, where every launch
@@ -45,8 +49,8 @@ counts) takes DB = 8 (NL = 4 digit launches for fp32 rows, 2 for bf16); prefill 
 launches for bf16 rows, each a bandwidth-bound read). Each launch reads its chunk of the row once (L2-resident at
 decode: a 256K-entry row is 1 MB of fp32). The emit's extra reads are (NL + 1) suffix counts per earlier program.
 
-Workspace (SelectWorkspace, int32): per row NL 2^DB histogram bins + the ticket counter, all zero between calls
-(allocated zeroed once); and R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1; written before read).
+Workspace (SelectWorkspace, int32): per row NL 2^DB histogram bins, the ticket counter and NL digit records (prefix,
+picks left), all zero between calls (allocated zeroed once; the ticket's last program clears all of it); and R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1; written before read).
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ from .._common import INTERPRET, check_device, sm_count, tl, triton
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
+ROW_WORDS = HMAX + 1 + 2 * 8                  # a row's table (_row_base): the bins, the ticket, <= 8 digits' records
 # radix_select's default where R <= SMs (one_launch=None). Off: the one launch is ~1.5 us faster at decode but its
 # grid barriers assume every program is resident at once, which nothing guarantees (an MPS SM limit, kernels of
 # other streams); where that fails the GPU hangs instead of erring (docs/kernels.md §3).
@@ -141,16 +146,42 @@ def _pick_bin(h, bins, krem):
 
 
 @triton.jit
-def _prefix(HIST, hbase, k, LEVELS, DB: tl.constexpr):
-    """Digits 0..LEVELS-1 of the k-th largest key from the complete histograms: (prefix with those digits set at
-    their places, how many of the k picks still lie in the bin the prefix names)."""
+def _row_base(row, NL: tl.constexpr, DB: tl.constexpr):
+    """Start of a row's table in the workspace's `hist`: NL 2^DB histogram bins, the ticket counter, then NL records
+    (prefix, krem) of the digits picked so far (the layout SelectWorkspace allocates)."""
+    H: tl.constexpr = NL * (1 << DB)
+    return row.to(tl.int64) * (H + 1 + 2 * NL)
+
+
+@triton.jit
+def _clear_row(HIST, hbase, NL: tl.constexpr, DB: tl.constexpr):
+    """Zero a row's whole table (bins, ticket, records): every call leaves the workspace as it found it, so calls of
+    other digit widths, whose rows lie at other offsets, find zeros wherever their bins fall."""
+    H: tl.constexpr = NL * (1 << DB)
+    tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
+    tail = tl.arange(0, 32)                                                    # the ticket and 2 NL <= 16 words
+    tl.store(HIST + hbase + H + tail, tl.zeros([32], tl.int32), mask=tail < 1 + 2 * NL)
+
+
+@triton.jit
+def _prefix(HIST, hbase, k, LEVEL, p, NL: tl.constexpr, DB: tl.constexpr):
+    """Digits 0..LEVEL-1 of the k-th largest key: (prefix with those digits set at their places, how many of the k
+    picks still lie in the bin the prefix names). Digits 0..LEVEL-2 come as the record program 0 of the launch
+    before stored, digit LEVEL-1 from its complete histogram, both read at once: one pick per launch, not LEVEL of
+    them in a chain of loads. Program 0 (p == 0) stores the record of digits 0..LEVEL-1 for the next launch."""
     NB: tl.constexpr = 1 << DB
+    H: tl.constexpr = NL * NB
     bins = tl.arange(0, NB)
-    pref = k * 0
-    krem = k
-    for l in range(LEVELS):
-        b, krem = _pick_bin(tl.load(HIST + hbase + l * NB + bins, volatile=True), bins, krem)
-        pref = pref | (b << (32 - DB * (l + 1)))
+    rec = HIST + hbase + H + 1 + 2 * (LEVEL - 2)                           # digits 0..LEVEL-2, if LEVEL >= 2
+    pref = tl.load(rec, mask=LEVEL >= 2, other=0, volatile=True)
+    krem = tl.load(rec + 1, mask=LEVEL >= 2, other=k, volatile=True)
+    if LEVEL >= 1:
+        h = tl.load(HIST + hbase + (LEVEL - 1) * NB + bins, volatile=True)
+        b, krem = _pick_bin(h, bins, krem)
+        pref = pref | (b << (32 - DB * LEVEL))
+        if p == 0:
+            tl.store(rec + 2, pref)
+            tl.store(rec + 3, krem)
     return pref, krem
 
 
@@ -170,19 +201,22 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
     if (n > k) & (c0 < n):
         NB: tl.constexpr = 1 << DB
         H: tl.constexpr = NL * NB
-        hbase = row.to(tl.int64) * (H + 1)                                     # H bins, then the ticket counter
-        pref, krem = _prefix(HIST, hbase, k, LEVEL, DB)
+        hbase = _row_base(row, NL, DB)                          # H bins, the ticket counter, the digits' records
+        vrow = VAL + row.to(tl.int64) * sv
+        c1 = tl.minimum(c0 + C, n)
+        x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
+        pref, krem = _prefix(HIST, hbase, k, LEVEL, p, NL, DB)          # (its loads in flight with the block's)
         SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
         HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
         hist = tl.zeros([NB], tl.int32)
-        vrow = VAL + row.to(tl.int64) * sv
-        c1 = tl.minimum(c0 + C, n)
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
-            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
+            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
+            u = _ukey(x.to(tl.float32))
             m = m & ((LEVEL == 0) | ((u >> HS) == (pref >> HS)))                 # inside the bin chosen so far
             hist += tl.histogram((u >> SH) & (NB - 1), NB, mask=m)
+            x = xn
         bins = tl.arange(0, NB)
         tl.atomic_add(HIST + hbase + LEVEL * NB + bins, hist, mask=hist > 0)
         if p < P - 1:                                  # suffix counts S_{p,LEVEL}[b] for the emit of later programs
@@ -213,35 +247,40 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
     elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
         NB: tl.constexpr = 1 << DB
         H: tl.constexpr = NL * NB
-        hbase = row.to(tl.int64) * (H + 1)
-        pref, krem = _prefix(HIST, hbase, k, NL, DB)
+        hbase = _row_base(row, NL, DB)
+        c1 = tl.minimum(c0 + C, n)
+        x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
+        pref, krem = _prefix(HIST, hbase, k, NL, 1, NL, DB)  # (its loads in flight with the block's; p 1: no record)
         # ticket (acq_rel: this program's histogram reads come before it); the last of the row's cdiv(n, C)
-        # programs sees every other one's reads done and zeroes the histograms and the counter for the next call
+        # programs sees every other one's reads done and zeroes the row's table for the next call
         if TICKET:
             if tl.atomic_add(HIST + hbase + H, 1) == (n + C - 1) // C - 1:
-                tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
-                tl.store(HIST + hbase + H, 0)
+                _clear_row(HIST, hbase, NL, DB)
         n_gt = k - krem                                                       # picks > t: slots [0, n_gt)
-        # gt / eq: entries > t / == t in the chunks of programs 0..p-1 (their suffix counts, QB programs at a time)
+        # gt / eq: entries > t / == t in the chunks of programs 0..p-1, from their suffix counts (QB programs at a
+        # time, all NL + 1 counts of a program in one load): an entry > t first exceeds t at exactly one digit l,
+        # so gt_q = sum_l S_{q,l}[b_l + 1]; eq_q = S_{q,NL-1}[b_{NL-1}] - S_{q,NL-1}[b_{NL-1} + 1]
+        lv = tl.arange(0, NL)
+        dig = (pref >> (32 - DB * (lv + 1))) & (NB - 1)                       # (NL,) the digits b_l of t
+        blast = (pref >> (32 - DB * NL)) & (NB - 1)                           # b_{NL-1}
         gt = k * 0
         eq = k * 0
         for qs in range(0, p, QB):
             q = qs + tl.arange(0, QB)
             mq = q < p
             qrow = PH + (row.to(tl.int64) * (P - 1) + q) * H                  # (QB,) pointers to S_{q, 0}[0]
-            for l in range(NL):                                               # > t first at digit l
-                b = (pref >> (32 - DB * (l + 1))) & (NB - 1)                  # digit l of t
-                gt += tl.sum(tl.load(qrow + l * NB + b + 1, mask=mq & (b + 1 < NB), other=0, volatile=True), 0)
-            b = (pref >> (32 - DB * NL)) & (NB - 1)                           # == t: the last digit's bin b
-            eq += tl.sum(tl.load(qrow + (NL - 1) * NB + b, mask=mq, other=0, volatile=True), 0)
-            eq -= tl.sum(tl.load(qrow + (NL - 1) * NB + b + 1, mask=mq & (b + 1 < NB), other=0, volatile=True), 0)
+            s_up = tl.load(qrow[:, None] + lv[None, :] * NB + dig[None, :] + 1, volatile=True, other=0,
+                           mask=mq[:, None] & (dig[None, :] + 1 < NB))        # (QB, NL) S_{q,l}[b_l + 1]
+            s_at = tl.load(qrow + (NL - 1) * NB + blast, mask=mq, other=0, volatile=True)      # (QB,)
+            gt += tl.sum(tl.sum(s_up, 1), 0)
+            eq += tl.sum(s_at - tl.sum(tl.where(lv[None, :] == NL - 1, s_up, 0), 1), 0)
         SH: tl.constexpr = 32 - DB * NL
         tpre = pref >> SH                                                     # threshold prefix (DB NL bits)
-        c1 = tl.minimum(c0 + C, n)
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
-            v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
+            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
+            v = x.to(tl.float32)
             u = _ukey(v) >> SH
             if SH == 0:                        # full 32-bit keys: compare as signed (flip the sign bit back)
                 a = u ^ -2147483648
@@ -250,6 +289,7 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
                 a = u & ((1 << (32 - SH)) - 1)
                 t = tpre & ((1 << (32 - SH)) - 1)
             gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase, ASM)
+            x = xn
 
 
 @triton.jit
@@ -277,7 +317,7 @@ def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL
     p = tl.program_id(0)
     row = tl.program_id(1)
     H: tl.constexpr = NL * (1 << DB)
-    hbase = row.to(tl.int64) * (H + 1)
+    hbase = _row_base(row, NL, DB)
     cnt = HIST + hbase + H
     for lev in range(FIRST, NL):
         _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, NL, DB, RATIO, BLOCK)
@@ -285,8 +325,7 @@ def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL
     _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False, ASM)
     tl.debug_barrier()
     if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == (NL - FIRST + 1) * P - 1:   # every program read its last
-        tl.store(HIST + hbase + tl.arange(0, H), tl.zeros([H], tl.int32))
-        tl.store(cnt, 0)
+        _clear_row(HIST, hbase, NL, DB)
 
 
 def rows_and_outputs(name: str, val: torch.Tensor, k: int, out=None):
@@ -327,8 +366,8 @@ def chunks(L: int, programs: int, block: int) -> tuple[int, int]:
 
 
 class SelectWorkspace:
-    """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins and the
-    ticket counter, allocated zeroed once and left zeroed by every call (its last program per row clears them), so
+    """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins, the
+    ticket counter and the digits' records, allocated zeroed once and left zeroed by every call (its last program per row clears them), so
     a call needs no zeroing launch; `scratch`, the per-program suffix counts of programs 0..P-2 of every row,
     written before they are read. With programs=None the scratch fits the default programs of any row length
     (default_programs: R (P - 1) <= 4 SMS - 1); with programs= given, R (programs - 1) suffix tables.
@@ -339,7 +378,7 @@ class SelectWorkspace:
     def __init__(self, rows: int, programs: int | None = None, device="cuda"):
         self.rows = int(rows)
         extra = 4 * SMS - 1 if programs is None else self.rows * (max(1, int(programs)) - 1)
-        self.hist = torch.zeros(self.rows * (HMAX + 1), dtype=torch.int32, device=device)
+        self.hist = torch.zeros(self.rows * ROW_WORDS, dtype=torch.int32, device=device)
         self.scratch = torch.empty(max(1, extra * HMAX), dtype=torch.int32, device=device)
         self.outgrown: list[torch.Tensor] = []
 
@@ -352,7 +391,7 @@ class SelectWorkspace:
         """Room for `rows` rows of histograms (a new zeroed table) and `scratch` suffix-count elements."""
         if self.rows < rows:
             self.outgrown.append(self.hist)
-            self.rows, self.hist = rows, torch.zeros(rows * (HMAX + 1), dtype=torch.int32, device=device)
+            self.rows, self.hist = rows, torch.zeros(rows * ROW_WORDS, dtype=torch.int32, device=device)
         if self.scratch.numel() < scratch:
             self.outgrown.append(self.scratch)
             self.scratch = torch.empty(scratch, dtype=torch.int32, device=device)

@@ -1,0 +1,115 @@
+"""Where one decode row's top-k time goes (256K scores, k = 512, fp32 and bf16 rows). bench_csa.py `topk_row` times
+whole calls, one call per CUDA-graph replay; this probe splits that figure into what a replay costs with (almost)
+nothing in it, what each launch of `select` adds, and what a call costs among other kernels of one graph, as it runs
+inside a decode step's graph (docs/kernels.md §3).
+
+    floor_us                     {n: one replay of a graph of n launches of a trivial kernel (128 programs of 8
+                                 warps, select's grid), n = 1, 2, 5}: the replay's own start and each launch's step
+    <method>_<dtype>             select (radix_select), sieve (sieve_select, split form), torch (torch.topk, sorted):
+        replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
+        in_graph_us              CALLS calls captured in one graph: one replay / CALLS
+    select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
+                                 (NL digit launches, then the emit): the step from j - 1 to j is launch j's cost
+    sieve_<dtype>_launch1_us     the split sieve's first launch (sample, guess, sieve of each chunk) alone
+Every method's picks are checked against torch.topk's values, and the probe's own launch sequence against
+radix_select's output, bit for bit.
+
+    python benchmarks/probe_topk_row.py [--out benchmarks/results/topk_row_probe.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from common import bench_graph, env_info, write_json  # noqa: E402
+from dsv4_lab.kernels._common import next_pow2, tl, triton  # noqa: E402
+from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
+from dsv4_lab.kernels.indexer_topk import sieve as sv  # noqa: E402
+
+L, K, CALLS = 262144, 512, 20
+
+
+@triton.jit
+def _touch(X):
+    tl.store(X + tl.program_id(0), 1)
+
+
+def in_graph_us(fn, calls=CALLS):
+    """Microseconds per call of fn with `calls` calls captured back to back in one graph."""
+    return bench_graph(lambda: [fn() for _ in range(calls)])["ms"] * 1e3 / calls
+
+
+def select_launches(row, ws, oval, oidx):
+    """radix_select(row, K) as its launches, for one row at decode's defaults (8-bit digits, 2048-entry chunks over
+    default_programs, 8 warps): run(j) zeroes the workspace's histograms, then runs the first j launches."""
+    P, C = sel.chunks(L, sel.default_programs(1, L), 2048)
+    NL = sel.digit_levels(row.dtype, 8)
+    ws.fit_select(1, P, NL, 8, row.device)
+
+    def run(j):
+        ws.hist.zero_()
+        for lev in range(min(j, NL)):
+            sel._hist_level[(P, 1)](row, ws.hist, ws.scratch, L, C, P, row.stride(0), 1, 0, K, LEVEL=lev, NL=NL,
+                                    DB=8, RATIO=0, BLOCK=2048, num_warps=8)
+        if j > NL:
+            sel._emit[(P, 1)](row, ws.hist, ws.scratch, oval, oidx, L, C, P, row.stride(0), oval.stride(0), 1, 0, K,
+                              NL=NL, DB=8, RATIO=0, BLOCK=2048, QB=128, ASM=sel.asm_stores_on(None), num_warps=8)
+    return run, NL
+
+
+def sieve_launch1(row):
+    """The split sieve's first launch alone, at sieve_select's defaults for one decode row."""
+    P, C = sel.chunks(L, sel.default_programs(1, L), 2048)
+    CAND = max(4096, next_pow2(8 * K))
+    RC = min(C, CAND)
+    low = 16 if row.dtype == torch.bfloat16 else 0
+    cnt = torch.empty(3 * P, dtype=torch.int32, device=row.device)
+    cv = torch.empty(P * RC, dtype=torch.float32, device=row.device)
+    ci = torch.empty(P * RC, dtype=torch.int32, device=row.device)
+    return lambda: sv._sieve_split[(P, 1)](row, cnt, cv, ci, L, C, P, RC, row.stride(0), 1, 0, K, RATIO=0, LOW=low,
+                                          CAND=CAND, NS=4096, SB=1, BLOCK=2048, GB=min(16, 32 - low),
+                                          ASM=sel.asm_stores_on(None), KB=0, num_warps=8)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "topk_row_probe.json"))
+    a = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, L, device="cuda", generator=g)                      # bench_csa.py topk_row's rows
+    out = {"env": env_info(), "L": L, "k": K, "calls_in_graph": CALLS}
+    flag = torch.zeros(128, dtype=torch.int32, device="cuda")
+    out["floor_us"] = {n: bench_graph(lambda n=n: [_touch[(128,)](flag, num_warps=8) for _ in range(n)])["ms"] * 1e3
+                       for n in (1, 2, 5)}
+    ws = sel.SelectWorkspace(1, programs=256)
+    for nm, row in (("fp32", x), ("bf16", x.bfloat16())):
+        ref = torch.topk(row.float(), K).values
+        v, i = sel.radix_select(row, K, workspace=ws, one_launch=False)
+        methods = {"select": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False),
+                   "sieve": lambda row=row: sv.sieve_select(row, K),
+                   "torch": lambda row=row: torch.topk(row, K)}
+        for m, fn in methods.items():
+            got = fn()[0].float()
+            out[f"{m}_{nm}_values_match_torch_topk"] = bool(torch.equal(torch.sort(got, -1, descending=True).values,
+                                                                        ref))
+            out[f"{m}_{nm}"] = {"replay_us": bench_graph(fn)["ms"] * 1e3, "in_graph_us": in_graph_us(fn)}
+        oval, oidx = torch.empty_like(v), torch.empty_like(i)
+        run, NL = select_launches(row, ws, oval, oidx)
+        run(NL + 1)
+        out[f"select_{nm}_launches_match_radix_select"] = bool(torch.equal(oidx, i) and torch.equal(oval, v))
+        out[f"select_{nm}_launches_us"] = {j: bench_graph(lambda j=j: run(j))["ms"] * 1e3 for j in range(NL + 2)}
+        ws.hist.zero_()
+        out[f"sieve_{nm}_launch1_us"] = bench_graph(sieve_launch1(row))["ms"] * 1e3
+        print(nm, {kk: vv for kk, vv in out.items() if nm in kk}, flush=True)
+    print("floor_us", out["floor_us"])
+    print(write_json(a.out, out))
+
+
+if __name__ == "__main__":
+    main()
