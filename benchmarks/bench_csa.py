@@ -1,7 +1,9 @@
 """CSA (T2-T6): compressor, indexer score kernel, every indexer + top-k method, the sparse attention kernel; CSA
 prefill = compressor + best indexer method + sparse attention (summed), and `pipeline_N` the same chain timed end to
 end, eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method +
-sparse attention. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
+sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
+replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
+graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
@@ -38,6 +40,7 @@ BF = dict(device="cuda", dtype=torch.bfloat16)
 METHODS = ("sieve_bf16", "sieve", "rowsel_bf16", "rowsel", "select_bf16", "select", "torch_bf16", "torch")
 BF16_METHODS = ("sieve_bf16", "rowsel_bf16", "select_bf16", "torch_bf16")
 FAMILY_CAP_S = 150
+CHAIN_CALLS = 20          # decode: CSA layers captured back to back in one graph (csa_decode_chain_in_graph_us)
 
 
 def indexer_inputs(N, T=None):
@@ -335,6 +338,17 @@ def decode(N):
         out["best_indexer"] = best
         out["indexer_best_us"] = out[f"indexer_{best}_us"]
         out["csa_decode_us"] = out["indexer_best_us"] + out["sparse_attn_us"]
+    try:                          # the same step as one graph: the library's indexer, then the sparse attention
+        def step():
+            return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
+                                   D ** -0.5, W, q_offset=N - 1)
+        out["csa_decode_chain_us"] = bench_graph(step)["ms"] * 1e3
+        out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
+            * 1e3 / CHAIN_CALLS
+        tiny = torch.zeros(1, device="cuda")
+        out["graph_floor_us"] = bench_graph(lambda: tiny.add_(1.0))["ms"] * 1e3          # a replay of one tiny kernel
+    except Exception as e:                                                     # noqa: BLE001
+        out["csa_decode_chain_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     try:
         _decode_mxfp4(out, qI, kI, w, i_ref, N)
     except Exception as e:                                                     # noqa: BLE001
