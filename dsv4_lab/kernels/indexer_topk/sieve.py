@@ -288,16 +288,16 @@ def _sieve_merge(VAL, CNT, CV, CI, OVAL, OIDX, PATH, L, P, RC, sv, so, Tq, q0, k
             x = tl.zeros([CAND], tl.float32)
             ii = tl.zeros([CAND], tl.int32)
             if (cnt >= k) & (cnt <= CAND):
-                # the exclusive prefix sums pre_p in place of the counts (this call's, read above), then for each
-                # candidate j the last chunk p with pre_p <= j (pre is non-decreasing: binary lifting, LOGPB steps)
-                tl.store(cb + q, tl.cumsum(c, 0) - c, mask=q < P)
-                tl.debug_barrier()                     # every thread's prefix stores before any thread reads them
+                # the exclusive prefix sums pre_p of the counts, then for each candidate j the last chunk p with
+                # pre_p <= j (pre is non-decreasing: binary lifting, LOGPB steps, each a gather from the PB prefix
+                # sums held in registers, not a read of memory)
+                pre = tl.cumsum(c, 0) - c
                 lo = tl.zeros([CAND], tl.int32)
                 for s in tl.static_range(LOGPB - 1, -1, -1):
                     nxt = lo + (1 << s)
-                    ok = (nxt < P) & (tl.load(cb + nxt, mask=nxt < P, other=0) <= j)
+                    ok = (nxt < P) & (tl.gather(pre, tl.minimum(nxt, PB - 1), 0) <= j)
                     lo = tl.where(ok, nxt, lo)
-                slot = (row.to(tl.int64) * P + lo) * RC + (j - tl.load(cb + lo, mask=mj, other=0))
+                slot = (row.to(tl.int64) * P + lo) * RC + (j - tl.gather(pre, lo, 0))
                 x = tl.load(CV + slot, mask=mj, other=0.0)
                 ii = tl.load(CI + slot, mask=mj, other=0)
         if (cnt >= k) & (cnt <= CAND):                 # select among the candidates, in registers
