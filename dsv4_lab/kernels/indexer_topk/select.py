@@ -139,10 +139,14 @@ def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase, ASM: 
 @triton.jit
 def _pick_bin(h, bins, krem):
     """One radix step: of the histogram h over `bins` (highest bin = largest keys), the bin b that holds the krem-th
-    largest entry, and how many of the picks still lie in it: (b, krem - entries in bins above b)."""
+    largest entry, and how many of the picks still lie in it: (b, krem - entries in bins above b). 1 <= krem <=
+    sum(h). b is the one bin where the suffix count crosses krem (entries in bins >= b reach it, in bins > b do not),
+    found with its krem in one reduction: the pair packed in an int64 (one scan and one sum: two CTA-wide steps)."""
     cge = tl.cumsum(h, 0, reverse=True)                                        # entries in bins >= b
-    b = tl.max(tl.where(cge >= krem, bins, 0), 0)
-    return b, krem - tl.sum(tl.where(bins > b, h, 0), 0)
+    above = cge - h                                                            # entries in bins > b
+    at_b = (cge >= krem) & (above < krem)
+    pair = tl.sum(tl.where(at_b, (bins.to(tl.int64) << 32) | (krem - above).to(tl.int64), 0), 0)
+    return (pair >> 32).to(tl.int32), (pair & 0xFFFFFFFF).to(tl.int32)
 
 
 @triton.jit
