@@ -423,6 +423,16 @@ def topk_row(L=262144):
             blk = min(2048, L // P)
             out[f"select_{nm}_one_launch_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
                 row, K, programs=P, workspace=ws, block=blk, one_launch=True))["ms"] * 1e3
+        if nm == "fp32":                  # the tail select (tailselect.py): two digits, then the exact tail
+            from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
+            v2, i2 = tail_select(row, K, workspace=ws)
+            out["select_tail_fp32_same_picks"] = bool(torch.equal(i2, i) and torch.equal(v2, v)
+                                                      and not ws.hist.any())
+            out["select_tail_fp32_us"] = bench_graph(lambda row=row: tail_select(row, K, workspace=ws))["ms"] * 1e3
+            for P in (64, 256):
+                blk = min(2048, L // P)
+                out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
+                    row, K, programs=P, block=blk, workspace=ws))["ms"] * 1e3
         out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
@@ -439,7 +449,8 @@ def topk_row(L=262144):
                 row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk))["ms"] * 1e3
     sieve_split_row(out, x, xb, ws)
     out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
-                   "histograms zeroed: no zeroing launch); select_*_one_launch_* = the same levels and emit in one "
+                   "histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit launches and an "
+                   "emit whose last program settles the low 16 bits); select_*_one_launch_* = the same levels and emit in one "
                    "launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
                    "and sieve of each chunk; one program per row selecting among the candidates), *_path its path "
                    "(2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")

@@ -5,7 +5,8 @@ inside a decode step's graph (docs/kernels.md §3).
 
     floor_us                     {n: one replay of a graph of n launches of a trivial kernel (128 programs of 8
                                  warps, select's grid), n = 1, 2, 5}: the replay's own start and each launch's step
-    <method>_<dtype>             select (radix_select), sieve (sieve_select, split form), torch (torch.topk, sorted):
+    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows), sieve (sieve_select, split
+                                 form), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
@@ -31,6 +32,7 @@ from common import bench_graph, env_info, write_json  # noqa: E402
 from dsv4_lab.kernels._common import next_pow2, tl, triton  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import sieve as sv  # noqa: E402
+from dsv4_lab.kernels.indexer_topk import tailselect as ts  # noqa: E402
 
 L, K, CALLS = 262144, 512, 20
 
@@ -92,6 +94,7 @@ def main():
         ref = torch.topk(row.float(), K).values
         v, i = sel.radix_select(row, K, workspace=ws, one_launch=False)
         methods = {"select": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False),
+                   **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws)} if nm == "fp32" else {}),
                    "sieve": lambda row=row: sv.sieve_select(row, K),
                    "torch": lambda row=row: torch.topk(row, K)}
         for m, fn in methods.items():

@@ -575,12 +575,15 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     interpreter cannot run PTX, so on CPU every run stores with tl.store); all calls share one
     SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The one-launch select
     (`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches,
-    with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The row select, on
+    with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The tail select
+    (tailselect.py, fp32 rows; on CPU with its programs reversed, so another program is the row's last): the same
+    bits, on a row built for its tail with both of its paths. The row select, on
     every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
     slot order), on the GPU twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
     from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, chunks, default_programs, radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
+    from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
     g = torch.Generator().manual_seed(11)
     sieve_paths = set()
     ws = SelectWorkspace(2, programs=2, device=device)     # shared by every call (grown by radix_select when short)
@@ -634,6 +637,15 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert not ws.hist.any(), f"{tag}: one_launch left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
+                # the tail select (fp32 rows: two digits, then the exact tail; tailselect.py), over the shape's
+                # programs, in reverse program order on CPU (another program is the row's last): the same bits
+                for a in range(1 if device == "cpu" else 2) if dt == torch.float32 else ():
+                    with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
+                        v2, i2 = tail_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
+                                             asm_stores=a == 1)
+                    assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
+                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
+                        f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
                 # the sieve select, one program per row and split over the shape's programs (default: the
                 # default_programs split): radix_select's result, bitwise
                 for a, sp in itertools.product(range(1 if device == "cpu" else 2), sorted({1, P or 0})):
@@ -651,6 +663,28 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     v2, i2 = row_select(xd, k, frontier=fr, asm_stores=a == 1)   # radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
+    # the tail select on a row built for its tail: 27 picks above the bucket, then a bucket of 39 entries sharing
+    # their top 16 key bits, 9 of them above the k-th key and 8 tied at it (4 taken), interleaved by index with the
+    # others; its register path (cap 64) and its streamed path (cap 16), over 1, 3 and 5 programs
+    x = torch.randn(1, 300, generator=g) * 0.1
+    x[0, ::7] = 1.5 + torch.randint(0, 6, (43,), generator=g).float() * 2 ** -22
+    x[0, 5::11] = 3.0 + torch.rand(27, generator=g)
+    x = x.to(device)
+    for cap, sp in itertools.product((64, 16), (1, 3, 5)):
+        v, i = radix_select(x, 40, programs=sp, block=64, workspace=ws)
+        gv = torch.full((3, 48), 7.0, device=device)             # outputs inside guards: no write may land outside
+        gi = torch.full((3, 48), -7, dtype=torch.int32, device=device)
+        v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, out=(gv[1:2, :40], gi[1:2, :40]))
+        assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) and not ws.hist.any(), \
+            f"tail_select cap={cap} programs={sp}: differs bitwise from radix_select"
+        gv[1:2, :40], gi[1:2, :40] = 7.0, -7
+        assert (gv == 7.0).all() and (gi == -7).all(), f"tail_select cap={cap} programs={sp}: wrote outside its out"
+    try:
+        tail_select(x.bfloat16(), 40)
+    except ValueError as e:
+        assert "val.dtype=torch.bfloat16" in str(e) and "\n" not in str(e), str(e)
+    else:
+        raise AssertionError("tail_select accepted a bf16 row")
     # the sieve select on a row whose order follows position (the guess from the sampled blocks lets fewer than k
     # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
     # guess is the k-th key, 4 fallback), each with radix_select's result

@@ -1,0 +1,234 @@
+"""Tail select: exact top-k of fp32 rows in three launches, radix digits over the top 16 key bits and an exact tail
+(docs/kernels.md §3).
+
+    tail_select(val, k, frontier=None, out=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32)
+
+radix_select (select.py) finds the k-th largest key t of an fp32 row 8 bits per launch: four digit launches and the
+emit. A decode row is latency-bound, so each launch costs about as much as the next whatever its work. Here the
+digit launches stop after 16 bits (select.py's _hist_level with NL = 2, the bf16 select's two digits, on the fp32
+keys): they fix t16, the top 16 bits of t, and krem = how many picks lie in the bucket (the entries whose key has
+the top 16 bits t16). For scores spread like a decode row's the bucket holds tens of entries of 256K. Then one
+launch, P programs per row as before:
+
+    emit    program p picks digit 1 (t16, krem: select.py _prefix), counts from the suffix counts of the programs
+            before it (select.py's emit) how many entries above the bucket (key16 > t16: picks whatever t's low
+            bits) and in the bucket lie before its chunk, and walks its chunk in index order: entries above the
+            bucket to TEMP slots (the row's n16 = k - krem of them, in index order), the bucket's entries to BUCK
+            slots (in index order; the row's first CAP). Then it takes the row's ticket (a CTA barrier, then one
+            acquire-release atomic add: its stores come before it).
+    tail    the row's last program to take a ticket sees every other program's stores. With the bucket's size nB
+            (histogram 1's bin of t16) at most CAP, it holds the bucket in registers and finds t's low 16 bits by
+            bisection among them (16 steps); the picks are the TEMP entries, the bucket entries > t and the r lowest-
+            index bucket entries == t (r = krem - bucket entries > t). It writes them in radix_select's slot order:
+            the entries > t in index order (a TEMP entry's slot is its TEMP slot plus the bucket entries > t with a
+            lower index, a bucket entry's its rank among those plus the TEMP entries with a lower index: counts by
+            binary search over the other list, held in registers, tl.gather), then the ties. With nB > CAP (many
+            entries sharing their top 16 bits at the threshold, as in a row of ties) it finds t's low 16 bits by two
+            8-bit histograms streamed over the row, then writes every pick streaming over the row (one program:
+            slow, exact). Then it zeroes the row's table (select.py _clear_row).
+
+Output: radix_select's, slot for slot (select.py docstring: entries > t in index order, then the lowest-index
+entries == t; -inf picks report -1; rows with n <= k visible entries take them all, slot = column). frontier as in
+select.py. Deterministic: every position comes from counts, none from the order programs run. No host
+synchronisation (CUDA-graph safe). Workspace: a select.SelectWorkspace (its tables left zeroed) and R (k + CAP)
+(value, index) scratch slots.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._common import INTERPRET, next_pow2, tl, triton
+from .select import (SelectWorkspace, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _row_len, _scatter,
+                     _store_picks, _take_all, _ukey, asm_stores_on, chunks, default_programs, rows_and_outputs)
+
+NB = 256                                   # bins of a digit (8 bits)
+
+
+@triton.jit
+def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
+    """For each x, how many entries of a (S = 2^LOGS,) (ascending; pad entries larger than every x) are below it:
+    binary lifting over the lengths, each step one gather from a held in registers."""
+    lo = tl.zeros(x.shape, tl.int32)
+    for s in tl.static_range(LOGS, -1, -1):
+        nxt = lo + (1 << s)
+        ok = (nxt <= S) & (tl.gather(a, tl.minimum(nxt, S) - 1, 0) < x)
+        lo = tl.where(ok, nxt, lo)
+    return lo
+
+
+@triton.jit
+def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr, LOGKP: tl.constexpr,
+               CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr):
+    """The row's picks from TEMP (n16 entries above the bucket) and the bucket (nB <= CAP entries), both in index
+    order: t's low 16 bits by bisection over the bucket, then every pick at its slot (module docstring)."""
+    BIG: tl.constexpr = 2147483647
+    j = tl.arange(0, CAP)
+    mb = j < nB
+    bv = tl.load(BV + bb + j, mask=mb, other=0.0, volatile=True)
+    bi = tl.load(BI + bb + j, mask=mb, other=BIG, volatile=True)
+    jc = tl.arange(0, KP)
+    mc = jc < n16
+    cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
+    ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
+    low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
+    tl16 = krem * 0
+    for b in tl.static_range(15, -1, -1):                      # the krem-th largest low part, MSB first
+        cand = tl16 | (1 << b)
+        if tl.sum((low >= cand).to(tl.int32), 0) >= krem:
+            tl16 = cand
+    g = low > tl16                                             # bucket picks > t
+    e = low == tl16                                            # bucket entries == t
+    gcum = tl.cumsum(g.to(tl.int32), 0)
+    nbg = tl.sum(g.to(tl.int32), 0)
+    # TEMP entry j: its slot is j + the bucket picks > t with a lower index (bucket entries with a lower index: pos)
+    pos = _count_below(bi, ci, CAP, LOGCAP)
+    slot_c = jc + tl.where(pos > 0, tl.gather(gcum, tl.maximum(pos - 1, 0), 0), 0)
+    _scatter(OVAL + obase + slot_c, cv, mc, ASM)
+    _scatter(OIDX + obase + slot_c, tl.where(cv == float("-inf"), -1, ci), mc, ASM)
+    # bucket pick > t: its rank among them + the TEMP entries with a lower index
+    slot_b = gcum - 1 + _count_below(ci, bi, KP, LOGKP)
+    _scatter(OVAL + obase + slot_b, bv, g, ASM)
+    _scatter(OIDX + obase + slot_b, tl.where(bv == float("-inf"), -1, bi), g, ASM)
+    # the r = krem - nbg lowest-index bucket entries == t, after every pick > t
+    rank = tl.cumsum(e.to(tl.int32), 0) - 1
+    take = e & (rank < krem - nbg)
+    slot_t = n16 + nbg + rank
+    _scatter(OVAL + obase + slot_t, bv, take, ASM)
+    _scatter(OIDX + obase + slot_t, tl.where(bv == float("-inf"), -1, bi), take, ASM)
+
+
+@triton.jit
+def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexpr, ASM: tl.constexpr):
+    """The bucket too large for registers: t's digits 2 and 3 by histograms streamed over the row's n entries (the
+    entries whose key has the digits found so far), then the emit streamed over the row, one program."""
+    bins = tl.arange(0, 256)
+    for lev in tl.static_range(2, 4):
+        SH = 32 - 8 * (lev + 1)
+        hist = tl.zeros([256], tl.int32)
+        for st in range(0, n, BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < n
+            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0))
+            m = m & ((u >> (SH + 8)) == (pref >> (SH + 8)))
+            hist += tl.histogram((u >> SH) & 255, 256, mask=m)
+        b, krem = _pick_bin(hist, bins, krem)
+        pref = pref | (b << SH)
+    t = pref ^ -2147483648                                    # full 32-bit keys: compared as signed
+    gt = krem * 0
+    eq = krem * 0
+    for st in range(0, n, BLOCK):
+        offs = st + tl.arange(0, BLOCK)
+        m = offs < n
+        v = tl.load(vrow + offs, mask=m, other=0.0)
+        a = _ukey(v) ^ -2147483648
+        gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, k - krem, k, OVAL, OIDX, obase, ASM)
+
+
+@triton.jit
+def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
+               BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, LOGKP: tl.constexpr, CAP: tl.constexpr,
+               LOGCAP: tl.constexpr, ASM: tl.constexpr):
+    """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail."""
+    p = tl.program_id(0)
+    row = tl.program_id(1)
+    n = _row_len(row, L, Tq, q0, RATIO)
+    c0 = p * C
+    vrow = VAL + row.to(tl.int64) * sv
+    obase = row.to(tl.int64) * so
+    if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
+        for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
+            _take_all(vrow, st + tl.arange(0, BLOCK), n, k, OVAL, OIDX, obase)
+    elif c0 < n:
+        H: tl.constexpr = 2 * 256
+        hbase = _row_base(row, 2, 8)
+        c1 = tl.minimum(c0 + C, n)
+        x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
+        pref, krem = _prefix(HIST, hbase, k, 2, 1, 2, 8)     # t16 (bits 31..16 of pref), picks left in the bucket
+        b0 = (pref >> 24) & 255
+        b1 = (pref >> 16) & 255
+        t16 = (pref >> 16) & 0xFFFF
+        # above / in the bucket, chunks of programs 0..p-1: S_{q,0}[b0 + 1] + S_{q,1}[b1 + 1] / S_{q,1}[b1] -
+        # S_{q,1}[b1 + 1] (histogram 1 counts only the entries of digit 0 = b0)
+        ga = k * 0
+        gb = k * 0
+        for qs in range(0, p, QB):
+            q = qs + tl.arange(0, QB)
+            mq = q < p
+            qrow = PH + (row.to(tl.int64) * (P - 1) + q) * H
+            s0 = tl.load(qrow + b0 + 1, mask=mq & (b0 + 1 < 256), other=0, volatile=True)
+            s1 = tl.load(qrow + 256 + b1 + 1, mask=mq & (b1 + 1 < 256), other=0, volatile=True)
+            s1b = tl.load(qrow + 256 + b1, mask=mq, other=0, volatile=True)
+            ga += tl.sum(s0 + s1, 0)
+            gb += tl.sum(s1b - s1, 0)
+        tb = row.to(tl.int64) * k
+        bb = row.to(tl.int64) * CAP
+        for st in range(c0, c1, BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < c1
+            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
+            v = x.to(tl.float32)
+            u16 = (_ukey(v) >> 16) & 0xFFFF
+            above = m & (u16 > t16)
+            inb = m & (u16 == t16)
+            pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
+            _scatter(TV + tb + pa, v, above, ASM)
+            _scatter(TI + tb + pa, offs, above, ASM)
+            pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
+            _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
+            _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
+            ga += tl.sum(above.to(tl.int32), 0)
+            gb += tl.sum(inb.to(tl.int32), 0)
+            x = xn
+        # ticket: this program's stores and table reads before it (barrier, then release); the row's last program
+        # (acquire) reads every other one's stores
+        tl.debug_barrier()
+        if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
+            nB = tl.load(HIST + hbase + 256 + b1, volatile=True)               # the bucket's size
+            if nB <= CAP:
+                _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP, LOGCAP,
+                           ASM)
+            else:
+                _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
+            _clear_row(HIST, hbase, 2, 8)
+
+
+def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
+                workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
+                num_warps: int = 8, asm_stores: bool | None = None):
+    """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
+    in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
+    SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
+    interpreter; chunks are whole blocks); cap (CAP): bucket entries the tail holds in registers, a power of two
+    (default 1024, 16 in the interpreter); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on."""
+    R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
+    if val.dtype != torch.float32:
+        raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
+                         "whose two digits are the whole key)")
+    CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)
+    if CAP < 1 or CAP & (CAP - 1):
+        raise ValueError(f"tail_select: cap={cap}; allowed: a power of two")
+    if workspace is not None and not isinstance(workspace, SelectWorkspace):
+        raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
+    if R == 0:
+        return oval, oidx
+    BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
+    P, C = chunks(L, default_programs(R, L) if programs is None else max(1, int(programs)), BLOCK)
+    ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
+    ws.fit_select(R, P, 2, 8, val.device)
+    Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
+    KP = next_pow2(k)
+    tv = torch.empty(R * k, dtype=torch.float32, device=val.device)         # TEMP: the picks above the bucket
+    ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
+    bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
+    bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
+    for lev in (0, 1):
+        _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
+                            RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
+    _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),
+                       Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
+                       LOGCAP=CAP.bit_length() - 1, ASM=asm_stores_on(asm_stores), num_warps=num_warps)
+    return oval, oidx
+
+
+__all__ = ["tail_select"]
