@@ -743,7 +743,8 @@ def _family(name):
 # writes csa_try_<settings>.json instead of csa.json, so a trial never stands in for the library's record
 TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM_STORES = True)",
        "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
-       "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)"}
+       "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
+       "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)"}
 
 
 def _bad(msg):
@@ -768,6 +769,8 @@ def _apply_try(names):
             itk._indexer_scores_fwd.configs.extend(itk.SCORE_CANDIDATE_CONFIGS)
         elif name == "fuse_level0":
             itk.FUSE_LEVEL0 = True
+        elif name == "fp32_tail":
+            itk.FP32_TAIL = True
 
 
 def _trying():

@@ -77,10 +77,12 @@ def build_summary(out_dir=None) -> dict:
                                                               ("method", "ms", "graph_ms", "speedup_vs_sdpa_flash",
                                                                "graph_speedup_vs_sdpa_flash")},
             f"CSA {n // 1024}K prefill chain not measured")
-    from dsv4_lab.kernels.indexer_topk import select as sel      # the library's decode default: the split sieve,
-    from dsv4_lab.kernels.indexer_topk import triton as itk     # or the radix select in one launch or NL + 1
+    # the library's decode default for fp32 rows: the split sieve, the tail select, or the radix select (one launch
+    # or NL + 1)
+    from dsv4_lab.kernels.indexer_topk import select as sel
+    from dsv4_lab.kernels.indexer_topk import triton as itk
     put("topk_256k_row_us", lambda: R["csa"]["topk_row"]["262144"][
-        "sieve_fp32_us" if itk.AUTO["decode"] == "sieve" else
+        "sieve_fp32_us" if itk.AUTO["decode"] == "sieve" else "select_tail_fp32_us" if itk.FP32_TAIL else
         "select_fp32_one_launch_p128_us" if sel.ONE_LAUNCH else "select_fp32_us"], "top-k row not measured")
     put("topk_256k_row_detail_us", lambda: {k: v for k, v in R["csa"]["topk_row"]["262144"].items()
                                             if k.endswith(("_us", "_match_torch_topk"))}, "top-k row not measured")

@@ -54,20 +54,22 @@ def test_host_ms_is_the_median_round_per_call(monkeypatch):
 
 def test_csa_try_settings_apply_and_bad_names_exit_2(monkeypatch, capsys):
     """CSA_TRY (bench_csa.py): the named trial settings are applied in a family's process (the selects' inline
-    stores on, the score candidates appended to the autotune list, decode's fused first digit on); an unknown name
+    stores on, the score candidates appended to the autotune list, decode's fused first digit on, fp32 rows through
+    the tail select); an unknown name
     is a one-line error, exit 2."""
     import pytest
 
     import bench_csa
     from dsv4_lab.kernels.indexer_topk import select as sel
-    monkeypatch.setenv("CSA_TRY", "score_candidates,fuse_level0,asm_stores")
-    assert bench_csa._trying() == ("asm_stores", "fuse_level0", "score_candidates")
+    monkeypatch.setenv("CSA_TRY", "score_candidates,fuse_level0,asm_stores,fp32_tail")
+    assert bench_csa._trying() == ("asm_stores", "fp32_tail", "fuse_level0", "score_candidates")
     monkeypatch.setattr(sel, "ASM_STORES", False)
     monkeypatch.setattr(bench_csa.itk, "FUSE_LEVEL0", False)
+    monkeypatch.setattr(bench_csa.itk, "FP32_TAIL", False)
     configs = bench_csa.itk._indexer_scores_fwd.configs
     monkeypatch.setattr(bench_csa.itk._indexer_scores_fwd, "configs", list(configs))
     bench_csa._apply_try(bench_csa._trying())
-    assert sel.ASM_STORES is True and bench_csa.itk.FUSE_LEVEL0 is True
+    assert sel.ASM_STORES is True and bench_csa.itk.FUSE_LEVEL0 is True and bench_csa.itk.FP32_TAIL is True
     assert bench_csa.itk._indexer_scores_fwd.configs == list(configs) + bench_csa.itk.SCORE_CANDIDATE_CONFIGS
     with pytest.raises(SystemExit) as e:
         bench_csa._apply_try(("fast",))

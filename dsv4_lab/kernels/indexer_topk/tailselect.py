@@ -195,12 +195,14 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
 def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
-                num_warps: int = 8, asm_stores: bool | None = None):
+                num_warps: int = 8, asm_stores: bool | None = None, first_level: int = 0):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
     interpreter; chunks are whole blocks); cap (CAP): bucket entries the tail holds in registers, a power of two
-    (default 1024, 16 in the interpreter); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on."""
+    (default 1024, 16 in the interpreter); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
+    first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
+    (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -212,8 +214,18 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
         raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     if R == 0:
         return oval, oidx
+    if first_level not in (0, 1):
+        raise ValueError(f"tail_select: first_level={first_level}; allowed: 0, 1")
+    if first_level and (workspace is None or programs is None or block is None):
+        raise ValueError("tail_select: first_level=1 needs the workspace, programs and block (the chunk) of the launch "
+                         f"that counted digit 0; got workspace={type(workspace).__name__}, programs={programs}, "
+                         f"block={block}")
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    P, C = chunks(L, default_programs(R, L) if programs is None else max(1, int(programs)), BLOCK)
+    P_asked = default_programs(R, L) if programs is None else max(1, int(programs))
+    P, C = chunks(L, P_asked, BLOCK)
+    if first_level and (C != BLOCK or P != P_asked):
+        raise ValueError(f"tail_select: first_level=1 with programs={P_asked}, block={BLOCK} on rows of L={L}: the "
+                         f"chunks would be {C} entries over {P} programs; allowed: programs = cdiv(L, block)")
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
     ws.fit_select(R, P, 2, 8, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
@@ -222,7 +234,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
-    for lev in (0, 1):
+    for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
                             RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),

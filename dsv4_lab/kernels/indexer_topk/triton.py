@@ -266,7 +266,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
             raise ValueError(f"indexer_scores_triton: level0 with t1 - t0 = {Tq} query rows; allowed: 1 (decode)")
         chunk, bn = level0_chunk(Sp), LEVEL0_CONFIG["BLOCK_N"]                # chunk: whole tiles
         nprog, l0db = triton.cdiv(Sp, chunk), LEVEL0_DB
-        nl = digit_levels(dtype, l0db)                                            # the select's digits per key
+        nl = 2 if FP32_TAIL and l0db == 8 else digit_levels(dtype, l0db)   # the select's digits (tail: 2 of fp32)
         ws.fit_select(B, nprog, nl, l0db, qI.device)
         hist, ph, fill, BLOCK_M, HIP = ws.hist, ws.scratch, False, 1, max(16, HIP)   # 16 dot rows: heads padded
         kern, extra = _indexer_scores_fwd.fn, dict(BLOCK_N=bn, NLOOP=chunk // bn,
@@ -324,6 +324,10 @@ DECODE_T = 16                                        # T <= DECODE_T queries: th
 # (indexer_scores_triton level0), one launch fewer per step, the same picks; faster on the H200 (bench_csa.py decode:
 # indexer_select*_fused_us against indexer_select*_us; docs/kernels.md §3).
 FUSE_LEVEL0 = True
+# fp32 score rows of the select methods through tailselect.tail_select: two digit launches over the top 16 key bits
+# and an emit whose last program settles the rest (three launches instead of radix_select's five; the same picks,
+# slot for slot; docs/kernels.md §3). Off until timed on the H200 (bench_csa.py CSA_TRY=fp32_tail).
+FP32_TAIL = False
 
 
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
@@ -356,9 +360,16 @@ def _level0_selector(ws, Sp: int):
     """radix_select from digit 1 on the rows of a level0 score launch (indexer_scores_triton): its chunks and
     workspace, f(scores (R, Sp), k, frontier, out) -> (vals, idx) as _row_selector's."""
     from .select import radix_select
+    from .tailselect import tail_select
     chunk = level0_chunk(Sp)
-    return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk,
-                                                digit_bits=LEVEL0_DB, workspace=ws, out=out, first_level=1)
+
+    def run(sc, kk, fr, out):
+        if FP32_TAIL and sc.dtype == torch.float32:
+            return tail_select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk, workspace=ws,
+                               out=out, first_level=1)
+        return radix_select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk, digit_bits=LEVEL0_DB,
+                            workspace=ws, out=out, first_level=1)
+    return run
 
 
 def _row_selector(method: str, rows: int, device):
@@ -366,8 +377,10 @@ def _row_selector(method: str, rows: int, device):
     rows at a time (select.py / sieve.py / rowselect.py); None for the torch.topk methods."""
     if method.startswith("select"):
         from .select import radix_select
+        from .tailselect import tail_select
         ws = _select_workspace(rows, device)
-        return lambda sc, kk, fr, out: radix_select(sc, kk, frontier=fr, workspace=ws, out=out)
+        return lambda sc, kk, fr, out: (tail_select if FP32_TAIL and sc.dtype == torch.float32 else radix_select)(
+            sc, kk, frontier=fr, workspace=ws, out=out)
     if method.startswith("sieve"):
         from .sieve import sieve_select
         return lambda sc, kk, fr, out: sieve_select(sc, kk, frontier=fr, out=out)
