@@ -15,7 +15,7 @@ Each entry also lists the pipelined shared-memory buffers an asynchronous MMA ma
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
     python benchmarks/kernel_registers.py [--only sieve sieve_split rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
-                                           sparse_bwd window_bwd select_one_launch] [--out DIR]
+                                           sparse_bwd window_bwd select_one_launch tail_emit] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -398,9 +398,22 @@ def select_one_launch():
     return out
 
 
+def tail_emit():
+    """The tail select's emit launch (tailselect.py _emit_tail: the chunk's two lists, the ticket, the last program's
+    tail), decode's setting (one 256K-entry fp32 row over 128 programs of 2048, k 512, CAP 1024, 8 warps), by store
+    form."""
+    from dsv4_lab.kernels.indexer_topk import tailselect as ts
+    ptr = {"VAL": "*fp32", "HIST": "*i32", "PH": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32",
+           "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32", **ROW_ARGS}
+    return {f"fp32_nw8{tag}": resources(ts._emit_tail, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, LOGKP=9,
+                                                                 CAP=1024, LOGCAP=10, ASM=asm), 8,
+                                        ints=SELECT_ONE_LAUNCH_INTS)
+            for asm, tag in STORE_FORMS}
+
+
 FAMILIES = {"sieve": sieve, "sieve_split": sieve_split, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
             "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
-            "select_one_launch": select_one_launch}
+            "select_one_launch": select_one_launch, "tail_emit": tail_emit}
 
 
 def main(only=None, out_dir=None):

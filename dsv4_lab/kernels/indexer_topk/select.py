@@ -137,16 +137,20 @@ def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase, ASM: 
 
 
 @triton.jit
+def _add_pair(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _pick_bin(h, bins, krem):
     """One radix step: of the histogram h over `bins` (highest bin = largest keys), the bin b that holds the krem-th
     largest entry, and how many of the picks still lie in it: (b, krem - entries in bins above b). 1 <= krem <=
     sum(h). b is the one bin where the suffix count crosses krem (entries in bins >= b reach it, in bins > b do not),
-    found with its krem in one reduction: the pair packed in an int64 (one scan and one sum: two CTA-wide steps)."""
+    found with its krem in one two-operand reduction (one scan and one sum: two CTA-wide steps)."""
     cge = tl.cumsum(h, 0, reverse=True)                                        # entries in bins >= b
     above = cge - h                                                            # entries in bins > b
     at_b = (cge >= krem) & (above < krem)
-    pair = tl.sum(tl.where(at_b, (bins.to(tl.int64) << 32) | (krem - above).to(tl.int64), 0), 0)
-    return (pair >> 32).to(tl.int32), (pair & 0xFFFFFFFF).to(tl.int32)
+    return tl.reduce((tl.where(at_b, bins, 0), tl.where(at_b, krem - above, 0)), 0, _add_pair)
 
 
 @triton.jit
@@ -216,11 +220,10 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
-            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
             u = _ukey(x.to(tl.float32))
             m = m & ((LEVEL == 0) | ((u >> HS) == (pref >> HS)))                 # inside the bin chosen so far
             hist += tl.histogram((u >> SH) & (NB - 1), NB, mask=m)
-            x = xn
+            x = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)    # the next block (one live)
         bins = tl.arange(0, NB)
         tl.atomic_add(HIST + hbase + LEVEL * NB + bins, hist, mask=hist > 0)
         if p < P - 1:                                  # suffix counts S_{p,LEVEL}[b] for the emit of later programs
@@ -283,7 +286,6 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
-            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
             v = x.to(tl.float32)
             u = _ukey(v) >> SH
             if SH == 0:                        # full 32-bit keys: compare as signed (flip the sign bit back)
@@ -293,7 +295,7 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
                 a = u & ((1 << (32 - SH)) - 1)
                 t = tpre & ((1 << (32 - SH)) - 1)
             gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase, ASM)
-            x = xn
+            x = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)    # the next block (one live)
 
 
 @triton.jit
