@@ -1,9 +1,10 @@
-"""CSA (T2-T6): compressor, indexer score kernel, every indexer + top-k method, the sparse attention kernel; CSA
-prefill = compressor + best indexer method + sparse attention (summed), and `pipeline_N` the same chain timed end to
-end, eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method +
-sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
+"""CSA (T2-T6): compressor, indexer score kernel, every indexer + top-k method, the sparse attention kernel; CSA prefill
+= compressor + best indexer method + sparse attention (summed), and `pipeline_N` the same chain timed end to end,
+eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method
++ sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
-graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel. H 16, d 128, m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
+graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel. H 16, d 128, m 4, k 512,
+window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
@@ -450,10 +451,10 @@ def topk_row(L=262144):
     sieve_split_row(out, x, xb, ws)
     out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
                    "histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit launches and an "
-                   "emit whose last program settles the low 16 bits); select_*_one_launch_* = the same levels and emit in one "
-                   "launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
-                   "and sieve of each chunk; one program per row selecting among the candidates), *_path its path "
-                   "(2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
+                   "emit whose last program settles the low 16 bits); select_*_one_launch_* = the same levels and "
+                   "emit in one launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: "
+                   "sample, guess and sieve of each chunk; one program per row selecting among the candidates), "
+                   "*_path its path (2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
     return out
 
 

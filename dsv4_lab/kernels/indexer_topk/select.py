@@ -50,7 +50,8 @@ launches for bf16 rows, each a bandwidth-bound read). Each launch reads its chun
 decode: a 256K-entry row is 1 MB of fp32). The emit's extra reads are (NL + 1) suffix counts per earlier program.
 
 Workspace (SelectWorkspace, int32): per row NL 2^DB histogram bins, the ticket counter and NL digit records (prefix,
-picks left), all zero between calls (allocated zeroed once; the ticket's last program clears all of it); and R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1; written before read).
+picks left), all zero between calls (allocated zeroed once; the ticket's last program clears all of it); and
+R x (P - 1) x NL 2^DB per-program suffix counts (none at P = 1; written before read).
 """
 from __future__ import annotations
 
@@ -372,11 +373,11 @@ def chunks(L: int, programs: int, block: int) -> tuple[int, int]:
 
 
 class SelectWorkspace:
-    """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins, the
-    ticket counter and the digits' records, allocated zeroed once and left zeroed by every call (its last program per row clears them), so
-    a call needs no zeroing launch; `scratch`, the per-program suffix counts of programs 0..P-2 of every row,
-    written before they are read. With programs=None the scratch fits the default programs of any row length
-    (default_programs: R (P - 1) <= 4 SMS - 1); with programs= given, R (programs - 1) suffix tables.
+    """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins, the ticket
+    counter and the digits' records, allocated zeroed once and left zeroed by every call (its last program per row
+    clears them), so a call needs no zeroing launch; `scratch`, the per-program suffix counts of programs 0..P-2 of
+    every row, written before they are read. With programs=None the scratch fits the default programs of any row
+    length (default_programs: R (P - 1) <= 4 SMS - 1); with programs= given, R (programs - 1) suffix tables.
     One workspace serves calls of any shape, dtype and digit width up to `rows` rows, but not two calls running at
     once (two streams): their tickets and histograms would mix. A call that needs more grows it (`fit`); the
     buffers it outgrew stay referenced, since a CUDA graph captured with them writes there on every replay."""
