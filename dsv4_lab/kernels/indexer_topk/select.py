@@ -107,6 +107,20 @@ def _take_all(vrow, offs, n, k, OVAL, OIDX, obase):
 
 
 @triton.jit
+def _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO: tl.constexpr):
+    """Program p of row `row` of a split row: (its visible entries n, its chunk's start, the row's values, the row's
+    output offset)."""
+    return _row_len(row, L, Tq, q0, RATIO), p * C, VAL + row.to(tl.int64) * sv, row.to(tl.int64) * so
+
+
+@triton.jit
+def _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK: tl.constexpr):
+    """_take_all over the slots of a chunk [c0, c0 + C) that lie below k (a split row's program, n <= k)."""
+    for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
+        _take_all(vrow, st + tl.arange(0, BLOCK), n, k, OVAL, OIDX, obase)
+
+
+@triton.jit
 def _scatter(ptr, v, m, ASM: tl.constexpr):
     """tl.store(ptr, v, mask=m) of 32-bit v at data-dependent addresses (the compacted picks and candidates). ASM:
     as one predicated PTX store per element, in the layout v already has. Triton gives a store whose addresses it
@@ -245,13 +259,9 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
                RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr, ASM: tl.constexpr):
     """Program p of row `row` after every digit; TICKET: take the ticket that clears the row's histograms (the
     one-launch select clears them itself)."""
-    n = _row_len(row, L, Tq, q0, RATIO)
-    c0 = p * C
-    vrow = VAL + row.to(tl.int64) * sv
-    obase = row.to(tl.int64) * so
+    n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
-        for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
-            _take_all(vrow, st + tl.arange(0, BLOCK), n, k, OVAL, OIDX, obase)
+        _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
     elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
         NB: tl.constexpr = 1 << DB
         H: tl.constexpr = NL * NB

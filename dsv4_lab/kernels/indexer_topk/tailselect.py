@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
-from .select import (SelectWorkspace, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _row_len, _scatter,
-                     _store_picks, _take_all, _ukey, asm_stores_on, chunks, default_programs, rows_and_outputs)
+from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
+                     _store_picks, _take_chunk, _ukey, asm_stores_on, chunks, default_programs, rows_and_outputs)
 
 NB = 256                                   # bins of a digit (8 bits)
 
@@ -131,13 +131,9 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail."""
     p = tl.program_id(0)
     row = tl.program_id(1)
-    n = _row_len(row, L, Tq, q0, RATIO)
-    c0 = p * C
-    vrow = VAL + row.to(tl.int64) * sv
-    obase = row.to(tl.int64) * so
+    n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
-        for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
-            _take_all(vrow, st + tl.arange(0, BLOCK), n, k, OVAL, OIDX, obase)
+        _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
     elif c0 < n:
         H: tl.constexpr = 2 * 256
         hbase = _row_base(row, 2, 8)
