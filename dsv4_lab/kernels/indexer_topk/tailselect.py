@@ -7,8 +7,8 @@ radix_select (select.py) finds the k-th largest key t of an fp32 row 8 bits per 
 emit. A decode row is latency-bound, so each launch costs about as much as the next whatever its work. Here the
 digit launches stop after 16 bits (select.py's _hist_level with NL = 2, the bf16 select's two digits, on the fp32
 keys): they fix t16, the top 16 bits of t, and krem = how many picks lie in the bucket (the entries whose key has
-the top 16 bits t16). For scores spread like a decode row's the bucket holds tens of entries of 256K. Then one
-launch, P programs per row as before:
+the top 16 bits t16). On a 256K row of N(0, 1) scores the bucket holds ~24 entries (docs/kernels.md §3). Then
+one launch, P programs per row as before:
 
     emit    program p picks digit 1 (t16, krem: select.py _prefix), counts from the suffix counts of the programs
             before it (select.py's emit) how many entries above the bucket (key16 > t16: picks whatever t's low
@@ -40,8 +40,6 @@ import torch
 from .._common import INTERPRET, next_pow2, tl, triton
 from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
                      _store_picks, _take_chunk, _ukey, asm_stores_on, chunks, default_programs, rows_and_outputs)
-
-NB = 256                                   # bins of a digit (8 bits)
 
 
 @triton.jit
