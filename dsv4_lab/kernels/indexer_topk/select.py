@@ -382,6 +382,17 @@ def chunks(L: int, programs: int, block: int) -> tuple[int, int]:
     return triton.cdiv(L, C), C
 
 
+def level_chunks(name: str, L: int, programs: int, block: int, first_level: int) -> tuple[int, int]:
+    """chunks(L, programs, block); with first_level=1 they must be the chunks the level-0 launch counted (programs =
+    cdiv(L, block), block entries each), else a one-line ValueError naming `name`."""
+    P, C = chunks(L, programs, block)
+    if first_level and (C != block or P != programs):
+        raise ValueError(f"{name}: first_level=1 with programs={programs}, block={block} on rows of L={L}: the chunks "
+                         f"would be {C} entries over {P} programs; allowed: programs = cdiv(L, block), as the level-0 "
+                         "launch cut them")
+    return P, C
+
+
 class SelectWorkspace:
     """radix_select's buffers for up to `rows` rows (docstring above): `hist`, per row the histogram bins, the ticket
     counter and the digits' records, allocated zeroed once and left zeroed by every call (its last program per row
@@ -456,11 +467,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     if R == 0:
         return oval, oidx
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    P_asked, (P, C) = P, chunks(L, P, BLOCK)                                # P <= the P asked for
-    if first_level and (C != BLOCK or P != P_asked):
-        raise ValueError(f"radix_select: first_level=1 with programs={P_asked}, block={BLOCK} on rows of L={L}: the "
-                         f"chunks would be {C} entries over {P} programs; allowed: programs = "
-                         "cdiv(L, block), as the level-0 launch cut them")
+    P, C = level_chunks("radix_select", L, P, BLOCK, first_level)           # P <= the P asked for
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
     ws.fit_select(R, P, NL, DB, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)

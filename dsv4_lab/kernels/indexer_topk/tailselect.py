@@ -39,7 +39,8 @@ import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
 from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
-                     _store_picks, _take_chunk, _ukey, asm_stores_on, chunks, default_programs, rows_and_outputs)
+                     _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks,
+                     rows_and_outputs)
 
 
 @triton.jit
@@ -215,11 +216,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                          f"that counted digit 0; got workspace={type(workspace).__name__}, programs={programs}, "
                          f"block={block}")
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    P_asked = default_programs(R, L) if programs is None else max(1, int(programs))
-    P, C = chunks(L, P_asked, BLOCK)
-    if first_level and (C != BLOCK or P != P_asked):
-        raise ValueError(f"tail_select: first_level=1 with programs={P_asked}, block={BLOCK} on rows of L={L}: the "
-                         f"chunks would be {C} entries over {P} programs; allowed: programs = cdiv(L, block)")
+    P, C = level_chunks("tail_select", L, default_programs(R, L) if programs is None else max(1, int(programs)),
+                        BLOCK, first_level)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
     ws.fit_select(R, P, 2, 8, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)

@@ -25,7 +25,8 @@ from .select import _hist_body, digit_levels
 # [0, S'), S' = floor((q_offset + t1) / ratio) clipped to S. One program: BLOCK_M queries x all HI heads (BLOCK_M * HIP
 # q rows of one tl.dot, bf16 operands on the GPU, fp32 accumulate) against BLOCK_N keys; ReLU * w * sum over heads in
 # registers (prefill tiles: the keys as the dot's rows, so that each thread holds every head of its queries and the
-# sum needs no shuffles; docs/kernels.md §3). Key tiles entirely beyond the query tile's causal frontier are not computed, only filled with -inf.
+# sum needs no shuffles; docs/kernels.md §3). Key tiles entirely beyond the query tile's causal frontier are not
+# computed, only filled with -inf.
 # The grid is (key ranges, query tiles, B) with the key ranges fastest, so at decode (one query) the S keys are spread
 # over all SMs (docs/kernels.md §8.4: the key stream is the cost). A program walks NLOOP key tiles of BLOCK_N: its
 # queries' q rows and weights are loaded once, and the key tiles' loads feed the dot inside a loop, which Triton
@@ -266,7 +267,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
             raise ValueError(f"indexer_scores_triton: level0 with t1 - t0 = {Tq} query rows; allowed: 1 (decode)")
         chunk, bn = level0_chunk(Sp), LEVEL0_CONFIG["BLOCK_N"]                # chunk: whole tiles
         nprog, l0db = triton.cdiv(Sp, chunk), LEVEL0_DB
-        nl = 2 if FP32_TAIL and l0db == 8 else digit_levels(dtype, l0db)   # the select's digits (tail: 2 of fp32)
+        nl = 2 if _tail_rows(dtype) else digit_levels(dtype, l0db)      # the select's digits (tail: 2 of fp32)
         ws.fit_select(B, nprog, nl, l0db, qI.device)
         hist, ph, fill, BLOCK_M, HIP = ws.hist, ws.scratch, False, 1, max(16, HIP)   # 16 dot rows: heads padded
         kern, extra = _indexer_scores_fwd.fn, dict(BLOCK_N=bn, NLOOP=chunk // bn,
@@ -330,6 +331,11 @@ FUSE_LEVEL0 = True
 FP32_TAIL = False
 
 
+def _tail_rows(dtype: torch.dtype) -> bool:
+    """Whether score rows of this dtype go through the tail select (FP32_TAIL, fp32 rows; 8-bit digits: LEVEL0_DB)."""
+    return FP32_TAIL and dtype == torch.float32
+
+
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
     return max(1, min(rows, max_elems // max(Sp, 1)))
 
@@ -364,11 +370,9 @@ def _level0_selector(ws, Sp: int):
     chunk = level0_chunk(Sp)
 
     def run(sc, kk, fr, out):
-        if FP32_TAIL and sc.dtype == torch.float32:
-            return tail_select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk, workspace=ws,
-                               out=out, first_level=1)
-        return radix_select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk, digit_bits=LEVEL0_DB,
-                            workspace=ws, out=out, first_level=1)
+        select, extra = (tail_select, {}) if _tail_rows(sc.dtype) else (radix_select, {"digit_bits": LEVEL0_DB})
+        return select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk, workspace=ws, out=out,
+                      first_level=1, **extra)
     return run
 
 
@@ -379,7 +383,7 @@ def _row_selector(method: str, rows: int, device):
         from .select import radix_select
         from .tailselect import tail_select
         ws = _select_workspace(rows, device)
-        return lambda sc, kk, fr, out: (tail_select if FP32_TAIL and sc.dtype == torch.float32 else radix_select)(
+        return lambda sc, kk, fr, out: (tail_select if _tail_rows(sc.dtype) else radix_select)(
             sc, kk, frontier=fr, workspace=ws, out=out)
     if method.startswith("sieve"):
         from .sieve import sieve_select
