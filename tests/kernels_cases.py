@@ -880,6 +880,20 @@ def case_mhc(device="cpu", big=False, dtype=torch.float32):
         _check(f"mhc u (mix={other})", u_m, ref[0].detach(), yard[0].detach() if yard[0] is not None else None, tol)
         _check(f"mhc coef (mix={other})", c_m, ref[1].detach(), yard[1].detach() if yard[1] is not None else None,
                tol)
+        # the post's two program orders (POST_TOKEN_MAJOR) over several channel blocks (POST_BD 16): each entry is
+        # the same arithmetic, so the same bits; against the naive post on the same coef in fp64
+        old = (mt.POST_TOKEN_MAJOR, mt.POST_BD)
+        posts = []
+        try:
+            for tmaj in (False, True):
+                mt.POST_TOKEN_MAJOR, mt.POST_BD = tmaj, 16
+                posts.append(mt.mhc_post_fwd(y0.to(dtype), x0.to(dtype), c_m))
+        finally:
+            mt.POST_TOKEN_MAJOR, mt.POST_BD = old
+        assert torch.equal(posts[0], posts[1]), f"mhc post {(B, T, n, d)}: the program orders differ"
+        q_r = mhc_post_naive(y0.to(dtype).double(), x0.to(dtype).double(), c_m.double())
+        _check(f"mhc post (token-major, BD 16) {(B, T, n, d)}", posts[1], q_r,
+               mhc_post_naive(y0.to(dtype), x0.to(dtype), c_m) if dtype != torch.float32 else None, tol)
 
 
 # ------------------------------------------------------------------------------------------------ split-KV decode

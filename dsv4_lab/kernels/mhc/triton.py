@@ -250,11 +250,19 @@ def _mhc_mix_kernel(X, COEF, U, NTOK, N: tl.constexpr, D: tl.constexpr, G: tl.co
 @triton.jit
 def _mhc_post_kernel(Y, X, COEF, OUT, NTOK,
                      N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr,
-                     BT: tl.constexpr, BD: tl.constexpr):
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+                     BT: tl.constexpr, BD: tl.constexpr, TMAJ: tl.constexpr):
+    """x'_j = C_j y + sum_i P_ij x_i for BT tokens x BD channels. TMAJ: a 1-D grid whose neighbouring programs take
+    the channel blocks of one token block (the block's streams are one contiguous span of memory); otherwise grid
+    (token blocks, channel blocks), neighbours taking one channel block of consecutive token blocks."""
+    NDB: tl.constexpr = (D + BD - 1) // BD
+    if TMAJ:
+        tb, db = tl.program_id(0) // NDB, tl.program_id(0) % NDB
+    else:
+        tb, db = tl.program_id(0), tl.program_id(1)
+    tok = tb * BT + tl.arange(0, BT)
     tmask = tok < NTOK
     tok64 = tok.to(tl.int64)
-    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    dd = db * BD + tl.arange(0, BD)
     dm = tmask[:, None] & (dd[None, :] < D)
     jj = tl.arange(0, NP)
     jm = tmask[:, None] & (jj[None, :] < N)
@@ -515,8 +523,8 @@ def _split_w(fn32, n, d, NP, split):
 
 # elementwise launch parameters (not autotuned; bench_mhc.py times them): BT tokens x BD channels per program of the
 # post forward and of the split mix's u kernel; POST_BT None: 8 tokens on bf16 streams, 16 on fp32 (the faster of
-# each in bench_mhc.py's post_sweep)
-POST_BT, POST_BD, POST_WARPS = None, 128, 4
+# each in bench_mhc.py's post_sweep); POST_TOKEN_MAJOR: the post's program order (_mhc_post_kernel's TMAJ)
+POST_BT, POST_BD, POST_WARPS, POST_TOKEN_MAJOR = None, 128, 4, False
 MIX_BT, MIX_BD, MIX_WARPS = 16, 128, 4
 
 
@@ -570,9 +578,11 @@ def mhc_post_fwd(y, x, coef):
     ntok = B * T
     BT, BD = POST_BT or (8 if x.element_size() == 2 else 16), min(POST_BD, max(16, next_pow2(d)))
     if ntok:
-        _mhc_post_kernel[(triton.cdiv(ntok, BT), triton.cdiv(d, BD))](
-            y.contiguous(), x.contiguous(), coef.float().contiguous(), out, ntok,
-            N=n, D=d, G=2 + n, NP=next_pow2(n), BT=BT, BD=BD, num_warps=POST_WARPS)
+        grid = (triton.cdiv(ntok, BT) * triton.cdiv(d, BD),) if POST_TOKEN_MAJOR else \
+            (triton.cdiv(ntok, BT), triton.cdiv(d, BD))
+        _mhc_post_kernel[grid](y.contiguous(), x.contiguous(), coef.float().contiguous(), out, ntok,
+                               N=n, D=d, G=2 + n, NP=next_pow2(n), BT=BT, BD=BD, TMAJ=POST_TOKEN_MAJOR,
+                               num_warps=POST_WARPS)
     return out
 
 
