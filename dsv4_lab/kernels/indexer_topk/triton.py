@@ -332,8 +332,9 @@ FP32_TAIL = False
 
 
 def _tail_rows(dtype: torch.dtype) -> bool:
-    """Whether score rows of this dtype go through the tail select (FP32_TAIL, fp32 rows; 8-bit digits: LEVEL0_DB)."""
-    return FP32_TAIL and dtype == torch.float32
+    """Whether score rows of this dtype go through the tail select: FP32_TAIL, fp32 rows, and the level-0 digit of
+    the tail's width (8 bits), so that the score launch's table and the selector agree."""
+    return FP32_TAIL and dtype == torch.float32 and LEVEL0_DB == 8
 
 
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:

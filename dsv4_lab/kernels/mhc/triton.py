@@ -578,8 +578,8 @@ def mhc_post_fwd(y, x, coef):
     ntok = B * T
     BT, BD = POST_BT or (8 if x.element_size() == 2 else 16), min(POST_BD, max(16, next_pow2(d)))
     if ntok:
-        grid = (triton.cdiv(ntok, BT) * triton.cdiv(d, BD),) if POST_TOKEN_MAJOR else \
-            (triton.cdiv(ntok, BT), triton.cdiv(d, BD))
+        nt, nd = triton.cdiv(ntok, BT), triton.cdiv(d, BD)
+        grid = (nt * nd,) if POST_TOKEN_MAJOR else (nt, nd)
         _mhc_post_kernel[grid](y.contiguous(), x.contiguous(), coef.float().contiguous(), out, ntok,
                                N=n, D=d, G=2 + n, NP=next_pow2(n), BT=BT, BD=BD, TMAJ=POST_TOKEN_MAJOR,
                                num_warps=POST_WARPS)
