@@ -50,10 +50,9 @@ POST_BWD_SWEEP = [dict(POST_BWD_BT=8, POST_BWD_BD=128, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=16, POST_BWD_BD=64, POST_BWD_WARPS=4),
                   dict(POST_BWD_BT=32, POST_BWD_BD=64, POST_BWD_WARPS=8),
                   dict(POST_BWD_BT=8, POST_BWD_BD=256, POST_BWD_WARPS=4)]
-POST_SWEEP = [dict(POST_BT=16, POST_BD=128, POST_WARPS=4), dict(POST_BT=32, POST_BD=128, POST_WARPS=4),
-              dict(POST_BT=8, POST_BD=128, POST_WARPS=4), dict(POST_BT=16, POST_BD=256, POST_WARPS=4),
-              dict(POST_BT=32, POST_BD=128, POST_WARPS=8), dict(POST_BT=64, POST_BD=64, POST_WARPS=4)] + \
-    [dict(POST_BT=bt, POST_BD=128, POST_WARPS=4, POST_TOKEN_MAJOR=True) for bt in (8, 16, 32)]   # the 1-D order
+POST_SWEEP = [dict(POST_BT=bt, POST_BD=128, POST_WARPS=4, POST_TOKEN_MAJOR=True) for bt in (8, 16, 32)] + \
+    [dict(POST_BT=bt, POST_BD=bd, POST_WARPS=w, POST_TOKEN_MAJOR=False)                      # the 2-D grid's order
+     for bt, bd, w in ((16, 128, 4), (32, 128, 4), (8, 128, 4), (16, 256, 4), (32, 128, 8), (64, 64, 4))]
 MIX_SWEEP = [dict(MIX_BT=16, MIX_BD=128, MIX_WARPS=4), dict(MIX_BT=32, MIX_BD=128, MIX_WARPS=4),
              dict(MIX_BT=64, MIX_BD=128, MIX_WARPS=8), dict(MIX_BT=16, MIX_BD=256, MIX_WARPS=4),
              dict(MIX_BT=32, MIX_BD=256, MIX_WARPS=8)]

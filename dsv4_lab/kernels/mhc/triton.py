@@ -523,8 +523,9 @@ def _split_w(fn32, n, d, NP, split):
 
 # elementwise launch parameters (not autotuned; bench_mhc.py times them): BT tokens x BD channels per program of the
 # post forward and of the split mix's u kernel; POST_BT None: 8 tokens on bf16 streams, 16 on fp32 (the faster of
-# each in bench_mhc.py's post_sweep); POST_TOKEN_MAJOR: the post's program order (_mhc_post_kernel's TMAJ)
-POST_BT, POST_BD, POST_WARPS, POST_TOKEN_MAJOR = None, 128, 4, False
+# each in bench_mhc.py's post_sweep); POST_TOKEN_MAJOR: the post's program order (_mhc_post_kernel's TMAJ; True, the
+# 1-D token-major order, was the faster on both stream dtypes in post_sweep, docs/kernels.md §4)
+POST_BT, POST_BD, POST_WARPS, POST_TOKEN_MAJOR = None, 128, 4, True
 MIX_BT, MIX_BD, MIX_WARPS = 16, 128, 4
 
 
