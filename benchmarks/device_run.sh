@@ -21,11 +21,13 @@ if [ "$K" != "-" ]; then
   : > "$OUT/gpu_tests.log"
   export OUT
   timeout "${TEST_TIMEOUT:-300}" xargs -a "$OUT/gpu_test_ids.txt" -d '\n' -P "${TEST_JOBS:-4}" -I{} bash -c '
-    t0=$(date +%s); timeout '"${PER_TEST:-240}"' python3 -m pytest -q -p no:cacheprovider -rfE "$1" > "$OUT/t.$$.log" 2>&1
-    rc=$?; case $rc in 0) r=PASS;; 5) r=NONE;; 124) r=TIMEOUT;; *) r=FAIL;; esac
+    t0=$(date +%s); timeout -s INT -k 20 '"${PER_TEST:-240}"' python3 -m pytest -q -p no:cacheprovider -rfE --full-trace "$1" > "$OUT/t.$$.log" 2>&1
+    rc=$?; case $rc in 0) r=PASS;; 5) r=NONE;; 124|137) r=TIMEOUT;; *) r=FAIL;; esac
     grep -q " skipped" "$OUT/t.$$.log" && [ $rc = 0 ] && r=SKIP
     echo "$r $(( $(date +%s) - t0 ))s $1" >> "$OUT/gpu_tests.log"
-    [ $r = FAIL ] && tail -c 3000 "$OUT/t.$$.log" >> "$OUT/gpu_test_failures.log"; rm -f "$OUT/t.$$.log"' _ {}
+    # a timed-out case gets SIGINT first: pytest then prints the stack it was interrupted in (a compile, a kernel)
+    case $r in FAIL|TIMEOUT) { echo "== $r $1"; tail -c 3000 "$OUT/t.$$.log"; } >> "$OUT/gpu_test_failures.log";; esac
+    rm -f "$OUT/t.$$.log"' _ {}
   echo "gpu tests rc=$? ($(wc -l < "$OUT/gpu_test_ids.txt") collected)"
   sort "$OUT/gpu_tests.log"; cut -d" " -f1 "$OUT/gpu_tests.log" | sort | uniq -c
   [ -f "$OUT/gpu_test_failures.log" ] && tail -c 3000 "$OUT/gpu_test_failures.log"
