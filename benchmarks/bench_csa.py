@@ -3,7 +3,8 @@
 eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method
 + sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
-graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel. H 16, d 128, m 4, k 512,
+graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
+timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency). H 16, d 128, m 4, k 512,
 window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
@@ -344,10 +345,12 @@ def decode(N):
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
                                    D ** -0.5, W, q_offset=N - 1)
         out["csa_decode_chain_us"] = bench_graph(step)["ms"] * 1e3
+        out["csa_decode_chain_gpu_us"] = bench_graph(step, hold=True)["ms"] * 1e3
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
         tiny = torch.zeros(1, device="cuda")
         out["graph_floor_us"] = bench_graph(lambda: tiny.add_(1.0))["ms"] * 1e3          # a replay of one tiny kernel
+        out["graph_floor_gpu_us"] = bench_graph(lambda: tiny.add_(1.0), hold=True)["ms"] * 1e3
     except Exception as e:                                                     # noqa: BLE001
         out["csa_decode_chain_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     try:
@@ -416,6 +419,8 @@ def topk_row(L=262144):
             for _ in range(5))                                              # the slot order is fixed (select.py)
         out[f"select_{nm}_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws,
                                                                           one_launch=False))["ms"] * 1e3
+        out[f"select_{nm}_gpu_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws, one_launch=False),
+                                                 hold=True)["ms"] * 1e3
         # one launch, a grid barrier per digit level: the same picks in the same slots, the workspace left zeroed
         v1, i1 = radix_select(row, K, workspace=ws, one_launch=True)
         out[f"select_{nm}_one_launch_same_picks"] = bool(torch.equal(i1, i) and torch.equal(v1, v)
@@ -430,11 +435,14 @@ def topk_row(L=262144):
             out["select_tail_fp32_same_picks"] = bool(torch.equal(i2, i) and torch.equal(v2, v)
                                                       and not ws.hist.any())
             out["select_tail_fp32_us"] = bench_graph(lambda row=row: tail_select(row, K, workspace=ws))["ms"] * 1e3
+            out["select_tail_fp32_gpu_us"] = bench_graph(lambda row=row: tail_select(row, K, workspace=ws),
+                                                         hold=True)["ms"] * 1e3
             for P in (64, 256):
                 blk = min(2048, L // P)
                 out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
                     row, K, programs=P, block=blk, workspace=ws))["ms"] * 1e3
         out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
+        out[f"torch_topk_{nm}_gpu_us"] = bench_graph(lambda row=row: torch.topk(row, K), hold=True)["ms"] * 1e3
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
         blk = min(2048, L // P)                              # chunks are whole blocks: 256 programs need 1024
@@ -449,7 +457,12 @@ def topk_row(L=262144):
             out[f"{tag}_us"] = bench_graph(lambda row=row, nw=nw, blk=blk: radix_select(
                 row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk))["ms"] * 1e3
     sieve_split_row(out, x, xb, ws)
-    out["note"] = ("select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
+    tiny = torch.zeros(1, device="cuda")                    # what a replay costs with one tiny kernel in it
+    out["graph_floor_us"] = bench_graph(lambda: tiny.add_(1.0))["ms"] * 1e3
+    out["graph_floor_gpu_us"] = bench_graph(lambda: tiny.add_(1.0), hold=True)["ms"] * 1e3
+    out["note"] = ("*_us: one call per CUDA-graph replay, the replay's own start included (graph_floor_us: one tiny "
+                   "kernel); *_gpu_us: the same replay timed from the GPU's start of it (common.bench_graph hold=True). "
+                   "select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
                    "histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit launches and an "
                    "emit whose last program settles the low 16 bits); select_*_one_launch_* = the same levels and "
                    "emit in one launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: "

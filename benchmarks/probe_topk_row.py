@@ -5,6 +5,7 @@ inside a decode step's graph (docs/kernels.md §3).
 
     floor_us                     {n: one replay of a graph of n launches of a trivial kernel (128 programs of 8
                                  warps, select's grid), n = 1, 2, 5}: the replay's own start and each launch's step
+    floor_gpu_us                 the same replays timed from the GPU's start of each (bench_graph hold=True)
     <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows), sieve (sieve_select, split
                                  form), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
@@ -89,6 +90,8 @@ def main():
     flag = torch.zeros(128, dtype=torch.int32, device="cuda")
     out["floor_us"] = {n: bench_graph(lambda n=n: [_touch[(128,)](flag, num_warps=8) for _ in range(n)])["ms"] * 1e3
                        for n in (1, 2, 5)}
+    out["floor_gpu_us"] = {n: bench_graph(lambda n=n: [_touch[(128,)](flag, num_warps=8) for _ in range(n)],
+                                          hold=True)["ms"] * 1e3 for n in (1, 2, 5)}
     ws = sel.SelectWorkspace(1, programs=256)
     for nm, row in (("fp32", x), ("bf16", x.bfloat16())):
         ref = torch.topk(row.float(), K).values
@@ -110,7 +113,7 @@ def main():
         ws.hist.zero_()
         out[f"sieve_{nm}_launch1_us"] = bench_graph(sieve_launch1(row))["ms"] * 1e3
         print(nm, {kk: vv for kk, vv in out.items() if nm in kk}, flush=True)
-    print("floor_us", out["floor_us"])
+    print("floor_us", out["floor_us"], "floor_gpu_us", out["floor_gpu_us"])
     print(write_json(a.out, out))
 
 
