@@ -46,10 +46,11 @@ HOLD_CYCLES = 2_000_000      # bench_graph(hold=True): the sleep before each tim
 
 def bench_graph(fn, reps=50, hold=False) -> dict:
     """CUDA-graph replay median, ms: one graph launch in place of the host's launches of fn's kernels. The time still
-    holds the replay's own start: the start event is recorded on an idle GPU, which then waits for the host to queue
-    the replay (~15 us for one tiny kernel on an H100: benchmarks/README.md, run 49). hold=True queues a sleep kernel
-    before the start event, so the GPU reaches that event only after the host has queued the replay behind it (the
-    blocking kernel nvbench uses): the time from the GPU's start of the replay to its end."""
+    holds the replay's own start: ~15 us for one tiny kernel on an H100 (benchmarks/README.md, run 49), which we read
+    as the GPU, idle after recording the start event, waiting for the host to queue the replay. hold=True queues a
+    sleep kernel before the start event, so the GPU reaches that event only once the replay is queued behind it (the
+    blocking kernel nvbench uses): the time from the GPU's start of the replay to its end. A tiny kernel's replay
+    timed so (bench_csa.py graph_floor_gpu_us) tests that reading: it should take about one kernel's time."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
