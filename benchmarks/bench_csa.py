@@ -441,6 +441,11 @@ def topk_row(L=262144):
                 blk = min(2048, L // P)
                 out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
                     row, K, programs=P, block=blk, workspace=ws))["ms"] * 1e3
+            # the tail in its CAP-entry tile whatever the bucket's size (the small tile off): the small tile's share
+            v3, i3 = tail_select(row, K, workspace=ws, small_cap=1024)
+            out["select_tail_fp32_one_tile_same_picks"] = bool(torch.equal(i3, i) and torch.equal(v3, v))
+            out["select_tail_fp32_one_tile_us"] = bench_graph(lambda row=row: tail_select(
+                row, K, workspace=ws, small_cap=1024))["ms"] * 1e3
         out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
         out[f"torch_topk_{nm}_gpu_us"] = bench_graph(lambda row=row: torch.topk(row, K), hold=True)["ms"] * 1e3
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
@@ -461,13 +466,14 @@ def topk_row(L=262144):
     out["graph_floor_us"] = bench_graph(lambda: tiny.add_(1.0))["ms"] * 1e3
     out["graph_floor_gpu_us"] = bench_graph(lambda: tiny.add_(1.0), hold=True)["ms"] * 1e3
     out["note"] = ("*_us: one call per CUDA-graph replay, the replay's own start included (graph_floor_us: one tiny "
-                   "kernel); *_gpu_us: the same replay timed from the GPU's start of it (common.bench_graph hold=True). "
-                   "select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch (which leaves the "
-                   "histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit launches and an "
-                   "emit whose last program settles the low 16 bits); select_*_one_launch_* = the same levels and "
-                   "emit in one launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: "
-                   "sample, guess and sieve of each chunk; one program per row selecting among the candidates), "
-                   "*_path its path (2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
+                   "kernel); *_gpu_us: the same replay timed from the GPU's start of it (common.bench_graph "
+                   "hold=True). select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch "
+                   "(which leaves the histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit "
+                   "launches and an emit whose last program settles the low 16 bits; _one_tile: that tail in the "
+                   "1024-entry tile even for a small bucket); select_*_one_launch_* = the same levels and emit in one "
+                   "launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
+                   "and sieve of each chunk; one program per row selecting among the candidates), *_path its path "
+                   "(2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
     return out
 
 

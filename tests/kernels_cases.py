@@ -687,26 +687,31 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         return
     # the tail select on a row built for its tail: 27 picks above the bucket, then a bucket of 39 entries sharing
     # their top 16 key bits, 9 of them above the k-th key and 8 tied at it (4 taken), interleaved by index with the
-    # others; its register path (cap 64) and its streamed path (cap 16), over 1, 3 and 5 programs
+    # others; its register path in the small tile (small_cap 64) and in the large one (cap 64 > small_cap 16), and its
+    # streamed path (cap 16), over 1, 3 and 5 programs
     x = torch.randn(1, 300, generator=g) * 0.1
     x[0, ::7] = 1.5 + torch.randint(0, 6, (43,), generator=g).float() * 2 ** -22
     x[0, 5::11] = 3.0 + torch.rand(27, generator=g)
     x = x.to(device)
-    for cap, sp in itertools.product((64, 16), (1, 3, 5)):
+    for (cap, small), sp in itertools.product(((128, 64), (64, 16), (16, 16)), (1, 3, 5)):
         v, i = radix_select(x, 40, programs=sp, block=64, workspace=ws)
         gv = torch.full((3, 48), 7.0, device=device)             # outputs inside guards: no write may land outside
         gi = torch.full((3, 48), -7, dtype=torch.int32, device=device)
-        v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, out=(gv[1:2, :40], gi[1:2, :40]))
+        v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small,
+                             out=(gv[1:2, :40], gi[1:2, :40]))
+        tag = f"tail_select cap={cap} small_cap={small} programs={sp}"
         assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) and not ws.hist.any(), \
-            f"tail_select cap={cap} programs={sp}: differs bitwise from radix_select"
+            f"{tag}: differs bitwise from radix_select"
         gv[1:2, :40], gi[1:2, :40] = 7.0, -7
-        assert (gv == 7.0).all() and (gi == -7).all(), f"tail_select cap={cap} programs={sp}: wrote outside its out"
-    try:
-        tail_select(x.bfloat16(), 40)
-    except ValueError as e:
-        assert "val.dtype=torch.bfloat16" in str(e) and "\n" not in str(e), str(e)
-    else:
-        raise AssertionError("tail_select accepted a bf16 row")
+        assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
+    for kw, needle in (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"), ({"cap": 48}, "cap=48"),
+                       ({"cap": 16, "small_cap": 32}, "small_cap=32")):
+        try:
+            tail_select(**{"val": x, "k": 40, **kw})
+        except ValueError as e:
+            assert needle in str(e) and "\n" not in str(e), str(e)
+        else:
+            raise AssertionError(f"tail_select accepted {needle}")
     # the sieve select on a row whose order follows position (the guess from the sampled blocks lets fewer than k
     # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
     # guess is the k-th key, 4 fallback), each with radix_select's result

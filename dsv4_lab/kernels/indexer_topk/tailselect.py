@@ -17,12 +17,14 @@ one launch, P programs per row as before:
             slots (in index order; the row's first CAP). Then it takes the row's ticket (a CTA barrier, then one
             acquire-release atomic add: its stores come before it).
     tail    the row's last program to take a ticket sees every other program's stores. With the bucket's size nB
-            (histogram 1's bin of t16) at most CAP, it holds the bucket in registers and finds t's low 16 bits by
-            bisection among them (16 steps); the picks are the TEMP entries, the bucket entries > t and the r lowest-
-            index bucket entries == t (r = krem - bucket entries > t). It writes them in radix_select's slot order:
-            the entries > t in index order (a TEMP entry's slot is its TEMP slot plus the bucket entries > t with a
-            lower index, a bucket entry's its rank among those plus the TEMP entries with a lower index: counts by
-            binary search over the other list, held in registers, tl.gather), then the ties. With nB > CAP (many
+            (histogram 1's bin of t16) at most CAP, it holds the bucket in registers (a tile of SMALL entries when
+            nB <= SMALL, as on a 256K N(0, 1) row, else of CAP: each step below costs with the tile's size) and
+            finds t's low 16 bits by bisection among them (16 steps); the picks are the TEMP entries, the bucket
+            entries > t and the r lowest-index bucket entries == t (r = krem - bucket entries > t). It writes them
+            in radix_select's slot order: the entries > t in index order (a TEMP entry's slot is its TEMP slot plus
+            the bucket entries > t with a lower index, a bucket entry's its rank among those plus the TEMP entries
+            with a lower index: counts by binary search over the other list, held in registers, tl.gather), then
+            the ties. With nB > CAP (many
             entries sharing their top 16 bits at the threshold, as in a row of ties) it finds t's low 16 bits by two
             8-bit histograms streamed over the row, then writes every pick streaming over the row (one program:
             slow, exact). Then it zeroes the row's table (select.py _clear_row).
@@ -126,7 +128,7 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
 @triton.jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, LOGKP: tl.constexpr, CAP: tl.constexpr,
-               LOGCAP: tl.constexpr, ASM: tl.constexpr):
+               LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr):
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail."""
     p = tl.program_id(0)
     row = tl.program_id(1)
@@ -179,7 +181,10 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         tl.debug_barrier()
         if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
             nB = tl.load(HIST + hbase + 256 + b1, volatile=True)               # the bucket's size
-            if nB <= CAP:
+            if nB <= SMALL:                                                    # the usual bucket: a small tile
+                _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL, LOGSMALL,
+                           ASM)
+            elif nB <= CAP:
                 _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP, LOGCAP,
                            ASM)
             else:
@@ -190,12 +195,14 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
 def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
-                num_warps: int = 8, asm_stores: bool | None = None, first_level: int = 0):
+                small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
+                first_level: int = 0):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
     interpreter; chunks are whole blocks); cap (CAP): bucket entries the tail holds in registers, a power of two
-    (default 1024, 16 in the interpreter); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
+    (default 1024, 16 in the interpreter); small_cap (SMALL): the smaller tile taken when the bucket fits it, a power
+    of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
@@ -205,6 +212,9 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)
     if CAP < 1 or CAP & (CAP - 1):
         raise ValueError(f"tail_select: cap={cap}; allowed: a power of two")
+    SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
+    if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
+        raise ValueError(f"tail_select: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
     if workspace is not None and not isinstance(workspace, SelectWorkspace):
         raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     if R == 0:
@@ -231,7 +241,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                             RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),
                        Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
-                       LOGCAP=CAP.bit_length() - 1, ASM=asm_stores_on(asm_stores), num_warps=num_warps)
+                       LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
+                       ASM=asm_stores_on(asm_stores), num_warps=num_warps)
     return oval, oidx
 
 
