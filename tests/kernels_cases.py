@@ -590,7 +590,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     (`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches,
     with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The tail select
     (tailselect.py, fp32 rows; on CPU with its programs reversed, so another program is the row's last): the same
-    bits, on a row built for its tail with both of its paths. The row select, on
+    bits, on a row built for its tail with each of its three paths. The row select, on
     every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
     slot order), on the GPU twice. Row dtypes: under the interpreter one call covers fp32 and bf16 rows; on the GPU
     the fp32 and bf16 tests split them (each the rows of its own dtype; the fp32 test also every check after the

@@ -24,10 +24,10 @@ one launch, P programs per row as before:
             in radix_select's slot order: the entries > t in index order (a TEMP entry's slot is its TEMP slot plus
             the bucket entries > t with a lower index, a bucket entry's its rank among those plus the TEMP entries
             with a lower index: counts by binary search over the other list, held in registers, tl.gather), then
-            the ties. With nB > CAP (many
-            entries sharing their top 16 bits at the threshold, as in a row of ties) it finds t's low 16 bits by two
-            8-bit histograms streamed over the row, then writes every pick streaming over the row (one program:
-            slow, exact). Then it zeroes the row's table (select.py _clear_row).
+            the ties. With nB > CAP (many entries sharing their top 16 bits at the threshold, as in a row of ties)
+            it finds t's low 16 bits by two 8-bit histograms streamed over the row, then writes every pick
+            streaming over the row (one program: slow, exact). Then it zeroes the row's table (select.py
+            _clear_row).
 
 Output: radix_select's, slot for slot (select.py docstring: entries > t in index order, then the lowest-index
 entries == t; -inf picks report -1; rows with n <= k visible entries take them all, slot = column). frontier as in
