@@ -35,6 +35,16 @@ def test_one_launch_select_compiles_for_the_gpu():
         assert 0 < r["registers"] <= 128 and r["spill_stores"] == 0, r
 
 
+def test_tail_select_emit_compiles_for_the_gpu():
+    """The tail select's emit (tailselect.py _emit_tail) with the constexprs tail_select passes it (kernel_registers'
+    `tail_emit` lists them: a constexpr added to the kernel and not there fails here), both store forms: no spills
+    and at most 128 registers per thread at 8 warps, so two of its programs fit an SM."""
+    import kernel_registers as kr
+    res = kr.tail_emit()
+    assert len(res) == 2, sorted(res)
+    for key, r in res.items():
+        assert 0 < r["registers"] <= 128 and r["spill_stores"] == 0, (key, r)
+
 
 def test_split_sieve_compiles_for_the_gpu():
     """The sieve's split form (sieve.py _sieve_split, _sieve_merge) at its default warps (8 and 16) compiles for
