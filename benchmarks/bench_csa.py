@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common import bench, bench_graph, host_ms, host_stages_ms, safe, save
+from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
 from dsv4_lab.kernels.indexer_topk import triton as itk
 from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
 from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
@@ -254,6 +254,12 @@ LEVEL0_VARIANTS = ({"programs": 256}, {"BLOCK_N": 128}, {"num_stages": 4}, {"num
                    {"programs": 256, "BLOCK_N": 128, "num_warps": 4})
 
 
+def graph_floor(out):
+    """out graph_floor_us / graph_floor_gpu_us: what a replay costs with one tiny kernel in it."""
+    tiny = torch.zeros(1, device="cuda")
+    replays_us(out, "graph_floor", lambda: tiny.add_(1.0))
+
+
 def decode(N):
     S = N // M
     qI, kI, w = indexer_inputs(N, T=1)
@@ -344,13 +350,10 @@ def decode(N):
         def step():
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
                                    D ** -0.5, W, q_offset=N - 1)
-        out["csa_decode_chain_us"] = bench_graph(step)["ms"] * 1e3
-        out["csa_decode_chain_gpu_us"] = bench_graph(step, hold=True)["ms"] * 1e3
+        replays_us(out, "csa_decode_chain", step)
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
-        tiny = torch.zeros(1, device="cuda")
-        out["graph_floor_us"] = bench_graph(lambda: tiny.add_(1.0))["ms"] * 1e3          # a replay of one tiny kernel
-        out["graph_floor_gpu_us"] = bench_graph(lambda: tiny.add_(1.0), hold=True)["ms"] * 1e3
+        graph_floor(out)
     except Exception as e:                                                     # noqa: BLE001
         out["csa_decode_chain_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     try:
@@ -417,10 +420,7 @@ def topk_row(L=262144):
         out[f"select_{nm}_bitwise_repeatable"] = all(
             torch.equal(i, radix_select(row, K, workspace=ws, one_launch=False)[1])
             for _ in range(5))                                              # the slot order is fixed (select.py)
-        out[f"select_{nm}_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws,
-                                                                          one_launch=False))["ms"] * 1e3
-        out[f"select_{nm}_gpu_us"] = bench_graph(lambda row=row: radix_select(row, K, workspace=ws, one_launch=False),
-                                                 hold=True)["ms"] * 1e3
+        replays_us(out, f"select_{nm}", lambda row=row: radix_select(row, K, workspace=ws, one_launch=False))
         # one launch, a grid barrier per digit level: the same picks in the same slots, the workspace left zeroed
         v1, i1 = radix_select(row, K, workspace=ws, one_launch=True)
         out[f"select_{nm}_one_launch_same_picks"] = bool(torch.equal(i1, i) and torch.equal(v1, v)
@@ -434,9 +434,7 @@ def topk_row(L=262144):
             v2, i2 = tail_select(row, K, workspace=ws)
             out["select_tail_fp32_same_picks"] = bool(torch.equal(i2, i) and torch.equal(v2, v)
                                                       and not ws.hist.any())
-            out["select_tail_fp32_us"] = bench_graph(lambda row=row: tail_select(row, K, workspace=ws))["ms"] * 1e3
-            out["select_tail_fp32_gpu_us"] = bench_graph(lambda row=row: tail_select(row, K, workspace=ws),
-                                                         hold=True)["ms"] * 1e3
+            replays_us(out, "select_tail_fp32", lambda row=row: tail_select(row, K, workspace=ws))
             for P in (64, 256):
                 blk = min(2048, L // P)
                 out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
@@ -446,8 +444,7 @@ def topk_row(L=262144):
             out["select_tail_fp32_one_tile_same_picks"] = bool(torch.equal(i3, i) and torch.equal(v3, v))
             out["select_tail_fp32_one_tile_us"] = bench_graph(lambda row=row: tail_select(
                 row, K, workspace=ws, small_cap=1024))["ms"] * 1e3
-        out[f"torch_topk_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K))["ms"] * 1e3
-        out[f"torch_topk_{nm}_gpu_us"] = bench_graph(lambda row=row: torch.topk(row, K), hold=True)["ms"] * 1e3
+        replays_us(out, f"torch_topk_{nm}", lambda row=row: torch.topk(row, K))
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
         blk = min(2048, L // P)                              # chunks are whole blocks: 256 programs need 1024
@@ -462,9 +459,7 @@ def topk_row(L=262144):
             out[f"{tag}_us"] = bench_graph(lambda row=row, nw=nw, blk=blk: radix_select(
                 row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk))["ms"] * 1e3
     sieve_split_row(out, x, xb, ws)
-    tiny = torch.zeros(1, device="cuda")                    # what a replay costs with one tiny kernel in it
-    out["graph_floor_us"] = bench_graph(lambda: tiny.add_(1.0))["ms"] * 1e3
-    out["graph_floor_gpu_us"] = bench_graph(lambda: tiny.add_(1.0), hold=True)["ms"] * 1e3
+    graph_floor(out)
     out["note"] = ("*_us: one call per CUDA-graph replay, the replay's own start included (graph_floor_us: one tiny "
                    "kernel); *_gpu_us: the same replay timed from the GPU's start of it (common.bench_graph "
                    "hold=True). select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch "

@@ -76,6 +76,12 @@ def bench_graph(fn, reps=50, hold=False) -> dict:
     return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
 
 
+def replays_us(out: dict, name: str, fn) -> None:
+    """out[name + "_us"]: bench_graph(fn) in microseconds; out[name + "_gpu_us"]: the same with hold=True."""
+    out[f"{name}_us"] = bench_graph(fn)["ms"] * 1e3
+    out[f"{name}_gpu_us"] = bench_graph(fn, hold=True)["ms"] * 1e3
+
+
 def _host_rounds(run, calls, reps, warmup) -> list:
     """`reps` rounds of `calls` calls of run(mark) back to back after a synchronize, timed on the host without waiting
     for the GPU; run calls mark(name) at the end of each stage. -> per round {stage: host ms per call}."""
