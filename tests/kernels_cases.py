@@ -420,7 +420,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     select methods exactly the naive twin's picks on those scores (_check_select_naive). One-query calls (decode) of
     the select methods also run with the select's first digit counted by the score launch (fuse_level0): the same
     picks and values bit for bit, and the select workspace left zeroed. `select` also runs with its fp32 rows through
-    the tail select (triton.FP32_TAIL), unfused and, at one query, fused: the same picks and values bit for bit."""
+    the other of the tail select and the radix select (triton.FP32_TAIL toggled), unfused and, at one query, fused:
+    the same picks and values bit for bit."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -470,14 +471,14 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     same = all(map(torch.equal, fused, out)) if rs else torch.equal(fused, out)
                     assert same, f"{m} {(B, T, S, k, R, off)} return_scores={rs}: fuse_level0 changes the picks"
                     assert not _select_workspace(B, qI.device).hist.any(), f"{m} fused: workspace left non-zero"
-                if m == "select" and rs:                # fp32 rows through the tail select, unfused and fused
+                if m == "select" and rs:      # fp32 rows through the other path (tail / radix), unfused and fused
                     from dsv4_lab.kernels.indexer_topk import triton as itk
-                    old, itk.FP32_TAIL = itk.FP32_TAIL, True
+                    old, itk.FP32_TAIL = itk.FP32_TAIL, not itk.FP32_TAIL
                     try:
                         for fu in ((False, True) if T == 1 else (False,)):
-                            tail = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
-                                                       chunk_elems=ce, workspace=ws, fuse_level0=fu)
-                            assert all(map(torch.equal, tail, out)), \
+                            other = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
+                                                        chunk_elems=ce, workspace=ws, fuse_level0=fu)
+                            assert all(map(torch.equal, other, out)), \
                                 f"select {(B, T, S, k, R, off)} fuse_level0={fu}: FP32_TAIL changes the picks"
                     finally:
                         itk.FP32_TAIL = old

@@ -327,8 +327,9 @@ DECODE_T = 16                                        # T <= DECODE_T queries: th
 FUSE_LEVEL0 = True
 # fp32 score rows of the select methods through tailselect.tail_select: two digit launches over the top 16 key bits
 # and an emit whose last program settles the rest (three launches instead of radix_select's five; the same picks,
-# slot for slot; docs/kernels.md §3). Off until timed on the H200 (bench_csa.py CSA_TRY=fp32_tail).
-FP32_TAIL = False
+# slot for slot; docs/kernels.md §3). Faster than radix_select on the H200's 256K row (bench_csa.py topk_row:
+# select_tail_fp32_us against select_fp32_us).
+FP32_TAIL = True
 
 
 def _tail_rows(dtype: torch.dtype) -> bool:
