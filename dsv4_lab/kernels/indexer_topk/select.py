@@ -75,8 +75,10 @@ ASM_STORES = True
 
 def asm_stores_on(asm_stores: bool | None) -> bool:
     """The ASM constexpr of a select launch: asm_stores (None: ASM_STORES), never under the interpreter (it cannot
-    run PTX)."""
-    return (ASM_STORES if asm_stores is None else bool(asm_stores)) and not INTERPRET
+    run PTX) nor while torch.compile traces the call (its analysis of a Triton kernel's writes cannot read inline
+    PTX: "ttir analysis hit an op we do not know how to analyze: tt.elementwise_inline_asm"); the same picks."""
+    return (ASM_STORES if asm_stores is None else bool(asm_stores)) and not INTERPRET \
+        and not torch.compiler.is_compiling()
 
 
 @triton.jit
