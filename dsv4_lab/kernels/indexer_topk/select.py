@@ -130,7 +130,7 @@ def _scatter(ptr, v, m, ASM: tl.constexpr):
     the positions through shared memory and runs the position cumsum a second time in that layout, on every block
     (docs/kernels.md §3); the inline store needs neither. Its result (0) is only there for the elementwise form."""
     if ASM:
-        tl.inline_asm_elementwise("@$3 st.global.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r,b",
+        tl.inline_asm_elementwise("@$3 st.global.b32 [$1], $2; mov.u32 $0, 0;", "=r,l,r,b",
                                   [ptr, v.to(tl.int32, bitcast=True), m], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.store(ptr, v, mask=m)
