@@ -1683,6 +1683,10 @@ if __name__ == "__main__":
     ap.add_argument("--json", required=True)
     ap.add_argument("--only", nargs="*")
     a = ap.parse_args()
+    for name in a.only or ():
+        if name not in CASES:
+            print(f"kernels_cases: --only {name!r} is no case; allowed: {', '.join(CASES)}", file=sys.stderr)
+            sys.exit(2)
     torch.set_num_threads(1)
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before importing triton)"
     from dsv4_lab.kernels import compile_check             # every interpreted launch also lowered for sm_90
