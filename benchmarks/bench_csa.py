@@ -4,7 +4,8 @@ eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA
 + sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
 graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
-timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency). H 16, d 128, m 4, k 512,
+timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency; `csa_decode_gpu_us` the
+two parts so timed). H 16, d 128, m 4, k 512,
 window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
@@ -290,6 +291,7 @@ def decode(N):
     sel_methods = [m for m in METHODS if m.startswith("select")]
     runs = [(m, False, False) for m in METHODS] + [(m, ol, fu) for m in sel_methods
                                                     for ol, fu in ((True, False), (False, True), (True, True))]
+    calls = {}                                    # name -> the timed call (the best one is timed held again below)
     for method, one_launch, fuse in runs:
         name = method + ("_one_launch" if one_launch else "") + ("_fused" if fuse else "")
         if method.startswith("rowsel") and S > MAX_L:                          # would run select: measured already
@@ -301,6 +303,7 @@ def decode(N):
                 return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=method, fuse_level0=fuse)
             finally:
                 sel.ONE_LAUNCH = old
+        calls[name] = one
         try:
             if method in BF16_METHODS:                                 # bf16 scores: recall of fp32 picks
                 out[f"indexer_{name}_recall_vs_fp32"] = recall(one(), i_ref)
@@ -333,19 +336,22 @@ def decode(N):
             out[f"indexer_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         torch.cuda.empty_cache()
     try:
-        r = bench_graph(lambda: indexer_topk_naive(qI, kI, w, K, M, q_offset=N - 1, use_topk=True), reps=20)
+        calls["torch_topk"] = lambda: indexer_topk_naive(qI, kI, w, K, M, q_offset=N - 1, use_topk=True)
+        r = bench_graph(calls["torch_topk"], reps=20)
         out["indexer_torch_topk_us"] = r["ms"] * 1e3                                     # naive PyTorch path
         if best is None or out["indexer_torch_topk_us"] < out[f"indexer_{best}_us"]:
             best = "torch_topk"
     except Exception as e:                                                     # noqa: BLE001
         out["indexer_torch_topk_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     idx = indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1)
-    r = bench_graph(lambda: sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1))
-    out["sparse_attn_us"] = r["ms"] * 1e3
+    replays_us(out, "sparse_attn", lambda: sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1))
     if best is not None:
         out["best_indexer"] = best
         out["indexer_best_us"] = out[f"indexer_{best}_us"]
         out["csa_decode_us"] = out["indexer_best_us"] + out["sparse_attn_us"]
+        # the same two parts, each replay timed from the GPU's start of it (without the replay's own start)
+        out["indexer_best_gpu_us"] = bench_graph(calls[best], reps=50, hold=True)["ms"] * 1e3
+        out["csa_decode_gpu_us"] = out["indexer_best_gpu_us"] + out["sparse_attn_gpu_us"]
     try:                          # the same step as one graph: the library's indexer, then the sparse attention
         def step():
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
