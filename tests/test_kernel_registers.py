@@ -179,3 +179,28 @@ def test_mma_refill_hazards_are_found_and_the_mhc_pre_kernel_has_none():
             c = dict(N=4, D=384, NP=4, ITERS=20, SPLIT=mt.SPLIT_W, EMUL=False, MIX=mix, SAVE=True, **cfg.kwargs)
             r = kr.resources(mt._mhc_pre_kernel.fn, kr.MHC_POINTERS, c, 8, cfg.num_stages, ints={"NTOK": 65536})
             assert r["async_copies"] > 0 and r["mma_refill_hazards"] == [], (cfg, mix, r)
+
+
+def test_select_stores_without_inline_ptx_while_torch_compile_traces(monkeypatch):
+    """torch.compile reads which tensors a user Triton kernel writes from its TTIR and cannot read inline PTX
+    (tt.elementwise_inline_asm), and Inductor re-emits the kernel's source text: the selects take the tl.store form
+    while it traces, and the inline store's PTX is one line of source (an escaped newline in it became a newline
+    inside a string literal, a SyntaxError in the emitted module)."""
+    import ast
+    import inspect
+    import textwrap
+
+    import torch
+
+    from dsv4_lab.kernels.indexer_topk import select as sel
+    monkeypatch.setattr(sel, "INTERPRET", False)
+    monkeypatch.setattr(sel, "ASM_STORES", True)
+    assert sel.asm_stores_on(None) is True and sel.asm_stores_on(False) is False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert sel.asm_stores_on(None) is False and sel.asm_stores_on(True) is False
+    src = textwrap.dedent(inspect.getsource(sel._scatter.fn))
+    ptx = [c for c in ast.walk(ast.parse(src)) if isinstance(c, ast.Call) and getattr(c.func, "attr", "") ==
+           "inline_asm_elementwise"]
+    assert len(ptx) == 1 and isinstance(ptx[0].args[0], ast.Constant), "the inline store's PTX is not found"
+    asm = ptx[0].args[0].value
+    assert "st.global" in asm and not any(ch in asm for ch in "\n\t\r"), repr(asm)
