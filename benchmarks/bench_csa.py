@@ -5,8 +5,8 @@ eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
 graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
 timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency; `csa_decode_gpu_us` the
-two parts so timed). H 16, d 128, m 4, k 512,
-window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
+two parts so timed); `*_pdl*` the select's launches with programmatic dependent launch (select.py PDL). H 16, d 128,
+m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
@@ -352,11 +352,28 @@ def decode(N):
         # the same two parts, each replay timed from the GPU's start of it (without the replay's own start)
         out["indexer_best_gpu_us"] = bench_graph(calls[best], reps=50, hold=True)["ms"] * 1e3
         out["csa_decode_gpu_us"] = out["indexer_best_gpu_us"] + out["sparse_attn_gpu_us"]
+        if best.startswith("select"):        # with programmatic dependent launch (select.py PDL), the same picks
+            idx_best = calls[best]()
+            old, sel.PDL = sel.PDL, True
+            try:
+                out["indexer_best_pdl_same_picks"] = bool(torch.equal(calls[best](), idx_best))
+                replays_us(out, "indexer_best_pdl", calls[best])
+            finally:
+                sel.PDL = old
     try:                          # the same step as one graph: the library's indexer, then the sparse attention
         def step():
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
                                    D ** -0.5, W, q_offset=N - 1)
         replays_us(out, "csa_decode_chain", step)
+        old, sel.PDL = sel.PDL, True                      # the same chain with PDL in the select's launches
+        try:
+            out["indexer_default_pdl_same_picks"] = bool(torch.equal(
+                indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
+            replays_us(out, "csa_decode_chain_pdl", step)
+            out["csa_decode_chain_pdl_in_graph_us"] = bench_graph(
+                lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
+        finally:
+            sel.PDL = old
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
         graph_floor(out)
@@ -427,6 +444,11 @@ def topk_row(L=262144):
             torch.equal(i, radix_select(row, K, workspace=ws, one_launch=False)[1])
             for _ in range(5))                                              # the slot order is fixed (select.py)
         replays_us(out, f"select_{nm}", lambda row=row: radix_select(row, K, workspace=ws, one_launch=False))
+        # with programmatic dependent launch (select.py PDL: each launch starts before the one before it ends)
+        vp, ip = radix_select(row, K, workspace=ws, one_launch=False, pdl=True)
+        out[f"select_{nm}_pdl_same_picks"] = bool(torch.equal(ip, i) and torch.equal(vp, v) and not ws.hist.any())
+        replays_us(out, f"select_{nm}_pdl", lambda row=row: radix_select(row, K, workspace=ws, one_launch=False,
+                                                                         pdl=True))
         # one launch, a grid barrier per digit level: the same picks in the same slots, the workspace left zeroed
         v1, i1 = radix_select(row, K, workspace=ws, one_launch=True)
         out[f"select_{nm}_one_launch_same_picks"] = bool(torch.equal(i1, i) and torch.equal(v1, v)
@@ -441,6 +463,10 @@ def topk_row(L=262144):
             out["select_tail_fp32_same_picks"] = bool(torch.equal(i2, i) and torch.equal(v2, v)
                                                       and not ws.hist.any())
             replays_us(out, "select_tail_fp32", lambda row=row: tail_select(row, K, workspace=ws))
+            vp, ip = tail_select(row, K, workspace=ws, pdl=True)
+            out["select_tail_fp32_pdl_same_picks"] = bool(torch.equal(ip, i) and torch.equal(vp, v)
+                                                          and not ws.hist.any())
+            replays_us(out, "select_tail_fp32_pdl", lambda row=row: tail_select(row, K, workspace=ws, pdl=True))
             for P in (64, 256):
                 blk = min(2048, L // P)
                 out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
@@ -765,7 +791,8 @@ def _family(name):
 TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM_STORES = True)",
        "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
        "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
-       "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)"}
+       "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)",
+       "pdl": "the selects' launches with programmatic dependent launch (indexer_topk/select.py PDL)"}
 
 
 def _bad(msg):
@@ -792,6 +819,9 @@ def _apply_try(names):
             itk.FUSE_LEVEL0 = True
         elif name == "fp32_tail":
             itk.FP32_TAIL = True
+        elif name == "pdl":
+            from dsv4_lab.kernels.indexer_topk import select as sel
+            sel.PDL = True
 
 
 def _trying():

@@ -59,10 +59,11 @@ def select_launches(row, ws, oval, oidx):
         ws.hist.zero_()
         for lev in range(min(j, NL)):
             sel._hist_level[(P, 1)](row, ws.hist, ws.scratch, L, C, P, row.stride(0), 1, 0, K, LEVEL=lev, NL=NL,
-                                    DB=8, RATIO=0, BLOCK=2048, num_warps=8)
+                                    DB=8, RATIO=0, BLOCK=2048, PDL=0, num_warps=8)
         if j > NL:
             sel._emit[(P, 1)](row, ws.hist, ws.scratch, oval, oidx, L, C, P, row.stride(0), oval.stride(0), 1, 0, K,
-                              NL=NL, DB=8, RATIO=0, BLOCK=2048, QB=128, ASM=sel.asm_stores_on(None), num_warps=8)
+                              NL=NL, DB=8, RATIO=0, BLOCK=2048, QB=128, ASM=sel.asm_stores_on(None), PDL=0,
+                              num_warps=8)
     return run, NL
 
 

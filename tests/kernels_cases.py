@@ -586,7 +586,8 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     every launch's programs in reverse order (_programs_reversed: a slot order or tie choice that follows the order
     programs run fails it), on the GPU two repeats (the hardware schedules the programs), the second, and the second
     run of each select below, with the scattered stores as inline PTX (`asm_stores`, select.py _scatter: the
-    interpreter cannot run PTX, so on CPU every run stores with tl.store); all calls share one
+    interpreter cannot run PTX, so on CPU every run stores with tl.store), and radix_select and the tail select a
+    third time with programmatic dependent launch as well (`pdl`: each launch starts before the one before it ends); all calls share one
     SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The one-launch select
     (`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches,
     with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The tail select
@@ -634,9 +635,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                 if nm == "randn" and device == "cpu" and L > 1000:
                     continue                                      # few ties: the short rows cover them on CPU
                 tag = f"radix_select {nm} {dt} digits {db} {(R, L, k, P, fr)}"
-                def run(asm=False):             # one workspace for all shapes: each call must leave it zeroed
+                def run(asm=False, pdl=False):  # one workspace for all shapes: each call must leave it zeroed
                     res = radix_select(xd, k, frontier=fr, programs=P, digit_bits=db, block=blk, workspace=ws,
-                                       asm_stores=asm)
+                                       asm_stores=asm, pdl=pdl)
                     assert not ws.hist.any(), f"{tag}: the histograms / tickets were not left zeroed"
                     return res
                 v, i = run()
@@ -646,7 +647,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     with _programs_reversed():
                         again = [run()]
                 else:                                    # the GPU schedules programs as it likes
-                    again = [run(), run(asm=True)]
+                    again = [run(), run(asm=True), run(asm=True, pdl=True)]
                 for a, (v2, i2) in enumerate(again):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: repeat {a + 1} differs bitwise from the first run"
@@ -658,10 +659,10 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                         f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
                 # the tail select (fp32 rows: two digits, then the exact tail; tailselect.py), over the shape's
                 # programs, in reverse program order on CPU (another program is the row's last): the same bits
-                for a in range(1 if device == "cpu" else 2) if dt == torch.float32 else ():
+                for a in range(1 if device == "cpu" else 3) if dt == torch.float32 else ():
                     with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
                         v2, i2 = tail_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
-                                             asm_stores=a == 1)
+                                             asm_stores=a >= 1, pdl=a == 2)
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"

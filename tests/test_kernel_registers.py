@@ -37,13 +37,16 @@ def test_one_launch_select_compiles_for_the_gpu():
 
 def test_tail_select_emit_compiles_for_the_gpu():
     """The tail select's emit (tailselect.py _emit_tail) with the constexprs tail_select passes it (kernel_registers'
-    `tail_emit` lists them: a constexpr added to the kernel and not there fails here), both store forms: no spills
-    and at most 128 registers per thread at 8 warps, so two of its programs fit an SM."""
+    `tail_emit` lists them: a constexpr added to the kernel and not there fails here), both store forms, without and
+    with programmatic dependent launch: no spills and at most 128 registers per thread at 8 warps, so two of its
+    programs fit an SM; with PDL its PTX waits on the launch before it (griddepcontrol.wait) on each of its three
+    paths, without PDL it does not."""
     import kernel_registers as kr
     res = kr.tail_emit()
-    assert len(res) == 2, sorted(res)
+    assert len(res) == 4, sorted(res)
     for key, r in res.items():
         assert 0 < r["registers"] <= 128 and r["spill_stores"] == 0, (key, r)
+        assert (r["pdl_waits"] >= 3) if key.endswith("_pdl") else (r["pdl_waits"] == 0), (key, r["pdl_waits"])
 
 
 def test_split_sieve_compiles_for_the_gpu():
@@ -204,3 +207,29 @@ def test_select_stores_without_inline_ptx_while_torch_compile_traces(monkeypatch
     assert len(ptx) == 1 and isinstance(ptx[0].args[0], ast.Constant), "the inline store's PTX is not found"
     asm = ptx[0].args[0].value
     assert "st.global" in asm and not any(ch in asm for ch in "\n\t\r"), repr(asm)
+
+
+def test_pdl_modes_and_where_the_selects_use_pdl(monkeypatch):
+    """Programmatic dependent launch (select.py PDL): the first launch of a select waits before anything (the launch
+    before it may have written the rows), the others load their first block, then wait; never on a CPU tensor, under
+    the interpreter or while torch.compile traces (griddepcontrol is inline PTX)."""
+    import torch
+
+    from dsv4_lab.kernels.indexer_topk import select as sel
+    assert sel.pdl_modes(3, True) == [1, 2, 2] and sel.pdl_modes(5, True) == [1, 2, 2, 2, 2]
+    assert sel.pdl_modes(3, False) == [0, 0, 0]
+    monkeypatch.setattr(sel, "INTERPRET", False)
+    assert sel.pdl_on(True, torch.device("cpu")) is False
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert sel.pdl_on(True, cuda) is True and sel.pdl_on(False, cuda) is False
+    monkeypatch.setattr(sel, "PDL", True)
+    assert sel.pdl_on(None, cuda) is True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert sel.pdl_on(True, cuda) is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(sel, "INTERPRET", True)
+    assert sel.pdl_on(True, cuda) is False
+    monkeypatch.setattr(sel, "INTERPRET", False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert sel.pdl_on(True, cuda) is False

@@ -280,21 +280,29 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     prefill rows beyond 64K entries (one program per row; torch.topk too): the naive twin's values, and for select
     its indices too (lower index first among ties). The select methods run twice: as the library runs them and with
     the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit).
-    The sieve methods, which split the decode row (sieve.py's split form: two launches), get the same checks."""
+    The sieve methods, which split the decode row (sieve.py's split form: two launches), get the same checks; the
+    select methods also with programmatic dependent launch (select.PDL: each launch starts before the one before it
+    ends), captured and replayed so."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
+    from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, indexer_topk_triton
     N = 1 << 20
     qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
     full = indexer_scores(qI, kI, w, 4, N - 1)                                    # (1, 1, S) exact fp32 sums
-    runs = [("auto", None), ("select", None), ("select_bf16", None), ("select", True), ("select_bf16", True),
-            ("sieve", None), ("sieve_bf16", None)]
-    for m, fuse in runs:                                                 # auto: AUTO["decode"] (bf16 inputs)
+    runs = [("auto", None, False), ("select", None, False), ("select_bf16", None, False), ("select", True, False),
+            ("select_bf16", True, False), ("sieve", None, False), ("sieve_bf16", None, False), ("select", None, True),
+            ("select_bf16", None, True), ("select", True, True), ("select_bf16", True, True)]
+    for m, fuse, pdl in runs:                                            # auto: AUTO["decode"] (bf16 inputs)
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
-        fn = lambda m=m, fuse=fuse: indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1,  # noqa: E731
-                                                        method=m, fuse_level0=fuse)
-        m = m + ("_fused" if fuse else "")                               # the name in the messages below
+        def fn(m=m, fuse=fuse, pdl=pdl):
+            old, sel.PDL = sel.PDL, pdl
+            try:
+                return indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m, fuse_level0=fuse)
+            finally:
+                sel.PDL = old
+        m = m + ("_fused" if fuse else "") + ("_pdl" if pdl else "")     # the name in the messages below
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

@@ -31,6 +31,13 @@ are all equal). A row of L entries is cut into P chunks of C entries (whole bloc
     digit 0     (first_level=1) already counted, with its suffix counts, by the launch that wrote the rows
                 (indexer_topk/triton.py indexer_scores_triton level0: each score program runs launch 0's program,
                 _hist_body, on the chunk it scored): the launches start at digit 1
+    PDL         (pdl=True; PDL for the default; sm_90+) each launch starts before the one before it ends
+                (programmatic dependent launch): its programs wait (griddepcontrol.wait) for that launch's writes
+                before they read the row's tables or write anything, and then let the next launch start; the digit
+                launches after the first and the emit load their chunk's first block before they wait (no launch of
+                a select writes the rows). Every program waits, also one with nothing to do, so no launch ends
+                before the one before it and the waits chain: a launch's start implies that every launch before
+                its predecessor has ended
 
 Output (deterministic, the naive twin's tie rule: indexer_topk/naive.py, docs/kernels.md §3): slots [0, k - r) hold
 the entries with key > t in increasing index order, slots [k - r, k) the r LOWEST-INDEX entries with key == t in
@@ -57,6 +64,8 @@ from __future__ import annotations
 
 import torch
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 from .._common import INTERPRET, check_device, sm_count, tl, triton
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
@@ -71,6 +80,9 @@ ONE_LAUNCH = False
 # kernel's 14-16 layout conversions (benchmarks/kernel_registers.py `layout_converts`), the cost the sieve's stage
 # probe puts most of its time in; on the H200 the same picks, bit for bit, and faster (docs/kernels.md §3).
 ASM_STORES = True
+# The default of radix_select's and tail_select's `pdl`: their launches after the first start early (programmatic
+# dependent launch, module docstring). Off until timed on the H200 (bench_csa.py CSA_TRY=pdl).
+PDL = False
 
 
 def asm_stores_on(asm_stores: bool | None) -> bool:
@@ -79,6 +91,29 @@ def asm_stores_on(asm_stores: bool | None) -> bool:
     PTX: "ttir analysis hit an op we do not know how to analyze: tt.elementwise_inline_asm"); the same picks."""
     return (ASM_STORES if asm_stores is None else bool(asm_stores)) and not INTERPRET \
         and not torch.compiler.is_compiling()
+
+
+def pdl_on(pdl: bool | None, device: torch.device) -> bool:
+    """Whether a select's launches use programmatic dependent launch: pdl (None: PDL), on a CUDA device of compute
+    capability 9 or above, never under the interpreter nor while torch.compile traces (griddepcontrol is inline PTX:
+    asm_stores_on)."""
+    return ((PDL if pdl is None else bool(pdl)) and not INTERPRET and not torch.compiler.is_compiling()
+            and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pdl_modes(launches: int, pdl: bool) -> list:
+    """The PDL constexpr of each of a select's `launches` launches in order: 0 without PDL; with it 1 for the first
+    (it waits before anything: the launch before it may be the one that wrote the rows) and 2 for the rest (they
+    load their chunk's first block, then wait)."""
+    return [0] * launches if not pdl else [1] + [2] * (launches - 1)
+
+
+@triton.jit
+def _dep_wait():
+    """Programmatic dependent launch: wait until the launch before this one has ended and its writes are visible,
+    then let the next launch start (a no-op in a launch without PDL)."""
+    gdc_wait()
+    gdc_launch_dependents()
 
 
 @triton.jit
@@ -212,15 +247,20 @@ def _prefix(HIST, hbase, k, LEVEL, p, NL: tl.constexpr, DB: tl.constexpr):
 
 @triton.jit
 def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, DB: tl.constexpr,
-                RATIO: tl.constexpr, BLOCK: tl.constexpr):
-    """Launch LEVEL + 1 (grid (P, R)): digit LEVEL of the row's histogram; programs 0..P-2 also keep their own."""
-    _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, tl.program_id(0), tl.program_id(1), NL, DB, RATIO, BLOCK)
+                RATIO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Launch LEVEL + 1 (grid (P, R)): digit LEVEL of the row's histogram; programs 0..P-2 also keep their own.
+    PDL: pdl_modes."""
+    _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, tl.program_id(0), tl.program_id(1), NL, DB, RATIO, BLOCK,
+               PDL)
 
 
 @triton.jit
 def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.constexpr, DB: tl.constexpr,
-               RATIO: tl.constexpr, BLOCK: tl.constexpr):
-    """Program p of row `row`, digit LEVEL (the levels before it complete in HIST)."""
+               RATIO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Program p of row `row`, digit LEVEL (the levels before it complete in HIST). PDL: pdl_modes (0 where the
+    caller is not a launch of its own)."""
+    if PDL == 1:
+        _dep_wait()
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     if (n > k) & (c0 < n):
@@ -230,6 +270,8 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
         vrow = VAL + row.to(tl.int64) * sv
         c1 = tl.minimum(c0 + C, n)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
+        if PDL == 2:
+            _dep_wait()
         pref, krem = _prefix(HIST, hbase, k, LEVEL, p, NL, DB)          # (its loads in flight with the block's)
         SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
         HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
@@ -246,23 +288,31 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
         if p < P - 1:                                  # suffix counts S_{p,LEVEL}[b] for the emit of later programs
             pbase = (row.to(tl.int64) * (P - 1) + p) * H
             tl.store(PH + pbase + LEVEL * NB + bins, tl.cumsum(hist, 0, reverse=True))
+    elif PDL == 2:
+        _dep_wait()
 
 
 @triton.jit
 def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
-          RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, ASM: tl.constexpr):
-    """Last launch (grid (P, R)): program p writes its chunk's picks at the slots the programs before it leave."""
+          RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Last launch (grid (P, R)): program p writes its chunk's picks at the slots the programs before it leave.
+    PDL: pdl_modes."""
     _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, tl.program_id(0), tl.program_id(1), NL, DB,
-               RATIO, BLOCK, QB, True, ASM)
+               RATIO, BLOCK, QB, True, ASM, PDL)
 
 
 @triton.jit
 def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL: tl.constexpr, DB: tl.constexpr,
-               RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr, ASM: tl.constexpr):
+               RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr, ASM: tl.constexpr,
+               PDL: tl.constexpr):
     """Program p of row `row` after every digit; TICKET: take the ticket that clears the row's histograms (the
-    one-launch select clears them itself)."""
+    one-launch select clears them itself). PDL: pdl_modes (0 where the caller is not a launch of its own)."""
+    if PDL == 1:
+        _dep_wait()
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
+        if PDL == 2:
+            _dep_wait()
         _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
     elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
         NB: tl.constexpr = 1 << DB
@@ -270,6 +320,8 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
         hbase = _row_base(row, NL, DB)
         c1 = tl.minimum(c0 + C, n)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
+        if PDL == 2:
+            _dep_wait()
         pref, krem = _prefix(HIST, hbase, k, NL, 1, NL, DB)  # (its loads in flight with the block's; p 1: no record)
         # ticket (acq_rel: this program's histogram reads come before it); the last of the row's cdiv(n, C)
         # programs sees every other one's reads done and zeroes the row's table for the next call
@@ -309,6 +361,8 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
                 t = tpre & ((1 << (32 - SH)) - 1)
             gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase, ASM)
             x = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)    # the next block (one live)
+    elif PDL == 2:
+        _dep_wait()
 
 
 @triton.jit
@@ -339,9 +393,9 @@ def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL
     hbase = _row_base(row, NL, DB)
     cnt = HIST + hbase + H
     for lev in range(FIRST, NL):
-        _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, NL, DB, RATIO, BLOCK)
+        _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, NL, DB, RATIO, BLOCK, 0)
         _arrive_and_wait(cnt, (lev - FIRST + 1) * P)
-    _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False, ASM)
+    _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL, DB, RATIO, BLOCK, QB, False, ASM, 0)
     tl.debug_barrier()
     if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == (NL - FIRST + 1) * P - 1:   # every program read its last
         _clear_row(HIST, hbase, NL, DB)
@@ -430,7 +484,8 @@ class SelectWorkspace:
 def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                  programs: int | None = None, workspace: SelectWorkspace | None = None, digit_bits: int | None = None,
                  block: int | None = None, num_warps: int = 8, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 one_launch: bool | None = None, asm_stores: bool | None = None, first_level: int = 0):
+                 one_launch: bool | None = None, asm_stores: bool | None = None, first_level: int = 0,
+                 pdl: bool | None = None):
     """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous), k <= L. Returns (vals fp32, idx int32),
     each (R, k): the entries above the k-th value in index order, then the lowest-index entries equal to it in index
     order (module docstring); -inf / -1 where a row has fewer than k visible entries. workspace: a SelectWorkspace
@@ -444,7 +499,8 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     levels as separate launches. asm_stores: the emit's scattered stores as inline PTX (asm_stores_on).
     first_level=1: digit 0 is already counted in the workspace, with its suffix counts, by the launch that wrote the
     rows (indexer_scores_triton level0) for these programs and chunks (block = the chunk, digit_bits = 8): the digit
-    launches start at digit 1 (one launch only where those programs are all resident: P R <= the SMs)."""
+    launches start at digit 1 (one launch only where those programs are all resident: P R <= the SMs).
+    pdl: the launches start early, programmatic dependent launch (pdl_on; None: PDL)."""
     R, L, oval, oidx = rows_and_outputs("radix_select", val, k, out)
     if first_level not in (0, 1):
         raise ValueError(f"radix_select: first_level={first_level}; allowed: 0, 1")
@@ -478,12 +534,15 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
                                    q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, FIRST=first_level,
                                    ASM=asm_stores_on(asm_stores), num_warps=num_warps)
         return oval, oidx
+    on = pdl_on(pdl, val.device)
+    modes = pdl_modes(NL - first_level + 1, on)
+    extra = {"launch_pdl": True} if on else {}
     for lev in range(first_level, NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
-                            RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
+                            RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps, **extra)
     _emit[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,
-                  DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, ASM=asm_stores_on(asm_stores),
-                  num_warps=num_warps)
+                  DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, ASM=asm_stores_on(asm_stores), PDL=modes[-1],
+                  num_warps=num_warps, **extra)
     return oval, oidx
 
 

@@ -40,9 +40,9 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, next_pow2, tl, triton
-from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
-                     _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks,
-                     rows_and_outputs)
+from .select import (SelectWorkspace, _chunk_at, _clear_row, _dep_wait, _hist_level, _pick_bin, _prefix, _row_base,
+                     _scatter, _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks,
+                     pdl_modes, pdl_on, rows_and_outputs)
 
 
 @triton.jit
@@ -128,18 +128,26 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
 @triton.jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, LOGKP: tl.constexpr, CAP: tl.constexpr,
-               LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr):
-    """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail."""
+               LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr,
+               PDL: tl.constexpr):
+    """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
+    PDL: select.pdl_modes."""
+    if PDL == 1:
+        _dep_wait()
     p = tl.program_id(0)
     row = tl.program_id(1)
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
+        if PDL == 2:
+            _dep_wait()
         _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
     elif c0 < n:
         H: tl.constexpr = 2 * 256
         hbase = _row_base(row, 2, 8)
         c1 = tl.minimum(c0 + C, n)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
+        if PDL == 2:
+            _dep_wait()
         pref, krem = _prefix(HIST, hbase, k, 2, 1, 2, 8)     # t16 (bits 31..16 of pref), picks left in the bucket
         b0 = (pref >> 24) & 255
         b1 = (pref >> 16) & 255
@@ -190,13 +198,15 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
             else:
                 _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
             _clear_row(HIST, hbase, 2, 8)
+    elif PDL == 2:
+        _dep_wait()
 
 
 def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                first_level: int = 0):
+                first_level: int = 0, pdl: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
@@ -204,7 +214,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     (default 1024, 16 in the interpreter); small_cap (SMALL): the smaller tile taken when the bucket fits it, a power
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
-    (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches."""
+    (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: select.PDL)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -236,13 +247,16 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
+    on = pdl_on(pdl, val.device)
+    modes = pdl_modes(3 - first_level, on)
+    extra = {"launch_pdl": True} if on else {}
     for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
-                            RATIO=ratio, BLOCK=BLOCK, num_warps=num_warps)
+                            RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps, **extra)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),
                        Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
                        LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
-                       ASM=asm_stores_on(asm_stores), num_warps=num_warps)
+                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, **extra)
     return oval, oidx
 
 

@@ -202,7 +202,7 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPR
         tl.static_assert(BLOCK_M == 1, "one query row per program")
         tl.debug_barrier()                         # every thread's score stores before any thread reads them back
         _hist_body(OUT, HIST, PH, Sp, NLOOP * BLOCK_N, NPROG, sob, 1, q_offset + t0, KSEL, 0, pid_n,
-                   tl.program_id(2), L0NL, L0DB, RATIO, NLOOP * BLOCK_N)      # row b: the select's row of batch b
+                   tl.program_id(2), L0NL, L0DB, RATIO, NLOOP * BLOCK_N, 0)   # row b: the select's row of batch b
 
 
 def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
