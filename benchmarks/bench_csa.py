@@ -5,8 +5,9 @@ eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
 graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
 timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency; `csa_decode_gpu_us` the
-two parts so timed); `*_pdl*` the select's launches with programmatic dependent launch (select.py PDL). H 16, d 128,
-m 4, k 512, window 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
+two parts so timed); `*_pdl*` with programmatic dependent launch in the select's launches (select.py PDL) and, in the
+chain and `sparse_attn_pdl`, the attention's (sparse_attn/triton_decode.py PDL). H 16, d 128, m 4, k 512, window
+128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
 torch_bf16 (bf16 scores + torch.topk), select / select_bf16 (the split-row radix select of indexer_topk/select.py)
@@ -345,6 +346,17 @@ def decode(N):
         out["indexer_torch_topk_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     idx = indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1)
     replays_us(out, "sparse_attn", lambda: sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1))
+    from dsv4_lab.kernels.sparse_attn import triton_decode as sd
+
+    def attend():
+        return sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1)
+    plain = attend()
+    old, sd.PDL = sd.PDL, True                 # its two launches with programmatic dependent launch: the same output
+    try:
+        out["sparse_attn_pdl_same"] = all(map(torch.equal, attend(), plain))
+        replays_us(out, "sparse_attn_pdl", attend)
+    finally:
+        sd.PDL = old
     if best is not None:
         out["best_indexer"] = best
         out["indexer_best_us"] = out[f"indexer_{best}_us"]
@@ -365,7 +377,8 @@ def decode(N):
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
                                    D ** -0.5, W, q_offset=N - 1)
         replays_us(out, "csa_decode_chain", step)
-        old, sel.PDL = sel.PDL, True                      # the same chain with PDL in the select's launches
+        old = sel.PDL, sd.PDL                  # the same chain with PDL in the select's and the attention's launches
+        sel.PDL = sd.PDL = True
         try:
             out["indexer_default_pdl_same_picks"] = bool(torch.equal(
                 indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
@@ -373,7 +386,7 @@ def decode(N):
             out["csa_decode_chain_pdl_in_graph_us"] = bench_graph(
                 lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         finally:
-            sel.PDL = old
+            sel.PDL, sd.PDL = old
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
         graph_floor(out)
@@ -792,7 +805,8 @@ TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM
        "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
        "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
        "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)",
-       "pdl": "the selects' launches with programmatic dependent launch (indexer_topk/select.py PDL)"}
+       "pdl": "programmatic dependent launch in the selects' and the decode attention's launches (indexer_topk/select.py, "
+              "sparse_attn/triton_decode.py PDL)"}
 
 
 def _bad(msg):
@@ -821,7 +835,8 @@ def _apply_try(names):
             itk.FP32_TAIL = True
         elif name == "pdl":
             from dsv4_lab.kernels.indexer_topk import select as sel
-            sel.PDL = True
+            from dsv4_lab.kernels.sparse_attn import triton_decode as sd
+            sel.PDL = sd.PDL = True
 
 
 def _trying():

@@ -15,7 +15,7 @@ Each entry also lists the pipelined shared-memory buffers an asynchronous MMA ma
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
     python benchmarks/kernel_registers.py [--only sieve sieve_split rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
-                                           sparse_bwd window_bwd select_one_launch tail_emit] [--out DIR]
+                                           sparse_bwd window_bwd select_one_launch tail_emit sparse_decode] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -413,9 +413,35 @@ def tail_emit():
             for asm, tag in STORE_FORMS for pdl in (0, 2)}
 
 
+def sparse_decode():
+    """The CSA split-KV decode attention's two launches (sparse_attn/triton_decode.py _sparse_split, _combine) at the
+    1M decode shape (H 16 x d 128, k 512, window 128, bf16, 32-entry blocks), without and (_pdl) with programmatic
+    dependent launch (each program waits on the launch before it: griddepcontrol.wait)."""
+    import triton.language as tl
+
+    from dsv4_lab.kernels.sparse_attn import triton_decode as sd
+    i32 = "i32"
+    split_ptr = {"Q": "*bf16", "KV": "*bf16", "C": "*bf16", "IDX": "*i32", "PM": "*fp32", "PL": "*fp32",
+                 "PACC": "*fp32", "qk_scale": "fp32",
+                 **{a: i32 for a in ("T", "Tk", "S", "K_SEL", "W", "q_offset", "CHUNK", "NSK", "NS", "sqb", "sqt",
+                                     "sqh", "skb", "skt", "scb", "scs", "sib", "sit")}}
+    comb_ptr = {"PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "SINK": "*fp32", "O": "*bf16", "LSE": "*fp32",
+                **{a: i32 for a in ("T", "NQB", "NS", "sob", "sot", "soh", "slb", "slt")}}
+    out = {}
+    for pdl in (False, True):
+        tag = "_pdl" if pdl else ""
+        out["split" + tag] = resources(sd._sparse_split, split_ptr, dict(H=16, D=128, BLOCK_H=16, BLOCK_D=128,
+                                                                          BLOCK_N=32, DOT_DT=tl.bfloat16, PDL=pdl),
+                                       4, num_stages=2)
+        out["combine" + tag] = resources(sd._combine, comb_ptr, dict(H=16, HP=16, BT=1, D=128, BLOCK_M=16,
+                                                                      BLOCK_D=128, NS_P=32, SB=32, HAS_SINK=True,
+                                                                      PDL=pdl), 4, num_stages=2)
+    return out
+
+
 FAMILIES = {"sieve": sieve, "sieve_split": sieve_split, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
             "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
-            "select_one_launch": select_one_launch, "tail_emit": tail_emit}
+            "select_one_launch": select_one_launch, "tail_emit": tail_emit, "sparse_decode": sparse_decode}
 
 
 def main(only=None, out_dir=None):

@@ -215,10 +215,11 @@ def test_pdl_modes_and_where_the_selects_use_pdl(monkeypatch):
     the interpreter or while torch.compile traces (griddepcontrol is inline PTX)."""
     import torch
 
+    from dsv4_lab.kernels import _common as cm
     from dsv4_lab.kernels.indexer_topk import select as sel
-    assert sel.pdl_modes(3, True) == [1, 2, 2] and sel.pdl_modes(5, True) == [1, 2, 2, 2, 2]
-    assert sel.pdl_modes(3, False) == [0, 0, 0]
-    monkeypatch.setattr(sel, "INTERPRET", False)
+    assert cm.pdl_modes(3, True) == [1, 2, 2] and cm.pdl_modes(5, True) == [1, 2, 2, 2, 2]
+    assert cm.pdl_modes(3, False) == [0, 0, 0]
+    monkeypatch.setattr(cm, "INTERPRET", False)
     assert sel.pdl_on(True, torch.device("cpu")) is False
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
@@ -228,8 +229,21 @@ def test_pdl_modes_and_where_the_selects_use_pdl(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     assert sel.pdl_on(True, cuda) is False
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    monkeypatch.setattr(sel, "INTERPRET", True)
+    monkeypatch.setattr(cm, "INTERPRET", True)
     assert sel.pdl_on(True, cuda) is False
-    monkeypatch.setattr(sel, "INTERPRET", False)
+    monkeypatch.setattr(cm, "INTERPRET", False)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert sel.pdl_on(True, cuda) is False
+
+
+def test_sparse_decode_attention_compiles_with_pdl():
+    """The split-KV decode attention's two launches (sparse_attn/triton_decode.py) compile for sm_90 without and with
+    programmatic dependent launch: the same registers, no spills, and with PDL each waits on the launch before it
+    (griddepcontrol.wait), without it neither does."""
+    import kernel_registers as kr
+    res = kr.sparse_decode()
+    assert sorted(res) == ["combine", "combine_pdl", "split", "split_pdl"], sorted(res)
+    for name in ("split", "combine"):
+        plain, pdl = res[name], res[name + "_pdl"]
+        assert plain["spill_stores"] == 0 and pdl["spill_stores"] == 0, (name, plain, pdl)
+        assert plain["pdl_waits"] == 0 and pdl["pdl_waits"] >= 1, (name, plain["pdl_waits"], pdl["pdl_waits"])

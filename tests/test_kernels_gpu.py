@@ -32,8 +32,10 @@ def test_kernel_gpu(op, dtype):
 def test_decode_split_kv_vs_query_kernel_and_graph_replay():
     """1M context, B = 1, bf16: the split-KV decode path (what hca_attn_fwd / sparse_attn_fwd take without grad)
     agrees with triton.py's one-program-per-query kernels (taken when an input requires grad), and captures and
-    replays in a CUDA graph (the benchmark and a graph-captured decode step) reading the new q on replay."""
+    replays in a CUDA graph (the benchmark and a graph-captured decode step) reading the new q on replay; the CSA
+    path also with programmatic dependent launch (triton_decode.PDL), bit for bit the same as without."""
     from dsv4_lab.kernels.hca_attn.triton import hca_attn_fwd
+    from dsv4_lab.kernels.sparse_attn import triton_decode as sd
     from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd
     g = torch.Generator(device="cuda").manual_seed(0)
     N, H, D, W, R, K = 1 << 20, 16, 128, 128, 128, 512
@@ -44,12 +46,22 @@ def test_decode_split_kv_vs_query_kernel_and_graph_replay():
     comp4 = torch.randn(1, N // 4, D, generator=g, **bf)
     idx = torch.randint(-1, N // 4, (1, 1, K), generator=g, device="cuda")
     sink = torch.randn(H, generator=g, device="cuda")
+    def sparse_pdl(x):
+        old, sd.PDL = sd.PDL, True
+        try:
+            return sparse_attn_fwd(x, kv, comp4, idx, sink, D ** -0.5, W, N - 1)
+        finally:
+            sd.PDL = old
     fns = {"hca": lambda x: hca_attn_fwd(x, kv, comp, sink, D ** -0.5, W, R, N - 1),
-           "sparse": lambda x: sparse_attn_fwd(x, kv, comp4, idx, sink, D ** -0.5, W, N - 1)}
+           "sparse": lambda x: sparse_attn_fwd(x, kv, comp4, idx, sink, D ** -0.5, W, N - 1),
+           "sparse_pdl": sparse_pdl}
+    split = {}
     for name, fn in fns.items():
         o_q, l_q = fn(q.clone().requires_grad_(True))                   # query-major kernel
-        o_s, l_s = fn(q)                                                # split-KV path
+        o_s, l_s = split[name] = fn(q)                                  # split-KV path
         assert kc.rel(o_s, o_q) < 1e-2 and kc.rel(l_s, l_q) < 1e-3, f"{name}: split-KV vs query kernel"
+        if name == "sparse_pdl":
+            assert all(map(torch.equal, split[name], split["sparse"])), "sparse: PDL changes the output"
         x = q.clone()
         st = torch.cuda.Stream()
         st.wait_stream(torch.cuda.current_stream())

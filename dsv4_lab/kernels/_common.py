@@ -6,6 +6,11 @@
 * Interpreter traps handled by every kernel here: bf16 is cast to fp32 right after loading and `tl.dot` gets fp32
   operands when interpreting (`dot_dtype`), one autotune config when interpreting (`configs`), every store is
   masked, no `make_block_ptr`.
+* Programmatic dependent launch (PDL, sm_90+; `pdl_supported`, `pdl_modes`, `dep_wait`): a launch's programs may
+  start while the launch before it still runs; each waits for that launch's end and writes (griddepcontrol.wait)
+  before it reads what that launch wrote or writes anything, then lets the next launch start
+  (griddepcontrol.launch_dependents). Every program of such a launch waits, also one with nothing to do, so no
+  launch ends before the one before it (docs/kernels.md §3).
 * With DSV4_GPU_COMPILE_CHECK=1 as well (the test suite sets it), every interpreted launch is also lowered for an
   sm_90 GPU (compile_check.py): the interpreter runs a kernel body as Python and lets code pass that the GPU
   compiler rejects.
@@ -26,6 +31,32 @@ except Exception:                                                   # pragma: no
     triton = None
     tl = None
     HAVE_TRITON = False
+
+if HAVE_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def dep_wait():
+        """Wait until the launch before this one has ended and its writes are visible, then let the next launch
+        start (a no-op in a launch without PDL)."""
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether launches on `device` may use PDL: a CUDA device of compute capability 9 or above, not under the
+    interpreter, not while torch.compile traces (griddepcontrol is inline PTX, which its analysis of a Triton
+    kernel's writes cannot read)."""
+    return (not INTERPRET and not torch.compiler.is_compiling() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pdl_modes(launches: int, pdl: bool) -> list:
+    """The PDL constexpr of each of a chain's `launches` launches in order: 0 without PDL; with it 1 for the first
+    (it waits before anything: the launch before it may have written its inputs) and 2 for the rest (they may load
+    what no launch of the chain writes, then wait)."""
+    return [0] * launches if not pdl else [1] + [2] * (launches - 1)
+
 
 if INTERPRET and HAVE_TRITON and os.environ.get("DSV4_GPU_COMPILE_CHECK") == "1":
     from .compile_check import install                              # every interpreted launch also lowered for

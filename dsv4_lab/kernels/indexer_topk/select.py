@@ -64,9 +64,7 @@ from __future__ import annotations
 
 import torch
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from .._common import INTERPRET, check_device, sm_count, tl, triton
+from .._common import INTERPRET, check_device, dep_wait, pdl_modes, pdl_supported, sm_count, tl, triton
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
@@ -94,26 +92,10 @@ def asm_stores_on(asm_stores: bool | None) -> bool:
 
 
 def pdl_on(pdl: bool | None, device: torch.device) -> bool:
-    """Whether a select's launches use programmatic dependent launch: pdl (None: PDL), on a CUDA device of compute
-    capability 9 or above, never under the interpreter nor while torch.compile traces (griddepcontrol is inline PTX:
-    asm_stores_on)."""
-    return ((PDL if pdl is None else bool(pdl)) and not INTERPRET and not torch.compiler.is_compiling()
-            and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def pdl_modes(launches: int, pdl: bool) -> list:
-    """The PDL constexpr of each of a select's `launches` launches in order: 0 without PDL; with it 1 for the first
-    (it waits before anything: the launch before it may be the one that wrote the rows) and 2 for the rest (they
-    load their chunk's first block, then wait)."""
-    return [0] * launches if not pdl else [1] + [2] * (launches - 1)
-
-
-@triton.jit
-def _dep_wait():
-    """Programmatic dependent launch: wait until the launch before this one has ended and its writes are visible,
-    then let the next launch start (a no-op in a launch without PDL)."""
-    gdc_wait()
-    gdc_launch_dependents()
+    """Whether a select's launches use programmatic dependent launch: pdl (None: PDL) where _common.pdl_supported.
+    Their PDL constexprs: _common.pdl_modes (the first launch waits before anything, the launch before it may be
+    the one that wrote the rows; the others load their chunk's first block, then wait)."""
+    return (PDL if pdl is None else bool(pdl)) and pdl_supported(device)
 
 
 @triton.jit
@@ -260,7 +242,7 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
     """Program p of row `row`, digit LEVEL (the levels before it complete in HIST). PDL: pdl_modes (0 where the
     caller is not a launch of its own)."""
     if PDL == 1:
-        _dep_wait()
+        dep_wait()
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     if (n > k) & (c0 < n):
@@ -271,7 +253,7 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
         c1 = tl.minimum(c0 + C, n)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
         if PDL == 2:
-            _dep_wait()
+            dep_wait()
         pref, krem = _prefix(HIST, hbase, k, LEVEL, p, NL, DB)          # (its loads in flight with the block's)
         SH = 32 - DB * (LEVEL + 1)                                             # runtime: one compile for all levels
         HS = tl.minimum(SH + DB, 31)                        # no 32-bit shift at level 0 (undefined; masked out below)
@@ -289,7 +271,7 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
             pbase = (row.to(tl.int64) * (P - 1) + p) * H
             tl.store(PH + pbase + LEVEL * NB + bins, tl.cumsum(hist, 0, reverse=True))
     elif PDL == 2:
-        _dep_wait()
+        dep_wait()
 
 
 @triton.jit
@@ -308,11 +290,11 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
     """Program p of row `row` after every digit; TICKET: take the ticket that clears the row's histograms (the
     one-launch select clears them itself). PDL: pdl_modes (0 where the caller is not a launch of its own)."""
     if PDL == 1:
-        _dep_wait()
+        dep_wait()
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         if PDL == 2:
-            _dep_wait()
+            dep_wait()
         _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
     elif c0 < n:                                       # (then every program q < p has c0_q < n too: all stored)
         NB: tl.constexpr = 1 << DB
@@ -321,7 +303,7 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
         c1 = tl.minimum(c0 + C, n)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
         if PDL == 2:
-            _dep_wait()
+            dep_wait()
         pref, krem = _prefix(HIST, hbase, k, NL, 1, NL, DB)  # (its loads in flight with the block's; p 1: no record)
         # ticket (acq_rel: this program's histogram reads come before it); the last of the row's cdiv(n, C)
         # programs sees every other one's reads done and zeroes the row's table for the next call
@@ -362,7 +344,7 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
             gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, n_gt, k, OVAL, OIDX, obase, ASM)
             x = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)    # the next block (one live)
     elif PDL == 2:
-        _dep_wait()
+        dep_wait()
 
 
 @triton.jit

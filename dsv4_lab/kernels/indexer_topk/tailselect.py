@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, next_pow2, tl, triton
-from .select import (SelectWorkspace, _chunk_at, _clear_row, _dep_wait, _hist_level, _pick_bin, _prefix, _row_base,
-                     _scatter, _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks,
-                     pdl_modes, pdl_on, rows_and_outputs)
+from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
+from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
+                     _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
+                     rows_and_outputs)
 
 
 @triton.jit
@@ -131,15 +131,15 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
                LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr,
                PDL: tl.constexpr):
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
-    PDL: select.pdl_modes."""
+    PDL: _common.pdl_modes."""
     if PDL == 1:
-        _dep_wait()
+        dep_wait()
     p = tl.program_id(0)
     row = tl.program_id(1)
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         if PDL == 2:
-            _dep_wait()
+            dep_wait()
         _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
     elif c0 < n:
         H: tl.constexpr = 2 * 256
@@ -147,7 +147,7 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         c1 = tl.minimum(c0 + C, n)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
         if PDL == 2:
-            _dep_wait()
+            dep_wait()
         pref, krem = _prefix(HIST, hbase, k, 2, 1, 2, 8)     # t16 (bits 31..16 of pref), picks left in the bucket
         b0 = (pref >> 24) & 255
         b1 = (pref >> 16) & 255
@@ -199,7 +199,7 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
                 _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
             _clear_row(HIST, hbase, 2, 8)
     elif PDL == 2:
-        _dep_wait()
+        dep_wait()
 
 
 def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,

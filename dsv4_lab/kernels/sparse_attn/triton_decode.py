@@ -19,15 +19,20 @@ Split count: CHUNK = BLOCK_N * blocks-per-split, picked so that (B * T) * NS ~ 4
 number of entry blocks: at B = 1 one block per program), CHUNK and NS are runtime arguments (no recompile when the
 context grows: the kernels also do not specialise on the lengths' divisibility by 16, which would otherwise recompile
 them every few decode steps); only the power-of-two bucket of NS is a compile-time constant of `_combine`.
+
+PDL (pdl=True; PDL for the default; sm_90+): both launches with programmatic dependent launch (_common.py): their
+programs start while the launch before them still runs and wait for its writes before they load anything (the split
+launch's picks come from the select launch before it).
 """
 from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dot_dtype, next_pow2, sm_count, tl, triton
+from .._common import INTERPRET, check_device, dep_wait, dot_dtype, next_pow2, pdl_supported, sm_count, tl, triton
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 256                      # bound on NS (the combine holds NS_P m's per row in registers)
+PDL = False                           # sparse_attn_decode_fwd's default `pdl` (off until timed on the H200)
 
 
 def num_sms(device) -> int:
@@ -77,9 +82,12 @@ def _combine(PM, PL, PACC, SINK, O, LSE,
              sob, sot, soh, slb, slt,
              H: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NS_P: tl.constexpr, SB: tl.constexpr,
-             HAS_SINK: tl.constexpr):
+             HAS_SINK: tl.constexpr, PDL: tl.constexpr):
     """grid (G, BLOCK_M): merge the NS partials of row r of group g = b * NQB + qb (query tq = qb * BT + r // HP,
-    head h = r % HP) with the sink; writes o (q's dtype) and lse (natural log)."""
+    head h = r % HP) with the sink; writes o (q's dtype) and lse (natural log). PDL: wait for the split launch's
+    writes first (programmatic dependent launch)."""
+    if PDL:
+        dep_wait()
     g = tl.program_id(0)
     r = tl.program_id(1)
     b = (g // NQB).to(tl.int64)
@@ -117,13 +125,15 @@ def _combine(PM, PL, PACC, SINK, O, LSE,
     tl.store(LSE + b * slb + tq * slt + h, lse, mask=ok)
 
 
-def combine(pm, pl, pacc, sink, o, lse, T, NQB, NS, H, HP, BT, D, BLOCK_M, BLOCK_D):
+def combine(pm, pl, pacc, sink, o, lse, T, NQB, NS, H, HP, BT, D, BLOCK_M, BLOCK_D, pdl: bool = False):
+    """The combine launch; pdl: with programmatic dependent launch (the caller has checked pdl_supported)."""
     G = pm.shape[0]
     sink_t = sink.float().contiguous() if sink is not None else lse
     _combine[(G, BLOCK_M)](pm, pl, pacc, sink_t, o, lse, T, NQB, NS,
                            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
                            H=H, HP=HP, BT=BT, D=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, NS_P=max(16, next_pow2(NS)),
-                           SB=16 if INTERPRET else 32, HAS_SINK=sink is not None, num_warps=4, num_stages=2)
+                           SB=16 if INTERPRET else 32, HAS_SINK=sink is not None, PDL=pdl, num_warps=4, num_stages=2,
+                           **({"launch_pdl": True} if pdl else {}))
 
 
 @triton.jit(do_not_specialize=["T", "Tk", "S", "q_offset", "CHUNK", "NSK", "NS"])
@@ -131,7 +141,9 @@ def _sparse_split(Q, KV, C, IDX, PM, PL, PACC,
                   T, Tk, S, K_SEL, W, q_offset, qk_scale, CHUNK, NSK, NS,
                   sqb, sqt, sqh, skb, skt, scb, scs, sib, sit,
                   H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_DT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:                                  # programmatic dependent launch: the launch before's writes first
+        dep_wait()
     g = tl.program_id(0)                                                   # g = b * T + t
     sp = tl.program_id(1)
     b = (g // T).to(tl.int64)
@@ -172,9 +184,10 @@ def _sparse_split(Q, KV, C, IDX, PM, PL, PACC,
 
 
 def sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_offset: int = 0,
-                           num_splits: int | None = None, block_n: int | None = None):
+                           num_splits: int | None = None, block_n: int | None = None, pdl: bool | None = None):
     """Split-KV forward; returns (o (B, T, H, D) in q's dtype, lse (B, T, H) fp32). `num_splits` / `block_n`
-    override the heuristic (tests)."""
+    override the heuristic (tests); pdl: both launches with programmatic dependent launch (None: PDL; where
+    _common.pdl_supported)."""
     check_device(q, kv, comp, idx, sink)
     B, T, H, D = q.shape
     assert kv.dim() == 3 and comp.dim() == 3 and idx.dim() == 3, "kv (B, Tk, D), comp (B, S, D), idx (B, T, K)"
@@ -200,13 +213,14 @@ def sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_
     pm = torch.empty(G, NS, BH, device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(G, NS, BH, BD, device=q.device, dtype=torch.float32)
+    on = (PDL if pdl is None else bool(pdl)) and pdl_supported(q.device)
     _sparse_split[(G, NS)](q, kv, comp, idx, pm, pl, pacc,
                            T, Tk, S, K, W, q_offset, scale * LOG2E, CHUNK, NSK, NS,
                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
                            comp.stride(1), idx.stride(0), idx.stride(1),
-                           H=H, D=D, BLOCK_H=BH, BLOCK_D=BD, BLOCK_N=BN, DOT_DT=dot_dtype(q),
-                           num_warps=4, num_stages=2)
-    combine(pm, pl, pacc, sink, o, lse, T, T, NS, H, BH, 1, D, BH, BD)
+                           H=H, D=D, BLOCK_H=BH, BLOCK_D=BD, BLOCK_N=BN, DOT_DT=dot_dtype(q), PDL=on,
+                           num_warps=4, num_stages=2, **({"launch_pdl": True} if on else {}))
+    combine(pm, pl, pacc, sink, o, lse, T, T, NS, H, BH, 1, D, BH, BD, pdl=on)
     return o, lse
 
 
