@@ -6,7 +6,8 @@ inside a decode step's graph (docs/kernels.md §3).
     floor_us                     {n: one replay of a graph of n launches of a trivial kernel (128 programs of 8
                                  warps, select's grid), n = 1, 2, 5}: the replay's own start and each launch's step
     floor_gpu_us                 the same replays timed from the GPU's start of each (bench_graph hold=True)
-    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows), sieve (sieve_select, split
+    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows), select_pdl / tail_pdl (the
+                                 same with programmatic dependent launch: select.py PDL), sieve (sieve_select, split
                                  form), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
@@ -98,7 +99,10 @@ def main():
         ref = torch.topk(row.float(), K).values
         v, i = sel.radix_select(row, K, workspace=ws, one_launch=False)
         methods = {"select": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False),
-                   **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws)} if nm == "fp32" else {}),
+                   "select_pdl": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False, pdl=True),
+                   **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws),
+                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True)}
+                      if nm == "fp32" else {}),
                    "sieve": lambda row=row: sv.sieve_select(row, K),
                    "torch": lambda row=row: torch.topk(row, K)}
         for m, fn in methods.items():
