@@ -689,13 +689,14 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         return
     # the tail select on a row built for its tail: 27 picks above the bucket, then a bucket of 39 entries sharing
     # their top 16 key bits, 9 of them above the k-th key and 8 tied at it (4 taken), interleaved by index with the
-    # others; its register path in the small tile (small_cap 64) and in the large one (cap 64 > small_cap 16), and its
+    # others; its register path in the small tile (small_cap 64) and in the large one (cap 64 > small_cap 16), both
+    # ranking the bucket in one compare, in a large tile of 128 that bisects (cap 128 > small_cap 16), and its
     # streamed path (cap 16), over 1, 3 and 5 programs
     x = torch.randn(1, 300, generator=g) * 0.1
     x[0, ::7] = 1.5 + torch.randint(0, 6, (43,), generator=g).float() * 2 ** -22
     x[0, 5::11] = 3.0 + torch.rand(27, generator=g)
     x = x.to(device)
-    for (cap, small), sp in itertools.product(((128, 64), (64, 16), (16, 16)), (1, 3, 5)):
+    for (cap, small), sp in itertools.product(((128, 64), (64, 16), (128, 16), (16, 16)), (1, 3, 5)):
         v, i = radix_select(x, 40, programs=sp, block=64, workspace=ws)
         gv = torch.full((3, 48), 7.0, device=device)             # outputs inside guards: no write may land outside
         gi = torch.full((3, 48), -7, dtype=torch.int32, device=device)

@@ -19,7 +19,9 @@ one launch, P programs per row as before:
     tail    the row's last program to take a ticket sees every other program's stores. With the bucket's size nB
             (histogram 1's bin of t16) at most CAP, it holds the bucket in registers (a tile of SMALL entries when
             nB <= SMALL, as on a 256K N(0, 1) row, else of CAP: each step below costs with the tile's size) and
-            finds t's low 16 bits by bisection among them (16 steps); the picks are the TEMP entries, the bucket
+            finds t's low 16 bits among them: in a tile of at most 64 entries as the largest low part with at least
+            krem entries at or above it (each entry's count from one tile x tile compare), in a larger one by
+            bisection (16 steps); the picks are the TEMP entries, the bucket
             entries > t and the r lowest-index bucket entries == t (r = krem - bucket entries > t). It writes them
             in radix_select's slot order: the entries > t in index order (a TEMP entry's slot is its TEMP slot plus
             the bucket entries > t with a lower index, a bucket entry's its rank among those plus the TEMP entries
@@ -61,7 +63,9 @@ def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
 def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr, LOGKP: tl.constexpr,
                CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr):
     """The row's picks from TEMP (n16 entries above the bucket) and the bucket (nB <= CAP entries), both in index
-    order: t's low 16 bits by bisection over the bucket, then every pick at its slot (module docstring)."""
+    order: t's low 16 bits (the krem-th largest low part: in a tile of at most 64 entries from each entry's count of
+    entries >= it, one (CAP, CAP) compare; in a larger one by bisection), then every pick at its slot (module
+    docstring)."""
     BIG: tl.constexpr = 2147483647
     j = tl.arange(0, CAP)
     mb = j < nB
@@ -72,11 +76,15 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
     cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
     ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
     low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
-    tl16 = krem * 0
-    for b in tl.static_range(15, -1, -1):                      # the krem-th largest low part, MSB first
-        cand = tl16 | (1 << b)
-        if tl.sum((low >= cand).to(tl.int32), 0) >= krem:
-            tl16 = cand
+    if CAP <= 64:          # the largest low part with >= krem entries at or above it (krem >= 1: the bucket holds t)
+        ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
+        tl16 = tl.max(tl.where(mb & (ge >= krem), low, -1), 0)
+    else:
+        tl16 = krem * 0
+        for b in tl.static_range(15, -1, -1):                  # the krem-th largest low part, MSB first
+            cand = tl16 | (1 << b)
+            if tl.sum((low >= cand).to(tl.int32), 0) >= krem:
+                tl16 = cand
     g = low > tl16                                             # bucket picks > t
     e = low == tl16                                            # bucket entries == t
     gcum = tl.cumsum(g.to(tl.int32), 0)
