@@ -29,13 +29,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
 from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
+from dsv4_lab.kernels.indexer_topk import select as sel
 from dsv4_lab.kernels.indexer_topk import triton as itk
 from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
 from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
+from dsv4_lab.kernels.sparse_attn import triton_decode as sd
 from dsv4_lab.kernels.sparse_attn.naive import sparse_attn_naive
 from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd, sparse_attn_triton
 
@@ -277,7 +280,6 @@ def decode(N):
     out["score_tb_s"] = S * DI * 2 / (r["ms"] * 1e-3) / 1e12
     # bf16 scores (select_bf16's), tuned launch and the launch that also counts the select's first digit (level0,
     # into a workspace of its own: these calls leave its histograms non-zero, no select runs after them)
-    from dsv4_lab.kernels.indexer_topk import select as sel
     bbuf = torch.empty(S, dtype=torch.bfloat16, device="cuda")
     for tag, l0 in (("score_bf16", None), ("score_bf16_level0", (sel.SelectWorkspace(1), K))):
         r = bench_graph(lambda l0=l0: indexer_scores_triton(qI, kI, w, M, N - 1, out=bbuf, fill=False,
@@ -345,18 +347,14 @@ def decode(N):
     except Exception as e:                                                     # noqa: BLE001
         out["indexer_torch_topk_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     idx = indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1)
-    replays_us(out, "sparse_attn", lambda: sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1))
-    from dsv4_lab.kernels.sparse_attn import triton_decode as sd
 
     def attend():
         return sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1)
+    replays_us(out, "sparse_attn", attend)
     plain = attend()
-    old, sd.PDL = sd.PDL, True                 # its two launches with programmatic dependent launch: the same output
-    try:
+    with mock.patch.object(sd, "PDL", True):   # its two launches with programmatic dependent launch: the same output
         out["sparse_attn_pdl_same"] = all(map(torch.equal, attend(), plain))
         replays_us(out, "sparse_attn_pdl", attend)
-    finally:
-        sd.PDL = old
     if best is not None:
         out["best_indexer"] = best
         out["indexer_best_us"] = out[f"indexer_{best}_us"]
@@ -366,27 +364,21 @@ def decode(N):
         out["csa_decode_gpu_us"] = out["indexer_best_gpu_us"] + out["sparse_attn_gpu_us"]
         if best.startswith("select"):        # with programmatic dependent launch (select.py PDL), the same picks
             idx_best = calls[best]()
-            old, sel.PDL = sel.PDL, True
-            try:
+            with mock.patch.object(sel, "PDL", True):
                 out["indexer_best_pdl_same_picks"] = bool(torch.equal(calls[best](), idx_best))
                 replays_us(out, "indexer_best_pdl", calls[best])
-            finally:
-                sel.PDL = old
     try:                          # the same step as one graph: the library's indexer, then the sparse attention
         def step():
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
                                    D ** -0.5, W, q_offset=N - 1)
         replays_us(out, "csa_decode_chain", step)
-        old = sel.PDL, sd.PDL                  # the same chain with PDL in the select's and the attention's launches
-        sel.PDL = sd.PDL = True
-        try:
+        # the same chain with PDL in the select's and the attention's launches
+        with mock.patch.object(sel, "PDL", True), mock.patch.object(sd, "PDL", True):
             out["indexer_default_pdl_same_picks"] = bool(torch.equal(
                 indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
             replays_us(out, "csa_decode_chain_pdl", step)
             out["csa_decode_chain_pdl_in_graph_us"] = bench_graph(
                 lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
-        finally:
-            sel.PDL, sd.PDL = old
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
         graph_floor(out)
@@ -805,8 +797,8 @@ TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM
        "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
        "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
        "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)",
-       "pdl": "programmatic dependent launch in the selects' and the decode attention's launches (indexer_topk/select.py, "
-              "sparse_attn/triton_decode.py PDL)"}
+       "pdl": "programmatic dependent launch in the selects' and the decode attention's launches "
+              "(indexer_topk/select.py, sparse_attn/triton_decode.py PDL)"}
 
 
 def _bad(msg):
@@ -825,7 +817,6 @@ def _apply_try(names):
     _check_try(names)
     for name in names:
         if name == "asm_stores":
-            from dsv4_lab.kernels.indexer_topk import select as sel
             sel.ASM_STORES = True
         elif name == "score_candidates":
             itk._indexer_scores_fwd.configs.extend(itk.SCORE_CANDIDATE_CONFIGS)
@@ -834,8 +825,6 @@ def _apply_try(names):
         elif name == "fp32_tail":
             itk.FP32_TAIL = True
         elif name == "pdl":
-            from dsv4_lab.kernels.indexer_topk import select as sel
-            from dsv4_lab.kernels.sparse_attn import triton_decode as sd
             sel.PDL = sd.PDL = True
 
 

@@ -81,11 +81,11 @@ def build_summary(out_dir=None) -> dict:
     # or NL + 1)
     from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk import triton as itk
-    put("topk_256k_row_us", lambda: R["csa"]["topk_row"]["262144"][
-        "sieve_fp32_us" if itk.AUTO["decode"] == "sieve" else "select_tail_fp32_us" if itk.FP32_TAIL else
-        "select_fp32_one_launch_p128_us" if sel.ONE_LAUNCH else "select_fp32_us"], "top-k row not measured")
-    put("topk_256k_row_gpu_us", lambda: R["csa"]["topk_row"]["262144"][          # the same call from the GPU's start
-        "select_tail_fp32_gpu_us" if itk.FP32_TAIL else "select_fp32_gpu_us"], "top-k row GPU time not measured")
+    row = ("sieve_fp32" if itk.AUTO["decode"] == "sieve" else "select_tail_fp32" if itk.FP32_TAIL else
+           "select_fp32_one_launch_p128" if sel.ONE_LAUNCH else "select_fp32")
+    put("topk_256k_row_us", lambda: R["csa"]["topk_row"]["262144"][f"{row}_us"], "top-k row not measured")
+    put("topk_256k_row_gpu_us", lambda: R["csa"]["topk_row"]["262144"][f"{row}_gpu_us"],   # the same call from the
+        "top-k row GPU time not measured")                                               # GPU's start of its replay
     put("topk_256k_row_detail_us", lambda: {k: v for k, v in R["csa"]["topk_row"]["262144"].items()
                                             if k.endswith(("_us", "_match_torch_topk"))}, "top-k row not measured")
     put("hca_prefill_128k_ms", lambda: R["hca"]["prefill"][f"triton_{N}"]["ms"], "HCA 128K not measured")

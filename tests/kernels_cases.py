@@ -587,12 +587,14 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     programs run fails it), on the GPU two repeats (the hardware schedules the programs), the second, and the second
     run of each select below, with the scattered stores as inline PTX (`asm_stores`, select.py _scatter: the
     interpreter cannot run PTX, so on CPU every run stores with tl.store), and radix_select and the tail select a
-    third time with programmatic dependent launch as well (`pdl`: each launch starts before the one before it ends); all calls share one
-    SelectWorkspace, which every call must leave zeroed (its last program per row clears it). The one-launch select
-    (`one_launch=True`: a grid barrier per digit level; under the interpreter the same levels as separate launches,
-    with its program count): bitwise equal to the multi-launch result, the workspace left zeroed. The tail select
+    third time with programmatic dependent launch as well (`pdl`: each launch starts before the one before it
+    ends); all calls share one SelectWorkspace, which every call must leave zeroed (its last program per row clears
+    it). The one-launch select (`one_launch=True`: a grid barrier per digit level; under the interpreter the same
+    levels as separate launches, with its program count): bitwise equal to the multi-launch result, the workspace
+    left zeroed. The tail select
     (tailselect.py, fp32 rows; on CPU with its programs reversed, so another program is the row's last): the same
-    bits, on a row built for its tail with each of its three paths. The row select, on
+    bits, on a row built for its tail with each of its paths (a bucket ranked in one compare in a tile of at most 64
+    entries, bisected in a larger tile, or streamed over the row). The row select, on
     every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
     slot order), on the GPU twice. Row dtypes: under the interpreter one call covers fp32 and bf16 rows; on the GPU
     the fp32 and bf16 tests split them (each the rows of its own dtype; the fp32 test also every check after the

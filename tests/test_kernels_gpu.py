@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -47,11 +48,8 @@ def test_decode_split_kv_vs_query_kernel_and_graph_replay():
     idx = torch.randint(-1, N // 4, (1, 1, K), generator=g, device="cuda")
     sink = torch.randn(H, generator=g, device="cuda")
     def sparse_pdl(x):
-        old, sd.PDL = sd.PDL, True
-        try:
+        with mock.patch.object(sd, "PDL", True):
             return sparse_attn_fwd(x, kv, comp4, idx, sink, D ** -0.5, W, N - 1)
-        finally:
-            sd.PDL = old
     fns = {"hca": lambda x: hca_attn_fwd(x, kv, comp, sink, D ** -0.5, W, R, N - 1),
            "sparse": lambda x: sparse_attn_fwd(x, kv, comp4, idx, sink, D ** -0.5, W, N - 1),
            "sparse_pdl": sparse_pdl}
@@ -309,11 +307,8 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
         def fn(m=m, fuse=fuse, pdl=pdl):
-            old, sel.PDL = sel.PDL, pdl
-            try:
+            with mock.patch.object(sel, "PDL", pdl):
                 return indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m, fuse_level0=fuse)
-            finally:
-                sel.PDL = old
         m = m + ("_fused" if fuse else "") + ("_pdl" if pdl else "")     # the name in the messages below
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

@@ -518,13 +518,13 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
         return oval, oidx
     on = pdl_on(pdl, val.device)
     modes = pdl_modes(NL - first_level + 1, on)
-    extra = {"launch_pdl": True} if on else {}
     for lev in range(first_level, NL):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=NL, DB=DB,
-                            RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps, **extra)
+                            RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps,
+                            launch_pdl=on)
     _emit[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq, q0, k, NL=NL,
                   DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, ASM=asm_stores_on(asm_stores), PDL=modes[-1],
-                  num_warps=num_warps, **extra)
+                  num_warps=num_warps, launch_pdl=on)
     return oval, oidx
 
 

@@ -257,14 +257,14 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
     on = pdl_on(pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
-    extra = {"launch_pdl": True} if on else {}
     for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
-                            RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps, **extra)
+                            RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps,
+                            launch_pdl=on)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),
                        Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
                        LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
-                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, **extra)
+                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, launch_pdl=on)
     return oval, oidx
 
 

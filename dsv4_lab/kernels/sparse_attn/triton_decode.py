@@ -133,7 +133,7 @@ def combine(pm, pl, pacc, sink, o, lse, T, NQB, NS, H, HP, BT, D, BLOCK_M, BLOCK
                            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
                            H=H, HP=HP, BT=BT, D=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, NS_P=max(16, next_pow2(NS)),
                            SB=16 if INTERPRET else 32, HAS_SINK=sink is not None, PDL=pdl, num_warps=4, num_stages=2,
-                           **({"launch_pdl": True} if pdl else {}))
+                           launch_pdl=pdl)
 
 
 @triton.jit(do_not_specialize=["T", "Tk", "S", "q_offset", "CHUNK", "NSK", "NS"])
@@ -219,7 +219,7 @@ def sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_
                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
                            comp.stride(1), idx.stride(0), idx.stride(1),
                            H=H, D=D, BLOCK_H=BH, BLOCK_D=BD, BLOCK_N=BN, DOT_DT=dot_dtype(q), PDL=on,
-                           num_warps=4, num_stages=2, **({"launch_pdl": True} if on else {}))
+                           num_warps=4, num_stages=2, launch_pdl=on)
     combine(pm, pl, pacc, sink, o, lse, T, T, NS, H, BH, 1, D, BH, BD, pdl=on)
     return o, lse
 
