@@ -2,7 +2,7 @@
 # One call on a GPU machine: GPU tests, then the named benchmark families, time-capped so the
 # call ends inside its limit; every result and log comes back in $OUT/results.tgz.
 #   bash benchmarks/device_run.sh "<pytest -k expression or ->" <family> [family ...]
-#   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240; SLOW_FIRST: a grep -E pattern of the test ids started first), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only),
+#   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240; SLOW_FIRST: a grep -E pattern of the test ids started first; a case that ran out of GPU memory beside the others is run again alone afterwards, all such within RETRY_TIMEOUT s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only),
 #        PROBES="probe_mhc_parts.py probe_host.py ..." (benchmarks/ scripts run last, one after another, each capped at PROBE_TIMEOUT s, default 120; their JSON lands in benchmarks/results)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -24,15 +24,23 @@ if [ "$K" != "-" ]; then
   rm -f "$OUT/gpu_test_ids.all"
   : > "$OUT/gpu_tests.log"
   export OUT
-  timeout "${TEST_TIMEOUT:-300}" xargs -a "$OUT/gpu_test_ids.txt" -d '\n' -P "${TEST_JOBS:-4}" -I{} bash -c '
+  # one case: its verdict line in gpu_tests.log, and the tail of its log in gpu_test_failures.log if it failed
+  RUN_ONE='
     t0=$(date +%s); timeout -s INT -k 20 '"${PER_TEST:-240}"' python3 -m pytest -q -p no:cacheprovider -rfE --full-trace "$1" > "$OUT/t.$$.log" 2>&1
     rc=$?; case $rc in 0) r=PASS;; 5) r=NONE;; 124|137) r=TIMEOUT;; *) r=FAIL;; esac
     grep -q " skipped" "$OUT/t.$$.log" && [ $rc = 0 ] && r=SKIP
+    # out of GPU memory beside the other jobs: run again alone once they are done (below), not a verdict yet
+    [ $r = FAIL ] && [ -z "${RETRY:-}" ] && grep -q "OutOfMemoryError" "$OUT/t.$$.log" && r=OOM && echo "$1" >> "$OUT/oom_retry.txt"
     echo "$r $(( $(date +%s) - t0 ))s $1" >> "$OUT/gpu_tests.log"
     # a timed-out case gets SIGINT first: pytest then prints the stack it was interrupted in (a compile, a kernel)
     case $r in FAIL|TIMEOUT) { echo "== $r $1"; tail -c 3000 "$OUT/t.$$.log"; } >> "$OUT/gpu_test_failures.log";; esac
-    rm -f "$OUT/t.$$.log"' _ {}
+    rm -f "$OUT/t.$$.log"'
+  timeout "${TEST_TIMEOUT:-300}" xargs -a "$OUT/gpu_test_ids.txt" -d '\n' -P "${TEST_JOBS:-4}" -I{} bash -c "$RUN_ONE" _ {}
   echo "gpu tests rc=$? ($(wc -l < "$OUT/gpu_test_ids.txt") collected)"
+  if [ -s "$OUT/oom_retry.txt" ]; then                # one at a time, each within the step's cap again
+    RETRY=1 timeout "${RETRY_TIMEOUT:-240}" xargs -a "$OUT/oom_retry.txt" -d '\n' -P 1 -I{} bash -c "$RUN_ONE" _ {}
+    echo "gpu tests re-run alone after running out of memory: rc=$? ($(wc -l < "$OUT/oom_retry.txt"))"
+  fi
   sort "$OUT/gpu_tests.log"; cut -d" " -f1 "$OUT/gpu_tests.log" | sort | uniq -c
   [ -f "$OUT/gpu_test_failures.log" ] && tail -c 3000 "$OUT/gpu_test_failures.log"
 fi
