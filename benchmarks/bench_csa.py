@@ -5,8 +5,9 @@ eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
 graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
 timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency; `csa_decode_gpu_us` the
-two parts so timed); `*_pdl*` with programmatic dependent launch in the select's launches (select.py PDL) and, in the
-chain and `sparse_attn_pdl`, the attention's (sparse_attn/triton_decode.py PDL). H 16, d 128, m 4, k 512, window
+two parts so timed); `*_pdl*` with programmatic dependent launch in the select's launches (select.py PDL, and the tail
+select's, tailselect.py PDL) and, in the chain and `sparse_attn_pdl`, the attention's (sparse_attn/triton_decode.py
+PDL); `*_nopdl*` with none (the library's defaults: the tail select's on, the others off). H 16, d 128, m 4, k 512, window
 128, H_I 4 x d_I 64, bf16, B = 1, d_model 1024 (docs/kernels.md §8.5).
 
 Indexer methods (dsv4_lab/kernels/indexer_topk/triton.py): torch (Triton scores per query chunk + torch.topk),
@@ -35,6 +36,8 @@ import torch
 
 from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
 from dsv4_lab.kernels.indexer_topk import select as sel
+from dsv4_lab.kernels.indexer_topk import tailselect as ts
+from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
 from dsv4_lab.kernels.indexer_topk import triton as itk
 from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
 from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
@@ -372,13 +375,15 @@ def decode(N):
             return sparse_attn_fwd(q, kv, comp, indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), sink,
                                    D ** -0.5, W, q_offset=N - 1)
         replays_us(out, "csa_decode_chain", step)
-        # the same chain with PDL in the select's and the attention's launches
-        with mock.patch.object(sel, "PDL", True), mock.patch.object(sd, "PDL", True):
-            out["indexer_default_pdl_same_picks"] = bool(torch.equal(
-                indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
-            replays_us(out, "csa_decode_chain_pdl", step)
-            out["csa_decode_chain_pdl_in_graph_us"] = bench_graph(
-                lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
+        # the same chain with PDL in every select's and the attention's launches, and with none
+        for nmp, pdl in (("pdl", True), ("nopdl", False)):
+            with mock.patch.object(sel, "PDL", pdl), mock.patch.object(ts, "PDL", pdl), \
+                    mock.patch.object(sd, "PDL", pdl):
+                out[f"indexer_default_{nmp}_same_picks"] = bool(torch.equal(
+                    indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
+                replays_us(out, f"csa_decode_chain_{nmp}", step)
+                out[f"csa_decode_chain_{nmp}_in_graph_us"] = bench_graph(
+                    lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
         graph_floor(out)
@@ -463,15 +468,16 @@ def topk_row(L=262144):
             out[f"select_{nm}_one_launch_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
                 row, K, programs=P, workspace=ws, block=blk, one_launch=True))["ms"] * 1e3
         if nm == "fp32":                  # the tail select (tailselect.py): two digits, then the exact tail
-            from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
             v2, i2 = tail_select(row, K, workspace=ws)
             out["select_tail_fp32_same_picks"] = bool(torch.equal(i2, i) and torch.equal(v2, v)
                                                       and not ws.hist.any())
             replays_us(out, "select_tail_fp32", lambda row=row: tail_select(row, K, workspace=ws))
-            vp, ip = tail_select(row, K, workspace=ws, pdl=True)
-            out["select_tail_fp32_pdl_same_picks"] = bool(torch.equal(ip, i) and torch.equal(vp, v)
-                                                          and not ws.hist.any())
-            replays_us(out, "select_tail_fp32_pdl", lambda row=row: tail_select(row, K, workspace=ws, pdl=True))
+            for nmp, pdl in (("pdl", True), ("nopdl", False)):    # both, whichever is tailselect.PDL (the default)
+                vp, ip = tail_select(row, K, workspace=ws, pdl=pdl)
+                out[f"select_tail_fp32_{nmp}_same_picks"] = bool(torch.equal(ip, i) and torch.equal(vp, v)
+                                                                 and not ws.hist.any())
+                replays_us(out, f"select_tail_fp32_{nmp}", lambda row=row, pdl=pdl: tail_select(row, K, workspace=ws,
+                                                                                                pdl=pdl))
             for P in (64, 256):
                 blk = min(2048, L // P)
                 out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
@@ -501,9 +507,10 @@ def topk_row(L=262144):
                    "kernel); *_gpu_us: the same replay timed from the GPU's start of it (common.bench_graph "
                    "hold=True). select_* = radix_select (fp32: 4 digit launches; bf16: 2) and the emit launch "
                    "(which leaves the histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit "
-                   "launches and an emit whose last program settles the low 16 bits; _one_tile: that tail in the "
-                   "1024-entry tile even for a small bucket); select_*_one_launch_* = the same levels and emit in one "
-                   "launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
+                   "launches and an emit whose last program settles the low 16 bits; its defaults, tailselect.PDL "
+                   "included; _pdl / _nopdl: with and without programmatic dependent launch; _one_tile: that tail in "
+                   "the 1024-entry tile even for a small bucket); select_*_pdl: with programmatic dependent launch; "
+                   "select_*_one_launch_* = the same levels and emit in one launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
                    "and sieve of each chunk; one program per row selecting among the candidates), *_path its path "
                    "(2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
     return out
@@ -798,7 +805,7 @@ TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM
        "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
        "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)",
        "pdl": "programmatic dependent launch in the selects' and the decode attention's launches "
-              "(indexer_topk/select.py, sparse_attn/triton_decode.py PDL)"}
+              "(indexer_topk/select.py, tailselect.py, sparse_attn/triton_decode.py PDL)"}
 
 
 def _bad(msg):
@@ -825,7 +832,7 @@ def _apply_try(names):
         elif name == "fp32_tail":
             itk.FP32_TAIL = True
         elif name == "pdl":
-            sel.PDL = sd.PDL = True
+            sel.PDL = ts.PDL = sd.PDL = True
 
 
 def _trying():

@@ -212,7 +212,8 @@ def test_select_stores_without_inline_ptx_while_torch_compile_traces(monkeypatch
 def test_pdl_modes_and_where_the_selects_use_pdl(monkeypatch):
     """Programmatic dependent launch (select.py PDL): the first launch of a select waits before anything (the launch
     before it may have written the rows), the others load their first block, then wait; never on a CPU tensor, under
-    the interpreter or while torch.compile traces (griddepcontrol is inline PTX)."""
+    the interpreter or while torch.compile traces (griddepcontrol is inline PTX); tail_select's default is
+    tailselect.PDL, radix_select's select.PDL."""
     import torch
 
     from dsv4_lab.kernels import _common as cm
@@ -234,6 +235,26 @@ def test_pdl_modes_and_where_the_selects_use_pdl(monkeypatch):
     monkeypatch.setattr(cm, "INTERPRET", False)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert sel.pdl_on(True, cuda) is False
+    # tail_select's default is its own module's PDL (select.PDL is radix_select's): what it asks pdl_on for
+    from dsv4_lab.kernels.indexer_topk import tailselect as ts
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def spy(pdl, device):                     # record, then stop before any launch
+        asked.append(pdl)
+        raise Asked
+    monkeypatch.setattr(ts, "pdl_on", spy)
+    monkeypatch.setattr(cm, "INTERPRET", True)                            # a CPU row passes check_device
+    for default in (True, False):
+        monkeypatch.setattr(ts, "PDL", default)
+        monkeypatch.setattr(sel, "PDL", not default)
+        for pdl in (None, True, False):
+            with pytest.raises(Asked):
+                ts.tail_select(torch.randn(1, 300), 8, pdl=pdl)
+            want = default if pdl is None else pdl
+            assert asked.pop() is want, (default, pdl)
 
 
 def test_sparse_decode_attention_compiles_with_pdl():

@@ -291,10 +291,11 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     its indices too (lower index first among ties). The select methods run twice: as the library runs them and with
     the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit).
     The sieve methods, which split the decode row (sieve.py's split form: two launches), get the same checks; the
-    select methods also with programmatic dependent launch (select.PDL: each launch starts before the one before it
-    ends), captured and replayed so."""
+    select methods also without and with programmatic dependent launch (select.PDL and tailselect.PDL, the fp32
+    rows' tail select: each launch starts before the one before it ends), captured and replayed so."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk import select as sel
+    from dsv4_lab.kernels.indexer_topk import tailselect as ts
     from dsv4_lab.kernels.indexer_topk.triton import AUTO, indexer_topk_triton
     N = 1 << 20
     qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
@@ -307,7 +308,7 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
         def fn(m=m, fuse=fuse, pdl=pdl):
-            with mock.patch.object(sel, "PDL", pdl):
+            with mock.patch.object(sel, "PDL", pdl), mock.patch.object(ts, "PDL", pdl):
                 return indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m, fuse_level0=fuse)
         m = m + ("_fused" if fuse else "") + ("_pdl" if pdl else "")     # the name in the messages below
         s = torch.cuda.Stream()

@@ -78,8 +78,10 @@ ONE_LAUNCH = False
 # kernel's 14-16 layout conversions (benchmarks/kernel_registers.py `layout_converts`), the cost the sieve's stage
 # probe puts most of its time in; on the H200 the same picks, bit for bit, and faster (docs/kernels.md §3).
 ASM_STORES = True
-# The default of radix_select's and tail_select's `pdl`: their launches after the first start early (programmatic
-# dependent launch, module docstring). Off until timed on the H200 (bench_csa.py CSA_TRY=pdl).
+# The default of radix_select's `pdl`: its launches after the first start early (programmatic dependent launch,
+# module docstring). Off: on a 256K bf16 row (two digit launches and the emit) it measured no faster per replay and
+# slower per call inside a graph; fp32 rows gain, but the library sends them to the tail select, whose default is
+# tailselect.PDL (benchmarks/README.md T5).
 PDL = False
 
 
@@ -92,7 +94,8 @@ def asm_stores_on(asm_stores: bool | None) -> bool:
 
 
 def pdl_on(pdl: bool | None, device: torch.device) -> bool:
-    """Whether a select's launches use programmatic dependent launch: pdl (None: PDL) where _common.pdl_supported.
+    """Whether a select's launches use programmatic dependent launch: pdl (None: PDL, radix_select's default; the tail
+    select passes its own) where _common.pdl_supported.
     Their PDL constexprs: _common.pdl_modes (the first launch waits before anything, the launch before it may be
     the one that wrote the rows; the others load their chunk's first block, then wait)."""
     return (PDL if pdl is None else bool(pdl)) and pdl_supported(device)

@@ -46,6 +46,11 @@ from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_
                      _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
                      rows_and_outputs)
 
+# The default of tail_select's `pdl`: its emit and second digit launch start before the launch before them ends
+# (programmatic dependent launch, select.py docstring), where _common.pdl_supported. On: the same picks, bit for bit,
+# and a 256K row measured faster with it (benchmarks/README.md T5).
+PDL = True
+
 
 @triton.jit
 def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
@@ -223,7 +228,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
-    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: select.PDL)."""
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -255,7 +260,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
-    on = pdl_on(pdl, val.device)
+    on = pdl_on(PDL if pdl is None else pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
