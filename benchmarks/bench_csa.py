@@ -295,7 +295,8 @@ def decode(N):
     # the select methods also as one launch with grid barriers (select.ONE_LAUNCH), and with their first digit
     # counted by the score launch (triton.FUSE_LEVEL0), each alone and both
     sel_methods = [m for m in METHODS if m.startswith("select")]
-    runs = [(m, False, False) for m in METHODS] + [(m, ol, fu) for m in sel_methods
+    # (not the sieve methods: one program per row, it would stream the decode row alone)
+    runs = [(m, False, False) for m in METHODS if not m.startswith("sieve")] + [(m, ol, fu) for m in sel_methods
                                                     for ol, fu in ((True, False), (False, True), (True, True))]
     calls = {}                                    # name -> the timed call (the best one is timed held again below)
     for method, one_launch, fuse in runs:
@@ -501,7 +502,6 @@ def topk_row(L=262144):
             out[f"{tag}_same_picks"] = bool(torch.equal(i2, radix_select(row, K, workspace=ws, one_launch=False)[1]))
             out[f"{tag}_us"] = bench_graph(lambda row=row, nw=nw, blk=blk: radix_select(
                 row, K, workspace=ws, one_launch=False, num_warps=nw, block=blk))["ms"] * 1e3
-    sieve_split_row(out, x, xb, ws)
     graph_floor(out)
     out["note"] = ("*_us: one call per CUDA-graph replay, the replay's own start included (graph_floor_us: one tiny "
                    "kernel); *_gpu_us: the same replay timed from the GPU's start of it (common.bench_graph "
@@ -510,60 +510,8 @@ def topk_row(L=262144):
                    "launches and an emit whose last program settles the low 16 bits; its defaults, tailselect.PDL "
                    "included; _pdl / _nopdl: with and without programmatic dependent launch; _one_tile: that tail in "
                    "the 1024-entry tile even for a small bucket); select_*_pdl: with programmatic dependent launch; "
-                   "select_*_one_launch_* = the same levels and emit in one launch, a grid barrier per level; sieve_* = sieve_select's split form (2 launches: sample, guess "
-                   "and sieve of each chunk; one program per row selecting among the candidates), *_path its path "
-                   "(2 = sieve; 3 ties, 4 fallback: streamed over the row by one program)")
+                   "select_*_one_launch_* = the same levels and emit in one launch, a grid barrier per level")
     return out
-
-
-# the split sieve's forms timed on the decode row: (tag, sieve_select arguments); the first is the default
-SIEVE_SPLIT_VARIANTS = (("", {}), ("_tlstore", {"asm_stores": False}), ("_p64", {"programs": 64}),
-                        ("_p256", {"programs": 256, "block": 1024}), ("_cand8192", {"cand": 8192}),
-                        ("_s512x8", {"samples": (512, 8)}), ("_s1024x4", {"samples": (1024, 4)}),
-                        ("_s2048x2", {"samples": (2048, 2)}),
-                        ("_gb32", {"guess_bits": 32}), ("_w4", {"num_warps": 4}), ("_w16", {"num_warps": 16}),
-                        ("_mw8", {"merge_warps": 8}), ("_mw4", {"merge_warps": 4}),
-                        ("_kb4", {"kth_bits": 4}), ("_kb8", {"kth_bits": 8}),
-                        ("_kb4_s512x8", {"kth_bits": 4, "samples": (512, 8)}))
-
-
-def sieve_split_row(out, x, xb, ws):
-    """sieve_select's split form on topk_row's rows (fp32 x and bf16 xb, one row each): every SIEVE_SPLIT_VARIANTS
-    form checked slot for slot against radix_select's picks, its path and time; then its slow paths, timed on rows
-    made for them: all scores tied at 0 (ties path) and at 0.1 (a 16-bit guess lies below a key with low bits set:
-    the fallback's streamed bisection). And rows of scores correlated along the row (a moving average of x over 16
-    neighbours: the sampled blocks' entries alike, fewer independent draws), 20 rows of them, with each sample form:
-    how many rows took the fallback (`_fallbacks_of_20`)."""
-    from dsv4_lab.kernels.indexer_topk.select import radix_select
-    from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
-    paths = torch.empty(1, dtype=torch.int32, device="cuda")
-    rows = [("fp32", x), ("bf16", xb), ("fp32_ties0", torch.zeros_like(x)), ("fp32_ties01", torch.full_like(x, 0.1))]
-    for nm, row in rows:
-        ref_v, ref_i = radix_select(row, K, workspace=ws, one_launch=False)
-        for tag, kw in SIEVE_SPLIT_VARIANTS if nm in ("fp32", "bf16") else SIEVE_SPLIT_VARIANTS[:1]:
-            if kw.get("guess_bits", 0) > 16 and row.dtype == torch.bfloat16:
-                continue                                               # bf16 keys have 16 bits
-            name = f"sieve_{nm}{tag}"
-            try:
-                v, i = sieve_select(row, K, paths=paths, **kw)
-                out[f"{name}_same_as_select"] = bool(torch.equal(i, ref_i) and torch.equal(v, ref_v))
-                out[f"{name}_path"] = int(paths[0])
-                out[f"{name}_us"] = bench_graph(lambda row=row, kw=kw: sieve_select(row, K, **kw))["ms"] * 1e3
-            except Exception as e:                                             # noqa: BLE001
-                out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    g = torch.Generator(device="cuda").manual_seed(7)
-    corr = torch.nn.functional.avg_pool1d(torch.randn(20, 1, x.shape[-1] + 15, device="cuda", generator=g), 16,
-                                          stride=1).view(20, -1)                # (20, L): 16-neighbour averages
-    paths = torch.empty(20, dtype=torch.int32, device="cuda")
-    ref_v, ref_i = radix_select(corr, K, workspace=ws, one_launch=False)
-    for tag, kw in [v for v in SIEVE_SPLIT_VARIANTS if v[0] == "" or v[0].startswith("_s")]:
-        name = f"sieve_fp32_corr16{tag}"
-        try:
-            v, i = sieve_select(corr, K, paths=paths, programs=128, **kw)       # one row's split, 20 rows at once
-            out[f"{name}_same_as_select"] = bool(torch.equal(i, ref_i) and torch.equal(v, ref_v))
-            out[f"{name}_fallbacks_of_20"] = int((paths == 4).sum())
-        except Exception as e:                                                 # noqa: BLE001
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def topk_rows_prefill(R=2048, L=32768):

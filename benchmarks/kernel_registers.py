@@ -7,14 +7,14 @@ number to read first when a kernel is latency-bound (docs/kernels.md §3 and §4
 
 Covered: the indexer score kernel (indexer_topk/triton.py) for every autotune config; the sieve and row selects
 (indexer_topk/sieve.py, rowselect.py) by dtype x warps x store form (tl.store; inline PTX: _asm), at their prefill
-shapes, and the sieve's split form at decode's; the one-launch split-row select (select.py) at decode's setting; the
+shapes; the one-launch split-row select (select.py) at decode's setting; the
 mHC pre kernel (mhc/triton.py) for every autotune config and candidate, with and without its fused mix; the mHC pre backward for every entry of
 bench_mhc.py's BWD_SWEEP and its dW kernel; the HCA prefill kernel and the CSA sparse-attention backward (its sparse
 and window parts) for every autotune config.
 Each entry also lists the pipelined shared-memory buffers an asynchronous MMA may still read when they are refilled
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
-    python benchmarks/kernel_registers.py [--only sieve sieve_split rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
+    python benchmarks/kernel_registers.py [--only sieve rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
                                            sparse_bwd window_bwd select_one_launch tail_emit sparse_decode] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
@@ -41,7 +41,6 @@ ROW_ARGS = {a: "i32" for a in ("L", "sv", "so", "Tq", "q0", "k")}     # the sele
 SIEVE_INTS = dict(L=32768, sv=32768, so=512, Tq=8192, q0=122880, k=512)
 ROWSEL_INTS = dict(L=2048, sv=2048, so=512, Tq=8192, q0=0, k=512)
 SELECT_ONE_LAUNCH_INTS = dict(L=262144, C=2048, P=128, sv=262144, so=512, Tq=1, q0=1048575, k=512)
-SIEVE_SPLIT_INTS = dict(L=262144, C=2048, P=128, RC=2048, sv=262144, so=512, Tq=1, q0=1048575, k=512)
 
 
 def mma_refill_hazards(ttgir: str) -> list[str]:
@@ -185,32 +184,6 @@ def sieve():
             for asm, tag in STORE_FORMS:
                 c = dict(RATIO=4, LOW=16 if dt == "bf16" else 0, CAND=2048, NS=16, SB=64, BLOCK=2048, ASM=asm, KB=0)
                 out[f"{dt}_nw{nw}{tag}"] = resources(sv._sieve_select, ptr, c, nw, ints=SIEVE_INTS)
-    return out
-
-
-def sieve_split(split_warps=(4, 8, 16), merge_warps=(4, 8, 16)):
-    """The sieve's split form (sieve.py) at decode's setting, one 1M-context row of 256K entries over 128 programs of
-    2K: launch 1 (_sieve_split: sample of 4096 x 1, guess of 16 key bits) and launch 2 (_sieve_merge: 4096
-    candidate slots) by dtype x warps x store form."""
-    from dsv4_lab.kernels.indexer_topk import sieve as sv
-    out = {}
-    for dt in ("bf16", "fp32"):
-        low = 16 if dt == "bf16" else 0
-        for nw in sorted(set(split_warps) | set(merge_warps)):
-            for asm, tag in STORE_FORMS:
-                ptr = {"VAL": f"*{dt}", "CNT": "*i32", "CV": "*fp32", "CI": "*i32", "C": "i32", "P": "i32",
-                       "RC": "i32", **ROW_ARGS}
-                c = dict(RATIO=0, LOW=low, CAND=4096, NS=4096, SB=1, BLOCK=2048, GB=16, ASM=asm, KB=0)
-                if nw in split_warps:
-                    out[f"split_{dt}_nw{nw}{tag}"] = resources(
-                        sv._sieve_split, ptr, c, nw, ints={a: v for a, v in SIEVE_SPLIT_INTS.items() if a != "so"})
-                if nw not in merge_warps:
-                    continue
-                ptr = {**ptr, "OVAL": "*fp32", "OIDX": "*i32", "PATH": "*i32"}
-                del ptr["C"]
-                c = dict(RATIO=0, LOW=low, CAND=4096, PB=128, LOGPB=7, BLOCK=2048, ASM=asm, KB=0)
-                out[f"merge_{dt}_nw{nw}{tag}"] = resources(sv._sieve_merge, ptr, c, nw,
-                                                           ints={a: v for a, v in SIEVE_SPLIT_INTS.items() if a != "C"})
     return out
 
 
@@ -439,7 +412,7 @@ def sparse_decode():
     return out
 
 
-FAMILIES = {"sieve": sieve, "sieve_split": sieve_split, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
+FAMILIES = {"sieve": sieve, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
             "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
             "select_one_launch": select_one_launch, "tail_emit": tail_emit, "sparse_decode": sparse_decode}
 

@@ -8,12 +8,11 @@ inside a decode step's graph (docs/kernels.md §3).
     floor_gpu_us                 the same replays timed from the GPU's start of each (bench_graph hold=True)
     <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False), select_pdl /
                                  tail_pdl (the same with programmatic dependent launch: select.py, tailselect.py
-                                 PDL), sieve (sieve_select, split form), torch (torch.topk, sorted):
+                                 PDL), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
                                  (NL digit launches, then the emit): the step from j - 1 to j is launch j's cost
-    sieve_<dtype>_launch1_us     the split sieve's first launch (sample, guess, sieve of each chunk) alone
 Every method's picks are checked against torch.topk's values, and the probe's own launch sequence against
 radix_select's output, bit for bit.
 
@@ -31,9 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from common import bench_graph, env_info, write_json  # noqa: E402
-from dsv4_lab.kernels._common import next_pow2, tl, triton  # noqa: E402
+from dsv4_lab.kernels._common import tl, triton  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
-from dsv4_lab.kernels.indexer_topk import sieve as sv  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import tailselect as ts  # noqa: E402
 
 L, K, CALLS = 262144, 512, 20
@@ -68,20 +66,6 @@ def select_launches(row, ws, oval, oidx):
     return run, NL
 
 
-def sieve_launch1(row):
-    """The split sieve's first launch alone, at sieve_select's defaults for one decode row."""
-    P, C = sel.chunks(L, sel.default_programs(1, L), 2048)
-    CAND = max(4096, next_pow2(8 * K))
-    RC = min(C, CAND)
-    low = 16 if row.dtype == torch.bfloat16 else 0
-    cnt = torch.empty(3 * P, dtype=torch.int32, device=row.device)
-    cv = torch.empty(P * RC, dtype=torch.float32, device=row.device)
-    ci = torch.empty(P * RC, dtype=torch.int32, device=row.device)
-    return lambda: sv._sieve_split[(P, 1)](row, cnt, cv, ci, L, C, P, RC, row.stride(0), 1, 0, K, RATIO=0, LOW=low,
-                                          CAND=CAND, NS=4096, SB=1, BLOCK=2048, GB=min(16, 32 - low),
-                                          ASM=sel.asm_stores_on(None), KB=0, num_warps=8)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(HERE, "results", "topk_row_probe.json"))
@@ -103,7 +87,6 @@ def main():
                    **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=False),
                        "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True)}
                       if nm == "fp32" else {}),
-                   "sieve": lambda row=row: sv.sieve_select(row, K),
                    "torch": lambda row=row: torch.topk(row, K)}
         for m, fn in methods.items():
             got = fn()[0].float()
@@ -116,7 +99,6 @@ def main():
         out[f"select_{nm}_launches_match_radix_select"] = bool(torch.equal(oidx, i) and torch.equal(oval, v))
         out[f"select_{nm}_launches_us"] = {j: bench_graph(lambda j=j: run(j))["ms"] * 1e3 for j in range(NL + 2)}
         ws.hist.zero_()
-        out[f"sieve_{nm}_launch1_us"] = bench_graph(sieve_launch1(row))["ms"] * 1e3
         print(nm, {kk: vv for kk, vv in out.items() if nm in kk}, flush=True)
     print("floor_us", out["floor_us"], "floor_gpu_us", out["floor_gpu_us"])
     print(write_json(a.out, out))

@@ -77,12 +77,10 @@ def build_summary(out_dir=None) -> dict:
                                                               ("method", "ms", "graph_ms", "speedup_vs_sdpa_flash",
                                                                "graph_speedup_vs_sdpa_flash")},
             f"CSA {n // 1024}K prefill chain not measured")
-    # the library's decode default for fp32 rows: the split sieve, the tail select, or the radix select (one launch
-    # or NL + 1)
+    # the library's decode default for fp32 rows: the tail select, or the radix select (one launch or NL + 1)
     from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk import triton as itk
-    row = ("sieve_fp32" if itk.AUTO["decode"] == "sieve" else "select_tail_fp32" if itk.FP32_TAIL else
-           "select_fp32_one_launch_p128" if sel.ONE_LAUNCH else "select_fp32")
+    row = "select_tail_fp32" if itk.FP32_TAIL else "select_fp32_one_launch_p128" if sel.ONE_LAUNCH else "select_fp32"
     put("topk_256k_row_us", lambda: R["csa"]["topk_row"]["262144"][f"{row}_us"], "top-k row not measured")
     put("topk_256k_row_gpu_us", lambda: R["csa"]["topk_row"]["262144"][f"{row}_gpu_us"],   # the same call from the
         "top-k row GPU time not measured")                                               # GPU's start of its replay

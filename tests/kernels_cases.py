@@ -600,7 +600,7 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     the fp32 and bf16 tests split them (each the rows of its own dtype; the fp32 test also every check after the
     shapes), so the two GPU tests are not one case run twice."""
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
-    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, chunks, default_programs, radix_select
+    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
     g = torch.Generator().manual_seed(11)
@@ -668,26 +668,22 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
-                # the sieve select, one program per row and split over the shape's programs (default: the
-                # default_programs split): radix_select's result, bitwise
-                for a, sp in itertools.product(range(1 if device == "cpu" else 2), sorted({1, P or 0})):
+                # the sieve select (one program per row): radix_select's result, bitwise
+                for a in range(1 if device == "cpu" else 2):
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
                     v2, i2 = sieve_select(xd, k, frontier=fr, paths=paths, block=blk, asm_stores=a == 1,
-                                          programs=sp or None,
                                           **({"cand": max(64, 2 ** (2 * k - 1).bit_length()), "samples": (4, 8)}
                                              if device == "cpu" else {}))
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: sieve_select (programs {sp or 'default'}, run {a + 1}) differs bitwise from " \
-                        "radix_select"
-                    split = chunks(L, sp or default_programs(R, L), blk or (64 if device == "cpu" else 2048))[0] > 1
-                    sieve_paths |= {(split, int(pa)) for pa in paths.tolist()}
+                        f"{tag}: sieve_select (run {a + 1}) differs bitwise from radix_select"
+                    sieve_paths |= set(paths.tolist())
                 for a in range(1 if device == "cpu" else 2) if L <= MAX_L else ():
                     v2, i2 = row_select(xd, k, frontier=fr, asm_stores=a == 1)   # radix_select's result, bitwise
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: row_select (run {a + 1}) differs bitwise from radix_select"
-    want = {(s, p) for s in (False, True) for p in range(5)} if device == "cpu" else {(False, 2), (True, 2)}
+    want = set(range(5)) if device == "cpu" else {2}
     if torch.float32 not in row_dtypes:                  # the GPU's bf16 test: its rows only (docstring)
-        assert sieve_paths >= want, f"sieve (split, path) taken: {sorted(sieve_paths)}, missing {want - sieve_paths}"
+        assert sieve_paths >= want, f"sieve paths taken: {sorted(sieve_paths)}, missing {want - sieve_paths}"
         return
     # the tail select on a row built for its tail: 27 picks above the bucket, then a bucket of 39 entries sharing
     # their top 16 key bits, 9 of them above the k-th key and 8 tied at it (4 taken), interleaved by index with the
@@ -721,38 +717,24 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
     # guess is the k-th key, 4 fallback), each with radix_select's result
     x = torch.arange(300, dtype=torch.float32, device=device).view(1, 300)
-    for sp in (1, 3):
-        paths = torch.full((1,), -1, dtype=torch.int32, device=device)
-        v2, i2 = sieve_select(x, 20, paths=paths, cand=64, samples=(4, 8), block=64, programs=sp)
-        v, i = radix_select(x, 20, block=64)
-        assert int(paths[0]) == 4 and torch.equal(i2, i) and torch.equal(v2, v), \
-            f"sieve_select (programs {sp}) fallback on a sorted row"
-        sieve_paths.add((sp != 1, 4))
-    # the split form's guess at every key width on fp32 rows of ties at a value with low key bits set (0.1): from
-    # 16 bits up the guess lies below the tied key (ties path only with the exact 32-bit guess, else fallback)
-    x = torch.full((2, 700), 0.1, device=device)
-    x[1, ::5] = torch.randn(140, generator=g).to(device)
-    v, i = radix_select(x, 12, block=64)
-    for gb in (1, 8, 16, 31, 32):
-        paths = torch.full((2,), -1, dtype=torch.int32, device=device)
-        v2, i2 = sieve_select(x, 12, paths=paths, cand=64, samples=(4, 8), block=64, programs=4, guess_bits=gb)
-        assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-            f"sieve_select split, guess_bits={gb}: differs bitwise from radix_select"
-        assert gb < 32 or int(paths[0]) == 3, f"sieve_select split, exact guess on tied rows: path {paths.tolist()}"
-    # the k-th key by histogram digits (kth_bits 4 / 8: the guess's and the candidates') instead of bisection, both
-    # forms, fp32 and bf16 rows with ties, negatives and -inf: radix_select's result, bitwise
+    paths = torch.full((1,), -1, dtype=torch.int32, device=device)
+    v2, i2 = sieve_select(x, 20, paths=paths, cand=64, samples=(4, 8), block=64)
+    v, i = radix_select(x, 20, block=64)
+    assert int(paths[0]) == 4 and torch.equal(i2, i) and torch.equal(v2, v), "sieve_select fallback on a sorted row"
+    sieve_paths.add(4)
+    # the k-th key by histogram digits (kth_bits 4 / 8: the guess's and the candidates') instead of bisection, fp32
+    # and bf16 rows with ties, negatives and -inf: radix_select's result, bitwise
     rows = {"randn": torch.randn(3, 700, generator=g) * 3, "ties": torch.randint(0, 6, (3, 700), generator=g).float(),
             "neg": -torch.rand(3, 700, generator=g) - 1}
     rows["ties"][0, ::3] = float("-inf")
     for (nm, x), dt in itertools.product(rows.items(), (torch.float32, torch.bfloat16)):
         x = x.to(device, dt)
         v, i = radix_select(x, 12, frontier=(3, 500, 1), block=64)
-        for kb, sp in itertools.product((4, 8), (1, 3)):
-            v2, i2 = sieve_select(x, 12, frontier=(3, 500, 1), cand=64, samples=(4, 8), block=64, programs=sp,
-                                  kth_bits=kb)
+        for kb in (4, 8):
+            v2, i2 = sieve_select(x, 12, frontier=(3, 500, 1), cand=64, samples=(4, 8), block=64, kth_bits=kb)
             assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                f"sieve_select {nm} {dt} kth_bits={kb} programs={sp}: differs bitwise from radix_select"
-    assert sieve_paths >= want, f"sieve (split, path) taken: {sorted(sieve_paths)}, missing {want - sieve_paths}"
+                f"sieve_select {nm} {dt} kth_bits={kb}: differs bitwise from radix_select"
+    assert sieve_paths >= want, f"sieve paths taken: {sorted(sieve_paths)}, missing {want - sieve_paths}"
     # growing a workspace keeps what it outgrew (a CUDA graph captured with it writes there on replay): the shared
     # workspace above grew from 2 rows, and the indexer's per-device one keeps the smaller tables it replaces
     assert ws.outgrown and ws.rows == max(sh[0] for sh in shapes) and not ws.hist.any(), \

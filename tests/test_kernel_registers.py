@@ -49,20 +49,6 @@ def test_tail_select_emit_compiles_for_the_gpu():
         assert (r["pdl_waits"] >= 3) if key.endswith("_pdl") else (r["pdl_waits"] == 0), (key, r["pdl_waits"])
 
 
-def test_split_sieve_compiles_for_the_gpu():
-    """The sieve's split form (sieve.py _sieve_split, _sieve_merge) at its default warps (8 and 16) compiles for
-    sm_90 through ptxas, fp32 and bf16 rows, both store forms: launch 1 (many programs per SM wanted) without
-    spills; with the inline stores neither launch converts its blocks through shared memory more than twice."""
-    import kernel_registers as kr
-    res = kr.sieve_split(split_warps=(8,), merge_warps=(16,))
-    assert len(res) == 8, sorted(res)
-    for key, r in res.items():
-        assert 0 < r["registers"] <= 255 and r["spill_stores"] is not None, (key, r)
-        assert not key.startswith("split_") or r["spill_stores"] == 0, (key, r)
-        if key.endswith("_asm"):
-            assert r["layout_converts"] <= 2, (key, r)
-
-
 def test_select_inline_stores_compile_without_layout_conversions():
     """The selects' scattered stores as inline PTX (select.py _scatter, ASM) compile for sm_90 through ptxas, and
     the sieve and row selects keep their rows in the layout they were loaded in: with tl.store, Triton gives each

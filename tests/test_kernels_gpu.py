@@ -290,9 +290,8 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     prefill rows beyond 64K entries (one program per row; torch.topk too): the naive twin's values, and for select
     its indices too (lower index first among ties). The select methods run twice: as the library runs them and with
     the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit).
-    The sieve methods, which split the decode row (sieve.py's split form: two launches), get the same checks; the
-    select methods also without and with programmatic dependent launch (select.PDL and tailselect.PDL, the fp32
-    rows' tail select: each launch starts before the one before it ends), captured and replayed so."""
+    They also run without and with programmatic dependent launch (select.PDL and tailselect.PDL, the fp32 rows' tail
+    select: each launch starts before the one before it ends), captured and replayed so."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk import tailselect as ts
@@ -301,8 +300,8 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     qI, kI, w = _dyadic_indexer_inputs(1, 1, 4, 64, N // 4, torch.bfloat16, 34)
     full = indexer_scores(qI, kI, w, 4, N - 1)                                    # (1, 1, S) exact fp32 sums
     runs = [("auto", None, False), ("select", None, False), ("select_bf16", None, False), ("select", True, False),
-            ("select_bf16", True, False), ("sieve", None, False), ("sieve_bf16", None, False), ("select", None, True),
-            ("select_bf16", None, True), ("select", True, True), ("select_bf16", True, True)]
+            ("select_bf16", True, False), ("select", None, True), ("select_bf16", None, True), ("select", True, True),
+            ("select_bf16", True, True)]
     for m, fuse, pdl in runs:                                            # auto: AUTO["decode"] (bf16 inputs)
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values

@@ -418,7 +418,7 @@ def default_programs(R: int, L: int, sms: int = SMS) -> int:
 
 def chunks(L: int, programs: int, block: int) -> tuple[int, int]:
     """A row of L entries over at most `programs` programs in chunks of whole blocks: (programs P, chunk C), P =
-    cdiv(L, C) (the split selects' cut, radix_select and sieve_select)."""
+    cdiv(L, C) (the cut of the split-row selects: radix_select, tail_select)."""
     C = triton.cdiv(triton.cdiv(L, programs), block) * block
     return triton.cdiv(L, C), C
 

@@ -416,9 +416,8 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
       sieve        Triton fp32 scores per query chunk + the sieve select (sieve.py: one program per row; a threshold
                    guessed from ~1K sampled entries lets ~2k candidates through to a row select in registers, with
                    an exact streamed fallback; one launch). The prefill default (faster than torch.topk on the
-                   H200 at 8K-128K). Output identical to select's, slot for slot. Few long rows (decode): its split
-                   form (each row's chunks sieved by many programs against the same guess, then one program per
-                   row selects among the candidates; two launches).
+                   H200 at 8K-128K). Output identical to select's, slot for slot. Few long rows (decode): still
+                   one program per row, which streams it alone (slow: decode takes select).
       sieve_bf16   sieve on bf16 scores.
       auto         AUTO["decode"] if T <= DECODE_T else AUTO["prefill"] (fp32 inputs: the fp32-score twin); in
                    prefill, rowsel for the query chunks that see at most AUTO_SHORT_L entries.
