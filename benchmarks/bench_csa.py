@@ -37,7 +37,6 @@ import torch
 from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
 from dsv4_lab.kernels.indexer_topk import select as sel
 from dsv4_lab.kernels.indexer_topk import tailselect as ts
-from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
 from dsv4_lab.kernels.indexer_topk import triton as itk
 from dsv4_lab.kernels.indexer_topk.naive import indexer_topk_naive
 from dsv4_lab.kernels.indexer_topk.triton import indexer_scores_triton, indexer_topk_triton
@@ -469,24 +468,24 @@ def topk_row(L=262144):
             out[f"select_{nm}_one_launch_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: radix_select(
                 row, K, programs=P, workspace=ws, block=blk, one_launch=True))["ms"] * 1e3
         if nm == "fp32":                  # the tail select (tailselect.py): two digits, then the exact tail
-            v2, i2 = tail_select(row, K, workspace=ws)
+            v2, i2 = ts.tail_select(row, K, workspace=ws)
             out["select_tail_fp32_same_picks"] = bool(torch.equal(i2, i) and torch.equal(v2, v)
                                                       and not ws.hist.any())
-            replays_us(out, "select_tail_fp32", lambda row=row: tail_select(row, K, workspace=ws))
+            replays_us(out, "select_tail_fp32", lambda row=row: ts.tail_select(row, K, workspace=ws))
             for nmp, pdl in (("pdl", True), ("nopdl", False)):    # both, whichever is tailselect.PDL (the default)
-                vp, ip = tail_select(row, K, workspace=ws, pdl=pdl)
+                vp, ip = ts.tail_select(row, K, workspace=ws, pdl=pdl)
                 out[f"select_tail_fp32_{nmp}_same_picks"] = bool(torch.equal(ip, i) and torch.equal(vp, v)
                                                                  and not ws.hist.any())
-                replays_us(out, f"select_tail_fp32_{nmp}", lambda row=row, pdl=pdl: tail_select(row, K, workspace=ws,
-                                                                                                pdl=pdl))
+                replays_us(out, f"select_tail_fp32_{nmp}",
+                           lambda row=row, pdl=pdl: ts.tail_select(row, K, workspace=ws, pdl=pdl))
             for P in (64, 256):
                 blk = min(2048, L // P)
-                out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: tail_select(
+                out[f"select_tail_fp32_p{P}_us"] = bench_graph(lambda P=P, row=row, blk=blk: ts.tail_select(
                     row, K, programs=P, block=blk, workspace=ws))["ms"] * 1e3
             # the tail in its CAP-entry tile whatever the bucket's size (the small tile off): the small tile's share
-            v3, i3 = tail_select(row, K, workspace=ws, small_cap=1024)
+            v3, i3 = ts.tail_select(row, K, workspace=ws, small_cap=1024)
             out["select_tail_fp32_one_tile_same_picks"] = bool(torch.equal(i3, i) and torch.equal(v3, v))
-            out["select_tail_fp32_one_tile_us"] = bench_graph(lambda row=row: tail_select(
+            out["select_tail_fp32_one_tile_us"] = bench_graph(lambda row=row: ts.tail_select(
                 row, K, workspace=ws, small_cap=1024))["ms"] * 1e3
         replays_us(out, f"torch_topk_{nm}", lambda row=row: torch.topk(row, K))
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3

@@ -6,9 +6,9 @@
 * Interpreter traps handled by every kernel here: bf16 is cast to fp32 right after loading and `tl.dot` gets fp32
   operands when interpreting (`dot_dtype`), one autotune config when interpreting (`configs`), every store is
   masked, no `make_block_ptr`.
-* Programmatic dependent launch (PDL, sm_90+; `pdl_supported`, `pdl_modes`, `dep_wait`): a launch's programs may
-  start while the launch before it still runs; each waits for that launch's end and writes (griddepcontrol.wait)
-  before it reads what that launch wrote or writes anything, then lets the next launch start
+* Programmatic dependent launch (PDL, sm_90+; `pdl_supported`, `use_pdl`, `pdl_modes`, `dep_wait`): a launch's
+  programs may start while the launch before it still runs; each waits for that launch's end and writes
+  (griddepcontrol.wait) before it reads what that launch wrote or writes anything, then lets the next launch start
   (griddepcontrol.launch_dependents). Every program of such a launch waits, also one with nothing to do, so no
   launch ends before the one before it (docs/kernels.md §3).
 * With DSV4_GPU_COMPILE_CHECK=1 as well (the test suite sets it), every interpreted launch is also lowered for an
@@ -49,6 +49,11 @@ def pdl_supported(device: torch.device) -> bool:
     kernel's writes cannot read)."""
     return (not INTERPRET and not torch.compiler.is_compiling() and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def use_pdl(pdl: bool | None, default: bool, device: torch.device) -> bool:
+    """A kernel module's `pdl` argument resolved: pdl (None: the module's default), where pdl_supported."""
+    return (default if pdl is None else bool(pdl)) and pdl_supported(device)
 
 
 def pdl_modes(launches: int, pdl: bool) -> list:

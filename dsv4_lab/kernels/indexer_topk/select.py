@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dep_wait, pdl_modes, pdl_supported, sm_count, tl, triton
+from .._common import INTERPRET, check_device, dep_wait, pdl_modes, sm_count, tl, triton, use_pdl
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
@@ -95,10 +95,10 @@ def asm_stores_on(asm_stores: bool | None) -> bool:
 
 def pdl_on(pdl: bool | None, device: torch.device) -> bool:
     """Whether a select's launches use programmatic dependent launch: pdl (None: PDL, radix_select's default; the tail
-    select passes its own) where _common.pdl_supported.
+    select passes its own) where the device supports it (_common.use_pdl).
     Their PDL constexprs: _common.pdl_modes (the first launch waits before anything, the launch before it may be
     the one that wrote the rows; the others load their chunk's first block, then wait)."""
-    return (PDL if pdl is None else bool(pdl)) and pdl_supported(device)
+    return use_pdl(pdl, PDL, device)
 
 
 @triton.jit

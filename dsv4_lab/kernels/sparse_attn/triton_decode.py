@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dep_wait, dot_dtype, next_pow2, pdl_supported, sm_count, tl, triton
+from .._common import INTERPRET, check_device, dep_wait, dot_dtype, next_pow2, sm_count, tl, triton, use_pdl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 256                      # bound on NS (the combine holds NS_P m's per row in registers)
@@ -213,7 +213,7 @@ def sparse_attn_decode_fwd(q, kv, comp, idx, sink, scale: float, window: int, q_
     pm = torch.empty(G, NS, BH, device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(G, NS, BH, BD, device=q.device, dtype=torch.float32)
-    on = (PDL if pdl is None else bool(pdl)) and pdl_supported(q.device)
+    on = use_pdl(pdl, PDL, q.device)
     _sparse_split[(G, NS)](q, kv, comp, idx, pm, pl, pacc,
                            T, Tk, S, K, W, q_offset, scale * LOG2E, CHUNK, NSK, NS,
                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), comp.stride(0),
