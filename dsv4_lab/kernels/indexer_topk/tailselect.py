@@ -165,6 +165,9 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         b0 = (pref >> 24) & 255
         b1 = (pref >> 16) & 255
         t16 = (pref >> 16) & 0xFFFF
+        # the bucket's size nB (histogram 1's bin of t16, complete since the launch before): read here, in flight
+        # beside the suffix counts and the chunk's walk, not after the ticket, where the tail would wait for it
+        nB = tl.load(HIST + hbase + 256 + b1, volatile=True)
         # above / in the bucket, chunks of programs 0..p-1: S_{q,0}[b0 + 1] + S_{q,1}[b1 + 1] / S_{q,1}[b1] -
         # S_{q,1}[b1 + 1] (histogram 1 counts only the entries of digit 0 = b0)
         ga = k * 0
@@ -201,7 +204,6 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         # (acquire) reads every other one's stores
         tl.debug_barrier()
         if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
-            nB = tl.load(HIST + hbase + 256 + b1, volatile=True)               # the bucket's size
             if nB <= SMALL:                                                    # the usual bucket: a small tile
                 _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL, LOGSMALL,
                            ASM)
