@@ -44,13 +44,9 @@ def bench(fn, warmup=25, rep=100) -> dict:
 HOLD_CYCLES = 2_000_000      # bench_graph(hold=True): the sleep before each timed replay (~1 ms at 2 GHz)
 
 
-def bench_graph(fn, reps=50, hold=False) -> dict:
-    """CUDA-graph replay median, ms: one graph launch in place of the host's launches of fn's kernels. The time still
-    holds the replay's own start: ~15 us for one tiny kernel on an H100 (benchmarks/README.md, run 49), which we read
-    as the GPU, idle after recording the start event, waiting for the host to queue the replay. hold=True queues a
-    sleep kernel before the start event, so the GPU reaches that event only once the replay is queued behind it (the
-    blocking kernel nvbench uses): the time from the GPU's start of the replay to its end. A tiny kernel's replay
-    timed so (bench_csa.py graph_floor_gpu_us) tests that reading: it should take about one kernel's time."""
+def capture_graph(fn) -> "torch.cuda.CUDAGraph":
+    """fn captured in a CUDA graph after three warm-up calls on a side stream, then replayed five times (the first
+    replays upload the graph)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -62,6 +58,43 @@ def bench_graph(fn, reps=50, hold=False) -> dict:
         fn()
     for _ in range(5):
         g.replay()
+    return g
+
+
+def replay_anatomy(fn, reps=50) -> dict:
+    """What one replay of fn's graph holds, beside bench_graph's time of it: host_us, the median host time of the
+    g.replay() call itself (after a synchronize, not waiting for the GPU: the Python call, torch's bookkeeping and
+    the graph launch); kernels, [name, GPU us] of every kernel one profiled replay ran (the captured launches, and
+    any torch adds around them); host_ops, the names of the host-side ops the profiler saw in that replay."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    g = capture_graph(fn)
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        g.replay()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    ts.sort()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    events = list(prof.events())
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    return {"host_us": ts[len(ts) // 2] * 1e6,
+            "kernels": [[e.name, e.time_range.elapsed_us()] for e in gpu],
+            "host_ops": sorted({e.name for e in events if e.device_type == DeviceType.CPU})}
+
+
+def bench_graph(fn, reps=50, hold=False) -> dict:
+    """CUDA-graph replay median, ms: one graph launch in place of the host's launches of fn's kernels. The time still
+    holds the replay's own start: ~15 us for one tiny kernel on an H100 (benchmarks/README.md, run 49), which we read
+    as the GPU, idle after recording the start event, waiting for the host to queue the replay. hold=True queues a
+    sleep kernel before the start event, so the GPU reaches that event only once the replay is queued behind it (the
+    blocking kernel nvbench uses): the time from the GPU's start of the replay to its end. A tiny kernel's replay
+    timed so (bench_csa.py graph_floor_gpu_us) tests that reading: it should take about one kernel's time."""
+    g = capture_graph(fn)
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -13,6 +13,10 @@ inside a decode step's graph (docs/kernels.md §3).
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
                                  (NL digit launches, then the emit): the step from j - 1 to j is launch j's cost
+    replay_anatomy               {floor (the one trivial launch), tail_fp32 (tail_select at its defaults): what one
+                                 replay holds: the host's time in the g.replay() call, the kernels one profiled
+                                 replay ran with their GPU times, the host-side ops seen (common.replay_anatomy)}: the
+                                 replay's own start taken apart
 Every method's picks are checked against torch.topk's values, and the probe's own launch sequence against
 radix_select's output, bit for bit.
 
@@ -29,7 +33,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from common import bench_graph, env_info, write_json  # noqa: E402
+from common import bench_graph, env_info, replay_anatomy, write_json  # noqa: E402
 from dsv4_lab.kernels._common import tl, triton  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import tailselect as ts  # noqa: E402
@@ -100,7 +104,14 @@ def main():
         out[f"select_{nm}_launches_us"] = {j: bench_graph(lambda j=j: run(j))["ms"] * 1e3 for j in range(NL + 2)}
         ws.hist.zero_()
         print(nm, {kk: vv for kk, vv in out.items() if nm in kk}, flush=True)
-    print("floor_us", out["floor_us"], "floor_gpu_us", out["floor_gpu_us"])
+    anatomy = out["replay_anatomy"] = {}
+    for nm, fn in (("floor", lambda: _touch[(128,)](flag, num_warps=8)),
+                   ("tail_fp32", lambda: ts.tail_select(x, K, workspace=ws))):
+        try:
+            anatomy[nm] = replay_anatomy(fn)
+        except Exception as e:                                                 # noqa: BLE001
+            anatomy[nm] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print("floor_us", out["floor_us"], "floor_gpu_us", out["floor_gpu_us"], "replay_anatomy", anatomy)
     print(write_json(a.out, out))
 
 
