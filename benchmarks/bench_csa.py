@@ -35,6 +35,7 @@ from unittest import mock
 import torch
 
 from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
+from dsv4_lab.kernels.indexer_topk import fineselect as fs
 from dsv4_lab.kernels.indexer_topk import select as sel
 from dsv4_lab.kernels.indexer_topk import tailselect as ts
 from dsv4_lab.kernels.indexer_topk import triton as itk
@@ -487,6 +488,15 @@ def topk_row(L=262144):
             out["select_tail_fp32_one_tile_same_picks"] = bool(torch.equal(i3, i) and torch.equal(v3, v))
             out["select_tail_fp32_one_tile_us"] = bench_graph(lambda row=row: ts.tail_select(
                 row, K, workspace=ws, small_cap=1024))["ms"] * 1e3
+            # the fine select (fineselect.py): digit 0 and the fine table of the top 16 key bits in one launch, then
+            # the emit and the same tail: two launches; with programmatic dependent launch and without
+            wf = fs.FineWorkspace(1, programs=256)
+            for nmp, pdl in (("pdl", True), ("nopdl", False)):
+                vf, i_f = fs.fine_select(row, K, workspace=wf, pdl=pdl)
+                out[f"select_fine_fp32_{nmp}_same_picks"] = bool(torch.equal(i_f, i) and torch.equal(vf, v)
+                                                                 and not wf.hist.any() and not wf.fine.any())
+                replays_us(out, f"select_fine_fp32_{nmp}",
+                           lambda row=row, pdl=pdl: fs.fine_select(row, K, workspace=wf, pdl=pdl))
         replays_us(out, f"torch_topk_{nm}", lambda row=row: torch.topk(row, K))
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
@@ -508,7 +518,9 @@ def topk_row(L=262144):
                    "(which leaves the histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit "
                    "launches and an emit whose last program settles the low 16 bits; its defaults, tailselect.PDL "
                    "included; _pdl / _nopdl: with and without programmatic dependent launch; _one_tile: that tail in "
-                   "the 1024-entry tile even for a small bucket); select_*_pdl: with programmatic dependent launch; "
+                   "the 1024-entry tile even for a small bucket); select_fine_fp32_{pdl,nopdl} = fine_select (one "
+                   "launch counting digit 0 and the fine table of the top 16 key bits, then the emit and the tail "
+                   "select's tail; with and without programmatic dependent launch); select_*_pdl: with programmatic dependent launch; "
                    "select_*_one_launch_* = the same levels and emit in one launch, a grid barrier per level")
     return out
 

@@ -15,7 +15,8 @@ Each entry also lists the pipelined shared-memory buffers an asynchronous MMA ma
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
     python benchmarks/kernel_registers.py [--only sieve rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
-                                           sparse_bwd window_bwd select_one_launch tail_emit sparse_decode] [--out DIR]
+                                           sparse_bwd window_bwd select_one_launch tail_emit fine_select
+                                           sparse_decode] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -386,6 +387,26 @@ def tail_emit():
             for asm, tag in STORE_FORMS for pdl in (0, 2)}
 
 
+def fine_select():
+    """The fine select's two launches (fineselect.py _count_fine: digit 0 and the fine table; _emit_fine: the chunk's
+    two lists, the ticket, the last program's tail) at decode's setting (one 256K-entry fp32 row over 128 programs of
+    2048, k 512, CAP 1024, the small tile 64, 8 warps), the emit by store form, without and (_pdl) with programmatic
+    dependent launch."""
+    from dsv4_lab.kernels.indexer_topk import fineselect as fs
+    rows = {"VAL": "*fp32", "HIST": "*i32", "FT": "*i32", "C": "i32", **ROW_ARGS}
+    count = {k: v for k, v in rows.items() if k != "so"}
+    emit = {**rows, "CNT": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32", "OVAL": "*fp32",
+            "OIDX": "*i32", "P": "i32"}
+    cints = {a: v for a, v in SELECT_ONE_LAUNCH_INTS.items() if a in count}
+    out = {"count" + ("_pdl" if pdl else ""): resources(fs._count_fine, count, dict(RATIO=0, BLOCK=2048, PDL=pdl), 8,
+                                                      ints=cints) for pdl in (0, 1)}
+    out.update({f"emit{tag}" + ("_pdl" if pdl else ""): resources(
+        fs._emit_fine, emit, dict(RATIO=0, BLOCK=2048, KP=512, LOGKP=9, CAP=1024, LOGCAP=10, SMALL=64, LOGSMALL=6,
+                                  PP=128, LOGPP=7, CLEAR=1024, ASM=asm, PDL=pdl), 8, ints=SELECT_ONE_LAUNCH_INTS)
+        for asm, tag in STORE_FORMS for pdl in (0, 2)})
+    return out
+
+
 def sparse_decode():
     """The CSA split-KV decode attention's two launches (sparse_attn/triton_decode.py _sparse_split, _combine) at the
     1M decode shape (H 16 x d 128, k 512, window 128, bf16, 32-entry blocks), without and (_pdl) with programmatic
@@ -414,7 +435,8 @@ def sparse_decode():
 
 FAMILIES = {"sieve": sieve, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
             "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
-            "select_one_launch": select_one_launch, "tail_emit": tail_emit, "sparse_decode": sparse_decode}
+            "select_one_launch": select_one_launch, "tail_emit": tail_emit, "fine_select": fine_select,
+            "sparse_decode": sparse_decode}
 
 
 def main(only=None, out_dir=None):

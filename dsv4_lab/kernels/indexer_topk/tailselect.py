@@ -80,6 +80,14 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
     mc = jc < n16
     cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
     ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
+    _tail_picks(bv, bi, mb, cv, ci, mc, jc, OVAL, OIDX, obase, n16, krem, KP, LOGKP, CAP, LOGCAP, ASM)
+
+
+@triton.jit
+def _tail_picks(bv, bi, mb, cv, ci, mc, jc, OVAL, OIDX, obase, n16, krem, KP: tl.constexpr, LOGKP: tl.constexpr,
+                CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr):
+    """_tail_fast on the lists held in registers: the bucket (bv, bi) (CAP,), entries mb, and the n16 entries above
+    it (cv, ci) (KP,), entries mc, slots jc; both in index order, the indices past their entries BIG."""
     low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
     if CAP <= 64:          # the largest low part with >= krem entries at or above it (krem >= 1: the bucket holds t)
         ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
