@@ -3,7 +3,8 @@
 eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method
 + sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
-graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
+graph runs them: one replay start for all), `*_fine*` the same with decode's fp32 rows through the fine select
+(indexer_topk/triton.py FP32_FINE), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
 timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency; `csa_decode_gpu_us` the
 two parts so timed); `*_pdl*` with programmatic dependent launch in the select's launches (select.py PDL, and the tail
 select's, tailselect.py PDL) and, in the chain and `sparse_attn_pdl`, the attention's (sparse_attn/triton_decode.py
@@ -387,6 +388,16 @@ def decode(N):
                     lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
+        # the fp32 rows through the fine select (triton.FP32_FINE: the score launch also counts its fine table, then
+        # the fine select's emit alone): the same picks; the indexer alone and the chain
+        def fine():
+            return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1)
+        with mock.patch.object(itk, "FP32_FINE", True):
+            out["indexer_fine_same_picks"] = bool(torch.equal(fine(), idx))
+            replays_us(out, "indexer_select_fused_fine", fine)
+            replays_us(out, "csa_decode_chain_fine", step)
+            out["csa_decode_chain_fine_in_graph_us"] = bench_graph(
+                lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         graph_floor(out)
     except Exception as e:                                                     # noqa: BLE001
         out["csa_decode_chain_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -763,6 +774,7 @@ TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM
        "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
        "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
        "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)",
+       "fp32_fine": "decode's fused fp32 rows through the fine select (indexer_topk/triton.py FP32_FINE)",
        "pdl": "programmatic dependent launch in the selects' and the decode attention's launches "
               "(indexer_topk/select.py, tailselect.py, sparse_attn/triton_decode.py PDL)"}
 
@@ -790,6 +802,8 @@ def _apply_try(names):
             itk.FUSE_LEVEL0 = True
         elif name == "fp32_tail":
             itk.FP32_TAIL = True
+        elif name == "fp32_fine":
+            itk.FP32_FINE = True
         elif name == "pdl":
             sel.PDL = ts.PDL = sd.PDL = True
 

@@ -212,7 +212,8 @@ LEVEL0_INTS = dict(SCORE_INTS, Tq=1, Sp=262144, t0=0, q_offset=1048575, sqb=256,
 def scores():
     """Every config and candidate of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
     on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4); and its decode launch with the select's first digit
-    fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores)."""
+    fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores; _fine: with the fine
+    select's count, triton.FP32_FINE)."""
     import torch
     import triton.language as tl
 
@@ -222,23 +223,25 @@ def scores():
     for packed in (False, True):
         kt = "*u8" if packed else "*bf16"
         ptr = {"QI": "*bf16", "KI": kt, "KS": kt, "WT": "*bf16", "OUT": "*bf16", "HIST": "*i32", "PH": "*i32",
-               **{a: "i32" for a in SCORE_INTS}}
+               "FT": "*i32", **{a: "i32" for a in SCORE_INTS}}
         for cfg in list(it._indexer_scores_fwd.configs) + it.SCORE_CANDIDATE_CONFIGS:
             c = dict(HI=4, HIP=4, DI=64, BLOCK_D=64, BLOCK_M=32, RATIO=4, DOT_DT=tl.bfloat16, FILL=False,
-                     MXFP4=packed, L0DB=0, L0NL=0, **cfg.kwargs)
+                     MXFP4=packed, L0DB=0, L0NL=0, L0FINE=False, **cfg.kwargs)
             tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
                 + ("_mxfp4" if packed else "")
             out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, cfg.num_warps, cfg.num_stages,
                                  ints=SCORE_INTS)
     lc = it.LEVEL0_CONFIG
     chunk = it.level0_chunk(LEVEL0_INTS["Sp"])
-    for sdt, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        nl = digit_levels(dt, it.LEVEL0_DB)
+    for sdt, dt, fine in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
+                          ("fp32", torch.float32, True)):          # fine: the fine select's count (FP32_FINE)
+        nl = 1 if fine else digit_levels(dt, it.LEVEL0_DB)
         ptr = {"QI": "*bf16", "KI": "*bf16", "KS": "*bf16", "WT": "*bf16", "OUT": f"*{sdt}", "HIST": "*i32",
-               "PH": "*i32", **{a: "i32" for a in LEVEL0_INTS}}
+               "PH": "*i32", "FT": "*i32", **{a: "i32" for a in LEVEL0_INTS}}
         c = dict(HI=4, HIP=16, DI=64, BLOCK_D=64, BLOCK_M=1, RATIO=4, DOT_DT=tl.bfloat16, FILL=False, MXFP4=False,
-                 L0DB=it.LEVEL0_DB, L0NL=nl, BLOCK_N=lc["BLOCK_N"], NLOOP=chunk // lc["BLOCK_N"])
-        tag = f"level0_BN{lc['BLOCK_N']}_L{chunk // lc['BLOCK_N']}_w{lc['num_warps']}_s{lc['num_stages']}_{sdt}"
+                 L0DB=it.LEVEL0_DB, L0NL=nl, L0FINE=fine, BLOCK_N=lc["BLOCK_N"], NLOOP=chunk // lc["BLOCK_N"])
+        tag = f"level0_BN{lc['BLOCK_N']}_L{chunk // lc['BLOCK_N']}_w{lc['num_warps']}_s{lc['num_stages']}_{sdt}" \
+            + ("_fine" if fine else "")
         out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, lc["num_warps"], lc["num_stages"],
                              ints=LEVEL0_INTS)
     return out

@@ -420,8 +420,9 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     select methods exactly the naive twin's picks on those scores (_check_select_naive). One-query calls (decode) of
     the select methods also run with the select's first digit counted by the score launch (fuse_level0): the same
     picks and values bit for bit, and the select workspace left zeroed. `select` also runs with its fp32 rows through
-    the other of the tail select and the radix select (triton.FP32_TAIL toggled), unfused and, at one query, fused:
-    the same picks and values bit for bit."""
+    the other of the tail select and the radix select (triton.FP32_TAIL toggled), unfused and, at one query, fused,
+    and at one query fused through the fine select (triton.FP32_FINE: the score launch counting its fine table): the
+    same picks and values bit for bit, the workspaces left zeroed."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -483,6 +484,17 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     finally:
                         itk.FP32_TAIL = old
                     assert not itk._select_workspace(B, qI.device).hist.any(), f"{m} tail: workspace left non-zero"
+                    if T == 1:                # the fused fp32 rows through the fine select (FP32_FINE): the same bits
+                        old, itk.FP32_FINE = itk.FP32_FINE, True
+                        try:
+                            other = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
+                                                        chunk_elems=ce, workspace=ws, fuse_level0=True)
+                            assert all(map(torch.equal, other, out)), \
+                                f"select {(B, T, S, k, R, off)}: FP32_FINE changes the picks"
+                        finally:
+                            itk.FP32_FINE = old
+                        wf = itk._fine_workspace(B, qI.device)
+                        assert not wf.hist.any() and not wf.fine.any(), f"{m} fine: workspace left non-zero"
     # rows longer than the row select holds go to the split-row select: the same picks, slot for slot
     from dsv4_lab.kernels.indexer_topk import rowselect
     B, T, HI, DI, S, k, R, off, ce = shapes[1]

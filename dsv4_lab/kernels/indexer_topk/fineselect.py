@@ -40,7 +40,7 @@ import torch
 
 from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
 from .select import (SelectWorkspace, _chunk_at, _clear_row, _pick_bin, _row_base, _row_len, _scatter, _take_chunk,
-                     _ukey, asm_stores_on, chunks, default_programs, pdl_on, rows_and_outputs)
+                     _ukey, asm_stores_on, default_programs, level_chunks, pdl_on, rows_and_outputs)
 from .tailselect import _count_below, _tail_picks, _tail_streamed
 
 FINE = 1 << 16                 # fine bins per row: the top 16 key bits
@@ -68,11 +68,17 @@ class FineWorkspace(SelectWorkspace):
 @triton.jit
 def _count_fine(VAL, HIST, FT, L, C, sv, Tq, q0, k, RATIO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The first launch (grid (P, R)): digit 0's histogram and the fine bins of program p's chunk (module docstring).
-    PDL: _common.pdl_modes."""
+    PDL: _common.pdl_modes, 0 or 1 (the chain's first launch: it waits before anything)."""
+    tl.static_assert(PDL != 2, "the count launch is its chain's first")
     if PDL == 1:
         dep_wait()
-    p = tl.program_id(0)
-    row = tl.program_id(1)
+    _count_fine_body(VAL, HIST, FT, L, C, sv, Tq, q0, k, tl.program_id(0), tl.program_id(1), RATIO, BLOCK)
+
+
+@triton.jit
+def _count_fine_body(VAL, HIST, FT, L, C, sv, Tq, q0, k, p, row, RATIO: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p of row `row` of the count launch; also run by each program of the decode score launch that counts
+    the select's first digit (indexer_topk/triton.py level0) on the chunk it scored."""
     n = _row_len(row, L, Tq, q0, RATIO)
     c0 = p * C
     if (n > k) & (c0 < n):
@@ -94,8 +100,6 @@ def _count_fine(VAL, HIST, FT, L, C, sv, Tq, q0, k, RATIO: tl.constexpr, BLOCK: 
             u = _ukey(tl.load(vrow + offs, mask=m, other=0.0))
             keep = m & (((u >> 24) & 255) >= bl)                # at or above the chunk's k-th key's digit 0
             tl.atomic_add(frow + ((u >> 16) & 0xFFFF), tl.full([BLOCK], 1, tl.int32), mask=keep, sem="relaxed")
-    elif PDL == 2:
-        dep_wait()
 
 
 @triton.jit
@@ -208,13 +212,15 @@ def fine_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: FineWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                pdl: bool | None = None):
+                first_level: int = 0, pdl: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in two launches (module docstring). programs: per row (default select.default_programs); workspace: a
     FineWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the interpreter;
     chunks are whole blocks); cap (CAP): bucket entries the tail gathers into registers, a power of two (default
     1024, 16 in the interpreter); small_cap (SMALL): the smaller tile taken when the bucket fits it, a power of two
     <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
+    first_level=1: the count launch's work already done into the workspace by the launch that wrote the rows
+    (indexer_scores_triton level0 under triton.FP32_FINE), over `programs` chunks of `block` entries: the emit alone.
     pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
     R, L, oval, oidx = rows_and_outputs("fine_select", val, k, out)
     if val.dtype != torch.float32:
@@ -230,8 +236,14 @@ def fine_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
         raise TypeError(f"fine_select: workspace is a {type(workspace).__name__}; allowed: FineWorkspace, None")
     if R == 0:
         return oval, oidx
+    if first_level not in (0, 1):
+        raise ValueError(f"fine_select: first_level={first_level}; allowed: 0, 1")
+    if first_level and (workspace is None or programs is None or block is None):
+        raise ValueError("fine_select: first_level=1 needs the workspace, programs and block (the chunk) of the launch "
+                         f"that counted; got workspace={type(workspace).__name__}, programs={programs}, block={block}")
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    P, C = chunks(L, default_programs(R, L) if programs is None else max(1, int(programs)), BLOCK)
+    P, C = level_chunks("fine_select", L, default_programs(R, L) if programs is None else max(1, int(programs)),
+                        BLOCK, first_level)
     ws = workspace if workspace is not None else FineWorkspace(R, P, val.device)
     ws.fit_fine(R, P, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
@@ -242,14 +254,15 @@ def fine_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     bv = torch.empty(R * P * CAP, dtype=torch.float32, device=val.device)  # BUCK: each program's first CAP bucket
     bi = torch.empty(R * P * CAP, dtype=torch.int32, device=val.device)    # entries
     on = pdl_on(PDL if pdl is None else pdl, val.device)
-    modes = pdl_modes(2, on)
-    _count_fine[(P, R)](val, ws.hist, ws.fine, L, C, val.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK,
-                        PDL=modes[0], num_warps=num_warps, launch_pdl=on)
+    modes = pdl_modes(2 - first_level, on)
+    if not first_level:
+        _count_fine[(P, R)](val, ws.hist, ws.fine, L, C, val.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK,
+                            PDL=modes[0], num_warps=num_warps, launch_pdl=on)
     _emit_fine[(P, R)](val, ws.hist, ws.fine, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0),
                        oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
                        LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1, PP=PP,
                        LOGPP=PP.bit_length() - 1, CLEAR=64 if INTERPRET else 1024, ASM=asm_stores_on(asm_stores),
-                       PDL=modes[1], num_warps=num_warps, launch_pdl=on)
+                       PDL=modes[-1], num_warps=num_warps, launch_pdl=on)
     return oval, oidx
 
 
