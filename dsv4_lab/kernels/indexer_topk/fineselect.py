@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
-from .select import (SelectWorkspace, _chunk_at, _clear_row, _pick_bin, _row_base, _row_len, _scatter, _take_chunk,
-                     _ukey, asm_stores_on, default_programs, level_chunks, pdl_on, rows_and_outputs)
-from .tailselect import _count_below, _tail_picks, _tail_streamed
+from .select import (SelectWorkspace, _chunk_at, _clear_row, _pick_bin, _row_base, _row_len, _take_chunk,
+                     _ukey, asm_stores_on, default_programs, level_chunks, pdl_on)
+from .tailselect import _count_below, _tail_picks, _tail_streamed, _walk_lists, tail_args
 
 FINE = 1 << 16                 # fine bins per row: the top 16 key bits
 # The default of fine_select's `pdl` (programmatic dependent launch, select.py docstring), as tail_select's
@@ -171,23 +171,7 @@ def _emit_fine(VAL, HIST, FT, CNT, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, 
         bb = lrow * CAP
         ga = k * 0
         gb = k * 0
-        for st in range(c0, c1, BLOCK):
-            offs = st + tl.arange(0, BLOCK)
-            m = offs < c1
-            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
-            v = x.to(tl.float32)
-            u16 = (_ukey(v) >> 16) & 0xFFFF
-            above = m & (u16 > t16)
-            inb = m & (u16 == t16)
-            pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
-            _scatter(TV + tb + pa, v, above, ASM)
-            _scatter(TI + tb + pa, offs, above, ASM)
-            pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
-            _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
-            _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
-            ga += tl.sum(above.to(tl.int32), 0)
-            gb += tl.sum(inb.to(tl.int32), 0)
-            x = xn
+        ga, gb = _walk_lists(vrow, x, c0, c1, t16, ga, gb, TV, TI, BV, BI, tb, bb, CAP, BLOCK, ASM)
         tl.store(CNT + lrow * 2, ga)
         tl.store(CNT + lrow * 2 + 1, tl.minimum(gb, CAP))
         # ticket: this program's stores and table reads before it (barrier, then release); the row's last program
@@ -222,26 +206,10 @@ def fine_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     first_level=1: the count launch's work already done into the workspace by the launch that wrote the rows
     (indexer_scores_triton level0 under triton.FP32_FINE), over `programs` chunks of `block` entries: the emit alone.
     pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
-    R, L, oval, oidx = rows_and_outputs("fine_select", val, k, out)
-    if val.dtype != torch.float32:
-        raise ValueError(f"fine_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
-                         "whose two digits are the whole key)")
-    CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)
-    if CAP < 1 or CAP & (CAP - 1):
-        raise ValueError(f"fine_select: cap={cap}; allowed: a power of two")
-    SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
-    if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
-        raise ValueError(f"fine_select: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
-    if workspace is not None and not isinstance(workspace, FineWorkspace):
-        raise TypeError(f"fine_select: workspace is a {type(workspace).__name__}; allowed: FineWorkspace, None")
+    R, L, oval, oidx, CAP, SMALL, BLOCK = tail_args("fine_select", val, k, out, workspace, FineWorkspace, cap,
+                                                    small_cap, first_level, programs, block)
     if R == 0:
         return oval, oidx
-    if first_level not in (0, 1):
-        raise ValueError(f"fine_select: first_level={first_level}; allowed: 0, 1")
-    if first_level and (workspace is None or programs is None or block is None):
-        raise ValueError("fine_select: first_level=1 needs the workspace, programs and block (the chunk) of the launch "
-                         f"that counted; got workspace={type(workspace).__name__}, programs={programs}, block={block}")
-    BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
     P, C = level_chunks("fine_select", L, default_programs(R, L) if programs is None else max(1, int(programs)),
                         BLOCK, first_level)
     ws = workspace if workspace is not None else FineWorkspace(R, P, val.device)
