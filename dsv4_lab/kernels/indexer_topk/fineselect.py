@@ -27,9 +27,9 @@ row, as tail_select's:
             _tail_picks: t's low 16 bits, every pick at radix_select's slot); a bucket larger than CAP takes
             tail_select's streamed path (_tail_streamed). Then it zeroes b0's fine slice and the row's table.
 
-No launch waits on a digit launch of its own: the emit's picks come from tables complete when it starts, as in
-select.py. Against tail_select the emit reads no earlier program's suffix counts (the tail reads P counts instead)
-and the count launch adds its chunk's above-threshold entries to the fine table.
+Against tail_select: one launch boundary and one pass over the row fewer; the count launch adds about a third of its
+entries to the fine table by atomics; the emit reads no earlier program's suffix counts, and the tail reads the P
+programs' list lengths before it gathers the lists (one dependent read more on its path).
 Output: radix_select's, slot for slot (select.py docstring). frontier as in select.py. Deterministic: every position
 comes from counts, none from the order programs run. No host synchronisation (CUDA-graph safe). Workspace: a
 FineWorkspace (its tables left zeroed by every call), R P (k + CAP) (value, index) list slots and 2 R P counts.
