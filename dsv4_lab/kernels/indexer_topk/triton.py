@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
-from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 from .fineselect import FineWorkspace, _count_fine_body
+from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 from .select import _hist_body, digit_levels
 
 
