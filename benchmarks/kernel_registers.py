@@ -213,7 +213,7 @@ def scores():
     """Every config and candidate of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
     on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4); and its decode launch with the select's first digit
     fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores; _fine: with the fine
-    select's count, triton.FP32_FINE)."""
+    select's count, triton.FUSED_FINE)."""
     import torch
     import triton.language as tl
 
@@ -234,7 +234,7 @@ def scores():
     lc = it.LEVEL0_CONFIG
     chunk = it.level0_chunk(LEVEL0_INTS["Sp"])
     for sdt, dt, fine in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
-                          ("fp32", torch.float32, True)):          # fine: the fine select's count (FP32_FINE)
+                          ("bf16", torch.bfloat16, True), ("fp32", torch.float32, True)):   # fine: FUSED_FINE's count
         nl = 1 if fine else digit_levels(dt, it.LEVEL0_DB)
         ptr = {"QI": "*bf16", "KI": "*bf16", "KS": "*bf16", "WT": "*bf16", "OUT": f"*{sdt}", "HIST": "*i32",
                "PH": "*i32", "FT": "*i32", **{a: "i32" for a in LEVEL0_INTS}}

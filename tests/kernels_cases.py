@@ -421,8 +421,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     the select methods also run with the select's first digit counted by the score launch (fuse_level0): the same
     picks and values bit for bit, and the select workspace left zeroed. `select` also runs with its fp32 rows through
     the other of the tail select and the radix select (triton.FP32_TAIL toggled), unfused and, at one query, fused,
-    and at one query fused through the fine select (triton.FP32_FINE: the score launch counting its fine table): the
-    same picks and values bit for bit, the workspaces left zeroed."""
+    and, for `select` and `select_bf16` at one query, fused through the fine select (triton.FUSED_FINE: the score
+    launch counting its fine table): the same picks and values bit for bit, the workspaces left zeroed."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -472,6 +472,17 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     same = all(map(torch.equal, fused, out)) if rs else torch.equal(fused, out)
                     assert same, f"{m} {(B, T, S, k, R, off)} return_scores={rs}: fuse_level0 changes the picks"
                     assert not _select_workspace(B, qI.device).hist.any(), f"{m} fused: workspace left non-zero"
+                if m.startswith("select") and T == 1 and rs:   # fused rows through the fine select: the same bits
+                    from dsv4_lab.kernels.indexer_topk import triton as itk
+                    old, itk.FUSED_FINE = itk.FUSED_FINE, True
+                    try:
+                        other = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
+                                                    chunk_elems=ce, workspace=ws, fuse_level0=True)
+                        assert all(map(torch.equal, other, out)), f"{m} {(B, T, S, k, R, off)}: FUSED_FINE changes it"
+                    finally:
+                        itk.FUSED_FINE = old
+                    wf = itk._fine_workspace(B, qI.device)
+                    assert not wf.hist.any() and not wf.fine.any(), f"{m} fine: workspace left non-zero"
                 if m == "select" and rs:      # fp32 rows through the other path (tail / radix), unfused and fused
                     from dsv4_lab.kernels.indexer_topk import triton as itk
                     old, itk.FP32_TAIL = itk.FP32_TAIL, not itk.FP32_TAIL
@@ -484,17 +495,6 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     finally:
                         itk.FP32_TAIL = old
                     assert not itk._select_workspace(B, qI.device).hist.any(), f"{m} tail: workspace left non-zero"
-                    if T == 1:                # the fused fp32 rows through the fine select (FP32_FINE): the same bits
-                        old, itk.FP32_FINE = itk.FP32_FINE, True
-                        try:
-                            other = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
-                                                        chunk_elems=ce, workspace=ws, fuse_level0=True)
-                            assert all(map(torch.equal, other, out)), \
-                                f"select {(B, T, S, k, R, off)}: FP32_FINE changes the picks"
-                        finally:
-                            itk.FP32_FINE = old
-                        wf = itk._fine_workspace(B, qI.device)
-                        assert not wf.hist.any() and not wf.fine.any(), f"{m} fine: workspace left non-zero"
     # rows longer than the row select holds go to the split-row select: the same picks, slot for slot
     from dsv4_lab.kernels.indexer_topk import rowselect
     B, T, HI, DI, S, k, R, off, ce = shapes[1]
@@ -606,8 +606,8 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     to the multi-launch result, the workspace left zeroed. The tail select
     (tailselect.py, fp32 rows; on CPU with its programs reversed, so another program is the row's last): the same
     bits, on a row built for its tail with each of its paths (a bucket ranked in one compare in a tile of at most 64
-    entries, bisected in a larger tile, or streamed over the row). The fine select (fineselect.py, fp32 rows: the
-    tail select's tail after one counting launch) the same way, its fine table left zeroed. The row select, on
+    entries, bisected in a larger tile, or streamed over the row). The fine select (fineselect.py, fp32 and bf16
+    rows: the tail select's tail after one counting launch) the same way, its fine table left zeroed. The row select, on
     every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
     slot order), on the GPU twice. Row dtypes: under the interpreter one call covers fp32 and bf16 rows; on the GPU
     the fp32 and bf16 tests split them (each the rows of its own dtype; the fp32 test also every check after the
@@ -682,9 +682,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
-                # the fine select (fp32 rows: digit 0 and the fine table in one launch, then the tail;
+                # the fine select (fp32 and bf16 rows: digit 0 and the fine table in one launch, then the tail;
                 # fineselect.py), the same way: the same bits, its tables left zeroed
-                for a in range(1 if device == "cpu" else 3) if dt == torch.float32 else ():
+                for a in range(1 if device == "cpu" else 3):
                     with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
                         v2, i2 = fine_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
                                              asm_stores=a >= 1, pdl=a == 2)
@@ -731,9 +731,11 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         gv[1:2, :40], gi[1:2, :40] = 7.0, -7
         assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
     for (kw, needle), (name, fn) in itertools.product(
-            (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"), ({"cap": 48}, "cap=48"),
-             ({"cap": 16, "small_cap": 32}, "small_cap=32")),
+            (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"), ({"val": x.half()}, "val.dtype=torch.float16"),
+             ({"cap": 48}, "cap=48"), ({"cap": 16, "small_cap": 32}, "small_cap=32")),
             (("tail_select", tail_select), ("fine_select", fine_select))):
+        if name == "fine_select" and "bfloat16" in needle:
+            continue                                            # the fine select takes bf16 rows
         try:
             fn(**{"val": x, "k": 40, **kw})
         except ValueError as e:

@@ -84,13 +84,13 @@ def test_score_kernel_loops_over_key_tiles_pipelined():
     """The indexer score kernel's configs of several key tiles per program (NLOOP > 1) compile for sm_90 with the
     key tiles' loads as asynchronous copies in flight across iterations and no shared-memory buffer refilled under
     a running MMA; one tile per program (NLOOP 1) stays straight-line code, with nothing to pipeline. The decode
-    launch that also counts the select's first digit (level0_*, 8 key tiles at 1M context; bf16 and fp32 scores, and
-    fp32 with the fine select's count) is of the first kind, without spills."""
+    launch that also counts the select's first digit (level0_*, 8 key tiles at 1M context; bf16 and fp32 scores,
+    each also with the fine select's count) is of the first kind, without spills."""
     import kernel_registers as kr
     res = kr.scores()
     assert any("_L1_" in t for t in res) and any("_L1_" not in t for t in res), sorted(res)
     level0 = [t for t in res if t.startswith("level0_")]
-    assert len(level0) == 3 and all(res[t]["spill_stores"] == 0 for t in level0), sorted(res)
+    assert len(level0) == 4 and all(res[t]["spill_stores"] == 0 for t in level0), sorted(res)
     for tag, r in res.items():
         assert r["mma_refill_hazards"] == [] and 0 < r["registers"] <= 255, (tag, r)
         if "_L1_" in tag:

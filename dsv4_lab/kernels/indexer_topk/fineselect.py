@@ -1,5 +1,5 @@
-"""Fine select: the tail select's exact top-k of fp32 rows in two launches, t's top 16 key bits from one pass
-(docs/kernels.md §3).
+"""Fine select: the tail select's exact top-k of fp32 (or bf16) rows in two launches, t's top 16 key bits from one
+pass (docs/kernels.md §3).
 
     fine_select(val, k, frontier=None, out=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32)
 
@@ -89,7 +89,7 @@ def _count_fine_body(VAL, HIST, FT, L, C, sv, Tq, q0, k, p, row, RATIO: tl.const
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
-            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0))
+            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
             hist += tl.histogram((u >> 24) & 255, 256, mask=m)
         tl.atomic_add(HIST + _row_base(row, 1, 8) + bins, hist, mask=hist > 0)
         bl, _ = _pick_bin(hist, bins, tl.minimum(k, c1 - c0))       # the bin of the chunk's own k-th key
@@ -97,7 +97,7 @@ def _count_fine_body(VAL, HIST, FT, L, C, sv, Tq, q0, k, p, row, RATIO: tl.const
         for st in range(c0, c1, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < c1
-            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0))
+            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
             keep = m & (((u >> 24) & 255) >= bl)                # at or above the chunk's k-th key's digit 0
             tl.atomic_add(frow + ((u >> 16) & 0xFFFF), tl.full([BLOCK], 1, tl.int32), mask=keep, sem="relaxed")
 
@@ -197,17 +197,18 @@ def fine_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 workspace: FineWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
                 first_level: int = 0, pdl: bool | None = None):
-    """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
+    """Top-k of every row of val (R, L) fp32 or bf16 (last dim contiguous; bf16 values widened exactly, their keys'
+    low 16 bits all alike: the bucket is the entries equal to t), 1 <= k <= L, radix_select's output slot for slot,
     in two launches (module docstring). programs: per row (default select.default_programs); workspace: a
     FineWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the interpreter;
     chunks are whole blocks); cap (CAP): bucket entries the tail gathers into registers, a power of two (default
     1024, 16 in the interpreter); small_cap (SMALL): the smaller tile taken when the bucket fits it, a power of two
     <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: the count launch's work already done into the workspace by the launch that wrote the rows
-    (indexer_scores_triton level0 under triton.FP32_FINE), over `programs` chunks of `block` entries: the emit alone.
+    (indexer_scores_triton level0 under triton.FUSED_FINE), over `programs` chunks of `block` entries: the emit alone.
     pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
     R, L, oval, oidx, CAP, SMALL, BLOCK = tail_args("fine_select", val, k, out, workspace, FineWorkspace, cap,
-                                                    small_cap, first_level, programs, block)
+                                                    small_cap, first_level, programs, block, bf16=True)
     if R == 0:
         return oval, oidx
     P, C = level_chunks("fine_select", L, default_programs(R, L) if programs is None else max(1, int(programs)),

@@ -130,7 +130,7 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
         for st in range(0, n, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < n
-            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0))
+            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
             m = m & ((u >> (SH + 8)) == (pref >> (SH + 8)))
             hist += tl.histogram((u >> SH) & 255, 256, mask=m)
         b, krem = _pick_bin(hist, bins, krem)
@@ -141,7 +141,7 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
     for st in range(0, n, BLOCK):
         offs = st + tl.arange(0, BLOCK)
         m = offs < n
-        v = tl.load(vrow + offs, mask=m, other=0.0)
+        v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
         a = _ukey(v) ^ -2147483648
         gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, k - krem, k, OVAL, OIDX, obase, ASM)
 
@@ -235,12 +235,12 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         dep_wait()
 
 
-def tail_args(name, val, k, out, workspace, ws_type, cap, small_cap, first_level, programs, block):
-    """The checks of a tail-select call (this module's, fineselect.py's), each a one-line error naming `name`: fp32
-    rows and the outputs (select.rows_and_outputs), the workspace's type, cap / small_cap, first_level and what it
-    needs. -> (R, L, vals, idx, CAP, SMALL, BLOCK) with the defaults filled in."""
+def tail_args(name, val, k, out, workspace, ws_type, cap, small_cap, first_level, programs, block, bf16=False):
+    """The checks of a tail-select call (this module's, fineselect.py's), each a one-line error naming `name`: the
+    rows (fp32; bf16 too where bf16) and the outputs (select.rows_and_outputs), the workspace's type, cap /
+    small_cap, first_level and what it needs. -> (R, L, vals, idx, CAP, SMALL, BLOCK) with the defaults filled in."""
     R, L, oval, oidx = rows_and_outputs(name, val, k, out)
-    if val.dtype != torch.float32:
+    if val.dtype != torch.float32 and not bf16:
         raise ValueError(f"{name}: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, whose two "
                          "digits are the whole key)")
     CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)

@@ -275,7 +275,7 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
         chunk, bn = level0_chunk(Sp), LEVEL0_CONFIG["BLOCK_N"]                # chunk: whole tiles
         nprog, l0db, fine = triton.cdiv(Sp, chunk), LEVEL0_DB, _fine_rows(dtype)
         if fine and not isinstance(ws, FineWorkspace):
-            raise TypeError(f"indexer_scores_triton: level0 workspace is a {type(ws).__name__} under FP32_FINE; "
+            raise TypeError(f"indexer_scores_triton: level0 workspace is a {type(ws).__name__} under FUSED_FINE; "
                             "allowed: fineselect.FineWorkspace")
         # the select's digits: the fine select's digit 0 alone, the tail select's 2 of fp32, radix_select's all
         nl = 1 if fine else 2 if _tail_rows(dtype) else digit_levels(dtype, l0db)
@@ -344,11 +344,11 @@ FUSE_LEVEL0 = True
 # slot for slot; docs/kernels.md §3). Faster than radix_select on the H200's 256K row (bench_csa.py topk_row:
 # select_tail_fp32_us against select_fp32_us).
 FP32_TAIL = True
-# Decode's fused path (one query, the score launch counting: FUSE_LEVEL0) with fp32 rows through
+# Decode's fused path (one query, the score launch counting: FUSE_LEVEL0) with its rows, fp32 or bf16, through
 # fineselect.fine_select instead: the score launch also counts the fine histogram of the top 16 key bits, then the
-# fine select's emit alone (one launch fewer than the tail select's two; the same picks, slot for slot;
-# docs/kernels.md §3). Off until timed (bench_csa.py CSA_TRY=fp32_fine).
-FP32_FINE = False
+# fine select's emit alone (one launch fewer than the tail select's two on fp32 rows and than radix_select's two on
+# bf16 rows; the same picks, slot for slot; docs/kernels.md §3). Off until timed (bench_csa.py CSA_TRY=fused_fine).
+FUSED_FINE = False
 
 
 def _tail_rows(dtype: torch.dtype) -> bool:
@@ -358,9 +358,9 @@ def _tail_rows(dtype: torch.dtype) -> bool:
 
 
 def _fine_rows(dtype: torch.dtype) -> bool:
-    """Whether fused decode score rows of this dtype go through the fine select (FP32_FINE, fp32 rows, 8-bit level-0
-    digits: the fine select's digit 0)."""
-    return FP32_FINE and dtype == torch.float32 and LEVEL0_DB == 8
+    """Whether fused decode score rows of this dtype (fp32, bf16) go through the fine select (FUSED_FINE, 8-bit
+    level-0 digits: the fine select's digit 0)."""
+    return FUSED_FINE and dtype in (torch.float32, torch.bfloat16) and LEVEL0_DB == 8
 
 
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
@@ -389,11 +389,11 @@ def _select_workspace(rows: int, device):
     return _SELECT_WS[str(device)]
 
 
-_FINE_WS: dict = {}          # device -> the fineselect.FineWorkspace of decode's fused fine path (FP32_FINE)
+_FINE_WS: dict = {}          # device -> the fineselect.FineWorkspace of decode's fused fine path (FUSED_FINE)
 
 
 def _fine_workspace(rows: int, device):
-    """The fineselect.FineWorkspace of FP32_FINE's fused decode calls on `device`, kept as _select_workspace's."""
+    """The fineselect.FineWorkspace of FUSED_FINE's fused decode calls on `device`, kept as _select_workspace's."""
     if str(device) not in _FINE_WS:
         _FINE_WS[str(device)] = FineWorkspace(rows, device=device)
     return _FINE_WS[str(device)]
