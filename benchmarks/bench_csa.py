@@ -454,11 +454,11 @@ def topk_row(L=262144):
     """One decode row of L = 256K scores, k = 512: torch.topk (sorted / unsorted, fp32 / bf16 row) vs radix_select
     (indexer_topk/select.py) on the same rows, CUDA-graph replay; values checked against torch.topk, select's
     picks against 5 repeats (the same indices in the same slots)."""
-    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
+    from dsv4_lab.kernels.indexer_topk.select import radix_select
     g = torch.Generator(device="cuda").manual_seed(5)
     x = torch.randn(1, L, device="cuda", generator=g)
     xb = x.bfloat16()
-    ws = SelectWorkspace(1, programs=256)                                               # up to 256 programs
+    ws = fs.FineWorkspace(1, programs=256)         # up to 256 programs; a SelectWorkspace with the fine select's table
     out = {"L": L, "k": K}
     for nm, row in (("fp32", x), ("bf16", xb)):
         ref = torch.topk(row.float(), K).values
@@ -504,13 +504,12 @@ def topk_row(L=262144):
                 row, K, workspace=ws, small_cap=1024))["ms"] * 1e3
         # the fine select (fineselect.py), either row: digit 0 and the fine table of the top 16 key bits in one
         # launch, then the emit and the tail select's tail: two launches; with programmatic dependent launch and without
-        wf = fs.FineWorkspace(1, programs=256)
         for nmp, pdl in (("pdl", True), ("nopdl", False)):
-            vf, i_f = fs.fine_select(row, K, workspace=wf, pdl=pdl)
+            vf, i_f = fs.fine_select(row, K, workspace=ws, pdl=pdl)
             out[f"select_fine_{nm}_{nmp}_same_picks"] = bool(torch.equal(i_f, i) and torch.equal(vf, v)
-                                                             and not wf.hist.any() and not wf.fine.any())
+                                                             and not ws.hist.any() and not ws.fine.any())
             replays_us(out, f"select_fine_{nm}_{nmp}",
-                       lambda row=row, pdl=pdl: fs.fine_select(row, K, workspace=wf, pdl=pdl))
+                       lambda row=row, pdl=pdl: fs.fine_select(row, K, workspace=ws, pdl=pdl))
         replays_us(out, f"torch_topk_{nm}", lambda row=row: torch.topk(row, K))
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)

@@ -241,8 +241,8 @@ def tail_args(name, val, k, out, workspace, ws_type, cap, small_cap, first_level
     small_cap, first_level and what it needs. -> (R, L, vals, idx, CAP, SMALL, BLOCK) with the defaults filled in."""
     R, L, oval, oidx = rows_and_outputs(name, val, k, out)
     if val.dtype != torch.float32 and not bf16:
-        raise ValueError(f"{name}: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, whose two "
-                         "digits are the whole key)")
+        raise ValueError(f"{name}: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select or "
+                         "fine_select)")
     CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)
     if CAP < 1 or CAP & (CAP - 1):
         raise ValueError(f"{name}: cap={cap}; allowed: a power of two")
