@@ -13,8 +13,9 @@ row, as tail_select's:
             of its own min(k, chunk)-th largest key; every entry of its chunk whose digit 0 is >= bl_p adds one to the
             row's fine bin of its top 16 bits. The row's k-th largest key is >= every chunk's own, so its digit b0 is
             >= every bl_p: each entry with digit 0 = b0 is counted, and the fine slice of b0 (bins b0 * 256 ..
-            b0 * 256 + 255) is digit 1's complete histogram. On N(0, 1) scores in 2048-entry chunks, a third of the
-            entries add (the others lie below their chunk's k-th key).
+            b0 * 256 + 255) is digit 1's complete histogram. On N(0, 1) scores in 2048-entry chunks at k = 512 a
+            chunk's own k-th key is its 75th percentile, ~0.67, whose digit-0 bin starts at 0.5: the entries >= 0.5
+            add, P(X >= 0.5) ~ 0.31.
     emit    program p picks b0 from histogram 0 and b1 from the fine slice of b0 (t16 = b0 b1, krem = picks left in
             the bucket, nB = the bucket's size), zeroes its share of the fine table but b0's slice (read by every
             program), and walks its chunk in index order: entries above the bucket (key16 > t16) to its own TEMP list,
