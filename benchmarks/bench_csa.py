@@ -3,8 +3,7 @@
 eager and from a CUDA graph, beside SDPA-flash timed both ways; CSA decode (CUDA-graph replay) = best indexer method
 + sparse attention, each its own replay; `csa_decode_chain_us` the library's indexer and the sparse attention as one
 replay, `csa_decode_chain_in_graph_us` per layer of CHAIN_CALLS such layers captured in one graph (as a decode step's
-graph runs them: one replay start for all), `*_fine*` the same with decode's rows through the fine select
-(indexer_topk/triton.py FUSED_FINE), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
+graph runs them: one replay start for all), `graph_floor_us` a replay of one tiny kernel; `*_gpu_us` the same replay
 timed from the GPU's start of it (common.bench_graph hold=True: not the host's launch latency; `csa_decode_gpu_us` the
 two parts so timed); `*_pdl*` with programmatic dependent launch in the select's launches (select.py PDL, and the tail
 select's, tailselect.py PDL) and, in the chain and `sparse_attn_pdl`, the attention's (sparse_attn/triton_decode.py
@@ -36,7 +35,6 @@ from unittest import mock
 import torch
 
 from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
-from dsv4_lab.kernels.indexer_topk import fineselect as fs
 from dsv4_lab.kernels.indexer_topk import select as sel
 from dsv4_lab.kernels.indexer_topk import tailselect as ts
 from dsv4_lab.kernels.indexer_topk import triton as itk
@@ -388,19 +386,6 @@ def decode(N):
                     lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
-        # the rows through the fine select (triton.FUSED_FINE: the score launch also counts its fine table, then the
-        # fine select's emit alone): the same picks; the indexer alone (fp32 and bf16 scores) and the chain
-        def fine(method="auto"):
-            return indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method=method)
-        bf16_fused = indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1, method="select_bf16", fuse_level0=True)
-        with mock.patch.object(itk, "FUSED_FINE", True):
-            out["indexer_fine_same_picks"] = bool(torch.equal(fine(), idx))
-            replays_us(out, "indexer_select_fused_fine", fine)
-            out["indexer_select_bf16_fine_same_picks"] = bool(torch.equal(fine("select_bf16"), bf16_fused))
-            replays_us(out, "indexer_select_bf16_fused_fine", lambda: fine("select_bf16"))
-            replays_us(out, "csa_decode_chain_fine", step)
-            out["csa_decode_chain_fine_in_graph_us"] = bench_graph(
-                lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         graph_floor(out)
     except Exception as e:                                                     # noqa: BLE001
         out["csa_decode_chain_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -454,11 +439,11 @@ def topk_row(L=262144):
     """One decode row of L = 256K scores, k = 512: torch.topk (sorted / unsorted, fp32 / bf16 row) vs radix_select
     (indexer_topk/select.py) on the same rows, CUDA-graph replay; values checked against torch.topk, select's
     picks against 5 repeats (the same indices in the same slots)."""
-    from dsv4_lab.kernels.indexer_topk.select import radix_select
+    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
     g = torch.Generator(device="cuda").manual_seed(5)
     x = torch.randn(1, L, device="cuda", generator=g)
     xb = x.bfloat16()
-    ws = fs.FineWorkspace(1, programs=256)         # up to 256 programs; a SelectWorkspace with the fine select's table
+    ws = SelectWorkspace(1, programs=256)                                               # up to 256 programs
     out = {"L": L, "k": K}
     for nm, row in (("fp32", x), ("bf16", xb)):
         ref = torch.topk(row.float(), K).values
@@ -502,14 +487,6 @@ def topk_row(L=262144):
             out["select_tail_fp32_one_tile_same_picks"] = bool(torch.equal(i3, i) and torch.equal(v3, v))
             out["select_tail_fp32_one_tile_us"] = bench_graph(lambda row=row: ts.tail_select(
                 row, K, workspace=ws, small_cap=1024))["ms"] * 1e3
-        # the fine select (fineselect.py), either row: digit 0 and the fine table of the top 16 key bits in one
-        # launch, then the emit and the tail select's tail: two launches; with programmatic dependent launch and without
-        for nmp, pdl in (("pdl", True), ("nopdl", False)):
-            vf, i_f = fs.fine_select(row, K, workspace=ws, pdl=pdl)
-            out[f"select_fine_{nm}_{nmp}_same_picks"] = bool(torch.equal(i_f, i) and torch.equal(vf, v)
-                                                             and not ws.hist.any() and not ws.fine.any())
-            replays_us(out, f"select_fine_{nm}_{nmp}",
-                       lambda row=row, pdl=pdl: fs.fine_select(row, K, workspace=ws, pdl=pdl))
         replays_us(out, f"torch_topk_{nm}", lambda row=row: torch.topk(row, K))
         out[f"torch_topk_unsorted_{nm}_us"] = bench_graph(lambda row=row: torch.topk(row, K, sorted=False))["ms"] * 1e3
     for P in (32, 64, 256):                                  # programs per row around the default (128 at 256K)
@@ -531,10 +508,7 @@ def topk_row(L=262144):
                    "(which leaves the histograms zeroed: no zeroing launch); select_tail_fp32 = tail_select (2 digit "
                    "launches and an emit whose last program settles the low 16 bits; its defaults, tailselect.PDL "
                    "included; _pdl / _nopdl: with and without programmatic dependent launch; _one_tile: that tail in "
-                   "the 1024-entry tile even for a small bucket); select_fine_{fp32,bf16}_{pdl,nopdl} = fine_select "
-                   "(one launch counting digit 0 and the fine table of the top 16 key bits, then the emit and the "
-                   "tail select's tail; with and without programmatic dependent launch); select_*_pdl: with "
-                   "programmatic dependent launch; "
+                   "the 1024-entry tile even for a small bucket); select_*_pdl: with programmatic dependent launch; "
                    "select_*_one_launch_* = the same levels and emit in one launch, a grid barrier per level")
     return out
 
@@ -777,7 +751,6 @@ TRY = {"asm_stores": "the selects' inline PTX stores (indexer_topk/select.py ASM
        "score_candidates": "SCORE_CANDIDATE_CONFIGS appended to the score kernel's autotune list",
        "fuse_level0": "decode's score launch counts the select's first digit (indexer_topk/triton.py FUSE_LEVEL0)",
        "fp32_tail": "the select methods' fp32 rows through the tail select (indexer_topk/triton.py FP32_TAIL)",
-       "fused_fine": "decode's fused rows through the fine select (indexer_topk/triton.py FUSED_FINE)",
        "pdl": "programmatic dependent launch in the selects' and the decode attention's launches "
               "(indexer_topk/select.py, tailselect.py, sparse_attn/triton_decode.py PDL)"}
 
@@ -805,8 +778,6 @@ def _apply_try(names):
             itk.FUSE_LEVEL0 = True
         elif name == "fp32_tail":
             itk.FP32_TAIL = True
-        elif name == "fused_fine":
-            itk.FUSED_FINE = True
         elif name == "pdl":
             sel.PDL = ts.PDL = sd.PDL = True
 

@@ -15,8 +15,7 @@ Each entry also lists the pipelined shared-memory buffers an asynchronous MMA ma
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
     python benchmarks/kernel_registers.py [--only sieve rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
-                                           sparse_bwd window_bwd select_one_launch tail_emit fine_select
-                                           sparse_decode] [--out DIR]
+                                           sparse_bwd window_bwd select_one_launch tail_emit sparse_decode] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -212,8 +211,7 @@ LEVEL0_INTS = dict(SCORE_INTS, Tq=1, Sp=262144, t0=0, q_offset=1048575, sqb=256,
 def scores():
     """Every config and candidate of the indexer score kernel (indexer_topk/triton.py) at prefill tiles (32 queries x 4 heads),
     on bf16 keys and on MXFP4-packed keys (tags ending in _mxfp4); and its decode launch with the select's first digit
-    fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores; _fine: with the fine
-    select's count, triton.FUSED_FINE)."""
+    fused (level0_*: one query, heads padded to 16 dot rows, LEVEL0_CONFIG, bf16 or fp32 scores)."""
     import torch
     import triton.language as tl
 
@@ -223,25 +221,23 @@ def scores():
     for packed in (False, True):
         kt = "*u8" if packed else "*bf16"
         ptr = {"QI": "*bf16", "KI": kt, "KS": kt, "WT": "*bf16", "OUT": "*bf16", "HIST": "*i32", "PH": "*i32",
-               "FT": "*i32", **{a: "i32" for a in SCORE_INTS}}
+               **{a: "i32" for a in SCORE_INTS}}
         for cfg in list(it._indexer_scores_fwd.configs) + it.SCORE_CANDIDATE_CONFIGS:
             c = dict(HI=4, HIP=4, DI=64, BLOCK_D=64, BLOCK_M=32, RATIO=4, DOT_DT=tl.bfloat16, FILL=False,
-                     MXFP4=packed, L0DB=0, L0NL=0, L0FINE=False, **cfg.kwargs)
+                     MXFP4=packed, L0DB=0, L0NL=0, **cfg.kwargs)
             tag = "BN{BLOCK_N}_L{NLOOP}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}" \
                 + ("_mxfp4" if packed else "")
             out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, cfg.num_warps, cfg.num_stages,
                                  ints=SCORE_INTS)
     lc = it.LEVEL0_CONFIG
     chunk = it.level0_chunk(LEVEL0_INTS["Sp"])
-    for sdt, dt, fine in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
-                          ("bf16", torch.bfloat16, True), ("fp32", torch.float32, True)):   # fine: FUSED_FINE's count
-        nl = 1 if fine else digit_levels(dt, it.LEVEL0_DB)
+    for sdt, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        nl = digit_levels(dt, it.LEVEL0_DB)
         ptr = {"QI": "*bf16", "KI": "*bf16", "KS": "*bf16", "WT": "*bf16", "OUT": f"*{sdt}", "HIST": "*i32",
-               "PH": "*i32", "FT": "*i32", **{a: "i32" for a in LEVEL0_INTS}}
+               "PH": "*i32", **{a: "i32" for a in LEVEL0_INTS}}
         c = dict(HI=4, HIP=16, DI=64, BLOCK_D=64, BLOCK_M=1, RATIO=4, DOT_DT=tl.bfloat16, FILL=False, MXFP4=False,
-                 L0DB=it.LEVEL0_DB, L0NL=nl, L0FINE=fine, BLOCK_N=lc["BLOCK_N"], NLOOP=chunk // lc["BLOCK_N"])
-        tag = f"level0_BN{lc['BLOCK_N']}_L{chunk // lc['BLOCK_N']}_w{lc['num_warps']}_s{lc['num_stages']}_{sdt}" \
-            + ("_fine" if fine else "")
+                 L0DB=it.LEVEL0_DB, L0NL=nl, BLOCK_N=lc["BLOCK_N"], NLOOP=chunk // lc["BLOCK_N"])
+        tag = f"level0_BN{lc['BLOCK_N']}_L{chunk // lc['BLOCK_N']}_w{lc['num_warps']}_s{lc['num_stages']}_{sdt}"
         out[tag] = resources(_jit(it._indexer_scores_fwd), ptr, c, lc["num_warps"], lc["num_stages"],
                              ints=LEVEL0_INTS)
     return out
@@ -390,26 +386,6 @@ def tail_emit():
             for asm, tag in STORE_FORMS for pdl in (0, 2)}
 
 
-def fine_select():
-    """The fine select's two launches (fineselect.py _count_fine: digit 0 and the fine table; _emit_fine: the chunk's
-    two lists, the ticket, the last program's tail) at decode's setting (one 256K-entry fp32 row over 128 programs of
-    2048, k 512, CAP 1024, the small tile 64, 8 warps), the emit by store form, without and (_pdl) with programmatic
-    dependent launch."""
-    from dsv4_lab.kernels.indexer_topk import fineselect as fs
-    rows = {"VAL": "*fp32", "HIST": "*i32", "FT": "*i32", "C": "i32", **ROW_ARGS}
-    count = {k: v for k, v in rows.items() if k != "so"}
-    emit = {**rows, "CNT": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32", "OVAL": "*fp32",
-            "OIDX": "*i32", "P": "i32"}
-    cints = {a: v for a, v in SELECT_ONE_LAUNCH_INTS.items() if a in count}
-    out = {"count" + ("_pdl" if pdl else ""): resources(fs._count_fine, count, dict(RATIO=0, BLOCK=2048, PDL=pdl), 8,
-                                                      ints=cints) for pdl in (0, 1)}
-    out.update({f"emit{tag}" + ("_pdl" if pdl else ""): resources(
-        fs._emit_fine, emit, dict(RATIO=0, BLOCK=2048, KP=512, LOGKP=9, CAP=1024, LOGCAP=10, SMALL=64, LOGSMALL=6,
-                                  PP=128, LOGPP=7, CLEAR=1024, ASM=asm, PDL=pdl), 8, ints=SELECT_ONE_LAUNCH_INTS)
-        for asm, tag in STORE_FORMS for pdl in (0, 2)})
-    return out
-
-
 def sparse_decode():
     """The CSA split-KV decode attention's two launches (sparse_attn/triton_decode.py _sparse_split, _combine) at the
     1M decode shape (H 16 x d 128, k 512, window 128, bf16, 32-entry blocks), without and (_pdl) with programmatic
@@ -438,8 +414,7 @@ def sparse_decode():
 
 FAMILIES = {"sieve": sieve, "rowsel": rowsel, "scores": scores, "mhc_pre": mhc_pre,
             "mhc_pre_bwd": mhc_pre_bwd, "mhc_dw": mhc_dw, "hca_fwd": hca_fwd, "sparse_bwd": sparse_bwd, "window_bwd": window_bwd,
-            "select_one_launch": select_one_launch, "tail_emit": tail_emit, "fine_select": fine_select,
-            "sparse_decode": sparse_decode}
+            "select_one_launch": select_one_launch, "tail_emit": tail_emit, "sparse_decode": sparse_decode}
 
 
 def main(only=None, out_dir=None):

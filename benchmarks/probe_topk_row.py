@@ -6,10 +6,9 @@ inside a decode step's graph (docs/kernels.md §3).
     floor_us                     {n: one replay of a graph of n launches of a trivial kernel (128 programs of 8
                                  warps, select's grid), n = 1, 2, 5}: the replay's own start and each launch's step
     floor_gpu_us                 the same replays timed from the GPU's start of each (bench_graph hold=True)
-    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False), fine
-                                 (fine_select, fp32 rows, pdl=False), select_pdl / tail_pdl / fine_pdl (the same
-                                 with programmatic dependent launch: select.py, tailselect.py, fineselect.py PDL),
-                                 torch (torch.topk, sorted):
+    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False), select_pdl /
+                                 tail_pdl (the same with programmatic dependent launch: select.py, tailselect.py
+                                 PDL), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
@@ -36,7 +35,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from common import bench_graph, env_info, replay_anatomy, write_json  # noqa: E402
 from dsv4_lab.kernels._common import tl, triton  # noqa: E402
-from dsv4_lab.kernels.indexer_topk import fineselect as fs  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import tailselect as ts  # noqa: E402
 
@@ -84,16 +82,14 @@ def main():
                        for n in (1, 2, 5)}
     out["floor_gpu_us"] = {n: bench_graph(lambda n=n: [_touch[(128,)](flag, num_warps=8) for _ in range(n)],
                                           hold=True)["ms"] * 1e3 for n in (1, 2, 5)}
-    ws = fs.FineWorkspace(1, programs=256)                 # a SelectWorkspace with the fine select's table
+    ws = sel.SelectWorkspace(1, programs=256)
     for nm, row in (("fp32", x), ("bf16", x.bfloat16())):
         ref = torch.topk(row.float(), K).values
         v, i = sel.radix_select(row, K, workspace=ws, one_launch=False)
         methods = {"select": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False),
                    "select_pdl": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False, pdl=True),
                    **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=False),
-                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True),
-                       "fine": lambda row=row: fs.fine_select(row, K, workspace=ws, pdl=False),
-                       "fine_pdl": lambda row=row: fs.fine_select(row, K, workspace=ws, pdl=True)}
+                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True)}
                       if nm == "fp32" else {}),
                    "torch": lambda row=row: torch.topk(row, K)}
         for m, fn in methods.items():

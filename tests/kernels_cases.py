@@ -420,9 +420,8 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
     select methods exactly the naive twin's picks on those scores (_check_select_naive). One-query calls (decode) of
     the select methods also run with the select's first digit counted by the score launch (fuse_level0): the same
     picks and values bit for bit, and the select workspace left zeroed. `select` also runs with its fp32 rows through
-    the other of the tail select and the radix select (triton.FP32_TAIL toggled), unfused and, at one query, fused,
-    and, for `select` and `select_bf16` at one query, fused through the fine select (triton.FUSED_FINE: the score
-    launch counting its fine table): the same picks and values bit for bit, the workspaces left zeroed."""
+    the other of the tail select and the radix select (triton.FP32_TAIL toggled), unfused and, at one query, fused:
+    the same picks and values bit for bit."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk.triton import METHODS, indexer_scores_triton, indexer_topk_triton
     g = torch.Generator().manual_seed(7)
@@ -472,17 +471,6 @@ def case_indexer_methods(device="cpu", big=False, dtype=torch.float32):
                     same = all(map(torch.equal, fused, out)) if rs else torch.equal(fused, out)
                     assert same, f"{m} {(B, T, S, k, R, off)} return_scores={rs}: fuse_level0 changes the picks"
                     assert not _select_workspace(B, qI.device).hist.any(), f"{m} fused: workspace left non-zero"
-                if m.startswith("select") and T == 1 and rs:   # fused rows through the fine select: the same bits
-                    from dsv4_lab.kernels.indexer_topk import triton as itk
-                    old, itk.FUSED_FINE = itk.FUSED_FINE, True
-                    try:
-                        other = indexer_topk_triton(qI, kI, w, k, R, q_offset=off, return_scores=True, method=m,
-                                                    chunk_elems=ce, workspace=ws, fuse_level0=True)
-                        assert all(map(torch.equal, other, out)), f"{m} {(B, T, S, k, R, off)}: FUSED_FINE changes it"
-                    finally:
-                        itk.FUSED_FINE = old
-                    wf = itk._fine_workspace(B, qI.device)
-                    assert not wf.hist.any() and not wf.fine.any(), f"{m} fine: workspace left non-zero"
                 if m == "select" and rs:      # fp32 rows through the other path (tail / radix), unfused and fused
                     from dsv4_lab.kernels.indexer_topk import triton as itk
                     old, itk.FP32_TAIL = itk.FP32_TAIL, not itk.FP32_TAIL
@@ -600,27 +588,25 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     run of each select below, with the scattered stores as inline PTX (`asm_stores`, select.py _scatter: the
     interpreter cannot run PTX, so on CPU every run stores with tl.store), and radix_select and the tail select a
     third time with programmatic dependent launch as well (`pdl`: each launch starts before the one before it
-    ends); all calls share one FineWorkspace (a SelectWorkspace with the fine select's table), which every call must
-    leave zeroed (its last program per row clears it). The one-launch select (`one_launch=True`: a grid barrier per
-    digit level; under the interpreter the same levels as separate launches, with its program count): bitwise equal
-    to the multi-launch result, the workspace left zeroed. The tail select
+    ends); all calls share one SelectWorkspace, which every call must leave zeroed (its last program per row clears
+    it). The one-launch select (`one_launch=True`: a grid barrier per digit level; under the interpreter the same
+    levels as separate launches, with its program count): bitwise equal to the multi-launch result, the workspace
+    left zeroed. The tail select
     (tailselect.py, fp32 rows; on CPU with its programs reversed, so another program is the row's last): the same
     bits, on a row built for its tail with each of its paths (a bucket ranked in one compare in a tile of at most 64
-    entries, bisected in a larger tile, or streamed over the row). The fine select (fineselect.py, fp32 and bf16
-    rows: the tail select's tail after one counting launch) the same way, its fine table left zeroed. The row select, on
+    entries, bisected in a larger tile, or streamed over the row). The row select, on
     every row set of at most rowselect.MAX_L entries: bitwise equal to radix_select's result (and so to the expected
     slot order), on the GPU twice. Row dtypes: under the interpreter one call covers fp32 and bf16 rows; on the GPU
     the fp32 and bf16 tests split them (each the rows of its own dtype; the fp32 test also every check after the
     shapes), so the two GPU tests are not one case run twice."""
-    from dsv4_lab.kernels.indexer_topk.fineselect import FineWorkspace, fine_select
     from dsv4_lab.kernels.indexer_topk.rowselect import MAX_L, row_select
-    from dsv4_lab.kernels.indexer_topk.select import radix_select
+    from dsv4_lab.kernels.indexer_topk.select import SelectWorkspace, radix_select
     from dsv4_lab.kernels.indexer_topk.sieve import sieve_select
     from dsv4_lab.kernels.indexer_topk.tailselect import tail_select
     g = torch.Generator().manual_seed(11)
     row_dtypes = (torch.float32, torch.bfloat16) if not big else (dtype,)
     sieve_paths = set()
-    ws = FineWorkspace(2, programs=2, device=device)       # shared by every call (grown by the selects when short)
+    ws = SelectWorkspace(2, programs=2, device=device)     # shared by every call (grown by radix_select when short)
     # (R, L, k, programs, frontier). Decode-like rows (L > 1000; on CPU in 256-entry blocks, the interpreter's cost
     # is per block): 4100 entries over 3 programs (the default) and 5 (the last one holds 4 entries), k = 64 and 512,
     # a frontier inside the last chunk (n = 4000, 4001), and n = 511 / 512 / 513 around k = 512 (frontier (3, 510, 1):
@@ -682,15 +668,6 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
-                # the fine select (fp32 and bf16 rows: digit 0 and the fine table in one launch, then the tail;
-                # fineselect.py), the same way: the same bits, its tables left zeroed
-                for a in range(1 if device == "cpu" else 3):
-                    with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
-                        v2, i2 = fine_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
-                                             asm_stores=a >= 1, pdl=a == 2)
-                    assert not ws.hist.any() and not ws.fine.any(), f"{tag}: fine_select left a table nonzero"
-                    assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: fine_select (run {a + 1}) differs bitwise from radix_select"
                 # the sieve select (one program per row): radix_select's result, bitwise
                 for a in range(1 if device == "cpu" else 2):
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
@@ -717,31 +694,25 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     x[0, ::7] = 1.5 + torch.randint(0, 6, (43,), generator=g).float() * 2 ** -22
     x[0, 5::11] = 3.0 + torch.rand(27, generator=g)
     x = x.to(device)
-    # (the fine select the same way: its tail gathers both lists from its programs' own lists)
-    for (cap, small), sp, (name, fn) in itertools.product(((128, 64), (64, 16), (128, 16), (16, 16)), (1, 3, 5),
-                                                          (("tail_select", tail_select), ("fine_select", fine_select))):
+    for (cap, small), sp in itertools.product(((128, 64), (64, 16), (128, 16), (16, 16)), (1, 3, 5)):
         v, i = radix_select(x, 40, programs=sp, block=64, workspace=ws)
         gv = torch.full((3, 48), 7.0, device=device)             # outputs inside guards: no write may land outside
         gi = torch.full((3, 48), -7, dtype=torch.int32, device=device)
-        v2, i2 = fn(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small,
-                    out=(gv[1:2, :40], gi[1:2, :40]))
-        tag = f"{name} cap={cap} small_cap={small} programs={sp}"
-        assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) and not ws.hist.any() \
-            and not ws.fine.any(), f"{tag}: differs bitwise from radix_select, or left a table nonzero"
+        v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small,
+                             out=(gv[1:2, :40], gi[1:2, :40]))
+        tag = f"tail_select cap={cap} small_cap={small} programs={sp}"
+        assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) and not ws.hist.any(), \
+            f"{tag}: differs bitwise from radix_select"
         gv[1:2, :40], gi[1:2, :40] = 7.0, -7
         assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
-    for (kw, needle), (name, fn) in itertools.product(
-            (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"), ({"val": x.half()}, "val.dtype=torch.float16"),
-             ({"cap": 48}, "cap=48"), ({"cap": 16, "small_cap": 32}, "small_cap=32")),
-            (("tail_select", tail_select), ("fine_select", fine_select))):
-        if name == "fine_select" and "bfloat16" in needle:
-            continue                                            # the fine select takes bf16 rows
+    for kw, needle in (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"), ({"val": x.half()}, "val.dtype=torch.float16"),
+                       ({"cap": 48}, "cap=48"), ({"cap": 16, "small_cap": 32}, "small_cap=32")):
         try:
-            fn(**{"val": x, "k": 40, **kw})
+            tail_select(**{"val": x, "k": 40, **kw})
         except ValueError as e:
-            assert needle in str(e) and "\n" not in str(e) and str(e).startswith(name), str(e)
+            assert needle in str(e) and "\n" not in str(e) and str(e).startswith("tail_select"), str(e)
         else:
-            raise AssertionError(f"{name} accepted {needle}")
+            raise AssertionError(f"tail_select accepted {needle}")
     # the sieve select on a row whose order follows position (the guess from the sampled blocks lets fewer than k
     # entries through: the streamed fallback); then every path taken (0 all picks, 1 own candidates, 2 sieve, 3 the
     # guess is the k-th key, 4 fallback), each with radix_select's result

@@ -49,21 +49,6 @@ def test_tail_select_emit_compiles_for_the_gpu():
         assert (r["pdl_waits"] >= 3) if key.endswith("_pdl") else (r["pdl_waits"] == 0), (key, r["pdl_waits"])
 
 
-def test_fine_select_compiles_for_the_gpu():
-    """The fine select's two launches (fineselect.py _count_fine, _emit_fine) with the constexprs fine_select passes
-    them (kernel_registers' `fine_select` lists them), the emit in both store forms, without and with programmatic
-    dependent launch: no spills and at most 128 registers per thread at 8 warps; with PDL each waits on the launch
-    before it (griddepcontrol.wait: the count before anything, the emit on each of its three paths), without PDL
-    neither does."""
-    import kernel_registers as kr
-    res = kr.fine_select()
-    assert sorted(res) == ["count", "count_pdl", "emit", "emit_asm", "emit_asm_pdl", "emit_pdl"], sorted(res)
-    for key, r in res.items():
-        assert 0 < r["registers"] <= 128 and r["spill_stores"] == 0, (key, r)
-        want = (1 if key.startswith("count") else 3) if key.endswith("_pdl") else 0
-        assert (r["pdl_waits"] >= want) if want else (r["pdl_waits"] == 0), (key, r["pdl_waits"])
-
-
 def test_select_inline_stores_compile_without_layout_conversions():
     """The selects' scattered stores as inline PTX (select.py _scatter, ASM) compile for sm_90 through ptxas, and
     the sieve and row selects keep their rows in the layout they were loaded in: with tl.store, Triton gives each
@@ -84,13 +69,13 @@ def test_score_kernel_loops_over_key_tiles_pipelined():
     """The indexer score kernel's configs of several key tiles per program (NLOOP > 1) compile for sm_90 with the
     key tiles' loads as asynchronous copies in flight across iterations and no shared-memory buffer refilled under
     a running MMA; one tile per program (NLOOP 1) stays straight-line code, with nothing to pipeline. The decode
-    launch that also counts the select's first digit (level0_*, 8 key tiles at 1M context; bf16 and fp32 scores,
-    each also with the fine select's count) is of the first kind, without spills."""
+    launch that also counts the select's first digit (level0_*, 8 key tiles at 1M context) is of the first kind,
+    without spills."""
     import kernel_registers as kr
     res = kr.scores()
     assert any("_L1_" in t for t in res) and any("_L1_" not in t for t in res), sorted(res)
     level0 = [t for t in res if t.startswith("level0_")]
-    assert len(level0) == 4 and all(res[t]["spill_stores"] == 0 for t in level0), sorted(res)
+    assert len(level0) == 2 and all(res[t]["spill_stores"] == 0 for t in level0), sorted(res)
     for tag, r in res.items():
         assert r["mma_refill_hazards"] == [] and 0 < r["registers"] <= 255, (tag, r)
         if "_L1_" in tag:

@@ -80,14 +80,6 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
     mc = jc < n16
     cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
     ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
-    _tail_picks(bv, bi, mb, cv, ci, mc, jc, OVAL, OIDX, obase, n16, krem, KP, LOGKP, CAP, LOGCAP, ASM)
-
-
-@triton.jit
-def _tail_picks(bv, bi, mb, cv, ci, mc, jc, OVAL, OIDX, obase, n16, krem, KP: tl.constexpr, LOGKP: tl.constexpr,
-                CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr):
-    """_tail_fast on the lists held in registers: the bucket (bv, bi) (CAP,), entries mb, and the n16 entries above
-    it (cv, ci) (KP,), entries mc, slots jc; both in index order, the indices past their entries BIG."""
     low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
     if CAP <= 64:          # the largest low part with >= krem entries at or above it (krem >= 1: the bucket holds t)
         ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
@@ -130,7 +122,7 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
         for st in range(0, n, BLOCK):
             offs = st + tl.arange(0, BLOCK)
             m = offs < n
-            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32))
+            u = _ukey(tl.load(vrow + offs, mask=m, other=0.0))
             m = m & ((u >> (SH + 8)) == (pref >> (SH + 8)))
             hist += tl.histogram((u >> SH) & 255, 256, mask=m)
         b, krem = _pick_bin(hist, bins, krem)
@@ -141,35 +133,9 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
     for st in range(0, n, BLOCK):
         offs = st + tl.arange(0, BLOCK)
         m = offs < n
-        v = tl.load(vrow + offs, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(vrow + offs, mask=m, other=0.0)
         a = _ukey(v) ^ -2147483648
         gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, k - krem, k, OVAL, OIDX, obase, ASM)
-
-
-@triton.jit
-def _walk_lists(vrow, x, c0, c1, t16, ga, gb, TV, TI, BV, BI, tb, bb, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                ASM: tl.constexpr):
-    """A chunk [c0, c1) of the row vrow (x: its first block, loaded) walked in index order: entries above the bucket
-    (top 16 key bits > t16) to TEMP from slot ga, the bucket's (== t16) to BUCK from slot gb while below CAP.
-    Returns the new (ga, gb)."""
-    for st in range(c0, c1, BLOCK):
-        offs = st + tl.arange(0, BLOCK)
-        m = offs < c1
-        xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)           # the next block, ahead
-        v = x.to(tl.float32)
-        u16 = (_ukey(v) >> 16) & 0xFFFF
-        above = m & (u16 > t16)
-        inb = m & (u16 == t16)
-        pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
-        _scatter(TV + tb + pa, v, above, ASM)
-        _scatter(TI + tb + pa, offs, above, ASM)
-        pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
-        _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
-        _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
-        ga += tl.sum(above.to(tl.int32), 0)
-        gb += tl.sum(inb.to(tl.int32), 0)
-        x = xn
-    return ga, gb
 
 
 @triton.jit
@@ -217,7 +183,23 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
             gb += tl.sum(s1b - s1, 0)
         tb = row.to(tl.int64) * k
         bb = row.to(tl.int64) * CAP
-        ga, gb = _walk_lists(vrow, x, c0, c1, t16, ga, gb, TV, TI, BV, BI, tb, bb, CAP, BLOCK, ASM)
+        for st in range(c0, c1, BLOCK):
+            offs = st + tl.arange(0, BLOCK)
+            m = offs < c1
+            xn = tl.load(vrow + offs + BLOCK, mask=offs + BLOCK < c1, other=0.0)       # the next block, ahead
+            v = x.to(tl.float32)
+            u16 = (_ukey(v) >> 16) & 0xFFFF
+            above = m & (u16 > t16)
+            inb = m & (u16 == t16)
+            pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
+            _scatter(TV + tb + pa, v, above, ASM)
+            _scatter(TI + tb + pa, offs, above, ASM)
+            pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
+            _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
+            _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
+            ga += tl.sum(above.to(tl.int32), 0)
+            gb += tl.sum(inb.to(tl.int32), 0)
+            x = xn
         # ticket: this program's stores and table reads before it (barrier, then release); the row's last program
         # (acquire) reads every other one's stores
         tl.debug_barrier()
@@ -235,31 +217,6 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         dep_wait()
 
 
-def tail_args(name, val, k, out, workspace, ws_type, cap, small_cap, first_level, programs, block, bf16=False):
-    """The checks of a tail-select call (this module's, fineselect.py's), each a one-line error naming `name`: the
-    rows (fp32; bf16 too where bf16) and the outputs (select.rows_and_outputs), the workspace's type, cap /
-    small_cap, first_level and what it needs. -> (R, L, vals, idx, CAP, SMALL, BLOCK) with the defaults filled in."""
-    R, L, oval, oidx = rows_and_outputs(name, val, k, out)
-    if val.dtype != torch.float32 and not bf16:
-        raise ValueError(f"{name}: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select or "
-                         "fine_select)")
-    CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)
-    if CAP < 1 or CAP & (CAP - 1):
-        raise ValueError(f"{name}: cap={cap}; allowed: a power of two")
-    SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
-    if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
-        raise ValueError(f"{name}: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
-    if workspace is not None and not isinstance(workspace, ws_type):
-        raise TypeError(f"{name}: workspace is a {type(workspace).__name__}; allowed: {ws_type.__name__}, None")
-    if first_level not in (0, 1):
-        raise ValueError(f"{name}: first_level={first_level}; allowed: 0, 1")
-    if first_level and (workspace is None or programs is None or block is None):
-        raise ValueError(f"{name}: first_level=1 needs the workspace, programs and block (the chunk) of the launch "
-                         f"that counted digit 0; got workspace={type(workspace).__name__}, programs={programs}, "
-                         f"block={block}")
-    return R, L, oval, oidx, CAP, SMALL, int(block) if block is not None else (64 if INTERPRET else 2048)
-
-
 def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
@@ -274,10 +231,27 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
     pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
-    R, L, oval, oidx, CAP, SMALL, BLOCK = tail_args("tail_select", val, k, out, workspace, SelectWorkspace, cap,
-                                                    small_cap, first_level, programs, block)
+    R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
+    if val.dtype != torch.float32:
+        raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
+                         "whose two digits are the whole key)")
+    CAP = int(cap) if cap is not None else (16 if INTERPRET else 1024)
+    if CAP < 1 or CAP & (CAP - 1):
+        raise ValueError(f"tail_select: cap={cap}; allowed: a power of two")
+    SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
+    if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
+        raise ValueError(f"tail_select: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
+    if workspace is not None and not isinstance(workspace, SelectWorkspace):
+        raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     if R == 0:
         return oval, oidx
+    if first_level not in (0, 1):
+        raise ValueError(f"tail_select: first_level={first_level}; allowed: 0, 1")
+    if first_level and (workspace is None or programs is None or block is None):
+        raise ValueError("tail_select: first_level=1 needs the workspace, programs and block (the chunk) of the launch "
+                         f"that counted digit 0; got workspace={type(workspace).__name__}, programs={programs}, "
+                         f"block={block}")
+    BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
     P, C = level_chunks("tail_select", L, default_programs(R, L) if programs is None else max(1, int(programs)),
                         BLOCK, first_level)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)

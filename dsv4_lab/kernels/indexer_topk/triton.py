@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
-from .fineselect import FineWorkspace, _count_fine_body
 from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 from .select import _hist_body, digit_levels
 
@@ -148,18 +147,16 @@ def _fill_tile(O, n0, omask_m, Sp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 
 @triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
 @triton.jit
-def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, FT, Tq, Sp, t0, q_offset, NPROG, KSEL,
+def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPROG, KSEL,
                         sqb, sqt, sqh, skb, sks, ssb, sss, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NLOOP: tl.constexpr, RATIO: tl.constexpr,
                         DOT_DT: tl.constexpr, FILL: tl.constexpr, MXFP4: tl.constexpr, L0DB: tl.constexpr,
-                        L0NL: tl.constexpr, L0FINE: tl.constexpr):
+                        L0NL: tl.constexpr):
     """L0DB > 0 (level0 of indexer_scores_triton; one query per program, BLOCK_M 1, T = 1): the program's
     NLOOP * BLOCK_N keys are also chunk pid_n of radix_select's row b (NPROG programs, k = KSEL, L0NL digits of L0DB
     bits); after writing their scores it runs that select's level-0 program on them (select._hist_body: read back,
-    as stored, after a CTA barrier), adding the chunk's first-digit histogram to HIST and its suffix counts to PH;
-    L0FINE: the fine select's count program instead (fineselect._count_fine_body: digit 0 into HIST, the fine bins
-    into FT)."""
+    as stored, after a CTA barrier), adding the chunk's first-digit histogram to HIST and its suffix counts to PH."""
     R: tl.constexpr = BLOCK_M * HIP
     KROWS: tl.constexpr = (BLOCK_M % 8 == 0) and (not MXFP4)                  # keys as the dot's rows (_score_tile)
     pid_n = tl.program_id(0)
@@ -204,12 +201,8 @@ def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, FT, Tq, Sp, t0, q_offset,
     if L0DB > 0:                                   # the select's level-0 program for this chunk, on the stored scores
         tl.static_assert(BLOCK_M == 1, "one query row per program")
         tl.debug_barrier()                         # every thread's score stores before any thread reads them back
-        if L0FINE:
-            _count_fine_body(OUT, HIST, FT, Sp, NLOOP * BLOCK_N, sob, 1, q_offset + t0, KSEL, pid_n,
-                             tl.program_id(2), RATIO, NLOOP * BLOCK_N)
-        else:
-            _hist_body(OUT, HIST, PH, Sp, NLOOP * BLOCK_N, NPROG, sob, 1, q_offset + t0, KSEL, 0, pid_n,
-                       tl.program_id(2), L0NL, L0DB, RATIO, NLOOP * BLOCK_N, 0)   # row b: the select's row of batch b
+        _hist_body(OUT, HIST, PH, Sp, NLOOP * BLOCK_N, NPROG, sob, 1, q_offset + t0, KSEL, 0, pid_n,
+                   tl.program_id(2), L0NL, L0DB, RATIO, NLOOP * BLOCK_N, 0)   # row b: the select's row of batch b
 
 
 def _visible(ratio: int, q_offset: int, t1: int, S: int) -> int:
@@ -267,32 +260,25 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
     if config is not None:
         kern, extra = _indexer_scores_fwd.fn, dict(config.kwargs, num_warps=config.num_warps,
                                                    num_stages=config.num_stages)
-    hist, ph, ft, nprog, ksel, nl, l0db, fine = out, out, out, 1, 0, 0, 0, False   # level 0 off (pointers unused)
+    hist, ph, nprog, ksel, nl, l0db = out, out, 1, 0, 0, 0                       # level 0 off (pointers unused)
     if level0 is not None:
         ws, ksel = level0
         if Tq != 1:
             raise ValueError(f"indexer_scores_triton: level0 with t1 - t0 = {Tq} query rows; allowed: 1 (decode)")
         chunk, bn = level0_chunk(Sp), LEVEL0_CONFIG["BLOCK_N"]                # chunk: whole tiles
-        nprog, l0db, fine = triton.cdiv(Sp, chunk), LEVEL0_DB, _fine_rows(dtype)
-        if fine and not isinstance(ws, FineWorkspace):
-            raise TypeError(f"indexer_scores_triton: level0 workspace is a {type(ws).__name__} under FUSED_FINE; "
-                            "allowed: fineselect.FineWorkspace")
-        # the select's digits: the fine select's digit 0 alone, the tail select's 2 of fp32, radix_select's all
-        nl = 1 if fine else 2 if _tail_rows(dtype) else digit_levels(dtype, l0db)
+        nprog, l0db = triton.cdiv(Sp, chunk), LEVEL0_DB
+        nl = 2 if _tail_rows(dtype) else digit_levels(dtype, l0db)      # the select's digits (tail: 2 of fp32)
         ws.fit_select(B, nprog, nl, l0db, qI.device)
-        if fine:
-            ws.fit_fine(B, nprog, qI.device)
-            ft = ws.fine
         hist, ph, fill, BLOCK_M, HIP = ws.hist, ws.scratch, False, 1, max(16, HIP)   # 16 dot rows: heads padded
         kern, extra = _indexer_scores_fwd.fn, dict(BLOCK_N=bn, NLOOP=chunk // bn,
                                                    num_warps=LEVEL0_CONFIG["num_warps"],
                                                    num_stages=LEVEL0_CONFIG["num_stages"])
         grid = (nprog, 1, B)
-    kern[grid](qI, keys, scales, w, out, hist, ph, ft, Tq, Sp, t0, q_offset, nprog, ksel,
+    kern[grid](qI, keys, scales, w, out, hist, ph, Tq, Sp, t0, q_offset, nprog, ksel,
                qI.stride(0), qI.stride(1), qI.stride(2), keys.stride(0), keys.stride(1), scales.stride(0),
                scales.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
-               DOT_DT=dot_dtype(qI), FILL=fill, MXFP4=packed, L0DB=l0db, L0NL=nl, L0FINE=fine, **extra)
+               DOT_DT=dot_dtype(qI), FILL=fill, MXFP4=packed, L0DB=l0db, L0NL=nl, **extra)
     return out
 
 
@@ -344,23 +330,12 @@ FUSE_LEVEL0 = True
 # slot for slot; docs/kernels.md §3). Faster than radix_select on the H200's 256K row (bench_csa.py topk_row:
 # select_tail_fp32_us against select_fp32_us).
 FP32_TAIL = True
-# Decode's fused path (one query, the score launch counting: FUSE_LEVEL0) with its rows, fp32 or bf16, through
-# fineselect.fine_select instead: the score launch also counts the fine histogram of the top 16 key bits, then the
-# fine select's emit alone (one launch fewer than the tail select's two on fp32 rows and than radix_select's two on
-# bf16 rows; the same picks, slot for slot; docs/kernels.md §3). Off until timed (bench_csa.py CSA_TRY=fused_fine).
-FUSED_FINE = False
 
 
 def _tail_rows(dtype: torch.dtype) -> bool:
     """Whether score rows of this dtype go through the tail select: FP32_TAIL, fp32 rows, and the level-0 digit of
     the tail's width (8 bits), so that the score launch's table and the selector agree."""
     return FP32_TAIL and dtype == torch.float32 and LEVEL0_DB == 8
-
-
-def _fine_rows(dtype: torch.dtype) -> bool:
-    """Whether fused decode score rows of this dtype (fp32, bf16) go through the fine select (FUSED_FINE, 8-bit
-    level-0 digits: the fine select's digit 0)."""
-    return FUSED_FINE and dtype in (torch.float32, torch.bfloat16) and LEVEL0_DB == 8
 
 
 def _row_budget(Sp: int, rows: int, max_elems: int) -> int:
@@ -389,27 +364,15 @@ def _select_workspace(rows: int, device):
     return _SELECT_WS[str(device)]
 
 
-_FINE_WS: dict = {}          # device -> the fineselect.FineWorkspace of decode's fused fine path (FUSED_FINE)
-
-
-def _fine_workspace(rows: int, device):
-    """The fineselect.FineWorkspace of FUSED_FINE's fused decode calls on `device`, kept as _select_workspace's."""
-    if str(device) not in _FINE_WS:
-        _FINE_WS[str(device)] = FineWorkspace(rows, device=device)
-    return _FINE_WS[str(device)]
-
-
 def _level0_selector(ws, Sp: int):
     """The select after digit 0 on the rows of a level0 score launch (indexer_scores_triton): its chunks and
     workspace, f(scores (R, Sp), k, frontier, out) -> (vals, idx) as _row_selector's."""
-    from .fineselect import fine_select
     from .select import radix_select
     from .tailselect import tail_select
     chunk = level0_chunk(Sp)
 
     def run(sc, kk, fr, out):
-        select, extra = (fine_select, {}) if _fine_rows(sc.dtype) else (tail_select, {}) if _tail_rows(sc.dtype) \
-            else (radix_select, {"digit_bits": LEVEL0_DB})
+        select, extra = (tail_select, {}) if _tail_rows(sc.dtype) else (radix_select, {"digit_bits": LEVEL0_DB})
         return select(sc, kk, frontier=fr, programs=triton.cdiv(Sp, chunk), block=chunk, workspace=ws, out=out,
                       first_level=1, **extra)
     return run
@@ -517,8 +480,7 @@ def indexer_topk_triton(qI, kI, w, k: int, ratio: int, q_offset: int = 0, return
                 continue                                        # nothing visible: the -1 / -inf prefill stands
             short = Sp <= short_l                               # a short chunk: the row select (auto)
             fused = method.startswith("select") and T == 1 and (FUSE_LEVEL0 if fuse_level0 is None else fuse_level0)
-            level0 = ((_fine_workspace if _fine_rows(sdt) else _select_workspace)(B, qI.device), min(k, Sp)) \
-                if fused else None
+            level0 = (_select_workspace(B, qI.device), min(k, Sp)) if fused else None
             sc = indexer_scores_triton(qI, kI, w, ratio, q_offset, t0, t1, out=buf, fill=not (select or short),
                                        dtype=sdt, pad=pad, level0=level0)
             sc = sc.view(B * (t1 - t0), Sp)                     # rows may be padded: stride(0) >= Sp
