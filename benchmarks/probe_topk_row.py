@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from common import bench_graph, env_info, replay_anatomy, write_json  # noqa: E402
-from dsv4_lab.kernels._common import tl, triton  # noqa: E402
+from dsv4_lab.kernels._common import next_pow2, tl, triton  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import tailselect as ts  # noqa: E402
 
@@ -92,7 +92,7 @@ def tail_parts(row, ws, oval, oidx, block=2048, cap=1024, small=64):
     walk[2 * 256] = -(1 << 30)                 # row 0's ticket counter (select._row_base: the table's 513th word)
     tv, ti = torch.empty(K, device=row.device), torch.empty(K, dtype=torch.int32, device=row.device)
     bv, bi = torch.empty(cap, device=row.device), torch.empty(cap, dtype=torch.int32, device=row.device)
-    kp = triton.next_power_of_2(K)
+    kp = next_pow2(K)
 
     def run(part):
         ws.hist.copy_(walk if part == "walk" else hist)

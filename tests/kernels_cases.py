@@ -705,8 +705,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
             f"{tag}: differs bitwise from radix_select"
         gv[1:2, :40], gi[1:2, :40] = 7.0, -7
         assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
-    for kw, needle in (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"), ({"val": x.half()}, "val.dtype=torch.float16"),
-                       ({"cap": 48}, "cap=48"), ({"cap": 16, "small_cap": 32}, "small_cap=32")):
+    for kw, needle in (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"),
+                       ({"val": x.half()}, "val.dtype=torch.float16"), ({"cap": 48}, "cap=48"),
+                       ({"cap": 16, "small_cap": 32}, "small_cap=32")):
         try:
             tail_select(**{"val": x, "k": 40, **kw})
         except ValueError as e:
