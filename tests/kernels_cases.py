@@ -545,20 +545,6 @@ def select_expected(x, n, k):
     return v, torch.where(ok & (v != float("-inf")), order, -1).to(torch.int32)
 
 
-def band_order(v, i, n, k):
-    """tail_select(order="band")'s output, from radix_select's (v, i) (R, k) of the same rows (tailselect.py ORDER):
-    in rows with n > k the picks whose key's top 16 bits lie above t's come first, in the order they had (index
-    order), then the others in the order they had (the bucket's entries > t by index, then the ties); rows with
-    n <= k unchanged. t's top 16 bits: the smallest among the picks' (key: select.py _ukey, -0.0 as +0.0)."""
-    b = v.view(torch.int32)
-    b = torch.where(b == -2 ** 31, 0, b)
-    key16 = ((b ^ ((b >> 31) & 0x7FFFFFFF) ^ -2 ** 31) >> 16) & 0xFFFF
-    n = torch.as_tensor(n, device=v.device).view(-1, 1)
-    inb = (key16 == key16.min(1, keepdim=True).values) & (n > k)
-    order = torch.sort(inb.int(), dim=1, stable=True).indices
-    return v.gather(1, order), i.gather(1, order)
-
-
 def _check_select_exact(name, x, n, k, v, i):
     """radix_select's (v, i) equal select_expected slot by slot (indices, and values bitwise), and the index set
     equals the naive twin's top-k (topk_indices: stable sort, lower index first) of the same visible entries."""
@@ -682,15 +668,6 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
-                # its band order: the same picks, those above the bucket first (tailselect.py ORDER)
-                for a in range(1 if device == "cpu" else 2) if dt == torch.float32 else ():
-                    with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
-                        v2, i2 = tail_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
-                                             asm_stores=a >= 1, pdl=a == 1, order="band")
-                    bv_, bi_ = band_order(v, i, n, k)
-                    assert not ws.hist.any(), f"{tag}: tail_select band left the histograms / counter nonzero"
-                    assert torch.equal(i2, bi_) and torch.equal(v2.view(torch.int32), bv_.view(torch.int32)), \
-                        f"{tag}: tail_select band (run {a + 1}) differs bitwise from radix_select in band order"
                 # the sieve select (one program per row): radix_select's result, bitwise
                 for a in range(1 if device == "cpu" else 2):
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
@@ -728,17 +705,9 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
             f"{tag}: differs bitwise from radix_select"
         gv[1:2, :40], gi[1:2, :40] = 7.0, -7
         assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
-        v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small, order="band",
-                             out=(gv[1:2, :40], gi[1:2, :40]))
-        bv_, bi_ = band_order(v, i, [300], 40)
-        assert not torch.equal(bi_, i), f"{tag}: the row's band order is radix_select's (the check cannot fail)"
-        assert torch.equal(i2, bi_) and torch.equal(v2.view(torch.int32), bv_.view(torch.int32)) \
-            and not ws.hist.any(), f"{tag} order=band: differs bitwise from radix_select in band order"
-        gv[1:2, :40], gi[1:2, :40] = 7.0, -7
-        assert (gv == 7.0).all() and (gi == -7).all(), f"{tag} order=band: wrote outside its out"
     for kw, needle in (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"),
                        ({"val": x.half()}, "val.dtype=torch.float16"), ({"cap": 48}, "cap=48"),
-                       ({"cap": 16, "small_cap": 32}, "small_cap=32"), ({"order": "index"}, "order='index'")):
+                       ({"cap": 16, "small_cap": 32}, "small_cap=32")):
         try:
             tail_select(**{"val": x, "k": 40, **kw})
         except ValueError as e:

@@ -51,13 +51,6 @@ from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_
 # and a 256K row measured faster with it (benchmarks/README.md T5).
 PDL = True
 
-# The default of tail_select's `order`, the slots its picks take. "radix": radix_select's, slot for slot (the entries
-# > t in index order, then the ties). "band": the entries whose key's top 16 bits lie above t's (the picks the walk
-# finds, n16 = k - krem of them) first, in index order, written by the walk itself; then the bucket's entries > t in
-# index order, then the ties. The same picks; the tail reads and places the bucket's entries only (no TEMP list).
-ORDER = "radix"
-ORDERS = ("radix", "band")
-
 
 @triton.jit
 def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
@@ -69,23 +62,6 @@ def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
         ok = (nxt <= S) & (tl.gather(a, tl.minimum(nxt, S) - 1, 0) < x)
         lo = tl.where(ok, nxt, lo)
     return lo
-
-
-@triton.jit
-def _low_threshold(low, mb, krem, CAP: tl.constexpr):
-    """t's low 16 bits: the krem-th largest of the bucket's low parts `low` (CAP,) (valid where mb; krem >= 1, the
-    bucket holds t): in a tile of at most 64 entries the largest low part with >= krem entries at or above it (each
-    entry's count from one (CAP, CAP) compare), in a larger one by bisection, MSB first."""
-    if CAP <= 64:
-        ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
-        tl16 = tl.max(tl.where(mb & (ge >= krem), low, -1), 0)
-    else:
-        tl16 = krem * 0
-        for b in tl.static_range(15, -1, -1):
-            cand = tl16 | (1 << b)
-            if tl.sum((low >= cand).to(tl.int32), 0) >= krem:
-                tl16 = cand
-    return tl16
 
 
 @triton.jit
@@ -105,7 +81,15 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
     cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
     ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
     low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
-    tl16 = _low_threshold(low, mb, krem, CAP)
+    if CAP <= 64:          # the largest low part with >= krem entries at or above it (krem >= 1: the bucket holds t)
+        ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
+        tl16 = tl.max(tl.where(mb & (ge >= krem), low, -1), 0)
+    else:
+        tl16 = krem * 0
+        for b in tl.static_range(15, -1, -1):                  # the krem-th largest low part, MSB first
+            cand = tl16 | (1 << b)
+            if tl.sum((low >= cand).to(tl.int32), 0) >= krem:
+                tl16 = cand
     g = low > tl16                                             # bucket picks > t
     e = low == tl16                                            # bucket entries == t
     gcum = tl.cumsum(g.to(tl.int32), 0)
@@ -128,34 +112,9 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
 
 
 @triton.jit
-def _tail_band(BV, BI, OVAL, OIDX, bb, obase, nB, n16, krem, CAP: tl.constexpr, ASM: tl.constexpr):
-    """ORDER "band": the picks above the bucket already lie at slots [0, n16) (the walk wrote them); the bucket's
-    picks follow: t's low 16 bits among its nB <= CAP entries (in index order), then its entries > t in index order
-    at slots n16, n16 + 1, .., then the r = krem - (entries > t) lowest-index entries == t."""
-    BIG: tl.constexpr = 2147483647
-    j = tl.arange(0, CAP)
-    mb = j < nB
-    bv = tl.load(BV + bb + j, mask=mb, other=0.0, volatile=True)
-    bi = tl.load(BI + bb + j, mask=mb, other=BIG, volatile=True)
-    low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)
-    tl16 = _low_threshold(low, mb, krem, CAP)
-    g = low > tl16
-    e = low == tl16
-    nbg = tl.sum(g.to(tl.int32), 0)
-    rank = tl.cumsum(e.to(tl.int32), 0) - 1
-    take = g | (e & (rank < krem - nbg))
-    slot = n16 + tl.where(g, tl.cumsum(g.to(tl.int32), 0) - 1, nbg + rank)
-    _scatter(OVAL + obase + slot, bv, take, ASM)
-    _scatter(OIDX + obase + slot, tl.where(bv == float("-inf"), -1, bi), take, ASM)
-
-
-@triton.jit
-def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexpr, ASM: tl.constexpr,
-                   BAND: tl.constexpr):
+def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexpr, ASM: tl.constexpr):
     """The bucket too large for registers: t's digits 2 and 3 by histograms streamed over the row's n entries (the
-    entries whose key has the digits found so far), then the emit streamed over the row, one program (BAND: the
-    bucket's picks only, after the n16 = k - krem picks above it that the walk wrote)."""
-    gt = (k - krem) if BAND else krem * 0
+    entries whose key has the digits found so far), then the emit streamed over the row, one program."""
     bins = tl.arange(0, 256)
     for lev in tl.static_range(2, 4):
         SH = 32 - 8 * (lev + 1)
@@ -169,28 +128,23 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
         b, krem = _pick_bin(hist, bins, krem)
         pref = pref | (b << SH)
     t = pref ^ -2147483648                                    # full 32-bit keys: compared as signed
+    gt = krem * 0
     eq = krem * 0
     for st in range(0, n, BLOCK):
         offs = st + tl.arange(0, BLOCK)
         m = offs < n
         v = tl.load(vrow + offs, mask=m, other=0.0)
-        u = _ukey(v)
-        a = u ^ -2147483648
-        if BAND:                                              # entries > t inside the bucket (top 16 bits t16)
-            m_gt = m & (a > t) & (((u >> 16) & 0xFFFF) == ((pref >> 16) & 0xFFFF))
-        else:
-            m_gt = m & (a > t)
-        gt, eq = _store_picks(v, offs, m_gt, m & (a == t), gt, eq, k - krem, k, OVAL, OIDX, obase, ASM)
+        a = _ukey(v) ^ -2147483648
+        gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, k - krem, k, OVAL, OIDX, obase, ASM)
 
 
 @triton.jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, LOGKP: tl.constexpr, CAP: tl.constexpr,
                LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr,
-               PDL: tl.constexpr, BAND: tl.constexpr):
+               PDL: tl.constexpr):
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
-    PDL: _common.pdl_modes. BAND (ORDER "band"): the entries above the bucket go straight to their output slots
-    instead of TEMP, and the tail places only the bucket's picks."""
+    PDL: _common.pdl_modes."""
     if PDL == 1:
         dep_wait()
     p = tl.program_id(0)
@@ -238,12 +192,8 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
             above = m & (u16 > t16)
             inb = m & (u16 == t16)
             pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
-            if BAND:                                       # final: slots [0, n16) in index order
-                _scatter(OVAL + obase + pa, v, above, ASM)
-                _scatter(OIDX + obase + pa, tl.where(v == float("-inf"), -1, offs), above, ASM)
-            else:
-                _scatter(TV + tb + pa, v, above, ASM)
-                _scatter(TI + tb + pa, offs, above, ASM)
+            _scatter(TV + tb + pa, v, above, ASM)
+            _scatter(TI + tb + pa, offs, above, ASM)
             pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
             _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
             _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
@@ -255,19 +205,13 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         tl.debug_barrier()
         if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
             if nB <= SMALL:                                                    # the usual bucket: a small tile
-                if BAND:
-                    _tail_band(BV, BI, OVAL, OIDX, bb, obase, nB, k - krem, krem, SMALL, ASM)
-                else:
-                    _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL,
-                               LOGSMALL, ASM)
+                _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL, LOGSMALL,
+                           ASM)
             elif nB <= CAP:
-                if BAND:
-                    _tail_band(BV, BI, OVAL, OIDX, bb, obase, nB, k - krem, krem, CAP, ASM)
-                else:
-                    _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP, LOGCAP,
-                               ASM)
+                _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP, LOGCAP,
+                           ASM)
             else:
-                _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM, BAND)
+                _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
             _clear_row(HIST, hbase, 2, 8)
     elif PDL == 2:
         dep_wait()
@@ -277,7 +221,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                first_level: int = 0, pdl: bool | None = None, order: str | None = None):
+                first_level: int = 0, pdl: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
@@ -286,8 +230,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
-    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL). order: the
-    picks' slots, "radix" or "band" (this module's ORDER; None: ORDER)."""
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -298,9 +241,6 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
     if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
         raise ValueError(f"tail_select: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
-    order = ORDER if order is None else order
-    if order not in ORDERS:
-        raise ValueError(f"tail_select: order={order!r}; allowed: {', '.join(ORDERS)}")
     if workspace is not None and not isinstance(workspace, SelectWorkspace):
         raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     if R == 0:
@@ -318,14 +258,10 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ws.fit_select(R, P, 2, 8, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
     KP = next_pow2(k)
-    band = order == "band"
+    tv = torch.empty(R * k, dtype=torch.float32, device=val.device)         # TEMP: the picks above the bucket
+    ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
-    if band:                             # the walk writes the picks above the bucket to out: no TEMP (not read)
-        tv, ti = bv, bi
-    else:                                                                   # TEMP: the picks above the bucket
-        tv = torch.empty(R * k, dtype=torch.float32, device=val.device)
-        ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     on = pdl_on(PDL if pdl is None else pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
@@ -335,7 +271,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),
                        Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
                        LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
-                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], BAND=band, num_warps=num_warps, launch_pdl=on)
+                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, launch_pdl=on)
     return oval, oidx
 
 
