@@ -51,6 +51,15 @@ from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_
 # and a 256K row measured faster with it (benchmarks/README.md T5).
 PDL = True
 
+# The default of tail_select's `merge`: how its tail finds each pick's slot, which counts the entries of the other list
+# (the entries above the bucket, TEMP; the bucket's picks > t) with a lower index. "search": binary searches over the
+# other list held in registers (one tl.gather per step: 7 and 10 steps at k 512 in the 64-entry tile). "counts": the
+# emit's walk, which knows both lists' running counts, stores beside each entry how many of the other list's entries
+# come before it; the tail reads those with the lists and needs one gather (the bucket's picks > t among the bucket
+# entries before a TEMP entry). The same slots.
+MERGE = "search"
+MERGES = ("search", "counts")
+
 
 @triton.jit
 def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
@@ -65,12 +74,12 @@ def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
 
 
 @triton.jit
-def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr, LOGKP: tl.constexpr,
-               CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr):
+def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr,
+               LOGKP: tl.constexpr, CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr, COUNTS: tl.constexpr):
     """The row's picks from TEMP (n16 entries above the bucket) and the bucket (nB <= CAP entries), both in index
     order: t's low 16 bits (the krem-th largest low part: in a tile of at most 64 entries from each entry's count of
     entries >= it, one (CAP, CAP) compare; in a larger one by bisection), then every pick at its slot (module
-    docstring)."""
+    docstring; COUNTS: MERGE "counts", TC / BC the other list's entries before each entry)."""
     BIG: tl.constexpr = 2147483647
     j = tl.arange(0, CAP)
     mb = j < nB
@@ -80,6 +89,9 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
     mc = jc < n16
     cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
     ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
+    if COUNTS:             # the walk's counts of the other list's entries below each entry (the whole bucket is here)
+        pos = tl.load(TC + tb + jc, mask=mc, other=0, volatile=True)
+        below_b = tl.load(BC + bb + j, mask=mb, other=0, volatile=True)
     low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
     if CAP <= 64:          # the largest low part with >= krem entries at or above it (krem >= 1: the bucket holds t)
         ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
@@ -94,13 +106,18 @@ def _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.
     e = low == tl16                                            # bucket entries == t
     gcum = tl.cumsum(g.to(tl.int32), 0)
     nbg = tl.sum(g.to(tl.int32), 0)
-    # TEMP entry j: its slot is j + the bucket picks > t with a lower index (bucket entries with a lower index: pos)
-    pos = _count_below(bi, ci, CAP, LOGCAP)
+    # TEMP entry j: its slot is j + the bucket picks > t with a lower index (bucket entries with a lower index: pos;
+    # without the walk's counts, by binary search over the bucket)
+    if not COUNTS:
+        pos = _count_below(bi, ci, CAP, LOGCAP)
     slot_c = jc + tl.where(pos > 0, tl.gather(gcum, tl.maximum(pos - 1, 0), 0), 0)
     _scatter(OVAL + obase + slot_c, cv, mc, ASM)
     _scatter(OIDX + obase + slot_c, tl.where(cv == float("-inf"), -1, ci), mc, ASM)
     # bucket pick > t: its rank among them + the TEMP entries with a lower index
-    slot_b = gcum - 1 + _count_below(ci, bi, KP, LOGKP)
+    if COUNTS:
+        slot_b = gcum - 1 + below_b
+    else:
+        slot_b = gcum - 1 + _count_below(ci, bi, KP, LOGKP)
     _scatter(OVAL + obase + slot_b, bv, g, ASM)
     _scatter(OIDX + obase + slot_b, tl.where(bv == float("-inf"), -1, bi), g, ASM)
     # the r = krem - nbg lowest-index bucket entries == t, after every pick > t
@@ -139,12 +156,13 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
 
 
 @triton.jit
-def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
+def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, LOGKP: tl.constexpr, CAP: tl.constexpr,
                LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr,
-               PDL: tl.constexpr):
+               PDL: tl.constexpr, COUNTS: tl.constexpr):
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
-    PDL: _common.pdl_modes."""
+    PDL: _common.pdl_modes. COUNTS (MERGE "counts"): beside each TEMP / BUCK entry, TC / BC: how many entries of the
+    other list come before it."""
     if PDL == 1:
         dep_wait()
     p = tl.program_id(0)
@@ -197,6 +215,9 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
             pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
             _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
             _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
+            if COUNTS:                      # entries of the other list before this one: its running count + 1
+                _scatter(TC + tb + pa, pb + 1, above, ASM)
+                _scatter(BC + bb + pb, pa + 1, inb & (pb < CAP), ASM)
             ga += tl.sum(above.to(tl.int32), 0)
             gb += tl.sum(inb.to(tl.int32), 0)
             x = xn
@@ -205,11 +226,11 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, OVAL, OIDX, L, C, P, sv, so, Tq, q
         tl.debug_barrier()
         if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
             if nB <= SMALL:                                                    # the usual bucket: a small tile
-                _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL, LOGSMALL,
-                           ASM)
+                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL,
+                           LOGSMALL, ASM, COUNTS)
             elif nB <= CAP:
-                _tail_fast(TV, TI, BV, BI, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP, LOGCAP,
-                           ASM)
+                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP,
+                           LOGCAP, ASM, COUNTS)
             else:
                 _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
             _clear_row(HIST, hbase, 2, 8)
@@ -221,7 +242,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                first_level: int = 0, pdl: bool | None = None):
+                first_level: int = 0, pdl: bool | None = None, merge: str | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
@@ -230,7 +251,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
-    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL). merge:
+    how the tail finds the picks' slots, "search" or "counts" (this module's MERGE; None: MERGE)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -241,6 +263,9 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
     if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
         raise ValueError(f"tail_select: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
+    merge = MERGE if merge is None else merge
+    if merge not in MERGES:
+        raise ValueError(f"tail_select: merge={merge!r}; allowed: {', '.join(MERGES)}")
     if workspace is not None and not isinstance(workspace, SelectWorkspace):
         raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     if R == 0:
@@ -262,16 +287,20 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
+    counts = merge == "counts"                  # TC / BC: the other list's entries before each entry (else unused)
+    tc = torch.empty(R * k, dtype=torch.int32, device=val.device) if counts else ti
+    bc = torch.empty(R * CAP, dtype=torch.int32, device=val.device) if counts else bi
     on = pdl_on(PDL if pdl is None else pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
                             RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps,
                             launch_pdl=on)
-    _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, oval, oidx, L, C, P, val.stride(0), oval.stride(0),
-                       Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1, CAP=CAP,
-                       LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
-                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, launch_pdl=on)
+    _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, tc, bc, oval, oidx, L, C, P, val.stride(0),
+                       oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1,
+                       CAP=CAP, LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
+                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], COUNTS=counts, num_warps=num_warps,
+                       launch_pdl=on)
     return oval, oidx
 
 
