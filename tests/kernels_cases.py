@@ -1672,13 +1672,20 @@ def run_all(device="cpu", big=False, dtypes=(torch.float32,), only=None, compile
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser()
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--list", action="store_true", help="print the case names, one per line, and exit")
     a = ap.parse_args()
+    if a.list:
+        print("\n".join(CASES))
+        sys.exit(0)
     for name in a.only or ():
         if name not in CASES:
             print(f"kernels_cases: --only {name!r} is no case; allowed: {', '.join(CASES)}", file=sys.stderr)
             sys.exit(2)
+    if not a.json:
+        print("kernels_cases: --json FILE is required (or --list)", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(1)
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before importing triton)"
     from dsv4_lab.kernels import compile_check             # every interpreted launch also lowered for sm_90

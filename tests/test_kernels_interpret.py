@@ -1,11 +1,13 @@
 """Triton kernels vs their naive twins on CPU under TRITON_INTERPRET=1 (docs/kernels.md §7, T11).
 
-Why a subprocess: Triton decides interpreted-vs-compiled when a `@triton.jit` function is *decorated*, i.e. when the
+Why subprocesses: Triton decides interpreted-vs-compiled when a `@triton.jit` function is *decorated*, i.e. when the
 kernel module is first imported. Setting TRITON_INTERPRET here would be too late if any other test module (or
-conftest) imported dsv4_lab.kernels.*.triton first in this pytest process. So one subprocess per test-file run
-executes every case in tests/kernels_cases.py with TRITON_INTERPRET=1 set in its environment before Python starts,
-and writes one JSON record per case; the tests below read those records. Tiny shapes, fp32, one thread
-(~70 s in total on one core; the indexer top-k and select cases ~20 s each).
+conftest) imported dsv4_lab.kernels.*.triton first in this pytest process. So each case of tests/kernels_cases.py
+runs in a subprocess of its own with TRITON_INTERPRET=1 set in its environment before Python starts, as many at
+once as there are cores (at most 4), the longest first, each within CASE_TIMEOUT; each writes its JSON record and
+the tests below read them. Tiny shapes, fp32, one thread per case; every interpreted launch is also compiled for
+sm_90 (kernels.compile_check), which is most of the time: ~10 minutes of one core in all, the three indexer top-k
+cases 2-3 minutes each.
 
 Covered per kernel (fwd and, where differentiable, every input gradient): odd lengths, non-power-of-two head
 counts and dims, -1 / out-of-range / repeated indices, fewer visible entries than k, no sink and a -inf sink,
@@ -25,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -37,14 +40,45 @@ CASES = ["sparse_attn", "hca_attn", "indexer_topk", "indexer_methods", "indexer_
          "rmsnorm"]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kint") / "res.json"
+SLOW_FIRST = ["indexer_select", "indexer_topk", "indexer_methods"]     # started first: the longest cases
+CASE_TIMEOUT = 900                                                      # s, one case in its own process
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _run_case(op, tmp):
+    """One case of kernels_cases.py in a subprocess under the interpreter -> its records (a failed or timed-out
+    worker gives a record that says so)."""
+    out = tmp / f"{op}.json"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "kernels_cases.py"), "--json", str(out)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"interpreter worker failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    try:
+        p = subprocess.run([sys.executable, os.path.join(HERE, "kernels_cases.py"), "--json", str(out), "--only", op],
+                           env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {f"{op}[float32]": {"ok": False, "error": f"interpreter worker timed out after {CASE_TIMEOUT} s"}}
+    if p.returncode != 0 or not out.exists():
+        return {f"{op}[float32]": {"ok": False, "error": f"interpreter worker failed (rc {p.returncode}):\n"
+                                                         f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"}}
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def listed():
+    """The cases kernels_cases.py defines (its CASES table)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "kernels_cases.py"), "--list"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, listed):
+    tmp = tmp_path_factory.mktemp("kint")
+    order = [op for op in SLOW_FIRST if op in listed] + [op for op in listed if op not in SLOW_FIRST]
+    res = {}
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for rec in pool.map(lambda op: _run_case(op, tmp), order):
+            res.update(rec)
+    return res
 
 
 @pytest.mark.parametrize("op", CASES)
@@ -53,12 +87,13 @@ def test_kernel_matches_naive_interpreted(results, op):
     assert rec["ok"], rec.get("error")
 
 
-def test_every_interpreted_case_is_asserted(results):
-    """kernels_cases.py runs every case of its CASES table: each must have its assert above (a case missing from
-    CASES here would run and fail unseen)."""
+def test_every_interpreted_case_is_asserted(results, listed):
+    """kernels_cases.py's CASES table and the cases run are CASES here: each case it defines has its assert above (a
+    case missing from CASES here would run and fail unseen), and each ran."""
     ran = {key.split("[")[0] for key in results}
-    assert ran == set(CASES), f"cases run but not asserted: {sorted(ran - set(CASES))}; listed, not run: " \
-        f"{sorted(set(CASES) - ran)}"
+    assert set(listed) == set(CASES), f"cases defined but not asserted: {sorted(set(listed) - set(CASES))}; " \
+        f"asserted, not defined: {sorted(set(CASES) - set(listed))}"
+    assert ran == set(CASES), f"cases not run: {sorted(set(CASES) - ran)}; run, not listed: {sorted(ran - set(CASES))}"
 
 
 def test_dispatch_rules():
