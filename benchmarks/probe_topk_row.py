@@ -6,10 +6,10 @@ inside a decode step's graph (docs/kernels.md §3).
     floor_us                     {n: one replay of a graph of n launches of a trivial kernel (128 programs of 8
                                  warps, select's grid), n = 1, 2, 5}: the replay's own start and each launch's step
     floor_gpu_us                 the same replays timed from the GPU's start of each (bench_graph hold=True)
-    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False), select_pdl /
-                                 tail_pdl (the same with programmatic dependent launch: select.py, tailselect.py
-                                 PDL), tail_counts (tail_pdl finding its slots from the walk's counts: tailselect.py
-                                 MERGE), torch (torch.topk, sorted):
+    <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False, its MERGE),
+                                 select_pdl / tail_pdl (the same with programmatic dependent launch: select.py,
+                                 tailselect.py PDL; merge "search"), tail_counts (tail_pdl finding its slots from the
+                                 walk's counts: tailselect.py MERGE "counts"), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
@@ -133,7 +133,7 @@ def main():
         methods = {"select": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False),
                    "select_pdl": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False, pdl=True),
                    **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=False),
-                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True),
+                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, merge="search"),
                        "tail_counts": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, merge="counts")}
                       if nm == "fp32" else {}),
                    "torch": lambda row=row: torch.topk(row, K)}

@@ -56,8 +56,8 @@ PDL = True
 # other list held in registers (one tl.gather per step: 7 and 10 steps at k 512 in the 64-entry tile). "counts": the
 # emit's walk, which knows both lists' running counts, stores beside each entry how many of the other list's entries
 # come before it; the tail reads those with the lists and needs one gather (the bucket's picks > t among the bucket
-# entries before a TEMP entry). The same slots.
-MERGE = "search"
+# entries before a TEMP entry). The same slots; "counts" measured faster (benchmarks/README.md T5).
+MERGE = "counts"
 MERGES = ("search", "counts")
 
 
