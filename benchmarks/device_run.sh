@@ -29,8 +29,9 @@ if [ "$K" != "-" ]; then
     t0=$(date +%s); timeout -s INT -k 20 '"${PER_TEST:-240}"' python3 -m pytest -q -p no:cacheprovider -rfE --full-trace "$1" > "$OUT/t.$$.log" 2>&1
     rc=$?; case $rc in 0) r=PASS;; 5) r=NONE;; 124|137) r=TIMEOUT;; *) r=FAIL;; esac
     grep -q " skipped" "$OUT/t.$$.log" && [ $rc = 0 ] && r=SKIP
-    # out of GPU memory beside the other jobs: run again alone once they are done (below), not a verdict yet
-    [ $r = FAIL ] && [ -z "${RETRY:-}" ] && grep -q "OutOfMemoryError" "$OUT/t.$$.log" && r=OOM && echo "$1" >> "$OUT/oom_retry.txt"
+    # out of GPU memory beside the other jobs (torch.OutOfMemoryError, or a CUDA error where a kernel or a copy ran
+    # out): run again alone once they are done (below), not a verdict yet
+    [ $r = FAIL ] && [ -z "${RETRY:-}" ] && grep -qE "OutOfMemoryError|CUDA error: out of memory" "$OUT/t.$$.log" && r=OOM && echo "$1" >> "$OUT/oom_retry.txt"
     echo "$r $(( $(date +%s) - t0 ))s $1" >> "$OUT/gpu_tests.log"
     # a timed-out case gets SIGINT first: pytest then prints the stack it was interrupted in (a compile, a kernel)
     case $r in FAIL|TIMEOUT) { echo "== $r $1"; tail -c 3000 "$OUT/t.$$.log"; } >> "$OUT/gpu_test_failures.log";; esac

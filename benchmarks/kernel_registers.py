@@ -373,18 +373,18 @@ def select_one_launch():
 
 
 def tail_emit():
-    """The tail select's emit launch (tailselect.py _emit_tail: the chunk's two lists, the ticket, the last program's
-    tail), decode's setting (one 256K-entry fp32 row over 128 programs of 2048, k 512, CAP 1024, the small tile 64,
-    8 warps), by store form, without and (_pdl) with programmatic dependent launch (PDL 2: the chunk's block loaded,
-    then griddepcontrol.wait), its tail finding the slots by binary search or (_counts) from the counts the walk
-    stored (tailselect.MERGE)."""
+    """The tail select's emit launch (tailselect.py _emit_tail: the chunk's two lists with their counts, the ticket,
+    the last program's tail), decode's setting (one 256K-entry fp32 row over 128 programs of 2048, k 512, CAP 1024,
+    the small tile 64, 8 warps), by store form, without and (_pdl) with programmatic dependent launch (PDL 2: the
+    chunk's block loaded, then griddepcontrol.wait), its counts in two scans or (_pack) packed in one
+    (tailselect.PACK)."""
     from dsv4_lab.kernels.indexer_topk import tailselect as ts
     ptr = {"VAL": "*fp32", "HIST": "*i32", "PH": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32",
            "TC": "*i32", "BC": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32", **ROW_ARGS}
-    return {f"fp32_nw8{tag}" + ("_counts" if counts else "") + ("_pdl" if pdl else ""): resources(
-                ts._emit_tail, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, LOGKP=9, CAP=1024, LOGCAP=10, SMALL=64,
-                                         LOGSMALL=6, ASM=asm, PDL=pdl, COUNTS=counts), 8, ints=SELECT_ONE_LAUNCH_INTS)
-            for asm, tag in STORE_FORMS for counts in (False, True) for pdl in (0, 2)}
+    return {f"fp32_nw8{tag}" + ("_pack" if pack else "") + ("_pdl" if pdl else ""): resources(
+                ts._emit_tail, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, CAP=1024, SMALL=64, ASM=asm, PDL=pdl,
+                                         PACK=pack), 8, ints=SELECT_ONE_LAUNCH_INTS)
+            for asm, tag in STORE_FORMS for pack in (False, True) for pdl in (0, 2)}
 
 
 def sparse_decode():

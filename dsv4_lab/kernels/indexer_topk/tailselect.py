@@ -21,29 +21,31 @@ one launch, P programs per row as before:
             nB <= SMALL, as on a 256K N(0, 1) row, else of CAP: each step below costs with the tile's size) and
             finds t's low 16 bits among them: in a tile of at most 64 entries as the largest low part with at least
             krem entries at or above it (each entry's count from one tile x tile compare), in a larger one by
-            bisection (16 steps); the picks are the TEMP entries, the bucket
-            entries > t and the r lowest-index bucket entries == t (r = krem - bucket entries > t). It writes them
-            in radix_select's slot order: the entries > t in index order (a TEMP entry's slot is its TEMP slot plus
-            the bucket entries > t with a lower index, a bucket entry's its rank among those plus the TEMP entries
-            with a lower index: counts by binary search over the other list, held in registers, tl.gather), then
-            the ties. With nB > CAP (many entries sharing their top 16 bits at the threshold, as in a row of ties)
-            it finds t's low 16 bits by two 8-bit histograms streamed over the row, then writes every pick
-            streaming over the row (one program: slow, exact). Then it zeroes the row's table (select.py
+            bisection (16 steps); the picks are the TEMP entries, the bucket entries > t and the r lowest-index
+            bucket entries == t (r = krem - bucket entries > t). It writes them in radix_select's slot order: the
+            entries > t in index order (a TEMP entry's slot is its TEMP slot plus the bucket entries > t with a
+            lower index, a bucket entry's its rank among those plus the TEMP entries with a lower index), then the
+            ties. The walk knows both lists' running counts, so it stores beside each entry how many of the other
+            list's entries come before it (TC / BC); the tail reads those with the lists and needs one tl.gather
+            (the bucket's picks > t among the bucket entries before a TEMP entry). With nB > CAP (many entries
+            sharing their top 16 bits at the threshold, as in a row of ties) it finds t's low 16 bits by two 8-bit
+            histograms streamed over the row, then writes every pick streaming over the row (one program: slow,
+            exact). Then it zeroes the row's table (select.py
             _clear_row).
 
 Output: radix_select's, slot for slot (select.py docstring: entries > t in index order, then the lowest-index
 entries == t; -inf picks report -1; rows with n <= k visible entries take them all, slot = column). frontier as in
 select.py. Deterministic: every position comes from counts, none from the order programs run. No host
 synchronisation (CUDA-graph safe). Workspace: a select.SelectWorkspace (its tables left zeroed) and R (k + CAP)
-(value, index) scratch slots.
+(value, index, count) scratch slots.
 """
 from __future__ import annotations
 
 import torch
 
 from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
-from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
-                     _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
+from .select import (SelectWorkspace, _add_pair, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base,
+                     _scatter, _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
                      rows_and_outputs)
 
 # The default of tail_select's `pdl`: its emit and second digit launch start before the launch before them ends
@@ -51,35 +53,19 @@ from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_
 # and a 256K row measured faster with it (benchmarks/README.md T5).
 PDL = True
 
-# The default of tail_select's `merge`: how its tail finds each pick's slot, which counts the entries of the other list
-# (the entries above the bucket, TEMP; the bucket's picks > t) with a lower index. "search": binary searches over the
-# other list held in registers (one tl.gather per step: 7 and 10 steps at k 512 in the 64-entry tile). "counts": the
-# emit's walk, which knows both lists' running counts, stores beside each entry how many of the other list's entries
-# come before it; the tail reads those with the lists and needs one gather (the bucket's picks > t among the bucket
-# entries before a TEMP entry). The same slots; "counts" measured faster (benchmarks/README.md T5).
-MERGE = "counts"
-MERGES = ("search", "counts")
+# The default of tail_select's `pack`: the emit's walk and tail count their two lists in one scan of both counts
+# packed into one int32 (each < 2^16), and sum the suffix counts' two totals in one two-operand reduction: fewer
+# CTA-wide steps on the launch's serial path; the same slots.
+PACK = False
 
 
 @triton.jit
-def _count_below(a, x, S: tl.constexpr, LOGS: tl.constexpr):
-    """For each x, how many entries of a (S = 2^LOGS,) (ascending; pad entries larger than every x) are below it:
-    binary lifting over the lengths, each step one gather from a held in registers."""
-    lo = tl.zeros(x.shape, tl.int32)
-    for s in tl.static_range(LOGS, -1, -1):
-        nxt = lo + (1 << s)
-        ok = (nxt <= S) & (tl.gather(a, tl.minimum(nxt, S) - 1, 0) < x)
-        lo = tl.where(ok, nxt, lo)
-    return lo
-
-
-@triton.jit
-def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr,
-               LOGKP: tl.constexpr, CAP: tl.constexpr, LOGCAP: tl.constexpr, ASM: tl.constexpr, COUNTS: tl.constexpr):
+def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr, CAP: tl.constexpr,
+               ASM: tl.constexpr, PACK: tl.constexpr):
     """The row's picks from TEMP (n16 entries above the bucket) and the bucket (nB <= CAP entries), both in index
     order: t's low 16 bits (the krem-th largest low part: in a tile of at most 64 entries from each entry's count of
-    entries >= it, one (CAP, CAP) compare; in a larger one by bisection), then every pick at its slot (module
-    docstring; COUNTS: MERGE "counts", TC / BC the other list's entries before each entry)."""
+    entries >= it, one (CAP, CAP) compare; in a larger one by bisection), then every pick at its slot from TC /
+    BC, the other list's entries before each entry (module docstring)."""
     BIG: tl.constexpr = 2147483647
     j = tl.arange(0, CAP)
     mb = j < nB
@@ -89,9 +75,8 @@ def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem,
     mc = jc < n16
     cv = tl.load(TV + tb + jc, mask=mc, other=0.0, volatile=True)
     ci = tl.load(TI + tb + jc, mask=mc, other=BIG, volatile=True)
-    if COUNTS:             # the walk's counts of the other list's entries below each entry (the whole bucket is here)
-        pos = tl.load(TC + tb + jc, mask=mc, other=0, volatile=True)
-        below_b = tl.load(BC + bb + j, mask=mb, other=0, volatile=True)
+    pos = tl.load(TC + tb + jc, mask=mc, other=0, volatile=True)          # bucket entries before each TEMP entry
+    below_b = tl.load(BC + bb + j, mask=mb, other=0, volatile=True)       # TEMP entries before each bucket entry
     low = tl.where(mb, _ukey(bv) & 0xFFFF, -1)                  # the bucket's keys share t16: their low 16 bits
     if CAP <= 64:          # the largest low part with >= krem entries at or above it (krem >= 1: the bucket holds t)
         ge = tl.sum((low[None, :] >= low[:, None]).to(tl.int32), 1)          # (CAP,) entries >= each entry
@@ -104,24 +89,25 @@ def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem,
                 tl16 = cand
     g = low > tl16                                             # bucket picks > t
     e = low == tl16                                            # bucket entries == t
-    gcum = tl.cumsum(g.to(tl.int32), 0)
-    nbg = tl.sum(g.to(tl.int32), 0)
-    # TEMP entry j: its slot is j + the bucket picks > t with a lower index (bucket entries with a lower index: pos;
-    # without the walk's counts, by binary search over the bucket)
-    if not COUNTS:
-        pos = _count_below(bi, ci, CAP, LOGCAP)
+    if PACK:               # picks > t in the low half, entries == t in the high half: one scan (CAP < 2^16)
+        ge2 = tl.cumsum(g.to(tl.int32) | (e.to(tl.int32) << 16), 0)
+        gcum = ge2 & 0xFFFF
+        rank = (ge2 >> 16) - 1
+        nbg = tl.max(gcum, 0)
+    else:
+        gcum = tl.cumsum(g.to(tl.int32), 0)
+        nbg = tl.sum(g.to(tl.int32), 0)
+    # TEMP entry j: its slot is j + the bucket picks > t with a lower index (of the pos bucket entries before it)
     slot_c = jc + tl.where(pos > 0, tl.gather(gcum, tl.maximum(pos - 1, 0), 0), 0)
     _scatter(OVAL + obase + slot_c, cv, mc, ASM)
     _scatter(OIDX + obase + slot_c, tl.where(cv == float("-inf"), -1, ci), mc, ASM)
     # bucket pick > t: its rank among them + the TEMP entries with a lower index
-    if COUNTS:
-        slot_b = gcum - 1 + below_b
-    else:
-        slot_b = gcum - 1 + _count_below(ci, bi, KP, LOGKP)
+    slot_b = gcum - 1 + below_b
     _scatter(OVAL + obase + slot_b, bv, g, ASM)
     _scatter(OIDX + obase + slot_b, tl.where(bv == float("-inf"), -1, bi), g, ASM)
     # the r = krem - nbg lowest-index bucket entries == t, after every pick > t
-    rank = tl.cumsum(e.to(tl.int32), 0) - 1
+    if not PACK:
+        rank = tl.cumsum(e.to(tl.int32), 0) - 1
     take = e & (rank < krem - nbg)
     slot_t = n16 + nbg + rank
     _scatter(OVAL + obase + slot_t, bv, take, ASM)
@@ -157,12 +143,11 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
 
 @triton.jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
-               BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, LOGKP: tl.constexpr, CAP: tl.constexpr,
-               LOGCAP: tl.constexpr, SMALL: tl.constexpr, LOGSMALL: tl.constexpr, ASM: tl.constexpr,
-               PDL: tl.constexpr, COUNTS: tl.constexpr):
+               BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr,
+               ASM: tl.constexpr, PDL: tl.constexpr, PACK: tl.constexpr):
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
-    PDL: _common.pdl_modes. COUNTS (MERGE "counts"): beside each TEMP / BUCK entry, TC / BC: how many entries of the
-    other list come before it."""
+    PDL: _common.pdl_modes. Beside each TEMP / BUCK entry, TC / BC: how many entries of the other list come before
+    it."""
     if PDL == 1:
         dep_wait()
     p = tl.program_id(0)
@@ -197,8 +182,13 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
             s0 = tl.load(qrow + b0 + 1, mask=mq & (b0 + 1 < 256), other=0, volatile=True)
             s1 = tl.load(qrow + 256 + b1 + 1, mask=mq & (b1 + 1 < 256), other=0, volatile=True)
             s1b = tl.load(qrow + 256 + b1, mask=mq, other=0, volatile=True)
-            ga += tl.sum(s0 + s1, 0)
-            gb += tl.sum(s1b - s1, 0)
+            if PACK:
+                sa, sb = tl.reduce((s0 + s1, s1b - s1), 0, _add_pair)
+                ga += sa
+                gb += sb
+            else:
+                ga += tl.sum(s0 + s1, 0)
+                gb += tl.sum(s1b - s1, 0)
         tb = row.to(tl.int64) * k
         bb = row.to(tl.int64) * CAP
         for st in range(c0, c1, BLOCK):
@@ -209,28 +199,37 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
             u16 = (_ukey(v) >> 16) & 0xFFFF
             above = m & (u16 > t16)
             inb = m & (u16 == t16)
-            pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
+            if PACK:       # above in the low half, in the bucket in the high half: one scan (BLOCK < 2^16)
+                both = above.to(tl.int32) | (inb.to(tl.int32) << 16)
+                cs = tl.cumsum(both, 0)
+                pa = ga + (cs & 0xFFFF) - 1
+                pb = gb + (cs >> 16) - 1
+            else:
+                pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
+                pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
             _scatter(TV + tb + pa, v, above, ASM)
             _scatter(TI + tb + pa, offs, above, ASM)
-            pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
             _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
             _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
-            if COUNTS:                      # entries of the other list before this one: its running count + 1
-                _scatter(TC + tb + pa, pb + 1, above, ASM)
-                _scatter(BC + bb + pb, pa + 1, inb & (pb < CAP), ASM)
-            ga += tl.sum(above.to(tl.int32), 0)
-            gb += tl.sum(inb.to(tl.int32), 0)
+            _scatter(TC + tb + pa, pb + 1, above, ASM)          # the other list's entries before this one
+            _scatter(BC + bb + pb, pa + 1, inb & (pb < CAP), ASM)
+            if PACK:
+                tot = tl.sum(both, 0)
+                ga += tot & 0xFFFF
+                gb += tot >> 16
+            else:
+                ga += tl.sum(above.to(tl.int32), 0)
+                gb += tl.sum(inb.to(tl.int32), 0)
             x = xn
         # ticket: this program's stores and table reads before it (barrier, then release); the row's last program
         # (acquire) reads every other one's stores
         tl.debug_barrier()
         if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
             if nB <= SMALL:                                                    # the usual bucket: a small tile
-                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, SMALL,
-                           LOGSMALL, ASM, COUNTS)
+                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, SMALL, ASM,
+                           PACK)
             elif nB <= CAP:
-                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, LOGKP, CAP,
-                           LOGCAP, ASM, COUNTS)
+                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, CAP, ASM, PACK)
             else:
                 _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
             _clear_row(HIST, hbase, 2, 8)
@@ -242,7 +241,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                first_level: int = 0, pdl: bool | None = None, merge: str | None = None):
+                first_level: int = 0, pdl: bool | None = None, pack: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
@@ -251,8 +250,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
-    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL). merge:
-    how the tail finds the picks' slots, "search" or "counts" (this module's MERGE; None: MERGE)."""
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL). pack: the
+    walk's and tail's counts packed in one scan (this module's PACK; None: PACK)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -263,9 +262,6 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     SMALL = int(small_cap) if small_cap is not None else min(64, CAP)
     if SMALL < 1 or SMALL & (SMALL - 1) or SMALL > CAP:
         raise ValueError(f"tail_select: small_cap={small_cap}; allowed: a power of two <= cap ({CAP})")
-    merge = MERGE if merge is None else merge
-    if merge not in MERGES:
-        raise ValueError(f"tail_select: merge={merge!r}; allowed: {', '.join(MERGES)}")
     if workspace is not None and not isinstance(workspace, SelectWorkspace):
         raise TypeError(f"tail_select: workspace is a {type(workspace).__name__}; allowed: SelectWorkspace, None")
     if R == 0:
@@ -287,9 +283,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
-    counts = merge == "counts"                  # TC / BC: the other list's entries before each entry (else unused)
-    tc = torch.empty(R * k, dtype=torch.int32, device=val.device) if counts else ti
-    bc = torch.empty(R * CAP, dtype=torch.int32, device=val.device) if counts else bi
+    tc = torch.empty(R * k, dtype=torch.int32, device=val.device)    # TC / BC: the other list's entries before each
+    bc = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
     on = pdl_on(PDL if pdl is None else pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
@@ -297,9 +292,9 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                             RATIO=ratio, BLOCK=BLOCK, PDL=modes[lev - first_level], num_warps=num_warps,
                             launch_pdl=on)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, tc, bc, oval, oidx, L, C, P, val.stride(0),
-                       oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, LOGKP=KP.bit_length() - 1,
-                       CAP=CAP, LOGCAP=CAP.bit_length() - 1, SMALL=SMALL, LOGSMALL=SMALL.bit_length() - 1,
-                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], COUNTS=counts, num_warps=num_warps,
+                       oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, CAP=CAP, SMALL=SMALL,
+                       ASM=asm_stores_on(asm_stores), PDL=modes[-1],
+                       PACK=bool(PACK if pack is None else pack) and max(BLOCK, CAP) < 65536, num_warps=num_warps,
                        launch_pdl=on)
     return oval, oidx
 
