@@ -9,7 +9,7 @@ inside a decode step's graph (docs/kernels.md §3).
     <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False), select_pdl /
                                  tail_pdl (the same with programmatic dependent launch: select.py, tailselect.py
                                  PDL), tail_pack (tail_pdl with its walk's and tail's counts packed in one scan:
-                                 tailselect.py PACK), torch (torch.topk, sorted):
+                                 tailselect.py PACK; _w4 / _w16: at 4 / 16 warps, not 8), torch (torch.topk, sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
@@ -131,7 +131,10 @@ def main():
                    "select_pdl": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False, pdl=True),
                    **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=False),
                        "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, pack=False),
-                       "tail_pack": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, pack=True)}
+                       "tail_pack": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, pack=True),
+                       **{f"tail_pack_w{w}": lambda row=row, w=w: ts.tail_select(row, K, workspace=ws, pdl=True,
+                                                                                 pack=True, num_warps=w)
+                          for w in (4, 16)}}
                       if nm == "fp32" else {}),
                    "torch": lambda row=row: torch.topk(row, K)}
         for m, fn in methods.items():
