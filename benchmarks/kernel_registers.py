@@ -376,15 +376,14 @@ def tail_emit():
     """The tail select's emit launch (tailselect.py _emit_tail: the chunk's two lists with their counts, the ticket,
     the last program's tail), decode's setting (one 256K-entry fp32 row over 128 programs of 2048, k 512, CAP 1024,
     the small tile 64, 8 warps), by store form, without and (_pdl) with programmatic dependent launch (PDL 2: the
-    chunk's block loaded, then griddepcontrol.wait), its counts in two scans or (_pack) packed in one
-    (tailselect.PACK)."""
+    chunk's block loaded, then griddepcontrol.wait)."""
     from dsv4_lab.kernels.indexer_topk import tailselect as ts
     ptr = {"VAL": "*fp32", "HIST": "*i32", "PH": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32",
            "TC": "*i32", "BC": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32", **ROW_ARGS}
-    return {f"fp32_nw8{tag}" + ("_pack" if pack else "") + ("_pdl" if pdl else ""): resources(
-                ts._emit_tail, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, CAP=1024, SMALL=64, ASM=asm, PDL=pdl,
-                                         PACK=pack), 8, ints=SELECT_ONE_LAUNCH_INTS)
-            for asm, tag in STORE_FORMS for pack in (False, True) for pdl in (0, 2)}
+    return {f"fp32_nw8{tag}" + ("_pdl" if pdl else ""): resources(
+                ts._emit_tail, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, CAP=1024, SMALL=64, ASM=asm, PDL=pdl), 8,
+                ints=SELECT_ONE_LAUNCH_INTS)
+            for asm, tag in STORE_FORMS for pdl in (0, 2)}
 
 
 def sparse_decode():

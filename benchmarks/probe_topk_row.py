@@ -8,8 +8,8 @@ inside a decode step's graph (docs/kernels.md §3).
     floor_gpu_us                 the same replays timed from the GPU's start of each (bench_graph hold=True)
     <method>_<dtype>             select (radix_select), tail (tail_select, fp32 rows, pdl=False), select_pdl /
                                  tail_pdl (the same with programmatic dependent launch: select.py, tailselect.py
-                                 PDL), tail_pack (tail_pdl with its walk's and tail's counts packed in one scan:
-                                 tailselect.py PACK; _w4 / _w16: at 4 / 16 warps, not 8), torch (torch.topk, sorted):
+                                 PDL), tail_w4 / tail_w16 (tail_pdl at 4 / 16 warps, not 8), torch (torch.topk,
+                                 sorted):
         replay_us                one call per replay (bench_csa.py's figure, common.bench_graph)
         in_graph_us              CALLS calls captured in one graph: one replay / CALLS
     select_<dtype>_launches_us   {j: one replay of [zero the workspace, select's first j launches]}, j = 0..NL + 1
@@ -18,7 +18,6 @@ inside a decode step's graph (docs/kernels.md §3).
                                  two digit launches left it, then its emit launch: none (restore), without the row's
                                  last program's tail (walk), whole (emit)] (tail_parts); emit - walk is the tail's cost,
                                  walk - restore the rest of the emit launch; _gpu_us from the GPU's start of each;
-                                 tail_parts_pack_*: the same with the counts packed (PACK)
     replay_anatomy               {floor (the one trivial launch), tail_fp32 (tail_select at its defaults): what one
                                  replay holds: the host's time in the g.replay() call, the kernels one profiled
                                  replay ran with their GPU times, the host-side ops seen (common.replay_anatomy)}: the
@@ -76,18 +75,16 @@ def select_launches(row, ws, oval, oidx):
     return run, NL
 
 
-def tail_parts(row, ws, oval, oidx, block=2048, cap=1024, small=64, pack=False):
+def tail_parts(row, ws, oval, oidx, block=2048, cap=1024, small=64):
     """The tail select's emit launch taken apart, for one fp32 row at decode's defaults (block-entry chunks over
     default_programs, CAP cap, the small tile small, 8 warps, no PDL). Its two digit launches run once, and the
     workspace after them is kept; run(part) restores that workspace (part "restore": nothing more), then runs the
     emit: "emit" as the library does, "walk" with the row's ticket counter set so far below zero that no program is
     the row's last (every program's suffix-count reads, chunk walk, list stores and ticket, but no tail).
-    pack: tail_select's (tailselect.PACK). -> (run, ok): ok when run("emit") gives tail_select's output bit for
-    bit."""
+    -> (run, ok): ok when run("emit") gives tail_select's output bit for bit."""
     P, C = sel.chunks(row.shape[-1], sel.default_programs(1, row.shape[-1]), block)
     ws.hist.zero_()
-    v, i = ts.tail_select(row, K, workspace=ws, block=block, cap=cap, small_cap=small, pdl=False,  # leaves it zeroed
-                          pack=pack)
+    v, i = ts.tail_select(row, K, workspace=ws, block=block, cap=cap, small_cap=small, pdl=False)  # leaves it zeroed
     for lev in range(2):
         sel._hist_level[(P, 1)](row, ws.hist, ws.scratch, row.shape[-1], C, P, row.stride(0), 1, 0, K, LEVEL=lev,
                                 NL=2, DB=8, RATIO=0, BLOCK=block, PDL=0, num_warps=8)
@@ -104,7 +101,7 @@ def tail_parts(row, ws, oval, oidx, block=2048, cap=1024, small=64, pack=False):
         if part != "restore":
             ts._emit_tail[(P, 1)](row, ws.hist, ws.scratch, tv, ti, bv, bi, tc, bc, oval, oidx, row.shape[-1], C, P,
                                   row.stride(0), oval.stride(0), 1, 0, K, RATIO=0, BLOCK=block, QB=128, KP=next_pow2(K),
-                                  CAP=cap, SMALL=small, ASM=sel.asm_stores_on(None), PDL=0, PACK=pack, num_warps=8)
+                                  CAP=cap, SMALL=small, ASM=sel.asm_stores_on(None), PDL=0, num_warps=8)
     run("emit")
     ok = bool(torch.equal(oidx, i) and torch.equal(oval, v))
     ws.hist.zero_()
@@ -130,11 +127,9 @@ def main():
         methods = {"select": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False),
                    "select_pdl": lambda row=row: sel.radix_select(row, K, workspace=ws, one_launch=False, pdl=True),
                    **({"tail": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=False),
-                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, pack=False),
-                       "tail_pack": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True, pack=True),
-                       **{f"tail_pack_w{w}": lambda row=row, w=w: ts.tail_select(row, K, workspace=ws, pdl=True,
-                                                                                 pack=True, num_warps=w)
-                          for w in (4, 16)}}
+                       "tail_pdl": lambda row=row: ts.tail_select(row, K, workspace=ws, pdl=True),
+                       **{f"tail_w{w}": lambda row=row, w=w: ts.tail_select(row, K, workspace=ws, pdl=True,
+                                                                            num_warps=w) for w in (4, 16)}}
                       if nm == "fp32" else {}),
                    "torch": lambda row=row: torch.topk(row, K)}
         for m, fn in methods.items():
@@ -148,19 +143,14 @@ def main():
         out[f"select_{nm}_launches_match_radix_select"] = bool(torch.equal(oidx, i) and torch.equal(oval, v))
         out[f"select_{nm}_launches_us"] = {j: bench_graph(lambda j=j: run(j))["ms"] * 1e3 for j in range(NL + 2)}
         ws.hist.zero_()
-        for pack, sfx in ((False, ""), (True, "_pack")) if nm == "fp32" else ():
-            run, ok = tail_parts(row, ws, oval, oidx, pack=pack)     # restore only, walk and ticket, the whole emit
-            out[f"tail_parts{sfx}_match_tail_select"] = ok
-            out[f"tail_parts{sfx}_us"] = {part: bench_graph(lambda part=part: run(part))["ms"] * 1e3
-                                          for part in ("restore", "walk", "emit")}
-            out[f"tail_parts{sfx}_gpu_us"] = {part: bench_graph(lambda part=part: run(part), hold=True)["ms"] * 1e3
-                                              for part in ("restore", "walk", "emit")}
+        if nm == "fp32":
+            run, ok = tail_parts(row, ws, oval, oidx)                # restore only, walk and ticket, the whole emit
+            out["tail_parts_match_tail_select"] = ok
+            out["tail_parts_us"] = {part: bench_graph(lambda part=part: run(part))["ms"] * 1e3
+                                    for part in ("restore", "walk", "emit")}
+            out["tail_parts_gpu_us"] = {part: bench_graph(lambda part=part: run(part), hold=True)["ms"] * 1e3
+                                        for part in ("restore", "walk", "emit")}
             ws.hist.zero_()
-        if nm == "fp32":                       # packed or not, the same slots: radix_select's
-            for pack in (False, True):
-                vc, ic = ts.tail_select(row, K, workspace=ws, pack=pack)
-                out[f"tail{'_pack' if pack else ''}_same_as_radix_select"] = bool(torch.equal(ic, i)
-                                                                              and torch.equal(vc, v))
         print(nm, {kk: vv for kk, vv in out.items() if nm in kk}, flush=True)
     anatomy = out["replay_anatomy"] = {}
     for nm, fn in (("floor", lambda: _touch[(128,)](flag, num_warps=8)),

@@ -660,14 +660,12 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
                 # the tail select (fp32 rows: two digits, then the exact tail; tailselect.py), over the shape's
-                # programs, in reverse program order on CPU (another program is the row's last), its counts packed
-                # or not: the same bits
-                runs = [(False, False, False), (False, False, True)] if device == "cpu" else \
-                    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
-                for a, (asm, pdl, pack) in enumerate(runs) if dt == torch.float32 else ():
+                # programs, in reverse program order on CPU (another program is the row's last): the same bits
+                runs = [(False, False)] if device == "cpu" else [(False, False), (True, False), (True, True)]
+                for a, (asm, pdl) in enumerate(runs) if dt == torch.float32 else ():
                     with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
                         v2, i2 = tail_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
-                                             asm_stores=asm, pdl=pdl, pack=pack)
+                                             asm_stores=asm, pdl=pdl)
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
                         f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
@@ -701,14 +699,13 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
         v, i = radix_select(x, 40, programs=sp, block=64, workspace=ws)
         gv = torch.full((3, 48), 7.0, device=device)             # outputs inside guards: no write may land outside
         gi = torch.full((3, 48), -7, dtype=torch.int32, device=device)
-        for pack in (False, True):
-            v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small, pack=pack,
-                                 out=(gv[1:2, :40], gi[1:2, :40]))
-            tag = f"tail_select cap={cap} small_cap={small} programs={sp} pack={pack}"
-            assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) \
-                and not ws.hist.any(), f"{tag}: differs bitwise from radix_select"
-            gv[1:2, :40], gi[1:2, :40] = 7.0, -7
-            assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
+        v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small,
+                             out=(gv[1:2, :40], gi[1:2, :40]))
+        tag = f"tail_select cap={cap} small_cap={small} programs={sp}"
+        assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) \
+            and not ws.hist.any(), f"{tag}: differs bitwise from radix_select"
+        gv[1:2, :40], gi[1:2, :40] = 7.0, -7
+        assert (gv == 7.0).all() and (gi == -7).all(), f"{tag}: wrote outside its out"
     for kw, needle in (({"val": x.bfloat16()}, "val.dtype=torch.bfloat16"),
                        ({"val": x.half()}, "val.dtype=torch.float16"), ({"cap": 48}, "cap=48"),
                        ({"cap": 16, "small_cap": 32}, "small_cap=32")):

@@ -44,8 +44,8 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
-from .select import (SelectWorkspace, _add_pair, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base,
-                     _scatter, _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
+from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
+                     _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
                      rows_and_outputs)
 
 # The default of tail_select's `pdl`: its emit and second digit launch start before the launch before them ends
@@ -53,15 +53,10 @@ from .select import (SelectWorkspace, _add_pair, _chunk_at, _clear_row, _hist_le
 # and a 256K row measured faster with it (benchmarks/README.md T5).
 PDL = True
 
-# The default of tail_select's `pack`: the emit's walk and tail count their two lists in one scan of both counts
-# packed into one int32 (each < 2^16), and sum the suffix counts' two totals in one two-operand reduction: fewer
-# CTA-wide steps on the launch's serial path; the same slots.
-PACK = False
-
 
 @triton.jit
 def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr, CAP: tl.constexpr,
-               ASM: tl.constexpr, PACK: tl.constexpr):
+               ASM: tl.constexpr):
     """The row's picks from TEMP (n16 entries above the bucket) and the bucket (nB <= CAP entries), both in index
     order: t's low 16 bits (the krem-th largest low part: in a tile of at most 64 entries from each entry's count of
     entries >= it, one (CAP, CAP) compare; in a larger one by bisection), then every pick at its slot from TC /
@@ -89,14 +84,8 @@ def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem,
                 tl16 = cand
     g = low > tl16                                             # bucket picks > t
     e = low == tl16                                            # bucket entries == t
-    if PACK:               # picks > t in the low half, entries == t in the high half: one scan (CAP < 2^16)
-        ge2 = tl.cumsum(g.to(tl.int32) | (e.to(tl.int32) << 16), 0)
-        gcum = ge2 & 0xFFFF
-        rank = (ge2 >> 16) - 1
-        nbg = tl.max(gcum, 0)
-    else:
-        gcum = tl.cumsum(g.to(tl.int32), 0)
-        nbg = tl.sum(g.to(tl.int32), 0)
+    gcum = tl.cumsum(g.to(tl.int32), 0)
+    nbg = tl.sum(g.to(tl.int32), 0)
     # TEMP entry j: its slot is j + the bucket picks > t with a lower index (of the pos bucket entries before it)
     slot_c = jc + tl.where(pos > 0, tl.gather(gcum, tl.maximum(pos - 1, 0), 0), 0)
     _scatter(OVAL + obase + slot_c, cv, mc, ASM)
@@ -106,8 +95,7 @@ def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem,
     _scatter(OVAL + obase + slot_b, bv, g, ASM)
     _scatter(OIDX + obase + slot_b, tl.where(bv == float("-inf"), -1, bi), g, ASM)
     # the r = krem - nbg lowest-index bucket entries == t, after every pick > t
-    if not PACK:
-        rank = tl.cumsum(e.to(tl.int32), 0) - 1
+    rank = tl.cumsum(e.to(tl.int32), 0) - 1
     take = e & (rank < krem - nbg)
     slot_t = n16 + nbg + rank
     _scatter(OVAL + obase + slot_t, bv, take, ASM)
@@ -144,7 +132,7 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
 @triton.jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr,
-               ASM: tl.constexpr, PDL: tl.constexpr, PACK: tl.constexpr):
+               ASM: tl.constexpr, PDL: tl.constexpr):
     """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
     PDL: _common.pdl_modes. Beside each TEMP / BUCK entry, TC / BC: how many entries of the other list come before
     it."""
@@ -182,13 +170,8 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
             s0 = tl.load(qrow + b0 + 1, mask=mq & (b0 + 1 < 256), other=0, volatile=True)
             s1 = tl.load(qrow + 256 + b1 + 1, mask=mq & (b1 + 1 < 256), other=0, volatile=True)
             s1b = tl.load(qrow + 256 + b1, mask=mq, other=0, volatile=True)
-            if PACK:
-                sa, sb = tl.reduce((s0 + s1, s1b - s1), 0, _add_pair)
-                ga += sa
-                gb += sb
-            else:
-                ga += tl.sum(s0 + s1, 0)
-                gb += tl.sum(s1b - s1, 0)
+            ga += tl.sum(s0 + s1, 0)
+            gb += tl.sum(s1b - s1, 0)
         tb = row.to(tl.int64) * k
         bb = row.to(tl.int64) * CAP
         for st in range(c0, c1, BLOCK):
@@ -199,37 +182,25 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
             u16 = (_ukey(v) >> 16) & 0xFFFF
             above = m & (u16 > t16)
             inb = m & (u16 == t16)
-            if PACK:       # above in the low half, in the bucket in the high half: one scan (BLOCK < 2^16)
-                both = above.to(tl.int32) | (inb.to(tl.int32) << 16)
-                cs = tl.cumsum(both, 0)
-                pa = ga + (cs & 0xFFFF) - 1
-                pb = gb + (cs >> 16) - 1
-            else:
-                pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
-                pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
+            pa = ga + tl.cumsum(above.to(tl.int32), 0) - 1
+            pb = gb + tl.cumsum(inb.to(tl.int32), 0) - 1
             _scatter(TV + tb + pa, v, above, ASM)
             _scatter(TI + tb + pa, offs, above, ASM)
             _scatter(BV + bb + pb, v, inb & (pb < CAP), ASM)
             _scatter(BI + bb + pb, offs, inb & (pb < CAP), ASM)
             _scatter(TC + tb + pa, pb + 1, above, ASM)          # the other list's entries before this one
             _scatter(BC + bb + pb, pa + 1, inb & (pb < CAP), ASM)
-            if PACK:
-                tot = tl.sum(both, 0)
-                ga += tot & 0xFFFF
-                gb += tot >> 16
-            else:
-                ga += tl.sum(above.to(tl.int32), 0)
-                gb += tl.sum(inb.to(tl.int32), 0)
+            ga += tl.sum(above.to(tl.int32), 0)
+            gb += tl.sum(inb.to(tl.int32), 0)
             x = xn
         # ticket: this program's stores and table reads before it (barrier, then release); the row's last program
         # (acquire) reads every other one's stores
         tl.debug_barrier()
         if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
             if nB <= SMALL:                                                    # the usual bucket: a small tile
-                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, SMALL, ASM,
-                           PACK)
+                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, SMALL, ASM)
             elif nB <= CAP:
-                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, CAP, ASM, PACK)
+                _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, CAP, ASM)
             else:
                 _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK, ASM)
             _clear_row(HIST, hbase, 2, 8)
@@ -241,7 +212,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                first_level: int = 0, pdl: bool | None = None, pack: bool | None = None):
+                first_level: int = 0, pdl: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
@@ -250,8 +221,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
-    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL). pack: the
-    walk's and tail's counts packed in one scan (this module's PACK; None: PACK)."""
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -293,9 +263,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                             launch_pdl=on)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, tc, bc, oval, oidx, L, C, P, val.stride(0),
                        oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, CAP=CAP, SMALL=SMALL,
-                       ASM=asm_stores_on(asm_stores), PDL=modes[-1],
-                       PACK=bool(PACK if pack is None else pack) and max(BLOCK, CAP) < 65536, num_warps=num_warps,
-                       launch_pdl=on)
+                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, launch_pdl=on)
     return oval, oidx
 
 
