@@ -74,3 +74,24 @@ def test_csa_try_settings_apply_and_bad_names_exit_2(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         bench_csa._apply_try(("fast",))
     assert e.value.code == 2 and "CSA_TRY='fast'" in capsys.readouterr().err
+
+
+def test_replays_us_takes_the_median_capture(monkeypatch):
+    """replays_us with captures=3 times three captures both ways, in turn, and keeps each way's middle one (and every
+    capture's); with one capture it keeps that one and lists none."""
+    times = iter([0.021, 0.018, 0.019, 0.0185, 0.025, 0.017])           # ms: capture 1 (one call, GPU), 2, 3
+    calls = []
+
+    def fake(fn, reps=50, hold=False):
+        calls.append(hold)
+        return {"ms": next(times)}
+    monkeypatch.setattr(common, "bench_graph", fake)
+    out = {}
+    common.replays_us(out, "x", lambda: None, captures=3)
+    assert calls == [False, True] * 3
+    assert out["x_us"] == 21.0 and out["x_gpu_us"] == 18.0, out
+    assert out["x_captures_us"] == [21.0, 19.0, 25.0] and out["x_gpu_captures_us"] == [18.0, 18.5, 17.0], out
+    times = iter([0.03, 0.02])
+    out = {}
+    common.replays_us(out, "y", lambda: None)
+    assert out == {"y_us": 30.0, "y_gpu_us": 20.0}
