@@ -30,8 +30,7 @@ one launch, P programs per row as before:
             (the bucket's picks > t among the bucket entries before a TEMP entry). With nB > CAP (many entries
             sharing their top 16 bits at the threshold, as in a row of ties) it finds t's low 16 bits by two 8-bit
             histograms streamed over the row, then writes every pick streaming over the row (one program: slow,
-            exact). Then it zeroes the row's table (select.py
-            _clear_row).
+            exact). Then it zeroes the row's table (select.py _clear_row).
 
 Output: radix_select's, slot for slot (select.py docstring: entries > t in index order, then the lowest-index
 entries == t; -inf picks report -1; rows with n <= k visible entries take them all, slot = column). frontier as in
@@ -253,8 +252,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     ti = torch.empty(R * k, dtype=torch.int32, device=val.device)
     bv = torch.empty(R * CAP, dtype=torch.float32, device=val.device)       # BUCK: the bucket's first CAP entries
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
-    tc = torch.empty(R * k, dtype=torch.int32, device=val.device)    # TC / BC: the other list's entries before each
-    bc = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
+    tc = torch.empty(R * k, dtype=torch.int32, device=val.device)          # TC / BC: beside each TEMP / BUCK entry,
+    bc = torch.empty(R * CAP, dtype=torch.int32, device=val.device)        # the other list's entries before it
     on = pdl_on(PDL if pdl is None else pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
