@@ -361,6 +361,15 @@ def decode(N):
     with mock.patch.object(sd, "PDL", True):   # its two launches with programmatic dependent launch: the same output
         out["sparse_attn_pdl_same"] = all(map(torch.equal, attend(), plain))
         replays_us(out, "sparse_attn_pdl", attend)
+    # fewer, longer splits than the planner's (~4 x SMs programs: at one query one 32-entry block each, NS 20 here);
+    # the combine launch reads every split's partials: sparse_attn_ns<n>_* (n: num_splits asked; NS as planned)
+    for ns in (4, 8, 16):
+        def attend_ns(ns=ns):
+            return sd.sparse_attn_decode_fwd(q, kv, comp, idx, sink, D ** -0.5, W, q_offset=N - 1, num_splits=ns)
+        o_ns, lse_ns = attend_ns()
+        out[f"sparse_attn_ns{ns}_close"] = bool(torch.allclose(o_ns.float(), plain[0].float(), atol=2e-2, rtol=2e-2)
+                                               and torch.allclose(lse_ns, plain[1], atol=1e-4, rtol=1e-5))
+        replays_us(out, f"sparse_attn_ns{ns}", attend_ns)
     if best is not None:
         out["best_indexer"] = best
         # the best indexer timed again in CAPTURES captures of its own (its figure above, one capture, chose it: the
