@@ -137,7 +137,12 @@ def test_compiled_flex_uses_the_block_tables():
         pytest.skip("torch.compile on CPU needs a C++ compiler: none of $CXX, c++, g++, clang++ is on PATH")
     flex = torch.compile(fa.flex_attention, dynamic=False)
     v_all = kv_all.clone()                     # torch 2.11's CPU Flex lowering refuses K and V as one buffer
-    o = flex(q.transpose(1, 2), kv_all, v_all, block_mask=bm, scale=D ** -0.5, enable_gqa=True)
+    try:
+        o = flex(q.transpose(1, 2), kv_all, v_all, block_mask=bm, scale=D ** -0.5, enable_gqa=True)
+    except Exception as e:                     # torch's own platform limit: its CPU Flex lowering needs AVX2
+        if "not supported for CPU" not in str(e):
+            raise
+        pytest.skip(f"torch.compile's CPU Flex lowering refuses this CPU (it needs AVX2): {str(e).splitlines()[0]}")
     o_bad = flex(q.transpose(1, 2), kv_all, v_all, block_mask=bad, scale=D ** -0.5, enable_gqa=True)
     ref = hca_attn_naive(q.double(), kv.double(), comp.double(), None, D ** -0.5, W, R).transpose(1, 2)
     assert (o.double() - ref).abs().max().item() < 1e-5
