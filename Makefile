@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv install reproduce test test-fast test-lab notebooks lab clean
+.PHONY: venv install reproduce test test-fast test-isa test-lab notebooks lab clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab
 	$(PY) scripts/run_notebooks.py --check
 	env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
+
+## The tests and the notebooks' checked outputs as on other x86 CPUs (tests/README.md, "Another x86 CPU"): ATen's
+## kernels and Inductor's code at AVX2 and at no vector ISA (ATEN_CPU_CAPABILITY), each setting with an Inductor cache
+## of its own. About 35 min on 2 cores; not part of `make test`.
+test-isa: $(STAMP)
+	@for cap in avx2 default; do \
+	  dir=$$(mktemp -d) && echo "== ATEN_CPU_CAPABILITY=$$cap" && \
+	  ATEN_CPU_CAPABILITY=$$cap TORCHINDUCTOR_CACHE_DIR=$$dir $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab && \
+	  ATEN_CPU_CAPABILITY=$$cap TORCHINDUCTOR_CACHE_DIR=$$dir env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider \
+	    --nbval-lax --nbval-current-env notebooks && rm -rf $$dir || exit 1; \
+	done
 
 ## Re-execute every notebook at its CI setting and write it back with its outputs and figures; then commit notebooks/.
 notebooks: $(STAMP)
