@@ -32,7 +32,7 @@ test: $(STAMP)
 
 ## The tests and the notebooks' checked outputs as on other x86 CPUs (tests/README.md, "Another x86 CPU"): ATen's
 ## kernels and Inductor's code at AVX2 and at no vector ISA (ATEN_CPU_CAPABILITY), each setting with an Inductor cache
-## of its own. About 35 min on 2 cores; not part of `make test`.
+## of its own. About 30 min on 2 cores; not part of `make test`.
 test-isa: $(STAMP)
 	@for cap in avx2 default; do \
 	  dir=$$(mktemp -d) && echo "== ATEN_CPU_CAPABILITY=$$cap" && \
