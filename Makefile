@@ -31,14 +31,18 @@ test: $(STAMP)
 	env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
 
 ## The tests and the notebooks' checked outputs as on other x86 CPUs (tests/README.md, "Another x86 CPU"): ATen's
-## kernels and Inductor's code at AVX2 and at no vector ISA (ATEN_CPU_CAPABILITY), each setting with an Inductor cache
-## of its own. About 30 min on 2 cores; not part of `make test`.
+## kernels, Inductor's code, MKL's GEMMs and oneDNN's kernels limited to AVX2, then to no wider than SSE4
+## (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), each setting with an Inductor cache of its own.
+## About 30 min on 2 cores; not part of `make test`.
+ISA_SETTINGS := avx2:AVX2:AVX2 default:SSE4_2:SSE41
 test-isa: $(STAMP)
-	@for cap in avx2 default; do \
-	  dir=$$(mktemp -d) && echo "== ATEN_CPU_CAPABILITY=$$cap" && \
-	  ATEN_CPU_CAPABILITY=$$cap TORCHINDUCTOR_CACHE_DIR=$$dir $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab && \
-	  ATEN_CPU_CAPABILITY=$$cap TORCHINDUCTOR_CACHE_DIR=$$dir env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider \
-	    --nbval-lax --nbval-current-env notebooks && rm -rf $$dir || exit 1; \
+	@for s in $(ISA_SETTINGS); do \
+	  cap=$${s%%:*}; rest=$${s#*:}; mkl=$${rest%%:*}; dnn=$${rest#*:}; dir=$$(mktemp -d) && \
+	  echo "== ATEN_CPU_CAPABILITY=$$cap MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn" && \
+	  export ATEN_CPU_CAPABILITY=$$cap MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn TORCHINDUCTOR_CACHE_DIR=$$dir && \
+	  $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab && \
+	  env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks && \
+	  rm -rf $$dir || exit 1; \
 	done
 
 ## Re-execute every notebook at its CI setting and write it back with its outputs and figures; then commit notebooks/.
