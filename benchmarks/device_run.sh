@@ -4,11 +4,17 @@
 #   bash benchmarks/device_run.sh "<pytest -k expression or ->" <family> [family ...]
 #   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240; SLOW_FIRST: a grep -E pattern of the test ids started first; a case that ran out of GPU memory beside the others is run again alone afterwards, all such within RETRY_TIMEOUT s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only),
 #        PROBES="probe_mhc_parts.py probe_host.py ..." (benchmarks/ scripts run last, one after another, each capped at PROBE_TIMEOUT s, default 120; their JSON lands in benchmarks/results)
+#        NEED_GPU (a grep -E pattern, e.g. H200: on a card whose name does not match, say so and exit 3 before anything
+#        runs, so a machine of the wrong kind costs only its start)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 K=$1; shift
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
+if [ -n "${NEED_GPU:-}" ] && ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -qE "$NEED_GPU"; then
+  echo "device_run.sh: NEED_GPU=$NEED_GPU; this card is $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): nothing run"
+  exit 3
+fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "$K" != "-" ]; then
   # one pytest process per test, TEST_JOBS at a time (Triton compiles are CPU-bound; the GPU has room for several),
