@@ -25,25 +25,22 @@ reproduce: $(STAMP)
 ## The whole suite: unit tests, torchrun, parity, kernel interpreter tests (not the browser test, see test-lab), then
 ## the committed notebooks: executed and clean (--check), and re-run by nbval, which compares the cells marked
 ## `# NBVAL_CHECK_OUTPUT` with their committed outputs.
+PYTEST_SUITE := $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab
+PYTEST_NBVAL := env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab
+	$(PYTEST_SUITE)
 	$(PY) scripts/run_notebooks.py --check
-	env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
+	$(PYTEST_NBVAL)
 
 ## The tests and the notebooks' checked outputs as on other x86 CPUs (tests/README.md, "Another x86 CPU"): ATen's
 ## kernels, Inductor's code, MKL's GEMMs and oneDNN's kernels limited to AVX2, then to no wider than SSE4
 ## (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), each setting with an Inductor cache of its own.
-## About 30 min on 2 cores; not part of `make test`.
-ISA_SETTINGS := avx2:AVX2:AVX2 default:SSE4_2:SSE41
+## 29 min on 2 cores; not part of `make test`.
+isa_run = dir=$$(mktemp -d) && echo "== $(1)" && \
+	  env $(1) TORCHINDUCTOR_CACHE_DIR=$$dir sh -c '$(PYTEST_SUITE) && $(PYTEST_NBVAL)' && rm -rf $$dir
 test-isa: $(STAMP)
-	@for s in $(ISA_SETTINGS); do \
-	  cap=$${s%%:*}; rest=$${s#*:}; mkl=$${rest%%:*}; dnn=$${rest#*:}; dir=$$(mktemp -d) && \
-	  echo "== ATEN_CPU_CAPABILITY=$$cap MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn" && \
-	  export ATEN_CPU_CAPABILITY=$$cap MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn TORCHINDUCTOR_CACHE_DIR=$$dir && \
-	  $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/lab && \
-	  env -u MPLBACKEND $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks && \
-	  rm -rf $$dir || exit 1; \
-	done
+	@$(call isa_run,ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2)
+	@$(call isa_run,ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41)
 
 ## Re-execute every notebook at its CI setting and write it back with its outputs and figures; then commit notebooks/.
 notebooks: $(STAMP)
