@@ -661,14 +661,20 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
                         f"{tag}: radix_select one_launch (run {a + 1}) differs bitwise from the multi-launch select"
                 # the tail select (fp32 rows: two digits, then the exact tail; tailselect.py), over the shape's
                 # programs, in reverse program order on CPU (another program is the row's last): the same bits
-                runs = [(False, False)] if device == "cpu" else [(False, False), (True, False), (True, True)]
-                for a, (asm, pdl) in enumerate(runs) if dt == torch.float32 else ():
-                    with _programs_reversed() if device == "cpu" else contextlib.nullcontext():
+                # (asm_stores, pdl, one_launch, programs reversed on CPU); one_launch on CPU: the emit with every
+                # program's ticket (the one launch's rule), in program order (the row's last program may be one
+                # past the row's entries) and reversed
+                runs = [(False, False, False, True), (False, False, True, True), (False, False, True, False)] \
+                    if device == "cpu" else [(False, False, False, False), (True, False, False, False),
+                                             (True, True, False, False), (False, False, True, False),
+                                             (True, False, True, False)]
+                for a, (asm, pdl, one, rev) in enumerate(runs) if dt == torch.float32 else ():
+                    with _programs_reversed() if rev else contextlib.nullcontext():
                         v2, i2 = tail_select(xd, k, frontier=fr, programs=P, block=blk, workspace=ws,
-                                             asm_stores=asm, pdl=pdl)
+                                             asm_stores=asm, pdl=pdl, one_launch=one)
                     assert not ws.hist.any(), f"{tag}: tail_select left the histograms / counter nonzero"
                     assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)), \
-                        f"{tag}: tail_select (run {a + 1}) differs bitwise from radix_select"
+                        f"{tag}: tail_select (run {a + 1}, one_launch={one}) differs bitwise from radix_select"
                 # the sieve select (one program per row): radix_select's result, bitwise
                 for a in range(1 if device == "cpu" else 2):
                     paths = torch.full((R,), -1, dtype=torch.int32, device=device)
@@ -695,13 +701,14 @@ def case_indexer_select(device="cpu", big=False, dtype=torch.float32):
     x[0, ::7] = 1.5 + torch.randint(0, 6, (43,), generator=g).float() * 2 ** -22
     x[0, 5::11] = 3.0 + torch.rand(27, generator=g)
     x = x.to(device)
-    for (cap, small), sp in itertools.product(((128, 64), (64, 16), (128, 16), (16, 16)), (1, 3, 5)):
+    for (cap, small), sp, one in itertools.product(((128, 64), (64, 16), (128, 16), (16, 16)), (1, 3, 5),
+                                                   (False, True)):
         v, i = radix_select(x, 40, programs=sp, block=64, workspace=ws)
         gv = torch.full((3, 48), 7.0, device=device)             # outputs inside guards: no write may land outside
         gi = torch.full((3, 48), -7, dtype=torch.int32, device=device)
         v2, i2 = tail_select(x, 40, programs=sp, block=64, workspace=ws, cap=cap, small_cap=small,
-                             out=(gv[1:2, :40], gi[1:2, :40]))
-        tag = f"tail_select cap={cap} small_cap={small} programs={sp}"
+                             out=(gv[1:2, :40], gi[1:2, :40]), one_launch=one)
+        tag = f"tail_select cap={cap} small_cap={small} programs={sp} one_launch={one}"
         assert torch.equal(i2, i) and torch.equal(v2.view(torch.int32), v.view(torch.int32)) \
             and not ws.hist.any(), f"{tag}: differs bitwise from radix_select"
         gv[1:2, :40], gi[1:2, :40] = 7.0, -7

@@ -51,6 +51,19 @@ def test_tail_select_emit_compiles_for_the_gpu():
         assert (r["pdl_waits"] >= 3) if key.endswith("_pdl") else (r["pdl_waits"] == 0), (key, r["pdl_waits"])
 
 
+def test_tail_one_launch_compiles_for_the_gpu():
+    """The tail select in one launch (tailselect.py _tail_one_launch) never runs under the interpreter (its grid
+    barriers need every program resident at once), so the compile check never sees it: compiled here for sm_90
+    through ptxas, both store forms, from digit 0 and from digit 1: no spills, and with the inline stores at most 128
+    registers per thread at 8 warps (two programs fit an SM)."""
+    import kernel_registers as kr
+    res = kr.tail_one_launch()
+    assert len(res) == 4, sorted(res)
+    for key, r in res.items():
+        cap = 128 if "_asm" in key else 255
+        assert 0 < r["registers"] <= cap and r["spill_stores"] == 0, (key, r)
+
+
 def test_select_inline_stores_compile_without_layout_conversions():
     """The selects' scattered stores as inline PTX (select.py _scatter, ASM) compile for sm_90 through ptxas, and
     the sieve and row selects keep their rows in the layout they were loaded in: with tl.store, Triton gives each

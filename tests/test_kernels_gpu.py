@@ -291,7 +291,9 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     its indices too (lower index first among ties). The select methods run twice: as the library runs them and with
     the score launch counting the select's first digit (fuse_level0: same checks, and the same picks bit for bit).
     They also run without and with programmatic dependent launch (select.PDL and tailselect.PDL, the fp32 rows' tail
-    select: each launch starts before the one before it ends), captured and replayed so."""
+    select: each launch starts before the one before it ends), captured and replayed so, and as one launch
+    (select.ONE_LAUNCH: the digits and the emit of radix_select or the tail select in one cooperative launch with
+    grid barriers), unfused and fused."""
     from dsv4_lab.kernels.indexer_topk.naive import indexer_scores, indexer_topk_naive
     from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk import tailselect as ts
@@ -302,14 +304,17 @@ def test_indexer_select_decode_graph_and_long_prefill_rows():
     runs = [("auto", None, False), ("select", None, False), ("select_bf16", None, False), ("select", True, False),
             ("select_bf16", True, False), ("select", None, True), ("select_bf16", None, True), ("select", True, True),
             ("select_bf16", True, True)]
-    for m, fuse, pdl in runs:                                            # auto: AUTO["decode"] (bf16 inputs)
+    runs = [r + (False,) for r in runs] + [(m, fuse, False, True) for m in ("select", "select_bf16")
+                                           for fuse in (False, True)]
+    for m, fuse, pdl, one in runs:                                       # auto: AUTO["decode"] (bf16 inputs)
         ref = full.bfloat16().float() if (AUTO["decode"] if m == "auto" else m).endswith("_bf16") else full
         want = torch.topk(ref, 512, dim=-1).values.sort(-1, descending=True).values
         _, want_idx = kc.select_expected(ref.view(1, -1), [ref.shape[-1]], 512)      # (1, 512) select's slot order
-        def fn(m=m, fuse=fuse, pdl=pdl):
-            with mock.patch.object(sel, "PDL", pdl), mock.patch.object(ts, "PDL", pdl):
+        def fn(m=m, fuse=fuse, pdl=pdl, one=one):
+            with mock.patch.object(sel, "PDL", pdl), mock.patch.object(ts, "PDL", pdl), \
+                    mock.patch.object(sel, "ONE_LAUNCH", one):
                 return indexer_topk_triton(qI, kI, w, 512, 4, q_offset=N - 1, method=m, fuse_level0=fuse)
-        m = m + ("_fused" if fuse else "") + ("_pdl" if pdl else "")     # the name in the messages below
+        m = m + ("_fused" if fuse else "") + ("_pdl" if pdl else "") + ("_one_launch" if one else "")   # (messages)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

@@ -27,7 +27,8 @@ are all equal). A row of L entries is cut into P chunks of C entries (whole bloc
 
     one launch  (one_launch=True; ONE_LAUNCH for the default) the same levels and emit in one launch, a grid barrier
                 per row in place of each launch boundary (_select_one_launch): for few rows, where every launch
-                costs latency, with every program resident at once (P R <= the SMs)
+                costs latency, with every program resident at once (P R <= the SMs; launched cooperatively,
+                COOPERATIVE, so that the driver guarantees it or fails the launch)
     digit 0     (first_level=1) already counted, with its suffix counts, by the launch that wrote the rows
                 (indexer_topk/triton.py indexer_scores_triton level0: each score program runs launch 0's program,
                 _hist_body, on the chunk it scored): the launches start at digit 1
@@ -69,10 +70,14 @@ from .._common import INTERPRET, check_device, dep_wait, pdl_modes, sm_count, tl
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
 ROW_WORDS = HMAX + 1 + 2 * 8                  # a row's table (_row_base): the bins, the ticket, <= 8 digits' records
-# radix_select's default where R <= SMs (one_launch=None). Off: the one launch is ~1.5 us faster at decode but its
-# grid barriers assume every program is resident at once, which nothing guarantees (an MPS SM limit, kernels of
-# other streams); where that fails the GPU hangs instead of erring (docs/kernels.md §3).
-ONE_LAUNCH = False
+# radix_select's and tail_select's default (one_launch=None; one_launch_plan): one launch where a call's programs
+# all fit the SMs at once as they are (P R <= SMs: decode's rows). Measured on an H100, each form's 7 captures in
+# turn (benchmarks/probe_one_launch.py): never slower, up to 1 us faster (benchmarks/README.md T5).
+ONE_LAUNCH = True
+# The one-launch selects launched cooperatively (CUDA's cooperative launch, Triton's launch_cooperative_grid): the
+# driver starts the grid only with every program resident at once, and fails the launch where they cannot all be
+# (an MPS SM limit, too many programs for the SMs) instead of letting the grid barriers spin forever.
+COOPERATIVE = True
 # The default store form of the selects' compacted picks and candidates (_scatter; `asm_stores` of radix_select,
 # sieve_select, row_select): inline PTX stores on the GPU when True. Compiled for sm_90 they leave 0-2 of the sieve
 # kernel's 14-16 layout conversions (benchmarks/kernel_registers.py `layout_converts`), the cost the sieve's stage
@@ -91,6 +96,33 @@ def asm_stores_on(asm_stores: bool | None) -> bool:
     PTX: "ttir analysis hit an op we do not know how to analyze: tt.elementwise_inline_asm"); the same picks."""
     return (ASM_STORES if asm_stores is None else bool(asm_stores)) and not INTERPRET \
         and not torch.compiler.is_compiling()
+
+
+def cooperative_on(device: torch.device) -> bool:
+    """Whether a one-launch select is launched cooperatively: COOPERATIVE on a CUDA device, never under the
+    interpreter (which runs the one-launch selects as separate launches)."""
+    return COOPERATIVE and not INTERPRET and device.type == "cuda"
+
+
+def one_launch_plan(name: str, one_launch: bool | None, R: int, P: int, first_level: int,
+                    device: torch.device) -> tuple[bool, int]:
+    """(one launch or not, programs per row) of a split-row select of R rows over P programs each. one_launch=True:
+    one launch with P capped at SMs // R (R > SMs: a one-line ValueError naming `name`; with first_level=1 the
+    chunks are fixed, so launches apart where P R > SMs; the interpreter runs the SMs of select.SMS); None:
+    ONE_LAUNCH where the P R programs fit the SMs as they are, on a CUDA device, not while torch.compile traces
+    (its wrapper of Triton launches is not given the cooperative attribute); False: launches apart."""
+    if one_launch is None:
+        return (ONE_LAUNCH and device.type == "cuda" and not INTERPRET and not torch.compiler.is_compiling()
+                and P * R <= sm_count(device)), P
+    if not one_launch:
+        return False, P
+    sms = sm_count(device) if device.type == "cuda" else SMS
+    if R > sms:
+        raise ValueError(f"{name}: one_launch=True with R={R} rows; allowed: R <= {sms} (the SMs: every program of "
+                         "the launch must be resident at once)")
+    if first_level and P * R > sms:                           # level-0 chunks fixed: no fewer programs
+        return False, P
+    return True, min(P, sms // max(R, 1))
 
 
 def pdl_on(pdl: bool | None, device: torch.device) -> bool:
@@ -479,9 +511,9 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     block: entries per loop step of a program, a power of two (default 2048; 64 in the interpreter).
     out: (vals, idx) (R, k) fp32 / int32 views to write into (last dim contiguous, same row stride).
     one_launch: the NL digit launches and the emit as one launch with a grid barrier per level (_select_one_launch;
-    every program must be resident at once, so R <= the device's SMs and P is capped at SMs // R); None: ONE_LAUNCH
-    where R <= the SMs. The Triton interpreter runs program instances one after another, so there it runs the same
-    levels as separate launches. asm_stores: the emit's scattered stores as inline PTX (asm_stores_on).
+    every program must be resident at once: one_launch_plan, True caps P at SMs // R, None takes it where the P R
+    programs fit as they are). The Triton interpreter runs program instances one after another, so there it runs
+    the same levels as separate launches. asm_stores: the emit's scattered stores as inline PTX (asm_stores_on).
     first_level=1: digit 0 is already counted in the workspace, with its suffix counts, by the launch that wrote the
     rows (indexer_scores_triton level0) for these programs and chunks (block = the chunk, digit_bits = 8): the digit
     launches start at digit 1 (one launch only where those programs are all resident: P R <= the SMs).
@@ -494,13 +526,7 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
                          f"digit_bits=8 of the launch that counted digit 0; got workspace={type(workspace).__name__}, "
                          f"programs={programs}, block={block}, digit_bits={digit_bits}")
     P = default_programs(R, L) if programs is None else max(1, int(programs))
-    if one_launch or (one_launch is None and ONE_LAUNCH):
-        sms = sm_count(val.device) if val.is_cuda else SMS
-        if one_launch and R > sms:
-            raise ValueError(f"radix_select: one_launch=True with R={R} rows; allowed: R <= {sms} (the SMs: every "
-                             "program of the launch must be resident at once)")
-        one_launch = R <= sms and not (first_level and P * R > sms)   # level-0 chunks fixed: no fewer programs
-        P = min(P, sms // max(R, 1)) if one_launch else P
+    one_launch, P = one_launch_plan("radix_select", one_launch, R, P, first_level, val.device)
     DB = (8 if P > 1 else 4) if digit_bits is None else int(digit_bits)
     if DB not in (4, 8):
         raise ValueError(f"radix_select: digit_bits={DB}; allowed: 4, 8")
@@ -517,7 +543,8 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     if one_launch and not INTERPRET:
         _select_one_launch[(P, R)](val, ws.hist, ws.scratch, oval, oidx, L, C, P, val.stride(0), oval.stride(0), Tq,
                                    q0, k, NL=NL, DB=DB, RATIO=ratio, BLOCK=BLOCK, QB=128, FIRST=first_level,
-                                   ASM=asm_stores_on(asm_stores), num_warps=num_warps)
+                                   ASM=asm_stores_on(asm_stores), num_warps=num_warps,
+                                   launch_cooperative_grid=cooperative_on(val.device))
         return oval, oidx
     on = pdl_on(pdl, val.device)
     modes = pdl_modes(NL - first_level + 1, on)
@@ -531,4 +558,5 @@ def radix_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | Non
     return oval, oidx
 
 
-__all__ = ["radix_select", "default_programs", "digit_levels", "chunks", "SelectWorkspace"]
+__all__ = ["radix_select", "default_programs", "digit_levels", "chunks", "SelectWorkspace", "cooperative_on",
+           "one_launch_plan"]

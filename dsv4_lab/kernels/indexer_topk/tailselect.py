@@ -31,6 +31,12 @@ one launch, P programs per row as before:
             sharing their top 16 bits at the threshold, as in a row of ties) it finds t's low 16 bits by two 8-bit
             histograms streamed over the row, then writes every pick streaming over the row (one program: slow,
             exact). Then it zeroes the row's table (select.py _clear_row).
+    one launch  (one_launch=True; select.ONE_LAUNCH, the default where the programs fit) the digit launches and the
+            emit in one launch, a grid barrier per row after each digit (select.py's one-launch select), every
+            program resident at once (P R <= the SMs; a cooperative launch, select.COOPERATIVE). The barriers count
+            on the row's ticket counter, so every program, also one past the row's entries, takes an emit ticket:
+            the last of them, which reads t16, krem and nB itself, settles the tail and zeroes the table once no
+            program can still be waiting at a barrier.
 
 Output: radix_select's, slot for slot (select.py docstring: entries > t in index order, then the lowest-index
 entries == t; -inf picks report -1; rows with n <= k visible entries take them all, slot = column). frontier as in
@@ -43,14 +49,18 @@ from __future__ import annotations
 import torch
 
 from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
-from .select import (SelectWorkspace, _chunk_at, _clear_row, _hist_level, _pick_bin, _prefix, _row_base, _scatter,
-                     _store_picks, _take_chunk, _ukey, asm_stores_on, default_programs, level_chunks, pdl_on,
-                     rows_and_outputs)
+from .select import (SelectWorkspace, _arrive_and_wait, _chunk_at, _clear_row, _hist_body, _hist_level, _pick_bin,
+                     _prefix, _row_base, _scatter, _store_picks, _take_chunk, _ukey, asm_stores_on, cooperative_on,
+                     default_programs, level_chunks, one_launch_plan, pdl_on, rows_and_outputs)
 
 # The default of tail_select's `pdl`: its emit and second digit launch start before the launch before them ends
 # (programmatic dependent launch, select.py docstring), where _common.pdl_supported. On: the same picks, bit for bit,
 # and a 256K row measured faster with it (benchmarks/README.md T5).
 PDL = True
+# The one-launch tail select's register ceiling with the inline stores (maxnreg): left to itself ptxas compiled it
+# from digit 0 to 126 registers, but from digit 1 to 128 with 20 bytes of spill stores; under this ceiling to 128 /
+# 126 and no spills, two programs to an SM (benchmarks/kernel_registers.py tail_one_launch; sm_90, 8 warps).
+ONE_LAUNCH_MAXNREG = 128
 
 
 @triton.jit
@@ -131,23 +141,43 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
 @triton.jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr,
-               ASM: tl.constexpr, PDL: tl.constexpr):
-    """The third launch (grid (P, R)): program p's chunk to TEMP / BUCK, then the ticket; the last program's tail.
-    PDL: _common.pdl_modes. Beside each TEMP / BUCK entry, TC / BC: how many entries of the other list come before
-    it."""
+               ALL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """The third launch (grid (P, R)): _emit_tail_body, no tickets taken before it. ALL: every program takes one
+    (the one-launch select's rule, run here as its own launch under the interpreter). PDL: _common.pdl_modes."""
+    _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, tl.program_id(0),
+                    tl.program_id(1), 0, RATIO, BLOCK, QB, KP, CAP, SMALL, ALL, ASM, PDL)
+
+
+@triton.jit
+def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, TB,
+                    RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+                    SMALL: tl.constexpr, ALL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Program p of row `row` after both digits: its chunk to TEMP / BUCK, then the ticket; the last program's tail.
+    Beside each TEMP / BUCK entry, TC / BC: how many entries of the other list come before it. The row's counter
+    holds TB arrivals before this; ALL = False: the cdiv(n, C) programs with entries take a ticket each; ALL = True:
+    all P programs take one, those without entries too (the one-launch select: every program has passed the row's
+    grid barriers on the same counter before the last ticket clears it), and any of them may be the row's last, so
+    each reads t16, krem and the bucket's size itself. PDL: _common.pdl_modes (0 where the caller is not a launch
+    of its own)."""
     if PDL == 1:
         dep_wait()
-    p = tl.program_id(0)
-    row = tl.program_id(1)
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
+    H: tl.constexpr = 2 * 256
+    hbase = _row_base(row, 2, 8)
+    if ALL:
+        active = n > k
+    else:
+        active = c0 < n
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         if PDL == 2:
             dep_wait()
         _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK)
-    elif c0 < n:
-        H: tl.constexpr = 2 * 256
-        hbase = _row_base(row, 2, 8)
-        c1 = tl.minimum(c0 + C, n)
+        if ALL:                                        # the exit ticket: the last clears the barriers' counter
+            tl.debug_barrier()
+            if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == TB + P - 1:
+                _clear_row(HIST, hbase, 2, 8)
+    elif active:                                       # c0 < n (ALL: also a program past the row's entries)
+        c1 = tl.minimum(c0 + C, n)                     # (<= c0 for a program past them: no block to walk)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
         if PDL == 2:
             dep_wait()
@@ -162,7 +192,7 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
         # S_{q,1}[b1 + 1] (histogram 1 counts only the entries of digit 0 = b0)
         ga = k * 0
         gb = k * 0
-        for qs in range(0, p, QB):
+        for qs in range(0, tl.where(c0 < n, p, 0), QB):
             q = qs + tl.arange(0, QB)
             mq = q < p
             qrow = PH + (row.to(tl.int64) * (P - 1) + q) * H
@@ -195,7 +225,11 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
         # ticket: this program's stores and table reads before it (barrier, then release); the row's last program
         # (acquire) reads every other one's stores
         tl.debug_barrier()
-        if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == (n + C - 1) // C - 1:
+        if ALL:
+            last = TB + P - 1
+        else:
+            last = TB + (n + C - 1) // C - 1
+        if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == last:
             if nB <= SMALL:                                                    # the usual bucket: a small tile
                 _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, k - krem, krem, KP, SMALL, ASM)
             elif nB <= CAP:
@@ -207,11 +241,30 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
         dep_wait()
 
 
+@triton.jit
+def _tail_one_launch(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k,
+                     RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+                     SMALL: tl.constexpr, FIRST: tl.constexpr, ASM: tl.constexpr):
+    """The whole tail select in one launch (grid (P, R), every program resident: P R <= SMs, launched cooperatively:
+    select.COOPERATIVE): digits FIRST..1 (the ones before already counted), a grid barrier per row after each in
+    place of the launch boundary (select._arrive_and_wait, on the row's ticket counter), then the emit with every
+    program taking a ticket (_emit_tail_body ALL): the last one settles the tail and zeroes the table and the
+    counter for the next call."""
+    p = tl.program_id(0)
+    row = tl.program_id(1)
+    cnt = HIST + _row_base(row, 2, 8) + 2 * 256
+    for lev in range(FIRST, 2):
+        _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, lev, p, row, 2, 8, RATIO, BLOCK, 0)
+        _arrive_and_wait(cnt, (lev - FIRST + 1) * P)
+    _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row,
+                    (2 - FIRST) * P, RATIO, BLOCK, QB, KP, CAP, SMALL, True, ASM, 0)
+
+
 def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None = None,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None, programs: int | None = None,
                 workspace: SelectWorkspace | None = None, block: int | None = None, cap: int | None = None,
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
-                first_level: int = 0, pdl: bool | None = None):
+                first_level: int = 0, pdl: bool | None = None, one_launch: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
     in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
@@ -220,7 +273,12 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     of two <= cap (default min(64, cap)); out: (vals, idx) views to write into; asm_stores: select.asm_stores_on.
     first_level=1: digit 0 already counted into the workspace by the launch that wrote the rows, with NL = 2 tables
     (indexer_scores_triton level0 under triton.FP32_TAIL), over `programs` chunks of `block` entries: two launches.
-    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL)."""
+    pdl: the launches start early, programmatic dependent launch (select.pdl_on; None: this module's PDL).
+    one_launch: the digit launches and the emit as one launch (_tail_one_launch: a grid barrier per digit, every
+    program resident at once, launched cooperatively where select.COOPERATIVE; select.one_launch_plan: True caps
+    the programs at SMs // R, None takes it where the P R programs fit as they are). The interpreter runs one
+    program after another, so there the digits are launches of their own and the emit takes the one launch's
+    tickets (every program, _emit_tail_body ALL)."""
     R, L, oval, oidx = rows_and_outputs("tail_select", val, k, out)
     if val.dtype != torch.float32:
         raise ValueError(f"tail_select: val.dtype={val.dtype}; allowed: torch.float32 (bf16 rows: radix_select, "
@@ -241,9 +299,10 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
         raise ValueError("tail_select: first_level=1 needs the workspace, programs and block (the chunk) of the launch "
                          f"that counted digit 0; got workspace={type(workspace).__name__}, programs={programs}, "
                          f"block={block}")
+    P = default_programs(R, L) if programs is None else max(1, int(programs))
+    one_launch, P = one_launch_plan("tail_select", one_launch, R, P, first_level, val.device)
     BLOCK = int(block) if block is not None else (64 if INTERPRET else 2048)
-    P, C = level_chunks("tail_select", L, default_programs(R, L) if programs is None else max(1, int(programs)),
-                        BLOCK, first_level)
+    P, C = level_chunks("tail_select", L, P, BLOCK, first_level)
     ws = workspace if workspace is not None else SelectWorkspace(R, P, val.device)
     ws.fit_select(R, P, 2, 8, val.device)
     Tq, q0, ratio = frontier if frontier is not None else (1, 0, 0)
@@ -254,7 +313,15 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
     bi = torch.empty(R * CAP, dtype=torch.int32, device=val.device)
     tc = torch.empty(R * k, dtype=torch.int32, device=val.device)          # TC / BC: beside each TEMP / BUCK entry,
     bc = torch.empty(R * CAP, dtype=torch.int32, device=val.device)        # the other list's entries before it
-    on = pdl_on(PDL if pdl is None else pdl, val.device)
+    if one_launch and not INTERPRET:
+        asm = asm_stores_on(asm_stores)
+        _tail_one_launch[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, tc, bc, oval, oidx, L, C, P, val.stride(0),
+                                 oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, CAP=CAP,
+                                 SMALL=SMALL, FIRST=first_level, ASM=asm, num_warps=num_warps,
+                                 launch_cooperative_grid=cooperative_on(val.device),
+                                 **({"maxnreg": ONE_LAUNCH_MAXNREG} if asm else {}))
+        return oval, oidx
+    on = pdl_on(PDL if pdl is None else pdl, val.device) and not one_launch
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
@@ -262,7 +329,8 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                             launch_pdl=on)
     _emit_tail[(P, R)](val, ws.hist, ws.scratch, tv, ti, bv, bi, tc, bc, oval, oidx, L, C, P, val.stride(0),
                        oval.stride(0), Tq, q0, k, RATIO=ratio, BLOCK=BLOCK, QB=128, KP=KP, CAP=CAP, SMALL=SMALL,
-                       ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps, launch_pdl=on)
+                       ALL=bool(one_launch), ASM=asm_stores_on(asm_stores), PDL=modes[-1], num_warps=num_warps,
+                       launch_pdl=on)
     return oval, oidx
 
 
