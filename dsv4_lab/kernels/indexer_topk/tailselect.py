@@ -1,5 +1,5 @@
-"""Tail select: exact top-k of fp32 rows in three launches, radix digits over the top 16 key bits and an exact tail
-(docs/kernels.md §3).
+"""Tail select: exact top-k of fp32 rows in three launches (or one, with grid barriers), radix digits over the top 16
+key bits and an exact tail (docs/kernels.md §3).
 
     tail_select(val, k, frontier=None, out=None, programs=None) -> (vals (R, k) fp32, idx (R, k) int32)
 
@@ -266,7 +266,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                 small_cap: int | None = None, num_warps: int = 8, asm_stores: bool | None = None,
                 first_level: int = 0, pdl: bool | None = None, one_launch: bool | None = None):
     """Top-k of every row of val (R, L) fp32 (last dim contiguous), 1 <= k <= L, radix_select's output slot for slot,
-    in three launches (module docstring). programs: per row (default select.default_programs); workspace: a
+    in three launches or one (module docstring). programs: per row (default select.default_programs); workspace: a
     SelectWorkspace (one is allocated when None); block: entries per loop step (default 2048, 64 in the
     interpreter; chunks are whole blocks); cap (CAP): bucket entries the tail holds in registers, a power of two
     (default 1024, 16 in the interpreter); small_cap (SMALL): the smaller tile taken when the bucket fits it, a power
