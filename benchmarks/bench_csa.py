@@ -399,15 +399,14 @@ def decode(N):
                     lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         out["csa_decode_chain_in_graph_us"] = bench_graph(lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] \
             * 1e3 / CHAIN_CALLS
-        # the chain with the selects in one launch (select.ONE_LAUNCH: the fp32 rows' tail select from digit 1 in
-        # one cooperative launch) and without, whichever is the default
-        for nmo, one in (("one_launch", True), ("multi_launch", False)):
-            with mock.patch.object(sel, "ONE_LAUNCH", one):
-                out[f"indexer_default_{nmo}_same_picks"] = bool(torch.equal(
-                    indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
-                replays_us(out, f"csa_decode_chain_{nmo}", step, captures=CAPTURES)
-                out[f"csa_decode_chain_{nmo}_in_graph_us"] = bench_graph(
-                    lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
+        # the chain with the selects' launches apart (select.ONE_LAUNCH off; the defaults take one cooperative
+        # launch where the programs fit: the fp32 rows' tail select from digit 1)
+        with mock.patch.object(sel, "ONE_LAUNCH", False):
+            out["indexer_default_multi_launch_same_picks"] = bool(torch.equal(
+                indexer_topk_triton(qI, kI, w, K, M, q_offset=N - 1), idx))
+            replays_us(out, "csa_decode_chain_multi_launch", step, captures=CAPTURES)
+            out["csa_decode_chain_multi_launch_in_graph_us"] = bench_graph(
+                lambda: [step() for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
         graph_floor(out)
     except Exception as e:                                                     # noqa: BLE001
         out["csa_decode_chain_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -506,16 +505,11 @@ def topk_row(L=262144):
                                                                  and not ws.hist.any())
                 replays_us(out, f"select_tail_fp32_{nmp}", lambda row=row, pdl=pdl: ts.tail_select(
                     row, K, workspace=ws, pdl=pdl, one_launch=False), captures=CAPTURES)
-            # the tail select in one launch (grid barriers; cooperative, select.COOPERATIVE, and without)
-            v1, i1 = ts.tail_select(row, K, workspace=ws, one_launch=True)
-            out["select_tail_fp32_one_launch_same_picks"] = bool(torch.equal(i1, i) and torch.equal(v1, v)
-                                                                 and not ws.hist.any())
-            replays_us(out, "select_tail_fp32_one_launch", lambda row=row: ts.tail_select(
-                row, K, workspace=ws, one_launch=True), captures=CAPTURES)
-            out["select_tail_fp32_one_launch_in_graph_us"] = bench_graph(lambda row=row: [ts.tail_select(
-                row, K, workspace=ws, one_launch=True) for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
-            out["select_tail_fp32_pdl_in_graph_us"] = bench_graph(lambda row=row: [ts.tail_select(
-                row, K, workspace=ws, one_launch=False) for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
+            # per call of CHAIN_CALLS in one graph: the defaults (one launch where it fits, select.ONE_LAUNCH) and
+            # the launches apart; the one launch without the cooperative attribute (select.COOPERATIVE)
+            for nmf, one in (("", None), ("_pdl", False)):
+                out[f"select_tail_fp32{nmf}_in_graph_us"] = bench_graph(lambda row=row, one=one: [ts.tail_select(
+                    row, K, workspace=ws, one_launch=one) for _ in range(CHAIN_CALLS)])["ms"] * 1e3 / CHAIN_CALLS
             with mock.patch.object(sel, "COOPERATIVE", False):
                 replays_us(out, "select_tail_fp32_one_launch_nocoop", lambda row=row: ts.tail_select(
                     row, K, workspace=ws, one_launch=True))
@@ -551,10 +545,9 @@ def topk_row(L=262144):
                    "included; _pdl / _nopdl: with and without programmatic dependent launch; _one_tile: that tail in "
                    "the 1024-entry tile even for a small bucket); select_*_pdl: with programmatic dependent launch; "
                    "select_*_one_launch_* = the same levels and emit in one launch, a grid barrier per level "
-                   "(cooperative launch, select.COOPERATIVE; _nocoop without the attribute), "
-                   "select_tail_fp32_one_launch the tail select so (select_tail_fp32: the defaults, one launch since "
-                   "select.ONE_LAUNCH; _pdl / _nopdl: launches apart); *_in_graph_us: per call of "
-                   f"{CHAIN_CALLS} calls captured in one graph; "
+                   "(cooperative launch, select.COOPERATIVE; _nocoop without the attribute; select_tail_fp32: the "
+                   "defaults, one launch since select.ONE_LAUNCH; _pdl / _nopdl: launches apart); *_in_graph_us: per "
+                   f"call of {CHAIN_CALLS} calls captured in one graph; "
                    f"select_tail_fp32 and its _pdl / _nopdl: the median of {CAPTURES} captures, each its own graph "
                    "(*_captures_us: every capture's)")
     return out
@@ -827,7 +820,6 @@ def _apply_try(names):
             itk.FP32_TAIL = True
         elif name == "pdl":
             sel.PDL = ts.PDL = sd.PDL = True
-
 
 
 def _trying():

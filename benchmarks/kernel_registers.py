@@ -15,7 +15,8 @@ Each entry also lists the pipelined shared-memory buffers an asynchronous MMA ma
 (`mma_refill_hazards`, empty when none): a race the GPU shows only now and then.
 
     python benchmarks/kernel_registers.py [--only sieve rowsel scores mhc_pre mhc_pre_bwd mhc_dw hca_fwd
-                                           sparse_bwd window_bwd select_one_launch tail_emit tail_one_launch sparse_decode] [--out DIR]
+                                           sparse_bwd window_bwd select_one_launch tail_emit tail_one_launch
+                                           sparse_decode] [--out DIR]
 Writes benchmarks/results/kernel_registers.json (or DIR/kernel_registers.json); --only merges into the saved file.
 """
 from __future__ import annotations
@@ -372,17 +373,21 @@ def select_one_launch():
     return out
 
 
+# the tail select's pointer and integer arguments and decode's constexprs (tailselect.py _emit_tail, _tail_one_launch)
+TAIL_DECODE = dict(RATIO=0, BLOCK=2048, QB=128, KP=512, CAP=1024, SMALL=64)
+TAIL_PTRS = {"VAL": "*fp32", "HIST": "*i32", "PH": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32",
+             "TC": "*i32", "BC": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32", **ROW_ARGS}
+
+
 def tail_emit():
     """The tail select's emit launch (tailselect.py _emit_tail: the chunk's two lists with their counts, the ticket,
     the last program's tail), decode's setting (one 256K-entry fp32 row over 128 programs of 2048, k 512, CAP 1024,
     the small tile 64, 8 warps), by store form, without and (_pdl) with programmatic dependent launch (PDL 2: the
     chunk's block loaded, then griddepcontrol.wait)."""
     from dsv4_lab.kernels.indexer_topk import tailselect as ts
-    ptr = {"VAL": "*fp32", "HIST": "*i32", "PH": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32",
-           "TC": "*i32", "BC": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32", **ROW_ARGS}
     return {f"fp32_nw8{tag}" + ("_pdl" if pdl else ""): resources(
-                ts._emit_tail, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, CAP=1024, SMALL=64, ALL=False, ASM=asm,
-                                         PDL=pdl), 8, ints=SELECT_ONE_LAUNCH_INTS)
+                ts._emit_tail, TAIL_PTRS, dict(TAIL_DECODE, ALL=False, ASM=asm, PDL=pdl), 8,
+                ints=SELECT_ONE_LAUNCH_INTS)
             for asm, tag in STORE_FORMS for pdl in (0, 2)}
 
 
@@ -391,11 +396,8 @@ def tail_one_launch():
     every program's ticket), decode's setting as tail_emit, by store form, from digit 0 and (_first1) from digit 1:
     never run by the interpreter, so compiled here; two programs per SM must fit (P R <= SMs resident with room)."""
     from dsv4_lab.kernels.indexer_topk import tailselect as ts
-    ptr = {"VAL": "*fp32", "HIST": "*i32", "PH": "*i32", "TV": "*fp32", "TI": "*i32", "BV": "*fp32", "BI": "*i32",
-           "TC": "*i32", "BC": "*i32", "OVAL": "*fp32", "OIDX": "*i32", "C": "i32", "P": "i32", **ROW_ARGS}
     return {f"fp32_nw8{tag}" + ("_first1" if first else ""): resources(
-                ts._tail_one_launch, ptr, dict(RATIO=0, BLOCK=2048, QB=128, KP=512, CAP=1024, SMALL=64, FIRST=first,
-                                               ASM=asm), 8, ints=SELECT_ONE_LAUNCH_INTS,
+                ts._tail_one_launch, TAIL_PTRS, dict(TAIL_DECODE, FIRST=first, ASM=asm), 8, ints=SELECT_ONE_LAUNCH_INTS,
                 maxnreg=ts.ONE_LAUNCH_MAXNREG if asm else None)       # as tail_select launches it
             for asm, tag in STORE_FORMS for first in (0, 1)}
 

@@ -82,14 +82,12 @@ def build_summary(out_dir=None) -> dict:
     # bench_csa.CAPTURES captures. The same call timed with the host's replay start in it (*_one_call_us) follows the
     # machine's launch path, not the kernels: one tiny kernel's replay so timed took 9.4 to 20.0 us on the cards of
     # runs 53-58 (graph_floor_us), as much as the 20 us row target itself (benchmarks/README.md T5).
-    # The library's decode default for fp32 rows: the tail select (one launch where its programs fit, select.py
-    # ONE_LAUNCH), or the radix select; a record from before the one-launch tail select has its launches apart.
+    # The library's decode default for fp32 rows: the tail select at its defaults as the record's code had them (one
+    # launch since run 58, select.py ONE_LAUNCH), or the radix select.
     from dsv4_lab.kernels.indexer_topk import select as sel
     from dsv4_lab.kernels.indexer_topk import triton as itk
     rec = R.get("csa", {}).get("topk_row", {}).get("262144", {})
-    rows = (["select_tail_fp32_one_launch"] if sel.ONE_LAUNCH else []) + ["select_tail_fp32"] if itk.FP32_TAIL \
-        else ["select_fp32_one_launch_p128" if sel.ONE_LAUNCH else "select_fp32"]
-    row = next((r for r in rows if f"{r}_gpu_us" in rec), rows[0])
+    row = "select_tail_fp32" if itk.FP32_TAIL else "select_fp32_one_launch" if sel.ONE_LAUNCH else "select_fp32"
     s["topk_256k_row_form"] = row
     put("topk_256k_row_us", lambda: rec[f"{row}_gpu_us"], "top-k row not measured")
     put("topk_256k_row_one_call_us", lambda: rec[f"{row}_us"], "top-k row not measured")   # the host's start in it

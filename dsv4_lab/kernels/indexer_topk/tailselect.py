@@ -164,10 +164,6 @@ def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, 
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     H: tl.constexpr = 2 * 256
     hbase = _row_base(row, 2, 8)
-    if ALL:
-        active = n > k
-    else:
-        active = c0 < n
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         if PDL == 2:
             dep_wait()
@@ -176,7 +172,7 @@ def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, 
             tl.debug_barrier()
             if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == TB + P - 1:
                 _clear_row(HIST, hbase, 2, 8)
-    elif active:                                       # c0 < n (ALL: also a program past the row's entries)
+    elif (c0 < n) | ALL:                               # (ALL: also a program past the row's entries)
         c1 = tl.minimum(c0 + C, n)                     # (<= c0 for a program past them: no block to walk)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
         if PDL == 2:
@@ -321,7 +317,7 @@ def tail_select(val: torch.Tensor, k: int, frontier: tuple[int, int, int] | None
                                  launch_cooperative_grid=cooperative_on(val.device),
                                  **({"maxnreg": ONE_LAUNCH_MAXNREG} if asm else {}))
         return oval, oidx
-    on = pdl_on(PDL if pdl is None else pdl, val.device) and not one_launch
+    on = pdl_on(PDL if pdl is None else pdl, val.device)
     modes = pdl_modes(3 - first_level, on)
     for lev in range(first_level, 2):
         _hist_level[(P, R)](val, ws.hist, ws.scratch, L, C, P, val.stride(0), Tq, q0, k, LEVEL=lev, NL=2, DB=8,
