@@ -164,6 +164,10 @@ def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, 
     n, c0, vrow, obase = _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO)
     H: tl.constexpr = 2 * 256
     hbase = _row_base(row, 2, 8)
+    if ALL:
+        active = n > k
+    else:
+        active = c0 < n
     if n <= k:                                         # every visible entry is a pick: slot = column, rest -1
         if PDL == 2:
             dep_wait()
@@ -172,7 +176,7 @@ def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, 
             tl.debug_barrier()
             if tl.atomic_add(HIST + hbase + H, 1, sem="acq_rel", scope="gpu") == TB + P - 1:
                 _clear_row(HIST, hbase, 2, 8)
-    elif (c0 < n) | ALL:                               # (ALL: also a program past the row's entries)
+    elif active:                                       # c0 < n (ALL: also a program past the row's entries)
         c1 = tl.minimum(c0 + C, n)                     # (<= c0 for a program past them: no block to walk)
         x = tl.load(vrow + c0 + tl.arange(0, BLOCK), mask=c0 + tl.arange(0, BLOCK) < c1, other=0.0)
         if PDL == 2:
