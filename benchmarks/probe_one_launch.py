@@ -28,15 +28,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from bench_csa import BF, CHAIN_CALLS as CALLS, D, H, K, M, W, indexer_inputs  # noqa: E402
 from common import RESULTS, bench_graph, env_info, write_json  # noqa: E402
 
 from dsv4_lab.kernels.indexer_topk import select as sel  # noqa: E402
 from dsv4_lab.kernels.indexer_topk import tailselect as ts  # noqa: E402
 from dsv4_lab.kernels.indexer_topk.triton import indexer_topk_triton  # noqa: E402
 from dsv4_lab.kernels.sparse_attn.triton import sparse_attn_fwd  # noqa: E402
-
-K, CALLS = 512, 20
-H, D, M, W, HI, DI = 16, 128, 4, 128, 4, 64          # bench_csa.py's CSA shapes
 
 
 def _median(xs):
@@ -77,11 +75,8 @@ def main():
                                         for o in outs) and not ws.hist.any()
         res[case] = ab(forms, a.rounds)
         print(case, {f: (r["gpu_median_us"], r["in_graph_median_us"]) for f, r in res[case].items()}, flush=True)
-    N = 1 << 20
-    BF = dict(device="cuda", dtype=torch.bfloat16)
-    qI = torch.randn(1, 1, HI, DI, generator=g, **BF)
-    kI = torch.randn(1, N // M, DI, generator=g, **BF)
-    w = torch.randn(1, 1, HI, generator=g, **BF) * (DI * HI) ** -0.5
+    N = 1 << 20                                       # bench_csa.py decode(N)'s inputs
+    qI, kI, w = indexer_inputs(N, T=1)
     q = torch.randn(1, 1, H, D, **BF)
     kv = torch.randn(1, N, D, **BF)
     comp = torch.randn(1, N // M, D, **BF)
