@@ -7,17 +7,24 @@ Each entry is the host's time to enqueue one call (common.host_ms: calls back to
     mm_out_f32 / mm_bf16 / linear     torch.mm(a, b, out_dtype=fp32) (linear_f32's op), plain bf16 torch.mm, F.linear
     linear_f32                        layers.linear_f32 (the compressor's projection)
     project                           Compressor.project (two linear_f32)
-    pool_autotuned / pool_direct      compressor_pool on projected C, Z with RoPE: through the autotuner, and with the
-                                      autotuner's chosen config launched on the JIT function directly
+    pool_autotuned / pool_direct      compressor_pool on projected C, Z with RoPE: through the kernel's autotuner
+    / pool_triton_run                 (_common.autotune), with its chosen config launched on the JIT function
+                                      directly, and through Triton's own Autotuner.run on every launch
     compressor                        Compressor.forward (project + pool)
     triton_launch_1 / _33             an empty Triton kernel of 1 and of 33 arguments (the pool kernel's count)
+    chain_host / chain_profile        bench_csa.py's 8K prefill chain (both compressors, the rowsel_bf16 top-k, the
+                                      sparse attention): its host time per call, and cProfile's top functions by own
+                                      time over PROFILE_CALLS calls (own ms per call, calls per call: Python's share
+                                      and the torch / Triton calls it waits in)
 
     python benchmarks/probe_host.py [--out benchmarks/results/host_probe.json]
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 
 import torch
@@ -26,8 +33,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import env_info, host_ms, write_json  # noqa: E402
 from dsv4_lab.kernels._common import tl, triton  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 N, DM, M = 8192, 1024, 4
+PROFILE_CALLS = 200
 
 
 @triton.jit
@@ -39,6 +48,45 @@ def _empty1(A):
 def _empty33(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12,
              n13, n14, n15, n16, n17, n18, n19, C0: tl.constexpr, C1: tl.constexpr):
     pass
+
+
+def chain_profile(top=30):
+    """bench_csa.py's 8K prefill chain (its `pipeline` run()): host ms per call, and cProfile's top functions by
+    own time, each {"fn", "own_ms", "cum_ms", "calls"} per chain call."""
+    import bench_csa as bc
+    from dsv4_lab.attention.compressor import Compressor
+    from dsv4_lab.rope import RotaryTable
+    g = torch.Generator(device="cuda").manual_seed(N + 1)
+    u = torch.randn(1, N, DM, generator=g, **bc.BF)
+    main_c, icomp = (Compressor(DM, c, M, overlap=True).to("cuda", torch.bfloat16) for c in (bc.D, bc.DI))
+    rope = RotaryTable(64, N, 10000.0).cuda()
+    qI, _, w = bc.indexer_inputs(N)
+    q, kv, _, _, sink = bc.sparse_inputs(N)
+    ws = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+
+    def run():
+        comp = main_c(u, rope)
+        kI = icomp(u, rope)
+        idx = bc.indexer_topk_triton(qI, kI, w, bc.K, M, method="rowsel_bf16", workspace=ws)
+        return bc.sparse_attn_fwd(q, kv, comp, idx, sink, bc.D ** -0.5, bc.W)
+    run()
+    torch.cuda.synchronize()
+    out = {"chain_host": host_ms(run)}
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(PROFILE_CALLS):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = []
+    for (f, line, name), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append({"fn": f"{os.path.basename(f)}:{line}({name})", "own_ms": 1e3 * tt / PROFILE_CALLS,
+                     "cum_ms": 1e3 * ct / PROFILE_CALLS, "calls": nc / PROFILE_CALLS})
+    rows.sort(key=lambda r: -r["own_ms"])
+    out["chain_profile"] = rows[:top]
+    out["chain_profile_total_ms"] = 1e3 * st.total_tt / PROFILE_CALLS
+    return out
 
 
 def main(argv=None):
@@ -88,6 +136,18 @@ def main(argv=None):
                 finally:
                     ct._compressor_pool_kernel = saved
             fns["pool_direct"] = pool_direct
+
+            class TritonRun:                            # every launch through Triton's own Autotuner.run
+                def __getitem__(self, grid):
+                    return lambda *args, **kw: Autotuner.run(at, *args, grid=grid, warmup=False, **kw)
+
+            def pool_triton_run():
+                saved, ct._compressor_pool_kernel = ct._compressor_pool_kernel, TritonRun()
+                try:
+                    return pool()
+                finally:
+                    ct._compressor_pool_kernel = saved
+            fns["pool_triton_run"] = pool_triton_run
             for name, fn in fns.items():
                 fn()
                 torch.cuda.synchronize()
@@ -95,12 +155,17 @@ def main(argv=None):
                     res[f"{name}_c{c}"] = host_ms(fn)
                 except Exception as e:                                          # noqa: BLE001
                     res[f"{name}_c{c}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        res.update(chain_profile())
         t = torch.empty(16, device=dev)
         res["triton_launch_1"] = host_ms(lambda: _empty1[(1,)](t))
         res["triton_launch_33"] = host_ms(lambda: _empty33[(1,)](*([t] * 11), *range(3, 23), C0=1, C1=2))
     write_json(a.out, {"env": env_info(), "host_probe": res})
     for k, v in res.items():
-        print(k, v)
+        if k == "chain_profile":
+            for r in v:
+                print(f"  {r['own_ms']:8.4f} own {r['cum_ms']:8.4f} cum {r['calls']:6.1f}x  {r['fn']}")
+        else:
+            print(k, v)
 
 
 if __name__ == "__main__":

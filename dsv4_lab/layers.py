@@ -59,7 +59,8 @@ def _mm_bf16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.
     tensor cores; CPU: the same products in an fp32 GEMM). Autocast does not apply: torch.mm with out_dtype and the
     explicit casts fix the precision (autocast leaves an mm with out_dtype alone, and the CPU mm gets fp32 operands
     that CPU autocast, bf16, would round again: it is turned off there)."""
-    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    a = a if a.dtype == torch.bfloat16 else a.to(torch.bfloat16)        # no op on bf16 operands: host time
+    b = b if b.dtype == torch.bfloat16 else b.to(torch.bfloat16)
     if a.is_cuda:
         y = torch.mm(a, b, out_dtype=torch.float32)
     elif torch.is_autocast_enabled(a.device.type):

@@ -6,6 +6,8 @@
 * Interpreter traps handled by every kernel here: bf16 is cast to fp32 right after loading and `tl.dot` gets fp32
   operands when interpreting (`dot_dtype`), one autotune config when interpreting (`configs`), every store is
   masked, no `make_block_ptr`.
+* `autotune`: triton.autotune whose launches skip Triton's per-launch key building once a key's config is chosen
+  (docs/kernels.md §10).
 * Programmatic dependent launch (PDL, sm_90+; `pdl_supported`, `use_pdl`, `pdl_modes`, `dep_wait`): a launch's
   programs may start while the launch before it still runs; each waits for that launch's end and writes
   (griddepcontrol.wait) before it reads what that launch wrote or writes anything, then lets the next launch start
@@ -98,6 +100,44 @@ def configs(gpu_configs: list, interp_config):
         return gpu_configs
     interp_config.gpu_configs = list(gpu_configs)
     return [interp_config]
+
+
+if HAVE_TRITON:
+    from triton.runtime.autotuner import Autotuner
+
+    class KeyedAutotuner(Autotuner):
+        """Triton's Autotuner, whose launches go straight to the kernel once the config of their key is chosen.
+
+        Triton's own `run` rebuilds its key on every launch from a dict of every argument and the string of every
+        tensor's dtype, host time that a short kernel's launch waits for (docs/kernels.md §10). Here the key is the
+        key arguments' values and every argument's dtype: at least as fine as Triton's, so each key keeps the config
+        Triton chose at its first launch, and a launch runs the same compiled kernel either way. Single-config
+        kernels (the interpreter's) and configs with a pre_hook take Triton's `run`."""
+
+        def run(self, *args, **kwargs):
+            if len(self.configs) < 2:
+                return super().run(*args, **kwargs)
+            key = (tuple(args[i] if i < len(args) else kwargs.get(k) for k, i in self.key_at),
+                   tuple(getattr(a, "dtype", None) for a in args),
+                   tuple((k, getattr(v, "dtype", None)) for k, v in kwargs.items()))
+            hit = self.chosen.get(key)
+            if hit is None:                                         # Triton tunes (or finds) this key's config
+                ret = super().run(*args, **kwargs)
+                if self.best_config.pre_hook is None:
+                    self.chosen[key] = (self.best_config, self.best_config.all_kwargs())
+                return ret
+            self.best_config = hit[0]
+            return self.fn.run(*args, **kwargs, **hit[1])
+
+
+def autotune(configs: list, key: list, reset_to_zero: list | None = None):
+    """@triton.autotune(configs, key, reset_to_zero) with KeyedAutotuner's launch."""
+    def wrap(fn):
+        at = KeyedAutotuner(fn, fn.arg_names, configs, key, reset_to_zero, None)
+        at.key_at = [(k, fn.arg_names.index(k)) for k in key]         # (name, position) of each key argument
+        at.chosen = {}                                              # key -> (Config, its launch kwargs)
+        return at
+    return wrap
 
 
 def check_device(*ts: torch.Tensor) -> None:

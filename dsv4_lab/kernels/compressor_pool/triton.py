@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, configs, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, next_pow2, tl, triton
 
 
 def _configs():
@@ -109,7 +109,7 @@ def _rope(v, COS, SIN, pos, scos, ssin, em, SIGN: tl.constexpr, C_: tl.constexpr
     return tl.reshape(tl.join(o0, o1), [BN, BC])                         # back to channel order
 
 
-@triton.autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_PREV", "HAS_APE", "R", "SAVE"])
+@autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_PREV", "HAS_APE", "R", "SAVE"])
 @triton.jit
 def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n, eps, first,
                             scb, scn, scm, szb, szn, szm, spcb, spcm, spzb, spzm, scos, ssin,
@@ -168,7 +168,7 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n,
     tl.store(OUT + e[:, None] * C_ + ch[None, :], y, mask=valid)
 
 
-@triton.autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_APE", "R"], reset_to_zero=["DWP"])
+@autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_APE", "R"], reset_to_zero=["DWP"])
 @triton.jit
 def _compressor_pool_bwd_kernel(Cp, Zp, APE, W, COS, SIN, X, LSE, G, DC, DZ, DWP, E, n, eps, first,
                                 scb, scn, scm, szb, szn, szm, scos, ssin,
@@ -245,14 +245,15 @@ def _prepare(C, Z, ape, weight, overlap, prev_C, prev_Z, mb, cos, sin, first_blo
     if (prev_C is None) != (prev_Z is None) or (prev_C is not None and not overlap):
         raise ValueError("prev_C and prev_Z go together, and only with overlap=True")
 
+    # no tensor op on what is already kernel-ready: each costs the launch host time (docs/kernels.md §10)
     def f32(t):                                                          # fp32, innermost dim contiguous
         if t is None:
             return None
-        t = t.detach().to(torch.float32)
+        t = t if t.dtype == torch.float32 else t.to(torch.float32)
         return t if t.stride(-1) == 1 else t.contiguous()
 
     def rows(t):                                                         # any float dtype (fp32 on load), rows dense
-        return None if t is None else t.detach().contiguous()
+        return t if t is None or t.is_contiguous() else t.contiguous()
 
     C, Z, prev_C, prev_Z = f32(C), f32(Z), f32(prev_C), f32(prev_Z)
     ape, weight = rows(ape), rows(weight)
@@ -266,7 +267,6 @@ def _prepare(C, Z, ape, weight, overlap, prev_C, prev_Z, mb, cos, sin, first_blo
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin go together")
     if cos is not None:
-        cos, sin = cos.detach(), sin.detach()
         cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
         r = 2 * cos.shape[-1]
         if cos.dim() != 2 or sin.shape != cos.shape or r > c or (c - r) % 2:

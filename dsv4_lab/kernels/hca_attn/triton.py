@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -173,7 +173,7 @@ def _hca_fwd_kernel(Q, KV, C, SINK, O, LSE,
 
 
 _hca_fwd_kernel = triton.heuristics({"BLOCK_T": _tail_width})(_hca_fwd_kernel)
-_hca_fwd = triton.autotune(configs=_fwd_configs(), key=["H", "D", "W", "RATIO", "T_BUCKET"])(_hca_fwd_kernel)
+_hca_fwd = autotune(configs=_fwd_configs(), key=["H", "D", "W", "RATIO", "T_BUCKET"])(_hca_fwd_kernel)
 
 
 @triton.jit

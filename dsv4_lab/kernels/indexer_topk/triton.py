@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import INTERPRET, autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
 from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 from .select import _hist_body, digit_levels
 
@@ -145,7 +145,7 @@ def _fill_tile(O, n0, omask_m, Sp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
              mask=omask_m & (s < Sp)[None, :])
 
 
-@triton.autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
+@autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
 @triton.jit
 def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPROG, KSEL,
                         sqb, sqt, sqh, skb, sks, ssb, sss, swb, swt, sob, sot,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, configs, next_pow2, sm_count, tl, triton
+from .._common import INTERPRET, autotune, check_device, configs, next_pow2, sm_count, tl, triton
 
 SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = hi + lo | x and W both split
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
@@ -123,7 +123,7 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
     tl.store(WL + c[:, None] * ND + k[None, :], lo, mask=km[None, :])
 
 
-@triton.autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
+@autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
 @triton.jit
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,

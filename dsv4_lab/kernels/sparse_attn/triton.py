@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -35,7 +35,7 @@ def _load_rows(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
     return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["H", "D", "W", "K_SEL"])
+@autotune(configs=_fwd_configs(), key=["H", "D", "W", "K_SEL"])
 @triton.jit
 def _sparse_fwd(Q, KV, C, IDX, SINK, O, LSE,
                 T, Tk, S, q_offset, qk_scale,                      # qk_scale = scale * log2(e)
@@ -123,7 +123,7 @@ def _bwd_configs():
 
 # the autotuner times every config on the real arguments: DC (atomics) is zeroed before each trial and again before
 # the chosen config runs; DQ and DELTA are plain stores
-@triton.autotune(configs=_bwd_configs(), key=["H", "D", "W", "K_SEL"], reset_to_zero=["DC"])
+@autotune(configs=_bwd_configs(), key=["H", "D", "W", "K_SEL"], reset_to_zero=["DC"])
 @triton.jit
 def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DC, DELTA,
                 T, Tk, S, q_offset, scale,
@@ -177,7 +177,7 @@ def _window_configs():
                    triton.Config({"ROWS": 32, "BLOCK_N": 16}, num_warps=4))
 
 
-@triton.autotune(configs=_window_configs(), key=["H", "D", "W"])
+@autotune(configs=_window_configs(), key=["H", "D", "W"])
 @triton.jit
 def _window_bwd(Q, KV, DO, LSE, DELTA, DKV,
                 T, Tk, q_offset, scale,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
 
 @triton.jit
 def _gather(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
@@ -45,7 +45,7 @@ def _configs():
                    triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_configs(), key=["H", "CD", "NI", "CI", "K_SEL", "STORE_P"])
+@autotune(configs=_configs(), key=["H", "CD", "NI", "CI", "K_SEL", "STORE_P"])
 @triton.jit
 def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
             T, S, scale,
@@ -112,7 +112,7 @@ def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
 
 
 # DKI takes atomics: the autotuner zeroes it before each trial and before the chosen config runs
-@triton.autotune(configs=_configs(), key=["NI", "CI", "K_SEL"], reset_to_zero=["DKI"])
+@autotune(configs=_configs(), key=["NI", "CI", "K_SEL"], reset_to_zero=["DKI"])
 @triton.jit
 def _kl_bwd(QI, KI, W, IDX, STAT, PBUF, DKL, DQI, DKI, DW,
             T, S,
