@@ -129,25 +129,19 @@ def main(argv=None):
                     gg = grid(meta) if callable(grid) else grid
                     return lambda *args, **kw: at.fn[gg](*args, **kw, **meta)
 
-            def pool_direct():
-                saved, ct._compressor_pool_kernel = ct._compressor_pool_kernel, Direct()
-                try:
-                    return pool()
-                finally:
-                    ct._compressor_pool_kernel = saved
-            fns["pool_direct"] = pool_direct
-
             class TritonRun:                            # every launch through Triton's own Autotuner.run
                 def __getitem__(self, grid):
                     return lambda *args, **kw: Autotuner.run(at, *args, grid=grid, warmup=False, **kw)
 
-            def pool_triton_run():
-                saved, ct._compressor_pool_kernel = ct._compressor_pool_kernel, TritonRun()
-                try:
-                    return pool()
-                finally:
-                    ct._compressor_pool_kernel = saved
-            fns["pool_triton_run"] = pool_triton_run
+            def through(kernel, pool=pool):             # pool() with the module's kernel object swapped for `kernel`
+                def call():
+                    saved, ct._compressor_pool_kernel = ct._compressor_pool_kernel, kernel
+                    try:
+                        return pool()
+                    finally:
+                        ct._compressor_pool_kernel = saved
+                return call
+            fns["pool_direct"], fns["pool_triton_run"] = through(Direct()), through(TritonRun())
             for name, fn in fns.items():
                 fn()
                 torch.cuda.synchronize()
