@@ -667,14 +667,11 @@ def rowsel_probe(R=8192, L=2048, device="cuda"):
     return select_probe(row_select, R, L, (R, 0, M), ROWSEL_PROBE, 4, 10, device)
 
 
-def pipeline(N, method):
-    """CSA prefill as one call chain, timed end to end: main + indexer compressors (bf16 u, fused pool + RoPE), the
-    indexer top-k (`method`) and the sparse attention, eager (do_bench) and replayed from a CUDA graph, against
-    SDPA-flash timed both ways. The indexer keys skip the Hadamard rotation (one small GEMM); the component sums in
-    `csa_prefill` add up separately timed calls, each with its own launch overhead."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def prefill_chain(N, method):
+    """CSA prefill at N as one call chain on fixed inputs: main + indexer compressors (bf16 u, fused pool + RoPE), the
+    indexer top-k (`method`) and the sparse attention. Returns (run, staged): run() makes one call; staged(mark) makes
+    one and calls mark(name) at the end of each stage (common.host_stages_ms). The indexer keys skip the Hadamard
+    rotation (one small GEMM)."""
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.rope import RotaryTable
     g = torch.Generator(device="cuda").manual_seed(N + 1)
@@ -691,6 +688,7 @@ def pipeline(N, method):
         kI = icomp(u, rope)
         idx = indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws)
         return sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W)
+
     @torch.no_grad()
     def staged(mark):                                   # run(), marking the end of each stage for host_stages_ms
         comp = main(u, rope)
@@ -701,6 +699,16 @@ def pipeline(N, method):
         mark("indexer_topk")
         sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W)
         mark("sparse_attn")
+    return run, staged
+
+
+def pipeline(N, method):
+    """`prefill_chain` timed end to end, eager (do_bench) and replayed from a CUDA graph, against SDPA-flash timed
+    both ways; the component sums in `csa_prefill` add up separately timed calls, each with its own launch
+    overhead."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    run, staged = prefill_chain(N, method)
     qd, kd = torch.randn(1, H, N, D, **BF), torch.randn(1, 1, N, D, **BF)
 
     def dense():

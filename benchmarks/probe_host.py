@@ -51,24 +51,10 @@ def _empty33(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, n0, n1, n2, n3, n4, n5
 
 
 def chain_profile(top=30):
-    """bench_csa.py's 8K prefill chain (its `pipeline` run()): host ms per call, and cProfile's top functions by
-    own time, each {"fn", "own_ms", "cum_ms", "calls"} per chain call."""
+    """bench_csa.py's 8K prefill chain (`prefill_chain`, rowsel_bf16): host ms per call, and cProfile's top
+    functions by own time, each {"fn", "own_ms", "cum_ms", "calls"} per chain call."""
     import bench_csa as bc
-    from dsv4_lab.attention.compressor import Compressor
-    from dsv4_lab.rope import RotaryTable
-    g = torch.Generator(device="cuda").manual_seed(N + 1)
-    u = torch.randn(1, N, DM, generator=g, **bc.BF)
-    main_c, icomp = (Compressor(DM, c, M, overlap=True).to("cuda", torch.bfloat16) for c in (bc.D, bc.DI))
-    rope = RotaryTable(64, N, 10000.0).cuda()
-    qI, _, w = bc.indexer_inputs(N)
-    q, kv, _, _, sink = bc.sparse_inputs(N)
-    ws = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-
-    def run():
-        comp = main_c(u, rope)
-        kI = icomp(u, rope)
-        idx = bc.indexer_topk_triton(qI, kI, w, bc.K, M, method="rowsel_bf16", workspace=ws)
-        return bc.sparse_attn_fwd(q, kv, comp, idx, sink, bc.D ** -0.5, bc.W)
+    run, _ = bc.prefill_chain(N, "rowsel_bf16")
     run()
     torch.cuda.synchronize()
     out = {"chain_host": host_ms(run)}

@@ -49,14 +49,19 @@ def launches(at, stub):
     return stub.launches
 
 
+def count_triton_runs(monkeypatch) -> list:
+    """A list that gets one entry per call of Triton's own Autotuner.run from now on."""
+    runs, orig = [], Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: (runs.append(1), orig(self, *a, **k))[1])
+    return runs
+
+
 def test_keyed_autotuner_launches_as_triton_does(monkeypatch):
     ref_stub, stub = StubKernel(), StubKernel()
     ref = launches(Autotuner(ref_stub, StubKernel.arg_names, CONFIGS, KEY, None, None), ref_stub)
     assert len({kw["BN"] for _, kw in ref}) > 1                  # the made-up timings pick different configs
 
-    triton_runs = []
-    orig = Autotuner.run
-    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: (triton_runs.append(1), orig(self, *a, **k))[1])
+    triton_runs = count_triton_runs(monkeypatch)
     got = launches(autotune(CONFIGS, KEY)(stub), stub)
     assert got == ref                                            # same arguments, same config, launch by launch
     keys = {(args[2], kw["C_"], args[0].dtype) for _, args, kw in calls()}
@@ -66,9 +71,7 @@ def test_keyed_autotuner_launches_as_triton_does(monkeypatch):
 def test_keyed_autotuner_single_config_takes_tritons_run(monkeypatch):
     stub = StubKernel()
     at = autotune(CONFIGS[:1], KEY)(stub)
-    triton_runs = []
-    orig = Autotuner.run
-    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: (triton_runs.append(1), orig(self, *a, **k))[1])
+    triton_runs = count_triton_runs(monkeypatch)
     for grid, args, kw in calls():
         at[grid](*args, **kw)
     assert len(triton_runs) == len(calls()) and all(kw["BN"] == 1 for _, kw in stub.launches)

@@ -114,6 +114,11 @@ if HAVE_TRITON:
         Triton chose at its first launch, and a launch runs the same compiled kernel either way. Single-config
         kernels (the interpreter's) and configs with a pre_hook take Triton's `run`."""
 
+        def __init__(self, fn, configs: list, key: list, reset_to_zero: list | None = None):
+            super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None)
+            self.key_at = [(k, fn.arg_names.index(k)) for k in key]   # (name, position) of each key argument
+            self.chosen = {}                                        # key -> (Config, its launch kwargs)
+
         def run(self, *args, **kwargs):
             if len(self.configs) < 2:
                 return super().run(*args, **kwargs)
@@ -132,12 +137,7 @@ if HAVE_TRITON:
 
 def autotune(configs: list, key: list, reset_to_zero: list | None = None):
     """@triton.autotune(configs, key, reset_to_zero) with KeyedAutotuner's launch."""
-    def wrap(fn):
-        at = KeyedAutotuner(fn, fn.arg_names, configs, key, reset_to_zero, None)
-        at.key_at = [(k, fn.arg_names.index(k)) for k in key]         # (name, position) of each key argument
-        at.chosen = {}                                              # key -> (Config, its launch kwargs)
-        return at
-    return wrap
+    return lambda fn: KeyedAutotuner(fn, configs, key, reset_to_zero)
 
 
 def check_device(*ts: torch.Tensor) -> None:
