@@ -27,6 +27,7 @@ could flip on a near tie and move a loss far beyond the bound: the test would th
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -68,7 +69,7 @@ def _train(overrides: list[str]) -> None:
 
 
 def _rank_main(rank: int, world: int, jobs: list[tuple[int, list[str]]]) -> None:
-    torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)           # a native crash prints every thread's Python stack (pytest shows it)
     _keep_every_checkpoint()
     for port, overrides in jobs:                    # one process group per job (train() creates and destroys it)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
