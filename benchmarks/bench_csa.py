@@ -671,7 +671,9 @@ def prefill_chain(N, method):
     """CSA prefill at N as one call chain on fixed inputs: main + indexer compressors (bf16 u, fused pool + RoPE), the
     indexer top-k (`method`) and the sparse attention. Returns (run, staged): run() makes one call; staged(mark) makes
     one and calls mark(name) at the end of each stage (common.host_stages_ms). The indexer keys skip the Hadamard
-    rotation (one small GEMM)."""
+    rotation (one small GEMM). As in the model, the compressors' fp32 entries reach the indexer and the sparse
+    attention in the queries' dtype (bf16): Indexer.project casts kI to qI's dtype, Attention.attend the entries to
+    q's."""
     from dsv4_lab.attention.compressor import Compressor
     from dsv4_lab.rope import RotaryTable
     g = torch.Generator(device="cuda").manual_seed(N + 1)
@@ -684,16 +686,16 @@ def prefill_chain(N, method):
 
     @torch.no_grad()
     def run():
-        comp = main(u, rope)
-        kI = icomp(u, rope)
+        comp = main(u, rope).to(q.dtype)
+        kI = icomp(u, rope).to(qI.dtype)
         idx = indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws)
         return sparse_attn_fwd(q, kv, comp, idx, sink, D ** -0.5, W)
 
     @torch.no_grad()
     def staged(mark):                                   # run(), marking the end of each stage for host_stages_ms
-        comp = main(u, rope)
+        comp = main(u, rope).to(q.dtype)
         mark("main_compressor")
-        kI = icomp(u, rope)
+        kI = icomp(u, rope).to(qI.dtype)
         mark("indexer_compressor")
         idx = indexer_topk_triton(qI, kI, w, K, M, method=method, workspace=ws)
         mark("indexer_topk")

@@ -72,6 +72,11 @@ def build_summary(out_dir=None) -> dict:
         put(f"csa_prefill_{n // 1024}k_speedup_vs_sdpa_flash",
             lambda n=n: sdpa_ms(n) / R["csa"]["csa_prefill"][f"triton_{n}"]["ms"],
             f"dense or CSA {n // 1024}K prefill not measured")
+    # one process's 8K figure samples the host as much as the kernels (README T2): the same measurement repeated in
+    # fresh processes (prefill_8k_repeats.py), its spread per machine and over all
+    rep = _load("csa_8k_repeats")
+    if rep:
+        s["csa_prefill_8k_repeats"] = {k: rep.get(k) for k in ("what", "note", "groups", "parts_only", "stats")}
     for n in (8192, 32768, 131072):        # the same chain timed as one call sequence: launch gaps included
         put(f"csa_prefill_{n // 1024}k_pipeline", lambda n=n: {k: R["csa"]["csa_prefill"][f"pipeline_{n}"][k] for k in
                                                               ("method", "ms", "graph_ms", "speedup_vs_sdpa_flash",
@@ -149,7 +154,9 @@ def build_summary(out_dir=None) -> dict:
                                               if r.get("fmt") == "fp4")["triton"]["tb_s"], "MXFP4 not measured")
     env = next((r["env"] for r in R.values() if r and "env" in r), {})
     ceil = next((r["ceilings"] for r in R.values() if r and "ceilings" in r), {})
-    s.update(gpu=env.get("gpu"), torch=env.get("torch"), triton=env.get("triton"), ceilings=ceil)
+    s.update(torch=env.get("torch"), triton=env.get("triton"), ceilings=ceil)
+    s["cards"] = {n: R[n]["env"].get("gpu") for n in ORDER if R[n] and "env" in R[n]}   # each record's card
+    s["gpu"] = env.get("gpu") if len(set(s["cards"].values())) <= 1 else "mixed: see cards"
     e2e, extra = _load("e2e"), _load("e2e_extra")
     if e2e:
         keep = ("batch", "micro_batch", "oom_at_micro_batch", "ctx", "step_ms", "tokens_per_s", "peak_mem_gb", "error")

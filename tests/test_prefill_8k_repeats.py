@@ -1,0 +1,52 @@
+"""benchmarks/prefill_8k_repeats.py on the CPU: one sample per csa.json, the spread per group and over all, groups
+whose chain was another form kept out of the chain statistics, and bad arguments refused before anything is written."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import prefill_8k_repeats as rep  # noqa: E402
+
+
+def _csa(path, parts_ms, chain_ms, graph_ms, sdpa_ms=1.0, host_ms=0.5):
+    rec = {"env": {"gpu": "card", "time": "t", "code_tree": "abc"},
+           "csa_prefill": {"triton_8192": {"ms": parts_ms, "compressor_ms": 0.1, "indexer_ms": 0.1,
+                                           "indexer_method": "rowsel_bf16", "sparse_ms": parts_ms - 0.2,
+                                           "sdpa_flash_ms": sdpa_ms, "speedup_vs_sdpa_flash": sdpa_ms / parts_ms},
+                           "pipeline_8192": {"ms": chain_ms, "graph_ms": graph_ms, "host": {"ms": host_ms},
+                                             "speedup_vs_sdpa_flash": sdpa_ms / chain_ms,
+                                             "graph_speedup_vs_sdpa_flash": sdpa_ms / graph_ms}}}
+    path.write_text(json.dumps(rec))
+    return str(path)
+
+
+def test_spread_per_group_and_over_all(tmp_path):
+    a = [_csa(tmp_path / f"a{i}.json", ms, 1.25, 0.8) for i, ms in enumerate((0.5, 2.0, 1.0))]   # 2x, 0.5x, 1x
+    b = [_csa(tmp_path / f"b{i}.json", ms, 0.5, 0.4) for i, ms in enumerate((0.8, 0.4))]         # 1.25x, 2.5x
+    out = tmp_path / "rep.json"
+    assert rep.main(["--out", str(out), "--parts-only", "old"] + [f"old={p}" for p in a] + [f"new={p}" for p in b]) == 0
+    r = json.loads(out.read_text())
+    parts = r["stats"]["by_parts_speedup"]
+    assert parts["all"] == {"n": 5, "median": 1.25, "min": 0.5, "max": 2.5, "below_1": 1}
+    assert parts["old"] == {"n": 3, "median": 1.0, "min": 0.5, "max": 2.0, "below_1": 1}
+    assert parts["new"]["n"] == 2 and parts["new"]["median"] == (1.25 + 2.5) / 2
+    # the old group's chain (0.8x eager) is kept per sample but counts in no chain statistic
+    assert r["stats"]["chain_speedup"]["old"] is None
+    assert r["stats"]["chain_speedup"]["all"] == {"n": 2, "median": 2.0, "min": 2.0, "max": 2.0, "below_1": 0}
+    assert r["samples"][0]["chain_speedup"] is None and r["samples"][0]["other_chain"]["chain_speedup"] == 0.8
+    assert "below_1" not in r["stats"]["chain_host_ms"]["all"]
+
+
+def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
+    p = _csa(tmp_path / "a.json", 0.5, 0.6, 0.4)
+    out = tmp_path / "rep.json"
+    assert rep.main(["--out", str(out), f"a{p}"]) == 2                                  # no GROUP=
+    assert rep.main(["--out", str(out), f"a={tmp_path / 'missing.json'}"]) == 2
+    assert rep.main(["--out", str(out), "--parts-only", "zzz", f"a={p}"]) == 2
+    (tmp_path / "empty.json").write_text("{}")
+    assert rep.main(["--out", str(out), f"a={tmp_path / 'empty.json'}"]) == 2           # no 8K record in it
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("prefill_8k_repeats: ") for line in err)
