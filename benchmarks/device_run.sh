@@ -4,6 +4,9 @@
 #   bash benchmarks/device_run.sh "<pytest -k expression or ->" <family> [family ...]
 #   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240; SLOW_FIRST: a grep -E pattern of the test ids started first; a case that ran out of GPU memory beside the others is run again alone afterwards, all such within RETRY_TIMEOUT s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only),
 #        PROBES="probe_mhc_parts.py probe_host.py ..." (benchmarks/ scripts run last, one after another, each capped at PROBE_TIMEOUT s, default 120; their JSON lands in benchmarks/results)
+#        CSA_8K_REPEATS=n (after the families: bench_csa's 8K prefill family alone in n fresh processes, each capped at
+#        REPEAT_TIMEOUT s, default 150, gathered by prefill_8k_repeats.py into csa_8k_repeats.json; csa.json is left as
+#        the families wrote it),
 #        NEED_GPU (a grep -E pattern, e.g. H200: on a card whose name does not match, say so and exit 3 before anything
 #        runs, so a machine of the wrong kind costs only its start)
 set -u
@@ -54,6 +57,20 @@ fi
 if [ $# -gt 0 ]; then
   timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/run_all.py --only "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -E "^(== |e2e |csa |hca |Traceback|[A-Za-z]*Error)" "$OUT/bench.log" | cut -c1-300 | tail -60
+fi
+if [ -n "${CSA_8K_REPEATS:-}" ]; then               # one process is one sample of the host-bound 8K prefill (README T2)
+  R8=$(mktemp -d); saved=$R8/saved.json; [ -f benchmarks/results/csa.json ] && cp benchmarks/results/csa.json "$saved"
+  pairs=()
+  for i in $(seq 1 "$CSA_8K_REPEATS"); do
+    CSA_FAMILIES=prefill_8192 timeout "${REPEAT_TIMEOUT:-150}" python3 benchmarks/run_all.py --only csa \
+      > "$OUT/repeat_8k.log" 2>&1
+    echo "8K repeat $i rc=$?"
+    [ -f benchmarks/results/csa.json ] && cp benchmarks/results/csa.json "$R8/csa_8k_$i.json" && pairs+=("repeat=$R8/csa_8k_$i.json")
+  done
+  if [ -f "$saved" ]; then cp "$saved" benchmarks/results/csa.json; else rm -f benchmarks/results/csa.json; fi
+  [ ${#pairs[@]} -gt 0 ] && python3 benchmarks/prefill_8k_repeats.py --out benchmarks/results/csa_8k_repeats.json \
+    --note "device_run.sh CSA_8K_REPEATS=$CSA_8K_REPEATS: one machine, the 8K family alone per process" "${pairs[@]}"
+  echo "8K repeats rc=$?"
 fi
 if [ -n "${E2E_EXTRA:-}" ]; then                     # bench_e2e --breakdown-only: GPU time of a V4 step by component
   timeout "${EXTRA_TIMEOUT:-150}" python3 benchmarks/bench_e2e.py --breakdown-only > "$OUT/e2e_extra.log" 2>&1
