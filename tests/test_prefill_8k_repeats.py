@@ -1,5 +1,6 @@
 """benchmarks/prefill_8k_repeats.py on the CPU: one sample per csa.json, the spread per group and over all, groups
-whose chain was another form kept out of the chain statistics, and bad arguments refused before anything is written."""
+whose chain was another form kept out of the chain statistics, and bad arguments refused before anything is written;
+and what benchmarks/run_all.py's summary takes from it and from each record's card."""
 import json
 import sys
 from pathlib import Path
@@ -50,3 +51,23 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
     assert not out.exists() and not Path(str(out) + ".tmp").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("prefill_8k_repeats: ") for line in err)
+
+
+def test_summary_names_each_records_card_and_carries_the_8k_spread(tmp_path, monkeypatch):
+    """run_all --summary-only: records of two cards make `gpu` "mixed" and `cards` name each; the 8K repeats' spread
+    comes over whole, beside the single record's key, which stays the record's own figure."""
+    import run_all
+    csa = json.loads(Path(_csa(tmp_path / "csa.json", 0.5, 0.6, 0.4)).read_text())
+    csa["env"]["gpu"], csa["dense"] = "card B", {"sdpa_flash_8192": {"ms": 1.0}}
+    (tmp_path / "csa.json").write_text(json.dumps(csa))
+    (tmp_path / "hca.json").write_text(json.dumps({"env": {"gpu": "card A"}}))
+    monkeypatch.setattr(run_all, "RESULTS", str(tmp_path))
+    s = run_all.build_summary()
+    assert s["cards"] == {"hca": "card A", "csa": "card B"} and s["gpu"] == "mixed: see cards"
+    assert "csa_prefill_8k_repeats" not in s and s["csa_prefill_8k_speedup_vs_sdpa_flash"] == 2.0
+    assert rep.main(["--out", str(tmp_path / "csa_8k_repeats.json"), f"m={tmp_path / 'csa.json'}"]) == 0
+    s = run_all.build_summary()
+    assert s["csa_prefill_8k_repeats"]["stats"]["by_parts_speedup"]["all"]["median"] == 2.0
+    assert json.loads((tmp_path / "summary.json").read_text())["cards"]["csa"] == "card B"
+    (tmp_path / "hca.json").unlink()
+    assert run_all.build_summary()["gpu"] == "card B"
