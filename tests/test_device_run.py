@@ -27,18 +27,25 @@ esac
 """
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ("bash", "xargs", "timeout", "tar"))), reason="needs bash, xargs, "
-                    "timeout and tar")
-def test_a_case_out_of_gpu_memory_is_run_again_alone(tmp_path):
+def _fake_machine(tmp_path, python3: str):
+    """A bin folder holding the fake python3 and nvidia-smi, an empty work tree with benchmarks/results, and $OUT:
+    returns (PATH with the fakes first, work, out)."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python3").write_text(FAKE_PYTHON)
+    (fake / "python3").write_text(python3)
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho fake GPU\n")
     for f in fake.iterdir():
         f.chmod(0o755)
     work, out = tmp_path / "work", tmp_path / "out"
     (work / "benchmarks" / "results").mkdir(parents=True)
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "TEST_JOBS": "4",
+    return f"{fake}{os.pathsep}{os.environ['PATH']}", work, out
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("bash", "xargs", "timeout", "tar"))), reason="needs bash, xargs, "
+                    "timeout and tar")
+def test_a_case_out_of_gpu_memory_is_run_again_alone(tmp_path):
+    path, work, out = _fake_machine(tmp_path, FAKE_PYTHON)
+    env = {**os.environ, "PATH": path, "OUT": str(out), "TEST_JOBS": "4",
            "TEST_TIMEOUT": "60", "PER_TEST": "30", "RETRY_TIMEOUT": "60"}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh"), ""], cwd=work, env=env,
                          capture_output=True, text=True, timeout=120)
@@ -71,18 +78,11 @@ esac
 
 @pytest.mark.skipif(not all(map(shutil.which, ("bash", "tar", "seq", "mktemp"))), reason="needs bash, tar, seq, mktemp")
 def test_8k_repeats_gather_one_sample_per_process_and_leave_csa_json_as_it_was(tmp_path):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "python3").write_text(FAKE_BENCH)
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho fake GPU\n")
-    for f in fake.iterdir():
-        f.chmod(0o755)
-    work, out = tmp_path / "work", tmp_path / "out"
-    (work / "benchmarks" / "results").mkdir(parents=True)
+    path, work, out = _fake_machine(tmp_path, FAKE_BENCH)
     (work / "benchmarks" / "prefill_8k_repeats.py").symlink_to(ROOT / "benchmarks" / "prefill_8k_repeats.py")
     saved = '{"families": {"topk_row": {"status": "ok"}}}'
     (work / "benchmarks" / "results" / "csa.json").write_text(saved)
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "CSA_8K_REPEATS": "3",
+    env = {**os.environ, "PATH": path, "OUT": str(out), "CSA_8K_REPEATS": "3",
            "REALPY": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh"), "-"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=120)
