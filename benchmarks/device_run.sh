@@ -61,11 +61,14 @@ fi
 if [ -n "${CSA_8K_REPEATS:-}" ]; then               # one process is one sample of the host-bound 8K prefill (README T2)
   R8=$(mktemp -d); saved=$R8/saved.json; [ -f benchmarks/results/csa.json ] && cp benchmarks/results/csa.json "$saved"
   pairs=()
-  for i in $(seq 1 "$CSA_8K_REPEATS"); do
+  for i in $(seq 1 "$CSA_8K_REPEATS"); do            # each process writes csa.json afresh: a failed one adds nothing
+    rm -f benchmarks/results/csa.json
     CSA_FAMILIES=prefill_8192 timeout "${REPEAT_TIMEOUT:-150}" python3 benchmarks/run_all.py --only csa \
       > "$OUT/repeat_8k.log" 2>&1
-    echo "8K repeat $i rc=$?"
-    [ -f benchmarks/results/csa.json ] && cp benchmarks/results/csa.json "$R8/csa_8k_$i.json" && pairs+=("repeat=$R8/csa_8k_$i.json")
+    rc=$?; echo "8K repeat $i rc=$rc"
+    if [ $rc -eq 0 ] && [ -f benchmarks/results/csa.json ]; then
+      cp benchmarks/results/csa.json "$R8/csa_8k_$i.json" && pairs+=("repeat=$R8/csa_8k_$i.json")
+    fi
   done
   if [ -f "$saved" ]; then cp "$saved" benchmarks/results/csa.json; else rm -f benchmarks/results/csa.json; fi
   [ ${#pairs[@]} -gt 0 ] && python3 benchmarks/prefill_8k_repeats.py --out benchmarks/results/csa_8k_repeats.json \

@@ -22,8 +22,6 @@ import statistics
 import sys
 
 METRICS = ("by_parts_speedup", "chain_speedup", "chain_graph_speedup", "chain_host_ms")
-
-
 CHAIN = ("chain_ms", "chain_graph_ms", "chain_host_ms", "chain_speedup", "chain_graph_speedup")
 
 
@@ -32,15 +30,15 @@ def sample(group: str, path: str, parts_only: bool = False) -> dict:
     parts, chain = d["csa_prefill"]["triton_8192"], d["csa_prefill"].get("pipeline_8192", {})
     env = d.get("env", {})
     s = {"group": group, "file": os.path.basename(path), "time": env.get("time"), "gpu": env.get("gpu"),
-            "code_tree": env.get("code_tree"),
-            "by_parts_speedup": parts["speedup_vs_sdpa_flash"], "by_parts_ms": parts["ms"],
-            "compressor_ms": parts["compressor_ms"], "indexer_ms": parts["indexer_ms"],
-            "indexer_method": parts["indexer_method"], "sparse_ms": parts["sparse_ms"],
-            "sdpa_flash_ms": parts["sdpa_flash_ms"],
-            "chain_ms": chain.get("ms"), "chain_graph_ms": chain.get("graph_ms"),
-            "chain_host_ms": chain.get("host", {}).get("ms"),
-            "chain_speedup": chain.get("speedup_vs_sdpa_flash"),
-            "chain_graph_speedup": chain.get("graph_speedup_vs_sdpa_flash")}
+         "code_tree": env.get("code_tree"),
+         "by_parts_speedup": parts["speedup_vs_sdpa_flash"], "by_parts_ms": parts["ms"],
+         "compressor_ms": parts["compressor_ms"], "indexer_ms": parts["indexer_ms"],
+         "indexer_method": parts["indexer_method"], "sparse_ms": parts["sparse_ms"],
+         "sdpa_flash_ms": parts["sdpa_flash_ms"],
+         "chain_ms": chain.get("ms"), "chain_graph_ms": chain.get("graph_ms"),
+         "chain_host_ms": chain.get("host", {}).get("ms"),
+         "chain_speedup": chain.get("speedup_vs_sdpa_flash"),
+         "chain_graph_speedup": chain.get("graph_speedup_vs_sdpa_flash")}
     if parts_only:
         s["other_chain"] = {k: s[k] for k in CHAIN}
         s.update(dict.fromkeys(CHAIN))
@@ -56,7 +54,14 @@ def spread(values: list) -> dict | None:
 
 
 def build(pairs: list, note: str = "", parts_only=()) -> dict:
-    samples = [sample(g, p, g in parts_only) for g, p in pairs]
+    """pairs [(group, path of a csa.json)] -> the record (module docstring). A file without an 8K prefill record
+    raises ValueError naming it."""
+    samples = []
+    for g, p in pairs:
+        try:
+            samples.append(sample(g, p, g in parts_only))
+        except (KeyError, TypeError, ValueError) as e:     # ValueError: not JSON; KeyError / TypeError: no 8K entry
+            raise ValueError(f"{p}: no 8K prefill record (csa_prefill.triton_8192): {type(e).__name__}: {e}") from e
     groups = list(dict.fromkeys(s["group"] for s in samples))
     stats = {m: {"all": spread([s[m] for s in samples]),
                  **{g: spread([s[m] for s in samples if s["group"] == g]) for g in groups}} for m in METRICS}
@@ -88,8 +93,8 @@ def main(argv=None) -> int:
             return 2
     try:
         rec = build(pairs, a.note, set(a.parts_only))
-    except (KeyError, ValueError) as e:
-        print(f"prefill_8k_repeats: a file holds no 8K prefill record ({type(e).__name__}: {e})", file=sys.stderr)
+    except ValueError as e:
+        print(f"prefill_8k_repeats: {e}", file=sys.stderr)
         return 2
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:

@@ -51,6 +51,7 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
     assert not out.exists() and not Path(str(out) + ".tmp").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("prefill_8k_repeats: ") for line in err)
+    assert str(tmp_path / "empty.json") in err[-1]                                    # the error names the file
 
 
 def test_summary_names_each_records_card_and_carries_the_8k_spread(tmp_path, monkeypatch):
