@@ -21,6 +21,8 @@ import os
 import statistics
 import sys
 
+from common import write_json
+
 METRICS = ("by_parts_speedup", "chain_speedup", "chain_graph_speedup", "chain_host_ms")
 CHAIN = ("chain_ms", "chain_graph_ms", "chain_host_ms", "chain_speedup", "chain_graph_speedup")
 
@@ -96,10 +98,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"prefill_8k_repeats: {e}", file=sys.stderr)
         return 2
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(tmp, a.out)
+    write_json(a.out, rec)                                  # atomically
     s = rec["stats"]["by_parts_speedup"]["all"]
     print(f"{a.out}: {s['n']} samples, by parts median {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}), "
           f"{s['below_1']} below 1.0x")
