@@ -35,7 +35,7 @@ from unittest import mock
 
 import torch
 
-from common import bench, bench_graph, host_ms, host_stages_ms, replays_us, safe, save
+from common import bench, bench_graph, bench_queued, host_ms, host_stages_ms, replays_us, safe, save
 from dsv4_lab.kernels.indexer_topk import select as sel
 from dsv4_lab.kernels.indexer_topk import tailselect as ts
 from dsv4_lab.kernels.indexer_topk import triton as itk
@@ -705,9 +705,11 @@ def prefill_chain(N, method):
 
 
 def pipeline(N, method):
-    """`prefill_chain` timed end to end, eager (do_bench) and replayed from a CUDA graph, against SDPA-flash timed
-    both ways; the component sums in `csa_prefill` add up separately timed calls, each with its own launch
-    overhead."""
+    """`prefill_chain` timed end to end three ways, each against SDPA-flash timed the same way: eager (do_bench: the
+    host's launches are in the time wherever it enqueues slower than the GPU runs), eager queued behind a sleep
+    (common.bench_queued: the same launches on the GPU alone, as inside a forward pass whose GPU is the bottleneck)
+    and replayed from a CUDA graph. The component sums in `csa_prefill` add up separately timed calls, each with its
+    own launch overhead."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     run, staged = prefill_chain(N, method)
@@ -719,9 +721,12 @@ def pipeline(N, method):
     r = {"method": method, "ms": bench(run, warmup=5, rep=60)["ms"], "graph_ms": bench_graph(run)["ms"],
          "host": safe(host_ms, run), "host_stages": safe(host_stages_ms, staged),
          "sdpa_flash_ms": bench(dense, warmup=5, rep=60)["ms"],
-         "sdpa_flash_graph_ms": bench_graph(dense)["ms"], "sdpa_flash_host": safe(host_ms, dense)}
+         "sdpa_flash_graph_ms": bench_graph(dense)["ms"], "sdpa_flash_host": safe(host_ms, dense),
+         "queued": safe(bench_queued, run), "sdpa_flash_queued": safe(bench_queued, dense)}
     r["speedup_vs_sdpa_flash"] = r["sdpa_flash_ms"] / r["ms"]
     r["graph_speedup_vs_sdpa_flash"] = r["sdpa_flash_graph_ms"] / r["graph_ms"]
+    if "ms" in r["queued"] and "ms" in r["sdpa_flash_queued"]:
+        r["queued_speedup_vs_sdpa_flash"] = r["sdpa_flash_queued"]["ms"] / r["queued"]["ms"]
     return r
 
 

@@ -109,6 +109,38 @@ def bench_graph(fn, reps=50, hold=False) -> dict:
     return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10]}
 
 
+def bench_queued(fn, reps=50, cycles=HOLD_CYCLES, tries=4) -> dict:
+    """fn's eager launches timed on the GPU alone, ms: before each timed call the L2 is flushed (as do_bench does) and
+    a sleep kernel of `cycles` clocks holds the GPU while the host enqueues the call behind it, so the events time
+    fn's kernels back to back, without the gaps in which an idle GPU waits for the host's next launch: an eager call
+    inside a forward pass whose GPU, not its host, is the bottleneck (bench_graph(hold=True) does the same for one
+    graph launch). A call counts as held when the GPU was still in the sleep once the host had queued it (the
+    event after the sleep not yet reached: Event.query); if any call of a round was not held, the round is dropped
+    and the sleep doubled, up to `tries` rounds. Returns the median / p10 / p90 ms of the held round, its sleep's
+    cycles, and held (False: the last round still had calls the host did not queue in time, and its times include
+    host gaps)."""
+    flush = torch.empty(int(256e6 // 4), dtype=torch.int, device="cuda")
+    for attempt in range(tries):
+        if attempt:
+            cycles *= 2
+        ts, held = [], True
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush.zero_()
+            torch.cuda._sleep(cycles)
+            a.record()
+            fn()
+            held = held and not a.query()                   # the GPU still sleeps: the whole call is queued
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        if held:
+            break
+    ts.sort()
+    return {"ms": ts[len(ts) // 2], "p10_ms": ts[len(ts) // 10], "p90_ms": ts[(9 * len(ts)) // 10],
+            "cycles": cycles, "held": held}
+
+
 def replays_us(out: dict, name: str, fn, captures: int = 1) -> None:
     """out[name + "_us"]: bench_graph(fn) in microseconds; out[name + "_gpu_us"]: the same with hold=True. captures >
     1: fn captured that many times, each capture its own graph timed both ways (one capture, then the next), and each

@@ -8,7 +8,9 @@ the moment (benchmarks/README.md T2), so one process's eager figure samples the 
 GROUP=PATH names a csa.json written by one process (`CSA_FAMILIES=prefill_8192 python benchmarks/run_all.py --only
 csa`, or the whole family list); GROUP labels the samples that share a machine and a chain form. Per sample: the sum
 of the separately timed parts (the summary key csa_prefill_8k_speedup_vs_sdpa_flash), the chain called end to end
-(eager) and replayed from a CUDA graph, the chain's host time per call, each against SDPA-flash of the same process.
+(eager), eager queued behind a sleep (its launches on the GPU alone, common.bench_queued; records from before that
+measurement have none) and replayed from a CUDA graph, the chain's host time per call, each against SDPA-flash of
+the same process.
 Per group and over all samples: n, median, min, max and how many samples read below 1.0x. --parts-only GROUP: that
 group's chain was another form than the current one (bench_csa.prefill_chain changed since): its chain figures are
 kept in each sample under "other_chain" and left out of the chain statistics.
@@ -23,8 +25,9 @@ import sys
 
 from common import write_json
 
-METRICS = ("by_parts_speedup", "chain_speedup", "chain_graph_speedup", "chain_host_ms")
-CHAIN = ("chain_ms", "chain_graph_ms", "chain_host_ms", "chain_speedup", "chain_graph_speedup")
+METRICS = ("by_parts_speedup", "chain_speedup", "chain_queued_speedup", "chain_graph_speedup", "chain_host_ms")
+CHAIN = ("chain_ms", "chain_queued_ms", "chain_graph_ms", "chain_host_ms", "chain_speedup", "chain_queued_speedup",
+         "chain_graph_speedup")
 
 
 def sample(group: str, path: str, parts_only: bool = False) -> dict:
@@ -37,9 +40,11 @@ def sample(group: str, path: str, parts_only: bool = False) -> dict:
          "compressor_ms": parts["compressor_ms"], "indexer_ms": parts["indexer_ms"],
          "indexer_method": parts["indexer_method"], "sparse_ms": parts["sparse_ms"],
          "sdpa_flash_ms": parts["sdpa_flash_ms"],
-         "chain_ms": chain.get("ms"), "chain_graph_ms": chain.get("graph_ms"),
+         "chain_ms": chain.get("ms"), "chain_queued_ms": chain.get("queued", {}).get("ms"),
+         "chain_graph_ms": chain.get("graph_ms"),
          "chain_host_ms": chain.get("host", {}).get("ms"),
          "chain_speedup": chain.get("speedup_vs_sdpa_flash"),
+         "chain_queued_speedup": chain.get("queued_speedup_vs_sdpa_flash"),
          "chain_graph_speedup": chain.get("graph_speedup_vs_sdpa_flash")}
     if parts_only:
         s["other_chain"] = {k: s[k] for k in CHAIN}

@@ -3,6 +3,9 @@ between its mark and the previous one (the first stage's from the call's start),
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -57,8 +60,6 @@ def test_csa_try_settings_apply_and_bad_names_exit_2(monkeypatch, capsys):
     stores on, the score candidates appended to the autotune list, decode's fused first digit on, fp32 rows through
     the tail select); an unknown name
     is a one-line error, exit 2."""
-    import pytest
-
     import bench_csa
     from dsv4_lab.kernels.indexer_topk import select as sel
     monkeypatch.setenv("CSA_TRY", "score_candidates,fuse_level0,asm_stores,fp32_tail")
@@ -95,3 +96,54 @@ def test_replays_us_takes_the_median_capture(monkeypatch):
     out = {}
     common.replays_us(out, "y", lambda: None)
     assert out == {"y_us": 30.0, "y_gpu_us": 20.0}
+
+
+def test_bench_queued_drops_a_round_the_host_did_not_queue_in_time(monkeypatch):
+    """bench_queued: a round in which one call was not queued before the sleep ended (the event after the sleep
+    already reached) is dropped and the next round sleeps twice as long; the held round's median and p10 / p90 are
+    returned with its cycles; with every round unheld, held=False and the last round's times."""
+    sleeps, queries, times = [], iter([False, True, False, False, False]), iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.6])
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def query(self):
+            return next(queries)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return next(times)
+
+    class Buf:
+        def zero_(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setattr(common.torch, "empty", lambda *a, **k: Buf())
+    calls = []
+    out = common.bench_queued(lambda: calls.append(1), reps=3, cycles=100, tries=4)
+    assert sleeps == [100] * 3 + [200] * 3 and len(calls) == 6          # round 1 (its 2nd call unheld), round 2
+    assert out == {"ms": 0.2, "p10_ms": 0.1, "p90_ms": 0.6, "cycles": 200, "held": True}
+    queries, times = iter([True] * 4), iter([1.0] * 4)
+    out = common.bench_queued(lambda: None, reps=2, cycles=10, tries=2)
+    assert out["held"] is False and out["cycles"] == 20 and out["ms"] == 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_queued_times_a_launch_bound_call_without_its_host_gaps():
+    """On a GPU: a call of 400 tiny launches, which the host enqueues more slowly than the GPU runs them, takes less
+    GPU time queued behind the sleep than do_bench's eager time, and every call of the returned round was held."""
+    x = torch.zeros(16, device="cuda")
+
+    def fn():
+        for _ in range(400):
+            x.add_(1.0)
+    q, e = common.bench_queued(fn, reps=20), common.bench(fn, warmup=3, rep=20)
+    assert q["held"] and q["ms"] < 0.8 * e["ms"], (q, e)

@@ -11,21 +11,26 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import prefill_8k_repeats as rep  # noqa: E402
 
 
-def _csa(path, parts_ms, chain_ms, graph_ms, sdpa_ms=1.0, host_ms=0.5):
+def _csa(path, parts_ms, chain_ms, graph_ms, sdpa_ms=1.0, host_ms=0.5, queued_ms=None):
     rec = {"env": {"gpu": "card", "time": "t", "code_tree": "abc"},
            "csa_prefill": {"triton_8192": {"ms": parts_ms, "compressor_ms": 0.1, "indexer_ms": 0.1,
                                            "indexer_method": "rowsel_bf16", "sparse_ms": parts_ms - 0.2,
                                            "sdpa_flash_ms": sdpa_ms, "speedup_vs_sdpa_flash": sdpa_ms / parts_ms},
-                           "pipeline_8192": {"ms": chain_ms, "graph_ms": graph_ms, "host": {"ms": host_ms},
+                           "pipeline_8192": {"method": "rowsel_bf16", "ms": chain_ms, "graph_ms": graph_ms,
+                                             "host": {"ms": host_ms},
                                              "speedup_vs_sdpa_flash": sdpa_ms / chain_ms,
                                              "graph_speedup_vs_sdpa_flash": sdpa_ms / graph_ms}}}
+    if queued_ms is not None:                                   # records since bench_queued; older ones have none
+        rec["csa_prefill"]["pipeline_8192"].update(queued={"ms": queued_ms}, sdpa_flash_queued={"ms": sdpa_ms},
+                                                   queued_speedup_vs_sdpa_flash=sdpa_ms / queued_ms)
     path.write_text(json.dumps(rec))
     return str(path)
 
 
 def test_spread_per_group_and_over_all(tmp_path):
     a = [_csa(tmp_path / f"a{i}.json", ms, 1.25, 0.8) for i, ms in enumerate((0.5, 2.0, 1.0))]   # 2x, 0.5x, 1x
-    b = [_csa(tmp_path / f"b{i}.json", ms, 0.5, 0.4) for i, ms in enumerate((0.8, 0.4))]         # 1.25x, 2.5x
+    b = [_csa(tmp_path / f"b{i}.json", ms, 0.5, 0.4, queued_ms=q)                               # 1.25x, 2.5x
+         for i, (ms, q) in enumerate(((0.8, 0.5), (0.4, None)))]
     out = tmp_path / "rep.json"
     assert rep.main(["--out", str(out), "--parts-only", "old"] + [f"old={p}" for p in a] + [f"new={p}" for p in b]) == 0
     r = json.loads(out.read_text())
@@ -38,6 +43,9 @@ def test_spread_per_group_and_over_all(tmp_path):
     assert r["stats"]["chain_speedup"]["all"] == {"n": 2, "median": 2.0, "min": 2.0, "max": 2.0, "below_1": 0}
     assert r["samples"][0]["chain_speedup"] is None and r["samples"][0]["other_chain"]["chain_speedup"] == 0.8
     assert "below_1" not in r["stats"]["chain_host_ms"]["all"]
+    # queued: only the one record that has it counts
+    assert r["stats"]["chain_queued_speedup"]["all"] == {"n": 1, "median": 2.0, "min": 2.0, "max": 2.0, "below_1": 0}
+    assert r["samples"][3]["chain_queued_ms"] == 0.5 and r["samples"][4]["chain_queued_ms"] is None
 
 
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
@@ -66,6 +74,8 @@ def test_summary_names_each_records_card_and_carries_the_8k_spread(tmp_path, mon
     s = run_all.build_summary()
     assert s["cards"] == {"hca": "card A", "csa": "card B"} and s["gpu"] == "mixed: see cards"
     assert "csa_prefill_8k_repeats" not in s and s["csa_prefill_8k_speedup_vs_sdpa_flash"] == 2.0
+    assert s["csa_prefill_8k_pipeline"]["queued_ms"] is None                # a record from before bench_queued
+    assert s["csa_prefill_8k_pipeline"]["graph_speedup_vs_sdpa_flash"] == 2.5
     assert rep.main(["--out", str(tmp_path / "csa_8k_repeats.json"), f"m={tmp_path / 'csa.json'}"]) == 0
     s = run_all.build_summary()
     assert s["csa_prefill_8k_repeats"]["stats"]["by_parts_speedup"]["all"]["median"] == 2.0
