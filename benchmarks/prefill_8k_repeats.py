@@ -1,7 +1,7 @@
 """The 8K CSA prefill of several bench_csa processes as one record: one sample per process, and its spread.
 
     python benchmarks/prefill_8k_repeats.py --out benchmarks/results/csa_8k_repeats.json \
-        [--note TEXT] [--parts-only GROUP ...] GROUP=csa.json [GROUP=csa.json ...]
+        [--note TEXT] [--parts-only GROUP ...] [--with-record OLD.json ...] GROUP=csa.json [GROUP=csa.json ...]
 
 At 8K the CSA chain's kernels take ~0.5 ms and its host enqueues them in 0.45-1.4 ms, depending on the machine and
 the moment (benchmarks/README.md T2), so one process's eager figure samples the host as much as the kernels. Each
@@ -13,7 +13,8 @@ measurement have none) and replayed from a CUDA graph, the chain's host time per
 the same process.
 Per group and over all samples: n, median, min, max and how many samples read below 1.0x. --parts-only GROUP: that
 group's chain was another form than the current one (bench_csa.prefill_chain changed since): its chain figures are
-kept in each sample under "other_chain" and left out of the chain statistics.
+kept in each sample under "other_chain" and left out of the chain statistics. --with-record OLD.json: the samples
+of an earlier such record come first, as they are (their groups, their "other_chain"); the statistics cover them too.
 """
 from __future__ import annotations
 
@@ -60,21 +61,22 @@ def spread(values: list) -> dict | None:
             "below_1": sum(x < 1.0 for x in v)}
 
 
-def build(pairs: list, note: str = "", parts_only=()) -> dict:
-    """pairs [(group, path of a csa.json)] -> the record (module docstring). A file without an 8K prefill record
-    raises ValueError naming it."""
-    samples = []
+def build(pairs: list, note: str = "", parts_only=(), earlier=()) -> dict:
+    """pairs [(group, path of a csa.json)] -> the record (module docstring); earlier: samples of earlier records, put
+    first. A file without an 8K prefill record raises ValueError naming it."""
+    samples = [dict(s) for s in earlier]
     for g, p in pairs:
         try:
             samples.append(sample(g, p, g in parts_only))
         except (KeyError, TypeError, ValueError) as e:     # ValueError: not JSON; KeyError / TypeError: no 8K entry
             raise ValueError(f"{p}: no 8K prefill record (csa_prefill.triton_8192): {type(e).__name__}: {e}") from e
     groups = list(dict.fromkeys(s["group"] for s in samples))
-    stats = {m: {"all": spread([s[m] for s in samples]),
-                 **{g: spread([s[m] for s in samples if s["group"] == g]) for g in groups}} for m in METRICS}
+    stats = {m: {"all": spread([s.get(m) for s in samples]),
+                 **{g: spread([s.get(m) for s in samples if s["group"] == g]) for g in groups}} for m in METRICS}
     for m in stats["chain_host_ms"].values():              # a time, not a speedup: no "below 1.0x" count
         if m:
             m.pop("below_1")
+    parts_only = set(parts_only) | {s["group"] for s in earlier if "other_chain" in s}
     return {"what": "CSA prefill at 8K (B 1, H 16 x 128) against SDPA-flash, one sample per bench_csa process",
             "note": note, "groups": groups, "parts_only": sorted(parts_only), "stats": stats, "samples": samples}
 
@@ -84,8 +86,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--note", default="")
     ap.add_argument("--parts-only", action="append", default=[], metavar="GROUP")
+    ap.add_argument("--with-record", action="append", default=[], metavar="OLD.json")
     ap.add_argument("pairs", nargs="+", metavar="GROUP=PATH")
     a = ap.parse_args(argv)
+    earlier = []
+    for p in a.with_record:
+        try:
+            earlier += json.load(open(p))["samples"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"prefill_8k_repeats: --with-record {p!r}: not a record of this script ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 2
     pairs = []
     for x in a.pairs:
         g, sep, p = x.partition("=")
@@ -99,7 +110,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        rec = build(pairs, a.note, set(a.parts_only))
+        rec = build(pairs, a.note, set(a.parts_only), earlier)
     except ValueError as e:
         print(f"prefill_8k_repeats: {e}", file=sys.stderr)
         return 2

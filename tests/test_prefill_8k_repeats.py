@@ -82,3 +82,27 @@ def test_summary_names_each_records_card_and_carries_the_8k_spread(tmp_path, mon
     assert json.loads((tmp_path / "summary.json").read_text())["cards"]["csa"] == "card B"
     (tmp_path / "hca.json").unlink()
     assert run_all.build_summary()["gpu"] == "card B"
+
+
+def test_with_record_keeps_earlier_samples_first(tmp_path, capsys):
+    """--with-record: an earlier record's samples (from before bench_queued: no queued keys; one group parts-only)
+    come first as they were, the statistics cover old and new, and a file that is not such a record exits 2."""
+    old = [_csa(tmp_path / "o.json", 0.5, 2.0, 0.4)]                                       # 2x by parts, 0.5x chain
+    first = tmp_path / "first.json"
+    assert rep.main(["--out", str(first), "--parts-only", "old", f"old={old[0]}"]) == 0
+    rec = json.loads(first.read_text())
+    for s in rec["samples"]:
+        s.pop("chain_queued_ms"), s.pop("chain_queued_speedup")
+    first.write_text(json.dumps(rec))
+    new = _csa(tmp_path / "n.json", 1.0, 0.8, 0.5, queued_ms=0.5)                          # 1x, 1.25x, 2x queued
+    out = tmp_path / "both.json"
+    assert rep.main(["--out", str(out), "--with-record", str(first), f"new={new}"]) == 0
+    r = json.loads(out.read_text())
+    assert [s["group"] for s in r["samples"]] == ["old", "new"] and r["parts_only"] == ["old"]
+    assert r["samples"][0]["other_chain"]["chain_speedup"] == 0.5
+    assert r["stats"]["by_parts_speedup"]["all"] == {"n": 2, "median": 1.5, "min": 1.0, "max": 2.0, "below_1": 0}
+    assert r["stats"]["chain_speedup"]["all"]["n"] == 1 and r["stats"]["chain_queued_speedup"]["all"]["min"] == 2.0
+    (tmp_path / "bad.json").write_text("[1]")
+    assert rep.main(["--out", str(tmp_path / "x.json"), "--with-record", str(tmp_path / "bad.json"), f"new={new}"]) == 2
+    assert not (tmp_path / "x.json").exists()
+    assert "--with-record" in capsys.readouterr().err
