@@ -191,10 +191,9 @@ def build_summary(out_dir=None) -> dict:
         "T10_fake_quant_>=3.4TB/s": s.get("fake_quant_tb_s"),
         "T10_mxfp4_>=3.4TB/s": s.get("fake_quant_mxfp4_tb_s"),
     }
+    from common import write_json                   # atomically: a killed rebuild leaves the old summary whole
     for d in [RESULTS] + ([out_dir] if out_dir else []):
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "summary.json"), "w") as f:
-            json.dump(s, f, indent=1)
+        write_json(os.path.join(d, "summary.json"), s)
     return s
 
 
