@@ -44,10 +44,17 @@ COMMON = ["preset=tiny", "seq_len=32", "batch_size=4", f"max_steps={STEPS}", "wa
 SEED = 3                                            # the test's input; scripts/tolerance_margins.py runs 20 others
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all n are chosen, so no port is handed out twice (two
+    jobs of one spawn on one port: the second job's store could meet the first one's socket still closing)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _keep_every_checkpoint():
@@ -112,10 +119,11 @@ def run_all(root, seed: int) -> dict[str, str]:
         for opt in ("adamw", "muon"):
             _train([f"run_dir={d['ref_' + opt]}", f"optimizer={opt}", f"seed={seed}"])
         d["resume_1to2"] = _resume_dir(d["ref_muon"], os.path.join(root, "resume_1to2"), 1)
-        jobs = [(_free_port(), [f"run_dir={d[f'{p}_{o}']}", f"parallel={p}", f"optimizer={o}", f"seed={seed}"])
+        ports = _free_ports(5)
+        jobs = [(ports.pop(), [f"run_dir={d[f'{p}_{o}']}", f"parallel={p}", f"optimizer={o}", f"seed={seed}"])
                 for p in ("ddp", "fsdp2") for o in ("adamw", "muon")]
-        jobs.append((_free_port(), [f"run_dir={d['resume_1to2']}", "parallel=fsdp2", "optimizer=muon",
-                                    f"seed={seed}"]))
+        jobs.append((ports.pop(), [f"run_dir={d['resume_1to2']}", "parallel=fsdp2", "optimizer=muon",
+                                   f"seed={seed}"]))
         os.environ["OMP_NUM_THREADS"] = "1"          # the children's math libraries start with one thread
         torch.multiprocessing.spawn(_rank_main, args=(2, jobs), nprocs=2, join=True)
         d["resume_2to1"] = _resume_dir(d["fsdp2_muon"], os.path.join(root, "resume_2to1"), 1)
