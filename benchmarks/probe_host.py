@@ -12,6 +12,8 @@ Each entry is the host's time to enqueue one call (common.host_ms: calls back to
                                       directly, and through Triton's own Autotuner.run on every launch
     compressor                        Compressor.forward (project + pool)
     triton_launch_1 / _33             an empty Triton kernel of 1 and of 33 arguments (the pool kernel's count)
+    triton_compiled_run_33            the 33-argument kernel's launcher called on its compiled kernel directly: what
+                                      a launch costs without Triton's binding and cache lookup in Python
     chain_host / chain_profile        bench_csa.py's 8K prefill chain (both compressors, the rowsel_bf16 top-k, the
                                       sparse attention): its host time per call, and cProfile's top functions by own
                                       time over PROFILE_CALLS calls (own ms per call, calls per call: Python's share
@@ -138,7 +140,18 @@ def main(argv=None):
         res.update(chain_profile())
         t = torch.empty(16, device=dev)
         res["triton_launch_1"] = host_ms(lambda: _empty1[(1,)](t))
-        res["triton_launch_33"] = host_ms(lambda: _empty33[(1,)](*([t] * 11), *range(3, 23), C0=1, C1=2))
+        args33 = (*([t] * 11), *range(3, 23))
+        res["triton_launch_33"] = host_ms(lambda: _empty33[(1,)](*args33, C0=1, C1=2))
+        k33 = _empty33[(1,)](*args33, C0=1, C1=2)           # the CompiledKernel that launch ran
+        stream = torch.cuda.current_stream().cuda_stream
+        bound = (*args33, 1, 2)                             # every parameter in order, the constexprs included
+
+        def compiled_run():                                 # its launcher alone: no binding, no cache lookup
+            k33.run(1, 1, 1, stream, k33.function, k33.packed_metadata, None, None, None, *bound)
+        try:
+            res["triton_compiled_run_33"] = host_ms(compiled_run)
+        except Exception as e:                                                  # noqa: BLE001
+            res["triton_compiled_run_33"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     write_json(a.out, {"env": env_info(), "host_probe": res})
     for k, v in res.items():
         if k == "chain_profile":
