@@ -5,8 +5,8 @@
 #   env: TEST_TIMEOUT (s, default 300: on a cold machine the compiled-training case alone took over 120 s; TEST_JOBS parallel, default 4; PER_TEST s, default 240; SLOW_FIRST: a grep -E pattern of the test ids started first; a case that ran out of GPU memory beside the others is run again alone afterwards, all such within RETRY_TIMEOUT s, default 240), BENCH_TIMEOUT (s, default 360), E2E_EXTRA=1 (+ EXTRA_TIMEOUT, default 150: the V4 step breakdown only),
 #        PROBES="probe_mhc_parts.py probe_host.py ..." (benchmarks/ scripts run last, one after another, each capped at PROBE_TIMEOUT s, default 120; their JSON lands in benchmarks/results)
 #        CSA_8K_REPEATS=n (after the families: bench_csa's 8K prefill family alone in n fresh processes, each capped at
-#        REPEAT_TIMEOUT s, default 150, gathered by prefill_8k_repeats.py into csa_8k_repeats.json; csa.json is left as
-#        the families wrote it),
+#        REPEAT_TIMEOUT s, default 150, gathered by prefill_8k_repeats.py into csa_8k_repeats.json; each process's own
+#        record comes back in $OUT/csa_8k_processes.tgz; csa.json is left as the families wrote it),
 #        NEED_GPU (a grep -E pattern, e.g. H200: on a card whose name does not match, say so and exit 3 before anything
 #        runs, so a machine of the wrong kind costs only its start)
 set -u
@@ -71,6 +71,7 @@ if [ -n "${CSA_8K_REPEATS:-}" ]; then               # one process is one sample 
     fi
   done
   if [ -f "$saved" ]; then cp "$saved" benchmarks/results/csa.json; else rm -f benchmarks/results/csa.json; fi
+  [ ${#pairs[@]} -gt 0 ] && tar czf "$OUT/csa_8k_processes.tgz" -C "$R8" $(cd "$R8" && ls csa_8k_*.json)
   [ ${#pairs[@]} -gt 0 ] && python3 benchmarks/prefill_8k_repeats.py --out benchmarks/results/csa_8k_repeats.json \
     --note "device_run.sh CSA_8K_REPEATS=$CSA_8K_REPEATS: one machine, the 8K family alone per process" "${pairs[@]}"
   echo "8K repeats rc=$?"

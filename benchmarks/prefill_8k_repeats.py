@@ -9,7 +9,9 @@ GROUP=PATH names a csa.json written by one process (`CSA_FAMILIES=prefill_8192 p
 csa`, or the whole family list); GROUP labels the samples that share a machine and a chain form. Per sample: the sum
 of the separately timed parts (the summary key csa_prefill_8k_speedup_vs_sdpa_flash), the chain called end to end
 (eager), eager queued behind a sleep (its launches on the GPU alone, common.bench_queued; records from before that
-measurement have none) and replayed from a CUDA graph, the chain's host time per call, each against SDPA-flash of
+measurement have none; chain_queued_held: whether every timed call of both it and SDPA-flash's was queued in time,
+None where the record does not say; bench_csa gives a queued speedup only where both were) and replayed from a CUDA
+graph, the chain's host time per call, each against SDPA-flash of
 the same process.
 Per group and over all samples: n, median, min, max and how many samples read below 1.0x. --parts-only GROUP: that
 group's chain was another form than the current one (bench_csa.prefill_chain changed since): its chain figures are
@@ -28,7 +30,7 @@ from common import write_json
 
 METRICS = ("by_parts_speedup", "chain_speedup", "chain_queued_speedup", "chain_graph_speedup", "chain_host_ms")
 CHAIN = ("chain_ms", "chain_queued_ms", "chain_graph_ms", "chain_host_ms", "chain_speedup", "chain_queued_speedup",
-         "chain_graph_speedup")
+         "chain_queued_held", "chain_graph_speedup")
 
 
 def sample(group: str, path: str, parts_only: bool = False) -> dict:
@@ -46,6 +48,8 @@ def sample(group: str, path: str, parts_only: bool = False) -> dict:
          "chain_host_ms": chain.get("host", {}).get("ms"),
          "chain_speedup": chain.get("speedup_vs_sdpa_flash"),
          "chain_queued_speedup": chain.get("queued_speedup_vs_sdpa_flash"),
+         "chain_queued_held": (chain["queued"].get("held") is True and chain["sdpa_flash_queued"].get("held") is True
+                               if "queued" in chain and "sdpa_flash_queued" in chain else None),
          "chain_graph_speedup": chain.get("graph_speedup_vs_sdpa_flash")}
     if parts_only:
         s["other_chain"] = {k: s[k] for k in CHAIN}

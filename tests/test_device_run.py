@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,5 @@ def test_8k_repeats_gather_one_sample_per_process_and_leave_csa_json_as_it_was(t
     assert [s["time"] for s in rep["samples"]] == ["t1", "t3", "t4"]                  # the failed process: no sample
     assert rep["stats"]["by_parts_speedup"]["all"] == {"n": 3, "median": 1.0, "min": 0.5, "max": 2.0, "below_1": 1}
     assert (work / "benchmarks" / "results" / "csa.json").read_text() == saved     # the families' record, untouched
+    with tarfile.open(out / "csa_8k_processes.tgz") as t:                          # each sampled process's record
+        assert sorted(t.getnames()) == ["csa_8k_1.json", "csa_8k_3.json", "csa_8k_4.json"]

@@ -21,7 +21,8 @@ def _csa(path, parts_ms, chain_ms, graph_ms, sdpa_ms=1.0, host_ms=0.5, queued_ms
                                              "speedup_vs_sdpa_flash": sdpa_ms / chain_ms,
                                              "graph_speedup_vs_sdpa_flash": sdpa_ms / graph_ms}}}
     if queued_ms is not None:                                   # records since bench_queued; older ones have none
-        rec["csa_prefill"]["pipeline_8192"].update(queued={"ms": queued_ms}, sdpa_flash_queued={"ms": sdpa_ms},
+        rec["csa_prefill"]["pipeline_8192"].update(queued={"ms": queued_ms, "held": True},
+                                                   sdpa_flash_queued={"ms": sdpa_ms, "held": True},
                                                    queued_speedup_vs_sdpa_flash=sdpa_ms / queued_ms)
     path.write_text(json.dumps(rec))
     return str(path)
@@ -46,6 +47,7 @@ def test_spread_per_group_and_over_all(tmp_path):
     # queued: only the one record that has it counts
     assert r["stats"]["chain_queued_speedup"]["all"] == {"n": 1, "median": 2.0, "min": 2.0, "max": 2.0, "below_1": 0}
     assert r["samples"][3]["chain_queued_ms"] == 0.5 and r["samples"][4]["chain_queued_ms"] is None
+    assert r["samples"][3]["chain_queued_held"] is True and r["samples"][4]["chain_queued_held"] is None
 
 
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
