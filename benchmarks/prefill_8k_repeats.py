@@ -11,8 +11,7 @@ of the separately timed parts (the summary key csa_prefill_8k_speedup_vs_sdpa_fl
 (eager), eager queued behind a sleep (its launches on the GPU alone, common.bench_queued; records from before that
 measurement have none; chain_queued_held: whether every timed call of both it and SDPA-flash's was queued in time,
 None where the record does not say; bench_csa gives a queued speedup only where both were) and replayed from a CUDA
-graph, the chain's host time per call, each against SDPA-flash of
-the same process.
+graph, and the chain's host time per call, each against SDPA-flash of the same process.
 Per group and over all samples: n, median, min, max and how many samples read below 1.0x. --parts-only GROUP: that
 group's chain was another form than the current one (bench_csa.prefill_chain changed since): its chain figures are
 kept in each sample under "other_chain" and left out of the chain statistics. --with-record OLD.json: the samples
