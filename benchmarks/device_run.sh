@@ -71,10 +71,14 @@ if [ -n "${CSA_8K_REPEATS:-}" ]; then               # one process is one sample 
     fi
   done
   if [ -f "$saved" ]; then cp "$saved" benchmarks/results/csa.json; else rm -f benchmarks/results/csa.json; fi
-  [ ${#pairs[@]} -gt 0 ] && tar czf "$OUT/csa_8k_processes.tgz" -C "$R8" $(cd "$R8" && ls csa_8k_*.json)
-  [ ${#pairs[@]} -gt 0 ] && python3 benchmarks/prefill_8k_repeats.py --out benchmarks/results/csa_8k_repeats.json \
-    --note "device_run.sh CSA_8K_REPEATS=$CSA_8K_REPEATS: one machine, the 8K family alone per process" "${pairs[@]}"
-  echo "8K repeats rc=$?"
+  if [ ${#pairs[@]} -gt 0 ]; then
+    tar czf "$OUT/csa_8k_processes.tgz" -C "$R8" "${pairs[@]#repeat=$R8/}"
+    python3 benchmarks/prefill_8k_repeats.py --out benchmarks/results/csa_8k_repeats.json \
+      --note "device_run.sh CSA_8K_REPEATS=$CSA_8K_REPEATS: one machine, the 8K family alone per process" "${pairs[@]}"
+    echo "8K repeats rc=$?"
+  else
+    echo "8K repeats: no process gave a sample"
+  fi
 fi
 if [ -n "${E2E_EXTRA:-}" ]; then                     # bench_e2e --breakdown-only: GPU time of a V4 step by component
   timeout "${EXTRA_TIMEOUT:-150}" python3 benchmarks/bench_e2e.py --breakdown-only > "$OUT/e2e_extra.log" 2>&1

@@ -47,8 +47,8 @@ def sample(group: str, path: str, parts_only: bool = False) -> dict:
          "chain_host_ms": chain.get("host", {}).get("ms"),
          "chain_speedup": chain.get("speedup_vs_sdpa_flash"),
          "chain_queued_speedup": chain.get("queued_speedup_vs_sdpa_flash"),
-         "chain_queued_held": (chain["queued"].get("held") is True and chain["sdpa_flash_queued"].get("held") is True
-                               if "queued" in chain and "sdpa_flash_queued" in chain else None),
+         "chain_queued_held": (None if "queued" not in chain else
+                               chain["queued"].get("held") is True and chain["sdpa_flash_queued"].get("held") is True),
          "chain_graph_speedup": chain.get("graph_speedup_vs_sdpa_flash")}
     if parts_only:
         s["other_chain"] = {k: s[k] for k in CHAIN}
