@@ -157,7 +157,8 @@ def resources(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: 
 
 def _jit(kernel):
     """The JITFunction under a kernel's autotune / heuristics wrappers."""
-    while type(kernel).__name__ != "JITFunction":
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):                   # _common.jit's kernels are a subclass of it
         kernel = kernel.fn
     return kernel
 

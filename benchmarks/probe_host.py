@@ -9,15 +9,20 @@ Each entry is the host's time to enqueue one call (common.host_ms: calls back to
     project                           Compressor.project (two linear_f32)
     pool_autotuned / pool_direct      compressor_pool on projected C, Z with RoPE: through the kernel's autotuner
     / pool_triton_run                 (_common.autotune), with its chosen config launched on the JIT function
-                                      directly, and through Triton's own Autotuner.run on every launch
+                                      directly (both lean), and through Triton's own Autotuner.run on every launch
     compressor                        Compressor.forward (project + pool)
-    triton_launch_1 / _33             an empty Triton kernel of 1 and of 33 arguments (the pool kernel's count)
+    compressor_triton_run             the same with every Triton launch through JITFunction.run (_common.LEAN off)
+    triton_launch_1 / _33             an empty Triton kernel of 1 and of 33 arguments (the pool kernel's count),
+                                      launched through Triton's JITFunction.run
+    triton_lean_33                    the 33-argument kernel declared with _common.jit: a compiled specialization's
+                                      launch through LeanLaunch (binding, then the launcher)
     triton_compiled_run_33            the 33-argument kernel's launcher called on its compiled kernel directly: what
                                       a launch costs without Triton's binding and cache lookup in Python
     chain_host / chain_profile        bench_csa.py's 8K prefill chain (both compressors, the rowsel_bf16 top-k, the
                                       sparse attention): its host time per call, and cProfile's top functions by own
                                       time over PROFILE_CALLS calls (own ms per call, calls per call: Python's share
                                       and the torch / Triton calls it waits in)
+    chain_host_triton_run             the chain's host time with every Triton launch through JITFunction.run
 
     python benchmarks/probe_host.py [--out benchmarks/results/host_probe.json]
 """
@@ -34,7 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import env_info, host_ms, write_json  # noqa: E402
-from dsv4_lab.kernels._common import tl, triton  # noqa: E402
+from dsv4_lab.kernels import _common  # noqa: E402
+from dsv4_lab.kernels._common import jit, tl, triton  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 N, DM, M = 8192, 1024, 4
@@ -46,10 +52,24 @@ def _empty1(A):
     pass
 
 
-@triton.jit
-def _empty33(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12,
-             n13, n14, n15, n16, n17, n18, n19, C0: tl.constexpr, C1: tl.constexpr):
+def _e33(A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12,
+         n13, n14, n15, n16, n17, n18, n19, C0: tl.constexpr, C1: tl.constexpr):
     pass
+
+
+_empty33 = triton.jit(_e33)                                 # launched through Triton's JITFunction.run
+_lean33 = jit(_e33)                                         # the same kernel declared as the package's are
+
+
+def triton_run(fn):
+    """fn with every launch through Triton's own JITFunction.run (_common.LEAN off for the call)."""
+    def call():
+        _common.LEAN = False
+        try:
+            return fn()
+        finally:
+            _common.LEAN = True
+    return call
 
 
 def chain_profile(top=30):
@@ -59,7 +79,7 @@ def chain_profile(top=30):
     run, _ = bc.prefill_chain(N, "rowsel_bf16")
     run()
     torch.cuda.synchronize()
-    out = {"chain_host": host_ms(run)}
+    out = {"chain_host": host_ms(run), "chain_host_triton_run": host_ms(triton_run(run))}
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(PROFILE_CALLS):
@@ -130,6 +150,7 @@ def main(argv=None):
                         ct._compressor_pool_kernel = saved
                 return call
             fns["pool_direct"], fns["pool_triton_run"] = through(Direct()), through(TritonRun())
+            fns["compressor_triton_run"] = triton_run(fns["compressor"])
             for name, fn in fns.items():
                 fn()
                 torch.cuda.synchronize()
@@ -142,6 +163,8 @@ def main(argv=None):
         res["triton_launch_1"] = host_ms(lambda: _empty1[(1,)](t))
         args33 = (*([t] * 11), *range(3, 23))
         res["triton_launch_33"] = host_ms(lambda: _empty33[(1,)](*args33, C0=1, C1=2))
+        _lean33[(1,)](*args33, C0=1, C1=2)
+        res["triton_lean_33"] = host_ms(lambda: _lean33[(1,)](*args33, C0=1, C1=2))
         k33 = _empty33[(1,)](*args33, C0=1, C1=2)           # the CompiledKernel that launch ran
         stream = torch.cuda.current_stream().cuda_stream
         bound = (*args33, 1, 2)                             # every parameter in order, the constexprs included

@@ -7,7 +7,15 @@ import torch
 triton = pytest.importorskip("triton")
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
+from dsv4_lab.kernels import _common  # noqa: E402
 from dsv4_lab.kernels._common import autotune  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def stub_launches(monkeypatch):
+    """A chosen key's launches reach the stub's own run (LeanLaunch off, as on a machine without CUDA; LeanLaunch
+    itself: tests/test_lean_launch_logic.py)."""
+    monkeypatch.setattr(_common, "LEAN", False)
 
 CONFIGS = [triton.Config({"BN": bn}, num_warps=w) for bn, w in ((1, 2), (2, 4), (4, 4), (8, 8))]
 KEY = ["n", "C_"]

@@ -86,7 +86,7 @@ class Compressor(nn.Module):
     def forward(self, u: torch.Tensor, rope) -> torch.Tensor:
         """u (B, T, d) -> compressed entries (B, floor(T/m), c); trailing T mod m tokens are not used."""
         n = u.shape[1] // self.m
-        C, Z = self.project(u[:, : n * self.m])                               # (B, n*m, k*c) fp32
+        C, Z = self.project(u if u.shape[1] == n * self.m else u[:, : n * self.m])   # (B, n*m, k*c) fp32
         C, Z = C.unflatten(1, (n, self.m)), Z.unflatten(1, (n, self.m))       # (B, n, m, k*c)
         if isinstance(rope, RotaryTable):     # the op rotates too: on the kernel path pool + RoPE are one launch
             return compressor_pool(C, Z, self.ape, self.norm.weight, self.norm.eps, self.overlap, impl=self.impl,

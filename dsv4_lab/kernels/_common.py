@@ -6,8 +6,9 @@
 * Interpreter traps handled by every kernel here: bf16 is cast to fp32 right after loading and `tl.dot` gets fp32
   operands when interpreting (`dot_dtype`), one autotune config when interpreting (`configs`), every store is
   masked, no `make_block_ptr`.
-* `autotune`: triton.autotune whose launches skip Triton's per-launch key building once a key's config is chosen
-  (docs/kernels.md §10).
+* `autotune`: triton.autotune whose launches skip Triton's per-launch key building once a key's config is chosen,
+  and then launch through `LeanLaunch`: a compiled specialization's launcher called without the rest of
+  JITFunction.run's per-launch Python (docs/kernels.md §10).
 * Programmatic dependent launch (PDL, sm_90+; `pdl_supported`, `use_pdl`, `pdl_modes`, `dep_wait`): a launch's
   programs may start while the launch before it still runs; each waits for that launch's end and writes
   (griddepcontrol.wait) before it reads what that launch wrote or writes anything, then lets the next launch start
@@ -103,7 +104,17 @@ def configs(gpu_configs: list, interp_config):
 
 
 if HAVE_TRITON:
+    from triton import knobs
+    from triton.compiler import CompiledKernel
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)     # Triton's own current-stream getter
+    LEAN = triton.__version__.startswith("3.6.") and _raw_stream is not None   # LeanLaunch reads Triton 3.6
+
+    def _idle(hook) -> bool:
+        """True when a launch hook has nothing to call (None, or Triton 3.6's empty HookChain)."""
+        return hook is None or (hasattr(hook, "calls") and not hook.calls)
 
     class KeyedAutotuner(Autotuner):
         """Triton's Autotuner, whose launches go straight to the kernel once the config of their key is chosen.
@@ -111,11 +122,12 @@ if HAVE_TRITON:
         Triton's own `run` rebuilds its key on every launch from a dict of every argument and the string of every
         tensor's dtype, host time that a short kernel's launch waits for (docs/kernels.md §10). Here the key is the
         key arguments' values and every argument's dtype: at least as fine as Triton's, so each key keeps the config
-        Triton chose at its first launch, and a launch runs the same compiled kernel either way. Single-config
-        kernels (the interpreter's) and configs with a pre_hook take Triton's `run`."""
+        Triton chose at its first launch, and a launch runs the same compiled kernel either way (through
+        LeanLaunch). Single-config kernels (the interpreter's) and configs with a pre_hook take Triton's `run`."""
 
         def __init__(self, fn, configs: list, key: list, reset_to_zero: list | None = None):
             super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None)
+            self.launch = getattr(fn, "lean", None) or LeanLaunch(fn)    # a chosen key's launches
             self.key_at = [(k, fn.arg_names.index(k)) for k in key]   # (name, position) of each key argument
             self.chosen = {}                                        # key -> (Config, its launch kwargs)
 
@@ -132,7 +144,66 @@ if HAVE_TRITON:
                     self.chosen[key] = (self.best_config, self.best_config.all_kwargs())
                 return ret
             self.best_config = hit[0]
-            return self.fn.run(*args, **kwargs, **hit[1])
+            return self.launch(args, {**kwargs, **hit[1]})
+
+    class LeanLaunch:
+        """JITFunction.run for a specialization already compiled, without its per-launch Python (docs/kernels.md §10).
+
+        Triton's `run` binds the arguments (`binder`: each argument's specialization, in C), then on every launch
+        reads its debug and instrumentation settings, runs the pre-run hooks, builds a string cache key from the
+        specialization and the options, checks the kernel's global values, and builds the launch metadata for the
+        enter / exit hooks. Here a launch binds the arguments the same way and looks the kernel up by the
+        specialization and the launch options themselves: a pair seen before launches its compiled kernel's
+        launcher directly, a new one goes through Triton's `run` (which compiles it if needed and launches it) and
+        is remembered. The same compiled kernel runs either way: the specialization holds every argument's type,
+        alignment and value class and every constexpr, the options (num_warps, num_stages, ...: an autotuned
+        kernel's config) the rest of what Triton compiles for. Any launch hook, pre-run hook or warm-up call takes
+        Triton's `run`; so does any Triton other than the 3.6 this is written against (LEAN). Triton's debug knobs
+        are read when a specialization is first launched."""
+
+        def __init__(self, fn):
+            self.fn = fn
+            self.kernels = {}                               # (device, specialization, options) -> CompiledKernel
+
+        def __call__(self, args, kwargs):
+            rt = knobs.runtime
+            if (not LEAN or kwargs.get("warmup") or self.fn.pre_run_hooks
+                    or not _idle(rt.launch_enter_hook) or not _idle(rt.launch_exit_hook)):
+                return self.fn.run(*args, **kwargs)
+            grid = kwargs.pop("grid")
+            kwargs.pop("warmup", None)
+            device = torch.cuda.current_device()
+            bound, spec, options = self.fn.device_caches[device][4](*args, **kwargs)   # Triton's binder
+            key = (device, tuple(spec), tuple(options.items()))    # options: num_warps, num_stages, ...
+            kernel = self.kernels.get(key)
+            if kernel is None:
+                kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+                if isinstance(kernel, CompiledKernel):
+                    self.kernels[key] = kernel
+                return kernel
+            g = grid(bound) if callable(grid) else grid
+            kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, _raw_stream(device),
+                       kernel.function, kernel.packed_metadata, None, None, None, *bound.values())
+            return kernel
+
+
+    class LeanJITFunction(JITFunction):
+        """A JITFunction whose `kernel[grid](...)` launches go through LeanLaunch (`jit`)."""
+
+        def __init__(self, fn, **kwargs):
+            super().__init__(fn, **kwargs)
+            self.lean = LeanLaunch(self)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.lean(args, {**kwargs, "grid": grid, "warmup": False})
+
+
+def jit(fn=None, **kwargs):
+    """@triton.jit (same arguments) whose launches go through LeanLaunch where it applies (compiled, Triton 3.6);
+    under the interpreter or another Triton, triton.jit itself. Every kernel of the package is declared with it."""
+    if INTERPRET or not HAVE_TRITON or not LEAN:
+        return triton.jit(fn, **kwargs) if fn is not None else triton.jit(**kwargs)
+    return LeanJITFunction(fn, **kwargs) if fn is not None else (lambda f: LeanJITFunction(f, **kwargs))
 
 
 def autotune(configs: list, key: list, reset_to_zero: list | None = None):

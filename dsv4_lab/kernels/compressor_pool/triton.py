@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import autotune, check_device, configs, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, jit, next_pow2, tl, triton
 
 
 def _configs():
@@ -63,7 +63,7 @@ def _configs():
                    triton.Config({"BN": 2}, num_warps=4))
 
 
-@triton.jit
+@jit
 def _online(cc, zc, mx, den, num):
     """One chunk of slots cc, zc (BN, MB, BC) into the running per-channel max, sum of e, sum of e C (BN, BC)."""
     new = tl.maximum(mx, tl.max(zc, 1))
@@ -73,13 +73,13 @@ def _online(cc, zc, mx, den, num):
     return new, den * alpha + tl.sum(e, 1), num * alpha + tl.sum(e * cc, 1)
 
 
-@triton.jit
+@jit
 def _block_rows(b, blk, sb, sn, ch):
     """Offsets (BN, 1, BC) of channels ch in block blk of sequence b (entry-major rows of C or Z)."""
     return (b * sb + blk * sn)[:, None, None] + ch[None, None, :]
 
 
-@triton.jit
+@jit
 def _slots(Cp, Zp, APE, c0, z0, rho, ch, A: tl.constexpr, mask, sm, scm, szm, KC: tl.constexpr,
            HAS_APE: tl.constexpr):
     """Values and scores (+ ape) of a chunk of slots rho (MB,) on channels A + ch of the rows at offsets c0 / z0
@@ -91,7 +91,7 @@ def _slots(Cp, Zp, APE, c0, z0, rho, ch, A: tl.constexpr, mask, sm, scm, szm, KC
     return cc, zc
 
 
-@triton.jit
+@jit
 def _rope(v, COS, SIN, pos, scos, ssin, em, SIGN: tl.constexpr, C_: tl.constexpr, R: tl.constexpr,
           BN: tl.constexpr, BC: tl.constexpr):
     """RoPE (docs §2.6) of the rows v (BN, BC) on channels [C_ - R, C_) at positions pos (BN,): the row as BC / 2
@@ -110,7 +110,7 @@ def _rope(v, COS, SIN, pos, scos, ssin, em, SIGN: tl.constexpr, C_: tl.constexpr
 
 
 @autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_PREV", "HAS_APE", "R", "SAVE"])
-@triton.jit
+@jit
 def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n, eps, first,
                             scb, scn, scm, szb, szn, szm, spcb, spcm, spzb, spzm, scos, ssin,
                             C_: tl.constexpr, KC: tl.constexpr, M: tl.constexpr, MB: tl.constexpr,
@@ -169,7 +169,7 @@ def _compressor_pool_kernel(Cp, Zp, APE, W, PC, PZ, COS, SIN, OUT, X, LSE, E, n,
 
 
 @autotune(configs=_configs(), key=["C_", "M", "MB", "OVERLAP", "HAS_APE", "R"], reset_to_zero=["DWP"])
-@triton.jit
+@jit
 def _compressor_pool_bwd_kernel(Cp, Zp, APE, W, COS, SIN, X, LSE, G, DC, DZ, DWP, E, n, eps, first,
                                 scb, scn, scm, szb, szn, szm, scos, ssin,
                                 C_: tl.constexpr, KC: tl.constexpr, M: tl.constexpr, MB: tl.constexpr,

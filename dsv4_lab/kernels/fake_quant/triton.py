@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .._common import check_device, tl, triton
+from .._common import check_device, jit, tl, triton
 from .naive import FORMATS
 
 
-@triton.jit
+@jit
 def _fake_quant_kernel(X, Y, R, K, inv_qmax,
                        sxb, sxr, syb, syr,
                        QMAX: tl.constexpr, FLOOR: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
@@ -41,7 +41,7 @@ def _fake_quant_kernel(X, Y, R, K, inv_qmax,
     tl.store(Y + pb * syb + rows.to(tl.int64)[:, None] * syr + cols[None, :], out.to(Y.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@jit
 def _quant_tile(xf, amax, inv_qmax, QMAX: tl.constexpr, FLOOR: tl.constexpr, MANT: tl.constexpr,
                 EMIN: tl.constexpr):
     """xf (GB, BLOCK) fp32, amax (GB,) -> fake-quantised fp32 (docs §8.1; naive.py's rules, bit for bit)."""
@@ -61,7 +61,7 @@ def _quant_tile(xf, amax, inv_qmax, QMAX: tl.constexpr, FLOOR: tl.constexpr, MAN
     return q * s[:, None]
 
 
-@triton.jit
+@jit
 def _fake_quant_groups_kernel(X, Y, NG, K, inv_qmax,
                               QMAX: tl.constexpr, FLOOR: tl.constexpr, MANT: tl.constexpr, EMIN: tl.constexpr,
                               GB: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):

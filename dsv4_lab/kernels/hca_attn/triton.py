@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, dot_dtype, jit, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -37,7 +37,7 @@ def _tail_width(meta):
     return 0 if bt == 1 else max(16, bt)
 
 
-@triton.jit
+@jit
 def _tile_rows(t0, T, q_offset, H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr):
     r = tl.arange(0, BLOCK_M)
     tq = t0 + r // HP
@@ -46,7 +46,7 @@ def _tile_rows(t0, T, q_offset, H: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.c
     return tq, h, rmask, q_offset + tq
 
 
-@triton.jit
+@jit
 def _load_rows(base, idx, stride, offs_d, valid, D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
     """Rows idx of a (rows, D) slab in its own dtype (no fp32 round trip: the tile feeds tl.dot from shared memory)."""
     ptrs = base + idx.to(tl.int64)[:, None] * stride + offs_d[None, :]
@@ -63,7 +63,7 @@ def _load_rows(base, idx, stride, offs_d, valid, D: tl.constexpr, BLOCK_D: tl.co
     return e
 
 
-@triton.jit
+@jit
 def _online_step(acc, m_i, l_i, qd, ed, vis, MASKED: tl.constexpr):
     """One KV tile of the online softmax (log2 domain; qd carries scale * log2 e). vis is ignored when not MASKED:
     every score is finite, so the running max needs no -inf guard."""
@@ -82,7 +82,7 @@ def _online_step(acc, m_i, l_i, qd, ed, vis, MASKED: tl.constexpr):
     return acc, m_new, l_i
 
 
-@triton.jit
+@jit
 def _hca_fwd_kernel(Q, KV, C, SINK, O, LSE,
                     T, Tk, S, q_offset, kv_start, qk_scale, T_BUCKET,
                     sqb, sqt, sqh, skb, skt, scb, scs, sob, sot, soh, slb, slt,
@@ -176,7 +176,7 @@ _hca_fwd_kernel = triton.heuristics({"BLOCK_T": _tail_width})(_hca_fwd_kernel)
 _hca_fwd = autotune(configs=_fwd_configs(), key=["H", "D", "W", "RATIO", "T_BUCKET"])(_hca_fwd_kernel)
 
 
-@triton.jit
+@jit
 def _hca_bwd(Q, KV, C, O, DO, LSE, DQ, DKV, DC, DELTA,
              T, Tk, S, q_offset, scale,
              sqb, sqt, sqh, skb, skt, scb, scs, sob, sot, soh, slb, slt,

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dot_dtype, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, dot_dtype, jit, next_pow2, tl, triton
 from ..sparse_attn.triton_decode import _online_block, _store_partial, combine, num_sms, plan_splits, use_decode_path
 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["T", "Tk", "S", "WB", "q_offset", "kv_start", "CHUNK", "NSC", "NS", "NQB"])
+@jit(do_not_specialize=["T", "Tk", "S", "WB", "q_offset", "kv_start", "CHUNK", "NSC", "NS", "NQB"])
 def _hca_split(Q, KV, C, PM, PL, PACC,                                     # runtime lengths: a growing context
                T, Tk, S, W, WB, q_offset, kv_start, qk_scale, CHUNK, NSC, NS, NQB,
                sqb, sqt, sqh, skb, skt, scb, scs,

@@ -28,19 +28,19 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, next_pow2, tl, triton
+from .._common import INTERPRET, jit, next_pow2, tl, triton
 from .select import _pick_bin, _row_len, _store_picks, _take_all, _ukey, asm_stores_on, rows_and_outputs
 
 MAX_L = 32768                                 # longest row one program holds (int32 keys: 64 per thread at 16 warps)
 
 
-@triton.jit
+@jit
 def _keys(x, m, LOW: tl.constexpr):
     """Signed order-preserving keys of fp32 x, >> LOW; masked entries get the smallest key (below every real one)."""
     return tl.where(m, (_ukey(x) ^ -2147483648) >> LOW, -(1 << (31 - LOW)))
 
 
-@triton.jit
+@jit
 def _kth_key(s, k, NB: tl.constexpr):
     """The k-th largest of the 1-D keys s (NB bits; k <= #entries above the mask key), by bisection: the sign bit,
     then every lower bit MSB first, one compare and one sum per bit (the steps are latency-bound, a block-wide sum
@@ -55,7 +55,7 @@ def _kth_key(s, k, NB: tl.constexpr):
     return t
 
 
-@triton.jit
+@jit
 def _kth_key_hist(s, k, NB: tl.constexpr, DB: tl.constexpr):
     """_kth_key by digits: the k-th largest of the 1-D keys s (NB bits, NB a multiple of DB; k <= #entries), DB key
     bits per step from a 2^DB-bin tl.histogram of the entries that share the digits found so far (radix select in
@@ -84,7 +84,7 @@ def _kth_key_hist(s, k, NB: tl.constexpr, DB: tl.constexpr):
     return t
 
 
-@triton.jit
+@jit
 def _row_select(VAL, OVAL, OIDX, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
                 BLOCK: tl.constexpr, ASM: tl.constexpr):
     row = tl.program_id(0)

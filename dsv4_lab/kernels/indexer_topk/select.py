@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dep_wait, pdl_modes, sm_count, tl, triton, use_pdl
+from .._common import INTERPRET, check_device, dep_wait, jit, pdl_modes, sm_count, tl, triton, use_pdl
 
 SMS = 132                                     # streaming multiprocessors assumed by default_programs (H200)
 HMAX = max(8 * 16, 4 * 256)                   # NL x 2^DB, the largest digit table (fp32 rows: DB 4 -> 128, 8 -> 1024)
@@ -133,7 +133,7 @@ def pdl_on(pdl: bool | None, device: torch.device) -> bool:
     return use_pdl(pdl, PDL, device)
 
 
-@triton.jit
+@jit
 def _ukey(v):
     """Order-preserving int32 image of fp32 v with the sign bit flipped: compared on 8-bit digits it orders as an
     unsigned integer (digit d = (u >> s) & 255)."""
@@ -142,14 +142,14 @@ def _ukey(v):
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ -2147483648
 
 
-@triton.jit
+@jit
 def _row_len(row, L, Tq, q0, RATIO: tl.constexpr):
     if RATIO > 0:
         return tl.minimum((q0 + row % Tq + 1) // RATIO, L)
     return L
 
 
-@triton.jit
+@jit
 def _take_all(vrow, offs, n, k, OVAL, OIDX, obase):
     """A row with n <= k visible entries, the slots `offs`: every visible entry is its own pick (slot = column), -1 /
     -inf in the slots past them (and for -inf entries)."""
@@ -160,21 +160,21 @@ def _take_all(vrow, offs, n, k, OVAL, OIDX, obase):
     tl.store(OIDX + obase + offs, tl.where(ok, offs, -1), mask=m)
 
 
-@triton.jit
+@jit
 def _chunk_at(VAL, L, C, sv, so, Tq, q0, p, row, RATIO: tl.constexpr):
     """Program p of row `row` of a split row: (its visible entries n, its chunk's start, the row's values, the row's
     output offset)."""
     return _row_len(row, L, Tq, q0, RATIO), p * C, VAL + row.to(tl.int64) * sv, row.to(tl.int64) * so
 
 
-@triton.jit
+@jit
 def _take_chunk(vrow, c0, C, n, k, OVAL, OIDX, obase, BLOCK: tl.constexpr):
     """_take_all over the slots of a chunk [c0, c0 + C) that lie below k (a split row's program, n <= k)."""
     for st in range(c0, tl.minimum(c0 + C, k), BLOCK):
         _take_all(vrow, st + tl.arange(0, BLOCK), n, k, OVAL, OIDX, obase)
 
 
-@triton.jit
+@jit
 def _scatter(ptr, v, m, ASM: tl.constexpr):
     """tl.store(ptr, v, mask=m) of 32-bit v at data-dependent addresses (the compacted picks and candidates). ASM:
     as one predicated PTX store per element, in the layout v already has. Triton gives a store whose addresses it
@@ -188,7 +188,7 @@ def _scatter(ptr, v, m, ASM: tl.constexpr):
         tl.store(ptr, v, mask=m)
 
 
-@triton.jit
+@jit
 def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase, ASM: tl.constexpr):
     """The output of one block of a row in slot order (module docstring): entries > t (is_gt) at slots gt, gt + 1, ..
     in index order, entries == t (is_eq) of tie rank eq, eq + 1, .. at slot n_gt + rank while the rank is below
@@ -205,12 +205,12 @@ def _store_picks(v, idx, is_gt, is_eq, gt, eq, n_gt, k, OVAL, OIDX, obase, ASM: 
     return gt + tl.sum(is_gt.to(tl.int32), 0), eq + tl.sum(is_eq.to(tl.int32), 0)
 
 
-@triton.jit
+@jit
 def _add_pair(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
 
 
-@triton.jit
+@jit
 def _pick_bin(h, bins, krem):
     """One radix step: of the histogram h over `bins` (highest bin = largest keys), the bin b that holds the krem-th
     largest entry, and how many of the picks still lie in it: (b, krem - entries in bins above b). 1 <= krem <=
@@ -222,7 +222,7 @@ def _pick_bin(h, bins, krem):
     return tl.reduce((tl.where(at_b, bins, 0), tl.where(at_b, krem - above, 0)), 0, _add_pair)
 
 
-@triton.jit
+@jit
 def _row_base(row, NL: tl.constexpr, DB: tl.constexpr):
     """Start of a row's table in the workspace's `hist`: NL 2^DB histogram bins, the ticket counter, then NL records
     (prefix, krem) of the digits picked so far (the layout SelectWorkspace allocates)."""
@@ -230,7 +230,7 @@ def _row_base(row, NL: tl.constexpr, DB: tl.constexpr):
     return row.to(tl.int64) * (H + 1 + 2 * NL)
 
 
-@triton.jit
+@jit
 def _clear_row(HIST, hbase, NL: tl.constexpr, DB: tl.constexpr):
     """Zero a row's whole table (bins, ticket, records): every call leaves the workspace as it found it, so calls of
     other digit widths, whose rows lie at other offsets, find zeros wherever their bins fall."""
@@ -240,7 +240,7 @@ def _clear_row(HIST, hbase, NL: tl.constexpr, DB: tl.constexpr):
     tl.store(HIST + hbase + H + tail, tl.zeros([32], tl.int32), mask=tail < 1 + 2 * NL)
 
 
-@triton.jit
+@jit
 def _prefix(HIST, hbase, k, LEVEL, p, NL: tl.constexpr, DB: tl.constexpr):
     """Digits 0..LEVEL-1 of the k-th largest key: (prefix with those digits set at their places, how many of the k
     picks still lie in the bin the prefix names). Digits 0..LEVEL-2 come as the record program 0 of the launch
@@ -262,7 +262,7 @@ def _prefix(HIST, hbase, k, LEVEL, p, NL: tl.constexpr, DB: tl.constexpr):
     return pref, krem
 
 
-@triton.jit
+@jit
 def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, DB: tl.constexpr,
                 RATIO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Launch LEVEL + 1 (grid (P, R)): digit LEVEL of the row's histogram; programs 0..P-2 also keep their own.
@@ -271,7 +271,7 @@ def _hist_level(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, NL: tl.constexpr, 
                PDL)
 
 
-@triton.jit
+@jit
 def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.constexpr, DB: tl.constexpr,
                RATIO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program p of row `row`, digit LEVEL (the levels before it complete in HIST). PDL: pdl_modes (0 where the
@@ -309,7 +309,7 @@ def _hist_body(VAL, HIST, PH, L, C, P, sv, Tq, q0, k, LEVEL, p, row, NL: tl.cons
         dep_wait()
 
 
-@triton.jit
+@jit
 def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
           RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Last launch (grid (P, R)): program p writes its chunk's picks at the slots the programs before it leave.
@@ -318,7 +318,7 @@ def _emit(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexp
                RATIO, BLOCK, QB, True, ASM, PDL)
 
 
-@triton.jit
+@jit
 def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL: tl.constexpr, DB: tl.constexpr,
                RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, TICKET: tl.constexpr, ASM: tl.constexpr,
                PDL: tl.constexpr):
@@ -382,7 +382,7 @@ def _emit_body(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, NL
         dep_wait()
 
 
-@triton.jit
+@jit
 def _arrive_and_wait(CNT, target):
     """Grid barrier of a row's programs (all resident at once): count this program in, then wait until `target`
     arrivals. The CTA barrier before it orders every thread's histogram atomics and suffix-count stores before the
@@ -395,7 +395,7 @@ def _arrive_and_wait(CNT, target):
     tl.debug_barrier()
 
 
-@triton.jit
+@jit
 def _select_one_launch(VAL, HIST, PH, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, NL: tl.constexpr, DB: tl.constexpr,
                        RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, FIRST: tl.constexpr,
                        ASM: tl.constexpr):

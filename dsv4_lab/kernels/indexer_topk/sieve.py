@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, jit, next_pow2, tl, triton
 from .rowselect import _keys, _kth_key, _kth_key_hist
 from .select import _row_len, _scatter, _store_picks, _take_all, asm_stores_on, rows_and_outputs
 
 
 # ------------------------------------------------------------------------------------------------ shared steps
-@triton.jit
+@jit
 def _sample(vrow, n, target, LOW: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr):
     """The guess's sample: the keys of NS blocks of SB contiguous entries spread over [0, n) (n >= NS SB), and the
     rank r = ceil(target NS SB / n) whose key is the guess."""
@@ -57,7 +57,7 @@ def _sample(vrow, n, target, LOW: tl.constexpr, NS: tl.constexpr, SB: tl.constex
     return ss, r
 
 
-@triton.jit
+@jit
 def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.constexpr):
     """How many of the row's first n entries have a key >= `key` (ABOVE: > `key`), in one pass over the row."""
     c = tl.full([], 0, tl.int32)
@@ -72,7 +72,7 @@ def _count_from(vrow, n, key, LOW: tl.constexpr, BLOCK: tl.constexpr, ABOVE: tl.
     return c
 
 
-@triton.jit
+@jit
 def _kth(s, k, NB: tl.constexpr, KB: tl.constexpr):
     """The k-th largest of the NB-bit keys s: by bisection, one bit per step (KB 0), or KB bits per step from
     histograms (rowselect.py _kth_key_hist)."""
@@ -83,7 +83,7 @@ def _kth(s, k, NB: tl.constexpr, KB: tl.constexpr):
     return t
 
 
-@triton.jit
+@jit
 def _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW: tl.constexpr, ASM: tl.constexpr, KB: tl.constexpr):
     """The row's picks from its candidates in registers (values x, row indices ii, in index order; mj: the live
     slots), k <= #candidates: the k-th key (_kth), then the emit."""
@@ -94,7 +94,7 @@ def _select_candidates(x, ii, mj, k, OVAL, OIDX, obase, LOW: tl.constexpr, ASM: 
     _store_picks(x, ii, s > t, mj & (s == t), zero, zero, n_gt, k, OVAL, OIDX, obase, ASM)
 
 
-@triton.jit
+@jit
 def _stream_emit(vrow, n, k, tau, cnt, cnt_gt, OVAL, OIDX, obase, LOW: tl.constexpr, BLOCK: tl.constexpr,
                  ASM: tl.constexpr):
     """The picks when the candidates cannot be selected in registers (cnt entries >= tau, cnt_gt > tau; cnt_gt is
@@ -125,7 +125,7 @@ def _stream_emit(vrow, n, k, tau, cnt, cnt_gt, OVAL, OIDX, obase, LOW: tl.conste
     return path
 
 
-@triton.jit
+@jit
 def _sieve_chunk(vrow, c0, c1, tau, xn, CV, CI, cbase, cap, LOW: tl.constexpr, BLOCK: tl.constexpr,
                  ASM: tl.constexpr):
     """Entries [c0, c1) with key >= tau, in index order, to slots cbase, cbase + 1, .. (the first `cap` of them).
@@ -147,7 +147,7 @@ def _sieve_chunk(vrow, c0, c1, tau, xn, CV, CI, cbase, cap, LOW: tl.constexpr, B
     return cnt
 
 
-@triton.jit
+@jit
 def _take_row(vrow, n, k, OVAL, OIDX, obase, CAND: tl.constexpr):
     """A row with n <= k visible entries: every one is a pick (slot = column), -1 / -inf in the slots after."""
     j = tl.arange(0, CAND)
@@ -155,7 +155,7 @@ def _take_row(vrow, n, k, OVAL, OIDX, obase, CAND: tl.constexpr):
         _take_all(vrow, st + j, n, k, OVAL, OIDX, obase)
 
 
-@triton.jit
+@jit
 def _whole_row(vrow, n, CAND: tl.constexpr):
     """A row of n <= CAND visible entries as its own candidate set: (values (CAND,) fp32, live slots)."""
     j = tl.arange(0, CAND)
@@ -163,7 +163,7 @@ def _whole_row(vrow, n, CAND: tl.constexpr):
     return tl.load(vrow + j, mask=mj, other=0.0).to(tl.float32), mj
 
 
-@triton.jit
+@jit
 def _sieve_select(VAL, CV, CI, OVAL, OIDX, PATH, L, sv, so, Tq, q0, k, RATIO: tl.constexpr, LOW: tl.constexpr,
                   CAND: tl.constexpr, NS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr,
                   KB: tl.constexpr):

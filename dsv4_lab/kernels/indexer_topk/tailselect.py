@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, dep_wait, next_pow2, pdl_modes, tl, triton
+from .._common import INTERPRET, dep_wait, jit, next_pow2, pdl_modes, tl, triton
 from .select import (SelectWorkspace, _arrive_and_wait, _chunk_at, _clear_row, _hist_body, _hist_level, _pick_bin,
                      _prefix, _row_base, _scatter, _store_picks, _take_chunk, _ukey, asm_stores_on, cooperative_on,
                      default_programs, level_chunks, one_launch_plan, pdl_on, rows_and_outputs)
@@ -63,7 +63,7 @@ PDL = True
 ONE_LAUNCH_MAXNREG = 128
 
 
-@triton.jit
+@jit
 def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem, KP: tl.constexpr, CAP: tl.constexpr,
                ASM: tl.constexpr):
     """The row's picks from TEMP (n16 entries above the bucket) and the bucket (nB <= CAP entries), both in index
@@ -111,7 +111,7 @@ def _tail_fast(TV, TI, BV, BI, TC, BC, OVAL, OIDX, tb, bb, obase, nB, n16, krem,
     _scatter(OIDX + obase + slot_t, tl.where(bv == float("-inf"), -1, bi), take, ASM)
 
 
-@triton.jit
+@jit
 def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexpr, ASM: tl.constexpr):
     """The bucket too large for registers: t's digits 2 and 3 by histograms streamed over the row's n entries (the
     entries whose key has the digits found so far), then the emit streamed over the row, one program."""
@@ -138,7 +138,7 @@ def _tail_streamed(vrow, n, pref, krem, k, OVAL, OIDX, obase, BLOCK: tl.constexp
         gt, eq = _store_picks(v, offs, m & (a > t), m & (a == t), gt, eq, k - krem, k, OVAL, OIDX, obase, ASM)
 
 
-@triton.jit
+@jit
 def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, RATIO: tl.constexpr,
                BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr,
                ALL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
@@ -148,7 +148,7 @@ def _emit_tail(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, s
                     tl.program_id(1), 0, RATIO, BLOCK, QB, KP, CAP, SMALL, ALL, ASM, PDL)
 
 
-@triton.jit
+@jit
 def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k, p, row, TB,
                     RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
                     SMALL: tl.constexpr, ALL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
@@ -241,7 +241,7 @@ def _emit_tail_body(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, 
         dep_wait()
 
 
-@triton.jit
+@jit
 def _tail_one_launch(VAL, HIST, PH, TV, TI, BV, BI, TC, BC, OVAL, OIDX, L, C, P, sv, so, Tq, q0, k,
                      RATIO: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
                      SMALL: tl.constexpr, FIRST: tl.constexpr, ASM: tl.constexpr):

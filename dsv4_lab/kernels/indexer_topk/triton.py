@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import INTERPRET, autotune, check_device, configs, dot_dtype, jit, next_pow2, tl, triton
 from .naive import MXFP4Keys, check_mxfp4_keys, key_tensors
 from .select import _hist_body, digit_levels
 
@@ -48,7 +48,7 @@ def _score_configs():
 SCORE_CANDIDATE_CONFIGS = []
 
 
-@triton.jit
+@jit
 def _e2m1_bf16(code):
     """4-bit E2M1 codes (int32) -> their values as bf16, built from bits with integer ops (no int -> float
     conversions, the cost of unpacking): e = bits 1-2 and m = bit 0 of the magnitude t = code & 7 give 2^(e - 1)
@@ -59,7 +59,7 @@ def _e2m1_bf16(code):
     return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
+@jit
 def _mxfp4_logits(Q, q_rows, rmask, KI, KS, row_c, row_s, kmask, NKB: tl.constexpr, R: tl.constexpr,
                   BLOCK_N: tl.constexpr, DOT_DT: tl.constexpr):
     """(R, BLOCK_N) fp32 q . k against packed keys: q rows at Q + q_rows (R,), key rows' codes at KI + row_c (DI / 2
@@ -81,7 +81,7 @@ def _mxfp4_logits(Q, q_rows, rmask, KI, KS, row_c, row_s, kmask, NKB: tl.constex
     return acc
 
 
-@triton.jit
+@jit
 def _tile_rows(R: tl.constexpr, HIP: tl.constexpr, KROWS: tl.constexpr):
     """(query, head) of each of the R = BLOCK_M * HIP q rows of a tile. Heads minor (r = m HIP + h), or for KROWS
     r = (m / 8) 8 HIP + h 8 + m % 8: in the MMA accumulator a thread's columns are c, c + 1, c + 8, c + 9, ..., so
@@ -93,7 +93,7 @@ def _tile_rows(R: tl.constexpr, HIP: tl.constexpr, KROWS: tl.constexpr):
         return r // HIP, r % HIP
 
 
-@triton.jit
+@jit
 def _tile_weights(W, t, nq, swt, HI: tl.constexpr, HIP: tl.constexpr, BLOCK_M: tl.constexpr, KROWS: tl.constexpr,
                   live):
     """The weights of queries t .. t + BLOCK_M (nq of them live) in _tile_rows order, (R,) fp32: loaded as a
@@ -107,7 +107,7 @@ def _tile_weights(W, t, nq, swt, HI: tl.constexpr, HIP: tl.constexpr, BLOCK_M: t
     return tl.reshape(w, [BLOCK_M * HIP])
 
 
-@triton.jit
+@jit
 def _score_tile(Q, K, KSC, O, q, qrow, rmask, wr, n0, sks, sss, nvis_m, nvis_last, omask_m, Sp, offs_d, dmask,
                 HIP: tl.constexpr, DI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
                 DOT_DT: tl.constexpr, MXFP4: tl.constexpr, KROWS: tl.constexpr):
@@ -137,7 +137,7 @@ def _score_tile(Q, K, KSC, O, q, qrow, rmask, wr, n0, sks, sss, nvis_m, nvis_las
     tl.store(O + s[None, :], sc.to(O.dtype.element_ty), mask=omask_m & (s < Sp)[None, :])   # fp32, or bf16
 
 
-@triton.jit
+@jit
 def _fill_tile(O, n0, omask_m, Sp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """-inf in a tile of keys no query of the tile sees."""
     s = n0 + tl.arange(0, BLOCK_N)
@@ -146,7 +146,7 @@ def _fill_tile(O, n0, omask_m, Sp, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @autotune(configs=_score_configs(), key=["HIP", "DI", "BLOCK_M", "RATIO", "MXFP4"])
-@triton.jit
+@jit
 def _indexer_scores_fwd(QI, KI, KS, WT, OUT, HIST, PH, Tq, Sp, t0, q_offset, NPROG, KSEL,
                         sqb, sqt, sqh, skb, sks, ssb, sss, swb, swt, sob, sot,
                         HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, autotune, check_device, configs, next_pow2, sm_count, tl, triton
+from .._common import INTERPRET, autotune, check_device, configs, jit, next_pow2, sm_count, tl, triton
 
 SPLIT_FP32, SPLIT_W, SPLIT_XW = 0, 1, 2          # plain fp32 dot | bf16 x, W = hi + lo | x and W both split
 PRE_MIX = "fused"                                # how mhc_pre forms u: "fused" | "split" (module docstring)
@@ -85,7 +85,7 @@ def _pre_candidate_configs():
 PRE_CANDIDATE_CONFIGS = _pre_candidate_configs()
 
 
-@triton.jit
+@jit
 def _dot(a, b, acc, EMUL: tl.constexpr):
     """acc + a b; EMUL: fp32 operands (the interpreter multiplies bf16 bit patterns, docs/kernels.md §7)."""
     if EMUL:
@@ -95,7 +95,7 @@ def _dot(a, b, acc, EMUL: tl.constexpr):
     return acc
 
 
-@triton.jit
+@jit
 def _split_bf16(v):
     """fp32 v -> (hi, lo) bf16 with v = hi + lo + O(2^-17 |v|)."""
     hi = v.to(tl.bfloat16)
@@ -103,7 +103,7 @@ def _split_bf16(v):
     return hi, lo
 
 
-@triton.jit
+@jit
 def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr):
     """fn (G n, n d) fp32 -> WH, WL (2 NP^2, n d) bf16: rows in the pre kernel's accumulator order, fn = WH + WL +
     O(2^-17 |fn|), zero rows for padding. One launch per forward (fn changes every optimizer step)."""
@@ -124,7 +124,7 @@ def _mhc_split_w_kernel(FN, WH, WL, N: tl.constexpr, D: tl.constexpr, NP: tl.con
 
 
 @autotune(configs=_pre_configs(), key=["N", "D", "SPLIT", "MIX", "SAVE"])
-@triton.jit
+@jit
 def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, eps,
                     N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
                     SPLIT: tl.constexpr, EMUL: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
@@ -228,7 +228,7 @@ def _mhc_pre_kernel(X, FN, WH, WL, SC, BASE, U, COEF, MU, RHO, NTOK, norm_eps, e
                 tl.store(U + tok.to(tl.int64)[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
 
 
-@triton.jit
+@jit
 def _mhc_mix_kernel(X, COEF, U, NTOK, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr):
     """mix="split": u = sum_i A_i x_i from x (BT tokens x BD channels of every stream) and coef[:, :N] = A."""
@@ -247,7 +247,7 @@ def _mhc_mix_kernel(X, COEF, U, NTOK, N: tl.constexpr, D: tl.constexpr, G: tl.co
     tl.store(U + tok64[:, None] * D + dd[None, :], u.to(U.dtype.element_ty), mask=dm)
 
 
-@triton.jit
+@jit
 def _mhc_post_kernel(Y, X, COEF, OUT, NTOK,
                      N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr,
                      BT: tl.constexpr, BD: tl.constexpr, TMAJ: tl.constexpr):
@@ -292,7 +292,7 @@ def _mhc_post_kernel(Y, X, COEF, OUT, NTOK,
 #          step's input rebuilt as output x denominator (one more rounding per step: ~40 ulp at most at 20 iters).
 # ---------------------------------------------------------------------------------------------------------------
 
-@triton.jit
+@jit
 def _mhc_post_bwd_kernel(Y, X, COEF, DOUT, DY, DX, DCOEF, NTOK,
                          N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, NP: tl.constexpr,
                          BT: tl.constexpr, BD: tl.constexpr):
@@ -330,7 +330,7 @@ def _mhc_post_bwd_kernel(Y, X, COEF, DOUT, DY, DX, DCOEF, NTOK,
     tl.store(cb[:, :, None] + 2 * N + i3 * N + jk, dP, mask=tmask[:, None, None] & (i3 < N) & (jk < N))
 
 
-@triton.jit
+@jit
 def _mhc_pre_bwd_kernel(X, DU, DXIN, DCOEF, MU, RHO, SC, BASE, FN, WH, WL, DX, DMUS, DBASE, DSCC, SCR, NTOK, eps,
                         N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr,
                         SPLIT: tl.constexpr, EMUL: tl.constexpr, HAS_DXIN: tl.constexpr,
@@ -459,7 +459,7 @@ def _mhc_pre_bwd_kernel(X, DU, DXIN, DCOEF, MU, RHO, SC, BASE, FN, WH, WL, DX, D
             tl.store(DX + xrow[:, None] + kx[None, :], dx.to(DX.dtype.element_ty), mask=dm)
 
 
-@triton.jit
+@jit
 def _mhc_dw_kernel(DMUS, X, DW, NTOK, N: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
                    SPLIT: tl.constexpr, EMUL: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """dW (G n, n d) += sum over this program's token blocks of (rho dmu)^T vec(x): grid (n d / BK, token splits),

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, next_pow2, sm_count, tl, triton
+from .._common import INTERPRET, check_device, jit, next_pow2, sm_count, tl, triton
 
 MAX_D = 16384                                     # the widest row held in registers (the dispatcher falls back above)
 _BWD_PROGRAMS = 3 if INTERPRET else None          # interpreter: few programs, so each walks several row blocks
 
 
-@triton.jit
+@jit
 def _rmsnorm_fwd(X, W, Y, RSTD, R, D, sx, eps,
                  HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # X (R, D) with row stride sx; Y (R, D) contiguous; RSTD (R,) fp32; W (D,)
@@ -43,7 +43,7 @@ def _rmsnorm_fwd(X, W, Y, RSTD, R, D, sx, eps,
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
-@triton.jit
+@jit
 def _rmsnorm_bwd(X, W, DY, RSTD, DX, DWP, R, D, sx, sdy, rows_per_prog,
                  HAS_W: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # X (R, D) row stride sx; DY (R, D) row stride sdy; DX (R, D) contiguous; RSTD (R,) fp32;

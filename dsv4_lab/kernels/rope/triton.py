@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, jit, next_pow2, tl, triton
 
 
-@triton.jit
+@jit
 def _rope_kernel(X, OUT, COS, SIN, POS, NROWS, T, HH, spb, scos, ssin,
                  D: tl.constexpr, R: tl.constexpr, SIGN: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_D: tl.constexpr):

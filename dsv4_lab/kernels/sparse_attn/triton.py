@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, dot_dtype, jit, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -29,14 +29,14 @@ def _fwd_configs():
                    triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=1))
 
 
-@triton.jit
+@jit
 def _load_rows(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
     ptrs = ptr_base + rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
     return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
 
 
 @autotune(configs=_fwd_configs(), key=["H", "D", "W", "K_SEL"])
-@triton.jit
+@jit
 def _sparse_fwd(Q, KV, C, IDX, SINK, O, LSE,
                 T, Tk, S, q_offset, qk_scale,                      # qk_scale = scale * log2(e)
                 sqb, sqt, sqh, skb, skt, scb, scs, sib, sit, sob, sot, soh, slb, slt,
@@ -99,7 +99,7 @@ def _sparse_fwd(Q, KV, C, IDX, SINK, O, LSE,
     tl.store(LSE + b * slb + t * slt + offs_h, lse, mask=hmask)
 
 
-@triton.jit
+@jit
 def _bwd_scores(qd, dod, lse2, delta, ed, keep):
     """p and dS = p (dP - delta) of rows (query heads) x entries ed (BLOCK_N, BLOCK_D), zero where not `keep`;
     qd is q * scale * log2(e) (log2-domain scores against lse2 = lse * log2(e))."""
@@ -109,7 +109,7 @@ def _bwd_scores(qd, dod, lse2, delta, ed, keep):
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
+@jit
 def _d_entries(p, ds, dod, q_dt, scale, DOT_DT: tl.constexpr):
     """d(entries) (BLOCK_N, BLOCK_D) fp32 = p^T dO + scale * dS^T Q (K = V)."""
     return tl.dot(tl.trans(p).to(DOT_DT), dod) + tl.dot(tl.trans(ds).to(DOT_DT), q_dt) * scale
@@ -124,7 +124,7 @@ def _bwd_configs():
 # the autotuner times every config on the real arguments: DC (atomics) is zeroed before each trial and again before
 # the chosen config runs; DQ and DELTA are plain stores
 @autotune(configs=_bwd_configs(), key=["H", "D", "W", "K_SEL"], reset_to_zero=["DC"])
-@triton.jit
+@jit
 def _sparse_bwd(Q, KV, C, IDX, O, DO, LSE, DQ, DC, DELTA,
                 T, Tk, S, q_offset, scale,
                 sqb, sqt, sqh, skb, skt, scb, scs, sib, sit, sob, sot, soh, slb, slt,
@@ -178,7 +178,7 @@ def _window_configs():
 
 
 @autotune(configs=_window_configs(), key=["H", "D", "W"])
-@triton.jit
+@jit
 def _window_bwd(Q, KV, DO, LSE, DELTA, DKV,
                 T, Tk, q_offset, scale,
                 sqb, sqt, sqh, skb, skt, sob, sot, soh, slb, slt,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, dep_wait, dot_dtype, next_pow2, sm_count, tl, triton, use_pdl
+from .._common import INTERPRET, check_device, dep_wait, dot_dtype, jit, next_pow2, sm_count, tl, triton, use_pdl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 256                      # bound on NS (the combine holds NS_P m's per row in registers)
@@ -50,7 +50,7 @@ def plan_splits(n_blocks: int, groups: int, sms: int, num_splits: int | None = N
     return bps
 
 
-@triton.jit
+@jit
 def _online_block(qd, ed, valid, m_i, l_i, acc, DOT_DT: tl.constexpr):
     """One block of entries (BLOCK_N, BLOCK_D) into the running (m, l, acc); valid (BLOCK_M, BLOCK_N) bool."""
     sc = tl.dot(qd, tl.trans(ed))
@@ -64,7 +64,7 @@ def _online_block(qd, ed, valid, m_i, l_i, acc, DOT_DT: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+@jit
 def _store_partial(PM, PL, PACC, g, sp, NS, m_i, l_i, acc, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partials laid out (G, NS, BLOCK_M) and (G, NS, BLOCK_M, BLOCK_D), fp32, contiguous."""
     r = tl.arange(0, BLOCK_M)
@@ -76,7 +76,7 @@ def _store_partial(PM, PL, PACC, g, sp, NS, m_i, l_i, acc, BLOCK_M: tl.constexpr
     tl.store(PACC + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=rm[:, None] & (offs_d[None, :] < BLOCK_D))
 
 
-@triton.jit(do_not_specialize=["T", "NQB", "NS"])                 # no recompiles as the context grows
+@jit(do_not_specialize=["T", "NQB", "NS"])                 # no recompiles as the context grows
 def _combine(PM, PL, PACC, SINK, O, LSE,
              T, NQB, NS,
              sob, sot, soh, slb, slt,
@@ -136,7 +136,7 @@ def combine(pm, pl, pacc, sink, o, lse, T, NQB, NS, H, HP, BT, D, BLOCK_M, BLOCK
                            launch_pdl=pdl)
 
 
-@triton.jit(do_not_specialize=["T", "Tk", "S", "q_offset", "CHUNK", "NSK", "NS"])
+@jit(do_not_specialize=["T", "Tk", "S", "q_offset", "CHUNK", "NSK", "NS"])
 def _sparse_split(Q, KV, C, IDX, PM, PL, PACC,
                   T, Tk, S, K_SEL, W, q_offset, qk_scale, CHUNK, NSK, NS,
                   sqb, sqt, sqh, skb, skt, scb, scs, sib, sit,

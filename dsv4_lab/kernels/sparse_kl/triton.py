@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from .._common import autotune, check_device, configs, dot_dtype, next_pow2, tl, triton
+from .._common import autotune, check_device, configs, dot_dtype, jit, next_pow2, tl, triton
 
-@triton.jit
+@jit
 def _gather(ptr_base, rows, row_stride, offs_d, valid, D: tl.constexpr):
     """Rows `rows` (BLOCK_K,) of a (., D) matrix, zero where not valid: (BLOCK_K, BLOCK_D) in the stored dtype."""
     ptrs = ptr_base + rows.to(tl.int64)[:, None] * row_stride + offs_d[None, :]
@@ -46,7 +46,7 @@ def _configs():
 
 
 @autotune(configs=_configs(), key=["H", "CD", "NI", "CI", "K_SEL", "STORE_P"])
-@triton.jit
+@jit
 def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
             T, S, scale,
             sqb, sqt, sqh, scb, scs, sib, sit, slb, slt, sab, sat, saj, skb, sks, swb, swt,
@@ -113,7 +113,7 @@ def _kl_fwd(Q, C, IDX, LSE, QI, KI, W, KL, STAT, PBUF,
 
 # DKI takes atomics: the autotuner zeroes it before each trial and before the chosen config runs
 @autotune(configs=_configs(), key=["NI", "CI", "K_SEL"], reset_to_zero=["DKI"])
-@triton.jit
+@jit
 def _kl_bwd(QI, KI, W, IDX, STAT, PBUF, DKL, DQI, DKI, DW,
             T, S,
             sib, sit, sab, sat, saj, skb, sks, swb, swt,

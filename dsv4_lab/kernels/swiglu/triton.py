@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from .._common import INTERPRET, check_device, next_pow2, tl, triton
+from .._common import INTERPRET, check_device, jit, next_pow2, tl, triton
 
 BLOCK_R = 4 if INTERPRET else 8
 
 
-@triton.jit
+@jit
 def _load(G, U, rows, cols, sg, su, mask):
     g = tl.load(G + rows.to(tl.int64)[:, None] * sg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows.to(tl.int64)[:, None] * su + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return g, u
 
 
-@triton.jit
+@jit
 def _swiglu_fwd(G, U, WT, OUT, R, I, sg, su, L,
                 CLAMP: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     # OUT (R, I) contiguous; WT (R,) fp32
@@ -47,7 +47,7 @@ def _swiglu_fwd(G, U, WT, OUT, R, I, sg, su, L,
         tl.store(OUT + rows.to(tl.int64)[:, None] * I + cols[None, :], h.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _swiglu_bwd(G, U, WT, DH, DG, DU, DW, R, I, sg, su, sd, L,
                 CLAMP: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     # DH (R, I) contiguous; DG, DU (R, I) with row stride sd (I, or 2 I: the halves of one (R, 2I) gradient);
