@@ -299,8 +299,8 @@ def _pool_fwd(C, Z, ape, weight, eps, overlap, prev_C, prev_Z, cos, sin, first_b
     grid = lambda meta: (triton.cdiv(E, meta["BN"]),)                    # noqa: E731
     _compressor_pool_kernel[grid](C, Z, ape if ape is not None else Z, weight, pc, pz, tc, ts, out,
                                   x if save else out, lse if save else out, E, n, float(eps), int(first_block),
-                                  C.stride(0), C.stride(1), C.stride(2), Z.stride(0), Z.stride(1), Z.stride(2),
-                                  pc.stride(0), pc.stride(1), pz.stride(0), pz.stride(1), tc.stride(0), ts.stride(0),
+                                  *C.stride()[:3], *Z.stride()[:3], *pc.stride()[:2], *pz.stride()[:2],
+                                  tc.stride(0), ts.stride(0),                   # one stride() call per tensor
                                   C_=c, KC=kc, M=m, MB=MB, BC=BC, OVERLAP=bool(overlap),
                                   HAS_PREV=prev_C is not None, HAS_APE=ape is not None, R=r, SAVE=bool(save))
     return out, x, lse

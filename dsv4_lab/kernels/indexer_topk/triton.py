@@ -275,8 +275,8 @@ def indexer_scores_triton(qI, kI, w, ratio: int, q_offset: int = 0, t0: int = 0,
                                                    num_stages=LEVEL0_CONFIG["num_stages"])
         grid = (nprog, 1, B)
     kern[grid](qI, keys, scales, w, out, hist, ph, Tq, Sp, t0, q_offset, nprog, ksel,
-               qI.stride(0), qI.stride(1), qI.stride(2), keys.stride(0), keys.stride(1), scales.stride(0),
-               scales.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+               *qI.stride()[:3], *keys.stride()[:2], *scales.stride()[:2], *w.stride()[:2],
+               *out.stride()[:2],                                           # one stride() call per tensor
                HI=HI, HIP=HIP, DI=DI, BLOCK_D=max(16, next_pow2(DI)), BLOCK_M=BLOCK_M, RATIO=ratio,
                DOT_DT=dot_dtype(qI), FILL=fill, MXFP4=packed, L0DB=l0db, L0NL=nl, **extra)
     return out
