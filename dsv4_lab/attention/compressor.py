@@ -51,6 +51,34 @@ class Compressor(nn.Module):
         self.wgate = Linear(d, k * c)
         self.ape = nn.Parameter(torch.zeros(m, k * c))   # learned slot bias B (init UNCONFIRMED; zeros as HF)
         self.norm = RMSNorm(c, eps, impl=impl)
+        self._both = None                           # (tensor, wkv's address, wgate's address): _apply, _both_weights
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (to, cuda, bfloat16, ...), then, on CUDA, wkv's and wgate's weights placed in one storage,
+        wgate's rows right after wkv's, so that a projection without autograd runs both as one GEMM (project). They
+        stay two Parameters (names, gradients, optimizer states, the same values); a weight later moved out of
+        that storage (a new .data, FSDP2's shards) only turns the one-GEMM path off. On the CPU nothing moves."""
+        super()._apply(fn, recurse)
+        wk, wg = self.wkv.weight, self.wgate.weight
+        if (wk.is_cuda and type(wk.data) is torch.Tensor and type(wg.data) is torch.Tensor and wk.dtype == wg.dtype
+                and wk.device == wg.device and wk.shape[1:] == wg.shape[1:]):
+            if self._both_weights() is None:
+                both = torch.cat([wk.detach(), wg.detach()])                  # (2 k c, d)
+                wk.data, wg.data = both[: wk.shape[0]], both[wk.shape[0]:]
+            else:
+                both = self._both[0]
+            self._both = (both, wk.data_ptr(), wg.data_ptr())
+        else:
+            self._both = None
+        return self
+
+    def _both_weights(self) -> torch.Tensor | None:
+        """[wkv; wgate] (2 k c, d): the storage _apply placed both weights in, while both still lie there, else None.
+        That tensor keeps the storage alive, so equal addresses mean the same memory."""
+        b = self._both
+        if b is None or self.wkv.weight.data_ptr() != b[1] or self.wgate.weight.data_ptr() != b[2]:
+            return None
+        return b[0]
 
     def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(C, Z) each (B, T, k*c), in fp32 (fp64 for fp64 inputs) whatever autocast says (docs §2.3). Z excludes ape.
@@ -59,11 +87,18 @@ class Compressor(nn.Module):
         checkpoint) the GEMMs round u and the weights to bf16 and accumulate in fp32 with an fp32 result
         (layers.linear_f32): every product of two bf16 numbers is exact in fp32, so this is the spec's fp32
         computation on bf16-rounded operands up to the order of the fp32 sums, at tensor-core speed on CUDA.
-        Otherwise the operands are cast to fp32 (fp64 stays fp64) first."""
+        Without autograd on CUDA both are one GEMM over [wkv; wgate] (_apply), C and Z views of its (B, T, 2 k c)
+        output: the same products, one launch fewer. Otherwise the operands are cast to fp32 (fp64 stays fp64)
+        first."""
         wk, wg = self.wkv.weight, self.wgate.weight
         dev = u.device.type
         if ((torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
                 or u.dtype == wk.dtype == wg.dtype == torch.bfloat16):
+            both = self._both_weights() if self._both is not None else None
+            if (both is not None and not torch.compiler.is_compiling()
+                    and not (torch.is_grad_enabled() and (u.requires_grad or wk.requires_grad or wg.requires_grad))):
+                CZ = linear_f32(u, both)                                       # (B, T, 2 k c) fp32
+                return CZ[..., : wk.shape[0]], CZ[..., wk.shape[0]:]
             return linear_f32(u, wk), linear_f32(u, wg)
         ct = torch.promote_types(u.dtype, torch.float32)
         with torch.autocast(device_type=dev, enabled=False):
