@@ -175,14 +175,14 @@ NAME_FAMILY = (("grouped_mm", "moe"), ("GroupProblem", "moe"), ("topk", "topk"),
 
 
 def kernel_table(root: str | None = None) -> dict:
-    """{name: family} of the Triton kernels (@triton.jit functions) and autograd Functions (eager profiles name an op
-    by its Function: "SparseAttnFnBackward") defined under dsv4_lab/kernels/<folder>/."""
+    """{name: family} of the Triton kernels (functions under @triton.jit or _common's @jit) and autograd Functions
+    (eager profiles name an op by its Function: "SparseAttnFnBackward") defined under dsv4_lab/kernels/<folder>/."""
     root = root or os.path.join(os.path.dirname(HERE), "dsv4_lab", "kernels")
     table = {}
     for folder, fam in KERNEL_DIR_FAMILY.items():
         for f in sorted(glob.glob(os.path.join(root, folder, "*.py"))):
             src = open(f).read()
-            for name in re.findall(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+)", src):
+            for name in re.findall(r"@(?:triton\.)?jit\b[^\n]*\n(?:@[^\n]*\n)*def (\w+)", src):
                 table[name] = fam
             for name in re.findall(r"^class (\w+)\(torch\.autograd\.Function\)", src, re.M):
                 table[name] = table[name + "Backward"] = fam
