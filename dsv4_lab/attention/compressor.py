@@ -23,7 +23,8 @@ inputs), shared by `forward` and `step`: its fused Triton kernels when `impl` (t
 Triton for the tensor (`takes_kernel`; in training a fused backward too, CompressorPoolFn), else its naive twin (the
 pools `pool_overlap`, `pool_plain`, re-exported here) under autograd (CPU, fp64). `forward` with a
 RotaryTable hands the tables to the op, which applies RoPE too (the naive twin with the same `apply_rope`), so on the
-kernel path the module is three launches (the two GEMMs and the kernel; docs/kernels.md §11). With another rope RoPE
+kernel path the module is three launches (the two GEMMs and the kernel; without autograd on CUDA the GEMMs are one:
+`project`, docs/kernels.md §10-11). With another rope RoPE
 is `rotate` after the pool, and `step` always returns its entries before RoPE (the caller rotates them with
 `rotate`).
 `Compressor` owns the weights (names as REF: wkv, wgate, ape, norm).
