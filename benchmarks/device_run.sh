@@ -7,6 +7,8 @@
 #        CSA_8K_REPEATS=n (after the families: bench_csa's 8K prefill family alone in n fresh processes, each capped at
 #        REPEAT_TIMEOUT s, default 150, gathered by prefill_8k_repeats.py into csa_8k_repeats.json; each process's own
 #        record comes back in $OUT/csa_8k_processes.tgz; csa.json is left as the families wrote it),
+#        ALONE (a grep -E pattern of test ids that time the GPU, default "bench_queued": run one at a time after the
+#        others, within ALONE_TIMEOUT s, default 120),
 #        NEED_GPU (a grep -E pattern, e.g. H200: on a card whose name does not match, say so and exit 3 before anything
 #        runs, so a machine of the wrong kind costs only its start)
 set -u
@@ -29,8 +31,13 @@ if [ "$K" != "-" ]; then
     ${K:+-k "$K"} 2>/dev/null | grep "::" > "$OUT/gpu_test_ids.all"
   # the cases that took longest in earlier runs start first, so that none of them begins near the step's cap
   SLOW=${SLOW_FIRST:-"indexer_select-|compile_blocks|deterministic_training|invariant_mode|indexer_methods|indexer_topk-|model_kernel_path"}
-  { grep -E "$SLOW" "$OUT/gpu_test_ids.all"; grep -vE "$SLOW" "$OUT/gpu_test_ids.all"; } > "$OUT/gpu_test_ids.txt"
-  rm -f "$OUT/gpu_test_ids.all"
+  # cases that time the GPU (ALONE) run after the others, one at a time: beside other jobs their timings read the
+  # other processes' kernels too
+  ALONE=${ALONE:-"bench_queued"}
+  grep -E "$ALONE" "$OUT/gpu_test_ids.all" > "$OUT/gpu_test_ids.alone"
+  grep -vE "$ALONE" "$OUT/gpu_test_ids.all" > "$OUT/gpu_test_ids.shared"
+  { grep -E "$SLOW" "$OUT/gpu_test_ids.shared"; grep -vE "$SLOW" "$OUT/gpu_test_ids.shared"; } > "$OUT/gpu_test_ids.txt"
+  rm -f "$OUT/gpu_test_ids.all" "$OUT/gpu_test_ids.shared"
   : > "$OUT/gpu_tests.log"
   export OUT
   # one case: its verdict line in gpu_tests.log, and the tail of its log in gpu_test_failures.log if it failed
@@ -47,6 +54,11 @@ if [ "$K" != "-" ]; then
     rm -f "$OUT/t.$$.log"'
   timeout "${TEST_TIMEOUT:-300}" xargs -a "$OUT/gpu_test_ids.txt" -d '\n' -P "${TEST_JOBS:-4}" -I{} bash -c "$RUN_ONE" _ {}
   echo "gpu tests rc=$? ($(wc -l < "$OUT/gpu_test_ids.txt") collected)"
+  if [ -s "$OUT/gpu_test_ids.alone" ]; then           # one at a time, after the shared ones
+    timeout "${ALONE_TIMEOUT:-120}" xargs -a "$OUT/gpu_test_ids.alone" -d '\n' -P 1 -I{} bash -c "$RUN_ONE" _ {}
+    echo "gpu tests run alone: rc=$? ($(wc -l < "$OUT/gpu_test_ids.alone"))"
+  fi
+  rm -f "$OUT/gpu_test_ids.alone"
   if [ -s "$OUT/oom_retry.txt" ]; then                # one at a time, each within the step's cap again
     RETRY=1 timeout "${RETRY_TIMEOUT:-240}" xargs -a "$OUT/oom_retry.txt" -d '\n' -P 1 -I{} bash -c "$RUN_ONE" _ {}
     echo "gpu tests re-run alone after running out of memory: rc=$? ($(wc -l < "$OUT/oom_retry.txt"))"

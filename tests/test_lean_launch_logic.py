@@ -132,3 +132,23 @@ def test_jit_declares_a_lean_function_whose_launches_go_through_leanlaunch(monke
         f[(3,)](1, N=2)
         assert seen == [((1,), {"N": 2, "grid": (3,), "warmup": False})]
     assert [p.do_not_specialize for p in _common.jit(do_not_specialize=["X"])(k).params] == [True, False]
+
+
+def test_keyed_autotuner_over_another_wrapper_launches_through_its_run(monkeypatch):
+    """An autotuned kernel under triton.heuristics (the HCA prefill's): the chosen key's launches go to the
+    wrapper's own run, which adds its heuristic arguments (LeanLaunch binds a JIT function's arguments only)."""
+    monkeypatch.setattr(_common, "LEAN", True)
+    seen = []
+
+    class Wrapper:                                              # what triton.heuristics returns: .fn, .run, arg_names
+        arg_names = ["X", "n", "BN"]
+        fn = staticmethod(lambda: None)
+
+        def run(self, *args, **kw):
+            seen.append((args, kw))
+    cfgs = [_common.triton.Config({"BN": 1}), _common.triton.Config({"BN": 2})]
+    at = _common.autotune(cfgs, ["n"])(Wrapper())
+    at._bench = lambda *a, config, **k: float(config.kwargs["BN"])
+    for _ in range(3):
+        at[(1,)](0, 5)
+    assert len(seen) == 3 and all(kw["BN"] == 1 for _, kw in seen)
