@@ -95,11 +95,12 @@ class Compressor(nn.Module):
         dev = u.device.type
         if ((torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
                 or u.dtype == wk.dtype == wg.dtype == torch.bfloat16):
-            both = self._both_weights() if self._both is not None else None
-            if (both is not None and not torch.compiler.is_compiling()
+            if (self._both is not None and not torch.compiler.is_compiling()    # (no data_ptr under a trace)
                     and not (torch.is_grad_enabled() and (u.requires_grad or wk.requires_grad or wg.requires_grad))):
-                CZ = linear_f32(u, both)                                       # (B, T, 2 k c) fp32
-                return CZ[..., : wk.shape[0]], CZ[..., wk.shape[0]:]
+                both = self._both_weights()
+                if both is not None:
+                    CZ = linear_f32(u, both)                                   # (B, T, 2 k c) fp32
+                    return CZ[..., : wk.shape[0]], CZ[..., wk.shape[0]:]
             return linear_f32(u, wk), linear_f32(u, wg)
         ct = torch.promote_types(u.dtype, torch.float32)
         with torch.autocast(device_type=dev, enabled=False):
