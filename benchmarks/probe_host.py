@@ -6,7 +6,7 @@ Each entry is the host's time to enqueue one call (common.host_ms: calls back to
 
     mm_out_f32 / mm_bf16 / linear     torch.mm(a, b, out_dtype=fp32) (linear_f32's op), plain bf16 torch.mm, F.linear
     linear_f32                        layers.linear_f32 (the compressor's projection)
-    project                           Compressor.project (two linear_f32)
+    project                           Compressor.project (one linear_f32 over [wkv; wgate]: no autograd, on CUDA)
     pool_autotuned / pool_direct      compressor_pool on projected C, Z with RoPE: through the kernel's autotuner
     / pool_triton_run                 (_common.autotune), with its chosen config launched on the JIT function
                                       directly (both lean), and through Triton's own Autotuner.run on every launch

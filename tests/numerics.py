@@ -88,6 +88,14 @@ def bound_err(a, b, bound):
     return d[i].item(), lim[i].item()
 
 
+def gemm_order_bound(x, w):
+    """Bound on |a - b| for two fp32 GEMMs x (..., K) @ w (N, K)^T of the same bf16 operands summed in different
+    orders (one GEMM over [w; w'] against two, cuBLAS against MKL): each sum is within K u32 sum_k |x_k w_k| of the
+    exact one (every bf16 x bf16 product is exact in fp32), so their difference within twice that."""
+    from dsv4_lab.layers import linear_f32
+    return 2 * x.shape[-1] * U32 * linear_f32(x.abs(), w.abs())
+
+
 # ------------------------------------------------------------------------------------------------ per-parameter gradients
 def compiled_bf16_grad_bound(eager_bf16_err: float) -> float:
     """The bound on a compiled bf16-autocast gradient's relative error (against eager fp32) where eager bf16's own

@@ -16,6 +16,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from dsv4_lab.attention.compressor import Compressor  # noqa: E402
 from dsv4_lab.layers import linear_f32  # noqa: E402
+from numerics import gemm_order_bound  # noqa: E402
 
 D, CH, M = 256, 64, 4
 
@@ -34,9 +35,8 @@ def _two_gemms(comp, u):
 
 
 def _close(a, b, u, w):
-    """|a - b| within the fp32 summation-order bound of a bf16 GEMM: K 2^-24 sum_k |u_k w_k| (both sides)."""
-    bound = u.shape[-1] * 2.0 ** -23 * linear_f32(u.abs(), w.abs())
-    return bool(((a - b).abs() <= bound).all())
+    """|a - b| within the summation-order bound of two fp32 GEMMs of the same bf16 operands (numerics)."""
+    return bool(((a - b).abs() <= gemm_order_bound(u, w)).all())
 
 
 @pytest.mark.parametrize("overlap", [True, False])

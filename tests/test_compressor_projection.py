@@ -8,6 +8,7 @@ import torch
 
 from dsv4_lab.attention.compressor import Compressor
 from dsv4_lab.layers import linear_f32
+from numerics import gemm_order_bound
 
 D, CH, M = 32, 8, 4
 
@@ -27,11 +28,6 @@ def _placed():
     return comp
 
 
-def _bound(u, w):
-    """Twice the fp32 summation-order bound of a GEMM of bf16 operands: K 2^-23 sum_k |u_k w_k|."""
-    return u.shape[-1] * 2.0 ** -23 * linear_f32(u.abs(), w.abs())
-
-
 def test_without_autograd_the_projection_is_one_gemm_over_both(monkeypatch):
     comp = _placed()
     u = torch.randn(2, 12, D).bfloat16()
@@ -42,8 +38,8 @@ def test_without_autograd_the_projection_is_one_gemm_over_both(monkeypatch):
         C, Z = comp.project(u)
     assert calls == [(4 * CH, D)]                               # one GEMM, N = 2 k c
     assert C.shape == Z.shape == (2, 12, 2 * CH)
-    assert bool(((C - real(u, comp.wkv.weight)).abs() <= _bound(u, comp.wkv.weight)).all())
-    assert bool(((Z - real(u, comp.wgate.weight)).abs() <= _bound(u, comp.wgate.weight)).all())
+    assert bool(((C - real(u, comp.wkv.weight)).abs() <= gemm_order_bound(u, comp.wkv.weight)).all())
+    assert bool(((Z - real(u, comp.wgate.weight)).abs() <= gemm_order_bound(u, comp.wgate.weight)).all())
     comp.wgate.weight.data = comp.wgate.weight.data.clone()     # a weight moved out: two GEMMs
     calls.clear()
     with torch.no_grad():

@@ -63,11 +63,10 @@ class Compressor(nn.Module):
         wk, wg = self.wkv.weight, self.wgate.weight
         if (wk.is_cuda and type(wk.data) is torch.Tensor and type(wg.data) is torch.Tensor and wk.dtype == wg.dtype
                 and wk.device == wg.device and wk.shape[1:] == wg.shape[1:]):
-            if self._both_weights() is None:
+            both = self._both_weights()                                     # still placed (a no-op move)
+            if both is None:
                 both = torch.cat([wk.detach(), wg.detach()])                  # (2 k c, d)
                 wk.data, wg.data = both[: wk.shape[0]], both[wk.shape[0]:]
-            else:
-                both = self._both[0]
             self._both = (both, wk.data_ptr(), wg.data_ptr())
         else:
             self._both = None
@@ -95,8 +94,8 @@ class Compressor(nn.Module):
         dev = u.device.type
         if ((torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
                 or u.dtype == wk.dtype == wg.dtype == torch.bfloat16):
-            if (self._both is not None and not torch.compiler.is_compiling()    # (no data_ptr under a trace)
-                    and not (torch.is_grad_enabled() and (u.requires_grad or wk.requires_grad or wg.requires_grad))):
+            if not torch.compiler.is_compiling() and not (                     # (no data_ptr under a trace)
+                    torch.is_grad_enabled() and (u.requires_grad or wk.requires_grad or wg.requires_grad)):
                 both = self._both_weights()
                 if both is not None:
                     CZ = linear_f32(u, both)                                   # (B, T, 2 k c) fp32

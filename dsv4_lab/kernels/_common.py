@@ -127,12 +127,9 @@ if HAVE_TRITON:
 
         def __init__(self, fn, configs: list, key: list, reset_to_zero: list | None = None):
             super().__init__(fn, fn.arg_names, configs, key, reset_to_zero, None)
-            if isinstance(fn, LeanJITFunction):                     # a chosen key's launches
-                self.launch = fn.lean
-            elif isinstance(fn, JITFunction):
-                self.launch = LeanLaunch(fn)
-            else:                                                   # e.g. triton.heuristics' wrapper: its own run
-                self.launch = lambda args, kwargs: fn.run(*args, **kwargs)
+            # a chosen key's launches: a _common.jit kernel's LeanLaunch, else (triton.heuristics' wrapper, a plain
+            # triton.jit where LEAN is off) the wrapped object's own run
+            self.launch = fn.lean if isinstance(fn, LeanJITFunction) else lambda args, kwargs: fn.run(*args, **kwargs)
             self.key_at = [(k, fn.arg_names.index(k)) for k in key]   # (name, position) of each key argument
             self.chosen = {}                                        # key -> (Config, its launch kwargs)
 
