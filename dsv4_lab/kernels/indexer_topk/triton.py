@@ -302,19 +302,13 @@ def level0_chunk(Sp: int) -> int:
 
 # ================================================================================================ indexer + top-k
 METHODS = ("torch", "torch_bf16", "select", "select_bf16", "rowsel", "rowsel_bf16", "sieve", "sieve_bf16")
-# Measured on the H200 (benchmarks/results/csa.json; the methods that lost there left the package, their numbers are
-# in benchmarks/README.md): prefill, Triton scores + torch.topk 0.49 / 4.2 / 37.8 ms at 8K / 32K / 128K (run 26),
-# select 0.65 / 6.2 / 78.3; on prefill-like score rows (2048 x 32K, bf16) torch.topk unsorted takes 0.58 ms, select
-# 1.21 ms. Decode at 1M (one 256K-entry row, deterministic select): select 45.7 us vs torch 85.9 us, same values
-# (select_bf16 34.3 us, torch_bf16 66.7 us: bf16 scores, recall 0.984 of the fp32 picks).
-# rowsel (one program per row, rowselect.py) wins on short prefill rows and loses on long ones (it holds a whole row
-# in registers): on 8192 fp32 rows (k 512) rowsel / torch.topk took 0.10 / 0.31 ms at L 1K, 0.21 / 0.42 at 2K,
-# 0.61 / 0.61 at 4K, 1.69 / 0.97 at 8K, 4.68 / 1.70 at 16K (H200, bench_csa.py family rows_by_length). So "auto"
-# takes it for the prefill query chunks whose visible key range is at most AUTO_SHORT_L entries; None = never.
-# sieve (sieve.py: one program per row, a guessed threshold, ~2k candidates selected in registers) against torch
-# on the whole indexer with its scores (run 37): 0.31 / 3.40 / 33.0 ms vs 0.50 / 4.25 / 38.2 at 8K / 32K / 128K
-# (bf16 scores: sieve_bf16 0.23 / 2.59 / 26.9 vs torch_bf16 0.37 / 2.99 / 27.6), the same picks as select, slot for
-# slot, so prefill takes it; its scores take 8.1 of those ms at 128K.
+# Which method "auto" takes (docs/kernels.md §3 gives the measurements, benchmarks/README.md T2 / T5 / T6 the runs;
+# the methods that lost left the package):
+# - prefill: `sieve` (sieve.py: one program per row, a guessed threshold, ~2k candidates selected in registers), the
+#   same picks as `select`, slot for slot, and faster than `torch.topk` of the same scores at 8K-128K;
+# - prefill query chunks whose visible key range is at most AUTO_SHORT_L entries: `rowsel` (rowselect.py: one program
+#   holds the whole row in registers), which wins on short rows and spills on long ones; None = never;
+# - decode (T <= DECODE_T): `select`, the split-row radix select (select.py), faster than `torch.topk` on a long row.
 # "auto" never takes a bf16-score method for fp32 inputs: it takes its fp32-score twin (select, sieve) instead.
 AUTO = {"prefill": "sieve", "decode": "select"}
 AUTO_SHORT_L: int | None = 2048
