@@ -64,11 +64,11 @@ _lean33 = jit(_e33)                                         # the same kernel de
 def triton_run(fn):
     """fn with every launch through Triton's own JITFunction.run (_common.LEAN off for the call)."""
     def call():
-        _common.LEAN = False
+        saved, _common.LEAN = _common.LEAN, False
         try:
             return fn()
         finally:
-            _common.LEAN = True
+            _common.LEAN = saved
     return call
 
 
