@@ -61,15 +61,21 @@ _empty33 = triton.jit(_e33)                                 # launched through T
 _lean33 = jit(_e33)                                         # the same kernel declared as the package's are
 
 
-def triton_run(fn):
-    """fn with every launch through Triton's own JITFunction.run (_common.LEAN off for the call)."""
+def swapped(obj, name: str, value, fn):
+    """fn with obj.name set to value for the call, restored after it."""
     def call():
-        saved, _common.LEAN = _common.LEAN, False
+        saved = getattr(obj, name)
+        setattr(obj, name, value)
         try:
             return fn()
         finally:
-            _common.LEAN = saved
+            setattr(obj, name, saved)
     return call
+
+
+def triton_run(fn):
+    """fn with every launch through Triton's own JITFunction.run (_common.LEAN off for the call)."""
+    return swapped(_common, "LEAN", False, fn)
 
 
 def chain_profile(top=30):
@@ -141,15 +147,9 @@ def main(argv=None):
                 def __getitem__(self, grid):
                     return lambda *args, **kw: Autotuner.run(at, *args, grid=grid, warmup=False, **kw)
 
-            def through(kernel, pool=pool):             # pool() with the module's kernel object swapped for `kernel`
-                def call():
-                    saved, ct._compressor_pool_kernel = ct._compressor_pool_kernel, kernel
-                    try:
-                        return pool()
-                    finally:
-                        ct._compressor_pool_kernel = saved
-                return call
-            fns["pool_direct"], fns["pool_triton_run"] = through(Direct()), through(TritonRun())
+            # pool() with the module's kernel object swapped for another
+            fns["pool_direct"] = swapped(ct, "_compressor_pool_kernel", Direct(), pool)
+            fns["pool_triton_run"] = swapped(ct, "_compressor_pool_kernel", TritonRun(), pool)
             fns["compressor_triton_run"] = triton_run(fns["compressor"])
             for name, fn in fns.items():
                 fn()
